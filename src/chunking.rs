@@ -1,0 +1,334 @@
+//! Content-defined chunking: FastCDC (2020) cut points, BLAKE3 chunk ids, and the
+//! content id of a file.
+//!
+//! [`Chunker`] streams a reader through a fixed buffer, so a file of any size is chunked
+//! in constant memory, and gives exactly the cut points FastCDC would give on the whole
+//! file at once: a cut is only taken where at least `max` bytes (or the end of the file)
+//! follow the chunk's start, which is all FastCDC ever looks at.
+//!
+//! ```
+//! use shoal::chunking::{ChunkParams, Chunker};
+//! let mut chunker = Chunker::new(ChunkParams::DEFAULT);
+//! let content = chunker.chunk_reader(&b"hello"[..]).unwrap();
+//! assert_eq!(content.chunks.len(), 1); // smaller than the minimum: one chunk
+//! assert_eq!(content.size, 5);
+//! ```
+
+use std::fmt;
+use std::io::{self, Read};
+
+use fastcdc::v2020;
+
+use crate::ids::{ChunkId, ContentId};
+
+/// The BLAKE3 `derive_key` context of content ids (see `schema/store.md`).
+const CONTENT_ID_CONTEXT: &str = "shoal 2026-11 content id v1";
+
+/// FastCDC's normalization level: level 1 keeps chunk sizes near the average without
+/// hurting dedup (the FastCDC paper's recommendation).
+const NORMALIZATION_BITS: u32 = 1;
+
+/// Min/avg/max chunk sizes in bytes. Fixed per cluster and recorded in the store: nodes
+/// with other parameters would cut the same data differently and share no chunks.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct ChunkParams {
+    pub min: u32,
+    pub avg: u32,
+    pub max: u32,
+}
+
+impl ChunkParams {
+    /// 16 KiB / 64 KiB / 256 KiB, chosen by measurement: see `docs/BENCHMARKS.md`,
+    /// "Choosing the chunk sizes".
+    pub const DEFAULT: ChunkParams = ChunkParams { min: 16 * 1024, avg: 64 * 1024, max: 256 * 1024 };
+
+    /// Validates the sizes against what FastCDC supports.
+    pub fn new(min: u32, avg: u32, max: u32) -> Result<Self, InvalidChunkParams> {
+        let err = |reason: String| Err(InvalidChunkParams { min, avg, max, reason });
+        if !(v2020::MINIMUM_MIN..=v2020::MINIMUM_MAX).contains(&min) {
+            return err(format!(
+                "the minimum must be between {} and {} bytes",
+                v2020::MINIMUM_MIN,
+                v2020::MINIMUM_MAX
+            ));
+        }
+        if !(v2020::AVERAGE_MIN..=v2020::AVERAGE_MAX).contains(&avg) || !avg.is_power_of_two() {
+            return err(format!(
+                "the average must be a power of two between {} and {} bytes",
+                v2020::AVERAGE_MIN,
+                v2020::AVERAGE_MAX
+            ));
+        }
+        if !(v2020::MAXIMUM_MIN..=v2020::MAXIMUM_MAX).contains(&max) {
+            return err(format!(
+                "the maximum must be between {} and {} bytes",
+                v2020::MAXIMUM_MIN,
+                v2020::MAXIMUM_MAX
+            ));
+        }
+        if !(min < avg && avg < max) {
+            return err("sizes must satisfy min < avg < max".into());
+        }
+        Ok(Self { min, avg, max })
+    }
+
+    /// Parses `MIN/AVG/MAX`, each a number of bytes with an optional `K` or `M` suffix
+    /// (powers of 1024), e.g. `16K/64K/256K`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let sizes: Vec<&str> = text.split('/').collect();
+        let [min, avg, max] = sizes.as_slice() else {
+            return Err(format!("chunk sizes must look like MIN/AVG/MAX (e.g. 16K/64K/256K), not {text:?}"));
+        };
+        let (min, avg, max) = (parse_size(min)?, parse_size(avg)?, parse_size(max)?);
+        Self::new(min, avg, max).map_err(|e| e.to_string())
+    }
+}
+
+impl fmt::Display for ChunkParams {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}", format_size(self.min), format_size(self.avg), format_size(self.max))
+    }
+}
+
+fn parse_size(text: &str) -> Result<u32, String> {
+    let text = text.trim();
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, ""),
+    };
+    let multiplier: u64 = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KIB" => 1024,
+        "M" | "MIB" => 1024 * 1024,
+        _ => return Err(format!("unknown size unit in {text:?} (use K or M)")),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(multiplier))
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| format!("{text:?} is not a valid size"))
+}
+
+fn format_size(bytes: u32) -> String {
+    if bytes % (1024 * 1024) == 0 {
+        format!("{}M", bytes / (1024 * 1024))
+    } else if bytes % 1024 == 0 {
+        format!("{}K", bytes / 1024)
+    } else {
+        bytes.to_string()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid chunk sizes {min}/{avg}/{max}: {reason}")]
+pub struct InvalidChunkParams {
+    pub min: u32,
+    pub avg: u32,
+    pub max: u32,
+    pub reason: String,
+}
+
+/// One chunk of a file, in file order. Its offset is the sum of the lengths before it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct ChunkRef {
+    pub id: ChunkId,
+    pub len: u32,
+}
+
+/// The result of chunking one stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkedContent {
+    pub chunks: Vec<ChunkRef>,
+    pub size: u64,
+    pub content_id: ContentId,
+}
+
+/// The content id of a file made of `chunks`, in order.
+pub fn content_id(chunks: &[ChunkRef]) -> ContentId {
+    let mut hasher = blake3::Hasher::new_derive_key(CONTENT_ID_CONTEXT);
+    hasher.update(&(chunks.len() as u64).to_le_bytes());
+    for chunk in chunks {
+        hasher.update(&chunk.len.to_le_bytes());
+        hasher.update(chunk.id.as_bytes());
+    }
+    ContentId(*hasher.finalize().as_bytes())
+}
+
+/// A reusable streaming chunker; one per thread (it owns its read buffer).
+pub struct Chunker {
+    params: ChunkParams,
+    mask_s: u64,
+    mask_l: u64,
+    buffer: Vec<u8>,
+}
+
+/// Bytes read from the file per refill; large enough that `read` calls and the copy of
+/// an unfinished tail are a small share of the work.
+const MIN_BUFFER: usize = 4 * 1024 * 1024;
+
+impl Chunker {
+    pub fn new(params: ChunkParams) -> Self {
+        let bits = params.avg.ilog2();
+        Self {
+            params,
+            mask_s: v2020::MASKS[(bits + NORMALIZATION_BITS) as usize],
+            mask_l: v2020::MASKS[(bits - NORMALIZATION_BITS) as usize],
+            buffer: vec![0; MIN_BUFFER.max(4 * params.max as usize)],
+        }
+    }
+
+    pub fn params(&self) -> ChunkParams {
+        self.params
+    }
+
+    /// Chunks everything `reader` yields, calling `on_chunk` with each chunk's bytes
+    /// (for callers that store or re-check them), and returns the chunk list.
+    pub fn chunk_reader_with(
+        &mut self,
+        mut reader: impl Read,
+        mut on_chunk: impl FnMut(&ChunkRef, &[u8]),
+    ) -> io::Result<ChunkedContent> {
+        let (min, avg, max) = (self.params.min as usize, self.params.avg as usize, self.params.max as usize);
+        let mut chunks = Vec::new();
+        let mut size = 0u64;
+        let mut filled = 0;
+        let mut eof = false;
+        loop {
+            while !eof && filled < self.buffer.len() {
+                match reader.read(&mut self.buffer[filled..]) {
+                    Ok(0) => eof = true,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            let mut start = 0;
+            // A cut is final only when FastCDC has seen everything it could look at.
+            while start < filled && (eof || filled - start >= max) {
+                let (_, len) = v2020::cut(
+                    &self.buffer[start..filled],
+                    min,
+                    avg,
+                    max,
+                    self.mask_s,
+                    self.mask_l,
+                    self.mask_s << 1,
+                    self.mask_l << 1,
+                );
+                let bytes = &self.buffer[start..start + len];
+                let chunk = ChunkRef { id: ChunkId::of(bytes), len: len as u32 };
+                on_chunk(&chunk, bytes);
+                chunks.push(chunk);
+                size += len as u64;
+                start += len;
+            }
+            if eof {
+                return Ok(ChunkedContent { content_id: content_id(&chunks), chunks, size });
+            }
+            self.buffer.copy_within(start..filled, 0);
+            filled -= start;
+        }
+    }
+
+    pub fn chunk_reader(&mut self, reader: impl Read) -> io::Result<ChunkedContent> {
+        self.chunk_reader_with(reader, |_, _| {})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+        // xorshift: deterministic, incompressible enough for chunking tests.
+        let mut state = seed | 1;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 24) as u8
+            })
+            .collect()
+    }
+
+    fn chunk(params: ChunkParams, data: &[u8]) -> ChunkedContent {
+        Chunker::new(params).chunk_reader(data).unwrap()
+    }
+
+    #[test]
+    fn streaming_matches_whole_buffer_fastcdc() {
+        let data = random_bytes(9 * 1024 * 1024 + 123, 7);
+        let p = ChunkParams::DEFAULT;
+        let ours: Vec<u32> = chunk(p, &data).chunks.iter().map(|c| c.len).collect();
+        let reference: Vec<u32> = v2020::FastCDC::new(&data, p.min, p.avg, p.max)
+            .map(|c| c.length as u32)
+            .collect();
+        assert_eq!(ours, reference);
+    }
+
+    #[test]
+    fn reads_in_small_pieces_give_the_same_chunks() {
+        struct Trickle<'a>(&'a [u8]);
+        impl Read for Trickle<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                let n = buf.len().min(self.0.len()).min(1000);
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let data = random_bytes(6 * 1024 * 1024, 3);
+        let mut chunker = Chunker::new(ChunkParams::DEFAULT);
+        assert_eq!(chunker.chunk_reader(Trickle(&data)).unwrap(), chunk(ChunkParams::DEFAULT, &data));
+    }
+
+    #[test]
+    fn one_byte_insert_changes_at_most_three_chunks() {
+        let data = random_bytes(10 * 1024 * 1024, 11);
+        let mut edited = data.clone();
+        edited.insert(data.len() / 2, 0x5a);
+        let before = chunk(ChunkParams::DEFAULT, &data);
+        let after = chunk(ChunkParams::DEFAULT, &edited);
+        let old: std::collections::HashSet<_> = before.chunks.iter().map(|c| c.id).collect();
+        let changed = after.chunks.iter().filter(|c| !old.contains(&c.id)).count();
+        assert!(changed >= 1 && changed <= 3, "{changed} chunk ids changed");
+        assert_ne!(before.content_id, after.content_id);
+    }
+
+    #[test]
+    fn append_changes_only_the_tail() {
+        let data = random_bytes(10 * 1024 * 1024, 5);
+        let mut appended = data.clone();
+        appended.extend_from_slice(&random_bytes(100_000, 6));
+        let before = chunk(ChunkParams::DEFAULT, &data).chunks;
+        let after = chunk(ChunkParams::DEFAULT, &appended).chunks;
+        // Every chunk but the old last one is kept, in place.
+        assert_eq!(before[..before.len() - 1], after[..before.len() - 1]);
+        let old: std::collections::HashSet<_> = before.iter().map(|c| c.id).collect();
+        let first_new = after.iter().position(|c| !old.contains(&c.id)).unwrap();
+        assert!(first_new >= before.len() - 1);
+    }
+
+    #[test]
+    fn small_and_empty_inputs_are_one_chunk_or_none() {
+        let small = chunk(ChunkParams::DEFAULT, b"tiny");
+        assert_eq!(small.chunks, vec![ChunkRef { id: ChunkId::of(b"tiny"), len: 4 }]);
+        let empty = chunk(ChunkParams::DEFAULT, b"");
+        assert!(empty.chunks.is_empty());
+        assert_eq!(empty.size, 0);
+        assert_eq!(empty.content_id, content_id(&[]));
+    }
+
+    #[test]
+    fn params_are_validated_and_parsed() {
+        assert_eq!(ChunkParams::parse("16K/64K/256K").unwrap(), ChunkParams::DEFAULT);
+        assert_eq!(ChunkParams::DEFAULT.to_string(), "16K/64K/256K");
+        assert!(ChunkParams::parse("64K/16K/256K").is_err());
+        assert!(ChunkParams::parse("16K/60K/256K").is_err());
+        assert!(ChunkParams::parse("16K/64K").is_err());
+        assert!(ChunkParams::parse("16Q/64K/256K").is_err());
+        assert!(ChunkParams::parse("99999999999K/64K/256K").is_err());
+    }
+}

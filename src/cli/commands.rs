@@ -1,0 +1,213 @@
+//! The commands behind `shoal scan`, `status` and `verify`: open the store, run the
+//! library, and print for a person or (with `--json`) for a script.
+
+use std::fmt::Write as _;
+use std::io::IsTerminal;
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::Context;
+use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use super::{Outcome, print};
+use crate::config::{ConfigError, Settings};
+use crate::ids::VolumeId;
+use crate::pathname::VolPath;
+use crate::scan::{ScanOptions, ScanReport, scan_volume};
+use crate::store::codec::SubtreeTotals;
+use crate::store::{OpenOptions, Store};
+use crate::verify::{Severity, verify as verify_store};
+
+fn progress_bar(json: bool, template: &str) -> Option<ProgressBar> {
+    if json || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(ProgressStyle::with_template(template).expect("templates are fixed strings"));
+    bar.enable_steady_tick(Duration::from_millis(120));
+    Some(bar)
+}
+
+pub fn scan(settings: &Settings, threads: usize, json: bool) -> anyhow::Result<Outcome> {
+    if settings.volumes.is_empty() {
+        return Err(ConfigError::NoVolumes.into());
+    }
+    for name in &settings.volumes {
+        let dir = settings.volume_dir(name);
+        if !dir.is_dir() {
+            anyhow::bail!(
+                "volume {name}: {} is not a directory (is the volume mounted under the data root {}?)",
+                dir.display(),
+                settings.data_root.display()
+            );
+        }
+    }
+    let options = OpenOptions { create: true, read_only: false, chunk_params: settings.chunk_params };
+    let store = Store::open(&settings.state_dir, options)?;
+    let mut reports = Vec::new();
+    for name in &settings.volumes {
+        let progress = progress_bar(json, &format!("{{spinner}} scanning {name}: {{bytes}} read ({{bytes_per_sec}}), {{msg}}"));
+        let options = ScanOptions { threads, progress: progress.clone() };
+        let report = scan_volume(&store, name, &settings.volume_dir(name), &options)?;
+        if let Some(bar) = progress {
+            bar.finish_and_clear();
+        }
+        if !json {
+            print(&human_scan(&report))?;
+        }
+        reports.push(report);
+    }
+    if json {
+        print(&format!("{}\n", serde_json::to_string_pretty(&reports)?))?;
+    }
+    let problems: usize = reports.iter().map(|r| r.problems.len()).sum();
+    if problems > 0 {
+        eprintln!("shoal: {problems} names could not be indexed (see the warnings above); their previous entries were kept");
+        return Ok(Outcome::ProblemsFound);
+    }
+    Ok(Outcome::Success)
+}
+
+fn human_scan(r: &ScanReport) -> String {
+    let mut out = String::new();
+    let rate = if r.seconds > 0.0 { r.bytes_read as f64 / r.seconds } else { 0.0 };
+    let _ = writeln!(out, "volume {}: scanned in {:.2} s", r.volume, r.seconds);
+    write_totals(&mut out, &r.totals);
+    let _ = writeln!(
+        out,
+        "  chunks   {} ({} unique, dedup ratio {:.2})",
+        r.totals.chunks,
+        r.unique_chunks,
+        r.dedup_ratio()
+    );
+    let _ = writeln!(out, "  read     {} files, {} ({}/s)", r.files_read, HumanBytes(r.bytes_read), HumanBytes(rate as u64));
+    let _ = writeln!(out, "  changes  {} added, {} modified, {} deleted", r.added, r.modified, r.deleted);
+    if r.skipped_special > 0 {
+        let _ = writeln!(out, "  skipped  {} sockets, FIFOs or devices", r.skipped_special);
+    }
+    let _ = writeln!(out, "  root     {}", r.root);
+    out
+}
+
+fn write_totals(out: &mut String, t: &SubtreeTotals) {
+    let _ = writeln!(
+        out,
+        "  files    {} ({}), dirs {}, symlinks {}",
+        t.files,
+        HumanBytes(t.bytes),
+        t.dirs,
+        t.symlinks
+    );
+}
+
+#[derive(Serialize)]
+struct VolumeStatus {
+    name: String,
+    root: Option<String>,
+    #[serde(flatten)]
+    totals: SubtreeTotals,
+    unique_chunks: Option<u64>,
+    last_scan_unix: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct StoreStatus {
+    node_id: String,
+    state_dir: String,
+    chunk_sizes: String,
+    volumes: Vec<VolumeStatus>,
+}
+
+pub fn status(settings: &Settings, json: bool) -> anyhow::Result<Outcome> {
+    let store = Store::open(&settings.state_dir, OpenOptions { read_only: true, ..Default::default() })?;
+    let mut volumes = Vec::new();
+    for (name, record) in store.volumes()? {
+        if !settings.volumes.is_empty() && !settings.volumes.contains(&name) {
+            continue;
+        }
+        let root = store.tree_node(VolumeId(record.id), &VolPath::root())?;
+        volumes.push(VolumeStatus {
+            name,
+            root: root.as_ref().map(|n| n.hash.to_hex()),
+            totals: root.map(|n| n.totals).unwrap_or_default(),
+            unique_chunks: record.unique_chunks,
+            last_scan_unix: record.last_scan_unix,
+        });
+    }
+    for name in &settings.volumes {
+        if !volumes.iter().any(|v| &v.name == name) {
+            anyhow::bail!("volume {name} is not in the store at {} (run `shoal scan --volume {name}`)", settings.state_dir.display());
+        }
+    }
+    let meta = store.meta();
+    let status = StoreStatus {
+        node_id: meta.node_id.to_string(),
+        state_dir: settings.state_dir.display().to_string(),
+        chunk_sizes: meta.chunk_params.to_string(),
+        volumes,
+    };
+    if json {
+        print(&format!("{}\n", serde_json::to_string_pretty(&status)?))?;
+        return Ok(Outcome::Success);
+    }
+    let mut out = format!("node {} (store {}, chunk sizes {})\n", status.node_id, status.state_dir, status.chunk_sizes);
+    if status.volumes.is_empty() {
+        out.push_str("no volumes indexed yet (run `shoal scan --volume NAME`)\n");
+    }
+    for v in &status.volumes {
+        let _ = writeln!(out, "volume {}", v.name);
+        let _ = writeln!(out, "  root     {}", v.root.as_deref().unwrap_or("(never scanned)"));
+        write_totals(&mut out, &v.totals);
+        let last = v.last_scan_unix.map_or("never".to_string(), |secs| {
+            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64)).to_string()
+        });
+        let _ = writeln!(out, "  scanned  {last}");
+    }
+    print(&out)?;
+    Ok(Outcome::Success)
+}
+
+pub fn verify(settings: &Settings, json: bool) -> anyhow::Result<Outcome> {
+    let store = Store::open(&settings.state_dir, OpenOptions { read_only: true, ..Default::default() })?;
+    let names: Vec<String> = if settings.volumes.is_empty() {
+        store.volumes()?.into_iter().map(|(name, _)| name).collect()
+    } else {
+        settings.volumes.clone()
+    };
+    let volumes: Vec<_> = names.iter().map(|n| (n.clone(), settings.volume_dir(n))).collect();
+    let progress = progress_bar(json, "{spinner} verifying: {bytes} hashed ({bytes_per_sec})");
+    let report = verify_store(&store, &volumes, progress.clone()).context("verify could not finish")?;
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    if json {
+        print(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
+    } else {
+        let mut out = String::new();
+        for f in &report.findings {
+            let label = match f.severity {
+                Severity::Damage => "DAMAGED",
+                Severity::Warning => "warning",
+            };
+            let place = match (&f.volume, &f.path) {
+                (Some(v), Some(p)) => format!("{v}:{p}"),
+                (None, Some(p)) => p.clone(),
+                (Some(v), None) => v.clone(),
+                (None, None) => "store".to_string(),
+            };
+            let _ = writeln!(out, "{label} {place}: {} ({})", f.detail, f.problem);
+        }
+        let damaged = report.findings.iter().filter(|f| f.severity == Severity::Damage).count();
+        let _ = writeln!(
+            out,
+            "verified {} files and {} packs ({}) in {:.2} s: {}",
+            report.files_checked,
+            report.packs_checked,
+            HumanBytes(report.bytes_hashed),
+            report.seconds,
+            if damaged == 0 { "no damage".to_string() } else { format!("{damaged} problems") }
+        );
+        print(&out)?;
+    }
+    Ok(if report.damaged() { Outcome::ProblemsFound } else { Outcome::Success })
+}

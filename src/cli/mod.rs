@@ -1,0 +1,164 @@
+//! The `shoal` command line: argument definitions, logging setup, and the exit code
+//! contract (0 success, 1 problems found, 2 could not run).
+//!
+//! Parsing has no side effects; [`Settings::resolve`] turns the parsed flags plus the
+//! optional config file into settings; each command in [`commands`] then opens what it
+//! needs. Errors from the library are typed; they become one clear sentence here.
+
+mod commands;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{FileConfig, Settings};
+
+#[derive(Parser, Debug)]
+#[command(name = "shoal", version, about = "Master-to-master mirroring of Docker volumes", propagate_version = true)]
+pub struct Cli {
+    /// TOML file with defaults for any setting (keys are the long flag names).
+    #[arg(long, global = true, env = "SHOAL_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Log filter, e.g. `info` or `shoal=debug`.
+    #[arg(long, global = true, env = "SHOAL_LOG", value_name = "FILTER", default_value = "warn")]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Index volumes: chunk and hash new and changed files, update the Merkle tree.
+    Scan(ScanArgs),
+    /// Show each volume's root hash, counts and last scan.
+    Status(StatusArgs),
+    /// Re-hash live files and packs against the index; exit 1 if anything is damaged.
+    Verify(VerifyArgs),
+}
+
+/// Where the volumes and the store are.
+#[derive(Args, Debug)]
+struct Locations {
+    /// Directory holding one sub-directory per volume.
+    #[arg(long, env = "SHOAL_DATA_ROOT", value_name = "DIR")]
+    data_root: Option<PathBuf>,
+
+    /// Directory of this node's store (index and packs) [default: /var/lib/shoal].
+    #[arg(long, env = "SHOAL_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+
+    /// A volume to work on (repeatable); SYNC_VOLUMES takes a space-separated list.
+    #[arg(long = "volume", value_name = "NAME", env = "SYNC_VOLUMES", value_delimiter = ' ')]
+    volumes: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct ScanArgs {
+    #[command(flatten)]
+    locations: Locations,
+
+    /// Chunk sizes MIN/AVG/MAX for a new store (e.g. 16K/64K/256K); an existing store
+    /// must have been created with the same.
+    #[arg(long, env = "SHOAL_CHUNK_SIZES", value_name = "MIN/AVG/MAX")]
+    chunk_sizes: Option<String>,
+
+    /// Hashing threads [default: one per core].
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
+    threads: usize,
+
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    #[command(flatten)]
+    locations: Locations,
+
+    /// Print as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct VerifyArgs {
+    #[command(flatten)]
+    locations: Locations,
+
+    /// Print findings as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// How a command ended, beyond success.
+pub enum Outcome {
+    Success,
+    /// The command ran and found problems (damage, unreadable files).
+    ProblemsFound,
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    init_logging(&cli.log);
+    match run(cli) {
+        Ok(Outcome::Success) => ExitCode::SUCCESS,
+        Ok(Outcome::ProblemsFound) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        eprintln!("warning: ignoring log filter {filter:?}: {e}");
+        tracing_subscriber::EnvFilter::new("warn")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .without_time()
+        .with_target(false)
+        .init();
+}
+
+fn settings(config: Option<PathBuf>, locations: Locations, chunk_sizes: Option<String>) -> anyhow::Result<Settings> {
+    let file = match &config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    Ok(Settings::resolve(file, locations.data_root, locations.state_dir, locations.volumes, chunk_sizes)?)
+}
+
+fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    match cli.command {
+        Command::Scan(args) => {
+            let settings = settings(cli.config, args.locations, args.chunk_sizes)?;
+            commands::scan(&settings, args.threads, args.json)
+        }
+        Command::Status(args) => commands::status(&settings(cli.config, args.locations, None)?, args.json),
+        Command::Verify(args) => commands::verify(&settings(cli.config, args.locations, None)?, args.json),
+    }
+}
+
+/// Writes to stdout; a closed pipe (`shoal status | head -1`) is not an error.
+fn print(text: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,29 @@
+//! Shoal keeps Docker volumes mirrored, master to master, across the nodes of a Swarm.
+//!
+//! # Layout
+//!
+//! Data flows one way: scan -> index -> tree -> (protocol -> transfer -> apply).
+//!
+//! - [`ids`]: typed identifiers (`ChunkId`, `ContentId`, `TreeHash`, `NodeId`, `VolumeId`).
+//! - [`pathname`]: validated, byte-exact paths inside a volume.
+//! - [`chunking`]: FastCDC cut points, BLAKE3 chunk ids, content ids.
+//! - [`entry`]: what the index knows of a name: kind, synced metadata, version vector.
+//! - [`store`]: the RocksDB index and the pack files; atomic batches.
+//! - [`scan`]: walks a volume and brings its index up to date.
+//! - [`tree`]: the paged Merkle tree of each volume's namespace.
+//! - [`verify`]: checks index, packs and live files against each other.
+//! - [`config`]: settings from flags, environment, TOML file and defaults.
+//! - [`cli`]: the `shoal` command line.
+//!
+//! The on-disk formats are specified in `schema/store.md`.
+
+pub mod chunking;
+pub mod cli;
+pub mod config;
+pub mod entry;
+pub mod ids;
+pub mod pathname;
+pub mod scan;
+pub mod store;
+pub mod tree;
+pub mod verify;

@@ -1,0 +1,639 @@
+//! The scanner: brings a volume's index up to date with its directory.
+//!
+//! A scan walks the volume one directory at a time and merges each directory's listing
+//! with the index's children of that directory (both sorted by name), so memory is
+//! bounded by the largest directory, not by the volume. A name whose `lstat` matches its
+//! scan stamp (size, mtime, ctime, inode, device) is trusted without reading it; changed
+//! and new files go to a pool of hashing threads (one per core) that chunk them with
+//! FastCDC and hash the chunks with BLAKE3. A file whose `fstat` differs after reading
+//! from before was written to during the read: it is read again, and left for the next
+//! scan if it keeps changing. Names gone from the directory become tombstones.
+//!
+//! Every change is written as a [`Batch`] that keeps the index consistent on its own, so
+//! a scan killed at any point leaves a store that the next scan completes. The Merkle
+//! tree is updated at the end from the dirty marks the batches left ([`crate::tree`]).
+
+use std::fs::{self, File, Metadata};
+use std::io;
+use std::ffi::OsStr;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+use ignore::Match;
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
+use indicatif::ProgressBar;
+
+use crate::chunking::{ChunkParams, ChunkRef, ChunkedContent, Chunker};
+use crate::entry::{Entry, EntryKind, MODE_MASK};
+use crate::ids::{NodeId, TreeHash, VolumeId};
+use crate::pathname::{SHOAL_DIR, VolPath, escape};
+use crate::store::codec::{ScanStamp, SubtreeTotals};
+use crate::store::{Batch, Store, StoreError};
+
+/// The per-directory ignore file (gitignore syntax).
+pub const IGNORE_FILE: &str = ".shoalignore";
+
+/// Batches are written once they hold this many operations.
+const BATCH_OPS: usize = 4096;
+
+/// Hashing jobs (and results) queued between the walker and the hashing threads.
+const QUEUE_DEPTH: usize = 64;
+
+/// Reads of a file that keeps changing before the scan leaves it for the next one.
+const READ_ATTEMPTS: usize = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("volume directory {0} does not exist (is the volume mounted under the data root?)")]
+    VolumeMissing(PathBuf),
+    #[error("{0} is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("cannot read the volume directory {path}: {source}")]
+    RootUnreadable { path: PathBuf, source: io::Error },
+    #[error("volume {volume:?} was indexed with another store layout; its index is damaged: {source}")]
+    Store {
+        volume: String,
+        #[source]
+        source: StoreError,
+    },
+}
+
+/// How to run a scan.
+#[derive(Clone, Default)]
+pub struct ScanOptions {
+    /// Hashing threads; 0 means one per core.
+    pub threads: usize,
+    /// Shows bytes hashed and files seen, when set.
+    pub progress: Option<ProgressBar>,
+}
+
+/// What a scan found and did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ScanReport {
+    pub volume: String,
+    pub root: String,
+    pub totals: SubtreeTotals,
+    pub unique_chunks: u64,
+    /// Names that are new, changed or gone since the previous scan.
+    pub added: u64,
+    pub modified: u64,
+    pub deleted: u64,
+    /// Files opened and read (unchanged files are not read).
+    pub files_read: u64,
+    pub bytes_read: u64,
+    /// Sockets, FIFOs and devices, which never sync.
+    pub skipped_special: u64,
+    /// Names that could not be read; their previous index entries were kept.
+    pub problems: Vec<String>,
+    pub seconds: f64,
+}
+
+impl ScanReport {
+    /// Chunk references per distinct chunk (1.0 means no duplicate content).
+    pub fn dedup_ratio(&self) -> f64 {
+        if self.unique_chunks == 0 { 1.0 } else { self.totals.chunks as f64 / self.unique_chunks as f64 }
+    }
+}
+
+/// Scans volume `name`, whose files are in `root`, into `store`.
+pub fn scan_volume(store: &Store, name: &str, root: &Path, options: &ScanOptions) -> Result<ScanReport, ScanError> {
+    let started = Instant::now();
+    let store_err = |source| ScanError::Store { volume: name.to_string(), source };
+    match fs::symlink_metadata(root) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => return Err(ScanError::NotADirectory(root.to_path_buf())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ScanError::VolumeMissing(root.to_path_buf())),
+        Err(source) => return Err(ScanError::RootUnreadable { path: root.to_path_buf(), source }),
+    }
+    if let Err(source) = fs::read_dir(root) {
+        return Err(ScanError::RootUnreadable { path: root.to_path_buf(), source });
+    }
+    let record = store.ensure_volume(name).map_err(store_err)?;
+    let vol = VolumeId(record.id);
+    let threads = if options.threads > 0 {
+        options.threads
+    } else {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    };
+    let params = store.meta().chunk_params;
+    let (job_tx, job_rx) = bounded::<HashJob>(QUEUE_DEPTH);
+    let (result_tx, result_rx) = bounded::<HashResult>(QUEUE_DEPTH);
+
+    let mut report = std::thread::scope(|scope| -> Result<ScanReport, StoreError> {
+        for _ in 0..threads {
+            let (job_rx, result_tx) = (job_rx.clone(), result_tx.clone());
+            scope.spawn(move || hash_worker(params, job_rx, result_tx));
+        }
+        drop(result_tx);
+        let mut walker = Walker {
+            store,
+            vol,
+            node: store.meta().node_id,
+            root: root.to_path_buf(),
+            batch: store.batch(),
+            jobs: Some(job_tx),
+            results: result_rx,
+            in_flight: 0,
+            progress: options.progress.clone(),
+            report: ScanReport { volume: name.to_string(), ..ScanReport::default() },
+        };
+        walker.run()?;
+        Ok(walker.report)
+    })
+    .map_err(store_err)?;
+
+    let root_node = crate::tree::update(store, vol).map_err(store_err)?;
+    let changed = report.added + report.modified + report.deleted > 0;
+    let unique_chunks = match record.unique_chunks {
+        Some(count) if !changed => count,
+        _ => store.count_unique_chunks(vol).map_err(store_err)?,
+    };
+    let mut batch = store.batch();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+    batch.put_volume(name, &crate::store::VolumeRecord {
+        id: record.id,
+        last_scan_unix: Some(now.as_secs() as i64),
+        unique_chunks: Some(unique_chunks),
+    });
+    store.write(batch, true).map_err(store_err)?;
+    report.root = root_node.hash.to_hex();
+    report.totals = root_node.totals;
+    report.unique_chunks = unique_chunks;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// The root hash of a volume as last scanned, if it was ever scanned.
+pub fn volume_root(store: &Store, vol: VolumeId) -> Result<Option<TreeHash>, StoreError> {
+    Ok(store.tree_node(vol, &VolPath::root())?.map(|node| node.hash))
+}
+
+struct HashJob {
+    dir: VolPath,
+    name: Vec<u8>,
+    path: PathBuf,
+}
+
+struct HashResult {
+    dir: VolPath,
+    name: Vec<u8>,
+    outcome: HashOutcome,
+}
+
+enum HashOutcome {
+    Hashed { content: ChunkedContent, meta: Metadata },
+    /// Gone, or no longer a regular file, when we came to read it.
+    Vanished,
+    /// Kept changing while being read.
+    Unstable,
+    Failed(io::Error),
+}
+
+fn hash_worker(params: ChunkParams, jobs: Receiver<HashJob>, results: Sender<HashResult>) {
+    let mut chunker = Chunker::new(params);
+    for job in jobs {
+        let outcome = hash_file(&mut chunker, &job.path);
+        if results.send(HashResult { dir: job.dir, name: job.name, outcome }).is_err() {
+            return;
+        }
+    }
+}
+
+fn hash_file(chunker: &mut Chunker, path: &Path) -> HashOutcome {
+    for _ in 0..READ_ATTEMPTS {
+        // O_NOFOLLOW: a file swapped for a symlink since the listing is not followed.
+        let file = match File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ELOOP) => {
+                return HashOutcome::Vanished;
+            }
+            Err(e) => return HashOutcome::Failed(e),
+        };
+        let before = match file.metadata() {
+            Ok(meta) if meta.is_file() => meta,
+            Ok(_) => return HashOutcome::Vanished,
+            Err(e) => return HashOutcome::Failed(e),
+        };
+        let content = match chunker.chunk_reader(&file) {
+            Ok(content) => content,
+            Err(e) => return HashOutcome::Failed(e),
+        };
+        match file.metadata() {
+            Ok(after) if stamp_of(&after) == stamp_of(&before) && content.size == before.len() => {
+                return HashOutcome::Hashed { content, meta: before };
+            }
+            Ok(_) => continue,
+            Err(e) => return HashOutcome::Failed(e),
+        }
+    }
+    HashOutcome::Unstable
+}
+
+pub fn stamp_of(meta: &Metadata) -> ScanStamp {
+    ScanStamp {
+        size: meta.len(),
+        mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+        ino: meta.ino(),
+        dev: meta.dev(),
+    }
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// The `.shoalignore` rules in force in one directory: its own file's, then its
+/// ancestors'. The deepest rule that matches decides, as in git.
+struct IgnoreRules {
+    own: Option<Gitignore>,
+    parent: Option<Arc<IgnoreRules>>,
+}
+
+impl IgnoreRules {
+    fn is_ignored(&self, path: &Path, is_dir: bool) -> bool {
+        let mut rules = Some(self);
+        while let Some(level) = rules {
+            if let Some(own) = &level.own {
+                match own.matched(path, is_dir) {
+                    Match::Ignore(_) => return true,
+                    Match::Whitelist(_) => return false,
+                    Match::None => {}
+                }
+            }
+            rules = level.parent.as_deref();
+        }
+        false
+    }
+}
+
+/// One child of a directory as listed on disk.
+struct Listed {
+    name: Vec<u8>,
+    meta: Metadata,
+}
+
+struct Walker<'s> {
+    store: &'s Store,
+    vol: VolumeId,
+    node: NodeId,
+    root: PathBuf,
+    batch: Batch<'s>,
+    /// Taken (closing the queue) once the walk is done.
+    jobs: Option<Sender<HashJob>>,
+    results: Receiver<HashResult>,
+    in_flight: usize,
+    progress: Option<ProgressBar>,
+    report: ScanReport,
+}
+
+impl<'s> Walker<'s> {
+    fn run(&mut self) -> Result<(), StoreError> {
+        let mut pending = vec![(VolPath::root(), Arc::new(IgnoreRules { own: None, parent: None }))];
+        while let Some((dir, rules)) = pending.pop() {
+            self.walk_dir(&dir, &rules, &mut pending)?;
+        }
+        self.jobs = None;
+        while self.in_flight > 0 {
+            let result = self.results.recv().expect("hashing threads answer every job they took");
+            self.on_hashed(result)?;
+        }
+        self.flush(true)
+    }
+
+    fn flush(&mut self, force: bool) -> Result<(), StoreError> {
+        if self.batch.len() >= BATCH_OPS || (force && !self.batch.is_empty()) {
+            let full = std::mem::replace(&mut self.batch, self.store.batch());
+            self.store.write(full, false)?;
+        }
+        Ok(())
+    }
+
+    fn problem(&mut self, message: String) {
+        tracing::warn!("{message}");
+        self.report.problems.push(message);
+    }
+
+    /// Lists a directory: every child's name and `lstat`, sorted by name, without
+    /// Shoal's own directory and ignored names. `None` if the directory cannot be read.
+    fn list(&mut self, dir: &VolPath, parent_rules: &Arc<IgnoreRules>) -> Option<(Vec<Listed>, Arc<IgnoreRules>)> {
+        let fs_dir = dir.under(&self.root);
+        let reader = match fs::read_dir(&fs_dir) {
+            Ok(reader) => reader,
+            Err(e) => {
+                self.problem(format!("cannot list {}: {e}; its index entries are kept", fs_dir.display()));
+                return None;
+            }
+        };
+        let mut listed = Vec::new();
+        for item in reader {
+            let item = match item {
+                Ok(item) => item,
+                Err(e) => {
+                    self.problem(format!("cannot list {}: {e}; its index entries are kept", fs_dir.display()));
+                    return None;
+                }
+            };
+            let name = item.file_name().into_vec();
+            if dir.is_root() && name == SHOAL_DIR {
+                continue;
+            }
+            match item.metadata() {
+                Ok(meta) => listed.push(Listed { name, meta }),
+                // Deleted between readdir and lstat: it is simply not there.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    self.problem(format!("cannot stat {}: {e}; its index entries are kept", fs_dir.display()));
+                    return None;
+                }
+            }
+        }
+        listed.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        let rules = match listed.iter().any(|l| l.name == IGNORE_FILE.as_bytes() && l.meta.is_file()) {
+            true => Arc::new(IgnoreRules { own: Some(self.load_ignore_file(&fs_dir)), parent: Some(parent_rules.clone()) }),
+            false => parent_rules.clone(),
+        };
+        listed.retain(|l| !rules.is_ignored(&fs_dir.join(OsStr::from_bytes(&l.name)), l.meta.is_dir()));
+        Some((listed, rules))
+    }
+
+    fn load_ignore_file(&mut self, fs_dir: &Path) -> Gitignore {
+        let mut builder = GitignoreBuilder::new(fs_dir);
+        if let Some(e) = builder.add(fs_dir.join(IGNORE_FILE)) {
+            self.problem(format!("{}: {e}", fs_dir.join(IGNORE_FILE).display()));
+        }
+        builder.build().unwrap_or_else(|e| {
+            self.problem(format!("{}: {e}; ignoring none of its patterns", fs_dir.join(IGNORE_FILE).display()));
+            Gitignore::empty()
+        })
+    }
+
+    fn walk_dir(
+        &mut self,
+        dir: &VolPath,
+        rules: &Arc<IgnoreRules>,
+        pending: &mut Vec<(VolPath, Arc<IgnoreRules>)>,
+    ) -> Result<(), StoreError> {
+        let Some((listed, rules)) = self.list(dir, rules) else {
+            return Ok(());
+        };
+        let indexed: Vec<(Vec<u8>, ScanStamp)> = self.store.stamps(self.vol, dir).collect::<Result<_, _>>()?;
+        let mut listed = listed.into_iter().peekable();
+        let mut indexed = indexed.into_iter().peekable();
+        loop {
+            let order = match (listed.peek(), indexed.peek()) {
+                (None, None) => break,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some(l), Some(i)) => l.name.cmp(&i.0),
+            };
+            match order {
+                std::cmp::Ordering::Less => {
+                    let item = listed.next().expect("peeked");
+                    self.on_listed(dir, item, None, &rules, pending)?;
+                }
+                std::cmp::Ordering::Equal => {
+                    let item = listed.next().expect("peeked");
+                    let (_, stamp) = indexed.next().expect("peeked");
+                    self.on_listed(dir, item, Some(stamp), &rules, pending)?;
+                }
+                std::cmp::Ordering::Greater => {
+                    let (name, _) = indexed.next().expect("peeked");
+                    if let Some(old) = self.store.entry(self.vol, dir, &name)? {
+                        self.delete_name(dir, &name, old)?;
+                    }
+                }
+            }
+            self.flush(false)?;
+        }
+        Ok(())
+    }
+
+    /// Handles a name present on disk; `stamp` is its scan stamp if it is indexed.
+    fn on_listed(
+        &mut self,
+        dir: &VolPath,
+        item: Listed,
+        stamp: Option<ScanStamp>,
+        rules: &Arc<IgnoreRules>,
+        pending: &mut Vec<(VolPath, Arc<IgnoreRules>)>,
+    ) -> Result<(), StoreError> {
+        let Ok(path) = dir.join(&item.name) else {
+            self.problem(format!("skipping {}: name too long", escape(&item.name)));
+            return Ok(());
+        };
+        let is_dir = item.meta.is_dir();
+        let unchanged = stamp == Some(stamp_of(&item.meta));
+        if !unchanged {
+            let old = self.store.entry(self.vol, dir, &item.name)?;
+            let file_type = item.meta.file_type();
+            if file_type.is_file() {
+                self.drop_if_kind_changed(dir, &item.name, old, |k| matches!(k, EntryKind::File { .. }))?;
+                self.submit(HashJob { dir: dir.clone(), name: item.name, path: path.under(&self.root) })?;
+                return Ok(());
+            } else if is_dir {
+                let old = self.drop_if_kind_changed(dir, &item.name, old, |k| matches!(k, EntryKind::Dir))?;
+                if old.is_none() {
+                    // A new directory gets its own tree node even if it stays empty.
+                    self.batch.mark_dirty(self.vol, &path);
+                }
+                self.record(dir, &item.name, old, EntryKind::Dir, &item.meta);
+            } else if file_type.is_symlink() {
+                let old = self.drop_if_kind_changed(dir, &item.name, old, |k| matches!(k, EntryKind::Symlink { .. }))?;
+                match fs::read_link(path.under(&self.root)) {
+                    Ok(target) => {
+                        let kind = EntryKind::Symlink { target: target.into_os_string().into_vec() };
+                        self.record(dir, &item.name, old, kind, &item.meta);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => self.problem(format!("cannot read symlink {}: {e}", path.display())),
+                }
+            } else {
+                self.report.skipped_special += 1;
+                tracing::warn!("skipping {}: sockets, FIFOs and devices are not synced", path.display());
+                if let Some(old) = old.filter(|e| !e.is_tombstone()) {
+                    self.delete_name(dir, &item.name, old)?;
+                }
+                return Ok(());
+            }
+        }
+        if is_dir {
+            pending.push((path, rules.clone()));
+        }
+        Ok(())
+    }
+
+    /// If the indexed entry is of another kind than what is now on disk, deletes it
+    /// (and its subtree); returns the entry that the new one succeeds.
+    fn drop_if_kind_changed(
+        &mut self,
+        dir: &VolPath,
+        name: &[u8],
+        old: Option<Entry>,
+        same_kind: impl Fn(&EntryKind) -> bool,
+    ) -> Result<Option<Entry>, StoreError> {
+        match old {
+            Some(old) if !old.is_tombstone() && !same_kind(&old.kind) => Ok(Some(self.delete_name(dir, name, old)?)),
+            other => Ok(other),
+        }
+    }
+
+    /// Writes the entry for a directory or symlink if it changed, and its stamp.
+    fn record(&mut self, dir: &VolPath, name: &[u8], old: Option<Entry>, kind: EntryKind, meta: &Metadata) {
+        let entry = self.entry_from(kind, meta, old.as_ref());
+        if let Some(entry) = entry {
+            self.count_change(old.as_ref());
+            self.batch.put_entry(self.vol, dir, name, &entry);
+            self.batch.mark_dirty(self.vol, dir);
+        }
+        self.batch.put_stamp(self.vol, dir, name, &stamp_of(meta));
+    }
+
+    /// The entry for what is on disk, succeeding `old`; `None` if `old` already says it.
+    fn entry_from(&self, kind: EntryKind, meta: &Metadata, old: Option<&Entry>) -> Option<Entry> {
+        let mode = if matches!(kind, EntryKind::Symlink { .. }) { 0 } else { meta.permissions().mode() & MODE_MASK };
+        let mut entry = Entry {
+            kind,
+            mode,
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            uid: meta.uid(),
+            gid: meta.gid(),
+            version: old.map(|o| o.version.clone()).unwrap_or_default(),
+        };
+        if old.is_some_and(|o| o.same_state(&entry)) {
+            return None;
+        }
+        entry.version.bump(self.node);
+        Some(entry)
+    }
+
+    fn count_change(&mut self, old: Option<&Entry>) {
+        match old {
+            Some(old) if !old.is_tombstone() => self.report.modified += 1,
+            _ => self.report.added += 1,
+        }
+    }
+
+    /// Replaces a live entry (and, for a directory, everything below it) by tombstones.
+    /// Returns the tombstone.
+    fn delete_name(&mut self, dir: &VolPath, name: &[u8], old: Entry) -> Result<Entry, StoreError> {
+        let path = dir.join(name).map_err(|e| StoreError::Corrupt {
+            cf: crate::store::keys::CF_ENTRIES,
+            key: dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        if old.is_dir() {
+            // Descendants first, the directory's own entry last: a crash half-way
+            // leaves the directory indexed, so the next scan deletes the rest.
+            let descendants: Vec<_> = self.store.descendants(self.vol, &path).collect::<Result<_, _>>()?;
+            for (parent, child, entry) in descendants {
+                if !entry.is_tombstone() {
+                    self.tombstone(&parent, &child, entry)?;
+                    self.flush(false)?;
+                }
+            }
+        }
+        self.tombstone(dir, name, old)
+    }
+
+    fn tombstone(&mut self, dir: &VolPath, name: &[u8], old: Entry) -> Result<Entry, StoreError> {
+        if let EntryKind::File { .. } = old.kind {
+            let chunks = self.store.chunk_list(self.vol, dir, name)?.unwrap_or_default();
+            self.batch.delete_chunks(self.vol, dir, name, &chunks);
+        }
+        if old.is_dir() {
+            if let Ok(path) = dir.join(name) {
+                self.batch.delete_tree_node(self.vol, &path);
+                self.batch.clear_dirty(self.vol, &path);
+            }
+        }
+        let mut version = old.version;
+        version.bump(self.node);
+        let tombstone = Entry {
+            kind: EntryKind::Tombstone { deleted_at_ns: now_ns() },
+            mode: 0,
+            mtime_ns: 0,
+            uid: 0,
+            gid: 0,
+            version,
+        };
+        self.batch.put_entry(self.vol, dir, name, &tombstone);
+        self.batch.delete_stamp(self.vol, dir, name);
+        self.batch.mark_dirty(self.vol, dir);
+        self.report.deleted += 1;
+        Ok(tombstone)
+    }
+
+    fn submit(&mut self, job: HashJob) -> Result<(), StoreError> {
+        let mut job = job;
+        loop {
+            let sender = self.jobs.as_ref().expect("jobs are only submitted during the walk");
+            match sender.try_send(job) {
+                Ok(()) => {
+                    self.in_flight += 1;
+                    return Ok(());
+                }
+                Err(crossbeam_channel::TrySendError::Full(back)) => {
+                    job = back;
+                    // The queue is full, so a thread is busy and will answer.
+                    let result = self.results.recv().expect("hashing threads are alive while jobs are queued");
+                    self.on_hashed(result)?;
+                }
+                Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
+                    unreachable!("hashing threads live as long as the walk")
+                }
+            }
+        }
+    }
+
+    fn on_hashed(&mut self, result: HashResult) -> Result<(), StoreError> {
+        self.in_flight -= 1;
+        let HashResult { dir, name, outcome } = result;
+        let path = || dir.join(&name).unwrap_or_default().under(&self.root);
+        match outcome {
+            HashOutcome::Hashed { content, meta } => {
+                self.report.files_read += 1;
+                self.report.bytes_read += content.size;
+                if let Some(progress) = &self.progress {
+                    progress.inc(content.size);
+                    progress.set_message(format!("{} files read", self.report.files_read));
+                }
+                let old = self.store.entry(self.vol, &dir, &name)?;
+                let kind = EntryKind::File {
+                    size: content.size,
+                    content_id: content.content_id,
+                    chunks: content.chunks.len() as u32,
+                };
+                if let Some(entry) = self.entry_from(kind, &meta, old.as_ref()) {
+                    let old_chunks: Vec<ChunkRef> = match old.as_ref().map(|o| &o.kind) {
+                        Some(EntryKind::File { .. }) => self.store.chunk_list(self.vol, &dir, &name)?.unwrap_or_default(),
+                        _ => Vec::new(),
+                    };
+                    self.count_change(old.as_ref());
+                    self.batch.put_entry(self.vol, &dir, &name, &entry);
+                    self.batch.set_chunks(self.vol, &dir, &name, &content.chunks, &old_chunks);
+                    self.batch.mark_dirty(self.vol, &dir);
+                }
+                self.batch.put_stamp(self.vol, &dir, &name, &stamp_of(&meta));
+            }
+            HashOutcome::Vanished => {
+                if let Some(old) = self.store.entry(self.vol, &dir, &name)?.filter(|e| !e.is_tombstone()) {
+                    self.delete_name(&dir, &name, old)?;
+                }
+            }
+            HashOutcome::Unstable => {
+                let message = format!("{} kept changing while being read; it will be indexed on a later scan", path().display());
+                self.problem(message);
+            }
+            HashOutcome::Failed(e) => {
+                let message = format!("cannot read {}: {e}; its previous index entry is kept", path().display());
+                self.problem(message);
+            }
+        }
+        self.flush(false)
+    }
+}

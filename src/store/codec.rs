@@ -1,0 +1,370 @@
+//! Byte encodings of the values kept in the index (specified in `schema/store.md`).
+//!
+//! Little-endian fixed-width integers, length-prefixed byte strings. Decoding never
+//! trusts a length: every read is bounds-checked and a short, long or unknown record is
+//! a [`DecodeError`], never a panic.
+
+use crate::chunking::ChunkRef;
+use crate::entry::{Entry, EntryKind, VersionVector};
+use crate::ids::{ChunkId, ContentId, HASH_LEN, NodeId, TreeHash};
+
+/// Version byte that starts every entry and tree-node value.
+const VALUE_FORMAT: u8 = 1;
+
+const KIND_TOMBSTONE: u8 = 0;
+const KIND_FILE: u8 = 1;
+const KIND_DIR: u8 = 2;
+const KIND_SYMLINK: u8 = 3;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct DecodeError(pub String);
+
+/// Bounds-checked reader over one value.
+pub struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(bytes: &'a [u8]) -> Self {
+        Self { bytes }
+    }
+
+    pub fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], DecodeError> {
+        if self.bytes.len() < n {
+            return Err(DecodeError(format!("value ends inside {what}")));
+        }
+        let (head, tail) = self.bytes.split_at(n);
+        self.bytes = tail;
+        Ok(head)
+    }
+
+    pub fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], DecodeError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N, what)?);
+        Ok(out)
+    }
+
+    pub fn u8(&mut self, what: &str) -> Result<u8, DecodeError> {
+        Ok(self.array::<1>(what)?[0])
+    }
+
+    pub fn u16(&mut self, what: &str) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes(self.array(what)?))
+    }
+
+    pub fn u32(&mut self, what: &str) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    pub fn u64(&mut self, what: &str) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    pub fn i64(&mut self, what: &str) -> Result<i64, DecodeError> {
+        Ok(i64::from_le_bytes(self.array(what)?))
+    }
+
+    pub fn hash(&mut self, what: &str) -> Result<[u8; HASH_LEN], DecodeError> {
+        self.array(what)
+    }
+
+    /// A byte string prefixed by its u16 length.
+    pub fn short_bytes(&mut self, what: &str) -> Result<&'a [u8], DecodeError> {
+        let len = self.u16(what)?;
+        self.take(usize::from(len), what)
+    }
+
+    pub fn finish(self, what: &str) -> Result<(), DecodeError> {
+        if self.bytes.is_empty() {
+            Ok(())
+        } else {
+            Err(DecodeError(format!("{} unexpected bytes after {what}", self.bytes.len())))
+        }
+    }
+}
+
+fn put_short_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    // Names are at most 255 bytes and symlink targets at most PATH_MAX (4096); both fit.
+    let len = u16::try_from(bytes.len()).expect("short byte strings are bounded by PATH_MAX");
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+pub fn encode_entry(entry: &Entry) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.push(VALUE_FORMAT);
+    out.push(match entry.kind {
+        EntryKind::Tombstone { .. } => KIND_TOMBSTONE,
+        EntryKind::File { .. } => KIND_FILE,
+        EntryKind::Dir => KIND_DIR,
+        EntryKind::Symlink { .. } => KIND_SYMLINK,
+    });
+    out.extend_from_slice(&entry.mode.to_le_bytes());
+    out.extend_from_slice(&entry.mtime_ns.to_le_bytes());
+    out.extend_from_slice(&entry.uid.to_le_bytes());
+    out.extend_from_slice(&entry.gid.to_le_bytes());
+    let pairs = entry.version.pairs();
+    out.extend_from_slice(&(pairs.len() as u16).to_le_bytes());
+    for (node, counter) in pairs {
+        out.extend_from_slice(&node.0.to_le_bytes());
+        out.extend_from_slice(&counter.to_le_bytes());
+    }
+    match &entry.kind {
+        EntryKind::Tombstone { deleted_at_ns } => out.extend_from_slice(&deleted_at_ns.to_le_bytes()),
+        EntryKind::File { size, content_id, chunks } => {
+            out.extend_from_slice(&size.to_le_bytes());
+            out.extend_from_slice(content_id.as_bytes());
+            out.extend_from_slice(&chunks.to_le_bytes());
+        }
+        EntryKind::Dir => {}
+        EntryKind::Symlink { target } => put_short_bytes(&mut out, target),
+    }
+    out
+}
+
+pub fn decode_entry(bytes: &[u8]) -> Result<Entry, DecodeError> {
+    let mut r = Reader::new(bytes);
+    let format = r.u8("format")?;
+    if format != VALUE_FORMAT {
+        return Err(DecodeError(format!("unknown entry format {format}")));
+    }
+    let kind_tag = r.u8("kind")?;
+    let mode = r.u32("mode")?;
+    let mtime_ns = r.i64("mtime")?;
+    let uid = r.u32("uid")?;
+    let gid = r.u32("gid")?;
+    let count = r.u16("version vector")?;
+    let mut pairs = Vec::with_capacity(usize::from(count));
+    for _ in 0..count {
+        pairs.push((NodeId(r.u64("version vector")?), r.u64("version vector")?));
+    }
+    let kind = match kind_tag {
+        KIND_TOMBSTONE => EntryKind::Tombstone { deleted_at_ns: r.i64("deletion time")? },
+        KIND_FILE => EntryKind::File {
+            size: r.u64("size")?,
+            content_id: ContentId(r.hash("content id")?),
+            chunks: r.u32("chunk count")?,
+        },
+        KIND_DIR => EntryKind::Dir,
+        KIND_SYMLINK => EntryKind::Symlink { target: r.short_bytes("symlink target")?.to_vec() },
+        other => return Err(DecodeError(format!("unknown entry kind {other}"))),
+    };
+    r.finish("entry")?;
+    Ok(Entry { kind, mode, mtime_ns, uid, gid, version: VersionVector::from_pairs(pairs) })
+}
+
+pub fn encode_chunk_list(chunks: &[ChunkRef]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + chunks.len() * (HASH_LEN + 4));
+    out.extend_from_slice(&(chunks.len() as u32).to_le_bytes());
+    for chunk in chunks {
+        out.extend_from_slice(chunk.id.as_bytes());
+        out.extend_from_slice(&chunk.len.to_le_bytes());
+    }
+    out
+}
+
+pub fn decode_chunk_list(bytes: &[u8]) -> Result<Vec<ChunkRef>, DecodeError> {
+    let mut r = Reader::new(bytes);
+    let count = r.u32("chunk count")? as usize;
+    if bytes.len() != 4 + count * (HASH_LEN + 4) {
+        return Err(DecodeError(format!("chunk list of {count} chunks has {} bytes", bytes.len())));
+    }
+    let mut chunks = Vec::with_capacity(count);
+    for _ in 0..count {
+        chunks.push(ChunkRef { id: ChunkId(r.hash("chunk id")?), len: r.u32("chunk length")? });
+    }
+    Ok(chunks)
+}
+
+/// What `stat` said of a name when it was last indexed; if it still says the same, the
+/// scanner trusts the index without reading the file.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct ScanStamp {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub ino: u64,
+    pub dev: u64,
+}
+
+pub fn encode_stamp(stamp: &ScanStamp) -> [u8; 40] {
+    let mut out = [0u8; 40];
+    out[0..8].copy_from_slice(&stamp.size.to_le_bytes());
+    out[8..16].copy_from_slice(&stamp.mtime_ns.to_le_bytes());
+    out[16..24].copy_from_slice(&stamp.ctime_ns.to_le_bytes());
+    out[24..32].copy_from_slice(&stamp.ino.to_le_bytes());
+    out[32..40].copy_from_slice(&stamp.dev.to_le_bytes());
+    out
+}
+
+pub fn decode_stamp(bytes: &[u8]) -> Result<ScanStamp, DecodeError> {
+    let mut r = Reader::new(bytes);
+    let stamp = ScanStamp {
+        size: r.u64("size")?,
+        mtime_ns: r.i64("mtime")?,
+        ctime_ns: r.i64("ctime")?,
+        ino: r.u64("inode")?,
+        dev: r.u64("device")?,
+    };
+    r.finish("scan stamp")?;
+    Ok(stamp)
+}
+
+/// Where one copy of a chunk's bytes can be read.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u32,
+}
+
+pub fn encode_extent(extent: Extent) -> [u8; 12] {
+    let mut out = [0u8; 12];
+    out[..8].copy_from_slice(&extent.offset.to_le_bytes());
+    out[8..].copy_from_slice(&extent.len.to_le_bytes());
+    out
+}
+
+pub fn decode_extent(bytes: &[u8]) -> Result<Extent, DecodeError> {
+    let mut r = Reader::new(bytes);
+    let extent = Extent { offset: r.u64("offset")?, len: r.u32("length")? };
+    r.finish("extent")?;
+    Ok(extent)
+}
+
+/// One page of a directory's children in the Merkle tree.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct PageSummary {
+    /// Name of the page's first child (pages are name ranges).
+    pub first_name: Vec<u8>,
+    pub entries: u32,
+    pub hash: TreeHash,
+}
+
+/// A directory's node in the Merkle tree, with totals over its whole subtree.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct TreeNode {
+    pub hash: TreeHash,
+    pub pages: Vec<PageSummary>,
+    pub totals: SubtreeTotals,
+}
+
+/// Counts over a directory's subtree (tombstones excluded, the directory itself not
+/// counted).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct SubtreeTotals {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub bytes: u64,
+    pub chunks: u64,
+}
+
+impl SubtreeTotals {
+    pub fn add(&mut self, other: &SubtreeTotals) {
+        self.files += other.files;
+        self.dirs += other.dirs;
+        self.symlinks += other.symlinks;
+        self.bytes += other.bytes;
+        self.chunks += other.chunks;
+    }
+}
+
+pub fn encode_tree_node(node: &TreeNode) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + HASH_LEN + 40 + 4 + node.pages.len() * 64);
+    out.push(VALUE_FORMAT);
+    out.extend_from_slice(node.hash.as_bytes());
+    let t = &node.totals;
+    for n in [t.files, t.dirs, t.symlinks, t.bytes, t.chunks] {
+        out.extend_from_slice(&n.to_le_bytes());
+    }
+    out.extend_from_slice(&(node.pages.len() as u32).to_le_bytes());
+    for page in &node.pages {
+        out.extend_from_slice(&page.entries.to_le_bytes());
+        out.extend_from_slice(page.hash.as_bytes());
+        put_short_bytes(&mut out, &page.first_name);
+    }
+    out
+}
+
+pub fn decode_tree_node(bytes: &[u8]) -> Result<TreeNode, DecodeError> {
+    let mut r = Reader::new(bytes);
+    let format = r.u8("format")?;
+    if format != VALUE_FORMAT {
+        return Err(DecodeError(format!("unknown tree node format {format}")));
+    }
+    let hash = TreeHash(r.hash("hash")?);
+    let totals = SubtreeTotals {
+        files: r.u64("totals")?,
+        dirs: r.u64("totals")?,
+        symlinks: r.u64("totals")?,
+        bytes: r.u64("totals")?,
+        chunks: r.u64("totals")?,
+    };
+    let count = r.u32("page count")?;
+    // Each page takes at least 38 bytes: refuse counts the value cannot hold.
+    if count as usize > bytes.len() / 38 {
+        return Err(DecodeError(format!("tree node claims {count} pages in {} bytes", bytes.len())));
+    }
+    let mut pages = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let entries = r.u32("page entry count")?;
+        let hash = TreeHash(r.hash("page hash")?);
+        let first_name = r.short_bytes("page first name")?.to_vec();
+        pages.push(PageSummary { first_name, entries, hash });
+    }
+    r.finish("tree node")?;
+    Ok(TreeNode { hash, pages, totals })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_entries() -> Vec<Entry> {
+        let version = VersionVector::from_pairs([(NodeId(7), 3), (NodeId(9), 1)]);
+        let base = Entry { kind: EntryKind::Dir, mode: 0o755, mtime_ns: -5, uid: 1, gid: 2, version };
+        vec![
+            base.clone(),
+            Entry { kind: EntryKind::File { size: 10, content_id: ContentId([4; 32]), chunks: 1 }, ..base.clone() },
+            Entry { kind: EntryKind::Symlink { target: b"../x\xff".to_vec() }, ..base.clone() },
+            Entry { kind: EntryKind::Tombstone { deleted_at_ns: 99 }, ..base },
+        ]
+    }
+
+    #[test]
+    fn entries_round_trip() {
+        for entry in sample_entries() {
+            assert_eq!(decode_entry(&encode_entry(&entry)).unwrap(), entry);
+        }
+    }
+
+    #[test]
+    fn truncated_or_extended_values_are_errors() {
+        for entry in sample_entries() {
+            let bytes = encode_entry(&entry);
+            for cut in 0..bytes.len() {
+                assert!(decode_entry(&bytes[..cut]).is_err());
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert!(decode_entry(&longer).is_err());
+        }
+        assert!(decode_chunk_list(&[255, 255, 255, 255]).is_err());
+        assert!(decode_tree_node(&[1; 40]).is_err());
+    }
+
+    #[test]
+    fn tree_nodes_and_chunk_lists_round_trip() {
+        let node = TreeNode {
+            hash: TreeHash([1; 32]),
+            pages: vec![PageSummary { first_name: b"a".to_vec(), entries: 3, hash: TreeHash([2; 32]) }],
+            totals: SubtreeTotals { files: 1, dirs: 2, symlinks: 3, bytes: 4, chunks: 5 },
+        };
+        assert_eq!(decode_tree_node(&encode_tree_node(&node)).unwrap(), node);
+        let chunks = vec![ChunkRef { id: ChunkId([3; 32]), len: 77 }];
+        assert_eq!(decode_chunk_list(&encode_chunk_list(&chunks)).unwrap(), chunks);
+        let stamp = ScanStamp { size: 1, mtime_ns: 2, ctime_ns: 3, ino: 4, dev: 5 };
+        assert_eq!(decode_stamp(&encode_stamp(&stamp)).unwrap(), stamp);
+    }
+}

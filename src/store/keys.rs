@@ -1,0 +1,192 @@
+//! The RocksDB column families and their key layout (specified in `schema/store.md`).
+//!
+//! Column family names carry a version: a later layout gets new names, and a store of
+//! an older layout is recognised by its format number before anything is touched.
+
+use crate::ids::{ChunkId, HASH_LEN, VolumeId};
+use crate::pathname::{InvalidPath, VolPath};
+
+pub const CF_META: &str = "meta-v1";
+pub const CF_ENTRIES: &str = "entries-v1";
+pub const CF_CHUNK_LISTS: &str = "chunklists-v1";
+pub const CF_CHUNKS: &str = "chunks-v1";
+pub const CF_TREE: &str = "tree-v1";
+pub const CF_SCAN_CACHE: &str = "scancache-v1";
+pub const CF_DIRTY: &str = "dirty-v1";
+
+pub const ALL_CFS: [&str; 7] = [CF_META, CF_ENTRIES, CF_CHUNK_LISTS, CF_CHUNKS, CF_TREE, CF_SCAN_CACHE, CF_DIRTY];
+
+pub const META_FORMAT: &[u8] = b"format";
+pub const META_NODE_ID: &[u8] = b"node-id";
+pub const META_CHUNK_PARAMS: &[u8] = b"chunk-params";
+pub const META_NEXT_VOLUME: &[u8] = b"next-volume-id";
+const META_VOLUME_PREFIX: &[u8] = b"volume/";
+
+/// Location kinds in `chunks` keys.
+const LOCATION_LIVE: u8 = 0;
+const LOCATION_PACK: u8 = 1;
+
+pub fn volume_meta_key(name: &str) -> Vec<u8> {
+    [META_VOLUME_PREFIX, name.as_bytes()].concat()
+}
+
+pub fn volume_meta_range() -> (Vec<u8>, Vec<u8>) {
+    (META_VOLUME_PREFIX.to_vec(), successor(META_VOLUME_PREFIX))
+}
+
+pub fn volume_name_of_meta_key(key: &[u8]) -> Option<&str> {
+    std::str::from_utf8(key.strip_prefix(META_VOLUME_PREFIX)?).ok()
+}
+
+/// `vol | dir | 0x00 | name`: the key of a name in `entries`, `chunklists` and
+/// `scancache`. All children of a directory are one contiguous, name-sorted range.
+pub fn entry_key(vol: VolumeId, dir: &VolPath, name: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(4 + dir.as_bytes().len() + 1 + name.len());
+    key.extend_from_slice(&vol.0.to_be_bytes());
+    key.extend_from_slice(dir.as_bytes());
+    key.push(0);
+    key.extend_from_slice(name);
+    key
+}
+
+/// Splits an entry key into its volume, directory and name, validating the path.
+pub fn parse_entry_key(key: &[u8]) -> Result<(VolumeId, VolPath, &[u8]), String> {
+    let bad = |why: &str| format!("bad entry key {}: {why}", crate::ids::to_hex(key));
+    let (vol, rest) = key.split_first_chunk::<4>().ok_or_else(|| bad("too short"))?;
+    let nul = rest.iter().position(|&b| b == 0).ok_or_else(|| bad("no separator"))?;
+    let dir = VolPath::parse(&rest[..nul]).map_err(|e: InvalidPath| bad(&e.to_string()))?;
+    let name = &rest[nul + 1..];
+    crate::pathname::validate_name(name).map_err(|e| bad(&e.to_string()))?;
+    Ok((VolumeId(u32::from_be_bytes(*vol)), dir, name))
+}
+
+/// The range of all children of `dir`.
+pub fn children_range(vol: VolumeId, dir: &VolPath) -> (Vec<u8>, Vec<u8>) {
+    let start = entry_key(vol, dir, b"");
+    let end = successor(&start);
+    (start, end)
+}
+
+/// The key ranges that hold every descendant of `dir` (one range for the root).
+pub fn descendant_ranges(vol: VolumeId, dir: &VolPath) -> Vec<(Vec<u8>, Vec<u8>)> {
+    if dir.is_root() {
+        let start = vol.0.to_be_bytes().to_vec();
+        return vec![(start.clone(), successor(&start))];
+    }
+    let mut below = dir_key(vol, dir);
+    below.push(b'/');
+    vec![children_range(vol, dir), (below.clone(), successor(&below))]
+}
+
+/// `vol | dir`: the key of a directory in `tree` and `dirty`.
+pub fn dir_key(vol: VolumeId, dir: &VolPath) -> Vec<u8> {
+    [&vol.0.to_be_bytes()[..], dir.as_bytes()].concat()
+}
+
+pub fn parse_dir_key(key: &[u8]) -> Result<(VolumeId, VolPath), String> {
+    let (vol, rest) = key.split_first_chunk::<4>().ok_or("directory key too short")?;
+    let dir = VolPath::parse(rest).map_err(|e| format!("bad directory key: {e}"))?;
+    Ok((VolumeId(u32::from_be_bytes(*vol)), dir))
+}
+
+/// The range of every `tree`/`dirty` key of a volume.
+pub fn volume_range(vol: VolumeId) -> (Vec<u8>, Vec<u8>) {
+    let start = vol.0.to_be_bytes().to_vec();
+    let end = successor(&start);
+    (start, end)
+}
+
+/// `chunk id | 0x00 | entry key`: the chunk is in that live file.
+pub fn live_location_key(chunk: &ChunkId, entry_key: &[u8]) -> Vec<u8> {
+    [&chunk.as_bytes()[..], &[LOCATION_LIVE], entry_key].concat()
+}
+
+/// `chunk id | 0x01 | pack id (u64 BE)`: the chunk is in that pack file.
+pub fn pack_location_key(chunk: &ChunkId, pack: u64) -> Vec<u8> {
+    [&chunk.as_bytes()[..], &[LOCATION_PACK], &pack.to_be_bytes()].concat()
+}
+
+/// Where a `chunks` key says a chunk is.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LocationKey<'a> {
+    Live { entry_key: &'a [u8] },
+    Pack { pack: u64 },
+}
+
+pub fn parse_location_key(key: &[u8]) -> Result<(ChunkId, LocationKey<'_>), String> {
+    let bad = || format!("bad chunk location key {}", crate::ids::to_hex(key));
+    let (id, rest) = key.split_first_chunk::<HASH_LEN>().ok_or_else(bad)?;
+    let (&kind, rest) = rest.split_first().ok_or_else(bad)?;
+    let location = match kind {
+        LOCATION_LIVE => LocationKey::Live { entry_key: rest },
+        LOCATION_PACK => LocationKey::Pack { pack: u64::from_be_bytes(rest.try_into().map_err(|_| bad())?) },
+        _ => return Err(bad()),
+    };
+    Ok((ChunkId(*id), location))
+}
+
+/// The smallest key greater than every key that starts with `prefix`.
+pub fn successor(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Only an all-0xff prefix gets here; no key of ours is that long.
+    vec![0xff; prefix.len() + 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_keys_round_trip() {
+        let dir = VolPath::parse(b"a/b").unwrap();
+        let key = entry_key(VolumeId(3), &dir, b"c\xff");
+        let (vol, parsed_dir, name) = parse_entry_key(&key).unwrap();
+        assert_eq!((vol, parsed_dir, name), (VolumeId(3), dir, &b"c\xff"[..]));
+        assert!(parse_entry_key(&[0, 0, 0, 1, b'x']).is_err());
+        assert!(parse_entry_key(&[0, 0, 0, 1, b'/', 0, b'x']).is_err());
+    }
+
+    #[test]
+    fn descendant_ranges_hold_exactly_the_subtree() {
+        let vol = VolumeId(1);
+        let a = VolPath::parse(b"a").unwrap();
+        let inside = [
+            entry_key(vol, &a, b"x"),
+            entry_key(vol, &VolPath::parse(b"a/b").unwrap(), b"y"),
+            entry_key(vol, &VolPath::parse(b"a/b/c").unwrap(), b"z"),
+        ];
+        let outside = [
+            entry_key(vol, &VolPath::root(), b"a"),
+            entry_key(vol, &VolPath::parse(b"a.b").unwrap(), b"x"),
+            entry_key(vol, &VolPath::parse(b"a\x01").unwrap(), b"x"),
+            entry_key(vol, &VolPath::parse(b"ab").unwrap(), b"x"),
+            entry_key(VolumeId(2), &a, b"x"),
+        ];
+        let ranges = descendant_ranges(vol, &a);
+        let covered = |key: &Vec<u8>| ranges.iter().any(|(s, e)| key >= s && key < e);
+        assert!(inside.iter().all(covered));
+        assert!(!outside.iter().any(covered));
+    }
+
+    #[test]
+    fn location_keys_round_trip() {
+        let id = ChunkId([9; 32]);
+        let key = live_location_key(&id, b"entry");
+        assert_eq!(parse_location_key(&key).unwrap(), (id, LocationKey::Live { entry_key: b"entry" }));
+        let key = pack_location_key(&id, 42);
+        assert_eq!(parse_location_key(&key).unwrap(), (id, LocationKey::Pack { pack: 42 }));
+        assert!(parse_location_key(&[1, 2, 3]).is_err());
+    }
+
+    #[test]
+    fn successor_bounds_a_prefix() {
+        assert_eq!(successor(b"ab"), b"ac");
+        assert_eq!(successor(&[1, 0xff]), vec![2]);
+    }
+}
