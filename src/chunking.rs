@@ -40,11 +40,22 @@ pub struct ChunkParams {
 impl ChunkParams {
     /// 16 KiB / 64 KiB / 256 KiB, chosen by measurement: see `docs/BENCHMARKS.md`,
     /// "Choosing the chunk sizes".
-    pub const DEFAULT: ChunkParams = ChunkParams { min: 16 * 1024, avg: 64 * 1024, max: 256 * 1024 };
+    pub const DEFAULT: ChunkParams = ChunkParams {
+        min: 16 * 1024,
+        avg: 64 * 1024,
+        max: 256 * 1024,
+    };
 
     /// Validates the sizes against what FastCDC supports.
     pub fn new(min: u32, avg: u32, max: u32) -> Result<Self, InvalidChunkParams> {
-        let err = |reason: String| Err(InvalidChunkParams { min, avg, max, reason });
+        let err = |reason: String| {
+            Err(InvalidChunkParams {
+                min,
+                avg,
+                max,
+                reason,
+            })
+        };
         if !(v2020::MINIMUM_MIN..=v2020::MINIMUM_MAX).contains(&min) {
             return err(format!(
                 "the minimum must be between {} and {} bytes",
@@ -77,7 +88,9 @@ impl ChunkParams {
     pub fn parse(text: &str) -> Result<Self, String> {
         let sizes: Vec<&str> = text.split('/').collect();
         let [min, avg, max] = sizes.as_slice() else {
-            return Err(format!("chunk sizes must look like MIN/AVG/MAX (e.g. 16K/64K/256K), not {text:?}"));
+            return Err(format!(
+                "chunk sizes must look like MIN/AVG/MAX (e.g. 16K/64K/256K), not {text:?}"
+            ));
         };
         let (min, avg, max) = (parse_size(min)?, parse_size(avg)?, parse_size(max)?);
         Self::new(min, avg, max).map_err(|e| e.to_string())
@@ -86,7 +99,13 @@ impl ChunkParams {
 
 impl fmt::Display for ChunkParams {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}/{}", format_size(self.min), format_size(self.avg), format_size(self.max))
+        write!(
+            f,
+            "{}/{}/{}",
+            format_size(self.min),
+            format_size(self.avg),
+            format_size(self.max)
+        )
     }
 }
 
@@ -111,9 +130,9 @@ fn parse_size(text: &str) -> Result<u32, String> {
 }
 
 fn format_size(bytes: u32) -> String {
-    if bytes % (1024 * 1024) == 0 {
+    if bytes.is_multiple_of(1024 * 1024) {
         format!("{}M", bytes / (1024 * 1024))
-    } else if bytes % 1024 == 0 {
+    } else if bytes.is_multiple_of(1024) {
         format!("{}K", bytes / 1024)
     } else {
         bytes.to_string()
@@ -189,7 +208,11 @@ impl Chunker {
         mut reader: impl Read,
         mut on_chunk: impl FnMut(&ChunkRef, &[u8]),
     ) -> io::Result<ChunkedContent> {
-        let (min, avg, max) = (self.params.min as usize, self.params.avg as usize, self.params.max as usize);
+        let (min, avg, max) = (
+            self.params.min as usize,
+            self.params.avg as usize,
+            self.params.max as usize,
+        );
         let mut chunks = Vec::new();
         let mut size = 0u64;
         let mut filled = 0;
@@ -217,14 +240,21 @@ impl Chunker {
                     self.mask_l << 1,
                 );
                 let bytes = &self.buffer[start..start + len];
-                let chunk = ChunkRef { id: ChunkId::of(bytes), len: len as u32 };
+                let chunk = ChunkRef {
+                    id: ChunkId::of(bytes),
+                    len: len as u32,
+                };
                 on_chunk(&chunk, bytes);
                 chunks.push(chunk);
                 size += len as u64;
                 start += len;
             }
             if eof {
-                return Ok(ChunkedContent { content_id: content_id(&chunks), chunks, size });
+                return Ok(ChunkedContent {
+                    content_id: content_id(&chunks),
+                    chunks,
+                    size,
+                });
             }
             self.buffer.copy_within(start..filled, 0);
             filled -= start;
@@ -281,7 +311,10 @@ mod tests {
         }
         let data = random_bytes(6 * 1024 * 1024, 3);
         let mut chunker = Chunker::new(ChunkParams::DEFAULT);
-        assert_eq!(chunker.chunk_reader(Trickle(&data)).unwrap(), chunk(ChunkParams::DEFAULT, &data));
+        assert_eq!(
+            chunker.chunk_reader(Trickle(&data)).unwrap(),
+            chunk(ChunkParams::DEFAULT, &data)
+        );
     }
 
     #[test]
@@ -293,7 +326,7 @@ mod tests {
         let after = chunk(ChunkParams::DEFAULT, &edited);
         let old: std::collections::HashSet<_> = before.chunks.iter().map(|c| c.id).collect();
         let changed = after.chunks.iter().filter(|c| !old.contains(&c.id)).count();
-        assert!(changed >= 1 && changed <= 3, "{changed} chunk ids changed");
+        assert!((1..=3).contains(&changed), "{changed} chunk ids changed");
         assert_ne!(before.content_id, after.content_id);
     }
 
@@ -314,7 +347,13 @@ mod tests {
     #[test]
     fn small_and_empty_inputs_are_one_chunk_or_none() {
         let small = chunk(ChunkParams::DEFAULT, b"tiny");
-        assert_eq!(small.chunks, vec![ChunkRef { id: ChunkId::of(b"tiny"), len: 4 }]);
+        assert_eq!(
+            small.chunks,
+            vec![ChunkRef {
+                id: ChunkId::of(b"tiny"),
+                len: 4
+            }]
+        );
         let empty = chunk(ChunkParams::DEFAULT, b"");
         assert!(empty.chunks.is_empty());
         assert_eq!(empty.size, 0);
@@ -323,7 +362,10 @@ mod tests {
 
     #[test]
     fn params_are_validated_and_parsed() {
-        assert_eq!(ChunkParams::parse("16K/64K/256K").unwrap(), ChunkParams::DEFAULT);
+        assert_eq!(
+            ChunkParams::parse("16K/64K/256K").unwrap(),
+            ChunkParams::DEFAULT
+        );
         assert_eq!(ChunkParams::DEFAULT.to_string(), "16K/64K/256K");
         assert!(ChunkParams::parse("64K/16K/256K").is_err());
         assert!(ChunkParams::parse("16K/60K/256K").is_err());

@@ -16,12 +16,19 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/shoal";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read the config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("invalid volume name {0:?}: a volume name starts with a letter or digit and holds only letters, digits, '_', '.' and '-' (as Docker's)")]
+    #[error(
+        "invalid volume name {0:?}: a volume name starts with a letter or digit and holds only letters, digits, '_', '.' and '-' (as Docker's)"
+    )]
     VolumeName(String),
-    #[error("no volumes given: name them with --volume NAME (repeatable), SYNC_VOLUMES=\"a b\" or `volumes = [...]` in the config file")]
+    #[error(
+        "no volumes given: name them with --volume NAME (repeatable), SYNC_VOLUMES=\"a b\" or `volumes = [...]` in the config file"
+    )]
     NoVolumes,
     #[error("invalid chunk sizes: {0}")]
     ChunkSizes(String),
@@ -39,8 +46,14 @@ pub struct FileConfig {
 
 impl FileConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
     }
 }
 
@@ -50,7 +63,11 @@ pub fn validate_volume_name(name: &str) -> Result<(), ConfigError> {
     let ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
         && name.len() <= 255;
-    if ok { Ok(()) } else { Err(ConfigError::VolumeName(name.to_string())) }
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::VolumeName(name.to_string()))
+    }
 }
 
 /// Where volumes and the store are, and which volumes to work on.
@@ -73,9 +90,16 @@ impl Settings {
         chunk_sizes: Option<String>,
     ) -> Result<Self, ConfigError> {
         // SYNC_VOLUMES="" or stray spaces give empty names: they name nothing.
-        let given: Vec<String> = volumes.into_iter().filter(|v| !v.trim().is_empty()).collect();
+        let given: Vec<String> = volumes
+            .into_iter()
+            .filter(|v| !v.trim().is_empty())
+            .collect();
         let mut names = Vec::new();
-        for name in if given.is_empty() { file.volumes.unwrap_or_default() } else { given } {
+        for name in if given.is_empty() {
+            file.volumes.unwrap_or_default()
+        } else {
+            given
+        } {
             validate_volume_name(&name)?;
             if !names.contains(&name) {
                 names.push(name);
@@ -86,8 +110,12 @@ impl Settings {
             .map(|text| ChunkParams::parse(&text).map_err(ConfigError::ChunkSizes))
             .transpose()?;
         Ok(Settings {
-            data_root: data_root.or(file.data_root).unwrap_or_else(|| DEFAULT_DATA_ROOT.into()),
-            state_dir: state_dir.or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            data_root: data_root
+                .or(file.data_root)
+                .unwrap_or_else(|| DEFAULT_DATA_ROOT.into()),
+            state_dir: state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
             volumes: names,
             chunk_params,
         })
@@ -104,13 +132,23 @@ mod tests {
 
     #[test]
     fn flags_win_over_the_file_and_the_file_over_defaults() {
-        let file: FileConfig = toml::from_str("data-root = \"/file\"\nvolumes = [\"a\", \"b\"]\nchunk-sizes = \"16K/64K/256K\"").unwrap();
+        let file: FileConfig = toml::from_str(
+            "data-root = \"/file\"\nvolumes = [\"a\", \"b\"]\nchunk-sizes = \"16K/64K/256K\"",
+        )
+        .unwrap();
         let s = Settings::resolve(file, Some("/flag".into()), None, vec![], None).unwrap();
         assert_eq!(s.data_root, PathBuf::from("/flag"));
         assert_eq!(s.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!(s.volumes, ["a", "b"]);
         assert_eq!(s.chunk_params, Some(ChunkParams::DEFAULT));
-        let s = Settings::resolve(FileConfig::default(), None, None, vec!["x".into(), "".into(), "x".into()], None).unwrap();
+        let s = Settings::resolve(
+            FileConfig::default(),
+            None,
+            None,
+            vec!["x".into(), "".into(), "x".into()],
+            None,
+        )
+        .unwrap();
         assert_eq!(s.volumes, ["x"]);
     }
 

@@ -21,9 +21,13 @@ pub enum EntryKind {
     },
     Dir,
     /// A symbolic link, recorded as its target bytes and never followed.
-    Symlink { target: Vec<u8> },
+    Symlink {
+        target: Vec<u8>,
+    },
     /// A deleted name.
-    Tombstone { deleted_at_ns: i64 },
+    Tombstone {
+        deleted_at_ns: i64,
+    },
 }
 
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -99,7 +103,10 @@ impl VersionVector {
     }
 
     pub fn get(&self, node: NodeId) -> u64 {
-        self.0.binary_search_by_key(&node, |&(n, _)| n).map(|i| self.0[i].1).unwrap_or(0)
+        self.0
+            .binary_search_by_key(&node, |&(n, _)| n)
+            .map(|i| self.0[i].1)
+            .unwrap_or(0)
     }
 
     /// Records one more change made by `node`.

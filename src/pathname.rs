@@ -108,7 +108,11 @@ impl VolPath {
 
     /// Number of components (0 for the root).
     pub fn depth(&self) -> usize {
-        if self.is_root() { 0 } else { 1 + self.0.iter().filter(|&&b| b == b'/').count() }
+        if self.is_root() {
+            0
+        } else {
+            1 + self.0.iter().filter(|&&b| b == b'/').count()
+        }
     }
 
     /// Whether this path is Shoal's own directory or inside it.
@@ -118,7 +122,11 @@ impl VolPath {
 
     /// The file system path of this entry under `volume_root`.
     pub fn under(&self, volume_root: &Path) -> PathBuf {
-        if self.is_root() { volume_root.to_path_buf() } else { volume_root.join(OsStr::from_bytes(&self.0)) }
+        if self.is_root() {
+            volume_root.to_path_buf()
+        } else {
+            volume_root.join(OsStr::from_bytes(&self.0))
+        }
     }
 
     /// A printable form: UTF-8 as is, other bytes and control characters escaped.
@@ -175,12 +183,23 @@ mod tests {
         assert_eq!(path.depth(), 3);
         assert_eq!(VolPath::root().depth(), 0);
         assert_eq!(VolPath::root().join(b"x").unwrap().as_bytes(), b"x");
-        assert_eq!(VolPath::parse(b"x").unwrap().split_last().unwrap().0, VolPath::root());
+        assert_eq!(
+            VolPath::parse(b"x").unwrap().split_last().unwrap().0,
+            VolPath::root()
+        );
     }
 
     #[test]
     fn rejects_escapes() {
-        for bad in [&b"/abs"[..], b"../../etc/passwd", b"a/../b", b"a//b", b"a/./b", b"a/", b"nul\0byte"] {
+        for bad in [
+            &b"/abs"[..],
+            b"../../etc/passwd",
+            b"a/../b",
+            b"a//b",
+            b"a/./b",
+            b"a/",
+            b"nul\0byte",
+        ] {
             assert!(VolPath::parse(bad).is_err(), "{:?} accepted", escape(bad));
         }
         assert!(VolPath::root().join(b"a/b").is_err());
@@ -192,12 +211,22 @@ mod tests {
     fn displays_non_utf8_escaped() {
         let path = VolPath::parse(b"caf\xe9/new\nline").unwrap();
         assert_eq!(path.display().to_string(), "caf\\xe9/new\\nline");
-        assert_eq!(VolPath::parse("été".as_bytes()).unwrap().display().to_string(), "été");
+        assert_eq!(
+            VolPath::parse("été".as_bytes())
+                .unwrap()
+                .display()
+                .to_string(),
+            "été"
+        );
     }
 
     #[test]
     fn knows_its_own_directory() {
-        assert!(VolPath::parse(b".shoal/staging/x").unwrap().is_shoal_internal());
+        assert!(
+            VolPath::parse(b".shoal/staging/x")
+                .unwrap()
+                .is_shoal_internal()
+        );
         assert!(!VolPath::parse(b"data/.shoal").unwrap().is_shoal_internal());
     }
 }

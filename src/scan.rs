@@ -13,9 +13,9 @@
 //! a scan killed at any point leaves a store that the next scan completes. The Merkle
 //! tree is updated at the end from the dirty marks the batches left ([`crate::tree`]).
 
+use std::ffi::OsStr;
 use std::fs::{self, File, Metadata};
 use std::io;
-use std::ffi::OsStr;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -54,7 +54,9 @@ pub enum ScanError {
     NotADirectory(PathBuf),
     #[error("cannot read the volume directory {path}: {source}")]
     RootUnreadable { path: PathBuf, source: io::Error },
-    #[error("volume {volume:?} was indexed with another store layout; its index is damaged: {source}")]
+    #[error(
+        "volume {volume:?} was indexed with another store layout; its index is damaged: {source}"
+    )]
     Store {
         volume: String,
         #[source]
@@ -95,22 +97,44 @@ pub struct ScanReport {
 impl ScanReport {
     /// Chunk references per distinct chunk (1.0 means no duplicate content).
     pub fn dedup_ratio(&self) -> f64 {
-        if self.unique_chunks == 0 { 1.0 } else { self.totals.chunks as f64 / self.unique_chunks as f64 }
+        if self.unique_chunks == 0 {
+            1.0
+        } else {
+            self.totals.chunks as f64 / self.unique_chunks as f64
+        }
     }
 }
 
 /// Scans volume `name`, whose files are in `root`, into `store`.
-pub fn scan_volume(store: &Store, name: &str, root: &Path, options: &ScanOptions) -> Result<ScanReport, ScanError> {
+pub fn scan_volume(
+    store: &Store,
+    name: &str,
+    root: &Path,
+    options: &ScanOptions,
+) -> Result<ScanReport, ScanError> {
     let started = Instant::now();
-    let store_err = |source| ScanError::Store { volume: name.to_string(), source };
+    let store_err = |source| ScanError::Store {
+        volume: name.to_string(),
+        source,
+    };
     match fs::symlink_metadata(root) {
         Ok(meta) if meta.is_dir() => {}
         Ok(_) => return Err(ScanError::NotADirectory(root.to_path_buf())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ScanError::VolumeMissing(root.to_path_buf())),
-        Err(source) => return Err(ScanError::RootUnreadable { path: root.to_path_buf(), source }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(ScanError::VolumeMissing(root.to_path_buf()));
+        }
+        Err(source) => {
+            return Err(ScanError::RootUnreadable {
+                path: root.to_path_buf(),
+                source,
+            });
+        }
     }
     if let Err(source) = fs::read_dir(root) {
-        return Err(ScanError::RootUnreadable { path: root.to_path_buf(), source });
+        return Err(ScanError::RootUnreadable {
+            path: root.to_path_buf(),
+            source,
+        });
     }
     let record = store.ensure_volume(name).map_err(store_err)?;
     let vol = VolumeId(record.id);
@@ -139,7 +163,10 @@ pub fn scan_volume(store: &Store, name: &str, root: &Path, options: &ScanOptions
             results: result_rx,
             in_flight: 0,
             progress: options.progress.clone(),
-            report: ScanReport { volume: name.to_string(), ..ScanReport::default() },
+            report: ScanReport {
+                volume: name.to_string(),
+                ..ScanReport::default()
+            },
         };
         walker.run()?;
         Ok(walker.report)
@@ -153,12 +180,17 @@ pub fn scan_volume(store: &Store, name: &str, root: &Path, options: &ScanOptions
         _ => store.count_unique_chunks(vol).map_err(store_err)?,
     };
     let mut batch = store.batch();
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
-    batch.put_volume(name, &crate::store::VolumeRecord {
-        id: record.id,
-        last_scan_unix: Some(now.as_secs() as i64),
-        unique_chunks: Some(unique_chunks),
-    });
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    batch.put_volume(
+        name,
+        &crate::store::VolumeRecord {
+            id: record.id,
+            last_scan_unix: Some(now.as_secs() as i64),
+            unique_chunks: Some(unique_chunks),
+        },
+    );
     store.write(batch, true).map_err(store_err)?;
     report.root = root_node.hash.to_hex();
     report.totals = root_node.totals;
@@ -169,7 +201,9 @@ pub fn scan_volume(store: &Store, name: &str, root: &Path, options: &ScanOptions
 
 /// The root hash of a volume as last scanned, if it was ever scanned.
 pub fn volume_root(store: &Store, vol: VolumeId) -> Result<Option<TreeHash>, StoreError> {
-    Ok(store.tree_node(vol, &VolPath::root())?.map(|node| node.hash))
+    Ok(store
+        .tree_node(vol, &VolPath::root())?
+        .map(|node| node.hash))
 }
 
 struct HashJob {
@@ -185,7 +219,10 @@ struct HashResult {
 }
 
 enum HashOutcome {
-    Hashed { content: ChunkedContent, meta: Metadata },
+    Hashed {
+        content: ChunkedContent,
+        meta: Box<Metadata>,
+    },
     /// Gone, or no longer a regular file, when we came to read it.
     Vanished,
     /// Kept changing while being read.
@@ -197,7 +234,14 @@ fn hash_worker(params: ChunkParams, jobs: Receiver<HashJob>, results: Sender<Has
     let mut chunker = Chunker::new(params);
     for job in jobs {
         let outcome = hash_file(&mut chunker, &job.path);
-        if results.send(HashResult { dir: job.dir, name: job.name, outcome }).is_err() {
+        if results
+            .send(HashResult {
+                dir: job.dir,
+                name: job.name,
+                outcome,
+            })
+            .is_err()
+        {
             return;
         }
     }
@@ -206,9 +250,15 @@ fn hash_worker(params: ChunkParams, jobs: Receiver<HashJob>, results: Sender<Has
 fn hash_file(chunker: &mut Chunker, path: &Path) -> HashOutcome {
     for _ in 0..READ_ATTEMPTS {
         // O_NOFOLLOW: a file swapped for a symlink since the listing is not followed.
-        let file = match File::options().read(true).custom_flags(libc::O_NOFOLLOW).open(path) {
+        let file = match File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+        {
             Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ELOOP) => {
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ELOOP) =>
+            {
                 return HashOutcome::Vanished;
             }
             Err(e) => return HashOutcome::Failed(e),
@@ -224,7 +274,10 @@ fn hash_file(chunker: &mut Chunker, path: &Path) -> HashOutcome {
         };
         match file.metadata() {
             Ok(after) if stamp_of(&after) == stamp_of(&before) && content.size == before.len() => {
-                return HashOutcome::Hashed { content, meta: before };
+                return HashOutcome::Hashed {
+                    content,
+                    meta: Box::new(before),
+                };
             }
             Ok(_) => continue,
             Err(e) => return HashOutcome::Failed(e),
@@ -244,7 +297,9 @@ pub fn stamp_of(meta: &Metadata) -> ScanStamp {
 }
 
 fn now_ns() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
 }
 
 /// The `.shoalignore` rules in force in one directory: its own file's, then its
@@ -293,13 +348,22 @@ struct Walker<'s> {
 
 impl<'s> Walker<'s> {
     fn run(&mut self) -> Result<(), StoreError> {
-        let mut pending = vec![(VolPath::root(), Arc::new(IgnoreRules { own: None, parent: None }))];
+        let mut pending = vec![(
+            VolPath::root(),
+            Arc::new(IgnoreRules {
+                own: None,
+                parent: None,
+            }),
+        )];
         while let Some((dir, rules)) = pending.pop() {
             self.walk_dir(&dir, &rules, &mut pending)?;
         }
         self.jobs = None;
         while self.in_flight > 0 {
-            let result = self.results.recv().expect("hashing threads answer every job they took");
+            let result = self
+                .results
+                .recv()
+                .expect("hashing threads answer every job they took");
             self.on_hashed(result)?;
         }
         self.flush(true)
@@ -320,12 +384,19 @@ impl<'s> Walker<'s> {
 
     /// Lists a directory: every child's name and `lstat`, sorted by name, without
     /// Shoal's own directory and ignored names. `None` if the directory cannot be read.
-    fn list(&mut self, dir: &VolPath, parent_rules: &Arc<IgnoreRules>) -> Option<(Vec<Listed>, Arc<IgnoreRules>)> {
+    fn list(
+        &mut self,
+        dir: &VolPath,
+        parent_rules: &Arc<IgnoreRules>,
+    ) -> Option<(Vec<Listed>, Arc<IgnoreRules>)> {
         let fs_dir = dir.under(&self.root);
         let reader = match fs::read_dir(&fs_dir) {
             Ok(reader) => reader,
             Err(e) => {
-                self.problem(format!("cannot list {}: {e}; its index entries are kept", fs_dir.display()));
+                self.problem(format!(
+                    "cannot list {}: {e}; its index entries are kept",
+                    fs_dir.display()
+                ));
                 return None;
             }
         };
@@ -334,7 +405,10 @@ impl<'s> Walker<'s> {
             let item = match item {
                 Ok(item) => item,
                 Err(e) => {
-                    self.problem(format!("cannot list {}: {e}; its index entries are kept", fs_dir.display()));
+                    self.problem(format!(
+                        "cannot list {}: {e}; its index entries are kept",
+                        fs_dir.display()
+                    ));
                     return None;
                 }
             };
@@ -347,17 +421,28 @@ impl<'s> Walker<'s> {
                 // Deleted between readdir and lstat: it is simply not there.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    self.problem(format!("cannot stat {}: {e}; its index entries are kept", fs_dir.display()));
+                    self.problem(format!(
+                        "cannot stat {}: {e}; its index entries are kept",
+                        fs_dir.display()
+                    ));
                     return None;
                 }
             }
         }
         listed.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-        let rules = match listed.iter().any(|l| l.name == IGNORE_FILE.as_bytes() && l.meta.is_file()) {
-            true => Arc::new(IgnoreRules { own: Some(self.load_ignore_file(&fs_dir)), parent: Some(parent_rules.clone()) }),
+        let rules = match listed
+            .iter()
+            .any(|l| l.name == IGNORE_FILE.as_bytes() && l.meta.is_file())
+        {
+            true => Arc::new(IgnoreRules {
+                own: Some(self.load_ignore_file(&fs_dir)),
+                parent: Some(parent_rules.clone()),
+            }),
             false => parent_rules.clone(),
         };
-        listed.retain(|l| !rules.is_ignored(&fs_dir.join(OsStr::from_bytes(&l.name)), l.meta.is_dir()));
+        listed.retain(|l| {
+            !rules.is_ignored(&fs_dir.join(OsStr::from_bytes(&l.name)), l.meta.is_dir())
+        });
         Some((listed, rules))
     }
 
@@ -367,7 +452,10 @@ impl<'s> Walker<'s> {
             self.problem(format!("{}: {e}", fs_dir.join(IGNORE_FILE).display()));
         }
         builder.build().unwrap_or_else(|e| {
-            self.problem(format!("{}: {e}; ignoring none of its patterns", fs_dir.join(IGNORE_FILE).display()));
+            self.problem(format!(
+                "{}: {e}; ignoring none of its patterns",
+                fs_dir.join(IGNORE_FILE).display()
+            ));
             Gitignore::empty()
         })
     }
@@ -381,7 +469,8 @@ impl<'s> Walker<'s> {
         let Some((listed, rules)) = self.list(dir, rules) else {
             return Ok(());
         };
-        let indexed: Vec<(Vec<u8>, ScanStamp)> = self.store.stamps(self.vol, dir).collect::<Result<_, _>>()?;
+        let indexed: Vec<(Vec<u8>, ScanStamp)> =
+            self.store.stamps(self.vol, dir).collect::<Result<_, _>>()?;
         let mut listed = listed.into_iter().peekable();
         let mut indexed = indexed.into_iter().peekable();
         loop {
@@ -432,21 +521,32 @@ impl<'s> Walker<'s> {
             let old = self.store.entry(self.vol, dir, &item.name)?;
             let file_type = item.meta.file_type();
             if file_type.is_file() {
-                self.drop_if_kind_changed(dir, &item.name, old, |k| matches!(k, EntryKind::File { .. }))?;
-                self.submit(HashJob { dir: dir.clone(), name: item.name, path: path.under(&self.root) })?;
+                self.drop_if_kind_changed(dir, &item.name, old, |k| {
+                    matches!(k, EntryKind::File { .. })
+                })?;
+                self.submit(HashJob {
+                    dir: dir.clone(),
+                    name: item.name,
+                    path: path.under(&self.root),
+                })?;
                 return Ok(());
             } else if is_dir {
-                let old = self.drop_if_kind_changed(dir, &item.name, old, |k| matches!(k, EntryKind::Dir))?;
+                let old = self
+                    .drop_if_kind_changed(dir, &item.name, old, |k| matches!(k, EntryKind::Dir))?;
                 if old.is_none() {
                     // A new directory gets its own tree node even if it stays empty.
                     self.batch.mark_dirty(self.vol, &path);
                 }
                 self.record(dir, &item.name, old, EntryKind::Dir, &item.meta);
             } else if file_type.is_symlink() {
-                let old = self.drop_if_kind_changed(dir, &item.name, old, |k| matches!(k, EntryKind::Symlink { .. }))?;
+                let old = self.drop_if_kind_changed(dir, &item.name, old, |k| {
+                    matches!(k, EntryKind::Symlink { .. })
+                })?;
                 match fs::read_link(path.under(&self.root)) {
                     Ok(target) => {
-                        let kind = EntryKind::Symlink { target: target.into_os_string().into_vec() };
+                        let kind = EntryKind::Symlink {
+                            target: target.into_os_string().into_vec(),
+                        };
                         self.record(dir, &item.name, old, kind, &item.meta);
                     }
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -454,7 +554,10 @@ impl<'s> Walker<'s> {
                 }
             } else {
                 self.report.skipped_special += 1;
-                tracing::warn!("skipping {}: sockets, FIFOs and devices are not synced", path.display());
+                tracing::warn!(
+                    "skipping {}: sockets, FIFOs and devices are not synced",
+                    path.display()
+                );
                 if let Some(old) = old.filter(|e| !e.is_tombstone()) {
                     self.delete_name(dir, &item.name, old)?;
                 }
@@ -477,13 +580,22 @@ impl<'s> Walker<'s> {
         same_kind: impl Fn(&EntryKind) -> bool,
     ) -> Result<Option<Entry>, StoreError> {
         match old {
-            Some(old) if !old.is_tombstone() && !same_kind(&old.kind) => Ok(Some(self.delete_name(dir, name, old)?)),
+            Some(old) if !old.is_tombstone() && !same_kind(&old.kind) => {
+                Ok(Some(self.delete_name(dir, name, old)?))
+            }
             other => Ok(other),
         }
     }
 
     /// Writes the entry for a directory or symlink if it changed, and its stamp.
-    fn record(&mut self, dir: &VolPath, name: &[u8], old: Option<Entry>, kind: EntryKind, meta: &Metadata) {
+    fn record(
+        &mut self,
+        dir: &VolPath,
+        name: &[u8],
+        old: Option<Entry>,
+        kind: EntryKind,
+        meta: &Metadata,
+    ) {
         let entry = self.entry_from(kind, meta, old.as_ref());
         if let Some(entry) = entry {
             self.count_change(old.as_ref());
@@ -495,7 +607,11 @@ impl<'s> Walker<'s> {
 
     /// The entry for what is on disk, succeeding `old`; `None` if `old` already says it.
     fn entry_from(&self, kind: EntryKind, meta: &Metadata, old: Option<&Entry>) -> Option<Entry> {
-        let mode = if matches!(kind, EntryKind::Symlink { .. }) { 0 } else { meta.permissions().mode() & MODE_MASK };
+        let mode = if matches!(kind, EntryKind::Symlink { .. }) {
+            0
+        } else {
+            meta.permissions().mode() & MODE_MASK
+        };
         let mut entry = Entry {
             kind,
             mode,
@@ -529,7 +645,10 @@ impl<'s> Walker<'s> {
         if old.is_dir() {
             // Descendants first, the directory's own entry last: a crash half-way
             // leaves the directory indexed, so the next scan deletes the rest.
-            let descendants: Vec<_> = self.store.descendants(self.vol, &path).collect::<Result<_, _>>()?;
+            let descendants: Vec<_> = self
+                .store
+                .descendants(self.vol, &path)
+                .collect::<Result<_, _>>()?;
             for (parent, child, entry) in descendants {
                 if !entry.is_tombstone() {
                     self.tombstone(&parent, &child, entry)?;
@@ -542,19 +661,24 @@ impl<'s> Walker<'s> {
 
     fn tombstone(&mut self, dir: &VolPath, name: &[u8], old: Entry) -> Result<Entry, StoreError> {
         if let EntryKind::File { .. } = old.kind {
-            let chunks = self.store.chunk_list(self.vol, dir, name)?.unwrap_or_default();
+            let chunks = self
+                .store
+                .chunk_list(self.vol, dir, name)?
+                .unwrap_or_default();
             self.batch.delete_chunks(self.vol, dir, name, &chunks);
         }
-        if old.is_dir() {
-            if let Ok(path) = dir.join(name) {
-                self.batch.delete_tree_node(self.vol, &path);
-                self.batch.clear_dirty(self.vol, &path);
-            }
+        if old.is_dir()
+            && let Ok(path) = dir.join(name)
+        {
+            self.batch.delete_tree_node(self.vol, &path);
+            self.batch.clear_dirty(self.vol, &path);
         }
         let mut version = old.version;
         version.bump(self.node);
         let tombstone = Entry {
-            kind: EntryKind::Tombstone { deleted_at_ns: now_ns() },
+            kind: EntryKind::Tombstone {
+                deleted_at_ns: now_ns(),
+            },
             mode: 0,
             mtime_ns: 0,
             uid: 0,
@@ -571,7 +695,10 @@ impl<'s> Walker<'s> {
     fn submit(&mut self, job: HashJob) -> Result<(), StoreError> {
         let mut job = job;
         loop {
-            let sender = self.jobs.as_ref().expect("jobs are only submitted during the walk");
+            let sender = self
+                .jobs
+                .as_ref()
+                .expect("jobs are only submitted during the walk");
             match sender.try_send(job) {
                 Ok(()) => {
                     self.in_flight += 1;
@@ -580,7 +707,10 @@ impl<'s> Walker<'s> {
                 Err(crossbeam_channel::TrySendError::Full(back)) => {
                     job = back;
                     // The queue is full, so a thread is busy and will answer.
-                    let result = self.results.recv().expect("hashing threads are alive while jobs are queued");
+                    let result = self
+                        .results
+                        .recv()
+                        .expect("hashing threads are alive while jobs are queued");
                     self.on_hashed(result)?;
                 }
                 Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
@@ -610,27 +740,42 @@ impl<'s> Walker<'s> {
                 };
                 if let Some(entry) = self.entry_from(kind, &meta, old.as_ref()) {
                     let old_chunks: Vec<ChunkRef> = match old.as_ref().map(|o| &o.kind) {
-                        Some(EntryKind::File { .. }) => self.store.chunk_list(self.vol, &dir, &name)?.unwrap_or_default(),
+                        Some(EntryKind::File { .. }) => self
+                            .store
+                            .chunk_list(self.vol, &dir, &name)?
+                            .unwrap_or_default(),
                         _ => Vec::new(),
                     };
                     self.count_change(old.as_ref());
                     self.batch.put_entry(self.vol, &dir, &name, &entry);
-                    self.batch.set_chunks(self.vol, &dir, &name, &content.chunks, &old_chunks);
+                    self.batch
+                        .set_chunks(self.vol, &dir, &name, &content.chunks, &old_chunks);
                     self.batch.mark_dirty(self.vol, &dir);
                 }
-                self.batch.put_stamp(self.vol, &dir, &name, &stamp_of(&meta));
+                self.batch
+                    .put_stamp(self.vol, &dir, &name, &stamp_of(&meta));
             }
             HashOutcome::Vanished => {
-                if let Some(old) = self.store.entry(self.vol, &dir, &name)?.filter(|e| !e.is_tombstone()) {
+                if let Some(old) = self
+                    .store
+                    .entry(self.vol, &dir, &name)?
+                    .filter(|e| !e.is_tombstone())
+                {
                     self.delete_name(&dir, &name, old)?;
                 }
             }
             HashOutcome::Unstable => {
-                let message = format!("{} kept changing while being read; it will be indexed on a later scan", path().display());
+                let message = format!(
+                    "{} kept changing while being read; it will be indexed on a later scan",
+                    path().display()
+                );
                 self.problem(message);
             }
             HashOutcome::Failed(e) => {
-                let message = format!("cannot read {}: {e}; its previous index entry is kept", path().display());
+                let message = format!(
+                    "cannot read {}: {e}; its previous index entry is kept",
+                    path().display()
+                );
                 self.problem(message);
             }
         }

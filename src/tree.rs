@@ -54,7 +54,9 @@ fn encode_record(out: &mut Vec<u8>, name: &[u8], entry: &Entry, subtree: Option<
     out.extend_from_slice(&(name.len() as u16).to_le_bytes());
     out.extend_from_slice(name);
     match &entry.kind {
-        EntryKind::File { size, content_id, .. } => {
+        EntryKind::File {
+            size, content_id, ..
+        } => {
             out.push(KIND_FILE);
             out.extend_from_slice(&entry.mode.to_le_bytes());
             out.extend_from_slice(&size.to_le_bytes());
@@ -132,22 +134,37 @@ pub fn build_node(
         first_name.get_or_insert(name);
         if boundary {
             let first_name = first_name.take().expect("set above");
-            pages.push(PageSummary { first_name, entries, hash: page_hash(&records) });
+            pages.push(PageSummary {
+                first_name,
+                entries,
+                hash: page_hash(&records),
+            });
             records.clear();
             entries = 0;
         }
     }
     if let Some(first_name) = first_name {
-        pages.push(PageSummary { first_name, entries, hash: page_hash(&records) });
+        pages.push(PageSummary {
+            first_name,
+            entries,
+            hash: page_hash(&records),
+        });
     }
-    Ok(TreeNode { hash: dir_hash(&pages), pages, totals })
+    Ok(TreeNode {
+        hash: dir_hash(&pages),
+        pages,
+        totals,
+    })
 }
 
 /// Recomputes the node of every dirty directory of `vol` and of their ancestors, and
 /// returns the volume's root node.
 pub fn update(store: &Store, vol: VolumeId) -> Result<TreeNode, StoreError> {
-    let mut pending: BTreeSet<(Reverse<usize>, VolPath)> =
-        store.dirty_dirs(vol)?.into_iter().map(|dir| (Reverse(dir.depth()), dir)).collect();
+    let mut pending: BTreeSet<(Reverse<usize>, VolPath)> = store
+        .dirty_dirs(vol)?
+        .into_iter()
+        .map(|dir| (Reverse(dir.depth()), dir))
+        .collect();
     if store.tree_node(vol, &VolPath::root())?.is_none() {
         pending.insert((Reverse(0), VolPath::root()));
     }
@@ -160,11 +177,14 @@ pub fn update(store: &Store, vol: VolumeId) -> Result<TreeNode, StoreError> {
         let old = store.tree_node(vol, &dir)?;
         let new = if exists {
             let node = build_node(store.children(vol, &dir), |name| {
-                store.tree_node(vol, &dir.join(name).map_err(|e| StoreError::Corrupt {
-                    cf: crate::store::keys::CF_ENTRIES,
-                    key: dir.display().to_string(),
-                    reason: e.to_string(),
-                })?)
+                store.tree_node(
+                    vol,
+                    &dir.join(name).map_err(|e| StoreError::Corrupt {
+                        cf: crate::store::keys::CF_ENTRIES,
+                        key: dir.display().to_string(),
+                        reason: e.to_string(),
+                    })?,
+                )
             })?;
             batch.put_tree_node(vol, &dir, &node);
             Some(node)
@@ -173,14 +193,17 @@ pub fn update(store: &Store, vol: VolumeId) -> Result<TreeNode, StoreError> {
             None
         };
         batch.clear_dirty(vol, &dir);
-        let changed = old.as_ref().map(|n| (n.hash, n.totals)) != new.as_ref().map(|n| (n.hash, n.totals));
+        let changed =
+            old.as_ref().map(|n| (n.hash, n.totals)) != new.as_ref().map(|n| (n.hash, n.totals));
         if let Some(parent) = dir.parent().filter(|_| changed) {
             batch.mark_dirty(vol, &parent);
             pending.insert((Reverse(parent.depth()), parent));
         }
         store.write(batch, false)?;
     }
-    Ok(store.tree_node(vol, &VolPath::root())?.expect("the root node was written above or before"))
+    Ok(store
+        .tree_node(vol, &VolPath::root())?
+        .expect("the root node was written above or before"))
 }
 
 #[cfg(test)]
@@ -191,7 +214,11 @@ mod tests {
 
     fn file(content: u8) -> Entry {
         Entry {
-            kind: EntryKind::File { size: 1, content_id: ContentId([content; 32]), chunks: 1 },
+            kind: EntryKind::File {
+                size: 1,
+                content_id: ContentId([content; 32]),
+                chunks: 1,
+            },
             mode: 0o644,
             mtime_ns: 1,
             uid: 0,
@@ -206,8 +233,9 @@ mod tests {
 
     #[test]
     fn a_large_directory_is_paged_and_one_change_touches_one_page() {
-        let children: Vec<(Vec<u8>, Entry)> =
-            (0..100_000u32).map(|i| (format!("file-{i:06}").into_bytes(), file(1))).collect();
+        let children: Vec<(Vec<u8>, Entry)> = (0..100_000u32)
+            .map(|i| (format!("file-{i:06}").into_bytes(), file(1)))
+            .collect();
         let before = node_of(&children);
         assert!(before.pages.len() > 50, "{} pages", before.pages.len());
         assert!(before.pages.iter().all(|p| p.entries <= PAGE_MAX_ENTRIES));
@@ -216,16 +244,28 @@ mod tests {
         let mut edited = children.clone();
         edited[54_321].1 = file(2);
         let after = node_of(&edited);
-        let differing = before.pages.iter().zip(&after.pages).filter(|(a, b)| a != b).count();
+        let differing = before
+            .pages
+            .iter()
+            .zip(&after.pages)
+            .filter(|(a, b)| a != b)
+            .count();
         assert_eq!((before.pages.len(), differing), (after.pages.len(), 1));
         assert_ne!(before.hash, after.hash);
 
         // Removing a name that is not a boundary changes one page too.
         let mut removed = children.clone();
-        let victim = (40_000..).find(|&i| !is_page_boundary(&children[i].0)).unwrap();
+        let victim = (40_000..)
+            .find(|&i| !is_page_boundary(&children[i].0))
+            .unwrap();
         removed.remove(victim);
         let after = node_of(&removed);
-        let differing = before.pages.iter().zip(&after.pages).filter(|(a, b)| a != b).count();
+        let differing = before
+            .pages
+            .iter()
+            .zip(&after.pages)
+            .filter(|(a, b)| a != b)
+            .count();
         assert_eq!(differing, 1);
     }
 
@@ -235,7 +275,13 @@ mod tests {
         let mut other = plain.clone();
         other[0].1.uid = 1000;
         other[0].1.version.bump(crate::ids::NodeId(5));
-        other.push((b"b".to_vec(), Entry { kind: EntryKind::Tombstone { deleted_at_ns: 3 }, ..file(1) }));
+        other.push((
+            b"b".to_vec(),
+            Entry {
+                kind: EntryKind::Tombstone { deleted_at_ns: 3 },
+                ..file(1)
+            },
+        ));
         assert_eq!(node_of(&plain).hash, node_of(&other).hash);
         let mut chmod = plain.clone();
         chmod[0].1.mode = 0o600;

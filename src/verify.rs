@@ -83,9 +83,16 @@ struct FileCheck {
 }
 
 /// Verifies the named volumes (each with its directory) and the store's packs.
-pub fn verify(store: &Store, volumes: &[(String, PathBuf)], progress: Option<ProgressBar>) -> Result<VerifyReport, StoreError> {
+pub fn verify(
+    store: &Store,
+    volumes: &[(String, PathBuf)],
+    progress: Option<ProgressBar>,
+) -> Result<VerifyReport, StoreError> {
     let started = Instant::now();
-    let mut report = VerifyReport { volumes: volumes.iter().map(|(n, _)| n.clone()).collect(), ..Default::default() };
+    let mut report = VerifyReport {
+        volumes: volumes.iter().map(|(n, _)| n.clone()).collect(),
+        ..Default::default()
+    };
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let (job_tx, job_rx) = bounded::<FileCheck>(64);
     let (found_tx, found_rx) = bounded::<(u64, Vec<Finding>)>(64);
@@ -112,9 +119,13 @@ pub fn verify(store: &Store, volumes: &[(String, PathBuf)], progress: Option<Pro
         };
         for (name, root) in volumes {
             let Some(record) = store.volume(name)? else {
-                report.findings.push(finding(Severity::Damage, "volume-not-indexed", Some(name), None, format!(
-                    "volume {name} is not in the index (run `shoal scan --volume {name}`)"
-                )));
+                report.findings.push(finding(
+                    Severity::Damage,
+                    "volume-not-indexed",
+                    Some(name),
+                    None,
+                    format!("volume {name} is not in the index (run `shoal scan --volume {name}`)"),
+                ));
                 continue;
             };
             let vol = VolumeId(record.id);
@@ -123,16 +134,36 @@ pub fn verify(store: &Store, volumes: &[(String, PathBuf)], progress: Option<Pro
                 let path = match dir.join(&entry_name) {
                     Ok(path) => path,
                     Err(e) => {
-                        report.findings.push(finding(Severity::Damage, "bad-index-key", Some(name), None, e.to_string()));
+                        report.findings.push(finding(
+                            Severity::Damage,
+                            "bad-index-key",
+                            Some(name),
+                            None,
+                            e.to_string(),
+                        ));
                         continue;
                     }
                 };
-                if let Some(check) = check_entry(store, vol, name, root, &dir, &entry_name, &path, &entry, &mut report)? {
+                if let Some(check) = check_entry(
+                    store,
+                    vol,
+                    name,
+                    root,
+                    &dir,
+                    &entry_name,
+                    &path,
+                    &entry,
+                    &mut report,
+                )? {
                     let mut pending = Some(check);
                     while let Some(check) = pending.take() {
-                        if let Err(crossbeam_channel::TrySendError::Full(back)) = job_tx.try_send(check) {
+                        if let Err(crossbeam_channel::TrySendError::Full(back)) =
+                            job_tx.try_send(check)
+                        {
                             pending = Some(back);
-                            let done = found_rx.recv().expect("verify threads answer every job they took");
+                            let done = found_rx
+                                .recv()
+                                .expect("verify threads answer every job they took");
                             collect(&mut report, done);
                         }
                     }
@@ -147,13 +178,28 @@ pub fn verify(store: &Store, volumes: &[(String, PathBuf)], progress: Option<Pro
         Ok(())
     })?;
     check_packs(store, &mut report)?;
-    report.findings.sort_by(|a, b| (a.severity, &a.volume, &a.path).cmp(&(b.severity, &b.volume, &b.path)));
+    report
+        .findings
+        .sort_by(|a, b| (a.severity, &a.volume, &a.path).cmp(&(b.severity, &b.volume, &b.path)));
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }
 
-fn finding(severity: Severity, problem: &'static str, volume: Option<&str>, path: Option<String>, detail: String) -> Finding {
-    Finding { severity, problem, volume: volume.map(str::to_string), path, range: None, detail }
+fn finding(
+    severity: Severity,
+    problem: &'static str,
+    volume: Option<&str>,
+    path: Option<String>,
+    detail: String,
+) -> Finding {
+    Finding {
+        severity,
+        problem,
+        volume: volume.map(str::to_string),
+        path,
+        range: None,
+        detail,
+    }
 }
 
 /// Checks what can be checked without reading file content; returns the content check
@@ -173,7 +219,13 @@ fn check_entry(
     let display = path.display().to_string();
     let fs_path = path.under(root);
     let mut damage = |problem, detail: String| {
-        report.findings.push(finding(Severity::Damage, problem, Some(volume), Some(display.clone()), detail));
+        report.findings.push(finding(
+            Severity::Damage,
+            problem,
+            Some(volume),
+            Some(display.clone()),
+            detail,
+        ));
     };
     let meta = match fs::symlink_metadata(&fs_path) {
         _ if entry.is_tombstone() => return Ok(None),
@@ -193,23 +245,47 @@ fn check_entry(
         EntryKind::Symlink { target } if meta.file_type().is_symlink() => {
             match fs::read_link(&fs_path) {
                 Ok(actual) if actual.as_os_str().as_bytes() == target.as_slice() => {}
-                Ok(_) => report.findings.push(finding(Severity::Warning, "modified", Some(volume), Some(display), "symlink target changed since the last scan".into())),
+                Ok(_) => report.findings.push(finding(
+                    Severity::Warning,
+                    "modified",
+                    Some(volume),
+                    Some(display),
+                    "symlink target changed since the last scan".into(),
+                )),
                 Err(e) => damage("unreadable", format!("cannot read symlink: {e}")),
             }
             Ok(None)
         }
-        EntryKind::File { size, content_id: expected, .. } if meta.is_file() => {
+        EntryKind::File {
+            size,
+            content_id: expected,
+            ..
+        } if meta.is_file() => {
             let mtime_ns = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
             if mtime_ns != entry.mtime_ns {
-                report.findings.push(finding(Severity::Warning, "modified", Some(volume), Some(display), "modified since the last scan (run `shoal scan`)".into()));
+                report.findings.push(finding(
+                    Severity::Warning,
+                    "modified",
+                    Some(volume),
+                    Some(display),
+                    "modified since the last scan (run `shoal scan`)".into(),
+                ));
                 return Ok(None);
             }
             let Some(chunks) = store.chunk_list(vol, dir, name)? else {
-                damage("index-missing-chunk-list", "the index has no chunk list for this file".into());
+                damage(
+                    "index-missing-chunk-list",
+                    "the index has no chunk list for this file".into(),
+                );
                 return Ok(None);
             };
-            if content_id(&chunks) != *expected || chunks.iter().map(|c| u64::from(c.len)).sum::<u64>() != *size {
-                damage("index-inconsistent", "the chunk list does not match the file's content id or size".into());
+            if content_id(&chunks) != *expected
+                || chunks.iter().map(|c| u64::from(c.len)).sum::<u64>() != *size
+            {
+                damage(
+                    "index-inconsistent",
+                    "the chunk list does not match the file's content id or size".into(),
+                );
                 return Ok(None);
             }
             for chunk in &chunks {
@@ -217,23 +293,50 @@ fn check_entry(
                     matches!(l, ChunkLocation::Live { vol: v, dir: d, name: n, .. } if *v == vol && d == dir && n == name)
                 });
                 if !held {
-                    damage("index-missing-location", format!("chunk {} has no location record", chunk.id));
+                    damage(
+                        "index-missing-location",
+                        format!("chunk {} has no location record", chunk.id),
+                    );
                     break;
                 }
             }
             if meta.len() != *size {
-                let problem = if meta.len() < *size { "truncated" } else { "size-mismatch" };
-                let detail = format!("{} bytes on disk, {} in the index, mtime unchanged", meta.len(), size);
+                let problem = if meta.len() < *size {
+                    "truncated"
+                } else {
+                    "size-mismatch"
+                };
+                let detail = format!(
+                    "{} bytes on disk, {} in the index, mtime unchanged",
+                    meta.len(),
+                    size
+                );
                 report.findings.push(Finding {
                     range: Some((meta.len().min(*size), meta.len().max(*size))),
-                    ..finding(Severity::Damage, problem, Some(volume), Some(display), detail)
+                    ..finding(
+                        Severity::Damage,
+                        problem,
+                        Some(volume),
+                        Some(display),
+                        detail,
+                    )
                 });
                 return Ok(None);
             }
-            Ok(Some(FileCheck { volume: volume.to_string(), display, path: fs_path, size: *size, mtime_ns, chunks }))
+            Ok(Some(FileCheck {
+                volume: volume.to_string(),
+                display,
+                path: fs_path,
+                size: *size,
+                mtime_ns,
+                chunks,
+            }))
         }
         _ => {
-            damage("type-changed", format!("the index has a {} here", kind_name(&entry.kind)));
+            damage(
+                "type-changed",
+                format!("the index has a {} here", kind_name(&entry.kind)),
+            );
             Ok(None)
         }
     }
@@ -253,11 +356,22 @@ fn check_file(check: &FileCheck) -> (u64, Vec<Finding>) {
     let mut findings = Vec::new();
     let damage = |problem, range: Option<(u64, u64)>, detail: String| Finding {
         range,
-        ..finding(Severity::Damage, problem, Some(&check.volume), Some(check.display.clone()), detail)
+        ..finding(
+            Severity::Damage,
+            problem,
+            Some(&check.volume),
+            Some(check.display.clone()),
+            detail,
+        )
     };
     let mut file = match File::open(&check.path) {
         Ok(file) => file,
-        Err(e) => return (0, vec![damage("unreadable", None, format!("cannot open: {e}"))]),
+        Err(e) => {
+            return (
+                0,
+                vec![damage("unreadable", None, format!("cannot open: {e}"))],
+            );
+        }
     };
     let mut buffer = Vec::new();
     let mut offset = 0u64;
@@ -265,17 +379,25 @@ fn check_file(check: &FileCheck) -> (u64, Vec<Finding>) {
     let mut bad: Option<(u64, u64)> = None;
     let report_bad = |bad: &mut Option<(u64, u64)>, findings: &mut Vec<Finding>| {
         if let Some(range) = bad.take() {
-            findings.push(damage("content-mismatch", Some(range), format!(
-                "bytes {}..{} do not match the index (size and mtime unchanged)",
-                range.0, range.1
-            )));
+            findings.push(damage(
+                "content-mismatch",
+                Some(range),
+                format!(
+                    "bytes {}..{} do not match the index (size and mtime unchanged)",
+                    range.0, range.1
+                ),
+            ));
         }
     };
     for chunk in &check.chunks {
         buffer.resize(chunk.len as usize, 0);
         if let Err(e) = file.read_exact(&mut buffer) {
             report_bad(&mut bad, &mut findings);
-            findings.push(damage("unreadable", Some((offset, check.size)), format!("read failed at byte {offset}: {e}")));
+            findings.push(damage(
+                "unreadable",
+                Some((offset, check.size)),
+                format!("read failed at byte {offset}: {e}"),
+            ));
             return (offset, findings);
         }
         let end = offset + u64::from(chunk.len);
@@ -287,21 +409,34 @@ fn check_file(check: &FileCheck) -> (u64, Vec<Finding>) {
         offset = end;
     }
     report_bad(&mut bad, &mut findings);
-    if let Ok(meta) = file.metadata() {
-        if meta.mtime() * 1_000_000_000 + meta.mtime_nsec() != check.mtime_ns {
-            // Edited while we read it: what we saw says nothing about damage.
-            findings.clear();
-        }
+    if let Ok(meta) = file.metadata()
+        && meta.mtime() * 1_000_000_000 + meta.mtime_nsec() != check.mtime_ns
+    {
+        // Edited while we read it: what we saw says nothing about damage.
+        findings.clear();
     }
     (offset, findings)
 }
 
 /// Every live-file location of `vol` must point at a file entry whose chunk list holds
 /// that chunk at that offset.
-fn check_locations(store: &Store, vol: VolumeId, volume: &str, report: &mut VerifyReport) -> Result<(), StoreError> {
+fn check_locations(
+    store: &Store,
+    vol: VolumeId,
+    volume: &str,
+    report: &mut VerifyReport,
+) -> Result<(), StoreError> {
     for item in store.all_chunk_locations() {
         let (id, location) = item?;
-        let ChunkLocation::Live { vol: v, dir, name, extent } = location else { continue };
+        let ChunkLocation::Live {
+            vol: v,
+            dir,
+            name,
+            extent,
+        } = location
+        else {
+            continue;
+        };
         if v != vol {
             continue;
         }
@@ -331,10 +466,20 @@ fn check_packs(store: &Store, report: &mut VerifyReport) -> Result<(), StoreErro
     let entries = match fs::read_dir(&packs_dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => return Err(StoreError::Io { path: packs_dir, source }),
+        Err(source) => {
+            return Err(StoreError::Io {
+                path: packs_dir,
+                source,
+            });
+        }
     };
     for item in entries {
-        let path = item.map_err(|source| StoreError::Io { path: packs_dir.clone(), source })?.path();
+        let path = item
+            .map_err(|source| StoreError::Io {
+                path: packs_dir.clone(),
+                source,
+            })?
+            .path();
         if path.extension().is_none_or(|ext| ext != "pack") {
             continue;
         }
@@ -343,7 +488,13 @@ fn check_packs(store: &Store, report: &mut VerifyReport) -> Result<(), StoreErro
         let mut scanner = match PackScanner::open(&path) {
             Ok(scanner) => scanner,
             Err(e) => {
-                report.findings.push(finding(Severity::Damage, "pack-unreadable", None, shown, e.to_string()));
+                report.findings.push(finding(
+                    Severity::Damage,
+                    "pack-unreadable",
+                    None,
+                    shown,
+                    e.to_string(),
+                ));
                 continue;
             }
         };
@@ -353,22 +504,38 @@ fn check_packs(store: &Store, report: &mut VerifyReport) -> Result<(), StoreErro
                     report.bytes_hashed += u64::from(record.extent.len);
                     if !record.intact {
                         report.findings.push(Finding {
-                            range: Some((record.extent.offset, record.extent.offset + u64::from(record.extent.len))),
-                            ..finding(Severity::Damage, "pack-record-damaged", None, shown.clone(), format!(
-                                "chunk {} does not match its bytes",
-                                record.id
-                            ))
+                            range: Some((
+                                record.extent.offset,
+                                record.extent.offset + u64::from(record.extent.len),
+                            )),
+                            ..finding(
+                                Severity::Damage,
+                                "pack-record-damaged",
+                                None,
+                                shown.clone(),
+                                format!("chunk {} does not match its bytes", record.id),
+                            )
                         });
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    report.findings.push(finding(Severity::Damage, "pack-unreadable", None, shown.clone(), e.to_string()));
+                    report.findings.push(finding(
+                        Severity::Damage,
+                        "pack-unreadable",
+                        None,
+                        shown.clone(),
+                        e.to_string(),
+                    ));
                     break;
                 }
             }
         }
-        if let Some(PackEnd::Torn { valid_len, file_len }) = scanner.end() {
+        if let Some(PackEnd::Torn {
+            valid_len,
+            file_len,
+        }) = scanner.end()
+        {
             report.findings.push(Finding {
                 range: Some((*valid_len, *file_len)),
                 ..finding(Severity::Damage, "pack-truncated", None, shown, format!(
@@ -379,10 +546,20 @@ fn check_packs(store: &Store, report: &mut VerifyReport) -> Result<(), StoreErro
     }
     for item in store.all_chunk_locations() {
         let (id, location) = item?;
-        if let ChunkLocation::Pack { pack: pack_id, extent } = location {
+        if let ChunkLocation::Pack {
+            pack: pack_id,
+            extent,
+        } = location
+        {
             let path = packs_dir.join(pack::pack_file_name(pack_id));
             if let Err(e) = pack::read_chunk(&path, extent, &id) {
-                report.findings.push(finding(Severity::Damage, "pack-location-broken", None, Some(path.display().to_string()), e.to_string()));
+                report.findings.push(finding(
+                    Severity::Damage,
+                    "pack-location-broken",
+                    None,
+                    Some(path.display().to_string()),
+                    e.to_string(),
+                ));
             }
         }
     }

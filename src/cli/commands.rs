@@ -42,12 +42,22 @@ pub fn scan(settings: &Settings, threads: usize, json: bool) -> anyhow::Result<O
             );
         }
     }
-    let options = OpenOptions { create: true, read_only: false, chunk_params: settings.chunk_params };
+    let options = OpenOptions {
+        create: true,
+        read_only: false,
+        chunk_params: settings.chunk_params,
+    };
     let store = Store::open(&settings.state_dir, options)?;
     let mut reports = Vec::new();
     for name in &settings.volumes {
-        let progress = progress_bar(json, &format!("{{spinner}} scanning {name}: {{bytes}} read ({{bytes_per_sec}}), {{msg}}"));
-        let options = ScanOptions { threads, progress: progress.clone() };
+        let progress = progress_bar(
+            json,
+            &format!("{{spinner}} scanning {name}: {{bytes}} read ({{bytes_per_sec}}), {{msg}}"),
+        );
+        let options = ScanOptions {
+            threads,
+            progress: progress.clone(),
+        };
         let report = scan_volume(&store, name, &settings.volume_dir(name), &options)?;
         if let Some(bar) = progress {
             bar.finish_and_clear();
@@ -62,7 +72,9 @@ pub fn scan(settings: &Settings, threads: usize, json: bool) -> anyhow::Result<O
     }
     let problems: usize = reports.iter().map(|r| r.problems.len()).sum();
     if problems > 0 {
-        eprintln!("shoal: {problems} names could not be indexed (see the warnings above); their previous entries were kept");
+        eprintln!(
+            "shoal: {problems} names could not be indexed (see the warnings above); their previous entries were kept"
+        );
         return Ok(Outcome::ProblemsFound);
     }
     Ok(Outcome::Success)
@@ -70,7 +82,11 @@ pub fn scan(settings: &Settings, threads: usize, json: bool) -> anyhow::Result<O
 
 fn human_scan(r: &ScanReport) -> String {
     let mut out = String::new();
-    let rate = if r.seconds > 0.0 { r.bytes_read as f64 / r.seconds } else { 0.0 };
+    let rate = if r.seconds > 0.0 {
+        r.bytes_read as f64 / r.seconds
+    } else {
+        0.0
+    };
     let _ = writeln!(out, "volume {}: scanned in {:.2} s", r.volume, r.seconds);
     write_totals(&mut out, &r.totals);
     let _ = writeln!(
@@ -80,10 +96,24 @@ fn human_scan(r: &ScanReport) -> String {
         r.unique_chunks,
         r.dedup_ratio()
     );
-    let _ = writeln!(out, "  read     {} files, {} ({}/s)", r.files_read, HumanBytes(r.bytes_read), HumanBytes(rate as u64));
-    let _ = writeln!(out, "  changes  {} added, {} modified, {} deleted", r.added, r.modified, r.deleted);
+    let _ = writeln!(
+        out,
+        "  read     {} files, {} ({}/s)",
+        r.files_read,
+        HumanBytes(r.bytes_read),
+        HumanBytes(rate as u64)
+    );
+    let _ = writeln!(
+        out,
+        "  changes  {} added, {} modified, {} deleted",
+        r.added, r.modified, r.deleted
+    );
     if r.skipped_special > 0 {
-        let _ = writeln!(out, "  skipped  {} sockets, FIFOs or devices", r.skipped_special);
+        let _ = writeln!(
+            out,
+            "  skipped  {} sockets, FIFOs or devices",
+            r.skipped_special
+        );
     }
     let _ = writeln!(out, "  root     {}", r.root);
     out
@@ -119,7 +149,13 @@ struct StoreStatus {
 }
 
 pub fn status(settings: &Settings, json: bool) -> anyhow::Result<Outcome> {
-    let store = Store::open(&settings.state_dir, OpenOptions { read_only: true, ..Default::default() })?;
+    let store = Store::open(
+        &settings.state_dir,
+        OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )?;
     let mut volumes = Vec::new();
     for (name, record) in store.volumes()? {
         if !settings.volumes.is_empty() && !settings.volumes.contains(&name) {
@@ -136,7 +172,10 @@ pub fn status(settings: &Settings, json: bool) -> anyhow::Result<Outcome> {
     }
     for name in &settings.volumes {
         if !volumes.iter().any(|v| &v.name == name) {
-            anyhow::bail!("volume {name} is not in the store at {} (run `shoal scan --volume {name}`)", settings.state_dir.display());
+            anyhow::bail!(
+                "volume {name} is not in the store at {} (run `shoal scan --volume {name}`)",
+                settings.state_dir.display()
+            );
         }
     }
     let meta = store.meta();
@@ -150,16 +189,24 @@ pub fn status(settings: &Settings, json: bool) -> anyhow::Result<Outcome> {
         print(&format!("{}\n", serde_json::to_string_pretty(&status)?))?;
         return Ok(Outcome::Success);
     }
-    let mut out = format!("node {} (store {}, chunk sizes {})\n", status.node_id, status.state_dir, status.chunk_sizes);
+    let mut out = format!(
+        "node {} (store {}, chunk sizes {})\n",
+        status.node_id, status.state_dir, status.chunk_sizes
+    );
     if status.volumes.is_empty() {
         out.push_str("no volumes indexed yet (run `shoal scan --volume NAME`)\n");
     }
     for v in &status.volumes {
         let _ = writeln!(out, "volume {}", v.name);
-        let _ = writeln!(out, "  root     {}", v.root.as_deref().unwrap_or("(never scanned)"));
+        let _ = writeln!(
+            out,
+            "  root     {}",
+            v.root.as_deref().unwrap_or("(never scanned)")
+        );
         write_totals(&mut out, &v.totals);
         let last = v.last_scan_unix.map_or("never".to_string(), |secs| {
-            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64)).to_string()
+            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64))
+                .to_string()
         });
         let _ = writeln!(out, "  scanned  {last}");
     }
@@ -168,15 +215,28 @@ pub fn status(settings: &Settings, json: bool) -> anyhow::Result<Outcome> {
 }
 
 pub fn verify(settings: &Settings, json: bool) -> anyhow::Result<Outcome> {
-    let store = Store::open(&settings.state_dir, OpenOptions { read_only: true, ..Default::default() })?;
+    let store = Store::open(
+        &settings.state_dir,
+        OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )?;
     let names: Vec<String> = if settings.volumes.is_empty() {
         store.volumes()?.into_iter().map(|(name, _)| name).collect()
     } else {
         settings.volumes.clone()
     };
-    let volumes: Vec<_> = names.iter().map(|n| (n.clone(), settings.volume_dir(n))).collect();
-    let progress = progress_bar(json, "{spinner} verifying: {bytes} hashed ({bytes_per_sec})");
-    let report = verify_store(&store, &volumes, progress.clone()).context("verify could not finish")?;
+    let volumes: Vec<_> = names
+        .iter()
+        .map(|n| (n.clone(), settings.volume_dir(n)))
+        .collect();
+    let progress = progress_bar(
+        json,
+        "{spinner} verifying: {bytes} hashed ({bytes_per_sec})",
+    );
+    let report =
+        verify_store(&store, &volumes, progress.clone()).context("verify could not finish")?;
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
@@ -197,7 +257,11 @@ pub fn verify(settings: &Settings, json: bool) -> anyhow::Result<Outcome> {
             };
             let _ = writeln!(out, "{label} {place}: {} ({})", f.detail, f.problem);
         }
-        let damaged = report.findings.iter().filter(|f| f.severity == Severity::Damage).count();
+        let damaged = report
+            .findings
+            .iter()
+            .filter(|f| f.severity == Severity::Damage)
+            .count();
         let _ = writeln!(
             out,
             "verified {} files and {} packs ({}) in {:.2} s: {}",
@@ -205,9 +269,17 @@ pub fn verify(settings: &Settings, json: bool) -> anyhow::Result<Outcome> {
             report.packs_checked,
             HumanBytes(report.bytes_hashed),
             report.seconds,
-            if damaged == 0 { "no damage".to_string() } else { format!("{damaged} problems") }
+            if damaged == 0 {
+                "no damage".to_string()
+            } else {
+                format!("{damaged} problems")
+            }
         );
         print(&out)?;
     }
-    Ok(if report.damaged() { Outcome::ProblemsFound } else { Outcome::Success })
+    Ok(if report.damaged() {
+        Outcome::ProblemsFound
+    } else {
+        Outcome::Success
+    })
 }

@@ -16,14 +16,25 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{FileConfig, Settings};
 
 #[derive(Parser, Debug)]
-#[command(name = "shoal", version, about = "Master-to-master mirroring of Docker volumes", propagate_version = true)]
+#[command(
+    name = "shoal",
+    version,
+    about = "Master-to-master mirroring of Docker volumes",
+    propagate_version = true
+)]
 pub struct Cli {
     /// TOML file with defaults for any setting (keys are the long flag names).
     #[arg(long, global = true, env = "SHOAL_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
 
     /// Log filter, e.g. `info` or `shoal=debug`.
-    #[arg(long, global = true, env = "SHOAL_LOG", value_name = "FILTER", default_value = "warn")]
+    #[arg(
+        long,
+        global = true,
+        env = "SHOAL_LOG",
+        value_name = "FILTER",
+        default_value = "warn"
+    )]
     log: String,
 
     #[command(subcommand)]
@@ -52,7 +63,12 @@ struct Locations {
     state_dir: Option<PathBuf>,
 
     /// A volume to work on (repeatable); SYNC_VOLUMES takes a space-separated list.
-    #[arg(long = "volume", value_name = "NAME", env = "SYNC_VOLUMES", value_delimiter = ' ')]
+    #[arg(
+        long = "volume",
+        value_name = "NAME",
+        env = "SYNC_VOLUMES",
+        value_delimiter = ' '
+    )]
     volumes: Vec<String>,
 }
 
@@ -135,12 +151,22 @@ fn init_logging(filter: &str) {
         .init();
 }
 
-fn settings(config: Option<PathBuf>, locations: Locations, chunk_sizes: Option<String>) -> anyhow::Result<Settings> {
+fn settings(
+    config: Option<PathBuf>,
+    locations: Locations,
+    chunk_sizes: Option<String>,
+) -> anyhow::Result<Settings> {
     let file = match &config {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
     };
-    Ok(Settings::resolve(file, locations.data_root, locations.state_dir, locations.volumes, chunk_sizes)?)
+    Ok(Settings::resolve(
+        file,
+        locations.data_root,
+        locations.state_dir,
+        locations.volumes,
+        chunk_sizes,
+    )?)
 }
 
 fn run(cli: Cli) -> anyhow::Result<Outcome> {
@@ -149,15 +175,22 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             let settings = settings(cli.config, args.locations, args.chunk_sizes)?;
             commands::scan(&settings, args.threads, args.json)
         }
-        Command::Status(args) => commands::status(&settings(cli.config, args.locations, None)?, args.json),
-        Command::Verify(args) => commands::verify(&settings(cli.config, args.locations, None)?, args.json),
+        Command::Status(args) => {
+            commands::status(&settings(cli.config, args.locations, None)?, args.json)
+        }
+        Command::Verify(args) => {
+            commands::verify(&settings(cli.config, args.locations, None)?, args.json)
+        }
     }
 }
 
 /// Writes to stdout; a closed pipe (`shoal status | head -1`) is not an error.
 fn print(text: &str) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
-    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
         _ => Ok(()),
     }

@@ -79,7 +79,10 @@ impl<'a> Reader<'a> {
         if self.bytes.is_empty() {
             Ok(())
         } else {
-            Err(DecodeError(format!("{} unexpected bytes after {what}", self.bytes.len())))
+            Err(DecodeError(format!(
+                "{} unexpected bytes after {what}",
+                self.bytes.len()
+            )))
         }
     }
 }
@@ -111,8 +114,14 @@ pub fn encode_entry(entry: &Entry) -> Vec<u8> {
         out.extend_from_slice(&counter.to_le_bytes());
     }
     match &entry.kind {
-        EntryKind::Tombstone { deleted_at_ns } => out.extend_from_slice(&deleted_at_ns.to_le_bytes()),
-        EntryKind::File { size, content_id, chunks } => {
+        EntryKind::Tombstone { deleted_at_ns } => {
+            out.extend_from_slice(&deleted_at_ns.to_le_bytes())
+        }
+        EntryKind::File {
+            size,
+            content_id,
+            chunks,
+        } => {
             out.extend_from_slice(&size.to_le_bytes());
             out.extend_from_slice(content_id.as_bytes());
             out.extend_from_slice(&chunks.to_le_bytes());
@@ -140,18 +149,29 @@ pub fn decode_entry(bytes: &[u8]) -> Result<Entry, DecodeError> {
         pairs.push((NodeId(r.u64("version vector")?), r.u64("version vector")?));
     }
     let kind = match kind_tag {
-        KIND_TOMBSTONE => EntryKind::Tombstone { deleted_at_ns: r.i64("deletion time")? },
+        KIND_TOMBSTONE => EntryKind::Tombstone {
+            deleted_at_ns: r.i64("deletion time")?,
+        },
         KIND_FILE => EntryKind::File {
             size: r.u64("size")?,
             content_id: ContentId(r.hash("content id")?),
             chunks: r.u32("chunk count")?,
         },
         KIND_DIR => EntryKind::Dir,
-        KIND_SYMLINK => EntryKind::Symlink { target: r.short_bytes("symlink target")?.to_vec() },
+        KIND_SYMLINK => EntryKind::Symlink {
+            target: r.short_bytes("symlink target")?.to_vec(),
+        },
         other => return Err(DecodeError(format!("unknown entry kind {other}"))),
     };
     r.finish("entry")?;
-    Ok(Entry { kind, mode, mtime_ns, uid, gid, version: VersionVector::from_pairs(pairs) })
+    Ok(Entry {
+        kind,
+        mode,
+        mtime_ns,
+        uid,
+        gid,
+        version: VersionVector::from_pairs(pairs),
+    })
 }
 
 pub fn encode_chunk_list(chunks: &[ChunkRef]) -> Vec<u8> {
@@ -168,11 +188,17 @@ pub fn decode_chunk_list(bytes: &[u8]) -> Result<Vec<ChunkRef>, DecodeError> {
     let mut r = Reader::new(bytes);
     let count = r.u32("chunk count")? as usize;
     if bytes.len() != 4 + count * (HASH_LEN + 4) {
-        return Err(DecodeError(format!("chunk list of {count} chunks has {} bytes", bytes.len())));
+        return Err(DecodeError(format!(
+            "chunk list of {count} chunks has {} bytes",
+            bytes.len()
+        )));
     }
     let mut chunks = Vec::with_capacity(count);
     for _ in 0..count {
-        chunks.push(ChunkRef { id: ChunkId(r.hash("chunk id")?), len: r.u32("chunk length")? });
+        chunks.push(ChunkRef {
+            id: ChunkId(r.hash("chunk id")?),
+            len: r.u32("chunk length")?,
+        });
     }
     Ok(chunks)
 }
@@ -227,7 +253,10 @@ pub fn encode_extent(extent: Extent) -> [u8; 12] {
 
 pub fn decode_extent(bytes: &[u8]) -> Result<Extent, DecodeError> {
     let mut r = Reader::new(bytes);
-    let extent = Extent { offset: r.u64("offset")?, len: r.u32("length")? };
+    let extent = Extent {
+        offset: r.u64("offset")?,
+        len: r.u32("length")?,
+    };
     r.finish("extent")?;
     Ok(extent)
 }
@@ -304,17 +333,28 @@ pub fn decode_tree_node(bytes: &[u8]) -> Result<TreeNode, DecodeError> {
     let count = r.u32("page count")?;
     // Each page takes at least 38 bytes: refuse counts the value cannot hold.
     if count as usize > bytes.len() / 38 {
-        return Err(DecodeError(format!("tree node claims {count} pages in {} bytes", bytes.len())));
+        return Err(DecodeError(format!(
+            "tree node claims {count} pages in {} bytes",
+            bytes.len()
+        )));
     }
     let mut pages = Vec::with_capacity(count as usize);
     for _ in 0..count {
         let entries = r.u32("page entry count")?;
         let hash = TreeHash(r.hash("page hash")?);
         let first_name = r.short_bytes("page first name")?.to_vec();
-        pages.push(PageSummary { first_name, entries, hash });
+        pages.push(PageSummary {
+            first_name,
+            entries,
+            hash,
+        });
     }
     r.finish("tree node")?;
-    Ok(TreeNode { hash, pages, totals })
+    Ok(TreeNode {
+        hash,
+        pages,
+        totals,
+    })
 }
 
 #[cfg(test)]
@@ -323,12 +363,34 @@ mod tests {
 
     fn sample_entries() -> Vec<Entry> {
         let version = VersionVector::from_pairs([(NodeId(7), 3), (NodeId(9), 1)]);
-        let base = Entry { kind: EntryKind::Dir, mode: 0o755, mtime_ns: -5, uid: 1, gid: 2, version };
+        let base = Entry {
+            kind: EntryKind::Dir,
+            mode: 0o755,
+            mtime_ns: -5,
+            uid: 1,
+            gid: 2,
+            version,
+        };
         vec![
             base.clone(),
-            Entry { kind: EntryKind::File { size: 10, content_id: ContentId([4; 32]), chunks: 1 }, ..base.clone() },
-            Entry { kind: EntryKind::Symlink { target: b"../x\xff".to_vec() }, ..base.clone() },
-            Entry { kind: EntryKind::Tombstone { deleted_at_ns: 99 }, ..base },
+            Entry {
+                kind: EntryKind::File {
+                    size: 10,
+                    content_id: ContentId([4; 32]),
+                    chunks: 1,
+                },
+                ..base.clone()
+            },
+            Entry {
+                kind: EntryKind::Symlink {
+                    target: b"../x\xff".to_vec(),
+                },
+                ..base.clone()
+            },
+            Entry {
+                kind: EntryKind::Tombstone { deleted_at_ns: 99 },
+                ..base
+            },
         ]
     }
 
@@ -358,13 +420,35 @@ mod tests {
     fn tree_nodes_and_chunk_lists_round_trip() {
         let node = TreeNode {
             hash: TreeHash([1; 32]),
-            pages: vec![PageSummary { first_name: b"a".to_vec(), entries: 3, hash: TreeHash([2; 32]) }],
-            totals: SubtreeTotals { files: 1, dirs: 2, symlinks: 3, bytes: 4, chunks: 5 },
+            pages: vec![PageSummary {
+                first_name: b"a".to_vec(),
+                entries: 3,
+                hash: TreeHash([2; 32]),
+            }],
+            totals: SubtreeTotals {
+                files: 1,
+                dirs: 2,
+                symlinks: 3,
+                bytes: 4,
+                chunks: 5,
+            },
         };
         assert_eq!(decode_tree_node(&encode_tree_node(&node)).unwrap(), node);
-        let chunks = vec![ChunkRef { id: ChunkId([3; 32]), len: 77 }];
-        assert_eq!(decode_chunk_list(&encode_chunk_list(&chunks)).unwrap(), chunks);
-        let stamp = ScanStamp { size: 1, mtime_ns: 2, ctime_ns: 3, ino: 4, dev: 5 };
+        let chunks = vec![ChunkRef {
+            id: ChunkId([3; 32]),
+            len: 77,
+        }];
+        assert_eq!(
+            decode_chunk_list(&encode_chunk_list(&chunks)).unwrap(),
+            chunks
+        );
+        let stamp = ScanStamp {
+            size: 1,
+            mtime_ns: 2,
+            ctime_ns: 3,
+            ino: 4,
+            dev: 5,
+        };
         assert_eq!(decode_stamp(&encode_stamp(&stamp)).unwrap(), stamp);
     }
 }

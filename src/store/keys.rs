@@ -14,7 +14,15 @@ pub const CF_TREE: &str = "tree-v1";
 pub const CF_SCAN_CACHE: &str = "scancache-v1";
 pub const CF_DIRTY: &str = "dirty-v1";
 
-pub const ALL_CFS: [&str; 7] = [CF_META, CF_ENTRIES, CF_CHUNK_LISTS, CF_CHUNKS, CF_TREE, CF_SCAN_CACHE, CF_DIRTY];
+pub const ALL_CFS: [&str; 7] = [
+    CF_META,
+    CF_ENTRIES,
+    CF_CHUNK_LISTS,
+    CF_CHUNKS,
+    CF_TREE,
+    CF_SCAN_CACHE,
+    CF_DIRTY,
+];
 
 pub const META_FORMAT: &[u8] = b"format";
 pub const META_NODE_ID: &[u8] = b"node-id";
@@ -52,8 +60,13 @@ pub fn entry_key(vol: VolumeId, dir: &VolPath, name: &[u8]) -> Vec<u8> {
 /// Splits an entry key into its volume, directory and name, validating the path.
 pub fn parse_entry_key(key: &[u8]) -> Result<(VolumeId, VolPath, &[u8]), String> {
     let bad = |why: &str| format!("bad entry key {}: {why}", crate::ids::to_hex(key));
-    let (vol, rest) = key.split_first_chunk::<4>().ok_or_else(|| bad("too short"))?;
-    let nul = rest.iter().position(|&b| b == 0).ok_or_else(|| bad("no separator"))?;
+    let (vol, rest) = key
+        .split_first_chunk::<4>()
+        .ok_or_else(|| bad("too short"))?;
+    let nul = rest
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or_else(|| bad("no separator"))?;
     let dir = VolPath::parse(&rest[..nul]).map_err(|e: InvalidPath| bad(&e.to_string()))?;
     let name = &rest[nul + 1..];
     crate::pathname::validate_name(name).map_err(|e| bad(&e.to_string()))?;
@@ -84,7 +97,9 @@ pub fn dir_key(vol: VolumeId, dir: &VolPath) -> Vec<u8> {
 }
 
 pub fn parse_dir_key(key: &[u8]) -> Result<(VolumeId, VolPath), String> {
-    let (vol, rest) = key.split_first_chunk::<4>().ok_or("directory key too short")?;
+    let (vol, rest) = key
+        .split_first_chunk::<4>()
+        .ok_or("directory key too short")?;
     let dir = VolPath::parse(rest).map_err(|e| format!("bad directory key: {e}"))?;
     Ok((VolumeId(u32::from_be_bytes(*vol)), dir))
 }
@@ -119,7 +134,9 @@ pub fn parse_location_key(key: &[u8]) -> Result<(ChunkId, LocationKey<'_>), Stri
     let (&kind, rest) = rest.split_first().ok_or_else(bad)?;
     let location = match kind {
         LOCATION_LIVE => LocationKey::Live { entry_key: rest },
-        LOCATION_PACK => LocationKey::Pack { pack: u64::from_be_bytes(rest.try_into().map_err(|_| bad())?) },
+        LOCATION_PACK => LocationKey::Pack {
+            pack: u64::from_be_bytes(rest.try_into().map_err(|_| bad())?),
+        },
         _ => return Err(bad()),
     };
     Ok((ChunkId(*id), location))
@@ -178,9 +195,20 @@ mod tests {
     fn location_keys_round_trip() {
         let id = ChunkId([9; 32]);
         let key = live_location_key(&id, b"entry");
-        assert_eq!(parse_location_key(&key).unwrap(), (id, LocationKey::Live { entry_key: b"entry" }));
+        assert_eq!(
+            parse_location_key(&key).unwrap(),
+            (
+                id,
+                LocationKey::Live {
+                    entry_key: b"entry"
+                }
+            )
+        );
         let key = pack_location_key(&id, 42);
-        assert_eq!(parse_location_key(&key).unwrap(), (id, LocationKey::Pack { pack: 42 }));
+        assert_eq!(
+            parse_location_key(&key).unwrap(),
+            (id, LocationKey::Pack { pack: 42 })
+        );
         assert!(parse_location_key(&[1, 2, 3]).is_err());
     }
 

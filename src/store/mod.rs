@@ -19,7 +19,10 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 
-use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions};
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions,
+    WriteBatch, WriteOptions,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::chunking::{ChunkParams, ChunkRef};
@@ -33,6 +36,8 @@ use keys::*;
 pub const STORE_FORMAT: u32 = 1;
 
 const INDEX_DIR: &str = "index";
+/// Where a new index is built before it is renamed to `INDEX_DIR`.
+const INDEX_STAGING_DIR: &str = "index.creating";
 const PACKS_DIR: &str = "packs";
 const LOCK_FILE: &str = "lock";
 
@@ -44,25 +49,44 @@ const WRITE_BUFFER_BUDGET: usize = 32 << 20;
 pub enum StoreError {
     #[error("no Shoal store in {0} (run `shoal scan` to create one)")]
     Missing(PathBuf),
-    #[error("the state directory {0} is in use by another shoal process (it holds {0}/{LOCK_FILE}); stop it or use another --state-dir")]
+    #[error(
+        "the state directory {0} is in use by another shoal process (it holds {0}/{LOCK_FILE}); stop it or use another --state-dir"
+    )]
     Locked(PathBuf),
     #[error("{dir} holds a store of format {found}; this shoal reads format {STORE_FORMAT}")]
     Format { dir: PathBuf, found: u32 },
     #[error("{0} is not a Shoal store (its RocksDB index has no `{CF_META}` column family)")]
     NotAStore(PathBuf),
-    #[error("the store in {dir} was created with chunk sizes {stored}; refusing to use it with {requested} (chunk sizes are fixed per cluster)")]
-    ChunkParams { dir: PathBuf, stored: ChunkParams, requested: ChunkParams },
+    #[error(
+        "the store in {dir} was created with chunk sizes {stored}; refusing to use it with {requested} (chunk sizes are fixed per cluster)"
+    )]
+    ChunkParams {
+        dir: PathBuf,
+        stored: ChunkParams,
+        requested: ChunkParams,
+    },
     #[error("RocksDB error in {dir}: {source}")]
-    Rocks { dir: PathBuf, source: rocksdb::Error },
+    Rocks {
+        dir: PathBuf,
+        source: rocksdb::Error,
+    },
     #[error("corrupt record in {cf} at key {key}: {reason}")]
-    Corrupt { cf: &'static str, key: String, reason: String },
+    Corrupt {
+        cf: &'static str,
+        key: String,
+        reason: String,
+    },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
 
 impl StoreError {
     fn corrupt(cf: &'static str, key: &[u8], reason: impl ToString) -> Self {
-        StoreError::Corrupt { cf, key: crate::ids::to_hex(key), reason: reason.to_string() }
+        StoreError::Corrupt {
+            cf,
+            key: crate::ids::to_hex(key),
+            reason: reason.to_string(),
+        }
     }
 }
 
@@ -123,48 +147,118 @@ impl Store {
             let file = File::create(&lock_path).map_err(io_err(&lock_path))?;
             match file.try_lock() {
                 Ok(()) => Some(file),
-                Err(fs::TryLockError::WouldBlock) => return Err(StoreError::Locked(state_dir.to_path_buf())),
+                Err(fs::TryLockError::WouldBlock) => {
+                    return Err(StoreError::Locked(state_dir.to_path_buf()));
+                }
                 Err(fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
             }
         };
         let index = state_dir.join(INDEX_DIR);
-        let rocks_err = |source| StoreError::Rocks { dir: index.clone(), source };
-        let existing = if index.join("CURRENT").exists() { Some(Self::read_meta(&index, state_dir)?) } else { None };
-        if let (Some(meta), Some(requested)) = (existing, options.chunk_params) {
-            if meta.chunk_params != requested {
-                return Err(StoreError::ChunkParams { dir: state_dir.to_path_buf(), stored: meta.chunk_params, requested });
-            }
+        let rocks_err = |source| StoreError::Rocks {
+            dir: index.clone(),
+            source,
+        };
+        let existing = if index.join("CURRENT").exists() {
+            Some(Self::read_meta(&index, state_dir)?)
+        } else {
+            None
+        };
+        if let (Some(meta), Some(requested)) = (existing, options.chunk_params)
+            && meta.chunk_params != requested
+        {
+            return Err(StoreError::ChunkParams {
+                dir: state_dir.to_path_buf(),
+                stored: meta.chunk_params,
+                requested,
+            });
         }
         let db_options = Self::db_options();
         if options.read_only {
             let meta = existing.ok_or_else(|| StoreError::Missing(state_dir.to_path_buf()))?;
-            let db = DB::open_cf_for_read_only(&db_options, &index, ALL_CFS, false).map_err(rocks_err)?;
-            return Ok(Store { db, state_dir: state_dir.to_path_buf(), meta, read_only: true, _lock: None });
+            let db = DB::open_cf_for_read_only(&db_options, &index, ALL_CFS, false)
+                .map_err(rocks_err)?;
+            return Ok(Store {
+                db,
+                state_dir: state_dir.to_path_buf(),
+                meta,
+                read_only: true,
+                _lock: None,
+            });
         }
         if existing.is_none() && !options.create {
             return Err(StoreError::Missing(state_dir.to_path_buf()));
         }
-        fs::create_dir_all(state_dir.join(PACKS_DIR)).map_err(io_err(&state_dir.join(PACKS_DIR)))?;
-        let descriptors = ALL_CFS.iter().map(|name| ColumnFamilyDescriptor::new(*name, Self::db_options()));
-        let db = DB::open_cf_descriptors(&db_options, &index, descriptors).map_err(rocks_err)?;
+        fs::create_dir_all(state_dir.join(PACKS_DIR))
+            .map_err(io_err(&state_dir.join(PACKS_DIR)))?;
         let meta = match existing {
             Some(meta) => meta,
-            None => {
-                let node_id = NodeId::random().map_err(|e| io_err(state_dir)(io::Error::other(e.to_string())))?;
-                let meta = StoreMeta { node_id, chunk_params: options.chunk_params.unwrap_or(ChunkParams::DEFAULT) };
-                let cf = db.cf_handle(CF_META).expect("opened with every column family");
-                let mut batch = WriteBatch::default();
-                let p = meta.chunk_params;
-                batch.put_cf(cf, META_NODE_ID, node_id.0.to_le_bytes());
-                batch.put_cf(cf, META_CHUNK_PARAMS, [p.min.to_le_bytes(), p.avg.to_le_bytes(), p.max.to_le_bytes()].concat());
-                // The format goes last in the same atomic batch: a store has a format
-                // only once everything it promises is there.
-                batch.put_cf(cf, META_FORMAT, STORE_FORMAT.to_le_bytes());
-                db.write_opt(batch, &durable()).map_err(rocks_err)?;
-                meta
-            }
+            None => Self::create_index(
+                state_dir,
+                options.chunk_params.unwrap_or(ChunkParams::DEFAULT),
+            )?,
         };
-        Ok(Store { db, state_dir: state_dir.to_path_buf(), meta, read_only: false, _lock: lock })
+        let descriptors = ALL_CFS
+            .iter()
+            .map(|name| ColumnFamilyDescriptor::new(*name, Self::db_options()));
+        let db = DB::open_cf_descriptors(&db_options, &index, descriptors).map_err(rocks_err)?;
+        Ok(Store {
+            db,
+            state_dir: state_dir.to_path_buf(),
+            meta,
+            read_only: false,
+            _lock: lock,
+        })
+    }
+
+    /// Creates a new index beside its final place and renames it there once its metadata
+    /// is durable, so a crash during creation leaves either no index or a whole one.
+    fn create_index(state_dir: &Path, chunk_params: ChunkParams) -> Result<StoreMeta, StoreError> {
+        let io_err = |path: PathBuf| move |source| StoreError::Io { path, source };
+        let staging = state_dir.join(INDEX_STAGING_DIR);
+        if staging.exists() {
+            fs::remove_dir_all(&staging).map_err(io_err(staging.clone()))?;
+        }
+        let node_id = NodeId::random()
+            .map_err(|e| io_err(state_dir.to_path_buf())(io::Error::other(e.to_string())))?;
+        let meta = StoreMeta {
+            node_id,
+            chunk_params,
+        };
+        {
+            let rocks_err = |source| StoreError::Rocks {
+                dir: staging.clone(),
+                source,
+            };
+            let descriptors = ALL_CFS
+                .iter()
+                .map(|name| ColumnFamilyDescriptor::new(*name, Self::db_options()));
+            let db = DB::open_cf_descriptors(&Self::db_options(), &staging, descriptors)
+                .map_err(rocks_err)?;
+            let cf = db
+                .cf_handle(CF_META)
+                .expect("opened with every column family");
+            let mut batch = WriteBatch::default();
+            let p = chunk_params;
+            batch.put_cf(cf, META_NODE_ID, node_id.0.to_le_bytes());
+            batch.put_cf(
+                cf,
+                META_CHUNK_PARAMS,
+                [
+                    p.min.to_le_bytes(),
+                    p.avg.to_le_bytes(),
+                    p.max.to_le_bytes(),
+                ]
+                .concat(),
+            );
+            batch.put_cf(cf, META_FORMAT, STORE_FORMAT.to_le_bytes());
+            db.write_opt(batch, &durable()).map_err(rocks_err)?;
+        }
+        let index = state_dir.join(INDEX_DIR);
+        fs::rename(&staging, &index).map_err(io_err(index.clone()))?;
+        File::open(state_dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io_err(state_dir.to_path_buf()))?;
+        Ok(meta)
     }
 
     fn db_options() -> Options {
@@ -182,22 +276,34 @@ impl Store {
 
     /// Reads and checks the metadata of an existing index without writing to it.
     fn read_meta(index: &Path, state_dir: &Path) -> Result<StoreMeta, StoreError> {
-        let rocks_err = |source| StoreError::Rocks { dir: index.to_path_buf(), source };
+        let rocks_err = |source| StoreError::Rocks {
+            dir: index.to_path_buf(),
+            source,
+        };
         let cfs = DB::list_cf(&Options::default(), index).map_err(rocks_err)?;
         if !cfs.iter().any(|cf| cf == CF_META) {
             return Err(StoreError::NotAStore(state_dir.to_path_buf()));
         }
-        let db = DB::open_cf_for_read_only(&Options::default(), index, [CF_META], false).map_err(rocks_err)?;
-        let cf = db.cf_handle(CF_META).expect("opened with the meta column family");
+        let db = DB::open_cf_for_read_only(&Options::default(), index, [CF_META], false)
+            .map_err(rocks_err)?;
+        let cf = db
+            .cf_handle(CF_META)
+            .expect("opened with the meta column family");
         let get = |key: &[u8]| db.get_cf(cf, key).map_err(rocks_err);
         let format = match get(META_FORMAT)? {
             Some(bytes) => u32::from_le_bytes(
-                bytes.as_slice().try_into().map_err(|_| StoreError::corrupt(CF_META, META_FORMAT, "not 4 bytes"))?,
+                bytes
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| StoreError::corrupt(CF_META, META_FORMAT, "not 4 bytes"))?,
             ),
             None => return Err(StoreError::NotAStore(state_dir.to_path_buf())),
         };
         if format != STORE_FORMAT || cfs.len() != ALL_CFS.len() + 1 {
-            return Err(StoreError::Format { dir: state_dir.to_path_buf(), found: format });
+            return Err(StoreError::Format {
+                dir: state_dir.to_path_buf(),
+                found: format,
+            });
         }
         let node_id = get(META_NODE_ID)?
             .and_then(|b| Some(NodeId(u64::from_le_bytes(b.as_slice().try_into().ok()?))))
@@ -209,7 +315,10 @@ impl Store {
                 ChunkParams::new(n(0), n(4), n(8)).ok()
             })
             .ok_or_else(|| StoreError::corrupt(CF_META, META_CHUNK_PARAMS, "missing or invalid"))?;
-        Ok(StoreMeta { node_id, chunk_params: params })
+        Ok(StoreMeta {
+            node_id,
+            chunk_params: params,
+        })
     }
 
     pub fn meta(&self) -> StoreMeta {
@@ -229,11 +338,16 @@ impl Store {
     }
 
     fn cf(&self, name: &'static str) -> &ColumnFamily {
-        self.db.cf_handle(name).expect("the store is opened with every column family")
+        self.db
+            .cf_handle(name)
+            .expect("the store is opened with every column family")
     }
 
     fn rocks(&self, source: rocksdb::Error) -> StoreError {
-        StoreError::Rocks { dir: self.state_dir.join(INDEX_DIR), source }
+        StoreError::Rocks {
+            dir: self.state_dir.join(INDEX_DIR),
+            source,
+        }
     }
 
     fn get(&self, cf: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -241,11 +355,20 @@ impl Store {
     }
 
     /// Every key-value pair of `cf` in `[start, end)`, in key order.
-    fn range(&self, cf: &'static str, start: Vec<u8>, end: Vec<u8>) -> impl Iterator<Item = RawItem> + '_ {
+    fn range(
+        &self,
+        cf: &'static str,
+        start: Vec<u8>,
+        end: Vec<u8>,
+    ) -> impl Iterator<Item = RawItem> + '_ {
         let mut read = ReadOptions::default();
         read.set_iterate_upper_bound(end);
         self.db
-            .iterator_cf_opt(self.cf(cf), read, IteratorMode::From(&start, Direction::Forward))
+            .iterator_cf_opt(
+                self.cf(cf),
+                read,
+                IteratorMode::From(&start, Direction::Forward),
+            )
             .map(move |item| item.map_err(|e| self.rocks(e)))
     }
 
@@ -254,7 +377,9 @@ impl Store {
     pub fn volume(&self, name: &str) -> Result<Option<VolumeRecord>, StoreError> {
         let key = volume_meta_key(name);
         match self.get(CF_META, &key)? {
-            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| StoreError::corrupt(CF_META, &key, e)),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| StoreError::corrupt(CF_META, &key, e)),
             None => Ok(None),
         }
     }
@@ -266,14 +391,23 @@ impl Store {
         }
         let next = match self.get(CF_META, META_NEXT_VOLUME)? {
             Some(bytes) => u32::from_le_bytes(
-                bytes.as_slice().try_into().map_err(|_| StoreError::corrupt(CF_META, META_NEXT_VOLUME, "not 4 bytes"))?,
+                bytes
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| StoreError::corrupt(CF_META, META_NEXT_VOLUME, "not 4 bytes"))?,
             ),
             None => 1,
         };
-        let record = VolumeRecord { id: next, last_scan_unix: None, unique_chunks: None };
+        let record = VolumeRecord {
+            id: next,
+            last_scan_unix: None,
+            unique_chunks: None,
+        };
         let mut batch = self.batch();
         batch.put_volume(name, &record);
-        batch.wb.put_cf(self.cf(CF_META), META_NEXT_VOLUME, (next + 1).to_le_bytes());
+        batch
+            .wb
+            .put_cf(self.cf(CF_META), META_NEXT_VOLUME, (next + 1).to_le_bytes());
         self.write(batch, true)?;
         Ok(record)
     }
@@ -284,8 +418,10 @@ impl Store {
         let mut out = Vec::new();
         for item in self.range(CF_META, start, end) {
             let (key, value) = item?;
-            let name = volume_name_of_meta_key(&key).ok_or_else(|| StoreError::corrupt(CF_META, &key, "bad volume name"))?;
-            let record = serde_json::from_slice(&value).map_err(|e| StoreError::corrupt(CF_META, &key, e))?;
+            let name = volume_name_of_meta_key(&key)
+                .ok_or_else(|| StoreError::corrupt(CF_META, &key, "bad volume name"))?;
+            let record = serde_json::from_slice(&value)
+                .map_err(|e| StoreError::corrupt(CF_META, &key, e))?;
             out.push((name.to_string(), record));
         }
         Ok(out)
@@ -293,39 +429,64 @@ impl Store {
 
     // ---- entries, chunk lists, scan stamps ----
 
-    pub fn entry(&self, vol: VolumeId, dir: &VolPath, name: &[u8]) -> Result<Option<Entry>, StoreError> {
+    pub fn entry(
+        &self,
+        vol: VolumeId,
+        dir: &VolPath,
+        name: &[u8],
+    ) -> Result<Option<Entry>, StoreError> {
         let key = entry_key(vol, dir, name);
         self.get(CF_ENTRIES, &key)?
-            .map(|bytes| codec::decode_entry(&bytes).map_err(|e| StoreError::corrupt(CF_ENTRIES, &key, e)))
+            .map(|bytes| {
+                codec::decode_entry(&bytes).map_err(|e| StoreError::corrupt(CF_ENTRIES, &key, e))
+            })
             .transpose()
     }
 
-    pub fn chunk_list(&self, vol: VolumeId, dir: &VolPath, name: &[u8]) -> Result<Option<Vec<ChunkRef>>, StoreError> {
+    pub fn chunk_list(
+        &self,
+        vol: VolumeId,
+        dir: &VolPath,
+        name: &[u8],
+    ) -> Result<Option<Vec<ChunkRef>>, StoreError> {
         let key = entry_key(vol, dir, name);
         self.get(CF_CHUNK_LISTS, &key)?
-            .map(|bytes| codec::decode_chunk_list(&bytes).map_err(|e| StoreError::corrupt(CF_CHUNK_LISTS, &key, e)))
+            .map(|bytes| {
+                codec::decode_chunk_list(&bytes)
+                    .map_err(|e| StoreError::corrupt(CF_CHUNK_LISTS, &key, e))
+            })
             .transpose()
     }
 
     /// The children of `dir` in name order, tombstones included.
-    pub fn children(&self, vol: VolumeId, dir: &VolPath) -> impl Iterator<Item = Result<(Vec<u8>, Entry), StoreError>> + '_ {
+    pub fn children(
+        &self,
+        vol: VolumeId,
+        dir: &VolPath,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Entry), StoreError>> + '_ {
         let (start, end) = children_range(vol, dir);
         let name_at = start.len();
         self.range(CF_ENTRIES, start, end).map(move |item| {
             let (key, value) = item?;
-            let entry = codec::decode_entry(&value).map_err(|e| StoreError::corrupt(CF_ENTRIES, &key, e))?;
+            let entry = codec::decode_entry(&value)
+                .map_err(|e| StoreError::corrupt(CF_ENTRIES, &key, e))?;
             Ok((key[name_at..].to_vec(), entry))
         })
     }
 
     /// The scan stamps of `dir`'s children in name order: exactly the names that exist
     /// (are not tombstones) in the index.
-    pub fn stamps(&self, vol: VolumeId, dir: &VolPath) -> impl Iterator<Item = Result<(Vec<u8>, ScanStamp), StoreError>> + '_ {
+    pub fn stamps(
+        &self,
+        vol: VolumeId,
+        dir: &VolPath,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, ScanStamp), StoreError>> + '_ {
         let (start, end) = children_range(vol, dir);
         let name_at = start.len();
         self.range(CF_SCAN_CACHE, start, end).map(move |item| {
             let (key, value) = item?;
-            let stamp = codec::decode_stamp(&value).map_err(|e| StoreError::corrupt(CF_SCAN_CACHE, &key, e))?;
+            let stamp = codec::decode_stamp(&value)
+                .map_err(|e| StoreError::corrupt(CF_SCAN_CACHE, &key, e))?;
             Ok((key[name_at..].to_vec(), stamp))
         })
     }
@@ -337,14 +498,18 @@ impl Store {
         vol: VolumeId,
         dir: &VolPath,
     ) -> impl Iterator<Item = Result<(VolPath, Vec<u8>, Entry), StoreError>> + '_ {
-        descendant_ranges(vol, dir).into_iter().flat_map(move |(start, end)| {
-            self.range(CF_ENTRIES, start, end).map(|item| {
-                let (key, value) = item?;
-                let (_, parent, name) = parse_entry_key(&key).map_err(|e| StoreError::corrupt(CF_ENTRIES, &key, e))?;
-                let entry = codec::decode_entry(&value).map_err(|e| StoreError::corrupt(CF_ENTRIES, &key, e))?;
-                Ok((parent, name.to_vec(), entry))
+        descendant_ranges(vol, dir)
+            .into_iter()
+            .flat_map(move |(start, end)| {
+                self.range(CF_ENTRIES, start, end).map(|item| {
+                    let (key, value) = item?;
+                    let (_, parent, name) = parse_entry_key(&key)
+                        .map_err(|e| StoreError::corrupt(CF_ENTRIES, &key, e))?;
+                    let entry = codec::decode_entry(&value)
+                        .map_err(|e| StoreError::corrupt(CF_ENTRIES, &key, e))?;
+                    Ok((parent, name.to_vec(), entry))
+                })
             })
-        })
     }
 
     // ---- Merkle tree ----
@@ -352,7 +517,9 @@ impl Store {
     pub fn tree_node(&self, vol: VolumeId, dir: &VolPath) -> Result<Option<TreeNode>, StoreError> {
         let key = dir_key(vol, dir);
         self.get(CF_TREE, &key)?
-            .map(|bytes| codec::decode_tree_node(&bytes).map_err(|e| StoreError::corrupt(CF_TREE, &key, e)))
+            .map(|bytes| {
+                codec::decode_tree_node(&bytes).map_err(|e| StoreError::corrupt(CF_TREE, &key, e))
+            })
             .transpose()
     }
 
@@ -362,7 +529,9 @@ impl Store {
         self.range(CF_DIRTY, start, end)
             .map(|item| {
                 let (key, _) = item?;
-                parse_dir_key(&key).map(|(_, dir)| dir).map_err(|e| StoreError::corrupt(CF_DIRTY, &key, e))
+                parse_dir_key(&key)
+                    .map(|(_, dir)| dir)
+                    .map_err(|e| StoreError::corrupt(CF_DIRTY, &key, e))
             })
             .collect()
     }
@@ -373,16 +542,28 @@ impl Store {
     pub fn chunk_locations(&self, chunk: &ChunkId) -> Result<Vec<ChunkLocation>, StoreError> {
         let start = chunk.as_bytes().to_vec();
         let end = successor(&start);
-        self.range(CF_CHUNKS, start, end).map(|item| decode_location(&item?)).collect()
+        self.range(CF_CHUNKS, start, end)
+            .map(|item| decode_location(&item?))
+            .collect()
     }
 
     /// Every chunk location of the store, in chunk id order.
-    pub fn all_chunk_locations(&self) -> impl Iterator<Item = Result<(ChunkId, ChunkLocation), StoreError>> + '_ {
-        self.range(CF_CHUNKS, Vec::new(), vec![0xff; 33]).map(|item| {
-            let item = item?;
-            let location = decode_location(&item)?;
-            Ok((ChunkId(item.0[..32].try_into().expect("location keys start with a chunk id")), location))
-        })
+    pub fn all_chunk_locations(
+        &self,
+    ) -> impl Iterator<Item = Result<(ChunkId, ChunkLocation), StoreError>> + '_ {
+        self.range(CF_CHUNKS, Vec::new(), vec![0xff; 33])
+            .map(|item| {
+                let item = item?;
+                let location = decode_location(&item)?;
+                Ok((
+                    ChunkId(
+                        item.0[..32]
+                            .try_into()
+                            .expect("location keys start with a chunk id"),
+                    ),
+                    location,
+                ))
+            })
     }
 
     /// Counts the distinct chunks that live files of `vol` hold.
@@ -391,11 +572,12 @@ impl Store {
         let mut last: Option<ChunkId> = None;
         for item in self.all_chunk_locations() {
             let (id, location) = item?;
-            if let ChunkLocation::Live { vol: v, .. } = location {
-                if v == vol && last != Some(id) {
-                    count += 1;
-                    last = Some(id);
-                }
+            if let ChunkLocation::Live { vol: v, .. } = location
+                && v == vol
+                && last != Some(id)
+            {
+                count += 1;
+                last = Some(id);
             }
         }
         Ok(count)
@@ -404,14 +586,24 @@ impl Store {
     // ---- writing ----
 
     pub fn batch(&self) -> Batch<'_> {
-        Batch { store: self, wb: WriteBatch::default(), ops: 0 }
+        Batch {
+            store: self,
+            wb: WriteBatch::default(),
+            ops: 0,
+        }
     }
 
     /// Applies a batch atomically; `durable` waits for the write-ahead log to reach the
     /// disk.
     pub fn write(&self, batch: Batch<'_>, durable_write: bool) -> Result<(), StoreError> {
-        let options = if durable_write { durable() } else { WriteOptions::default() };
-        self.db.write_opt(batch.wb, &options).map_err(|e| self.rocks(e))
+        let options = if durable_write {
+            durable()
+        } else {
+            WriteOptions::default()
+        };
+        self.db
+            .write_opt(batch.wb, &options)
+            .map_err(|e| self.rocks(e))
     }
 
     /// Makes every write so far durable.
@@ -430,7 +622,12 @@ fn durable() -> WriteOptions {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ChunkLocation {
     /// Inside a live file of a volume, at `extent`.
-    Live { vol: VolumeId, dir: VolPath, name: Vec<u8>, extent: Extent },
+    Live {
+        vol: VolumeId,
+        dir: VolPath,
+        name: Vec<u8>,
+        extent: Extent,
+    },
     /// Inside a pack file.
     Pack { pack: u64, extent: Extent },
 }
@@ -442,7 +639,12 @@ fn decode_location((key, value): &(Box<[u8]>, Box<[u8]>)) -> Result<ChunkLocatio
     Ok(match location {
         LocationKey::Live { entry_key } => {
             let (vol, dir, name) = parse_entry_key(entry_key).map_err(corrupt)?;
-            ChunkLocation::Live { vol, dir, name: name.to_vec(), extent }
+            ChunkLocation::Live {
+                vol,
+                dir,
+                name: name.to_vec(),
+                extent,
+            }
         }
         LocationKey::Pack { pack } => ChunkLocation::Pack { pack, extent },
     })
@@ -481,11 +683,19 @@ impl Batch<'_> {
     }
 
     pub fn put_entry(&mut self, vol: VolumeId, dir: &VolPath, name: &[u8], entry: &Entry) {
-        self.put(CF_ENTRIES, &entry_key(vol, dir, name), &codec::encode_entry(entry));
+        self.put(
+            CF_ENTRIES,
+            &entry_key(vol, dir, name),
+            &codec::encode_entry(entry),
+        );
     }
 
     pub fn put_stamp(&mut self, vol: VolumeId, dir: &VolPath, name: &[u8], stamp: &ScanStamp) {
-        self.put(CF_SCAN_CACHE, &entry_key(vol, dir, name), &codec::encode_stamp(stamp));
+        self.put(
+            CF_SCAN_CACHE,
+            &entry_key(vol, dir, name),
+            &codec::encode_stamp(stamp),
+        );
     }
 
     pub fn delete_stamp(&mut self, vol: VolumeId, dir: &VolPath, name: &[u8]) {
@@ -494,14 +704,24 @@ impl Batch<'_> {
 
     /// Records a live file's chunk list and where each chunk sits in it, replacing the
     /// locations of its previous chunk list `old`.
-    pub fn set_chunks(&mut self, vol: VolumeId, dir: &VolPath, name: &[u8], chunks: &[ChunkRef], old: &[ChunkRef]) {
+    pub fn set_chunks(
+        &mut self,
+        vol: VolumeId,
+        dir: &VolPath,
+        name: &[u8],
+        chunks: &[ChunkRef],
+        old: &[ChunkRef],
+    ) {
         let key = entry_key(vol, dir, name);
         for chunk in old {
             self.delete(CF_CHUNKS, &live_location_key(&chunk.id, &key));
         }
         let mut offset = 0u64;
         for chunk in chunks {
-            let extent = codec::encode_extent(Extent { offset, len: chunk.len });
+            let extent = codec::encode_extent(Extent {
+                offset,
+                len: chunk.len,
+            });
             self.put(CF_CHUNKS, &live_location_key(&chunk.id, &key), &extent);
             offset += u64::from(chunk.len);
         }
@@ -519,7 +739,11 @@ impl Batch<'_> {
 
     /// Records a chunk stored in a pack.
     pub fn put_pack_location(&mut self, chunk: &ChunkId, pack: u64, extent: Extent) {
-        self.put(CF_CHUNKS, &pack_location_key(chunk, pack), &codec::encode_extent(extent));
+        self.put(
+            CF_CHUNKS,
+            &pack_location_key(chunk, pack),
+            &codec::encode_extent(extent),
+        );
     }
 
     pub fn mark_dirty(&mut self, vol: VolumeId, dir: &VolPath) {

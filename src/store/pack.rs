@@ -31,7 +31,11 @@ pub enum PackError {
     #[error("{path} has pack format {found}; this version reads format {PACK_FORMAT}")]
     Format { path: PathBuf, found: u32 },
     #[error("{path}: chunk at offset {offset} does not match its id {expected}")]
-    Mismatch { path: PathBuf, offset: u64, expected: ChunkId },
+    Mismatch {
+        path: PathBuf,
+        offset: u64,
+        expected: ChunkId,
+    },
 }
 
 /// The file name of pack `id` inside the packs directory.
@@ -71,12 +75,22 @@ pub struct PackScanner {
 
 impl PackScanner {
     pub fn open(path: &Path) -> Result<Self, PackError> {
-        let io_err = |source| PackError::Io { path: path.to_path_buf(), source };
+        let io_err = |source| PackError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         let file = File::open(path).map_err(io_err)?;
         let file_len = file.metadata().map_err(io_err)?.len();
         let mut reader = BufReader::with_capacity(1 << 20, file);
         check_header(&mut reader, path)?;
-        Ok(Self { path: path.to_path_buf(), reader, offset: HEADER_LEN, file_len, data: Vec::new(), end: None })
+        Ok(Self {
+            path: path.to_path_buf(),
+            reader,
+            offset: HEADER_LEN,
+            file_len,
+            data: Vec::new(),
+            end: None,
+        })
     }
 
     /// The next record, or `None` at the end (then [`PackScanner::end`] says how it ended).
@@ -90,24 +104,43 @@ impl PackScanner {
             return Ok(None);
         }
         let torn = |this: &mut Self| {
-            this.end = Some(PackEnd::Torn { valid_len: this.offset, file_len: this.file_len });
+            this.end = Some(PackEnd::Torn {
+                valid_len: this.offset,
+                file_len: this.file_len,
+            });
             Ok(None)
         };
         if remaining < RECORD_HEADER_LEN {
             return torn(self);
         }
         let mut header = [0u8; RECORD_HEADER_LEN as usize];
-        self.reader.read_exact(&mut header).map_err(|source| PackError::Io { path: self.path.clone(), source })?;
+        self.reader
+            .read_exact(&mut header)
+            .map_err(|source| PackError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
         let len = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
-        if &header[..4] != RECORD_MAGIC || len > MAXIMUM_MAX || u64::from(len) > remaining - RECORD_HEADER_LEN {
+        if &header[..4] != RECORD_MAGIC
+            || len > MAXIMUM_MAX
+            || u64::from(len) > remaining - RECORD_HEADER_LEN
+        {
             return torn(self);
         }
         let id = ChunkId(header[8..].try_into().expect("32 bytes"));
         self.data.resize(len as usize, 0);
-        self.reader.read_exact(&mut self.data).map_err(|source| PackError::Io { path: self.path.clone(), source })?;
+        self.reader
+            .read_exact(&mut self.data)
+            .map_err(|source| PackError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
         let record = PackRecord {
             id,
-            extent: Extent { offset: self.offset + RECORD_HEADER_LEN, len },
+            extent: Extent {
+                offset: self.offset + RECORD_HEADER_LEN,
+                len,
+            },
             intact: ChunkId::of(&self.data) == id,
         };
         self.offset += RECORD_HEADER_LEN + u64::from(len);
@@ -122,11 +155,16 @@ impl PackScanner {
 fn check_header(reader: &mut impl Read, path: &Path) -> Result<(), PackError> {
     let mut header = [0u8; HEADER_LEN as usize];
     if reader.read_exact(&mut header).is_err() || &header[..8] != PACK_MAGIC {
-        return Err(PackError::NotAPack { path: path.to_path_buf() });
+        return Err(PackError::NotAPack {
+            path: path.to_path_buf(),
+        });
     }
     let found = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
     if found != PACK_FORMAT {
-        return Err(PackError::Format { path: path.to_path_buf(), found });
+        return Err(PackError::Format {
+            path: path.to_path_buf(),
+            found,
+        });
     }
     Ok(())
 }
@@ -142,8 +180,17 @@ impl PackWriter {
     /// Opens a pack for appending, creating it if needed. A torn tail left by a crash
     /// is cut off first, so the pack is again a sequence of whole records.
     pub fn open(path: &Path) -> Result<Self, PackError> {
-        let io_err = |source| PackError::Io { path: path.to_path_buf(), source };
-        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(io_err)?;
+        let io_err = |source| PackError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io_err)?;
         let mut len = file.metadata().map_err(io_err)?.len();
         if len == 0 {
             let mut header = [0u8; HEADER_LEN as usize];
@@ -160,7 +207,11 @@ impl PackWriter {
             }
         }
         file.seek(SeekFrom::Start(len)).map_err(io_err)?;
-        Ok(Self { path: path.to_path_buf(), file, len })
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            len,
+        })
     }
 
     /// Appends one chunk and returns where its bytes are. Not durable until [`sync`].
@@ -171,7 +222,10 @@ impl PackWriter {
         let Some(len) = len else {
             return Err(PackError::Io {
                 path: self.path.clone(),
-                source: io::Error::new(io::ErrorKind::InvalidInput, "chunk larger than the largest chunk size"),
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "chunk larger than the largest chunk size",
+                ),
             });
         };
         let mut record = Vec::with_capacity(RECORD_HEADER_LEN as usize + data.len());
@@ -179,14 +233,25 @@ impl PackWriter {
         record.extend_from_slice(&len.to_le_bytes());
         record.extend_from_slice(id.as_bytes());
         record.extend_from_slice(data);
-        self.file.write_all(&record).map_err(|source| PackError::Io { path: self.path.clone(), source })?;
-        let extent = Extent { offset: self.len + RECORD_HEADER_LEN, len };
+        self.file
+            .write_all(&record)
+            .map_err(|source| PackError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        let extent = Extent {
+            offset: self.len + RECORD_HEADER_LEN,
+            len,
+        };
         self.len += record.len() as u64;
         Ok(extent)
     }
 
     pub fn sync(&self) -> Result<(), PackError> {
-        self.file.sync_data().map_err(|source| PackError::Io { path: self.path.clone(), source })
+        self.file.sync_data().map_err(|source| PackError::Io {
+            path: self.path.clone(),
+            source,
+        })
     }
 
     pub fn len(&self) -> u64 {
@@ -200,12 +265,20 @@ impl PackWriter {
 
 /// Reads one chunk from a pack and checks it against its id.
 pub fn read_chunk(path: &Path, extent: Extent, expected: &ChunkId) -> Result<Vec<u8>, PackError> {
-    let io_err = |source| PackError::Io { path: path.to_path_buf(), source };
+    let io_err = |source| PackError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let file = File::open(path).map_err(io_err)?;
     let mut data = vec![0u8; extent.len as usize];
-    file.read_exact_at(&mut data, extent.offset).map_err(io_err)?;
+    file.read_exact_at(&mut data, extent.offset)
+        .map_err(io_err)?;
     if ChunkId::of(&data) != *expected {
-        return Err(PackError::Mismatch { path: path.to_path_buf(), offset: extent.offset, expected: *expected });
+        return Err(PackError::Mismatch {
+            path: path.to_path_buf(),
+            offset: extent.offset,
+            expected: *expected,
+        });
     }
     Ok(data)
 }
@@ -231,14 +304,29 @@ mod tests {
         let a = writer.append(&ChunkId::of(b"alpha"), b"alpha").unwrap();
         let b = writer.append(&ChunkId::of(b"beta!"), b"beta!").unwrap();
         writer.sync().unwrap();
-        assert_eq!(read_chunk(&path, a, &ChunkId::of(b"alpha")).unwrap(), b"alpha");
-        assert_eq!(read_chunk(&path, b, &ChunkId::of(b"beta!")).unwrap(), b"beta!");
-        assert!(matches!(read_chunk(&path, b, &ChunkId::of(b"alpha")), Err(PackError::Mismatch { .. })));
+        assert_eq!(
+            read_chunk(&path, a, &ChunkId::of(b"alpha")).unwrap(),
+            b"alpha"
+        );
+        assert_eq!(
+            read_chunk(&path, b, &ChunkId::of(b"beta!")).unwrap(),
+            b"beta!"
+        );
+        assert!(matches!(
+            read_chunk(&path, b, &ChunkId::of(b"alpha")),
+            Err(PackError::Mismatch { .. })
+        ));
         let (found, end) = records(&path);
-        assert_eq!(found.iter().map(|r| (r.id, r.extent, r.intact)).collect::<Vec<_>>(), vec![
-            (ChunkId::of(b"alpha"), a, true),
-            (ChunkId::of(b"beta!"), b, true)
-        ]);
+        assert_eq!(
+            found
+                .iter()
+                .map(|r| (r.id, r.extent, r.intact))
+                .collect::<Vec<_>>(),
+            vec![
+                (ChunkId::of(b"alpha"), a, true),
+                (ChunkId::of(b"beta!"), b, true)
+            ]
+        );
         assert_eq!(end, PackEnd::Clean { len: writer.len() });
     }
 
@@ -249,13 +337,21 @@ mod tests {
         let mut writer = PackWriter::open(&path).unwrap();
         writer.append(&ChunkId::of(b"kept"), b"kept").unwrap();
         let good_len = writer.len();
-        writer.append(&ChunkId::of(b"lost in a crash"), b"lost in a crash").unwrap();
+        writer
+            .append(&ChunkId::of(b"lost in a crash"), b"lost in a crash")
+            .unwrap();
         drop(writer);
         let file = OpenOptions::new().write(true).open(&path).unwrap();
         file.set_len(good_len + 10).unwrap();
         let (found, end) = records(&path);
         assert_eq!(found.len(), 1);
-        assert_eq!(end, PackEnd::Torn { valid_len: good_len, file_len: good_len + 10 });
+        assert_eq!(
+            end,
+            PackEnd::Torn {
+                valid_len: good_len,
+                file_len: good_len + 10
+            }
+        );
         let mut writer = PackWriter::open(&path).unwrap();
         assert_eq!(writer.len(), good_len);
         writer.append(&ChunkId::of(b"next"), b"next").unwrap();
@@ -275,6 +371,9 @@ mod tests {
         assert!(!found[0].intact);
         let other = dir.path().join("not-a-pack");
         std::fs::write(&other, b"hello").unwrap();
-        assert!(matches!(PackScanner::open(&other), Err(PackError::NotAPack { .. })));
+        assert!(matches!(
+            PackScanner::open(&other),
+            Err(PackError::NotAPack { .. })
+        ));
     }
 }

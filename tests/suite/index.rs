@@ -1,0 +1,217 @@
+//! Scanning into the index: what a rescan reads and changes.
+
+use std::fs;
+use std::os::unix::fs::{PermissionsExt, symlink};
+
+use shoal::entry::EntryKind;
+use shoal::ids::VolumeId;
+use shoal::pathname::VolPath;
+
+use crate::util::*;
+
+#[test]
+fn rescan_changes_exactly_the_edited_entries_and_reads_no_unchanged_file() {
+    let fx = Fixture::new();
+    for i in 0..50 {
+        fx.write(
+            &format!("dir{}/file{i}.bin", i % 5),
+            &random_bytes(1000 + i * 3000, i as u64),
+        );
+    }
+    fx.write("big.bin", &random_bytes(3 << 20, 99));
+    let first = fx.scan();
+    assert_eq!((first.files_read, first.added), (51, 51 + 5));
+    let before = index_listing(&fx.open(), "vol");
+
+    // Nothing changed: nothing is read, nothing is written.
+    let idle = fx.scan();
+    assert_eq!(
+        (idle.files_read, idle.added, idle.modified, idle.deleted),
+        (0, 0, 0, 0)
+    );
+    assert_eq!(idle.root, first.root);
+
+    // Edit one, add one, delete one, rename one.
+    fx.write("dir1/file1.bin", b"edited");
+    fx.write("dir2/new.txt", b"new file");
+    fs::remove_file(fx.path("dir3/file3.bin")).unwrap();
+    fs::rename(fx.path("dir4/file4.bin"), fx.path("dir4/renamed.bin")).unwrap();
+    let rescan = fx.scan();
+    // The edited file, the new one and the renamed one are read; nothing else.
+    assert_eq!(rescan.files_read, 3, "{rescan:?}");
+    assert_eq!((rescan.added, rescan.modified, rescan.deleted), (2, 1, 2));
+    assert_ne!(rescan.root, first.root);
+
+    let after = index_listing(&fx.open(), "vol");
+    let changed: Vec<&[u8]> = before
+        .keys()
+        .chain(after.keys())
+        .filter(|k| before.get(*k) != after.get(*k))
+        .map(|k| k.as_slice())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(
+        changed,
+        vec![
+            &b"dir1/file1.bin"[..],
+            b"dir2/new.txt",
+            b"dir3/file3.bin",
+            b"dir4/file4.bin",
+            b"dir4/renamed.bin"
+        ]
+    );
+    // The renamed file kept its content id.
+    assert_eq!(
+        before[&b"dir4/file4.bin"[..]].kind,
+        after[&b"dir4/renamed.bin"[..]].kind
+    );
+}
+
+#[test]
+fn deleted_names_become_tombstones_with_a_newer_version() {
+    let fx = Fixture::new();
+    fx.write("keep/a.txt", b"a");
+    fx.write("gone/deep/b.txt", b"b");
+    fx.scan();
+    let store = fx.open();
+    let vol = VolumeId(store.volume("vol").unwrap().unwrap().id);
+    let live = store
+        .entry(vol, &VolPath::parse(b"gone/deep").unwrap(), b"b.txt")
+        .unwrap()
+        .unwrap();
+    drop(store);
+    fs::remove_dir_all(fx.path("gone")).unwrap();
+    let report = fx.scan();
+    assert_eq!(report.deleted, 3, "gone, gone/deep, gone/deep/b.txt");
+    let store = fx.open();
+    let dead = store
+        .entry(vol, &VolPath::parse(b"gone/deep").unwrap(), b"b.txt")
+        .unwrap()
+        .unwrap();
+    assert!(dead.is_tombstone());
+    assert_eq!(
+        dead.version.compare(&live.version),
+        shoal::entry::Causality::Dominates
+    );
+    assert!(
+        store
+            .tree_node(vol, &VolPath::parse(b"gone").unwrap())
+            .unwrap()
+            .is_none()
+    );
+    // A file re-created under a tombstone continues its history.
+    drop(store);
+    fx.write("gone/deep/b.txt", b"back");
+    fx.scan();
+    let store = fx.open();
+    let back = store
+        .entry(vol, &VolPath::parse(b"gone/deep").unwrap(), b"b.txt")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        back.version.compare(&dead.version),
+        shoal::entry::Causality::Dominates
+    );
+}
+
+#[test]
+fn non_utf8_names_are_indexed_as_their_exact_bytes() {
+    let fx = Fixture::new();
+    let name = b"caf\xe9-\xff.bin";
+    write_file(&fx.volume().join(os(name)), b"latin-1 name");
+    let report = fx.scan();
+    assert_eq!(report.totals.files, 1);
+    let store = fx.open();
+    let vol = VolumeId(store.volume("vol").unwrap().unwrap().id);
+    let entry = store
+        .entry(vol, &VolPath::root(), name)
+        .unwrap()
+        .expect("indexed under its exact bytes");
+    assert!(matches!(entry.kind, EntryKind::File { size: 12, .. }));
+    assert_eq!(
+        VolPath::parse(name).unwrap().display().to_string(),
+        "caf\\xe9-\\xff.bin"
+    );
+}
+
+#[test]
+fn symlinks_are_recorded_not_followed_and_special_files_skipped() {
+    let fx = Fixture::new();
+    fx.write("target.txt", b"x");
+    symlink("target.txt", fx.path("inside")).unwrap();
+    symlink("/etc", fx.path("outside")).unwrap();
+    fs::create_dir(fx.path("empty")).unwrap();
+    let fifo = fx.path("pipe");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let report = fx.scan();
+    assert_eq!(
+        (
+            report.totals.files,
+            report.totals.symlinks,
+            report.totals.dirs
+        ),
+        (1, 2, 1)
+    );
+    assert_eq!(report.skipped_special, 1);
+    let listing = index_listing(&fx.open(), "vol");
+    assert_eq!(
+        listing[&b"outside"[..]].kind,
+        EntryKind::Symlink {
+            target: b"/etc".to_vec()
+        }
+    );
+    assert!(!listing.contains_key(&b"pipe"[..]));
+    assert!(
+        listing.keys().all(|k| !k.starts_with(b"outside/")),
+        "symlink was followed"
+    );
+}
+
+#[test]
+fn shoalignore_excludes_paths_with_gitignore_rules() {
+    let fx = Fixture::new();
+    fx.write(".shoalignore", b"*.tmp\ncache/\n!keep.tmp\n");
+    fx.write("a.tmp", b"1");
+    fx.write("keep.tmp", b"2");
+    fx.write("cache/blob", b"3");
+    fx.write("sub/.shoalignore", b"local-only\n");
+    fx.write("sub/local-only", b"4");
+    fx.write("sub/b.tmp", b"5");
+    fx.write("sub/kept", b"6");
+    fx.write(".shoal/staging/x", b"our own");
+    fx.scan();
+    let names: Vec<String> = index_listing(&fx.open(), "vol")
+        .keys()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ".shoalignore",
+            "keep.tmp",
+            "sub",
+            "sub/.shoalignore",
+            "sub/kept"
+        ]
+    );
+}
+
+#[test]
+fn mode_changes_are_changes_and_ownership_is_recorded() {
+    let fx = Fixture::new();
+    fx.write("script.sh", b"#!/bin/sh\n");
+    let first = fx.scan();
+    fs::set_permissions(fx.path("script.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    let second = fx.scan();
+    assert_eq!((second.modified, second.files_read), (1, 1));
+    assert_ne!(first.root, second.root);
+    let listing = index_listing(&fx.open(), "vol");
+    assert_eq!(listing[&b"script.sh"[..]].mode, 0o755);
+}

@@ -1,0 +1,170 @@
+//! Helpers: deterministic data, temporary volumes, running the real binary.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, FileTimes};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, UNIX_EPOCH};
+
+use shoal::entry::{Entry, EntryKind};
+use shoal::ids::VolumeId;
+use shoal::pathname::VolPath;
+use shoal::scan::{ScanOptions, ScanReport, scan_volume};
+use shoal::store::{OpenOptions, Store};
+
+/// Deterministic pseudo-random bytes (xorshift64).
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A temporary data root with one volume, and a state directory.
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("data/vol")).unwrap();
+        Fixture { dir }
+    }
+
+    pub fn data_root(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn volume(&self) -> PathBuf {
+        self.data_root().join("vol")
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.volume().join(rel)
+    }
+
+    pub fn write(&self, rel: &str, content: &[u8]) {
+        write_file(&self.path(rel), content);
+    }
+
+    pub fn open(&self) -> Store {
+        Store::open(
+            &self.state(),
+            OpenOptions {
+                create: true,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    }
+
+    /// Scans the volume with a fresh store handle (closed again afterwards).
+    pub fn scan(&self) -> ScanReport {
+        let store = self.open();
+        scan_volume(&store, "vol", &self.volume(), &ScanOptions::default()).unwrap()
+    }
+
+    /// Runs `shoal COMMAND --data-root .. --state-dir .. ARGS..`.
+    pub fn shoal(&self, command: &str, args: &[&str]) -> Output {
+        let (data_root, state) = (self.data_root(), self.state());
+        let mut all = vec![
+            command,
+            "--data-root",
+            data_root.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        shoal(&all)
+    }
+}
+
+pub fn write_file(path: &Path, content: &[u8]) {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).unwrap();
+    }
+    fs::write(path, content).unwrap();
+}
+
+pub fn set_mtime(path: &Path, secs: u64) {
+    let file = File::options().write(true).open(path).unwrap();
+    file.set_times(FileTimes::new().set_modified(UNIX_EPOCH + Duration::from_secs(secs)))
+        .unwrap();
+}
+
+/// Runs the real binary with a clean environment for Shoal's variables.
+pub fn shoal(args: &[&str]) -> Output {
+    shoal_command(args).output().unwrap()
+}
+
+pub fn shoal_command(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_shoal"));
+    command.args(args);
+    for var in [
+        "SYNC_VOLUMES",
+        "SHOAL_DATA_ROOT",
+        "SHOAL_STATE_DIR",
+        "SHOAL_CONFIG",
+        "SHOAL_CHUNK_SIZES",
+        "SHOAL_LOG",
+    ] {
+        command.env_remove(var);
+    }
+    command
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// What the index says of every live name, without version vectors (which record
+/// history, not state): path -> entry.
+pub fn index_listing(store: &Store, volume: &str) -> BTreeMap<Vec<u8>, Entry> {
+    let vol = VolumeId(store.volume(volume).unwrap().expect("volume indexed").id);
+    store
+        .descendants(vol, &VolPath::root())
+        .map(|item| {
+            let (dir, name, mut entry) = item.unwrap();
+            entry.version = Default::default();
+            if let EntryKind::Tombstone { .. } = entry.kind {
+                entry.kind = EntryKind::Tombstone { deleted_at_ns: 0 };
+            }
+            if entry.is_dir() {
+                // Directory mtimes are not synced state.
+                entry.mtime_ns = 0;
+            }
+            (dir.join(&name).unwrap().as_bytes().to_vec(), entry)
+        })
+        .filter(|(_, entry)| !entry.is_tombstone())
+        .collect()
+}
+
+pub fn root_of(store: &Store, volume: &str) -> String {
+    let vol = VolumeId(store.volume(volume).unwrap().unwrap().id);
+    shoal::scan::volume_root(store, vol)
+        .unwrap()
+        .unwrap()
+        .to_hex()
+}
+
+pub fn os(bytes: &[u8]) -> &std::ffi::OsStr {
+    std::ffi::OsStr::from_bytes(bytes)
+}

@@ -1,0 +1,20 @@
+//! Shoal's integration tests, one binary: the library on real directories and a real
+//! RocksDB store, and the `shoal` binary run as a user would.
+
+#[path = "suite/util.rs"]
+mod util;
+
+#[path = "suite/index.rs"]
+mod index;
+
+#[path = "suite/tree_props.rs"]
+mod tree_props;
+
+#[path = "suite/verify.rs"]
+mod verify;
+
+#[path = "suite/cli.rs"]
+mod cli;
+
+#[path = "suite/crash.rs"]
+mod crash;
