@@ -117,7 +117,9 @@ pub fn scan_volume(
         volume: name.to_string(),
         source,
     };
-    match fs::symlink_metadata(root) {
+    // The volume directory itself may be a symlink (a bind mount, a moved disk); names
+    // inside it are never followed.
+    match fs::metadata(root) {
         Ok(meta) if meta.is_dir() => {}
         Ok(_) => return Err(ScanError::NotADirectory(root.to_path_buf())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -473,6 +475,7 @@ impl<'s> Walker<'s> {
             self.store.stamps(self.vol, dir).collect::<Result<_, _>>()?;
         let mut listed = listed.into_iter().peekable();
         let mut indexed = indexed.into_iter().peekable();
+        let mut to_hash = Vec::new();
         loop {
             let order = match (listed.peek(), indexed.peek()) {
                 (None, None) => break,
@@ -483,12 +486,12 @@ impl<'s> Walker<'s> {
             match order {
                 std::cmp::Ordering::Less => {
                     let item = listed.next().expect("peeked");
-                    self.on_listed(dir, item, None, &rules, pending)?;
+                    self.on_listed(dir, item, None, &rules, pending, &mut to_hash)?;
                 }
                 std::cmp::Ordering::Equal => {
                     let item = listed.next().expect("peeked");
                     let (_, stamp) = indexed.next().expect("peeked");
-                    self.on_listed(dir, item, Some(stamp), &rules, pending)?;
+                    self.on_listed(dir, item, Some(stamp), &rules, pending, &mut to_hash)?;
                 }
                 std::cmp::Ordering::Greater => {
                     let (name, _) = indexed.next().expect("peeked");
@@ -498,6 +501,12 @@ impl<'s> Walker<'s> {
                 }
             }
             self.flush(false)?;
+        }
+        // Largest first, so the hashing threads finish together instead of one of them
+        // hashing the biggest file alone at the end.
+        to_hash.sort_by_key(|(size, _)| std::cmp::Reverse(*size));
+        for (_, job) in to_hash {
+            self.submit(job)?;
         }
         Ok(())
     }
@@ -510,6 +519,7 @@ impl<'s> Walker<'s> {
         stamp: Option<ScanStamp>,
         rules: &Arc<IgnoreRules>,
         pending: &mut Vec<(VolPath, Arc<IgnoreRules>)>,
+        to_hash: &mut Vec<(u64, HashJob)>,
     ) -> Result<(), StoreError> {
         let Ok(path) = dir.join(&item.name) else {
             self.problem(format!("skipping {}: name too long", escape(&item.name)));
@@ -524,11 +534,8 @@ impl<'s> Walker<'s> {
                 self.drop_if_kind_changed(dir, &item.name, old, |k| {
                     matches!(k, EntryKind::File { .. })
                 })?;
-                self.submit(HashJob {
-                    dir: dir.clone(),
-                    name: item.name,
-                    path: path.under(&self.root),
-                })?;
+                let job = HashJob { dir: dir.clone(), name: item.name, path: path.under(&self.root) };
+                to_hash.push((item.meta.len(), job));
                 return Ok(());
             } else if is_dir {
                 let old = self

@@ -199,7 +199,7 @@ impl Store {
         };
         let descriptors = ALL_CFS
             .iter()
-            .map(|name| ColumnFamilyDescriptor::new(*name, Self::db_options()));
+            .map(|name| ColumnFamilyDescriptor::new(*name, Self::cf_options()));
         let db = DB::open_cf_descriptors(&db_options, &index, descriptors).map_err(rocks_err)?;
         Ok(Store {
             db,
@@ -231,7 +231,7 @@ impl Store {
             };
             let descriptors = ALL_CFS
                 .iter()
-                .map(|name| ColumnFamilyDescriptor::new(*name, Self::db_options()));
+                .map(|name| ColumnFamilyDescriptor::new(*name, Self::cf_options()));
             let db = DB::open_cf_descriptors(&Self::db_options(), &staging, descriptors)
                 .map_err(rocks_err)?;
             let cf = db
@@ -261,12 +261,17 @@ impl Store {
         Ok(meta)
     }
 
+    fn cf_options() -> Options {
+        let mut options = Options::default();
+        options.set_write_buffer_size(WRITE_BUFFER_BUDGET / 4);
+        options
+    }
+
     fn db_options() -> Options {
         let mut options = Options::default();
         options.create_if_missing(true);
         options.create_missing_column_families(true);
         options.set_db_write_buffer_size(WRITE_BUFFER_BUDGET);
-        options.set_write_buffer_size(WRITE_BUFFER_BUDGET / 4);
         options.set_max_open_files(512);
         options.increase_parallelism(2);
         options.set_keep_log_file_num(3);

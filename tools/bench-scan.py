@@ -1,0 +1,224 @@
+#!/usr/bin/env python3
+"""Scan benchmarks, side by side with the reference tools in the same run.
+
+    tools/bench-scan.py [--dir /var/tmp/shoal-bench] [--reps 5] [--million]
+
+  media    `shoal scan` of ~1 GiB (fresh store, page cache warm) vs `b3sum --num-threads 2`
+           on the same files: ratio of throughputs, median of --reps alternating runs.
+  small    `shoal scan` of 50,000 files of 1-16 KiB vs Syncthing's initial scan of the
+           same folder (Syncthing 1.19, discovery/relays/NAT off, watcher off): files/s.
+  million  (with --million) 1,000,000 tiny files: peak RSS of `shoal scan` (from
+           /usr/bin/time -v) and the time of a rescan with nothing changed.
+
+Data comes from tools/gen-data.py (deterministic) and is kept in --dir between runs.
+The shoal binary is built with `cargo build --release` first.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import xml.etree.ElementTree as ET
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def timed(cmd, **kw):
+    start = time.perf_counter()
+    run(cmd, stdout=subprocess.DEVNULL, **kw)
+    return time.perf_counter() - start
+
+
+def build_shoal():
+    env = dict(os.environ)
+    env.setdefault("CARGO_TARGET_DIR", "/var/cache/shoal/target")
+    run(["cargo", "build", "--release", "--quiet"], cwd=REPO, env=env)
+    return os.path.join(env["CARGO_TARGET_DIR"], "release", "shoal")
+
+
+def ensure_data(base, profile):
+    path = os.path.join(base, "data", profile)
+    if not os.path.isdir(path) or not os.listdir(path):
+        run([sys.executable, os.path.join(REPO, "tools", "gen-data.py"), profile, path])
+    return path
+
+
+def warm(path):
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                while f.read(1 << 20):
+                    pass
+
+
+def count_files(path):
+    return sum(len(files) for _, _, files in os.walk(path))
+
+
+def shoal_scan(shoal, base, volume, state, extra=()):
+    return [shoal, "scan", "--data-root", os.path.join(base, "data"), "--state-dir", state, "--volume", volume, *extra]
+
+
+def bench_media(shoal, base, reps):
+    path = ensure_data(base, "media")
+    files = sorted(os.path.join(path, f) for f in os.listdir(path))
+    size = sum(os.path.getsize(f) for f in files)
+    warm(path)
+    b3, sh, creation = [], [], []
+    empty = os.path.join(base, "data", "empty")
+    os.makedirs(empty, exist_ok=True)
+    for _ in range(reps):
+        b3.append(timed(["b3sum", "--num-threads", "2", *files]))
+        # The store is created first (a one-time cost per node, reported apart), then
+        # the timed run indexes all of media into it, from nothing.
+        state = tempfile.mkdtemp(dir=base)
+        creation.append(timed(shoal_scan(shoal, base, "empty", state)))
+        sh.append(timed(shoal_scan(shoal, base, "media", state)))
+        shutil.rmtree(state)
+    mib = size / (1 << 20)
+    ratios = [b / s for b, s in zip(b3, sh)]
+    print(f"media: {len(files)} files, {mib:.0f} MiB, page cache warm, {reps} alternating runs")
+    print(f"  b3sum --num-threads 2   median {statistics.median(b3):.3f} s  ({mib / statistics.median(b3):.0f} MiB/s)")
+    print(f"  shoal scan              median {statistics.median(sh):.3f} s  ({mib / statistics.median(sh):.0f} MiB/s)")
+    print(f"  (creating the store beforehand: median {statistics.median(creation):.3f} s, once per node)")
+    print(f"  shoal / b3sum throughput: median {statistics.median(ratios):.2f}x (runs: {', '.join(f'{r:.2f}' for r in ratios)})")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def syncthing_scan_seconds(path, expected_files, base):
+    """Time from adding the folder to Syncthing reporting it idle with every file indexed."""
+    home = tempfile.mkdtemp(dir=base, prefix="syncthing-")
+    try:
+        run(["syncthing", "generate", f"--home={home}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        config = os.path.join(home, "config.xml")
+        tree = ET.parse(config)
+        root = tree.getroot()
+        for folder in root.findall("folder"):
+            root.remove(folder)
+        port, api_key = free_port(), "shoal-bench-key"
+        gui = root.find("gui")
+        gui.find("address").text = f"127.0.0.1:{port}"
+        (gui.find("apikey") if gui.find("apikey") is not None else ET.SubElement(gui, "apikey")).text = api_key
+        options = root.find("options")
+        for key, value in {
+            "globalAnnounceEnabled": "false", "localAnnounceEnabled": "false", "relaysEnabled": "false",
+            "natEnabled": "false", "urAccepted": "-1", "startBrowser": "false", "crashReportingEnabled": "false",
+            "autoUpgradeIntervalH": "0",
+        }.items():
+            (options.find(key) if options.find(key) is not None else ET.SubElement(options, key)).text = value
+        tree.write(config)
+        env = dict(os.environ, STNODEFAULTFOLDER="1", STNOUPGRADE="1")
+        proc = subprocess.Popen(["syncthing", "serve", f"--home={home}", "--no-browser", "--no-restart"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        try:
+            def api(method, url, body=None):
+                req = urllib.request.Request(f"http://127.0.0.1:{port}{url}", method=method,
+                                             data=None if body is None else json.dumps(body).encode(),
+                                             headers={"X-API-Key": api_key, "Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=5) as resp:
+                    return json.loads(resp.read() or b"null")
+            deadline = time.time() + 30
+            while True:
+                try:
+                    api("GET", "/rest/system/ping")
+                    break
+                except OSError:
+                    if time.time() > deadline:
+                        raise RuntimeError("syncthing did not start")
+                    time.sleep(0.1)
+            folder = {"id": "bench", "label": "bench", "path": path, "type": "sendreceive",
+                      "fsWatcherEnabled": False, "rescanIntervalS": 3600}
+            start = time.perf_counter()
+            api("POST", "/rest/config/folders", folder)
+            deadline = time.time() + 900
+            while time.time() < deadline:
+                try:
+                    status = api("GET", "/rest/db/status?folder=bench")
+                    if status.get("state") == "idle" and status.get("localFiles") == expected_files:
+                        return time.perf_counter() - start
+                except OSError:
+                    pass
+                time.sleep(0.05)
+            raise RuntimeError("syncthing did not finish its scan in 15 minutes")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(os.path.join(path, ".stfolder"), ignore_errors=True)
+
+
+def bench_small(shoal, base, reps):
+    path = ensure_data(base, "small")
+    files = count_files(path)
+    warm(path)
+    sh = []
+    for _ in range(reps):
+        state = tempfile.mkdtemp(dir=base)
+        sh.append(timed(shoal_scan(shoal, base, "small", state)))
+        shutil.rmtree(state)
+    st = syncthing_scan_seconds(path, files, base)
+    print(f"small: {files} files, page cache warm")
+    print(f"  shoal scan (new store)  median {statistics.median(sh):.2f} s  ({files / statistics.median(sh):,.0f} files/s)")
+    print(f"  syncthing initial scan           {st:.2f} s  ({files / st:,.0f} files/s)")
+    print(f"  shoal / syncthing files/s: {st / statistics.median(sh):.1f}x")
+
+
+def bench_million(shoal, base):
+    path = ensure_data(base, "million")
+    state = tempfile.mkdtemp(dir=base)
+    try:
+        start = time.perf_counter()
+        out = subprocess.run(["/usr/bin/time", "-v", *shoal_scan(shoal, base, "million", state)],
+                             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True).stderr
+        first = time.perf_counter() - start
+        rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", out).group(1))
+        rescan = timed(shoal_scan(shoal, base, "million", state))
+        out = subprocess.run(["/usr/bin/time", "-v", *shoal_scan(shoal, base, "million", state)],
+                             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True).stderr
+        rescan_rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", out).group(1))
+        print(f"million: {count_files(path)} files")
+        print(f"  first scan {first:.1f} s, peak RSS {rss / 1024:.0f} MiB")
+        print(f"  rescan, nothing changed: {rescan:.1f} s, peak RSS {rescan_rss / 1024:.0f} MiB")
+    finally:
+        shutil.rmtree(state)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", default="/var/tmp/shoal-bench")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--million", action="store_true")
+    parser.add_argument("--only", choices=["media", "small", "million"])
+    args = parser.parse_args()
+    run([os.path.join(REPO, "tools", "setup.sh"), "b3sum", "syncthing", "time"])
+    os.makedirs(args.dir, exist_ok=True)
+    shoal = build_shoal()
+    print(f"machine: {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    if args.only in (None, "media"):
+        bench_media(shoal, args.dir, args.reps)
+    if args.only in (None, "small"):
+        bench_small(shoal, args.dir, args.reps)
+    if args.million or args.only == "million":
+        bench_million(shoal, args.dir)
+
+
+if __name__ == "__main__":
+    main()
