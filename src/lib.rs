@@ -12,18 +12,32 @@
 //! - [`scan`]: walks a volume and brings its index up to date.
 //! - [`tree`]: the paged Merkle tree of each volume's namespace.
 //! - [`verify`]: checks index, packs and live files against each other.
+//! - [`credentials`]: the cluster CA and node certificates (`shoal cluster init`).
+//! - [`transport`]: QUIC endpoints with mutual TLS.
+//! - [`protocol`]: the versioned wire messages and their framing.
+//! - [`sync`]: anti-entropy: serving peers, pulling from them, conflicts.
+//! - [`volume_fs`]: symlink-safe writes inside a volume, atomic publication.
+//! - [`serve`], [`http`]: the daemon and its local status endpoint.
 //! - [`config`]: settings from flags, environment, TOML file and defaults.
 //! - [`cli`]: the `shoal` command line.
 //!
-//! The on-disk formats are specified in `schema/store.md`.
+//! The on-disk formats are specified in `schema/store.md`, the wire protocol in
+//! `schema/protocol.md`.
 
 pub mod chunking;
 pub mod cli;
 pub mod config;
+pub mod credentials;
 pub mod entry;
+pub mod http;
 pub mod ids;
 pub mod pathname;
+pub mod protocol;
 pub mod scan;
+pub mod serve;
 pub mod store;
+pub mod sync;
+pub mod transport;
 pub mod tree;
 pub mod verify;
+pub mod volume_fs;

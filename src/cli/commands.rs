@@ -283,3 +283,106 @@ pub fn verify(settings: &Settings, json: bool) -> anyhow::Result<Outcome> {
         Outcome::Success
     })
 }
+
+pub fn serve(
+    settings: Settings,
+    listen: std::net::SocketAddr,
+    peers: Vec<String>,
+    credentials: std::path::PathBuf,
+    http: &str,
+    heartbeat: u64,
+) -> anyhow::Result<Outcome> {
+    let http = match http {
+        "off" | "" => None,
+        addr => Some(addr.parse().with_context(|| format!("--http {addr:?} is not ADDR:PORT or \"off\""))?),
+    };
+    if heartbeat == 0 {
+        anyhow::bail!("--heartbeat (HEARTBEAT) must be at least 1 second");
+    }
+    let peers = peers.iter().flat_map(|p| p.split(',')).map(str::trim).filter(|p| !p.is_empty()).map(str::to_string).collect();
+    let options = crate::serve::ServeOptions {
+        settings,
+        listen,
+        peers,
+        credentials,
+        http,
+        heartbeat: Duration::from_secs(heartbeat),
+    };
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(crate::serve::run(options, shutdown_signal()))?;
+    Ok(Outcome::Success)
+}
+
+/// Resolves on SIGINT or SIGTERM (what `docker stop` sends).
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::warn!("cannot watch SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+pub fn cluster_init(out: &std::path::Path) -> anyhow::Result<Outcome> {
+    let files = crate::credentials::init_cluster(out)?;
+    let mut text = String::from("created cluster credentials:\n");
+    for file in files {
+        let _ = writeln!(text, "  {}", file.display());
+    }
+    text.push_str(
+        "give every node ca.pem, cert.pem and key.pem (Docker secrets, or --credentials DIR);\nkeep ca-key.pem offline: it signs new node certificates.\n",
+    );
+    print(&text)?;
+    Ok(Outcome::Success)
+}
+
+pub fn status_http(addr: &str, json: bool) -> anyhow::Result<Outcome> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).with_context(|| format!("no shoal serve answering on {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET /status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    let status: crate::sync::NodeStatus =
+        serde_json::from_str(body).with_context(|| format!("unexpected answer from {addr}/status"))?;
+    if json {
+        print(&format!("{}\n", serde_json::to_string_pretty(&status)?))?;
+        return Ok(Outcome::Success);
+    }
+    let mut out = format!("node {}\n", status.node_id);
+    for v in &status.volumes {
+        let _ = writeln!(out, "volume {}: {} files, {}, root {}", v.name, v.files, HumanBytes(v.bytes), v.root.as_deref().unwrap_or("(none)"));
+    }
+    for p in &status.peers {
+        let _ = writeln!(
+            out,
+            "peer {} ({}): {}, sent {}, received {}, rejected chunks {}",
+            p.addr,
+            p.node_id.as_deref().unwrap_or("?"),
+            if p.connected { "connected" } else { "not connected" },
+            HumanBytes(p.chunk_bytes_sent),
+            HumanBytes(p.chunk_bytes_received),
+            p.rejected_chunks
+        );
+    }
+    let t = &status.totals;
+    let _ = writeln!(
+        out,
+        "totals: sent {}, received {}, files applied {}, conflicts {}, rejected chunks {}",
+        HumanBytes(t.chunk_bytes_sent),
+        HumanBytes(t.chunk_bytes_received),
+        t.files_applied,
+        t.conflicts,
+        t.rejected_chunks
+    );
+    print(&out)?;
+    Ok(Outcome::Success)
+}

@@ -49,6 +49,52 @@ enum Command {
     Status(StatusArgs),
     /// Re-hash live files and packs against the index; exit 1 if anything is damaged.
     Verify(VerifyArgs),
+    /// Run the daemon: mirror the volumes with peers over QUIC (mutual TLS).
+    Serve(ServeArgs),
+    /// Cluster credentials.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Create a cluster CA and node certificate: ca.pem, cert.pem, key.pem (the three
+    /// Docker secrets a node needs) and ca-key.pem (keep it offline).
+    Init {
+        /// Directory to write the credentials to (created; existing files are kept).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    #[command(flatten)]
+    locations: Locations,
+
+    /// Address to accept peers on (UDP, QUIC).
+    #[arg(long, env = "SHOAL_LISTEN", value_name = "ADDR:PORT", default_value = "0.0.0.0:7029")]
+    listen: std::net::SocketAddr,
+
+    /// A peer to mirror with (repeatable); SHOAL_PEERS takes a space- or comma-separated list.
+    #[arg(long = "peer", env = "SHOAL_PEERS", value_name = "HOST:PORT", value_delimiter = ' ')]
+    peers: Vec<String>,
+
+    /// Directory with the cluster credentials (ca.pem, cert.pem, key.pem).
+    #[arg(long, env = "SHOAL_CREDENTIALS", value_name = "DIR", default_value = "/run/secrets")]
+    credentials: PathBuf,
+
+    /// Local address for /healthz, /metrics and /status ("off" to disable).
+    #[arg(long, env = "SHOAL_HTTP", value_name = "ADDR:PORT", default_value = "127.0.0.1:7030")]
+    http: String,
+
+    /// Seconds between anti-entropy rounds (rescan, compare roots with every peer).
+    #[arg(long, env = "HEARTBEAT", value_name = "SECONDS", default_value_t = 25)]
+    heartbeat: u64,
+
+    /// Chunk sizes MIN/AVG/MAX for a new store.
+    #[arg(long, env = "SHOAL_CHUNK_SIZES", value_name = "MIN/AVG/MAX")]
+    chunk_sizes: Option<String>,
 }
 
 /// Where the volumes and the store are.
@@ -96,6 +142,10 @@ struct StatusArgs {
     #[command(flatten)]
     locations: Locations,
 
+    /// Ask a running `shoal serve` at this HTTP address instead of reading the store.
+    #[arg(long, value_name = "ADDR:PORT")]
+    http: Option<String>,
+
     /// Print as JSON.
     #[arg(long)]
     json: bool,
@@ -126,7 +176,9 @@ pub fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    init_logging(&cli.log);
+    // The daemon reports what it does; one-shot commands only what goes wrong.
+    let default_level = if matches!(cli.command, Command::Serve(_)) && cli.log == "warn" { "info" } else { cli.log.as_str() };
+    init_logging(default_level, matches!(cli.command, Command::Serve(_)));
     match run(cli) {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
         Ok(Outcome::ProblemsFound) => ExitCode::from(1),
@@ -137,18 +189,17 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(filter: &str) {
+fn init_logging(filter: &str, timestamps: bool) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
         eprintln!("warning: ignoring log filter {filter:?}: {e}");
         tracing_subscriber::EnvFilter::new("warn")
     });
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .without_time()
-        .with_target(false)
-        .init();
+        .with_target(false);
+    if timestamps { builder.init() } else { builder.without_time().init() }
 }
 
 fn settings(
@@ -175,9 +226,15 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             let settings = settings(cli.config, args.locations, args.chunk_sizes)?;
             commands::scan(&settings, args.threads, args.json)
         }
-        Command::Status(args) => {
-            commands::status(&settings(cli.config, args.locations, None)?, args.json)
+        Command::Status(args) => match args.http {
+            Some(addr) => commands::status_http(&addr, args.json),
+            None => commands::status(&settings(cli.config, args.locations, None)?, args.json),
+        },
+        Command::Serve(args) => {
+            let settings = settings(cli.config, args.locations, args.chunk_sizes)?;
+            commands::serve(settings, args.listen, args.peers, args.credentials, &args.http, args.heartbeat)
         }
+        Command::Cluster(ClusterCommand::Init { out }) => commands::cluster_init(&out),
         Command::Verify(args) => {
             commands::verify(&settings(cli.config, args.locations, None)?, args.json)
         }

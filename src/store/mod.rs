@@ -463,6 +463,14 @@ impl Store {
             .transpose()
     }
 
+    /// The scan stamp of one name, if it is indexed as existing.
+    pub fn stamp(&self, vol: VolumeId, dir: &VolPath, name: &[u8]) -> Result<Option<ScanStamp>, StoreError> {
+        let key = entry_key(vol, dir, name);
+        self.get(CF_SCAN_CACHE, &key)?
+            .map(|bytes| codec::decode_stamp(&bytes).map_err(|e| StoreError::corrupt(CF_SCAN_CACHE, &key, e)))
+            .transpose()
+    }
+
     /// The children of `dir` in name order, tombstones included.
     pub fn children(
         &self,
@@ -475,6 +483,23 @@ impl Store {
             let (key, value) = item?;
             let entry = codec::decode_entry(&value)
                 .map_err(|e| StoreError::corrupt(CF_ENTRIES, &key, e))?;
+            Ok((key[name_at..].to_vec(), entry))
+        })
+    }
+
+    /// The children of `dir` whose names are `>= start`, in name order.
+    pub fn children_from(
+        &self,
+        vol: VolumeId,
+        dir: &VolPath,
+        start: &[u8],
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Entry), StoreError>> + '_ {
+        let (prefix, end) = children_range(vol, dir);
+        let name_at = prefix.len();
+        let from = [prefix.as_slice(), start].concat();
+        self.range(CF_ENTRIES, from, end).map(move |item| {
+            let (key, value) = item?;
+            let entry = codec::decode_entry(&value).map_err(|e| StoreError::corrupt(CF_ENTRIES, &key, e))?;
             Ok((key[name_at..].to_vec(), entry))
         })
     }
@@ -693,6 +718,11 @@ impl Batch<'_> {
             &entry_key(vol, dir, name),
             &codec::encode_entry(entry),
         );
+    }
+
+    /// Forgets a name entirely, without a tombstone (for names that never synced).
+    pub fn delete_entry(&mut self, vol: VolumeId, dir: &VolPath, name: &[u8]) {
+        self.delete(CF_ENTRIES, &entry_key(vol, dir, name));
     }
 
     pub fn put_stamp(&mut self, vol: VolumeId, dir: &VolPath, name: &[u8], stamp: &ScanStamp) {

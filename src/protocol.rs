@@ -1,0 +1,529 @@
+//! Shoal's wire protocol, version 1 (specified in `schema/protocol.md`).
+//!
+//! Nodes talk over QUIC connections ([`crate::transport`]). Every request opens its own
+//! bidirectional stream: the requester writes one request frame and finishes its side;
+//! the responder writes one or more response frames and finishes. Many requests are in
+//! flight on one connection at once, each on its own stream, so a large chunk transfer
+//! never blocks a tree lookup.
+//!
+//! A frame is `u32 LE length || u8 kind || body`, where the length counts the kind byte
+//! and the body. Every frame has a size limit checked before anything is allocated;
+//! bodies are decoded with bounds checks, and an unknown kind, a short or long body, an
+//! invalid path or volume name is a [`ProtocolError`]: the stream is closed with an
+//! error frame and the problem logged, never a panic.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::chunking::{ChunkParams, ChunkRef};
+use crate::entry::Entry;
+use crate::ids::{ChunkId, ContentId, HASH_LEN, NodeId, TreeHash};
+use crate::pathname::{VolPath, validate_name};
+use crate::store::codec::{self, DecodeError, Reader, TreeNode};
+
+/// Protocol version carried in `Hello`; a peer with another version is refused.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Largest frame other than chunk data.
+pub const MAX_CONTROL_FRAME: usize = 4 << 20;
+/// Largest chunk-data frame: the largest chunk FastCDC allows plus its header.
+pub const MAX_CHUNK_FRAME: usize = fastcdc::v2020::MAXIMUM_MAX as usize + 64;
+/// Entries in one `Entries` response; more come with `more = true`.
+pub const MAX_ENTRIES_PER_RESPONSE: usize = 4096;
+/// Bytes of encoded entries in one `Entries` response.
+pub const MAX_ENTRIES_BYTES: usize = 2 << 20;
+/// Chunk ids in one `GetChunks` request.
+pub const MAX_CHUNKS_PER_REQUEST: usize = 64;
+/// Volumes a node may announce.
+pub const MAX_VOLUMES: usize = 1024;
+
+/// Error codes, in `Error` frames and as QUIC application close codes.
+pub mod code {
+    pub const VERSION: u16 = 1;
+    pub const MALFORMED: u16 = 2;
+    pub const TOO_LARGE: u16 = 3;
+    pub const CHUNK_PARAMS: u16 = 4;
+    pub const UNKNOWN_VOLUME: u16 = 5;
+    pub const INTERNAL: u16 = 6;
+}
+
+mod kind {
+    pub const HELLO: u8 = 0x01;
+    pub const GET_DIR: u8 = 0x02;
+    pub const GET_ENTRIES: u8 = 0x03;
+    pub const GET_CHUNK_LIST: u8 = 0x04;
+    pub const GET_CHUNKS: u8 = 0x05;
+    pub const NOTIFY: u8 = 0x06;
+    pub const HELLO_REPLY: u8 = 0x81;
+    pub const DIR: u8 = 0x82;
+    pub const ENTRIES: u8 = 0x83;
+    pub const CHUNK_LIST: u8 = 0x84;
+    pub const CHUNK: u8 = 0x85;
+    pub const CHUNK_MISSING: u8 = 0x86;
+    pub const ACK: u8 = 0x87;
+    pub const ERROR: u8 = 0xff;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("frame of {len} bytes exceeds the limit of {limit}")]
+    TooLarge { len: usize, limit: usize },
+    #[error("connection reset in the middle of a frame")]
+    Truncated,
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("unexpected message kind {0:#04x}")]
+    UnexpectedKind(u8),
+    #[error("peer reported error {code}: {message}")]
+    Remote { code: u16, message: String },
+    #[error("stream error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ProtocolError {
+    /// The code to send back for this error.
+    pub fn code(&self) -> u16 {
+        match self {
+            ProtocolError::TooLarge { .. } => code::TOO_LARGE,
+            ProtocolError::Remote { code, .. } => *code,
+            ProtocolError::Io(_) => code::INTERNAL,
+            _ => code::MALFORMED,
+        }
+    }
+}
+
+impl From<DecodeError> for ProtocolError {
+    fn from(e: DecodeError) -> Self {
+        ProtocolError::Malformed(e.0)
+    }
+}
+
+/// What a node says of itself when a connection opens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u16,
+    pub node_id: NodeId,
+    pub chunk_params: ChunkParams,
+    pub volumes: Vec<String>,
+}
+
+/// One child of a directory as a peer sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WireEntry {
+    pub name: Vec<u8>,
+    pub entry: Entry,
+    /// The child's tree hash when it is a live directory.
+    pub subtree: Option<TreeHash>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    Hello(Hello),
+    /// The tree node of a directory (the root is the empty path).
+    GetDir { volume: String, dir: VolPath },
+    /// The children of `dir` (tombstones included) with `start <= name < end`.
+    GetEntries { volume: String, dir: VolPath, start: Vec<u8>, end: Option<Vec<u8>> },
+    /// The chunk list of a file, if it still has that content.
+    GetChunkList { volume: String, path: VolPath, content_id: ContentId },
+    /// Chunk bytes, by id.
+    GetChunks { ids: Vec<ChunkId> },
+    /// "My volume changed": the receiver should pull from the sender soon.
+    Notify { volume: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Response {
+    Hello(Hello),
+    Dir(Option<TreeNode>),
+    Entries { entries: Vec<WireEntry>, more: bool },
+    ChunkList(Option<Vec<ChunkRef>>),
+    Chunk { id: ChunkId, data: Vec<u8> },
+    ChunkMissing { id: ChunkId },
+    Ack,
+    Error { code: u16, message: String },
+}
+
+fn put_bytes16(out: &mut Vec<u8>, bytes: &[u8]) {
+    let len = u16::try_from(bytes.len()).expect("names and paths are bounded by PATH_MAX");
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn read_volume(r: &mut Reader<'_>) -> Result<String, ProtocolError> {
+    let bytes = r.short_bytes("volume name")?;
+    let name = std::str::from_utf8(bytes).map_err(|_| ProtocolError::Malformed("volume name is not UTF-8".into()))?;
+    crate::config::validate_volume_name(name).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    Ok(name.to_string())
+}
+
+fn read_path(r: &mut Reader<'_>, what: &str) -> Result<VolPath, ProtocolError> {
+    VolPath::parse(r.short_bytes(what)?).map_err(|e| ProtocolError::Malformed(format!("{what}: {e}")))
+}
+
+fn read_name_bound(r: &mut Reader<'_>, what: &str) -> Result<Vec<u8>, ProtocolError> {
+    let name = r.short_bytes(what)?;
+    if name.len() > crate::pathname::MAX_NAME_LEN || name.contains(&0) || name.contains(&b'/') {
+        return Err(ProtocolError::Malformed(format!("{what} is not a file name")));
+    }
+    Ok(name.to_vec())
+}
+
+fn encode_hello(h: &Hello) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&h.version.to_le_bytes());
+    out.extend_from_slice(&h.node_id.0.to_le_bytes());
+    for n in [h.chunk_params.min, h.chunk_params.avg, h.chunk_params.max] {
+        out.extend_from_slice(&n.to_le_bytes());
+    }
+    out.extend_from_slice(&(h.volumes.len() as u16).to_le_bytes());
+    for v in &h.volumes {
+        put_bytes16(&mut out, v.as_bytes());
+    }
+    out
+}
+
+fn decode_hello(body: &[u8]) -> Result<Hello, ProtocolError> {
+    let mut r = Reader::new(body);
+    let version = r.u16("version")?;
+    if version != PROTOCOL_VERSION {
+        // Nothing after the version is read: a later version may lay it out otherwise.
+        return Ok(Hello { version, node_id: NodeId(0), chunk_params: ChunkParams::DEFAULT, volumes: vec![] });
+    }
+    let node_id = NodeId(r.u64("node id")?);
+    let (min, avg, max) = (r.u32("chunk sizes")?, r.u32("chunk sizes")?, r.u32("chunk sizes")?);
+    let chunk_params =
+        ChunkParams::new(min, avg, max).map_err(|e| ProtocolError::Malformed(format!("hello: {e}")))?;
+    let count = usize::from(r.u16("volume count")?);
+    if count > MAX_VOLUMES {
+        return Err(ProtocolError::Malformed(format!("hello announces {count} volumes")));
+    }
+    let volumes = (0..count).map(|_| read_volume(&mut r)).collect::<Result<_, _>>()?;
+    r.finish("hello")?;
+    Ok(Hello { version, node_id, chunk_params, volumes })
+}
+
+impl Request {
+    pub fn encode(&self) -> (u8, Vec<u8>) {
+        let mut out = Vec::new();
+        let kind = match self {
+            Request::Hello(h) => {
+                out = encode_hello(h);
+                kind::HELLO
+            }
+            Request::GetDir { volume, dir } => {
+                put_bytes16(&mut out, volume.as_bytes());
+                put_bytes16(&mut out, dir.as_bytes());
+                kind::GET_DIR
+            }
+            Request::GetEntries { volume, dir, start, end } => {
+                put_bytes16(&mut out, volume.as_bytes());
+                put_bytes16(&mut out, dir.as_bytes());
+                put_bytes16(&mut out, start);
+                match end {
+                    Some(end) => {
+                        out.push(1);
+                        put_bytes16(&mut out, end);
+                    }
+                    None => out.push(0),
+                }
+                kind::GET_ENTRIES
+            }
+            Request::GetChunkList { volume, path, content_id } => {
+                put_bytes16(&mut out, volume.as_bytes());
+                put_bytes16(&mut out, path.as_bytes());
+                out.extend_from_slice(content_id.as_bytes());
+                kind::GET_CHUNK_LIST
+            }
+            Request::GetChunks { ids } => {
+                out.extend_from_slice(&(ids.len() as u16).to_le_bytes());
+                for id in ids {
+                    out.extend_from_slice(id.as_bytes());
+                }
+                kind::GET_CHUNKS
+            }
+            Request::Notify { volume } => {
+                put_bytes16(&mut out, volume.as_bytes());
+                kind::NOTIFY
+            }
+        };
+        (kind, out)
+    }
+
+    pub fn decode(kind: u8, body: &[u8]) -> Result<Request, ProtocolError> {
+        let mut r = Reader::new(body);
+        let request = match kind {
+            kind::HELLO => return Ok(Request::Hello(decode_hello(body)?)),
+            kind::GET_DIR => Request::GetDir { volume: read_volume(&mut r)?, dir: read_path(&mut r, "directory")? },
+            kind::GET_ENTRIES => {
+                let volume = read_volume(&mut r)?;
+                let dir = read_path(&mut r, "directory")?;
+                let start = read_name_bound(&mut r, "range start")?;
+                let end = match r.u8("range end flag")? {
+                    0 => None,
+                    1 => Some(read_name_bound(&mut r, "range end")?),
+                    other => return Err(ProtocolError::Malformed(format!("range end flag {other}"))),
+                };
+                Request::GetEntries { volume, dir, start, end }
+            }
+            kind::GET_CHUNK_LIST => Request::GetChunkList {
+                volume: read_volume(&mut r)?,
+                path: read_path(&mut r, "path")?,
+                content_id: ContentId(r.hash("content id")?),
+            },
+            kind::GET_CHUNKS => {
+                let count = usize::from(r.u16("chunk count")?);
+                if count > MAX_CHUNKS_PER_REQUEST {
+                    return Err(ProtocolError::Malformed(format!("{count} chunks requested at once")));
+                }
+                Request::GetChunks { ids: (0..count).map(|_| r.hash("chunk id").map(ChunkId)).collect::<Result<_, _>>()? }
+            }
+            kind::NOTIFY => Request::Notify { volume: read_volume(&mut r)? },
+            other => return Err(ProtocolError::UnexpectedKind(other)),
+        };
+        r.finish("request")?;
+        Ok(request)
+    }
+}
+
+impl Response {
+    pub fn encode(&self) -> (u8, Vec<u8>) {
+        let mut out = Vec::new();
+        let kind = match self {
+            Response::Hello(h) => {
+                out = encode_hello(h);
+                kind::HELLO_REPLY
+            }
+            Response::Dir(node) => {
+                match node {
+                    Some(node) => {
+                        out.push(1);
+                        out.extend_from_slice(&codec::encode_tree_node(node));
+                    }
+                    None => out.push(0),
+                }
+                kind::DIR
+            }
+            Response::Entries { entries, more } => {
+                out.push(u8::from(*more));
+                out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+                for e in entries {
+                    put_bytes16(&mut out, &e.name);
+                    match &e.subtree {
+                        Some(hash) => {
+                            out.push(1);
+                            out.extend_from_slice(hash.as_bytes());
+                        }
+                        None => out.push(0),
+                    }
+                    let encoded = codec::encode_entry(&e.entry);
+                    out.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
+                    out.extend_from_slice(&encoded);
+                }
+                kind::ENTRIES
+            }
+            Response::ChunkList(list) => {
+                match list {
+                    Some(list) => {
+                        out.push(1);
+                        out.extend_from_slice(&codec::encode_chunk_list(list));
+                    }
+                    None => out.push(0),
+                }
+                kind::CHUNK_LIST
+            }
+            Response::Chunk { id, data } => {
+                out.reserve(HASH_LEN + data.len());
+                out.extend_from_slice(id.as_bytes());
+                out.extend_from_slice(data);
+                kind::CHUNK
+            }
+            Response::ChunkMissing { id } => {
+                out.extend_from_slice(id.as_bytes());
+                kind::CHUNK_MISSING
+            }
+            Response::Ack => kind::ACK,
+            Response::Error { code, message } => {
+                out.extend_from_slice(&code.to_le_bytes());
+                let message = &message.as_bytes()[..message.len().min(1024)];
+                put_bytes16(&mut out, message);
+                kind::ERROR
+            }
+        };
+        (kind, out)
+    }
+
+    pub fn decode(kind: u8, body: &[u8]) -> Result<Response, ProtocolError> {
+        let mut r = Reader::new(body);
+        let response = match kind {
+            kind::HELLO_REPLY => return Ok(Response::Hello(decode_hello(body)?)),
+            kind::DIR => match r.u8("dir flag")? {
+                0 => Response::Dir(None),
+                1 => return Ok(Response::Dir(Some(codec::decode_tree_node(&body[1..])?))),
+                other => return Err(ProtocolError::Malformed(format!("dir flag {other}"))),
+            },
+            kind::ENTRIES => {
+                let more = r.u8("more flag")? != 0;
+                let count = r.u32("entry count")? as usize;
+                if count > MAX_ENTRIES_PER_RESPONSE {
+                    return Err(ProtocolError::Malformed(format!("{count} entries in one response")));
+                }
+                let mut entries = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let name = r.short_bytes("entry name")?.to_vec();
+                    validate_name(&name).map_err(|e| ProtocolError::Malformed(format!("entry name: {e}")))?;
+                    let subtree = match r.u8("subtree flag")? {
+                        0 => None,
+                        _ => Some(TreeHash(r.hash("subtree hash")?)),
+                    };
+                    let len = r.u32("entry length")? as usize;
+                    let entry = codec::decode_entry(r.take(len, "entry")?)?;
+                    entries.push(WireEntry { name, entry, subtree });
+                }
+                Response::Entries { entries, more }
+            }
+            kind::CHUNK_LIST => match r.u8("chunk list flag")? {
+                0 => Response::ChunkList(None),
+                1 => return Ok(Response::ChunkList(Some(codec::decode_chunk_list(&body[1..])?))),
+                other => return Err(ProtocolError::Malformed(format!("chunk list flag {other}"))),
+            },
+            kind::CHUNK => {
+                let id = ChunkId(r.hash("chunk id")?);
+                return Ok(Response::Chunk { id, data: body[HASH_LEN..].to_vec() });
+            }
+            kind::CHUNK_MISSING => Response::ChunkMissing { id: ChunkId(r.hash("chunk id")?) },
+            kind::ACK => Response::Ack,
+            kind::ERROR => {
+                let code = r.u16("error code")?;
+                let message = String::from_utf8_lossy(r.short_bytes("error message")?).into_owned();
+                Response::Error { code, message }
+            }
+            other => return Err(ProtocolError::UnexpectedKind(other)),
+        };
+        r.finish("response")?;
+        Ok(response)
+    }
+}
+
+/// Writes one frame.
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, (kind, body): (u8, Vec<u8>)) -> Result<(), ProtocolError> {
+    let len = u32::try_from(body.len() + 1).map_err(|_| ProtocolError::TooLarge { len: body.len(), limit: MAX_CHUNK_FRAME })?;
+    let mut header = [0u8; 5];
+    header[..4].copy_from_slice(&len.to_le_bytes());
+    header[4] = kind;
+    w.write_all(&header).await?;
+    w.write_all(&body).await?;
+    Ok(())
+}
+
+/// Reads one frame; `None` at a clean end of stream. Frames over `limit` bytes are
+/// refused before their body is read.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, limit: usize) -> Result<Option<(u8, Vec<u8>)>, ProtocolError> {
+    let mut header = [0u8; 5];
+    let mut got = 0;
+    while got < header.len() {
+        match r.read(&mut header[got..]).await? {
+            0 if got == 0 => return Ok(None),
+            0 => return Err(ProtocolError::Truncated),
+            n => got += n,
+        }
+    }
+    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+    if len == 0 {
+        return Err(ProtocolError::Malformed("empty frame".into()));
+    }
+    if len > limit {
+        return Err(ProtocolError::TooLarge { len, limit });
+    }
+    let mut body = vec![0u8; len - 1];
+    r.read_exact(&mut body).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => ProtocolError::Truncated,
+        _ => ProtocolError::Io(e),
+    })?;
+    Ok(Some((header[4], body)))
+}
+
+/// The frame size limit for a response to `request`.
+pub fn response_limit(request: &Request) -> usize {
+    match request {
+        Request::GetChunks { .. } => MAX_CHUNK_FRAME,
+        _ => MAX_CONTROL_FRAME,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entry::{EntryKind, VersionVector};
+
+    fn round_trip_request(request: Request) {
+        let (kind, body) = request.encode();
+        assert_eq!(Request::decode(kind, &body).unwrap(), request);
+        for cut in 0..body.len() {
+            assert!(Request::decode(kind, &body[..cut]).is_err() || matches!(request, Request::Hello(_)));
+        }
+    }
+
+    #[test]
+    fn requests_round_trip_and_short_bodies_fail() {
+        let dir = VolPath::parse(b"a/b").unwrap();
+        round_trip_request(Request::GetDir { volume: "media".into(), dir: dir.clone() });
+        round_trip_request(Request::GetEntries { volume: "m".into(), dir: dir.clone(), start: b"x".to_vec(), end: Some(b"y".to_vec()) });
+        round_trip_request(Request::GetEntries { volume: "m".into(), dir: VolPath::root(), start: vec![], end: None });
+        round_trip_request(Request::GetChunkList { volume: "m".into(), path: dir, content_id: ContentId([1; 32]) });
+        round_trip_request(Request::GetChunks { ids: vec![ChunkId([2; 32]), ChunkId([3; 32])] });
+        round_trip_request(Request::Notify { volume: "m".into() });
+        let hello = Hello { version: 1, node_id: NodeId(9), chunk_params: ChunkParams::DEFAULT, volumes: vec!["a".into()] };
+        let (kind, body) = Request::Hello(hello.clone()).encode();
+        assert_eq!(Request::decode(kind, &body).unwrap(), Request::Hello(hello));
+    }
+
+    #[test]
+    fn hostile_paths_and_names_are_rejected() {
+        for bad in [&b"../../etc/passwd"[..], b"/abs", b"a/../b", b"a\0b"] {
+            let mut body = Vec::new();
+            put_bytes16(&mut body, b"vol");
+            put_bytes16(&mut body, bad);
+            assert!(matches!(Request::decode(kind::GET_DIR, &body), Err(ProtocolError::Malformed(_))));
+        }
+        let entry = Entry { kind: EntryKind::Dir, mode: 0o755, mtime_ns: 0, uid: 0, gid: 0, version: VersionVector::default() };
+        for bad in [&b".."[..], b"a/b", b""] {
+            let response = Response::Entries { entries: vec![WireEntry { name: bad.to_vec(), entry: entry.clone(), subtree: None }], more: false };
+            let (kind, body) = response.encode();
+            assert!(Response::decode(kind, &body).is_err(), "{bad:?} accepted");
+        }
+        let mut volume = Vec::new();
+        put_bytes16(&mut volume, b"../x");
+        assert!(Request::decode(kind::NOTIFY, &volume).is_err());
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        let entry = Entry { kind: EntryKind::Symlink { target: b"t".to_vec() }, mode: 0, mtime_ns: 5, uid: 1, gid: 2, version: VersionVector::from_pairs([(NodeId(3), 4)]) };
+        for response in [
+            Response::Entries { entries: vec![WireEntry { name: b"n".to_vec(), entry, subtree: Some(TreeHash([7; 32])) }], more: true },
+            Response::ChunkList(Some(vec![ChunkRef { id: ChunkId([1; 32]), len: 10 }])),
+            Response::ChunkList(None),
+            Response::Chunk { id: ChunkId([5; 32]), data: b"bytes".to_vec() },
+            Response::ChunkMissing { id: ChunkId([6; 32]) },
+            Response::Dir(None),
+            Response::Ack,
+            Response::Error { code: code::MALFORMED, message: "bad".into() },
+        ] {
+            let (kind, body) = response.encode();
+            assert_eq!(Response::decode(kind, &body).unwrap(), response);
+        }
+    }
+
+    #[tokio::test]
+    async fn oversized_and_truncated_frames_are_errors() {
+        let mut huge = Vec::new();
+        huge.extend_from_slice(&(u32::MAX).to_le_bytes());
+        huge.push(kind::HELLO);
+        assert!(matches!(read_frame(&mut &huge[..], MAX_CONTROL_FRAME).await, Err(ProtocolError::TooLarge { .. })));
+        let mut short = Vec::new();
+        write_frame(&mut short, Request::Notify { volume: "v".into() }.encode()).await.unwrap();
+        short.pop();
+        assert!(matches!(read_frame(&mut &short[..], MAX_CONTROL_FRAME).await, Err(ProtocolError::Truncated)));
+        assert!(read_frame(&mut &b""[..], MAX_CONTROL_FRAME).await.unwrap().is_none());
+        assert!(Request::decode(0x42, b"").is_err());
+    }
+}

@@ -1,0 +1,251 @@
+//! `shoal serve`: the daemon. Scans its volumes, answers peers, pulls from peers, and
+//! shuts down cleanly.
+//!
+//! Tasks (each stops when the shutdown signal flips):
+//! - the QUIC accept loop, one task per incoming connection ([`crate::sync::server`]);
+//! - one task per configured peer: connect (with backoff), hello, then pull every shared
+//!   volume on connect, on the peer's `Notify`, and every heartbeat;
+//! - the heartbeat: rescan the volumes (cheap: unchanged files are not read) and notify
+//!   peers of local changes;
+//! - the HTTP endpoint ([`crate::http`]).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::watch;
+
+use crate::config::Settings;
+use crate::credentials::Credentials;
+use crate::protocol::{self, Request, Response};
+use crate::scan::{ScanOptions, scan_volume};
+use crate::store::{OpenOptions, Store};
+use crate::sync::{Node, Peer, SyncError, Stats, Volume, pull, request};
+use crate::volume_fs::VolumeFs;
+
+pub struct ServeOptions {
+    pub settings: Settings,
+    pub listen: SocketAddr,
+    pub peers: Vec<String>,
+    pub credentials: PathBuf,
+    pub http: Option<SocketAddr>,
+    pub heartbeat: Duration,
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+pub async fn run(options: ServeOptions, shutdown_signal: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    let credentials = Credentials::load(&options.credentials)?;
+    let settings = &options.settings;
+    if settings.volumes.is_empty() {
+        return Err(crate::config::ConfigError::NoVolumes.into());
+    }
+    let store = Store::open(&settings.state_dir, OpenOptions { create: true, read_only: false, chunk_params: settings.chunk_params })?;
+    let mut volumes = Vec::new();
+    for name in &settings.volumes {
+        let dir = settings.volume_dir(name);
+        if !dir.exists() {
+            tracing::warn!("volume {name}: {} does not exist; creating it empty (it will be filled from peers)", dir.display());
+            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let fs = VolumeFs::open(&dir).with_context(|| format!("volume {name}"))?;
+        let record = store.ensure_volume(name)?;
+        volumes.push(Volume { name: name.clone(), id: crate::ids::VolumeId(record.id), fs, lock: tokio::sync::Mutex::new(()) });
+    }
+    let mut peers = Vec::new();
+    for target in &options.peers {
+        let addr = tokio::net::lookup_host(target.as_str())
+            .await
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .with_context(|| format!("cannot resolve peer {target:?} (expected HOST:PORT)"))?;
+        if addr == options.listen {
+            continue;
+        }
+        peers.push(Arc::new(Peer::new(addr)));
+    }
+    let node = Arc::new(Node {
+        meta: store.meta(),
+        store,
+        volumes,
+        peers,
+        stats: Stats::default(),
+        sync_ownership: rustix::process::geteuid().is_root(),
+    });
+    tracing::info!(node = %node.meta.node_id, volumes = ?settings.volumes, "starting");
+    for index in 0..node.volumes.len() {
+        rescan(&node, index).await?;
+    }
+
+    let mut server = crate::transport::listen(options.listen, &credentials)?;
+    let bind = SocketAddr::new(options.listen.ip(), 0);
+    let client = crate::transport::client(bind, &credentials)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    {
+        let node = node.clone();
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    accepted = server.accept() => match accepted {
+                        Some(connection) => { tokio::spawn(crate::sync::server::serve_connection(node.clone(), connection)); }
+                        None => break,
+                    },
+                    _ = stop.wait_for(|s| *s) => break,
+                }
+            }
+        });
+    }
+    for peer in node.peers.clone() {
+        let (node, client, stop) = (node.clone(), client.clone(), stop_rx.clone());
+        let heartbeat = options.heartbeat;
+        tasks.spawn(async move { peer_loop(node, peer, client, heartbeat, stop).await });
+    }
+    {
+        let (node, mut stop) = (node.clone(), stop_rx.clone());
+        let heartbeat = options.heartbeat;
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(heartbeat) => {}
+                    _ = stop.wait_for(|s| *s) => break,
+                }
+                for index in 0..node.volumes.len() {
+                    if let Err(e) = rescan(&node, index).await {
+                        tracing::error!("rescan of {} failed: {e:#}", node.volumes[index].name);
+                    }
+                }
+            }
+        });
+    }
+    if let Some(addr) = options.http {
+        let (node, stop) = (node.clone(), stop_rx.clone());
+        let listener_check = std::net::TcpListener::bind(addr).with_context(|| format!("cannot serve HTTP on {addr}"))?;
+        drop(listener_check);
+        tasks.spawn(async move {
+            if let Err(e) = crate::http::serve(addr, node, stop).await {
+                tracing::error!("HTTP endpoint on {addr} failed: {e}");
+            }
+        });
+    }
+    tracing::info!(listen = %options.listen, http = ?options.http, peers = node.peers.len(), "serving");
+    shutdown_signal.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
+        tracing::warn!("some tasks did not stop within 10 s");
+    }
+    node.store.sync()?;
+    Ok(())
+}
+
+/// Rescans one volume under its lock; announces local changes to peers.
+async fn rescan(node: &Arc<Node>, index: usize) -> anyhow::Result<()> {
+    let volume = &node.volumes[index];
+    let report = {
+        let _guard = volume.lock.lock().await;
+        let node = node.clone();
+        tokio::task::spawn_blocking(move || {
+            let volume = &node.volumes[index];
+            scan_volume(&node.store, &volume.name, volume.fs.root_path(), &ScanOptions::default())
+        })
+        .await??
+    };
+    if report.added + report.modified + report.deleted > 0 {
+        tracing::info!(volume = %volume.name, added = report.added, modified = report.modified, deleted = report.deleted, "local changes");
+        node.notify_peers(&volume.name).await;
+    }
+    Ok(())
+}
+
+/// Keeps one peer connected and pulls from it.
+async fn peer_loop(node: Arc<Node>, peer: Arc<Peer>, client: s2n_quic::Client, heartbeat: Duration, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(200);
+    let mut last_error = String::new();
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        match connect(&node, &peer, &client).await {
+            Ok(connection) => {
+                backoff = Duration::from_millis(200);
+                last_error.clear();
+                tracing::info!(peer = %peer.addr, node = ?peer.node_id(), "connected");
+                let reason = sync_with(&node, &peer, heartbeat, &mut stop).await;
+                drop(connection);
+                peer.connected.store(false, Ordering::Relaxed);
+                *peer.handle.lock().expect("peer state lock") = None;
+                match reason {
+                    Some(e) => tracing::warn!(peer = %peer.addr, "disconnected: {e}"),
+                    None => return,
+                }
+            }
+            Err(SyncError::Refused(message)) if message.contains("this node itself") => return,
+            Err(e) => {
+                let message = e.to_string();
+                if message != last_error {
+                    tracing::warn!(peer = %peer.addr, "cannot sync: {message}; retrying");
+                    last_error = message;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn connect(node: &Node, peer: &Peer, client: &s2n_quic::Client) -> Result<s2n_quic::Connection, SyncError> {
+    let connection = crate::transport::connect(client, peer.addr).await.map_err(|e| SyncError::Connection(e.to_string()))?;
+    let mut handle = connection.handle();
+    let hello = match request(&mut handle, &Request::Hello(node.hello())).await? {
+        Response::Hello(hello) => hello,
+        other => return Err(SyncError::Refused(format!("unexpected answer to Hello: {other:?}"))),
+    };
+    if hello.version != protocol::PROTOCOL_VERSION {
+        return Err(SyncError::Refused(format!("peer speaks protocol version {}", hello.version)));
+    }
+    if hello.node_id == node.meta.node_id {
+        return Err(SyncError::Refused("the peer is this node itself".into()));
+    }
+    let shared: Vec<String> = hello.volumes.into_iter().filter(|v| node.volume(v).is_some()).collect();
+    *peer.node_id.lock().expect("peer state lock") = Some(hello.node_id);
+    *peer.shared_volumes.lock().expect("peer state lock") = shared;
+    *peer.handle.lock().expect("peer state lock") = Some(handle);
+    peer.connected.store(true, Ordering::Relaxed);
+    Ok(connection)
+}
+
+/// Pulls from a connected peer on connect, on notify and every heartbeat. Returns why it
+/// stopped: `None` for shutdown.
+async fn sync_with(node: &Arc<Node>, peer: &Arc<Peer>, heartbeat: Duration, stop: &mut watch::Receiver<bool>) -> Option<SyncError> {
+    loop {
+        for index in 0..node.volumes.len() {
+            let name = node.volumes[index].name.clone();
+            if !peer.shares(&name) {
+                continue;
+            }
+            match pull::pull_volume(node, peer, index).await {
+                Ok(report) if report.changed() => {
+                    tracing::info!(peer = %peer.addr, volume = %name, applied = report.applied, deleted = report.deleted, conflicts = report.conflicts, "pulled");
+                    node.notify_peers(&name).await;
+                }
+                Ok(_) => {}
+                Err(e @ (SyncError::Connection(_) | SyncError::Protocol(_))) => return Some(e),
+                Err(e) => tracing::warn!(peer = %peer.addr, volume = %name, "pull failed: {e}"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(heartbeat) => {}
+            _ = peer.wake.notified() => {}
+            _ = stop.wait_for(|s| *s) => return None,
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Concurrent edits: which version keeps the name, and what the other one is called.
+//!
+//! Both sides of a conflict run the same rule on the same two versions, so every node
+//! reaches the same result without talking about it: the winner keeps the name with
+//! the merged version vector (which dominates both), the loser becomes a visible copy
+//! `stem.sync-conflict-<UTC time>-<node>.ext` carrying the loser's own version vector.
+//! No content is dropped.
+
+use std::cmp::Ordering;
+
+use crate::entry::{Entry, EntryKind};
+
+/// Whether `a` wins over `b` (they are concurrent and differ).
+pub fn wins(a: &Entry, b: &Entry) -> bool {
+    rank(a).cmp(&rank(b)).then_with(|| tiebreak(a).cmp(&tiebreak(b))) == Ordering::Greater
+}
+
+/// Live beats deleted (nothing is lost), directories beat files (their contents stay
+/// where they are), then the later modification.
+fn rank(e: &Entry) -> (u8, i64) {
+    let kind = match e.kind {
+        EntryKind::Tombstone { .. } => 0,
+        EntryKind::Symlink { .. } => 1,
+        EntryKind::File { .. } => 1,
+        EntryKind::Dir => 2,
+    };
+    (kind, e.mtime_ns)
+}
+
+/// A total order on the rest of the state, so that equal ranks still pick one winner.
+fn tiebreak(e: &Entry) -> Vec<u8> {
+    let mut key = crate::store::codec::encode_entry(&Entry { version: Default::default(), ..e.clone() });
+    key.extend(e.version.pairs().iter().flat_map(|(n, c)| n.0.to_be_bytes().into_iter().chain(c.to_be_bytes())));
+    key
+}
+
+/// The name of the conflict copy of `loser` (which lost against `winner`) at `name`.
+pub fn conflict_name(name: &[u8], loser: &Entry, winner: &Entry) -> Vec<u8> {
+    // The node that made the losing change: one whose counter the winner has not seen.
+    let author = loser
+        .version
+        .pairs()
+        .iter()
+        .find(|(node, counter)| winner.version.get(*node) < *counter)
+        .map(|(node, _)| node.to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let stamp = utc_stamp(loser.mtime_ns.div_euclid(1_000_000_000));
+    let (stem, ext) = match name.iter().rposition(|&b| b == b'.') {
+        Some(dot) if dot > 0 => (&name[..dot], &name[dot..]),
+        _ => (name, &b""[..]),
+    };
+    let suffix = format!(".sync-conflict-{stamp}-{}", &author[..author.len().min(7)]);
+    // Keep the result a valid name (255 bytes): shorten the stem if needed.
+    let room = crate::pathname::MAX_NAME_LEN.saturating_sub(suffix.len() + ext.len().min(32));
+    let ext = &ext[..ext.len().min(32)];
+    [&stem[..stem.len().min(room)], suffix.as_bytes(), ext].concat()
+}
+
+/// `YYYYMMDD-HHMMSS` in UTC.
+fn utc_stamp(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}{month:02}{day:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entry::VersionVector;
+    use crate::ids::{ContentId, NodeId};
+
+    fn file(content: u8, mtime_s: i64, node: u64) -> Entry {
+        Entry {
+            kind: EntryKind::File { size: 1, content_id: ContentId([content; 32]), chunks: 1 },
+            mode: 0o644,
+            mtime_ns: mtime_s * 1_000_000_000,
+            uid: 0,
+            gid: 0,
+            version: VersionVector::from_pairs([(NodeId(1), 1), (NodeId(node), 2)]),
+        }
+    }
+
+    #[test]
+    fn exactly_one_side_wins_and_the_rule_is_symmetric() {
+        let a = file(1, 100, 0xaa);
+        let b = file(2, 100, 0xbb);
+        assert_ne!(wins(&a, &b), wins(&b, &a));
+        let later = file(3, 200, 0xcc);
+        assert!(wins(&later, &a) && !wins(&a, &later));
+        let deleted = Entry { kind: EntryKind::Tombstone { deleted_at_ns: 999 }, ..file(0, 999, 0xdd) };
+        assert!(wins(&a, &deleted), "an edit beats a concurrent delete");
+    }
+
+    #[test]
+    fn conflict_names_are_deterministic_and_valid() {
+        let loser = file(1, 1_764_115_200, 0xab); // 2025-11-26 00:00:00 UTC
+        let winner = file(2, 1_764_115_300, 0xcd);
+        let name = conflict_name(b"report.final.pdf", &loser, &winner);
+        let text = String::from_utf8(name).unwrap();
+        assert!(text.starts_with("report.final.sync-conflict-20251126-000000-"), "{text}");
+        assert!(text.ends_with(".pdf"));
+        assert_eq!(conflict_name(b"report.final.pdf", &loser, &winner), text.as_bytes());
+        let long = vec![b'x'; 255];
+        let name = conflict_name(&long, &loser, &winner);
+        assert!(name.len() <= 255);
+        crate::pathname::validate_name(&name).unwrap();
+        assert_eq!(utc_stamp(0), "19700101-000000");
+    }
+}

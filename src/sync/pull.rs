@@ -1,0 +1,746 @@
+//! The pulling half of sync: make this node's volume include what a peer has.
+//!
+//! 1. Compare roots: equal roots end the round (one request per volume when converged).
+//! 2. Walk only what differs: for each directory, fetch the peer's page list and only
+//!    the pages whose (first name, hash) we do not have; recurse into child directories
+//!    whose tree hashes differ.
+//! 3. Decide each name with version vectors: the peer's version dominates -> take it;
+//!    ours dominates or is equal -> keep ours; concurrent -> [`super::conflict`].
+//! 4. Take files: fetch the chunk list, reuse every chunk held locally (a rename moves no
+//!    chunk bytes), fetch the rest from the peers that share the volume (spread over
+//!    them, each chunk checked against its BLAKE3 id), assemble in staging, then publish
+//!    a batch: one `syncfs`, atomic renames, directory fsyncs, one durable index write.
+//! 5. Deletes run last, deepest first, so content that moved elsewhere in the same round
+//!    is still there to be reused; a local file changed since the last scan is never
+//!    overwritten or deleted (the next scan indexes it and it syncs as a change).
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use s2n_quic::connection::Handle;
+use tokio::task::JoinSet;
+
+use super::{Node, Peer, SyncError, conflict, request};
+use crate::chunking::{ChunkRef, content_id};
+use crate::entry::{Causality, Entry, EntryKind};
+use crate::ids::ChunkId;
+use crate::pathname::{VolPath, escape};
+use crate::protocol::{MAX_CHUNKS_PER_REQUEST, Request, Response, WireEntry};
+use crate::store::codec::TreeNode;
+use crate::volume_fs::{Staged, finish_staged, stamp_of_stat};
+
+/// Files assembled at once, and chunk requests in flight per file.
+const FILE_CONCURRENCY: usize = 16;
+const REQUESTS_PER_FILE: usize = 4;
+/// Deletes held back until the end of a round (so moved content can be reused); past
+/// this many they are applied early.
+const MAX_DEFERRED_DELETES: usize = 100_000;
+
+/// What one pull round did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PullReport {
+    pub applied: u64,
+    pub deleted: u64,
+    pub conflicts: u64,
+    pub skipped: u64,
+}
+
+impl PullReport {
+    pub fn changed(&self) -> bool {
+        self.applied + self.deleted + self.conflicts > 0
+    }
+}
+
+/// A file to fetch and publish under `dir/name`.
+struct FileJob {
+    dir: VolPath,
+    name: Vec<u8>,
+    /// The entry to record (its content is fetched from `source_path` on the peer).
+    entry: Entry,
+    source_path: VolPath,
+    /// The local entry being replaced, if any (checked unchanged before replacing).
+    replaces: Option<Entry>,
+}
+
+struct ReadyFile {
+    job: FileJob,
+    staged: Staged,
+    chunks: Vec<ChunkRef>,
+}
+
+/// Pulls one volume from one peer.
+pub async fn pull_volume(node: &Arc<Node>, peer: &Arc<Peer>, volume_index: usize) -> Result<PullReport, SyncError> {
+    let handle = peer.connection().ok_or_else(|| SyncError::Connection("not connected".into()))?;
+    let volume = &node.volumes[volume_index];
+    let _guard = volume.lock.lock().await;
+    let mut pull = Pull {
+        node: node.clone(),
+        peer: peer.clone(),
+        handle,
+        volume_index,
+        deferred: Vec::new(),
+        report: PullReport::default(),
+    };
+    let Some(remote_root) = pull.get_dir(&VolPath::root()).await? else {
+        return Ok(pull.report);
+    };
+    let local_root = node.store.tree_node(volume.id, &VolPath::root())?;
+    if local_root.map(|n| n.hash) == Some(remote_root.hash) {
+        return Ok(pull.report);
+    }
+    let mut pending = vec![(VolPath::root(), Some(remote_root))];
+    while let Some((dir, remote)) = pending.pop() {
+        pull.sync_dir(&dir, remote, &mut pending).await?;
+    }
+    pull.apply_deletes()?;
+    crate::tree::update(&node.store, volume.id)?;
+    Ok(pull.report)
+}
+
+struct Pull {
+    node: Arc<Node>,
+    peer: Arc<Peer>,
+    handle: Handle,
+    volume_index: usize,
+    /// (parent, name, remote tombstone) to apply at the end of the round.
+    deferred: Vec<(VolPath, Vec<u8>, Entry)>,
+    report: PullReport,
+}
+
+impl Pull {
+    fn volume(&self) -> &super::Volume {
+        &self.node.volumes[self.volume_index]
+    }
+
+    async fn get_dir(&mut self, dir: &VolPath) -> Result<Option<TreeNode>, SyncError> {
+        let volume = self.volume().name.clone();
+        match request(&mut self.handle, &Request::GetDir { volume, dir: dir.clone() }).await? {
+            Response::Dir(node) => Ok(node),
+            other => Err(SyncError::Refused(format!("unexpected answer to GetDir: {other:?}"))),
+        }
+    }
+
+    /// The peer's children of `dir` with `start <= name < end`, all pages of them.
+    async fn get_entries(&mut self, dir: &VolPath, start: &[u8], end: Option<&[u8]>) -> Result<Vec<WireEntry>, SyncError> {
+        let volume = self.volume().name.clone();
+        let mut out: Vec<WireEntry> = Vec::new();
+        let mut from = start.to_vec();
+        loop {
+            let req = Request::GetEntries { volume: volume.clone(), dir: dir.clone(), start: from.clone(), end: end.map(<[u8]>::to_vec) };
+            match request(&mut self.handle, &req).await? {
+                Response::Entries { entries, more } => {
+                    let last = entries.last().map(|e| e.name.clone());
+                    out.extend(entries);
+                    match (more, last) {
+                        (true, Some(mut last)) => {
+                            // Continue just after the last name received.
+                            last.push(0);
+                            from = last;
+                        }
+                        _ => return Ok(out),
+                    }
+                }
+                other => return Err(SyncError::Refused(format!("unexpected answer to GetEntries: {other:?}"))),
+            }
+        }
+    }
+
+    /// Reconciles one directory with the peer's. `remote` is the peer's tree node for
+    /// it, or `None` when the peer deleted it (then all its entries are compared).
+    async fn sync_dir(
+        &mut self,
+        dir: &VolPath,
+        remote: Option<TreeNode>,
+        pending: &mut Vec<(VolPath, Option<TreeNode>)>,
+    ) -> Result<(), SyncError> {
+        let vol = self.volume().id;
+        let local = self.node.store.tree_node(vol, dir)?;
+        let mut ranges: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        match &remote {
+            Some(remote) => {
+                let have: HashSet<_> = local.iter().flat_map(|n| n.pages.iter().map(|p| (p.first_name.clone(), p.hash))).collect();
+                for (i, page) in remote.pages.iter().enumerate() {
+                    if have.contains(&(page.first_name.clone(), page.hash)) {
+                        continue;
+                    }
+                    let start = if i == 0 { Vec::new() } else { page.first_name.clone() };
+                    let end = remote.pages.get(i + 1).map(|p| p.first_name.clone());
+                    ranges.push((start, end));
+                }
+            }
+            None => ranges.push((Vec::new(), None)),
+        }
+        let mut files = Vec::new();
+        for (start, end) in ranges {
+            for remote_entry in self.get_entries(dir, &start, end.as_deref()).await? {
+                self.reconcile(dir, remote_entry, &mut files, pending).await?;
+            }
+        }
+        self.take_files(files).await
+    }
+
+    async fn reconcile(
+        &mut self,
+        dir: &VolPath,
+        wire: WireEntry,
+        files: &mut Vec<FileJob>,
+        pending: &mut Vec<(VolPath, Option<TreeNode>)>,
+    ) -> Result<(), SyncError> {
+        let vol = self.volume().id;
+        let WireEntry { name, entry: remote, subtree } = wire;
+        let path = dir.join(&name).map_err(|e| SyncError::Refused(e.to_string()))?;
+        if path.is_shoal_internal() {
+            tracing::warn!(peer = %self.peer.addr, "ignoring an entry for Shoal's own directory: {}", path.display());
+            return Ok(());
+        }
+        let local = self.node.store.entry(vol, dir, &name)?;
+        let local_live = local.as_ref().filter(|l| !l.is_tombstone());
+
+        // Both directories: descend if their contents differ, whatever the entries say.
+        if remote.is_dir() && local_live.is_some_and(Entry::is_dir) {
+            let local_hash = self.node.store.tree_node(vol, &path)?.map(|n| n.hash);
+            if subtree.is_some() && subtree != local_hash {
+                let node = self.get_dir(&path).await?;
+                pending.push((path.clone(), node));
+            }
+        }
+        let Some(local) = local else {
+            if remote.is_tombstone() {
+                // Remember the delete so it reaches nodes that still have the name.
+                let mut batch = self.node.store.batch();
+                batch.put_entry(vol, dir, &name, &remote);
+                self.node.store.write(batch, false)?;
+            } else {
+                self.take(dir, &name, remote, None, subtree, files, pending).await?;
+            }
+            return Ok(());
+        };
+        match remote.version.compare(&local.version) {
+            Causality::Equal | Causality::DominatedBy => Ok(()),
+            Causality::Dominates if remote.same_state(&local) => self.record_version(dir, &name, remote),
+            Causality::Dominates if remote.is_tombstone() => {
+                if local.is_dir() {
+                    // The peer deleted the directory: compare all of its children first.
+                    pending.push((path, None));
+                }
+                self.defer_delete(dir, name, remote)
+            }
+            Causality::Dominates => self.take(dir, &name, remote, Some(local), subtree, files, pending).await,
+            Causality::Concurrent if remote.same_state(&local) => {
+                let merged = Entry { version: remote.version.merged(&local.version), ..local };
+                self.record_version(dir, &name, merged)
+            }
+            Causality::Concurrent => self.conflict(dir, &name, remote, local, subtree, files, pending).await,
+        }
+    }
+
+    fn record_version(&mut self, dir: &VolPath, name: &[u8], entry: Entry) -> Result<(), SyncError> {
+        let mut batch = self.node.store.batch();
+        batch.put_entry(self.volume().id, dir, name, &entry);
+        self.node.store.write(batch, false)?;
+        Ok(())
+    }
+
+    fn defer_delete(&mut self, dir: &VolPath, name: Vec<u8>, tombstone: Entry) -> Result<(), SyncError> {
+        self.deferred.push((dir.clone(), name, tombstone));
+        if self.deferred.len() >= MAX_DEFERRED_DELETES {
+            self.apply_deletes()?;
+        }
+        Ok(())
+    }
+
+    /// Whether the name on disk is still what the index says (nobody changed it since
+    /// the last scan); only then may sync replace or delete it.
+    fn unchanged_on_disk(&self, dir_fd: &OwnedFd, dir: &VolPath, name: &[u8]) -> Result<bool, SyncError> {
+        let recorded = self.node.store.stamp(self.volume().id, dir, name)?;
+        let current = self.volume().fs.stat(dir_fd, name).ok().map(|s| stamp_of_stat(&s));
+        Ok(match (recorded, current) {
+            (_, None) => true,
+            (Some(recorded), Some(current)) => recorded == current,
+            (None, Some(_)) => false,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn take(
+        &mut self,
+        dir: &VolPath,
+        name: &[u8],
+        remote: Entry,
+        replaces: Option<Entry>,
+        subtree: Option<crate::ids::TreeHash>,
+        files: &mut Vec<FileJob>,
+        pending: &mut Vec<(VolPath, Option<TreeNode>)>,
+    ) -> Result<(), SyncError> {
+        let vol = self.volume().id;
+        let path = dir.join(name).map_err(|e| SyncError::Refused(e.to_string()))?;
+        match &remote.kind {
+            EntryKind::File { .. } => {
+                files.push(FileJob { dir: dir.clone(), name: name.to_vec(), entry: remote, source_path: path, replaces });
+                Ok(())
+            }
+            EntryKind::Dir => {
+                let dir_fd = self.volume().fs.open_dir(dir, true)?;
+                if let Some(old) = replaces.as_ref().filter(|o| !o.is_tombstone() && !o.is_dir()) {
+                    if !self.unchanged_on_disk(&dir_fd, dir, name)? {
+                        self.report.skipped += 1;
+                        return Ok(());
+                    }
+                    self.volume().fs.remove_file(&dir_fd, name)?;
+                    self.forget_chunks(dir, name, old)?;
+                }
+                self.volume().fs.mkdir(&dir_fd, name, remote.mode)?;
+                self.volume().fs.chmod_dir(&dir_fd, name, remote.mode)?;
+                let stat = self.volume().fs.stat(&dir_fd, name)?;
+                let mut batch = self.node.store.batch();
+                batch.put_entry(vol, dir, name, &remote);
+                batch.put_stamp(vol, dir, name, &stamp_of_stat(&stat));
+                batch.mark_dirty(vol, dir);
+                batch.mark_dirty(vol, &path);
+                self.node.store.write(batch, false)?;
+                self.report.applied += 1;
+                if subtree.is_some() && replaces.as_ref().is_none_or(|o| !o.is_dir()) {
+                    let node = self.get_dir(&path).await?;
+                    pending.push((path, node));
+                }
+                Ok(())
+            }
+            EntryKind::Symlink { target } => {
+                if !symlink_stays_inside(dir, target) {
+                    tracing::warn!(peer = %self.peer.addr, "refusing symlink {} -> {}: it leaves the volume", path.display(), escape(target));
+                    self.report.skipped += 1;
+                    return Ok(());
+                }
+                let dir_fd = self.volume().fs.open_dir(dir, true)?;
+                if replaces.as_ref().is_some_and(|o| !o.is_tombstone()) && !self.unchanged_on_disk(&dir_fd, dir, name)? {
+                    self.report.skipped += 1;
+                    return Ok(());
+                }
+                // A directory cannot be replaced atomically; it goes only when empty.
+                if replaces.as_ref().is_some_and(Entry::is_dir) {
+                    if !self.volume().fs.remove_dir(&dir_fd, name)? {
+                        self.report.skipped += 1;
+                        return Ok(());
+                    }
+                }
+                let temp = self.volume().fs.stage_symlink(target, &format!("{:016x}", rand_u64()))?;
+                self.volume().fs.publish(&temp, &dir_fd, name)?;
+                crate::volume_fs::VolumeFs::fsync_dir(&dir_fd)?;
+                let stat = self.volume().fs.stat(&dir_fd, name)?;
+                let mut batch = self.node.store.batch();
+                if let Some(old) = replaces.as_ref() {
+                    self.forget_chunks_in(&mut batch, dir, name, old)?;
+                }
+                batch.put_entry(vol, dir, name, &remote);
+                batch.put_stamp(vol, dir, name, &stamp_of_stat(&stat));
+                batch.mark_dirty(vol, dir);
+                self.node.store.write(batch, true)?;
+                self.report.applied += 1;
+                self.node.stats.files_applied.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            EntryKind::Tombstone { .. } => unreachable!("tombstones are deferred deletes"),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn conflict(
+        &mut self,
+        dir: &VolPath,
+        name: &[u8],
+        remote: Entry,
+        local: Entry,
+        subtree: Option<crate::ids::TreeHash>,
+        files: &mut Vec<FileJob>,
+        pending: &mut Vec<(VolPath, Option<TreeNode>)>,
+    ) -> Result<(), SyncError> {
+        let merged_version = remote.version.merged(&local.version);
+        let remote_wins = conflict::wins(&remote, &local);
+        let (winner, loser) = if remote_wins { (&remote, &local) } else { (&local, &remote) };
+        let copy_name = conflict::conflict_name(name, loser, winner);
+        let both_dirs = remote.is_dir() && local.is_dir();
+        tracing::info!(
+            peer = %self.peer.addr,
+            "concurrent changes to {}: {} version wins{}",
+            dir.join(name).map(|p| p.display().to_string()).unwrap_or_default(),
+            if remote_wins { "the peer's" } else { "our" },
+            if loser.is_tombstone() || both_dirs { String::new() } else { format!(", the other is kept as {}", escape(&copy_name)) }
+        );
+        self.report.conflicts += 1;
+        self.node.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+        if remote_wins {
+            if !local.is_tombstone() && !both_dirs {
+                // Our version moves aside, under its conflict name, with its history.
+                let vol = self.volume().id;
+                let dir_fd = self.volume().fs.open_dir(dir, false)?;
+                if !self.unchanged_on_disk(&dir_fd, dir, name)? {
+                    self.report.skipped += 1;
+                    return Ok(());
+                }
+                rustix::fs::renameat(&dir_fd, OsStr::from_bytes(name), &dir_fd, OsStr::from_bytes(&copy_name))
+                    .map_err(|e| SyncError::Refused(format!("cannot keep the conflict copy {}: {e}", escape(&copy_name))))?;
+                crate::volume_fs::VolumeFs::fsync_dir(&dir_fd)?;
+                let mut batch = self.node.store.batch();
+                batch.put_entry(vol, dir, &copy_name, &local);
+                if let EntryKind::File { .. } = local.kind {
+                    let chunks = self.node.store.chunk_list(vol, dir, name)?.unwrap_or_default();
+                    batch.delete_chunks(vol, dir, name, &chunks);
+                    batch.set_chunks(vol, dir, &copy_name, &chunks, &[]);
+                }
+                batch.delete_stamp(vol, dir, name);
+                batch.mark_dirty(vol, dir);
+                self.node.store.write(batch, true)?;
+            }
+            let winner = Entry { version: merged_version, ..remote };
+            let replaced = if local.is_tombstone() || !both_dirs { None } else { Some(local) };
+            self.take(dir, name, winner, replaced, subtree, files, pending).await
+        } else {
+            if !remote.is_tombstone() && !both_dirs {
+                let copy_path = dir.join(&copy_name).map_err(|e| SyncError::Refused(e.to_string()))?;
+                let source_path = dir.join(name).map_err(|e| SyncError::Refused(e.to_string()))?;
+                match &remote.kind {
+                    EntryKind::File { .. } => files.push(FileJob {
+                        dir: dir.clone(),
+                        name: copy_name,
+                        entry: remote.clone(),
+                        source_path,
+                        replaces: None,
+                    }),
+                    _ => {
+                        let (copy_dir, copy) = copy_path.split_last().expect("a joined path has a name");
+                        Box::pin(self.take(&copy_dir, copy, remote.clone(), None, None, files, pending)).await?;
+                    }
+                }
+            }
+            self.record_version(dir, name, Entry { version: merged_version, ..local })
+        }
+    }
+
+    fn forget_chunks(&self, dir: &VolPath, name: &[u8], old: &Entry) -> Result<(), SyncError> {
+        let mut batch = self.node.store.batch();
+        self.forget_chunks_in(&mut batch, dir, name, old)?;
+        self.node.store.write(batch, false)?;
+        Ok(())
+    }
+
+    fn forget_chunks_in(&self, batch: &mut crate::store::Batch<'_>, dir: &VolPath, name: &[u8], old: &Entry) -> Result<(), SyncError> {
+        if let EntryKind::File { .. } = old.kind {
+            let vol = self.volume().id;
+            let chunks = self.node.store.chunk_list(vol, dir, name)?.unwrap_or_default();
+            batch.delete_chunks(vol, dir, name, &chunks);
+        }
+        Ok(())
+    }
+
+    /// Fetches, assembles and publishes files, a bounded number at a time.
+    async fn take_files(&mut self, files: Vec<FileJob>) -> Result<(), SyncError> {
+        let mut jobs = files.into_iter();
+        loop {
+            let mut set = JoinSet::new();
+            for job in jobs.by_ref().take(FILE_CONCURRENCY * 4) {
+                let (node, peer, handle, index) = (self.node.clone(), self.peer.clone(), self.handle.clone(), self.volume_index);
+                set.spawn(async move { assemble(node, peer, handle, index, job).await });
+                if set.len() >= FILE_CONCURRENCY * 4 {
+                    break;
+                }
+            }
+            if set.is_empty() {
+                return Ok(());
+            }
+            let mut ready = Vec::new();
+            while let Some(result) = set.join_next().await {
+                match result {
+                    Ok(Ok(Some(file))) => ready.push(file),
+                    Ok(Ok(None)) => self.report.skipped += 1,
+                    Ok(Err(e)) => {
+                        tracing::warn!(peer = %self.peer.addr, "transfer failed, will retry next round: {e}");
+                        self.report.skipped += 1;
+                    }
+                    Err(e) => return Err(SyncError::Refused(format!("transfer task failed: {e}"))),
+                }
+            }
+            self.publish(ready)?;
+        }
+    }
+
+    /// Makes a batch of assembled files durable and visible, then indexes them.
+    fn publish(&mut self, ready: Vec<ReadyFile>) -> Result<(), SyncError> {
+        if ready.is_empty() {
+            return Ok(());
+        }
+        let node = self.node.clone();
+        let fs = &node.volumes[self.volume_index].fs;
+        fs.sync_all()?;
+        let vol = self.volume().id;
+        let mut dirs: HashMap<VolPath, OwnedFd> = HashMap::new();
+        let mut batch = self.node.store.batch();
+        let mut published = 0;
+        for file in ready {
+            let ReadyFile { job, staged, chunks } = file;
+            if !dirs.contains_key(&job.dir) {
+                dirs.insert(job.dir.clone(), fs.open_dir(&job.dir, true)?);
+            }
+            let dir_fd = &dirs[&job.dir];
+            if job.replaces.as_ref().is_some_and(|o| !o.is_tombstone()) && !self.unchanged_on_disk(dir_fd, &job.dir, &job.name)? {
+                tracing::info!("{} changed locally since the last scan; not replacing it", escape(&job.name));
+                self.report.skipped += 1;
+                continue;
+            }
+            if job.replaces.as_ref().is_some_and(Entry::is_dir) && !fs.remove_dir(dir_fd, &job.name)? {
+                self.report.skipped += 1;
+                continue;
+            }
+            fs.publish(&staged.temp_name, dir_fd, &job.name)?;
+            // fstat through the still-open descriptor: the stamp of exactly what we wrote.
+            let stat = rustix::fs::fstat(&staged.file).map_err(|e| SyncError::Refused(e.to_string()))?;
+            let old_chunks = match job.replaces.as_ref().map(|o| &o.kind) {
+                Some(EntryKind::File { .. }) => self.node.store.chunk_list(vol, &job.dir, &job.name)?.unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            batch.put_entry(vol, &job.dir, &job.name, &job.entry);
+            batch.set_chunks(vol, &job.dir, &job.name, &chunks, &old_chunks);
+            batch.put_stamp(vol, &job.dir, &job.name, &stamp_of_stat(&stat));
+            batch.mark_dirty(vol, &job.dir);
+            published += 1;
+        }
+        for dir_fd in dirs.values() {
+            crate::volume_fs::VolumeFs::fsync_dir(dir_fd)?;
+        }
+        self.node.store.write(batch, true)?;
+        self.report.applied += published;
+        self.node.stats.files_applied.fetch_add(published, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Applies the deferred deletes, deepest first.
+    fn apply_deletes(&mut self) -> Result<(), SyncError> {
+        let mut deletes = std::mem::take(&mut self.deferred);
+        deletes.sort_by_key(|(dir, _, _)| std::cmp::Reverse(dir.depth()));
+        let vol = self.volume().id;
+        for (dir, name, tombstone) in deletes {
+            let Ok(dir_fd) = self.volume().fs.open_dir(&dir, false) else {
+                continue;
+            };
+            let Some(local) = self.node.store.entry(vol, &dir, &name)? else { continue };
+            if local.is_tombstone() || tombstone.version.compare(&local.version) != Causality::Dominates {
+                continue;
+            }
+            let removed = if local.is_dir() {
+                self.volume().fs.remove_dir(&dir_fd, &name)?
+            } else if self.unchanged_on_disk(&dir_fd, &dir, &name)? {
+                self.volume().fs.remove_file(&dir_fd, &name)?;
+                true
+            } else {
+                false
+            };
+            let mut batch = self.node.store.batch();
+            if removed {
+                self.forget_chunks_in(&mut batch, &dir, &name, &local)?;
+                batch.put_entry(vol, &dir, &name, &tombstone);
+                batch.delete_stamp(vol, &dir, &name);
+                if let Ok(path) = dir.join(&name) {
+                    batch.delete_tree_node(vol, &path);
+                    batch.clear_dirty(vol, &path);
+                }
+                batch.mark_dirty(vol, &dir);
+                self.report.deleted += 1;
+            } else {
+                // Something new is in the way: keep it, and make our version win.
+                let mut version = tombstone.version.merged(&local.version);
+                version.bump(self.node.meta.node_id);
+                batch.put_entry(vol, &dir, &name, &Entry { version, ..local });
+                self.report.skipped += 1;
+            }
+            self.node.store.write(batch, false)?;
+            crate::volume_fs::VolumeFs::fsync_dir(&dir_fd)?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether a symlink at `dir` with `target` resolves inside the volume (lexically: no
+/// absolute target, and `..` never climbs above the root).
+pub fn symlink_stays_inside(dir: &VolPath, target: &[u8]) -> bool {
+    if target.is_empty() || target.starts_with(b"/") || target.contains(&0) {
+        return false;
+    }
+    let mut depth = dir.depth() as i64;
+    for part in target.split(|&b| b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => {
+                depth -= 1;
+                if depth < 0 {
+                    return false;
+                }
+            }
+            _ => depth += 1,
+        }
+    }
+    true
+}
+
+fn rand_u64() -> u64 {
+    crate::ids::NodeId::random().map(|n| n.0).unwrap_or(0)
+}
+
+/// Fetches the chunk list and chunks of one file into its staging file.
+async fn assemble(node: Arc<Node>, peer: Arc<Peer>, mut handle: Handle, volume_index: usize, job: FileJob) -> Result<Option<ReadyFile>, SyncError> {
+    let volume = &node.volumes[volume_index];
+    let EntryKind::File { size, content_id: expected, .. } = job.entry.kind else {
+        return Ok(None);
+    };
+    let chunks = if size == 0 {
+        Vec::new()
+    } else {
+        let req = Request::GetChunkList { volume: volume.name.clone(), path: job.source_path.clone(), content_id: expected };
+        match request(&mut handle, &req).await? {
+            Response::ChunkList(Some(list)) => list,
+            // The peer's file changed meanwhile: a later round gets the new version.
+            Response::ChunkList(None) => return Ok(None),
+            other => return Err(SyncError::Refused(format!("unexpected answer to GetChunkList: {other:?}"))),
+        }
+    };
+    if content_id(&chunks) != expected || chunks.iter().map(|c| u64::from(c.len)).sum::<u64>() != size {
+        peer.rejected_chunks.fetch_add(1, Ordering::Relaxed);
+        return Err(SyncError::Refused(format!("peer {} sent a chunk list that does not match its content id", peer.addr)));
+    }
+    let staged = volume.fs.stage(&expected, size)?;
+    // Offsets of every chunk id (a chunk may repeat inside a file).
+    let mut at: HashMap<ChunkId, Vec<(u64, u32)>> = HashMap::new();
+    let mut offset = 0u64;
+    for chunk in &chunks {
+        at.entry(chunk.id).or_default().push((offset, chunk.len));
+        offset += u64::from(chunk.len);
+    }
+    let file = Arc::new(staged.file.try_clone().map_err(|e| SyncError::Refused(e.to_string()))?);
+    let write_all = |id: &ChunkId, data: &[u8]| -> std::io::Result<()> {
+        for (offset, _) in &at[id] {
+            file.write_all_at(data, *offset)?;
+        }
+        Ok(())
+    };
+    let mut missing = Vec::new();
+    for (id, places) in &at {
+        let (first, len) = places[0];
+        let mut existing = vec![0u8; len as usize];
+        if file.read_exact_at(&mut existing, first).is_ok() && ChunkId::of(&existing) == *id {
+            // Already in staging from an interrupted transfer.
+            if places.len() > 1 {
+                write_all(id, &existing).map_err(|e| SyncError::Refused(e.to_string()))?;
+            }
+            continue;
+        }
+        match node.read_local_chunk(id) {
+            Some(data) => write_all(id, &data).map_err(|e| SyncError::Refused(e.to_string()))?,
+            None => missing.push(*id),
+        }
+    }
+    if !missing.is_empty() {
+        let fetched = fetch_chunks(&node, &peer, volume_index, missing).await?;
+        for (id, data) in fetched {
+            write_all(&id, &data).map_err(|e| SyncError::Refused(e.to_string()))?;
+        }
+    }
+    let owner = node.sync_ownership.then_some((job.entry.uid, job.entry.gid));
+    finish_staged(&file, job.entry.mode, job.entry.mtime_ns, owner).map_err(|e| SyncError::Refused(e.to_string()))?;
+    Ok(Some(ReadyFile { job, staged, chunks }))
+}
+
+/// Fetches chunks from the peers that share the volume, spreading requests over them and
+/// trying the next peer for any chunk one of them does not have or sends wrong.
+async fn fetch_chunks(node: &Arc<Node>, source: &Arc<Peer>, volume_index: usize, ids: Vec<ChunkId>) -> Result<Vec<(ChunkId, Vec<u8>)>, SyncError> {
+    let volume = &node.volumes[volume_index].name;
+    let mut peers: Vec<Arc<Peer>> = vec![source.clone()];
+    peers.extend(node.peers.iter().filter(|p| !Arc::ptr_eq(p, source) && p.shares(volume) && p.connection().is_some()).cloned());
+    let mut out = Vec::with_capacity(ids.len());
+    let mut wanted: Vec<ChunkId> = ids;
+    for attempt in 0..peers.len() {
+        if wanted.is_empty() {
+            break;
+        }
+        let mut set = JoinSet::new();
+        for (i, group) in wanted.chunks(MAX_CHUNKS_PER_REQUEST).enumerate() {
+            let peer = peers[(i + attempt) % peers.len()].clone();
+            let group = group.to_vec();
+            let node = node.clone();
+            set.spawn(async move {
+                let result = fetch_group(&node, &peer, &group).await;
+                (group, result)
+            });
+            while set.len() >= REQUESTS_PER_FILE {
+                if let Some(done) = set.join_next().await {
+                    collect(done, &mut out);
+                }
+            }
+        }
+        while let Some(done) = set.join_next().await {
+            collect(done, &mut out);
+        }
+        let have: HashSet<ChunkId> = out.iter().map(|(id, _)| *id).collect();
+        wanted.retain(|id| !have.contains(id));
+    }
+    if !wanted.is_empty() {
+        return Err(SyncError::Refused(format!("{} chunks are held by no reachable peer", wanted.len())));
+    }
+    Ok(out)
+}
+
+type GroupResult = (Vec<ChunkId>, Result<Vec<(ChunkId, Vec<u8>)>, SyncError>);
+
+fn collect(done: Result<GroupResult, tokio::task::JoinError>, out: &mut Vec<(ChunkId, Vec<u8>)>) {
+    if let Ok((_, Ok(chunks))) = done {
+        out.extend(chunks);
+    }
+}
+
+/// One `GetChunks` request to one peer; wrong bytes are counted against the peer and
+/// dropped.
+async fn fetch_group(node: &Node, peer: &Peer, ids: &[ChunkId]) -> Result<Vec<(ChunkId, Vec<u8>)>, SyncError> {
+    let mut handle = peer.connection().ok_or_else(|| SyncError::Connection("not connected".into()))?;
+    let wanted: HashSet<ChunkId> = ids.iter().copied().collect();
+    let mut responses = super::open_request(&mut handle, &Request::GetChunks { ids: ids.to_vec() }).await?;
+    let mut out = Vec::new();
+    while let Some(response) = responses.next().await? {
+        match response {
+            Response::Chunk { id, data } if wanted.contains(&id) => {
+                if ChunkId::of(&data) != id {
+                    tracing::warn!(peer = %peer.addr, "peer sent wrong bytes for chunk {id}; not trusting it for that chunk");
+                    peer.rejected_chunks.fetch_add(1, Ordering::Relaxed);
+                    node.stats.rejected_chunks.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let len = data.len() as u64;
+                peer.chunk_bytes_received.fetch_add(len, Ordering::Relaxed);
+                node.stats.chunk_bytes_received.fetch_add(len, Ordering::Relaxed);
+                out.push((id, data));
+            }
+            Response::ChunkMissing { .. } => {}
+            Response::Error { code, message } => return Err(crate::protocol::ProtocolError::Remote { code, message }.into()),
+            other => return Err(SyncError::Refused(format!("unexpected answer to GetChunks: {other:?}"))),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symlinks_that_leave_the_volume_are_refused() {
+        let root = VolPath::root();
+        let deep = VolPath::parse(b"a/b").unwrap();
+        assert!(symlink_stays_inside(&root, b"file"));
+        assert!(symlink_stays_inside(&deep, b"../../top"));
+        assert!(!symlink_stays_inside(&deep, b"../../../etc/passwd"));
+        assert!(!symlink_stays_inside(&root, b"/etc/passwd"));
+        assert!(!symlink_stays_inside(&root, b"../x"));
+        assert!(!symlink_stays_inside(&root, b""));
+    }
+}

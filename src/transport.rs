@@ -1,0 +1,119 @@
+//! QUIC endpoints with mutual TLS: the only way bytes reach another node.
+//!
+//! Every node runs one server (accepting peers) and one client (connecting to peers),
+//! both built from the cluster credentials: each side trusts only the cluster CA (the
+//! system trust store is emptied), each side must present a certificate signed by it,
+//! and the ALPN names the protocol version. A peer without such a certificate fails the
+//! handshake before it can open a stream.
+//!
+//! The transport knows nothing of files or volumes: it hands out connections, on which
+//! [`crate::protocol`] opens one bidirectional stream per request.
+
+use std::net::SocketAddr;
+
+use s2n_quic::client::Connect;
+use s2n_quic::provider::limits::Limits;
+use s2n_quic::provider::tls::default::callbacks::VerifyHostNameCallback;
+use s2n_quic::{Client, Connection, Server};
+
+use crate::credentials::{CLUSTER_SERVER_NAME, Credentials};
+
+/// The ALPN of Shoal's wire protocol; a new major protocol version gets a new ALPN.
+pub const ALPN: &[u8] = b"shoal/1";
+
+/// Streams a peer may have open on one connection (requests in flight).
+const MAX_STREAMS: u64 = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("invalid cluster credentials: {0}")]
+    Credentials(String),
+    #[error("cannot listen on {addr}: {message}")]
+    Listen { addr: SocketAddr, message: String },
+    #[error("cannot connect to {addr}: {message}")]
+    Connect { addr: SocketAddr, message: String },
+}
+
+/// Accepts client certificates that carry the cluster's node name (the CA signature has
+/// already been checked by then).
+struct ClusterNodeName;
+
+impl VerifyHostNameCallback for ClusterNodeName {
+    fn verify_host_name(&self, host_name: &str) -> bool {
+        host_name == CLUSTER_SERVER_NAME
+    }
+}
+
+fn limits() -> Result<Limits, String> {
+    Limits::new()
+        .with_max_open_local_bidirectional_streams(MAX_STREAMS)
+        .and_then(|l| l.with_max_open_remote_bidirectional_streams(MAX_STREAMS))
+        .and_then(|l| l.with_max_idle_timeout(std::time::Duration::from_secs(30)))
+        .map_err(|e| e.to_string())
+}
+
+/// Starts the server side on `listen`.
+pub fn listen(listen: SocketAddr, credentials: &Credentials) -> Result<Server, TransportError> {
+    let cred_err = |e: s2n_quic::provider::tls::default::error::Error| TransportError::Credentials(e.to_string());
+    let tls = s2n_quic::provider::tls::default::Server::builder()
+        .with_empty_trust_store()
+        .map_err(cred_err)?
+        .with_trusted_certificate(credentials.ca_pem.as_str())
+        .map_err(cred_err)?
+        .with_certificate(credentials.cert_pem.as_str(), credentials.key_pem.as_str())
+        .map_err(cred_err)?
+        .with_client_authentication()
+        .map_err(cred_err)?
+        .with_verify_host_name_callback(ClusterNodeName)
+        .map_err(cred_err)?
+        .with_application_protocols([ALPN])
+        .map_err(cred_err)?
+        .build()
+        .map_err(cred_err)?;
+    let listen_err = |message: String| TransportError::Listen { addr: listen, message };
+    Server::builder()
+        .with_tls(tls)
+        .map_err(|e| listen_err(e.to_string()))?
+        .with_io(listen)
+        .map_err(|e| listen_err(e.to_string()))?
+        .with_limits(limits().map_err(listen_err)?)
+        .map_err(|e| listen_err(e.to_string()))?
+        .start()
+        .map_err(|e| listen_err(e.to_string()))
+}
+
+/// Starts the client side, sending from `bind` (an address of the same family as the
+/// peers, port 0 for any).
+pub fn client(bind: SocketAddr, credentials: &Credentials) -> Result<Client, TransportError> {
+    let cred_err = |e: s2n_quic::provider::tls::default::error::Error| TransportError::Credentials(e.to_string());
+    let tls = s2n_quic::provider::tls::default::Client::builder()
+        .with_empty_trust_store()
+        .map_err(cred_err)?
+        .with_certificate(credentials.ca_pem.as_str())
+        .map_err(cred_err)?
+        .with_client_identity(credentials.cert_pem.as_str(), credentials.key_pem.as_str())
+        .map_err(cred_err)?
+        .with_application_protocols([ALPN])
+        .map_err(cred_err)?
+        .build()
+        .map_err(cred_err)?;
+    let listen_err = |message: String| TransportError::Listen { addr: bind, message };
+    Client::builder()
+        .with_tls(tls)
+        .map_err(|e| listen_err(e.to_string()))?
+        .with_io(bind)
+        .map_err(|e| listen_err(e.to_string()))?
+        .with_limits(limits().map_err(listen_err)?)
+        .map_err(|e| listen_err(e.to_string()))?
+        .start()
+        .map_err(|e| listen_err(e.to_string()))
+}
+
+/// Connects to a peer and completes the mutual-TLS handshake.
+pub async fn connect(client: &Client, addr: SocketAddr) -> Result<Connection, TransportError> {
+    let connect = Connect::new(addr).with_server_name(CLUSTER_SERVER_NAME);
+    let mut connection =
+        client.connect(connect).await.map_err(|e| TransportError::Connect { addr, message: e.to_string() })?;
+    connection.keep_alive(true).map_err(|e| TransportError::Connect { addr, message: e.to_string() })?;
+    Ok(connection)
+}

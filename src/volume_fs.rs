@@ -1,0 +1,246 @@
+//! Safe file-system access inside one volume, for what peers ask for and what they send.
+//!
+//! Every path is resolved one component at a time with `openat(O_NOFOLLOW)` from a
+//! descriptor of the volume root, so no path can leave the volume: `..` and absolute
+//! paths are already refused by [`VolPath`], and a symlink met on the way (even one a
+//! local user swapped in a moment ago) is an error, never followed.
+//!
+//! New content is written to a staging file under `.shoal/staging/` on the volume's
+//! own file system, made durable, and renamed over its name: a reader sees the old
+//! version or the new one, never a mix (invariant 1). Staging files are named after the
+//! content they will hold, so an interrupted transfer finds what it already wrote.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
+
+use crate::ids::{ChunkId, ContentId};
+use crate::pathname::{SHOAL_DIR, VolPath};
+use crate::store::codec::{Extent, ScanStamp};
+
+const STAGING: &str = "staging";
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: io::Error },
+    #[error("{path}: refusing to go through a symlink or non-directory")]
+    NotADirectory { path: String },
+}
+
+fn io_err(path: impl std::fmt::Display) -> impl FnOnce(rustix::io::Errno) -> FsError {
+    let path = path.to_string();
+    move |e| FsError::Io { path, source: e.into() }
+}
+
+/// One volume's directory, opened once.
+pub struct VolumeFs {
+    root_path: PathBuf,
+    root: OwnedFd,
+    staging: OwnedFd,
+}
+
+/// A file written to staging, not yet visible under its name.
+pub struct Staged {
+    pub file: File,
+    pub temp_name: String,
+}
+
+impl VolumeFs {
+    /// Opens a volume directory and its staging area (created if needed). Leftover
+    /// `*.tmp` files from a crash are removed; `*.part` files are kept for resuming.
+    pub fn open(root_path: &Path) -> Result<Self, FsError> {
+        let shown = root_path.display().to_string();
+        let root = rustix::fs::open(root_path, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+            .map_err(io_err(&shown))?;
+        let shoal_dir = std::str::from_utf8(SHOAL_DIR).expect("ascii");
+        for dir in [shoal_dir.to_string(), format!("{shoal_dir}/{STAGING}")] {
+            match rustix::fs::mkdirat(&root, dir.as_str(), Mode::from_raw_mode(0o700)) {
+                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => return Err(io_err(format!("{shown}/{dir}"))(e)),
+            }
+        }
+        let staging = rustix::fs::openat(
+            &root,
+            format!("{shoal_dir}/{STAGING}").as_str(),
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io_err(format!("{shown}/.shoal/{STAGING}")))?;
+        let fs = VolumeFs { root_path: root_path.to_path_buf(), root, staging };
+        fs.clean_staging();
+        Ok(fs)
+    }
+
+    fn clean_staging(&self) {
+        let dir = self.root_path.join(".shoal").join(STAGING);
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                if entry.file_name().as_bytes().ends_with(b".tmp") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+    }
+
+    pub fn root_path(&self) -> &Path {
+        &self.root_path
+    }
+
+    /// Opens the directory `dir` inside the volume without following any symlink.
+    /// With `create`, missing directories are created (mode 0755).
+    pub fn open_dir(&self, dir: &VolPath, create: bool) -> Result<OwnedFd, FsError> {
+        let mut fd = rustix::io::dup(&self.root).map_err(io_err(dir.display()))?;
+        if dir.is_root() {
+            return Ok(fd);
+        }
+        for name in dir.as_bytes().split(|&b| b == b'/') {
+            let name = std::ffi::OsStr::from_bytes(name);
+            let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            let next = match rustix::fs::openat(&fd, name, flags, Mode::empty()) {
+                Err(rustix::io::Errno::NOENT) if create => {
+                    match rustix::fs::mkdirat(&fd, name, Mode::from_raw_mode(0o755)) {
+                        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                        Err(e) => return Err(io_err(dir.display())(e)),
+                    }
+                    rustix::fs::openat(&fd, name, flags, Mode::empty())
+                }
+                other => other,
+            };
+            fd = match next {
+                Ok(next) => next,
+                Err(rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP) => {
+                    return Err(FsError::NotADirectory { path: dir.display().to_string() });
+                }
+                Err(e) => return Err(io_err(dir.display())(e)),
+            };
+        }
+        Ok(fd)
+    }
+
+    /// Reads `extent` of the regular file at `path` and returns it if it hashes to `id`.
+    pub fn read_chunk(&self, path: &VolPath, extent: Extent, id: &ChunkId) -> Option<Vec<u8>> {
+        let (parent, name) = path.split_last()?;
+        let dir = self.open_dir(&parent, false).ok()?;
+        let fd = rustix::fs::openat(
+            &dir,
+            std::ffi::OsStr::from_bytes(name),
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()?;
+        let file = File::from(fd);
+        let mut data = vec![0u8; extent.len as usize];
+        file.read_exact_at(&mut data, extent.offset).ok()?;
+        (ChunkId::of(&data) == *id).then_some(data)
+    }
+
+    /// Opens (or resumes) the staging file for `content`, `size` bytes long.
+    pub fn stage(&self, content: &ContentId, size: u64) -> Result<Staged, FsError> {
+        let temp_name = format!("{}.part", content.to_hex());
+        let fd = rustix::fs::openat(
+            &self.staging,
+            temp_name.as_str(),
+            OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(io_err(&temp_name))?;
+        let file = File::from(fd);
+        file.set_len(size).map_err(|source| FsError::Io { path: temp_name.clone(), source })?;
+        Ok(Staged { file, temp_name })
+    }
+
+    /// Creates a symlink in staging, ready to be renamed into place.
+    pub fn stage_symlink(&self, target: &[u8], unique: &str) -> Result<String, FsError> {
+        let temp_name = format!("{unique}.symlink.tmp");
+        let _ = rustix::fs::unlinkat(&self.staging, temp_name.as_str(), AtFlags::empty());
+        rustix::fs::symlinkat(std::ffi::OsStr::from_bytes(target), &self.staging, temp_name.as_str())
+            .map_err(io_err(&temp_name))?;
+        Ok(temp_name)
+    }
+
+    /// Atomically replaces `name` in `dir_fd` with the staged file `temp_name`.
+    pub fn publish(&self, temp_name: &str, dir_fd: &OwnedFd, name: &[u8]) -> Result<(), FsError> {
+        rustix::fs::renameat(&self.staging, temp_name, dir_fd, std::ffi::OsStr::from_bytes(name))
+            .map_err(io_err(crate::pathname::escape(name)))
+    }
+
+    /// Flushes everything written to the volume's file system (one `syncfs` for a
+    /// whole batch of staged files instead of one `fsync` each).
+    pub fn sync_all(&self) -> Result<(), FsError> {
+        rustix::fs::syncfs(&self.staging).map_err(io_err(self.root_path.display()))
+    }
+
+    /// Stat of `name` in `dir_fd` without following it.
+    pub fn stat(&self, dir_fd: &OwnedFd, name: &[u8]) -> Result<rustix::fs::Stat, FsError> {
+        rustix::fs::statat(dir_fd, std::ffi::OsStr::from_bytes(name), AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(io_err(crate::pathname::escape(name)))
+    }
+
+    pub fn mkdir(&self, dir_fd: &OwnedFd, name: &[u8], mode: u32) -> Result<(), FsError> {
+        match rustix::fs::mkdirat(dir_fd, std::ffi::OsStr::from_bytes(name), Mode::from_raw_mode(mode)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
+            Err(e) => Err(io_err(crate::pathname::escape(name))(e)),
+        }
+    }
+
+    /// Sets the permission bits of the directory `name` (never following a symlink).
+    pub fn chmod_dir(&self, dir_fd: &OwnedFd, name: &[u8], mode: u32) -> Result<(), FsError> {
+        let fd = rustix::fs::openat(
+            dir_fd,
+            std::ffi::OsStr::from_bytes(name),
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io_err(crate::pathname::escape(name)))?;
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode)).map_err(io_err(crate::pathname::escape(name)))
+    }
+
+    /// Removes a file or symlink; a missing name is not an error.
+    pub fn remove_file(&self, dir_fd: &OwnedFd, name: &[u8]) -> Result<(), FsError> {
+        match rustix::fs::unlinkat(dir_fd, std::ffi::OsStr::from_bytes(name), AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(io_err(crate::pathname::escape(name))(e)),
+        }
+    }
+
+    /// Removes an empty directory; returns false if it is not empty.
+    pub fn remove_dir(&self, dir_fd: &OwnedFd, name: &[u8]) -> Result<bool, FsError> {
+        match rustix::fs::unlinkat(dir_fd, std::ffi::OsStr::from_bytes(name), AtFlags::REMOVEDIR) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(true),
+            Err(rustix::io::Errno::NOTEMPTY | rustix::io::Errno::EXIST) => Ok(false),
+            Err(e) => Err(io_err(crate::pathname::escape(name))(e)),
+        }
+    }
+
+    pub fn fsync_dir(dir_fd: &OwnedFd) -> Result<(), FsError> {
+        rustix::fs::fsync(dir_fd).map_err(io_err("directory"))
+    }
+}
+
+/// Sets a staged file's metadata before it is published.
+pub fn finish_staged(file: &File, mode: u32, mtime_ns: i64, owner: Option<(u32, u32)>) -> io::Result<()> {
+    if let Some((uid, gid)) = owner {
+        rustix::fs::fchown(file.as_fd(), Some(rustix::fs::Uid::from_raw(uid)), Some(rustix::fs::Gid::from_raw(gid)))?;
+    }
+    rustix::fs::fchmod(file.as_fd(), Mode::from_raw_mode(mode))?;
+    let mtime = Timespec { tv_sec: mtime_ns.div_euclid(1_000_000_000), tv_nsec: mtime_ns.rem_euclid(1_000_000_000) as _ };
+    rustix::fs::futimens(file.as_fd(), &Timestamps { last_access: mtime, last_modification: mtime })?;
+    Ok(())
+}
+
+/// The scan stamp of an open file, as the scanner would record it.
+pub fn stamp_of_stat(stat: &rustix::fs::Stat) -> ScanStamp {
+    ScanStamp {
+        size: stat.st_size as u64,
+        mtime_ns: stat.st_mtime * 1_000_000_000 + stat.st_mtime_nsec as i64,
+        ctime_ns: stat.st_ctime * 1_000_000_000 + stat.st_ctime_nsec as i64,
+        ino: stat.st_ino,
+        dev: stat.st_dev,
+    }
+}
