@@ -36,7 +36,9 @@ fn main() {
     edited.insert(media.len() / 2, 0x42);
     let mut appended = media.clone();
     appended.extend_from_slice(&data(1 << 20, 8));
-    println!("| MIN/AVG/MAX | chunks in 100 MiB | 1-byte insert: new chunk bytes + list | 1 MiB append: new bytes + list | index at rest | chunk+hash MiB/s (1 core) |");
+    println!(
+        "| MIN/AVG/MAX | chunks in 100 MiB | 1-byte insert: new chunk bytes + list | 1 MiB append: new bytes + list | index at rest | chunk+hash MiB/s (1 core) |"
+    );
     println!("|---|---|---|---|---|---|");
     for (min, avg, max) in [
         (4 << 10, 16 << 10, 64 << 10),
@@ -52,7 +54,11 @@ fn main() {
         let known: HashSet<_> = base.chunks.iter().map(|c| c.id).collect();
         let cost = |content: &[u8]| {
             let chunks = Chunker::new(params).chunk_reader(content).unwrap().chunks;
-            let new: u64 = chunks.iter().filter(|c| !known.contains(&c.id)).map(|c| u64::from(c.len)).sum();
+            let new: u64 = chunks
+                .iter()
+                .filter(|c| !known.contains(&c.id))
+                .map(|c| u64::from(c.len))
+                .sum();
             (new, chunks.len() as u64 * LIST_ELEMENT as u64)
         };
         let (insert_new, insert_list) = cost(&edited);

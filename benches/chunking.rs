@@ -31,7 +31,9 @@ fn kernel(c: &mut Criterion) {
     });
     group.bench_function("blake3", |b| b.iter(|| blake3::hash(black_box(&input))));
     let mut chunker = Chunker::new(p);
-    group.bench_function("fastcdc+blake3", |b| b.iter(|| chunker.chunk_reader(black_box(&input[..])).unwrap()));
+    group.bench_function("fastcdc+blake3", |b| {
+        b.iter(|| chunker.chunk_reader(black_box(&input[..])).unwrap())
+    });
     group.finish();
 }
 

@@ -20,7 +20,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
 };
 
 /// The name in every node certificate, and the server name clients ask for.
@@ -41,13 +42,19 @@ pub enum CredentialsError {
     )]
     Missing { dir: PathBuf, missing: String },
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is not a PEM {what}")]
     NotPem { path: PathBuf, what: &'static str },
     #[error("{path} already exists; refusing to overwrite cluster credentials")]
     Exists { path: PathBuf },
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot generate certificates: {0}")]
     Generate(#[from] rcgen::Error),
 }
@@ -63,13 +70,22 @@ pub struct Credentials {
 impl Credentials {
     /// Reads `ca.pem`, `cert.pem` and `key.pem` from `dir`.
     pub fn load(dir: &Path) -> Result<Self, CredentialsError> {
-        let missing: Vec<&str> = [CA_FILE, CERT_FILE, KEY_FILE].into_iter().filter(|f| !dir.join(f).is_file()).collect();
+        let missing: Vec<&str> = [CA_FILE, CERT_FILE, KEY_FILE]
+            .into_iter()
+            .filter(|f| !dir.join(f).is_file())
+            .collect();
         if !missing.is_empty() {
-            return Err(CredentialsError::Missing { dir: dir.to_path_buf(), missing: missing.join(", ") });
+            return Err(CredentialsError::Missing {
+                dir: dir.to_path_buf(),
+                missing: missing.join(", "),
+            });
         }
         let read = |file: &str, what: &'static str, marker: &str| {
             let path = dir.join(file);
-            let text = fs::read_to_string(&path).map_err(|source| CredentialsError::Read { path: path.clone(), source })?;
+            let text = fs::read_to_string(&path).map_err(|source| CredentialsError::Read {
+                path: path.clone(),
+                source,
+            })?;
             if !text.contains(marker) {
                 return Err(CredentialsError::NotPem { path, what });
             }
@@ -95,28 +111,49 @@ fn validity(params: &mut CertificateParams) {
 pub fn init_cluster(out: &Path) -> Result<Vec<PathBuf>, CredentialsError> {
     let files = [CA_FILE, CERT_FILE, KEY_FILE, CA_KEY_FILE].map(|f| out.join(f));
     if let Some(existing) = files.iter().find(|p| p.exists()) {
-        return Err(CredentialsError::Exists { path: existing.clone() });
+        return Err(CredentialsError::Exists {
+            path: existing.clone(),
+        });
     }
-    fs::create_dir_all(out).map_err(|source| CredentialsError::Write { path: out.to_path_buf(), source })?;
+    fs::create_dir_all(out).map_err(|source| CredentialsError::Write {
+        path: out.to_path_buf(),
+        source,
+    })?;
 
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params.distinguished_name.push(DnType::CommonName, "Shoal cluster CA");
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Shoal cluster CA");
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     validity(&mut ca_params);
     let ca_cert = ca_params.self_signed(&ca_key)?;
 
     let node_key = KeyPair::generate()?;
     let mut node_params = CertificateParams::new(vec![CLUSTER_SERVER_NAME.to_string()])?;
-    node_params.distinguished_name.push(DnType::CommonName, "Shoal node");
-    node_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    node_params
+        .distinguished_name
+        .push(DnType::CommonName, "Shoal node");
+    node_params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     node_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     validity(&mut node_params);
     let issuer = Issuer::from_params(&ca_params, &ca_key);
     let node_cert = node_params.signed_by(&node_key, &issuer)?;
 
-    let contents = [ca_cert.pem(), node_cert.pem(), node_key.serialize_pem(), ca_key.serialize_pem()];
+    let contents = [
+        ca_cert.pem(),
+        node_cert.pem(),
+        node_key.serialize_pem(),
+        ca_key.serialize_pem(),
+    ];
     for (path, text) in files.iter().zip(contents) {
         let secret = path.ends_with(KEY_FILE) || path.ends_with(CA_KEY_FILE);
         fs::OpenOptions::new()
@@ -125,7 +162,10 @@ pub fn init_cluster(out: &Path) -> Result<Vec<PathBuf>, CredentialsError> {
             .mode(if secret { 0o600 } else { 0o644 })
             .open(path)
             .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|()| f.sync_all()))
-            .map_err(|source| CredentialsError::Write { path: path.clone(), source })?;
+            .map_err(|source| CredentialsError::Write {
+                path: path.clone(),
+                source,
+            })?;
     }
     Ok(files.to_vec())
 }

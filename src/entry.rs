@@ -112,7 +112,7 @@ impl VersionVector {
     /// Records one more change made by `node`.
     pub fn bump(&mut self, node: NodeId) {
         match self.0.binary_search_by_key(&node, |&(n, _)| n) {
-            Ok(i) => self.0[i].1 += 1,
+            Ok(i) => self.0[i].1 = self.0[i].1.saturating_add(1),
             Err(i) => self.0.insert(i, (node, 1)),
         }
     }

@@ -16,7 +16,11 @@ use prometheus_client::registry::Registry;
 
 use crate::sync::Node;
 
-pub async fn serve(addr: SocketAddr, node: Arc<Node>, shutdown: tokio::sync::watch::Receiver<bool>) -> std::io::Result<()> {
+pub async fn serve(
+    addr: SocketAddr,
+    node: Arc<Node>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
     let router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/status", get(status))
@@ -55,16 +59,48 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
     let status = node.status();
     let mut registry = Registry::with_prefix("shoal");
     let t = &status.totals;
-    counter(&mut registry, "chunk_bytes_sent", "Chunk bytes sent to peers", t.chunk_bytes_sent);
-    counter(&mut registry, "chunk_bytes_received", "Chunk bytes received from peers", t.chunk_bytes_received);
-    counter(&mut registry, "files_applied", "Files, directories and symlinks applied from peers", t.files_applied);
-    counter(&mut registry, "conflicts", "Concurrent changes resolved with a conflict copy", t.conflicts);
-    counter(&mut registry, "rejected_chunks", "Chunks whose bytes did not match their id", t.rejected_chunks);
-    counter(&mut registry, "local_changes_published", "Local changes announced to peers", t.local_changes_published);
+    counter(
+        &mut registry,
+        "chunk_bytes_sent",
+        "Chunk bytes sent to peers",
+        t.chunk_bytes_sent,
+    );
+    counter(
+        &mut registry,
+        "chunk_bytes_received",
+        "Chunk bytes received from peers",
+        t.chunk_bytes_received,
+    );
+    counter(
+        &mut registry,
+        "files_applied",
+        "Files, directories and symlinks applied from peers",
+        t.files_applied,
+    );
+    counter(
+        &mut registry,
+        "conflicts",
+        "Concurrent changes resolved with a conflict copy",
+        t.conflicts,
+    );
+    counter(
+        &mut registry,
+        "rejected_chunks",
+        "Chunks whose bytes did not match their id",
+        t.rejected_chunks,
+    );
+    counter(
+        &mut registry,
+        "local_changes_published",
+        "Local changes announced to peers",
+        t.local_changes_published,
+    );
     let files = Family::<VolumeLabels, Gauge>::default();
     let bytes = Family::<VolumeLabels, Gauge>::default();
     for v in &status.volumes {
-        let labels = VolumeLabels { volume: v.name.clone() };
+        let labels = VolumeLabels {
+            volume: v.name.clone(),
+        };
         files.get_or_create(&labels).set(v.files as i64);
         bytes.get_or_create(&labels).set(v.bytes as i64);
     }
@@ -74,17 +110,34 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
     let sent = Family::<PeerLabels, Counter>::default();
     let received = Family::<PeerLabels, Counter>::default();
     for p in &status.peers {
-        let labels = PeerLabels { peer: p.addr.clone() };
+        let labels = PeerLabels {
+            peer: p.addr.clone(),
+        };
         connected.get_or_create(&labels).set(i64::from(p.connected));
         sent.get_or_create(&labels).inc_by(p.chunk_bytes_sent);
-        received.get_or_create(&labels).inc_by(p.chunk_bytes_received);
+        received
+            .get_or_create(&labels)
+            .inc_by(p.chunk_bytes_received);
     }
     registry.register("peer_connected", "Whether the peer is connected", connected);
-    registry.register("peer_chunk_bytes_sent", "Chunk bytes sent to the peer", sent);
-    registry.register("peer_chunk_bytes_received", "Chunk bytes received from the peer", received);
+    registry.register(
+        "peer_chunk_bytes_sent",
+        "Chunk bytes sent to the peer",
+        sent,
+    );
+    registry.register(
+        "peer_chunk_bytes_received",
+        "Chunk bytes received from the peer",
+        received,
+    );
     let mut text = String::new();
     match prometheus_client::encoding::text::encode(&mut text, &registry) {
-        Ok(()) => (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
+        Ok(()) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            text,
+        )
+            .into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }

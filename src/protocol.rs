@@ -111,7 +111,8 @@ pub struct Hello {
 pub struct WireEntry {
     pub name: Vec<u8>,
     pub entry: Entry,
-    /// The child's tree hash when it is a live directory.
+    /// The child's sync hash (content and histories, [`TreeNode::sync_hash`]) when it
+    /// is a live directory.
     pub subtree: Option<TreeHash>,
 }
 
@@ -119,15 +120,33 @@ pub struct WireEntry {
 pub enum Request {
     Hello(Hello),
     /// The tree node of a directory (the root is the empty path).
-    GetDir { volume: String, dir: VolPath },
-    /// The children of `dir` (tombstones included) with `start <= name < end`.
-    GetEntries { volume: String, dir: VolPath, start: Vec<u8>, end: Option<Vec<u8>> },
+    GetDir {
+        volume: String,
+        dir: VolPath,
+    },
+    /// The children of `dir` (tombstones included) with `start <= name < end` (or
+    /// `start < name` when `after` is set, to continue after the last name received).
+    GetEntries {
+        volume: String,
+        dir: VolPath,
+        start: Vec<u8>,
+        after: bool,
+        end: Option<Vec<u8>>,
+    },
     /// The chunk list of a file, if it still has that content.
-    GetChunkList { volume: String, path: VolPath, content_id: ContentId },
+    GetChunkList {
+        volume: String,
+        path: VolPath,
+        content_id: ContentId,
+    },
     /// Chunk bytes, by id.
-    GetChunks { ids: Vec<ChunkId> },
+    GetChunks {
+        ids: Vec<ChunkId>,
+    },
     /// "My volume changed": the receiver should pull from the sender soon.
-    Notify { volume: String },
+    Notify {
+        volume: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -150,21 +169,36 @@ fn put_bytes16(out: &mut Vec<u8>, bytes: &[u8]) {
 
 fn read_volume(r: &mut Reader<'_>) -> Result<String, ProtocolError> {
     let bytes = r.short_bytes("volume name")?;
-    let name = std::str::from_utf8(bytes).map_err(|_| ProtocolError::Malformed("volume name is not UTF-8".into()))?;
-    crate::config::validate_volume_name(name).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    let name = std::str::from_utf8(bytes)
+        .map_err(|_| ProtocolError::Malformed("volume name is not UTF-8".into()))?;
+    crate::config::validate_volume_name(name)
+        .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
     Ok(name.to_string())
 }
 
 fn read_path(r: &mut Reader<'_>, what: &str) -> Result<VolPath, ProtocolError> {
-    VolPath::parse(r.short_bytes(what)?).map_err(|e| ProtocolError::Malformed(format!("{what}: {e}")))
+    VolPath::parse(r.short_bytes(what)?)
+        .map_err(|e| ProtocolError::Malformed(format!("{what}: {e}")))
 }
 
 fn read_name_bound(r: &mut Reader<'_>, what: &str) -> Result<Vec<u8>, ProtocolError> {
     let name = r.short_bytes(what)?;
     if name.len() > crate::pathname::MAX_NAME_LEN || name.contains(&0) || name.contains(&b'/') {
-        return Err(ProtocolError::Malformed(format!("{what} is not a file name")));
+        return Err(ProtocolError::Malformed(format!(
+            "{what} is not a file name"
+        )));
     }
     Ok(name.to_vec())
+}
+
+fn read_flag(r: &mut Reader<'_>, what: &str) -> Result<bool, ProtocolError> {
+    match r.u8(what)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        other => Err(ProtocolError::Malformed(format!(
+            "{what} is {other}, not 0 or 1"
+        ))),
+    }
 }
 
 fn encode_hello(h: &Hello) -> Vec<u8> {
@@ -186,19 +220,37 @@ fn decode_hello(body: &[u8]) -> Result<Hello, ProtocolError> {
     let version = r.u16("version")?;
     if version != PROTOCOL_VERSION {
         // Nothing after the version is read: a later version may lay it out otherwise.
-        return Ok(Hello { version, node_id: NodeId(0), chunk_params: ChunkParams::DEFAULT, volumes: vec![] });
+        return Ok(Hello {
+            version,
+            node_id: NodeId(0),
+            chunk_params: ChunkParams::DEFAULT,
+            volumes: vec![],
+        });
     }
     let node_id = NodeId(r.u64("node id")?);
-    let (min, avg, max) = (r.u32("chunk sizes")?, r.u32("chunk sizes")?, r.u32("chunk sizes")?);
-    let chunk_params =
-        ChunkParams::new(min, avg, max).map_err(|e| ProtocolError::Malformed(format!("hello: {e}")))?;
+    let (min, avg, max) = (
+        r.u32("chunk sizes")?,
+        r.u32("chunk sizes")?,
+        r.u32("chunk sizes")?,
+    );
+    let chunk_params = ChunkParams::new(min, avg, max)
+        .map_err(|e| ProtocolError::Malformed(format!("hello: {e}")))?;
     let count = usize::from(r.u16("volume count")?);
     if count > MAX_VOLUMES {
-        return Err(ProtocolError::Malformed(format!("hello announces {count} volumes")));
+        return Err(ProtocolError::Malformed(format!(
+            "hello announces {count} volumes"
+        )));
     }
-    let volumes = (0..count).map(|_| read_volume(&mut r)).collect::<Result<_, _>>()?;
+    let volumes = (0..count)
+        .map(|_| read_volume(&mut r))
+        .collect::<Result<_, _>>()?;
     r.finish("hello")?;
-    Ok(Hello { version, node_id, chunk_params, volumes })
+    Ok(Hello {
+        version,
+        node_id,
+        chunk_params,
+        volumes,
+    })
 }
 
 impl Request {
@@ -214,10 +266,17 @@ impl Request {
                 put_bytes16(&mut out, dir.as_bytes());
                 kind::GET_DIR
             }
-            Request::GetEntries { volume, dir, start, end } => {
+            Request::GetEntries {
+                volume,
+                dir,
+                start,
+                after,
+                end,
+            } => {
                 put_bytes16(&mut out, volume.as_bytes());
                 put_bytes16(&mut out, dir.as_bytes());
                 put_bytes16(&mut out, start);
+                out.push(u8::from(*after));
                 match end {
                     Some(end) => {
                         out.push(1);
@@ -227,7 +286,11 @@ impl Request {
                 }
                 kind::GET_ENTRIES
             }
-            Request::GetChunkList { volume, path, content_id } => {
+            Request::GetChunkList {
+                volume,
+                path,
+                content_id,
+            } => {
                 put_bytes16(&mut out, volume.as_bytes());
                 put_bytes16(&mut out, path.as_bytes());
                 out.extend_from_slice(content_id.as_bytes());
@@ -252,17 +315,29 @@ impl Request {
         let mut r = Reader::new(body);
         let request = match kind {
             kind::HELLO => return Ok(Request::Hello(decode_hello(body)?)),
-            kind::GET_DIR => Request::GetDir { volume: read_volume(&mut r)?, dir: read_path(&mut r, "directory")? },
+            kind::GET_DIR => Request::GetDir {
+                volume: read_volume(&mut r)?,
+                dir: read_path(&mut r, "directory")?,
+            },
             kind::GET_ENTRIES => {
                 let volume = read_volume(&mut r)?;
                 let dir = read_path(&mut r, "directory")?;
                 let start = read_name_bound(&mut r, "range start")?;
+                let after = read_flag(&mut r, "range start flag")?;
                 let end = match r.u8("range end flag")? {
                     0 => None,
                     1 => Some(read_name_bound(&mut r, "range end")?),
-                    other => return Err(ProtocolError::Malformed(format!("range end flag {other}"))),
+                    other => {
+                        return Err(ProtocolError::Malformed(format!("range end flag {other}")));
+                    }
                 };
-                Request::GetEntries { volume, dir, start, end }
+                Request::GetEntries {
+                    volume,
+                    dir,
+                    start,
+                    after,
+                    end,
+                }
             }
             kind::GET_CHUNK_LIST => Request::GetChunkList {
                 volume: read_volume(&mut r)?,
@@ -272,11 +347,19 @@ impl Request {
             kind::GET_CHUNKS => {
                 let count = usize::from(r.u16("chunk count")?);
                 if count > MAX_CHUNKS_PER_REQUEST {
-                    return Err(ProtocolError::Malformed(format!("{count} chunks requested at once")));
+                    return Err(ProtocolError::Malformed(format!(
+                        "{count} chunks requested at once"
+                    )));
                 }
-                Request::GetChunks { ids: (0..count).map(|_| r.hash("chunk id").map(ChunkId)).collect::<Result<_, _>>()? }
+                Request::GetChunks {
+                    ids: (0..count)
+                        .map(|_| r.hash("chunk id").map(ChunkId))
+                        .collect::<Result<_, _>>()?,
+                }
             }
-            kind::NOTIFY => Request::Notify { volume: read_volume(&mut r)? },
+            kind::NOTIFY => Request::Notify {
+                volume: read_volume(&mut r)?,
+            },
             other => return Err(ProtocolError::UnexpectedKind(other)),
         };
         r.finish("request")?;
@@ -361,35 +444,51 @@ impl Response {
                 other => return Err(ProtocolError::Malformed(format!("dir flag {other}"))),
             },
             kind::ENTRIES => {
-                let more = r.u8("more flag")? != 0;
+                let more = read_flag(&mut r, "more flag")?;
                 let count = r.u32("entry count")? as usize;
                 if count > MAX_ENTRIES_PER_RESPONSE {
-                    return Err(ProtocolError::Malformed(format!("{count} entries in one response")));
+                    return Err(ProtocolError::Malformed(format!(
+                        "{count} entries in one response"
+                    )));
                 }
                 let mut entries = Vec::with_capacity(count);
                 for _ in 0..count {
                     let name = r.short_bytes("entry name")?.to_vec();
-                    validate_name(&name).map_err(|e| ProtocolError::Malformed(format!("entry name: {e}")))?;
-                    let subtree = match r.u8("subtree flag")? {
-                        0 => None,
-                        _ => Some(TreeHash(r.hash("subtree hash")?)),
+                    validate_name(&name)
+                        .map_err(|e| ProtocolError::Malformed(format!("entry name: {e}")))?;
+                    let subtree = match read_flag(&mut r, "subtree flag")? {
+                        false => None,
+                        true => Some(TreeHash(r.hash("subtree hash")?)),
                     };
                     let len = r.u32("entry length")? as usize;
                     let entry = codec::decode_entry(r.take(len, "entry")?)?;
-                    entries.push(WireEntry { name, entry, subtree });
+                    entries.push(WireEntry {
+                        name,
+                        entry,
+                        subtree,
+                    });
                 }
                 Response::Entries { entries, more }
             }
             kind::CHUNK_LIST => match r.u8("chunk list flag")? {
                 0 => Response::ChunkList(None),
-                1 => return Ok(Response::ChunkList(Some(codec::decode_chunk_list(&body[1..])?))),
+                1 => {
+                    return Ok(Response::ChunkList(Some(codec::decode_chunk_list(
+                        &body[1..],
+                    )?)));
+                }
                 other => return Err(ProtocolError::Malformed(format!("chunk list flag {other}"))),
             },
             kind::CHUNK => {
                 let id = ChunkId(r.hash("chunk id")?);
-                return Ok(Response::Chunk { id, data: body[HASH_LEN..].to_vec() });
+                return Ok(Response::Chunk {
+                    id,
+                    data: body[HASH_LEN..].to_vec(),
+                });
             }
-            kind::CHUNK_MISSING => Response::ChunkMissing { id: ChunkId(r.hash("chunk id")?) },
+            kind::CHUNK_MISSING => Response::ChunkMissing {
+                id: ChunkId(r.hash("chunk id")?),
+            },
             kind::ACK => Response::Ack,
             kind::ERROR => {
                 let code = r.u16("error code")?;
@@ -404,8 +503,14 @@ impl Response {
 }
 
 /// Writes one frame.
-pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, (kind, body): (u8, Vec<u8>)) -> Result<(), ProtocolError> {
-    let len = u32::try_from(body.len() + 1).map_err(|_| ProtocolError::TooLarge { len: body.len(), limit: MAX_CHUNK_FRAME })?;
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    (kind, body): (u8, Vec<u8>),
+) -> Result<(), ProtocolError> {
+    let len = u32::try_from(body.len() + 1).map_err(|_| ProtocolError::TooLarge {
+        len: body.len(),
+        limit: MAX_CHUNK_FRAME,
+    })?;
     let mut header = [0u8; 5];
     header[..4].copy_from_slice(&len.to_le_bytes());
     header[4] = kind;
@@ -416,7 +521,10 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, (kind, body): (u8, Ve
 
 /// Reads one frame; `None` at a clean end of stream. Frames over `limit` bytes are
 /// refused before their body is read.
-pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, limit: usize) -> Result<Option<(u8, Vec<u8>)>, ProtocolError> {
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    limit: usize,
+) -> Result<Option<(u8, Vec<u8>)>, ProtocolError> {
     let mut header = [0u8; 5];
     let mut got = 0;
     while got < header.len() {
@@ -458,20 +566,49 @@ mod tests {
         let (kind, body) = request.encode();
         assert_eq!(Request::decode(kind, &body).unwrap(), request);
         for cut in 0..body.len() {
-            assert!(Request::decode(kind, &body[..cut]).is_err() || matches!(request, Request::Hello(_)));
+            assert!(
+                Request::decode(kind, &body[..cut]).is_err()
+                    || matches!(request, Request::Hello(_))
+            );
         }
     }
 
     #[test]
     fn requests_round_trip_and_short_bodies_fail() {
         let dir = VolPath::parse(b"a/b").unwrap();
-        round_trip_request(Request::GetDir { volume: "media".into(), dir: dir.clone() });
-        round_trip_request(Request::GetEntries { volume: "m".into(), dir: dir.clone(), start: b"x".to_vec(), end: Some(b"y".to_vec()) });
-        round_trip_request(Request::GetEntries { volume: "m".into(), dir: VolPath::root(), start: vec![], end: None });
-        round_trip_request(Request::GetChunkList { volume: "m".into(), path: dir, content_id: ContentId([1; 32]) });
-        round_trip_request(Request::GetChunks { ids: vec![ChunkId([2; 32]), ChunkId([3; 32])] });
+        round_trip_request(Request::GetDir {
+            volume: "media".into(),
+            dir: dir.clone(),
+        });
+        round_trip_request(Request::GetEntries {
+            volume: "m".into(),
+            dir: dir.clone(),
+            start: b"x".to_vec(),
+            after: true,
+            end: Some(b"y".to_vec()),
+        });
+        round_trip_request(Request::GetEntries {
+            volume: "m".into(),
+            dir: VolPath::root(),
+            start: vec![],
+            after: false,
+            end: None,
+        });
+        round_trip_request(Request::GetChunkList {
+            volume: "m".into(),
+            path: dir,
+            content_id: ContentId([1; 32]),
+        });
+        round_trip_request(Request::GetChunks {
+            ids: vec![ChunkId([2; 32]), ChunkId([3; 32])],
+        });
         round_trip_request(Request::Notify { volume: "m".into() });
-        let hello = Hello { version: 1, node_id: NodeId(9), chunk_params: ChunkParams::DEFAULT, volumes: vec!["a".into()] };
+        let hello = Hello {
+            version: 1,
+            node_id: NodeId(9),
+            chunk_params: ChunkParams::DEFAULT,
+            volumes: vec!["a".into()],
+        };
         let (kind, body) = Request::Hello(hello.clone()).encode();
         assert_eq!(Request::decode(kind, &body).unwrap(), Request::Hello(hello));
     }
@@ -482,11 +619,28 @@ mod tests {
             let mut body = Vec::new();
             put_bytes16(&mut body, b"vol");
             put_bytes16(&mut body, bad);
-            assert!(matches!(Request::decode(kind::GET_DIR, &body), Err(ProtocolError::Malformed(_))));
+            assert!(matches!(
+                Request::decode(kind::GET_DIR, &body),
+                Err(ProtocolError::Malformed(_))
+            ));
         }
-        let entry = Entry { kind: EntryKind::Dir, mode: 0o755, mtime_ns: 0, uid: 0, gid: 0, version: VersionVector::default() };
+        let entry = Entry {
+            kind: EntryKind::Dir,
+            mode: 0o755,
+            mtime_ns: 0,
+            uid: 0,
+            gid: 0,
+            version: VersionVector::default(),
+        };
         for bad in [&b".."[..], b"a/b", b""] {
-            let response = Response::Entries { entries: vec![WireEntry { name: bad.to_vec(), entry: entry.clone(), subtree: None }], more: false };
+            let response = Response::Entries {
+                entries: vec![WireEntry {
+                    name: bad.to_vec(),
+                    entry: entry.clone(),
+                    subtree: None,
+                }],
+                more: false,
+            };
             let (kind, body) = response.encode();
             assert!(Response::decode(kind, &body).is_err(), "{bad:?} accepted");
         }
@@ -497,16 +651,43 @@ mod tests {
 
     #[test]
     fn responses_round_trip() {
-        let entry = Entry { kind: EntryKind::Symlink { target: b"t".to_vec() }, mode: 0, mtime_ns: 5, uid: 1, gid: 2, version: VersionVector::from_pairs([(NodeId(3), 4)]) };
+        let entry = Entry {
+            kind: EntryKind::Symlink {
+                target: b"t".to_vec(),
+            },
+            mode: 0,
+            mtime_ns: 5,
+            uid: 1,
+            gid: 2,
+            version: VersionVector::from_pairs([(NodeId(3), 4)]),
+        };
         for response in [
-            Response::Entries { entries: vec![WireEntry { name: b"n".to_vec(), entry, subtree: Some(TreeHash([7; 32])) }], more: true },
-            Response::ChunkList(Some(vec![ChunkRef { id: ChunkId([1; 32]), len: 10 }])),
+            Response::Entries {
+                entries: vec![WireEntry {
+                    name: b"n".to_vec(),
+                    entry,
+                    subtree: Some(TreeHash([7; 32])),
+                }],
+                more: true,
+            },
+            Response::ChunkList(Some(vec![ChunkRef {
+                id: ChunkId([1; 32]),
+                len: 10,
+            }])),
             Response::ChunkList(None),
-            Response::Chunk { id: ChunkId([5; 32]), data: b"bytes".to_vec() },
-            Response::ChunkMissing { id: ChunkId([6; 32]) },
+            Response::Chunk {
+                id: ChunkId([5; 32]),
+                data: b"bytes".to_vec(),
+            },
+            Response::ChunkMissing {
+                id: ChunkId([6; 32]),
+            },
             Response::Dir(None),
             Response::Ack,
-            Response::Error { code: code::MALFORMED, message: "bad".into() },
+            Response::Error {
+                code: code::MALFORMED,
+                message: "bad".into(),
+            },
         ] {
             let (kind, body) = response.encode();
             assert_eq!(Response::decode(kind, &body).unwrap(), response);
@@ -518,12 +699,25 @@ mod tests {
         let mut huge = Vec::new();
         huge.extend_from_slice(&(u32::MAX).to_le_bytes());
         huge.push(kind::HELLO);
-        assert!(matches!(read_frame(&mut &huge[..], MAX_CONTROL_FRAME).await, Err(ProtocolError::TooLarge { .. })));
+        assert!(matches!(
+            read_frame(&mut &huge[..], MAX_CONTROL_FRAME).await,
+            Err(ProtocolError::TooLarge { .. })
+        ));
         let mut short = Vec::new();
-        write_frame(&mut short, Request::Notify { volume: "v".into() }.encode()).await.unwrap();
+        write_frame(&mut short, Request::Notify { volume: "v".into() }.encode())
+            .await
+            .unwrap();
         short.pop();
-        assert!(matches!(read_frame(&mut &short[..], MAX_CONTROL_FRAME).await, Err(ProtocolError::Truncated)));
-        assert!(read_frame(&mut &b""[..], MAX_CONTROL_FRAME).await.unwrap().is_none());
+        assert!(matches!(
+            read_frame(&mut &short[..], MAX_CONTROL_FRAME).await,
+            Err(ProtocolError::Truncated)
+        ));
+        assert!(
+            read_frame(&mut &b""[..], MAX_CONTROL_FRAME)
+                .await
+                .unwrap()
+                .is_none()
+        );
         assert!(Request::decode(0x42, b"").is_err());
     }
 }

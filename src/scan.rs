@@ -473,6 +473,17 @@ impl<'s> Walker<'s> {
         };
         let indexed: Vec<(Vec<u8>, ScanStamp)> =
             self.store.stamps(self.vol, dir).collect::<Result<_, _>>()?;
+        if dir.is_root() && listed.is_empty() && !indexed.is_empty() {
+            // An empty volume where the index knows files is a new or unmounted disk,
+            // not a request to delete everything on every node (the lsyncd failure):
+            // forget the index, and let peers fill the volume again.
+            tracing::warn!(
+                "volume {} is empty but its index holds {} names: treating it as a fresh volume that pulls from peers, not as a deletion",
+                self.report.volume,
+                indexed.len()
+            );
+            return self.forget_everything();
+        }
         let mut listed = listed.into_iter().peekable();
         let mut indexed = indexed.into_iter().peekable();
         let mut to_hash = Vec::new();
@@ -534,7 +545,11 @@ impl<'s> Walker<'s> {
                 self.drop_if_kind_changed(dir, &item.name, old, |k| {
                     matches!(k, EntryKind::File { .. })
                 })?;
-                let job = HashJob { dir: dir.clone(), name: item.name, path: path.under(&self.root) };
+                let job = HashJob {
+                    dir: dir.clone(),
+                    name: item.name,
+                    path: path.under(&self.root),
+                };
                 to_hash.push((item.meta.len(), job));
                 return Ok(());
             } else if is_dir {
@@ -664,6 +679,33 @@ impl<'s> Walker<'s> {
             }
         }
         self.tombstone(dir, name, old)
+    }
+
+    /// Drops every entry of the volume without tombstones (see the empty-volume guard).
+    fn forget_everything(&mut self) -> Result<(), StoreError> {
+        let root = VolPath::root();
+        let all: Vec<_> = self
+            .store
+            .descendants(self.vol, &root)
+            .collect::<Result<_, _>>()?;
+        for (dir, name, entry) in all {
+            if let EntryKind::File { .. } = entry.kind {
+                let chunks = self
+                    .store
+                    .chunk_list(self.vol, &dir, &name)?
+                    .unwrap_or_default();
+                self.batch.delete_chunks(self.vol, &dir, &name, &chunks);
+            }
+            if let (true, Ok(path)) = (entry.is_dir(), dir.join(&name)) {
+                self.batch.delete_tree_node(self.vol, &path);
+                self.batch.clear_dirty(self.vol, &path);
+            }
+            self.batch.delete_entry(self.vol, &dir, &name);
+            self.batch.delete_stamp(self.vol, &dir, &name);
+            self.flush(false)?;
+        }
+        self.batch.mark_dirty(self.vol, &root);
+        Ok(())
     }
 
     fn tombstone(&mut self, dir: &VolPath, name: &[u8], old: Entry) -> Result<Entry, StoreError> {

@@ -23,7 +23,7 @@ use crate::credentials::Credentials;
 use crate::protocol::{self, Request, Response};
 use crate::scan::{ScanOptions, scan_volume};
 use crate::store::{OpenOptions, Store};
-use crate::sync::{Node, Peer, SyncError, Stats, Volume, pull, request};
+use crate::sync::{Node, Peer, Stats, SyncError, Volume, pull, request};
 use crate::volume_fs::VolumeFs;
 
 pub struct ServeOptions {
@@ -37,23 +37,42 @@ pub struct ServeOptions {
 
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
-pub async fn run(options: ServeOptions, shutdown_signal: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(
+    options: ServeOptions,
+    shutdown_signal: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let credentials = Credentials::load(&options.credentials)?;
     let settings = &options.settings;
     if settings.volumes.is_empty() {
         return Err(crate::config::ConfigError::NoVolumes.into());
     }
-    let store = Store::open(&settings.state_dir, OpenOptions { create: true, read_only: false, chunk_params: settings.chunk_params })?;
+    let store = Store::open(
+        &settings.state_dir,
+        OpenOptions {
+            create: true,
+            read_only: false,
+            chunk_params: settings.chunk_params,
+        },
+    )?;
     let mut volumes = Vec::new();
     for name in &settings.volumes {
         let dir = settings.volume_dir(name);
         if !dir.exists() {
-            tracing::warn!("volume {name}: {} does not exist; creating it empty (it will be filled from peers)", dir.display());
-            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            tracing::warn!(
+                "volume {name}: {} does not exist; creating it empty (it will be filled from peers)",
+                dir.display()
+            );
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
         }
         let fs = VolumeFs::open(&dir).with_context(|| format!("volume {name}"))?;
         let record = store.ensure_volume(name)?;
-        volumes.push(Volume { name: name.clone(), id: crate::ids::VolumeId(record.id), fs, lock: tokio::sync::Mutex::new(()) });
+        volumes.push(Volume {
+            name: name.clone(),
+            id: crate::ids::VolumeId(record.id),
+            fs,
+            lock: tokio::sync::Mutex::new(()),
+        });
     }
     let mut peers = Vec::new();
     for target in &options.peers {
@@ -74,6 +93,7 @@ pub async fn run(options: ServeOptions, shutdown_signal: impl std::future::Futur
         peers,
         stats: Stats::default(),
         sync_ownership: rustix::process::geteuid().is_root(),
+        faults: crate::sync::Faults::from_env(),
     });
     tracing::info!(node = %node.meta.node_id, volumes = ?settings.volumes, "starting");
     for index in 0..node.volumes.len() {
@@ -124,7 +144,8 @@ pub async fn run(options: ServeOptions, shutdown_signal: impl std::future::Futur
     }
     if let Some(addr) = options.http {
         let (node, stop) = (node.clone(), stop_rx.clone());
-        let listener_check = std::net::TcpListener::bind(addr).with_context(|| format!("cannot serve HTTP on {addr}"))?;
+        let listener_check = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("cannot serve HTTP on {addr}"))?;
         drop(listener_check);
         tasks.spawn(async move {
             if let Err(e) = crate::http::serve(addr, node, stop).await {
@@ -137,7 +158,10 @@ pub async fn run(options: ServeOptions, shutdown_signal: impl std::future::Futur
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let drain = async { while tasks.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(10), drain).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .is_err()
+    {
         tracing::warn!("some tasks did not stop within 10 s");
     }
     node.store.sync()?;
@@ -152,7 +176,12 @@ async fn rescan(node: &Arc<Node>, index: usize) -> anyhow::Result<()> {
         let node = node.clone();
         tokio::task::spawn_blocking(move || {
             let volume = &node.volumes[index];
-            scan_volume(&node.store, &volume.name, volume.fs.root_path(), &ScanOptions::default())
+            scan_volume(
+                &node.store,
+                &volume.name,
+                volume.fs.root_path(),
+                &ScanOptions::default(),
+            )
         })
         .await??
     };
@@ -164,7 +193,13 @@ async fn rescan(node: &Arc<Node>, index: usize) -> anyhow::Result<()> {
 }
 
 /// Keeps one peer connected and pulls from it.
-async fn peer_loop(node: Arc<Node>, peer: Arc<Peer>, client: s2n_quic::Client, heartbeat: Duration, mut stop: watch::Receiver<bool>) {
+async fn peer_loop(
+    node: Arc<Node>,
+    peer: Arc<Peer>,
+    client: s2n_quic::Client,
+    heartbeat: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut backoff = Duration::from_millis(200);
     let mut last_error = String::new();
     loop {
@@ -202,20 +237,37 @@ async fn peer_loop(node: Arc<Node>, peer: Arc<Peer>, client: s2n_quic::Client, h
     }
 }
 
-async fn connect(node: &Node, peer: &Peer, client: &s2n_quic::Client) -> Result<s2n_quic::Connection, SyncError> {
-    let connection = crate::transport::connect(client, peer.addr).await.map_err(|e| SyncError::Connection(e.to_string()))?;
+async fn connect(
+    node: &Node,
+    peer: &Peer,
+    client: &s2n_quic::Client,
+) -> Result<s2n_quic::Connection, SyncError> {
+    let connection = crate::transport::connect(client, peer.addr)
+        .await
+        .map_err(|e| SyncError::Connection(e.to_string()))?;
     let mut handle = connection.handle();
     let hello = match request(&mut handle, &Request::Hello(node.hello())).await? {
         Response::Hello(hello) => hello,
-        other => return Err(SyncError::Refused(format!("unexpected answer to Hello: {other:?}"))),
+        other => {
+            return Err(SyncError::Refused(format!(
+                "unexpected answer to Hello: {other:?}"
+            )));
+        }
     };
     if hello.version != protocol::PROTOCOL_VERSION {
-        return Err(SyncError::Refused(format!("peer speaks protocol version {}", hello.version)));
+        return Err(SyncError::Refused(format!(
+            "peer speaks protocol version {}",
+            hello.version
+        )));
     }
     if hello.node_id == node.meta.node_id {
         return Err(SyncError::Refused("the peer is this node itself".into()));
     }
-    let shared: Vec<String> = hello.volumes.into_iter().filter(|v| node.volume(v).is_some()).collect();
+    let shared: Vec<String> = hello
+        .volumes
+        .into_iter()
+        .filter(|v| node.volume(v).is_some())
+        .collect();
     *peer.node_id.lock().expect("peer state lock") = Some(hello.node_id);
     *peer.shared_volumes.lock().expect("peer state lock") = shared;
     *peer.handle.lock().expect("peer state lock") = Some(handle);
@@ -225,7 +277,12 @@ async fn connect(node: &Node, peer: &Peer, client: &s2n_quic::Client) -> Result<
 
 /// Pulls from a connected peer on connect, on notify and every heartbeat. Returns why it
 /// stopped: `None` for shutdown.
-async fn sync_with(node: &Arc<Node>, peer: &Arc<Peer>, heartbeat: Duration, stop: &mut watch::Receiver<bool>) -> Option<SyncError> {
+async fn sync_with(
+    node: &Arc<Node>,
+    peer: &Arc<Peer>,
+    heartbeat: Duration,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<SyncError> {
     loop {
         for index in 0..node.volumes.len() {
             let name = node.volumes[index].name.clone();

@@ -30,6 +30,8 @@ pub enum TransportError {
     Credentials(String),
     #[error("cannot listen on {addr}: {message}")]
     Listen { addr: SocketAddr, message: String },
+    #[error("cannot start the QUIC client on {addr}: {message}")]
+    Client { addr: SocketAddr, message: String },
     #[error("cannot connect to {addr}: {message}")]
     Connect { addr: SocketAddr, message: String },
 }
@@ -54,7 +56,9 @@ fn limits() -> Result<Limits, String> {
 
 /// Starts the server side on `listen`.
 pub fn listen(listen: SocketAddr, credentials: &Credentials) -> Result<Server, TransportError> {
-    let cred_err = |e: s2n_quic::provider::tls::default::error::Error| TransportError::Credentials(e.to_string());
+    let cred_err = |e: s2n_quic::provider::tls::default::error::Error| {
+        TransportError::Credentials(e.to_string())
+    };
     let tls = s2n_quic::provider::tls::default::Server::builder()
         .with_empty_trust_store()
         .map_err(cred_err)?
@@ -70,7 +74,10 @@ pub fn listen(listen: SocketAddr, credentials: &Credentials) -> Result<Server, T
         .map_err(cred_err)?
         .build()
         .map_err(cred_err)?;
-    let listen_err = |message: String| TransportError::Listen { addr: listen, message };
+    let listen_err = |message: String| TransportError::Listen {
+        addr: listen,
+        message,
+    };
     Server::builder()
         .with_tls(tls)
         .map_err(|e| listen_err(e.to_string()))?
@@ -85,7 +92,9 @@ pub fn listen(listen: SocketAddr, credentials: &Credentials) -> Result<Server, T
 /// Starts the client side, sending from `bind` (an address of the same family as the
 /// peers, port 0 for any).
 pub fn client(bind: SocketAddr, credentials: &Credentials) -> Result<Client, TransportError> {
-    let cred_err = |e: s2n_quic::provider::tls::default::error::Error| TransportError::Credentials(e.to_string());
+    let cred_err = |e: s2n_quic::provider::tls::default::error::Error| {
+        TransportError::Credentials(e.to_string())
+    };
     let tls = s2n_quic::provider::tls::default::Client::builder()
         .with_empty_trust_store()
         .map_err(cred_err)?
@@ -97,7 +106,10 @@ pub fn client(bind: SocketAddr, credentials: &Credentials) -> Result<Client, Tra
         .map_err(cred_err)?
         .build()
         .map_err(cred_err)?;
-    let listen_err = |message: String| TransportError::Listen { addr: bind, message };
+    let listen_err = |message: String| TransportError::Client {
+        addr: bind,
+        message,
+    };
     Client::builder()
         .with_tls(tls)
         .map_err(|e| listen_err(e.to_string()))?
@@ -112,8 +124,18 @@ pub fn client(bind: SocketAddr, credentials: &Credentials) -> Result<Client, Tra
 /// Connects to a peer and completes the mutual-TLS handshake.
 pub async fn connect(client: &Client, addr: SocketAddr) -> Result<Connection, TransportError> {
     let connect = Connect::new(addr).with_server_name(CLUSTER_SERVER_NAME);
-    let mut connection =
-        client.connect(connect).await.map_err(|e| TransportError::Connect { addr, message: e.to_string() })?;
-    connection.keep_alive(true).map_err(|e| TransportError::Connect { addr, message: e.to_string() })?;
+    let mut connection = client
+        .connect(connect)
+        .await
+        .map_err(|e| TransportError::Connect {
+            addr,
+            message: e.to_string(),
+        })?;
+    connection
+        .keep_alive(true)
+        .map_err(|e| TransportError::Connect {
+            addr,
+            message: e.to_string(),
+        })?;
     Ok(connection)
 }

@@ -30,6 +30,7 @@ use crate::store::{Store, StoreError};
 
 const PAGE_CONTEXT: &str = "shoal 2026-11 tree page v1";
 const DIR_CONTEXT: &str = "shoal 2026-11 tree dir v1";
+const VERSIONS_CONTEXT: &str = "shoal 2026-11 tree versions v1";
 
 /// Average children per page.
 pub const PAGE_TARGET_ENTRIES: u32 = 1024;
@@ -109,11 +110,24 @@ pub fn build_node(
     let mut records = Vec::new();
     let mut first_name: Option<Vec<u8>> = None;
     let mut entries = 0u32;
+    let mut versions = blake3::Hasher::new_derive_key(VERSIONS_CONTEXT);
     for child in children {
         let (name, entry) = child?;
+        versions
+            .update(&(name.len() as u16).to_le_bytes())
+            .update(&name);
+        versions.update(&(entry.version.pairs().len() as u16).to_le_bytes());
+        for (node, counter) in entry.version.pairs() {
+            versions
+                .update(&node.0.to_le_bytes())
+                .update(&counter.to_le_bytes());
+        }
         let mut child_hash = None;
         match &entry.kind {
-            EntryKind::Tombstone { .. } => continue,
+            EntryKind::Tombstone { .. } => {
+                versions.update(&[0]);
+                continue;
+            }
             EntryKind::File { size, chunks, .. } => {
                 totals.files += 1;
                 totals.bytes += size;
@@ -125,6 +139,7 @@ pub fn build_node(
                 if let Some(node) = subtree(&name)? {
                     totals.add(&node.totals);
                     child_hash = Some(node.hash);
+                    versions.update(node.versions.as_bytes());
                 }
             }
         }
@@ -152,6 +167,7 @@ pub fn build_node(
     }
     Ok(TreeNode {
         hash: dir_hash(&pages),
+        versions: TreeHash(*versions.finalize().as_bytes()),
         pages,
         totals,
     })
@@ -270,7 +286,7 @@ mod tests {
     }
 
     #[test]
-    fn tombstones_ownership_and_versions_do_not_change_the_hash() {
+    fn tombstones_ownership_and_versions_change_only_the_versions_hash() {
         let plain = vec![(b"a".to_vec(), file(1))];
         let mut other = plain.clone();
         other[0].1.uid = 1000;
@@ -283,6 +299,7 @@ mod tests {
             },
         ));
         assert_eq!(node_of(&plain).hash, node_of(&other).hash);
+        assert_ne!(node_of(&plain).versions, node_of(&other).versions);
         let mut chmod = plain.clone();
         chmod[0].1.mode = 0o600;
         assert_ne!(node_of(&plain).hash, node_of(&chmod).hash);

@@ -25,6 +25,9 @@ use crate::store::codec::{Extent, ScanStamp};
 
 const STAGING: &str = "staging";
 
+/// Partial transfers older than this are not resumed but removed.
+const PART_RETENTION_SECS: u64 = 7 * 24 * 3600;
+
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
     #[error("{path}: {source}")]
@@ -35,7 +38,10 @@ pub enum FsError {
 
 fn io_err(path: impl std::fmt::Display) -> impl FnOnce(rustix::io::Errno) -> FsError {
     let path = path.to_string();
-    move |e| FsError::Io { path, source: e.into() }
+    move |e| FsError::Io {
+        path,
+        source: e.into(),
+    }
 }
 
 /// One volume's directory, opened once.
@@ -56,8 +62,12 @@ impl VolumeFs {
     /// `*.tmp` files from a crash are removed; `*.part` files are kept for resuming.
     pub fn open(root_path: &Path) -> Result<Self, FsError> {
         let shown = root_path.display().to_string();
-        let root = rustix::fs::open(root_path, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
-            .map_err(io_err(&shown))?;
+        let root = rustix::fs::open(
+            root_path,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io_err(&shown))?;
         let shoal_dir = std::str::from_utf8(SHOAL_DIR).expect("ascii");
         for dir in [shoal_dir.to_string(), format!("{shoal_dir}/{STAGING}")] {
             match rustix::fs::mkdirat(&root, dir.as_str(), Mode::from_raw_mode(0o700)) {
@@ -72,18 +82,30 @@ impl VolumeFs {
             Mode::empty(),
         )
         .map_err(io_err(format!("{shown}/.shoal/{STAGING}")))?;
-        let fs = VolumeFs { root_path: root_path.to_path_buf(), root, staging };
+        let fs = VolumeFs {
+            root_path: root_path.to_path_buf(),
+            root,
+            staging,
+        };
         fs.clean_staging();
         Ok(fs)
     }
 
+    /// Removes what a crash left in staging: temporary symlinks, and partial files
+    /// untouched for a week (transfers that will not be resumed).
     fn clean_staging(&self) {
         let dir = self.root_path.join(".shoal").join(STAGING);
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            for entry in entries.flatten() {
-                if entry.file_name().as_bytes().ends_with(b".tmp") {
-                    let _ = std::fs::remove_file(entry.path());
-                }
+        let abandoned =
+            std::time::SystemTime::now() - std::time::Duration::from_secs(PART_RETENTION_SECS);
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t < abandoned);
+            if name.as_bytes().ends_with(b".tmp") || (name.as_bytes().ends_with(b".part") && stale)
+            {
+                let _ = std::fs::remove_file(entry.path());
             }
         }
     }
@@ -115,7 +137,9 @@ impl VolumeFs {
             fd = match next {
                 Ok(next) => next,
                 Err(rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP) => {
-                    return Err(FsError::NotADirectory { path: dir.display().to_string() });
+                    return Err(FsError::NotADirectory {
+                        path: dir.display().to_string(),
+                    });
                 }
                 Err(e) => return Err(io_err(dir.display())(e)),
             };
@@ -140,9 +164,20 @@ impl VolumeFs {
         (ChunkId::of(&data) == *id).then_some(data)
     }
 
-    /// Opens (or resumes) the staging file for `content`, `size` bytes long.
-    pub fn stage(&self, content: &ContentId, size: u64) -> Result<Staged, FsError> {
-        let temp_name = format!("{}.part", content.to_hex());
+    /// Opens (or resumes) the staging file for `content` on its way to `dir/name`,
+    /// `size` bytes long. The name depends on both, so two files with the same content
+    /// never share a staging file, and a retried transfer finds its own.
+    pub fn stage(
+        &self,
+        content: &ContentId,
+        dir: &VolPath,
+        name: &[u8],
+        size: u64,
+    ) -> Result<Staged, FsError> {
+        let mut destination = blake3::Hasher::new();
+        destination.update(dir.as_bytes()).update(b"/").update(name);
+        let destination = destination.finalize();
+        let temp_name = format!("{}-{}.part", content.to_hex(), &destination.to_hex()[..16]);
         let fd = rustix::fs::openat(
             &self.staging,
             temp_name.as_str(),
@@ -151,7 +186,10 @@ impl VolumeFs {
         )
         .map_err(io_err(&temp_name))?;
         let file = File::from(fd);
-        file.set_len(size).map_err(|source| FsError::Io { path: temp_name.clone(), source })?;
+        file.set_len(size).map_err(|source| FsError::Io {
+            path: temp_name.clone(),
+            source,
+        })?;
         Ok(Staged { file, temp_name })
     }
 
@@ -159,15 +197,24 @@ impl VolumeFs {
     pub fn stage_symlink(&self, target: &[u8], unique: &str) -> Result<String, FsError> {
         let temp_name = format!("{unique}.symlink.tmp");
         let _ = rustix::fs::unlinkat(&self.staging, temp_name.as_str(), AtFlags::empty());
-        rustix::fs::symlinkat(std::ffi::OsStr::from_bytes(target), &self.staging, temp_name.as_str())
-            .map_err(io_err(&temp_name))?;
+        rustix::fs::symlinkat(
+            std::ffi::OsStr::from_bytes(target),
+            &self.staging,
+            temp_name.as_str(),
+        )
+        .map_err(io_err(&temp_name))?;
         Ok(temp_name)
     }
 
     /// Atomically replaces `name` in `dir_fd` with the staged file `temp_name`.
     pub fn publish(&self, temp_name: &str, dir_fd: &OwnedFd, name: &[u8]) -> Result<(), FsError> {
-        rustix::fs::renameat(&self.staging, temp_name, dir_fd, std::ffi::OsStr::from_bytes(name))
-            .map_err(io_err(crate::pathname::escape(name)))
+        rustix::fs::renameat(
+            &self.staging,
+            temp_name,
+            dir_fd,
+            std::ffi::OsStr::from_bytes(name),
+        )
+        .map_err(io_err(crate::pathname::escape(name)))
     }
 
     /// Flushes everything written to the volume's file system (one `syncfs` for a
@@ -178,12 +225,20 @@ impl VolumeFs {
 
     /// Stat of `name` in `dir_fd` without following it.
     pub fn stat(&self, dir_fd: &OwnedFd, name: &[u8]) -> Result<rustix::fs::Stat, FsError> {
-        rustix::fs::statat(dir_fd, std::ffi::OsStr::from_bytes(name), AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(io_err(crate::pathname::escape(name)))
+        rustix::fs::statat(
+            dir_fd,
+            std::ffi::OsStr::from_bytes(name),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(io_err(crate::pathname::escape(name)))
     }
 
     pub fn mkdir(&self, dir_fd: &OwnedFd, name: &[u8], mode: u32) -> Result<(), FsError> {
-        match rustix::fs::mkdirat(dir_fd, std::ffi::OsStr::from_bytes(name), Mode::from_raw_mode(mode)) {
+        match rustix::fs::mkdirat(
+            dir_fd,
+            std::ffi::OsStr::from_bytes(name),
+            Mode::from_raw_mode(mode),
+        ) {
             Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
             Err(e) => Err(io_err(crate::pathname::escape(name))(e)),
         }
@@ -198,7 +253,8 @@ impl VolumeFs {
             Mode::empty(),
         )
         .map_err(io_err(crate::pathname::escape(name)))?;
-        rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode)).map_err(io_err(crate::pathname::escape(name)))
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode))
+            .map_err(io_err(crate::pathname::escape(name)))
     }
 
     /// Removes a file or symlink; a missing name is not an error.
@@ -211,7 +267,11 @@ impl VolumeFs {
 
     /// Removes an empty directory; returns false if it is not empty.
     pub fn remove_dir(&self, dir_fd: &OwnedFd, name: &[u8]) -> Result<bool, FsError> {
-        match rustix::fs::unlinkat(dir_fd, std::ffi::OsStr::from_bytes(name), AtFlags::REMOVEDIR) {
+        match rustix::fs::unlinkat(
+            dir_fd,
+            std::ffi::OsStr::from_bytes(name),
+            AtFlags::REMOVEDIR,
+        ) {
             Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(true),
             Err(rustix::io::Errno::NOTEMPTY | rustix::io::Errno::EXIST) => Ok(false),
             Err(e) => Err(io_err(crate::pathname::escape(name))(e)),
@@ -224,13 +284,31 @@ impl VolumeFs {
 }
 
 /// Sets a staged file's metadata before it is published.
-pub fn finish_staged(file: &File, mode: u32, mtime_ns: i64, owner: Option<(u32, u32)>) -> io::Result<()> {
+pub fn finish_staged(
+    file: &File,
+    mode: u32,
+    mtime_ns: i64,
+    owner: Option<(u32, u32)>,
+) -> io::Result<()> {
     if let Some((uid, gid)) = owner {
-        rustix::fs::fchown(file.as_fd(), Some(rustix::fs::Uid::from_raw(uid)), Some(rustix::fs::Gid::from_raw(gid)))?;
+        rustix::fs::fchown(
+            file.as_fd(),
+            Some(rustix::fs::Uid::from_raw(uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
+        )?;
     }
     rustix::fs::fchmod(file.as_fd(), Mode::from_raw_mode(mode))?;
-    let mtime = Timespec { tv_sec: mtime_ns.div_euclid(1_000_000_000), tv_nsec: mtime_ns.rem_euclid(1_000_000_000) as _ };
-    rustix::fs::futimens(file.as_fd(), &Timestamps { last_access: mtime, last_modification: mtime })?;
+    let mtime = Timespec {
+        tv_sec: mtime_ns.div_euclid(1_000_000_000),
+        tv_nsec: mtime_ns.rem_euclid(1_000_000_000) as _,
+    };
+    rustix::fs::futimens(
+        file.as_fd(),
+        &Timestamps {
+            last_access: mtime,
+            last_modification: mtime,
+        },
+    )?;
     Ok(())
 }
 

@@ -18,3 +18,9 @@ mod cli;
 
 #[path = "suite/crash.rs"]
 mod crash;
+
+#[path = "suite/cluster.rs"]
+mod cluster;
+
+#[path = "suite/sync.rs"]
+mod sync;

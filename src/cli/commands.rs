@@ -294,12 +294,21 @@ pub fn serve(
 ) -> anyhow::Result<Outcome> {
     let http = match http {
         "off" | "" => None,
-        addr => Some(addr.parse().with_context(|| format!("--http {addr:?} is not ADDR:PORT or \"off\""))?),
+        addr => Some(
+            addr.parse()
+                .with_context(|| format!("--http {addr:?} is not ADDR:PORT or \"off\""))?,
+        ),
     };
     if heartbeat == 0 {
         anyhow::bail!("--heartbeat (HEARTBEAT) must be at least 1 second");
     }
-    let peers = peers.iter().flat_map(|p| p.split(',')).map(str::trim).filter(|p| !p.is_empty()).map(str::to_string).collect();
+    let peers = peers
+        .iter()
+        .flat_map(|p| p.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect();
     let options = crate::serve::ServeOptions {
         settings,
         listen,
@@ -344,22 +353,36 @@ pub fn cluster_init(out: &std::path::Path) -> anyhow::Result<Outcome> {
 
 pub fn status_http(addr: &str, json: bool) -> anyhow::Result<Outcome> {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).with_context(|| format!("no shoal serve answering on {addr}"))?;
+    let mut stream = std::net::TcpStream::connect(addr)
+        .with_context(|| format!("no shoal serve answering on {addr}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "GET /status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        stream,
+        "GET /status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
-    let status: crate::sync::NodeStatus =
-        serde_json::from_str(body).with_context(|| format!("unexpected answer from {addr}/status"))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    let status: crate::sync::NodeStatus = serde_json::from_str(body)
+        .with_context(|| format!("unexpected answer from {addr}/status"))?;
     if json {
         print(&format!("{}\n", serde_json::to_string_pretty(&status)?))?;
         return Ok(Outcome::Success);
     }
     let mut out = format!("node {}\n", status.node_id);
     for v in &status.volumes {
-        let _ = writeln!(out, "volume {}: {} files, {}, root {}", v.name, v.files, HumanBytes(v.bytes), v.root.as_deref().unwrap_or("(none)"));
+        let _ = writeln!(
+            out,
+            "volume {}: {} files, {}, root {}",
+            v.name,
+            v.files,
+            HumanBytes(v.bytes),
+            v.root.as_deref().unwrap_or("(none)")
+        );
     }
     for p in &status.peers {
         let _ = writeln!(
@@ -367,7 +390,11 @@ pub fn status_http(addr: &str, json: bool) -> anyhow::Result<Outcome> {
             "peer {} ({}): {}, sent {}, received {}, rejected chunks {}",
             p.addr,
             p.node_id.as_deref().unwrap_or("?"),
-            if p.connected { "connected" } else { "not connected" },
+            if p.connected {
+                "connected"
+            } else {
+                "not connected"
+            },
             HumanBytes(p.chunk_bytes_sent),
             HumanBytes(p.chunk_bytes_received),
             p.rejected_chunks

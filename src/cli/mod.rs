@@ -73,19 +73,39 @@ struct ServeArgs {
     locations: Locations,
 
     /// Address to accept peers on (UDP, QUIC).
-    #[arg(long, env = "SHOAL_LISTEN", value_name = "ADDR:PORT", default_value = "0.0.0.0:7029")]
+    #[arg(
+        long,
+        env = "SHOAL_LISTEN",
+        value_name = "ADDR:PORT",
+        default_value = "0.0.0.0:7029"
+    )]
     listen: std::net::SocketAddr,
 
     /// A peer to mirror with (repeatable); SHOAL_PEERS takes a space- or comma-separated list.
-    #[arg(long = "peer", env = "SHOAL_PEERS", value_name = "HOST:PORT", value_delimiter = ' ')]
+    #[arg(
+        long = "peer",
+        env = "SHOAL_PEERS",
+        value_name = "HOST:PORT",
+        value_delimiter = ' '
+    )]
     peers: Vec<String>,
 
     /// Directory with the cluster credentials (ca.pem, cert.pem, key.pem).
-    #[arg(long, env = "SHOAL_CREDENTIALS", value_name = "DIR", default_value = "/run/secrets")]
+    #[arg(
+        long,
+        env = "SHOAL_CREDENTIALS",
+        value_name = "DIR",
+        default_value = "/run/secrets"
+    )]
     credentials: PathBuf,
 
     /// Local address for /healthz, /metrics and /status ("off" to disable).
-    #[arg(long, env = "SHOAL_HTTP", value_name = "ADDR:PORT", default_value = "127.0.0.1:7030")]
+    #[arg(
+        long,
+        env = "SHOAL_HTTP",
+        value_name = "ADDR:PORT",
+        default_value = "127.0.0.1:7030"
+    )]
     http: String,
 
     /// Seconds between anti-entropy rounds (rescan, compare roots with every peer).
@@ -177,7 +197,11 @@ pub fn main() -> ExitCode {
         }
     };
     // The daemon reports what it does; one-shot commands only what goes wrong.
-    let default_level = if matches!(cli.command, Command::Serve(_)) && cli.log == "warn" { "info" } else { cli.log.as_str() };
+    let default_level = if matches!(cli.command, Command::Serve(_)) && cli.log == "warn" {
+        "info"
+    } else {
+        cli.log.as_str()
+    };
     init_logging(default_level, matches!(cli.command, Command::Serve(_)));
     match run(cli) {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
@@ -199,7 +223,11 @@ fn init_logging(filter: &str, timestamps: bool) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
-    if timestamps { builder.init() } else { builder.without_time().init() }
+    if timestamps {
+        builder.init()
+    } else {
+        builder.without_time().init()
+    }
 }
 
 fn settings(
@@ -232,7 +260,14 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         },
         Command::Serve(args) => {
             let settings = settings(cli.config, args.locations, args.chunk_sizes)?;
-            commands::serve(settings, args.listen, args.peers, args.credentials, &args.http, args.heartbeat)
+            commands::serve(
+                settings,
+                args.listen,
+                args.peers,
+                args.credentials,
+                &args.http,
+                args.heartbeat,
+            )
         }
         Command::Cluster(ClusterCommand::Init { out }) => commands::cluster_init(&out),
         Command::Verify(args) => {

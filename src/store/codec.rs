@@ -273,9 +273,27 @@ pub struct PageSummary {
 /// A directory's node in the Merkle tree, with totals over its whole subtree.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub struct TreeNode {
+    /// Hash of the content (what the directory holds; the same on every node that holds
+    /// the same files).
     pub hash: TreeHash,
+    /// Hash of the histories: every child's version vector (tombstones included) and
+    /// child directories' own `versions`. Nodes whose contents agree but whose histories
+    /// do not (say, the same file created on two nodes) still find each other this way.
+    pub versions: TreeHash,
     pub pages: Vec<PageSummary>,
     pub totals: SubtreeTotals,
+}
+
+impl TreeNode {
+    /// What two nodes compare to know whether they are fully in sync: content and
+    /// histories together.
+    pub fn sync_hash(&self) -> TreeHash {
+        let mut hasher = blake3::Hasher::new();
+        hasher
+            .update(self.hash.as_bytes())
+            .update(self.versions.as_bytes());
+        TreeHash(*hasher.finalize().as_bytes())
+    }
 }
 
 /// Counts over a directory's subtree (tombstones excluded, the directory itself not
@@ -303,6 +321,7 @@ pub fn encode_tree_node(node: &TreeNode) -> Vec<u8> {
     let mut out = Vec::with_capacity(1 + HASH_LEN + 40 + 4 + node.pages.len() * 64);
     out.push(VALUE_FORMAT);
     out.extend_from_slice(node.hash.as_bytes());
+    out.extend_from_slice(node.versions.as_bytes());
     let t = &node.totals;
     for n in [t.files, t.dirs, t.symlinks, t.bytes, t.chunks] {
         out.extend_from_slice(&n.to_le_bytes());
@@ -323,6 +342,7 @@ pub fn decode_tree_node(bytes: &[u8]) -> Result<TreeNode, DecodeError> {
         return Err(DecodeError(format!("unknown tree node format {format}")));
     }
     let hash = TreeHash(r.hash("hash")?);
+    let versions = TreeHash(r.hash("versions hash")?);
     let totals = SubtreeTotals {
         files: r.u64("totals")?,
         dirs: r.u64("totals")?,
@@ -352,6 +372,7 @@ pub fn decode_tree_node(bytes: &[u8]) -> Result<TreeNode, DecodeError> {
     r.finish("tree node")?;
     Ok(TreeNode {
         hash,
+        versions,
         pages,
         totals,
     })
@@ -420,6 +441,7 @@ mod tests {
     fn tree_nodes_and_chunk_lists_round_trip() {
         let node = TreeNode {
             hash: TreeHash([1; 32]),
+            versions: TreeHash([9; 32]),
             pages: vec![PageSummary {
                 first_name: b"a".to_vec(),
                 entries: 3,

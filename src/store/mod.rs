@@ -464,10 +464,17 @@ impl Store {
     }
 
     /// The scan stamp of one name, if it is indexed as existing.
-    pub fn stamp(&self, vol: VolumeId, dir: &VolPath, name: &[u8]) -> Result<Option<ScanStamp>, StoreError> {
+    pub fn stamp(
+        &self,
+        vol: VolumeId,
+        dir: &VolPath,
+        name: &[u8],
+    ) -> Result<Option<ScanStamp>, StoreError> {
         let key = entry_key(vol, dir, name);
         self.get(CF_SCAN_CACHE, &key)?
-            .map(|bytes| codec::decode_stamp(&bytes).map_err(|e| StoreError::corrupt(CF_SCAN_CACHE, &key, e)))
+            .map(|bytes| {
+                codec::decode_stamp(&bytes).map_err(|e| StoreError::corrupt(CF_SCAN_CACHE, &key, e))
+            })
             .transpose()
     }
 
@@ -499,7 +506,8 @@ impl Store {
         let from = [prefix.as_slice(), start].concat();
         self.range(CF_ENTRIES, from, end).map(move |item| {
             let (key, value) = item?;
-            let entry = codec::decode_entry(&value).map_err(|e| StoreError::corrupt(CF_ENTRIES, &key, e))?;
+            let entry = codec::decode_entry(&value)
+                .map_err(|e| StoreError::corrupt(CF_ENTRIES, &key, e))?;
             Ok((key[name_at..].to_vec(), entry))
         })
     }

@@ -12,7 +12,10 @@ use crate::entry::{Entry, EntryKind};
 
 /// Whether `a` wins over `b` (they are concurrent and differ).
 pub fn wins(a: &Entry, b: &Entry) -> bool {
-    rank(a).cmp(&rank(b)).then_with(|| tiebreak(a).cmp(&tiebreak(b))) == Ordering::Greater
+    rank(a)
+        .cmp(&rank(b))
+        .then_with(|| tiebreak(a).cmp(&tiebreak(b)))
+        == Ordering::Greater
 }
 
 /// Live beats deleted (nothing is lost), directories beat files (their contents stay
@@ -29,8 +32,16 @@ fn rank(e: &Entry) -> (u8, i64) {
 
 /// A total order on the rest of the state, so that equal ranks still pick one winner.
 fn tiebreak(e: &Entry) -> Vec<u8> {
-    let mut key = crate::store::codec::encode_entry(&Entry { version: Default::default(), ..e.clone() });
-    key.extend(e.version.pairs().iter().flat_map(|(n, c)| n.0.to_be_bytes().into_iter().chain(c.to_be_bytes())));
+    let mut key = crate::store::codec::encode_entry(&Entry {
+        version: Default::default(),
+        ..e.clone()
+    });
+    key.extend(
+        e.version
+            .pairs()
+            .iter()
+            .flat_map(|(n, c)| n.0.to_be_bytes().into_iter().chain(c.to_be_bytes())),
+    );
     key
 }
 
@@ -70,7 +81,12 @@ fn utc_stamp(secs: i64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}{month:02}{day:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]
@@ -81,7 +97,11 @@ mod tests {
 
     fn file(content: u8, mtime_s: i64, node: u64) -> Entry {
         Entry {
-            kind: EntryKind::File { size: 1, content_id: ContentId([content; 32]), chunks: 1 },
+            kind: EntryKind::File {
+                size: 1,
+                content_id: ContentId([content; 32]),
+                chunks: 1,
+            },
             mode: 0o644,
             mtime_ns: mtime_s * 1_000_000_000,
             uid: 0,
@@ -97,7 +117,10 @@ mod tests {
         assert_ne!(wins(&a, &b), wins(&b, &a));
         let later = file(3, 200, 0xcc);
         assert!(wins(&later, &a) && !wins(&a, &later));
-        let deleted = Entry { kind: EntryKind::Tombstone { deleted_at_ns: 999 }, ..file(0, 999, 0xdd) };
+        let deleted = Entry {
+            kind: EntryKind::Tombstone { deleted_at_ns: 999 },
+            ..file(0, 999, 0xdd)
+        };
         assert!(wins(&a, &deleted), "an edit beats a concurrent delete");
     }
 
@@ -107,9 +130,15 @@ mod tests {
         let winner = file(2, 1_764_115_300, 0xcd);
         let name = conflict_name(b"report.final.pdf", &loser, &winner);
         let text = String::from_utf8(name).unwrap();
-        assert!(text.starts_with("report.final.sync-conflict-20251126-000000-"), "{text}");
+        assert!(
+            text.starts_with("report.final.sync-conflict-20251126-000000-"),
+            "{text}"
+        );
         assert!(text.ends_with(".pdf"));
-        assert_eq!(conflict_name(b"report.final.pdf", &loser, &winner), text.as_bytes());
+        assert_eq!(
+            conflict_name(b"report.final.pdf", &loser, &winner),
+            text.as_bytes()
+        );
         let long = vec![b'x'; 255];
         let name = conflict_name(&long, &loser, &winner);
         assert!(name.len() <= 255);

@@ -88,7 +88,11 @@ impl Peer {
     }
 
     pub fn shares(&self, volume: &str) -> bool {
-        self.shared_volumes.lock().expect("peer state lock").iter().any(|v| v == volume)
+        self.shared_volumes
+            .lock()
+            .expect("peer state lock")
+            .iter()
+            .any(|v| v == volume)
     }
 }
 
@@ -101,6 +105,36 @@ pub struct Node {
     pub stats: Stats,
     /// Sync ownership (uid/gid) too: only when running as root.
     pub sync_ownership: bool,
+    pub faults: Faults,
+}
+
+/// Fault injection for tests of the *other* side: a node told to misbehave, so that its
+/// peers' defences can be checked against a real process. Set from the environment
+/// (`SHOAL_FAULT_CORRUPT_CHUNKS=1`, `SHOAL_FAULT_HOSTILE_NAMES=1`); never set in
+/// production.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Faults {
+    /// Flip a byte of every chunk sent.
+    pub corrupt_chunks: bool,
+    /// Answer every entry listing with names that try to leave the volume.
+    pub hostile_names: bool,
+}
+
+impl Faults {
+    pub fn from_env() -> Self {
+        let set = |name: &str| std::env::var_os(name).is_some_and(|v| v == "1");
+        let faults = Faults {
+            corrupt_chunks: set("SHOAL_FAULT_CORRUPT_CHUNKS"),
+            hostile_names: set("SHOAL_FAULT_HOSTILE_NAMES"),
+        };
+        if faults.corrupt_chunks || faults.hostile_names {
+            tracing::warn!(
+                ?faults,
+                "FAULT INJECTION ENABLED: this node misbehaves on purpose (testing only)"
+            );
+        }
+        faults
+    }
 }
 
 impl Node {
@@ -129,12 +163,21 @@ impl Node {
                 continue;
             }
             if let Some(mut handle) = peer.connection() {
-                if let Err(e) = request(&mut handle, &Request::Notify { volume: volume.to_string() }).await {
+                if let Err(e) = request(
+                    &mut handle,
+                    &Request::Notify {
+                        volume: volume.to_string(),
+                    },
+                )
+                .await
+                {
                     tracing::debug!(peer = %peer.addr, "notify failed: {e}");
                 }
             }
         }
-        self.stats.local_changes_published.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .local_changes_published
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn status(&self) -> NodeStatus {
@@ -143,7 +186,11 @@ impl Node {
             .volumes
             .iter()
             .map(|v| {
-                let node = self.store.tree_node(v.id, &crate::pathname::VolPath::root()).ok().flatten();
+                let node = self
+                    .store
+                    .tree_node(v.id, &crate::pathname::VolPath::root())
+                    .ok()
+                    .flatten();
                 VolumeStatus {
                     name: v.name.clone(),
                     root: node.as_ref().map(|n| n.hash.to_hex()),
@@ -257,11 +304,19 @@ impl Responses {
 
 /// Opens a stream, sends `request` and finishes the sending side.
 pub async fn open_request(handle: &mut Handle, request: &Request) -> Result<Responses, SyncError> {
-    let stream = handle.open_bidirectional_stream().await.map_err(|e| SyncError::Connection(e.to_string()))?;
+    let stream = handle
+        .open_bidirectional_stream()
+        .await
+        .map_err(|e| SyncError::Connection(e.to_string()))?;
     let (recv, mut send) = stream.split();
     protocol::write_frame(&mut send, request.encode()).await?;
-    send.close().await.map_err(|e| SyncError::Connection(e.to_string()))?;
-    Ok(Responses { recv, limit: protocol::response_limit(request) })
+    send.close()
+        .await
+        .map_err(|e| SyncError::Connection(e.to_string()))?;
+    Ok(Responses {
+        recv,
+        limit: protocol::response_limit(request),
+    })
 }
 
 impl Node {
@@ -271,13 +326,21 @@ impl Node {
         let locations = self.store.chunk_locations(id).ok()?;
         for location in locations {
             let data = match location {
-                crate::store::ChunkLocation::Live { vol, dir, name, extent } => {
+                crate::store::ChunkLocation::Live {
+                    vol,
+                    dir,
+                    name,
+                    extent,
+                } => {
                     let volume = self.volumes.iter().find(|v| v.id == vol)?;
                     let path = dir.join(&name).ok()?;
                     volume.fs.read_chunk(&path, extent, id)
                 }
                 crate::store::ChunkLocation::Pack { pack, extent } => {
-                    let path = self.store.packs_dir().join(crate::store::pack::pack_file_name(pack));
+                    let path = self
+                        .store
+                        .packs_dir()
+                        .join(crate::store::pack::pack_file_name(pack));
                     crate::store::pack::read_chunk(&path, extent, id).ok()
                 }
             };

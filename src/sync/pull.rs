@@ -16,8 +16,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
+use std::fs::File;
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -34,9 +35,12 @@ use crate::protocol::{MAX_CHUNKS_PER_REQUEST, Request, Response, WireEntry};
 use crate::store::codec::TreeNode;
 use crate::volume_fs::{Staged, finish_staged, stamp_of_stat};
 
-/// Files assembled at once, and chunk requests in flight per file.
-const FILE_CONCURRENCY: usize = 16;
+/// Files assembled at once, and chunk requests in flight per file (together well under
+/// the transport's stream limit).
+const FILE_CONCURRENCY: usize = 32;
 const REQUESTS_PER_FILE: usize = 4;
+/// Files made durable and visible together.
+const PUBLISH_BATCH: usize = 256;
 /// Deletes held back until the end of a round (so moved content can be reused); past
 /// this many they are applied early.
 const MAX_DEFERRED_DELETES: usize = 100_000;
@@ -74,8 +78,14 @@ struct ReadyFile {
 }
 
 /// Pulls one volume from one peer.
-pub async fn pull_volume(node: &Arc<Node>, peer: &Arc<Peer>, volume_index: usize) -> Result<PullReport, SyncError> {
-    let handle = peer.connection().ok_or_else(|| SyncError::Connection("not connected".into()))?;
+pub async fn pull_volume(
+    node: &Arc<Node>,
+    peer: &Arc<Peer>,
+    volume_index: usize,
+) -> Result<PullReport, SyncError> {
+    let handle = peer
+        .connection()
+        .ok_or_else(|| SyncError::Connection("not connected".into()))?;
     let volume = &node.volumes[volume_index];
     let _guard = volume.lock.lock().await;
     let mut pull = Pull {
@@ -90,7 +100,7 @@ pub async fn pull_volume(node: &Arc<Node>, peer: &Arc<Peer>, volume_index: usize
         return Ok(pull.report);
     };
     let local_root = node.store.tree_node(volume.id, &VolPath::root())?;
-    if local_root.map(|n| n.hash) == Some(remote_root.hash) {
+    if local_root.map(|n| n.sync_hash()) == Some(remote_root.sync_hash()) {
         return Ok(pull.report);
     }
     let mut pending = vec![(VolPath::root(), Some(remote_root))];
@@ -119,33 +129,58 @@ impl Pull {
 
     async fn get_dir(&mut self, dir: &VolPath) -> Result<Option<TreeNode>, SyncError> {
         let volume = self.volume().name.clone();
-        match request(&mut self.handle, &Request::GetDir { volume, dir: dir.clone() }).await? {
+        match request(
+            &mut self.handle,
+            &Request::GetDir {
+                volume,
+                dir: dir.clone(),
+            },
+        )
+        .await?
+        {
             Response::Dir(node) => Ok(node),
-            other => Err(SyncError::Refused(format!("unexpected answer to GetDir: {other:?}"))),
+            other => Err(SyncError::Refused(format!(
+                "unexpected answer to GetDir: {other:?}"
+            ))),
         }
     }
 
     /// The peer's children of `dir` with `start <= name < end`, all pages of them.
-    async fn get_entries(&mut self, dir: &VolPath, start: &[u8], end: Option<&[u8]>) -> Result<Vec<WireEntry>, SyncError> {
+    async fn get_entries(
+        &mut self,
+        dir: &VolPath,
+        start: &[u8],
+        end: Option<&[u8]>,
+    ) -> Result<Vec<WireEntry>, SyncError> {
         let volume = self.volume().name.clone();
         let mut out: Vec<WireEntry> = Vec::new();
         let mut from = start.to_vec();
+        let mut after = false;
         loop {
-            let req = Request::GetEntries { volume: volume.clone(), dir: dir.clone(), start: from.clone(), end: end.map(<[u8]>::to_vec) };
+            let req = Request::GetEntries {
+                volume: volume.clone(),
+                dir: dir.clone(),
+                start: from.clone(),
+                after,
+                end: end.map(<[u8]>::to_vec),
+            };
             match request(&mut self.handle, &req).await? {
                 Response::Entries { entries, more } => {
                     let last = entries.last().map(|e| e.name.clone());
                     out.extend(entries);
                     match (more, last) {
-                        (true, Some(mut last)) => {
-                            // Continue just after the last name received.
-                            last.push(0);
+                        (true, Some(last)) => {
                             from = last;
+                            after = true;
                         }
                         _ => return Ok(out),
                     }
                 }
-                other => return Err(SyncError::Refused(format!("unexpected answer to GetEntries: {other:?}"))),
+                other => {
+                    return Err(SyncError::Refused(format!(
+                        "unexpected answer to GetEntries: {other:?}"
+                    )));
+                }
             }
         }
     }
@@ -162,13 +197,28 @@ impl Pull {
         let local = self.node.store.tree_node(vol, dir)?;
         let mut ranges: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
         match &remote {
+            // Same content but different histories, or nothing live left on the peer's
+            // side (deletes): only the entries, tombstones included, can tell.
+            Some(remote)
+                if remote.pages.is_empty()
+                    || local.as_ref().is_some_and(|l| l.hash == remote.hash) =>
+            {
+                ranges.push((Vec::new(), None))
+            }
             Some(remote) => {
-                let have: HashSet<_> = local.iter().flat_map(|n| n.pages.iter().map(|p| (p.first_name.clone(), p.hash))).collect();
+                let have: HashSet<_> = local
+                    .iter()
+                    .flat_map(|n| n.pages.iter().map(|p| (p.first_name.clone(), p.hash)))
+                    .collect();
                 for (i, page) in remote.pages.iter().enumerate() {
                     if have.contains(&(page.first_name.clone(), page.hash)) {
                         continue;
                     }
-                    let start = if i == 0 { Vec::new() } else { page.first_name.clone() };
+                    let start = if i == 0 {
+                        Vec::new()
+                    } else {
+                        page.first_name.clone()
+                    };
                     let end = remote.pages.get(i + 1).map(|p| p.first_name.clone());
                     ranges.push((start, end));
                 }
@@ -178,7 +228,8 @@ impl Pull {
         let mut files = Vec::new();
         for (start, end) in ranges {
             for remote_entry in self.get_entries(dir, &start, end.as_deref()).await? {
-                self.reconcile(dir, remote_entry, &mut files, pending).await?;
+                self.reconcile(dir, remote_entry, &mut files, pending)
+                    .await?;
             }
         }
         self.take_files(files).await
@@ -192,8 +243,14 @@ impl Pull {
         pending: &mut Vec<(VolPath, Option<TreeNode>)>,
     ) -> Result<(), SyncError> {
         let vol = self.volume().id;
-        let WireEntry { name, entry: remote, subtree } = wire;
-        let path = dir.join(&name).map_err(|e| SyncError::Refused(e.to_string()))?;
+        let WireEntry {
+            name,
+            entry: remote,
+            subtree,
+        } = wire;
+        let path = dir
+            .join(&name)
+            .map_err(|e| SyncError::Refused(e.to_string()))?;
         if path.is_shoal_internal() {
             tracing::warn!(peer = %self.peer.addr, "ignoring an entry for Shoal's own directory: {}", path.display());
             return Ok(());
@@ -203,7 +260,11 @@ impl Pull {
 
         // Both directories: descend if their contents differ, whatever the entries say.
         if remote.is_dir() && local_live.is_some_and(Entry::is_dir) {
-            let local_hash = self.node.store.tree_node(vol, &path)?.map(|n| n.hash);
+            let local_hash = self
+                .node
+                .store
+                .tree_node(vol, &path)?
+                .map(|n| n.sync_hash());
             if subtree.is_some() && subtree != local_hash {
                 let node = self.get_dir(&path).await?;
                 pending.push((path.clone(), node));
@@ -214,15 +275,19 @@ impl Pull {
                 // Remember the delete so it reaches nodes that still have the name.
                 let mut batch = self.node.store.batch();
                 batch.put_entry(vol, dir, &name, &remote);
+                batch.mark_dirty(vol, dir);
                 self.node.store.write(batch, false)?;
             } else {
-                self.take(dir, &name, remote, None, subtree, files, pending).await?;
+                self.take(dir, &name, remote, None, subtree, files, pending)
+                    .await?;
             }
             return Ok(());
         };
         match remote.version.compare(&local.version) {
             Causality::Equal | Causality::DominatedBy => Ok(()),
-            Causality::Dominates if remote.same_state(&local) => self.record_version(dir, &name, remote),
+            Causality::Dominates if remote.same_state(&local) => {
+                self.record_version(dir, &name, remote)
+            }
             Causality::Dominates if remote.is_tombstone() => {
                 if local.is_dir() {
                     // The peer deleted the directory: compare all of its children first.
@@ -230,23 +295,48 @@ impl Pull {
                 }
                 self.defer_delete(dir, name, remote)
             }
-            Causality::Dominates => self.take(dir, &name, remote, Some(local), subtree, files, pending).await,
+            Causality::Dominates => {
+                if local.is_dir() && !remote.is_dir() {
+                    // The directory must empty before the file can take its place.
+                    pending.push((path, None));
+                }
+                self.take(dir, &name, remote, Some(local), subtree, files, pending)
+                    .await
+            }
             Causality::Concurrent if remote.same_state(&local) => {
-                let merged = Entry { version: remote.version.merged(&local.version), ..local };
+                let merged = Entry {
+                    version: remote.version.merged(&local.version),
+                    ..local
+                };
                 self.record_version(dir, &name, merged)
             }
-            Causality::Concurrent => self.conflict(dir, &name, remote, local, subtree, files, pending).await,
+            Causality::Concurrent => {
+                self.conflict(dir, &name, remote, local, subtree, files, pending)
+                    .await
+            }
         }
     }
 
-    fn record_version(&mut self, dir: &VolPath, name: &[u8], entry: Entry) -> Result<(), SyncError> {
+    fn record_version(
+        &mut self,
+        dir: &VolPath,
+        name: &[u8],
+        entry: Entry,
+    ) -> Result<(), SyncError> {
         let mut batch = self.node.store.batch();
         batch.put_entry(self.volume().id, dir, name, &entry);
+        // Histories are part of the tree's `versions` hash.
+        batch.mark_dirty(self.volume().id, dir);
         self.node.store.write(batch, false)?;
         Ok(())
     }
 
-    fn defer_delete(&mut self, dir: &VolPath, name: Vec<u8>, tombstone: Entry) -> Result<(), SyncError> {
+    fn defer_delete(
+        &mut self,
+        dir: &VolPath,
+        name: Vec<u8>,
+        tombstone: Entry,
+    ) -> Result<(), SyncError> {
         self.deferred.push((dir.clone(), name, tombstone));
         if self.deferred.len() >= MAX_DEFERRED_DELETES {
             self.apply_deletes()?;
@@ -256,9 +346,19 @@ impl Pull {
 
     /// Whether the name on disk is still what the index says (nobody changed it since
     /// the last scan); only then may sync replace or delete it.
-    fn unchanged_on_disk(&self, dir_fd: &OwnedFd, dir: &VolPath, name: &[u8]) -> Result<bool, SyncError> {
+    fn unchanged_on_disk(
+        &self,
+        dir_fd: &OwnedFd,
+        dir: &VolPath,
+        name: &[u8],
+    ) -> Result<bool, SyncError> {
         let recorded = self.node.store.stamp(self.volume().id, dir, name)?;
-        let current = self.volume().fs.stat(dir_fd, name).ok().map(|s| stamp_of_stat(&s));
+        let current = self
+            .volume()
+            .fs
+            .stat(dir_fd, name)
+            .ok()
+            .map(|s| stamp_of_stat(&s));
         Ok(match (recorded, current) {
             (_, None) => true,
             (Some(recorded), Some(current)) => recorded == current,
@@ -278,15 +378,26 @@ impl Pull {
         pending: &mut Vec<(VolPath, Option<TreeNode>)>,
     ) -> Result<(), SyncError> {
         let vol = self.volume().id;
-        let path = dir.join(name).map_err(|e| SyncError::Refused(e.to_string()))?;
+        let path = dir
+            .join(name)
+            .map_err(|e| SyncError::Refused(e.to_string()))?;
         match &remote.kind {
             EntryKind::File { .. } => {
-                files.push(FileJob { dir: dir.clone(), name: name.to_vec(), entry: remote, source_path: path, replaces });
+                files.push(FileJob {
+                    dir: dir.clone(),
+                    name: name.to_vec(),
+                    entry: remote,
+                    source_path: path,
+                    replaces,
+                });
                 Ok(())
             }
             EntryKind::Dir => {
                 let dir_fd = self.volume().fs.open_dir(dir, true)?;
-                if let Some(old) = replaces.as_ref().filter(|o| !o.is_tombstone() && !o.is_dir()) {
+                if let Some(old) = replaces
+                    .as_ref()
+                    .filter(|o| !o.is_tombstone() && !o.is_dir())
+                {
                     if !self.unchanged_on_disk(&dir_fd, dir, name)? {
                         self.report.skipped += 1;
                         return Ok(());
@@ -317,7 +428,7 @@ impl Pull {
                     return Ok(());
                 }
                 let dir_fd = self.volume().fs.open_dir(dir, true)?;
-                if replaces.as_ref().is_some_and(|o| !o.is_tombstone()) && !self.unchanged_on_disk(&dir_fd, dir, name)? {
+                if !self.unchanged_on_disk(&dir_fd, dir, name)? {
                     self.report.skipped += 1;
                     return Ok(());
                 }
@@ -328,7 +439,10 @@ impl Pull {
                         return Ok(());
                     }
                 }
-                let temp = self.volume().fs.stage_symlink(target, &format!("{:016x}", rand_u64()))?;
+                let temp = self
+                    .volume()
+                    .fs
+                    .stage_symlink(target, &format!("{:016x}", rand_u64()))?;
                 self.volume().fs.publish(&temp, &dir_fd, name)?;
                 crate::volume_fs::VolumeFs::fsync_dir(&dir_fd)?;
                 let stat = self.volume().fs.stat(&dir_fd, name)?;
@@ -341,7 +455,10 @@ impl Pull {
                 batch.mark_dirty(vol, dir);
                 self.node.store.write(batch, true)?;
                 self.report.applied += 1;
-                self.node.stats.files_applied.fetch_add(1, Ordering::Relaxed);
+                self.node
+                    .stats
+                    .files_applied
+                    .fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
             EntryKind::Tombstone { .. } => unreachable!("tombstones are deferred deletes"),
@@ -361,7 +478,11 @@ impl Pull {
     ) -> Result<(), SyncError> {
         let merged_version = remote.version.merged(&local.version);
         let remote_wins = conflict::wins(&remote, &local);
-        let (winner, loser) = if remote_wins { (&remote, &local) } else { (&local, &remote) };
+        let (winner, loser) = if remote_wins {
+            (&remote, &local)
+        } else {
+            (&local, &remote)
+        };
         let copy_name = conflict::conflict_name(name, loser, winner);
         let both_dirs = remote.is_dir() && local.is_dir();
         tracing::info!(
@@ -382,13 +503,28 @@ impl Pull {
                     self.report.skipped += 1;
                     return Ok(());
                 }
-                rustix::fs::renameat(&dir_fd, OsStr::from_bytes(name), &dir_fd, OsStr::from_bytes(&copy_name))
-                    .map_err(|e| SyncError::Refused(format!("cannot keep the conflict copy {}: {e}", escape(&copy_name))))?;
+                rustix::fs::renameat_with(
+                    &dir_fd,
+                    OsStr::from_bytes(name),
+                    &dir_fd,
+                    OsStr::from_bytes(&copy_name),
+                    rustix::fs::RenameFlags::NOREPLACE,
+                )
+                .map_err(|e| {
+                    SyncError::Refused(format!(
+                        "cannot keep the conflict copy {}: {e}",
+                        escape(&copy_name)
+                    ))
+                })?;
                 crate::volume_fs::VolumeFs::fsync_dir(&dir_fd)?;
                 let mut batch = self.node.store.batch();
                 batch.put_entry(vol, dir, &copy_name, &local);
                 if let EntryKind::File { .. } = local.kind {
-                    let chunks = self.node.store.chunk_list(vol, dir, name)?.unwrap_or_default();
+                    let chunks = self
+                        .node
+                        .store
+                        .chunk_list(vol, dir, name)?
+                        .unwrap_or_default();
                     batch.delete_chunks(vol, dir, name, &chunks);
                     batch.set_chunks(vol, dir, &copy_name, &chunks, &[]);
                 }
@@ -396,13 +532,25 @@ impl Pull {
                 batch.mark_dirty(vol, dir);
                 self.node.store.write(batch, true)?;
             }
-            let winner = Entry { version: merged_version, ..remote };
-            let replaced = if local.is_tombstone() || !both_dirs { None } else { Some(local) };
-            self.take(dir, name, winner, replaced, subtree, files, pending).await
+            let winner = Entry {
+                version: merged_version,
+                ..remote
+            };
+            let replaced = if local.is_tombstone() || !both_dirs {
+                None
+            } else {
+                Some(local)
+            };
+            self.take(dir, name, winner, replaced, subtree, files, pending)
+                .await
         } else {
             if !remote.is_tombstone() && !both_dirs {
-                let copy_path = dir.join(&copy_name).map_err(|e| SyncError::Refused(e.to_string()))?;
-                let source_path = dir.join(name).map_err(|e| SyncError::Refused(e.to_string()))?;
+                let copy_path = dir
+                    .join(&copy_name)
+                    .map_err(|e| SyncError::Refused(e.to_string()))?;
+                let source_path = dir
+                    .join(name)
+                    .map_err(|e| SyncError::Refused(e.to_string()))?;
                 match &remote.kind {
                     EntryKind::File { .. } => files.push(FileJob {
                         dir: dir.clone(),
@@ -412,12 +560,29 @@ impl Pull {
                         replaces: None,
                     }),
                     _ => {
-                        let (copy_dir, copy) = copy_path.split_last().expect("a joined path has a name");
-                        Box::pin(self.take(&copy_dir, copy, remote.clone(), None, None, files, pending)).await?;
+                        let (copy_dir, copy) =
+                            copy_path.split_last().expect("a joined path has a name");
+                        Box::pin(self.take(
+                            &copy_dir,
+                            copy,
+                            remote.clone(),
+                            None,
+                            None,
+                            files,
+                            pending,
+                        ))
+                        .await?;
                     }
                 }
             }
-            self.record_version(dir, name, Entry { version: merged_version, ..local })
+            self.record_version(
+                dir,
+                name,
+                Entry {
+                    version: merged_version,
+                    ..local
+                },
+            )
         }
     }
 
@@ -428,43 +593,61 @@ impl Pull {
         Ok(())
     }
 
-    fn forget_chunks_in(&self, batch: &mut crate::store::Batch<'_>, dir: &VolPath, name: &[u8], old: &Entry) -> Result<(), SyncError> {
+    fn forget_chunks_in(
+        &self,
+        batch: &mut crate::store::Batch<'_>,
+        dir: &VolPath,
+        name: &[u8],
+        old: &Entry,
+    ) -> Result<(), SyncError> {
         if let EntryKind::File { .. } = old.kind {
             let vol = self.volume().id;
-            let chunks = self.node.store.chunk_list(vol, dir, name)?.unwrap_or_default();
+            let chunks = self
+                .node
+                .store
+                .chunk_list(vol, dir, name)?
+                .unwrap_or_default();
             batch.delete_chunks(vol, dir, name, &chunks);
         }
         Ok(())
     }
 
-    /// Fetches, assembles and publishes files, a bounded number at a time.
+    /// Fetches and assembles files, `FILE_CONCURRENCY` at a time, and publishes them in
+    /// batches of up to `PUBLISH_BATCH` (one `syncfs` and one durable index write each).
     async fn take_files(&mut self, files: Vec<FileJob>) -> Result<(), SyncError> {
-        let mut jobs = files.into_iter();
+        let mut jobs = files.into_iter().peekable();
+        let mut set = JoinSet::new();
+        let mut ready = Vec::new();
         loop {
-            let mut set = JoinSet::new();
-            for job in jobs.by_ref().take(FILE_CONCURRENCY * 4) {
-                let (node, peer, handle, index) = (self.node.clone(), self.peer.clone(), self.handle.clone(), self.volume_index);
+            while set.len() < FILE_CONCURRENCY && ready.len() + set.len() < PUBLISH_BATCH {
+                let Some(job) = jobs.next() else { break };
+                let (node, peer, handle, index) = (
+                    self.node.clone(),
+                    self.peer.clone(),
+                    self.handle.clone(),
+                    self.volume_index,
+                );
                 set.spawn(async move { assemble(node, peer, handle, index, job).await });
-                if set.len() >= FILE_CONCURRENCY * 4 {
-                    break;
-                }
             }
-            if set.is_empty() {
+            match set.join_next().await {
+                Some(Ok(Ok(Some(file)))) => ready.push(file),
+                Some(Ok(Ok(None))) => self.report.skipped += 1,
+                Some(Ok(Err(e))) => {
+                    tracing::warn!(peer = %self.peer.addr, "transfer failed, will retry next round: {e}");
+                    self.report.skipped += 1;
+                }
+                Some(Err(e)) => {
+                    return Err(SyncError::Refused(format!("transfer task failed: {e}")));
+                }
+                None => {}
+            }
+            let exhausted = set.is_empty() && jobs.peek().is_none();
+            if ready.len() >= PUBLISH_BATCH || (exhausted && !ready.is_empty()) {
+                self.publish(std::mem::take(&mut ready))?;
+            }
+            if exhausted {
                 return Ok(());
             }
-            let mut ready = Vec::new();
-            while let Some(result) = set.join_next().await {
-                match result {
-                    Ok(Ok(Some(file))) => ready.push(file),
-                    Ok(Ok(None)) => self.report.skipped += 1,
-                    Ok(Err(e)) => {
-                        tracing::warn!(peer = %self.peer.addr, "transfer failed, will retry next round: {e}");
-                        self.report.skipped += 1;
-                    }
-                    Err(e) => return Err(SyncError::Refused(format!("transfer task failed: {e}"))),
-                }
-            }
-            self.publish(ready)?;
         }
     }
 
@@ -481,25 +664,41 @@ impl Pull {
         let mut batch = self.node.store.batch();
         let mut published = 0;
         for file in ready {
-            let ReadyFile { job, staged, chunks } = file;
+            let ReadyFile {
+                job,
+                staged,
+                chunks,
+            } = file;
             if !dirs.contains_key(&job.dir) {
                 dirs.insert(job.dir.clone(), fs.open_dir(&job.dir, true)?);
             }
             let dir_fd = &dirs[&job.dir];
-            if job.replaces.as_ref().is_some_and(|o| !o.is_tombstone()) && !self.unchanged_on_disk(dir_fd, &job.dir, &job.name)? {
-                tracing::info!("{} changed locally since the last scan; not replacing it", escape(&job.name));
+            if !job.replaces.as_ref().is_some_and(Entry::is_dir)
+                && !self.unchanged_on_disk(dir_fd, &job.dir, &job.name)?
+            {
+                tracing::info!(
+                    "{} changed locally since the last scan; not replacing it",
+                    escape(&job.name)
+                );
                 self.report.skipped += 1;
                 continue;
             }
-            if job.replaces.as_ref().is_some_and(Entry::is_dir) && !fs.remove_dir(dir_fd, &job.name)? {
+            if job.replaces.as_ref().is_some_and(Entry::is_dir)
+                && !fs.remove_dir(dir_fd, &job.name)?
+            {
                 self.report.skipped += 1;
                 continue;
             }
             fs.publish(&staged.temp_name, dir_fd, &job.name)?;
             // fstat through the still-open descriptor: the stamp of exactly what we wrote.
-            let stat = rustix::fs::fstat(&staged.file).map_err(|e| SyncError::Refused(e.to_string()))?;
+            let stat =
+                rustix::fs::fstat(&staged.file).map_err(|e| SyncError::Refused(e.to_string()))?;
             let old_chunks = match job.replaces.as_ref().map(|o| &o.kind) {
-                Some(EntryKind::File { .. }) => self.node.store.chunk_list(vol, &job.dir, &job.name)?.unwrap_or_default(),
+                Some(EntryKind::File { .. }) => self
+                    .node
+                    .store
+                    .chunk_list(vol, &job.dir, &job.name)?
+                    .unwrap_or_default(),
                 _ => Vec::new(),
             };
             batch.put_entry(vol, &job.dir, &job.name, &job.entry);
@@ -513,7 +712,10 @@ impl Pull {
         }
         self.node.store.write(batch, true)?;
         self.report.applied += published;
-        self.node.stats.files_applied.fetch_add(published, Ordering::Relaxed);
+        self.node
+            .stats
+            .files_applied
+            .fetch_add(published, Ordering::Relaxed);
         Ok(())
     }
 
@@ -526,8 +728,12 @@ impl Pull {
             let Ok(dir_fd) = self.volume().fs.open_dir(&dir, false) else {
                 continue;
             };
-            let Some(local) = self.node.store.entry(vol, &dir, &name)? else { continue };
-            if local.is_tombstone() || tombstone.version.compare(&local.version) != Causality::Dominates {
+            let Some(local) = self.node.store.entry(vol, &dir, &name)? else {
+                continue;
+            };
+            if local.is_tombstone()
+                || tombstone.version.compare(&local.version) != Causality::Dominates
+            {
                 continue;
             }
             let removed = if local.is_dir() {
@@ -563,23 +769,27 @@ impl Pull {
     }
 }
 
-/// Whether a symlink at `dir` with `target` resolves inside the volume (lexically: no
-/// absolute target, and `..` never climbs above the root).
+/// Whether a symlink at `dir` with `target` stays inside the volume: a relative target
+/// made of leading `..` components that do not climb above the root, then plain names.
+/// (A `..` after a name is refused: the name could itself be a symlink, and chains of
+/// such links could climb out.)
 pub fn symlink_stays_inside(dir: &VolPath, target: &[u8]) -> bool {
     if target.is_empty() || target.starts_with(b"/") || target.contains(&0) {
         return false;
     }
     let mut depth = dir.depth() as i64;
+    let mut descended = false;
     for part in target.split(|&b| b == b'/') {
         match part {
             b"" | b"." => {}
+            b".." if descended => return false,
             b".." => {
                 depth -= 1;
                 if depth < 0 {
                     return false;
                 }
             }
-            _ => depth += 1,
+            _ => descended = true,
         }
     }
     true
@@ -589,143 +799,247 @@ fn rand_u64() -> u64 {
     crate::ids::NodeId::random().map(|n| n.0).unwrap_or(0)
 }
 
+/// Where fetched chunks go: every offset of the staging file that holds them.
+struct ChunkSink {
+    file: File,
+    at: HashMap<ChunkId, Vec<u64>>,
+}
+
+impl ChunkSink {
+    fn write(&self, id: &ChunkId, data: &[u8]) -> std::io::Result<()> {
+        for offset in self.at.get(id).into_iter().flatten() {
+            self.file.write_all_at(data, *offset)?;
+        }
+        Ok(())
+    }
+}
+
 /// Fetches the chunk list and chunks of one file into its staging file.
-async fn assemble(node: Arc<Node>, peer: Arc<Peer>, mut handle: Handle, volume_index: usize, job: FileJob) -> Result<Option<ReadyFile>, SyncError> {
+async fn assemble(
+    node: Arc<Node>,
+    peer: Arc<Peer>,
+    mut handle: Handle,
+    volume_index: usize,
+    job: FileJob,
+) -> Result<Option<ReadyFile>, SyncError> {
     let volume = &node.volumes[volume_index];
-    let EntryKind::File { size, content_id: expected, .. } = job.entry.kind else {
+    let EntryKind::File {
+        size,
+        content_id: expected,
+        ..
+    } = job.entry.kind
+    else {
         return Ok(None);
     };
     let chunks = if size == 0 {
         Vec::new()
     } else {
-        let req = Request::GetChunkList { volume: volume.name.clone(), path: job.source_path.clone(), content_id: expected };
+        let req = Request::GetChunkList {
+            volume: volume.name.clone(),
+            path: job.source_path.clone(),
+            content_id: expected,
+        };
         match request(&mut handle, &req).await? {
             Response::ChunkList(Some(list)) => list,
             // The peer's file changed meanwhile: a later round gets the new version.
             Response::ChunkList(None) => return Ok(None),
-            other => return Err(SyncError::Refused(format!("unexpected answer to GetChunkList: {other:?}"))),
+            other => {
+                return Err(SyncError::Refused(format!(
+                    "unexpected answer to GetChunkList: {other:?}"
+                )));
+            }
         }
     };
-    if content_id(&chunks) != expected || chunks.iter().map(|c| u64::from(c.len)).sum::<u64>() != size {
+    let max = node.meta.chunk_params.max;
+    if content_id(&chunks) != expected
+        || chunks.iter().map(|c| u64::from(c.len)).sum::<u64>() != size
+        || chunks.iter().any(|c| c.len == 0 || c.len > max)
+    {
         peer.rejected_chunks.fetch_add(1, Ordering::Relaxed);
-        return Err(SyncError::Refused(format!("peer {} sent a chunk list that does not match its content id", peer.addr)));
+        return Err(SyncError::Refused(format!(
+            "peer {} sent a chunk list that does not match its content id",
+            peer.addr
+        )));
     }
-    let staged = volume.fs.stage(&expected, size)?;
-    // Offsets of every chunk id (a chunk may repeat inside a file).
-    let mut at: HashMap<ChunkId, Vec<(u64, u32)>> = HashMap::new();
+    let staged = volume.fs.stage(&expected, &job.dir, &job.name, size)?;
+    let mut at: HashMap<ChunkId, Vec<u64>> = HashMap::new();
+    let mut lengths: HashMap<ChunkId, u32> = HashMap::new();
     let mut offset = 0u64;
     for chunk in &chunks {
-        at.entry(chunk.id).or_default().push((offset, chunk.len));
+        at.entry(chunk.id).or_default().push(offset);
+        lengths.insert(chunk.id, chunk.len);
         offset += u64::from(chunk.len);
     }
-    let file = Arc::new(staged.file.try_clone().map_err(|e| SyncError::Refused(e.to_string()))?);
-    let write_all = |id: &ChunkId, data: &[u8]| -> std::io::Result<()> {
-        for (offset, _) in &at[id] {
-            file.write_all_at(data, *offset)?;
-        }
-        Ok(())
-    };
+    let io = |e: std::io::Error| SyncError::Refused(format!("staging {}: {e}", escape(&job.name)));
+    let sink = Arc::new(ChunkSink {
+        file: staged.file.try_clone().map_err(io)?,
+        at,
+    });
     let mut missing = Vec::new();
-    for (id, places) in &at {
-        let (first, len) = places[0];
-        let mut existing = vec![0u8; len as usize];
-        if file.read_exact_at(&mut existing, first).is_ok() && ChunkId::of(&existing) == *id {
+    for (id, offsets) in &sink.at {
+        let mut existing = vec![0u8; lengths[id] as usize];
+        if sink.file.read_exact_at(&mut existing, offsets[0]).is_ok()
+            && ChunkId::of(&existing) == *id
+        {
             // Already in staging from an interrupted transfer.
-            if places.len() > 1 {
-                write_all(id, &existing).map_err(|e| SyncError::Refused(e.to_string()))?;
+            if offsets.len() > 1 {
+                sink.write(id, &existing).map_err(io)?;
             }
             continue;
         }
         match node.read_local_chunk(id) {
-            Some(data) => write_all(id, &data).map_err(|e| SyncError::Refused(e.to_string()))?,
+            Some(data) => sink.write(id, &data).map_err(io)?,
             None => missing.push(*id),
         }
     }
     if !missing.is_empty() {
-        let fetched = fetch_chunks(&node, &peer, volume_index, missing).await?;
-        for (id, data) in fetched {
-            write_all(&id, &data).map_err(|e| SyncError::Refused(e.to_string()))?;
-        }
+        fetch_chunks(&node, &peer, volume_index, missing, &sink).await?;
     }
-    let owner = node.sync_ownership.then_some((job.entry.uid, job.entry.gid));
-    finish_staged(&file, job.entry.mode, job.entry.mtime_ns, owner).map_err(|e| SyncError::Refused(e.to_string()))?;
-    Ok(Some(ReadyFile { job, staged, chunks }))
+    let owner = node
+        .sync_ownership
+        .then_some((job.entry.uid, job.entry.gid));
+    finish_staged(&sink.file, job.entry.mode, job.entry.mtime_ns, owner).map_err(io)?;
+    Ok(Some(ReadyFile {
+        job,
+        staged,
+        chunks,
+    }))
 }
 
-/// Fetches chunks from the peers that share the volume, spreading requests over them and
-/// trying the next peer for any chunk one of them does not have or sends wrong.
-async fn fetch_chunks(node: &Arc<Node>, source: &Arc<Peer>, volume_index: usize, ids: Vec<ChunkId>) -> Result<Vec<(ChunkId, Vec<u8>)>, SyncError> {
+/// Fetches chunks into `sink` from the peers that share the volume: requests are spread
+/// over them, a chunk one peer lacks is asked of another, and a peer that sends wrong
+/// bytes is not asked again during this transfer.
+async fn fetch_chunks(
+    node: &Arc<Node>,
+    source: &Arc<Peer>,
+    volume_index: usize,
+    ids: Vec<ChunkId>,
+    sink: &Arc<ChunkSink>,
+) -> Result<(), SyncError> {
     let volume = &node.volumes[volume_index].name;
     let mut peers: Vec<Arc<Peer>> = vec![source.clone()];
-    peers.extend(node.peers.iter().filter(|p| !Arc::ptr_eq(p, source) && p.shares(volume) && p.connection().is_some()).cloned());
-    let mut out = Vec::with_capacity(ids.len());
+    peers.extend(
+        node.peers
+            .iter()
+            .filter(|p| !Arc::ptr_eq(p, source) && p.shares(volume) && p.connection().is_some())
+            .cloned(),
+    );
+    let mut distrusted = vec![false; peers.len()];
     let mut wanted: Vec<ChunkId> = ids;
-    for attempt in 0..peers.len() {
-        if wanted.is_empty() {
+    for attempt in 0..peers.len() * 2 {
+        let trusted: Vec<usize> = (0..peers.len()).filter(|&i| !distrusted[i]).collect();
+        if wanted.is_empty() || trusted.is_empty() {
             break;
         }
         let mut set = JoinSet::new();
+        let mut received: HashSet<ChunkId> = HashSet::new();
         for (i, group) in wanted.chunks(MAX_CHUNKS_PER_REQUEST).enumerate() {
-            let peer = peers[(i + attempt) % peers.len()].clone();
-            let group = group.to_vec();
-            let node = node.clone();
-            set.spawn(async move {
-                let result = fetch_group(&node, &peer, &group).await;
-                (group, result)
-            });
+            let index = trusted[(i + attempt) % trusted.len()];
+            let (peer, group, node, sink) = (
+                peers[index].clone(),
+                group.to_vec(),
+                node.clone(),
+                sink.clone(),
+            );
+            set.spawn(async move { (index, fetch_group(&node, &peer, &group, &sink).await) });
             while set.len() >= REQUESTS_PER_FILE {
                 if let Some(done) = set.join_next().await {
-                    collect(done, &mut out);
+                    settle(done, &mut received, &mut distrusted)?;
                 }
             }
         }
         while let Some(done) = set.join_next().await {
-            collect(done, &mut out);
+            settle(done, &mut received, &mut distrusted)?;
         }
-        let have: HashSet<ChunkId> = out.iter().map(|(id, _)| *id).collect();
-        wanted.retain(|id| !have.contains(id));
+        wanted.retain(|id| !received.contains(id));
     }
     if !wanted.is_empty() {
-        return Err(SyncError::Refused(format!("{} chunks are held by no reachable peer", wanted.len())));
+        return Err(SyncError::Refused(format!(
+            "{} chunks are held intact by no reachable peer",
+            wanted.len()
+        )));
     }
-    Ok(out)
+    Ok(())
 }
 
-type GroupResult = (Vec<ChunkId>, Result<Vec<(ChunkId, Vec<u8>)>, SyncError>);
-
-fn collect(done: Result<GroupResult, tokio::task::JoinError>, out: &mut Vec<(ChunkId, Vec<u8>)>) {
-    if let Ok((_, Ok(chunks))) = done {
-        out.extend(chunks);
-    }
+/// What one `GetChunks` request brought.
+struct GroupOutcome {
+    received: Vec<ChunkId>,
+    /// The peer sent bytes that did not match their id.
+    misbehaved: bool,
 }
 
-/// One `GetChunks` request to one peer; wrong bytes are counted against the peer and
-/// dropped.
-async fn fetch_group(node: &Node, peer: &Peer, ids: &[ChunkId]) -> Result<Vec<(ChunkId, Vec<u8>)>, SyncError> {
-    let mut handle = peer.connection().ok_or_else(|| SyncError::Connection("not connected".into()))?;
+fn settle(
+    done: Result<(usize, Result<GroupOutcome, SyncError>), tokio::task::JoinError>,
+    received: &mut HashSet<ChunkId>,
+    distrusted: &mut [bool],
+) -> Result<(), SyncError> {
+    match done {
+        Ok((index, Ok(outcome))) => {
+            received.extend(outcome.received);
+            distrusted[index] |= outcome.misbehaved;
+        }
+        Ok((_, Err(SyncError::Fs(e)))) => return Err(SyncError::Fs(e)),
+        // The chunks stay wanted and go to another peer in the next pass.
+        Ok((_, Err(e))) => tracing::debug!("chunk request failed: {e}"),
+        Err(e) => return Err(SyncError::Refused(format!("chunk fetch task failed: {e}"))),
+    }
+    Ok(())
+}
+
+/// One `GetChunks` request to one peer, written to the sink as chunks arrive; wrong
+/// bytes are counted against the peer and dropped.
+async fn fetch_group(
+    node: &Node,
+    peer: &Peer,
+    ids: &[ChunkId],
+    sink: &ChunkSink,
+) -> Result<GroupOutcome, SyncError> {
+    let mut handle = peer
+        .connection()
+        .ok_or_else(|| SyncError::Connection("not connected".into()))?;
     let wanted: HashSet<ChunkId> = ids.iter().copied().collect();
-    let mut responses = super::open_request(&mut handle, &Request::GetChunks { ids: ids.to_vec() }).await?;
-    let mut out = Vec::new();
-    while let Some(response) = responses.next().await? {
+    let mut responses =
+        super::open_request(&mut handle, &Request::GetChunks { ids: ids.to_vec() }).await?;
+    let mut outcome = GroupOutcome {
+        received: Vec::new(),
+        misbehaved: false,
+    };
+    // One answer per id asked, no more.
+    for _ in 0..ids.len() {
+        let Some(response) = responses.next().await? else {
+            break;
+        };
         match response {
             Response::Chunk { id, data } if wanted.contains(&id) => {
                 if ChunkId::of(&data) != id {
-                    tracing::warn!(peer = %peer.addr, "peer sent wrong bytes for chunk {id}; not trusting it for that chunk");
+                    tracing::warn!(peer = %peer.addr, "peer sent wrong bytes for chunk {id}; not trusting it for this transfer");
                     peer.rejected_chunks.fetch_add(1, Ordering::Relaxed);
                     node.stats.rejected_chunks.fetch_add(1, Ordering::Relaxed);
+                    outcome.misbehaved = true;
                     continue;
                 }
                 let len = data.len() as u64;
                 peer.chunk_bytes_received.fetch_add(len, Ordering::Relaxed);
-                node.stats.chunk_bytes_received.fetch_add(len, Ordering::Relaxed);
-                out.push((id, data));
+                node.stats
+                    .chunk_bytes_received
+                    .fetch_add(len, Ordering::Relaxed);
+                sink.write(&id, &data)
+                    .map_err(|e| SyncError::Refused(format!("staging: {e}")))?;
+                outcome.received.push(id);
             }
             Response::ChunkMissing { .. } => {}
-            Response::Error { code, message } => return Err(crate::protocol::ProtocolError::Remote { code, message }.into()),
-            other => return Err(SyncError::Refused(format!("unexpected answer to GetChunks: {other:?}"))),
+            Response::Error { code, message } => {
+                return Err(crate::protocol::ProtocolError::Remote { code, message }.into());
+            }
+            other => {
+                return Err(SyncError::Refused(format!(
+                    "unexpected answer to GetChunks: {other:?}"
+                )));
+            }
         }
     }
-    Ok(out)
+    Ok(outcome)
 }
 
 #[cfg(test)]
@@ -742,5 +1056,8 @@ mod tests {
         assert!(!symlink_stays_inside(&root, b"/etc/passwd"));
         assert!(!symlink_stays_inside(&root, b"../x"));
         assert!(!symlink_stays_inside(&root, b""));
+        // A chain: `s -> ../..` is fine on its own, `s/../../..` through it is not.
+        assert!(symlink_stays_inside(&deep, b"../.."));
+        assert!(!symlink_stays_inside(&deep, b"s/../../.."));
     }
 }

@@ -14,28 +14,44 @@ use s2n_quic::stream::SendStream;
 use super::Node;
 use crate::ids::NodeId;
 use crate::protocol::{
-    self, MAX_CONTROL_FRAME, MAX_ENTRIES_BYTES, MAX_ENTRIES_PER_RESPONSE, ProtocolError, Request, Response, WireEntry,
-    code,
+    self, MAX_CONTROL_FRAME, MAX_ENTRIES_BYTES, MAX_ENTRIES_PER_RESPONSE, ProtocolError, Request,
+    Response, WireEntry, code,
 };
 
 /// Serves one incoming connection until it closes.
 pub async fn serve_connection(node: Arc<Node>, mut connection: Connection) {
     let remote_addr = connection.remote_addr().ok();
-    let remote = remote_addr.map(|a| a.to_string()).unwrap_or_else(|| "?".into());
+    let remote = remote_addr
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "?".into());
     let peer_id: Arc<Mutex<Option<NodeId>>> = Arc::new(Mutex::new(None));
     let handle = connection.handle();
     loop {
         match connection.accept_bidirectional_stream().await {
             Ok(Some(stream)) => {
-                let (node, peer_id, remote, handle) = (node.clone(), peer_id.clone(), remote.clone(), handle.clone());
+                let (node, peer_id, remote, handle) = (
+                    node.clone(),
+                    peer_id.clone(),
+                    remote.clone(),
+                    handle.clone(),
+                );
                 tokio::spawn(async move {
                     let (mut recv, mut send) = stream.split();
-                    if let Err(e) = serve_stream(&node, &mut recv, &mut send, &peer_id, remote_addr).await {
+                    if let Err(e) =
+                        serve_stream(&node, &mut recv, &mut send, &peer_id, remote_addr).await
+                    {
                         tracing::warn!(peer = %remote, "refused a request: {e}");
-                        let reply = Response::Error { code: e.code(), message: e.to_string() };
+                        let reply = Response::Error {
+                            code: e.code(),
+                            message: e.to_string(),
+                        };
                         let _ = protocol::write_frame(&mut send, reply.encode()).await;
                         if matches!(e.code(), code::VERSION | code::CHUNK_PARAMS) {
+                            // Let the error frame reach the peer before the connection goes.
+                            let _ = send.close().await;
+                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                             handle.close(u32::from(e.code()).into());
+                            return;
                         }
                     }
                     let _ = send.close().await;
@@ -61,32 +77,56 @@ async fn serve_stream(
         return Ok(());
     };
     let request = Request::decode(kind, &body)?;
+    if !matches!(request, Request::Hello(_)) && peer_id.lock().expect("peer id lock").is_none() {
+        return Err(ProtocolError::Malformed(
+            "the first request on a connection must be Hello".into(),
+        ));
+    }
     let volume_id = |name: &str| {
         node.volume(name)
             .map(|v| v.id)
-            .ok_or_else(|| ProtocolError::Remote { code: code::UNKNOWN_VOLUME, message: format!("volume {name} is not synced here") })
+            .ok_or_else(|| ProtocolError::Remote {
+                code: code::UNKNOWN_VOLUME,
+                message: format!("volume {name} is not synced here"),
+            })
     };
-    let internal = |e: crate::store::StoreError| ProtocolError::Remote { code: code::INTERNAL, message: e.to_string() };
+    let internal = |e: crate::store::StoreError| ProtocolError::Remote {
+        code: code::INTERNAL,
+        message: e.to_string(),
+    };
     let response = match request {
         Request::Hello(hello) => {
             if hello.version != protocol::PROTOCOL_VERSION {
                 return Err(ProtocolError::Remote {
                     code: code::VERSION,
-                    message: format!("protocol version {} is not supported (this node speaks {})", hello.version, protocol::PROTOCOL_VERSION),
+                    message: format!(
+                        "protocol version {} is not supported (this node speaks {})",
+                        hello.version,
+                        protocol::PROTOCOL_VERSION
+                    ),
                 });
             }
             if hello.chunk_params != node.meta.chunk_params {
                 return Err(ProtocolError::Remote {
                     code: code::CHUNK_PARAMS,
-                    message: format!("chunk sizes {} differ from this node's {}", hello.chunk_params, node.meta.chunk_params),
+                    message: format!(
+                        "chunk sizes {} differ from this node's {}",
+                        hello.chunk_params, node.meta.chunk_params
+                    ),
                 });
             }
             *peer_id.lock().expect("peer id lock") = Some(hello.node_id);
             // A peer may connect to us before we reach it: learn its id from its address
             // so that what we send it is counted against it from the start.
             if node.peer_by_id(hello.node_id).is_none() {
-                let same_host = |p: &&Arc<super::Peer>| remote_addr.is_some_and(|a| a.ip() == p.addr.ip());
-                if let Some(peer) = node.peers.iter().filter(same_host).find(|p| p.node_id().is_none()) {
+                let same_host =
+                    |p: &&Arc<super::Peer>| remote_addr.is_some_and(|a| a.ip() == p.addr.ip());
+                if let Some(peer) = node
+                    .peers
+                    .iter()
+                    .filter(same_host)
+                    .find(|p| p.node_id().is_none())
+                {
                     *peer.node_id.lock().expect("peer state lock") = Some(hello.node_id);
                 }
             }
@@ -100,14 +140,27 @@ async fn serve_stream(
             }
             Response::Ack
         }
-        Request::GetDir { volume, dir } => Response::Dir(node.store.tree_node(volume_id(&volume)?, &dir).map_err(internal)?),
-        Request::GetEntries { volume, dir, start, end } => {
+        Request::GetDir { volume, dir } => Response::Dir(
+            node.store
+                .tree_node(volume_id(&volume)?, &dir)
+                .map_err(internal)?,
+        ),
+        Request::GetEntries {
+            volume,
+            dir,
+            start,
+            after,
+            end,
+        } => {
             let vol = volume_id(&volume)?;
             let mut entries = Vec::new();
             let mut bytes = 0;
             let mut more = false;
             for item in node.store.children_from(vol, &dir, &start) {
                 let (name, entry) = item.map_err(internal)?;
+                if after && name == start {
+                    continue;
+                }
                 if end.as_ref().is_some_and(|end| name >= *end) {
                     break;
                 }
@@ -117,20 +170,44 @@ async fn serve_stream(
                 }
                 let subtree = match entry.is_dir() {
                     true => {
-                        let child = dir.join(&name).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
-                        node.store.tree_node(vol, &child).map_err(internal)?.map(|n| n.hash)
+                        let child = dir
+                            .join(&name)
+                            .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+                        node.store
+                            .tree_node(vol, &child)
+                            .map_err(internal)?
+                            .map(|n| n.sync_hash())
                     }
                     false => None,
                 };
-                bytes += name.len() + 128;
-                entries.push(WireEntry { name, entry, subtree });
+                bytes += name.len() + crate::store::codec::encode_entry(&entry).len() + 48;
+                entries.push(WireEntry {
+                    name,
+                    entry,
+                    subtree,
+                });
+            }
+            if node.faults.hostile_names {
+                for entry in &mut entries {
+                    entry.name = if entry.name.len() % 2 == 0 {
+                        b"../../etc/passwd".to_vec()
+                    } else {
+                        b"/abs".to_vec()
+                    };
+                }
             }
             Response::Entries { entries, more }
         }
-        Request::GetChunkList { volume, path, content_id } => {
+        Request::GetChunkList {
+            volume,
+            path,
+            content_id,
+        } => {
             let vol = volume_id(&volume)?;
             let Some((dir, name)) = path.split_last() else {
-                return Err(ProtocolError::Malformed("the volume root has no chunk list".into()));
+                return Err(ProtocolError::Malformed(
+                    "the volume root has no chunk list".into(),
+                ));
             };
             let current = node.store.entry(vol, &dir, name).map_err(internal)?;
             let same_content = matches!(current.map(|e| e.kind), Some(crate::entry::EntryKind::File { content_id: c, .. }) if c == content_id);
@@ -142,10 +219,17 @@ async fn serve_stream(
         Request::GetChunks { ids } => {
             for id in ids {
                 let reply = match node.read_local_chunk(&id) {
-                    Some(data) => {
+                    Some(mut data) => {
+                        if node.faults.corrupt_chunks && !data.is_empty() {
+                            data[0] ^= 0xff;
+                        }
                         let len = data.len() as u64;
-                        node.stats.chunk_bytes_sent.fetch_add(len, Ordering::Relaxed);
-                        if let Some(peer) = (*peer_id.lock().expect("peer id lock")).and_then(|id| node.peer_by_id(id)) {
+                        node.stats
+                            .chunk_bytes_sent
+                            .fetch_add(len, Ordering::Relaxed);
+                        if let Some(peer) = (*peer_id.lock().expect("peer id lock"))
+                            .and_then(|id| node.peer_by_id(id))
+                        {
                             peer.chunk_bytes_sent.fetch_add(len, Ordering::Relaxed);
                         }
                         Response::Chunk { id, data }

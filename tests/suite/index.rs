@@ -215,3 +215,22 @@ fn mode_changes_are_changes_and_ownership_is_recorded() {
     let listing = index_listing(&fx.open(), "vol");
     assert_eq!(listing[&b"script.sh"[..]].mode, 0o755);
 }
+
+#[test]
+fn an_emptied_volume_is_forgotten_not_turned_into_tombstones() {
+    let fx = Fixture::new();
+    fx.write("a/one", b"1");
+    fx.write("two", b"2");
+    fx.scan();
+    fs::remove_dir_all(fx.volume()).unwrap();
+    fs::create_dir(fx.volume()).unwrap();
+    let report = fx.scan();
+    assert_eq!((report.deleted, report.totals.files), (0, 0));
+    let store = fx.open();
+    let vol = VolumeId(store.volume("vol").unwrap().unwrap().id);
+    assert_eq!(
+        store.descendants(vol, &VolPath::root()).count(),
+        0,
+        "tombstones would delete these files on every peer"
+    );
+}

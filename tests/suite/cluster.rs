@@ -1,0 +1,260 @@
+//! Several real `shoal serve` processes on 127.0.x.y, talking QUIC with mutual TLS.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::util::shoal;
+
+/// Each cluster gets its own 127.0.N.0/24, so tests running at once never collide.
+static NEXT_NET: AtomicU32 = AtomicU32::new(0);
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    net: u32,
+    pub size: usize,
+    children: Vec<Option<Child>>,
+    pub extra_env: Vec<Vec<(String, String)>>,
+    pub credentials: Vec<PathBuf>,
+}
+
+impl Cluster {
+    pub fn new(size: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let net =
+            10 + (std::process::id() % 50) * 4 + NEXT_NET.fetch_add(1, Ordering::SeqCst) % 200;
+        let creds = dir.path().join("creds");
+        let out = shoal(&["cluster", "init", "--out", creds.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for i in 0..size {
+            fs::create_dir_all(dir.path().join(format!("node{i}/data/vol"))).unwrap();
+        }
+        Cluster {
+            dir,
+            net: net % 250 + 1,
+            size,
+            children: (0..size).map(|_| None).collect(),
+            extra_env: vec![Vec::new(); size],
+            credentials: vec![creds; size],
+        }
+    }
+
+    pub fn ip(&self, i: usize) -> String {
+        format!("127.0.{}.{}", self.net, i + 1)
+    }
+
+    pub fn vol(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("node{i}/data/vol"))
+    }
+
+    pub fn log(&self, i: usize) -> String {
+        fs::read_to_string(self.dir.path().join(format!("node{i}.log"))).unwrap_or_default()
+    }
+
+    /// Starts node `i` with every other node as a peer.
+    pub fn start(&mut self, i: usize) {
+        assert!(self.children[i].is_none(), "node {i} already running");
+        let node = self.dir.path().join(format!("node{i}"));
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("node{i}.log")))
+            .unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_shoal"));
+        command
+            .arg("serve")
+            .args(["--data-root", node.join("data").to_str().unwrap()])
+            .args(["--state-dir", node.join("state").to_str().unwrap()])
+            .args(["--volume", "vol"])
+            .args(["--listen", &format!("{}:7029", self.ip(i))])
+            .args(["--http", &format!("{}:7030", self.ip(i))])
+            .args(["--credentials", self.credentials[i].to_str().unwrap()])
+            .args(["--heartbeat", "1"])
+            .env_remove("SYNC_VOLUMES")
+            .env_remove("SHOAL_PEERS")
+            .env("SHOAL_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        for j in (0..self.size).filter(|&j| j != i) {
+            command.args(["--peer", &format!("{}:7029", self.ip(j))]);
+        }
+        for (key, value) in &self.extra_env[i] {
+            command.env(key, value);
+        }
+        self.children[i] = Some(command.spawn().unwrap());
+    }
+
+    pub fn start_all(&mut self) {
+        for i in 0..self.size {
+            self.start(i);
+        }
+    }
+
+    /// SIGTERM, then wait (SIGKILL after 15 s).
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut child) = self.children[i].take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.children[i].take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    pub fn status(&self, i: usize) -> Option<Value> {
+        let addr = format!("{}:7030", self.ip(i));
+        let mut stream =
+            std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(2))
+                .ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            stream,
+            "GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).ok()?;
+        serde_json::from_str(raw.split_once("\r\n\r\n")?.1).ok()
+    }
+
+    pub fn root(&self, i: usize) -> Option<String> {
+        self.status(i)?["volumes"][0]["root"]
+            .as_str()
+            .map(str::to_string)
+    }
+
+    pub fn total(&self, i: usize, counter: &str) -> u64 {
+        self.status(i)
+            .map_or(0, |s| s["totals"][counter].as_u64().unwrap_or(0))
+    }
+
+    /// Waits until the nodes' roots are equal and their trees on disk too.
+    pub fn wait_converged(&self, nodes: &[usize], timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let roots: Vec<Option<String>> = nodes.iter().map(|&i| self.root(i)).collect();
+            let same_root = roots[0].is_some() && roots.iter().all(|r| *r == roots[0]);
+            if same_root {
+                let first = snapshot(&self.vol(nodes[0]));
+                if nodes.iter().all(|&i| snapshot(&self.vol(i)) == first) {
+                    return;
+                }
+            }
+            if Instant::now() > deadline {
+                let logs: Vec<String> = nodes
+                    .iter()
+                    .map(|&i| format!("--- node {i} log:\n{}", tail(&self.log(i), 30)))
+                    .collect();
+                panic!(
+                    "nodes {nodes:?} did not converge in {timeout:?}: roots {roots:?}\n{}",
+                    logs.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for child in self.children.iter_mut().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// What a tree holds, as sync promises to reproduce it: per path the kind, permission
+/// bits, file mtime and content, symlink target; `.shoal/` excluded.
+#[derive(Debug, PartialEq, Eq, Clone)]
+pub enum Item {
+    File {
+        mode: u32,
+        mtime_ns: i64,
+        hash: String,
+    },
+    Dir {
+        mode: u32,
+    },
+    Symlink(Vec<u8>),
+}
+
+pub fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, Item> {
+    let mut out = BTreeMap::new();
+    let mut pending = vec![PathBuf::new()];
+    while let Some(rel) = pending.pop() {
+        let Ok(entries) = fs::read_dir(root.join(&rel)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if rel.as_os_str().is_empty() && name == ".shoal" {
+                continue;
+            }
+            let path = rel.join(&name);
+            let Ok(meta) = fs::symlink_metadata(root.join(&path)) else {
+                continue;
+            };
+            let item = if meta.file_type().is_symlink() {
+                Item::Symlink(
+                    fs::read_link(root.join(&path))
+                        .unwrap_or_default()
+                        .as_os_str()
+                        .as_bytes()
+                        .to_vec(),
+                )
+            } else if meta.is_dir() {
+                pending.push(path.clone());
+                Item::Dir {
+                    mode: meta.permissions().mode() & 0o7777,
+                }
+            } else {
+                let Ok(content) = fs::read(root.join(&path)) else {
+                    continue;
+                };
+                Item::File {
+                    mode: meta.permissions().mode() & 0o7777,
+                    mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+                    hash: blake3::hash(&content).to_hex().to_string(),
+                }
+            };
+            out.insert(path.as_os_str().as_bytes().to_vec(), item);
+        }
+    }
+    out
+}
+
+pub fn names(root: &Path) -> Vec<String> {
+    snapshot(root)
+        .keys()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect()
+}

@@ -1,0 +1,362 @@
+//! Issue acceptance for peer sync, with real processes over QUIC.
+
+use std::fs;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::cluster::*;
+use crate::util::{random_bytes, set_mtime, write_file};
+
+const CONVERGE: Duration = Duration::from_secs(90);
+
+#[test]
+fn three_nodes_with_disjoint_content_converge_to_the_union() {
+    let mut c = Cluster::new(3);
+    write_file(&c.vol(0).join("a/one.txt"), b"from node 0");
+    fs::set_permissions(
+        c.vol(0).join("a/one.txt"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    set_mtime(&c.vol(0).join("a/one.txt"), 1_600_000_000);
+    write_file(&c.vol(1).join("b/big.bin"), &random_bytes(3 << 20, 1));
+    fs::set_permissions(
+        c.vol(1).join("b/big.bin"),
+        fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    fs::create_dir_all(c.vol(2).join("c/empty/deeper")).unwrap();
+    symlink("../a/one.txt", c.vol(2).join("c/link")).unwrap();
+    write_file(
+        &c.vol(2).join(std::ffi::OsStr::new("c/caf\u{e9}.txt")),
+        b"accented",
+    );
+    write_file(
+        &c.vol(2).join(crate::util::os(b"c/raw\xffname")),
+        b"not utf-8",
+    );
+    c.start_all();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    let union = snapshot(&c.vol(0));
+    for name in [
+        "a/one.txt",
+        "b/big.bin",
+        "c/empty/deeper",
+        "c/link",
+        "c/caf\u{e9}.txt",
+    ] {
+        assert!(
+            union.contains_key(name.as_bytes()),
+            "{name} missing: {:?}",
+            names(&c.vol(0))
+        );
+    }
+    assert!(union.contains_key(&b"c/raw\xffname"[..]));
+    assert_eq!(
+        union[&b"a/one.txt"[..]],
+        Item::File {
+            mode: 0o600,
+            mtime_ns: 1_600_000_000_000_000_000,
+            hash: blake3::hash(b"from node 0").to_hex().to_string()
+        }
+    );
+    assert_eq!(
+        union[&b"c/link"[..]],
+        Item::Symlink(b"../a/one.txt".to_vec())
+    );
+}
+
+#[test]
+fn edits_deletes_and_new_files_propagate_and_deletes_are_not_resurrected() {
+    let mut c = Cluster::new(3);
+    write_file(&c.vol(0).join("doc.txt"), b"v1");
+    write_file(&c.vol(0).join("old.txt"), b"to be deleted");
+    write_file(&c.vol(0).join("keep/x.txt"), b"x");
+    c.start_all();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+
+    // Node 2 is down while node 0 deletes; it must not bring the file back.
+    c.stop(2);
+    write_file(&c.vol(0).join("doc.txt"), b"v2, edited");
+    fs::remove_file(c.vol(0).join("old.txt")).unwrap();
+    write_file(&c.vol(0).join("new/fresh.txt"), b"new");
+    c.wait_converged(&[0, 1], CONVERGE);
+    assert!(!c.vol(1).join("old.txt").exists());
+    assert!(c.vol(2).join("old.txt").exists(), "node 2 was down");
+    c.start(2);
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    for i in 0..3 {
+        assert!(
+            !c.vol(i).join("old.txt").exists(),
+            "old.txt resurrected on node {i}"
+        );
+        assert_eq!(fs::read(c.vol(i).join("doc.txt")).unwrap(), b"v2, edited");
+        assert_eq!(fs::read(c.vol(i).join("new/fresh.txt")).unwrap(), b"new");
+    }
+}
+
+#[test]
+fn renaming_a_directory_of_100_mib_moves_no_chunk_bytes() {
+    let mut c = Cluster::new(2);
+    for i in 0..4u64 {
+        write_file(
+            &c.vol(0).join(format!("album/clip{i}.bin")),
+            &random_bytes(25 << 20, 10 + i),
+        );
+    }
+    c.start_all();
+    c.wait_converged(&[0, 1], CONVERGE);
+    let before = c.total(1, "chunk_bytes_received");
+    assert!(before >= 100 << 20, "initial sync received {before} bytes");
+    fs::rename(c.vol(0).join("album"), c.vol(0).join("renamed-album")).unwrap();
+    c.wait_converged(&[0, 1], CONVERGE);
+    assert!(c.vol(1).join("renamed-album/clip3.bin").exists() && !c.vol(1).join("album").exists());
+    assert_eq!(
+        c.total(1, "chunk_bytes_received") - before,
+        0,
+        "the rename moved chunk bytes"
+    );
+}
+
+#[test]
+fn concurrent_edits_on_partitioned_nodes_keep_both_versions() {
+    let mut c = Cluster::new(2);
+    write_file(&c.vol(0).join("shared.txt"), b"original");
+    c.start_all();
+    c.wait_converged(&[0, 1], CONVERGE);
+    // Partition: each side edits while the other is away.
+    c.stop(1);
+    write_file(&c.vol(0).join("shared.txt"), b"edited on node 0");
+    c.stop(0);
+    write_file(&c.vol(1).join("shared.txt"), b"edited on node 1");
+    c.start(1);
+    std::thread::sleep(Duration::from_secs(2));
+    c.stop(1);
+    c.start_all();
+    c.wait_converged(&[0, 1], CONVERGE);
+    for i in 0..2 {
+        let files = names(&c.vol(i));
+        let copies: Vec<&String> = files
+            .iter()
+            .filter(|n| n.starts_with("shared.sync-conflict-"))
+            .collect();
+        assert_eq!(copies.len(), 1, "node {i}: {files:?}");
+        assert!(copies[0].ends_with(".txt"));
+        let mut contents = vec![
+            fs::read(c.vol(i).join("shared.txt")).unwrap(),
+            fs::read(c.vol(i).join(copies[0])).unwrap(),
+        ];
+        contents.sort();
+        assert_eq!(
+            contents,
+            vec![b"edited on node 0".to_vec(), b"edited on node 1".to_vec()],
+            "node {i}"
+        );
+    }
+    assert!(c.total(0, "conflicts") + c.total(1, "conflicts") >= 1);
+}
+
+#[test]
+fn an_empty_node_pulls_and_deletes_nothing() {
+    let mut c = Cluster::new(3);
+    for i in 0..2 {
+        for f in 0..20 {
+            write_file(
+                &c.vol(i).join(format!("data/f{f}.bin")),
+                &random_bytes(10_000 + f * 100, f as u64),
+            );
+            set_mtime(&c.vol(i).join(format!("data/f{f}.bin")), 1_700_000_000);
+        }
+    }
+    c.start(0);
+    c.start(1);
+    c.wait_converged(&[0, 1], CONVERGE);
+    // Node 2 once held the volume (its index says so), then comes back with it empty.
+    c.start(2);
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    c.stop(2);
+    fs::remove_dir_all(c.vol(2)).unwrap();
+    fs::create_dir_all(c.vol(2)).unwrap();
+    c.start(2);
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    for i in 0..3 {
+        assert_eq!(
+            names(&c.vol(i)).len(),
+            21,
+            "node {i}: {:?}",
+            names(&c.vol(i))
+        );
+    }
+}
+
+#[test]
+fn a_node_killed_mid_transfer_resumes_and_no_partial_file_is_ever_visible() {
+    let mut c = Cluster::new(2);
+    let mut known = std::collections::HashSet::new();
+    for i in 0..6u64 {
+        let content = random_bytes(30 << 20, 100 + i);
+        known.insert(blake3::hash(&content).to_hex().to_string());
+        write_file(&c.vol(0).join(format!("media/part{i}.bin")), &content);
+    }
+    // A reader checks every visible file on node 1 against the complete versions.
+    let stop = Arc::new(AtomicBool::new(false));
+    let checked = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (stop, checked, root, known) = (stop.clone(), checked.clone(), c.vol(1), known.clone());
+        std::thread::spawn(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(300);
+            while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                for (path, item) in snapshot(&root) {
+                    if let Item::File { hash, .. } = item {
+                        assert!(
+                            known.contains(&hash),
+                            "partial or unknown content visible at {}",
+                            String::from_utf8_lossy(&path)
+                        );
+                        checked.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    c.start(0);
+    c.start(1);
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while c.total(1, "chunk_bytes_received") < 20 << 20 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.kill(1);
+    c.start(1);
+    c.wait_converged(&[0, 1], CONVERGE);
+    stop.store(true, Ordering::Relaxed);
+    reader.join().expect("the reader saw a partial file");
+    assert!(checked.load(Ordering::Relaxed) > 0);
+    let verify = crate::util::shoal(&[
+        "verify",
+        "--data-root",
+        c.vol(1).parent().unwrap().to_str().unwrap(),
+        "--state-dir",
+        c.dir.path().join("node1/state").to_str().unwrap(),
+    ]);
+    assert_eq!(
+        verify.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+}
+
+#[test]
+fn a_peer_from_another_cluster_is_refused() {
+    let mut c = Cluster::new(2);
+    write_file(&c.vol(0).join("secret.txt"), b"cluster data");
+    let foreign = c.dir.path().join("foreign-creds");
+    assert!(
+        crate::util::shoal(&["cluster", "init", "--out", foreign.to_str().unwrap()])
+            .status
+            .success()
+    );
+    c.credentials[1] = foreign;
+    c.start_all();
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        !c.vol(1).join("secret.txt").exists(),
+        "data reached a node of another cluster"
+    );
+    for i in 0..2 {
+        let status = c.status(i).expect("node answers /status");
+        assert_eq!(status["peers"][0]["connected"], false, "node {i}: {status}");
+    }
+    assert!(c.log(1).contains("cannot sync"), "{}", c.log(1));
+}
+
+#[test]
+fn wrong_chunk_bytes_are_rejected_and_the_file_completed_from_another_peer() {
+    let mut c = Cluster::new(3);
+    for i in 0..2 {
+        for f in 0..3u64 {
+            let path = c.vol(i).join(format!("f{f}.bin"));
+            write_file(&path, &random_bytes(12 << 20, 50 + f));
+            set_mtime(&path, 1_700_000_000);
+        }
+    }
+    c.extra_env[0] = vec![("SHOAL_FAULT_CORRUPT_CHUNKS".into(), "1".into())];
+    // First only the corrupt peer is up: node 2 must refuse everything it sends.
+    c.start(0);
+    c.start(2);
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while c.total(2, "rejected_chunks") == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        c.total(2, "rejected_chunks") > 0,
+        "node 2 never met a corrupt chunk"
+    );
+    assert!(c.log(2).contains("wrong bytes"));
+    assert!(
+        names(&c.vol(2)).is_empty(),
+        "corrupt data became visible: {:?}",
+        names(&c.vol(2))
+    );
+    // Then an honest peer appears, and the files are completed from it.
+    c.start(1);
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+}
+
+#[test]
+fn entries_with_names_that_leave_the_volume_are_rejected() {
+    let mut c = Cluster::new(2);
+    write_file(&c.vol(0).join("innocent.txt"), b"x");
+    write_file(&c.vol(0).join("another"), b"y");
+    c.extra_env[0] = vec![("SHOAL_FAULT_HOSTILE_NAMES".into(), "1".into())];
+    c.start_all();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !c.log(1).contains("malformed") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(c.log(1).contains("malformed"), "{}", c.log(1));
+    assert!(names(&c.vol(1)).is_empty(), "{:?}", names(&c.vol(1)));
+    assert!(
+        !c.dir.path().join("node1/etc/passwd").exists()
+            && !c.dir.path().join("etc/passwd").exists()
+    );
+    assert!(c.status(1).is_some(), "the victim must keep running");
+}
+
+#[test]
+fn nodes_seeded_with_the_same_files_agree_on_history_and_later_edits_do_not_conflict() {
+    let mut c = Cluster::new(2);
+    for i in 0..2 {
+        write_file(
+            &c.vol(i).join("seeded.txt"),
+            b"restored from the same backup",
+        );
+        set_mtime(&c.vol(i).join("seeded.txt"), 1_650_000_000);
+    }
+    c.start_all();
+    // Same content, different histories: the versions hashes differ until they merge.
+    c.wait_converged(&[0, 1], CONVERGE);
+    let deadline = std::time::Instant::now() + CONVERGE;
+    while c.status(0).map(|s| s["volumes"][0].clone())
+        != c.status(1).map(|s| s["volumes"][0].clone())
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    write_file(&c.vol(0).join("seeded.txt"), b"edited after the seed");
+    c.wait_converged(&[0, 1], CONVERGE);
+    assert_eq!(
+        fs::read(c.vol(1).join("seeded.txt")).unwrap(),
+        b"edited after the seed"
+    );
+    assert_eq!(
+        names(&c.vol(1)),
+        ["seeded.txt"],
+        "a spurious conflict copy appeared"
+    );
+    assert_eq!(c.total(0, "conflicts") + c.total(1, "conflicts"), 0);
+}
