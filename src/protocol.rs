@@ -31,6 +31,8 @@ pub const MAX_CHUNK_FRAME: usize = fastcdc::v2020::MAXIMUM_MAX as usize + 64;
 pub const MAX_ENTRIES_PER_RESPONSE: usize = 4096;
 /// Bytes of encoded entries in one `Entries` response.
 pub const MAX_ENTRIES_BYTES: usize = 2 << 20;
+/// Files with at most this many chunks have their chunk list sent inline in `Entries`.
+pub const MAX_INLINE_CHUNKS: usize = 16;
 /// Chunk ids in one `GetChunks` request.
 pub const MAX_CHUNKS_PER_REQUEST: usize = 64;
 /// Volumes a node may announce.
@@ -114,6 +116,8 @@ pub struct WireEntry {
     /// The child's sync hash (content and histories, [`TreeNode::sync_hash`]) when it
     /// is a live directory.
     pub subtree: Option<TreeHash>,
+    /// A small file's chunk list, sent inline to save a request per file.
+    pub chunks: Option<Vec<ChunkRef>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -400,6 +404,15 @@ impl Response {
                     let encoded = codec::encode_entry(&e.entry);
                     out.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
                     out.extend_from_slice(&encoded);
+                    match &e.chunks {
+                        Some(chunks) => {
+                            out.push(1);
+                            let list = codec::encode_chunk_list(chunks);
+                            out.extend_from_slice(&(list.len() as u32).to_le_bytes());
+                            out.extend_from_slice(&list);
+                        }
+                        None => out.push(0),
+                    }
                 }
                 kind::ENTRIES
             }
@@ -462,10 +475,25 @@ impl Response {
                     };
                     let len = r.u32("entry length")? as usize;
                     let entry = codec::decode_entry(r.take(len, "entry")?)?;
+                    let chunks = match read_flag(&mut r, "chunk list flag")? {
+                        false => None,
+                        true => {
+                            let len = r.u32("chunk list length")? as usize;
+                            let list = codec::decode_chunk_list(r.take(len, "chunk list")?)?;
+                            if list.len() > MAX_INLINE_CHUNKS {
+                                return Err(ProtocolError::Malformed(format!(
+                                    "inline chunk list of {} chunks",
+                                    list.len()
+                                )));
+                            }
+                            Some(list)
+                        }
+                    };
                     entries.push(WireEntry {
                         name,
                         entry,
                         subtree,
+                        chunks,
                     });
                 }
                 Response::Entries { entries, more }
@@ -638,6 +666,7 @@ mod tests {
                     name: bad.to_vec(),
                     entry: entry.clone(),
                     subtree: None,
+                    chunks: None,
                 }],
                 more: false,
             };
@@ -667,6 +696,10 @@ mod tests {
                     name: b"n".to_vec(),
                     entry,
                     subtree: Some(TreeHash([7; 32])),
+                    chunks: Some(vec![ChunkRef {
+                        id: ChunkId([8; 32]),
+                        len: 3,
+                    }]),
                 }],
                 more: true,
             },

@@ -209,8 +209,8 @@ pub fn update(store: &Store, vol: VolumeId) -> Result<TreeNode, StoreError> {
             None
         };
         batch.clear_dirty(vol, &dir);
-        let changed =
-            old.as_ref().map(|n| (n.hash, n.totals)) != new.as_ref().map(|n| (n.hash, n.totals));
+        let summary = |n: &TreeNode| (n.hash, n.versions, n.totals);
+        let changed = old.as_ref().map(summary) != new.as_ref().map(summary);
         if let Some(parent) = dir.parent().filter(|_| changed) {
             batch.mark_dirty(vol, &parent);
             pending.insert((Reverse(parent.depth()), parent));

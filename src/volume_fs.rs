@@ -55,6 +55,8 @@ pub struct VolumeFs {
 pub struct Staged {
     pub file: File,
     pub temp_name: String,
+    /// The staging file was there already: an interrupted transfer to resume.
+    pub resumed: bool,
 }
 
 impl VolumeFs {
@@ -186,11 +188,19 @@ impl VolumeFs {
         )
         .map_err(io_err(&temp_name))?;
         let file = File::from(fd);
-        file.set_len(size).map_err(|source| FsError::Io {
+        let io = |source| FsError::Io {
             path: temp_name.clone(),
             source,
-        })?;
-        Ok(Staged { file, temp_name })
+        };
+        let resumed = file.metadata().map_err(io)?.len() == size && size > 0;
+        // Staging files hold what we write, whatever mode the content will have.
+        rustix::fs::fchmod(&file, Mode::from_raw_mode(0o600)).map_err(io_err(&temp_name))?;
+        file.set_len(size).map_err(io)?;
+        Ok(Staged {
+            file,
+            temp_name,
+            resumed,
+        })
     }
 
     /// Creates a symlink in staging, ready to be renamed into place.

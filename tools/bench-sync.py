@@ -76,12 +76,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 1 << 20
 GIB = 1 << 30
 
-SCENARIOS = {
+SCENARIOS = {  # in the order of the report
     "initial-media": "initial sync of `media`, A full, B empty",
+    "initial-small": "initial sync of `small`, A full, B empty",
     "insert": "1-byte insert in the middle of the largest media file (already synced)",
     "append": "append 1 MiB to a media file",
     "rename": "rename the directory holding the media set",
-    "initial-small": "initial sync of `small`, A full, B empty",
     "delete": "delete 1,000 files of the small set",
 }
 # Scenarios sharing one data set run in this order on one pair of trees per tool.
@@ -570,8 +570,6 @@ def wait_converged(meter, verify, done, timeout, procs=()):
 
 
 class Tool:
-    own_counter_note = None
-
     def __init__(self, name, work, args):
         self.name, self.args = name, args
         self.dir = work
@@ -595,8 +593,6 @@ class Tool:
 
 
 class ShoalTool(Tool):
-    own_counter_note = "Shoal's own counter (chunk payload received by B, no protocol overhead)"
-
     def setup(self):
         self.binary = self.args.shoal
         help_out = subprocess.run([self.binary, "serve", "--help"], capture_output=True, text=True)
@@ -621,7 +617,7 @@ class ShoalTool(Tool):
                "--state-dir", os.path.join(self.dir, f"state-{side}"), "--volume", "bench",
                "--listen", f"{ip}:{self.quic[side]}", "--peer", f"{other_ip}:{self.quic[other]}",
                "--credentials", self.creds, "--http", f"127.0.0.1:{self.http[side]}", "--heartbeat", "1"]
-        self.procs[side] = (spawn(cmd, log, env=dict(os.environ, SHOAL_LOG="info")), log)
+        self.procs[side] = (spawn(cmd, log, env=dict(os.environ, SHOAL_LOG=os.environ.get("SHOAL_LOG", "info"))), log)
 
     def status(self, side):
         return http_json(f"http://127.0.0.1:{self.http[side]}/status", timeout=2)
@@ -634,12 +630,23 @@ class ShoalTool(Tool):
         meter.start()
         self._start("B")
         self._start("A")
-        procs = list(self.procs.values())
 
         def done():
             a, b = self.roots()
             return a["root"] is not None and a["files"] == files and a["root"] == b["root"]
-        wait_converged(meter, verify, done, self.args.timeout, procs)
+        self._wait(meter, verify, done)
+
+    def _wait(self, meter, verify, done):
+        try:
+            wait_converged(meter, verify, done, self.args.timeout, list(self.procs.values()))
+        except Failure as e:
+            try:
+                a, b = self.roots()
+                state = (f"A root {str(a['root'])[:12]} files {a['files']}, B root {str(b['root'])[:12]} "
+                         f"files {b['files']}")
+            except (OSError, ValueError, KeyError):
+                state = "status unavailable"
+            raise Failure(f"{e} [{state}; B log: {log_tail(self.procs['B'][1])}]") from None
 
     def prepare_change(self):
         self.before = self.roots()[0]["root"]
@@ -650,7 +657,7 @@ class ShoalTool(Tool):
         def done():
             a, b = self.roots()
             return a["root"] is not None and a["root"] != self.before and a["root"] == b["root"]
-        wait_converged(meter, verify, done, self.args.timeout, list(self.procs.values()))
+        self._wait(meter, verify, done)
 
     def reset_peaks(self):
         for proc, _ in self.procs.values():
@@ -668,13 +675,11 @@ class ShoalTool(Tool):
             return None
 
     def teardown(self):
-        for proc, _ in self.procs.values():
+        for proc, _ in getattr(self, "procs", {}).values():
             stop(proc)
 
 
 class RsyncTool(Tool):
-    own_counter_note = "rsync's --stats (total bytes sent + received, application payload)"
-
     def __init__(self, name, work, args, fsync):
         super().__init__(name, work, args)
         self.fsync = fsync
@@ -716,6 +721,10 @@ class RsyncTool(Tool):
                     os.kill(pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
+            try:
+                daemon.wait(timeout=15)  # /usr/bin/time writes its report once rsync is gone
+            except subprocess.TimeoutExpired:
+                pass
             stop(daemon)
         self.last_peaks = {"A": time_v_maxrss(client_time), "B": time_v_maxrss(daemon_time)}
         reason = verify()
@@ -781,7 +790,6 @@ class UnisonTool(Tool):
 
 
 class SyncthingTool(Tool):
-    own_counter_note = "Syncthing's own counter (A's connection bytes in + out, TLS payload)"
     FOLDER = "bench"
 
     def setup(self):
@@ -798,7 +806,8 @@ class SyncthingTool(Tool):
             self._configure(os.path.join(home, "config.xml"), gui, f"tcp://{ip}:{listen}")
             self.side[side] = {"home": home, "gui": gui, "listen": listen, "ip": ip,
                                "id": device.group(1) if device else self._device_id(home)}
-        env = dict(os.environ, STNODEFAULTFOLDER="1", STNOUPGRADE="1", HOME=self.dir)
+        # STMONITORED: run Syncthing itself, without the monitor process in front of it
+        env = dict(os.environ, STNODEFAULTFOLDER="1", STNOUPGRADE="1", STMONITORED="1", HOME=self.dir)
         for side, s in self.side.items():
             log = os.path.join(self.dir, f"syncthing-{side}.log")
             s["proc"] = spawn(["syncthing", "serve", f"--home={s['home']}", "--no-browser", "--no-restart"], log, env=env)
@@ -901,7 +910,7 @@ class SyncthingTool(Tool):
             return None
 
     def teardown(self):
-        for s in self.side.values():
+        for s in getattr(self, "side", {}).values():
             stop(s.get("proc"))
 
 
@@ -929,6 +938,7 @@ def run_group(group, scenarios, tools, args, run_dir, wire, results, description
         print(f"[{group}] {name} ...", file=sys.stderr, flush=True)
         tool = make_tool(name, os.path.join(run_dir, f"{name}-{group}"), args)
         pending = [s for s in GROUPS[group] if s in scenarios]
+        step = "setup"
         try:
             try:
                 proto, ports = tool.setup()
@@ -936,12 +946,13 @@ def run_group(group, scenarios, tools, args, run_dir, wire, results, description
                 subprocess.run(["cp", "-a", source, os.path.join(tool.a, group)], check=True)
                 os.sync()
             except (Failure, OSError, subprocess.CalledProcessError, urllib.error.URLError) as e:
-                raise Failure(f"setup: {e}") from e
+                raise Failure(str(e)) from e
             hasher = Hasher()
             verify = lambda: compare_trees(tool.a, tool.b, hasher)  # noqa: E731
             for scenario in GROUPS[group]:
                 if scenario not in scenarios and not scenario.startswith("initial-"):
                     continue
+                step = scenario
                 meter = Meter(wire, f"{name}-{group}", tool.own_bytes)
                 if scenario.startswith("initial-"):
                     tool.reset_peaks()
@@ -959,6 +970,8 @@ def run_group(group, scenarios, tools, args, run_dir, wire, results, description
                     print(f"  {scenario}: {meter.wall():.2f} s", file=sys.stderr, flush=True)
         except (Failure, OSError, ValueError, KeyError, subprocess.SubprocessError) as e:
             reason = str(e) or type(e).__name__
+            if not pending or step != pending[0]:
+                reason = f"{step}: {reason}"
             print(f"  failed: {reason}", file=sys.stderr, flush=True)
             for i, scenario in enumerate(pending):
                 results[scenario][name] = {"failed": reason if i == 0 else f"not run ({pending[0]} failed)"}
@@ -966,7 +979,8 @@ def run_group(group, scenarios, tools, args, run_dir, wire, results, description
             try:
                 tool.teardown()
             finally:
-                shutil.rmtree(tool.dir, ignore_errors=True)
+                if not args.keep_work:
+                    shutil.rmtree(tool.dir, ignore_errors=True)
 
 
 def human(n):
@@ -980,9 +994,9 @@ def human(n):
 
 def render(results, descriptions, tools, scenarios, header, notes, wire_method):
     lines = header + [""]
-    for scenario in [s for g in GROUPS.values() for s in g if s in scenarios]:
+    for scenario in scenarios:
         detail = descriptions.get(scenario, "")
-        lines += [f"### {scenario}: {SCENARIOS[scenario]}" + (f" ({detail})" if detail else ""), ""]
+        lines += [f"### {scenario}: {SCENARIOS[scenario]}", ""] + ([f"_{detail}_", ""] if detail else [])
         lines += ["| tool | wall s | wire bytes | peak RSS | tool's own byte count |", "|---|---:|---:|---|---:|"]
         for name in tools:
             row = results[scenario].get(name)
@@ -1030,7 +1044,7 @@ def main():
     parser.add_argument("--tools", default=",".join(TOOLS))
     parser.add_argument("--scale", type=float, default=1.0, help="shrink the data sets, e.g. 0.05")
     parser.add_argument("--out", help="also write the report to this file")
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds per tool and scenario")
+    parser.add_argument("--timeout", type=float, help="seconds per tool and scenario (default 120 + 1800 x scale)")
     parser.add_argument("--shoal", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", "/var/cache/shoal/target"),
                                                         "release", "shoal"))
     parser.add_argument("--keep-work", action="store_true", help="keep the run directory (debugging)")
@@ -1038,6 +1052,8 @@ def main():
     args = parser.parse_args()
     scenarios = parse_list(args.only, list(SCENARIOS), "scenario") if args.only else list(SCENARIOS)
     tools = parse_list([args.tools], TOOLS, "tool")
+    if args.timeout is None:
+        args.timeout = 120 + 1800 * args.scale
     if os.geteuid() != 0:
         sys.exit("bench-sync: run as root (firewall counters, rsync daemon as root)")
     if not args.no_setup:
@@ -1067,9 +1083,14 @@ def main():
     ]
     results = {s: {} for s in scenarios}
     descriptions = {}
-    for group, members in GROUPS.items():
-        if any(s in scenarios for s in members):
-            run_group(group, scenarios, tools, args, run_dir, wire, results, descriptions)
+    interrupted = None
+    try:
+        for group, members in GROUPS.items():
+            if any(s in scenarios for s in members):
+                run_group(group, scenarios, tools, args, run_dir, wire, results, descriptions)
+    except (KeyboardInterrupt, SystemExit) as e:  # still report what was measured
+        interrupted = e
+        header.append("**Interrupted: the tables are incomplete.**")
     for group in GROUPS:
         key = f"initial-{group}"
         if key in descriptions and key in scenarios:
@@ -1100,6 +1121,8 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             f.write(report)
+    if interrupted is not None:
+        raise interrupted
 
 
 if __name__ == "__main__":

@@ -35,10 +35,10 @@ use crate::protocol::{MAX_CHUNKS_PER_REQUEST, Request, Response, WireEntry};
 use crate::store::codec::TreeNode;
 use crate::volume_fs::{Staged, finish_staged, stamp_of_stat};
 
-/// Files assembled at once, and chunk requests in flight per file (together well under
-/// the transport's stream limit).
+/// Files prepared at once (each may ask for its chunk list), and chunk requests in
+/// flight (together well under the transport's stream limit).
 const FILE_CONCURRENCY: usize = 32;
-const REQUESTS_PER_FILE: usize = 4;
+const REQUESTS_IN_FLIGHT: usize = 16;
 /// Files made durable and visible together.
 const PUBLISH_BATCH: usize = 256;
 /// Deletes held back until the end of a round (so moved content can be reused); past
@@ -60,6 +60,15 @@ impl PullReport {
     }
 }
 
+/// What the peer told us beside an entry.
+#[derive(Clone, Default)]
+struct Hints {
+    /// A directory's sync hash.
+    subtree: Option<crate::ids::TreeHash>,
+    /// A small file's chunk list, sent inline.
+    chunks: Option<Vec<ChunkRef>>,
+}
+
 /// A file to fetch and publish under `dir/name`.
 struct FileJob {
     dir: VolPath,
@@ -69,6 +78,8 @@ struct FileJob {
     source_path: VolPath,
     /// The local entry being replaced, if any (checked unchanged before replacing).
     replaces: Option<Entry>,
+    /// The chunk list, when the peer sent it inline.
+    chunks: Option<Vec<ChunkRef>>,
 }
 
 struct ReadyFile {
@@ -94,6 +105,7 @@ pub async fn pull_volume(
         handle,
         volume_index,
         deferred: Vec::new(),
+        files: Vec::new(),
         report: PullReport::default(),
     };
     let Some(remote_root) = pull.get_dir(&VolPath::root()).await? else {
@@ -107,6 +119,8 @@ pub async fn pull_volume(
     while let Some((dir, remote)) = pending.pop() {
         pull.sync_dir(&dir, remote, &mut pending).await?;
     }
+    let files = std::mem::take(&mut pull.files);
+    pull.take_files(files).await?;
     pull.apply_deletes()?;
     crate::tree::update(&node.store, volume.id)?;
     Ok(pull.report)
@@ -119,6 +133,8 @@ struct Pull {
     volume_index: usize,
     /// (parent, name, remote tombstone) to apply at the end of the round.
     deferred: Vec<(VolPath, Vec<u8>, Entry)>,
+    /// Files decided on but not yet fetched (taken in batches across directories).
+    files: Vec<FileJob>,
     report: PullReport,
 }
 
@@ -225,14 +241,20 @@ impl Pull {
             }
             None => ranges.push((Vec::new(), None)),
         }
-        let mut files = Vec::new();
+        let mut files = std::mem::take(&mut self.files);
         for (start, end) in ranges {
             for remote_entry in self.get_entries(dir, &start, end.as_deref()).await? {
                 self.reconcile(dir, remote_entry, &mut files, pending)
                     .await?;
             }
         }
-        self.take_files(files).await
+        // Files of many small directories travel together: one publish batch for all.
+        if files.len() >= PUBLISH_BATCH {
+            self.take_files(files).await
+        } else {
+            self.files = files;
+            Ok(())
+        }
     }
 
     async fn reconcile(
@@ -247,7 +269,9 @@ impl Pull {
             name,
             entry: remote,
             subtree,
+            chunks,
         } = wire;
+        let hints = Hints { subtree, chunks };
         let path = dir
             .join(&name)
             .map_err(|e| SyncError::Refused(e.to_string()))?;
@@ -265,7 +289,7 @@ impl Pull {
                 .store
                 .tree_node(vol, &path)?
                 .map(|n| n.sync_hash());
-            if subtree.is_some() && subtree != local_hash {
+            if hints.subtree.is_some() && hints.subtree != local_hash {
                 let node = self.get_dir(&path).await?;
                 pending.push((path.clone(), node));
             }
@@ -278,7 +302,7 @@ impl Pull {
                 batch.mark_dirty(vol, dir);
                 self.node.store.write(batch, false)?;
             } else {
-                self.take(dir, &name, remote, None, subtree, files, pending)
+                self.take(dir, &name, remote, None, &hints, files, pending)
                     .await?;
             }
             return Ok(());
@@ -300,7 +324,7 @@ impl Pull {
                     // The directory must empty before the file can take its place.
                     pending.push((path, None));
                 }
-                self.take(dir, &name, remote, Some(local), subtree, files, pending)
+                self.take(dir, &name, remote, Some(local), &hints, files, pending)
                     .await
             }
             Causality::Concurrent if remote.same_state(&local) => {
@@ -311,7 +335,7 @@ impl Pull {
                 self.record_version(dir, &name, merged)
             }
             Causality::Concurrent => {
-                self.conflict(dir, &name, remote, local, subtree, files, pending)
+                self.conflict(dir, &name, remote, local, &hints, files, pending)
                     .await
             }
         }
@@ -373,7 +397,7 @@ impl Pull {
         name: &[u8],
         remote: Entry,
         replaces: Option<Entry>,
-        subtree: Option<crate::ids::TreeHash>,
+        hints: &Hints,
         files: &mut Vec<FileJob>,
         pending: &mut Vec<(VolPath, Option<TreeNode>)>,
     ) -> Result<(), SyncError> {
@@ -389,6 +413,7 @@ impl Pull {
                     entry: remote,
                     source_path: path,
                     replaces,
+                    chunks: hints.chunks.clone(),
                 });
                 Ok(())
             }
@@ -415,7 +440,7 @@ impl Pull {
                 batch.mark_dirty(vol, &path);
                 self.node.store.write(batch, false)?;
                 self.report.applied += 1;
-                if subtree.is_some() && replaces.as_ref().is_none_or(|o| !o.is_dir()) {
+                if hints.subtree.is_some() && replaces.as_ref().is_none_or(|o| !o.is_dir()) {
                     let node = self.get_dir(&path).await?;
                     pending.push((path, node));
                 }
@@ -472,7 +497,7 @@ impl Pull {
         name: &[u8],
         remote: Entry,
         local: Entry,
-        subtree: Option<crate::ids::TreeHash>,
+        hints: &Hints,
         files: &mut Vec<FileJob>,
         pending: &mut Vec<(VolPath, Option<TreeNode>)>,
     ) -> Result<(), SyncError> {
@@ -541,7 +566,7 @@ impl Pull {
             } else {
                 Some(local)
             };
-            self.take(dir, name, winner, replaced, subtree, files, pending)
+            self.take(dir, name, winner, replaced, hints, files, pending)
                 .await
         } else {
             if !remote.is_tombstone() && !both_dirs {
@@ -558,6 +583,7 @@ impl Pull {
                         entry: remote.clone(),
                         source_path,
                         replaces: None,
+                        chunks: hints.chunks.clone(),
                     }),
                     _ => {
                         let (copy_dir, copy) =
@@ -567,7 +593,7 @@ impl Pull {
                             copy,
                             remote.clone(),
                             None,
-                            None,
+                            &Hints::default(),
                             files,
                             pending,
                         ))
@@ -612,43 +638,99 @@ impl Pull {
         Ok(())
     }
 
-    /// Fetches and assembles files, `FILE_CONCURRENCY` at a time, and publishes them in
-    /// batches of up to `PUBLISH_BATCH` (one `syncfs` and one durable index write each).
+    /// Takes files in batches of up to `PUBLISH_BATCH`: prepares them (`FILE_CONCURRENCY`
+    /// at a time), fetches the chunks the whole batch still lacks in shared requests,
+    /// then publishes the batch (one `syncfs`, one durable index write).
     async fn take_files(&mut self, files: Vec<FileJob>) -> Result<(), SyncError> {
         let mut jobs = files.into_iter().peekable();
-        let mut set = JoinSet::new();
-        let mut ready = Vec::new();
-        loop {
-            while set.len() < FILE_CONCURRENCY && ready.len() + set.len() < PUBLISH_BATCH {
-                let Some(job) = jobs.next() else { break };
-                let (node, peer, handle, index) = (
-                    self.node.clone(),
-                    self.peer.clone(),
-                    self.handle.clone(),
-                    self.volume_index,
-                );
-                set.spawn(async move { assemble(node, peer, handle, index, job).await });
-            }
-            match set.join_next().await {
-                Some(Ok(Ok(Some(file)))) => ready.push(file),
-                Some(Ok(Ok(None))) => self.report.skipped += 1,
-                Some(Ok(Err(e))) => {
-                    tracing::warn!(peer = %self.peer.addr, "transfer failed, will retry next round: {e}");
-                    self.report.skipped += 1;
+        while jobs.peek().is_some() {
+            let mut set = JoinSet::new();
+            let mut prepared = Vec::new();
+            let mut started = 0;
+            loop {
+                while set.len() < FILE_CONCURRENCY && started < PUBLISH_BATCH {
+                    let Some(job) = jobs.next() else { break };
+                    started += 1;
+                    let (node, peer, handle, index) = (
+                        self.node.clone(),
+                        self.peer.clone(),
+                        self.handle.clone(),
+                        self.volume_index,
+                    );
+                    set.spawn(async move { prepare(node, peer, handle, index, job).await });
                 }
-                Some(Err(e)) => {
-                    return Err(SyncError::Refused(format!("transfer task failed: {e}")));
+                match set.join_next().await {
+                    Some(Ok(Ok(Some(file)))) => prepared.push(file),
+                    Some(Ok(Ok(None))) => self.report.skipped += 1,
+                    Some(Ok(Err(e))) => {
+                        tracing::warn!(peer = %self.peer.addr, "transfer failed, will retry next round: {e}");
+                        self.report.skipped += 1;
+                    }
+                    Some(Err(e)) => {
+                        return Err(SyncError::Refused(format!("transfer task failed: {e}")));
+                    }
+                    None => break,
                 }
-                None => {}
             }
-            let exhausted = set.is_empty() && jobs.peek().is_none();
-            if ready.len() >= PUBLISH_BATCH || (exhausted && !ready.is_empty()) {
-                self.publish(std::mem::take(&mut ready))?;
-            }
-            if exhausted {
-                return Ok(());
+            let ready = self.fill(prepared).await?;
+            self.publish(ready)?;
+        }
+        Ok(())
+    }
+
+    /// Fetches what the prepared files still lack and finishes them; files left
+    /// incomplete are skipped (and resumed from staging next round).
+    async fn fill(&mut self, prepared: Vec<Prepared>) -> Result<Vec<ReadyFile>, SyncError> {
+        let mut targets = ChunkTargets::default();
+        for file in &prepared {
+            for id in &file.missing {
+                for &offset in &file.offsets[id] {
+                    targets
+                        .places
+                        .entry(*id)
+                        .or_default()
+                        .push((file.file.clone(), offset));
+                }
             }
         }
+        let wanted: Vec<ChunkId> = targets.places.keys().copied().collect();
+        let received = if wanted.is_empty() {
+            HashSet::new()
+        } else {
+            fetch_chunks(
+                &self.node,
+                &self.peer,
+                self.volume_index,
+                wanted,
+                Arc::new(targets),
+            )
+            .await?
+        };
+        let mut ready = Vec::new();
+        for file in prepared {
+            if let Some(id) = file.missing.iter().find(|id| !received.contains(id)) {
+                tracing::warn!(peer = %self.peer.addr, "{}: chunk {id} is held intact by no reachable peer; will retry", escape(&file.job.name));
+                self.report.skipped += 1;
+                continue;
+            }
+            let owner = self
+                .node
+                .sync_ownership
+                .then_some((file.job.entry.uid, file.job.entry.gid));
+            finish_staged(
+                &file.file,
+                file.job.entry.mode,
+                file.job.entry.mtime_ns,
+                owner,
+            )
+            .map_err(|e| SyncError::Refused(format!("staging {}: {e}", escape(&file.job.name))))?;
+            ready.push(ReadyFile {
+                job: file.job,
+                staged: file.staged,
+                chunks: file.chunks,
+            });
+        }
+        Ok(ready)
     }
 
     /// Makes a batch of assembled files durable and visible, then indexes them.
@@ -799,29 +881,42 @@ fn rand_u64() -> u64 {
     crate::ids::NodeId::random().map(|n| n.0).unwrap_or(0)
 }
 
-/// Where fetched chunks go: every offset of the staging file that holds them.
-struct ChunkSink {
-    file: File,
-    at: HashMap<ChunkId, Vec<u64>>,
+/// Every place (staging file, offset) a chunk of the current batch goes.
+#[derive(Default)]
+struct ChunkTargets {
+    places: HashMap<ChunkId, Vec<(Arc<File>, u64)>>,
 }
 
-impl ChunkSink {
+impl ChunkTargets {
     fn write(&self, id: &ChunkId, data: &[u8]) -> std::io::Result<()> {
-        for offset in self.at.get(id).into_iter().flatten() {
-            self.file.write_all_at(data, *offset)?;
+        for (file, offset) in self.places.get(id).into_iter().flatten() {
+            file.write_all_at(data, *offset)?;
         }
         Ok(())
     }
 }
 
-/// Fetches the chunk list and chunks of one file into its staging file.
-async fn assemble(
+/// A file whose staging file exists and holds every chunk we had locally.
+struct Prepared {
+    job: FileJob,
+    staged: Staged,
+    file: Arc<File>,
+    chunks: Vec<ChunkRef>,
+    offsets: HashMap<ChunkId, Vec<u64>>,
+    /// Chunks still to fetch.
+    missing: Vec<ChunkId>,
+}
+
+/// Gets a file's chunk list (inline or from the peer), checks it, and writes into its
+/// staging file every chunk found there already (an interrupted transfer) or held
+/// locally (a rename, a copy, an edit of a few chunks).
+async fn prepare(
     node: Arc<Node>,
     peer: Arc<Peer>,
     mut handle: Handle,
     volume_index: usize,
     job: FileJob,
-) -> Result<Option<ReadyFile>, SyncError> {
+) -> Result<Option<Prepared>, SyncError> {
     let volume = &node.volumes[volume_index];
     let EntryKind::File {
         size,
@@ -831,22 +926,24 @@ async fn assemble(
     else {
         return Ok(None);
     };
-    let chunks = if size == 0 {
-        Vec::new()
-    } else {
-        let req = Request::GetChunkList {
-            volume: volume.name.clone(),
-            path: job.source_path.clone(),
-            content_id: expected,
-        };
-        match request(&mut handle, &req).await? {
-            Response::ChunkList(Some(list)) => list,
-            // The peer's file changed meanwhile: a later round gets the new version.
-            Response::ChunkList(None) => return Ok(None),
-            other => {
-                return Err(SyncError::Refused(format!(
-                    "unexpected answer to GetChunkList: {other:?}"
-                )));
+    let chunks = match (&job.chunks, size) {
+        (_, 0) => Vec::new(),
+        (Some(inline), _) => inline.clone(),
+        (None, _) => {
+            let req = Request::GetChunkList {
+                volume: volume.name.clone(),
+                path: job.source_path.clone(),
+                content_id: expected,
+            };
+            match request(&mut handle, &req).await? {
+                Response::ChunkList(Some(list)) => list,
+                // The peer's file changed meanwhile: a later round gets the new version.
+                Response::ChunkList(None) => return Ok(None),
+                other => {
+                    return Err(SyncError::Refused(format!(
+                        "unexpected answer to GetChunkList: {other:?}"
+                    )));
+                }
             }
         }
     };
@@ -862,60 +959,60 @@ async fn assemble(
         )));
     }
     let staged = volume.fs.stage(&expected, &job.dir, &job.name, size)?;
-    let mut at: HashMap<ChunkId, Vec<u64>> = HashMap::new();
+    let io = |e: std::io::Error| SyncError::Refused(format!("staging {}: {e}", escape(&job.name)));
+    let file = Arc::new(staged.file.try_clone().map_err(io)?);
+    let mut offsets: HashMap<ChunkId, Vec<u64>> = HashMap::new();
     let mut lengths: HashMap<ChunkId, u32> = HashMap::new();
     let mut offset = 0u64;
     for chunk in &chunks {
-        at.entry(chunk.id).or_default().push(offset);
+        offsets.entry(chunk.id).or_default().push(offset);
         lengths.insert(chunk.id, chunk.len);
         offset += u64::from(chunk.len);
     }
-    let io = |e: std::io::Error| SyncError::Refused(format!("staging {}: {e}", escape(&job.name)));
-    let sink = Arc::new(ChunkSink {
-        file: staged.file.try_clone().map_err(io)?,
-        at,
-    });
+    let write = |id: &ChunkId, data: &[u8]| -> std::io::Result<()> {
+        for at in &offsets[id] {
+            file.write_all_at(data, *at)?;
+        }
+        Ok(())
+    };
     let mut missing = Vec::new();
-    for (id, offsets) in &sink.at {
+    for (id, at) in &offsets {
         let mut existing = vec![0u8; lengths[id] as usize];
-        if sink.file.read_exact_at(&mut existing, offsets[0]).is_ok()
+        if staged.resumed
+            && file.read_exact_at(&mut existing, at[0]).is_ok()
             && ChunkId::of(&existing) == *id
         {
-            // Already in staging from an interrupted transfer.
-            if offsets.len() > 1 {
-                sink.write(id, &existing).map_err(io)?;
+            if at.len() > 1 {
+                write(id, &existing).map_err(io)?;
             }
             continue;
         }
         match node.read_local_chunk(id) {
-            Some(data) => sink.write(id, &data).map_err(io)?,
+            Some(data) => write(id, &data).map_err(io)?,
             None => missing.push(*id),
         }
     }
-    if !missing.is_empty() {
-        fetch_chunks(&node, &peer, volume_index, missing, &sink).await?;
-    }
-    let owner = node
-        .sync_ownership
-        .then_some((job.entry.uid, job.entry.gid));
-    finish_staged(&sink.file, job.entry.mode, job.entry.mtime_ns, owner).map_err(io)?;
-    Ok(Some(ReadyFile {
+    Ok(Some(Prepared {
         job,
         staged,
+        file,
         chunks,
+        offsets,
+        missing,
     }))
 }
 
-/// Fetches chunks into `sink` from the peers that share the volume: requests are spread
-/// over them, a chunk one peer lacks is asked of another, and a peer that sends wrong
-/// bytes is not asked again during this transfer.
+/// Fetches chunks into their staging files from the peers that share the volume:
+/// requests are spread over them, a chunk one peer lacks is asked of another, and a peer
+/// that sends wrong bytes is not asked again during this batch. Returns the chunks
+/// received.
 async fn fetch_chunks(
     node: &Arc<Node>,
     source: &Arc<Peer>,
     volume_index: usize,
     ids: Vec<ChunkId>,
-    sink: &Arc<ChunkSink>,
-) -> Result<(), SyncError> {
+    sink: Arc<ChunkTargets>,
+) -> Result<HashSet<ChunkId>, SyncError> {
     let volume = &node.volumes[volume_index].name;
     let mut peers: Vec<Arc<Peer>> = vec![source.clone()];
     peers.extend(
@@ -926,13 +1023,13 @@ async fn fetch_chunks(
     );
     let mut distrusted = vec![false; peers.len()];
     let mut wanted: Vec<ChunkId> = ids;
+    let mut received: HashSet<ChunkId> = HashSet::new();
     for attempt in 0..peers.len() * 2 {
         let trusted: Vec<usize> = (0..peers.len()).filter(|&i| !distrusted[i]).collect();
         if wanted.is_empty() || trusted.is_empty() {
             break;
         }
         let mut set = JoinSet::new();
-        let mut received: HashSet<ChunkId> = HashSet::new();
         for (i, group) in wanted.chunks(MAX_CHUNKS_PER_REQUEST).enumerate() {
             let index = trusted[(i + attempt) % trusted.len()];
             let (peer, group, node, sink) = (
@@ -942,7 +1039,7 @@ async fn fetch_chunks(
                 sink.clone(),
             );
             set.spawn(async move { (index, fetch_group(&node, &peer, &group, &sink).await) });
-            while set.len() >= REQUESTS_PER_FILE {
+            while set.len() >= REQUESTS_IN_FLIGHT {
                 if let Some(done) = set.join_next().await {
                     settle(done, &mut received, &mut distrusted)?;
                 }
@@ -953,13 +1050,7 @@ async fn fetch_chunks(
         }
         wanted.retain(|id| !received.contains(id));
     }
-    if !wanted.is_empty() {
-        return Err(SyncError::Refused(format!(
-            "{} chunks are held intact by no reachable peer",
-            wanted.len()
-        )));
-    }
-    Ok(())
+    Ok(received)
 }
 
 /// What one `GetChunks` request brought.
@@ -993,7 +1084,7 @@ async fn fetch_group(
     node: &Node,
     peer: &Peer,
     ids: &[ChunkId],
-    sink: &ChunkSink,
+    sink: &ChunkTargets,
 ) -> Result<GroupOutcome, SyncError> {
     let mut handle = peer
         .connection()

@@ -14,8 +14,8 @@ use s2n_quic::stream::SendStream;
 use super::Node;
 use crate::ids::NodeId;
 use crate::protocol::{
-    self, MAX_CONTROL_FRAME, MAX_ENTRIES_BYTES, MAX_ENTRIES_PER_RESPONSE, ProtocolError, Request,
-    Response, WireEntry, code,
+    self, MAX_CONTROL_FRAME, MAX_ENTRIES_BYTES, MAX_ENTRIES_PER_RESPONSE, MAX_INLINE_CHUNKS,
+    ProtocolError, Request, Response, WireEntry, code,
 };
 
 /// Serves one incoming connection until it closes.
@@ -76,6 +76,14 @@ async fn serve_stream(
     let Some((kind, body)) = protocol::read_frame(recv, MAX_CONTROL_FRAME).await? else {
         return Ok(());
     };
+    // One request per stream: wait for the requester to finish its side (dropping the
+    // receiving half early would reset the stream under the requester's feet).
+    let mut rest = [0u8; 1];
+    if tokio::io::AsyncReadExt::read(recv, &mut rest).await? != 0 {
+        return Err(ProtocolError::Malformed(
+            "more than one request on a stream".into(),
+        ));
+    }
     let request = Request::decode(kind, &body)?;
     if !matches!(request, Request::Hello(_)) && peer_id.lock().expect("peer id lock").is_none() {
         return Err(ProtocolError::Malformed(
@@ -180,11 +188,23 @@ async fn serve_stream(
                     }
                     false => None,
                 };
-                bytes += name.len() + crate::store::codec::encode_entry(&entry).len() + 48;
+                let chunks = match entry.kind {
+                    crate::entry::EntryKind::File { chunks, .. }
+                        if chunks as usize <= MAX_INLINE_CHUNKS =>
+                    {
+                        node.store.chunk_list(vol, &dir, &name).map_err(internal)?
+                    }
+                    _ => None,
+                };
+                bytes += name.len()
+                    + crate::store::codec::encode_entry(&entry).len()
+                    + chunks.as_ref().map_or(0, |c| c.len() * 36)
+                    + 56;
                 entries.push(WireEntry {
                     name,
                     entry,
                     subtree,
+                    chunks,
                 });
             }
             if node.faults.hostile_names {
