@@ -162,17 +162,16 @@ impl Node {
             if !peer.shares(volume) {
                 continue;
             }
-            if let Some(mut handle) = peer.connection() {
-                if let Err(e) = request(
+            if let Some(mut handle) = peer.connection()
+                && let Err(e) = request(
                     &mut handle,
                     &Request::Notify {
                         volume: volume.to_string(),
                     },
                 )
                 .await
-                {
-                    tracing::debug!(peer = %peer.addr, "notify failed: {e}");
-                }
+            {
+                tracing::debug!(peer = %peer.addr, "notify failed: {e}");
             }
         }
         self.stats

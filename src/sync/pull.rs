@@ -458,11 +458,11 @@ impl Pull {
                     return Ok(());
                 }
                 // A directory cannot be replaced atomically; it goes only when empty.
-                if replaces.as_ref().is_some_and(Entry::is_dir) {
-                    if !self.volume().fs.remove_dir(&dir_fd, name)? {
-                        self.report.skipped += 1;
-                        return Ok(());
-                    }
+                if replaces.as_ref().is_some_and(Entry::is_dir)
+                    && !self.volume().fs.remove_dir(&dir_fd, name)?
+                {
+                    self.report.skipped += 1;
+                    return Ok(());
                 }
                 let temp = self
                     .volume()
@@ -741,64 +741,85 @@ impl Pull {
         let node = self.node.clone();
         let fs = &node.volumes[self.volume_index].fs;
         fs.sync_all()?;
-        let vol = self.volume().id;
         let mut dirs: HashMap<VolPath, OwnedFd> = HashMap::new();
-        let mut batch = self.node.store.batch();
+        let mut batch = node.store.batch();
         let mut published = 0;
         for file in ready {
-            let ReadyFile {
-                job,
-                staged,
-                chunks,
-            } = file;
-            if !dirs.contains_key(&job.dir) {
-                dirs.insert(job.dir.clone(), fs.open_dir(&job.dir, true)?);
+            let name = escape(&file.job.name);
+            match self.publish_one(fs, &mut dirs, &mut batch, file) {
+                Ok(true) => published += 1,
+                Ok(false) => self.report.skipped += 1,
+                // One file that cannot be placed does not hold back the others.
+                Err(e) => {
+                    tracing::warn!("cannot publish {name}: {e}; will retry next round");
+                    self.report.skipped += 1;
+                }
             }
-            let dir_fd = &dirs[&job.dir];
-            if !job.replaces.as_ref().is_some_and(Entry::is_dir)
-                && !self.unchanged_on_disk(dir_fd, &job.dir, &job.name)?
-            {
-                tracing::info!(
-                    "{} changed locally since the last scan; not replacing it",
-                    escape(&job.name)
-                );
-                self.report.skipped += 1;
-                continue;
-            }
-            if job.replaces.as_ref().is_some_and(Entry::is_dir)
-                && !fs.remove_dir(dir_fd, &job.name)?
-            {
-                self.report.skipped += 1;
-                continue;
-            }
-            fs.publish(&staged.temp_name, dir_fd, &job.name)?;
-            // fstat through the still-open descriptor: the stamp of exactly what we wrote.
-            let stat =
-                rustix::fs::fstat(&staged.file).map_err(|e| SyncError::Refused(e.to_string()))?;
-            let old_chunks = match job.replaces.as_ref().map(|o| &o.kind) {
-                Some(EntryKind::File { .. }) => self
-                    .node
-                    .store
-                    .chunk_list(vol, &job.dir, &job.name)?
-                    .unwrap_or_default(),
-                _ => Vec::new(),
-            };
-            batch.put_entry(vol, &job.dir, &job.name, &job.entry);
-            batch.set_chunks(vol, &job.dir, &job.name, &chunks, &old_chunks);
-            batch.put_stamp(vol, &job.dir, &job.name, &stamp_of_stat(&stat));
-            batch.mark_dirty(vol, &job.dir);
-            published += 1;
         }
         for dir_fd in dirs.values() {
             crate::volume_fs::VolumeFs::fsync_dir(dir_fd)?;
         }
-        self.node.store.write(batch, true)?;
+        node.store.write(batch, true)?;
         self.report.applied += published;
-        self.node
-            .stats
+        node.stats
             .files_applied
             .fetch_add(published, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Renames one assembled file into place and records it in `batch`; `false` if it
+    /// had to be left alone (something local is in the way).
+    fn publish_one(
+        &self,
+        fs: &crate::volume_fs::VolumeFs,
+        dirs: &mut HashMap<VolPath, OwnedFd>,
+        batch: &mut crate::store::Batch<'_>,
+        file: ReadyFile,
+    ) -> Result<bool, SyncError> {
+        let ReadyFile {
+            job,
+            staged,
+            chunks,
+        } = file;
+        let vol = self.volume().id;
+        if !dirs.contains_key(&job.dir) {
+            dirs.insert(job.dir.clone(), fs.open_dir(&job.dir, true)?);
+        }
+        let dir_fd = &dirs[&job.dir];
+        let replaces_dir = job.replaces.as_ref().is_some_and(Entry::is_dir);
+        if replaces_dir {
+            // A directory goes only once it is empty (its children are synced first).
+            if !fs.remove_dir(dir_fd, &job.name)? {
+                return Ok(false);
+            }
+            if let Ok(path) = job.dir.join(&job.name) {
+                batch.delete_tree_node(vol, &path);
+                batch.clear_dirty(vol, &path);
+            }
+        } else if !self.unchanged_on_disk(dir_fd, &job.dir, &job.name)? {
+            tracing::info!(
+                "{} changed locally since the last scan; not replacing it",
+                escape(&job.name)
+            );
+            return Ok(false);
+        }
+        fs.publish(&staged.temp_name, dir_fd, &job.name)?;
+        // fstat through the still-open descriptor: the stamp of exactly what we wrote.
+        let stat =
+            rustix::fs::fstat(&staged.file).map_err(|e| SyncError::Refused(e.to_string()))?;
+        let old_chunks = match job.replaces.as_ref().map(|o| &o.kind) {
+            Some(EntryKind::File { .. }) => self
+                .node
+                .store
+                .chunk_list(vol, &job.dir, &job.name)?
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        batch.put_entry(vol, &job.dir, &job.name, &job.entry);
+        batch.set_chunks(vol, &job.dir, &job.name, &chunks, &old_chunks);
+        batch.put_stamp(vol, &job.dir, &job.name, &stamp_of_stat(&stat));
+        batch.mark_dirty(vol, &job.dir);
+        Ok(true)
     }
 
     /// Applies the deferred deletes, deepest first.
