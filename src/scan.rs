@@ -201,6 +201,31 @@ pub fn scan_volume(
     Ok(report)
 }
 
+/// Forgets the tombstones of `vol` deleted before `cutoff_ns` (ns since the epoch):
+/// after the retention period a delete is taken to have reached every node. A node
+/// offline for longer can bring such a file back; the period is configurable for that.
+pub fn expire_tombstones(store: &Store, vol: VolumeId, cutoff_ns: i64) -> Result<u64, StoreError> {
+    let mut batch = store.batch();
+    let mut expired = 0;
+    for item in store.descendants(vol, &VolPath::root()) {
+        let (dir, name, entry) = item?;
+        if matches!(entry.kind, EntryKind::Tombstone { deleted_at_ns } if deleted_at_ns < cutoff_ns)
+        {
+            batch.delete_entry(vol, &dir, &name);
+            batch.mark_dirty(vol, &dir);
+            expired += 1;
+            if batch.len() >= BATCH_OPS {
+                store.write(std::mem::replace(&mut batch, store.batch()), false)?;
+            }
+        }
+    }
+    store.write(batch, true)?;
+    if expired > 0 {
+        crate::tree::update(store, vol)?;
+    }
+    Ok(expired)
+}
+
 /// The root hash of a volume as last scanned, if it was ever scanned.
 pub fn volume_root(store: &Store, vol: VolumeId) -> Result<Option<TreeHash>, StoreError> {
     Ok(store

@@ -33,7 +33,12 @@ pub struct ServeOptions {
     pub credentials: PathBuf,
     pub http: Option<SocketAddr>,
     pub heartbeat: Duration,
+    /// How long tombstones are kept.
+    pub tombstone_retention: Duration,
 }
+
+/// How often expired tombstones are looked for.
+const TOMBSTONE_SWEEP: Duration = Duration::from_secs(3600);
 
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -127,8 +132,9 @@ pub async fn run(
     }
     {
         let (node, mut stop) = (node.clone(), stop_rx.clone());
-        let heartbeat = options.heartbeat;
+        let (heartbeat, retention) = (options.heartbeat, options.tombstone_retention);
         tasks.spawn(async move {
+            let mut last_sweep: Option<std::time::Instant> = None;
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(heartbeat) => {}
@@ -137,6 +143,12 @@ pub async fn run(
                 for index in 0..node.volumes.len() {
                     if let Err(e) = rescan(&node, index).await {
                         tracing::error!("rescan of {} failed: {e:#}", node.volumes[index].name);
+                    }
+                }
+                if last_sweep.is_none_or(|t| t.elapsed() >= TOMBSTONE_SWEEP) {
+                    last_sweep = Some(std::time::Instant::now());
+                    if let Err(e) = expire_tombstones(&node, retention).await {
+                        tracing::error!("expiring tombstones failed: {e:#}");
                     }
                 }
             }
@@ -169,6 +181,27 @@ pub async fn run(
 }
 
 /// Rescans one volume under its lock; announces local changes to peers.
+/// Forgets tombstones older than the retention period, one volume at a time.
+async fn expire_tombstones(node: &Arc<Node>, retention: Duration) -> anyhow::Result<()> {
+    let cutoff = std::time::SystemTime::now()
+        .checked_sub(retention)
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos() as i64);
+    for index in 0..node.volumes.len() {
+        let volume = &node.volumes[index];
+        let _guard = volume.lock.lock().await;
+        let node2 = node.clone();
+        let expired = tokio::task::spawn_blocking(move || {
+            crate::scan::expire_tombstones(&node2.store, node2.volumes[index].id, cutoff)
+        })
+        .await??;
+        if expired > 0 {
+            tracing::info!(volume = %volume.name, expired, "forgot tombstones past their retention");
+        }
+    }
+    Ok(())
+}
+
 async fn rescan(node: &Arc<Node>, index: usize) -> anyhow::Result<()> {
     let volume = &node.volumes[index];
     let report = {

@@ -3,7 +3,7 @@
 
     tools/bench-sync.py [--dir /var/tmp/shoal-bench/sync] [--only SCENARIO[,...]]
                         [--tools shoal,rsync,rsync-fsync,unison,syncthing]
-                        [--scale F] [--out FILE] [--timeout S] [--keep-work]
+                        [--scale F] [--out FILE] [--timeout S] [--keep-work] [--no-setup]
 
 Two "nodes" on one machine, over loopback: node A on 127.0.0.1 holds the source tree,
 node B on 127.0.0.2 the replica. Every tool gets its own fresh pair of directories.
@@ -44,7 +44,11 @@ How each tool is driven:
                from the POST /rest/db/scan on A; done when A sees B 100 % complete and
                both folders are idle.
 
-Also measured: the disk's own write+fsync rate, the physical limit for the initial syncs.
+Also measured: the disk's own write+fsync rate (1 GiB, or scale x 1 GiB but at least
+128 MiB, written then fsynced in DIR), the physical limit: each initial sync shows its
+data size / that rate as the "disk floor". --timeout bounds every wait (default
+120 s + 1800 s x scale per tool and scenario); a tool that fails or times out gets
+"failed: reason" in its row and the run goes on with the next tool.
 
 Data comes from tools/gen-data.py: full-scale sets are taken from (or generated into)
 /var/tmp/shoal-bench/data (--data); with --scale F they are generated into

@@ -291,6 +291,7 @@ pub fn serve(
     credentials: std::path::PathBuf,
     http: &str,
     heartbeat: u64,
+    tombstone_days: u64,
 ) -> anyhow::Result<Outcome> {
     let http = match http {
         "off" | "" => None,
@@ -316,6 +317,7 @@ pub fn serve(
         credentials,
         http,
         heartbeat: Duration::from_secs(heartbeat),
+        tombstone_retention: Duration::from_secs(tombstone_days.saturating_mul(86_400)),
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(crate::serve::run(options, shutdown_signal()))?;

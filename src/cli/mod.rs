@@ -115,6 +115,15 @@ struct ServeArgs {
     /// Chunk sizes MIN/AVG/MAX for a new store.
     #[arg(long, env = "SHOAL_CHUNK_SIZES", value_name = "MIN/AVG/MAX")]
     chunk_sizes: Option<String>,
+
+    /// Days a delete is remembered (a node offline for longer could bring the file back).
+    #[arg(
+        long,
+        env = "SHOAL_TOMBSTONE_DAYS",
+        value_name = "DAYS",
+        default_value_t = 30
+    )]
+    tombstone_days: u64,
 }
 
 /// Where the volumes and the store are.
@@ -267,6 +276,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 args.credentials,
                 &args.http,
                 args.heartbeat,
+                args.tombstone_days,
             )
         }
         Command::Cluster(ClusterCommand::Init { out }) => commands::cluster_init(&out),

@@ -234,3 +234,45 @@ fn an_emptied_volume_is_forgotten_not_turned_into_tombstones() {
         "tombstones would delete these files on every peer"
     );
 }
+
+#[test]
+fn tombstones_are_forgotten_after_their_retention() {
+    let fx = Fixture::new();
+    fx.write("gone.txt", b"x");
+    fx.write("kept.txt", b"y");
+    fx.scan();
+    fs::remove_file(fx.path("gone.txt")).unwrap();
+    let before = fx.scan().root;
+    let store = fx.open();
+    let vol = VolumeId(store.volume("vol").unwrap().unwrap().id);
+    assert_eq!(
+        shoal::scan::expire_tombstones(&store, vol, 0).unwrap(),
+        0,
+        "a fresh tombstone was expired"
+    );
+    assert!(
+        store
+            .entry(vol, &VolPath::root(), b"gone.txt")
+            .unwrap()
+            .unwrap()
+            .is_tombstone()
+    );
+    assert_eq!(
+        shoal::scan::expire_tombstones(&store, vol, i64::MAX).unwrap(),
+        1
+    );
+    assert!(
+        store
+            .entry(vol, &VolPath::root(), b"gone.txt")
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        shoal::scan::volume_root(&store, vol)
+            .unwrap()
+            .unwrap()
+            .to_hex(),
+        before,
+        "content root changed"
+    );
+}
