@@ -32,7 +32,7 @@ use crate::entry::{Causality, Entry, EntryKind};
 use crate::ids::ChunkId;
 use crate::pathname::{VolPath, escape};
 use crate::protocol::{MAX_CHUNKS_PER_REQUEST, Request, Response, WireEntry};
-use crate::store::codec::TreeNode;
+use crate::store::codec::{PageSummary, TreeNode};
 use crate::volume_fs::{Staged, finish_staged, stamp_of_stat};
 
 /// Files prepared at once (each may ask for its chunk list), and chunk requests in
@@ -222,22 +222,12 @@ impl Pull {
                 ranges.push((Vec::new(), None))
             }
             Some(remote) => {
-                let have: HashSet<_> = local
-                    .iter()
-                    .flat_map(|n| n.pages.iter().map(|p| (p.first_name.clone(), p.hash)))
-                    .collect();
-                for (i, page) in remote.pages.iter().enumerate() {
-                    if have.contains(&(page.first_name.clone(), page.hash)) {
-                        continue;
-                    }
-                    let start = if i == 0 {
-                        Vec::new()
-                    } else {
-                        page.first_name.clone()
-                    };
-                    let end = remote.pages.get(i + 1).map(|p| p.first_name.clone());
-                    ranges.push((start, end));
-                }
+                // A name range differs if either side has a page there the other lacks;
+                // the peer's tombstones may sit in a range only our pages mark.
+                let local_pages = local.as_ref().map_or(&[][..], |n| &n.pages[..]);
+                ranges.extend(differing_ranges(&remote.pages, local_pages));
+                ranges.extend(differing_ranges(local_pages, &remote.pages));
+                ranges = merge_ranges(ranges);
             }
             None => ranges.push((Vec::new(), None)),
         }
@@ -872,6 +862,45 @@ impl Pull {
     }
 }
 
+/// The name ranges of the pages of `ours` that `theirs` does not have (same first name
+/// and hash). The first page's range starts at the empty name.
+fn differing_ranges(
+    ours: &[PageSummary],
+    theirs: &[PageSummary],
+) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    let have: HashSet<(&[u8], crate::ids::TreeHash)> =
+        theirs.iter().map(|p| (&p.first_name[..], p.hash)).collect();
+    (0..ours.len())
+        .filter(|&i| !have.contains(&(&ours[i].first_name[..], ours[i].hash)))
+        .map(|i| {
+            let start = if i == 0 {
+                Vec::new()
+            } else {
+                ours[i].first_name.clone()
+            };
+            (start, ours.get(i + 1).map(|p| p.first_name.clone()))
+        })
+        .collect()
+}
+
+/// Sorts name ranges and merges those that overlap or touch (`None` ends at the end).
+fn merge_ranges(mut ranges: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    ranges.sort();
+    let mut merged: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+    for (start, end) in ranges {
+        match merged.last_mut() {
+            Some((_, last_end)) if last_end.as_ref().is_none_or(|e| *e >= start) => {
+                *last_end = match (last_end.take(), end) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    _ => None,
+                };
+            }
+            _ => merged.push((start, end)),
+        }
+    }
+    merged
+}
+
 /// Whether a symlink at `dir` with `target` stays inside the volume: a relative target
 /// made of leading `..` components that do not climb above the root, then plain names.
 /// (A `..` after a name is refused: the name could itself be a symlink, and chains of
@@ -1157,6 +1186,32 @@ async fn fetch_group(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_cover_pages_missing_on_either_side_and_merge() {
+        let page = |first: &str, h: u8| PageSummary {
+            first_name: first.as_bytes().to_vec(),
+            entries: 1,
+            hash: crate::ids::TreeHash([h; 32]),
+        };
+        // We have an extra first page (a name the peer deleted was a boundary).
+        let ours = [page("a", 1), page("m", 2)];
+        let theirs = [page("m", 2)];
+        assert_eq!(differing_ranges(&theirs, &ours), vec![]);
+        assert_eq!(
+            differing_ranges(&ours, &theirs),
+            vec![(vec![], Some(b"m".to_vec()))]
+        );
+        let merged = merge_ranges(vec![
+            (b"k".to_vec(), None),
+            (vec![], Some(b"c".to_vec())),
+            (b"b".to_vec(), Some(b"d".to_vec())),
+        ]);
+        assert_eq!(
+            merged,
+            vec![(vec![], Some(b"d".to_vec())), (b"k".to_vec(), None)]
+        );
+    }
 
     #[test]
     fn symlinks_that_leave_the_volume_are_refused() {
