@@ -171,6 +171,17 @@ fn put_bytes16(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
+/// `u8 0`, or `u8 1` followed by the payload (which runs to the end of the frame).
+fn put_optional(out: &mut Vec<u8>, payload: Option<Vec<u8>>) {
+    match payload {
+        Some(payload) => {
+            out.push(1);
+            out.extend_from_slice(&payload);
+        }
+        None => out.push(0),
+    }
+}
+
 fn read_volume(r: &mut Reader<'_>) -> Result<String, ProtocolError> {
     let bytes = r.short_bytes("volume name")?;
     let name = std::str::from_utf8(bytes)
@@ -380,13 +391,7 @@ impl Response {
                 kind::HELLO_REPLY
             }
             Response::Dir(node) => {
-                match node {
-                    Some(node) => {
-                        out.push(1);
-                        out.extend_from_slice(&codec::encode_tree_node(node));
-                    }
-                    None => out.push(0),
-                }
+                put_optional(&mut out, node.as_ref().map(codec::encode_tree_node));
                 kind::DIR
             }
             Response::Entries { entries, more } => {
@@ -417,13 +422,7 @@ impl Response {
                 kind::ENTRIES
             }
             Response::ChunkList(list) => {
-                match list {
-                    Some(list) => {
-                        out.push(1);
-                        out.extend_from_slice(&codec::encode_chunk_list(list));
-                    }
-                    None => out.push(0),
-                }
+                put_optional(&mut out, list.as_deref().map(codec::encode_chunk_list));
                 kind::CHUNK_LIST
             }
             Response::Chunk { id, data } => {

@@ -149,13 +149,7 @@ struct StoreStatus {
 }
 
 pub fn status(settings: &Settings, json: bool) -> anyhow::Result<Outcome> {
-    let store = Store::open(
-        &settings.state_dir,
-        OpenOptions {
-            read_only: true,
-            ..Default::default()
-        },
-    )?;
+    let store = Store::open(&settings.state_dir, OpenOptions::READ_ONLY)?;
     let mut volumes = Vec::new();
     for (name, record) in store.volumes()? {
         if !settings.volumes.is_empty() && !settings.volumes.contains(&name) {
@@ -215,13 +209,7 @@ pub fn status(settings: &Settings, json: bool) -> anyhow::Result<Outcome> {
 }
 
 pub fn verify(settings: &Settings, json: bool) -> anyhow::Result<Outcome> {
-    let store = Store::open(
-        &settings.state_dir,
-        OpenOptions {
-            read_only: true,
-            ..Default::default()
-        },
-    )?;
+    let store = Store::open(&settings.state_dir, OpenOptions::READ_ONLY)?;
     let names: Vec<String> = if settings.volumes.is_empty() {
         store.volumes()?.into_iter().map(|(name, _)| name).collect()
     } else {

@@ -107,6 +107,15 @@ pub struct OpenOptions {
     pub chunk_params: Option<ChunkParams>,
 }
 
+impl OpenOptions {
+    /// For readers (`status`, `verify`): no lock, nothing written, no store created.
+    pub const READ_ONLY: OpenOptions = OpenOptions {
+        create: false,
+        read_only: true,
+        chunk_params: None,
+    };
+}
+
 /// What the store remembers of a volume besides its tree.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VolumeRecord {

@@ -364,7 +364,10 @@ fn nodes_seeded_with_the_same_files_agree_on_history_and_later_edits_do_not_conf
 #[test]
 fn deleting_a_name_that_ends_a_tree_page_reaches_the_peer() {
     // Page boundaries depend on names: find one that ends a page and sorts first.
-    let boundary = (0..100_000).map(|i| format!("a{i}")).find(|n| shoal::tree::is_page_boundary(n.as_bytes())).unwrap();
+    let boundary = (0..100_000)
+        .map(|i| format!("a{i}"))
+        .find(|n| shoal::tree::is_page_boundary(n.as_bytes()))
+        .unwrap();
     let mut c = Cluster::new(2);
     for name in [boundary.as_str(), "b1", "b2"] {
         write_file(&c.vol(0).join("d").join(name), name.as_bytes());
