@@ -3,7 +3,7 @@
 //! Column family names carry a version: a later layout gets new names, and a store of
 //! an older layout is recognised by its format number before anything is touched.
 
-use crate::ids::{ChunkId, HASH_LEN, VolumeId};
+use crate::ids::{ChunkId, ContentId, HASH_LEN, VolumeId};
 use crate::pathname::{InvalidPath, VolPath};
 
 pub const CF_META: &str = "meta-v1";
@@ -13,8 +13,9 @@ pub const CF_CHUNKS: &str = "chunks-v1";
 pub const CF_TREE: &str = "tree-v1";
 pub const CF_SCAN_CACHE: &str = "scancache-v1";
 pub const CF_DIRTY: &str = "dirty-v1";
+pub const CF_CONTENTS: &str = "contents-v1";
 
-pub const ALL_CFS: [&str; 7] = [
+pub const ALL_CFS: [&str; 8] = [
     CF_META,
     CF_ENTRIES,
     CF_CHUNK_LISTS,
@@ -22,6 +23,7 @@ pub const ALL_CFS: [&str; 7] = [
     CF_TREE,
     CF_SCAN_CACHE,
     CF_DIRTY,
+    CF_CONTENTS,
 ];
 
 pub const META_FORMAT: &[u8] = b"format";
@@ -109,6 +111,12 @@ pub fn volume_range(vol: VolumeId) -> (Vec<u8>, Vec<u8>) {
     let start = vol.0.to_be_bytes().to_vec();
     let end = successor(&start);
     (start, end)
+}
+
+/// `content id | entry key`: a live file with that content (to find a chunk list by
+/// content, e.g. for a file renamed on a peer).
+pub fn content_key(content: &ContentId, entry_key: &[u8]) -> Vec<u8> {
+    [&content.as_bytes()[..], entry_key].concat()
 }
 
 /// `chunk id | 0x00 | entry key`: the chunk is in that live file.

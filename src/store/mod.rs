@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chunking::{ChunkParams, ChunkRef};
 use crate::entry::Entry;
-use crate::ids::{ChunkId, NodeId, VolumeId};
+use crate::ids::{ChunkId, ContentId, NodeId, VolumeId};
 use crate::pathname::VolPath;
 use codec::{DecodeError, Extent, ScanStamp, TreeNode};
 use keys::*;
@@ -594,6 +594,28 @@ impl Store {
             .collect()
     }
 
+    /// The chunk list of some live file whose content is `content`, if this node has one
+    /// (so a file renamed or copied elsewhere needs no list from a peer).
+    pub fn chunk_list_by_content(
+        &self,
+        content: &ContentId,
+    ) -> Result<Option<Vec<ChunkRef>>, StoreError> {
+        let start = content.as_bytes().to_vec();
+        let end = successor(&start);
+        for item in self.range(CF_CONTENTS, start, end) {
+            let (key, _) = item?;
+            let entry = &key[crate::ids::HASH_LEN..];
+            if let Some(bytes) = self.get(CF_CHUNK_LISTS, entry)? {
+                let list = codec::decode_chunk_list(&bytes)
+                    .map_err(|e| StoreError::corrupt(CF_CHUNK_LISTS, entry, e))?;
+                if crate::chunking::content_id(&list) == *content {
+                    return Ok(Some(list));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// Every chunk location of the store, in chunk id order.
     pub fn all_chunk_locations(
         &self,
@@ -768,6 +790,15 @@ impl Batch<'_> {
         for chunk in old {
             self.delete(CF_CHUNKS, &live_location_key(&chunk.id, &key));
         }
+        self.delete(
+            CF_CONTENTS,
+            &content_key(&crate::chunking::content_id(old), &key),
+        );
+        self.put(
+            CF_CONTENTS,
+            &content_key(&crate::chunking::content_id(chunks), &key),
+            b"",
+        );
         let mut offset = 0u64;
         for chunk in chunks {
             let extent = codec::encode_extent(Extent {
@@ -786,6 +817,10 @@ impl Batch<'_> {
         for chunk in old {
             self.delete(CF_CHUNKS, &live_location_key(&chunk.id, &key));
         }
+        self.delete(
+            CF_CONTENTS,
+            &content_key(&crate::chunking::content_id(old), &key),
+        );
         self.delete(CF_CHUNK_LISTS, &key);
     }
 

@@ -979,6 +979,8 @@ async fn prepare(
     let chunks = match (&job.chunks, size) {
         (_, 0) => Vec::new(),
         (Some(inline), _) => inline.clone(),
+        // The same content is here already (a rename or a copy on the peer).
+        (None, _) if let Some(local) = node.store.chunk_list_by_content(&expected)? => local,
         (None, _) => {
             let req = Request::GetChunkList {
                 volume: volume.name.clone(),
