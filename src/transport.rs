@@ -24,6 +24,15 @@ pub const ALPN: &[u8] = b"shoal/1";
 /// Streams a peer may have open on one connection (requests in flight).
 const MAX_STREAMS: u64 = 256;
 
+/// Largest IP packet s2n-quic may probe for. Paths that carry jumbo frames (loopback,
+/// some data-center networks) then move several times fewer packets per byte; smaller
+/// paths simply fail the probes and stay at what works.
+const MAX_MTU: u16 = 9000;
+
+fn io(addr: SocketAddr) -> std::io::Result<s2n_quic::provider::io::Default> {
+    s2n_quic::provider::io::Default::builder().with_receive_address(addr)?.with_max_mtu(MAX_MTU)?.build()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     #[error("invalid cluster credentials: {0}")]
@@ -81,7 +90,7 @@ pub fn listen(listen: SocketAddr, credentials: &Credentials) -> Result<Server, T
     Server::builder()
         .with_tls(tls)
         .map_err(|e| listen_err(e.to_string()))?
-        .with_io(listen)
+        .with_io(io(listen).map_err(|e| listen_err(e.to_string()))?)
         .map_err(|e| listen_err(e.to_string()))?
         .with_limits(limits().map_err(listen_err)?)
         .map_err(|e| listen_err(e.to_string()))?
@@ -113,7 +122,7 @@ pub fn client(bind: SocketAddr, credentials: &Credentials) -> Result<Client, Tra
     Client::builder()
         .with_tls(tls)
         .map_err(|e| listen_err(e.to_string()))?
-        .with_io(bind)
+        .with_io(io(bind).map_err(|e| listen_err(e.to_string()))?)
         .map_err(|e| listen_err(e.to_string()))?
         .with_limits(limits().map_err(listen_err)?)
         .map_err(|e| listen_err(e.to_string()))?
