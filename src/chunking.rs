@@ -174,6 +174,47 @@ pub fn content_id(chunks: &[ChunkRef]) -> ContentId {
     ContentId(*hasher.finalize().as_bytes())
 }
 
+/// The BLAKE3 `derive_key` context of chunk-list page hashes.
+const CHUNK_PAGE_CONTEXT: &str = "shoal 2026-11 chunk list page v1";
+
+/// Chunk lists are cut into pages where a chunk id's first byte is a multiple of this
+/// (so pages average this many chunks and depend only on the ids: an edit changes the
+/// page it falls in, not the others), or after [`CHUNK_PAGE_MAX`] chunks.
+pub const CHUNK_PAGE_TARGET: usize = 64;
+pub const CHUNK_PAGE_MAX: usize = 256;
+
+/// One page of a chunk list: where it is in the list and its hash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkListPage {
+    pub range: std::ops::Range<usize>,
+    pub hash: [u8; 32],
+}
+
+/// Cuts a chunk list into pages, so that a peer holding an older version of a large file
+/// can ask for only the pages of the new list that it lacks.
+pub fn chunk_list_pages(chunks: &[ChunkRef]) -> Vec<ChunkListPage> {
+    let mut pages = Vec::new();
+    let mut start = 0;
+    for (i, chunk) in chunks.iter().enumerate() {
+        let len = i + 1 - start;
+        if usize::from(chunk.id.0[0]) % CHUNK_PAGE_TARGET == 0
+            || len >= CHUNK_PAGE_MAX
+            || i + 1 == chunks.len()
+        {
+            let mut hasher = blake3::Hasher::new_derive_key(CHUNK_PAGE_CONTEXT);
+            for c in &chunks[start..=i] {
+                hasher.update(&c.len.to_le_bytes()).update(c.id.as_bytes());
+            }
+            pages.push(ChunkListPage {
+                range: start..i + 1,
+                hash: *hasher.finalize().as_bytes(),
+            });
+            start = i + 1;
+        }
+    }
+    pages
+}
+
 /// A reusable streaming chunker; one per thread (it owns its read buffer).
 pub struct Chunker {
     params: ChunkParams,
@@ -359,6 +400,27 @@ mod tests {
         assert!(empty.chunks.is_empty());
         assert_eq!(empty.size, 0);
         assert_eq!(empty.content_id, content_id(&[]));
+    }
+
+    #[test]
+    fn an_edit_changes_few_chunk_list_pages() {
+        let data = random_bytes(40 * 1024 * 1024, 21);
+        let mut edited = data.clone();
+        edited.insert(data.len() / 2, 1);
+        let before = chunk(ChunkParams::DEFAULT, &data).chunks;
+        let after = chunk(ChunkParams::DEFAULT, &edited).chunks;
+        let old: std::collections::HashSet<_> = chunk_list_pages(&before)
+            .into_iter()
+            .map(|p| p.hash)
+            .collect();
+        let pages = chunk_list_pages(&after);
+        assert!(pages.len() > 5, "{} pages", pages.len());
+        assert_eq!(
+            pages.iter().map(|p| p.range.len()).sum::<usize>(),
+            after.len()
+        );
+        let changed = pages.iter().filter(|p| !old.contains(&p.hash)).count();
+        assert!((1..=2).contains(&changed), "{changed} pages changed");
     }
 
     #[test]

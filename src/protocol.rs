@@ -33,6 +33,8 @@ pub const MAX_ENTRIES_PER_RESPONSE: usize = 4096;
 pub const MAX_ENTRIES_BYTES: usize = 2 << 20;
 /// Files with at most this many chunks have their chunk list sent inline in `Entries`.
 pub const MAX_INLINE_CHUNKS: usize = 16;
+/// Pages asked for in one `GetChunkList` (a 16 MiB-chunk, 4 TiB file has ~64k pages).
+pub const MAX_LIST_PAGES: usize = 1 << 20;
 /// Chunk ids in one `GetChunks` request.
 pub const MAX_CHUNKS_PER_REQUEST: usize = 64;
 /// Volumes a node may announce.
@@ -62,6 +64,7 @@ mod kind {
     pub const CHUNK: u8 = 0x85;
     pub const CHUNK_MISSING: u8 = 0x86;
     pub const ACK: u8 = 0x87;
+    pub const CHUNK_PAGES: u8 = 0x88;
     pub const ERROR: u8 = 0xff;
 }
 
@@ -137,11 +140,13 @@ pub enum Request {
         after: bool,
         end: Option<Vec<u8>>,
     },
-    /// The chunk list of a file, if it still has that content.
+    /// The chunk list of a file, if it still has that content: whole, as page hashes
+    /// only, or the chunks of some pages.
     GetChunkList {
         volume: String,
         path: VolPath,
         content_id: ContentId,
+        part: ListPart,
     },
     /// Chunk bytes, by id.
     GetChunks {
@@ -153,12 +158,23 @@ pub enum Request {
     },
 }
 
+/// Which part of a chunk list a `GetChunkList` asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListPart {
+    Whole,
+    /// The list's pages ([`crate::chunking::chunk_list_pages`]) as (chunk count, hash).
+    PageHashes,
+    /// The chunks of these pages (by index, ascending), concatenated.
+    Pages(Vec<u32>),
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Response {
     Hello(Hello),
     Dir(Option<TreeNode>),
     Entries { entries: Vec<WireEntry>, more: bool },
     ChunkList(Option<Vec<ChunkRef>>),
+    ChunkPages(Option<Vec<(u32, [u8; 32])>>),
     Chunk { id: ChunkId, data: Vec<u8> },
     ChunkMissing { id: ChunkId },
     Ack,
@@ -305,10 +321,22 @@ impl Request {
                 volume,
                 path,
                 content_id,
+                part,
             } => {
                 put_bytes16(&mut out, volume.as_bytes());
                 put_bytes16(&mut out, path.as_bytes());
                 out.extend_from_slice(content_id.as_bytes());
+                match part {
+                    ListPart::Whole => out.push(0),
+                    ListPart::PageHashes => out.push(1),
+                    ListPart::Pages(pages) => {
+                        out.push(2);
+                        out.extend_from_slice(&(pages.len() as u32).to_le_bytes());
+                        for page in pages {
+                            out.extend_from_slice(&page.to_le_bytes());
+                        }
+                    }
+                }
                 kind::GET_CHUNK_LIST
             }
             Request::GetChunks { ids } => {
@@ -358,6 +386,24 @@ impl Request {
                 volume: read_volume(&mut r)?,
                 path: read_path(&mut r, "path")?,
                 content_id: ContentId(r.hash("content id")?),
+                part: match r.u8("list part")? {
+                    0 => ListPart::Whole,
+                    1 => ListPart::PageHashes,
+                    2 => {
+                        let count = r.u32("page count")? as usize;
+                        if count > MAX_LIST_PAGES {
+                            return Err(ProtocolError::Malformed(format!(
+                                "{count} chunk list pages asked"
+                            )));
+                        }
+                        ListPart::Pages(
+                            (0..count)
+                                .map(|_| r.u32("page index"))
+                                .collect::<Result<_, _>>()?,
+                        )
+                    }
+                    other => return Err(ProtocolError::Malformed(format!("list part {other}"))),
+                },
             },
             kind::GET_CHUNKS => {
                 let count = usize::from(r.u16("chunk count")?);
@@ -424,6 +470,20 @@ impl Response {
             Response::ChunkList(list) => {
                 put_optional(&mut out, list.as_deref().map(codec::encode_chunk_list));
                 kind::CHUNK_LIST
+            }
+            Response::ChunkPages(pages) => {
+                put_optional(
+                    &mut out,
+                    pages.as_ref().map(|pages| {
+                        let mut body = (pages.len() as u32).to_le_bytes().to_vec();
+                        for (count, hash) in pages {
+                            body.extend_from_slice(&count.to_le_bytes());
+                            body.extend_from_slice(hash);
+                        }
+                        body
+                    }),
+                );
+                kind::CHUNK_PAGES
             }
             Response::Chunk { id, data } => {
                 out.reserve(HASH_LEN + data.len());
@@ -505,6 +565,22 @@ impl Response {
                     )?)));
                 }
                 other => return Err(ProtocolError::Malformed(format!("chunk list flag {other}"))),
+            },
+            kind::CHUNK_PAGES => match read_flag(&mut r, "chunk pages flag")? {
+                false => Response::ChunkPages(None),
+                true => {
+                    let count = r.u32("page count")? as usize;
+                    if count > MAX_LIST_PAGES || count * 36 > body.len() {
+                        return Err(ProtocolError::Malformed(format!(
+                            "{count} chunk list pages in {} bytes",
+                            body.len()
+                        )));
+                    }
+                    let pages = (0..count)
+                        .map(|_| Ok((r.u32("page chunk count")?, r.hash("page hash")?)))
+                        .collect::<Result<_, DecodeError>>()?;
+                    Response::ChunkPages(Some(pages))
+                }
             },
             kind::CHUNK => {
                 let id = ChunkId(r.hash("chunk id")?);
@@ -623,8 +699,15 @@ mod tests {
         });
         round_trip_request(Request::GetChunkList {
             volume: "m".into(),
+            path: dir.clone(),
+            content_id: ContentId([1; 32]),
+            part: ListPart::Whole,
+        });
+        round_trip_request(Request::GetChunkList {
+            volume: "m".into(),
             path: dir,
             content_id: ContentId([1; 32]),
+            part: ListPart::Pages(vec![0, 7]),
         });
         round_trip_request(Request::GetChunks {
             ids: vec![ChunkId([2; 32]), ChunkId([3; 32])],
@@ -707,6 +790,8 @@ mod tests {
                 len: 10,
             }])),
             Response::ChunkList(None),
+            Response::ChunkPages(Some(vec![(3, [4; 32])])),
+            Response::ChunkPages(None),
             Response::Chunk {
                 id: ChunkId([5; 32]),
                 data: b"bytes".to_vec(),

@@ -30,7 +30,10 @@ const MAX_STREAMS: u64 = 256;
 const MAX_MTU: u16 = 9000;
 
 fn io(addr: SocketAddr) -> std::io::Result<s2n_quic::provider::io::Default> {
-    s2n_quic::provider::io::Default::builder().with_receive_address(addr)?.with_max_mtu(MAX_MTU)?.build()
+    s2n_quic::provider::io::Default::builder()
+        .with_receive_address(addr)?
+        .with_max_mtu(MAX_MTU)?
+        .build()
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -27,11 +27,11 @@ use s2n_quic::connection::Handle;
 use tokio::task::JoinSet;
 
 use super::{Node, Peer, SyncError, conflict, request};
-use crate::chunking::{ChunkRef, content_id};
+use crate::chunking::{CHUNK_PAGE_TARGET, ChunkRef, chunk_list_pages, content_id};
 use crate::entry::{Causality, Entry, EntryKind};
 use crate::ids::ChunkId;
 use crate::pathname::{VolPath, escape};
-use crate::protocol::{MAX_CHUNKS_PER_REQUEST, Request, Response, WireEntry};
+use crate::protocol::{ListPart, MAX_CHUNKS_PER_REQUEST, Request, Response, WireEntry};
 use crate::store::codec::{PageSummary, TreeNode};
 use crate::volume_fs::{Staged, finish_staged, stamp_of_stat};
 
@@ -931,6 +931,64 @@ fn rand_u64() -> u64 {
     crate::ids::NodeId::random().map(|n| n.0).unwrap_or(0)
 }
 
+/// Gets a file's chunk list from the peer. With `previous` (our older version's list),
+/// asks for the page hashes first and then only for the pages we do not have.
+async fn fetch_chunk_list(
+    handle: &mut Handle,
+    volume: &str,
+    path: &VolPath,
+    content: crate::ids::ContentId,
+    previous: Option<Vec<ChunkRef>>,
+) -> Result<Option<Vec<ChunkRef>>, SyncError> {
+    let ask = |part| Request::GetChunkList {
+        volume: volume.to_string(),
+        path: path.clone(),
+        content_id: content,
+        part,
+    };
+    let unexpected = |other: Response| {
+        SyncError::Refused(format!("unexpected answer to GetChunkList: {other:?}"))
+    };
+    let Some(previous) = previous else {
+        return match request(handle, &ask(ListPart::Whole)).await? {
+            Response::ChunkList(list) => Ok(list),
+            other => Err(unexpected(other)),
+        };
+    };
+    let remote_pages = match request(handle, &ask(ListPart::PageHashes)).await? {
+        Response::ChunkPages(Some(pages)) => pages,
+        Response::ChunkPages(None) => return Ok(None),
+        other => return Err(unexpected(other)),
+    };
+    let ours: HashMap<[u8; 32], std::ops::Range<usize>> = chunk_list_pages(&previous)
+        .into_iter()
+        .map(|p| (p.hash, p.range))
+        .collect();
+    let missing: Vec<u32> = (0..remote_pages.len())
+        .filter(|&i| !ours.contains_key(&remote_pages[i].1))
+        .map(|i| i as u32)
+        .collect();
+    let mut fetched = match missing.is_empty() {
+        true => Vec::new(),
+        false => match request(handle, &ask(ListPart::Pages(missing.clone()))).await? {
+            Response::ChunkList(Some(chunks)) => chunks,
+            Response::ChunkList(None) => return Ok(None),
+            other => return Err(unexpected(other)),
+        },
+    }
+    .into_iter();
+    // Splice: our pages where the hashes match, the fetched ones in between. The caller
+    // checks the result against the content id, so a lying peer gains nothing.
+    let mut list = Vec::new();
+    for (count, hash) in &remote_pages {
+        match ours.get(hash) {
+            Some(range) => list.extend_from_slice(&previous[range.clone()]),
+            None => list.extend(fetched.by_ref().take(*count as usize)),
+        }
+    }
+    Ok(Some(list))
+}
+
 /// Every place (staging file, offset) a chunk of the current batch goes.
 #[derive(Default)]
 struct ChunkTargets {
@@ -982,20 +1040,29 @@ async fn prepare(
         // The same content is here already (a rename or a copy on the peer).
         (None, _) if let Some(local) = node.store.chunk_list_by_content(&expected)? => local,
         (None, _) => {
-            let req = Request::GetChunkList {
-                volume: volume.name.clone(),
-                path: job.source_path.clone(),
-                content_id: expected,
-            };
-            match request(&mut handle, &req).await? {
-                Response::ChunkList(Some(list)) => list,
-                // The peer's file changed meanwhile: a later round gets the new version.
-                Response::ChunkList(None) => return Ok(None),
-                other => {
-                    return Err(SyncError::Refused(format!(
-                        "unexpected answer to GetChunkList: {other:?}"
-                    )));
+            // An older version of the file here: only the pages of its list that changed
+            // need to come over.
+            let previous = match &job.replaces {
+                Some(Entry {
+                    kind: EntryKind::File { chunks, .. },
+                    ..
+                }) if *chunks as usize > CHUNK_PAGE_TARGET => {
+                    node.store.chunk_list(volume.id, &job.dir, &job.name)?
                 }
+                _ => None,
+            };
+            match fetch_chunk_list(
+                &mut handle,
+                &volume.name,
+                &job.source_path,
+                expected,
+                previous,
+            )
+            .await?
+            {
+                Some(list) => list,
+                // The peer's file changed meanwhile: a later round gets the new version.
+                None => return Ok(None),
             }
         }
     };

@@ -12,10 +12,11 @@ use s2n_quic::Connection;
 use s2n_quic::stream::SendStream;
 
 use super::Node;
+use crate::chunking::chunk_list_pages;
 use crate::ids::NodeId;
 use crate::protocol::{
-    self, MAX_CONTROL_FRAME, MAX_ENTRIES_BYTES, MAX_ENTRIES_PER_RESPONSE, MAX_INLINE_CHUNKS,
-    ProtocolError, Request, Response, WireEntry, code,
+    self, ListPart, MAX_CONTROL_FRAME, MAX_ENTRIES_BYTES, MAX_ENTRIES_PER_RESPONSE,
+    MAX_INLINE_CHUNKS, ProtocolError, Request, Response, WireEntry, code,
 };
 
 /// Serves one incoming connection until it closes.
@@ -222,6 +223,7 @@ async fn serve_stream(
             volume,
             path,
             content_id,
+            part,
         } => {
             let vol = volume_id(&volume)?;
             let Some((dir, name)) = path.split_last() else {
@@ -231,10 +233,34 @@ async fn serve_stream(
             };
             let current = node.store.entry(vol, &dir, name).map_err(internal)?;
             let same_content = matches!(current.map(|e| e.kind), Some(crate::entry::EntryKind::File { content_id: c, .. }) if c == content_id);
-            Response::ChunkList(match same_content {
+            let list = match same_content {
                 true => node.store.chunk_list(vol, &dir, name).map_err(internal)?,
                 false => None,
-            })
+            };
+            match (part, list) {
+                (_, None) => Response::ChunkList(None),
+                (ListPart::Whole, Some(list)) => Response::ChunkList(Some(list)),
+                (ListPart::PageHashes, Some(list)) => Response::ChunkPages(Some(
+                    chunk_list_pages(&list)
+                        .into_iter()
+                        .map(|p| (p.range.len() as u32, p.hash))
+                        .collect(),
+                )),
+                (ListPart::Pages(wanted), Some(list)) => {
+                    let pages = chunk_list_pages(&list);
+                    let mut chunks = Vec::new();
+                    for index in wanted {
+                        let page = pages.get(index as usize).ok_or_else(|| {
+                            ProtocolError::Malformed(format!(
+                                "chunk list page {index} of {}",
+                                pages.len()
+                            ))
+                        })?;
+                        chunks.extend_from_slice(&list[page.range.clone()]);
+                    }
+                    Response::ChunkList(Some(chunks))
+                }
+            }
         }
         Request::GetChunks { ids } => {
             for id in ids {

@@ -378,3 +378,20 @@ fn deleting_a_name_that_ends_a_tree_page_reaches_the_peer() {
     c.wait_converged(&[0, 1], CONVERGE);
     assert!(!c.vol(1).join("d").join(&boundary).exists());
 }
+
+#[test]
+fn a_one_byte_insert_in_a_large_file_moves_a_few_chunks_and_a_few_list_pages() {
+    let mut c = Cluster::new(2);
+    let original = random_bytes(24 << 20, 77);
+    write_file(&c.vol(0).join("video.bin"), &original);
+    c.start_all();
+    c.wait_converged(&[0, 1], CONVERGE);
+    let before = c.total(1, "chunk_bytes_received");
+    let mut edited = original.clone();
+    edited.insert(original.len() / 2, b'!');
+    write_file(&c.vol(0).join("video.bin"), &edited);
+    c.wait_converged(&[0, 1], CONVERGE);
+    assert_eq!(fs::read(c.vol(1).join("video.bin")).unwrap(), edited);
+    let moved = c.total(1, "chunk_bytes_received") - before;
+    assert!(moved > 0 && moved <= 3 * 256 * 1024, "{moved} chunk bytes for a 1-byte insert");
+}
