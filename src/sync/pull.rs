@@ -535,11 +535,7 @@ impl Pull {
                 let mut batch = self.node.store.batch();
                 batch.put_entry(vol, dir, &copy_name, &local);
                 if let EntryKind::File { .. } = local.kind {
-                    let chunks = self
-                        .node
-                        .store
-                        .chunk_list(vol, dir, name)?
-                        .unwrap_or_default();
+                    let chunks = self.indexed_chunks(dir, name, Some(&local))?;
                     batch.delete_chunks(vol, dir, name, &chunks);
                     batch.set_chunks(vol, dir, &copy_name, &chunks, &[]);
                 }
@@ -617,15 +613,28 @@ impl Pull {
         old: &Entry,
     ) -> Result<(), SyncError> {
         if let EntryKind::File { .. } = old.kind {
-            let vol = self.volume().id;
-            let chunks = self
-                .node
-                .store
-                .chunk_list(vol, dir, name)?
-                .unwrap_or_default();
-            batch.delete_chunks(vol, dir, name, &chunks);
+            let chunks = self.indexed_chunks(dir, name, Some(old))?;
+            batch.delete_chunks(self.volume().id, dir, name, &chunks);
         }
         Ok(())
+    }
+
+    /// The chunk list the index holds for `dir/name` when `entry` (the local entry there)
+    /// is a file; empty otherwise.
+    fn indexed_chunks(
+        &self,
+        dir: &VolPath,
+        name: &[u8],
+        entry: Option<&Entry>,
+    ) -> Result<Vec<ChunkRef>, SyncError> {
+        match entry.map(|e| &e.kind) {
+            Some(EntryKind::File { .. }) => Ok(self
+                .node
+                .store
+                .chunk_list(self.volume().id, dir, name)?
+                .unwrap_or_default()),
+            _ => Ok(Vec::new()),
+        }
     }
 
     /// Takes files in batches of up to `PUBLISH_BATCH`: prepares them (`FILE_CONCURRENCY`
@@ -797,14 +806,7 @@ impl Pull {
         // fstat through the still-open descriptor: the stamp of exactly what we wrote.
         let stat =
             rustix::fs::fstat(&staged.file).map_err(|e| SyncError::Refused(e.to_string()))?;
-        let old_chunks = match job.replaces.as_ref().map(|o| &o.kind) {
-            Some(EntryKind::File { .. }) => self
-                .node
-                .store
-                .chunk_list(vol, &job.dir, &job.name)?
-                .unwrap_or_default(),
-            _ => Vec::new(),
-        };
+        let old_chunks = self.indexed_chunks(&job.dir, &job.name, job.replaces.as_ref())?;
         batch.put_entry(vol, &job.dir, &job.name, &job.entry);
         batch.set_chunks(vol, &job.dir, &job.name, &chunks, &old_chunks);
         batch.put_stamp(vol, &job.dir, &job.name, &stamp_of_stat(&stat));

@@ -223,7 +223,7 @@ fn other_chunk_sizes_or_store_format_are_refused_without_touching_the_store() {
 }
 
 /// Runs the binary as an unprivileged user when we are root (root reads any file).
-fn as_unprivileged(args: &[&str]) -> std::process::Output {
+fn as_unprivileged<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
     if unsafe { libc::geteuid() } != 0 {
         return shoal(args);
     }
@@ -256,16 +256,7 @@ fn an_unreadable_file_is_named_and_its_entry_kept() {
     for file in ["open.txt", "secret.txt"] {
         fs::set_permissions(fx.path(file), fs::Permissions::from_mode(0o666)).unwrap();
     }
-    let (data_root, state) = (fx.data_root(), fx.state());
-    let args = [
-        "scan",
-        "--data-root",
-        data_root.to_str().unwrap(),
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--volume",
-        "vol",
-    ];
+    let args = scan_args(&fx.data_root(), &fx.state());
     let first = as_unprivileged(&args);
     assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
     let root = stdout(&first)

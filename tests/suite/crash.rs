@@ -16,16 +16,8 @@ fn scan_killed_midway_then_rescanned_matches_a_fresh_scan() {
     for i in 0..4u64 {
         fx.write(&format!("big{i}.bin"), &random_bytes(12 << 20, 1000 + i));
     }
-    let (data_root, state) = (fx.data_root(), fx.state());
-    let args = [
-        "scan",
-        "--data-root",
-        data_root.to_str().unwrap(),
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--volume",
-        "vol",
-    ];
+    let data_root = fx.data_root();
+    let args = scan_args(&data_root, &fx.state());
     let mut kills = 0;
     for delay_ms in [40u64, 120, 250, 500, 900] {
         let mut child = shoal_command(&args).spawn().unwrap();
@@ -63,16 +55,7 @@ fn scan_killed_midway_then_rescanned_matches_a_fresh_scan() {
     assert!(Instant::now() < deadline);
 
     let fresh = Fixture::new();
-    let fresh_state = fresh.state();
-    let fresh_args = [
-        "scan",
-        "--data-root",
-        data_root.to_str().unwrap(),
-        "--state-dir",
-        fresh_state.to_str().unwrap(),
-        "--volume",
-        "vol",
-    ];
+    let fresh_args = scan_args(&data_root, &fresh.state());
     assert_eq!(
         shoal_command(&fresh_args).output().unwrap().status.code(),
         Some(0)

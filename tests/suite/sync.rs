@@ -393,5 +393,8 @@ fn a_one_byte_insert_in_a_large_file_moves_a_few_chunks_and_a_few_list_pages() {
     c.wait_converged(&[0, 1], CONVERGE);
     assert_eq!(fs::read(c.vol(1).join("video.bin")).unwrap(), edited);
     let moved = c.total(1, "chunk_bytes_received") - before;
-    assert!(moved > 0 && moved <= 3 * 256 * 1024, "{moved} chunk bytes for a 1-byte insert");
+    assert!(
+        moved > 0 && moved <= 3 * 256 * 1024,
+        "{moved} chunk bytes for a 1-byte insert"
+    );
 }

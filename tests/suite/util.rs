@@ -107,11 +107,24 @@ pub fn set_mtime(path: &Path, secs: u64) {
 }
 
 /// Runs the real binary with a clean environment for Shoal's variables.
-pub fn shoal(args: &[&str]) -> Output {
+pub fn shoal<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
     shoal_command(args).output().unwrap()
 }
 
-pub fn shoal_command(args: &[&str]) -> Command {
+/// `scan --data-root DATA_ROOT --state-dir STATE --volume vol`.
+pub fn scan_args(data_root: &Path, state: &Path) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> =
+        vec!["scan".into(), "--data-root".into(), data_root.into()];
+    args.extend([
+        "--state-dir".into(),
+        state.into(),
+        "--volume".into(),
+        "vol".into(),
+    ]);
+    args
+}
+
+pub fn shoal_command<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_shoal"));
     command.args(args);
     for var in [
