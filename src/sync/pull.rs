@@ -52,6 +52,9 @@ pub struct PullReport {
     pub deleted: u64,
     pub conflicts: u64,
     pub skipped: u64,
+    /// Files left unfinished because some chunk could not be fetched: worth another
+    /// round soon, not a heartbeat away.
+    pub incomplete: u64,
 }
 
 impl PullReport {
@@ -709,7 +712,7 @@ impl Pull {
         for file in prepared {
             if let Some(id) = file.missing.iter().find(|id| !received.contains(id)) {
                 tracing::warn!(peer = %self.peer.addr, "{}: chunk {id} is held intact by no reachable peer; will retry", escape(&file.job.name));
-                self.report.skipped += 1;
+                self.report.incomplete += 1;
                 continue;
             }
             let owner = self
@@ -1150,15 +1153,24 @@ async fn fetch_chunks(
         if wanted.is_empty() || trusted.is_empty() {
             break;
         }
+        // Each chunk goes to the next peer on every attempt, so a chunk that one peer
+        // lacks is asked of every other in turn, whatever happens to the rest.
+        let mut by_peer: Vec<Vec<ChunkId>> = vec![Vec::new(); peers.len()];
+        for id in &wanted {
+            let spread = usize::from(id.as_bytes()[0]);
+            by_peer[trusted[(spread + attempt) % trusted.len()]].push(*id);
+        }
         let mut set = JoinSet::new();
-        for (i, group) in wanted.chunks(MAX_CHUNKS_PER_REQUEST).enumerate() {
-            let index = trusted[(i + attempt) % trusted.len()];
-            let (peer, group, node, sink) = (
-                peers[index].clone(),
-                group.to_vec(),
-                node.clone(),
-                sink.clone(),
-            );
+        let groups: Vec<(usize, Vec<ChunkId>)> = by_peer
+            .iter()
+            .enumerate()
+            .flat_map(|(index, ids)| {
+                ids.chunks(MAX_CHUNKS_PER_REQUEST)
+                    .map(move |group| (index, group.to_vec()))
+            })
+            .collect();
+        for (index, group) in groups {
+            let (peer, node, sink) = (peers[index].clone(), node.clone(), sink.clone());
             set.spawn(async move { (index, fetch_group(&node, &peer, &group, &sink).await) });
             while set.len() >= REQUESTS_IN_FLIGHT {
                 if let Some(done) = set.join_next().await {
