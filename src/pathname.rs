@@ -115,6 +115,19 @@ impl VolPath {
         }
     }
 
+    /// Whether this path is strictly inside directory `dir`.
+    pub fn is_below(&self, dir: &VolPath) -> bool {
+        if dir.is_root() {
+            return !self.is_root();
+        }
+        self.0.len() > dir.0.len() && self.0.starts_with(&dir.0) && self.0[dir.0.len()] == b'/'
+    }
+
+    /// The names from the root down, for example `a`, `b`, `c` for `a/b/c`.
+    pub fn components(&self) -> impl Iterator<Item = &[u8]> {
+        self.0.split(|&b| b == b'/').filter(|name| !name.is_empty())
+    }
+
     /// Whether this path is Shoal's own directory or inside it.
     pub fn is_shoal_internal(&self) -> bool {
         self.0.split(|&b| b == b'/').next() == Some(SHOAL_DIR)
@@ -218,6 +231,20 @@ mod tests {
                 .to_string(),
             "été"
         );
+    }
+
+    #[test]
+    fn knows_what_is_below_a_directory() {
+        let path = |p: &str| VolPath::parse(p.as_bytes()).unwrap();
+        assert!(path("a/b").is_below(&path("a")));
+        assert!(path("a").is_below(&VolPath::root()));
+        assert!(!path("ab/c").is_below(&path("a")));
+        assert!(!path("a").is_below(&path("a")));
+        assert!(!VolPath::root().is_below(&VolPath::root()));
+        let abc = path("a/b/c");
+        let names: Vec<&[u8]> = abc.components().collect();
+        assert_eq!(names, [b"a", b"b", b"c"]);
+        assert_eq!(VolPath::root().components().count(), 0);
     }
 
     #[test]

@@ -12,7 +12,11 @@
 //! Every change is written as a [`Batch`] that keeps the index consistent on its own, so
 //! a scan killed at any point leaves a store that the next scan completes. The Merkle
 //! tree is updated at the end from the dirty marks the batches left ([`crate::tree`]).
+//!
+//! A scan can be narrowed ([`ScanScope::Dirs`]) to the directories the file watcher saw
+//! change, and told to leave alone names still being written ([`ScanOptions::hold`]).
 
+use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::{self, File, Metadata};
 use std::io;
@@ -71,6 +75,30 @@ pub struct ScanOptions {
     pub threads: usize,
     /// Shows bytes hashed and files seen, when set.
     pub progress: Option<ProgressBar>,
+    pub scope: ScanScope,
+    /// Names still being written: left exactly as indexed (not read, not deleted), for a
+    /// later scan once they are quiet.
+    pub hold: HashSet<VolPath>,
+}
+
+/// Which directories a scan lists.
+#[derive(Clone, Debug, Default)]
+pub enum ScanScope {
+    /// The whole volume.
+    #[default]
+    Everything,
+    /// Only these directories. A subdirectory is entered only when the index does not
+    /// know it as a directory, so a directory created or moved in is scanned whole.
+    Dirs(BTreeMap<VolPath, Depth>),
+}
+
+/// How much of a directory in [`ScanScope::Dirs`] to scan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Depth {
+    /// Its own names.
+    Names,
+    /// Everything below it (its ignore rules changed, say).
+    Subtree,
 }
 
 /// What a scan found and did.
@@ -165,21 +193,25 @@ pub fn scan_volume(
             results: result_rx,
             in_flight: 0,
             progress: options.progress.clone(),
+            hold: &options.hold,
             report: ScanReport {
                 volume: name.to_string(),
                 ..ScanReport::default()
             },
         };
-        walker.run()?;
+        walker.run(&options.scope)?;
         Ok(walker.report)
     })
     .map_err(store_err)?;
 
     let root_node = crate::tree::update(store, vol).map_err(store_err)?;
     let changed = report.added + report.modified + report.deleted > 0;
-    let unique_chunks = match record.unique_chunks {
-        Some(count) if !changed => count,
-        _ => store.count_unique_chunks(vol).map_err(store_err)?,
+    // Counting distinct chunks reads every chunk location: a full scan pays for it, a
+    // narrow one (the watcher's, many times a minute) leaves the count to the next.
+    let unique_chunks = match (&options.scope, record.unique_chunks) {
+        (_, Some(count)) if !changed => Some(count),
+        (ScanScope::Everything, _) => Some(store.count_unique_chunks(vol).map_err(store_err)?),
+        (ScanScope::Dirs(_), _) => None,
     };
     let mut batch = store.batch();
     let now = SystemTime::now()
@@ -190,13 +222,13 @@ pub fn scan_volume(
         &crate::store::VolumeRecord {
             id: record.id,
             last_scan_unix: Some(now.as_secs() as i64),
-            unique_chunks: Some(unique_chunks),
+            unique_chunks,
         },
     );
     store.write(batch, true).map_err(store_err)?;
     report.root = root_node.hash.to_hex();
     report.totals = root_node.totals;
-    report.unique_chunks = unique_chunks;
+    report.unique_chunks = unique_chunks.unwrap_or_default();
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }
@@ -337,6 +369,13 @@ struct IgnoreRules {
 }
 
 impl IgnoreRules {
+    fn none() -> Arc<Self> {
+        Arc::new(IgnoreRules {
+            own: None,
+            parent: None,
+        })
+    }
+
     fn is_ignored(&self, path: &Path, is_dir: bool) -> bool {
         let mut rules = Some(self);
         while let Some(level) = rules {
@@ -370,20 +409,30 @@ struct Walker<'s> {
     results: Receiver<HashResult>,
     in_flight: usize,
     progress: Option<ProgressBar>,
+    hold: &'s HashSet<VolPath>,
     report: ScanReport,
 }
 
+/// A directory waiting to be walked, with the ignore rules of its ancestors.
+type PendingDir = (VolPath, Arc<IgnoreRules>, Depth);
+
 impl<'s> Walker<'s> {
-    fn run(&mut self) -> Result<(), StoreError> {
-        let mut pending = vec![(
-            VolPath::root(),
-            Arc::new(IgnoreRules {
-                own: None,
-                parent: None,
-            }),
-        )];
-        while let Some((dir, rules)) = pending.pop() {
-            self.walk_dir(&dir, &rules, &mut pending)?;
+    fn run(&mut self, scope: &ScanScope) -> Result<(), StoreError> {
+        let mut pending: Vec<PendingDir> = Vec::new();
+        match scope {
+            ScanScope::Everything => {
+                pending.push((VolPath::root(), IgnoreRules::none(), Depth::Subtree));
+            }
+            ScanScope::Dirs(dirs) => {
+                for (dir, depth) in self.start_dirs(dirs)? {
+                    if let Some(rules) = self.rules_above(&dir) {
+                        pending.push((dir, rules, depth));
+                    }
+                }
+            }
+        }
+        while let Some((dir, rules, depth)) = pending.pop() {
+            self.walk_dir(&dir, &rules, depth, &mut pending)?;
         }
         self.jobs = None;
         while self.in_flight > 0 {
@@ -394,6 +443,67 @@ impl<'s> Walker<'s> {
             self.on_hashed(result)?;
         }
         self.flush(true)
+    }
+
+    /// Where a narrow scan starts: each directory, or its nearest ancestor that is both
+    /// indexed and on disk (a directory new to the index is entered from its parent, one
+    /// gone from disk is deleted by its parent), without directories that a `Subtree`
+    /// start already covers.
+    fn start_dirs(
+        &self,
+        dirs: &BTreeMap<VolPath, Depth>,
+    ) -> Result<BTreeMap<VolPath, Depth>, StoreError> {
+        let mut starts: BTreeMap<VolPath, Depth> = BTreeMap::new();
+        for (dir, depth) in dirs {
+            if dir.is_shoal_internal() {
+                continue;
+            }
+            let mut at = dir.clone();
+            let mut depth = *depth;
+            while let Some((parent, name)) = at.split_last() {
+                let indexed = self
+                    .store
+                    .entry(self.vol, &parent, name)?
+                    .is_some_and(|e| e.is_dir());
+                let on_disk = fs::symlink_metadata(at.under(&self.root)).is_ok_and(|m| m.is_dir());
+                if indexed && on_disk {
+                    break;
+                }
+                at = parent;
+                depth = Depth::Names;
+            }
+            let merged = starts.get(&at).map_or(depth, |d| (*d).max(depth));
+            starts.insert(at, merged);
+        }
+        let subtrees: Vec<VolPath> = starts
+            .iter()
+            .filter(|(_, d)| **d == Depth::Subtree)
+            .map(|(p, _)| p.clone())
+            .collect();
+        starts.retain(|dir, _| !subtrees.iter().any(|top| dir.is_below(top)));
+        Ok(starts)
+    }
+
+    /// The ignore rules that apply to `dir`'s names from its ancestors' `.shoalignore`
+    /// files; `None` if `dir` itself is ignored.
+    fn rules_above(&mut self, dir: &VolPath) -> Option<Arc<IgnoreRules>> {
+        let mut rules = IgnoreRules::none();
+        let mut at = VolPath::root();
+        for name in dir.components() {
+            let fs_dir = at.under(&self.root);
+            let ignore_file = fs_dir.join(IGNORE_FILE);
+            if fs::symlink_metadata(&ignore_file).is_ok_and(|m| m.is_file()) {
+                rules = Arc::new(IgnoreRules {
+                    own: Some(self.load_ignore_file(&fs_dir)),
+                    parent: Some(rules),
+                });
+            }
+            at = at.join(name).ok()?;
+            if rules.is_ignored(&at.under(&self.root), true) {
+                return None;
+            }
+        }
+        Some(rules)
     }
 
     fn flush(&mut self, force: bool) -> Result<(), StoreError> {
@@ -491,7 +601,8 @@ impl<'s> Walker<'s> {
         &mut self,
         dir: &VolPath,
         rules: &Arc<IgnoreRules>,
-        pending: &mut Vec<(VolPath, Arc<IgnoreRules>)>,
+        depth: Depth,
+        pending: &mut Vec<PendingDir>,
     ) -> Result<(), StoreError> {
         let Some((listed, rules)) = self.list(dir, rules) else {
             return Ok(());
@@ -522,16 +633,23 @@ impl<'s> Walker<'s> {
             match order {
                 std::cmp::Ordering::Less => {
                     let item = listed.next().expect("peeked");
-                    self.on_listed(dir, item, None, &rules, pending, &mut to_hash)?;
+                    if !self.is_held(dir, &item.name) {
+                        self.on_listed(dir, item, None, &rules, depth, pending, &mut to_hash)?;
+                    }
                 }
                 std::cmp::Ordering::Equal => {
                     let item = listed.next().expect("peeked");
                     let (_, stamp) = indexed.next().expect("peeked");
-                    self.on_listed(dir, item, Some(stamp), &rules, pending, &mut to_hash)?;
+                    if !self.is_held(dir, &item.name) {
+                        let stamp = Some(stamp);
+                        self.on_listed(dir, item, stamp, &rules, depth, pending, &mut to_hash)?;
+                    }
                 }
                 std::cmp::Ordering::Greater => {
                     let (name, _) = indexed.next().expect("peeked");
-                    if let Some(old) = self.store.entry(self.vol, dir, &name)? {
+                    if !self.is_held(dir, &name)
+                        && let Some(old) = self.store.entry(self.vol, dir, &name)?
+                    {
                         self.delete_name(dir, &name, old)?;
                     }
                 }
@@ -547,14 +665,20 @@ impl<'s> Walker<'s> {
         Ok(())
     }
 
+    fn is_held(&self, dir: &VolPath, name: &[u8]) -> bool {
+        !self.hold.is_empty() && dir.join(name).is_ok_and(|path| self.hold.contains(&path))
+    }
+
     /// Handles a name present on disk; `stamp` is its scan stamp if it is indexed.
+    #[allow(clippy::too_many_arguments)]
     fn on_listed(
         &mut self,
         dir: &VolPath,
         item: Listed,
         stamp: Option<ScanStamp>,
         rules: &Arc<IgnoreRules>,
-        pending: &mut Vec<(VolPath, Arc<IgnoreRules>)>,
+        depth: Depth,
+        pending: &mut Vec<PendingDir>,
         to_hash: &mut Vec<(u64, HashJob)>,
     ) -> Result<(), StoreError> {
         let Ok(path) = dir.join(&item.name) else {
@@ -563,6 +687,8 @@ impl<'s> Walker<'s> {
         };
         let is_dir = item.meta.is_dir();
         let unchanged = stamp == Some(stamp_of(&item.meta));
+        // Below a directory new to the index everything is new: it is walked whole.
+        let mut new_dir = false;
         if !unchanged {
             let old = self.store.entry(self.vol, dir, &item.name)?;
             let file_type = item.meta.file_type();
@@ -578,6 +704,7 @@ impl<'s> Walker<'s> {
                 to_hash.push((item.meta.len(), job));
                 return Ok(());
             } else if is_dir {
+                new_dir = !old.as_ref().is_some_and(Entry::is_dir);
                 let old = self
                     .drop_if_kind_changed(dir, &item.name, old, |k| matches!(k, EntryKind::Dir))?;
                 if old.is_none() {
@@ -611,8 +738,8 @@ impl<'s> Walker<'s> {
                 return Ok(());
             }
         }
-        if is_dir {
-            pending.push((path, rules.clone()));
+        if is_dir && (depth == Depth::Subtree || new_dir) {
+            pending.push((path, rules.clone(), Depth::Subtree));
         }
         Ok(())
     }

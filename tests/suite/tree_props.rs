@@ -83,7 +83,7 @@ fn root_in_new_store(dir: &Path, threads: usize) -> String {
         &dir.join("v"),
         &ScanOptions {
             threads,
-            progress: None,
+            ..ScanOptions::default()
         },
     )
     .unwrap()
