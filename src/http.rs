@@ -95,6 +95,24 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
         "Local changes announced to peers",
         t.local_changes_published,
     );
+    counter(
+        &mut registry,
+        "local_changes",
+        "Names added, changed or deleted by local scans",
+        t.local_changes,
+    );
+    counter(
+        &mut registry,
+        "watch_scans",
+        "Narrow scans started by the file watcher",
+        t.watch_scans,
+    );
+    counter(
+        &mut registry,
+        "watch_rescans",
+        "Whole-volume rescans because file watcher events were lost",
+        t.watch_rescans,
+    );
     let files = Family::<VolumeLabels, Gauge>::default();
     let bytes = Family::<VolumeLabels, Gauge>::default();
     for v in &status.volumes {

@@ -9,7 +9,9 @@
 //! - [`chunking`]: FastCDC cut points, BLAKE3 chunk ids, content ids.
 //! - [`entry`]: what the index knows of a name: kind, synced metadata, version vector.
 //! - [`store`]: the RocksDB index and the pack files; atomic batches.
-//! - [`scan`]: walks a volume and brings its index up to date.
+//! - [`scan`]: walks a volume (or the directories that changed) and brings its index up
+//!   to date.
+//! - [`watcher`]: file system events, debounced into narrow scans.
 //! - [`tree`]: the paged Merkle tree of each volume's namespace.
 //! - [`verify`]: checks index, packs and live files against each other.
 //! - [`credentials`]: the cluster CA and node certificates (`shoal cluster init`).
@@ -41,3 +43,4 @@ pub mod transport;
 pub mod tree;
 pub mod verify;
 pub mod volume_fs;
+pub mod watcher;

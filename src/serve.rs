@@ -5,8 +5,10 @@
 //! - the QUIC accept loop, one task per incoming connection ([`crate::sync::server`]);
 //! - one task per configured peer: connect (with backoff), hello, then pull every shared
 //!   volume on connect, on the peer's `Notify`, and every heartbeat;
-//! - the heartbeat: rescan the volumes (cheap: unchanged files are not read) and notify
-//!   peers of local changes;
+//! - one task per volume for local changes: narrow scans of what the file watcher saw
+//!   change ([`crate::watcher`]), a full rescan every heartbeat as the backstop (cheap:
+//!   unchanged files are not read), and a `Notify` to peers when anything changed;
+//! - the hourly sweep of expired tombstones;
 //! - the HTTP endpoint ([`crate::http`]).
 
 use std::net::SocketAddr;
@@ -16,15 +18,17 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 use crate::config::Settings;
 use crate::credentials::Credentials;
 use crate::protocol::{self, Request, Response};
-use crate::scan::{ScanOptions, scan_volume};
+use crate::scan::{ScanOptions, ScanScope, scan_volume};
 use crate::store::{OpenOptions, Store};
 use crate::sync::{Node, Peer, Stats, SyncError, Volume, pull, request};
 use crate::volume_fs::VolumeFs;
+use crate::watcher::{Debouncer, Signal, VolumeWatcher, WatchError};
 
 pub struct ServeOptions {
     pub settings: Settings,
@@ -33,6 +37,8 @@ pub struct ServeOptions {
     pub credentials: PathBuf,
     pub http: Option<SocketAddr>,
     pub heartbeat: Duration,
+    /// Quiet time before a changed name is scanned.
+    pub debounce: Duration,
     /// How long tombstones are kept.
     pub tombstone_retention: Duration,
 }
@@ -101,8 +107,14 @@ pub async fn run(
         faults: crate::sync::Faults::from_env(),
     });
     tracing::info!(node = %node.meta.node_id, volumes = ?settings.volumes, "starting");
+    // Watch before the first scan, so nothing changed during it goes unseen.
+    let watchers: Vec<_> = node
+        .volumes
+        .iter()
+        .map(|volume| start_watcher(&node, volume, options.heartbeat))
+        .collect();
     for index in 0..node.volumes.len() {
-        rescan(&node, index).await?;
+        rescan(&node, index, ScanOptions::default()).await?;
     }
 
     let mut server = crate::transport::listen(options.listen, &credentials)?;
@@ -130,26 +142,22 @@ pub async fn run(
         let heartbeat = options.heartbeat;
         tasks.spawn(async move { peer_loop(node, peer, client, heartbeat, stop).await });
     }
+    for (index, watcher) in watchers.into_iter().enumerate() {
+        let (node, stop) = (node.clone(), stop_rx.clone());
+        let timing = (options.debounce, options.heartbeat);
+        tasks.spawn(async move { local_changes(node, index, watcher, timing, stop).await });
+    }
     {
         let (node, mut stop) = (node.clone(), stop_rx.clone());
-        let (heartbeat, retention) = (options.heartbeat, options.tombstone_retention);
+        let retention = options.tombstone_retention;
         tasks.spawn(async move {
-            let mut last_sweep: Option<std::time::Instant> = None;
             loop {
+                if let Err(e) = expire_tombstones(&node, retention).await {
+                    tracing::error!("expiring tombstones failed: {e:#}");
+                }
                 tokio::select! {
-                    _ = tokio::time::sleep(heartbeat) => {}
+                    _ = tokio::time::sleep(TOMBSTONE_SWEEP) => {}
                     _ = stop.wait_for(|s| *s) => break,
-                }
-                for index in 0..node.volumes.len() {
-                    if let Err(e) = rescan(&node, index).await {
-                        tracing::error!("rescan of {} failed: {e:#}", node.volumes[index].name);
-                    }
-                }
-                if last_sweep.is_none_or(|t| t.elapsed() >= TOMBSTONE_SWEEP) {
-                    last_sweep = Some(std::time::Instant::now());
-                    if let Err(e) = expire_tombstones(&node, retention).await {
-                        tracing::error!("expiring tombstones failed: {e:#}");
-                    }
                 }
             }
         });
@@ -202,27 +210,131 @@ async fn expire_tombstones(node: &Arc<Node>, retention: Duration) -> anyhow::Res
     Ok(())
 }
 
-async fn rescan(node: &Arc<Node>, index: usize) -> anyhow::Result<()> {
+/// Rescans one volume (or the part `options` names) under its lock; announces local
+/// changes to peers.
+async fn rescan(node: &Arc<Node>, index: usize, options: ScanOptions) -> anyhow::Result<()> {
     let volume = &node.volumes[index];
     let report = {
         let _guard = volume.lock.lock().await;
         let node = node.clone();
         tokio::task::spawn_blocking(move || {
             let volume = &node.volumes[index];
-            scan_volume(
-                &node.store,
-                &volume.name,
-                volume.fs.root_path(),
-                &ScanOptions::default(),
-            )
+            scan_volume(&node.store, &volume.name, volume.fs.root_path(), &options)
         })
         .await??
     };
-    if report.added + report.modified + report.deleted > 0 {
+    let changes = report.added + report.modified + report.deleted;
+    if changes > 0 {
+        node.stats
+            .local_changes
+            .fetch_add(changes, Ordering::Relaxed);
         tracing::info!(volume = %volume.name, added = report.added, modified = report.modified, deleted = report.deleted, "local changes");
         node.notify_peers(&volume.name).await;
     }
     Ok(())
+}
+
+/// A volume's watcher and its events, or `None` (with the reason logged) if the volume
+/// must do with heartbeat rescans.
+type WatchedVolume = Option<(VolumeWatcher, mpsc::Receiver<Signal>)>;
+
+fn start_watcher(node: &Node, volume: &Volume, heartbeat: Duration) -> WatchedVolume {
+    let queue = node
+        .faults
+        .watch_queue
+        .unwrap_or(crate::watcher::DEFAULT_QUEUE);
+    match VolumeWatcher::start(volume.fs.root_path(), queue) {
+        Ok(watched) => Some(watched),
+        Err(e) => {
+            tracing::warn!(volume = %volume.name, "{e}; falling back to a full rescan every {}", humantime::format_duration(heartbeat));
+            None
+        }
+    }
+}
+
+/// Keeps one volume's index up to date: narrow scans of what the watcher saw change, and
+/// a full rescan every heartbeat that catches anything it missed.
+async fn local_changes(
+    node: Arc<Node>,
+    index: usize,
+    mut watched: WatchedVolume,
+    (debounce, heartbeat): (Duration, Duration),
+    mut stop: watch::Receiver<bool>,
+) {
+    let name = node.volumes[index].name.clone();
+    let mut debouncer = Debouncer::new(debounce);
+    let mut next_full = Instant::now() + heartbeat;
+    let mut scan: Option<tokio::task::JoinHandle<()>> = None;
+    loop {
+        if watched.as_ref().is_some_and(|(w, _)| w.take_overflow()) {
+            tracing::warn!(volume = %name, "file watcher queue overflowed; rescanning the volume");
+            node.stats.watch_rescans.fetch_add(1, Ordering::Relaxed);
+            debouncer.lost(std::time::Instant::now());
+        }
+        let due = debouncer.due().map(Instant::from_std);
+        tokio::select! {
+            signal = next_signal(&mut watched) => match signal {
+                Some(Signal::Changed { path, change }) => {
+                    debouncer.record(path, change, std::time::Instant::now());
+                }
+                Some(Signal::Lost(reason)) => {
+                    tracing::warn!(volume = %name, "{reason}; rescanning the volume");
+                    node.stats.watch_rescans.fetch_add(1, Ordering::Relaxed);
+                    debouncer.lost(std::time::Instant::now());
+                }
+                Some(Signal::WatchLimit) => {
+                    let root = node.volumes[index].fs.root_path();
+                    tracing::warn!(volume = %name, "{}; falling back to a full rescan every {}", WatchError::limit(root), humantime::format_duration(heartbeat));
+                    watched = None;
+                    debouncer.lost(std::time::Instant::now());
+                }
+                None => {
+                    tracing::warn!(volume = %name, "the file watcher stopped; falling back to a full rescan every {}", humantime::format_duration(heartbeat));
+                    watched = None;
+                    debouncer.lost(std::time::Instant::now());
+                }
+            },
+            _ = tokio::time::sleep_until(due.unwrap_or(next_full)), if due.is_some() && scan.is_none() => {
+                if let Some(request) = debouncer.take_ready(std::time::Instant::now()) {
+                    if matches!(request.scope, ScanScope::Dirs(_)) {
+                        node.stats.watch_scans.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let options = ScanOptions { scope: request.scope, hold: request.hold, ..ScanOptions::default() };
+                    scan = Some(spawn_rescan(&node, index, options));
+                }
+            }
+            _ = tokio::time::sleep_until(next_full), if scan.is_none() => {
+                next_full = Instant::now() + heartbeat;
+                let hold = debouncer.held(std::time::Instant::now());
+                scan = Some(spawn_rescan(&node, index, ScanOptions { hold, ..ScanOptions::default() }));
+            }
+            _ = async { scan.as_mut().expect("guarded").await }, if scan.is_some() => scan = None,
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    if let Some(scan) = scan {
+        let _ = scan.await;
+    }
+}
+
+fn spawn_rescan(
+    node: &Arc<Node>,
+    index: usize,
+    options: ScanOptions,
+) -> tokio::task::JoinHandle<()> {
+    let node = node.clone();
+    tokio::spawn(async move {
+        if let Err(e) = rescan(&node, index, options).await {
+            tracing::error!("rescan of {} failed: {e:#}", node.volumes[index].name);
+        }
+    })
+}
+
+async fn next_signal(watched: &mut WatchedVolume) -> Option<Signal> {
+    match watched {
+        Some((_, signals)) => signals.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Keeps one peer connected and pulls from it.
@@ -308,6 +420,9 @@ async fn connect(
     Ok(connection)
 }
 
+/// How soon a pull that left files unfinished is tried again.
+const RETRY_INCOMPLETE: Duration = Duration::from_secs(2);
+
 /// Pulls from a connected peer on connect, on notify and every heartbeat. Returns why it
 /// stopped: `None` for shutdown.
 async fn sync_with(
@@ -317,12 +432,15 @@ async fn sync_with(
     stop: &mut watch::Receiver<bool>,
 ) -> Option<SyncError> {
     loop {
+        let mut incomplete = false;
         for index in 0..node.volumes.len() {
             let name = node.volumes[index].name.clone();
             if !peer.shares(&name) {
                 continue;
             }
-            match pull::pull_volume(node, peer, index).await {
+            let pulled = pull::pull_volume(node, peer, index).await;
+            incomplete |= pulled.as_ref().is_ok_and(|r| r.incomplete > 0);
+            match pulled {
                 Ok(report) if report.changed() => {
                     tracing::info!(peer = %peer.addr, volume = %name, applied = report.applied, deleted = report.deleted, conflicts = report.conflicts, "pulled");
                     node.notify_peers(&name).await;
@@ -332,8 +450,13 @@ async fn sync_with(
                 Err(e) => tracing::warn!(peer = %peer.addr, volume = %name, "pull failed: {e}"),
             }
         }
+        let next_round = if incomplete {
+            heartbeat.min(RETRY_INCOMPLETE)
+        } else {
+            heartbeat
+        };
         tokio::select! {
-            _ = tokio::time::sleep(heartbeat) => {}
+            _ = tokio::time::sleep(next_round) => {}
             _ = peer.wake.notified() => {}
             _ = stop.wait_for(|s| *s) => return None,
         }

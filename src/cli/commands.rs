@@ -57,6 +57,7 @@ pub fn scan(settings: &Settings, threads: usize, json: bool) -> anyhow::Result<O
         let options = ScanOptions {
             threads,
             progress: progress.clone(),
+            ..ScanOptions::default()
         };
         let report = scan_volume(&store, name, &settings.volume_dir(name), &options)?;
         if let Some(bar) = progress {
@@ -272,16 +273,18 @@ pub fn verify(settings: &Settings, json: bool) -> anyhow::Result<Outcome> {
     })
 }
 
-pub fn serve(
-    settings: Settings,
-    listen: std::net::SocketAddr,
-    peers: Vec<String>,
-    credentials: std::path::PathBuf,
-    http: &str,
-    heartbeat: u64,
-    tombstone_days: u64,
-) -> anyhow::Result<Outcome> {
-    let http = match http {
+pub fn serve(settings: Settings, args: super::ServeArgs) -> anyhow::Result<Outcome> {
+    let super::ServeArgs {
+        listen,
+        peers,
+        credentials,
+        http,
+        heartbeat,
+        debounce_ms,
+        tombstone_days,
+        ..
+    } = args;
+    let http = match http.as_str() {
         "off" | "" => None,
         addr => Some(
             addr.parse()
@@ -305,6 +308,7 @@ pub fn serve(
         credentials,
         http,
         heartbeat: Duration::from_secs(heartbeat),
+        debounce: Duration::from_millis(debounce_ms),
         tombstone_retention: Duration::from_secs(tombstone_days.saturating_mul(86_400)),
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;

@@ -112,6 +112,15 @@ struct ServeArgs {
     #[arg(long, env = "HEARTBEAT", value_name = "SECONDS", default_value_t = 25)]
     heartbeat: u64,
 
+    /// Milliseconds a changed name must be quiet before it is scanned and announced.
+    #[arg(
+        long,
+        env = "SHOAL_DEBOUNCE_MS",
+        value_name = "MS",
+        default_value_t = 200
+    )]
+    debounce_ms: u64,
+
     /// Chunk sizes MIN/AVG/MAX for a new store.
     #[arg(long, env = "SHOAL_CHUNK_SIZES", value_name = "MIN/AVG/MAX")]
     chunk_sizes: Option<String>,
@@ -127,7 +136,7 @@ struct ServeArgs {
 }
 
 /// Where the volumes and the store are.
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 struct Locations {
     /// Directory holding one sub-directory per volume.
     #[arg(long, env = "SHOAL_DATA_ROOT", value_name = "DIR")]
@@ -268,16 +277,8 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             None => commands::status(&settings(cli.config, args.locations, None)?, args.json),
         },
         Command::Serve(args) => {
-            let settings = settings(cli.config, args.locations, args.chunk_sizes)?;
-            commands::serve(
-                settings,
-                args.listen,
-                args.peers,
-                args.credentials,
-                &args.http,
-                args.heartbeat,
-                args.tombstone_days,
-            )
+            let settings = settings(cli.config, args.locations.clone(), args.chunk_sizes.clone())?;
+            commands::serve(settings, args)
         }
         Command::Cluster(ClusterCommand::Init { out }) => commands::cluster_init(&out),
         Command::Verify(args) => {

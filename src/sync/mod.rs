@@ -46,6 +46,12 @@ pub struct Stats {
     pub conflicts: AtomicU64,
     pub rejected_chunks: AtomicU64,
     pub local_changes_published: AtomicU64,
+    /// Names added, changed or deleted by local scans (never by applying a peer's change).
+    pub local_changes: AtomicU64,
+    /// Narrow scans started by the file watcher.
+    pub watch_scans: AtomicU64,
+    /// Whole-volume rescans because watcher events were lost.
+    pub watch_rescans: AtomicU64,
 }
 
 /// What this node knows of one configured peer.
@@ -110,14 +116,17 @@ pub struct Node {
 
 /// Fault injection for tests of the *other* side: a node told to misbehave, so that its
 /// peers' defences can be checked against a real process. Set from the environment
-/// (`SHOAL_FAULT_CORRUPT_CHUNKS=1`, `SHOAL_FAULT_HOSTILE_NAMES=1`); never set in
-/// production.
+/// (`SHOAL_FAULT_CORRUPT_CHUNKS=1`, `SHOAL_FAULT_HOSTILE_NAMES=1`,
+/// `SHOAL_FAULT_WATCH_QUEUE=N`); never set in production.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Faults {
     /// Flip a byte of every chunk sent.
     pub corrupt_chunks: bool,
     /// Answer every entry listing with names that try to leave the volume.
     pub hostile_names: bool,
+    /// Shrink the file watcher's event queue, so that a burst overflows it as the
+    /// kernel's queue overflows under load.
+    pub watch_queue: Option<usize>,
 }
 
 impl Faults {
@@ -126,8 +135,11 @@ impl Faults {
         let faults = Faults {
             corrupt_chunks: set("SHOAL_FAULT_CORRUPT_CHUNKS"),
             hostile_names: set("SHOAL_FAULT_HOSTILE_NAMES"),
+            watch_queue: std::env::var("SHOAL_FAULT_WATCH_QUEUE")
+                .ok()
+                .and_then(|v| v.parse().ok()),
         };
-        if faults.corrupt_chunks || faults.hostile_names {
+        if faults.corrupt_chunks || faults.hostile_names || faults.watch_queue.is_some() {
             tracing::warn!(
                 ?faults,
                 "FAULT INJECTION ENABLED: this node misbehaves on purpose (testing only)"
@@ -221,6 +233,9 @@ impl Node {
                 conflicts: load(&self.stats.conflicts),
                 rejected_chunks: load(&self.stats.rejected_chunks),
                 local_changes_published: load(&self.stats.local_changes_published),
+                local_changes: load(&self.stats.local_changes),
+                watch_scans: load(&self.stats.watch_scans),
+                watch_rescans: load(&self.stats.watch_rescans),
             },
         }
     }
@@ -260,6 +275,9 @@ pub struct Totals {
     pub conflicts: u64,
     pub rejected_chunks: u64,
     pub local_changes_published: u64,
+    pub local_changes: u64,
+    pub watch_scans: u64,
+    pub watch_rescans: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -26,6 +26,9 @@ pub struct Cluster {
     children: Vec<Option<Child>>,
     pub extra_env: Vec<Vec<(String, String)>>,
     pub credentials: Vec<PathBuf>,
+    /// Seconds between full rescans and pull rounds: long, to show that only the file
+    /// watcher can explain a change arriving.
+    pub heartbeat: u64,
 }
 
 impl Cluster {
@@ -50,6 +53,7 @@ impl Cluster {
             children: (0..size).map(|_| None).collect(),
             extra_env: vec![Vec::new(); size],
             credentials: vec![creds; size],
+            heartbeat: 1,
         }
     }
 
@@ -83,7 +87,7 @@ impl Cluster {
             .args(["--listen", &format!("{}:7029", self.ip(i))])
             .args(["--http", &format!("{}:7030", self.ip(i))])
             .args(["--credentials", self.credentials[i].to_str().unwrap()])
-            .args(["--heartbeat", "1"])
+            .args(["--heartbeat", &self.heartbeat.to_string()])
             .env_remove("SYNC_VOLUMES")
             .env_remove("SHOAL_PEERS")
             .env("SHOAL_LOG", "info")
@@ -149,6 +153,29 @@ impl Cluster {
     pub fn total(&self, i: usize, counter: &str) -> u64 {
         self.status(i)
             .map_or(0, |s| s["totals"][counter].as_u64().unwrap_or(0))
+    }
+
+    /// Waits until every node has a connection to every other node.
+    pub fn wait_connected(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        for i in 0..self.size {
+            loop {
+                let connected = self.status(i).is_some_and(|s| {
+                    s["peers"]
+                        .as_array()
+                        .is_some_and(|p| p.iter().all(|p| p["connected"] == true))
+                });
+                if connected {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "node {i} not connected to all peers in {timeout:?}:\n{}",
+                    tail(&self.log(i), 30)
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
     }
 
     /// Waits until the nodes' roots are equal and their trees on disk too.

@@ -1,0 +1,426 @@
+//! The file watcher: turns file system events in a volume into narrow scans.
+//!
+//! [`VolumeWatcher`] runs `notify` on the volume (recursive inotify: one watch per
+//! directory, a new directory gets its watch when its creation is seen). Events cross a
+//! bounded queue to the volume's task in [`crate::serve`], which feeds them to a
+//! [`Debouncer`]:
+//!
+//! - Events are coalesced per name. A name is *ready* once it has been quiet for the
+//!   debounce window, unless it is being written (data written, no `close` since): then
+//!   it waits for the close, or for [`WRITER_PATIENCE`] of silence. A large copy in
+//!   progress is thus published once, complete, not shipped again and again.
+//! - The directories of ready names are scanned ([`ScanScope::Dirs`]) with the names not
+//!   yet ready held back. A directory new to the index is scanned whole, which also picks
+//!   up files written into it before its watch existed.
+//! - Lost events (the kernel's queue overflowed, ours did, or the watcher failed) mean a
+//!   rescan of the whole volume. Hitting the inotify watch limit turns the watcher off
+//!   with a warning; the heartbeat rescans then carry the volume alone.
+//!
+//! Shoal's own writes do not echo: its staging files live in `.shoal/`, which is ignored
+//! here, and sync records the stamp of each file it publishes in the same index batch,
+//! under the volume lock, so the scan that the rename triggers finds nothing changed.
+//!
+//! `notify` 8.2 rather than 9: 8.x is the stable line. What 9 adds (reporting
+//! subdirectories created before their watch existed; never leaving a recursive watch
+//! silently partial) is covered here by scanning new directories whole and by treating
+//! the watch-limit error as fatal to the watcher.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+use crate::pathname::VolPath;
+use crate::scan::{Depth, IGNORE_FILE, ScanScope};
+
+/// Default quiet time before a changed name is scanned.
+pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// How long a file being written (no `close` seen) must be quiet before it is scanned
+/// anyway: a writer that keeps its file open (a database, a log) still gets synced.
+pub const WRITER_PATIENCE: Duration = Duration::from_secs(10);
+
+/// The longest a name that never goes quiet is held back.
+pub const MAX_HOLD: Duration = Duration::from_secs(60);
+
+/// Events queued between the watcher thread and the volume's task; beyond this they are
+/// dropped and the volume is rescanned, as after a kernel queue overflow.
+pub const DEFAULT_QUEUE: usize = 65_536;
+
+/// What the watcher reports.
+#[derive(Debug)]
+pub enum Signal {
+    Changed {
+        path: VolPath,
+        change: Change,
+    },
+    /// Events were lost: only a rescan of the whole volume is sure to see everything.
+    Lost(String),
+    /// The inotify watch limit was hit; the watcher no longer covers the volume.
+    WatchLimit,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// File data was written (the file may still be open for writing).
+    Written,
+    /// A file open for writing was closed.
+    Closed,
+    /// Anything else: created, deleted, renamed, metadata.
+    Other,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error(
+        "the inotify watch limit (fs.inotify.max_user_watches = {limit}) is too low to watch {root}; raise it on the host, e.g. `sysctl -w fs.inotify.max_user_watches={suggested}`"
+    )]
+    Limit {
+        root: PathBuf,
+        limit: String,
+        suggested: String,
+    },
+    #[error("cannot watch {root}: {source}")]
+    Other {
+        root: PathBuf,
+        source: notify::Error,
+    },
+}
+
+/// A running watch on one volume; dropping it stops the watch.
+pub struct VolumeWatcher {
+    _watcher: RecommendedWatcher,
+    overflowed: Arc<AtomicBool>,
+}
+
+impl VolumeWatcher {
+    /// Watches `root` recursively; `queue` bounds the events waiting to be taken.
+    pub fn start(root: &Path, queue: usize) -> Result<(Self, mpsc::Receiver<Signal>), WatchError> {
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        let overflowed = Arc::new(AtomicBool::new(false));
+        let handler = EventHandler {
+            root: root.to_path_buf(),
+            tx,
+            overflowed: overflowed.clone(),
+        };
+        let mut watcher = notify::recommended_watcher(move |event| handler.handle(event))
+            .map_err(|source| watch_error(root, source))?;
+        watcher
+            .watch(root, RecursiveMode::Recursive)
+            .map_err(|source| watch_error(root, source))?;
+        Ok((
+            VolumeWatcher {
+                _watcher: watcher,
+                overflowed,
+            },
+            rx,
+        ))
+    }
+
+    /// Whether events were dropped because the queue was full (cleared by the call).
+    pub fn take_overflow(&self) -> bool {
+        self.overflowed.swap(false, Ordering::Relaxed)
+    }
+}
+
+fn watch_error(root: &Path, source: notify::Error) -> WatchError {
+    if matches!(source.kind, notify::ErrorKind::MaxFilesWatch) {
+        WatchError::limit(root)
+    } else {
+        WatchError::Other {
+            root: root.to_path_buf(),
+            source,
+        }
+    }
+}
+
+impl WatchError {
+    /// The watch limit was hit watching `root`: says what the limit is and how to raise it.
+    pub fn limit(root: &Path) -> Self {
+        let limit = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "?".into());
+        let suggested = limit
+            .parse::<u64>()
+            .map_or("1048576".into(), |n| (n.max(8192) * 4).to_string());
+        WatchError::Limit {
+            root: root.to_path_buf(),
+            limit,
+            suggested,
+        }
+    }
+}
+
+/// Runs on notify's thread: filters and translates events, never blocks.
+struct EventHandler {
+    root: PathBuf,
+    tx: mpsc::Sender<Signal>,
+    overflowed: Arc<AtomicBool>,
+}
+
+impl EventHandler {
+    fn handle(&self, event: notify::Result<notify::Event>) {
+        let event = match event {
+            Ok(event) => event,
+            Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
+                return self.send(Signal::WatchLimit);
+            }
+            Err(e) => return self.send(Signal::Lost(format!("the watcher failed: {e}"))),
+        };
+        if event.need_rescan() {
+            return self.send(Signal::Lost("the kernel's event queue overflowed".into()));
+        }
+        let change = match event.kind {
+            // Opening or reading changes nothing (and our own scans and peers' reads
+            // would otherwise wake us).
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => Change::Closed,
+            EventKind::Access(_) => return,
+            EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => Change::Written,
+            _ => Change::Other,
+        };
+        for path in &event.paths {
+            if let Some(path) = self.volume_path(path) {
+                self.send(Signal::Changed { path, change });
+            }
+        }
+    }
+
+    /// The path inside the volume; `None` for Shoal's own directory or outside.
+    fn volume_path(&self, path: &Path) -> Option<VolPath> {
+        let relative = path.strip_prefix(&self.root).ok()?;
+        let path = VolPath::parse(relative.as_os_str().as_bytes()).ok()?;
+        (!path.is_shoal_internal()).then_some(path)
+    }
+
+    fn send(&self, signal: Signal) {
+        if self.tx.try_send(signal).is_err() {
+            self.overflowed.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Coalesces changes per name and says when, and what, to scan.
+pub struct Debouncer {
+    window: Duration,
+    names: HashMap<VolPath, NameState>,
+    /// Events were lost: the next scan covers everything.
+    everything: bool,
+    /// When to look again; `None` when nothing is waiting.
+    due: Option<Instant>,
+}
+
+struct NameState {
+    first: Instant,
+    last: Instant,
+    writing: bool,
+}
+
+/// One scan the debouncer asks for.
+#[derive(Debug)]
+pub struct ScanRequest {
+    pub scope: ScanScope,
+    /// Names not ready yet: the scan must leave them alone.
+    pub hold: HashSet<VolPath>,
+}
+
+impl Debouncer {
+    pub fn new(window: Duration) -> Self {
+        Debouncer {
+            window,
+            names: HashMap::new(),
+            everything: false,
+            due: None,
+        }
+    }
+
+    pub fn record(&mut self, path: VolPath, change: Change, now: Instant) {
+        let state = self.names.entry(path).or_insert(NameState {
+            first: now,
+            last: now,
+            writing: false,
+        });
+        state.last = now;
+        match change {
+            Change::Written => state.writing = true,
+            Change::Closed => state.writing = false,
+            Change::Other => {}
+        }
+        self.due.get_or_insert(now + self.window);
+    }
+
+    /// Events were lost: rescan everything once the current burst is quiet.
+    pub fn lost(&mut self, now: Instant) {
+        self.everything = true;
+        self.due.get_or_insert(now + self.window);
+    }
+
+    pub fn due(&self) -> Option<Instant> {
+        self.due
+    }
+
+    /// Names that are not ready, for a scan that does not come from here (the heartbeat).
+    pub fn held(&self, now: Instant) -> HashSet<VolPath> {
+        self.names
+            .iter()
+            .filter(|(_, state)| !self.is_ready(state, now))
+            .map(|(path, _)| path.clone())
+            .collect()
+    }
+
+    fn is_ready(&self, state: &NameState, now: Instant) -> bool {
+        let quiet = now.saturating_duration_since(state.last);
+        let settled = quiet >= self.window && (!state.writing || quiet >= WRITER_PATIENCE);
+        settled || now.saturating_duration_since(state.first) >= MAX_HOLD
+    }
+
+    /// The scan to run now, if anything is ready; forgets the names it covers.
+    pub fn take_ready(&mut self, now: Instant) -> Option<ScanRequest> {
+        let mut dirs: BTreeMap<VolPath, Depth> = BTreeMap::new();
+        let mut next: Option<Instant> = None;
+        let mut hold = HashSet::new();
+        let window = self.window;
+        let ready: Vec<VolPath> = self
+            .names
+            .iter()
+            .filter_map(|(path, state)| {
+                if self.is_ready(state, now) {
+                    return Some(path.clone());
+                }
+                let settles = if state.writing {
+                    state.last + WRITER_PATIENCE
+                } else {
+                    state.last + window
+                };
+                let when = settles.min(state.first + MAX_HOLD);
+                next = Some(next.map_or(when, |n| n.min(when)));
+                hold.insert(path.clone());
+                None
+            })
+            .collect();
+        for path in ready {
+            self.names.remove(&path);
+            let (dir, depth) = match path.split_last() {
+                // New ignore rules change what is synced below their directory.
+                Some((dir, name)) if name == IGNORE_FILE.as_bytes() => (dir, Depth::Subtree),
+                Some((dir, _)) => (dir, Depth::Names),
+                None => (VolPath::root(), Depth::Names),
+            };
+            let merged = dirs.get(&dir).map_or(depth, |d| (*d).max(depth));
+            dirs.insert(dir, merged);
+        }
+        self.due = next;
+        let scope = if std::mem::take(&mut self.everything) {
+            ScanScope::Everything
+        } else if dirs.is_empty() {
+            return None;
+        } else {
+            ScanScope::Dirs(dirs)
+        };
+        Some(ScanRequest { scope, hold })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path(p: &str) -> VolPath {
+        VolPath::parse(p.as_bytes()).unwrap()
+    }
+
+    fn dirs(request: &ScanRequest) -> Vec<(String, Depth)> {
+        match &request.scope {
+            ScanScope::Dirs(dirs) => dirs
+                .iter()
+                .map(|(d, depth)| (d.display().to_string(), *depth))
+                .collect(),
+            ScanScope::Everything => panic!("expected directories"),
+        }
+    }
+
+    const WINDOW: Duration = Duration::from_millis(200);
+
+    #[test]
+    fn coalesces_a_burst_into_one_scan_of_its_directories() {
+        let t0 = Instant::now();
+        let mut d = Debouncer::new(WINDOW);
+        for i in 0..100 {
+            let at = t0 + Duration::from_millis(i);
+            d.record(path(&format!("a/f{i}")), Change::Other, at);
+            d.record(path(&format!("a/f{i}")), Change::Written, at);
+            d.record(path(&format!("a/f{i}")), Change::Closed, at);
+        }
+        d.record(path("top"), Change::Other, t0);
+        assert_eq!(d.due(), Some(t0 + WINDOW));
+        let first = d.take_ready(t0 + WINDOW).unwrap();
+        // Only what has been quiet for the window is scanned; the rest is held.
+        assert_eq!(
+            dirs(&first),
+            [("/".into(), Depth::Names), ("a".into(), Depth::Names)]
+        );
+        assert_eq!(first.hold.len(), 99);
+        assert_eq!(d.due(), Some(t0 + Duration::from_millis(1) + WINDOW));
+        let second = d
+            .take_ready(t0 + Duration::from_millis(99) + WINDOW)
+            .unwrap();
+        assert_eq!(dirs(&second), [("a".into(), Depth::Names)]);
+        assert!(second.hold.is_empty());
+        assert_eq!(d.due(), None);
+        assert!(d.take_ready(t0 + Duration::from_secs(5)).is_none());
+    }
+
+    #[test]
+    fn a_file_being_written_waits_for_its_close() {
+        let t0 = Instant::now();
+        let mut d = Debouncer::new(WINDOW);
+        d.record(path("big"), Change::Other, t0);
+        d.record(path("big"), Change::Written, t0);
+        // The writer pauses longer than the window, without closing.
+        let paused = t0 + WINDOW * 3;
+        let request = d.take_ready(paused);
+        assert!(request.is_none());
+        assert_eq!(d.held(paused).len(), 1);
+        d.record(path("big"), Change::Written, paused);
+        d.record(path("big"), Change::Closed, paused);
+        assert!(d.take_ready(paused + WINDOW / 2).is_none());
+        let request = d.take_ready(paused + WINDOW).unwrap();
+        assert_eq!(dirs(&request), [("/".into(), Depth::Names)]);
+        // A writer that never closes is scanned after the patience runs out.
+        d.record(path("db"), Change::Written, t0);
+        assert!(d.take_ready(t0 + WRITER_PATIENCE / 2).is_none());
+        assert!(d.take_ready(t0 + WRITER_PATIENCE).is_some());
+    }
+
+    #[test]
+    fn a_name_that_never_goes_quiet_is_scanned_after_the_longest_hold() {
+        let t0 = Instant::now();
+        let mut d = Debouncer::new(WINDOW);
+        let mut at = t0;
+        while at < t0 + MAX_HOLD {
+            d.record(path("log"), Change::Written, at);
+            assert!(d.take_ready(at).is_none());
+            at += Duration::from_secs(1);
+        }
+        d.record(path("log"), Change::Written, at);
+        assert!(d.take_ready(at).is_some());
+    }
+
+    #[test]
+    fn lost_events_and_ignore_rules_widen_the_scan() {
+        let t0 = Instant::now();
+        let mut d = Debouncer::new(WINDOW);
+        d.record(path("a/b/.shoalignore"), Change::Other, t0);
+        d.record(path("a/b/c"), Change::Other, t0);
+        let request = d.take_ready(t0 + WINDOW).unwrap();
+        assert_eq!(dirs(&request), [("a/b".into(), Depth::Subtree)]);
+        d.lost(t0);
+        let request = d.take_ready(t0 + WINDOW).unwrap();
+        assert!(matches!(request.scope, ScanScope::Everything));
+    }
+}

@@ -1,0 +1,235 @@
+//! Issue acceptance for live mode: three real `shoal serve` processes whose heartbeat is
+//! an hour, so only the file watcher can explain a change arriving.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::cluster::*;
+use crate::util::{random_bytes, write_file};
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+/// Three running, connected nodes with empty volumes and no periodic rounds.
+fn live_cluster(configure: impl FnOnce(&mut Cluster)) -> Cluster {
+    let mut c = Cluster::new(3);
+    c.heartbeat = 3600;
+    configure(&mut c);
+    c.start_all();
+    c.wait_connected(CONVERGE);
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    c
+}
+
+/// Nodes 1 and 2 only received: their scans found nothing of their own to announce.
+fn assert_no_echo(c: &Cluster) {
+    for i in [1, 2] {
+        assert_eq!(
+            c.total(i, "local_changes"),
+            0,
+            "node {i} re-published what it received:\n{}",
+            c.log(i)
+        );
+    }
+}
+
+/// A change to make on a node, and its name for failure messages.
+type Step<'a> = (&'static str, Box<dyn Fn() + 'a>);
+
+#[test]
+fn every_kind_of_change_on_one_node_reaches_the_others_without_a_trigger() {
+    let c = live_cluster(|_| {});
+    let a = c.vol(0);
+    let outside = c.dir.path().join("outside");
+    let steps: Vec<Step> = vec![
+        (
+            "create",
+            Box::new(|| write_file(&a.join("notes.txt"), b"first draft")),
+        ),
+        (
+            "modify",
+            Box::new(|| fs::write(a.join("notes.txt"), b"second draft").unwrap()),
+        ),
+        (
+            "append",
+            Box::new(|| {
+                let mut f = fs::OpenOptions::new()
+                    .append(true)
+                    .open(a.join("notes.txt"))
+                    .unwrap();
+                f.write_all(b", appended").unwrap();
+            }),
+        ),
+        (
+            "rename",
+            Box::new(|| fs::rename(a.join("notes.txt"), a.join("renamed.txt")).unwrap()),
+        ),
+        (
+            "chmod",
+            Box::new(|| {
+                fs::set_permissions(a.join("renamed.txt"), fs::Permissions::from_mode(0o600))
+                    .unwrap()
+            }),
+        ),
+        (
+            "symlink",
+            Box::new(|| symlink("renamed.txt", a.join("link")).unwrap()),
+        ),
+        (
+            "mkdir -p and fill",
+            Box::new(|| {
+                fs::create_dir_all(a.join("deep/er/still")).unwrap();
+                for i in 0..20 {
+                    write_file(
+                        &a.join(format!("deep/er/still/f{i}")),
+                        &random_bytes(5000, i),
+                    );
+                }
+            }),
+        ),
+        (
+            "move a directory within the volume",
+            Box::new(|| fs::rename(a.join("deep/er"), a.join("moved")).unwrap()),
+        ),
+        (
+            "move a directory in from outside",
+            Box::new(|| {
+                for i in 0..5 {
+                    write_file(
+                        &outside.join(format!("in/sub/g{i}")),
+                        &random_bytes(3000, 50 + i),
+                    );
+                }
+                fs::rename(outside.join("in"), a.join("came-in")).unwrap();
+            }),
+        ),
+        (
+            "move a directory out",
+            Box::new(|| fs::rename(a.join("moved"), outside.join("went-out")).unwrap()),
+        ),
+        (
+            "delete a file",
+            Box::new(|| fs::remove_file(a.join("link")).unwrap()),
+        ),
+        (
+            "rm -rf a large tree",
+            Box::new(|| {
+                for d in 0..10 {
+                    for f in 0..100 {
+                        write_file(&a.join(format!("tree/d{d}/f{f}")), &[d as u8, f as u8]);
+                    }
+                }
+            }),
+        ),
+        (
+            "rm -rf a large tree (delete)",
+            Box::new(|| fs::remove_dir_all(a.join("tree")).unwrap()),
+        ),
+    ];
+    for (what, step) in steps {
+        step();
+        c.wait_converged(&[0, 1, 2], CONVERGE);
+        let on_a = snapshot(&a);
+        assert_eq!(snapshot(&c.vol(1)), on_a, "after {what}");
+        assert_eq!(snapshot(&c.vol(2)), on_a, "after {what}");
+    }
+    let names = names(&c.vol(2));
+    assert!(names.contains(&"renamed.txt".to_string()), "{names:?}");
+    assert!(names.contains(&"came-in/sub/g4".to_string()), "{names:?}");
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.starts_with("moved") || n.starts_with("tree"))
+    );
+    assert_eq!(
+        fs::read(c.vol(1).join("renamed.txt")).unwrap(),
+        b"second draft, appended"
+    );
+    assert!(c.total(0, "watch_scans") > 0);
+    assert_no_echo(&c);
+}
+
+#[test]
+fn a_burst_of_ten_thousand_files_converges() {
+    let c = live_cluster(|_| {});
+    for i in 0..10_000u32 {
+        write_file(
+            &c.vol(0).join(format!("burst/d{}/f{i}", i % 10)),
+            format!("file {i}").as_bytes(),
+        );
+    }
+    c.wait_converged(&[0, 1, 2], Duration::from_secs(180));
+    assert_eq!(names(&c.vol(2)).len(), 10_000 + 10 + 1);
+    assert_no_echo(&c);
+}
+
+#[test]
+fn a_slow_copy_is_published_once_complete_and_never_torn() {
+    const SIZE: usize = 200 << 20;
+    let c = live_cluster(|_| {});
+    let content = Arc::new(random_bytes(SIZE, 7));
+    let stop = Arc::new(AtomicBool::new(false));
+    let torn = Arc::new(AtomicU64::new(0));
+    // Readers on the peers: whenever the file exists there, it is whole.
+    let readers: Vec<_> = [1, 2]
+        .into_iter()
+        .map(|i| {
+            let path = c.vol(i).join("big.bin");
+            let (stop, torn) = (stop.clone(), torn.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(meta) = fs::metadata(&path)
+                        && meta.len() != SIZE as u64
+                    {
+                        torn.fetch_add(1, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            })
+        })
+        .collect();
+    {
+        let mut file = fs::File::create(c.vol(0).join("big.bin")).unwrap();
+        for step in content.chunks(1 << 20) {
+            file.write_all(step).unwrap();
+            std::thread::sleep(Duration::from_millis(15));
+        }
+    }
+    c.wait_converged(&[0, 1, 2], Duration::from_secs(120));
+    stop.store(true, Ordering::Relaxed);
+    for reader in readers {
+        reader.join().unwrap();
+    }
+    assert_eq!(torn.load(Ordering::Relaxed), 0, "a peer saw a partial file");
+    for i in [1, 2] {
+        assert!(fs::read(c.vol(i).join("big.bin")).unwrap() == *content);
+        assert_eq!(
+            c.total(i, "files_applied"),
+            1,
+            "node {i} applied the file more than once"
+        );
+    }
+    assert_no_echo(&c);
+}
+
+#[test]
+fn lost_watcher_events_lead_to_a_rescan_and_convergence() {
+    // A watcher queue of 8 events stands in for the kernel's overflowing under load:
+    // the burst below loses events for real.
+    let c = live_cluster(|c| {
+        c.extra_env[0].push(("SHOAL_FAULT_WATCH_QUEUE".into(), "8".into()));
+    });
+    for i in 0..500u32 {
+        write_file(
+            &c.vol(0).join(format!("lost/f{i}")),
+            format!("file {i}").as_bytes(),
+        );
+    }
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    assert_eq!(names(&c.vol(1)).len(), 501);
+    assert!(c.total(0, "watch_rescans") >= 1, "{}", c.log(0));
+    assert_no_echo(&c);
+}
