@@ -79,6 +79,11 @@ pub struct ScanOptions {
     /// Names still being written: left exactly as indexed (not read, not deleted), for a
     /// later scan once they are quiet.
     pub hold: HashSet<VolPath>,
+    /// Renames the watcher saw, `(from, to)`: a file that appears under `to` with the
+    /// size, mtime, inode and device indexed for its old path under `from` takes that
+    /// path's chunk list instead of being read again (a moved directory of media is
+    /// not re-hashed). The old path must still be indexed: the scan covers both.
+    pub renamed: Vec<(VolPath, VolPath)>,
 }
 
 /// Which directories a scan lists.
@@ -194,6 +199,7 @@ pub fn scan_volume(
             in_flight: 0,
             progress: options.progress.clone(),
             hold: &options.hold,
+            renamed: &options.renamed,
             report: ScanReport {
                 volume: name.to_string(),
                 ..ScanReport::default()
@@ -410,6 +416,7 @@ struct Walker<'s> {
     in_flight: usize,
     progress: Option<ProgressBar>,
     hold: &'s HashSet<VolPath>,
+    renamed: &'s [(VolPath, VolPath)],
     report: ScanReport,
 }
 
@@ -424,7 +431,12 @@ impl<'s> Walker<'s> {
                 pending.push((VolPath::root(), IgnoreRules::none(), Depth::Subtree));
             }
             ScanScope::Dirs(dirs) => {
-                for (dir, depth) in self.start_dirs(dirs)? {
+                // Directories that received renamed names are walked first (pushed
+                // last), while the old names are still indexed to take content from.
+                let mut starts: Vec<(VolPath, Depth)> =
+                    self.start_dirs(dirs)?.into_iter().collect();
+                starts.sort_by_key(|(dir, _)| self.renamed.iter().any(|(_, to)| to.is_below(dir)));
+                for (dir, depth) in starts {
                     if let Some(rules) = self.rules_above(&dir) {
                         pending.push((dir, rules, depth));
                     }
@@ -696,6 +708,11 @@ impl<'s> Walker<'s> {
                 self.drop_if_kind_changed(dir, &item.name, old, |k| {
                     matches!(k, EntryKind::File { .. })
                 })?;
+                if stamp.is_none()
+                    && let Some(content) = self.content_before_rename(&path, &item.meta)?
+                {
+                    return self.record_file(dir, &item.name, content, &item.meta);
+                }
                 let job = HashJob {
                     dir: dir.clone(),
                     name: item.name,
@@ -921,6 +938,91 @@ impl<'s> Walker<'s> {
         }
     }
 
+    /// The content indexed for `path`'s old name, if the watcher saw it renamed and it is
+    /// the same file, unchanged (ctime aside: a rename sets it).
+    fn content_before_rename(
+        &self,
+        path: &VolPath,
+        meta: &Metadata,
+    ) -> Result<Option<ChunkedContent>, StoreError> {
+        let Some(old_path) = self.renamed.iter().find_map(|(from, to)| {
+            if path == to {
+                Some(from.clone())
+            } else if path.is_below(to) {
+                let suffix = &path.as_bytes()[to.as_bytes().len() + 1..];
+                VolPath::parse(&[from.as_bytes(), b"/", suffix].concat()).ok()
+            } else {
+                None
+            }
+        }) else {
+            return Ok(None);
+        };
+        let Some((old_dir, old_name)) = old_path.split_last() else {
+            return Ok(None);
+        };
+        let now = stamp_of(meta);
+        let same_file = self
+            .store
+            .stamp(self.vol, &old_dir, old_name)?
+            .is_some_and(|then| {
+                (then.size, then.mtime_ns, then.ino, then.dev)
+                    == (now.size, now.mtime_ns, now.ino, now.dev)
+            });
+        if !same_file {
+            return Ok(None);
+        }
+        let Some(Entry {
+            kind: EntryKind::File {
+                size, content_id, ..
+            },
+            ..
+        }) = self.store.entry(self.vol, &old_dir, old_name)?
+        else {
+            return Ok(None);
+        };
+        Ok(self
+            .store
+            .chunk_list(self.vol, &old_dir, old_name)?
+            .map(|chunks| ChunkedContent {
+                chunks,
+                size,
+                content_id,
+            }))
+    }
+
+    /// Writes a file's entry and chunk list if its content or metadata changed, and its
+    /// stamp.
+    fn record_file(
+        &mut self,
+        dir: &VolPath,
+        name: &[u8],
+        content: ChunkedContent,
+        meta: &Metadata,
+    ) -> Result<(), StoreError> {
+        let old = self.store.entry(self.vol, dir, name)?;
+        let kind = EntryKind::File {
+            size: content.size,
+            content_id: content.content_id,
+            chunks: content.chunks.len() as u32,
+        };
+        if let Some(entry) = self.entry_from(kind, meta, old.as_ref()) {
+            let old_chunks: Vec<ChunkRef> = match old.as_ref().map(|o| &o.kind) {
+                Some(EntryKind::File { .. }) => self
+                    .store
+                    .chunk_list(self.vol, dir, name)?
+                    .unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            self.count_change(old.as_ref());
+            self.batch.put_entry(self.vol, dir, name, &entry);
+            self.batch
+                .set_chunks(self.vol, dir, name, &content.chunks, &old_chunks);
+            self.batch.mark_dirty(self.vol, dir);
+        }
+        self.batch.put_stamp(self.vol, dir, name, &stamp_of(meta));
+        Ok(())
+    }
+
     fn on_hashed(&mut self, result: HashResult) -> Result<(), StoreError> {
         self.in_flight -= 1;
         let HashResult { dir, name, outcome } = result;
@@ -933,28 +1035,7 @@ impl<'s> Walker<'s> {
                     progress.inc(content.size);
                     progress.set_message(format!("{} files read", self.report.files_read));
                 }
-                let old = self.store.entry(self.vol, &dir, &name)?;
-                let kind = EntryKind::File {
-                    size: content.size,
-                    content_id: content.content_id,
-                    chunks: content.chunks.len() as u32,
-                };
-                if let Some(entry) = self.entry_from(kind, &meta, old.as_ref()) {
-                    let old_chunks: Vec<ChunkRef> = match old.as_ref().map(|o| &o.kind) {
-                        Some(EntryKind::File { .. }) => self
-                            .store
-                            .chunk_list(self.vol, &dir, &name)?
-                            .unwrap_or_default(),
-                        _ => Vec::new(),
-                    };
-                    self.count_change(old.as_ref());
-                    self.batch.put_entry(self.vol, &dir, &name, &entry);
-                    self.batch
-                        .set_chunks(self.vol, &dir, &name, &content.chunks, &old_chunks);
-                    self.batch.mark_dirty(self.vol, &dir);
-                }
-                self.batch
-                    .put_stamp(self.vol, &dir, &name, &stamp_of(&meta));
+                self.record_file(&dir, &name, content, &meta)?;
             }
             HashOutcome::Vanished => {
                 if let Some(old) = self

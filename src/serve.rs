@@ -277,6 +277,7 @@ async fn local_changes(
                 Some(Signal::Changed { path, change }) => {
                     debouncer.record(path, change, std::time::Instant::now());
                 }
+                Some(Signal::Renamed { from, to }) => debouncer.renamed(from, to),
                 Some(Signal::Lost(reason)) => {
                     tracing::warn!(volume = %name, "{reason}; rescanning the volume");
                     node.stats.watch_rescans.fetch_add(1, Ordering::Relaxed);
@@ -299,7 +300,12 @@ async fn local_changes(
                     if matches!(request.scope, ScanScope::Dirs(_)) {
                         node.stats.watch_scans.fetch_add(1, Ordering::Relaxed);
                     }
-                    let options = ScanOptions { scope: request.scope, hold: request.hold, ..ScanOptions::default() };
+                    let options = ScanOptions {
+                        scope: request.scope,
+                        hold: request.hold,
+                        renamed: request.renamed,
+                        ..ScanOptions::default()
+                    };
                     scan = Some(spawn_rescan(&node, index, options));
                 }
             }

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
@@ -59,6 +59,11 @@ pub enum Signal {
     Changed {
         path: VolPath,
         change: Change,
+    },
+    /// Both halves of a rename inside the volume (each also comes as `Changed`).
+    Renamed {
+        from: VolPath,
+        to: VolPath,
     },
     /// Events were lost: only a rescan of the whole volume is sure to see everything.
     Lost(String),
@@ -176,6 +181,14 @@ impl EventHandler {
         if event.need_rescan() {
             return self.send(Signal::Lost("the kernel's event queue overflowed".into()));
         }
+        if let (EventKind::Modify(ModifyKind::Name(RenameMode::Both)), [from, to]) =
+            (event.kind, event.paths.as_slice())
+        {
+            if let (Some(from), Some(to)) = (self.volume_path(from), self.volume_path(to)) {
+                self.send(Signal::Renamed { from, to });
+            }
+            return;
+        }
         let change = match event.kind {
             // Opening or reading changes nothing (and our own scans and peers' reads
             // would otherwise wake us).
@@ -213,7 +226,12 @@ pub struct Debouncer {
     everything: bool,
     /// When to look again; `None` when nothing is waiting.
     due: Option<Instant>,
+    /// Renames seen since the last scan, `(from, to)`.
+    renamed: Vec<(VolPath, VolPath)>,
 }
+
+/// Renames remembered between two scans; more are dropped (they only save re-reading).
+const MAX_RENAMES: usize = 10_000;
 
 struct NameState {
     first: Instant,
@@ -227,6 +245,8 @@ pub struct ScanRequest {
     pub scope: ScanScope,
     /// Names not ready yet: the scan must leave them alone.
     pub hold: HashSet<VolPath>,
+    /// Renames seen since the last scan, `(from, to)`.
+    pub renamed: Vec<(VolPath, VolPath)>,
 }
 
 impl Debouncer {
@@ -236,6 +256,13 @@ impl Debouncer {
             names: HashMap::new(),
             everything: false,
             due: None,
+            renamed: Vec::new(),
+        }
+    }
+
+    pub fn renamed(&mut self, from: VolPath, to: VolPath) {
+        if self.renamed.len() < MAX_RENAMES {
+            self.renamed.push((from, to));
         }
     }
 
@@ -322,7 +349,11 @@ impl Debouncer {
         } else {
             ScanScope::Dirs(dirs)
         };
-        Some(ScanRequest { scope, hold })
+        Some(ScanRequest {
+            scope,
+            hold,
+            renamed: std::mem::take(&mut self.renamed),
+        })
     }
 }
 

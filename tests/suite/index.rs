@@ -6,6 +6,7 @@ use std::os::unix::fs::{PermissionsExt, symlink};
 use shoal::entry::EntryKind;
 use shoal::ids::VolumeId;
 use shoal::pathname::VolPath;
+use shoal::scan::{Depth, ScanOptions, ScanReport, ScanScope, scan_volume};
 
 use crate::util::*;
 
@@ -275,4 +276,72 @@ fn tombstones_are_forgotten_after_their_retention() {
         before,
         "content root changed"
     );
+}
+
+/// The scan the watcher asks for: only the directories it names.
+fn narrow_scan(fx: &Fixture, dirs: &[&str], renamed: &[(&str, &str)]) -> ScanReport {
+    let path = |p: &str| VolPath::parse(p.as_bytes()).unwrap();
+    let options = ScanOptions {
+        scope: ScanScope::Dirs(dirs.iter().map(|d| (path(d), Depth::Names)).collect()),
+        renamed: renamed.iter().map(|(f, t)| (path(f), path(t))).collect(),
+        ..ScanOptions::default()
+    };
+    scan_volume(&fx.open(), "vol", &fx.volume(), &options).unwrap()
+}
+
+#[test]
+fn a_narrow_scan_matches_a_full_one_and_reads_only_what_it_must() {
+    let fx = Fixture::new();
+    for i in 0..20 {
+        fx.write(
+            &format!("media/set{}/clip{i}.bin", i % 2),
+            &random_bytes(40_000, i),
+        );
+    }
+    fx.write("other/untouched.txt", b"left alone");
+    fx.scan();
+
+    // A directory renamed: its files keep their inode, size and mtime, so with the
+    // watcher's rename hint nothing is read again.
+    fs::rename(fx.path("media/set0"), fx.path("media/moved")).unwrap();
+    let moved = narrow_scan(&fx, &["media"], &[("media/set0", "media/moved")]);
+    assert_eq!(moved.files_read, 0, "{moved:?}");
+    assert_eq!((moved.added, moved.deleted), (11, 11));
+
+    // A file edited after being renamed is read: the hint only saves work.
+    fs::rename(
+        fx.path("media/set1/clip1.bin"),
+        fx.path("media/set1/edited.bin"),
+    )
+    .unwrap();
+    fx.write("media/set1/edited.bin", b"new content");
+    // A directory created and filled is scanned whole from its parent.
+    fx.write("media/new/deep/file.txt", b"fresh");
+    let narrow = narrow_scan(
+        &fx,
+        &["media/set1", "media", "media/new/deep"],
+        &[("media/set1/clip1.bin", "media/set1/edited.bin")],
+    );
+    assert_eq!(narrow.files_read, 2, "{narrow:?}");
+
+    // Whatever the narrow scans did, a full scan finds nothing left to do and the same
+    // index a fresh store builds.
+    let full = fx.scan();
+    assert_eq!(
+        (full.added, full.modified, full.deleted, full.files_read),
+        (0, 0, 0, 0)
+    );
+    let fresh = Fixture::new();
+    fs::remove_dir(fresh.volume()).unwrap();
+    copy_tree(&fx.volume(), &fresh.volume());
+    assert_eq!(fresh.scan().root, full.root);
+}
+
+/// Copies a tree of directories and files, keeping mtimes and modes.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    let status = std::process::Command::new("cp")
+        .args(["-a", from.to_str().unwrap(), to.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success());
 }
