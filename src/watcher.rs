@@ -84,12 +84,13 @@ pub enum Change {
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
     #[error(
-        "the inotify watch limit (fs.inotify.max_user_watches = {limit}) is too low to watch {root}; raise it on the host, e.g. `sysctl -w fs.inotify.max_user_watches={suggested}`"
+        "the inotify watch limit ({setting} = {limit}) is too low to watch {root} (one watch per directory); raise it on the host, e.g. `sysctl -w {setting}={suggested}`"
     )]
     Limit {
         root: PathBuf,
-        limit: String,
-        suggested: String,
+        setting: &'static str,
+        limit: u64,
+        suggested: u64,
     },
     #[error("cannot watch {root}: {source}")]
     Other {
@@ -148,16 +149,29 @@ fn watch_error(root: &Path, source: notify::Error) -> WatchError {
 impl WatchError {
     /// The watch limit was hit watching `root`: says what the limit is and how to raise it.
     pub fn limit(root: &Path) -> Self {
-        let limit = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| "?".into());
-        let suggested = limit
-            .parse::<u64>()
-            .map_or("1048576".into(), |n| (n.max(8192) * 4).to_string());
+        // The system-wide limit, or the user namespace's own (a container's) if lower.
+        let read = |setting: &'static str| {
+            let file = format!("/proc/sys/{}", setting.replace('.', "/"));
+            let value = std::fs::read_to_string(file)
+                .ok()?
+                .trim()
+                .parse::<u64>()
+                .ok()?;
+            Some((value, setting))
+        };
+        let (limit, setting) = [
+            read("fs.inotify.max_user_watches"),
+            read("user.max_inotify_watches"),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or((8192, "fs.inotify.max_user_watches"));
         WatchError::Limit {
             root: root.to_path_buf(),
+            setting,
             limit,
-            suggested,
+            suggested: (limit.max(8192) * 4).min(u64::from(u32::MAX)),
         }
     }
 }

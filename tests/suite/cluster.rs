@@ -29,6 +29,8 @@ pub struct Cluster {
     /// Seconds between full rescans and pull rounds: long, to show that only the file
     /// watcher can explain a change arriving.
     pub heartbeat: u64,
+    /// A command line that node `i`'s `shoal serve ...` is appended to (and `exec`ed by).
+    pub wrapper: Vec<Vec<String>>,
 }
 
 impl Cluster {
@@ -54,6 +56,7 @@ impl Cluster {
             extra_env: vec![Vec::new(); size],
             credentials: vec![creds; size],
             heartbeat: 1,
+            wrapper: vec![Vec::new(); size],
         }
     }
 
@@ -78,7 +81,14 @@ impl Cluster {
             .append(true)
             .open(self.dir.path().join(format!("node{i}.log")))
             .unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_shoal"));
+        let mut command = match self.wrapper[i].split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(env!("CARGO_BIN_EXE_shoal"));
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_shoal")),
+        };
         command
             .arg("serve")
             .args(["--data-root", node.join("data").to_str().unwrap()])

@@ -233,3 +233,38 @@ fn lost_watcher_events_lead_to_a_rescan_and_convergence() {
     assert!(c.total(0, "watch_rescans") >= 1, "{}", c.log(0));
     assert_no_echo(&c);
 }
+
+#[test]
+fn the_inotify_watch_limit_gives_a_clear_warning_and_heartbeat_rescans() {
+    // A user namespace has its own watch limit: node 0 gets 3 watches, far fewer than
+    // its volume has directories. That is the real kernel limit, not a stand-in.
+    let mut c = Cluster::new(2);
+    for d in 0..10 {
+        write_file(&c.vol(0).join(format!("d{d}/f")), b"seed");
+    }
+    c.wrapper[0] = [
+        "unshare",
+        "--user",
+        "--map-root-user",
+        "sh",
+        "-c",
+        "echo 3 > /proc/sys/user/max_inotify_watches && exec \"$0\" \"$@\"",
+    ]
+    .map(String::from)
+    .to_vec();
+    c.start_all();
+    c.wait_converged(&[0, 1], CONVERGE);
+    let log = c.log(0);
+    assert!(
+        log.contains("the inotify watch limit (user.max_inotify_watches = 3)")
+            && log.contains("sysctl -w user.max_inotify_watches=")
+            && log.contains("falling back to a full rescan every 1s"),
+        "{log}"
+    );
+    write_file(
+        &c.vol(0).join("after.txt"),
+        b"found by the heartbeat rescan",
+    );
+    c.wait_converged(&[0, 1], CONVERGE);
+    assert!(c.vol(1).join("after.txt").exists());
+}
