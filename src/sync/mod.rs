@@ -310,9 +310,25 @@ pub struct Responses {
     limit: usize,
 }
 
+/// How long a peer may take to send the next frame of an answer. A live connection
+/// whose peer never answers would otherwise hold the volume lock of the pull waiting
+/// on it (QUIC keep-alives stop the idle timeout from ending it).
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Responses {
     pub async fn next(&mut self) -> Result<Option<Response>, SyncError> {
-        match protocol::read_frame(&mut self.recv, self.limit).await? {
+        let frame = tokio::time::timeout(
+            ANSWER_TIMEOUT,
+            protocol::read_frame(&mut self.recv, self.limit),
+        )
+        .await
+        .map_err(|_| {
+            SyncError::Connection(format!(
+                "the peer sent nothing for {} s",
+                ANSWER_TIMEOUT.as_secs()
+            ))
+        })??;
+        match frame {
             Some((kind, body)) => Ok(Some(Response::decode(kind, &body)?)),
             None => Ok(None),
         }
