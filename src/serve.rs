@@ -265,14 +265,15 @@ async fn local_changes(
     let mut debouncer = Debouncer::new(debounce);
     let mut next_full = Instant::now() + heartbeat;
     let mut scan: Option<tokio::task::JoinHandle<()>> = None;
+    let overflow = watched.as_ref().map(|(watcher, _)| watcher.overflow());
     loop {
-        if watched.as_ref().is_some_and(|(w, _)| w.take_overflow()) {
-            tracing::warn!(volume = %name, "file watcher queue overflowed; rescanning the volume");
-            node.stats.watch_rescans.fetch_add(1, Ordering::Relaxed);
-            debouncer.lost(std::time::Instant::now());
-        }
         let due = debouncer.due().map(Instant::from_std);
         tokio::select! {
+            _ = async { overflow.as_ref().expect("guarded").notified().await }, if overflow.is_some() && watched.is_some() => {
+                tracing::warn!(volume = %name, "file watcher queue overflowed; rescanning the volume");
+                node.stats.watch_rescans.fetch_add(1, Ordering::Relaxed);
+                debouncer.lost(std::time::Instant::now());
+            }
             signal = next_signal(&mut watched) => match signal {
                 Some(Signal::Changed { path, change }) => {
                     debouncer.record(path, change, std::time::Instant::now());

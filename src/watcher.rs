@@ -29,12 +29,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use crate::pathname::VolPath;
 use crate::scan::{Depth, IGNORE_FILE, ScanScope};
@@ -102,18 +101,21 @@ pub enum WatchError {
 /// A running watch on one volume; dropping it stops the watch.
 pub struct VolumeWatcher {
     _watcher: RecommendedWatcher,
-    overflowed: Arc<AtomicBool>,
+    overflow: Arc<Notify>,
 }
 
 impl VolumeWatcher {
     /// Watches `root` recursively; `queue` bounds the events waiting to be taken.
     pub fn start(root: &Path, queue: usize) -> Result<(Self, mpsc::Receiver<Signal>), WatchError> {
+        // Events name absolute paths under what is watched: watch the canonical root
+        // (not a relative path, not through a symlink) so they can be matched to it.
+        let root = &std::fs::canonicalize(root).map_err(|e| watch_error(root, e.into()))?;
         let (tx, rx) = mpsc::channel(queue.max(1));
-        let overflowed = Arc::new(AtomicBool::new(false));
+        let overflow = Arc::new(Notify::new());
         let handler = EventHandler {
             root: root.to_path_buf(),
             tx,
-            overflowed: overflowed.clone(),
+            overflow: overflow.clone(),
         };
         let mut watcher = notify::recommended_watcher(move |event| handler.handle(event))
             .map_err(|source| watch_error(root, source))?;
@@ -123,15 +125,16 @@ impl VolumeWatcher {
         Ok((
             VolumeWatcher {
                 _watcher: watcher,
-                overflowed,
+                overflow,
             },
             rx,
         ))
     }
 
-    /// Whether events were dropped because the queue was full (cleared by the call).
-    pub fn take_overflow(&self) -> bool {
-        self.overflowed.swap(false, Ordering::Relaxed)
+    /// Notified when events were dropped because the queue was full (a notification
+    /// sent while nobody waits is kept for the next wait).
+    pub fn overflow(&self) -> Arc<Notify> {
+        self.overflow.clone()
     }
 }
 
@@ -180,7 +183,7 @@ impl WatchError {
 struct EventHandler {
     root: PathBuf,
     tx: mpsc::Sender<Signal>,
-    overflowed: Arc<AtomicBool>,
+    overflow: Arc<Notify>,
 }
 
 impl EventHandler {
@@ -227,7 +230,7 @@ impl EventHandler {
 
     fn send(&self, signal: Signal) {
         if self.tx.try_send(signal).is_err() {
-            self.overflowed.store(true, Ordering::Relaxed);
+            self.overflow.notify_one();
         }
     }
 }
