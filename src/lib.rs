@@ -12,6 +12,7 @@
 //! - [`scan`]: walks a volume and brings its index up to date.
 //! - [`tree`]: the paged Merkle tree of each volume's namespace.
 //! - [`verify`]: checks index, packs and live files against each other.
+//! - [`repair`]: restores what verify finds damaged, from local copies or peers.
 //! - [`credentials`]: the cluster CA and node certificates (`shoal cluster init`).
 //! - [`transport`]: QUIC endpoints with mutual TLS.
 //! - [`protocol`]: the versioned wire messages and their framing.
@@ -33,6 +34,7 @@ pub mod http;
 pub mod ids;
 pub mod pathname;
 pub mod protocol;
+pub mod repair;
 pub mod scan;
 pub mod serve;
 pub mod store;
