@@ -433,9 +433,18 @@ fn a_repair_killed_midway_completes_when_run_again_and_leaves_nothing_partial() 
     .stderr(std::process::Stdio::null())
     .spawn()
     .unwrap();
-    std::thread::sleep(Duration::from_millis(700));
+    // Killed once it has begun writing: a staging file exists.
+    let staging_dir = c.vol(1).join(".shoal/staging");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while fs::read_dir(&staging_dir).map_or(true, |mut d| d.next().is_none())
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let running = child.try_wait().unwrap().is_none();
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     child.wait().unwrap();
+    assert!(running, "repair finished before it could be killed");
     // Whatever was published is whole: a file is there complete or not at all.
     for (i, content) in files.iter().enumerate() {
         if let Ok(data) = fs::read(c.vol(1).join(format!("f{i}.bin"))) {
