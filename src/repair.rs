@@ -272,6 +272,10 @@ fn plan(found: &VerifyReport, report: &mut RepairReport) {
                 "rescan",
                 "would have the file read again by the rescan".to_string(),
             ),
+            "type-changed" => (
+                "kept",
+                "replaced by another kind of entry: would be kept as a local change".to_string(),
+            ),
             _ if f.severity == Severity::Warning => continue,
             other => (
                 "left",
@@ -422,6 +426,12 @@ impl Repair<'_> {
                     damaged
                         .entry((volume.clone(), path.clone()))
                         .or_insert_with(|| f.problem.to_string());
+                }
+                // Another kind of entry where the index has a file (or the reverse):
+                // replaced while Shoal was stopped, an edit the rescan records.
+                (Some(volume), Some(_)) if f.problem == "type-changed" => {
+                    let detail = "replaced by another kind of entry: kept as a local change";
+                    self.done("kept", Some(volume), f.path.clone(), detail.into());
                 }
                 _ if f.severity == Severity::Damage
                     && f.file.is_some()
@@ -666,8 +676,12 @@ impl Repair<'_> {
             return Ok(());
         }
         let credentials = crate::credentials::Credentials::load(self.credentials)?;
-        let client =
-            crate::transport::client("0.0.0.0:0".parse().expect("an address"), &credentials)?;
+        let any = if self.node.peers.iter().any(|p| p.addr.is_ipv6()) {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        };
+        let client = crate::transport::client(SocketAddr::new(any, 0), &credentials)?;
         for peer in &self.node.peers {
             match crate::serve::connect(&self.node, peer, &client).await {
                 Ok(connection) => self.connections.push(connection),
