@@ -481,3 +481,55 @@ fn a_repair_killed_midway_completes_when_run_again_and_leaves_nothing_partial() 
         .collect();
     assert!(packs.is_empty(), "left in packs: {packs:?}");
 }
+
+#[test]
+fn verify_runs_beside_a_writer_and_says_so_while_repair_refuses() {
+    let fx = Fixture::new();
+    fx.write("a.txt", b"alpha");
+    fx.scan();
+    // This process holds the store open for writing, as `shoal serve` would.
+    let writer = fx.open();
+    let verified = fx.shoal("verify", &[]);
+    assert_eq!(verified.status.code(), Some(0), "{}", stderr(&verified));
+    assert!(
+        stderr(&verified).contains("locked by a running shoal"),
+        "{}",
+        stderr(&verified)
+    );
+    let refused = fx.shoal("repair", &["--volume", "vol"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(stderr(&refused).contains("in use"), "{}", stderr(&refused));
+    let refused = fx.shoal("repair", &["--volume", "vol", "--rebuild-index"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        fx.state().join("index/CURRENT").exists(),
+        "index left alone"
+    );
+    drop(writer);
+}
+
+#[test]
+fn verify_sample_checks_a_share_of_the_files_and_refuses_a_bad_percentage() {
+    let fx = Fixture::new();
+    for i in 0..400 {
+        fx.write(
+            &format!("d{}/f{i}.txt", i % 7),
+            format!("file {i}").as_bytes(),
+        );
+    }
+    fx.scan();
+    let out = fx.shoal("verify", &["--sample", "25", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let report = json(&out);
+    assert_eq!(report["sample_percent"], 25.0);
+    let checked = report["files_checked"].as_u64().unwrap();
+    assert!(
+        0 < checked && checked < 400,
+        "{checked} of 400 files checked"
+    );
+    for bad in ["0", "150", "-3", "NaN", "many"] {
+        let out = fx.shoal("verify", &["--sample", bad]);
+        assert_eq!(out.status.code(), Some(2), "--sample {bad}");
+        assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+    }
+}
