@@ -348,6 +348,7 @@ impl Repair<'_> {
         let store = &self.node.store;
         let mut batch = store.batch();
         let mut removed = Vec::new();
+        let mut lists = crate::verify::ChunkListCache::default();
         for item in store.all_chunk_locations() {
             let (id, location) = item?;
             if let ChunkLocation::Live {
@@ -356,7 +357,7 @@ impl Repair<'_> {
                 name,
                 extent,
             } = &location
-                && !crate::verify::live_location_holds(store, &id, *vol, dir, name, *extent)?
+                && !lists.holds(store, &id, *vol, dir, name, *extent)?
             {
                 batch.delete_location(&id, &location);
                 let path = dir.join(name).map(|p| p.display().to_string()).ok();

@@ -350,10 +350,7 @@ fn check_entry(
                 return Ok(None);
             }
             for chunk in &chunks {
-                let held = store.chunk_locations(&chunk.id)?.iter().any(|l| {
-                    matches!(l, ChunkLocation::Live { vol: v, dir: d, name: n, .. } if *v == vol && d == dir && n == name)
-                });
-                if !held {
+                if !store.has_live_location(&chunk.id, vol, dir, name)? {
                     damage(
                         "index-missing-location",
                         format!("chunk {} has no location record", chunk.id),
@@ -491,6 +488,7 @@ fn check_locations(
     sampler: &mut Sampler,
     report: &mut VerifyReport,
 ) -> Result<(), StoreError> {
+    let mut lists = ChunkListCache::default();
     for item in store.all_chunk_locations() {
         let (id, location) = item?;
         if !sampler.pick() {
@@ -508,7 +506,7 @@ fn check_locations(
         if v != vol {
             continue;
         }
-        if !live_location_holds(store, &id, vol, &dir, &name, extent)? {
+        if !lists.holds(store, &id, vol, &dir, &name, extent)? {
             let path = dir.join(&name).map(|p| p.display().to_string()).ok();
             report.findings.push(finding(Severity::Damage, "index-dangling-location", Some(volume), path, format!(
                 "the index says chunk {id} is at byte {} of this file, but the file's chunk list does not",
@@ -519,25 +517,57 @@ fn check_locations(
     Ok(())
 }
 
-/// Whether the chunk list of `dir/name` has chunk `id` at `extent`, as a live location
-/// record says.
-pub(crate) fn live_location_holds(
-    store: &Store,
-    id: &ChunkId,
-    vol: VolumeId,
-    dir: &VolPath,
-    name: &[u8],
-    extent: Extent,
-) -> Result<bool, StoreError> {
-    let chunks = store.chunk_list(vol, dir, name)?;
-    Ok(chunks.is_some_and(|chunks| {
-        let mut offset = 0u64;
-        chunks.iter().any(|c| {
-            let here = offset == extent.offset && c.id == *id && c.len == extent.len;
-            offset += u64::from(c.len);
-            here
-        })
-    }))
+/// Chunks kept decoded by [`ChunkListCache`] before it starts over (about 48 MiB).
+const CACHED_CHUNKS: usize = 1 << 20;
+
+/// Decoded chunk lists of the files whose location records are being checked: location
+/// records come in chunk id order, so one file's records are far apart, and decoding
+/// its list for each would cost (chunks of the file)^2. Bounded by [`CACHED_CHUNKS`].
+#[derive(Default)]
+pub(crate) struct ChunkListCache {
+    /// Entry key -> (offset, id, length) of each chunk, in file order.
+    lists: std::collections::HashMap<Vec<u8>, Vec<(u64, ChunkId, u32)>>,
+    chunks: usize,
+}
+
+impl ChunkListCache {
+    /// Whether the chunk list of `dir/name` has chunk `id` at `extent`, as a live
+    /// location record says.
+    pub(crate) fn holds(
+        &mut self,
+        store: &Store,
+        id: &ChunkId,
+        vol: VolumeId,
+        dir: &VolPath,
+        name: &[u8],
+        extent: Extent,
+    ) -> Result<bool, StoreError> {
+        let key = crate::store::keys::entry_key(vol, dir, name);
+        if !self.lists.contains_key(&key) {
+            let mut offset = 0u64;
+            let list: Vec<_> = store
+                .chunk_list(vol, dir, name)?
+                .unwrap_or_default()
+                .iter()
+                .map(|c| {
+                    let at = offset;
+                    offset += u64::from(c.len);
+                    (at, c.id, c.len)
+                })
+                .collect();
+            if self.chunks + list.len() > CACHED_CHUNKS {
+                self.lists.clear();
+                self.chunks = 0;
+            }
+            self.chunks += list.len();
+            self.lists.insert(key.clone(), list);
+        }
+        let list = &self.lists[&key];
+        // Offsets strictly increase (no chunk is empty).
+        Ok(list
+            .binary_search_by_key(&extent.offset, |c| c.0)
+            .is_ok_and(|i| list[i].1 == *id && list[i].2 == extent.len))
+    }
 }
 
 /// Reads every pack record and every pack location the index holds.

@@ -627,6 +627,18 @@ impl Store {
             .collect()
     }
 
+    /// Whether the index records `chunk` as held by the live file `dir/name`.
+    pub fn has_live_location(
+        &self,
+        chunk: &ChunkId,
+        vol: VolumeId,
+        dir: &VolPath,
+        name: &[u8],
+    ) -> Result<bool, StoreError> {
+        let key = live_location_key(chunk, &entry_key(vol, dir, name));
+        Ok(self.get(CF_CHUNKS, &key)?.is_some())
+    }
+
     /// The chunk list of some live file whose content is `content`, if this node has one
     /// (so a file renamed or copied elsewhere needs no list from a peer).
     pub fn chunk_list_by_content(
