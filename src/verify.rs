@@ -517,8 +517,10 @@ fn check_locations(
     Ok(())
 }
 
-/// Chunks kept decoded by [`ChunkListCache`] before it starts over (about 48 MiB).
-const CACHED_CHUNKS: usize = 1 << 20;
+/// What [`ChunkListCache`] holds before it starts over, in chunks, each file counting
+/// four more for its key and bookkeeping (at most about 24 MiB).
+const CACHED_CHUNKS: usize = 1 << 19;
+const FILE_COST: usize = 4;
 
 /// Decoded chunk lists of the files whose location records are being checked: location
 /// records come in chunk id order, so one file's records are far apart, and decoding
@@ -555,11 +557,12 @@ impl ChunkListCache {
                     (at, c.id, c.len)
                 })
                 .collect();
-            if self.chunks + list.len() > CACHED_CHUNKS {
+            let cost = list.len() + FILE_COST;
+            if self.chunks + cost > CACHED_CHUNKS {
                 self.lists.clear();
                 self.chunks = 0;
             }
-            self.chunks += list.len();
+            self.chunks += cost;
             self.lists.insert(key.clone(), list);
         }
         let list = &self.lists[&key];
