@@ -533,3 +533,90 @@ fn verify_sample_checks_a_share_of_the_files_and_refuses_a_bad_percentage() {
         assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
     }
 }
+
+#[test]
+fn pack_records_no_local_copy_holds_are_fetched_from_a_running_peer() {
+    let mut c = Cluster::new(2);
+    let (x, y) = (random_bytes(12_000, 71), random_bytes(12_000, 72));
+    write_file(&c.vol(0).join("x.bin"), &x);
+    write_file(&c.vol(0).join("y.bin"), &y);
+    c.start_all();
+    c.wait_converged(&[0, 1], CONVERGE);
+    c.stop(1);
+
+    // Node 1 keeps both versions in a pack (as retained content), then loses the live
+    // files: the pack is its only copy, node 0's live files the only others.
+    let node1 = c.dir.path().join("node1");
+    let pack = {
+        let store =
+            shoal::store::Store::open(&node1.join("state"), shoal::store::OpenOptions::default())
+                .unwrap();
+        let path = store.packs_dir().join(pack_file_name(7));
+        let mut writer = PackWriter::open(&path).unwrap();
+        let mut batch = store.batch();
+        for data in [&y, &x] {
+            let extent = writer.append(&ChunkId::of(data), data).unwrap();
+            batch.put_pack_location(&ChunkId::of(data), 7, extent);
+        }
+        writer.sync().unwrap();
+        store.write(batch, true).unwrap();
+        path
+    };
+    fs::remove_file(c.vol(1).join("x.bin")).unwrap();
+    fs::remove_file(c.vol(1).join("y.bin")).unwrap();
+    let scanned = shoal(&scan_args(&node1.join("data"), &node1.join("state")));
+    assert!(scanned.status.success(), "{}", stderr(&scanned));
+
+    // y's record damaged in place, x's record cut off by a torn tail.
+    let file = File::options().read(true).write(true).open(&pack).unwrap();
+    file.write_all_at(b"Z", 16 + 40 + 7).unwrap();
+    let len = file.metadata().unwrap().len();
+    file.set_len(len - 5_000).unwrap();
+    drop(file);
+    let found = run(
+        &node1.join("data"),
+        &node1.join("state"),
+        "verify",
+        &["--json"],
+    );
+    assert_eq!(found.status.code(), Some(1));
+    let found = json(&found);
+    assert_found(&found, "pack-record-damaged", &pack_file_name(7));
+    assert_found(&found, "pack-truncated", &pack_file_name(7));
+
+    // A dry run lists the plan and changes nothing.
+    let before = fs::read(&pack).unwrap();
+    let dry = run(
+        &node1.join("data"),
+        &node1.join("state"),
+        "repair",
+        &["--dry-run"],
+    );
+    assert_eq!(dry.status.code(), Some(0), "{}", stderr(&dry));
+    assert!(stdout(&dry).contains("pack-tail-cut"), "{}", stdout(&dry));
+    assert_eq!(fs::read(&pack).unwrap(), before);
+
+    let repaired = repair_node1(&c, &[]);
+    assert_eq!(
+        repaired.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&repaired),
+        stderr(&repaired)
+    );
+    assert_clean(&node1.join("data"), &node1.join("state"));
+    let store =
+        shoal::store::Store::open(&node1.join("state"), shoal::store::OpenOptions::READ_ONLY)
+            .unwrap();
+    for data in [&x, &y] {
+        let locations = store.chunk_locations(&ChunkId::of(data)).unwrap();
+        let [shoal::store::ChunkLocation::Pack { pack: 7, extent }] = locations[..] else {
+            panic!("{locations:?}");
+        };
+        assert_eq!(
+            &shoal::store::pack::read_chunk(&pack, extent, &ChunkId::of(data)).unwrap(),
+            data
+        );
+    }
+    assert!(!pack.with_extension("repair.tmp").exists());
+}
