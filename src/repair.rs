@@ -272,6 +272,11 @@ fn plan(found: &VerifyReport, report: &mut RepairReport) {
                 "rescan",
                 "would have the file read again by the rescan".to_string(),
             ),
+            "modified" => (
+                "kept",
+                "edited since the last scan: would be kept and indexed as the newest version"
+                    .to_string(),
+            ),
             "type-changed" => (
                 "kept",
                 "replaced by another kind of entry: would be kept as a local change".to_string(),
@@ -427,6 +432,10 @@ impl Repair<'_> {
                     damaged
                         .entry((volume.clone(), path.clone()))
                         .or_insert_with(|| f.problem.to_string());
+                }
+                (Some(volume), _) if f.problem == "modified" => {
+                    let detail = "edited since the last scan: kept; the rescan indexes it as the newest version";
+                    self.done("kept", Some(volume), f.path.clone(), detail.into());
                 }
                 // Another kind of entry where the index has a file (or the reverse):
                 // replaced while Shoal was stopped, an edit the rescan records.

@@ -379,11 +379,6 @@ pub fn repair(settings: &Settings, flags: RepairFlags) -> anyhow::Result<Outcome
         if report.index_rebuilt {
             out.push_str("index rebuilt from the packs and live files\n");
         }
-        let (verb, unrepaired) = if report.dry_run {
-            ("would", "")
-        } else {
-            ("", "UNREPAIRED ")
-        };
         for a in report.actions.iter().chain(&report.unrepaired) {
             let place = match (&a.volume, &a.path) {
                 (Some(v), Some(p)) => format!("{v}:{p}"),
@@ -391,16 +386,11 @@ pub fn repair(settings: &Settings, flags: RepairFlags) -> anyhow::Result<Outcome
                 (Some(v), None) => v.clone(),
                 (None, None) => "store".to_string(),
             };
-            let label = if a.action == "unrepaired" {
-                unrepaired.to_string()
-            } else {
-                format!(
-                    "{verb}{}{} ",
-                    if verb.is_empty() { "" } else { " " },
-                    a.action
-                )
+            let label = match a.action {
+                "unrepaired" => "UNREPAIRED",
+                action => action,
             };
-            let _ = writeln!(out, "{label}{place}: {}", a.detail);
+            let _ = writeln!(out, "{label} {place}: {}", a.detail);
         }
         let _ = writeln!(
             out,

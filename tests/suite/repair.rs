@@ -143,7 +143,7 @@ fn live_file_damage_is_named_and_restored_from_local_copies() {
     let dry = fx.shoal("repair", &["--volume", "vol", "--dry-run"]);
     assert_eq!(dry.status.code(), Some(0), "{}", stderr(&dry));
     assert!(
-        stdout(&dry).contains("would restored vol:rot.bin"),
+        stdout(&dry).contains("restored vol:rot.bin: would restore"),
         "{}",
         stdout(&dry)
     );
@@ -378,6 +378,11 @@ fn repair_fetches_from_a_running_peer_and_keeps_an_edit_made_while_stopped() {
         "{}{}",
         stdout(&repaired),
         stderr(&repaired)
+    );
+    assert!(
+        stdout(&repaired).contains("kept vol:notes.txt"),
+        "{}",
+        stdout(&repaired)
     );
     assert_eq!(fs::read(c.vol(1).join("big.bin")).unwrap(), big);
     assert_eq!(fs::read(c.vol(1).join("short.bin")).unwrap(), short);
