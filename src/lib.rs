@@ -14,6 +14,7 @@
 //! - [`watcher`]: file system events, debounced into narrow scans.
 //! - [`tree`]: the paged Merkle tree of each volume's namespace.
 //! - [`verify`]: checks index, packs and live files against each other.
+//! - [`repair`]: restores what verify finds damaged, from local copies or peers.
 //! - [`credentials`]: the cluster CA and node certificates (`shoal cluster init`).
 //! - [`transport`]: QUIC endpoints with mutual TLS.
 //! - [`protocol`]: the versioned wire messages and their framing.
@@ -35,6 +36,7 @@ pub mod http;
 pub mod ids;
 pub mod pathname;
 pub mod protocol;
+pub mod repair;
 pub mod scan;
 pub mod serve;
 pub mod store;

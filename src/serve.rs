@@ -389,7 +389,7 @@ async fn peer_loop(
     }
 }
 
-async fn connect(
+pub(crate) async fn connect(
     node: &Node,
     peer: &Peer,
     client: &s2n_quic::Client,

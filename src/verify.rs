@@ -12,8 +12,15 @@
 //! no longer matches while size and mtime are unchanged is damage (bit rot, or a write
 //! that hid itself).
 //!
+//! With a sample (`--sample PERCENT`), each indexed name and each location record is
+//! checked with that probability, so a spot check of a huge store takes a fraction of
+//! the time; packs are always read whole.
+//!
+//! Pack records that no index record points at are reported as orphans (a warning:
+//! their space could be reclaimed, nothing is lost).
+//!
 //! Verification only reads, through a read-only open of the store, so it is safe beside
-//! a running `shoal serve`.
+//! a running `shoal serve`. `shoal repair` ([`crate::repair`]) acts on the findings.
 
 use std::fs::{self, File};
 use std::io::{self, Read};
@@ -30,6 +37,7 @@ use crate::chunking::{ChunkRef, content_id};
 use crate::entry::{Entry, EntryKind};
 use crate::ids::{ChunkId, VolumeId};
 use crate::pathname::VolPath;
+use crate::store::codec::Extent;
 use crate::store::pack::{self, PackEnd, PackScanner};
 use crate::store::{ChunkLocation, Store, StoreError};
 
@@ -54,6 +62,9 @@ pub struct Finding {
     /// Byte range `[start, end)` of a file that is damaged.
     pub range: Option<(u64, u64)>,
     pub detail: String,
+    /// The file as a volume path, for `repair` (the display form above is escaped).
+    #[serde(skip)]
+    pub file: Option<VolPath>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -62,6 +73,8 @@ pub struct VerifyReport {
     pub files_checked: u64,
     pub bytes_hashed: u64,
     pub packs_checked: u64,
+    /// The share of names re-hashed, when sampling (`--sample`).
+    pub sample_percent: Option<f64>,
     pub findings: Vec<Finding>,
     pub seconds: f64,
 }
@@ -72,10 +85,48 @@ impl VerifyReport {
     }
 }
 
+/// How to verify.
+#[derive(Clone, Debug, Default)]
+pub struct VerifyOptions {
+    /// Check each name and location with this probability (0 < p <= 1); all when `None`.
+    pub sample: Option<f64>,
+    /// Advanced by the bytes hashed.
+    pub progress: Option<ProgressBar>,
+}
+
+/// Picks items with a fixed probability (xorshift64, seeded at random).
+struct Sampler {
+    threshold: Option<u64>,
+    state: u64,
+}
+
+impl Sampler {
+    fn new(sample: Option<f64>) -> Self {
+        let seed = crate::ids::NodeId::random().map_or(0x9E37_79B9_7F4A_7C15, |n| n.0);
+        Sampler {
+            threshold: sample
+                .filter(|p| *p < 1.0)
+                .map(|p| (p.max(0.0) * u64::MAX as f64) as u64),
+            state: seed | 1,
+        }
+    }
+
+    fn pick(&mut self) -> bool {
+        let Some(threshold) = self.threshold else {
+            return true;
+        };
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        self.state < threshold
+    }
+}
+
 /// A file to re-hash, with what the index says of it.
 struct FileCheck {
     volume: String,
     display: String,
+    file: VolPath,
     path: PathBuf,
     size: u64,
     mtime_ns: i64,
@@ -86,11 +137,14 @@ struct FileCheck {
 pub fn verify(
     store: &Store,
     volumes: &[(String, PathBuf)],
-    progress: Option<ProgressBar>,
+    options: &VerifyOptions,
 ) -> Result<VerifyReport, StoreError> {
     let started = Instant::now();
+    let progress = options.progress.clone();
+    let mut sampler = Sampler::new(options.sample);
     let mut report = VerifyReport {
         volumes: volumes.iter().map(|(n, _)| n.clone()).collect(),
+        sample_percent: options.sample.map(|p| p * 100.0),
         ..Default::default()
     };
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -131,6 +185,9 @@ pub fn verify(
             let vol = VolumeId(record.id);
             for item in store.descendants(vol, &VolPath::root()) {
                 let (dir, entry_name, entry) = item?;
+                if !sampler.pick() {
+                    continue;
+                }
                 let path = match dir.join(&entry_name) {
                     Ok(path) => path,
                     Err(e) => {
@@ -169,7 +226,7 @@ pub fn verify(
                     }
                 }
             }
-            check_locations(store, vol, name, &mut report)?;
+            check_locations(store, vol, name, &mut sampler, &mut report)?;
         }
         drop(job_tx);
         for done in found_rx.iter() {
@@ -177,7 +234,7 @@ pub fn verify(
         }
         Ok(())
     })?;
-    check_packs(store, &mut report)?;
+    check_packs(store, progress.as_ref(), &mut report)?;
     report
         .findings
         .sort_by(|a, b| (a.severity, &a.volume, &a.path).cmp(&(b.severity, &b.volume, &b.path)));
@@ -199,6 +256,7 @@ fn finding(
         path,
         range: None,
         detail,
+        file: None,
     }
 }
 
@@ -219,13 +277,16 @@ fn check_entry(
     let display = path.display().to_string();
     let fs_path = path.under(root);
     let mut damage = |problem, detail: String| {
-        report.findings.push(finding(
-            Severity::Damage,
-            problem,
-            Some(volume),
-            Some(display.clone()),
-            detail,
-        ));
+        report.findings.push(Finding {
+            file: Some(path.clone()),
+            ..finding(
+                Severity::Damage,
+                problem,
+                Some(volume),
+                Some(display.clone()),
+                detail,
+            )
+        });
     };
     let meta = match fs::symlink_metadata(&fs_path) {
         _ if entry.is_tombstone() => return Ok(None),
@@ -289,10 +350,7 @@ fn check_entry(
                 return Ok(None);
             }
             for chunk in &chunks {
-                let held = store.chunk_locations(&chunk.id)?.iter().any(|l| {
-                    matches!(l, ChunkLocation::Live { vol: v, dir: d, name: n, .. } if *v == vol && d == dir && n == name)
-                });
-                if !held {
+                if !store.has_live_location(&chunk.id, vol, dir, name)? {
                     damage(
                         "index-missing-location",
                         format!("chunk {} has no location record", chunk.id),
@@ -313,6 +371,7 @@ fn check_entry(
                 );
                 report.findings.push(Finding {
                     range: Some((meta.len().min(*size), meta.len().max(*size))),
+                    file: Some(path.clone()),
                     ..finding(
                         Severity::Damage,
                         problem,
@@ -326,6 +385,7 @@ fn check_entry(
             Ok(Some(FileCheck {
                 volume: volume.to_string(),
                 display,
+                file: path.clone(),
                 path: fs_path,
                 size: *size,
                 mtime_ns,
@@ -356,6 +416,7 @@ fn check_file(check: &FileCheck) -> (u64, Vec<Finding>) {
     let mut findings = Vec::new();
     let damage = |problem, range: Option<(u64, u64)>, detail: String| Finding {
         range,
+        file: Some(check.file.clone()),
         ..finding(
             Severity::Damage,
             problem,
@@ -424,10 +485,15 @@ fn check_locations(
     store: &Store,
     vol: VolumeId,
     volume: &str,
+    sampler: &mut Sampler,
     report: &mut VerifyReport,
 ) -> Result<(), StoreError> {
+    let mut lists = ChunkListCache::default();
     for item in store.all_chunk_locations() {
         let (id, location) = item?;
+        if !sampler.pick() {
+            continue;
+        }
         let ChunkLocation::Live {
             vol: v,
             dir,
@@ -440,16 +506,7 @@ fn check_locations(
         if v != vol {
             continue;
         }
-        let chunks = store.chunk_list(vol, &dir, &name)?;
-        let points_at_chunk = chunks.is_some_and(|chunks| {
-            let mut offset = 0u64;
-            chunks.iter().any(|c| {
-                let here = offset == extent.offset && c.id == id && c.len == extent.len;
-                offset += u64::from(c.len);
-                here
-            })
-        });
-        if !points_at_chunk {
+        if !lists.holds(store, &id, vol, &dir, &name, extent)? {
             let path = dir.join(&name).map(|p| p.display().to_string()).ok();
             report.findings.push(finding(Severity::Damage, "index-dangling-location", Some(volume), path, format!(
                 "the index says chunk {id} is at byte {} of this file, but the file's chunk list does not",
@@ -460,9 +517,84 @@ fn check_locations(
     Ok(())
 }
 
+/// What [`ChunkListCache`] holds before it starts over, in chunks, each file counting
+/// four more for its key and bookkeeping (at most about 24 MiB).
+const CACHED_CHUNKS: usize = 1 << 19;
+const FILE_COST: usize = 4;
+
+/// Decoded chunk lists of the files whose location records are being checked: location
+/// records come in chunk id order, so one file's records are far apart, and decoding
+/// its list for each would cost (chunks of the file)^2. Bounded by [`CACHED_CHUNKS`].
+#[derive(Default)]
+pub(crate) struct ChunkListCache {
+    /// Entry key -> (offset, id, length) of each chunk, in file order.
+    lists: std::collections::HashMap<Vec<u8>, Vec<(u64, ChunkId, u32)>>,
+    chunks: usize,
+}
+
+impl ChunkListCache {
+    /// Whether the chunk list of `dir/name` has chunk `id` at `extent`, as a live
+    /// location record says.
+    pub(crate) fn holds(
+        &mut self,
+        store: &Store,
+        id: &ChunkId,
+        vol: VolumeId,
+        dir: &VolPath,
+        name: &[u8],
+        extent: Extent,
+    ) -> Result<bool, StoreError> {
+        let key = crate::store::keys::entry_key(vol, dir, name);
+        if !self.lists.contains_key(&key) {
+            let mut offset = 0u64;
+            let list: Vec<_> = store
+                .chunk_list(vol, dir, name)?
+                .unwrap_or_default()
+                .iter()
+                .map(|c| {
+                    let at = offset;
+                    offset += u64::from(c.len);
+                    (at, c.id, c.len)
+                })
+                .collect();
+            let cost = list.len() + FILE_COST;
+            if self.chunks + cost > CACHED_CHUNKS {
+                self.lists.clear();
+                self.chunks = 0;
+            }
+            self.chunks += cost;
+            self.lists.insert(key.clone(), list);
+        }
+        let list = &self.lists[&key];
+        // Offsets strictly increase (no chunk is empty).
+        Ok(list
+            .binary_search_by_key(&extent.offset, |c| c.0)
+            .is_ok_and(|i| list[i].1 == *id && list[i].2 == extent.len))
+    }
+}
+
 /// Reads every pack record and every pack location the index holds.
-fn check_packs(store: &Store, report: &mut VerifyReport) -> Result<(), StoreError> {
+/// The pack number a pack file's name gives (`NNNNNNNNNNNNNNNN.pack`).
+pub fn pack_number(path: &Path) -> Option<u64> {
+    let stem = path.file_stem()?.to_str()?;
+    (stem.len() == 16 && path.extension()? == "pack")
+        .then(|| u64::from_str_radix(stem, 16).ok())
+        .flatten()
+}
+
+fn check_packs(
+    store: &Store,
+    progress: Option<&ProgressBar>,
+    report: &mut VerifyReport,
+) -> Result<(), StoreError> {
     let packs_dir = store.packs_dir();
+    // Where the index says pack records are: anything else in a pack is an orphan.
+    let mut referenced = std::collections::HashSet::new();
+    for item in store.all_chunk_locations() {
+        if let (_, ChunkLocation::Pack { pack, extent }) = item? {
+            referenced.insert((pack, extent.offset));
+        }
+    }
     let entries = match fs::read_dir(&packs_dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -502,6 +634,29 @@ fn check_packs(store: &Store, report: &mut VerifyReport) -> Result<(), StoreErro
             match scanner.next_record() {
                 Ok(Some(record)) => {
                     report.bytes_hashed += u64::from(record.extent.len);
+                    if let Some(progress) = progress {
+                        progress.inc(u64::from(record.extent.len));
+                    }
+                    let known = pack_number(&path)
+                        .is_some_and(|n| referenced.contains(&(n, record.extent.offset)));
+                    if record.intact && !known {
+                        report.findings.push(Finding {
+                            range: Some((
+                                record.extent.offset,
+                                record.extent.offset + u64::from(record.extent.len),
+                            )),
+                            ..finding(
+                                Severity::Warning,
+                                "orphan-pack-record",
+                                None,
+                                shown.clone(),
+                                format!(
+                                    "chunk {} is in the pack but no index record points at it",
+                                    record.id
+                                ),
+                            )
+                        });
+                    }
                     if !record.intact {
                         report.findings.push(Finding {
                             range: Some((
@@ -553,13 +708,16 @@ fn check_packs(store: &Store, report: &mut VerifyReport) -> Result<(), StoreErro
         {
             let path = packs_dir.join(pack::pack_file_name(pack_id));
             if let Err(e) = pack::read_chunk(&path, extent, &id) {
-                report.findings.push(finding(
-                    Severity::Damage,
-                    "pack-location-broken",
-                    None,
-                    Some(path.display().to_string()),
-                    e.to_string(),
-                ));
+                report.findings.push(Finding {
+                    range: Some((extent.offset, extent.offset + u64::from(extent.len))),
+                    ..finding(
+                        Severity::Damage,
+                        "pack-location-broken",
+                        None,
+                        Some(path.display().to_string()),
+                        format!("the index says chunk {id} is here: {e}"),
+                    )
+                });
             }
         }
     }

@@ -27,3 +27,6 @@ mod sync;
 
 #[path = "suite/live.rs"]
 mod live;
+
+#[path = "suite/repair.rs"]
+mod repair;

@@ -209,8 +209,37 @@ pub fn status(settings: &Settings, json: bool) -> anyhow::Result<Outcome> {
     Ok(Outcome::Success)
 }
 
-pub fn verify(settings: &Settings, json: bool) -> anyhow::Result<Outcome> {
+pub fn verify(settings: &Settings, sample: Option<f64>, json: bool) -> anyhow::Result<Outcome> {
+    if let Some(p) = sample
+        && !(p > 0.0 && p <= 100.0)
+    {
+        anyhow::bail!("--sample takes a percentage greater than 0 and at most 100, not {p}");
+    }
+    if Store::index_missing(&settings.state_dir) {
+        let report = crate::verify::VerifyReport {
+            findings: vec![crate::verify::Finding {
+                severity: Severity::Damage,
+                problem: "index-missing",
+                volume: None,
+                path: Some(settings.state_dir.join("index").display().to_string()),
+                range: None,
+                detail:
+                    "the store has packs but no RocksDB index (run `shoal repair --rebuild-index`)"
+                        .into(),
+                file: None,
+            }],
+            ..Default::default()
+        };
+        print_verify(&report, json)?;
+        return Ok(Outcome::ProblemsFound);
+    }
     let store = Store::open(&settings.state_dir, OpenOptions::READ_ONLY)?;
+    if Store::in_use(&settings.state_dir) {
+        eprintln!(
+            "shoal: the store at {} is locked by a running shoal (serve, scan or repair); verifying read-only beside it: files it changes meanwhile may be reported as modified",
+            settings.state_dir.display()
+        );
+    }
     let names: Vec<String> = if settings.volumes.is_empty() {
         store.volumes()?.into_iter().map(|(name, _)| name).collect()
     } else {
@@ -220,56 +249,170 @@ pub fn verify(settings: &Settings, json: bool) -> anyhow::Result<Outcome> {
         .iter()
         .map(|n| (n.clone(), settings.volume_dir(n)))
         .collect();
-    let progress = progress_bar(
-        json,
-        "{spinner} verifying: {bytes} hashed ({bytes_per_sec})",
-    );
-    let report =
-        verify_store(&store, &volumes, progress.clone()).context("verify could not finish")?;
+    let progress = progress_bar(json, "").inspect(|bar| {
+        // What there is to hash: the indexed bytes of the volumes (sampled) and the packs.
+        let mut total = 0u64;
+        for name in &names {
+            if let Ok(Some(record)) = store.volume(name)
+                && let Ok(Some(node)) = store.tree_node(VolumeId(record.id), &VolPath::root())
+            {
+                total += node.totals.bytes;
+            }
+        }
+        total = (total as f64 * sample.unwrap_or(100.0) / 100.0) as u64;
+        for entry in std::fs::read_dir(store.packs_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            total += entry.metadata().map_or(0, |m| m.len());
+        }
+        bar.set_length(total);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} verifying [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, ETA {eta})",
+            )
+            .expect("templates are fixed strings")
+            .progress_chars("=> "),
+        );
+    });
+    let options = crate::verify::VerifyOptions {
+        sample: sample.map(|p| p / 100.0),
+        progress: progress.clone(),
+    };
+    let report = verify_store(&store, &volumes, &options).context("verify could not finish")?;
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
+    print_verify(&report, json)?;
+    Ok(if report.damaged() {
+        Outcome::ProblemsFound
+    } else {
+        Outcome::Success
+    })
+}
+
+/// One line per finding (`DAMAGED vol:path: detail (problem)`), then a summary.
+fn human_findings(findings: &[crate::verify::Finding]) -> String {
+    let mut out = String::new();
+    for f in findings {
+        let label = match f.severity {
+            Severity::Damage => "DAMAGED",
+            Severity::Warning => "warning",
+        };
+        let place = match (&f.volume, &f.path) {
+            (Some(v), Some(p)) => format!("{v}:{p}"),
+            (None, Some(p)) => p.clone(),
+            (Some(v), None) => v.clone(),
+            (None, None) => "store".to_string(),
+        };
+        let _ = writeln!(out, "{label} {place}: {} ({})", f.detail, f.problem);
+    }
+    out
+}
+
+fn print_verify(report: &crate::verify::VerifyReport, json: bool) -> anyhow::Result<()> {
     if json {
+        return print(&format!("{}\n", serde_json::to_string_pretty(report)?));
+    }
+    let mut out = human_findings(&report.findings);
+    let damaged = report
+        .findings
+        .iter()
+        .filter(|f| f.severity == Severity::Damage)
+        .count();
+    let sampled = report
+        .sample_percent
+        .map_or(String::new(), |p| format!(" (a {p}% sample)"));
+    let _ = writeln!(
+        out,
+        "verified {} files{sampled} and {} packs ({}) in {:.2} s: {}",
+        report.files_checked,
+        report.packs_checked,
+        HumanBytes(report.bytes_hashed),
+        report.seconds,
+        if damaged == 0 {
+            "no damage".to_string()
+        } else {
+            format!("{damaged} problems")
+        }
+    );
+    print(&out)
+}
+
+/// `shoal repair`'s flags beside the locations.
+pub struct RepairFlags {
+    pub peers: Vec<String>,
+    pub credentials: std::path::PathBuf,
+    pub dry_run: bool,
+    pub rebuild_index: bool,
+    pub json: bool,
+}
+
+pub fn repair(settings: &Settings, flags: RepairFlags) -> anyhow::Result<Outcome> {
+    use std::net::ToSocketAddrs;
+    if settings.volumes.is_empty() {
+        return Err(ConfigError::NoVolumes.into());
+    }
+    let mut peers = Vec::new();
+    for target in flags.peers.iter().flat_map(|p| p.split(',')).map(str::trim) {
+        if target.is_empty() {
+            continue;
+        }
+        let addr = target
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .with_context(|| format!("cannot resolve peer {target:?} (expected HOST:PORT)"))?;
+        peers.push(addr);
+    }
+    let options = crate::repair::RepairOptions {
+        dry_run: flags.dry_run,
+        rebuild_index: flags.rebuild_index,
+        peers,
+        credentials: flags.credentials,
+    };
+    let report = crate::repair::repair(settings, &options)?;
+    if flags.json {
         print(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
     } else {
         let mut out = String::new();
-        for f in &report.findings {
-            let label = match f.severity {
-                Severity::Damage => "DAMAGED",
-                Severity::Warning => "warning",
-            };
-            let place = match (&f.volume, &f.path) {
+        if report.index_rebuilt {
+            out.push_str("index rebuilt from the packs and live files\n");
+        }
+        for a in report.actions.iter().chain(&report.unrepaired) {
+            let place = match (&a.volume, &a.path) {
                 (Some(v), Some(p)) => format!("{v}:{p}"),
                 (None, Some(p)) => p.clone(),
                 (Some(v), None) => v.clone(),
                 (None, None) => "store".to_string(),
             };
-            let _ = writeln!(out, "{label} {place}: {} ({})", f.detail, f.problem);
+            let label = match a.action {
+                "unrepaired" => "UNREPAIRED",
+                action => action,
+            };
+            let _ = writeln!(out, "{label} {place}: {}", a.detail);
         }
-        let damaged = report
-            .findings
-            .iter()
-            .filter(|f| f.severity == Severity::Damage)
-            .count();
         let _ = writeln!(
             out,
-            "verified {} files and {} packs ({}) in {:.2} s: {}",
-            report.files_checked,
-            report.packs_checked,
-            HumanBytes(report.bytes_hashed),
-            report.seconds,
-            if damaged == 0 {
-                "no damage".to_string()
+            "{} actions{}, {} problems left{}",
+            report.actions.len(),
+            if report.dry_run { " planned" } else { "" },
+            report.unrepaired.len(),
+            if report.rescanned {
+                "; volumes rescanned"
+            } else if report.dry_run {
+                ""
             } else {
-                format!("{damaged} problems")
+                "; volumes not rescanned (damage left must not be indexed as an edit)"
             }
         );
         print(&out)?;
     }
-    Ok(if report.damaged() {
-        Outcome::ProblemsFound
-    } else {
+    Ok(if report.complete() {
         Outcome::Success
+    } else {
+        Outcome::ProblemsFound
     })
 }
 

@@ -51,6 +51,9 @@ enum Command {
     Verify(VerifyArgs),
     /// Run the daemon: mirror the volumes with peers over QUIC (mutual TLS).
     Serve(ServeArgs),
+    /// With the daemon stopped: restore what `verify` finds damaged, from local copies
+    /// or peers; exit 1 if some damage could not be repaired.
+    Repair(RepairArgs),
     /// Cluster credentials.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -194,7 +197,54 @@ struct VerifyArgs {
     #[command(flatten)]
     locations: Locations,
 
-    /// Print findings as JSON.
+    /// Re-hash a random PERCENT of the files (and check as many index records) instead
+    /// of all; packs are always read whole.
+    #[arg(long, value_name = "PERCENT")]
+    sample: Option<f64>,
+
+    /// Print findings as JSON (no progress bar).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct RepairArgs {
+    #[command(flatten)]
+    locations: Locations,
+
+    /// A peer to fetch what no local copy holds (repeatable); SHOAL_PEERS as for serve.
+    #[arg(
+        long = "peer",
+        env = "SHOAL_PEERS",
+        value_name = "HOST:PORT",
+        value_delimiter = ' '
+    )]
+    peers: Vec<String>,
+
+    /// Directory with the cluster credentials (needed with --peer).
+    #[arg(
+        long,
+        env = "SHOAL_CREDENTIALS",
+        value_name = "DIR",
+        default_value = "/run/secrets"
+    )]
+    credentials: PathBuf,
+
+    /// List what would change, change nothing (reads the store; safe beside serve).
+    #[arg(long)]
+    dry_run: bool,
+
+    /// Set the RocksDB index aside and rebuild it from the packs and live files (for a
+    /// lost or corrupt index; the node gets a new node id).
+    #[arg(long)]
+    rebuild_index: bool,
+
+    /// Chunk sizes MIN/AVG/MAX of the cluster, for --rebuild-index [default: the
+    /// defaults].
+    #[arg(long, env = "SHOAL_CHUNK_SIZES", value_name = "MIN/AVG/MAX")]
+    chunk_sizes: Option<String>,
+
+    /// Print the report as JSON.
     #[arg(long)]
     json: bool,
 }
@@ -281,9 +331,22 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             commands::serve(settings, args)
         }
         Command::Cluster(ClusterCommand::Init { out }) => commands::cluster_init(&out),
-        Command::Verify(args) => {
-            commands::verify(&settings(cli.config, args.locations, None)?, args.json)
+        Command::Repair(args) => {
+            let settings = settings(cli.config, args.locations, args.chunk_sizes)?;
+            let options = commands::RepairFlags {
+                peers: args.peers,
+                credentials: args.credentials,
+                dry_run: args.dry_run,
+                rebuild_index: args.rebuild_index,
+                json: args.json,
+            };
+            commands::repair(&settings, options)
         }
+        Command::Verify(args) => commands::verify(
+            &settings(cli.config, args.locations, None)?,
+            args.sample,
+            args.json,
+        ),
     }
 }
 

@@ -39,6 +39,8 @@ const INDEX_DIR: &str = "index";
 /// Where a new index is built before it is renamed to `INDEX_DIR`.
 const INDEX_STAGING_DIR: &str = "index.creating";
 const PACKS_DIR: &str = "packs";
+/// Where `shoal repair --rebuild-index` moves an index it replaces.
+const INDEX_DAMAGED_DIR: &str = "index.damaged";
 const LOCK_FILE: &str = "lock";
 
 /// RocksDB's memtables, shared by all column families: bounds the index's share of a
@@ -347,6 +349,37 @@ impl Store {
         self.state_dir.join(PACKS_DIR)
     }
 
+    /// Whether a writer (`shoal serve`, `scan`, `repair`) holds the store's lock now.
+    pub fn in_use(state_dir: &Path) -> bool {
+        File::open(state_dir.join(LOCK_FILE))
+            .is_ok_and(|file| matches!(file.try_lock_shared(), Err(fs::TryLockError::WouldBlock)))
+    }
+
+    /// Whether `state_dir` holds the rest of a store (packs, lock) but no index.
+    pub fn index_missing(state_dir: &Path) -> bool {
+        !state_dir.join(INDEX_DIR).join("CURRENT").exists()
+            && (state_dir.join(PACKS_DIR).is_dir() || state_dir.join(LOCK_FILE).exists())
+    }
+
+    /// Moves a lost or damaged index out of the way (to `index.damaged/`, replacing an
+    /// older one) so that [`Store::open`] with `create` builds a new one. The caller
+    /// holds no store open.
+    pub fn set_index_aside(state_dir: &Path) -> Result<(), StoreError> {
+        let io_err = |path: PathBuf| move |source| StoreError::Io { path, source };
+        let index = state_dir.join(INDEX_DIR);
+        let aside = state_dir.join(INDEX_DAMAGED_DIR);
+        if !index.exists() {
+            return Ok(());
+        }
+        if aside.exists() {
+            fs::remove_dir_all(&aside).map_err(io_err(aside.clone()))?;
+        }
+        fs::rename(&index, &aside).map_err(io_err(index.clone()))?;
+        File::open(state_dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io_err(state_dir.to_path_buf()))
+    }
+
     pub fn is_read_only(&self) -> bool {
         self.read_only
     }
@@ -594,6 +627,18 @@ impl Store {
             .collect()
     }
 
+    /// Whether the index records `chunk` as held by the live file `dir/name`.
+    pub fn has_live_location(
+        &self,
+        chunk: &ChunkId,
+        vol: VolumeId,
+        dir: &VolPath,
+        name: &[u8],
+    ) -> Result<bool, StoreError> {
+        let key = live_location_key(chunk, &entry_key(vol, dir, name));
+        Ok(self.get(CF_CHUNKS, &key)?.is_some())
+    }
+
     /// The chunk list of some live file whose content is `content`, if this node has one
     /// (so a file renamed or copied elsewhere needs no list from a peer).
     pub fn chunk_list_by_content(
@@ -822,6 +867,17 @@ impl Batch<'_> {
             &content_key(&crate::chunking::content_id(old), &key),
         );
         self.delete(CF_CHUNK_LISTS, &key);
+    }
+
+    /// Forgets one location of a chunk (a record that points at nothing valid).
+    pub fn delete_location(&mut self, chunk: &ChunkId, location: &ChunkLocation) {
+        let key = match location {
+            ChunkLocation::Live { vol, dir, name, .. } => {
+                live_location_key(chunk, &entry_key(*vol, dir, name))
+            }
+            ChunkLocation::Pack { pack, .. } => pack_location_key(chunk, *pack),
+        };
+        self.delete(CF_CHUNKS, &key);
     }
 
     /// Records a chunk stored in a pack.

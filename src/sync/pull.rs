@@ -996,11 +996,21 @@ async fn fetch_chunk_list(
 
 /// Every place (staging file, offset) a chunk of the current batch goes.
 #[derive(Default)]
-struct ChunkTargets {
+pub(crate) struct ChunkTargets {
     places: HashMap<ChunkId, Vec<(Arc<File>, u64)>>,
 }
 
 impl ChunkTargets {
+    /// Asks for `id` to be written at `offset` of `file` when it arrives.
+    pub(crate) fn add(&mut self, id: ChunkId, file: Arc<File>, offset: u64) {
+        self.places.entry(id).or_default().push((file, offset));
+    }
+
+    /// The chunks asked for.
+    pub(crate) fn ids(&self) -> Vec<ChunkId> {
+        self.places.keys().copied().collect()
+    }
+
     fn write(&self, id: &ChunkId, data: &[u8]) -> std::io::Result<()> {
         for (file, offset) in self.places.get(id).into_iter().flatten() {
             file.write_all_at(data, *offset)?;
@@ -1130,7 +1140,7 @@ async fn prepare(
 /// requests are spread over them, a chunk one peer lacks is asked of another, and a peer
 /// that sends wrong bytes is not asked again during this batch. Returns the chunks
 /// received.
-async fn fetch_chunks(
+pub(crate) async fn fetch_chunks(
     node: &Arc<Node>,
     source: &Arc<Peer>,
     volume_index: usize,
