@@ -3,12 +3,15 @@
 //!
 //! Tasks (each stops when the shutdown signal flips):
 //! - the QUIC accept loop, one task per incoming connection ([`crate::sync::server`]);
-//! - one task per configured peer: connect (with backoff), hello, then pull every shared
-//!   volume on connect, on the peer's `Notify`, and every heartbeat;
+//! - discovery ([`crate::discovery`]), publishing the current set of peer addresses;
+//! - one task per peer in that set, started and stopped as it changes: connect (with
+//!   backoff), hello, then pull every shared volume on connect, on the peer's `Notify`,
+//!   and every heartbeat;
 //! - the heartbeat: rescan the volumes (cheap: unchanged files are not read) and notify
 //!   peers of local changes;
 //! - the HTTP endpoint ([`crate::http`]).
 
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,6 +23,7 @@ use tokio::sync::watch;
 
 use crate::config::Settings;
 use crate::credentials::Credentials;
+use crate::discovery::{Discovery, Mode};
 use crate::protocol::{self, Request, Response};
 use crate::scan::{ScanOptions, scan_volume};
 use crate::store::{OpenOptions, Store};
@@ -29,7 +33,14 @@ use crate::volume_fs::VolumeFs;
 pub struct ServeOptions {
     pub settings: Settings,
     pub listen: SocketAddr,
+    /// The peers of `MODE=static`.
     pub peers: Vec<String>,
+    pub mode: Mode,
+    /// The Docker API socket, for `MODE=docker` and `MODE=swarm`.
+    pub docker_socket: String,
+    /// Refuse a volume directory that is not a mount point (in a container, data written
+    /// elsewhere would be lost with the container).
+    pub require_mounts: bool,
     pub credentials: PathBuf,
     pub http: Option<SocketAddr>,
     pub heartbeat: Duration,
@@ -62,6 +73,13 @@ pub async fn run(
     let mut volumes = Vec::new();
     for name in &settings.volumes {
         let dir = settings.volume_dir(name);
+        if options.require_mounts && !crate::container::is_mount_point(&dir).unwrap_or(false) {
+            anyhow::bail!(
+                "volume {name}: {} is not a mounted volume; mount the Docker volume there (-v {name}:{}) or remove {name} from SYNC_VOLUMES",
+                dir.display(),
+                dir.display()
+            );
+        }
         if !dir.exists() {
             tracing::warn!(
                 "volume {name}: {} does not exist; creating it empty (it will be filled from peers)",
@@ -79,7 +97,7 @@ pub async fn run(
             lock: tokio::sync::Mutex::new(()),
         });
     }
-    let mut peers = Vec::new();
+    let mut peers = BTreeSet::new();
     for target in &options.peers {
         let addr = tokio::net::lookup_host(target.as_str())
             .await
@@ -89,13 +107,21 @@ pub async fn run(
         if addr == options.listen {
             continue;
         }
-        peers.push(Arc::new(Peer::new(addr)));
+        peers.insert(addr);
     }
+    let discovery = Discovery::new(
+        options.mode,
+        peers,
+        &options.docker_socket,
+        options.listen.port(),
+        options.heartbeat,
+    )
+    .await?;
     let node = Arc::new(Node {
         meta: store.meta(),
         store,
         volumes,
-        peers,
+        peers: Default::default(),
         stats: Stats::default(),
         sync_ownership: rustix::process::geteuid().is_root(),
         faults: crate::sync::Faults::from_env(),
@@ -125,11 +151,16 @@ pub async fn run(
             }
         });
     }
-    for peer in node.peers.clone() {
-        let (node, client, stop) = (node.clone(), client.clone(), stop_rx.clone());
-        let heartbeat = options.heartbeat;
-        tasks.spawn(async move { peer_loop(node, peer, client, heartbeat, stop).await });
-    }
+    let (peers_tx, peers_rx) = watch::channel(BTreeSet::new());
+    let following = discovery.describe();
+    tasks.spawn(discovery.run(peers_tx, stop_rx.clone()));
+    tasks.spawn(follow_peers(
+        node.clone(),
+        client,
+        options.heartbeat,
+        peers_rx,
+        stop_rx.clone(),
+    ));
     {
         let (node, mut stop) = (node.clone(), stop_rx.clone());
         let (heartbeat, retention) = (options.heartbeat, options.tombstone_retention);
@@ -165,7 +196,7 @@ pub async fn run(
             }
         });
     }
-    tracing::info!(listen = %options.listen, http = ?options.http, peers = node.peers.len(), "serving");
+    tracing::info!(listen = %options.listen, http = ?options.http, mode = %options.mode, peers = %following, "serving");
     shutdown_signal.await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
@@ -223,6 +254,49 @@ async fn rescan(node: &Arc<Node>, index: usize) -> anyhow::Result<()> {
         node.notify_peers(&volume.name).await;
     }
     Ok(())
+}
+
+/// Keeps one peer task per address of the discovered set, until `stop` flips.
+async fn follow_peers(
+    node: Arc<Node>,
+    client: s2n_quic::Client,
+    heartbeat: Duration,
+    mut wanted: watch::Receiver<BTreeSet<SocketAddr>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut retire: HashMap<SocketAddr, watch::Sender<bool>> = HashMap::new();
+    let mut loops = tokio::task::JoinSet::new();
+    loop {
+        let set = wanted.borrow_and_update().clone();
+        let (added, removed) = node.set_peers(&set);
+        for peer in removed {
+            tracing::info!(peer = %peer.addr, node = ?peer.node_id(), "peer left");
+            if let Some(tx) = retire.remove(&peer.addr) {
+                let _ = tx.send(true);
+            }
+        }
+        for peer in added {
+            tracing::info!(peer = %peer.addr, "peer joined");
+            let (tx, rx) = watch::channel(false);
+            retire.insert(peer.addr, tx);
+            let (node, client) = (node.clone(), client.clone());
+            loops.spawn(async move { peer_loop(node, peer, client, heartbeat, rx).await });
+        }
+        let settled = tokio::select! {
+            changed = wanted.changed() => changed.is_err(),
+            Some(_) = loops.join_next(), if !loops.is_empty() => false,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        if settled {
+            // Discovery is done (a static list): nothing more will change.
+            let _ = stop.wait_for(|s| *s).await;
+            break;
+        }
+    }
+    for tx in retire.values() {
+        let _ = tx.send(true);
+    }
+    while loops.join_next().await.is_some() {}
 }
 
 /// Keeps one peer connected and pulls from it.

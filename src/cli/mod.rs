@@ -51,6 +51,9 @@ enum Command {
     Verify(VerifyArgs),
     /// Run the daemon: mirror the volumes with peers over QUIC (mutual TLS).
     Serve(ServeArgs),
+    /// Ask a running daemon whether it is healthy (its HTTP /healthz): exit 0 if so, 1
+    /// if not (the image's HEALTHCHECK).
+    Health(HealthArgs),
     /// Cluster credentials.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -108,9 +111,26 @@ struct ServeArgs {
     )]
     http: String,
 
-    /// Seconds between anti-entropy rounds (rescan, compare roots with every peer).
-    #[arg(long, env = "HEARTBEAT", value_name = "SECONDS", default_value_t = 25)]
-    heartbeat: u64,
+    /// How peers are found: `static` (the --peer list), `docker` (running containers
+    /// with the same `shoal.cluster` label on this container's networks) or `swarm` (the
+    /// other tasks of this container's service) [default: static].
+    #[arg(long, env = "MODE", value_name = "MODE")]
+    mode: Option<String>,
+
+    /// The Docker API socket, for MODE=docker and MODE=swarm (mount it read-only)
+    /// [default: /var/run/docker.sock].
+    #[arg(long, env = "SHOAL_DOCKER_SOCKET", value_name = "PATH")]
+    docker_socket: Option<String>,
+
+    /// Refuse to start if a volume's directory is not a mount point (set in the image:
+    /// data written into the container itself would be lost with it).
+    #[arg(long, env = "SHOAL_REQUIRE_MOUNTS")]
+    require_mounts: bool,
+
+    /// Seconds between anti-entropy rounds (rescan, compare roots with every peer) and
+    /// peer re-discovery [default: 25].
+    #[arg(long, env = "HEARTBEAT", value_name = "SECONDS")]
+    heartbeat: Option<u64>,
 
     /// Chunk sizes MIN/AVG/MAX for a new store.
     #[arg(long, env = "SHOAL_CHUNK_SIZES", value_name = "MIN/AVG/MAX")]
@@ -181,6 +201,18 @@ struct StatusArgs {
 }
 
 #[derive(Args, Debug)]
+struct HealthArgs {
+    /// The daemon's HTTP address (its --http).
+    #[arg(
+        long,
+        env = "SHOAL_HTTP",
+        value_name = "ADDR:PORT",
+        default_value = "127.0.0.1:7030"
+    )]
+    http: String,
+}
+
+#[derive(Args, Debug)]
 struct VerifyArgs {
     #[command(flatten)]
     locations: Locations,
@@ -239,15 +271,19 @@ fn init_logging(filter: &str, timestamps: bool) {
     }
 }
 
+fn file_config(config: Option<&PathBuf>) -> anyhow::Result<FileConfig> {
+    Ok(match config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    })
+}
+
 fn settings(
     config: Option<PathBuf>,
     locations: Locations,
     chunk_sizes: Option<String>,
 ) -> anyhow::Result<Settings> {
-    let file = match &config {
-        Some(path) => FileConfig::load(path)?,
-        None => FileConfig::default(),
-    };
+    let file = file_config(config.as_ref())?;
     Ok(Settings::resolve(
         file,
         locations.data_root,
@@ -268,17 +304,29 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             None => commands::status(&settings(cli.config, args.locations, None)?, args.json),
         },
         Command::Serve(args) => {
+            let file = file_config(cli.config.as_ref())?;
+            let serve = commands::ServeFlags {
+                mode: args.mode.or(file.mode),
+                peers: if args.peers.is_empty() {
+                    file.peers.unwrap_or_default()
+                } else {
+                    args.peers
+                },
+                docker_socket: args.docker_socket.or(file.docker_socket),
+                require_mounts: args.require_mounts || file.require_mounts.unwrap_or(false),
+                heartbeat: args.heartbeat.or(file.heartbeat).unwrap_or(25),
+            };
             let settings = settings(cli.config, args.locations, args.chunk_sizes)?;
             commands::serve(
                 settings,
                 args.listen,
-                args.peers,
+                serve,
                 args.credentials,
                 &args.http,
-                args.heartbeat,
                 args.tombstone_days,
             )
         }
+        Command::Health(args) => commands::health(&args.http),
         Command::Cluster(ClusterCommand::Init { out }) => commands::cluster_init(&out),
         Command::Verify(args) => {
             commands::verify(&settings(cli.config, args.locations, None)?, args.json)
