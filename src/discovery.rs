@@ -328,7 +328,11 @@ impl Discovery {
             } => {
                 let (own_ips, _) = own_endpoints(docker, me).await?;
                 let name = format!("tasks.{service}.");
-                let answer = match resolver.lookup_ip(name.as_str()).await {
+                // Stack services are named STACK_SERVICE: `_` is no hostname character,
+                // so the name is taken as raw ASCII labels, not as a hostname.
+                let query = hickory_resolver::proto::rr::Name::from_ascii(&name)
+                    .map_err(|e| format!("{name} is no DNS name: {e}"))?;
+                let answer = match resolver.lookup_ip(query).await {
                     Ok(answer) => answer.iter().collect(),
                     // No task has an address yet (or only we do, on another network).
                     Err(e) if e.is_no_records_found() || e.is_nx_domain() => Vec::new(),
