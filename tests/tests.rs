@@ -24,3 +24,6 @@ mod cluster;
 
 #[path = "suite/sync.rs"]
 mod sync;
+
+#[path = "suite/docker.rs"]
+mod docker;

@@ -1,0 +1,579 @@
+//! The image on the real Docker Engine of the test machine: built offline by
+//! `tools/build-image.sh` (from the test binary, to save a release build), run as
+//! containers on user-defined networks that find each other through the Docker API, and
+//! deployed as a Swarm stack from `deploy/`.
+//!
+//! Every Docker object created here is named `shoal-test-<pid>-<n>...` and removed when
+//! its owner is dropped, also when a test fails. Every wait is bounded.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use crate::util::{random_bytes, shoal, write_file};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn unique(what: &str) -> String {
+    format!(
+        "shoal-test-{}-{}-{what}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+fn docker<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
+    Command::new("docker")
+        .args(args)
+        .output()
+        .expect("the docker CLI runs (these tests need a Docker Engine)")
+}
+
+/// Runs docker; panics with its output unless it succeeds; returns stdout.
+fn docker_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
+    let out = docker(args);
+    assert!(
+        out.status.success(),
+        "docker {:?} failed: {}{}",
+        args.iter().map(|a| a.as_ref()).collect::<Vec<_>>(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?}: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The image, built once and shared by the tests running at the same time; removed
+/// when the last one is done.
+struct Image {
+    tag: String,
+}
+
+static IMAGE: Mutex<Weak<Image>> = Mutex::new(Weak::new());
+
+impl Image {
+    fn get() -> Arc<Image> {
+        let mut shared = IMAGE.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(image) = shared.upgrade() {
+            return image;
+        }
+        let image = Arc::new(Image {
+            tag: format!("{}:latest", unique("image")),
+        });
+        let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tools/build-image.sh"))
+            .arg(&image.tag)
+            .env("SHOAL_BINARY", env!("CARGO_BIN_EXE_shoal"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tools/build-image.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        *shared = Arc::downgrade(&image);
+        image
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = docker(&["rmi", "--force", &self.tag]);
+    }
+}
+
+/// A user-defined network and the `shoal serve` containers on it (MODE=docker), each
+/// with its volume bind-mounted from a host directory (so the test reads and writes it
+/// directly) and its state on a named volume of its own.
+struct Group {
+    image: Arc<Image>,
+    name: String,
+    dir: tempfile::TempDir,
+    containers: Vec<String>,
+    volumes: Vec<String>,
+}
+
+impl Group {
+    fn new() -> Self {
+        let image = Image::get();
+        let name = unique("net");
+        docker_ok(&["network", "create", &name]);
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("creds");
+        let out = shoal(&["cluster", "init", "--out", creds.to_str().unwrap()]);
+        assert!(out.status.success());
+        Group {
+            image,
+            name,
+            dir,
+            containers: Vec::new(),
+            volumes: Vec::new(),
+        }
+    }
+
+    fn container(&self, i: usize) -> String {
+        format!("{}-n{i}", self.name)
+    }
+
+    fn data(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("n{i}"))
+    }
+
+    /// Starts (or starts anew, on the same volumes) member `i`.
+    fn start(&mut self, i: usize) {
+        let (container, state) = (self.container(i), format!("{}-state{i}", self.name));
+        fs::create_dir_all(self.data(i)).unwrap();
+        if !self.containers.contains(&container) {
+            self.containers.push(container.clone());
+        }
+        if !self.volumes.contains(&state) {
+            self.volumes.push(state.clone());
+        }
+        let cluster = format!("shoal.cluster={}", self.name);
+        let creds = format!(
+            "{}:/run/secrets:ro",
+            self.dir.path().join("creds").display()
+        );
+        let data = format!("{}:/srv/shoal/volumes/vol", self.data(i).display());
+        docker_ok(&[
+            "run",
+            "--detach",
+            "--init",
+            "--name",
+            &container,
+            "--network",
+            &self.name,
+            "--label",
+            &cluster,
+            "--env",
+            "MODE=docker",
+            "--env",
+            "HEARTBEAT=2",
+            "--env",
+            "SYNC_VOLUMES=vol",
+            "--volume",
+            "/var/run/docker.sock:/var/run/docker.sock:ro",
+            "--volume",
+            &creds,
+            "--volume",
+            &data,
+            "--volume",
+            &format!("{state}:/var/lib/shoal"),
+            &self.image.tag,
+        ]);
+    }
+
+    fn remove(&self, i: usize) {
+        docker_ok(&["rm", "--force", "--volumes", &self.container(i)]);
+    }
+
+    fn logs(&self, i: usize) -> String {
+        let out = docker(&["logs", &self.container(i)]);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    fn ip(&self, i: usize) -> String {
+        docker_ok(&[
+            "inspect",
+            "--format",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            &self.container(i),
+        ])
+    }
+
+    /// The peer addresses member `i` currently has, from `shoal status` inside it.
+    fn peers(&self, i: usize) -> Vec<String> {
+        let out = docker(&[
+            "exec",
+            &self.container(i),
+            "/usr/local/bin/shoal",
+            "status",
+            "--http",
+            "127.0.0.1:7030",
+            "--json",
+        ]);
+        let Ok(status) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+            return vec!["(no answer)".into()];
+        };
+        status["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["addr"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// Waits until members `members` hold the same files (Shoal's `.shoal/` aside).
+    fn wait_converged(&self, members: &[usize], timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let last: Vec<BTreeMap<String, Vec<u8>>> =
+                members.iter().map(|&i| listing(&self.data(i))).collect();
+            if last.windows(2).all(|w| w[0] == w[1]) {
+                return;
+            }
+            if start.elapsed() > timeout {
+                let names: Vec<Vec<&String>> = last.iter().map(|l| l.keys().collect()).collect();
+                let logs: Vec<String> = members.iter().map(|&i| self.logs(i)).collect();
+                panic!("members {members:?} did not converge in {timeout:?}: {names:?}\n{logs:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        for container in &self.containers {
+            let _ = docker(&["rm", "--force", "--volumes", container]);
+        }
+        for volume in &self.volumes {
+            let _ = docker(&["volume", "rm", "--force", volume]);
+        }
+        let _ = docker(&["network", "rm", &self.name]);
+    }
+}
+
+/// Every file under `root` (outside `.shoal/`) with its content.
+fn listing(root: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            if rel == ".shoal" {
+                continue;
+            }
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(content) = fs::read(&path) {
+                out.insert(rel, content);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn image_builds_offline_and_answers_help() {
+    let image = Image::get();
+    let help = docker_ok(&["run", "--rm", &image.tag, "--help"]);
+    assert!(help.contains("serve") && help.contains("health"), "{help}");
+    let health = docker(&["run", "--rm", &image.tag, "health"]);
+    assert_eq!(health.status.code(), Some(1), "no daemon: unhealthy");
+}
+
+#[test]
+fn containers_find_each_other_a_late_one_catches_up_a_removed_one_is_forgotten() {
+    let mut group = Group::new();
+    write_file(&group.data(0).join("a/first.txt"), b"from n0");
+    write_file(&group.data(1).join("second.bin"), &random_bytes(300_000, 1));
+    for i in 0..3 {
+        group.start(i);
+    }
+    group.wait_converged(&[0, 1, 2], Duration::from_secs(60));
+    assert_eq!(listing(&group.data(2)).len(), 2);
+
+    group.start(3);
+    group.wait_converged(&[0, 1, 2, 3], Duration::from_secs(60));
+    let gone = format!("{}:7029", group.ip(3));
+    wait_until("n0 knows n3", Duration::from_secs(20), || {
+        group.peers(0).contains(&gone)
+    });
+    group.remove(3);
+    wait_until("n0 forgets n3", Duration::from_secs(20), || {
+        let peers = group.peers(0);
+        peers.len() == 2 && !peers.contains(&gone)
+    });
+    write_file(&group.data(2).join("after.txt"), b"n3 gone");
+    group.wait_converged(&[0, 1, 2], Duration::from_secs(30));
+}
+
+#[test]
+fn a_disconnected_container_converges_on_reconnect_with_a_conflict_copy() {
+    let mut group = Group::new();
+    write_file(&group.data(0).join("shared.txt"), b"original");
+    for i in 0..3 {
+        group.start(i);
+    }
+    group.wait_converged(&[0, 1, 2], Duration::from_secs(60));
+
+    docker_ok(&["network", "disconnect", &group.name, &group.container(2)]);
+    wait_until("n2 alone", Duration::from_secs(20), || {
+        group.peers(2).is_empty() && group.peers(0).len() == 1
+    });
+    write_file(&group.data(0).join("shared.txt"), b"changed on n0");
+    write_file(&group.data(0).join("only-n0.txt"), b"n0");
+    write_file(&group.data(2).join("shared.txt"), b"changed on n2, cut off");
+    write_file(&group.data(2).join("only-n2.txt"), b"n2");
+    // Both sides index their change (HEARTBEAT=2) before they meet again.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(!group.data(1).join("only-n2.txt").exists());
+    docker_ok(&["network", "connect", &group.name, &group.container(2)]);
+
+    group.wait_converged(&[0, 1, 2], Duration::from_secs(60));
+    let files = listing(&group.data(1));
+    assert_eq!(files["only-n0.txt"], b"n0");
+    assert_eq!(files["only-n2.txt"], b"n2");
+    let mut versions: Vec<&[u8]> = files
+        .iter()
+        .filter(|(name, _)| name.starts_with("shared"))
+        .map(|(_, content)| content.as_slice())
+        .collect();
+    versions.sort();
+    assert_eq!(
+        versions,
+        [&b"changed on n0"[..], &b"changed on n2, cut off"[..]],
+        "both versions kept: {:?}",
+        files.keys().collect::<Vec<_>>()
+    );
+    assert!(
+        files.keys().any(|n| n.contains(".sync-conflict-")),
+        "{:?}",
+        files.keys().collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_container_killed_mid_transfer_resumes_on_its_state_volume() {
+    let mut group = Group::new();
+    const FILES: usize = 48;
+    for f in 0..FILES {
+        write_file(
+            &group.data(0).join(format!("media/{f:02}.bin")),
+            &random_bytes(4 << 20, f as u64),
+        );
+    }
+    group.start(0);
+    wait_until("n0 has scanned", Duration::from_secs(60), || {
+        group.logs(0).contains("serving")
+    });
+    group.start(1);
+    // Content being received is assembled under .shoal/staging/ before it is published.
+    let staging = group.data(1).join(".shoal/staging");
+    wait_until("n1 receives data", Duration::from_secs(60), || {
+        fs::read_dir(&staging).is_ok_and(|mut d| d.next().is_some())
+    });
+    docker_ok(&["kill", &group.container(1)]);
+    let at_kill = fs::read_dir(group.data(1).join("media")).map_or(0, |d| d.count());
+    assert!(at_kill < FILES, "the transfer was over before the kill");
+
+    // A new container on the same data and state volumes.
+    group.remove(1);
+    group.start(1);
+    group.wait_converged(&[0, 1], Duration::from_secs(120));
+    let verify = docker(&[
+        "exec",
+        &group.container(1),
+        "/usr/local/bin/shoal",
+        "verify",
+    ]);
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("no damage"));
+}
+
+/// Each misconfiguration: a non-zero exit and exactly one line that says what is wrong.
+#[test]
+fn misconfigured_containers_exit_with_one_clear_line() {
+    let group = Group::new();
+    fs::create_dir_all(group.data(0)).unwrap();
+    let creds = format!(
+        "{}:/run/secrets:ro",
+        group.dir.path().join("creds").display()
+    );
+    let data = format!("{}:/srv/shoal/volumes/vol", group.data(0).display());
+    let socket = "/var/run/docker.sock:/var/run/docker.sock:ro";
+    let cases: [(&str, Vec<&str>, &str); 4] = [
+        (
+            "missing secrets",
+            vec!["-e", "MODE=static", "-v", &data],
+            "no cluster credentials in /run/secrets",
+        ),
+        (
+            "unknown MODE",
+            vec!["-e", "MODE=kubernetes", "-v", &creds, "-v", &data],
+            "unknown MODE \"kubernetes\"",
+        ),
+        (
+            "unmounted volume",
+            vec![
+                "-e",
+                "SYNC_VOLUMES=vol other",
+                "-v",
+                &creds,
+                "-v",
+                &data,
+                "-v",
+                socket,
+            ],
+            "volume other: /srv/shoal/volumes/other is not a mounted volume",
+        ),
+        (
+            "no docker socket",
+            vec!["-e", "MODE=docker", "-v", &creds, "-v", &data],
+            "MODE=docker finds peers through the Docker API, but /var/run/docker.sock cannot be reached",
+        ),
+    ];
+    for (what, args, expected) in cases {
+        let name = unique("bad");
+        let mut all = vec!["run", "--rm", "--name", &name, "-e", "SYNC_VOLUMES=vol"];
+        all.extend(args);
+        all.extend([group.image.tag.as_str(), "serve"]);
+        let out = docker(&all);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "{what}: exited 0: {text}");
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains(expected)).collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "{what}: expected one line with {expected:?} in: {text}"
+        );
+        let _ = docker(&["rm", "--force", &name]);
+    }
+}
+
+/// A one-node Swarm of this engine and the `deploy/` stack on it.
+struct Swarm {
+    /// This test made the engine a Swarm manager (and leaves the Swarm afterwards).
+    joined: bool,
+    /// ... and `swarm init` created docker_gwbridge, which `swarm leave` keeps.
+    made_gwbridge: bool,
+    stack: String,
+}
+
+impl Drop for Swarm {
+    fn drop(&mut self) {
+        let _ = docker(&["stack", "rm", &self.stack]);
+        // The task's container goes away asynchronously; its volumes are freed after it.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for volume in ["media", "state"] {
+            let name = format!("{}_{volume}", self.stack);
+            while !docker(&["volume", "rm", "--force", &name]).status.success()
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+        let network = format!("{}_shoal", self.stack);
+        while docker(&["network", "inspect", &network]).status.success()
+            && Instant::now() < deadline
+        {
+            let _ = docker(&["network", "rm", &network]);
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        if self.joined {
+            let _ = docker(&["swarm", "leave", "--force"]);
+        }
+        if self.made_gwbridge {
+            let _ = docker(&["network", "rm", "docker_gwbridge"]);
+        }
+    }
+}
+
+#[test]
+fn the_stack_deploys_on_a_one_node_swarm_and_runs_healthy_without_peers() {
+    let image = Image::get();
+    let state = docker_ok(&["info", "--format", "{{.Swarm.LocalNodeState}}"]);
+    let had_gwbridge = docker(&["network", "inspect", "docker_gwbridge"])
+        .status
+        .success();
+    let joined = match state.as_str() {
+        "inactive" => {
+            docker_ok(&["swarm", "init", "--advertise-addr", "127.0.0.1"]);
+            true
+        }
+        "active" => false,
+        other => panic!("this engine's Swarm is {other}: cannot test the stack"),
+    };
+    let swarm = Swarm {
+        joined,
+        made_gwbridge: joined && !had_gwbridge,
+        stack: unique("stack"),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("creds");
+    assert!(
+        shoal(&["cluster", "init", "--out", creds.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let out = Command::new("docker")
+        .args(["stack", "deploy", "--resolve-image", "never", "-c"])
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/docker-stack.yml"
+        ))
+        .arg(&swarm.stack)
+        .env("SHOAL_IMAGE", &image.tag)
+        .env("SHOAL_CREDENTIALS_DIR", &creds)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let service = format!("{}_shoal", swarm.stack);
+    let filter = format!("label=com.docker.swarm.service.name={service}");
+    let mut container = String::new();
+    wait_until(
+        "the task's container is healthy",
+        Duration::from_secs(120),
+        || {
+            container = docker_ok(&["ps", "--quiet", "--filter", &filter]);
+            !container.is_empty()
+                && docker_ok(&[
+                    "inspect",
+                    "--format",
+                    "{{.State.Health.Status}}",
+                    &container,
+                ]) == "healthy"
+        },
+    );
+    let logs = docker(&["logs", &container]);
+    let logs = String::from_utf8_lossy(&logs.stderr).into_owned();
+    assert!(
+        logs.contains(&format!("peers=the tasks of service {service}")),
+        "{logs}"
+    );
+    assert!(!logs.contains("WARN") && !logs.contains("ERROR"), "{logs}");
+    assert!(
+        !logs.contains("discovered peers"),
+        "a one-node Swarm has no peers: {logs}"
+    );
+}
