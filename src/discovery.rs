@@ -192,6 +192,9 @@ impl Discovery {
                 // Docker's DNS answers with long TTLs; a cached answer would hide joins
                 // and leaves until it expired.
                 builder.options_mut().cache_size = 0;
+                // A slow answer must not hold up the next look for long.
+                builder.options_mut().timeout = Duration::from_secs(2);
+                builder.options_mut().attempts = 1;
                 let resolver = builder.build().map_err(|e| resolver_error(e.to_string()))?;
                 Source::Swarm {
                     docker,

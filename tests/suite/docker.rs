@@ -466,34 +466,97 @@ fn misconfigured_containers_exit_with_one_clear_line() {
     }
 }
 
-/// A one-node Swarm of this engine and the `deploy/` stack on it.
+/// A one-node Swarm of this engine and what the test deployed on it, removed in reverse.
 struct Swarm {
     /// This test made the engine a Swarm manager (and leaves the Swarm afterwards).
     joined: bool,
     /// ... and `swarm init` created docker_gwbridge, which `swarm leave` keeps.
     made_gwbridge: bool,
-    stack: String,
+    prefix: String,
+    stacks: Vec<String>,
+    services: Vec<String>,
+    secrets: Vec<String>,
+    volumes: Vec<String>,
+    networks: Vec<String>,
+}
+
+impl Swarm {
+    fn join() -> Self {
+        let state = docker_ok(&["info", "--format", "{{.Swarm.LocalNodeState}}"]);
+        let had_gwbridge = docker(&["network", "inspect", "docker_gwbridge"])
+            .status
+            .success();
+        let joined = match state.as_str() {
+            "inactive" => {
+                docker_ok(&["swarm", "init", "--advertise-addr", "127.0.0.1"]);
+                true
+            }
+            "active" => false,
+            other => panic!("this engine's Swarm is {other}: cannot test the stack"),
+        };
+        Swarm {
+            joined,
+            made_gwbridge: joined && !had_gwbridge,
+            prefix: unique("swarm"),
+            stacks: Vec::new(),
+            services: Vec::new(),
+            secrets: Vec::new(),
+            volumes: Vec::new(),
+            networks: Vec::new(),
+        }
+    }
+
+    /// The running container of the only task of `service`, once healthy.
+    fn healthy_task(&self, service: &str) -> String {
+        let filter = format!("label=com.docker.swarm.service.name={service}");
+        let mut container = String::new();
+        wait_until(
+            "the task's container is healthy",
+            Duration::from_secs(120),
+            || {
+                container = docker_ok(&["ps", "--quiet", "--filter", &filter]);
+                !container.is_empty()
+                    && docker_ok(&[
+                        "inspect",
+                        "--format",
+                        "{{.State.Health.Status}}",
+                        &container,
+                    ]) == "healthy"
+            },
+        );
+        container
+    }
 }
 
 impl Drop for Swarm {
     fn drop(&mut self) {
-        let _ = docker(&["stack", "rm", &self.stack]);
-        // The task's container goes away asynchronously; its volumes are freed after it.
+        for stack in &self.stacks {
+            let _ = docker(&["stack", "rm", stack]);
+        }
+        for service in &self.services {
+            let _ = docker(&["service", "rm", service]);
+        }
+        // Task containers go away asynchronously; volumes and networks are freed after.
         let deadline = Instant::now() + Duration::from_secs(60);
-        for volume in ["media", "state"] {
-            let name = format!("{}_{volume}", self.stack);
-            while !docker(&["volume", "rm", "--force", &name]).status.success()
+        for volume in &self.volumes {
+            while !docker(&["volume", "rm", "--force", volume])
+                .status
+                .success()
                 && Instant::now() < deadline
             {
                 std::thread::sleep(Duration::from_millis(500));
             }
         }
-        let network = format!("{}_shoal", self.stack);
-        while docker(&["network", "inspect", &network]).status.success()
-            && Instant::now() < deadline
-        {
-            let _ = docker(&["network", "rm", &network]);
-            std::thread::sleep(Duration::from_millis(500));
+        for secret in &self.secrets {
+            let _ = docker(&["secret", "rm", secret]);
+        }
+        for network in &self.networks {
+            while docker(&["network", "inspect", network]).status.success()
+                && Instant::now() < deadline
+            {
+                let _ = docker(&["network", "rm", network]);
+                std::thread::sleep(Duration::from_millis(500));
+            }
         }
         if self.joined {
             let _ = docker(&["swarm", "leave", "--force"]);
@@ -504,26 +567,15 @@ impl Drop for Swarm {
     }
 }
 
+/// Both Swarm checks in one test: they share the engine's one Swarm membership.
+/// 1. `deploy/docker-stack.yml` as shipped (global mode: one task on this one node) runs
+///    healthy and finds no peer, without any error.
+/// 2. Two tasks of one replicated service, each with a volume of its own, find each other
+///    through `tasks.<service>` DNS and mirror both ways.
 #[test]
-fn the_stack_deploys_on_a_one_node_swarm_and_runs_healthy_without_peers() {
+fn swarm_the_stack_runs_healthy_alone_and_two_tasks_of_a_service_mirror() {
     let image = Image::get();
-    let state = docker_ok(&["info", "--format", "{{.Swarm.LocalNodeState}}"]);
-    let had_gwbridge = docker(&["network", "inspect", "docker_gwbridge"])
-        .status
-        .success();
-    let joined = match state.as_str() {
-        "inactive" => {
-            docker_ok(&["swarm", "init", "--advertise-addr", "127.0.0.1"]);
-            true
-        }
-        "active" => false,
-        other => panic!("this engine's Swarm is {other}: cannot test the stack"),
-    };
-    let swarm = Swarm {
-        joined,
-        made_gwbridge: joined && !had_gwbridge,
-        stack: unique("stack"),
-    };
+    let mut swarm = Swarm::join();
     let dir = tempfile::tempdir().unwrap();
     let creds = dir.path().join("creds");
     assert!(
@@ -531,13 +583,20 @@ fn the_stack_deploys_on_a_one_node_swarm_and_runs_healthy_without_peers() {
             .status
             .success()
     );
+
+    let stack = format!("{}-stack", swarm.prefix);
+    swarm.stacks.push(stack.clone());
+    for what in ["media", "state"] {
+        swarm.volumes.push(format!("{stack}_{what}"));
+    }
+    swarm.networks.push(format!("{stack}_shoal"));
     let out = Command::new("docker")
         .args(["stack", "deploy", "--resolve-image", "never", "-c"])
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/deploy/docker-stack.yml"
         ))
-        .arg(&swarm.stack)
+        .arg(&stack)
         .env("SHOAL_IMAGE", &image.tag)
         .env("SHOAL_CREDENTIALS_DIR", &creds)
         .output()
@@ -547,24 +606,8 @@ fn the_stack_deploys_on_a_one_node_swarm_and_runs_healthy_without_peers() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-
-    let service = format!("{}_shoal", swarm.stack);
-    let filter = format!("label=com.docker.swarm.service.name={service}");
-    let mut container = String::new();
-    wait_until(
-        "the task's container is healthy",
-        Duration::from_secs(120),
-        || {
-            container = docker_ok(&["ps", "--quiet", "--filter", &filter]);
-            !container.is_empty()
-                && docker_ok(&[
-                    "inspect",
-                    "--format",
-                    "{{.State.Health.Status}}",
-                    &container,
-                ]) == "healthy"
-        },
-    );
+    let service = format!("{stack}_shoal");
+    let container = swarm.healthy_task(&service);
     let logs = docker(&["logs", &container]);
     let logs = String::from_utf8_lossy(&logs.stderr).into_owned();
     assert!(
@@ -576,4 +619,88 @@ fn the_stack_deploys_on_a_one_node_swarm_and_runs_healthy_without_peers() {
         !logs.contains("discovered peers"),
         "a one-node Swarm has no peers: {logs}"
     );
+
+    // Two tasks: volumes named after the task slot, written through their mount points.
+    let net = format!("{}-net", swarm.prefix);
+    docker_ok(&["network", "create", "--driver", "overlay", &net]);
+    swarm.networks.push(net.clone());
+    let mut secret_args = Vec::new();
+    for file in ["ca.pem", "cert.pem", "key.pem"] {
+        let secret = format!("{}-{file}", swarm.prefix);
+        docker_ok(&[
+            "secret",
+            "create",
+            &secret,
+            creds.join(file).to_str().unwrap(),
+        ]);
+        swarm.secrets.push(secret.clone());
+        secret_args.push(format!("source={secret},target={file}"));
+    }
+    let volume = |what: &str, slot: u32| format!("{}-{what}-{slot}", swarm.prefix);
+    for slot in [1, 2] {
+        for what in ["media", "state"] {
+            swarm.volumes.push(volume(what, slot));
+        }
+    }
+    docker_ok(&["volume", "create", &volume("media", 1)]);
+    let mountpoint = |slot: u32| -> PathBuf {
+        docker_ok(&[
+            "volume",
+            "inspect",
+            "--format",
+            "{{.Mountpoint}}",
+            &volume("media", slot),
+        ])
+        .into()
+    };
+    write_file(&mountpoint(1).join("one.txt"), b"written on task 1");
+    let replicated = format!("{}-svc", swarm.prefix);
+    swarm.services.push(replicated.clone());
+    let media = format!(
+        "type=volume,src={}-media-{{{{.Task.Slot}}}},dst=/srv/shoal/volumes/media",
+        swarm.prefix
+    );
+    let state = format!(
+        "type=volume,src={}-state-{{{{.Task.Slot}}}},dst=/var/lib/shoal",
+        swarm.prefix
+    );
+    let mut args = vec![
+        "service",
+        "create",
+        "--detach",
+        "--quiet",
+        "--no-resolve-image",
+        "--name",
+        &replicated,
+        "--replicas",
+        "2",
+        "--network",
+        &net,
+        "--env",
+        "SYNC_VOLUMES=media",
+        "--env",
+        "HEARTBEAT=2",
+        "--mount",
+        "type=bind,src=/var/run/docker.sock,dst=/var/run/docker.sock,readonly",
+        "--mount",
+        &media,
+        "--mount",
+        &state,
+    ];
+    for secret in &secret_args {
+        args.extend(["--secret", secret.as_str()]);
+    }
+    args.push(&image.tag);
+    docker_ok(&args);
+    let content = |slot: u32, name: &str| fs::read(mountpoint(slot).join(name)).ok();
+    wait_until("task 2 pulls from task 1", Duration::from_secs(90), || {
+        docker(&["volume", "inspect", &volume("media", 2)])
+            .status
+            .success()
+            && content(2, "one.txt").as_deref() == Some(&b"written on task 1"[..])
+    });
+    write_file(&mountpoint(2).join("two.txt"), b"written on task 2");
+    wait_until("task 1 pulls from task 2", Duration::from_secs(60), || {
+        content(1, "two.txt").as_deref() == Some(&b"written on task 2"[..])
+    });
 }
