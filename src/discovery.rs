@@ -7,8 +7,9 @@
 //!   they share with it; listed through the Docker API (the socket, mounted read-only).
 //! - `swarm`: the other tasks of this container's own service (named by its
 //!   `com.docker.swarm.service.name` label). Listing tasks only works on managers, so
-//!   every node resolves `tasks.<service>` through Docker's embedded DNS instead, which
-//!   works on managers and workers alike.
+//!   every node asks what it can ask as a worker too: Docker's embedded DNS for
+//!   `tasks.<service>`, and the verbose inspection of the overlay networks it is on,
+//!   which lists each service's task endpoints; the union of both answers counts.
 //!
 //! Both Docker modes look again every `HEARTBEAT` and at once on every local container
 //! or network event (start, die, connect, disconnect...), so a joining or leaving peer is
@@ -22,7 +23,8 @@ use std::time::Duration;
 
 use bollard::Docker;
 use bollard::query_parameters::{
-    EventsOptionsBuilder, InspectContainerOptions, ListContainersOptionsBuilder,
+    EventsOptionsBuilder, InspectContainerOptions, InspectNetworkOptionsBuilder,
+    ListContainersOptionsBuilder,
 };
 use futures_util::StreamExt;
 use hickory_resolver::TokioResolver;
@@ -329,19 +331,20 @@ impl Discovery {
                 service,
                 resolver,
             } => {
-                let (own_ips, _) = own_endpoints(docker, me).await?;
-                let name = format!("tasks.{service}.");
-                // Stack services are named STACK_SERVICE: `_` is no hostname character,
-                // so the name is taken as raw ASCII labels, not as a hostname.
-                let query = hickory_resolver::proto::rr::Name::from_ascii(&name)
-                    .map_err(|e| format!("{name} is no DNS name: {e}"))?;
-                let answer = match resolver.lookup_ip(query).await {
-                    Ok(answer) => answer.iter().collect(),
-                    // No task has an address yet (or only we do, on another network).
-                    Err(e) if e.is_no_records_found() || e.is_nx_domain() => Vec::new(),
-                    Err(e) => return Err(format!("resolving {name}: {e}")),
+                let (own_ips, networks) = own_endpoints(docker, me).await?;
+                let (listed, dns) = tokio::join!(
+                    network_tasks(docker, &networks, service),
+                    resolve_tasks(resolver, service)
+                );
+                let found: BTreeSet<IpAddr> = match (listed, dns) {
+                    (Err(a), Err(b)) => return Err(format!("{a}; {b}")),
+                    (Ok(a), Ok(b)) => a.into_iter().chain(b).collect(),
+                    (Ok(ips), Err(e)) | (Err(e), Ok(ips)) => {
+                        tracing::debug!("one way of finding tasks failed: {e}");
+                        ips.into_iter().collect()
+                    }
                 };
-                Ok(answer
+                Ok(found
                     .into_iter()
                     .filter(|ip| !own_ips.contains(ip))
                     .map(|ip| SocketAddr::new(ip, self.port))
@@ -349,6 +352,68 @@ impl Discovery {
             }
         }
     }
+}
+
+/// The addresses `tasks.<service>` resolves to through Docker's embedded DNS.
+async fn resolve_tasks(resolver: &TokioResolver, service: &str) -> Result<Vec<IpAddr>, String> {
+    let name = format!("tasks.{service}.");
+    // Stack services are named STACK_SERVICE: `_` is no hostname character, so the name
+    // is taken as raw ASCII labels, not as a hostname.
+    let query = hickory_resolver::proto::rr::Name::from_ascii(&name)
+        .map_err(|e| format!("{name} is no DNS name: {e}"))?;
+    match resolver.lookup_ip(query).await {
+        Ok(answer) => Ok(answer.iter().collect()),
+        // No task has an address yet (or only we do, on another network).
+        Err(e) if e.is_no_records_found() || e.is_nx_domain() => Ok(Vec::new()),
+        Err(e) => Err(format!("resolving {name}: {e}")),
+    }
+}
+
+/// The endpoint addresses of `service`'s tasks on the Swarm-scoped networks `networks`,
+/// from their verbose inspection (each node's view of the network's gossip; works on
+/// workers too).
+async fn network_tasks(
+    docker: &Docker,
+    networks: &HashSet<String>,
+    service: &str,
+) -> Result<Vec<IpAddr>, String> {
+    let mut ips = Vec::new();
+    for network in networks {
+        let options = InspectNetworkOptionsBuilder::new()
+            .verbose(true)
+            .scope("swarm")
+            .build();
+        let inspect = docker
+            .inspect_network(network, Some(options))
+            .await
+            .map_err(|e| format!("inspecting network {network}: {e}"))?;
+        if let Some(services) = &inspect.services {
+            ips.extend(
+                service_task_ips(services, service)
+                    .map_err(|e| format!("network {network}: {e}"))?,
+            );
+        }
+    }
+    Ok(ips)
+}
+
+/// The task endpoint addresses of `service` in a verbose network inspection's
+/// `Services` (service name -> `ServiceInfo`).
+fn service_task_ips(
+    services: &HashMap<String, serde_json::Value>,
+    service: &str,
+) -> Result<Vec<IpAddr>, String> {
+    let Some(info) = services.get(service) else {
+        return Ok(Vec::new());
+    };
+    let info: bollard::models::ServiceInfo = serde_json::from_value(info.clone())
+        .map_err(|e| format!("unexpected service entry: {e}"))?;
+    Ok(info
+        .tasks
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|t| t.endpoint_ip.as_deref()?.parse::<IpAddr>().ok())
+        .collect())
 }
 
 fn endpoint_ip(endpoint: &bollard::models::EndpointSettings) -> Option<IpAddr> {
@@ -410,6 +475,28 @@ async fn follow_events(docker: Docker, wake: std::sync::Arc<tokio::sync::Notify>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// As `docker network inspect --verbose` shows an overlay network's services.
+    #[test]
+    fn task_endpoints_are_read_from_a_verbose_network_inspection() {
+        let services: HashMap<String, serde_json::Value> = serde_json::from_str(
+            r#"{"st_shoal":{"VIP":"10.0.2.2","Ports":[],"LocalLBIndex":264,"Tasks":[
+              {"Name":"st_shoal.1.mc","EndpointID":"1270","EndpointIP":"10.0.2.3","Info":{"Host IP":"127.0.0.1"}},
+              {"Name":"st_shoal.2.te","EndpointID":"81e0","EndpointIP":"10.0.2.4","Info":{"Host IP":"127.0.0.1"}}]}}"#,
+        )
+        .unwrap();
+        let ips = service_task_ips(&services, "st_shoal").unwrap();
+        assert_eq!(
+            ips,
+            [
+                "10.0.2.3".parse::<IpAddr>().unwrap(),
+                "10.0.2.4".parse().unwrap()
+            ]
+        );
+        assert!(service_task_ips(&services, "other").unwrap().is_empty());
+        let garbled = HashMap::from([("st_shoal".to_string(), serde_json::json!({"Tasks": 5}))]);
+        assert!(service_task_ips(&garbled, "st_shoal").is_err());
+    }
 
     #[test]
     fn modes_parse_and_unknown_ones_are_named() {
