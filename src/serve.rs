@@ -41,6 +41,8 @@ pub struct ServeOptions {
     /// Refuse a volume directory that is not a mount point (in a container, data written
     /// elsewhere would be lost with the container).
     pub require_mounts: bool,
+    /// UDP segmentation offload for QUIC (off where a container network breaks it).
+    pub gso: bool,
     pub credentials: PathBuf,
     pub http: Option<SocketAddr>,
     pub heartbeat: Duration,
@@ -131,9 +133,9 @@ pub async fn run(
         rescan(&node, index).await?;
     }
 
-    let mut server = crate::transport::listen(options.listen, &credentials)?;
+    let mut server = crate::transport::listen(options.listen, &credentials, options.gso)?;
     let bind = SocketAddr::new(options.listen.ip(), 0);
-    let client = crate::transport::client(bind, &credentials)?;
+    let client = crate::transport::client(bind, &credentials, options.gso)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     {
@@ -313,7 +315,12 @@ async fn peer_loop(
         if *stop.borrow() {
             return;
         }
-        match connect(&node, &peer, &client).await {
+        // A peer that left (or shutdown) must not wait out a handshake timeout.
+        let attempt = tokio::select! {
+            attempt = connect(&node, &peer, &client) => attempt,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match attempt {
             Ok(connection) => {
                 backoff = Duration::from_millis(200);
                 last_error.clear();

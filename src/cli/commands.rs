@@ -279,6 +279,7 @@ pub struct ServeFlags {
     pub docker_socket: Option<String>,
     pub require_mounts: bool,
     pub heartbeat: u64,
+    pub gso: bool,
 }
 
 pub fn serve(
@@ -295,6 +296,7 @@ pub fn serve(
         docker_socket,
         require_mounts,
         heartbeat,
+        gso,
     } = flags;
     let mode: crate::discovery::Mode = match mode.as_deref().map(str::trim) {
         None | Some("") => crate::discovery::Mode::Static,
@@ -328,6 +330,7 @@ pub fn serve(
         docker_socket: docker_socket
             .unwrap_or_else(|| crate::discovery::DEFAULT_DOCKER_SOCKET.to_string()),
         require_mounts,
+        gso,
         credentials,
         http,
         heartbeat: Duration::from_secs(heartbeat),

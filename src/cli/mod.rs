@@ -124,8 +124,13 @@ struct ServeArgs {
 
     /// Refuse to start if a volume's directory is not a mount point (set in the image:
     /// data written into the container itself would be lost with it).
-    #[arg(long, env = "SHOAL_REQUIRE_MOUNTS")]
+    #[arg(long, env = "SHOAL_REQUIRE_MOUNTS", value_parser = clap::builder::BoolishValueParser::new())]
     require_mounts: bool,
+
+    /// Turn off UDP segmentation offload (GSO) for QUIC: for container networks where
+    /// it breaks sends (s2n-quic issue 2485).
+    #[arg(long, env = "SHOAL_NO_GSO", value_parser = clap::builder::BoolishValueParser::new())]
+    no_gso: bool,
 
     /// Seconds between anti-entropy rounds (rescan, compare roots with every peer) and
     /// peer re-discovery [default: 25].
@@ -315,6 +320,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 docker_socket: args.docker_socket.or(file.docker_socket),
                 require_mounts: args.require_mounts || file.require_mounts.unwrap_or(false),
                 heartbeat: args.heartbeat.or(file.heartbeat).unwrap_or(25),
+                gso: !args.no_gso,
             };
             let settings = settings(cli.config, args.locations, args.chunk_sizes)?;
             commands::serve(
