@@ -704,3 +704,74 @@ fn swarm_the_stack_runs_healthy_alone_and_two_tasks_of_a_service_mirror() {
         content(1, "two.txt").as_deref() == Some(&b"written on task 2"[..])
     });
 }
+
+/// A `docker-compose` project of `deploy/docker-compose.yml`, taken down with its volumes.
+struct Compose {
+    project: String,
+    env: Vec<(&'static str, String)>,
+}
+
+impl Compose {
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new("docker-compose")
+            .args(["--project-name", &self.project, "--file"])
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/deploy/docker-compose.yml"
+            ))
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .expect("docker-compose runs")
+    }
+}
+
+impl Drop for Compose {
+    fn drop(&mut self) {
+        let _ = self.run(&["down", "--volumes", "--timeout", "5"]);
+    }
+}
+
+#[test]
+fn the_compose_file_runs_three_members_that_find_each_other() {
+    let image = Image::get();
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("creds");
+    assert!(
+        shoal(&["cluster", "init", "--out", creds.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let compose = Compose {
+        project: unique("compose"),
+        env: vec![
+            ("SHOAL_IMAGE", image.tag.clone()),
+            ("SHOAL_CREDENTIALS_DIR", creds.to_str().unwrap().to_string()),
+            ("HEARTBEAT", "2".to_string()),
+        ],
+    };
+    let up = compose.run(&["up", "--detach"]);
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    // Each member's volume, written and read through its mount point.
+    let mountpoint = |i: usize| -> PathBuf {
+        let volume = format!("{}_media-{i}", compose.project);
+        docker_ok(&["volume", "inspect", "--format", "{{.Mountpoint}}", &volume]).into()
+    };
+    write_file(&mountpoint(1).join("from-1.txt"), b"one");
+    write_file(&mountpoint(3).join("from-3.txt"), b"three");
+    wait_until(
+        "the three members converge",
+        Duration::from_secs(90),
+        || {
+            (1..=3).all(|i| {
+                let files = listing(&mountpoint(i));
+                files.get("from-1.txt").map(Vec::as_slice) == Some(b"one")
+                    && files.get("from-3.txt").map(Vec::as_slice) == Some(b"three")
+            })
+        },
+    );
+}
