@@ -17,6 +17,7 @@ tag="${1:-shoal:local}"
 
 binary="${SHOAL_BINARY:-}"
 if [ -z "$binary" ]; then
+  set --  # setup.sh takes its arguments as extra packages to install
   source tools/setup.sh
   cargo build --release --locked --bin shoal >&2
   binary="$CARGO_TARGET_DIR/release/shoal"
