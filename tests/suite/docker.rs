@@ -466,6 +466,9 @@ fn misconfigured_containers_exit_with_one_clear_line() {
     }
 }
 
+/// The engine is in one Swarm at a time: the Swarm tests take turns.
+static SWARM_TESTS: Mutex<()> = Mutex::new(());
+
 /// A one-node Swarm of this engine and what the test deployed on it, removed in reverse.
 struct Swarm {
     /// This test made the engine a Swarm manager (and leaves the Swarm afterwards).
@@ -473,6 +476,8 @@ struct Swarm {
     /// ... and `swarm init` created docker_gwbridge, which `swarm leave` keeps.
     made_gwbridge: bool,
     prefix: String,
+    /// Nodes that joined this test's Swarm (removed from it at the end).
+    nodes: Vec<String>,
     stacks: Vec<String>,
     services: Vec<String>,
     secrets: Vec<String>,
@@ -481,23 +486,28 @@ struct Swarm {
 }
 
 impl Swarm {
-    fn join() -> Self {
+    /// Makes this engine a Swarm manager advertising `advertise`, unless it is one
+    /// already (then only if `reuse` allows).
+    fn join(advertise: &str, reuse: bool) -> Self {
         let state = docker_ok(&["info", "--format", "{{.Swarm.LocalNodeState}}"]);
         let had_gwbridge = docker(&["network", "inspect", "docker_gwbridge"])
             .status
             .success();
         let joined = match state.as_str() {
             "inactive" => {
-                docker_ok(&["swarm", "init", "--advertise-addr", "127.0.0.1"]);
+                docker_ok(&["swarm", "init", "--advertise-addr", advertise]);
                 true
             }
-            "active" => false,
-            other => panic!("this engine's Swarm is {other}: cannot test the stack"),
+            "active" if reuse => false,
+            other => panic!(
+                "this engine's Swarm state is {other:?}: the test needs an engine it can make a Swarm manager of its own"
+            ),
         };
         Swarm {
             joined,
             made_gwbridge: joined && !had_gwbridge,
             prefix: unique("swarm"),
+            nodes: Vec::new(),
             stacks: Vec::new(),
             services: Vec::new(),
             secrets: Vec::new(),
@@ -558,6 +568,9 @@ impl Drop for Swarm {
                 std::thread::sleep(Duration::from_millis(500));
             }
         }
+        for node in &self.nodes {
+            let _ = docker(&["node", "rm", "--force", node]);
+        }
         if self.joined {
             let _ = docker(&["swarm", "leave", "--force"]);
         }
@@ -574,8 +587,9 @@ impl Drop for Swarm {
 ///    through `tasks.<service>` DNS and mirror both ways.
 #[test]
 fn swarm_the_stack_runs_healthy_alone_and_two_tasks_of_a_service_mirror() {
+    let _serial = SWARM_TESTS.lock().unwrap_or_else(|e| e.into_inner());
     let image = Image::get();
-    let mut swarm = Swarm::join();
+    let mut swarm = Swarm::join("127.0.0.1", true);
     let dir = tempfile::tempdir().unwrap();
     let creds = dir.path().join("creds");
     assert!(
@@ -774,4 +788,251 @@ fn the_compose_file_runs_three_members_that_find_each_other() {
             })
         },
     );
+}
+
+static NEXT_ENGINE: AtomicU32 = AtomicU32::new(0);
+
+/// A second Docker Engine on this machine, to be a second Swarm node (as moby's own
+/// tests run several daemons): its own network namespace, joined to the host by a veth
+/// pair; its own mount namespace, where its socket is /var/run/docker.sock as on a real
+/// node (so its tasks ask it, not the first engine); its data and exec roots in a
+/// temporary directory, with the vfs storage driver. Stopped and removed when dropped.
+struct SecondEngine {
+    netns: String,
+    veth: String,
+    host_ip: String,
+    ip: String,
+    dir: tempfile::TempDir,
+    daemon: Option<std::process::Child>,
+}
+
+impl SecondEngine {
+    fn start() -> Self {
+        let n = std::process::id() % 1000 * 10 + NEXT_ENGINE.fetch_add(1, Ordering::SeqCst) % 10;
+        let subnet = 100 + n % 150;
+        let mut engine = SecondEngine {
+            netns: format!("shoal-test-{n}"),
+            veth: format!("shoalt{n}"),
+            host_ip: format!("10.231.{subnet}.1"),
+            ip: format!("10.231.{subnet}.2"),
+            dir: tempfile::tempdir().unwrap(),
+            daemon: None,
+        };
+        let peer = format!("{}n", engine.veth);
+        let host = format!("{}h", engine.veth);
+        let run = |args: &[&str]| {
+            let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&["ip", "netns", "add", &engine.netns]);
+        run(&[
+            "ip", "link", "add", &host, "type", "veth", "peer", "name", &peer,
+        ]);
+        run(&["ip", "link", "set", &peer, "netns", &engine.netns]);
+        run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", engine.host_ip),
+            "dev",
+            &host,
+        ]);
+        run(&["ip", "link", "set", &host, "up"]);
+        for args in [
+            vec![
+                "ip",
+                "addr",
+                "add",
+                &format!("{}/24", engine.ip),
+                "dev",
+                &peer,
+            ],
+            vec!["ip", "link", "set", &peer, "up"],
+            vec!["ip", "link", "set", "lo", "up"],
+        ] {
+            let mut all = vec!["ip", "netns", "exec", &engine.netns];
+            all.extend(args);
+            run(&all);
+        }
+        let root = engine.dir.path();
+        fs::write(root.join("daemon.json"), r#"{"storage-driver": "vfs"}"#).unwrap();
+        let script = format!(
+            "mount -t tmpfs tmpfs /run && exec dockerd --config-file {root}/daemon.json \
+             --data-root {root}/data --exec-root {root}/exec --pidfile {root}/docker.pid \
+             -H unix:///var/run/docker.sock -H unix://{root}/docker.sock \
+             --bridge none --iptables=false",
+            root = root.display()
+        );
+        let log = fs::File::create(root.join("dockerd.log")).unwrap();
+        engine.daemon = Some(
+            Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", engine.netns))
+                .args(["unshare", "--mount", "--propagation", "private", "sh", "-c"])
+                .arg(&script)
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("nsenter and unshare run"),
+        );
+        wait_until("the second engine answers", Duration::from_secs(60), || {
+            engine.docker(&["info"]).status.success()
+        });
+        engine
+    }
+
+    fn docker(&self, args: &[&str]) -> Output {
+        Command::new("docker")
+            .arg("--host")
+            .arg(format!("unix://{}/docker.sock", self.dir.path().display()))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn docker_ok(&self, args: &[&str]) -> String {
+        let out = self.docker(args);
+        assert!(
+            out.status.success(),
+            "second engine: docker {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for SecondEngine {
+    fn drop(&mut self) {
+        let _ = self.docker(&["swarm", "leave", "--force"]);
+        if let Some(mut daemon) = self.daemon.take() {
+            // SIGTERM: dockerd stops its containers and its containerd before it exits.
+            let _ = Command::new("kill")
+                .args(["-TERM", &daemon.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while daemon.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &format!("{}h", self.veth)])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+    }
+}
+
+/// A two-node Swarm on one machine: this engine as manager, a second engine as worker.
+/// The `deploy/` stack (global: one task per node) mirrors both ways between the nodes
+/// over the overlay network, the worker finding the manager's task without the manager's
+/// API (workers cannot list tasks).
+#[test]
+fn swarm_of_two_engines_the_stack_mirrors_between_manager_and_worker() {
+    let _serial = SWARM_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+    let image = Image::get();
+    // Dropped in reverse: the Swarm goes first (stack, volumes, the worker's node entry,
+    // then this engine leaves), then the second engine stops and its namespace goes.
+    let worker = SecondEngine::start();
+    let mut swarm = Swarm::join(&worker.host_ip, false);
+    let token = docker_ok(&["swarm", "join-token", "--quiet", "worker"]);
+    worker.docker_ok(&[
+        "swarm",
+        "join",
+        "--advertise-addr",
+        &worker.ip,
+        "--token",
+        &token,
+        &format!("{}:2377", worker.host_ip),
+    ]);
+    swarm
+        .nodes
+        .push(worker.docker_ok(&["info", "--format", "{{.Swarm.NodeID}}"]));
+    // The image reaches the worker as it would without a registry: docker save | load.
+    let mut save = Command::new("docker")
+        .args(["save", &image.tag])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let load = Command::new("docker")
+        .arg("--host")
+        .arg(format!(
+            "unix://{}/docker.sock",
+            worker.dir.path().display()
+        ))
+        .arg("load")
+        .stdin(save.stdout.take().unwrap())
+        .output()
+        .unwrap();
+    assert!(save.wait().unwrap().success() && load.status.success());
+
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("creds");
+    assert!(
+        shoal(&["cluster", "init", "--out", creds.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let stack = format!("{}-stack", swarm.prefix);
+    swarm.stacks.push(stack.clone());
+    for what in ["media", "state"] {
+        swarm.volumes.push(format!("{stack}_{what}"));
+    }
+    swarm.networks.push(format!("{stack}_shoal"));
+    let out = Command::new("docker")
+        .args(["stack", "deploy", "--resolve-image", "never", "-c"])
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/docker-stack.yml"
+        ))
+        .arg(&stack)
+        .env("SHOAL_IMAGE", &image.tag)
+        .env("SHOAL_CREDENTIALS_DIR", &creds)
+        .env("HEARTBEAT", "2")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let volume = format!("{stack}_media");
+    let inspect = ["volume", "inspect", "--format", "{{.Mountpoint}}", &volume];
+    let mut on_worker = PathBuf::new();
+    wait_until(
+        "the stack's volume on both nodes",
+        Duration::from_secs(90),
+        || {
+            let out = worker.docker(&inspect);
+            on_worker = String::from_utf8_lossy(&out.stdout).trim().into();
+            out.status.success() && docker(&inspect).status.success()
+        },
+    );
+    let on_manager = PathBuf::from(docker_ok(&inspect));
+    write_file(
+        &on_manager.join("from-manager.bin"),
+        &random_bytes(3 << 20, 7),
+    );
+    write_file(&on_worker.join("from-worker.txt"), b"worker");
+    let logs = || {
+        let service = format!("label=com.docker.swarm.service.name={stack}_shoal");
+        let id = worker.docker_ok(&["ps", "--all", "--quiet", "--filter", &service]);
+        let out = worker.docker(&["logs", id.lines().next().unwrap_or("none")]);
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let start = Instant::now();
+    while listing(&on_manager) != listing(&on_worker) {
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "the two nodes did not converge; worker's task: {}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(listing(&on_worker).len(), 2);
 }
