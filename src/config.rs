@@ -42,6 +42,12 @@ pub struct FileConfig {
     pub state_dir: Option<PathBuf>,
     pub volumes: Option<Vec<String>>,
     pub chunk_sizes: Option<String>,
+    /// `shoal serve` only, like the flags of the same names.
+    pub mode: Option<String>,
+    pub peers: Option<Vec<String>>,
+    pub heartbeat: Option<u64>,
+    pub docker_socket: Option<String>,
+    pub require_mounts: Option<bool>,
 }
 
 impl FileConfig {
@@ -159,5 +165,11 @@ mod tests {
         }
         assert!(validate_volume_name("media_2.v-1").is_ok());
         assert!(toml::from_str::<FileConfig>("data_rot = \"/x\"").is_err());
+        let serve: FileConfig = toml::from_str(
+            "mode = \"docker\"\nheartbeat = 5\npeers = [\"a:7029\"]\nrequire-mounts = true",
+        )
+        .unwrap();
+        assert_eq!(serve.mode.as_deref(), Some("docker"));
+        assert_eq!(serve.heartbeat, Some(5));
     }
 }

@@ -21,6 +21,8 @@
 //! - [`sync`]: anti-entropy: serving peers, pulling from them, conflicts.
 //! - [`volume_fs`]: symlink-safe writes inside a volume, atomic publication.
 //! - [`serve`], [`http`]: the daemon and its local status endpoint.
+//! - [`discovery`]: who the peers are (a static list, or found through the Docker API
+//!   and Swarm DNS); [`container`]: what Shoal learns of the container it runs in.
 //! - [`config`]: settings from flags, environment, TOML file and defaults.
 //! - [`cli`]: the `shoal` command line.
 //!
@@ -30,7 +32,9 @@
 pub mod chunking;
 pub mod cli;
 pub mod config;
+pub mod container;
 pub mod credentials;
+pub mod discovery;
 pub mod entry;
 pub mod http;
 pub mod ids;

@@ -201,11 +201,13 @@ pub fn repair(settings: &Settings, options: &RepairOptions) -> Result<RepairRepo
         meta: store.meta(),
         store,
         volumes: node_volumes,
-        peers: options
-            .peers
-            .iter()
-            .map(|addr| Arc::new(Peer::new(*addr)))
-            .collect(),
+        peers: std::sync::RwLock::new(
+            options
+                .peers
+                .iter()
+                .map(|addr| Arc::new(Peer::new(*addr)))
+                .collect(),
+        ),
         stats: Stats::default(),
         sync_ownership: rustix::process::geteuid().is_root(),
         faults: crate::sync::Faults::default(),
@@ -491,7 +493,7 @@ impl Repair<'_> {
                     .count();
                 let volume = self.node.volumes[rebuild.volume_index].name.clone();
                 if lacking > 0 {
-                    let why = if self.node.peers.is_empty() {
+                    let why = if self.node.peers().is_empty() {
                         "no intact local copy (give --peer to fetch them)"
                     } else {
                         "no intact local copy and no peer sent them"
@@ -664,20 +666,20 @@ impl Repair<'_> {
         targets: ChunkTargets,
     ) -> Result<HashSet<ChunkId>, RepairError> {
         let wanted = targets.ids();
-        if wanted.is_empty() || self.node.peers.is_empty() || self.node.volumes.is_empty() {
+        if wanted.is_empty() || self.node.peers().is_empty() || self.node.volumes.is_empty() {
             return Ok(HashSet::new());
         }
         self.connect().await?;
         let node = self.node.clone();
         let volume = &node.volumes[volume_index].name;
         let Some(source) = node
-            .peers
-            .iter()
+            .peers()
+            .into_iter()
             .find(|p| p.connection().is_some() && p.shares(volume))
         else {
             return Ok(HashSet::new());
         };
-        Ok(fetch_chunks(&node, source, volume_index, wanted, Arc::new(targets)).await?)
+        Ok(fetch_chunks(&node, &source, volume_index, wanted, Arc::new(targets)).await?)
     }
 
     /// Connects to every peer not yet connected (once per repair run).
@@ -686,14 +688,14 @@ impl Repair<'_> {
             return Ok(());
         }
         let credentials = crate::credentials::Credentials::load(self.credentials)?;
-        let any = if self.node.peers.iter().any(|p| p.addr.is_ipv6()) {
+        let any = if self.node.peers().iter().any(|p| p.addr.is_ipv6()) {
             std::net::Ipv6Addr::UNSPECIFIED.into()
         } else {
             std::net::Ipv4Addr::UNSPECIFIED.into()
         };
-        let client = crate::transport::client(SocketAddr::new(any, 0), &credentials)?;
-        for peer in &self.node.peers {
-            match crate::serve::connect(&self.node, peer, &client).await {
+        let client = crate::transport::client(SocketAddr::new(any, 0), &credentials, true)?;
+        for peer in self.node.peers() {
+            match crate::serve::connect(&self.node, &peer, &client).await {
                 Ok(connection) => self.connections.push(connection),
                 Err(e) => tracing::warn!(peer = %peer.addr, "cannot reach peer: {e}"),
             }
@@ -875,7 +877,7 @@ impl Repair<'_> {
                 from_peers.push((*id, *extent));
             }
         }
-        if !from_peers.is_empty() && !node.peers.is_empty() {
+        if !from_peers.is_empty() && !node.peers().is_empty() {
             // Received chunks land in a scratch file beside the packs, then are appended.
             let scratch_path = path.with_extension("repair.tmp");
             let scratch = Arc::new(

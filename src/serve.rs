@@ -3,14 +3,17 @@
 //!
 //! Tasks (each stops when the shutdown signal flips):
 //! - the QUIC accept loop, one task per incoming connection ([`crate::sync::server`]);
-//! - one task per configured peer: connect (with backoff), hello, then pull every shared
-//!   volume on connect, on the peer's `Notify`, and every heartbeat;
+//! - discovery ([`crate::discovery`]), publishing the current set of peer addresses;
+//! - one task per peer in that set, started and stopped as it changes: connect (with
+//!   backoff), hello, then pull every shared volume on connect, on the peer's `Notify`,
+//!   and every heartbeat;
 //! - one task per volume for local changes: narrow scans of what the file watcher saw
 //!   change ([`crate::watcher`]), a full rescan every heartbeat as the backstop (cheap:
 //!   unchanged files are not read), and a `Notify` to peers when anything changed;
 //! - the hourly sweep of expired tombstones;
 //! - the HTTP endpoint ([`crate::http`]).
 
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,6 +26,7 @@ use tokio::time::Instant;
 
 use crate::config::Settings;
 use crate::credentials::Credentials;
+use crate::discovery::{Discovery, Mode};
 use crate::protocol::{self, Request, Response};
 use crate::scan::{ScanOptions, ScanScope, scan_volume};
 use crate::store::{OpenOptions, Store};
@@ -33,7 +37,16 @@ use crate::watcher::{Debouncer, Signal, VolumeWatcher, WatchError};
 pub struct ServeOptions {
     pub settings: Settings,
     pub listen: SocketAddr,
+    /// The peers of `MODE=static`.
     pub peers: Vec<String>,
+    pub mode: Mode,
+    /// The Docker API socket, for `MODE=docker` and `MODE=swarm`.
+    pub docker_socket: String,
+    /// Refuse a volume directory that is not a mount point (in a container, data written
+    /// elsewhere would be lost with the container).
+    pub require_mounts: bool,
+    /// UDP segmentation offload for QUIC (off where a container network breaks it).
+    pub gso: bool,
     pub credentials: PathBuf,
     pub http: Option<SocketAddr>,
     pub heartbeat: Duration,
@@ -68,6 +81,13 @@ pub async fn run(
     let mut volumes = Vec::new();
     for name in &settings.volumes {
         let dir = settings.volume_dir(name);
+        if options.require_mounts && !crate::container::is_mount_point(&dir).unwrap_or(false) {
+            anyhow::bail!(
+                "volume {name}: {} is not a mounted volume; mount the Docker volume there (-v {name}:{}) or remove {name} from SYNC_VOLUMES",
+                dir.display(),
+                dir.display()
+            );
+        }
         if !dir.exists() {
             tracing::warn!(
                 "volume {name}: {} does not exist; creating it empty (it will be filled from peers)",
@@ -85,7 +105,7 @@ pub async fn run(
             lock: tokio::sync::Mutex::new(()),
         });
     }
-    let mut peers = Vec::new();
+    let mut peers = BTreeSet::new();
     for target in &options.peers {
         let addr = tokio::net::lookup_host(target.as_str())
             .await
@@ -95,13 +115,21 @@ pub async fn run(
         if addr == options.listen {
             continue;
         }
-        peers.push(Arc::new(Peer::new(addr)));
+        peers.insert(addr);
     }
+    let discovery = Discovery::new(
+        options.mode,
+        peers,
+        &options.docker_socket,
+        options.listen.port(),
+        options.heartbeat,
+    )
+    .await?;
     let node = Arc::new(Node {
         meta: store.meta(),
         store,
         volumes,
-        peers,
+        peers: Default::default(),
         stats: Stats::default(),
         sync_ownership: rustix::process::geteuid().is_root(),
         faults: crate::sync::Faults::from_env(),
@@ -117,9 +145,9 @@ pub async fn run(
         rescan(&node, index, ScanOptions::default()).await?;
     }
 
-    let mut server = crate::transport::listen(options.listen, &credentials)?;
+    let mut server = crate::transport::listen(options.listen, &credentials, options.gso)?;
     let bind = SocketAddr::new(options.listen.ip(), 0);
-    let client = crate::transport::client(bind, &credentials)?;
+    let client = crate::transport::client(bind, &credentials, options.gso)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     {
@@ -137,11 +165,16 @@ pub async fn run(
             }
         });
     }
-    for peer in node.peers.clone() {
-        let (node, client, stop) = (node.clone(), client.clone(), stop_rx.clone());
-        let heartbeat = options.heartbeat;
-        tasks.spawn(async move { peer_loop(node, peer, client, heartbeat, stop).await });
-    }
+    let (peers_tx, peers_rx) = watch::channel(BTreeSet::new());
+    let following = discovery.describe();
+    tasks.spawn(discovery.run(peers_tx, stop_rx.clone()));
+    tasks.spawn(follow_peers(
+        node.clone(),
+        client,
+        options.heartbeat,
+        peers_rx,
+        stop_rx.clone(),
+    ));
     for (index, watcher) in watchers.into_iter().enumerate() {
         let (node, stop) = (node.clone(), stop_rx.clone());
         let timing = (options.debounce, options.heartbeat);
@@ -173,7 +206,7 @@ pub async fn run(
             }
         });
     }
-    tracing::info!(listen = %options.listen, http = ?options.http, peers = node.peers.len(), "serving");
+    tracing::info!(listen = %options.listen, http = ?options.http, mode = %options.mode, peers = %following, "serving");
     shutdown_signal.await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
@@ -344,6 +377,49 @@ async fn next_signal(watched: &mut WatchedVolume) -> Option<Signal> {
     }
 }
 
+/// Keeps one peer task per address of the discovered set, until `stop` flips.
+async fn follow_peers(
+    node: Arc<Node>,
+    client: s2n_quic::Client,
+    heartbeat: Duration,
+    mut wanted: watch::Receiver<BTreeSet<SocketAddr>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut retire: HashMap<SocketAddr, watch::Sender<bool>> = HashMap::new();
+    let mut loops = tokio::task::JoinSet::new();
+    loop {
+        let set = wanted.borrow_and_update().clone();
+        let (added, removed) = node.set_peers(&set);
+        for peer in removed {
+            tracing::info!(peer = %peer.addr, node = ?peer.node_id(), "peer left");
+            if let Some(tx) = retire.remove(&peer.addr) {
+                let _ = tx.send(true);
+            }
+        }
+        for peer in added {
+            tracing::info!(peer = %peer.addr, "peer joined");
+            let (tx, rx) = watch::channel(false);
+            retire.insert(peer.addr, tx);
+            let (node, client) = (node.clone(), client.clone());
+            loops.spawn(async move { peer_loop(node, peer, client, heartbeat, rx).await });
+        }
+        let settled = tokio::select! {
+            changed = wanted.changed() => changed.is_err(),
+            Some(_) = loops.join_next(), if !loops.is_empty() => false,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        if settled {
+            // Discovery is done (a static list): nothing more will change.
+            let _ = stop.wait_for(|s| *s).await;
+            break;
+        }
+    }
+    for tx in retire.values() {
+        let _ = tx.send(true);
+    }
+    while loops.join_next().await.is_some() {}
+}
+
 /// Keeps one peer connected and pulls from it.
 async fn peer_loop(
     node: Arc<Node>,
@@ -358,7 +434,12 @@ async fn peer_loop(
         if *stop.borrow() {
             return;
         }
-        match connect(&node, &peer, &client).await {
+        // A peer that left (or shutdown) must not wait out a handshake timeout.
+        let attempt = tokio::select! {
+            attempt = connect(&node, &peer, &client) => attempt,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match attempt {
             Ok(connection) => {
                 backoff = Duration::from_millis(200);
                 last_error.clear();

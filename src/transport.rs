@@ -29,10 +29,13 @@ const MAX_STREAMS: u64 = 256;
 /// paths simply fail the probes and stay at what works.
 const MAX_MTU: u16 = 9000;
 
-fn io(addr: SocketAddr) -> std::io::Result<s2n_quic::provider::io::Default> {
+/// `gso`: segmentation offload, which some container networks break (s2n-quic issue
+/// 2485); off, every packet is one send.
+fn io(addr: SocketAddr, gso: bool) -> std::io::Result<s2n_quic::provider::io::Default> {
     s2n_quic::provider::io::Default::builder()
         .with_receive_address(addr)?
         .with_max_mtu(MAX_MTU)?
+        .with_gso(gso)?
         .build()
 }
 
@@ -67,7 +70,11 @@ fn limits() -> Result<Limits, String> {
 }
 
 /// Starts the server side on `listen`.
-pub fn listen(listen: SocketAddr, credentials: &Credentials) -> Result<Server, TransportError> {
+pub fn listen(
+    listen: SocketAddr,
+    credentials: &Credentials,
+    gso: bool,
+) -> Result<Server, TransportError> {
     let cred_err = |e: s2n_quic::provider::tls::default::error::Error| {
         TransportError::Credentials(e.to_string())
     };
@@ -93,7 +100,7 @@ pub fn listen(listen: SocketAddr, credentials: &Credentials) -> Result<Server, T
     Server::builder()
         .with_tls(tls)
         .map_err(|e| listen_err(e.to_string()))?
-        .with_io(io(listen).map_err(|e| listen_err(e.to_string()))?)
+        .with_io(io(listen, gso).map_err(|e| listen_err(e.to_string()))?)
         .map_err(|e| listen_err(e.to_string()))?
         .with_limits(limits().map_err(listen_err)?)
         .map_err(|e| listen_err(e.to_string()))?
@@ -103,7 +110,11 @@ pub fn listen(listen: SocketAddr, credentials: &Credentials) -> Result<Server, T
 
 /// Starts the client side, sending from `bind` (an address of the same family as the
 /// peers, port 0 for any).
-pub fn client(bind: SocketAddr, credentials: &Credentials) -> Result<Client, TransportError> {
+pub fn client(
+    bind: SocketAddr,
+    credentials: &Credentials,
+    gso: bool,
+) -> Result<Client, TransportError> {
     let cred_err = |e: s2n_quic::provider::tls::default::error::Error| {
         TransportError::Credentials(e.to_string())
     };
@@ -125,7 +136,7 @@ pub fn client(bind: SocketAddr, credentials: &Credentials) -> Result<Client, Tra
     Client::builder()
         .with_tls(tls)
         .map_err(|e| listen_err(e.to_string()))?
-        .with_io(io(bind).map_err(|e| listen_err(e.to_string()))?)
+        .with_io(io(bind, gso).map_err(|e| listen_err(e.to_string()))?)
         .map_err(|e| listen_err(e.to_string()))?
         .with_limits(limits().map_err(listen_err)?)
         .map_err(|e| listen_err(e.to_string()))?

@@ -30,3 +30,6 @@ mod live;
 
 #[path = "suite/repair.rs"]
 mod repair;
+
+#[path = "suite/docker.rs"]
+mod docker;

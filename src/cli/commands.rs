@@ -416,18 +416,42 @@ pub fn repair(settings: &Settings, flags: RepairFlags) -> anyhow::Result<Outcome
     })
 }
 
-pub fn serve(settings: Settings, args: super::ServeArgs) -> anyhow::Result<Outcome> {
-    let super::ServeArgs {
-        listen,
+/// The settings of `serve` that come from flags, environment or the config file.
+pub struct ServeFlags {
+    pub mode: Option<String>,
+    pub peers: Vec<String>,
+    pub docker_socket: Option<String>,
+    pub require_mounts: bool,
+    pub heartbeat: u64,
+    pub debounce_ms: u64,
+    pub gso: bool,
+}
+
+pub fn serve(
+    settings: Settings,
+    listen: std::net::SocketAddr,
+    flags: ServeFlags,
+    credentials: std::path::PathBuf,
+    http: &str,
+    tombstone_days: u64,
+) -> anyhow::Result<Outcome> {
+    let ServeFlags {
+        mode,
         peers,
-        credentials,
-        http,
+        docker_socket,
+        require_mounts,
         heartbeat,
         debounce_ms,
-        tombstone_days,
-        ..
-    } = args;
-    let http = match http.as_str() {
+        gso,
+    } = flags;
+    let mode: crate::discovery::Mode = match mode.as_deref().map(str::trim) {
+        None | Some("") => crate::discovery::Mode::Static,
+        Some(text) => text.parse()?,
+    };
+    if mode != crate::discovery::Mode::Static && !peers.is_empty() {
+        tracing::warn!("MODE={mode} finds its peers itself: ignoring the --peer list");
+    }
+    let http = match http {
         "off" | "" => None,
         addr => Some(
             addr.parse()
@@ -448,6 +472,11 @@ pub fn serve(settings: Settings, args: super::ServeArgs) -> anyhow::Result<Outco
         settings,
         listen,
         peers,
+        mode,
+        docker_socket: docker_socket
+            .unwrap_or_else(|| crate::discovery::DEFAULT_DOCKER_SOCKET.to_string()),
+        require_mounts,
+        gso,
         credentials,
         http,
         heartbeat: Duration::from_secs(heartbeat),
@@ -486,6 +515,43 @@ pub fn cluster_init(out: &std::path::Path) -> anyhow::Result<Outcome> {
     );
     print(&text)?;
     Ok(Outcome::Success)
+}
+
+/// `GET /healthz` on the daemon: healthy (exit 0) only on a 200 within 5 s.
+pub fn health(addr: &str) -> anyhow::Result<Outcome> {
+    use std::io::{Read, Write};
+    let check = || -> anyhow::Result<String> {
+        let addr: std::net::SocketAddr = addr
+            .parse()
+            .with_context(|| format!("--http {addr:?} is not ADDR:PORT"))?;
+        let timeout = Duration::from_secs(5);
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+            .with_context(|| format!("no shoal serve answering on {addr}"))?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        write!(
+            stream,
+            "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut raw = Vec::new();
+        stream.take(64 * 1024).read_to_end(&mut raw)?;
+        let text = String::from_utf8_lossy(&raw);
+        Ok(text.lines().next().unwrap_or_default().to_string())
+    };
+    match check() {
+        Ok(status) if status.split(' ').nth(1) == Some("200") => {
+            print("healthy\n")?;
+            Ok(Outcome::Success)
+        }
+        Ok(status) => {
+            eprintln!("unhealthy: {addr}/healthz answered {status:?}");
+            Ok(Outcome::ProblemsFound)
+        }
+        Err(e) => {
+            eprintln!("unhealthy: {e:#}");
+            Ok(Outcome::ProblemsFound)
+        }
+    }
 }
 
 pub fn status_http(addr: &str, json: bool) -> anyhow::Result<Outcome> {

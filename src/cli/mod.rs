@@ -54,6 +54,9 @@ enum Command {
     /// With the daemon stopped: restore what `verify` finds damaged, from local copies
     /// or peers; exit 1 if some damage could not be repaired.
     Repair(RepairArgs),
+    /// Ask a running daemon whether it is healthy (its HTTP /healthz): exit 0 if so, 1
+    /// if not (the image's HEALTHCHECK).
+    Health(HealthArgs),
     /// Cluster credentials.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -111,9 +114,31 @@ struct ServeArgs {
     )]
     http: String,
 
-    /// Seconds between anti-entropy rounds (rescan, compare roots with every peer).
-    #[arg(long, env = "HEARTBEAT", value_name = "SECONDS", default_value_t = 25)]
-    heartbeat: u64,
+    /// How peers are found: `static` (the --peer list), `docker` (running containers
+    /// with the same `shoal.cluster` label on this container's networks) or `swarm` (the
+    /// other tasks of this container's service) [default: static].
+    #[arg(long, env = "MODE", value_name = "MODE")]
+    mode: Option<String>,
+
+    /// The Docker API socket, for MODE=docker and MODE=swarm (mount it read-only)
+    /// [default: /var/run/docker.sock].
+    #[arg(long, env = "SHOAL_DOCKER_SOCKET", value_name = "PATH")]
+    docker_socket: Option<String>,
+
+    /// Refuse to start if a volume's directory is not a mount point (set in the image:
+    /// data written into the container itself would be lost with it).
+    #[arg(long, env = "SHOAL_REQUIRE_MOUNTS", value_parser = clap::builder::BoolishValueParser::new())]
+    require_mounts: bool,
+
+    /// Turn off UDP segmentation offload (GSO) for QUIC: for container networks where
+    /// it breaks sends (s2n-quic issue 2485).
+    #[arg(long, env = "SHOAL_NO_GSO", value_parser = clap::builder::BoolishValueParser::new())]
+    no_gso: bool,
+
+    /// Seconds between anti-entropy rounds (rescan, compare roots with every peer) and
+    /// peer re-discovery [default: 25].
+    #[arg(long, env = "HEARTBEAT", value_name = "SECONDS")]
+    heartbeat: Option<u64>,
 
     /// Milliseconds a changed name must be quiet before it is scanned and announced.
     #[arg(
@@ -190,6 +215,18 @@ struct StatusArgs {
     /// Print as JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args, Debug)]
+struct HealthArgs {
+    /// The daemon's HTTP address (its --http).
+    #[arg(
+        long,
+        env = "SHOAL_HTTP",
+        value_name = "ADDR:PORT",
+        default_value = "127.0.0.1:7030"
+    )]
+    http: String,
 }
 
 #[derive(Args, Debug)]
@@ -298,15 +335,19 @@ fn init_logging(filter: &str, timestamps: bool) {
     }
 }
 
+fn file_config(config: Option<&PathBuf>) -> anyhow::Result<FileConfig> {
+    Ok(match config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    })
+}
+
 fn settings(
     config: Option<PathBuf>,
     locations: Locations,
     chunk_sizes: Option<String>,
 ) -> anyhow::Result<Settings> {
-    let file = match &config {
-        Some(path) => FileConfig::load(path)?,
-        None => FileConfig::default(),
-    };
+    let file = file_config(config.as_ref())?;
     Ok(Settings::resolve(
         file,
         locations.data_root,
@@ -327,9 +368,31 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             None => commands::status(&settings(cli.config, args.locations, None)?, args.json),
         },
         Command::Serve(args) => {
-            let settings = settings(cli.config, args.locations.clone(), args.chunk_sizes.clone())?;
-            commands::serve(settings, args)
+            let file = file_config(cli.config.as_ref())?;
+            let serve = commands::ServeFlags {
+                mode: args.mode.or(file.mode),
+                peers: if args.peers.is_empty() {
+                    file.peers.unwrap_or_default()
+                } else {
+                    args.peers
+                },
+                docker_socket: args.docker_socket.or(file.docker_socket),
+                require_mounts: args.require_mounts || file.require_mounts.unwrap_or(false),
+                heartbeat: args.heartbeat.or(file.heartbeat).unwrap_or(25),
+                debounce_ms: args.debounce_ms,
+                gso: !args.no_gso,
+            };
+            let settings = settings(cli.config, args.locations, args.chunk_sizes)?;
+            commands::serve(
+                settings,
+                args.listen,
+                serve,
+                args.credentials,
+                &args.http,
+                args.tombstone_days,
+            )
         }
+        Command::Health(args) => commands::health(&args.http),
         Command::Cluster(ClusterCommand::Init { out }) => commands::cluster_init(&out),
         Command::Repair(args) => {
             let settings = settings(cli.config, args.locations, args.chunk_sizes)?;

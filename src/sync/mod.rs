@@ -107,7 +107,9 @@ pub struct Node {
     pub store: Store,
     pub meta: StoreMeta,
     pub volumes: Vec<Volume>,
-    pub peers: Vec<Arc<Peer>>,
+    /// Changes at run time as peers are discovered and leave: read a snapshot with
+    /// [`Node::peers`], change it with [`Node::set_peers`].
+    pub peers: std::sync::RwLock<Vec<Arc<Peer>>>,
     pub stats: Stats,
     /// Sync ownership (uid/gid) too: only when running as root.
     pub sync_ownership: bool,
@@ -163,14 +165,37 @@ impl Node {
         }
     }
 
+    /// The current peers.
+    pub fn peers(&self) -> Vec<Arc<Peer>> {
+        self.peers.read().expect("peer list lock").clone()
+    }
+
+    /// Makes the peers exactly `wanted`: returns the peers added and those removed.
+    pub fn set_peers(
+        &self,
+        wanted: &std::collections::BTreeSet<SocketAddr>,
+    ) -> (Vec<Arc<Peer>>, Vec<Arc<Peer>>) {
+        let mut peers = self.peers.write().expect("peer list lock");
+        let (kept, removed): (Vec<_>, Vec<_>) =
+            peers.drain(..).partition(|p| wanted.contains(&p.addr));
+        let added: Vec<Arc<Peer>> = wanted
+            .iter()
+            .filter(|addr| !kept.iter().any(|p| p.addr == **addr))
+            .map(|addr| Arc::new(Peer::new(*addr)))
+            .collect();
+        *peers = kept;
+        peers.extend(added.iter().cloned());
+        (added, removed)
+    }
+
     /// The peer whose node id is `id`, if it is one of ours.
-    pub fn peer_by_id(&self, id: NodeId) -> Option<&Arc<Peer>> {
-        self.peers.iter().find(|p| p.node_id() == Some(id))
+    pub fn peer_by_id(&self, id: NodeId) -> Option<Arc<Peer>> {
+        self.peers().into_iter().find(|p| p.node_id() == Some(id))
     }
 
     /// Tells every connected peer that shares `volume` to pull from us.
     pub async fn notify_peers(&self, volume: &str) {
-        for peer in &self.peers {
+        for peer in &self.peers() {
             if !peer.shares(volume) {
                 continue;
             }
@@ -211,7 +236,7 @@ impl Node {
             })
             .collect();
         let peers = self
-            .peers
+            .peers()
             .iter()
             .map(|p| PeerStatus {
                 addr: p.addr.to_string(),

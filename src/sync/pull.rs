@@ -1150,7 +1150,7 @@ pub(crate) async fn fetch_chunks(
     let volume = &node.volumes[volume_index].name;
     let mut peers: Vec<Arc<Peer>> = vec![source.clone()];
     peers.extend(
-        node.peers
+        node.peers()
             .iter()
             .filter(|p| !Arc::ptr_eq(p, source) && p.shares(volume) && p.connection().is_some())
             .cloned(),

@@ -131,7 +131,7 @@ async fn serve_stream(
                 let same_host =
                     |p: &&Arc<super::Peer>| remote_addr.is_some_and(|a| a.ip() == p.addr.ip());
                 if let Some(peer) = node
-                    .peers
+                    .peers()
                     .iter()
                     .filter(same_host)
                     .find(|p| p.node_id().is_none())

@@ -1,0 +1,1038 @@
+//! The image on the real Docker Engine of the test machine: built offline by
+//! `tools/build-image.sh` (from the test binary, to save a release build), run as
+//! containers on user-defined networks that find each other through the Docker API, and
+//! deployed as a Swarm stack from `deploy/`.
+//!
+//! Every Docker object created here is named `shoal-test-<pid>-<n>...` and removed when
+//! its owner is dropped, also when a test fails. Every wait is bounded.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use crate::util::{random_bytes, shoal, write_file};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn unique(what: &str) -> String {
+    format!(
+        "shoal-test-{}-{}-{what}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+fn docker<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
+    Command::new("docker")
+        .args(args)
+        .output()
+        .expect("the docker CLI runs (these tests need a Docker Engine)")
+}
+
+/// Runs docker; panics with its output unless it succeeds; returns stdout.
+fn docker_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
+    let out = docker(args);
+    assert!(
+        out.status.success(),
+        "docker {:?} failed: {}{}",
+        args.iter().map(|a| a.as_ref()).collect::<Vec<_>>(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?}: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The image, built once and shared by the tests running at the same time; removed
+/// when the last one is done.
+struct Image {
+    tag: String,
+}
+
+static IMAGE: Mutex<Weak<Image>> = Mutex::new(Weak::new());
+
+impl Image {
+    fn get() -> Arc<Image> {
+        let mut shared = IMAGE.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(image) = shared.upgrade() {
+            return image;
+        }
+        let image = Arc::new(Image {
+            tag: format!("{}:latest", unique("image")),
+        });
+        let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tools/build-image.sh"))
+            .arg(&image.tag)
+            .env("SHOAL_BINARY", env!("CARGO_BIN_EXE_shoal"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tools/build-image.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        *shared = Arc::downgrade(&image);
+        image
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = docker(&["rmi", "--force", &self.tag]);
+    }
+}
+
+/// A user-defined network and the `shoal serve` containers on it (MODE=docker), each
+/// with its volume bind-mounted from a host directory (so the test reads and writes it
+/// directly) and its state on a named volume of its own.
+struct Group {
+    image: Arc<Image>,
+    name: String,
+    dir: tempfile::TempDir,
+    containers: Vec<String>,
+    volumes: Vec<String>,
+}
+
+impl Group {
+    fn new() -> Self {
+        let image = Image::get();
+        let name = unique("net");
+        docker_ok(&["network", "create", &name]);
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("creds");
+        let out = shoal(&["cluster", "init", "--out", creds.to_str().unwrap()]);
+        assert!(out.status.success());
+        Group {
+            image,
+            name,
+            dir,
+            containers: Vec::new(),
+            volumes: Vec::new(),
+        }
+    }
+
+    fn container(&self, i: usize) -> String {
+        format!("{}-n{i}", self.name)
+    }
+
+    fn data(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("n{i}"))
+    }
+
+    /// Starts (or starts anew, on the same volumes) member `i`.
+    fn start(&mut self, i: usize) {
+        let (container, state) = (self.container(i), format!("{}-state{i}", self.name));
+        fs::create_dir_all(self.data(i)).unwrap();
+        if !self.containers.contains(&container) {
+            self.containers.push(container.clone());
+        }
+        if !self.volumes.contains(&state) {
+            self.volumes.push(state.clone());
+        }
+        let cluster = format!("shoal.cluster={}", self.name);
+        let creds = format!(
+            "{}:/run/secrets:ro",
+            self.dir.path().join("creds").display()
+        );
+        let data = format!("{}:/srv/shoal/volumes/vol", self.data(i).display());
+        docker_ok(&[
+            "run",
+            "--detach",
+            "--init",
+            "--name",
+            &container,
+            "--network",
+            &self.name,
+            "--label",
+            &cluster,
+            "--env",
+            "MODE=docker",
+            "--env",
+            "HEARTBEAT=2",
+            "--env",
+            "SYNC_VOLUMES=vol",
+            "--volume",
+            "/var/run/docker.sock:/var/run/docker.sock:ro",
+            "--volume",
+            &creds,
+            "--volume",
+            &data,
+            "--volume",
+            &format!("{state}:/var/lib/shoal"),
+            &self.image.tag,
+        ]);
+    }
+
+    fn remove(&self, i: usize) {
+        docker_ok(&["rm", "--force", "--volumes", &self.container(i)]);
+    }
+
+    fn logs(&self, i: usize) -> String {
+        let out = docker(&["logs", &self.container(i)]);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    fn ip(&self, i: usize) -> String {
+        docker_ok(&[
+            "inspect",
+            "--format",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            &self.container(i),
+        ])
+    }
+
+    /// The peer addresses member `i` currently has, from `shoal status` inside it.
+    fn peers(&self, i: usize) -> Vec<String> {
+        let out = docker(&[
+            "exec",
+            &self.container(i),
+            "/usr/local/bin/shoal",
+            "status",
+            "--http",
+            "127.0.0.1:7030",
+            "--json",
+        ]);
+        let Ok(status) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+            return vec!["(no answer)".into()];
+        };
+        status["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["addr"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// Waits until members `members` hold the same files (Shoal's `.shoal/` aside).
+    fn wait_converged(&self, members: &[usize], timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let last: Vec<BTreeMap<String, Vec<u8>>> =
+                members.iter().map(|&i| listing(&self.data(i))).collect();
+            if last.windows(2).all(|w| w[0] == w[1]) {
+                return;
+            }
+            if start.elapsed() > timeout {
+                let names: Vec<Vec<&String>> = last.iter().map(|l| l.keys().collect()).collect();
+                let logs: Vec<String> = members.iter().map(|&i| self.logs(i)).collect();
+                panic!("members {members:?} did not converge in {timeout:?}: {names:?}\n{logs:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        for container in &self.containers {
+            let _ = docker(&["rm", "--force", "--volumes", container]);
+        }
+        for volume in &self.volumes {
+            let _ = docker(&["volume", "rm", "--force", volume]);
+        }
+        let _ = docker(&["network", "rm", &self.name]);
+    }
+}
+
+/// Every file under `root` (outside `.shoal/`) with its content.
+fn listing(root: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            if rel == ".shoal" {
+                continue;
+            }
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(content) = fs::read(&path) {
+                out.insert(rel, content);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn image_builds_offline_and_answers_help() {
+    let image = Image::get();
+    let help = docker_ok(&["run", "--rm", &image.tag, "--help"]);
+    assert!(help.contains("serve") && help.contains("health"), "{help}");
+    let health = docker(&["run", "--rm", &image.tag, "health"]);
+    assert_eq!(health.status.code(), Some(1), "no daemon: unhealthy");
+}
+
+#[test]
+fn containers_find_each_other_a_late_one_catches_up_a_removed_one_is_forgotten() {
+    let mut group = Group::new();
+    write_file(&group.data(0).join("a/first.txt"), b"from n0");
+    write_file(&group.data(1).join("second.bin"), &random_bytes(300_000, 1));
+    for i in 0..3 {
+        group.start(i);
+    }
+    group.wait_converged(&[0, 1, 2], Duration::from_secs(60));
+    assert_eq!(listing(&group.data(2)).len(), 2);
+
+    group.start(3);
+    group.wait_converged(&[0, 1, 2, 3], Duration::from_secs(60));
+    let gone = format!("{}:7029", group.ip(3));
+    wait_until("n0 knows n3", Duration::from_secs(20), || {
+        group.peers(0).contains(&gone)
+    });
+    group.remove(3);
+    wait_until("n0 forgets n3", Duration::from_secs(20), || {
+        let peers = group.peers(0);
+        peers.len() == 2 && !peers.contains(&gone)
+    });
+    write_file(&group.data(2).join("after.txt"), b"n3 gone");
+    group.wait_converged(&[0, 1, 2], Duration::from_secs(30));
+}
+
+#[test]
+fn a_disconnected_container_converges_on_reconnect_with_a_conflict_copy() {
+    let mut group = Group::new();
+    write_file(&group.data(0).join("shared.txt"), b"original");
+    for i in 0..3 {
+        group.start(i);
+    }
+    group.wait_converged(&[0, 1, 2], Duration::from_secs(60));
+
+    docker_ok(&["network", "disconnect", &group.name, &group.container(2)]);
+    wait_until("n2 alone", Duration::from_secs(20), || {
+        group.peers(2).is_empty() && group.peers(0).len() == 1
+    });
+    write_file(&group.data(0).join("shared.txt"), b"changed on n0");
+    write_file(&group.data(0).join("only-n0.txt"), b"n0");
+    write_file(&group.data(2).join("shared.txt"), b"changed on n2, cut off");
+    write_file(&group.data(2).join("only-n2.txt"), b"n2");
+    // Both sides index their change (HEARTBEAT=2) before they meet again.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(!group.data(1).join("only-n2.txt").exists());
+    docker_ok(&["network", "connect", &group.name, &group.container(2)]);
+
+    group.wait_converged(&[0, 1, 2], Duration::from_secs(60));
+    let files = listing(&group.data(1));
+    assert_eq!(files["only-n0.txt"], b"n0");
+    assert_eq!(files["only-n2.txt"], b"n2");
+    let mut versions: Vec<&[u8]> = files
+        .iter()
+        .filter(|(name, _)| name.starts_with("shared"))
+        .map(|(_, content)| content.as_slice())
+        .collect();
+    versions.sort();
+    assert_eq!(
+        versions,
+        [&b"changed on n0"[..], &b"changed on n2, cut off"[..]],
+        "both versions kept: {:?}",
+        files.keys().collect::<Vec<_>>()
+    );
+    assert!(
+        files.keys().any(|n| n.contains(".sync-conflict-")),
+        "{:?}",
+        files.keys().collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_container_killed_mid_transfer_resumes_on_its_state_volume() {
+    let mut group = Group::new();
+    const FILES: usize = 48;
+    for f in 0..FILES {
+        write_file(
+            &group.data(0).join(format!("media/{f:02}.bin")),
+            &random_bytes(4 << 20, f as u64),
+        );
+    }
+    group.start(0);
+    wait_until("n0 has scanned", Duration::from_secs(60), || {
+        group.logs(0).contains("serving")
+    });
+    group.start(1);
+    // Content being received is assembled under .shoal/staging/ before it is published.
+    let staging = group.data(1).join(".shoal/staging");
+    wait_until("n1 receives data", Duration::from_secs(60), || {
+        fs::read_dir(&staging).is_ok_and(|mut d| d.next().is_some())
+    });
+    docker_ok(&["kill", &group.container(1)]);
+    let at_kill = fs::read_dir(group.data(1).join("media")).map_or(0, |d| d.count());
+    assert!(at_kill < FILES, "the transfer was over before the kill");
+
+    // A new container on the same data and state volumes.
+    group.remove(1);
+    group.start(1);
+    group.wait_converged(&[0, 1], Duration::from_secs(120));
+    let verify = docker(&[
+        "exec",
+        &group.container(1),
+        "/usr/local/bin/shoal",
+        "verify",
+    ]);
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("no damage"));
+}
+
+/// Each misconfiguration: a non-zero exit and exactly one line that says what is wrong.
+#[test]
+fn misconfigured_containers_exit_with_one_clear_line() {
+    let group = Group::new();
+    fs::create_dir_all(group.data(0)).unwrap();
+    let creds = format!(
+        "{}:/run/secrets:ro",
+        group.dir.path().join("creds").display()
+    );
+    let data = format!("{}:/srv/shoal/volumes/vol", group.data(0).display());
+    let socket = "/var/run/docker.sock:/var/run/docker.sock:ro";
+    let cases: [(&str, Vec<&str>, &str); 4] = [
+        (
+            "missing secrets",
+            vec!["-e", "MODE=static", "-v", &data],
+            "no cluster credentials in /run/secrets",
+        ),
+        (
+            "unknown MODE",
+            vec!["-e", "MODE=kubernetes", "-v", &creds, "-v", &data],
+            "unknown MODE \"kubernetes\"",
+        ),
+        (
+            "unmounted volume",
+            vec![
+                "-e",
+                "SYNC_VOLUMES=vol other",
+                "-v",
+                &creds,
+                "-v",
+                &data,
+                "-v",
+                socket,
+            ],
+            "volume other: /srv/shoal/volumes/other is not a mounted volume",
+        ),
+        (
+            "no docker socket",
+            vec!["-e", "MODE=docker", "-v", &creds, "-v", &data],
+            "MODE=docker finds peers through the Docker API, but /var/run/docker.sock cannot be reached",
+        ),
+    ];
+    for (what, args, expected) in cases {
+        let name = unique("bad");
+        let mut all = vec!["run", "--rm", "--name", &name, "-e", "SYNC_VOLUMES=vol"];
+        all.extend(args);
+        all.extend([group.image.tag.as_str(), "serve"]);
+        let out = docker(&all);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "{what}: exited 0: {text}");
+        let lines: Vec<&str> = text.lines().filter(|l| l.contains(expected)).collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "{what}: expected one line with {expected:?} in: {text}"
+        );
+        let _ = docker(&["rm", "--force", &name]);
+    }
+}
+
+/// The engine is in one Swarm at a time: the Swarm tests take turns.
+static SWARM_TESTS: Mutex<()> = Mutex::new(());
+
+/// A one-node Swarm of this engine and what the test deployed on it, removed in reverse.
+struct Swarm {
+    /// This test made the engine a Swarm manager (and leaves the Swarm afterwards).
+    joined: bool,
+    /// ... and `swarm init` created docker_gwbridge, which `swarm leave` keeps.
+    made_gwbridge: bool,
+    prefix: String,
+    /// Nodes that joined this test's Swarm (removed from it at the end).
+    nodes: Vec<String>,
+    stacks: Vec<String>,
+    services: Vec<String>,
+    secrets: Vec<String>,
+    volumes: Vec<String>,
+    networks: Vec<String>,
+}
+
+impl Swarm {
+    /// Makes this engine a Swarm manager advertising `advertise`, unless it is one
+    /// already (then only if `reuse` allows).
+    fn join(advertise: &str, reuse: bool) -> Self {
+        let state = docker_ok(&["info", "--format", "{{.Swarm.LocalNodeState}}"]);
+        let had_gwbridge = docker(&["network", "inspect", "docker_gwbridge"])
+            .status
+            .success();
+        let joined = match state.as_str() {
+            "inactive" => {
+                docker_ok(&["swarm", "init", "--advertise-addr", advertise]);
+                true
+            }
+            "active" if reuse => false,
+            other => panic!(
+                "this engine's Swarm state is {other:?}: the test needs an engine it can make a Swarm manager of its own"
+            ),
+        };
+        Swarm {
+            joined,
+            made_gwbridge: joined && !had_gwbridge,
+            prefix: unique("swarm"),
+            nodes: Vec::new(),
+            stacks: Vec::new(),
+            services: Vec::new(),
+            secrets: Vec::new(),
+            volumes: Vec::new(),
+            networks: Vec::new(),
+        }
+    }
+
+    /// The running container of the only task of `service`, once healthy.
+    fn healthy_task(&self, service: &str) -> String {
+        let filter = format!("label=com.docker.swarm.service.name={service}");
+        let mut container = String::new();
+        wait_until(
+            "the task's container is healthy",
+            Duration::from_secs(120),
+            || {
+                container = docker_ok(&["ps", "--quiet", "--filter", &filter]);
+                !container.is_empty()
+                    && docker_ok(&[
+                        "inspect",
+                        "--format",
+                        "{{.State.Health.Status}}",
+                        &container,
+                    ]) == "healthy"
+            },
+        );
+        container
+    }
+}
+
+impl Drop for Swarm {
+    fn drop(&mut self) {
+        for stack in &self.stacks {
+            let _ = docker(&["stack", "rm", stack]);
+        }
+        for service in &self.services {
+            let _ = docker(&["service", "rm", service]);
+        }
+        // Task containers go away asynchronously; volumes and networks are freed after.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for volume in &self.volumes {
+            while !docker(&["volume", "rm", "--force", volume])
+                .status
+                .success()
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+        for secret in &self.secrets {
+            let _ = docker(&["secret", "rm", secret]);
+        }
+        for network in &self.networks {
+            while docker(&["network", "inspect", network]).status.success()
+                && Instant::now() < deadline
+            {
+                let _ = docker(&["network", "rm", network]);
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+        for node in &self.nodes {
+            let _ = docker(&["node", "rm", "--force", node]);
+        }
+        if self.joined {
+            let _ = docker(&["swarm", "leave", "--force"]);
+        }
+        if self.made_gwbridge {
+            let _ = docker(&["network", "rm", "docker_gwbridge"]);
+        }
+    }
+}
+
+/// Both Swarm checks in one test: they share the engine's one Swarm membership.
+/// 1. `deploy/docker-stack.yml` as shipped (global mode: one task on this one node) runs
+///    healthy and finds no peer, without any error.
+/// 2. Two tasks of one replicated service, each with a volume of its own, find each other
+///    through `tasks.<service>` DNS and mirror both ways.
+#[test]
+fn swarm_the_stack_runs_healthy_alone_and_two_tasks_of_a_service_mirror() {
+    let _serial = SWARM_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+    let image = Image::get();
+    let mut swarm = Swarm::join("127.0.0.1", true);
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("creds");
+    assert!(
+        shoal(&["cluster", "init", "--out", creds.to_str().unwrap()])
+            .status
+            .success()
+    );
+
+    let stack = format!("{}-stack", swarm.prefix);
+    swarm.stacks.push(stack.clone());
+    for what in ["media", "state"] {
+        swarm.volumes.push(format!("{stack}_{what}"));
+    }
+    swarm.networks.push(format!("{stack}_shoal"));
+    let out = Command::new("docker")
+        .args(["stack", "deploy", "--resolve-image", "never", "-c"])
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/docker-stack.yml"
+        ))
+        .arg(&stack)
+        .env("SHOAL_IMAGE", &image.tag)
+        .env("SHOAL_CREDENTIALS_DIR", &creds)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let service = format!("{stack}_shoal");
+    let container = swarm.healthy_task(&service);
+    let logs = docker(&["logs", &container]);
+    let logs = String::from_utf8_lossy(&logs.stderr).into_owned();
+    assert!(
+        logs.contains(&format!("peers=the tasks of service {service}")),
+        "{logs}"
+    );
+    assert!(!logs.contains("WARN") && !logs.contains("ERROR"), "{logs}");
+    assert!(
+        !logs.contains("discovered peers"),
+        "a one-node Swarm has no peers: {logs}"
+    );
+
+    // Two tasks: volumes named after the task slot, written through their mount points.
+    let net = format!("{}-net", swarm.prefix);
+    docker_ok(&["network", "create", "--driver", "overlay", &net]);
+    swarm.networks.push(net.clone());
+    let mut secret_args = Vec::new();
+    for file in ["ca.pem", "cert.pem", "key.pem"] {
+        let secret = format!("{}-{file}", swarm.prefix);
+        docker_ok(&[
+            "secret",
+            "create",
+            &secret,
+            creds.join(file).to_str().unwrap(),
+        ]);
+        swarm.secrets.push(secret.clone());
+        secret_args.push(format!("source={secret},target={file}"));
+    }
+    let volume = |what: &str, slot: u32| format!("{}-{what}-{slot}", swarm.prefix);
+    for slot in [1, 2] {
+        for what in ["media", "state"] {
+            swarm.volumes.push(volume(what, slot));
+        }
+    }
+    docker_ok(&["volume", "create", &volume("media", 1)]);
+    let mountpoint = |slot: u32| -> PathBuf {
+        docker_ok(&[
+            "volume",
+            "inspect",
+            "--format",
+            "{{.Mountpoint}}",
+            &volume("media", slot),
+        ])
+        .into()
+    };
+    write_file(&mountpoint(1).join("one.txt"), b"written on task 1");
+    let replicated = format!("{}-svc", swarm.prefix);
+    swarm.services.push(replicated.clone());
+    let media = format!(
+        "type=volume,src={}-media-{{{{.Task.Slot}}}},dst=/srv/shoal/volumes/media",
+        swarm.prefix
+    );
+    let state = format!(
+        "type=volume,src={}-state-{{{{.Task.Slot}}}},dst=/var/lib/shoal",
+        swarm.prefix
+    );
+    let mut args = vec![
+        "service",
+        "create",
+        "--detach",
+        "--quiet",
+        "--no-resolve-image",
+        "--name",
+        &replicated,
+        "--replicas",
+        "2",
+        "--network",
+        &net,
+        "--env",
+        "SYNC_VOLUMES=media",
+        "--env",
+        "HEARTBEAT=2",
+        "--mount",
+        "type=bind,src=/var/run/docker.sock,dst=/var/run/docker.sock,readonly",
+        "--mount",
+        &media,
+        "--mount",
+        &state,
+    ];
+    for secret in &secret_args {
+        args.extend(["--secret", secret.as_str()]);
+    }
+    args.push(&image.tag);
+    docker_ok(&args);
+    let content = |slot: u32, name: &str| fs::read(mountpoint(slot).join(name)).ok();
+    wait_until("task 2 pulls from task 1", Duration::from_secs(90), || {
+        docker(&["volume", "inspect", &volume("media", 2)])
+            .status
+            .success()
+            && content(2, "one.txt").as_deref() == Some(&b"written on task 1"[..])
+    });
+    write_file(&mountpoint(2).join("two.txt"), b"written on task 2");
+    wait_until("task 1 pulls from task 2", Duration::from_secs(60), || {
+        content(1, "two.txt").as_deref() == Some(&b"written on task 2"[..])
+    });
+}
+
+/// A `docker-compose` project of `deploy/docker-compose.yml`, taken down with its volumes.
+struct Compose {
+    project: String,
+    env: Vec<(&'static str, String)>,
+}
+
+impl Compose {
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new("docker-compose")
+            .args(["--project-name", &self.project, "--file"])
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/deploy/docker-compose.yml"
+            ))
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .output()
+            .expect("docker-compose runs")
+    }
+}
+
+impl Drop for Compose {
+    fn drop(&mut self) {
+        let _ = self.run(&["down", "--volumes", "--timeout", "5"]);
+    }
+}
+
+#[test]
+fn the_compose_file_runs_three_members_that_find_each_other() {
+    let image = Image::get();
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("creds");
+    assert!(
+        shoal(&["cluster", "init", "--out", creds.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let compose = Compose {
+        project: unique("compose"),
+        env: vec![
+            ("SHOAL_IMAGE", image.tag.clone()),
+            ("SHOAL_CREDENTIALS_DIR", creds.to_str().unwrap().to_string()),
+            ("HEARTBEAT", "2".to_string()),
+        ],
+    };
+    let up = compose.run(&["up", "--detach"]);
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    // Each member's volume, written and read through its mount point.
+    let mountpoint = |i: usize| -> PathBuf {
+        let volume = format!("{}_media-{i}", compose.project);
+        docker_ok(&["volume", "inspect", "--format", "{{.Mountpoint}}", &volume]).into()
+    };
+    write_file(&mountpoint(1).join("from-1.txt"), b"one");
+    write_file(&mountpoint(3).join("from-3.txt"), b"three");
+    wait_until(
+        "the three members converge",
+        Duration::from_secs(90),
+        || {
+            (1..=3).all(|i| {
+                let files = listing(&mountpoint(i));
+                files.get("from-1.txt").map(Vec::as_slice) == Some(b"one")
+                    && files.get("from-3.txt").map(Vec::as_slice) == Some(b"three")
+            })
+        },
+    );
+}
+
+static NEXT_ENGINE: AtomicU32 = AtomicU32::new(0);
+
+/// A second Docker Engine on this machine, to be a second Swarm node (as moby's own
+/// tests run several daemons): its own network namespace, joined to the host by a veth
+/// pair; its own mount namespace, where its socket is /var/run/docker.sock as on a real
+/// node (so its tasks ask it, not the first engine); its data and exec roots in a
+/// temporary directory, with the vfs storage driver. Stopped and removed when dropped.
+struct SecondEngine {
+    netns: String,
+    veth: String,
+    host_ip: String,
+    ip: String,
+    dir: tempfile::TempDir,
+    daemon: Option<std::process::Child>,
+}
+
+impl SecondEngine {
+    fn start() -> Self {
+        let n = std::process::id() % 1000 * 10 + NEXT_ENGINE.fetch_add(1, Ordering::SeqCst) % 10;
+        let subnet = 100 + n % 150;
+        let mut engine = SecondEngine {
+            netns: format!("shoal-test-{n}"),
+            veth: format!("shoalt{n}"),
+            host_ip: format!("10.231.{subnet}.1"),
+            ip: format!("10.231.{subnet}.2"),
+            dir: tempfile::tempdir().unwrap(),
+            daemon: None,
+        };
+        let peer = format!("{}n", engine.veth);
+        let host = format!("{}h", engine.veth);
+        let run = |args: &[&str]| {
+            let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&["ip", "netns", "add", &engine.netns]);
+        run(&[
+            "ip", "link", "add", &host, "type", "veth", "peer", "name", &peer,
+        ]);
+        run(&["ip", "link", "set", &peer, "netns", &engine.netns]);
+        run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", engine.host_ip),
+            "dev",
+            &host,
+        ]);
+        run(&["ip", "link", "set", &host, "up"]);
+        for args in [
+            vec![
+                "ip",
+                "addr",
+                "add",
+                &format!("{}/24", engine.ip),
+                "dev",
+                &peer,
+            ],
+            vec!["ip", "link", "set", &peer, "up"],
+            vec!["ip", "link", "set", "lo", "up"],
+        ] {
+            let mut all = vec!["ip", "netns", "exec", &engine.netns];
+            all.extend(args);
+            run(&all);
+        }
+        let root = engine.dir.path();
+        fs::write(root.join("daemon.json"), r#"{"storage-driver": "vfs"}"#).unwrap();
+        let script = format!(
+            "mount -t tmpfs tmpfs /run && exec dockerd --config-file {root}/daemon.json \
+             --data-root {root}/data --exec-root {root}/exec --pidfile {root}/docker.pid \
+             -H unix:///var/run/docker.sock -H unix://{root}/docker.sock \
+             --bridge none --iptables=false",
+            root = root.display()
+        );
+        let log = fs::File::create(root.join("dockerd.log")).unwrap();
+        engine.daemon = Some(
+            Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", engine.netns))
+                .args(["unshare", "--mount", "--propagation", "private", "sh", "-c"])
+                .arg(&script)
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("nsenter and unshare run"),
+        );
+        wait_until("the second engine answers", Duration::from_secs(60), || {
+            engine.docker(&["info"]).status.success()
+        });
+        engine
+    }
+
+    fn docker(&self, args: &[&str]) -> Output {
+        Command::new("docker")
+            .arg("--host")
+            .arg(format!("unix://{}/docker.sock", self.dir.path().display()))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn docker_ok(&self, args: &[&str]) -> String {
+        let out = self.docker(args);
+        assert!(
+            out.status.success(),
+            "second engine: docker {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for SecondEngine {
+    fn drop(&mut self) {
+        let _ = self.docker(&["swarm", "leave", "--force"]);
+        if let Some(mut daemon) = self.daemon.take() {
+            // SIGTERM: dockerd stops its containers and its containerd before it exits.
+            let _ = Command::new("kill")
+                .args(["-TERM", &daemon.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while daemon.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &format!("{}h", self.veth)])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+    }
+}
+
+/// A two-node Swarm on one machine: this engine as manager, a second engine as worker.
+/// The `deploy/` stack (global: one task per node) mirrors both ways between the nodes
+/// over the overlay network, the worker finding the manager's task without the manager's
+/// API (workers cannot list tasks).
+#[test]
+fn swarm_of_two_engines_the_stack_mirrors_between_manager_and_worker() {
+    let _serial = SWARM_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+    let image = Image::get();
+    // Dropped in reverse: the Swarm goes first (stack, volumes, the worker's node entry,
+    // then this engine leaves), then the second engine stops and its namespace goes.
+    let worker = SecondEngine::start();
+    let mut swarm = Swarm::join(&worker.host_ip, false);
+    let token = docker_ok(&["swarm", "join-token", "--quiet", "worker"]);
+    worker.docker_ok(&[
+        "swarm",
+        "join",
+        "--advertise-addr",
+        &worker.ip,
+        "--token",
+        &token,
+        &format!("{}:2377", worker.host_ip),
+    ]);
+    swarm
+        .nodes
+        .push(worker.docker_ok(&["info", "--format", "{{.Swarm.NodeID}}"]));
+    // The image reaches the worker as it would without a registry: docker save | load.
+    let mut save = Command::new("docker")
+        .args(["save", &image.tag])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let load = Command::new("docker")
+        .arg("--host")
+        .arg(format!(
+            "unix://{}/docker.sock",
+            worker.dir.path().display()
+        ))
+        .arg("load")
+        .stdin(save.stdout.take().unwrap())
+        .output()
+        .unwrap();
+    assert!(save.wait().unwrap().success() && load.status.success());
+
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("creds");
+    assert!(
+        shoal(&["cluster", "init", "--out", creds.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let stack = format!("{}-stack", swarm.prefix);
+    swarm.stacks.push(stack.clone());
+    for what in ["media", "state"] {
+        swarm.volumes.push(format!("{stack}_{what}"));
+    }
+    swarm.networks.push(format!("{stack}_shoal"));
+    let out = Command::new("docker")
+        .args(["stack", "deploy", "--resolve-image", "never", "-c"])
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/docker-stack.yml"
+        ))
+        .arg(&stack)
+        .env("SHOAL_IMAGE", &image.tag)
+        .env("SHOAL_CREDENTIALS_DIR", &creds)
+        .env("HEARTBEAT", "2")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let volume = format!("{stack}_media");
+    let inspect = ["volume", "inspect", "--format", "{{.Mountpoint}}", &volume];
+    let mut on_worker = PathBuf::new();
+    wait_until(
+        "the stack's volume on both nodes",
+        Duration::from_secs(90),
+        || {
+            let out = worker.docker(&inspect);
+            on_worker = String::from_utf8_lossy(&out.stdout).trim().into();
+            out.status.success() && docker(&inspect).status.success()
+        },
+    );
+    let on_manager = PathBuf::from(docker_ok(&inspect));
+    write_file(
+        &on_manager.join("from-manager.bin"),
+        &random_bytes(3 << 20, 7),
+    );
+    write_file(&on_worker.join("from-worker.txt"), b"worker");
+    let logs = || {
+        let service = format!("label=com.docker.swarm.service.name={stack}_shoal");
+        let id = worker.docker_ok(&["ps", "--all", "--quiet", "--filter", &service]);
+        let out = worker.docker(&["logs", id.lines().next().unwrap_or("none")]);
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let start = Instant::now();
+    while listing(&on_manager) != listing(&on_worker) {
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "the two nodes did not converge; worker's task: {}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(listing(&on_worker).len(), 2);
+}
