@@ -139,6 +139,9 @@ pub struct Store {
 
 type RawItem = Result<(Box<[u8]>, Box<[u8]>), StoreError>;
 
+/// Tries of a busy writer lock, 50 ms apart, before the store is reported locked.
+const LOCK_ATTEMPTS: u32 = 10;
+
 impl Store {
     pub fn open(state_dir: &Path, options: OpenOptions) -> Result<Store, StoreError> {
         let io_err = |path: &Path| {
@@ -156,12 +159,22 @@ impl Store {
         } else {
             let lock_path = state_dir.join(LOCK_FILE);
             let file = File::create(&lock_path).map_err(io_err(&lock_path))?;
-            match file.try_lock() {
-                Ok(()) => Some(file),
-                Err(fs::TryLockError::WouldBlock) => {
-                    return Err(StoreError::Locked(state_dir.to_path_buf()));
+            // A child forked by a process that held the lock shares it until its exec
+            // closes the descriptor: a busy lock is tried again for a moment before it
+            // is taken to belong to another writer.
+            let mut attempts = 0;
+            loop {
+                match file.try_lock() {
+                    Ok(()) => break Some(file),
+                    Err(fs::TryLockError::WouldBlock) if attempts < LOCK_ATTEMPTS => {
+                        attempts += 1;
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                    }
+                    Err(fs::TryLockError::WouldBlock) => {
+                        return Err(StoreError::Locked(state_dir.to_path_buf()));
+                    }
+                    Err(fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
                 }
-                Err(fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
             }
         };
         let index = state_dir.join(INDEX_DIR);
