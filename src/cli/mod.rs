@@ -87,23 +87,8 @@ struct ServeArgs {
     )]
     listen: std::net::SocketAddr,
 
-    /// A peer to mirror with (repeatable); SHOAL_PEERS takes a space- or comma-separated list.
-    #[arg(
-        long = "peer",
-        env = "SHOAL_PEERS",
-        value_name = "HOST:PORT",
-        value_delimiter = ' '
-    )]
-    peers: Vec<String>,
-
-    /// Directory with the cluster credentials (ca.pem, cert.pem, key.pem).
-    #[arg(
-        long,
-        env = "SHOAL_CREDENTIALS",
-        value_name = "DIR",
-        default_value = "/run/secrets"
-    )]
-    credentials: PathBuf,
+    #[command(flatten)]
+    remote: RemoteArgs,
 
     /// Local address for /healthz, /metrics and /status ("off" to disable).
     #[arg(
@@ -161,6 +146,29 @@ struct ServeArgs {
         default_value_t = 30
     )]
     tombstone_days: u64,
+}
+
+/// Which peers to talk to, and with what credentials (`serve` mirrors with them, `repair`
+/// fetches from them what no local copy holds).
+#[derive(Args, Debug)]
+struct RemoteArgs {
+    /// A peer (repeatable); SHOAL_PEERS takes a space- or comma-separated list.
+    #[arg(
+        long = "peer",
+        env = "SHOAL_PEERS",
+        value_name = "HOST:PORT",
+        value_delimiter = ' '
+    )]
+    peers: Vec<String>,
+
+    /// Directory with the cluster credentials (ca.pem, cert.pem, key.pem).
+    #[arg(
+        long,
+        env = "SHOAL_CREDENTIALS",
+        value_name = "DIR",
+        default_value = "/run/secrets"
+    )]
+    credentials: PathBuf,
 }
 
 /// Where the volumes and the store are.
@@ -249,23 +257,8 @@ struct RepairArgs {
     #[command(flatten)]
     locations: Locations,
 
-    /// A peer to fetch what no local copy holds (repeatable); SHOAL_PEERS as for serve.
-    #[arg(
-        long = "peer",
-        env = "SHOAL_PEERS",
-        value_name = "HOST:PORT",
-        value_delimiter = ' '
-    )]
-    peers: Vec<String>,
-
-    /// Directory with the cluster credentials (needed with --peer).
-    #[arg(
-        long,
-        env = "SHOAL_CREDENTIALS",
-        value_name = "DIR",
-        default_value = "/run/secrets"
-    )]
-    credentials: PathBuf,
+    #[command(flatten)]
+    remote: RemoteArgs,
 
     /// List what would change, change nothing (reads the store; safe beside serve).
     #[arg(long)]
@@ -371,10 +364,10 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             let file = file_config(cli.config.as_ref())?;
             let serve = commands::ServeFlags {
                 mode: args.mode.or(file.mode),
-                peers: if args.peers.is_empty() {
+                peers: if args.remote.peers.is_empty() {
                     file.peers.unwrap_or_default()
                 } else {
-                    args.peers
+                    args.remote.peers
                 },
                 docker_socket: args.docker_socket.or(file.docker_socket),
                 require_mounts: args.require_mounts || file.require_mounts.unwrap_or(false),
@@ -387,7 +380,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 settings,
                 args.listen,
                 serve,
-                args.credentials,
+                args.remote.credentials,
                 &args.http,
                 args.tombstone_days,
             )
@@ -397,8 +390,8 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Repair(args) => {
             let settings = settings(cli.config, args.locations, args.chunk_sizes)?;
             let options = commands::RepairFlags {
-                peers: args.peers,
-                credentials: args.credentials,
+                peers: args.remote.peers,
+                credentials: args.remote.credentials,
                 dry_run: args.dry_run,
                 rebuild_index: args.rebuild_index,
                 json: args.json,

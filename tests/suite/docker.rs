@@ -590,36 +590,8 @@ fn swarm_the_stack_runs_healthy_alone_and_two_tasks_of_a_service_mirror() {
     let _serial = SWARM_TESTS.lock().unwrap_or_else(|e| e.into_inner());
     let image = Image::get();
     let mut swarm = Swarm::join("127.0.0.1", true);
-    let dir = tempfile::tempdir().unwrap();
-    let creds = dir.path().join("creds");
-    assert!(
-        shoal(&["cluster", "init", "--out", creds.to_str().unwrap()])
-            .status
-            .success()
-    );
-
-    let stack = format!("{}-stack", swarm.prefix);
-    swarm.stacks.push(stack.clone());
-    for what in ["media", "state"] {
-        swarm.volumes.push(format!("{stack}_{what}"));
-    }
-    swarm.networks.push(format!("{stack}_shoal"));
-    let out = Command::new("docker")
-        .args(["stack", "deploy", "--resolve-image", "never", "-c"])
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/deploy/docker-stack.yml"
-        ))
-        .arg(&stack)
-        .env("SHOAL_IMAGE", &image.tag)
-        .env("SHOAL_CREDENTIALS_DIR", &creds)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (creds_dir, stack) = deploy_stack(&mut swarm, &image, &[]);
+    let creds = creds_dir.path().join("creds");
     let service = format!("{stack}_shoal");
     let container = swarm.healthy_task(&service);
     let logs = docker(&["logs", &container]);
@@ -971,36 +943,7 @@ fn swarm_of_two_engines_the_stack_mirrors_between_manager_and_worker() {
         .unwrap();
     assert!(save.wait().unwrap().success() && load.status.success());
 
-    let dir = tempfile::tempdir().unwrap();
-    let creds = dir.path().join("creds");
-    assert!(
-        shoal(&["cluster", "init", "--out", creds.to_str().unwrap()])
-            .status
-            .success()
-    );
-    let stack = format!("{}-stack", swarm.prefix);
-    swarm.stacks.push(stack.clone());
-    for what in ["media", "state"] {
-        swarm.volumes.push(format!("{stack}_{what}"));
-    }
-    swarm.networks.push(format!("{stack}_shoal"));
-    let out = Command::new("docker")
-        .args(["stack", "deploy", "--resolve-image", "never", "-c"])
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/deploy/docker-stack.yml"
-        ))
-        .arg(&stack)
-        .env("SHOAL_IMAGE", &image.tag)
-        .env("SHOAL_CREDENTIALS_DIR", &creds)
-        .env("HEARTBEAT", "2")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (_creds, stack) = deploy_stack(&mut swarm, &image, &[("HEARTBEAT", "2")]);
     let volume = format!("{stack}_media");
     let inspect = ["volume", "inspect", "--format", "{{.Mountpoint}}", &volume];
     let mut on_worker = PathBuf::new();
@@ -1035,4 +978,45 @@ fn swarm_of_two_engines_the_stack_mirrors_between_manager_and_worker() {
         std::thread::sleep(Duration::from_millis(250));
     }
     assert_eq!(listing(&on_worker).len(), 2);
+}
+
+/// Deploys `deploy/docker-stack.yml` as a stack named after the test, with fresh cluster
+/// credentials (kept in the returned directory) and extra environment for the file's
+/// variables; registers what the stack creates for removal.
+fn deploy_stack(
+    swarm: &mut Swarm,
+    image: &Image,
+    env: &[(&str, &str)],
+) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("creds");
+    assert!(
+        shoal(&["cluster", "init", "--out", creds.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let stack = format!("{}-stack", swarm.prefix);
+    swarm.stacks.push(stack.clone());
+    for what in ["media", "state"] {
+        swarm.volumes.push(format!("{stack}_{what}"));
+    }
+    swarm.networks.push(format!("{stack}_shoal"));
+    let out = Command::new("docker")
+        .args(["stack", "deploy", "--resolve-image", "never", "-c"])
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/docker-stack.yml"
+        ))
+        .arg(&stack)
+        .env("SHOAL_IMAGE", &image.tag)
+        .env("SHOAL_CREDENTIALS_DIR", &creds)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (dir, stack)
 }
