@@ -59,6 +59,15 @@ pub struct Staged {
     pub resumed: bool,
 }
 
+/// The staging name of content bound for `dir/name`: the same across restarts, so an
+/// interrupted transfer is resumed.
+fn staging_name(content: &ContentId, dir: &VolPath, name: &[u8]) -> String {
+    let mut destination = blake3::Hasher::new();
+    destination.update(dir.as_bytes()).update(b"/").update(name);
+    let destination = destination.finalize();
+    format!("{}-{}.part", content.to_hex(), &destination.to_hex()[..16])
+}
+
 impl VolumeFs {
     /// Opens a volume directory and its staging area (created if needed). Leftover
     /// `*.tmp` files from a crash are removed; `*.part` files are kept for resuming.
@@ -176,10 +185,7 @@ impl VolumeFs {
         name: &[u8],
         size: u64,
     ) -> Result<Staged, FsError> {
-        let mut destination = blake3::Hasher::new();
-        destination.update(dir.as_bytes()).update(b"/").update(name);
-        let destination = destination.finalize();
-        let temp_name = format!("{}-{}.part", content.to_hex(), &destination.to_hex()[..16]);
+        let temp_name = staging_name(content, dir, name);
         let fd = rustix::fs::openat(
             &self.staging,
             temp_name.as_str(),
@@ -201,6 +207,59 @@ impl VolumeFs {
             temp_name,
             resumed,
         })
+    }
+
+    /// Stages the file at `source` by moving it into staging, so that its content is not
+    /// copied: the other half of a rename, whose old name is about to be deleted. Only
+    /// if it is exactly the file the index knows (`expected`: same inode, size, mtime,
+    /// ctime), checked just before the move; otherwise, or if a staging file is already
+    /// there to resume, `None`, and the caller stages a copy. The staged file is marked
+    /// resumed: its chunks are checked before use like any other.
+    pub fn stage_by_move(
+        &self,
+        source: (&VolPath, &[u8]),
+        expected: &ScanStamp,
+        content: &ContentId,
+        dir: &VolPath,
+        name: &[u8],
+    ) -> Result<Option<Staged>, FsError> {
+        let temp_name = staging_name(content, dir, name);
+        let Ok(source_dir) = self.open_dir(source.0, false) else {
+            return Ok(None);
+        };
+        let source_name = std::ffi::OsStr::from_bytes(source.1);
+        let unchanged = rustix::fs::statat(&source_dir, source_name, AtFlags::SYMLINK_NOFOLLOW)
+            .is_ok_and(|stat| {
+                rustix::fs::FileType::from_raw_mode(stat.st_mode)
+                    == rustix::fs::FileType::RegularFile
+                    && stamp_of_stat(&stat) == *expected
+            });
+        let moved = unchanged
+            && rustix::fs::renameat_with(
+                &source_dir,
+                source_name,
+                &self.staging,
+                temp_name.as_str(),
+                rustix::fs::RenameFlags::NOREPLACE,
+            )
+            .is_ok();
+        if !moved {
+            return Ok(None);
+        }
+        let fd = rustix::fs::openat(
+            &self.staging,
+            temp_name.as_str(),
+            OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io_err(&temp_name))?;
+        let file = File::from(fd);
+        rustix::fs::fchmod(&file, Mode::from_raw_mode(0o600)).map_err(io_err(&temp_name))?;
+        Ok(Some(Staged {
+            file,
+            temp_name,
+            resumed: true,
+        }))
     }
 
     /// Creates a symlink in staging, ready to be renamed into place.

@@ -29,7 +29,7 @@ use tokio::task::JoinSet;
 use super::{Node, Peer, SyncError, conflict, request};
 use crate::chunking::{CHUNK_PAGE_TARGET, ChunkRef, chunk_list_pages, content_id};
 use crate::entry::{Causality, Entry, EntryKind};
-use crate::ids::ChunkId;
+use crate::ids::{ChunkId, ContentId};
 use crate::pathname::{VolPath, escape};
 use crate::protocol::{ListPart, MAX_CHUNKS_PER_REQUEST, Request, Response, WireEntry};
 use crate::store::codec::{PageSummary, TreeNode};
@@ -123,7 +123,8 @@ pub async fn pull_volume(
         pull.sync_dir(&dir, remote, &mut pending).await?;
     }
     let files = std::mem::take(&mut pull.files);
-    pull.take_files(files).await?;
+    let moves = pull.rename_sources()?;
+    pull.take_files(files, moves).await?;
     pull.apply_deletes()?;
     crate::tree::update(&node.store, volume.id)?;
     Ok(pull.report)
@@ -243,7 +244,8 @@ impl Pull {
         }
         // Files of many small directories travel together: one publish batch for all.
         if files.len() >= PUBLISH_BATCH {
-            self.take_files(files).await
+            let moves = self.rename_sources()?;
+            self.take_files(files, moves).await
         } else {
             self.files = files;
             Ok(())
@@ -640,10 +642,48 @@ impl Pull {
         }
     }
 
+    /// Local files this round deletes, by content: a new file with the same content is
+    /// the other half of a rename, and takes the old file itself instead of a copy of
+    /// its chunks (a renamed directory of media is not rewritten on every peer). Only
+    /// files that are what the index says (their stamp, checked again at the move).
+    fn rename_sources(&self) -> Result<HashMap<ContentId, RenameSource>, SyncError> {
+        let vol = self.volume().id;
+        let mut sources = HashMap::new();
+        for (dir, name, tombstone) in &self.deferred {
+            let Some(local) = self.node.store.entry(vol, dir, name)? else {
+                continue;
+            };
+            let EntryKind::File {
+                size, content_id, ..
+            } = local.kind
+            else {
+                continue;
+            };
+            if size == 0 || tombstone.version.compare(&local.version) != Causality::Dominates {
+                continue;
+            }
+            if let Some(stamp) = self.node.store.stamp(vol, dir, name)? {
+                sources.insert(
+                    content_id,
+                    RenameSource {
+                        dir: dir.clone(),
+                        name: name.clone(),
+                        stamp,
+                    },
+                );
+            }
+        }
+        Ok(sources)
+    }
+
     /// Takes files in batches of up to `PUBLISH_BATCH`: prepares them (`FILE_CONCURRENCY`
     /// at a time), fetches the chunks the whole batch still lacks in shared requests,
     /// then publishes the batch (one `syncfs`, one durable index write).
-    async fn take_files(&mut self, files: Vec<FileJob>) -> Result<(), SyncError> {
+    async fn take_files(
+        &mut self,
+        files: Vec<FileJob>,
+        mut moves: HashMap<ContentId, RenameSource>,
+    ) -> Result<(), SyncError> {
         let mut jobs = files.into_iter().peekable();
         while jobs.peek().is_some() {
             let mut set = JoinSet::new();
@@ -653,13 +693,17 @@ impl Pull {
                 while set.len() < FILE_CONCURRENCY && started < PUBLISH_BATCH {
                     let Some(job) = jobs.next() else { break };
                     started += 1;
+                    let source = match &job.entry.kind {
+                        EntryKind::File { content_id, .. } => moves.remove(content_id),
+                        _ => None,
+                    };
                     let (node, peer, handle, index) = (
                         self.node.clone(),
                         self.peer.clone(),
                         self.handle.clone(),
                         self.volume_index,
                     );
-                    set.spawn(async move { prepare(node, peer, handle, index, job).await });
+                    set.spawn(async move { prepare(node, peer, handle, index, job, source).await });
                 }
                 match set.join_next().await {
                     Some(Ok(Ok(Some(file)))) => prepared.push(file),
@@ -1019,6 +1063,15 @@ impl ChunkTargets {
     }
 }
 
+/// A local file that a deleted name leaves behind, to be moved to a new name of the
+/// same content instead of copied.
+struct RenameSource {
+    dir: VolPath,
+    name: Vec<u8>,
+    /// What the index recorded of it: it is moved only if it is still exactly that.
+    stamp: crate::store::codec::ScanStamp,
+}
+
 /// A file whose staging file exists and holds every chunk we had locally.
 struct Prepared {
     job: FileJob,
@@ -1039,6 +1092,7 @@ async fn prepare(
     mut handle: Handle,
     volume_index: usize,
     job: FileJob,
+    source: Option<RenameSource>,
 ) -> Result<Option<Prepared>, SyncError> {
     let volume = &node.volumes[volume_index];
     let EntryKind::File {
@@ -1092,7 +1146,20 @@ async fn prepare(
             peer.addr
         )));
     }
-    let staged = volume.fs.stage(&expected, &job.dir, &job.name, size)?;
+    let moved = match &source {
+        Some(from) => volume.fs.stage_by_move(
+            (&from.dir, &from.name),
+            &from.stamp,
+            &expected,
+            &job.dir,
+            &job.name,
+        )?,
+        None => None,
+    };
+    let staged = match moved {
+        Some(staged) => staged,
+        None => volume.fs.stage(&expected, &job.dir, &job.name, size)?,
+    };
     let io = |e: std::io::Error| SyncError::Refused(format!("staging {}: {e}", escape(&job.name)));
     let file = Arc::new(staged.file.try_clone().map_err(io)?);
     let mut offsets: HashMap<ChunkId, Vec<u64>> = HashMap::new();

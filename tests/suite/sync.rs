@@ -1,7 +1,7 @@
 //! Issue acceptance for peer sync, with real processes over QUIC.
 
 use std::fs;
-use std::os::unix::fs::{PermissionsExt, symlink};
+use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -110,6 +110,16 @@ fn renaming_a_directory_of_100_mib_moves_no_chunk_bytes() {
     c.wait_converged(&[0, 1], CONVERGE);
     let before = c.total(1, "chunk_bytes_received");
     assert!(before >= 100 << 20, "initial sync received {before} bytes");
+    let inodes = |dir: &str| -> Vec<u64> {
+        (0..4)
+            .map(|i| {
+                fs::metadata(c.vol(1).join(format!("{dir}/clip{i}.bin")))
+                    .unwrap()
+                    .ino()
+            })
+            .collect()
+    };
+    let files_before = inodes("album");
     fs::rename(c.vol(0).join("album"), c.vol(0).join("renamed-album")).unwrap();
     c.wait_converged(&[0, 1], CONVERGE);
     assert!(c.vol(1).join("renamed-album/clip3.bin").exists() && !c.vol(1).join("album").exists());
@@ -118,6 +128,8 @@ fn renaming_a_directory_of_100_mib_moves_no_chunk_bytes() {
         0,
         "the rename moved chunk bytes"
     );
+    // The receiver moved its own files to the new names: nothing was copied.
+    assert_eq!(inodes("renamed-album"), files_before);
 }
 
 #[test]
