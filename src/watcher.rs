@@ -250,6 +250,9 @@ pub struct Debouncer {
 /// Renames remembered between two scans; more are dropped (they only save re-reading).
 const MAX_RENAMES: usize = 10_000;
 
+/// Names tracked between two scans; beyond this the next scan covers the whole volume.
+const MAX_PENDING_NAMES: usize = 100_000;
+
 struct NameState {
     first: Instant,
     last: Instant,
@@ -284,6 +287,16 @@ impl Debouncer {
     }
 
     pub fn record(&mut self, path: VolPath, change: Change, now: Instant) {
+        if self.names.len() >= MAX_PENDING_NAMES && !self.names.contains_key(&path) {
+            // A burst this large (a restore, a million-file copy) is cheaper to rescan
+            // whole than to track name by name.
+            self.names.clear();
+            self.lost(now);
+        }
+        if self.everything {
+            self.due.get_or_insert(now + self.window);
+            return;
+        }
         let state = self.names.entry(path).or_insert(NameState {
             first: now,
             last: now,
@@ -468,6 +481,13 @@ mod tests {
         let request = d.take_ready(t0 + WINDOW).unwrap();
         assert_eq!(dirs(&request), [("a/b".into(), Depth::Subtree)]);
         d.lost(t0);
+        let request = d.take_ready(t0 + WINDOW).unwrap();
+        assert!(matches!(request.scope, ScanScope::Everything));
+        // Too many names to track: the whole volume instead, in bounded memory.
+        for i in 0..=MAX_PENDING_NAMES {
+            d.record(path(&format!("many/f{i}")), Change::Other, t0);
+        }
+        assert!(d.names.len() < 10);
         let request = d.take_ready(t0 + WINDOW).unwrap();
         assert!(matches!(request.scope, ScanScope::Everything));
     }
