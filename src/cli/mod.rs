@@ -130,7 +130,7 @@ struct ServeArgs {
         long,
         env = "SHOAL_DEBOUNCE_MS",
         value_name = "MS",
-        default_value_t = 200
+        default_value_t = crate::watcher::DEFAULT_DEBOUNCE.as_millis() as u64
     )]
     debounce_ms: u64,
 
