@@ -278,7 +278,7 @@ impl Discovery {
     }
 
     /// One look at the current peers.
-    async fn look(&self) -> Result<BTreeSet<SocketAddr>, String> {
+    pub async fn look(&self) -> Result<BTreeSet<SocketAddr>, String> {
         match &self.source {
             Source::Static(set) => Ok(set.clone()),
             Source::Docker {

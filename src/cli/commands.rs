@@ -342,11 +342,54 @@ fn print_verify(report: &crate::verify::VerifyReport, json: bool) -> anyhow::Res
 
 /// `shoal repair`'s flags beside the locations.
 pub struct RepairFlags {
+    /// How peers are found, as for serve (`None`: static).
+    pub mode: Option<String>,
+    pub docker_socket: Option<String>,
+    /// The port peers listen on (discovered peers are reached on it).
+    pub port: u16,
     pub peers: Vec<String>,
     pub credentials: std::path::PathBuf,
     pub dry_run: bool,
     pub rebuild_index: bool,
     pub json: bool,
+}
+
+/// `MODE` as given; unset or empty is `static`.
+fn parse_mode(text: Option<&str>) -> anyhow::Result<crate::discovery::Mode> {
+    Ok(match text.map(str::trim) {
+        None | Some("") => crate::discovery::Mode::Static,
+        Some(text) => text.parse()?,
+    })
+}
+
+/// The peers `mode` finds now (repair runs once; it does not follow them).
+fn discover_once(
+    mode: crate::discovery::Mode,
+    socket: Option<String>,
+    port: u16,
+) -> anyhow::Result<Vec<std::net::SocketAddr>> {
+    let socket = socket.unwrap_or_else(|| crate::discovery::DEFAULT_DOCKER_SOCKET.to_string());
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let discovery = crate::discovery::Discovery::new(
+            mode,
+            Default::default(),
+            &socket,
+            port,
+            Duration::from_secs(1),
+        )
+        .await?;
+        let peers = discovery
+            .look()
+            .await
+            .map_err(|e| anyhow::anyhow!("peer discovery ({mode}) failed: {e}"))?;
+        tracing::info!(
+            ?peers,
+            "repair: peers found through {}",
+            discovery.describe()
+        );
+        Ok(peers.into_iter().collect())
+    })
 }
 
 pub fn repair(settings: &Settings, flags: RepairFlags) -> anyhow::Result<Outcome> {
@@ -365,6 +408,10 @@ pub fn repair(settings: &Settings, flags: RepairFlags) -> anyhow::Result<Outcome
             .and_then(|mut addrs| addrs.next())
             .with_context(|| format!("cannot resolve peer {target:?} (expected HOST:PORT)"))?;
         peers.push(addr);
+    }
+    let mode = parse_mode(flags.mode.as_deref())?;
+    if mode != crate::discovery::Mode::Static {
+        peers = discover_once(mode, flags.docker_socket, flags.port)?;
     }
     let options = crate::repair::RepairOptions {
         dry_run: flags.dry_run,
@@ -444,10 +491,7 @@ pub fn serve(
         debounce_ms,
         gso,
     } = flags;
-    let mode: crate::discovery::Mode = match mode.as_deref().map(str::trim) {
-        None | Some("") => crate::discovery::Mode::Static,
-        Some(text) => text.parse()?,
-    };
+    let mode = parse_mode(mode.as_deref())?;
     if mode != crate::discovery::Mode::Static && !peers.is_empty() {
         tracing::warn!("MODE={mode} finds its peers itself: ignoring the --peer list");
     }

@@ -99,17 +99,6 @@ struct ServeArgs {
     )]
     http: String,
 
-    /// How peers are found: `static` (the --peer list), `docker` (running containers
-    /// with the same `shoal.cluster` label on this container's networks) or `swarm` (the
-    /// other tasks of this container's service) [default: static].
-    #[arg(long, env = "MODE", value_name = "MODE")]
-    mode: Option<String>,
-
-    /// The Docker API socket, for MODE=docker and MODE=swarm (mount it read-only)
-    /// [default: /var/run/docker.sock].
-    #[arg(long, env = "SHOAL_DOCKER_SOCKET", value_name = "PATH")]
-    docker_socket: Option<String>,
-
     /// Refuse to start if a volume's directory is not a mount point (set in the image:
     /// data written into the container itself would be lost with it).
     #[arg(long, env = "SHOAL_REQUIRE_MOUNTS", value_parser = clap::builder::BoolishValueParser::new())]
@@ -169,6 +158,17 @@ struct RemoteArgs {
         default_value = "/run/secrets"
     )]
     credentials: PathBuf,
+
+    /// How peers are found: `static` (the --peer list), `docker` (running containers
+    /// with the same `shoal.cluster` label on this container's networks) or `swarm` (the
+    /// other tasks of this container's service) [default: static].
+    #[arg(long, env = "MODE", value_name = "MODE")]
+    mode: Option<String>,
+
+    /// The Docker API socket, for MODE=docker and MODE=swarm (mount it read-only)
+    /// [default: /var/run/docker.sock].
+    #[arg(long, env = "SHOAL_DOCKER_SOCKET", value_name = "PATH")]
+    docker_socket: Option<String>,
 }
 
 /// Where the volumes and the store are.
@@ -259,6 +259,16 @@ struct RepairArgs {
 
     #[command(flatten)]
     remote: RemoteArgs,
+
+    /// The address serve listens on: with MODE=docker or swarm, peers are expected on
+    /// its port.
+    #[arg(
+        long,
+        env = "SHOAL_LISTEN",
+        value_name = "ADDR:PORT",
+        default_value = "0.0.0.0:7029"
+    )]
+    listen: std::net::SocketAddr,
 
     /// List what would change, change nothing (reads the store; safe beside serve).
     #[arg(long)]
@@ -363,13 +373,13 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Serve(args) => {
             let file = file_config(cli.config.as_ref())?;
             let serve = commands::ServeFlags {
-                mode: args.mode.or(file.mode),
+                mode: args.remote.mode.or(file.mode),
                 peers: if args.remote.peers.is_empty() {
                     file.peers.unwrap_or_default()
                 } else {
                     args.remote.peers
                 },
-                docker_socket: args.docker_socket.or(file.docker_socket),
+                docker_socket: args.remote.docker_socket.or(file.docker_socket),
                 require_mounts: args.require_mounts || file.require_mounts.unwrap_or(false),
                 heartbeat: args.heartbeat.or(file.heartbeat).unwrap_or(25),
                 debounce_ms: args.debounce_ms,
@@ -388,8 +398,12 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Health(args) => commands::health(&args.http),
         Command::Cluster(ClusterCommand::Init { out }) => commands::cluster_init(&out),
         Command::Repair(args) => {
+            let file = file_config(cli.config.as_ref())?;
             let settings = settings(cli.config, args.locations, args.chunk_sizes)?;
             let options = commands::RepairFlags {
+                mode: args.remote.mode.or(file.mode),
+                docker_socket: args.remote.docker_socket.or(file.docker_socket),
+                port: args.listen.port(),
                 peers: args.remote.peers,
                 credentials: args.remote.credentials,
                 dry_run: args.dry_run,

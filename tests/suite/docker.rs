@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -134,30 +135,32 @@ impl Group {
 
     /// Starts (or starts anew, on the same volumes) member `i`.
     fn start(&mut self, i: usize) {
-        let (container, state) = (self.container(i), format!("{}-state{i}", self.name));
-        fs::create_dir_all(self.data(i)).unwrap();
+        let container = self.container(i);
         if !self.containers.contains(&container) {
             self.containers.push(container.clone());
         }
+        let mut args = vec!["run", "--detach", "--name", &container];
+        let member = self.member_args(i);
+        args.extend(member.iter().map(String::as_str));
+        args.push(&self.image.tag);
+        docker_ok(&args);
+    }
+
+    /// `docker run` options that make a container member `i`: the group's network and
+    /// label, MODE=docker, the docker socket, credentials, `i`'s data and state volumes.
+    fn member_args(&mut self, i: usize) -> Vec<String> {
+        let state = format!("{}-state{i}", self.name);
+        fs::create_dir_all(self.data(i)).unwrap();
         if !self.volumes.contains(&state) {
             self.volumes.push(state.clone());
         }
-        let cluster = format!("shoal.cluster={}", self.name);
-        let creds = format!(
-            "{}:/run/secrets:ro",
-            self.dir.path().join("creds").display()
-        );
-        let data = format!("{}:/srv/shoal/volumes/vol", self.data(i).display());
-        docker_ok(&[
-            "run",
-            "--detach",
+        let creds = self.dir.path().join("creds");
+        [
             "--init",
-            "--name",
-            &container,
             "--network",
             &self.name,
             "--label",
-            &cluster,
+            &format!("shoal.cluster={}", self.name),
             "--env",
             "MODE=docker",
             "--env",
@@ -167,13 +170,14 @@ impl Group {
             "--volume",
             "/var/run/docker.sock:/var/run/docker.sock:ro",
             "--volume",
-            &creds,
+            &format!("{}:/run/secrets:ro", creds.display()),
             "--volume",
-            &data,
+            &format!("{}:/srv/shoal/volumes/vol", self.data(i).display()),
             "--volume",
             &format!("{state}:/var/lib/shoal"),
-            &self.image.tag,
-        ]);
+        ]
+        .map(String::from)
+        .to_vec()
     }
 
     fn remove(&self, i: usize) {
@@ -400,6 +404,56 @@ fn a_container_killed_mid_transfer_resumes_on_its_state_volume() {
         String::from_utf8_lossy(&verify.stderr)
     );
     assert!(String::from_utf8_lossy(&verify.stdout).contains("no damage"));
+}
+
+/// Offline repair of a stopped member, run as a one-off container beside it: the peers
+/// it fetches from are found through the Docker API (MODE=docker), not listed.
+#[test]
+fn a_stopped_member_is_repaired_from_peers_it_discovers() {
+    let mut group = Group::new();
+    let content = random_bytes(4 << 20, 77);
+    write_file(&group.data(0).join("media/clip.bin"), &content);
+    group.start(0);
+    group.start(1);
+    group.wait_converged(&[0, 1], Duration::from_secs(120));
+
+    // Bit rot on member 1 while it is stopped: a flipped byte, the mtime unchanged.
+    docker_ok(&["stop", &group.container(1)]);
+    let damaged = group.data(1).join("media/clip.bin");
+    let mtime = fs::metadata(&damaged).unwrap().modified().unwrap();
+    let file = fs::OpenOptions::new().write(true).open(&damaged).unwrap();
+    file.write_all_at(&[content[2 << 20] ^ 0xff], 2 << 20)
+        .unwrap();
+    file.set_modified(mtime).unwrap();
+    drop(file);
+
+    let repairer = format!("{}-repair", group.name);
+    let mut args = vec!["run", "--rm", "--name", &repairer];
+    let member = group.member_args(1);
+    args.extend(member.iter().map(String::as_str));
+    args.extend([group.image.tag.as_str(), "repair"]);
+    let out = docker(&args);
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{report}");
+    assert!(fs::read(&damaged).unwrap() == content, "{report}");
+
+    docker_ok(&["start", &group.container(1)]);
+    let verify = docker(&[
+        "exec",
+        &group.container(1),
+        "/usr/local/bin/shoal",
+        "verify",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&verify.stdout).contains("no damage"),
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
 }
 
 /// Each misconfiguration: a non-zero exit and exactly one line that says what is wrong.
