@@ -78,15 +78,6 @@ struct ServeArgs {
     #[command(flatten)]
     locations: Locations,
 
-    /// Address to accept peers on (UDP, QUIC).
-    #[arg(
-        long,
-        env = "SHOAL_LISTEN",
-        value_name = "ADDR:PORT",
-        default_value = "0.0.0.0:7029"
-    )]
-    listen: std::net::SocketAddr,
-
     #[command(flatten)]
     remote: RemoteArgs,
 
@@ -141,6 +132,16 @@ struct ServeArgs {
 /// fetches from them what no local copy holds).
 #[derive(Args, Debug)]
 struct RemoteArgs {
+    /// Address serve accepts peers on (UDP, QUIC); discovered peers (MODE=docker or
+    /// swarm) are expected on its port.
+    #[arg(
+        long,
+        env = "SHOAL_LISTEN",
+        value_name = "ADDR:PORT",
+        default_value = "0.0.0.0:7029"
+    )]
+    listen: std::net::SocketAddr,
+
     /// A peer (repeatable); SHOAL_PEERS takes a space- or comma-separated list.
     #[arg(
         long = "peer",
@@ -260,16 +261,6 @@ struct RepairArgs {
     #[command(flatten)]
     remote: RemoteArgs,
 
-    /// The address serve listens on: with MODE=docker or swarm, peers are expected on
-    /// its port.
-    #[arg(
-        long,
-        env = "SHOAL_LISTEN",
-        value_name = "ADDR:PORT",
-        default_value = "0.0.0.0:7029"
-    )]
-    listen: std::net::SocketAddr,
-
     /// List what would change, change nothing (reads the store; safe beside serve).
     #[arg(long)]
     dry_run: bool,
@@ -388,7 +379,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             let settings = settings(cli.config, args.locations, args.chunk_sizes)?;
             commands::serve(
                 settings,
-                args.listen,
+                args.remote.listen,
                 serve,
                 args.remote.credentials,
                 &args.http,
@@ -403,7 +394,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             let options = commands::RepairFlags {
                 mode: args.remote.mode.or(file.mode),
                 docker_socket: args.remote.docker_socket.or(file.docker_socket),
-                port: args.listen.port(),
+                port: args.remote.listen.port(),
                 peers: args.remote.peers,
                 credentials: args.remote.credentials,
                 dry_run: args.dry_run,

@@ -224,6 +224,17 @@ impl Group {
             .collect()
     }
 
+    /// `shoal verify` inside member `i` (beside its running serve) finds no damage.
+    fn assert_verify_clean(&self, i: usize) {
+        let verify = docker(&["exec", &self.container(i), "/usr/local/bin/shoal", "verify"]);
+        let stdout = String::from_utf8_lossy(&verify.stdout);
+        assert!(
+            verify.status.success() && stdout.contains("no damage"),
+            "{stdout}{}",
+            String::from_utf8_lossy(&verify.stderr)
+        );
+    }
+
     /// Waits until members `members` hold the same files (Shoal's `.shoal/` aside).
     fn wait_converged(&self, members: &[usize], timeout: Duration) {
         let start = Instant::now();
@@ -391,19 +402,7 @@ fn a_container_killed_mid_transfer_resumes_on_its_state_volume() {
     group.remove(1);
     group.start(1);
     group.wait_converged(&[0, 1], Duration::from_secs(120));
-    let verify = docker(&[
-        "exec",
-        &group.container(1),
-        "/usr/local/bin/shoal",
-        "verify",
-    ]);
-    assert!(
-        verify.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&verify.stdout),
-        String::from_utf8_lossy(&verify.stderr)
-    );
-    assert!(String::from_utf8_lossy(&verify.stdout).contains("no damage"));
+    group.assert_verify_clean(1);
 }
 
 /// Offline repair of a stopped member, run as a one-off container beside it: the peers
@@ -442,18 +441,7 @@ fn a_stopped_member_is_repaired_from_peers_it_discovers() {
     assert!(fs::read(&damaged).unwrap() == content, "{report}");
 
     docker_ok(&["start", &group.container(1)]);
-    let verify = docker(&[
-        "exec",
-        &group.container(1),
-        "/usr/local/bin/shoal",
-        "verify",
-    ]);
-    assert!(
-        String::from_utf8_lossy(&verify.stdout).contains("no damage"),
-        "{}{}",
-        String::from_utf8_lossy(&verify.stdout),
-        String::from_utf8_lossy(&verify.stderr)
-    );
+    group.assert_verify_clean(1);
 }
 
 /// Each misconfiguration: a non-zero exit and exactly one line that says what is wrong.
