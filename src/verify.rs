@@ -489,6 +489,7 @@ fn check_locations(
     report: &mut VerifyReport,
 ) -> Result<(), StoreError> {
     let mut lists = ChunkListCache::default();
+    let mut batch = Vec::new();
     for item in store.all_chunk_locations() {
         let (id, location) = item?;
         if !sampler.pick() {
@@ -506,11 +507,55 @@ fn check_locations(
         if v != vol {
             continue;
         }
-        if !lists.holds(store, &id, vol, &dir, &name, extent)? {
-            let path = dir.join(&name).map(|p| p.display().to_string()).ok();
+        batch.push(LocationCheck {
+            file: crate::store::keys::entry_key(vol, &dir, &name),
+            id,
+            dir,
+            name,
+            extent,
+        });
+        if batch.len() >= LOCATION_BATCH {
+            check_location_batch(store, vol, volume, &mut batch, &mut lists, report)?;
+        }
+    }
+    check_location_batch(store, vol, volume, &mut batch, &mut lists, report)
+}
+
+/// Location records checked at once. They come in chunk id order, which is random
+/// order for the files they name; checked in file order instead, the files' chunk
+/// lists are read from the index nearly sequentially (on a cold cache, random reads
+/// made a 5% sample of a million files take half a minute).
+const LOCATION_BATCH: usize = 1 << 16;
+
+/// A live location record to check against its file's chunk list.
+struct LocationCheck {
+    /// The file's index key: the order to check in.
+    file: Vec<u8>,
+    id: ChunkId,
+    dir: VolPath,
+    name: Vec<u8>,
+    extent: Extent,
+}
+
+fn check_location_batch(
+    store: &Store,
+    vol: VolumeId,
+    volume: &str,
+    batch: &mut Vec<LocationCheck>,
+    lists: &mut ChunkListCache,
+    report: &mut VerifyReport,
+) -> Result<(), StoreError> {
+    batch.sort_unstable_by(|a, b| a.file.cmp(&b.file));
+    for check in batch.drain(..) {
+        if !lists.holds(store, &check.id, vol, &check.dir, &check.name, check.extent)? {
+            let path = check
+                .dir
+                .join(&check.name)
+                .map(|p| p.display().to_string())
+                .ok();
             report.findings.push(finding(Severity::Damage, "index-dangling-location", Some(volume), path, format!(
-                "the index says chunk {id} is at byte {} of this file, but the file's chunk list does not",
-                extent.offset
+                "the index says chunk {} is at byte {} of this file, but the file's chunk list does not",
+                check.id, check.extent.offset
             )));
         }
     }
