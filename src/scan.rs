@@ -200,6 +200,7 @@ pub fn scan_volume(
             progress: options.progress.clone(),
             hold: &options.hold,
             renamed: &options.renamed,
+            gone: Vec::new(),
             report: ScanReport {
                 volume: name.to_string(),
                 ..ScanReport::default()
@@ -417,6 +418,8 @@ struct Walker<'s> {
     progress: Option<ProgressBar>,
     hold: &'s HashSet<VolPath>,
     renamed: &'s [(VolPath, VolPath)],
+    /// Indexed names found gone from disk, deleted once everything else is written.
+    gone: Vec<(VolPath, Vec<u8>)>,
     report: ScanReport,
 }
 
@@ -431,12 +434,7 @@ impl<'s> Walker<'s> {
                 pending.push((VolPath::root(), IgnoreRules::none(), Depth::Subtree));
             }
             ScanScope::Dirs(dirs) => {
-                // Directories that received renamed names are walked first (pushed
-                // last), while the old names are still indexed to take content from.
-                let mut starts: Vec<(VolPath, Depth)> =
-                    self.start_dirs(dirs)?.into_iter().collect();
-                starts.sort_by_key(|(dir, _)| self.renamed.iter().any(|(_, to)| to.is_below(dir)));
-                for (dir, depth) in starts {
+                for (dir, depth) in self.start_dirs(dirs)? {
                     if let Some(rules) = self.rules_above(&dir) {
                         pending.push((dir, rules, depth));
                     }
@@ -453,6 +451,19 @@ impl<'s> Walker<'s> {
                 .recv()
                 .expect("hashing threads answer every job they took");
             self.on_hashed(result)?;
+        }
+        // Deletes are written last: a peer pulling while this scan runs sees a renamed
+        // file's new name before its old one goes, and so still holds the content
+        // locally (its chunks are not fetched again).
+        for (dir, name) in std::mem::take(&mut self.gone) {
+            if let Some(old) = self
+                .store
+                .entry(self.vol, &dir, &name)?
+                .filter(|e| !e.is_tombstone())
+            {
+                self.delete_name(&dir, &name, old)?;
+                self.flush(false)?;
+            }
         }
         self.flush(true)
     }
@@ -659,10 +670,8 @@ impl<'s> Walker<'s> {
                 }
                 std::cmp::Ordering::Greater => {
                     let (name, _) = indexed.next().expect("peeked");
-                    if !self.is_held(dir, &name)
-                        && let Some(old) = self.store.entry(self.vol, dir, &name)?
-                    {
-                        self.delete_name(dir, &name, old)?;
+                    if !self.is_held(dir, &name) {
+                        self.gone.push((dir.clone(), name));
                     }
                 }
             }
@@ -1037,15 +1046,7 @@ impl<'s> Walker<'s> {
                 }
                 self.record_file(&dir, &name, content, &meta)?;
             }
-            HashOutcome::Vanished => {
-                if let Some(old) = self
-                    .store
-                    .entry(self.vol, &dir, &name)?
-                    .filter(|e| !e.is_tombstone())
-                {
-                    self.delete_name(&dir, &name, old)?;
-                }
-            }
+            HashOutcome::Vanished => self.gone.push((dir, name)),
             HashOutcome::Unstable => {
                 let message = format!(
                     "{} kept changing while being read; it will be indexed on a later scan",
