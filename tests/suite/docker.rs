@@ -8,14 +8,13 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use crate::util::{random_bytes, shoal, write_file};
+use crate::util::{flip_byte_keeping_mtime, random_bytes, shoal, write_file};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -419,12 +418,7 @@ fn a_stopped_member_is_repaired_from_peers_it_discovers() {
     // Bit rot on member 1 while it is stopped: a flipped byte, the mtime unchanged.
     docker_ok(&["stop", &group.container(1)]);
     let damaged = group.data(1).join("media/clip.bin");
-    let mtime = fs::metadata(&damaged).unwrap().modified().unwrap();
-    let file = fs::OpenOptions::new().write(true).open(&damaged).unwrap();
-    file.write_all_at(&[content[2 << 20] ^ 0xff], 2 << 20)
-        .unwrap();
-    file.set_modified(mtime).unwrap();
-    drop(file);
+    flip_byte_keeping_mtime(&damaged, 2 << 20);
 
     let repairer = format!("{}-repair", group.name);
     let mut args = vec!["run", "--rm", "--name", &repairer];

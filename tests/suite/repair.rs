@@ -1,7 +1,7 @@
 //! Issue acceptance for `verify` and `repair`: fixtures for each kind of damage, found
 //! and named by verify, put right by repair from local copies or a running peer.
 
-use std::fs::{self, File, FileTimes};
+use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -15,26 +15,6 @@ use crate::cluster::*;
 use crate::util::*;
 
 const CONVERGE: Duration = Duration::from_secs(90);
-
-/// Flips one byte in place and puts the mtime back, as bit rot would leave the file.
-fn flip_byte_keeping_mtime(path: &Path, offset: u64) {
-    let mtime = fs::metadata(path).unwrap().modified().unwrap();
-    let file = File::options().read(true).write(true).open(path).unwrap();
-    let mut byte = [0u8];
-    file.read_exact_at(&mut byte, offset).unwrap();
-    file.write_all_at(&[byte[0] ^ 0x40], offset).unwrap();
-    file.set_times(FileTimes::new().set_modified(mtime))
-        .unwrap();
-}
-
-/// Cuts a file short and puts the mtime back (a half-copied restore).
-fn truncate_keeping_mtime(path: &Path, len: u64) {
-    let mtime = fs::metadata(path).unwrap().modified().unwrap();
-    let file = File::options().write(true).open(path).unwrap();
-    file.set_len(len).unwrap();
-    file.set_times(FileTimes::new().set_modified(mtime))
-        .unwrap();
-}
 
 fn json(output: &Output) -> Value {
     serde_json::from_slice(&output.stdout)
@@ -67,17 +47,16 @@ fn assert_found(report: &Value, problem: &str, path_ends: &str) {
 
 /// Runs `shoal CMD --data-root D --state-dir S --volume vol ARGS`.
 fn run(data_root: &Path, state: &Path, command: &str, args: &[&str]) -> Output {
-    let mut all = vec![
-        command,
-        "--data-root",
-        data_root.to_str().unwrap(),
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--volume",
-        "vol",
-    ];
+    let mut all = vec!["--volume", "vol"];
     all.extend_from_slice(args);
-    shoal(&all)
+    shoal_at(data_root, state, command, &all)
+}
+
+/// `verify --json` finds damage (exit 1): its report.
+fn damage_found(data_root: &Path, state: &Path) -> Value {
+    let found = run(data_root, state, "verify", &["--json"]);
+    assert_eq!(found.status.code(), Some(1), "{}", stderr(&found));
+    json(&found)
 }
 
 fn assert_clean(data_root: &Path, state: &Path) {
@@ -133,9 +112,7 @@ fn live_file_damage_is_named_and_restored_from_local_copies() {
     flip_byte_keeping_mtime(&fx.path("rot.bin"), 2_000_000);
     truncate_keeping_mtime(&fx.path("short.bin"), 100_000);
     fs::remove_file(fx.path("sub/gone.bin")).unwrap();
-    let found = fx.shoal("verify", &["--json"]);
-    assert_eq!(found.status.code(), Some(1));
-    let found = json(&found);
+    let found = damage_found(&fx.data_root(), &fx.state());
     assert_found(&found, "content-mismatch", "rot.bin");
     assert_found(&found, "truncated", "short.bin");
     assert_found(&found, "missing", "sub/gone.bin");
@@ -230,9 +207,7 @@ fn pack_damage_and_an_index_record_pointing_nowhere_are_named_and_repaired() {
     file.set_len(len - 4_000).unwrap();
     drop(file);
 
-    let found = fx.shoal("verify", &["--json"]);
-    assert_eq!(found.status.code(), Some(1));
-    let found = json(&found);
+    let found = damage_found(&fx.data_root(), &fx.state());
     assert_found(&found, "pack-record-damaged", &pack_file_name(1));
     assert_found(&found, "pack-truncated", &pack_file_name(1));
     assert_found(&found, "pack-location-broken", &pack_file_name(0x99));
@@ -270,9 +245,8 @@ fn a_missing_index_is_named_and_rebuilt_from_packs_and_live_files() {
     pack_chunks(&fx, 1, &[&retained]);
     fs::remove_dir_all(fx.state().join("index")).unwrap();
 
-    let found = fx.shoal("verify", &["--json"]);
-    assert_eq!(found.status.code(), Some(1));
-    assert_found(&json(&found), "index-missing", "index");
+    let found = damage_found(&fx.data_root(), &fx.state());
+    assert_found(&found, "index-missing", "index");
 
     let refused = fx.shoal("repair", &["--volume", "vol"]);
     assert_eq!(refused.status.code(), Some(2));
@@ -357,14 +331,7 @@ fn repair_fetches_from_a_running_peer_and_keeps_an_edit_made_while_stopped() {
         b"second draft, written offline",
     );
 
-    let found = run(
-        &node1.join("data"),
-        &node1.join("state"),
-        "verify",
-        &["--json"],
-    );
-    assert_eq!(found.status.code(), Some(1));
-    let found = json(&found);
+    let found = damage_found(&node1.join("data"), &node1.join("state"));
     assert_found(&found, "content-mismatch", "big.bin");
     assert_found(&found, "truncated", "short.bin");
     assert_found(&found, "missing", "d/gone.bin");
@@ -578,14 +545,7 @@ fn pack_records_no_local_copy_holds_are_fetched_from_a_running_peer() {
     let len = file.metadata().unwrap().len();
     file.set_len(len - 5_000).unwrap();
     drop(file);
-    let found = run(
-        &node1.join("data"),
-        &node1.join("state"),
-        "verify",
-        &["--json"],
-    );
-    assert_eq!(found.status.code(), Some(1));
-    let found = json(&found);
+    let found = damage_found(&node1.join("data"), &node1.join("state"));
     assert_found(&found, "pack-record-damaged", &pack_file_name(7));
     assert_found(&found, "pack-truncated", &pack_file_name(7));
 

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, FileTimes};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, UNIX_EPOCH};
@@ -80,17 +81,41 @@ impl Fixture {
 
     /// Runs `shoal COMMAND --data-root .. --state-dir .. ARGS..`.
     pub fn shoal(&self, command: &str, args: &[&str]) -> Output {
-        let (data_root, state) = (self.data_root(), self.state());
-        let mut all = vec![
-            command,
-            "--data-root",
-            data_root.to_str().unwrap(),
-            "--state-dir",
-            state.to_str().unwrap(),
-        ];
-        all.extend_from_slice(args);
-        shoal(&all)
+        shoal_at(&self.data_root(), &self.state(), command, args)
     }
+}
+
+/// Runs `shoal COMMAND --data-root DATA_ROOT --state-dir STATE ARGS..`.
+pub fn shoal_at(data_root: &Path, state: &Path, command: &str, args: &[&str]) -> Output {
+    let mut all = vec![
+        command,
+        "--data-root",
+        data_root.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ];
+    all.extend_from_slice(args);
+    shoal(&all)
+}
+
+/// Flips one byte in place and puts the mtime back, as bit rot would leave the file.
+pub fn flip_byte_keeping_mtime(path: &Path, offset: u64) {
+    let mtime = fs::metadata(path).unwrap().modified().unwrap();
+    let file = File::options().read(true).write(true).open(path).unwrap();
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, offset).unwrap();
+    file.write_all_at(&[byte[0] ^ 0x40], offset).unwrap();
+    file.set_times(FileTimes::new().set_modified(mtime))
+        .unwrap();
+}
+
+/// Cuts a file short and puts the mtime back (a half-copied restore).
+pub fn truncate_keeping_mtime(path: &Path, len: u64) {
+    let mtime = fs::metadata(path).unwrap().modified().unwrap();
+    let file = File::options().write(true).open(path).unwrap();
+    file.set_len(len).unwrap();
+    file.set_times(FileTimes::new().set_modified(mtime))
+        .unwrap();
 }
 
 pub fn write_file(path: &Path, content: &[u8]) {

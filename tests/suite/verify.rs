@@ -1,20 +1,8 @@
 //! `verify` finds damage and names it.
 
-use std::fs::{self, File, FileTimes};
-use std::os::unix::fs::FileExt;
+use std::fs;
 
 use crate::util::*;
-
-/// Flips one byte in place and puts the mtime back, as bit rot would leave the file.
-fn flip_byte_keeping_mtime(path: &std::path::Path, offset: u64) {
-    let mtime = fs::metadata(path).unwrap().modified().unwrap();
-    let file = File::options().read(true).write(true).open(path).unwrap();
-    let mut byte = [0u8];
-    file.read_exact_at(&mut byte, offset).unwrap();
-    file.write_all_at(&[byte[0] ^ 0x40], offset).unwrap();
-    file.set_times(FileTimes::new().set_modified(mtime))
-        .unwrap();
-}
 
 #[test]
 fn verify_names_a_flipped_byte_a_truncated_file_and_a_deleted_file() {
@@ -35,17 +23,7 @@ fn verify_names_a_flipped_byte_a_truncated_file_and_a_deleted_file() {
 
     flip_byte_keeping_mtime(&fx.path("rot.bin"), 1_000_000);
     flip_byte_keeping_mtime(&fx.volume().join(os(b"bad\xffname")), 10);
-    let mtime = fs::metadata(fx.path("short.bin"))
-        .unwrap()
-        .modified()
-        .unwrap();
-    let file = File::options()
-        .write(true)
-        .open(fx.path("short.bin"))
-        .unwrap();
-    file.set_len(100_000).unwrap();
-    file.set_times(FileTimes::new().set_modified(mtime))
-        .unwrap();
+    truncate_keeping_mtime(&fx.path("short.bin"), 100_000);
     fs::remove_file(fx.path("gone.bin")).unwrap();
 
     let damaged = fx.shoal("verify", &[]);
