@@ -684,37 +684,29 @@ fn check_packs(
                     }
                     let known = pack_number(&path)
                         .is_some_and(|n| referenced.contains(&(n, record.extent.offset)));
-                    if record.intact && !known {
+                    let problem = if !record.intact {
+                        Some((
+                            Severity::Damage,
+                            "pack-record-damaged",
+                            format!("chunk {} does not match its bytes", record.id),
+                        ))
+                    } else if !known {
+                        Some((
+                            Severity::Warning,
+                            "orphan-pack-record",
+                            format!(
+                                "chunk {} is in the pack but no index record points at it",
+                                record.id
+                            ),
+                        ))
+                    } else {
+                        None
+                    };
+                    if let Some((severity, problem, detail)) = problem {
+                        let start = record.extent.offset;
                         report.findings.push(Finding {
-                            range: Some((
-                                record.extent.offset,
-                                record.extent.offset + u64::from(record.extent.len),
-                            )),
-                            ..finding(
-                                Severity::Warning,
-                                "orphan-pack-record",
-                                None,
-                                shown.clone(),
-                                format!(
-                                    "chunk {} is in the pack but no index record points at it",
-                                    record.id
-                                ),
-                            )
-                        });
-                    }
-                    if !record.intact {
-                        report.findings.push(Finding {
-                            range: Some((
-                                record.extent.offset,
-                                record.extent.offset + u64::from(record.extent.len),
-                            )),
-                            ..finding(
-                                Severity::Damage,
-                                "pack-record-damaged",
-                                None,
-                                shown.clone(),
-                                format!("chunk {} does not match its bytes", record.id),
-                            )
+                            range: Some((start, start + u64::from(record.extent.len))),
+                            ..finding(severity, problem, None, shown.clone(), detail)
                         });
                     }
                 }
