@@ -108,6 +108,8 @@ pub async fn pull_volume(
         handle,
         volume_index,
         deferred: Vec::new(),
+        rename_sources: HashMap::new(),
+        renames_seen: 0,
         files: Vec::new(),
         report: PullReport::default(),
     };
@@ -123,8 +125,7 @@ pub async fn pull_volume(
         pull.sync_dir(&dir, remote, &mut pending).await?;
     }
     let files = std::mem::take(&mut pull.files);
-    let moves = pull.rename_sources()?;
-    pull.take_files(files, moves).await?;
+    pull.take_files(files).await?;
     pull.apply_deletes()?;
     crate::tree::update(&node.store, volume.id)?;
     Ok(pull.report)
@@ -137,6 +138,11 @@ struct Pull {
     volume_index: usize,
     /// (parent, name, remote tombstone) to apply at the end of the round.
     deferred: Vec<(VolPath, Vec<u8>, Entry)>,
+    /// Files among `deferred` that a new file of the same content can take over, by
+    /// content id (see [`Pull::find_rename_sources`]).
+    rename_sources: HashMap<ContentId, RenameSource>,
+    /// How many of `deferred` have been looked at for `rename_sources`.
+    renames_seen: usize,
     /// Files decided on but not yet fetched (taken in batches across directories).
     files: Vec<FileJob>,
     report: PullReport,
@@ -244,8 +250,7 @@ impl Pull {
         }
         // Files of many small directories travel together: one publish batch for all.
         if files.len() >= PUBLISH_BATCH {
-            let moves = self.rename_sources()?;
-            self.take_files(files, moves).await
+            self.take_files(files).await
         } else {
             self.files = files;
             Ok(())
@@ -646,10 +651,12 @@ impl Pull {
     /// the other half of a rename, and takes the old file itself instead of a copy of
     /// its chunks (a renamed directory of media is not rewritten on every peer). Only
     /// files that are what the index says (their stamp, checked again at the move).
-    fn rename_sources(&self) -> Result<HashMap<ContentId, RenameSource>, SyncError> {
+    /// Each deferred delete is looked at once, however many batches of files follow.
+    fn find_rename_sources(&mut self) -> Result<(), SyncError> {
         let vol = self.volume().id;
-        let mut sources = HashMap::new();
-        for (dir, name, tombstone) in &self.deferred {
+        let new = &self.deferred[self.renames_seen..];
+        self.renames_seen = self.deferred.len();
+        for (dir, name, tombstone) in new {
             let Some(local) = self.node.store.entry(vol, dir, name)? else {
                 continue;
             };
@@ -663,7 +670,7 @@ impl Pull {
                 continue;
             }
             if let Some(stamp) = self.node.store.stamp(vol, dir, name)? {
-                sources.insert(
+                self.rename_sources.insert(
                     content_id,
                     RenameSource {
                         dir: dir.clone(),
@@ -673,17 +680,14 @@ impl Pull {
                 );
             }
         }
-        Ok(sources)
+        Ok(())
     }
 
     /// Takes files in batches of up to `PUBLISH_BATCH`: prepares them (`FILE_CONCURRENCY`
     /// at a time), fetches the chunks the whole batch still lacks in shared requests,
     /// then publishes the batch (one `syncfs`, one durable index write).
-    async fn take_files(
-        &mut self,
-        files: Vec<FileJob>,
-        mut moves: HashMap<ContentId, RenameSource>,
-    ) -> Result<(), SyncError> {
+    async fn take_files(&mut self, files: Vec<FileJob>) -> Result<(), SyncError> {
+        self.find_rename_sources()?;
         let mut jobs = files.into_iter().peekable();
         while jobs.peek().is_some() {
             let mut set = JoinSet::new();
@@ -694,7 +698,9 @@ impl Pull {
                     let Some(job) = jobs.next() else { break };
                     started += 1;
                     let source = match &job.entry.kind {
-                        EntryKind::File { content_id, .. } => moves.remove(content_id),
+                        EntryKind::File { content_id, .. } => {
+                            self.rename_sources.remove(content_id)
+                        }
                         _ => None,
                     };
                     let (node, peer, handle, index) = (
@@ -864,6 +870,8 @@ impl Pull {
     /// Applies the deferred deletes, deepest first.
     fn apply_deletes(&mut self) -> Result<(), SyncError> {
         let mut deletes = std::mem::take(&mut self.deferred);
+        self.rename_sources.clear();
+        self.renames_seen = 0;
         deletes.sort_by_key(|(dir, _, _)| std::cmp::Reverse(dir.depth()));
         let vol = self.volume().id;
         for (dir, name, tombstone) in deletes {
