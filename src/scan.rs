@@ -16,7 +16,7 @@
 //! A scan can be narrowed ([`ScanScope::Dirs`]) to the directories the file watcher saw
 //! change, and told to leave alone names still being written ([`ScanOptions::hold`]).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::{self, File, Metadata};
 use std::io;
@@ -199,7 +199,11 @@ pub fn scan_volume(
             in_flight: 0,
             progress: options.progress.clone(),
             hold: &options.hold,
-            renamed: &options.renamed,
+            renamed: options
+                .renamed
+                .iter()
+                .map(|(from, to)| (to.clone(), from.clone()))
+                .collect(),
             gone: Vec::new(),
             report: ScanReport {
                 volume: name.to_string(),
@@ -417,7 +421,8 @@ struct Walker<'s> {
     in_flight: usize,
     progress: Option<ProgressBar>,
     hold: &'s HashSet<VolPath>,
-    renamed: &'s [(VolPath, VolPath)],
+    /// The watcher's renames, new path -> old path.
+    renamed: HashMap<VolPath, VolPath>,
     /// Indexed names found gone from disk, deleted once everything else is written.
     gone: Vec<(VolPath, Vec<u8>)>,
     report: ScanReport,
@@ -954,17 +959,23 @@ impl<'s> Walker<'s> {
         path: &VolPath,
         meta: &Metadata,
     ) -> Result<Option<ChunkedContent>, StoreError> {
-        let Some(old_path) = self.renamed.iter().find_map(|(from, to)| {
-            if path == to {
-                Some(from.clone())
-            } else if path.is_below(to) {
-                let suffix = &path.as_bytes()[to.as_bytes().len() + 1..];
-                VolPath::parse(&[from.as_bytes(), b"/", suffix].concat()).ok()
-            } else {
-                None
-            }
-        }) else {
+        if self.renamed.is_empty() {
             return Ok(None);
+        }
+        // The path itself, or its nearest renamed ancestor: one lookup per level.
+        let mut at = path.clone();
+        let old_path = loop {
+            if let Some(from) = self.renamed.get(&at) {
+                let suffix = &path.as_bytes()[at.as_bytes().len()..];
+                match VolPath::parse(&[from.as_bytes(), suffix].concat()) {
+                    Ok(old) => break old,
+                    Err(_) => return Ok(None),
+                }
+            }
+            match at.parent() {
+                Some(parent) if !parent.is_root() => at = parent,
+                _ => return Ok(None),
+            }
         };
         let Some((old_dir, old_name)) = old_path.split_last() else {
             return Ok(None);
