@@ -21,6 +21,10 @@ use fastcdc::v2020;
 
 use crate::ids::{ChunkId, ContentId};
 
+mod gear;
+
+pub use gear::CutSearch;
+
 /// The BLAKE3 `derive_key` context of content ids (see `schema/store.md`).
 const CONTENT_ID_CONTEXT: &str = "shoal 2026-11 content id v1";
 
@@ -218,8 +222,7 @@ pub fn chunk_list_pages(chunks: &[ChunkRef]) -> Vec<ChunkListPage> {
 /// A reusable streaming chunker; one per thread (it owns its read buffer).
 pub struct Chunker {
     params: ChunkParams,
-    mask_s: u64,
-    mask_l: u64,
+    cuts: CutSearch,
     buffer: Vec<u8>,
 }
 
@@ -230,11 +233,9 @@ const MIN_BUFFER: usize = 1024 * 1024;
 
 impl Chunker {
     pub fn new(params: ChunkParams) -> Self {
-        let bits = params.avg.ilog2();
         Self {
             params,
-            mask_s: v2020::MASKS[(bits + NORMALIZATION_BITS) as usize],
-            mask_l: v2020::MASKS[(bits - NORMALIZATION_BITS) as usize],
+            cuts: CutSearch::new(params),
             buffer: vec![0; MIN_BUFFER.max(2 * params.max as usize)],
         }
     }
@@ -250,11 +251,7 @@ impl Chunker {
         mut reader: impl Read,
         mut on_chunk: impl FnMut(&ChunkRef, &[u8]),
     ) -> io::Result<ChunkedContent> {
-        let (min, avg, max) = (
-            self.params.min as usize,
-            self.params.avg as usize,
-            self.params.max as usize,
-        );
+        let max = self.params.max as usize;
         let mut chunks = Vec::new();
         let mut size = 0u64;
         let mut filled = 0;
@@ -271,16 +268,7 @@ impl Chunker {
             let mut start = 0;
             // A cut is final only when FastCDC has seen everything it could look at.
             while start < filled && (eof || filled - start >= max) {
-                let (_, len) = v2020::cut(
-                    &self.buffer[start..filled],
-                    min,
-                    avg,
-                    max,
-                    self.mask_s,
-                    self.mask_l,
-                    self.mask_s << 1,
-                    self.mask_l << 1,
-                );
+                let len = self.cuts.first_chunk_len(&self.buffer[start..filled]);
                 let bytes = &self.buffer[start..start + len];
                 let chunk = ChunkRef {
                     id: ChunkId::of(bytes),
