@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """Scan benchmarks, side by side with the reference tools in the same run.
 
-    tools/bench-scan.py [--dir /var/tmp/shoal-bench] [--reps 5] [--million]
+    tools/bench-scan.py [--dir /var/tmp/shoal-bench] [--reps 5] [--million] [--baseline SHOAL]
 
   media    `shoal scan` of ~1 GiB (fresh store, page cache warm) vs `b3sum --num-threads 2`
-           on the same files: ratio of throughputs, median of --reps alternating runs.
+           on the same files, both on every core: ratio of throughputs (wall time) and of
+           CPU time (user + sys, which a busy shared machine disturbs less), medians of
+           --reps alternating runs. --baseline runs another shoal binary (an older build)
+           in the same loop, for a before/after in one run.
   small    `shoal scan` of 50,000 files of 1-16 KiB vs Syncthing's initial scan of the
            same folder (Syncthing 1.19, discovery/relays/NAT off, watcher off): files/s.
   million  (with --million) 1,000,000 tiny files: peak RSS of `shoal scan` (from
@@ -41,6 +44,15 @@ def timed(cmd, **kw):
     return time.perf_counter() - start
 
 
+def timed_cpu(cmd):
+    """Wall seconds and CPU seconds (user + sys of the command and its threads)."""
+    before = os.times()
+    wall = timed(cmd)
+    after = os.times()
+    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    return wall, cpu
+
+
 def build_shoal():
     env = dict(os.environ)
     env.setdefault("CARGO_TARGET_DIR", "/var/cache/shoal/target")
@@ -71,29 +83,52 @@ def shoal_scan(shoal, base, volume, state, extra=()):
     return [shoal, "scan", "--data-root", os.path.join(base, "data"), "--state-dir", state, "--volume", volume, *extra]
 
 
-def bench_media(shoal, base, reps):
+def bench_media(shoal, base, reps, baseline=None):
     path = ensure_data(base, "media")
     files = sorted(os.path.join(path, f) for f in os.listdir(path))
     size = sum(os.path.getsize(f) for f in files)
     warm(path)
-    b3, sh, creation = [], [], []
+    b3, sh, old, creation = [], [], [], []
     empty = os.path.join(base, "data", "empty")
     os.makedirs(empty, exist_ok=True)
+    load = os.getloadavg()[0]
     for _ in range(reps):
-        b3.append(timed(["b3sum", "--num-threads", "2", *files]))
+        b3.append(timed_cpu(["b3sum", "--num-threads", "2", *files]))
         # The store is created first (a one-time cost per node, reported apart), then
         # the timed run indexes all of media into it, from nothing.
         state = tempfile.mkdtemp(dir=base)
         creation.append(timed(shoal_scan(shoal, base, "empty", state)))
-        sh.append(timed(shoal_scan(shoal, base, "media", state)))
+        sh.append(timed_cpu(shoal_scan(shoal, base, "media", state)))
         shutil.rmtree(state)
+        if baseline:
+            state = tempfile.mkdtemp(dir=base)
+            run(shoal_scan(baseline, base, "empty", state), stdout=subprocess.DEVNULL)
+            old.append(timed_cpu(shoal_scan(baseline, base, "media", state)))
+            shutil.rmtree(state)
     mib = size / (1 << 20)
-    ratios = [b / s for b, s in zip(b3, sh)]
-    print(f"media: {len(files)} files, {mib:.0f} MiB, page cache warm, {reps} alternating runs")
-    print(f"  b3sum --num-threads 2   median {statistics.median(b3):.3f} s  ({mib / statistics.median(b3):.0f} MiB/s)")
-    print(f"  shoal scan              median {statistics.median(sh):.3f} s  ({mib / statistics.median(sh):.0f} MiB/s)")
+    wall_ratios = [b[0] / s[0] for b, s in zip(b3, sh)]
+    cpu_ratios = [b[1] / s[1] for b, s in zip(b3, sh)]
+
+    def row(name, runs):
+        wall = statistics.median(r[0] for r in runs)
+        cpu = statistics.median(r[1] for r in runs)
+        print(f"  {name:<24}median {wall:.3f} s  ({mib / wall:.0f} MiB/s), CPU {cpu:.3f} s ({mib / cpu:.0f} MiB per CPU-s)")
+
+    print(f"media: {len(files)} files, {mib:.0f} MiB, page cache warm, {reps} alternating runs, "
+          f"{os.cpu_count()} cores, load average {load:.1f} before")
+    row("b3sum --num-threads 2", b3)
+    row("shoal scan", sh)
+    if baseline:
+        row("baseline shoal scan", old)
     print(f"  (creating the store beforehand: median {statistics.median(creation):.3f} s, once per node)")
-    print(f"  shoal / b3sum throughput: median {statistics.median(ratios):.2f}x (runs: {', '.join(f'{r:.2f}' for r in ratios)})")
+    print(f"  shoal / b3sum throughput: median {statistics.median(wall_ratios):.2f}x "
+          f"(runs: {', '.join(f'{r:.2f}' for r in wall_ratios)})")
+    print(f"  shoal / b3sum per CPU-s:  median {statistics.median(cpu_ratios):.2f}x "
+          f"(runs: {', '.join(f'{r:.2f}' for r in cpu_ratios)})")
+    if baseline:
+        print(f"  baseline / b3sum throughput: median "
+              f"{statistics.median(b[0] / o[0] for b, o in zip(b3, old)):.2f}x, per CPU-s "
+              f"{statistics.median(b[1] / o[1] for b, o in zip(b3, old)):.2f}x")
 
 
 def free_port():
@@ -207,13 +242,14 @@ def main():
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--million", action="store_true")
     parser.add_argument("--only", choices=["media", "small", "million"])
+    parser.add_argument("--baseline", help="another shoal binary to scan media with, in the same loop")
     args = parser.parse_args()
     run([os.path.join(REPO, "tools", "setup.sh"), "b3sum", "syncthing", "time"])
     os.makedirs(args.dir, exist_ok=True)
     shoal = build_shoal()
     print(f"machine: {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     if args.only in (None, "media"):
-        bench_media(shoal, args.dir, args.reps)
+        bench_media(shoal, args.dir, args.reps, args.baseline)
     if args.only in (None, "small"):
         bench_small(shoal, args.dir, args.reps)
     if args.million or args.only == "million":
