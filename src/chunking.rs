@@ -4,7 +4,8 @@
 //! [`Chunker`] streams a reader through a fixed buffer, so a file of any size is chunked
 //! in constant memory, and gives exactly the cut points FastCDC would give on the whole
 //! file at once: a cut is only taken where at least `max` bytes (or the end of the file)
-//! follow the chunk's start, which is all FastCDC ever looks at.
+//! follow the chunk's start, which is all FastCDC ever looks at. The cut points come
+//! from [`CutSearch`] (`chunking/gear.rs`): the `fastcdc` crate's, found faster.
 //!
 //! ```
 //! use shoal::chunking::{ChunkParams, Chunker};
