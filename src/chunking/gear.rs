@@ -145,7 +145,9 @@ impl CutSearch {
         };
         let block = LANES * LANE_LEN;
         let mut at = window.start;
-        while window.end - at >= block {
+        // Blocks warm up on the 64 bytes before them; `ChunkParams::new` keeps `min` at
+        // 64 or more, but its fields are public, so smaller ones go one byte at a time.
+        while window.start >= WARM_UP && window.end - at >= block {
             if let Some(cut) = self.search_block::<LANE_LEN>(source, at, window) {
                 return cut;
             }
@@ -436,6 +438,33 @@ mod tests {
                 let data = content(kind, 3 * 1024 * 1024 + 17, 99 + u64::from(kind));
                 assert_same_cuts(p, &data);
             }
+        }
+    }
+
+    #[test]
+    fn a_minimum_under_64_bytes_is_searched_one_byte_at_a_time() {
+        // Not a size `ChunkParams::new` accepts, but one a caller can build: the blocks
+        // would have no room to warm up before the window.
+        let p = ChunkParams {
+            min: 2,
+            avg: 32_768,
+            max: 65_536,
+        };
+        let search = CutSearch::new(p);
+        let data = random_bytes(300_000, 5);
+        for start in (0..data.len()).step_by(9_999) {
+            let source = &data[start..];
+            let (_, len) = v2020::cut(
+                source,
+                2,
+                32_768,
+                65_536,
+                search.mask_odd[0],
+                search.mask_odd[1],
+                search.mask_odd[0] << 1,
+                search.mask_odd[1] << 1,
+            );
+            assert_eq!(search.first_chunk_len(source), len, "from {start}");
         }
     }
 
