@@ -217,6 +217,7 @@ impl CutSearch {
         }
         // Written out per byte of the step, so that each byte's table and mask are
         // constants of the loop body.
+        const { assert!(STEP == 4) };
         self.add_byte::<0, LANE_LEN>(h, found, bytes, at, offset, window);
         self.add_byte::<1, LANE_LEN>(h, found, bytes, at, offset, window);
         self.add_byte::<2, LANE_LEN>(h, found, bytes, at, offset, window);
@@ -254,8 +255,8 @@ impl CutSearch {
         }
     }
 
-    /// The first cut from `at` to the window's end (less than a block), one byte after
-    /// the other.
+    /// The first cut from `at` to the window's end (what the blocks left), one byte
+    /// after the other.
     fn search_tail(&self, source: &[u8], at: usize, window: Window) -> Option<usize> {
         let gear = &self.gear[STEP - 1];
         let mut h = 0u64;
