@@ -1,0 +1,14 @@
+//! Shoal's integration tests, one binary: the library on real directories and a real
+//! RocksDB store, and the `shoal` binary run as a user would.
+
+mod cli;
+mod cluster;
+mod crash;
+mod docker;
+mod index;
+mod live;
+mod repair;
+mod sync;
+mod tree_props;
+mod util;
+mod verify;
