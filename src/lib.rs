@@ -35,6 +35,7 @@ pub mod config;
 pub mod container;
 pub mod credentials;
 pub mod discovery;
+pub mod encoding;
 pub mod entry;
 pub mod http;
 pub mod ids;

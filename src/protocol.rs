@@ -15,10 +15,11 @@
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::chunking::{ChunkParams, ChunkRef};
+use crate::encoding::{DecodeError, Reader};
 use crate::entry::Entry;
 use crate::ids::{ChunkId, ContentId, HASH_LEN, NodeId, TreeHash};
 use crate::pathname::{VolPath, validate_name};
-use crate::store::codec::{self, DecodeError, Reader, TreeNode};
+use crate::store::codec::{self, TreeNode};
 
 /// Protocol version carried in `Hello`; a peer with another version is refused.
 pub const PROTOCOL_VERSION: u16 = 1;

@@ -26,10 +26,11 @@ use rocksdb::{
 use serde::{Deserialize, Serialize};
 
 use crate::chunking::{ChunkParams, ChunkRef};
+use crate::encoding::DecodeError;
 use crate::entry::Entry;
 use crate::ids::{ChunkId, ContentId, NodeId, VolumeId};
 use crate::pathname::VolPath;
-use codec::{DecodeError, Extent, ScanStamp, TreeNode};
+use codec::{Extent, ScanStamp, TreeNode};
 use keys::*;
 
 /// The layout version of the index and packs; a store of another version is refused.
