@@ -19,7 +19,8 @@ use crate::encoding::{DecodeError, Reader};
 use crate::entry::Entry;
 use crate::ids::{ChunkId, ContentId, HASH_LEN, NodeId, TreeHash};
 use crate::pathname::{VolPath, validate_name};
-use crate::store::codec::{self, TreeNode};
+use crate::store::codec;
+use crate::tree::TreeNode;
 
 /// Protocol version carried in `Hello`; a peer with another version is refused.
 pub const PROTOCOL_VERSION: u16 = 1;

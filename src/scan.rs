@@ -35,8 +35,9 @@ use crate::chunking::{ChunkParams, ChunkRef, ChunkedContent, Chunker};
 use crate::entry::{Entry, EntryKind, MODE_MASK};
 use crate::ids::{NodeId, TreeHash, VolumeId};
 use crate::pathname::{SHOAL_DIR, VolPath, escape};
-use crate::store::codec::{ScanStamp, SubtreeTotals};
+use crate::store::codec::ScanStamp;
 use crate::store::{Batch, Store, StoreError};
+use crate::tree::SubtreeTotals;
 
 /// The per-directory ignore file (gitignore syntax).
 pub const IGNORE_FILE: &str = ".shoalignore";

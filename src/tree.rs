@@ -25,7 +25,6 @@ use std::collections::BTreeSet;
 use crate::entry::{Entry, EntryKind};
 use crate::ids::{TreeHash, VolumeId};
 use crate::pathname::VolPath;
-use crate::store::codec::{PageSummary, SubtreeTotals, TreeNode};
 use crate::store::{Store, StoreError};
 
 const PAGE_CONTEXT: &str = "shoal 2026-11 tree page v1";
@@ -41,6 +40,62 @@ pub const PAGE_MAX_ENTRIES: u32 = 4096;
 const KIND_FILE: u8 = 1;
 const KIND_DIR: u8 = 2;
 const KIND_SYMLINK: u8 = 3;
+
+/// One page of a directory's children in the Merkle tree.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct PageSummary {
+    /// Name of the page's first child (pages are name ranges).
+    pub first_name: Vec<u8>,
+    pub entries: u32,
+    pub hash: TreeHash,
+}
+
+/// A directory's node in the Merkle tree, with totals over its whole subtree.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct TreeNode {
+    /// Hash of the content (what the directory holds; the same on every node that holds
+    /// the same files).
+    pub hash: TreeHash,
+    /// Hash of the histories: every child's version vector (tombstones included) and
+    /// child directories' own `versions`. Nodes whose contents agree but whose histories
+    /// do not (say, the same file created on two nodes) still find each other this way.
+    pub versions: TreeHash,
+    pub pages: Vec<PageSummary>,
+    pub totals: SubtreeTotals,
+}
+
+impl TreeNode {
+    /// What two nodes compare to know whether they are fully in sync: content and
+    /// histories together.
+    pub fn sync_hash(&self) -> TreeHash {
+        let mut hasher = blake3::Hasher::new();
+        hasher
+            .update(self.hash.as_bytes())
+            .update(self.versions.as_bytes());
+        TreeHash(*hasher.finalize().as_bytes())
+    }
+}
+
+/// Counts over a directory's subtree (tombstones excluded, the directory itself not
+/// counted).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct SubtreeTotals {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub bytes: u64,
+    pub chunks: u64,
+}
+
+impl SubtreeTotals {
+    pub fn add(&mut self, other: &SubtreeTotals) {
+        self.files += other.files;
+        self.dirs += other.dirs;
+        self.symlinks += other.symlinks;
+        self.bytes += other.bytes;
+        self.chunks += other.chunks;
+    }
+}
 
 /// Whether `name` ends its page.
 pub fn is_page_boundary(name: &[u8]) -> bool {

@@ -14,8 +14,8 @@ use crate::config::{ConfigError, Settings};
 use crate::ids::VolumeId;
 use crate::pathname::VolPath;
 use crate::scan::{ScanOptions, ScanReport, scan_volume};
-use crate::store::codec::SubtreeTotals;
 use crate::store::{OpenOptions, Store};
+use crate::tree::SubtreeTotals;
 use crate::verify::{Severity, verify as verify_store};
 
 fn progress_bar(json: bool, template: &str) -> Option<ProgressBar> {

@@ -8,6 +8,7 @@ use crate::chunking::ChunkRef;
 use crate::encoding::{DecodeError, Reader, put_short_bytes};
 use crate::entry::{Entry, EntryKind, VersionVector};
 use crate::ids::{ChunkId, ContentId, HASH_LEN, NodeId, TreeHash};
+use crate::tree::{PageSummary, SubtreeTotals, TreeNode};
 
 /// Version byte that starts every entry and tree-node value.
 const VALUE_FORMAT: u8 = 1;
@@ -182,62 +183,6 @@ pub fn decode_extent(bytes: &[u8]) -> Result<Extent, DecodeError> {
     };
     r.finish("extent")?;
     Ok(extent)
-}
-
-/// One page of a directory's children in the Merkle tree.
-#[derive(Clone, PartialEq, Eq, Debug)]
-pub struct PageSummary {
-    /// Name of the page's first child (pages are name ranges).
-    pub first_name: Vec<u8>,
-    pub entries: u32,
-    pub hash: TreeHash,
-}
-
-/// A directory's node in the Merkle tree, with totals over its whole subtree.
-#[derive(Clone, PartialEq, Eq, Debug)]
-pub struct TreeNode {
-    /// Hash of the content (what the directory holds; the same on every node that holds
-    /// the same files).
-    pub hash: TreeHash,
-    /// Hash of the histories: every child's version vector (tombstones included) and
-    /// child directories' own `versions`. Nodes whose contents agree but whose histories
-    /// do not (say, the same file created on two nodes) still find each other this way.
-    pub versions: TreeHash,
-    pub pages: Vec<PageSummary>,
-    pub totals: SubtreeTotals,
-}
-
-impl TreeNode {
-    /// What two nodes compare to know whether they are fully in sync: content and
-    /// histories together.
-    pub fn sync_hash(&self) -> TreeHash {
-        let mut hasher = blake3::Hasher::new();
-        hasher
-            .update(self.hash.as_bytes())
-            .update(self.versions.as_bytes());
-        TreeHash(*hasher.finalize().as_bytes())
-    }
-}
-
-/// Counts over a directory's subtree (tombstones excluded, the directory itself not
-/// counted).
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct SubtreeTotals {
-    pub files: u64,
-    pub dirs: u64,
-    pub symlinks: u64,
-    pub bytes: u64,
-    pub chunks: u64,
-}
-
-impl SubtreeTotals {
-    pub fn add(&mut self, other: &SubtreeTotals) {
-        self.files += other.files;
-        self.dirs += other.dirs;
-        self.symlinks += other.symlinks;
-        self.bytes += other.bytes;
-        self.chunks += other.chunks;
-    }
 }
 
 pub fn encode_tree_node(node: &TreeNode) -> Vec<u8> {

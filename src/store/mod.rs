@@ -30,7 +30,8 @@ use crate::encoding::DecodeError;
 use crate::entry::Entry;
 use crate::ids::{ChunkId, ContentId, NodeId, VolumeId};
 use crate::pathname::VolPath;
-use codec::{Extent, ScanStamp, TreeNode};
+use crate::tree::TreeNode;
+use codec::{Extent, ScanStamp};
 use keys::*;
 
 /// The layout version of the index and packs; a store of another version is refused.

@@ -32,7 +32,7 @@ use crate::entry::{Causality, Entry, EntryKind};
 use crate::ids::{ChunkId, ContentId};
 use crate::pathname::{VolPath, escape};
 use crate::protocol::{ListPart, MAX_CHUNKS_PER_REQUEST, Request, Response, WireEntry};
-use crate::store::codec::{PageSummary, TreeNode};
+use crate::tree::{PageSummary, TreeNode};
 use crate::volume_fs::{Staged, finish_staged, stamp_of_stat};
 
 /// Files prepared at once (each may ask for its chunk list), and chunk requests in
