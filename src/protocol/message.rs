@@ -1,19 +1,9 @@
-//! Shoal's wire protocol, version 1 (specified in `schema/protocol.md`).
-//!
-//! Nodes talk over QUIC connections ([`crate::transport`]). Every request opens its own
-//! bidirectional stream: the requester writes one request frame and finishes its side;
-//! the responder writes one or more response frames and finishes. Many requests are in
-//! flight on one connection at once, each on its own stream, so a large chunk transfer
-//! never blocks a tree lookup.
-//!
-//! A frame is `u32 LE length || u8 kind || body`, where the length counts the kind byte
-//! and the body. Every frame has a size limit checked before anything is allocated;
-//! bodies are decoded with bounds checks, and an unknown kind, a short or long body, an
-//! invalid path or volume name is a [`ProtocolError`]: the stream is closed with an
-//! error frame and the problem logged, never a panic.
+//! The messages: every request and response, encoded and decoded with bounds checks.
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-
+use super::{
+    MAX_CHUNKS_PER_REQUEST, MAX_ENTRIES_PER_RESPONSE, MAX_INLINE_CHUNKS, MAX_LIST_PAGES,
+    MAX_VOLUMES, PROTOCOL_VERSION, ProtocolError,
+};
 use crate::chunking::{ChunkParams, ChunkRef};
 use crate::encoding::{DecodeError, Reader};
 use crate::entry::Entry;
@@ -22,37 +12,7 @@ use crate::pathname::{VolPath, validate_name};
 use crate::store::codec;
 use crate::tree::TreeNode;
 
-/// Protocol version carried in `Hello`; a peer with another version is refused.
-pub const PROTOCOL_VERSION: u16 = 1;
-
-/// Largest frame other than chunk data.
-pub const MAX_CONTROL_FRAME: usize = 4 << 20;
-/// Largest chunk-data frame: the largest chunk FastCDC allows plus its header.
-pub const MAX_CHUNK_FRAME: usize = fastcdc::v2020::MAXIMUM_MAX as usize + 64;
-/// Entries in one `Entries` response; more come with `more = true`.
-pub const MAX_ENTRIES_PER_RESPONSE: usize = 4096;
-/// Bytes of encoded entries in one `Entries` response.
-pub const MAX_ENTRIES_BYTES: usize = 2 << 20;
-/// Files with at most this many chunks have their chunk list sent inline in `Entries`.
-pub const MAX_INLINE_CHUNKS: usize = 16;
-/// Pages asked for in one `GetChunkList` (a 16 MiB-chunk, 4 TiB file has ~64k pages).
-pub const MAX_LIST_PAGES: usize = 1 << 20;
-/// Chunk ids in one `GetChunks` request.
-pub const MAX_CHUNKS_PER_REQUEST: usize = 64;
-/// Volumes a node may announce.
-pub const MAX_VOLUMES: usize = 1024;
-
-/// Error codes, in `Error` frames and as QUIC application close codes.
-pub mod code {
-    pub const VERSION: u16 = 1;
-    pub const MALFORMED: u16 = 2;
-    pub const TOO_LARGE: u16 = 3;
-    pub const CHUNK_PARAMS: u16 = 4;
-    pub const UNKNOWN_VOLUME: u16 = 5;
-    pub const INTERNAL: u16 = 6;
-}
-
-mod kind {
+pub(super) mod kind {
     pub const HELLO: u8 = 0x01;
     pub const GET_DIR: u8 = 0x02;
     pub const GET_ENTRIES: u8 = 0x03;
@@ -68,40 +28,6 @@ mod kind {
     pub const ACK: u8 = 0x87;
     pub const CHUNK_PAGES: u8 = 0x88;
     pub const ERROR: u8 = 0xff;
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ProtocolError {
-    #[error("frame of {len} bytes exceeds the limit of {limit}")]
-    TooLarge { len: usize, limit: usize },
-    #[error("connection reset in the middle of a frame")]
-    Truncated,
-    #[error("malformed message: {0}")]
-    Malformed(String),
-    #[error("unexpected message kind {0:#04x}")]
-    UnexpectedKind(u8),
-    #[error("peer reported error {code}: {message}")]
-    Remote { code: u16, message: String },
-    #[error("stream error: {0}")]
-    Io(#[from] std::io::Error),
-}
-
-impl ProtocolError {
-    /// The code to send back for this error.
-    pub fn code(&self) -> u16 {
-        match self {
-            ProtocolError::TooLarge { .. } => code::TOO_LARGE,
-            ProtocolError::Remote { code, .. } => *code,
-            ProtocolError::Io(_) => code::INTERNAL,
-            _ => code::MALFORMED,
-        }
-    }
-}
-
-impl From<DecodeError> for ProtocolError {
-    fn from(e: DecodeError) -> Self {
-        ProtocolError::Malformed(e.0)
-    }
 }
 
 /// What a node says of itself when a connection opens.
@@ -607,63 +533,9 @@ impl Response {
     }
 }
 
-/// Writes one frame.
-pub async fn write_frame<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    (kind, body): (u8, Vec<u8>),
-) -> Result<(), ProtocolError> {
-    let len = u32::try_from(body.len() + 1).map_err(|_| ProtocolError::TooLarge {
-        len: body.len(),
-        limit: MAX_CHUNK_FRAME,
-    })?;
-    let mut header = [0u8; 5];
-    header[..4].copy_from_slice(&len.to_le_bytes());
-    header[4] = kind;
-    w.write_all(&header).await?;
-    w.write_all(&body).await?;
-    Ok(())
-}
-
-/// Reads one frame; `None` at a clean end of stream. Frames over `limit` bytes are
-/// refused before their body is read.
-pub async fn read_frame<R: AsyncRead + Unpin>(
-    r: &mut R,
-    limit: usize,
-) -> Result<Option<(u8, Vec<u8>)>, ProtocolError> {
-    let mut header = [0u8; 5];
-    let mut got = 0;
-    while got < header.len() {
-        match r.read(&mut header[got..]).await? {
-            0 if got == 0 => return Ok(None),
-            0 => return Err(ProtocolError::Truncated),
-            n => got += n,
-        }
-    }
-    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
-    if len == 0 {
-        return Err(ProtocolError::Malformed("empty frame".into()));
-    }
-    if len > limit {
-        return Err(ProtocolError::TooLarge { len, limit });
-    }
-    let mut body = vec![0u8; len - 1];
-    r.read_exact(&mut body).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => ProtocolError::Truncated,
-        _ => ProtocolError::Io(e),
-    })?;
-    Ok(Some((header[4], body)))
-}
-
-/// The frame size limit for a response to `request`.
-pub fn response_limit(request: &Request) -> usize {
-    match request {
-        Request::GetChunks { .. } => MAX_CHUNK_FRAME,
-        _ => MAX_CONTROL_FRAME,
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::code;
     use super::*;
     use crate::entry::{EntryKind, VersionVector};
 
@@ -811,32 +683,5 @@ mod tests {
             let (kind, body) = response.encode();
             assert_eq!(Response::decode(kind, &body).unwrap(), response);
         }
-    }
-
-    #[tokio::test]
-    async fn oversized_and_truncated_frames_are_errors() {
-        let mut huge = Vec::new();
-        huge.extend_from_slice(&(u32::MAX).to_le_bytes());
-        huge.push(kind::HELLO);
-        assert!(matches!(
-            read_frame(&mut &huge[..], MAX_CONTROL_FRAME).await,
-            Err(ProtocolError::TooLarge { .. })
-        ));
-        let mut short = Vec::new();
-        write_frame(&mut short, Request::Notify { volume: "v".into() }.encode())
-            .await
-            .unwrap();
-        short.pop();
-        assert!(matches!(
-            read_frame(&mut &short[..], MAX_CONTROL_FRAME).await,
-            Err(ProtocolError::Truncated)
-        ));
-        assert!(
-            read_frame(&mut &b""[..], MAX_CONTROL_FRAME)
-                .await
-                .unwrap()
-                .is_none()
-        );
-        assert!(Request::decode(0x42, b"").is_err());
     }
 }
