@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -13,6 +14,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use serde::Serialize;
 
 use crate::sync::Node;
 
@@ -35,8 +37,8 @@ pub async fn serve(
         .await
 }
 
-async fn status(State(node): State<Arc<Node>>) -> Json<crate::sync::NodeStatus> {
-    Json(node.status())
+async fn status(State(node): State<Arc<Node>>) -> Json<NodeStatus> {
+    Json(node_status(&node))
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -56,7 +58,7 @@ fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
 }
 
 async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
-    let status = node.status();
+    let status = node_status(&node);
     let mut registry = Registry::with_prefix("shoal");
     let t = &status.totals;
     counter(
@@ -158,4 +160,93 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
             .into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
+}
+
+/// What `/status` shows: the node, its volumes, its peers and its counters.
+pub fn node_status(node: &Node) -> NodeStatus {
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let volumes = node
+        .volumes
+        .iter()
+        .map(|v| {
+            let node = node
+                .store
+                .tree_node(v.id, &crate::pathname::VolPath::root())
+                .ok()
+                .flatten();
+            VolumeStatus {
+                name: v.name.clone(),
+                root: node.as_ref().map(|n| n.hash.to_hex()),
+                files: node.as_ref().map_or(0, |n| n.totals.files),
+                bytes: node.as_ref().map_or(0, |n| n.totals.bytes),
+            }
+        })
+        .collect();
+    let peers = node
+        .peers()
+        .iter()
+        .map(|p| PeerStatus {
+            addr: p.addr.to_string(),
+            node_id: p.node_id().map(|id| id.to_string()),
+            connected: p.connected.load(Ordering::Relaxed),
+            chunk_bytes_sent: load(&p.chunk_bytes_sent),
+            chunk_bytes_received: load(&p.chunk_bytes_received),
+            rejected_chunks: load(&p.rejected_chunks),
+        })
+        .collect();
+    NodeStatus {
+        node_id: node.meta.node_id.to_string(),
+        volumes,
+        peers,
+        totals: Totals {
+            chunk_bytes_sent: load(&node.stats.chunk_bytes_sent),
+            chunk_bytes_received: load(&node.stats.chunk_bytes_received),
+            files_applied: load(&node.stats.files_applied),
+            conflicts: load(&node.stats.conflicts),
+            rejected_chunks: load(&node.stats.rejected_chunks),
+            local_changes_published: load(&node.stats.local_changes_published),
+            local_changes: load(&node.stats.local_changes),
+            watch_scans: load(&node.stats.watch_scans),
+            watch_rescans: load(&node.stats.watch_rescans),
+        },
+    }
+}
+
+#[derive(Serialize, serde::Deserialize, Debug, Clone)]
+pub struct NodeStatus {
+    pub node_id: String,
+    pub volumes: Vec<VolumeStatus>,
+    pub peers: Vec<PeerStatus>,
+    pub totals: Totals,
+}
+
+#[derive(Serialize, serde::Deserialize, Debug, Clone)]
+pub struct VolumeStatus {
+    pub name: String,
+    pub root: Option<String>,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+#[derive(Serialize, serde::Deserialize, Debug, Clone)]
+pub struct PeerStatus {
+    pub addr: String,
+    pub node_id: Option<String>,
+    pub connected: bool,
+    pub chunk_bytes_sent: u64,
+    pub chunk_bytes_received: u64,
+    pub rejected_chunks: u64,
+}
+
+#[derive(Serialize, serde::Deserialize, Debug, Clone)]
+pub struct Totals {
+    pub chunk_bytes_sent: u64,
+    pub chunk_bytes_received: u64,
+    pub files_applied: u64,
+    pub conflicts: u64,
+    pub rejected_chunks: u64,
+    pub local_changes_published: u64,
+    pub local_changes: u64,
+    pub watch_scans: u64,
+    pub watch_rescans: u64,
 }

@@ -614,7 +614,7 @@ pub fn status_http(addr: &str, json: bool) -> anyhow::Result<Outcome> {
         .split_once("\r\n\r\n")
         .map(|(_, b)| b)
         .unwrap_or_default();
-    let status: crate::sync::NodeStatus = serde_json::from_str(body)
+    let status: crate::http::NodeStatus = serde_json::from_str(body)
         .with_context(|| format!("unexpected answer from {addr}/status"))?;
     if json {
         print(&format!("{}\n", serde_json::to_string_pretty(&status)?))?;

@@ -1,0 +1,36 @@
+//! Fault injection: a node that misbehaves on purpose, for tests of its peers.
+
+/// Fault injection for tests of the *other* side: a node told to misbehave, so that its
+/// peers' defences can be checked against a real process. Set from the environment
+/// (`SHOAL_FAULT_CORRUPT_CHUNKS=1`, `SHOAL_FAULT_HOSTILE_NAMES=1`,
+/// `SHOAL_FAULT_WATCH_QUEUE=N`); never set in production.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Faults {
+    /// Flip a byte of every chunk sent.
+    pub corrupt_chunks: bool,
+    /// Answer every entry listing with names that try to leave the volume.
+    pub hostile_names: bool,
+    /// Shrink the file watcher's event queue, so that a burst overflows it as the
+    /// kernel's queue overflows under load.
+    pub watch_queue: Option<usize>,
+}
+
+impl Faults {
+    pub fn from_env() -> Self {
+        let set = |name: &str| std::env::var_os(name).is_some_and(|v| v == "1");
+        let faults = Faults {
+            corrupt_chunks: set("SHOAL_FAULT_CORRUPT_CHUNKS"),
+            hostile_names: set("SHOAL_FAULT_HOSTILE_NAMES"),
+            watch_queue: std::env::var("SHOAL_FAULT_WATCH_QUEUE")
+                .ok()
+                .and_then(|v| v.parse().ok()),
+        };
+        if faults.corrupt_chunks || faults.hostile_names || faults.watch_queue.is_some() {
+            tracing::warn!(
+                ?faults,
+                "FAULT INJECTION ENABLED: this node misbehaves on purpose (testing only)"
+            );
+        }
+        faults
+    }
+}

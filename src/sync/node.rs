@@ -1,0 +1,151 @@
+//! A running node: its store, its volumes, its peers and its counters.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use s2n_quic::connection::Handle;
+
+use super::{Faults, Stats, request};
+use crate::ids::{NodeId, VolumeId};
+use crate::protocol::{self, Request};
+use crate::store::{Store, StoreMeta};
+use crate::volume_fs::VolumeFs;
+
+/// One synced volume of this node.
+pub struct Volume {
+    pub name: String,
+    pub id: VolumeId,
+    pub fs: VolumeFs,
+    /// Held by whoever changes the volume's index (a scan, or applying a pull), so the
+    /// two never interleave.
+    pub lock: tokio::sync::Mutex<()>,
+}
+
+/// What this node knows of one configured peer.
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub node_id: Mutex<Option<NodeId>>,
+    pub connected: AtomicBool,
+    pub chunk_bytes_sent: AtomicU64,
+    pub chunk_bytes_received: AtomicU64,
+    pub rejected_chunks: AtomicU64,
+    /// Volumes the peer announced, intersected with ours.
+    pub shared_volumes: Mutex<Vec<String>>,
+    /// The open connection, for requests from any task.
+    pub handle: Mutex<Option<Handle>>,
+    /// Wakes the peer's task to pull now.
+    pub wake: tokio::sync::Notify,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Self {
+        Peer {
+            addr,
+            node_id: Mutex::new(None),
+            connected: AtomicBool::new(false),
+            chunk_bytes_sent: AtomicU64::new(0),
+            chunk_bytes_received: AtomicU64::new(0),
+            rejected_chunks: AtomicU64::new(0),
+            shared_volumes: Mutex::new(Vec::new()),
+            handle: Mutex::new(None),
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub fn node_id(&self) -> Option<NodeId> {
+        *self.node_id.lock().expect("peer state lock")
+    }
+
+    pub fn connection(&self) -> Option<Handle> {
+        self.handle.lock().expect("peer state lock").clone()
+    }
+
+    pub fn shares(&self, volume: &str) -> bool {
+        self.shared_volumes
+            .lock()
+            .expect("peer state lock")
+            .iter()
+            .any(|v| v == volume)
+    }
+}
+
+/// A running node: its store, volumes, peers and counters.
+pub struct Node {
+    pub store: Store,
+    pub meta: StoreMeta,
+    pub volumes: Vec<Volume>,
+    /// Changes at run time as peers are discovered and leave: read a snapshot with
+    /// [`Node::peers`], change it with [`Node::set_peers`].
+    pub peers: std::sync::RwLock<Vec<Arc<Peer>>>,
+    pub stats: Stats,
+    /// Sync ownership (uid/gid) too: only when running as root.
+    pub sync_ownership: bool,
+    pub faults: Faults,
+}
+
+impl Node {
+    pub fn volume(&self, name: &str) -> Option<&Volume> {
+        self.volumes.iter().find(|v| v.name == name)
+    }
+
+    pub fn hello(&self) -> protocol::Hello {
+        protocol::Hello {
+            version: protocol::PROTOCOL_VERSION,
+            node_id: self.meta.node_id,
+            chunk_params: self.meta.chunk_params,
+            volumes: self.volumes.iter().map(|v| v.name.clone()).collect(),
+        }
+    }
+
+    /// The current peers.
+    pub fn peers(&self) -> Vec<Arc<Peer>> {
+        self.peers.read().expect("peer list lock").clone()
+    }
+
+    /// Makes the peers exactly `wanted`: returns the peers added and those removed.
+    pub fn set_peers(
+        &self,
+        wanted: &std::collections::BTreeSet<SocketAddr>,
+    ) -> (Vec<Arc<Peer>>, Vec<Arc<Peer>>) {
+        let mut peers = self.peers.write().expect("peer list lock");
+        let (kept, removed): (Vec<_>, Vec<_>) =
+            peers.drain(..).partition(|p| wanted.contains(&p.addr));
+        let added: Vec<Arc<Peer>> = wanted
+            .iter()
+            .filter(|addr| !kept.iter().any(|p| p.addr == **addr))
+            .map(|addr| Arc::new(Peer::new(*addr)))
+            .collect();
+        *peers = kept;
+        peers.extend(added.iter().cloned());
+        (added, removed)
+    }
+
+    /// The peer whose node id is `id`, if it is one of ours.
+    pub fn peer_by_id(&self, id: NodeId) -> Option<Arc<Peer>> {
+        self.peers().into_iter().find(|p| p.node_id() == Some(id))
+    }
+
+    /// Tells every connected peer that shares `volume` to pull from us.
+    pub async fn notify_peers(&self, volume: &str) {
+        for peer in &self.peers() {
+            if !peer.shares(volume) {
+                continue;
+            }
+            if let Some(mut handle) = peer.connection()
+                && let Err(e) = request(
+                    &mut handle,
+                    &Request::Notify {
+                        volume: volume.to_string(),
+                    },
+                )
+                .await
+            {
+                tracing::debug!(peer = %peer.addr, "notify failed: {e}");
+            }
+        }
+        self.stats
+            .local_changes_published
+            .fetch_add(1, Ordering::Relaxed);
+    }
+}
