@@ -695,7 +695,7 @@ impl Repair<'_> {
         };
         let client = crate::transport::client(SocketAddr::new(any, 0), &credentials, true)?;
         for peer in self.node.peers() {
-            match crate::serve::connect(&self.node, &peer, &client).await {
+            match crate::sync::client::connect(&self.node, &peer, &client).await {
                 Ok(connection) => self.connections.push(connection),
                 Err(e) => tracing::warn!(peer = %peer.addr, "cannot reach peer: {e}"),
             }

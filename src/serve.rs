@@ -27,10 +27,9 @@ use tokio::time::Instant;
 use crate::config::Settings;
 use crate::credentials::Credentials;
 use crate::discovery::{Discovery, Mode};
-use crate::protocol::{self, Request, Response};
 use crate::scan::{ScanOptions, ScanScope, scan_volume};
 use crate::store::{OpenOptions, Store};
-use crate::sync::{Node, Peer, Stats, SyncError, Volume, pull, request};
+use crate::sync::{Node, Peer, Stats, SyncError, Volume, pull};
 use crate::volume_fs::VolumeFs;
 use crate::watcher::{Debouncer, Signal, VolumeWatcher, WatchError};
 
@@ -436,7 +435,7 @@ async fn peer_loop(
         }
         // A peer that left (or shutdown) must not wait out a handshake timeout.
         let attempt = tokio::select! {
-            attempt = connect(&node, &peer, &client) => attempt,
+            attempt = crate::sync::client::connect(&node, &peer, &client) => attempt,
             _ = stop.wait_for(|s| *s) => return,
         };
         match attempt {
@@ -468,44 +467,6 @@ async fn peer_loop(
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
-}
-
-pub(crate) async fn connect(
-    node: &Node,
-    peer: &Peer,
-    client: &s2n_quic::Client,
-) -> Result<s2n_quic::Connection, SyncError> {
-    let connection = crate::transport::connect(client, peer.addr)
-        .await
-        .map_err(|e| SyncError::Connection(e.to_string()))?;
-    let mut handle = connection.handle();
-    let hello = match request(&mut handle, &Request::Hello(node.hello())).await? {
-        Response::Hello(hello) => hello,
-        other => {
-            return Err(SyncError::Refused(format!(
-                "unexpected answer to Hello: {other:?}"
-            )));
-        }
-    };
-    if hello.version != protocol::PROTOCOL_VERSION {
-        return Err(SyncError::Refused(format!(
-            "peer speaks protocol version {}",
-            hello.version
-        )));
-    }
-    if hello.node_id == node.meta.node_id {
-        return Err(SyncError::Refused("the peer is this node itself".into()));
-    }
-    let shared: Vec<String> = hello
-        .volumes
-        .into_iter()
-        .filter(|v| node.volume(v).is_some())
-        .collect();
-    *peer.node_id.lock().expect("peer state lock") = Some(hello.node_id);
-    *peer.shared_volumes.lock().expect("peer state lock") = shared;
-    *peer.handle.lock().expect("peer state lock") = Some(handle);
-    peer.connected.store(true, Ordering::Relaxed);
-    Ok(connection)
 }
 
 /// How soon a pull that left files unfinished is tried again.

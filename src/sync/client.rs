@@ -1,9 +1,11 @@
 //! The requesting side of a connection: one request per stream, its answers read as
 //! they arrive.
 
+use std::sync::atomic::Ordering;
+
 use s2n_quic::connection::Handle;
 
-use super::SyncError;
+use super::{Node, Peer, SyncError};
 use crate::protocol::{self, ProtocolError, Request, Response};
 
 /// Sends one request on a new stream and reads its single response.
@@ -62,4 +64,44 @@ pub async fn open_request(handle: &mut Handle, request: &Request) -> Result<Resp
         recv,
         limit: protocol::response_limit(request),
     })
+}
+
+/// Connects to `peer` and exchanges `Hello`s: on success the peer is marked connected,
+/// with its node id, the volumes it shares with us and the connection's handle.
+pub async fn connect(
+    node: &Node,
+    peer: &Peer,
+    client: &s2n_quic::Client,
+) -> Result<s2n_quic::Connection, SyncError> {
+    let connection = crate::transport::connect(client, peer.addr)
+        .await
+        .map_err(|e| SyncError::Connection(e.to_string()))?;
+    let mut handle = connection.handle();
+    let hello = match request(&mut handle, &Request::Hello(node.hello())).await? {
+        Response::Hello(hello) => hello,
+        other => {
+            return Err(SyncError::Refused(format!(
+                "unexpected answer to Hello: {other:?}"
+            )));
+        }
+    };
+    if hello.version != protocol::PROTOCOL_VERSION {
+        return Err(SyncError::Refused(format!(
+            "peer speaks protocol version {}",
+            hello.version
+        )));
+    }
+    if hello.node_id == node.meta.node_id {
+        return Err(SyncError::Refused("the peer is this node itself".into()));
+    }
+    let shared: Vec<String> = hello
+        .volumes
+        .into_iter()
+        .filter(|v| node.volume(v).is_some())
+        .collect();
+    *peer.node_id.lock().expect("peer state lock") = Some(hello.node_id);
+    *peer.shared_volumes.lock().expect("peer state lock") = shared;
+    *peer.handle.lock().expect("peer state lock") = Some(handle);
+    peer.connected.store(true, Ordering::Relaxed);
+    Ok(connection)
 }
