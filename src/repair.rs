@@ -43,7 +43,7 @@ use crate::scan::{ScanOptions, scan_volume};
 use crate::store::codec::Extent;
 use crate::store::pack::{self, PackEnd, PackScanner, PackWriter};
 use crate::store::{ChunkLocation, OpenOptions, Store, StoreError};
-use crate::sync::pull::{ChunkTargets, fetch_chunks};
+use crate::sync::transfer::{ChunkTargets, fetch_chunks};
 use crate::sync::{Node, Peer, Stats, SyncError, Volume};
 use crate::verify::{Finding, Severity, VerifyOptions, VerifyReport, verify};
 use crate::volume_fs::{VolumeFs, finish_staged, stamp_of_stat};

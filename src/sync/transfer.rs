@@ -1,6 +1,21 @@
-//! Moving chunks: reading the copies this node holds.
+//! Moving chunks: reading the copies this node holds, fetching the others from peers
+//! into the staging files that wait for them.
 
-use super::Node;
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::task::JoinSet;
+
+use super::{Node, Peer, SyncError};
+use crate::ids::ChunkId;
+use crate::protocol::{MAX_CHUNKS_PER_REQUEST, Request, Response};
+
+/// Chunk requests in flight (together with the files a pull prepares at once, well
+/// under the transport's stream limit).
+const REQUESTS_IN_FLIGHT: usize = 16;
 
 impl Node {
     /// Reads a chunk from wherever this node holds it (a live file or a pack), checked
@@ -33,4 +48,169 @@ impl Node {
         }
         None
     }
+}
+
+/// Every place (staging file, offset) a chunk of the current batch goes.
+#[derive(Default)]
+pub(crate) struct ChunkTargets {
+    places: HashMap<ChunkId, Vec<(Arc<File>, u64)>>,
+}
+
+impl ChunkTargets {
+    /// Asks for `id` to be written at `offset` of `file` when it arrives.
+    pub(crate) fn add(&mut self, id: ChunkId, file: Arc<File>, offset: u64) {
+        self.places.entry(id).or_default().push((file, offset));
+    }
+
+    /// The chunks asked for.
+    pub(crate) fn ids(&self) -> Vec<ChunkId> {
+        self.places.keys().copied().collect()
+    }
+
+    fn write(&self, id: &ChunkId, data: &[u8]) -> std::io::Result<()> {
+        for (file, offset) in self.places.get(id).into_iter().flatten() {
+            file.write_all_at(data, *offset)?;
+        }
+        Ok(())
+    }
+}
+
+/// Fetches chunks into their staging files from the peers that share the volume:
+/// requests are spread over them, a chunk one peer lacks is asked of another, and a peer
+/// that sends wrong bytes is not asked again during this batch. Returns the chunks
+/// received.
+pub(crate) async fn fetch_chunks(
+    node: &Arc<Node>,
+    source: &Arc<Peer>,
+    volume_index: usize,
+    ids: Vec<ChunkId>,
+    sink: Arc<ChunkTargets>,
+) -> Result<HashSet<ChunkId>, SyncError> {
+    let volume = &node.volumes[volume_index].name;
+    let mut peers: Vec<Arc<Peer>> = vec![source.clone()];
+    peers.extend(
+        node.peers()
+            .iter()
+            .filter(|p| !Arc::ptr_eq(p, source) && p.shares(volume) && p.connection().is_some())
+            .cloned(),
+    );
+    let mut distrusted = vec![false; peers.len()];
+    let mut wanted: Vec<ChunkId> = ids;
+    let mut received: HashSet<ChunkId> = HashSet::new();
+    for attempt in 0..peers.len() * 2 {
+        let trusted: Vec<usize> = (0..peers.len()).filter(|&i| !distrusted[i]).collect();
+        if wanted.is_empty() || trusted.is_empty() {
+            break;
+        }
+        // Each chunk goes to the next peer on every attempt, so a chunk that one peer
+        // lacks is asked of every other in turn, whatever happens to the rest.
+        let mut by_peer: Vec<Vec<ChunkId>> = vec![Vec::new(); peers.len()];
+        for id in &wanted {
+            let spread = usize::from(id.as_bytes()[0]);
+            by_peer[trusted[(spread + attempt) % trusted.len()]].push(*id);
+        }
+        let mut set = JoinSet::new();
+        let groups: Vec<(usize, Vec<ChunkId>)> = by_peer
+            .iter()
+            .enumerate()
+            .flat_map(|(index, ids)| {
+                ids.chunks(MAX_CHUNKS_PER_REQUEST)
+                    .map(move |group| (index, group.to_vec()))
+            })
+            .collect();
+        for (index, group) in groups {
+            let (peer, node, sink) = (peers[index].clone(), node.clone(), sink.clone());
+            set.spawn(async move { (index, fetch_group(&node, &peer, &group, &sink).await) });
+            while set.len() >= REQUESTS_IN_FLIGHT {
+                if let Some(done) = set.join_next().await {
+                    settle(done, &mut received, &mut distrusted)?;
+                }
+            }
+        }
+        while let Some(done) = set.join_next().await {
+            settle(done, &mut received, &mut distrusted)?;
+        }
+        wanted.retain(|id| !received.contains(id));
+    }
+    Ok(received)
+}
+
+/// What one `GetChunks` request brought.
+struct GroupOutcome {
+    received: Vec<ChunkId>,
+    /// The peer sent bytes that did not match their id.
+    misbehaved: bool,
+}
+
+fn settle(
+    done: Result<(usize, Result<GroupOutcome, SyncError>), tokio::task::JoinError>,
+    received: &mut HashSet<ChunkId>,
+    distrusted: &mut [bool],
+) -> Result<(), SyncError> {
+    match done {
+        Ok((index, Ok(outcome))) => {
+            received.extend(outcome.received);
+            distrusted[index] |= outcome.misbehaved;
+        }
+        Ok((_, Err(SyncError::Fs(e)))) => return Err(SyncError::Fs(e)),
+        // The chunks stay wanted and go to another peer in the next pass.
+        Ok((_, Err(e))) => tracing::debug!("chunk request failed: {e}"),
+        Err(e) => return Err(SyncError::Refused(format!("chunk fetch task failed: {e}"))),
+    }
+    Ok(())
+}
+
+/// One `GetChunks` request to one peer, written to the sink as chunks arrive; wrong
+/// bytes are counted against the peer and dropped.
+async fn fetch_group(
+    node: &Node,
+    peer: &Peer,
+    ids: &[ChunkId],
+    sink: &ChunkTargets,
+) -> Result<GroupOutcome, SyncError> {
+    let mut handle = peer
+        .connection()
+        .ok_or_else(|| SyncError::Connection("not connected".into()))?;
+    let wanted: HashSet<ChunkId> = ids.iter().copied().collect();
+    let mut responses =
+        super::open_request(&mut handle, &Request::GetChunks { ids: ids.to_vec() }).await?;
+    let mut outcome = GroupOutcome {
+        received: Vec::new(),
+        misbehaved: false,
+    };
+    // One answer per id asked, no more.
+    for _ in 0..ids.len() {
+        let Some(response) = responses.next().await? else {
+            break;
+        };
+        match response {
+            Response::Chunk { id, data } if wanted.contains(&id) => {
+                if ChunkId::of(&data) != id {
+                    tracing::warn!(peer = %peer.addr, "peer sent wrong bytes for chunk {id}; not trusting it for this transfer");
+                    peer.rejected_chunks.fetch_add(1, Ordering::Relaxed);
+                    node.stats.rejected_chunks.fetch_add(1, Ordering::Relaxed);
+                    outcome.misbehaved = true;
+                    continue;
+                }
+                let len = data.len() as u64;
+                peer.chunk_bytes_received.fetch_add(len, Ordering::Relaxed);
+                node.stats
+                    .chunk_bytes_received
+                    .fetch_add(len, Ordering::Relaxed);
+                sink.write(&id, &data)
+                    .map_err(|e| SyncError::Refused(format!("staging: {e}")))?;
+                outcome.received.push(id);
+            }
+            Response::ChunkMissing { .. } => {}
+            Response::Error { code, message } => {
+                return Err(crate::protocol::ProtocolError::Remote { code, message }.into());
+            }
+            other => {
+                return Err(SyncError::Refused(format!(
+                    "unexpected answer to GetChunks: {other:?}"
+                )));
+            }
+        }
+    }
+    Ok(outcome)
 }

@@ -1,0 +1,283 @@
+//! Applying what was decided: directories and symlinks in place, deletes at the end.
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
+
+use super::Pull;
+use super::decide::Hints;
+use super::files::FileJob;
+use crate::chunking::ChunkRef;
+use crate::entry::{Causality, Entry, EntryKind};
+use crate::pathname::{VolPath, escape};
+use crate::sync::SyncError;
+use crate::tree::TreeNode;
+use crate::volume_fs::stamp_of_stat;
+
+impl Pull {
+    /// Whether the name on disk is still what the index says (nobody changed it since
+    /// the last scan); only then may sync replace or delete it.
+    pub(super) fn unchanged_on_disk(
+        &self,
+        dir_fd: &OwnedFd,
+        dir: &VolPath,
+        name: &[u8],
+    ) -> Result<bool, SyncError> {
+        let recorded = self.node.store.stamp(self.volume().id, dir, name)?;
+        let current = self
+            .volume()
+            .fs
+            .stat(dir_fd, name)
+            .ok()
+            .map(|s| stamp_of_stat(&s));
+        Ok(match (recorded, current) {
+            (_, None) => true,
+            (Some(recorded), Some(current)) => recorded == current,
+            (None, Some(_)) => false,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn take(
+        &mut self,
+        dir: &VolPath,
+        name: &[u8],
+        remote: Entry,
+        replaces: Option<Entry>,
+        hints: &Hints,
+        files: &mut Vec<FileJob>,
+        pending: &mut Vec<(VolPath, Option<TreeNode>)>,
+    ) -> Result<(), SyncError> {
+        let vol = self.volume().id;
+        let path = dir
+            .join(name)
+            .map_err(|e| SyncError::Refused(e.to_string()))?;
+        match &remote.kind {
+            EntryKind::File { .. } => {
+                files.push(FileJob {
+                    dir: dir.clone(),
+                    name: name.to_vec(),
+                    entry: remote,
+                    source_path: path,
+                    replaces,
+                    chunks: hints.chunks.clone(),
+                });
+                Ok(())
+            }
+            EntryKind::Dir => {
+                let dir_fd = self.volume().fs.open_dir(dir, true)?;
+                if let Some(old) = replaces
+                    .as_ref()
+                    .filter(|o| !o.is_tombstone() && !o.is_dir())
+                {
+                    if !self.unchanged_on_disk(&dir_fd, dir, name)? {
+                        self.report.skipped += 1;
+                        return Ok(());
+                    }
+                    self.volume().fs.remove_file(&dir_fd, name)?;
+                    self.forget_chunks(dir, name, old)?;
+                }
+                self.volume().fs.mkdir(&dir_fd, name, remote.mode)?;
+                self.volume().fs.chmod_dir(&dir_fd, name, remote.mode)?;
+                let stat = self.volume().fs.stat(&dir_fd, name)?;
+                let mut batch = self.node.store.batch();
+                batch.put_entry(vol, dir, name, &remote);
+                batch.put_stamp(vol, dir, name, &stamp_of_stat(&stat));
+                batch.mark_dirty(vol, dir);
+                batch.mark_dirty(vol, &path);
+                self.node.store.write(batch, false)?;
+                self.report.applied += 1;
+                if hints.subtree.is_some() && replaces.as_ref().is_none_or(|o| !o.is_dir()) {
+                    let node = self.get_dir(&path).await?;
+                    pending.push((path, node));
+                }
+                Ok(())
+            }
+            EntryKind::Symlink { target } => {
+                if !symlink_stays_inside(dir, target) {
+                    tracing::warn!(peer = %self.peer.addr, "refusing symlink {} -> {}: it leaves the volume", path.display(), escape(target));
+                    self.report.skipped += 1;
+                    return Ok(());
+                }
+                let dir_fd = self.volume().fs.open_dir(dir, true)?;
+                if !self.unchanged_on_disk(&dir_fd, dir, name)? {
+                    self.report.skipped += 1;
+                    return Ok(());
+                }
+                // A directory cannot be replaced atomically; it goes only when empty.
+                if replaces.as_ref().is_some_and(Entry::is_dir)
+                    && !self.volume().fs.remove_dir(&dir_fd, name)?
+                {
+                    self.report.skipped += 1;
+                    return Ok(());
+                }
+                let temp = self
+                    .volume()
+                    .fs
+                    .stage_symlink(target, &format!("{:016x}", rand_u64()))?;
+                self.volume().fs.publish(&temp, &dir_fd, name)?;
+                crate::volume_fs::VolumeFs::fsync_dir(&dir_fd)?;
+                let stat = self.volume().fs.stat(&dir_fd, name)?;
+                let mut batch = self.node.store.batch();
+                if let Some(old) = replaces.as_ref() {
+                    self.forget_chunks_in(&mut batch, dir, name, old)?;
+                }
+                batch.put_entry(vol, dir, name, &remote);
+                batch.put_stamp(vol, dir, name, &stamp_of_stat(&stat));
+                batch.mark_dirty(vol, dir);
+                self.node.store.write(batch, true)?;
+                self.report.applied += 1;
+                self.node
+                    .stats
+                    .files_applied
+                    .fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            EntryKind::Tombstone { .. } => unreachable!("tombstones are deferred deletes"),
+        }
+    }
+
+    pub(super) fn forget_chunks(
+        &self,
+        dir: &VolPath,
+        name: &[u8],
+        old: &Entry,
+    ) -> Result<(), SyncError> {
+        let mut batch = self.node.store.batch();
+        self.forget_chunks_in(&mut batch, dir, name, old)?;
+        self.node.store.write(batch, false)?;
+        Ok(())
+    }
+
+    pub(super) fn forget_chunks_in(
+        &self,
+        batch: &mut crate::store::Batch<'_>,
+        dir: &VolPath,
+        name: &[u8],
+        old: &Entry,
+    ) -> Result<(), SyncError> {
+        if let EntryKind::File { .. } = old.kind {
+            let chunks = self.indexed_chunks(dir, name, Some(old))?;
+            batch.delete_chunks(self.volume().id, dir, name, &chunks);
+        }
+        Ok(())
+    }
+
+    /// The chunk list the index holds for `dir/name` when `entry` (the local entry there)
+    /// is a file; empty otherwise.
+    pub(super) fn indexed_chunks(
+        &self,
+        dir: &VolPath,
+        name: &[u8],
+        entry: Option<&Entry>,
+    ) -> Result<Vec<ChunkRef>, SyncError> {
+        match entry.map(|e| &e.kind) {
+            Some(EntryKind::File { .. }) => Ok(self
+                .node
+                .store
+                .chunk_list(self.volume().id, dir, name)?
+                .unwrap_or_default()),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// Applies the deferred deletes, deepest first.
+    pub(super) fn apply_deletes(&mut self) -> Result<(), SyncError> {
+        let mut deletes = std::mem::take(&mut self.deferred);
+        self.rename_sources.clear();
+        self.renames_seen = 0;
+        deletes.sort_by_key(|(dir, _, _)| std::cmp::Reverse(dir.depth()));
+        let vol = self.volume().id;
+        for (dir, name, tombstone) in deletes {
+            let Ok(dir_fd) = self.volume().fs.open_dir(&dir, false) else {
+                continue;
+            };
+            let Some(local) = self.node.store.entry(vol, &dir, &name)? else {
+                continue;
+            };
+            if local.is_tombstone()
+                || tombstone.version.compare(&local.version) != Causality::Dominates
+            {
+                continue;
+            }
+            let removed = if local.is_dir() {
+                self.volume().fs.remove_dir(&dir_fd, &name)?
+            } else if self.unchanged_on_disk(&dir_fd, &dir, &name)? {
+                self.volume().fs.remove_file(&dir_fd, &name)?;
+                true
+            } else {
+                false
+            };
+            let mut batch = self.node.store.batch();
+            if removed {
+                self.forget_chunks_in(&mut batch, &dir, &name, &local)?;
+                batch.put_entry(vol, &dir, &name, &tombstone);
+                batch.delete_stamp(vol, &dir, &name);
+                if let Ok(path) = dir.join(&name) {
+                    batch.delete_tree_node(vol, &path);
+                    batch.clear_dirty(vol, &path);
+                }
+                batch.mark_dirty(vol, &dir);
+                self.report.deleted += 1;
+            } else {
+                // Something new is in the way: keep it, and make our version win.
+                let mut version = tombstone.version.merged(&local.version);
+                version.bump(self.node.meta.node_id);
+                batch.put_entry(vol, &dir, &name, &Entry { version, ..local });
+                self.report.skipped += 1;
+            }
+            self.node.store.write(batch, false)?;
+            crate::volume_fs::VolumeFs::fsync_dir(&dir_fd)?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether a symlink at `dir` with `target` stays inside the volume: a relative target
+/// made of leading `..` components that do not climb above the root, then plain names.
+/// (A `..` after a name is refused: the name could itself be a symlink, and chains of
+/// such links could climb out.)
+pub fn symlink_stays_inside(dir: &VolPath, target: &[u8]) -> bool {
+    if target.is_empty() || target.starts_with(b"/") || target.contains(&0) {
+        return false;
+    }
+    let mut depth = dir.depth() as i64;
+    let mut descended = false;
+    for part in target.split(|&b| b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." if descended => return false,
+            b".." => {
+                depth -= 1;
+                if depth < 0 {
+                    return false;
+                }
+            }
+            _ => descended = true,
+        }
+    }
+    true
+}
+
+fn rand_u64() -> u64 {
+    crate::ids::NodeId::random().map(|n| n.0).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn symlinks_that_leave_the_volume_are_refused() {
+        let root = VolPath::root();
+        let deep = VolPath::parse(b"a/b").unwrap();
+        assert!(symlink_stays_inside(&root, b"file"));
+        assert!(symlink_stays_inside(&deep, b"../../top"));
+        assert!(!symlink_stays_inside(&deep, b"../../../etc/passwd"));
+        assert!(!symlink_stays_inside(&root, b"/etc/passwd"));
+        assert!(!symlink_stays_inside(&root, b"../x"));
+        assert!(!symlink_stays_inside(&root, b""));
+        // A chain: `s -> ../..` is fine on its own, `s/../../..` through it is not.
+        assert!(symlink_stays_inside(&deep, b"../.."));
+        assert!(!symlink_stays_inside(&deep, b"s/../../.."));
+    }
+}

@@ -1,0 +1,254 @@
+//! Deciding each name: the peer's version, ours, or a conflict.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::Ordering;
+
+use super::files::FileJob;
+use super::{MAX_DEFERRED_DELETES, Pull};
+use crate::chunking::ChunkRef;
+use crate::entry::{Causality, Entry, EntryKind};
+use crate::pathname::{VolPath, escape};
+use crate::protocol::WireEntry;
+use crate::sync::{SyncError, conflict};
+use crate::tree::TreeNode;
+
+/// What the peer told us beside an entry.
+#[derive(Clone, Default)]
+pub(super) struct Hints {
+    /// A directory's sync hash.
+    pub(super) subtree: Option<crate::ids::TreeHash>,
+    /// A small file's chunk list, sent inline.
+    pub(super) chunks: Option<Vec<ChunkRef>>,
+}
+
+impl Pull {
+    pub(super) async fn reconcile(
+        &mut self,
+        dir: &VolPath,
+        wire: WireEntry,
+        files: &mut Vec<FileJob>,
+        pending: &mut Vec<(VolPath, Option<TreeNode>)>,
+    ) -> Result<(), SyncError> {
+        let vol = self.volume().id;
+        let WireEntry {
+            name,
+            entry: remote,
+            subtree,
+            chunks,
+        } = wire;
+        let hints = Hints { subtree, chunks };
+        let path = dir
+            .join(&name)
+            .map_err(|e| SyncError::Refused(e.to_string()))?;
+        if path.is_shoal_internal() {
+            tracing::warn!(peer = %self.peer.addr, "ignoring an entry for Shoal's own directory: {}", path.display());
+            return Ok(());
+        }
+        let local = self.node.store.entry(vol, dir, &name)?;
+        let local_live = local.as_ref().filter(|l| !l.is_tombstone());
+
+        // Both directories: descend if their contents differ, whatever the entries say.
+        if remote.is_dir() && local_live.is_some_and(Entry::is_dir) {
+            let local_hash = self
+                .node
+                .store
+                .tree_node(vol, &path)?
+                .map(|n| n.sync_hash());
+            if hints.subtree.is_some() && hints.subtree != local_hash {
+                let node = self.get_dir(&path).await?;
+                pending.push((path.clone(), node));
+            }
+        }
+        let Some(local) = local else {
+            if remote.is_tombstone() {
+                // Remember the delete so it reaches nodes that still have the name.
+                let mut batch = self.node.store.batch();
+                batch.put_entry(vol, dir, &name, &remote);
+                batch.mark_dirty(vol, dir);
+                self.node.store.write(batch, false)?;
+            } else {
+                self.take(dir, &name, remote, None, &hints, files, pending)
+                    .await?;
+            }
+            return Ok(());
+        };
+        match remote.version.compare(&local.version) {
+            Causality::Equal | Causality::DominatedBy => Ok(()),
+            Causality::Dominates if remote.same_state(&local) => {
+                self.record_version(dir, &name, remote)
+            }
+            Causality::Dominates if remote.is_tombstone() => {
+                if local.is_dir() {
+                    // The peer deleted the directory: compare all of its children first.
+                    pending.push((path, None));
+                }
+                self.defer_delete(dir, name, remote)
+            }
+            Causality::Dominates => {
+                if local.is_dir() && !remote.is_dir() {
+                    // The directory must empty before the file can take its place.
+                    pending.push((path, None));
+                }
+                self.take(dir, &name, remote, Some(local), &hints, files, pending)
+                    .await
+            }
+            Causality::Concurrent if remote.same_state(&local) => {
+                let merged = Entry {
+                    version: remote.version.merged(&local.version),
+                    ..local
+                };
+                self.record_version(dir, &name, merged)
+            }
+            Causality::Concurrent => {
+                self.conflict(dir, &name, remote, local, &hints, files, pending)
+                    .await
+            }
+        }
+    }
+
+    fn record_version(
+        &mut self,
+        dir: &VolPath,
+        name: &[u8],
+        entry: Entry,
+    ) -> Result<(), SyncError> {
+        let mut batch = self.node.store.batch();
+        batch.put_entry(self.volume().id, dir, name, &entry);
+        // Histories are part of the tree's `versions` hash.
+        batch.mark_dirty(self.volume().id, dir);
+        self.node.store.write(batch, false)?;
+        Ok(())
+    }
+
+    fn defer_delete(
+        &mut self,
+        dir: &VolPath,
+        name: Vec<u8>,
+        tombstone: Entry,
+    ) -> Result<(), SyncError> {
+        self.deferred.push((dir.clone(), name, tombstone));
+        if self.deferred.len() >= MAX_DEFERRED_DELETES {
+            self.apply_deletes()?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn conflict(
+        &mut self,
+        dir: &VolPath,
+        name: &[u8],
+        remote: Entry,
+        local: Entry,
+        hints: &Hints,
+        files: &mut Vec<FileJob>,
+        pending: &mut Vec<(VolPath, Option<TreeNode>)>,
+    ) -> Result<(), SyncError> {
+        let merged_version = remote.version.merged(&local.version);
+        let remote_wins = conflict::wins(&remote, &local);
+        let (winner, loser) = if remote_wins {
+            (&remote, &local)
+        } else {
+            (&local, &remote)
+        };
+        let copy_name = conflict::conflict_name(name, loser, winner);
+        let both_dirs = remote.is_dir() && local.is_dir();
+        tracing::info!(
+            peer = %self.peer.addr,
+            "concurrent changes to {}: {} version wins{}",
+            dir.join(name).map(|p| p.display().to_string()).unwrap_or_default(),
+            if remote_wins { "the peer's" } else { "our" },
+            if loser.is_tombstone() || both_dirs { String::new() } else { format!(", the other is kept as {}", escape(&copy_name)) }
+        );
+        self.report.conflicts += 1;
+        self.node.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+        if remote_wins {
+            if !local.is_tombstone() && !both_dirs {
+                // Our version moves aside, under its conflict name, with its history.
+                let vol = self.volume().id;
+                let dir_fd = self.volume().fs.open_dir(dir, false)?;
+                if !self.unchanged_on_disk(&dir_fd, dir, name)? {
+                    self.report.skipped += 1;
+                    return Ok(());
+                }
+                rustix::fs::renameat_with(
+                    &dir_fd,
+                    OsStr::from_bytes(name),
+                    &dir_fd,
+                    OsStr::from_bytes(&copy_name),
+                    rustix::fs::RenameFlags::NOREPLACE,
+                )
+                .map_err(|e| {
+                    SyncError::Refused(format!(
+                        "cannot keep the conflict copy {}: {e}",
+                        escape(&copy_name)
+                    ))
+                })?;
+                crate::volume_fs::VolumeFs::fsync_dir(&dir_fd)?;
+                let mut batch = self.node.store.batch();
+                batch.put_entry(vol, dir, &copy_name, &local);
+                if let EntryKind::File { .. } = local.kind {
+                    let chunks = self.indexed_chunks(dir, name, Some(&local))?;
+                    batch.delete_chunks(vol, dir, name, &chunks);
+                    batch.set_chunks(vol, dir, &copy_name, &chunks, &[]);
+                }
+                batch.delete_stamp(vol, dir, name);
+                batch.mark_dirty(vol, dir);
+                self.node.store.write(batch, true)?;
+            }
+            let winner = Entry {
+                version: merged_version,
+                ..remote
+            };
+            let replaced = if local.is_tombstone() || !both_dirs {
+                None
+            } else {
+                Some(local)
+            };
+            self.take(dir, name, winner, replaced, hints, files, pending)
+                .await
+        } else {
+            if !remote.is_tombstone() && !both_dirs {
+                let copy_path = dir
+                    .join(&copy_name)
+                    .map_err(|e| SyncError::Refused(e.to_string()))?;
+                let source_path = dir
+                    .join(name)
+                    .map_err(|e| SyncError::Refused(e.to_string()))?;
+                match &remote.kind {
+                    EntryKind::File { .. } => files.push(FileJob {
+                        dir: dir.clone(),
+                        name: copy_name,
+                        entry: remote.clone(),
+                        source_path,
+                        replaces: None,
+                        chunks: hints.chunks.clone(),
+                    }),
+                    _ => {
+                        let (copy_dir, copy) =
+                            copy_path.split_last().expect("a joined path has a name");
+                        Box::pin(self.take(
+                            &copy_dir,
+                            copy,
+                            remote.clone(),
+                            None,
+                            &Hints::default(),
+                            files,
+                            pending,
+                        ))
+                        .await?;
+                    }
+                }
+            }
+            self.record_version(
+                dir,
+                name,
+                Entry {
+                    version: merged_version,
+                    ..local
+                },
+            )
+        }
+    }
+}

@@ -1,0 +1,459 @@
+//! Taking files: chunk lists, local copies, fetches, and publication in batches.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use s2n_quic::connection::Handle;
+use tokio::task::JoinSet;
+
+use super::{PUBLISH_BATCH, Pull};
+use crate::chunking::{CHUNK_PAGE_TARGET, ChunkRef, chunk_list_pages, content_id};
+use crate::entry::{Causality, Entry, EntryKind};
+use crate::ids::ChunkId;
+use crate::pathname::{VolPath, escape};
+use crate::protocol::{ListPart, Request, Response};
+use crate::sync::transfer::{ChunkTargets, fetch_chunks};
+use crate::sync::{Node, Peer, SyncError, request};
+use crate::volume_fs::{Staged, finish_staged, stamp_of_stat};
+
+/// Files prepared at once (each may ask for its chunk list).
+const FILE_CONCURRENCY: usize = 32;
+
+/// A file to fetch and publish under `dir/name`.
+pub(super) struct FileJob {
+    pub(super) dir: VolPath,
+    pub(super) name: Vec<u8>,
+    /// The entry to record (its content is fetched from `source_path` on the peer).
+    pub(super) entry: Entry,
+    pub(super) source_path: VolPath,
+    /// The local entry being replaced, if any (checked unchanged before replacing).
+    pub(super) replaces: Option<Entry>,
+    /// The chunk list, when the peer sent it inline.
+    pub(super) chunks: Option<Vec<ChunkRef>>,
+}
+
+struct ReadyFile {
+    job: FileJob,
+    staged: Staged,
+    chunks: Vec<ChunkRef>,
+}
+
+/// A local file that a deleted name leaves behind, to be moved to a new name of the
+/// same content instead of copied.
+pub(super) struct RenameSource {
+    pub(super) dir: VolPath,
+    pub(super) name: Vec<u8>,
+    /// What the index recorded of it: it is moved only if it is still exactly that.
+    pub(super) stamp: crate::store::codec::ScanStamp,
+}
+
+/// A file whose staging file exists and holds every chunk we had locally.
+struct Prepared {
+    job: FileJob,
+    staged: Staged,
+    file: Arc<File>,
+    chunks: Vec<ChunkRef>,
+    offsets: HashMap<ChunkId, Vec<u64>>,
+    /// Chunks still to fetch.
+    missing: Vec<ChunkId>,
+}
+
+impl Pull {
+    /// Local files this round deletes, by content: a new file with the same content is
+    /// the other half of a rename, and takes the old file itself instead of a copy of
+    /// its chunks (a renamed directory of media is not rewritten on every peer). Only
+    /// files that are what the index says (their stamp, checked again at the move).
+    /// Each deferred delete is looked at once, however many batches of files follow.
+    fn find_rename_sources(&mut self) -> Result<(), SyncError> {
+        let vol = self.volume().id;
+        let new = &self.deferred[self.renames_seen..];
+        self.renames_seen = self.deferred.len();
+        for (dir, name, tombstone) in new {
+            let Some(local) = self.node.store.entry(vol, dir, name)? else {
+                continue;
+            };
+            let EntryKind::File {
+                size, content_id, ..
+            } = local.kind
+            else {
+                continue;
+            };
+            if size == 0 || tombstone.version.compare(&local.version) != Causality::Dominates {
+                continue;
+            }
+            if let Some(stamp) = self.node.store.stamp(vol, dir, name)? {
+                self.rename_sources.insert(
+                    content_id,
+                    RenameSource {
+                        dir: dir.clone(),
+                        name: name.clone(),
+                        stamp,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes files in batches of up to `PUBLISH_BATCH`: prepares them (`FILE_CONCURRENCY`
+    /// at a time), fetches the chunks the whole batch still lacks in shared requests,
+    /// then publishes the batch (one `syncfs`, one durable index write).
+    pub(super) async fn take_files(&mut self, files: Vec<FileJob>) -> Result<(), SyncError> {
+        self.find_rename_sources()?;
+        let mut jobs = files.into_iter().peekable();
+        while jobs.peek().is_some() {
+            let mut set = JoinSet::new();
+            let mut prepared = Vec::new();
+            let mut started = 0;
+            loop {
+                while set.len() < FILE_CONCURRENCY && started < PUBLISH_BATCH {
+                    let Some(job) = jobs.next() else { break };
+                    started += 1;
+                    let source = match &job.entry.kind {
+                        EntryKind::File { content_id, .. } => {
+                            self.rename_sources.remove(content_id)
+                        }
+                        _ => None,
+                    };
+                    let (node, peer, handle, index) = (
+                        self.node.clone(),
+                        self.peer.clone(),
+                        self.handle.clone(),
+                        self.volume_index,
+                    );
+                    set.spawn(async move { prepare(node, peer, handle, index, job, source).await });
+                }
+                match set.join_next().await {
+                    Some(Ok(Ok(Some(file)))) => prepared.push(file),
+                    Some(Ok(Ok(None))) => self.report.skipped += 1,
+                    Some(Ok(Err(e))) => {
+                        tracing::warn!(peer = %self.peer.addr, "transfer failed, will retry next round: {e}");
+                        self.report.skipped += 1;
+                    }
+                    Some(Err(e)) => {
+                        return Err(SyncError::Refused(format!("transfer task failed: {e}")));
+                    }
+                    None => break,
+                }
+            }
+            let ready = self.fill(prepared).await?;
+            self.publish(ready)?;
+        }
+        Ok(())
+    }
+
+    /// Fetches what the prepared files still lack and finishes them; files left
+    /// incomplete are skipped (and resumed from staging next round).
+    async fn fill(&mut self, prepared: Vec<Prepared>) -> Result<Vec<ReadyFile>, SyncError> {
+        let mut targets = ChunkTargets::default();
+        for file in &prepared {
+            for id in &file.missing {
+                for &offset in &file.offsets[id] {
+                    targets.add(*id, file.file.clone(), offset);
+                }
+            }
+        }
+        let wanted: Vec<ChunkId> = targets.ids();
+        let received = if wanted.is_empty() {
+            HashSet::new()
+        } else {
+            fetch_chunks(
+                &self.node,
+                &self.peer,
+                self.volume_index,
+                wanted,
+                Arc::new(targets),
+            )
+            .await?
+        };
+        let mut ready = Vec::new();
+        for file in prepared {
+            if let Some(id) = file.missing.iter().find(|id| !received.contains(id)) {
+                tracing::warn!(peer = %self.peer.addr, "{}: chunk {id} is held intact by no reachable peer; will retry", escape(&file.job.name));
+                self.report.incomplete += 1;
+                continue;
+            }
+            let owner = self
+                .node
+                .sync_ownership
+                .then_some((file.job.entry.uid, file.job.entry.gid));
+            finish_staged(
+                &file.file,
+                file.job.entry.mode,
+                file.job.entry.mtime_ns,
+                owner,
+            )
+            .map_err(|e| SyncError::Refused(format!("staging {}: {e}", escape(&file.job.name))))?;
+            ready.push(ReadyFile {
+                job: file.job,
+                staged: file.staged,
+                chunks: file.chunks,
+            });
+        }
+        Ok(ready)
+    }
+
+    /// Makes a batch of assembled files durable and visible, then indexes them.
+    fn publish(&mut self, ready: Vec<ReadyFile>) -> Result<(), SyncError> {
+        if ready.is_empty() {
+            return Ok(());
+        }
+        let node = self.node.clone();
+        let fs = &node.volumes[self.volume_index].fs;
+        fs.sync_all()?;
+        let mut dirs: HashMap<VolPath, OwnedFd> = HashMap::new();
+        let mut batch = node.store.batch();
+        let mut published = 0;
+        for file in ready {
+            let name = escape(&file.job.name);
+            match self.publish_one(fs, &mut dirs, &mut batch, file) {
+                Ok(true) => published += 1,
+                Ok(false) => self.report.skipped += 1,
+                // One file that cannot be placed does not hold back the others.
+                Err(e) => {
+                    tracing::warn!("cannot publish {name}: {e}; will retry next round");
+                    self.report.skipped += 1;
+                }
+            }
+        }
+        for dir_fd in dirs.values() {
+            crate::volume_fs::VolumeFs::fsync_dir(dir_fd)?;
+        }
+        node.store.write(batch, true)?;
+        self.report.applied += published;
+        node.stats
+            .files_applied
+            .fetch_add(published, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Renames one assembled file into place and records it in `batch`; `false` if it
+    /// had to be left alone (something local is in the way).
+    fn publish_one(
+        &self,
+        fs: &crate::volume_fs::VolumeFs,
+        dirs: &mut HashMap<VolPath, OwnedFd>,
+        batch: &mut crate::store::Batch<'_>,
+        file: ReadyFile,
+    ) -> Result<bool, SyncError> {
+        let ReadyFile {
+            job,
+            staged,
+            chunks,
+        } = file;
+        let vol = self.volume().id;
+        if !dirs.contains_key(&job.dir) {
+            dirs.insert(job.dir.clone(), fs.open_dir(&job.dir, true)?);
+        }
+        let dir_fd = &dirs[&job.dir];
+        let replaces_dir = job.replaces.as_ref().is_some_and(Entry::is_dir);
+        if replaces_dir {
+            // A directory goes only once it is empty (its children are synced first).
+            if !fs.remove_dir(dir_fd, &job.name)? {
+                return Ok(false);
+            }
+            if let Ok(path) = job.dir.join(&job.name) {
+                batch.delete_tree_node(vol, &path);
+                batch.clear_dirty(vol, &path);
+            }
+        } else if !self.unchanged_on_disk(dir_fd, &job.dir, &job.name)? {
+            tracing::info!(
+                "{} changed locally since the last scan; not replacing it",
+                escape(&job.name)
+            );
+            return Ok(false);
+        }
+        fs.publish(&staged.temp_name, dir_fd, &job.name)?;
+        // fstat through the still-open descriptor: the stamp of exactly what we wrote.
+        let stat =
+            rustix::fs::fstat(&staged.file).map_err(|e| SyncError::Refused(e.to_string()))?;
+        let old_chunks = self.indexed_chunks(&job.dir, &job.name, job.replaces.as_ref())?;
+        batch.put_entry(vol, &job.dir, &job.name, &job.entry);
+        batch.set_chunks(vol, &job.dir, &job.name, &chunks, &old_chunks);
+        batch.put_stamp(vol, &job.dir, &job.name, &stamp_of_stat(&stat));
+        batch.mark_dirty(vol, &job.dir);
+        Ok(true)
+    }
+}
+
+/// Gets a file's chunk list from the peer. With `previous` (our older version's list),
+/// asks for the page hashes first and then only for the pages we do not have.
+async fn fetch_chunk_list(
+    handle: &mut Handle,
+    volume: &str,
+    path: &VolPath,
+    content: crate::ids::ContentId,
+    previous: Option<Vec<ChunkRef>>,
+) -> Result<Option<Vec<ChunkRef>>, SyncError> {
+    let ask = |part| Request::GetChunkList {
+        volume: volume.to_string(),
+        path: path.clone(),
+        content_id: content,
+        part,
+    };
+    let unexpected = |other: Response| {
+        SyncError::Refused(format!("unexpected answer to GetChunkList: {other:?}"))
+    };
+    let Some(previous) = previous else {
+        return match request(handle, &ask(ListPart::Whole)).await? {
+            Response::ChunkList(list) => Ok(list),
+            other => Err(unexpected(other)),
+        };
+    };
+    let remote_pages = match request(handle, &ask(ListPart::PageHashes)).await? {
+        Response::ChunkPages(Some(pages)) => pages,
+        Response::ChunkPages(None) => return Ok(None),
+        other => return Err(unexpected(other)),
+    };
+    let ours: HashMap<[u8; 32], std::ops::Range<usize>> = chunk_list_pages(&previous)
+        .into_iter()
+        .map(|p| (p.hash, p.range))
+        .collect();
+    let missing: Vec<u32> = (0..remote_pages.len())
+        .filter(|&i| !ours.contains_key(&remote_pages[i].1))
+        .map(|i| i as u32)
+        .collect();
+    let mut fetched = match missing.is_empty() {
+        true => Vec::new(),
+        false => match request(handle, &ask(ListPart::Pages(missing.clone()))).await? {
+            Response::ChunkList(Some(chunks)) => chunks,
+            Response::ChunkList(None) => return Ok(None),
+            other => return Err(unexpected(other)),
+        },
+    }
+    .into_iter();
+    // Splice: our pages where the hashes match, the fetched ones in between. The caller
+    // checks the result against the content id, so a lying peer gains nothing.
+    let mut list = Vec::new();
+    for (count, hash) in &remote_pages {
+        match ours.get(hash) {
+            Some(range) => list.extend_from_slice(&previous[range.clone()]),
+            None => list.extend(fetched.by_ref().take(*count as usize)),
+        }
+    }
+    Ok(Some(list))
+}
+
+/// Gets a file's chunk list (inline or from the peer), checks it, and writes into its
+/// staging file every chunk found there already (an interrupted transfer) or held
+/// locally (a rename, a copy, an edit of a few chunks).
+async fn prepare(
+    node: Arc<Node>,
+    peer: Arc<Peer>,
+    mut handle: Handle,
+    volume_index: usize,
+    job: FileJob,
+    source: Option<RenameSource>,
+) -> Result<Option<Prepared>, SyncError> {
+    let volume = &node.volumes[volume_index];
+    let EntryKind::File {
+        size,
+        content_id: expected,
+        ..
+    } = job.entry.kind
+    else {
+        return Ok(None);
+    };
+    let chunks = match (&job.chunks, size) {
+        (_, 0) => Vec::new(),
+        (Some(inline), _) => inline.clone(),
+        // The same content is here already (a rename or a copy on the peer).
+        (None, _) if let Some(local) = node.store.chunk_list_by_content(&expected)? => local,
+        (None, _) => {
+            // An older version of the file here: only the pages of its list that changed
+            // need to come over.
+            let previous = match &job.replaces {
+                Some(Entry {
+                    kind: EntryKind::File { chunks, .. },
+                    ..
+                }) if *chunks as usize > CHUNK_PAGE_TARGET => {
+                    node.store.chunk_list(volume.id, &job.dir, &job.name)?
+                }
+                _ => None,
+            };
+            match fetch_chunk_list(
+                &mut handle,
+                &volume.name,
+                &job.source_path,
+                expected,
+                previous,
+            )
+            .await?
+            {
+                Some(list) => list,
+                // The peer's file changed meanwhile: a later round gets the new version.
+                None => return Ok(None),
+            }
+        }
+    };
+    let max = node.meta.chunk_params.max;
+    if content_id(&chunks) != expected
+        || chunks.iter().map(|c| u64::from(c.len)).sum::<u64>() != size
+        || chunks.iter().any(|c| c.len == 0 || c.len > max)
+    {
+        peer.rejected_chunks.fetch_add(1, Ordering::Relaxed);
+        return Err(SyncError::Refused(format!(
+            "peer {} sent a chunk list that does not match its content id",
+            peer.addr
+        )));
+    }
+    let moved = match &source {
+        Some(from) => volume.fs.stage_by_move(
+            (&from.dir, &from.name),
+            &from.stamp,
+            &expected,
+            &job.dir,
+            &job.name,
+        )?,
+        None => None,
+    };
+    let staged = match moved {
+        Some(staged) => staged,
+        None => volume.fs.stage(&expected, &job.dir, &job.name, size)?,
+    };
+    let io = |e: std::io::Error| SyncError::Refused(format!("staging {}: {e}", escape(&job.name)));
+    let file = Arc::new(staged.file.try_clone().map_err(io)?);
+    let mut offsets: HashMap<ChunkId, Vec<u64>> = HashMap::new();
+    let mut lengths: HashMap<ChunkId, u32> = HashMap::new();
+    let mut offset = 0u64;
+    for chunk in &chunks {
+        offsets.entry(chunk.id).or_default().push(offset);
+        lengths.insert(chunk.id, chunk.len);
+        offset += u64::from(chunk.len);
+    }
+    let write = |id: &ChunkId, data: &[u8]| -> std::io::Result<()> {
+        for at in &offsets[id] {
+            file.write_all_at(data, *at)?;
+        }
+        Ok(())
+    };
+    let mut missing = Vec::new();
+    for (id, at) in &offsets {
+        let mut existing = vec![0u8; lengths[id] as usize];
+        if staged.resumed
+            && file.read_exact_at(&mut existing, at[0]).is_ok()
+            && ChunkId::of(&existing) == *id
+        {
+            if at.len() > 1 {
+                write(id, &existing).map_err(io)?;
+            }
+            continue;
+        }
+        match node.read_local_chunk(id) {
+            Some(data) => write(id, &data).map_err(io)?,
+            None => missing.push(*id),
+        }
+    }
+    Ok(Some(Prepared {
+        job,
+        staged,
+        file,
+        chunks,
+        offsets,
+        missing,
+    }))
+}

@@ -1,0 +1,185 @@
+//! Walking the peer's tree: only the directories and pages that differ from ours.
+
+use std::collections::HashSet;
+
+use super::{PUBLISH_BATCH, Pull};
+use crate::pathname::VolPath;
+use crate::protocol::{Request, Response, WireEntry};
+use crate::sync::{SyncError, request};
+use crate::tree::{PageSummary, TreeNode};
+
+impl Pull {
+    pub(super) async fn get_dir(&mut self, dir: &VolPath) -> Result<Option<TreeNode>, SyncError> {
+        let volume = self.volume().name.clone();
+        match request(
+            &mut self.handle,
+            &Request::GetDir {
+                volume,
+                dir: dir.clone(),
+            },
+        )
+        .await?
+        {
+            Response::Dir(node) => Ok(node),
+            other => Err(SyncError::Refused(format!(
+                "unexpected answer to GetDir: {other:?}"
+            ))),
+        }
+    }
+
+    /// The peer's children of `dir` with `start <= name < end`, all pages of them.
+    async fn get_entries(
+        &mut self,
+        dir: &VolPath,
+        start: &[u8],
+        end: Option<&[u8]>,
+    ) -> Result<Vec<WireEntry>, SyncError> {
+        let volume = self.volume().name.clone();
+        let mut out: Vec<WireEntry> = Vec::new();
+        let mut from = start.to_vec();
+        let mut after = false;
+        loop {
+            let req = Request::GetEntries {
+                volume: volume.clone(),
+                dir: dir.clone(),
+                start: from.clone(),
+                after,
+                end: end.map(<[u8]>::to_vec),
+            };
+            match request(&mut self.handle, &req).await? {
+                Response::Entries { entries, more } => {
+                    let last = entries.last().map(|e| e.name.clone());
+                    out.extend(entries);
+                    match (more, last) {
+                        (true, Some(last)) => {
+                            from = last;
+                            after = true;
+                        }
+                        _ => return Ok(out),
+                    }
+                }
+                other => {
+                    return Err(SyncError::Refused(format!(
+                        "unexpected answer to GetEntries: {other:?}"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Reconciles one directory with the peer's. `remote` is the peer's tree node for
+    /// it, or `None` when the peer deleted it (then all its entries are compared).
+    pub(super) async fn sync_dir(
+        &mut self,
+        dir: &VolPath,
+        remote: Option<TreeNode>,
+        pending: &mut Vec<(VolPath, Option<TreeNode>)>,
+    ) -> Result<(), SyncError> {
+        let vol = self.volume().id;
+        let local = self.node.store.tree_node(vol, dir)?;
+        let mut ranges: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        match &remote {
+            // Same content but different histories, or nothing live left on the peer's
+            // side (deletes): only the entries, tombstones included, can tell.
+            Some(remote)
+                if remote.pages.is_empty()
+                    || local.as_ref().is_some_and(|l| l.hash == remote.hash) =>
+            {
+                ranges.push((Vec::new(), None))
+            }
+            Some(remote) => {
+                // A name range differs if either side has a page there the other lacks;
+                // the peer's tombstones may sit in a range only our pages mark.
+                let local_pages = local.as_ref().map_or(&[][..], |n| &n.pages[..]);
+                ranges.extend(differing_ranges(&remote.pages, local_pages));
+                ranges.extend(differing_ranges(local_pages, &remote.pages));
+                ranges = merge_ranges(ranges);
+            }
+            None => ranges.push((Vec::new(), None)),
+        }
+        let mut files = std::mem::take(&mut self.files);
+        for (start, end) in ranges {
+            for remote_entry in self.get_entries(dir, &start, end.as_deref()).await? {
+                self.reconcile(dir, remote_entry, &mut files, pending)
+                    .await?;
+            }
+        }
+        // Files of many small directories travel together: one publish batch for all.
+        if files.len() >= PUBLISH_BATCH {
+            self.take_files(files).await
+        } else {
+            self.files = files;
+            Ok(())
+        }
+    }
+}
+
+/// The name ranges of the pages of `ours` that `theirs` does not have (same first name
+/// and hash). The first page's range starts at the empty name.
+fn differing_ranges(
+    ours: &[PageSummary],
+    theirs: &[PageSummary],
+) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    let have: HashSet<(&[u8], crate::ids::TreeHash)> =
+        theirs.iter().map(|p| (&p.first_name[..], p.hash)).collect();
+    (0..ours.len())
+        .filter(|&i| !have.contains(&(&ours[i].first_name[..], ours[i].hash)))
+        .map(|i| {
+            let start = if i == 0 {
+                Vec::new()
+            } else {
+                ours[i].first_name.clone()
+            };
+            (start, ours.get(i + 1).map(|p| p.first_name.clone()))
+        })
+        .collect()
+}
+
+/// Sorts name ranges and merges those that overlap or touch (`None` ends at the end).
+fn merge_ranges(mut ranges: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    ranges.sort();
+    let mut merged: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+    for (start, end) in ranges {
+        match merged.last_mut() {
+            Some((_, last_end)) if last_end.as_ref().is_none_or(|e| *e >= start) => {
+                *last_end = match (last_end.take(), end) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    _ => None,
+                };
+            }
+            _ => merged.push((start, end)),
+        }
+    }
+    merged
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_cover_pages_missing_on_either_side_and_merge() {
+        let page = |first: &str, h: u8| PageSummary {
+            first_name: first.as_bytes().to_vec(),
+            entries: 1,
+            hash: crate::ids::TreeHash([h; 32]),
+        };
+        // We have an extra first page (a name the peer deleted was a boundary).
+        let ours = [page("a", 1), page("m", 2)];
+        let theirs = [page("m", 2)];
+        assert_eq!(differing_ranges(&theirs, &ours), vec![]);
+        assert_eq!(
+            differing_ranges(&ours, &theirs),
+            vec![(vec![], Some(b"m".to_vec()))]
+        );
+        let merged = merge_ranges(vec![
+            (b"k".to_vec(), None),
+            (vec![], Some(b"c".to_vec())),
+            (b"b".to_vec(), Some(b"d".to_vec())),
+        ]);
+        assert_eq!(
+            merged,
+            vec![(vec![], Some(b"d".to_vec())), (b"k".to_vec(), None)]
+        );
+    }
+}
