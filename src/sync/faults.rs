@@ -1,5 +1,7 @@
 //! Fault injection: a node that misbehaves on purpose, for tests of its peers.
 
+use crate::protocol::Response;
+
 /// Fault injection for tests of the *other* side: a node told to misbehave, so that its
 /// peers' defences can be checked against a real process. Set from the environment
 /// (`SHOAL_FAULT_CORRUPT_CHUNKS=1`, `SHOAL_FAULT_HOSTILE_NAMES=1`,
@@ -32,5 +34,25 @@ impl Faults {
             );
         }
         faults
+    }
+
+    /// Makes an answer wrong in the ways this node is told to misbehave: entry names
+    /// that try to leave the volume, chunks with a flipped byte.
+    pub fn tamper(&self, response: &mut Response) {
+        match response {
+            Response::Entries { entries, .. } if self.hostile_names => {
+                for entry in entries {
+                    entry.name = if entry.name.len() % 2 == 0 {
+                        b"../../etc/passwd".to_vec()
+                    } else {
+                        b"/abs".to_vec()
+                    };
+                }
+            }
+            Response::Chunk { data, .. } if self.corrupt_chunks && !data.is_empty() => {
+                data[0] ^= 0xff;
+            }
+            _ => {}
+        }
     }
 }

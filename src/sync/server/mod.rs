@@ -1,0 +1,167 @@
+//! The serving half of sync: answers a peer's requests from the local store.
+//!
+//! Each request arrives on its own stream. A malformed, oversized or unexpected request
+//! gets an `Error` frame with a code, a log line, and the stream is closed; a peer that
+//! speaks another protocol version or uses other chunk sizes has its connection closed.
+//! Nothing a peer sends can make this side allocate more than one frame's limit.
+//!
+//! [`serve_stream`] reads the one request of a stream and checks that the connection
+//! began with `Hello`; each request then has its own handler, in the manner of
+//! mini-redis's `cmd/`: [`hello`], [`notify`], [`dir`], [`entries`], [`chunk_list`],
+//! [`chunks`].
+
+mod chunk_list;
+mod chunks;
+mod dir;
+mod entries;
+mod hello;
+mod notify;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use s2n_quic::Connection;
+use s2n_quic::stream::{ReceiveStream, SendStream};
+
+use super::Node;
+use crate::ids::{NodeId, VolumeId};
+use crate::protocol::{self, MAX_CONTROL_FRAME, ProtocolError, Request, Response, code};
+use crate::store::StoreError;
+
+/// What one connection knows of its peer, shared by the tasks serving its streams.
+struct Session {
+    /// The node id the peer gave in its `Hello`; nothing else is answered before it.
+    peer_id: Mutex<Option<NodeId>>,
+    remote_addr: Option<SocketAddr>,
+}
+
+impl Session {
+    fn peer_id(&self) -> Option<NodeId> {
+        *self.peer_id.lock().expect("peer id lock")
+    }
+}
+
+/// Serves one incoming connection until it closes.
+pub async fn serve_connection(node: Arc<Node>, mut connection: Connection) {
+    let remote_addr = connection.remote_addr().ok();
+    let remote = remote_addr
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "?".into());
+    let session = Arc::new(Session {
+        peer_id: Mutex::new(None),
+        remote_addr,
+    });
+    let handle = connection.handle();
+    loop {
+        match connection.accept_bidirectional_stream().await {
+            Ok(Some(stream)) => {
+                let (node, session, remote, handle) = (
+                    node.clone(),
+                    session.clone(),
+                    remote.clone(),
+                    handle.clone(),
+                );
+                tokio::spawn(async move {
+                    let (mut recv, mut send) = stream.split();
+                    if let Err(e) = serve_stream(&node, &mut recv, &mut send, &session).await {
+                        tracing::warn!(peer = %remote, "refused a request: {e}");
+                        let reply = Response::Error {
+                            code: e.code(),
+                            message: e.to_string(),
+                        };
+                        let _ = protocol::write_frame(&mut send, reply.encode()).await;
+                        if matches!(e.code(), code::VERSION | code::CHUNK_PARAMS) {
+                            // Let the error frame reach the peer before the connection goes.
+                            let _ = send.close().await;
+                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                            handle.close(u32::from(e.code()).into());
+                            return;
+                        }
+                    }
+                    let _ = send.close().await;
+                });
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(peer = %remote, "connection ended: {e}");
+                break;
+            }
+        }
+    }
+}
+
+/// Reads the stream's one request, checks that the connection began with `Hello`, and
+/// hands the request to its handler.
+async fn serve_stream(
+    node: &Node,
+    recv: &mut ReceiveStream,
+    send: &mut SendStream,
+    session: &Session,
+) -> Result<(), ProtocolError> {
+    let Some((kind, body)) = protocol::read_frame(recv, MAX_CONTROL_FRAME).await? else {
+        return Ok(());
+    };
+    // One request per stream: wait for the requester to finish its side (dropping the
+    // receiving half early would reset the stream under the requester's feet).
+    let mut rest = [0u8; 1];
+    if tokio::io::AsyncReadExt::read(recv, &mut rest).await? != 0 {
+        return Err(ProtocolError::Malformed(
+            "more than one request on a stream".into(),
+        ));
+    }
+    let request = Request::decode(kind, &body)?;
+    if !matches!(request, Request::Hello(_)) && session.peer_id().is_none() {
+        return Err(ProtocolError::Malformed(
+            "the first request on a connection must be Hello".into(),
+        ));
+    }
+    let response = match request {
+        Request::Hello(hello) => hello::answer(node, session, hello)?,
+        Request::Notify { volume } => notify::answer(node, session, &volume)?,
+        Request::GetDir { volume, dir } => dir::answer(node, &volume, &dir)?,
+        Request::GetEntries {
+            volume,
+            dir,
+            start,
+            after,
+            end,
+        } => entries::answer(node, &volume, &dir, &start, after, end.as_deref())?,
+        Request::GetChunkList {
+            volume,
+            path,
+            content_id,
+            part,
+        } => chunk_list::answer(node, &volume, &path, content_id, part)?,
+        // Many frames, written as the chunks are read.
+        Request::GetChunks { ids } => return chunks::send(node, session, ids, send).await,
+    };
+    reply(node, send, response).await
+}
+
+/// Writes one response frame (made wrong first if this node is told to misbehave).
+async fn reply(
+    node: &Node,
+    send: &mut SendStream,
+    mut response: Response,
+) -> Result<(), ProtocolError> {
+    node.faults.tamper(&mut response);
+    protocol::write_frame(send, response.encode()).await
+}
+
+/// The local id of the volume a request names.
+fn volume_id(node: &Node, name: &str) -> Result<VolumeId, ProtocolError> {
+    node.volume(name)
+        .map(|v| v.id)
+        .ok_or_else(|| ProtocolError::Remote {
+            code: code::UNKNOWN_VOLUME,
+            message: format!("volume {name} is not synced here"),
+        })
+}
+
+/// A store error while answering: the peer is told the request failed here.
+fn internal(e: StoreError) -> ProtocolError {
+    ProtocolError::Remote {
+        code: code::INTERNAL,
+        message: e.to_string(),
+    }
+}
