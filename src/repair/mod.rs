@@ -1,0 +1,382 @@
+//! Offline repair: put right what [`crate::verify`] finds, with the daemon stopped.
+//!
+//! - **Damaged live files** (content no longer matching the index while the mtime is
+//!   unchanged: bit rot, a truncation that hid itself, a deleted file) are rebuilt from
+//!   their indexed chunk list in the volume's staging area, exactly as sync assembles a
+//!   received file: every chunk comes from an intact local copy (the file's own
+//!   undamaged chunks, another live file, a pack) or, failing that, from the peers over
+//!   the sync protocol, each checked against its BLAKE3 id; the staging file gets the
+//!   indexed mode and mtime, is fsynced and renamed over the name, and the directory is
+//!   fsynced. A file whose mtime changed was edited while Shoal was stopped: it is
+//!   never overwritten, and the rescan at the end makes it the newest version, which
+//!   then syncs.
+//! - **Packs**: a damaged record is rewritten in place from another copy; a torn tail is
+//!   cut off and the records the index still wants are appended again; an index record
+//!   whose chunk cannot be found anywhere is removed (and reported); an intact record no
+//!   index record points at (an orphan, e.g. after an index rebuild) is indexed again.
+//! - **The index**: location records that point nowhere are removed, missing ones added
+//!   from the file's chunk list; a file whose chunk list is missing or inconsistent loses
+//!   its scan stamp so the rescan reads it again. `--rebuild-index` sets a lost or
+//!   damaged RocksDB directory aside and builds a new one from the live files (a scan)
+//!   and the packs (their records describe themselves).
+//!
+//! Repair is restartable: staging files are resumed, every step is durable before the
+//! next relies on it, and a second run verifies again and does what is left.
+//! Unrestorable damage is reported and the final rescan is skipped, so damage is never
+//! indexed as if it were an edit.
+
+mod files;
+mod index;
+mod packs;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::config::Settings;
+use crate::ids::{ChunkId, VolumeId};
+use crate::scan::{ScanOptions, scan_volume};
+use crate::store::{OpenOptions, Store, StoreError};
+use crate::sync::transfer::{ChunkTargets, fetch_chunks};
+use crate::sync::{Node, Peer, Stats, SyncError, Volume};
+use crate::verify::{Finding, Severity, VerifyOptions, VerifyReport, verify};
+use crate::volume_fs::VolumeFs;
+
+/// Damaged files restored at once (each holds a staging file open).
+const FILE_BATCH: usize = 256;
+
+/// What verify reports of a live file that repair restores from its chunk list.
+const RESTORABLE: [&str; 4] = ["content-mismatch", "truncated", "size-mismatch", "missing"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepairError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Sync(#[from] SyncError),
+    #[error(transparent)]
+    Fs(#[from] crate::volume_fs::FsError),
+    #[error(transparent)]
+    Pack(#[from] crate::store::pack::PackError),
+    #[error(transparent)]
+    Scan(#[from] crate::scan::ScanError),
+    #[error(transparent)]
+    Credentials(#[from] crate::credentials::CredentialsError),
+    #[error(transparent)]
+    Transport(#[from] crate::transport::TransportError),
+    #[error(
+        "the store at {0} has no index; run `shoal repair --rebuild-index` to rebuild it from the packs and live files"
+    )]
+    NoIndex(PathBuf),
+    #[error("volume {name}: {dir} is not a directory")]
+    NoVolume { name: String, dir: PathBuf },
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+}
+
+pub struct RepairOptions {
+    /// Only list what would change (reads the store, writes nothing, asks no peer).
+    pub dry_run: bool,
+    /// Set the index aside and rebuild it from the packs and the live files.
+    pub rebuild_index: bool,
+    /// Peers to fetch what no local copy holds; none means local copies only.
+    pub peers: Vec<SocketAddr>,
+    /// The cluster credentials directory, for the peers.
+    pub credentials: PathBuf,
+}
+
+/// One thing repair did (or, with `--dry-run`, would do).
+#[derive(Clone, Debug, Serialize)]
+pub struct Action {
+    /// Short stable name: `restored`, `pack-record-restored`, `location-removed`, ...
+    pub action: &'static str,
+    pub volume: Option<String>,
+    pub path: Option<String>,
+    pub detail: String,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct RepairReport {
+    pub dry_run: bool,
+    pub index_rebuilt: bool,
+    /// What verify found before repairing.
+    pub found: Vec<Finding>,
+    pub actions: Vec<Action>,
+    /// Damage left as it was, with why.
+    pub unrepaired: Vec<Action>,
+    /// Whether the volumes were rescanned at the end (edits made while stopped become
+    /// the newest versions).
+    pub rescanned: bool,
+}
+
+impl RepairReport {
+    pub fn complete(&self) -> bool {
+        self.unrepaired.is_empty()
+    }
+}
+
+/// Repairs the volumes of `settings` and the store's packs.
+pub fn repair(settings: &Settings, options: &RepairOptions) -> Result<RepairReport, RepairError> {
+    let mut report = RepairReport {
+        dry_run: options.dry_run,
+        ..Default::default()
+    };
+    let volumes: Vec<(String, PathBuf)> = settings
+        .volumes
+        .iter()
+        .map(|n| (n.clone(), settings.volume_dir(n)))
+        .collect();
+    for (name, dir) in &volumes {
+        if !dir.is_dir() {
+            return Err(RepairError::NoVolume {
+                name: name.clone(),
+                dir: dir.clone(),
+            });
+        }
+    }
+    if options.dry_run {
+        if options.rebuild_index || Store::index_missing(&settings.state_dir) {
+            report.actions.push(Action {
+                action: "index-rebuilt",
+                volume: None,
+                path: Some(settings.state_dir.join("index").display().to_string()),
+                detail: "would set the index aside and rebuild it from the packs and live files"
+                    .into(),
+            });
+            return Ok(report);
+        }
+        let store = Store::open(&settings.state_dir, OpenOptions::READ_ONLY)?;
+        let found = verify(&store, &volumes, &VerifyOptions::default())?;
+        plan(&found, &mut report);
+        report.found = found.findings;
+        return Ok(report);
+    }
+    let create = if options.rebuild_index {
+        // Refuse while a writer runs, before touching anything.
+        if Store::in_use(&settings.state_dir) {
+            return Err(StoreError::Locked(settings.state_dir.clone()).into());
+        }
+        Store::set_index_aside(&settings.state_dir)?;
+        report.index_rebuilt = true;
+        true
+    } else if Store::index_missing(&settings.state_dir) {
+        return Err(RepairError::NoIndex(settings.state_dir.clone()));
+    } else {
+        false
+    };
+    let store = Store::open(
+        &settings.state_dir,
+        OpenOptions {
+            create,
+            read_only: false,
+            chunk_params: settings.chunk_params,
+        },
+    )?;
+    if report.index_rebuilt {
+        // The live files first: a scan indexes them (new entries, new version vectors
+        // from a new node id; equal content merges with the peers' histories). The
+        // packs' records are indexed below as orphans.
+        for (name, dir) in &volumes {
+            scan_volume(&store, name, dir, &ScanOptions::default())?;
+        }
+    }
+    let found = verify(&store, &volumes, &VerifyOptions::default())?;
+    let mut node_volumes = Vec::new();
+    for (name, dir) in &volumes {
+        let record = store.ensure_volume(name)?;
+        node_volumes.push(Volume {
+            name: name.clone(),
+            id: VolumeId(record.id),
+            fs: VolumeFs::open(dir)?,
+            lock: tokio::sync::Mutex::new(()),
+        });
+    }
+    let node = Arc::new(Node {
+        meta: store.meta(),
+        store,
+        volumes: node_volumes,
+        peers: std::sync::RwLock::new(
+            options
+                .peers
+                .iter()
+                .map(|addr| Arc::new(Peer::new(*addr)))
+                .collect(),
+        ),
+        stats: Stats::default(),
+        sync_ownership: rustix::process::geteuid().is_root(),
+        faults: crate::sync::Faults::default(),
+    });
+    let runtime = tokio::runtime::Runtime::new()
+        .map_err(|e| RepairError::Io("cannot start the async runtime".into(), e))?;
+    runtime.block_on(async {
+        let mut repair = Repair {
+            node: node.clone(),
+            report: &mut report,
+            client: None,
+            connections: Vec::new(),
+            credentials: &options.credentials,
+        };
+        repair.fix_index(&found)?;
+        repair.restore_files(&found).await?;
+        repair.fix_packs().await?;
+        Ok::<(), RepairError>(())
+    })?;
+    report.found = found.findings;
+    if report.complete() {
+        for (name, dir) in &volumes {
+            scan_volume(&node.store, name, dir, &ScanOptions::default())?;
+        }
+        node.store.sync()?;
+        report.rescanned = true;
+    }
+    Ok(report)
+}
+
+/// What a repair would do about each finding (for `--dry-run`).
+fn plan(found: &VerifyReport, report: &mut RepairReport) {
+    for f in &found.findings {
+        let (action, detail) = match f.problem {
+            p if RESTORABLE.contains(&p) => (
+                "restored",
+                format!("would restore the indexed content ({p}) from local copies or peers"),
+            ),
+            "pack-record-damaged" => (
+                "pack-record-restored",
+                "would rewrite the record from another copy".to_string(),
+            ),
+            "pack-truncated" => (
+                "pack-tail-cut",
+                "would cut the torn tail and append the lost records again".to_string(),
+            ),
+            "pack-location-broken" => (
+                "pack-location-fixed",
+                "would restore the chunk into a pack, or remove the record if it is held by a live file or nowhere".to_string(),
+            ),
+            "orphan-pack-record" => (
+                "location-added",
+                "would index the record again".to_string(),
+            ),
+            "index-dangling-location" => (
+                "location-removed",
+                "would remove the location record".to_string(),
+            ),
+            "index-missing-location" => (
+                "location-added",
+                "would add the file's location records from its chunk list".to_string(),
+            ),
+            "index-missing-chunk-list" | "index-inconsistent" => (
+                "rescan",
+                "would have the file read again by the rescan".to_string(),
+            ),
+            "modified" => (
+                "kept",
+                "edited since the last scan: would be kept and indexed as the newest version"
+                    .to_string(),
+            ),
+            "type-changed" => (
+                "kept",
+                "replaced by another kind of entry: would be kept as a local change".to_string(),
+            ),
+            _ if f.severity == Severity::Warning => continue,
+            other => (
+                "left",
+                format!("{other}: not something repair changes (an edit, or a scan's job)"),
+            ),
+        };
+        report.actions.push(Action {
+            action,
+            volume: f.volume.clone(),
+            path: f.path.clone(),
+            detail,
+        });
+    }
+}
+
+struct Repair<'r> {
+    node: Arc<Node>,
+    report: &'r mut RepairReport,
+    /// Connected on first need; the connections live as long as the repair.
+    client: Option<s2n_quic::Client>,
+    connections: Vec<s2n_quic::Connection>,
+    credentials: &'r std::path::Path,
+}
+
+impl Repair<'_> {
+    fn volume_index(&self, name: &str) -> Option<usize> {
+        self.node.volumes.iter().position(|v| v.name == name)
+    }
+
+    fn done(
+        &mut self,
+        action: &'static str,
+        volume: Option<&str>,
+        path: Option<String>,
+        detail: String,
+    ) {
+        self.report.actions.push(Action {
+            action,
+            volume: volume.map(str::to_string),
+            path,
+            detail,
+        });
+    }
+
+    fn left(&mut self, volume: Option<&str>, path: Option<String>, detail: String) {
+        self.report.unrepaired.push(Action {
+            action: "unrepaired",
+            volume: volume.map(str::to_string),
+            path,
+            detail,
+        });
+    }
+
+    /// Fetches chunks from the peers into their targets; returns those received.
+    /// Fetches chunks from the peers that share volume `volume_index` into their
+    /// targets; returns those received.
+    async fn fetch(
+        &mut self,
+        volume_index: usize,
+        targets: ChunkTargets,
+    ) -> Result<HashSet<ChunkId>, RepairError> {
+        let wanted = targets.ids();
+        if wanted.is_empty() || self.node.peers().is_empty() || self.node.volumes.is_empty() {
+            return Ok(HashSet::new());
+        }
+        self.connect().await?;
+        let node = self.node.clone();
+        let volume = &node.volumes[volume_index].name;
+        let Some(source) = node
+            .peers()
+            .into_iter()
+            .find(|p| p.connection().is_some() && p.shares(volume))
+        else {
+            return Ok(HashSet::new());
+        };
+        Ok(fetch_chunks(&node, &source, volume_index, wanted, Arc::new(targets)).await?)
+    }
+
+    /// Connects to every peer not yet connected (once per repair run).
+    async fn connect(&mut self) -> Result<(), RepairError> {
+        if self.client.is_some() {
+            return Ok(());
+        }
+        let credentials = crate::credentials::Credentials::load(self.credentials)?;
+        let any = if self.node.peers().iter().any(|p| p.addr.is_ipv6()) {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        };
+        let client = crate::transport::client(SocketAddr::new(any, 0), &credentials, true)?;
+        for peer in self.node.peers() {
+            match crate::sync::client::connect(&self.node, &peer, &client).await {
+                Ok(connection) => self.connections.push(connection),
+                Err(e) => tracing::warn!(peer = %peer.addr, "cannot reach peer: {e}"),
+            }
+        }
+        self.client = Some(client);
+        Ok(())
+    }
+}

@@ -1,0 +1,248 @@
+//! Packs: damaged records, torn tails, lost and orphan records.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::OpenOptions as FsOpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::ids::ChunkId;
+use crate::store::ChunkLocation;
+use crate::store::codec::Extent;
+use crate::store::pack::{self, PackEnd, PackScanner, PackWriter};
+use crate::sync::transfer::ChunkTargets;
+
+use super::{Repair, RepairError};
+
+impl Repair<'_> {
+    /// Packs: damaged records restored in place, torn tails cut and lost records
+    /// appended again, unfindable records dropped from the index, orphans indexed.
+    pub(super) async fn fix_packs(&mut self) -> Result<(), RepairError> {
+        let node = self.node.clone();
+        let store = &node.store;
+        let packs_dir = store.packs_dir();
+        let mut indexed: BTreeMap<(u64, u64), ChunkId> = BTreeMap::new();
+        let mut wanted_in: BTreeMap<u64, Vec<(ChunkId, Extent)>> = BTreeMap::new();
+        for item in store.all_chunk_locations() {
+            if let (id, ChunkLocation::Pack { pack, extent }) = item? {
+                indexed.insert((pack, extent.offset), id);
+                wanted_in.entry(pack).or_default().push((id, extent));
+            }
+        }
+        let mut pack_files: Vec<(u64, PathBuf)> = std::fs::read_dir(&packs_dir)
+            .map_err(|e| RepairError::Io(packs_dir.display().to_string(), e))?
+            .flatten()
+            .filter_map(|e| Some((crate::verify::pack_number(&e.path())?, e.path())))
+            .collect();
+        pack_files.sort();
+        for (number, _) in &pack_files {
+            wanted_in.entry(*number).or_default();
+        }
+        for (number, wanted) in wanted_in {
+            let path = packs_dir.join(pack::pack_file_name(number));
+            let shown = path.display().to_string();
+            // Sequential read: which records are whole and intact, where the valid part ends.
+            let mut damaged = Vec::new();
+            let mut intact: HashSet<u64> = HashSet::new();
+            let mut orphans = Vec::new();
+            let mut torn = None;
+            if path.exists() {
+                let mut scanner = PackScanner::open(&path)?;
+                while let Some(record) = scanner.next_record()? {
+                    if !record.intact {
+                        damaged.push((record.id, record.extent));
+                    } else {
+                        intact.insert(record.extent.offset);
+                        if !indexed.contains_key(&(number, record.extent.offset)) {
+                            orphans.push((record.id, record.extent));
+                        }
+                    }
+                }
+                if let Some(PackEnd::Torn {
+                    valid_len,
+                    file_len,
+                }) = scanner.end()
+                {
+                    torn = Some((*valid_len, *file_len));
+                }
+            }
+            // Damaged records: the same bytes again, in place.
+            if !damaged.is_empty() {
+                let file = Arc::new(
+                    FsOpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(&path)
+                        .map_err(|e| RepairError::Io(shown.clone(), e))?,
+                );
+                let mut targets = ChunkTargets::default();
+                let mut local = Vec::new();
+                for (id, extent) in &damaged {
+                    match node.read_local_chunk(id) {
+                        Some(data) => {
+                            file.write_all_at(&data, extent.offset)
+                                .map_err(|e| RepairError::Io(shown.clone(), e))?;
+                            local.push(*id);
+                        }
+                        None => targets.add(*id, file.clone(), extent.offset),
+                    }
+                }
+                let received = self.fetch(0, targets).await?;
+                file.sync_data()
+                    .map_err(|e| RepairError::Io(shown.clone(), e))?;
+                for (id, extent) in &damaged {
+                    if local.contains(id) || received.contains(id) {
+                        intact.insert(extent.offset);
+                        self.done(
+                            "pack-record-restored",
+                            None,
+                            Some(shown.clone()),
+                            format!(
+                                "chunk {id} at byte {} rewritten from another copy",
+                                extent.offset
+                            ),
+                        );
+                    } else {
+                        self.left(
+                            None,
+                            Some(shown.clone()),
+                            format!(
+                                "chunk {id} at byte {} is damaged and no copy was found",
+                                extent.offset
+                            ),
+                        );
+                    }
+                }
+            }
+            if let Some((valid_len, file_len)) = torn {
+                // Opening for appending cuts the torn tail.
+                drop(PackWriter::open(&path)?);
+                self.done(
+                    "pack-tail-cut",
+                    None,
+                    Some(shown.clone()),
+                    format!("bytes {valid_len}..{file_len} were not a whole record"),
+                );
+            }
+            // Index records into the pack that no intact record backs.
+            let lost: Vec<(ChunkId, Extent)> = wanted
+                .into_iter()
+                .filter(|(_, extent)| !intact.contains(&extent.offset))
+                .collect();
+            let mut batch = store.batch();
+            for (id, extent) in &orphans {
+                batch.put_pack_location(id, number, *extent);
+                self.done(
+                    "location-added",
+                    None,
+                    Some(shown.clone()),
+                    format!("chunk {id}: an intact record no index record pointed at"),
+                );
+            }
+            if !lost.is_empty() {
+                self.restore_lost(number, &path, lost, &mut batch).await?;
+            }
+            if !batch.is_empty() {
+                store.write(batch, true)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Chunks the index says are in pack `number` but are not (a torn tail, a missing
+    /// pack, a damaged record nobody could restore): held by a live file -> the record
+    /// goes (a pack holds only what no live file does); found elsewhere -> appended to
+    /// the pack again; found nowhere -> the record goes and the loss is reported.
+    async fn restore_lost(
+        &mut self,
+        number: u64,
+        path: &std::path::Path,
+        lost: Vec<(ChunkId, Extent)>,
+        batch: &mut crate::store::Batch<'_>,
+    ) -> Result<(), RepairError> {
+        let node = self.node.clone();
+        let shown = path.display().to_string();
+        let mut again: Vec<(ChunkId, Vec<u8>)> = Vec::new();
+        let mut from_peers = Vec::new();
+        for (id, extent) in &lost {
+            let old = ChunkLocation::Pack {
+                pack: number,
+                extent: *extent,
+            };
+            batch.delete_location(id, &old);
+            let live = node
+                .store
+                .chunk_locations(id)?
+                .into_iter()
+                .any(|l| matches!(l, ChunkLocation::Live { .. }));
+            if live && node.read_local_chunk(id).is_some() {
+                self.done(
+                    "location-removed",
+                    None,
+                    Some(shown.clone()),
+                    format!("chunk {id} is not in the pack but a live file holds it"),
+                );
+            } else if let Some(data) = node.read_local_chunk(id) {
+                again.push((*id, data));
+            } else {
+                from_peers.push((*id, *extent));
+            }
+        }
+        if !from_peers.is_empty() && !node.peers().is_empty() {
+            // Received chunks land in a scratch file beside the packs, then are appended.
+            let scratch_path = path.with_extension("repair.tmp");
+            let scratch = Arc::new(
+                FsOpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&scratch_path)
+                    .map_err(|e| RepairError::Io(scratch_path.display().to_string(), e))?,
+            );
+            let mut targets = ChunkTargets::default();
+            let mut at = 0u64;
+            let mut places = Vec::new();
+            for (id, extent) in &from_peers {
+                targets.add(*id, scratch.clone(), at);
+                places.push((*id, at, extent.len));
+                at += u64::from(extent.len);
+            }
+            let received = self.fetch(0, targets).await?;
+            for (id, at, len) in places {
+                let mut data = vec![0u8; len as usize];
+                if received.contains(&id)
+                    && scratch.read_exact_at(&mut data, at).is_ok()
+                    && ChunkId::of(&data) == id
+                {
+                    again.push((id, data));
+                    from_peers.retain(|(i, _)| *i != id);
+                }
+            }
+            drop(scratch);
+            let _ = std::fs::remove_file(&scratch_path);
+        }
+        if !again.is_empty() {
+            let mut writer = PackWriter::open(path)?;
+            let mut appended = Vec::new();
+            for (id, data) in &again {
+                appended.push((*id, writer.append(id, data)?));
+            }
+            // The records are durable before the index points at them.
+            writer.sync()?;
+            for (id, extent) in appended {
+                batch.put_pack_location(&id, number, extent);
+                self.done(
+                    "pack-record-restored",
+                    None,
+                    Some(shown.clone()),
+                    format!("chunk {id} appended again from another copy"),
+                );
+            }
+        }
+        for (id, _) in from_peers {
+            self.left(None, Some(shown.clone()), format!("chunk {id} is lost: no local copy and no peer has it (its index record was removed)"));
+        }
+        Ok(())
+    }
+}
