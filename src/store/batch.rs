@@ -1,0 +1,188 @@
+//! Writing: changes gathered in a [`Batch`] and applied atomically.
+
+use rocksdb::{WriteBatch, WriteOptions};
+
+use super::codec::{self, Extent, ScanStamp};
+use super::keys::*;
+use super::{ChunkLocation, Store, StoreError, VolumeRecord};
+use crate::chunking::ChunkRef;
+use crate::entry::Entry;
+use crate::ids::{ChunkId, VolumeId};
+use crate::pathname::VolPath;
+use crate::tree::TreeNode;
+
+impl Store {
+    pub fn batch(&self) -> Batch<'_> {
+        Batch {
+            store: self,
+            wb: WriteBatch::default(),
+            ops: 0,
+        }
+    }
+
+    /// Applies a batch atomically; `durable` waits for the write-ahead log to reach the
+    /// disk.
+    pub fn write(&self, batch: Batch<'_>, durable_write: bool) -> Result<(), StoreError> {
+        let options = if durable_write {
+            durable()
+        } else {
+            WriteOptions::default()
+        };
+        self.db
+            .write_opt(batch.wb, &options)
+            .map_err(|e| self.rocks(e))
+    }
+
+    /// Makes every write so far durable.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush_wal(true).map_err(|e| self.rocks(e))
+    }
+}
+
+pub(super) fn durable() -> WriteOptions {
+    let mut options = WriteOptions::default();
+    options.set_sync(true);
+    options
+}
+
+/// A set of changes applied atomically by [`Store::write`].
+pub struct Batch<'s> {
+    pub(super) store: &'s Store,
+    pub(super) wb: WriteBatch,
+    pub(super) ops: usize,
+}
+
+impl Batch<'_> {
+    /// Number of operations queued (to bound batch size).
+    pub fn len(&self) -> usize {
+        self.ops
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops == 0
+    }
+
+    fn put(&mut self, cf: &'static str, key: &[u8], value: &[u8]) {
+        self.wb.put_cf(self.store.cf(cf), key, value);
+        self.ops += 1;
+    }
+
+    fn delete(&mut self, cf: &'static str, key: &[u8]) {
+        self.wb.delete_cf(self.store.cf(cf), key);
+        self.ops += 1;
+    }
+
+    pub fn put_volume(&mut self, name: &str, record: &VolumeRecord) {
+        let value = serde_json::to_vec(record).expect("a volume record always serializes");
+        self.put(CF_META, &volume_meta_key(name), &value);
+    }
+
+    pub fn put_entry(&mut self, vol: VolumeId, dir: &VolPath, name: &[u8], entry: &Entry) {
+        self.put(
+            CF_ENTRIES,
+            &entry_key(vol, dir, name),
+            &codec::encode_entry(entry),
+        );
+    }
+
+    /// Forgets a name entirely, without a tombstone (for names that never synced).
+    pub fn delete_entry(&mut self, vol: VolumeId, dir: &VolPath, name: &[u8]) {
+        self.delete(CF_ENTRIES, &entry_key(vol, dir, name));
+    }
+
+    pub fn put_stamp(&mut self, vol: VolumeId, dir: &VolPath, name: &[u8], stamp: &ScanStamp) {
+        self.put(
+            CF_SCAN_CACHE,
+            &entry_key(vol, dir, name),
+            &codec::encode_stamp(stamp),
+        );
+    }
+
+    pub fn delete_stamp(&mut self, vol: VolumeId, dir: &VolPath, name: &[u8]) {
+        self.delete(CF_SCAN_CACHE, &entry_key(vol, dir, name));
+    }
+
+    /// Records a live file's chunk list and where each chunk sits in it, replacing the
+    /// locations of its previous chunk list `old`.
+    pub fn set_chunks(
+        &mut self,
+        vol: VolumeId,
+        dir: &VolPath,
+        name: &[u8],
+        chunks: &[ChunkRef],
+        old: &[ChunkRef],
+    ) {
+        let key = entry_key(vol, dir, name);
+        for chunk in old {
+            self.delete(CF_CHUNKS, &live_location_key(&chunk.id, &key));
+        }
+        self.delete(
+            CF_CONTENTS,
+            &content_key(&crate::chunking::content_id(old), &key),
+        );
+        self.put(
+            CF_CONTENTS,
+            &content_key(&crate::chunking::content_id(chunks), &key),
+            b"",
+        );
+        let mut offset = 0u64;
+        for chunk in chunks {
+            let extent = codec::encode_extent(Extent {
+                offset,
+                len: chunk.len,
+            });
+            self.put(CF_CHUNKS, &live_location_key(&chunk.id, &key), &extent);
+            offset += u64::from(chunk.len);
+        }
+        self.put(CF_CHUNK_LISTS, &key, &codec::encode_chunk_list(chunks));
+    }
+
+    /// Forgets a file's chunk list and the locations it gave.
+    pub fn delete_chunks(&mut self, vol: VolumeId, dir: &VolPath, name: &[u8], old: &[ChunkRef]) {
+        let key = entry_key(vol, dir, name);
+        for chunk in old {
+            self.delete(CF_CHUNKS, &live_location_key(&chunk.id, &key));
+        }
+        self.delete(
+            CF_CONTENTS,
+            &content_key(&crate::chunking::content_id(old), &key),
+        );
+        self.delete(CF_CHUNK_LISTS, &key);
+    }
+
+    /// Forgets one location of a chunk (a record that points at nothing valid).
+    pub fn delete_location(&mut self, chunk: &ChunkId, location: &ChunkLocation) {
+        let key = match location {
+            ChunkLocation::Live { vol, dir, name, .. } => {
+                live_location_key(chunk, &entry_key(*vol, dir, name))
+            }
+            ChunkLocation::Pack { pack, .. } => pack_location_key(chunk, *pack),
+        };
+        self.delete(CF_CHUNKS, &key);
+    }
+
+    /// Records a chunk stored in a pack.
+    pub fn put_pack_location(&mut self, chunk: &ChunkId, pack: u64, extent: Extent) {
+        self.put(
+            CF_CHUNKS,
+            &pack_location_key(chunk, pack),
+            &codec::encode_extent(extent),
+        );
+    }
+
+    pub fn mark_dirty(&mut self, vol: VolumeId, dir: &VolPath) {
+        self.put(CF_DIRTY, &dir_key(vol, dir), b"");
+    }
+
+    pub fn clear_dirty(&mut self, vol: VolumeId, dir: &VolPath) {
+        self.delete(CF_DIRTY, &dir_key(vol, dir));
+    }
+
+    pub fn put_tree_node(&mut self, vol: VolumeId, dir: &VolPath, node: &TreeNode) {
+        self.put(CF_TREE, &dir_key(vol, dir), &codec::encode_tree_node(node));
+    }
+
+    pub fn delete_tree_node(&mut self, vol: VolumeId, dir: &VolPath) {
+        self.delete(CF_TREE, &dir_key(vol, dir));
+    }
+}
