@@ -1,0 +1,100 @@
+//! The hashing threads: each file read once, chunked with FastCDC and hashed with
+//! BLAKE3, and read again if it changed while being read.
+
+use std::fs::{File, Metadata};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::stamp_of;
+use crate::chunking::{ChunkParams, ChunkedContent, Chunker};
+use crate::pathname::VolPath;
+
+/// Reads of a file that keeps changing before the scan leaves it for the next one.
+const READ_ATTEMPTS: usize = 3;
+
+pub(super) struct HashJob {
+    pub(super) dir: VolPath,
+    pub(super) name: Vec<u8>,
+    pub(super) path: PathBuf,
+}
+
+pub(super) struct HashResult {
+    pub(super) dir: VolPath,
+    pub(super) name: Vec<u8>,
+    pub(super) outcome: HashOutcome,
+}
+
+pub(super) enum HashOutcome {
+    Hashed {
+        content: ChunkedContent,
+        meta: Box<Metadata>,
+    },
+    /// Gone, or no longer a regular file, when we came to read it.
+    Vanished,
+    /// Kept changing while being read.
+    Unstable,
+    Failed(io::Error),
+}
+
+pub(super) fn hash_worker(
+    params: ChunkParams,
+    jobs: Receiver<HashJob>,
+    results: Sender<HashResult>,
+) {
+    let mut chunker = Chunker::new(params);
+    for job in jobs {
+        let outcome = hash_file(&mut chunker, &job.path);
+        if results
+            .send(HashResult {
+                dir: job.dir,
+                name: job.name,
+                outcome,
+            })
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+pub(super) fn hash_file(chunker: &mut Chunker, path: &Path) -> HashOutcome {
+    for _ in 0..READ_ATTEMPTS {
+        // O_NOFOLLOW: a file swapped for a symlink since the listing is not followed.
+        let file = match File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+        {
+            Ok(file) => file,
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ELOOP) =>
+            {
+                return HashOutcome::Vanished;
+            }
+            Err(e) => return HashOutcome::Failed(e),
+        };
+        let before = match file.metadata() {
+            Ok(meta) if meta.is_file() => meta,
+            Ok(_) => return HashOutcome::Vanished,
+            Err(e) => return HashOutcome::Failed(e),
+        };
+        let content = match chunker.chunk_reader(&file) {
+            Ok(content) => content,
+            Err(e) => return HashOutcome::Failed(e),
+        };
+        match file.metadata() {
+            Ok(after) if stamp_of(&after) == stamp_of(&before) && content.size == before.len() => {
+                return HashOutcome::Hashed {
+                    content,
+                    meta: Box::new(before),
+                };
+            }
+            Ok(_) => continue,
+            Err(e) => return HashOutcome::Failed(e),
+        }
+    }
+    HashOutcome::Unstable
+}

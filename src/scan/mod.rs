@@ -1,0 +1,291 @@
+//! The scanner: brings a volume's index up to date with its directory.
+//!
+//! A scan walks the volume one directory at a time and merges each directory's listing
+//! with the index's children of that directory (both sorted by name), so memory is
+//! bounded by the largest directory, not by the volume. A name whose `lstat` matches its
+//! scan stamp (size, mtime, ctime, inode, device) is trusted without reading it; changed
+//! and new files go to a pool of hashing threads (one per core) that chunk them with
+//! FastCDC and hash the chunks with BLAKE3. A file whose `fstat` differs after reading
+//! from before was written to during the read: it is read again, and left for the next
+//! scan if it keeps changing. Names gone from the directory become tombstones.
+//!
+//! Every change is written as a [`Batch`] that keeps the index consistent on its own, so
+//! a scan killed at any point leaves a store that the next scan completes. The Merkle
+//! tree is updated at the end from the dirty marks the batches left ([`crate::tree`]).
+//!
+//! A scan can be narrowed ([`ScanScope::Dirs`]) to the directories the file watcher saw
+//! change, and told to leave alone names still being written ([`ScanOptions::hold`]).
+
+mod hash;
+mod rules;
+mod walk;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{self, Metadata};
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::bounded;
+use indicatif::ProgressBar;
+
+use crate::entry::EntryKind;
+use crate::ids::{TreeHash, VolumeId};
+use crate::pathname::VolPath;
+use crate::store::codec::ScanStamp;
+use crate::store::{Store, StoreError};
+use crate::tree::SubtreeTotals;
+use hash::{HashJob, HashResult, hash_worker};
+use walk::Walker;
+
+/// The per-directory ignore file (gitignore syntax).
+pub const IGNORE_FILE: &str = ".shoalignore";
+
+/// Batches are written once they hold this many operations.
+const BATCH_OPS: usize = 4096;
+
+/// Hashing jobs (and results) queued between the walker and the hashing threads.
+const QUEUE_DEPTH: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("volume directory {0} does not exist (is the volume mounted under the data root?)")]
+    VolumeMissing(PathBuf),
+    #[error("{0} is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("cannot read the volume directory {path}: {source}")]
+    RootUnreadable { path: PathBuf, source: io::Error },
+    #[error(
+        "volume {volume:?} was indexed with another store layout; its index is damaged: {source}"
+    )]
+    Store {
+        volume: String,
+        #[source]
+        source: StoreError,
+    },
+}
+
+/// How to run a scan.
+#[derive(Clone, Default)]
+pub struct ScanOptions {
+    /// Hashing threads; 0 means one per core.
+    pub threads: usize,
+    /// Shows bytes hashed and files seen, when set.
+    pub progress: Option<ProgressBar>,
+    pub scope: ScanScope,
+    /// Names still being written: left exactly as indexed (not read, not deleted), for a
+    /// later scan once they are quiet.
+    pub hold: HashSet<VolPath>,
+    /// Renames the watcher saw, `(from, to)`: a file that appears under `to` with the
+    /// size, mtime, inode and device indexed for its old path under `from` takes that
+    /// path's chunk list instead of being read again (a moved directory of media is
+    /// not re-hashed). The old path must still be indexed: the scan covers both.
+    pub renamed: Vec<(VolPath, VolPath)>,
+}
+
+/// Which directories a scan lists.
+#[derive(Clone, Debug, Default)]
+pub enum ScanScope {
+    /// The whole volume.
+    #[default]
+    Everything,
+    /// Only these directories. A subdirectory is entered only when the index does not
+    /// know it as a directory, so a directory created or moved in is scanned whole.
+    Dirs(BTreeMap<VolPath, Depth>),
+}
+
+/// How much of a directory in [`ScanScope::Dirs`] to scan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Depth {
+    /// Its own names.
+    Names,
+    /// Everything below it (its ignore rules changed, say).
+    Subtree,
+}
+
+/// What a scan found and did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ScanReport {
+    pub volume: String,
+    pub root: String,
+    pub totals: SubtreeTotals,
+    pub unique_chunks: u64,
+    /// Names that are new, changed or gone since the previous scan.
+    pub added: u64,
+    pub modified: u64,
+    pub deleted: u64,
+    /// Files opened and read (unchanged files are not read).
+    pub files_read: u64,
+    pub bytes_read: u64,
+    /// Sockets, FIFOs and devices, which never sync.
+    pub skipped_special: u64,
+    /// Names that could not be read; their previous index entries were kept.
+    pub problems: Vec<String>,
+    pub seconds: f64,
+}
+
+impl ScanReport {
+    /// Chunk references per distinct chunk (1.0 means no duplicate content).
+    pub fn dedup_ratio(&self) -> f64 {
+        if self.unique_chunks == 0 {
+            1.0
+        } else {
+            self.totals.chunks as f64 / self.unique_chunks as f64
+        }
+    }
+}
+
+/// Scans volume `name`, whose files are in `root`, into `store`.
+pub fn scan_volume(
+    store: &Store,
+    name: &str,
+    root: &Path,
+    options: &ScanOptions,
+) -> Result<ScanReport, ScanError> {
+    let started = Instant::now();
+    let store_err = |source| ScanError::Store {
+        volume: name.to_string(),
+        source,
+    };
+    // The volume directory itself may be a symlink (a bind mount, a moved disk); names
+    // inside it are never followed.
+    match fs::metadata(root) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => return Err(ScanError::NotADirectory(root.to_path_buf())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(ScanError::VolumeMissing(root.to_path_buf()));
+        }
+        Err(source) => {
+            return Err(ScanError::RootUnreadable {
+                path: root.to_path_buf(),
+                source,
+            });
+        }
+    }
+    if let Err(source) = fs::read_dir(root) {
+        return Err(ScanError::RootUnreadable {
+            path: root.to_path_buf(),
+            source,
+        });
+    }
+    let record = store.ensure_volume(name).map_err(store_err)?;
+    let vol = VolumeId(record.id);
+    let threads = if options.threads > 0 {
+        options.threads
+    } else {
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    };
+    let params = store.meta().chunk_params;
+    let (job_tx, job_rx) = bounded::<HashJob>(QUEUE_DEPTH);
+    let (result_tx, result_rx) = bounded::<HashResult>(QUEUE_DEPTH);
+
+    let mut report = std::thread::scope(|scope| -> Result<ScanReport, StoreError> {
+        for _ in 0..threads {
+            let (job_rx, result_tx) = (job_rx.clone(), result_tx.clone());
+            scope.spawn(move || hash_worker(params, job_rx, result_tx));
+        }
+        drop(result_tx);
+        let mut walker = Walker {
+            store,
+            vol,
+            node: store.meta().node_id,
+            root: root.to_path_buf(),
+            batch: store.batch(),
+            jobs: Some(job_tx),
+            results: result_rx,
+            in_flight: 0,
+            progress: options.progress.clone(),
+            hold: &options.hold,
+            renamed: options
+                .renamed
+                .iter()
+                .map(|(from, to)| (to.clone(), from.clone()))
+                .collect(),
+            gone: Vec::new(),
+            report: ScanReport {
+                volume: name.to_string(),
+                ..ScanReport::default()
+            },
+        };
+        walker.run(&options.scope)?;
+        Ok(walker.report)
+    })
+    .map_err(store_err)?;
+
+    let root_node = crate::tree::update(store, vol).map_err(store_err)?;
+    let changed = report.added + report.modified + report.deleted > 0;
+    // Counting distinct chunks reads every chunk location: a full scan pays for it, a
+    // narrow one (the watcher's, many times a minute) leaves the count to the next.
+    let unique_chunks = match (&options.scope, record.unique_chunks) {
+        (_, Some(count)) if !changed => Some(count),
+        (ScanScope::Everything, _) => Some(store.count_unique_chunks(vol).map_err(store_err)?),
+        (ScanScope::Dirs(_), _) => None,
+    };
+    let mut batch = store.batch();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    batch.put_volume(
+        name,
+        &crate::store::VolumeRecord {
+            id: record.id,
+            last_scan_unix: Some(now.as_secs() as i64),
+            unique_chunks,
+        },
+    );
+    store.write(batch, true).map_err(store_err)?;
+    report.root = root_node.hash.to_hex();
+    report.totals = root_node.totals;
+    report.unique_chunks = unique_chunks.unwrap_or_default();
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Forgets the tombstones of `vol` deleted before `cutoff_ns` (ns since the epoch):
+/// after the retention period a delete is taken to have reached every node. A node
+/// offline for longer can bring such a file back; the period is configurable for that.
+pub fn expire_tombstones(store: &Store, vol: VolumeId, cutoff_ns: i64) -> Result<u64, StoreError> {
+    let mut batch = store.batch();
+    let mut expired = 0;
+    for item in store.descendants(vol, &VolPath::root()) {
+        let (dir, name, entry) = item?;
+        if matches!(entry.kind, EntryKind::Tombstone { deleted_at_ns } if deleted_at_ns < cutoff_ns)
+        {
+            batch.delete_entry(vol, &dir, &name);
+            batch.mark_dirty(vol, &dir);
+            expired += 1;
+            if batch.len() >= BATCH_OPS {
+                store.write(std::mem::replace(&mut batch, store.batch()), false)?;
+            }
+        }
+    }
+    store.write(batch, true)?;
+    if expired > 0 {
+        crate::tree::update(store, vol)?;
+    }
+    Ok(expired)
+}
+
+/// The root hash of a volume as last scanned, if it was ever scanned.
+pub fn volume_root(store: &Store, vol: VolumeId) -> Result<Option<TreeHash>, StoreError> {
+    Ok(store
+        .tree_node(vol, &VolPath::root())?
+        .map(|node| node.hash))
+}
+
+pub fn stamp_of(meta: &Metadata) -> ScanStamp {
+    ScanStamp {
+        size: meta.len(),
+        mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+        ino: meta.ino(),
+        dev: meta.dev(),
+    }
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
