@@ -1,0 +1,251 @@
+//! Offline verification: do the index, the pack files and the live files agree?
+//!
+//! `verify` re-reads every indexed file chunk by chunk, at the boundaries the index
+//! recorded, and checks each chunk's BLAKE3 id, so damage is reported as a byte range
+//! of a named file. It also checks that the index is consistent with itself (chunk
+//! lists match content ids and sizes, every chunk of a live file has its location
+//! record, every location points at an existing file) and that every pack record is
+//! intact. Findings are collected, not fatal: one run lists everything.
+//!
+//! The line between damage and an edit: a file whose size or mtime differs from the
+//! index was changed by someone since the last scan (a warning: scan it); content that
+//! no longer matches while size and mtime are unchanged is damage (bit rot, or a write
+//! that hid itself).
+//!
+//! With a sample (`--sample PERCENT`), each indexed name and each location record is
+//! checked with that probability, so a spot check of a huge store takes a fraction of
+//! the time; packs are always read whole.
+//!
+//! Pack records that no index record points at are reported as orphans (a warning:
+//! their space could be reclaimed, nothing is lost).
+//!
+//! Verification only reads, through a read-only open of the store, so it is safe beside
+//! a running `shoal serve`. `shoal repair` ([`crate::repair`]) acts on the findings.
+
+mod files;
+mod locations;
+mod packs;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use crossbeam_channel::bounded;
+use indicatif::ProgressBar;
+use serde::Serialize;
+
+use crate::ids::VolumeId;
+use crate::pathname::VolPath;
+use crate::store::{Store, StoreError};
+use files::{FileCheck, check_entry, check_file};
+pub(crate) use locations::ChunkListCache;
+use locations::check_locations;
+use packs::check_packs;
+pub use packs::pack_number;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Something differs from what the index promises and was not an edit.
+    Damage,
+    /// Not damage, but worth knowing (e.g. files edited since the last scan).
+    Warning,
+}
+
+/// One problem found.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Finding {
+    pub severity: Severity,
+    /// Short stable name of the problem, for scripts (e.g. `content-mismatch`).
+    pub problem: &'static str,
+    pub volume: Option<String>,
+    /// The file, escaped for display, or the pack file.
+    pub path: Option<String>,
+    /// Byte range `[start, end)` of a file that is damaged.
+    pub range: Option<(u64, u64)>,
+    pub detail: String,
+    /// The file as a volume path, for `repair` (the display form above is escaped).
+    #[serde(skip)]
+    pub file: Option<VolPath>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct VerifyReport {
+    pub volumes: Vec<String>,
+    pub files_checked: u64,
+    pub bytes_hashed: u64,
+    pub packs_checked: u64,
+    /// The share of names re-hashed, when sampling (`--sample`).
+    pub sample_percent: Option<f64>,
+    pub findings: Vec<Finding>,
+    pub seconds: f64,
+}
+
+impl VerifyReport {
+    pub fn damaged(&self) -> bool {
+        self.findings.iter().any(|f| f.severity == Severity::Damage)
+    }
+}
+
+/// How to verify.
+#[derive(Clone, Debug, Default)]
+pub struct VerifyOptions {
+    /// Check each name and location with this probability (0 < p <= 1); all when `None`.
+    pub sample: Option<f64>,
+    /// Advanced by the bytes hashed.
+    pub progress: Option<ProgressBar>,
+}
+
+/// Picks items with a fixed probability (xorshift64, seeded at random).
+struct Sampler {
+    threshold: Option<u64>,
+    state: u64,
+}
+
+impl Sampler {
+    fn new(sample: Option<f64>) -> Self {
+        let seed = crate::ids::NodeId::random().map_or(0x9E37_79B9_7F4A_7C15, |n| n.0);
+        Sampler {
+            threshold: sample
+                .filter(|p| *p < 1.0)
+                .map(|p| (p.max(0.0) * u64::MAX as f64) as u64),
+            state: seed | 1,
+        }
+    }
+
+    fn pick(&mut self) -> bool {
+        let Some(threshold) = self.threshold else {
+            return true;
+        };
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        self.state < threshold
+    }
+}
+
+/// Verifies the named volumes (each with its directory) and the store's packs.
+pub fn verify(
+    store: &Store,
+    volumes: &[(String, PathBuf)],
+    options: &VerifyOptions,
+) -> Result<VerifyReport, StoreError> {
+    let started = Instant::now();
+    let progress = options.progress.clone();
+    let mut sampler = Sampler::new(options.sample);
+    let mut report = VerifyReport {
+        volumes: volumes.iter().map(|(n, _)| n.clone()).collect(),
+        sample_percent: options.sample.map(|p| p * 100.0),
+        ..Default::default()
+    };
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let (job_tx, job_rx) = bounded::<FileCheck>(64);
+    let (found_tx, found_rx) = bounded::<(u64, Vec<Finding>)>(64);
+    std::thread::scope(|scope| -> Result<(), StoreError> {
+        for _ in 0..threads {
+            let (job_rx, found_tx) = (job_rx.clone(), found_tx.clone());
+            scope.spawn(move || {
+                for check in job_rx {
+                    let outcome = check_file(&check);
+                    if found_tx.send(outcome).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(found_tx);
+        let collect = |report: &mut VerifyReport, (bytes, findings): (u64, Vec<Finding>)| {
+            report.files_checked += 1;
+            report.bytes_hashed += bytes;
+            report.findings.extend(findings);
+            if let Some(progress) = &progress {
+                progress.inc(bytes);
+            }
+        };
+        for (name, root) in volumes {
+            let Some(record) = store.volume(name)? else {
+                report.findings.push(finding(
+                    Severity::Damage,
+                    "volume-not-indexed",
+                    Some(name),
+                    None,
+                    format!("volume {name} is not in the index (run `shoal scan --volume {name}`)"),
+                ));
+                continue;
+            };
+            let vol = VolumeId(record.id);
+            for item in store.descendants(vol, &VolPath::root()) {
+                let (dir, entry_name, entry) = item?;
+                if !sampler.pick() {
+                    continue;
+                }
+                let path = match dir.join(&entry_name) {
+                    Ok(path) => path,
+                    Err(e) => {
+                        report.findings.push(finding(
+                            Severity::Damage,
+                            "bad-index-key",
+                            Some(name),
+                            None,
+                            e.to_string(),
+                        ));
+                        continue;
+                    }
+                };
+                if let Some(check) = check_entry(
+                    store,
+                    vol,
+                    name,
+                    root,
+                    &dir,
+                    &entry_name,
+                    &path,
+                    &entry,
+                    &mut report,
+                )? {
+                    let mut pending = Some(check);
+                    while let Some(check) = pending.take() {
+                        if let Err(crossbeam_channel::TrySendError::Full(back)) =
+                            job_tx.try_send(check)
+                        {
+                            pending = Some(back);
+                            let done = found_rx
+                                .recv()
+                                .expect("verify threads answer every job they took");
+                            collect(&mut report, done);
+                        }
+                    }
+                }
+            }
+            check_locations(store, vol, name, &mut sampler, &mut report)?;
+        }
+        drop(job_tx);
+        for done in found_rx.iter() {
+            collect(&mut report, done);
+        }
+        Ok(())
+    })?;
+    check_packs(store, progress.as_ref(), &mut report)?;
+    report
+        .findings
+        .sort_by(|a, b| (a.severity, &a.volume, &a.path).cmp(&(b.severity, &b.volume, &b.path)));
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+fn finding(
+    severity: Severity,
+    problem: &'static str,
+    volume: Option<&str>,
+    path: Option<String>,
+    detail: String,
+) -> Finding {
+    Finding {
+        severity,
+        problem,
+        volume: volume.map(str::to_string),
+        path,
+        range: None,
+        detail,
+        file: None,
+    }
+}
