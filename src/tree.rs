@@ -25,7 +25,7 @@ use std::collections::BTreeSet;
 use crate::entry::{Entry, EntryKind};
 use crate::ids::{TreeHash, VolumeId};
 use crate::pathname::VolPath;
-use crate::store::{Store, StoreError};
+use crate::store::{Durability, Store, StoreError};
 
 const PAGE_CONTEXT: &str = "shoal 2026-11 tree page v1";
 const DIR_CONTEXT: &str = "shoal 2026-11 tree dir v1";
@@ -270,7 +270,7 @@ pub fn update(store: &Store, vol: VolumeId) -> Result<TreeNode, StoreError> {
             batch.mark_dirty(vol, &parent);
             pending.insert((Reverse(parent.depth()), parent));
         }
-        store.write(batch, false)?;
+        store.write(batch, Durability::Buffered)?;
     }
     Ok(store
         .tree_node(vol, &VolPath::root())?

@@ -9,6 +9,7 @@ use crate::chunking::ChunkRef;
 use crate::entry::EntryKind;
 use crate::ids::ChunkId;
 use crate::pathname::VolPath;
+use crate::store::Durability;
 use crate::sync::transfer::ChunkTargets;
 use crate::verify::{Severity, VerifyReport};
 use crate::volume_fs::{VolumeFs, finish_staged, stamp_of_stat};
@@ -160,7 +161,7 @@ impl Repair<'_> {
                 let stat = vol.fs.stat(&parent, name)?;
                 let mut batch = node.store.batch();
                 batch.put_stamp(vol.id, &dir, name, &stamp_of_stat(&stat));
-                node.store.write(batch, true)?;
+                node.store.write(batch, Durability::Durable)?;
                 self.done(
                     "restored",
                     Some(volume),
@@ -253,7 +254,7 @@ impl Repair<'_> {
         let stat = vol.fs.stat(&dir_fd, &rebuild.name)?;
         let mut batch = node.store.batch();
         batch.put_stamp(vol.id, &rebuild.dir, &rebuild.name, &stamp_of_stat(&stat));
-        node.store.write(batch, true)?;
+        node.store.write(batch, Durability::Durable)?;
         self.done(
             "restored",
             Some(&vol.name),

@@ -1,6 +1,6 @@
 //! Index records that contradict the index itself.
 
-use crate::store::ChunkLocation;
+use crate::store::{ChunkLocation, Durability};
 use crate::verify::VerifyReport;
 
 use super::{Repair, RepairError};
@@ -64,7 +64,7 @@ impl Repair<'_> {
             }
         }
         if !batch.is_empty() {
-            store.write(batch, true)?;
+            store.write(batch, Durability::Durable)?;
         }
         for (path, id) in removed {
             self.done(

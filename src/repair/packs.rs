@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::ids::ChunkId;
-use crate::store::ChunkLocation;
 use crate::store::codec::Extent;
 use crate::store::pack::{self, PackEnd, PackScanner, PackWriter};
+use crate::store::{ChunkLocation, Durability};
 use crate::sync::transfer::ChunkTargets;
 
 use super::{Repair, RepairError};
@@ -143,7 +143,7 @@ impl Repair<'_> {
                 self.restore_lost(number, &path, lost, &mut batch).await?;
             }
             if !batch.is_empty() {
-                store.write(batch, true)?;
+                store.write(batch, Durability::Durable)?;
             }
         }
         Ok(())

@@ -34,7 +34,7 @@ use crate::entry::EntryKind;
 use crate::ids::{TreeHash, VolumeId};
 use crate::pathname::VolPath;
 use crate::store::codec::ScanStamp;
-use crate::store::{Store, StoreError};
+use crate::store::{Durability, Store, StoreError};
 use crate::tree::SubtreeTotals;
 use hash::{HashJob, HashResult, hash_worker};
 use walk::Walker;
@@ -234,7 +234,7 @@ pub fn scan_volume(
             unique_chunks,
         },
     );
-    store.write(batch, true).map_err(store_err)?;
+    store.write(batch, Durability::Durable).map_err(store_err)?;
     report.root = root_node.hash.to_hex();
     report.totals = root_node.totals;
     report.unique_chunks = unique_chunks.unwrap_or_default();
@@ -256,11 +256,14 @@ pub fn expire_tombstones(store: &Store, vol: VolumeId, cutoff_ns: i64) -> Result
             batch.mark_dirty(vol, &dir);
             expired += 1;
             if batch.len() >= BATCH_OPS {
-                store.write(std::mem::replace(&mut batch, store.batch()), false)?;
+                store.write(
+                    std::mem::replace(&mut batch, store.batch()),
+                    Durability::Buffered,
+                )?;
             }
         }
     }
-    store.write(batch, true)?;
+    store.write(batch, Durability::Durable)?;
     if expired > 0 {
         crate::tree::update(store, vol)?;
     }

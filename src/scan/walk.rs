@@ -18,7 +18,7 @@ use crate::entry::{Entry, EntryKind, MODE_MASK};
 use crate::ids::{NodeId, VolumeId};
 use crate::pathname::{SHOAL_DIR, VolPath, escape};
 use crate::store::codec::ScanStamp;
-use crate::store::{Batch, Store, StoreError};
+use crate::store::{Batch, Durability, Store, StoreError};
 
 use super::hash::{HashJob, HashOutcome, HashResult};
 use super::rules::IgnoreRules;
@@ -158,7 +158,7 @@ impl<'s> Walker<'s> {
     fn flush(&mut self, force: bool) -> Result<(), StoreError> {
         if self.batch.len() >= BATCH_OPS || (force && !self.batch.is_empty()) {
             let full = std::mem::replace(&mut self.batch, self.store.batch());
-            self.store.write(full, false)?;
+            self.store.write(full, Durability::Buffered)?;
         }
         Ok(())
     }

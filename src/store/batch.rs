@@ -11,6 +11,17 @@ use crate::ids::{ChunkId, VolumeId};
 use crate::pathname::VolPath;
 use crate::tree::TreeNode;
 
+/// How far a write has gone when [`Store::write`] returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// RocksDB has the batch, its write-ahead log not yet on disk: a crash may lose the
+    /// whole batch, never part of it. For work that the next scan or round redoes.
+    Buffered,
+    /// The write-ahead log is on disk (`fsync`): for what a later step relies on (files
+    /// published, pack records appended, a finished scan).
+    Durable,
+}
+
 impl Store {
     pub fn batch(&self) -> Batch<'_> {
         Batch {
@@ -20,13 +31,11 @@ impl Store {
         }
     }
 
-    /// Applies a batch atomically; `durable` waits for the write-ahead log to reach the
-    /// disk.
-    pub fn write(&self, batch: Batch<'_>, durable_write: bool) -> Result<(), StoreError> {
-        let options = if durable_write {
-            durable()
-        } else {
-            WriteOptions::default()
+    /// Applies a batch atomically, as durably as `durability` says.
+    pub fn write(&self, batch: Batch<'_>, durability: Durability) -> Result<(), StoreError> {
+        let options = match durability {
+            Durability::Durable => durable(),
+            Durability::Buffered => WriteOptions::default(),
         };
         self.db
             .write_opt(batch.wb, &options)

@@ -16,7 +16,7 @@ pub mod codec;
 pub mod keys;
 pub mod pack;
 
-pub use batch::Batch;
+pub use batch::{Batch, Durability};
 
 use std::fs::{self, File};
 use std::io;
@@ -473,7 +473,7 @@ impl Store {
         batch
             .wb
             .put_cf(self.cf(CF_META), META_NEXT_VOLUME, (next + 1).to_le_bytes());
-        self.write(batch, true)?;
+        self.write(batch, Durability::Durable)?;
         Ok(record)
     }
 

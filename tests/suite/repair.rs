@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use shoal::ids::ChunkId;
+use shoal::store::Durability;
 use shoal::store::pack::{PackWriter, pack_file_name};
 
 use crate::cluster::*;
@@ -86,7 +87,7 @@ fn pack_chunks(fx: &Fixture, number: u64, contents: &[&[u8]]) -> PathBuf {
         batch.put_pack_location(&id, number, extent);
     }
     writer.sync().unwrap();
-    store.write(batch, true).unwrap();
+    store.write(batch, Durability::Durable).unwrap();
     path
 }
 
@@ -196,7 +197,7 @@ fn pack_damage_and_an_index_record_pointing_nowhere_are_named_and_repaired() {
                 len: 9_000,
             },
         );
-        store.write(batch, true).unwrap();
+        store.write(batch, Durability::Durable).unwrap();
     }
 
     let file = File::options().read(true).write(true).open(&pack).unwrap();
@@ -531,7 +532,7 @@ fn pack_records_no_local_copy_holds_are_fetched_from_a_running_peer() {
             batch.put_pack_location(&ChunkId::of(data), 7, extent);
         }
         writer.sync().unwrap();
-        store.write(batch, true).unwrap();
+        store.write(batch, Durability::Durable).unwrap();
         path
     };
     fs::remove_file(c.vol(1).join("x.bin")).unwrap();

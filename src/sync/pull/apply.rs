@@ -9,6 +9,7 @@ use super::files::FileJob;
 use crate::chunking::ChunkRef;
 use crate::entry::{Causality, Entry, EntryKind};
 use crate::pathname::{VolPath, escape};
+use crate::store::Durability;
 use crate::sync::SyncError;
 use crate::tree::TreeNode;
 use crate::volume_fs::stamp_of_stat;
@@ -84,7 +85,7 @@ impl Pull {
                 batch.put_stamp(vol, dir, name, &stamp_of_stat(&stat));
                 batch.mark_dirty(vol, dir);
                 batch.mark_dirty(vol, &path);
-                self.node.store.write(batch, false)?;
+                self.node.store.write(batch, Durability::Buffered)?;
                 self.report.applied += 1;
                 if hints.subtree.is_some() && replaces.as_ref().is_none_or(|o| !o.is_dir()) {
                     let node = self.get_dir(&path).await?;
@@ -124,7 +125,7 @@ impl Pull {
                 batch.put_entry(vol, dir, name, &remote);
                 batch.put_stamp(vol, dir, name, &stamp_of_stat(&stat));
                 batch.mark_dirty(vol, dir);
-                self.node.store.write(batch, true)?;
+                self.node.store.write(batch, Durability::Durable)?;
                 self.report.applied += 1;
                 self.node
                     .stats
@@ -144,7 +145,7 @@ impl Pull {
     ) -> Result<(), SyncError> {
         let mut batch = self.node.store.batch();
         self.forget_chunks_in(&mut batch, dir, name, old)?;
-        self.node.store.write(batch, false)?;
+        self.node.store.write(batch, Durability::Buffered)?;
         Ok(())
     }
 
@@ -225,7 +226,7 @@ impl Pull {
                 batch.put_entry(vol, &dir, &name, &Entry { version, ..local });
                 self.report.skipped += 1;
             }
-            self.node.store.write(batch, false)?;
+            self.node.store.write(batch, Durability::Buffered)?;
             crate::volume_fs::VolumeFs::fsync_dir(&dir_fd)?;
         }
         Ok(())

@@ -10,6 +10,7 @@ use crate::chunking::ChunkRef;
 use crate::entry::{Causality, Entry, EntryKind};
 use crate::pathname::{VolPath, escape};
 use crate::protocol::WireEntry;
+use crate::store::Durability;
 use crate::sync::{SyncError, conflict};
 use crate::tree::TreeNode;
 
@@ -66,7 +67,7 @@ impl Pull {
                 let mut batch = self.node.store.batch();
                 batch.put_entry(vol, dir, &name, &remote);
                 batch.mark_dirty(vol, dir);
-                self.node.store.write(batch, false)?;
+                self.node.store.write(batch, Durability::Buffered)?;
             } else {
                 self.take(dir, &name, remote, None, &hints, files, pending)
                     .await?;
@@ -117,7 +118,7 @@ impl Pull {
         batch.put_entry(self.volume().id, dir, name, &entry);
         // Histories are part of the tree's `versions` hash.
         batch.mark_dirty(self.volume().id, dir);
-        self.node.store.write(batch, false)?;
+        self.node.store.write(batch, Durability::Buffered)?;
         Ok(())
     }
 
@@ -195,7 +196,7 @@ impl Pull {
                 }
                 batch.delete_stamp(vol, dir, name);
                 batch.mark_dirty(vol, dir);
-                self.node.store.write(batch, true)?;
+                self.node.store.write(batch, Durability::Durable)?;
             }
             let winner = Entry {
                 version: merged_version,

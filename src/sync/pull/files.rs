@@ -16,6 +16,7 @@ use crate::entry::{Causality, Entry, EntryKind};
 use crate::ids::ChunkId;
 use crate::pathname::{VolPath, escape};
 use crate::protocol::{ListPart, Request, Response};
+use crate::store::Durability;
 use crate::sync::transfer::{ChunkTargets, fetch_chunks};
 use crate::sync::{Node, Peer, SyncError, request};
 use crate::volume_fs::{Staged, finish_staged, stamp_of_stat};
@@ -223,7 +224,7 @@ impl Pull {
         for dir_fd in dirs.values() {
             crate::volume_fs::VolumeFs::fsync_dir(dir_fd)?;
         }
-        node.store.write(batch, true)?;
+        node.store.write(batch, Durability::Durable)?;
         self.report.applied += published;
         node.stats
             .files_applied
