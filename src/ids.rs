@@ -89,8 +89,12 @@ impl fmt::Debug for NodeId {
     }
 }
 
-/// A volume's number inside one store; the prefix of all its keys.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+/// A volume's number inside one store; the prefix of all its keys. In the store's JSON
+/// volume records it is the plain number.
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
 pub struct VolumeId(pub u32);
 
 pub fn to_hex(bytes: &[u8]) -> String {

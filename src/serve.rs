@@ -99,7 +99,7 @@ pub async fn run(
         let record = store.ensure_volume(name)?;
         volumes.push(Volume {
             name: name.clone(),
-            id: crate::ids::VolumeId(record.id),
+            id: record.id,
             fs,
             lock: tokio::sync::Mutex::new(()),
         });

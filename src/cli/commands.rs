@@ -11,7 +11,6 @@ use serde::Serialize;
 
 use super::{Outcome, print};
 use crate::config::{ConfigError, Settings};
-use crate::ids::VolumeId;
 use crate::pathname::VolPath;
 use crate::scan::{ScanOptions, ScanReport, scan_volume};
 use crate::store::{OpenOptions, Store};
@@ -156,7 +155,7 @@ pub fn status(settings: &Settings, json: bool) -> anyhow::Result<Outcome> {
         if !settings.volumes.is_empty() && !settings.volumes.contains(&name) {
             continue;
         }
-        let root = store.tree_node(VolumeId(record.id), &VolPath::root())?;
+        let root = store.tree_node(record.id, &VolPath::root())?;
         volumes.push(VolumeStatus {
             name,
             root: root.as_ref().map(|n| n.hash.to_hex()),
@@ -254,7 +253,7 @@ pub fn verify(settings: &Settings, sample: Option<f64>, json: bool) -> anyhow::R
         let mut total = 0u64;
         for name in &names {
             if let Ok(Some(record)) = store.volume(name)
-                && let Ok(Some(node)) = store.tree_node(VolumeId(record.id), &VolPath::root())
+                && let Ok(Some(node)) = store.tree_node(record.id, &VolPath::root())
             {
                 total += node.totals.bytes;
             }

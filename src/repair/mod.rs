@@ -37,7 +37,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::config::Settings;
-use crate::ids::{ChunkId, VolumeId};
+use crate::ids::ChunkId;
 use crate::scan::{ScanOptions, scan_volume};
 use crate::store::{OpenOptions, Store, StoreError};
 use crate::sync::transfer::{ChunkTargets, fetch_chunks};
@@ -189,7 +189,7 @@ pub fn repair(settings: &Settings, options: &RepairOptions) -> Result<RepairRepo
         let record = store.ensure_volume(name)?;
         node_volumes.push(Volume {
             name: name.clone(),
-            id: VolumeId(record.id),
+            id: record.id,
             fs: VolumeFs::open(dir)?,
             lock: tokio::sync::Mutex::new(()),
         });

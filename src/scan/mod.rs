@@ -170,7 +170,7 @@ pub fn scan_volume(
         });
     }
     let record = store.ensure_volume(name).map_err(store_err)?;
-    let vol = VolumeId(record.id);
+    let vol = record.id;
     let threads = if options.threads > 0 {
         options.threads
     } else {

@@ -126,7 +126,7 @@ impl OpenOptions {
 /// What the store remembers of a volume besides its tree.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VolumeRecord {
-    pub id: u32,
+    pub id: VolumeId,
     /// When the last complete scan finished (seconds since the Unix epoch).
     pub last_scan_unix: Option<i64>,
     /// Distinct chunk ids in the volume as of the last scan.
@@ -464,7 +464,7 @@ impl Store {
             None => 1,
         };
         let record = VolumeRecord {
-            id: next,
+            id: VolumeId(next),
             last_scan_unix: None,
             unique_chunks: None,
         };
@@ -746,4 +746,21 @@ fn decode_location((key, value): &(Box<[u8]>, Box<[u8]>)) -> Result<ChunkLocatio
         }
         LocationKey::Pack { pack } => ChunkLocation::Pack { pack, extent },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_volume_record_is_stored_as_json_with_a_plain_numeric_id() {
+        let record = VolumeRecord {
+            id: VolumeId(3),
+            last_scan_unix: Some(5),
+            unique_chunks: None,
+        };
+        let json = serde_json::to_string(&record).unwrap();
+        assert_eq!(json, r#"{"id":3,"last_scan_unix":5,"unique_chunks":null}"#);
+        assert_eq!(serde_json::from_str::<VolumeRecord>(&json).unwrap(), record);
+    }
 }

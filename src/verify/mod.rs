@@ -33,7 +33,6 @@ use crossbeam_channel::bounded;
 use indicatif::ProgressBar;
 use serde::Serialize;
 
-use crate::ids::VolumeId;
 use crate::pathname::VolPath;
 use crate::store::{Store, StoreError};
 use files::{FileCheck, check_entry, check_file};
@@ -172,7 +171,7 @@ pub fn verify(
                 ));
                 continue;
             };
-            let vol = VolumeId(record.id);
+            let vol = record.id;
             for item in store.descendants(vol, &VolPath::root()) {
                 let (dir, entry_name, entry) = item?;
                 if !sampler.pick() {

@@ -4,7 +4,6 @@ use std::fs;
 use std::os::unix::fs::{PermissionsExt, symlink};
 
 use shoal::entry::EntryKind;
-use shoal::ids::VolumeId;
 use shoal::pathname::VolPath;
 use shoal::scan::{Depth, ScanOptions, ScanReport, ScanScope, scan_volume};
 
@@ -76,7 +75,7 @@ fn deleted_names_become_tombstones_with_a_newer_version() {
     fx.write("gone/deep/b.txt", b"b");
     fx.scan();
     let store = fx.open();
-    let vol = VolumeId(store.volume("vol").unwrap().unwrap().id);
+    let vol = store.volume("vol").unwrap().unwrap().id;
     let live = store
         .entry(vol, &VolPath::parse(b"gone/deep").unwrap(), b"b.txt")
         .unwrap()
@@ -124,7 +123,7 @@ fn non_utf8_names_are_indexed_as_their_exact_bytes() {
     let report = fx.scan();
     assert_eq!(report.totals.files, 1);
     let store = fx.open();
-    let vol = VolumeId(store.volume("vol").unwrap().unwrap().id);
+    let vol = store.volume("vol").unwrap().unwrap().id;
     let entry = store
         .entry(vol, &VolPath::root(), name)
         .unwrap()
@@ -228,7 +227,7 @@ fn an_emptied_volume_is_forgotten_not_turned_into_tombstones() {
     let report = fx.scan();
     assert_eq!((report.deleted, report.totals.files), (0, 0));
     let store = fx.open();
-    let vol = VolumeId(store.volume("vol").unwrap().unwrap().id);
+    let vol = store.volume("vol").unwrap().unwrap().id;
     assert_eq!(
         store.descendants(vol, &VolPath::root()).count(),
         0,
@@ -245,7 +244,7 @@ fn tombstones_are_forgotten_after_their_retention() {
     fs::remove_file(fx.path("gone.txt")).unwrap();
     let before = fx.scan().root;
     let store = fx.open();
-    let vol = VolumeId(store.volume("vol").unwrap().unwrap().id);
+    let vol = store.volume("vol").unwrap().unwrap().id;
     assert_eq!(
         shoal::scan::expire_tombstones(&store, vol, 0).unwrap(),
         0,

@@ -11,7 +11,6 @@ use std::process::{Command, Output};
 use std::time::{Duration, UNIX_EPOCH};
 
 use shoal::entry::{Entry, EntryKind};
-use shoal::ids::VolumeId;
 use shoal::pathname::VolPath;
 use shoal::scan::{ScanOptions, ScanReport, scan_volume};
 use shoal::store::{OpenOptions, Store};
@@ -176,7 +175,7 @@ pub fn stderr(output: &Output) -> String {
 /// What the index says of every live name, without version vectors (which record
 /// history, not state): path -> entry.
 pub fn index_listing(store: &Store, volume: &str) -> BTreeMap<Vec<u8>, Entry> {
-    let vol = VolumeId(store.volume(volume).unwrap().expect("volume indexed").id);
+    let vol = store.volume(volume).unwrap().expect("volume indexed").id;
     store
         .descendants(vol, &VolPath::root())
         .map(|item| {
@@ -196,7 +195,7 @@ pub fn index_listing(store: &Store, volume: &str) -> BTreeMap<Vec<u8>, Entry> {
 }
 
 pub fn root_of(store: &Store, volume: &str) -> String {
-    let vol = VolumeId(store.volume(volume).unwrap().unwrap().id);
+    let vol = store.volume(volume).unwrap().unwrap().id;
     shoal::scan::volume_root(store, vol)
         .unwrap()
         .unwrap()
