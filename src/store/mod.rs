@@ -544,14 +544,7 @@ impl Store {
         vol: VolumeId,
         dir: &VolPath,
     ) -> impl Iterator<Item = Result<(Vec<u8>, Entry), StoreError>> + '_ {
-        let (start, end) = children_range(vol, dir);
-        let name_at = start.len();
-        self.range(CF_ENTRIES, start, end).map(move |item| {
-            let (key, value) = item?;
-            let entry = codec::decode_entry(&value)
-                .map_err(|e| StoreError::corrupt(CF_ENTRIES, &key, e))?;
-            Ok((key[name_at..].to_vec(), entry))
-        })
+        self.children_in(CF_ENTRIES, vol, dir, &[], codec::decode_entry)
     }
 
     /// The children of `dir` whose names are `>= start`, in name order.
@@ -561,15 +554,7 @@ impl Store {
         dir: &VolPath,
         start: &[u8],
     ) -> impl Iterator<Item = Result<(Vec<u8>, Entry), StoreError>> + '_ {
-        let (prefix, end) = children_range(vol, dir);
-        let name_at = prefix.len();
-        let from = [prefix.as_slice(), start].concat();
-        self.range(CF_ENTRIES, from, end).map(move |item| {
-            let (key, value) = item?;
-            let entry = codec::decode_entry(&value)
-                .map_err(|e| StoreError::corrupt(CF_ENTRIES, &key, e))?;
-            Ok((key[name_at..].to_vec(), entry))
-        })
+        self.children_in(CF_ENTRIES, vol, dir, start, codec::decode_entry)
     }
 
     /// The scan stamps of `dir`'s children in name order: exactly the names that exist
@@ -579,13 +564,26 @@ impl Store {
         vol: VolumeId,
         dir: &VolPath,
     ) -> impl Iterator<Item = Result<(Vec<u8>, ScanStamp), StoreError>> + '_ {
-        let (start, end) = children_range(vol, dir);
-        let name_at = start.len();
-        self.range(CF_SCAN_CACHE, start, end).map(move |item| {
+        self.children_in(CF_SCAN_CACHE, vol, dir, &[], codec::decode_stamp)
+    }
+
+    /// The records of `cf` (keyed by entry key) for the children of `dir` whose names are
+    /// `>= start`, in name order, as (name, decoded value).
+    fn children_in<T: 'static>(
+        &self,
+        cf: &'static str,
+        vol: VolumeId,
+        dir: &VolPath,
+        start: &[u8],
+        decode: fn(&[u8]) -> Result<T, DecodeError>,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, T), StoreError>> + '_ {
+        let (prefix, end) = children_range(vol, dir);
+        let name_at = prefix.len();
+        let from = [prefix.as_slice(), start].concat();
+        self.range(cf, from, end).map(move |item| {
             let (key, value) = item?;
-            let stamp = codec::decode_stamp(&value)
-                .map_err(|e| StoreError::corrupt(CF_SCAN_CACHE, &key, e))?;
-            Ok((key[name_at..].to_vec(), stamp))
+            let value = decode(&value).map_err(|e| StoreError::corrupt(cf, &key, e))?;
+            Ok((key[name_at..].to_vec(), value))
         })
     }
 
