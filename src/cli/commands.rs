@@ -218,7 +218,7 @@ pub fn verify(settings: &Settings, sample: Option<f64>, json: bool) -> anyhow::R
         let report = crate::verify::VerifyReport {
             findings: vec![crate::verify::Finding {
                 severity: Severity::Damage,
-                problem: "index-missing",
+                problem: crate::verify::Problem::IndexMissing,
                 volume: None,
                 path: Some(settings.state_dir.join("index").display().to_string()),
                 range: None,

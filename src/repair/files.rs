@@ -11,10 +11,10 @@ use crate::ids::ChunkId;
 use crate::pathname::VolPath;
 use crate::store::Durability;
 use crate::sync::transfer::ChunkTargets;
-use crate::verify::{Severity, VerifyReport};
+use crate::verify::{Problem, Severity, VerifyReport};
 use crate::volume_fs::{VolumeFs, finish_staged, stamp_of_stat};
 
-use super::{FILE_BATCH, RESTORABLE, Repair, RepairError};
+use super::{FILE_BATCH, Repair, RepairError};
 
 /// A damaged file being rebuilt in staging.
 struct Rebuild {
@@ -34,27 +34,27 @@ impl Repair<'_> {
     /// Rebuilds every damaged live file from its chunk list.
     pub(super) async fn restore_files(&mut self, found: &VerifyReport) -> Result<(), RepairError> {
         // One job per file, whatever the number of findings about it.
-        let mut damaged: BTreeMap<(String, VolPath), String> = BTreeMap::new();
+        let mut damaged: BTreeMap<(String, VolPath), Problem> = BTreeMap::new();
         for f in &found.findings {
             match (&f.volume, &f.file) {
-                (Some(volume), Some(path)) if RESTORABLE.contains(&f.problem) => {
+                (Some(volume), Some(path)) if f.problem.is_restorable() => {
                     damaged
                         .entry((volume.clone(), path.clone()))
-                        .or_insert_with(|| f.problem.to_string());
+                        .or_insert(f.problem);
                 }
-                (Some(volume), _) if f.problem == "modified" => {
+                (Some(volume), _) if f.problem == Problem::Modified => {
                     let detail = "edited since the last scan: kept; the rescan indexes it as the newest version";
                     self.done("kept", Some(volume), f.path.clone(), detail.into());
                 }
                 // Another kind of entry where the index has a file (or the reverse):
                 // replaced while Shoal was stopped, an edit the rescan records.
-                (Some(volume), Some(_)) if f.problem == "type-changed" => {
+                (Some(volume), Some(_)) if f.problem == Problem::TypeChanged => {
                     let detail = "replaced by another kind of entry: kept as a local change";
                     self.done("kept", Some(volume), f.path.clone(), detail.into());
                 }
                 _ if f.severity == Severity::Damage
                     && f.file.is_some()
-                    && !f.problem.starts_with("index-") =>
+                    && !f.problem.is_index_record() =>
                 {
                     let detail = format!("{}: {}", f.problem, f.detail);
                     self.left(f.volume.as_deref(), f.path.clone(), detail);
@@ -68,7 +68,7 @@ impl Repair<'_> {
             let files: Vec<_> = damaged
                 .iter()
                 .filter(|((volume, _), _)| *volume == name)
-                .map(|((_, path), problem)| (path.clone(), problem.clone()))
+                .map(|((_, path), problem)| (path.clone(), *problem))
                 .collect();
             for batch in files.chunks(FILE_BATCH) {
                 self.restore_batch(volume_index, batch).await?;
@@ -80,13 +80,13 @@ impl Repair<'_> {
     async fn restore_batch(
         &mut self,
         volume_index: usize,
-        batch: &[(VolPath, String)],
+        batch: &[(VolPath, Problem)],
     ) -> Result<(), RepairError> {
         {
             let mut rebuilds = Vec::new();
             let mut targets = ChunkTargets::default();
             for (path, problem) in batch {
-                if let Some(rebuild) = self.prepare(volume_index, path, problem, &mut targets)? {
+                if let Some(rebuild) = self.prepare(volume_index, path, *problem, &mut targets)? {
                     rebuilds.push(rebuild);
                 }
             }
@@ -121,7 +121,7 @@ impl Repair<'_> {
         &mut self,
         volume_index: usize,
         path: &VolPath,
-        problem: &str,
+        problem: Problem,
         targets: &mut ChunkTargets,
     ) -> Result<Option<Rebuild>, RepairError> {
         let node = self.node.clone();
@@ -211,7 +211,7 @@ impl Repair<'_> {
             offset += u64::from(chunk.len);
         }
         let shown = display.as_str();
-        tracing::info!(volume, path = shown, problem, "restoring");
+        tracing::info!(volume, path = shown, problem = problem.name(), "restoring");
         Ok(Some(Rebuild {
             volume_index,
             dir,

@@ -1,7 +1,7 @@
 //! Index records that contradict the index itself.
 
 use crate::store::{ChunkLocation, Durability};
-use crate::verify::VerifyReport;
+use crate::verify::{Problem, VerifyReport};
 
 use super::{Repair, RepairError};
 
@@ -40,7 +40,7 @@ impl Repair<'_> {
             };
             let vol = self.node.volumes[index].id;
             match f.problem {
-                "index-missing-location" => {
+                Problem::IndexMissingLocation => {
                     if let Some(chunks) = store.chunk_list(vol, &dir, name)? {
                         batch.set_chunks(vol, &dir, name, &chunks, &chunks);
                         fixed.push((
@@ -51,7 +51,7 @@ impl Repair<'_> {
                         ));
                     }
                 }
-                "index-missing-chunk-list" | "index-inconsistent" => {
+                Problem::IndexMissingChunkList | Problem::IndexInconsistent => {
                     batch.delete_stamp(vol, &dir, name);
                     fixed.push((
                         "rescan",

@@ -42,14 +42,11 @@ use crate::scan::{ScanOptions, scan_volume};
 use crate::store::{OpenOptions, Store, StoreError};
 use crate::sync::transfer::{ChunkTargets, fetch_chunks};
 use crate::sync::{Node, Peer, Stats, SyncError, Volume};
-use crate::verify::{Finding, Severity, VerifyOptions, VerifyReport, verify};
+use crate::verify::{Finding, Problem, Severity, VerifyOptions, VerifyReport, verify};
 use crate::volume_fs::VolumeFs;
 
 /// Damaged files restored at once (each holds a staging file open).
 const FILE_BATCH: usize = 256;
-
-/// What verify reports of a live file that repair restores from its chunk list.
-const RESTORABLE: [&str; 4] = ["content-mismatch", "truncated", "size-mismatch", "missing"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepairError {
@@ -239,44 +236,44 @@ pub fn repair(settings: &Settings, options: &RepairOptions) -> Result<RepairRepo
 fn plan(found: &VerifyReport, report: &mut RepairReport) {
     for f in &found.findings {
         let (action, detail) = match f.problem {
-            p if RESTORABLE.contains(&p) => (
+            p if p.is_restorable() => (
                 "restored",
                 format!("would restore the indexed content ({p}) from local copies or peers"),
             ),
-            "pack-record-damaged" => (
+            Problem::PackRecordDamaged => (
                 "pack-record-restored",
                 "would rewrite the record from another copy".to_string(),
             ),
-            "pack-truncated" => (
+            Problem::PackTruncated => (
                 "pack-tail-cut",
                 "would cut the torn tail and append the lost records again".to_string(),
             ),
-            "pack-location-broken" => (
+            Problem::PackLocationBroken => (
                 "pack-location-fixed",
                 "would restore the chunk into a pack, or remove the record if it is held by a live file or nowhere".to_string(),
             ),
-            "orphan-pack-record" => (
+            Problem::OrphanPackRecord => (
                 "location-added",
                 "would index the record again".to_string(),
             ),
-            "index-dangling-location" => (
+            Problem::IndexDanglingLocation => (
                 "location-removed",
                 "would remove the location record".to_string(),
             ),
-            "index-missing-location" => (
+            Problem::IndexMissingLocation => (
                 "location-added",
                 "would add the file's location records from its chunk list".to_string(),
             ),
-            "index-missing-chunk-list" | "index-inconsistent" => (
+            Problem::IndexMissingChunkList | Problem::IndexInconsistent => (
                 "rescan",
                 "would have the file read again by the rescan".to_string(),
             ),
-            "modified" => (
+            Problem::Modified => (
                 "kept",
                 "edited since the last scan: would be kept and indexed as the newest version"
                     .to_string(),
             ),
-            "type-changed" => (
+            Problem::TypeChanged => (
                 "kept",
                 "replaced by another kind of entry: would be kept as a local change".to_string(),
             ),

@@ -12,7 +12,7 @@ use crate::ids::{ChunkId, VolumeId};
 use crate::pathname::VolPath;
 use crate::store::{Store, StoreError};
 
-use super::{Finding, Severity, VerifyReport, finding};
+use super::{Finding, Problem, Severity, VerifyReport, finding};
 
 /// A file to re-hash, with what the index says of it.
 pub(super) struct FileCheck {
@@ -57,11 +57,11 @@ pub(super) fn check_entry(
         _ if entry.is_tombstone() => return Ok(None),
         Ok(meta) => meta,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            damage("missing", "in the index but not on disk".into());
+            damage(Problem::Missing, "in the index but not on disk".into());
             return Ok(None);
         }
         Err(e) => {
-            damage("unreadable", format!("cannot stat: {e}"));
+            damage(Problem::Unreadable, format!("cannot stat: {e}"));
             return Ok(None);
         }
     };
@@ -73,12 +73,12 @@ pub(super) fn check_entry(
                 Ok(actual) if actual.as_os_str().as_bytes() == target.as_slice() => {}
                 Ok(_) => report.findings.push(finding(
                     Severity::Warning,
-                    "modified",
+                    Problem::Modified,
                     Some(volume),
                     Some(display),
                     "symlink target changed since the last scan".into(),
                 )),
-                Err(e) => damage("unreadable", format!("cannot read symlink: {e}")),
+                Err(e) => damage(Problem::Unreadable, format!("cannot read symlink: {e}")),
             }
             Ok(None)
         }
@@ -91,7 +91,7 @@ pub(super) fn check_entry(
             if mtime_ns != entry.mtime_ns {
                 report.findings.push(finding(
                     Severity::Warning,
-                    "modified",
+                    Problem::Modified,
                     Some(volume),
                     Some(display),
                     "modified since the last scan (run `shoal scan`)".into(),
@@ -100,7 +100,7 @@ pub(super) fn check_entry(
             }
             let Some(chunks) = store.chunk_list(vol, dir, name)? else {
                 damage(
-                    "index-missing-chunk-list",
+                    Problem::IndexMissingChunkList,
                     "the index has no chunk list for this file".into(),
                 );
                 return Ok(None);
@@ -109,7 +109,7 @@ pub(super) fn check_entry(
                 || chunks.iter().map(|c| u64::from(c.len)).sum::<u64>() != *size
             {
                 damage(
-                    "index-inconsistent",
+                    Problem::IndexInconsistent,
                     "the chunk list does not match the file's content id or size".into(),
                 );
                 return Ok(None);
@@ -117,7 +117,7 @@ pub(super) fn check_entry(
             for chunk in &chunks {
                 if !store.has_live_location(&chunk.id, vol, dir, name)? {
                     damage(
-                        "index-missing-location",
+                        Problem::IndexMissingLocation,
                         format!("chunk {} has no location record", chunk.id),
                     );
                     break;
@@ -125,9 +125,9 @@ pub(super) fn check_entry(
             }
             if meta.len() != *size {
                 let problem = if meta.len() < *size {
-                    "truncated"
+                    Problem::Truncated
                 } else {
-                    "size-mismatch"
+                    Problem::SizeMismatch
                 };
                 let detail = format!(
                     "{} bytes on disk, {} in the index, mtime unchanged",
@@ -159,7 +159,7 @@ pub(super) fn check_entry(
         }
         _ => {
             damage(
-                "type-changed",
+                Problem::TypeChanged,
                 format!("the index has a {} here", kind_name(&entry.kind)),
             );
             Ok(None)
@@ -195,7 +195,11 @@ pub(super) fn check_file(check: &FileCheck) -> (u64, Vec<Finding>) {
         Err(e) => {
             return (
                 0,
-                vec![damage("unreadable", None, format!("cannot open: {e}"))],
+                vec![damage(
+                    Problem::Unreadable,
+                    None,
+                    format!("cannot open: {e}"),
+                )],
             );
         }
     };
@@ -206,7 +210,7 @@ pub(super) fn check_file(check: &FileCheck) -> (u64, Vec<Finding>) {
     let report_bad = |bad: &mut Option<(u64, u64)>, findings: &mut Vec<Finding>| {
         if let Some(range) = bad.take() {
             findings.push(damage(
-                "content-mismatch",
+                Problem::ContentMismatch,
                 Some(range),
                 format!(
                     "bytes {}..{} do not match the index (size and mtime unchanged)",
@@ -220,7 +224,7 @@ pub(super) fn check_file(check: &FileCheck) -> (u64, Vec<Finding>) {
         if let Err(e) = file.read_exact(&mut buffer) {
             report_bad(&mut bad, &mut findings);
             findings.push(damage(
-                "unreadable",
+                Problem::Unreadable,
                 Some((offset, check.size)),
                 format!("read failed at byte {offset}: {e}"),
             ));

@@ -5,7 +5,7 @@ use crate::pathname::VolPath;
 use crate::store::codec::Extent;
 use crate::store::{ChunkLocation, Store, StoreError};
 
-use super::{Sampler, Severity, VerifyReport, finding};
+use super::{Problem, Sampler, Severity, VerifyReport, finding};
 
 /// Every live-file location of `vol` must point at a file entry whose chunk list holds
 /// that chunk at that offset.
@@ -81,7 +81,7 @@ pub(super) fn check_location_batch(
                 .join(&check.name)
                 .map(|p| p.display().to_string())
                 .ok();
-            report.findings.push(finding(Severity::Damage, "index-dangling-location", Some(volume), path, format!(
+            report.findings.push(finding(Severity::Damage, Problem::IndexDanglingLocation, Some(volume), path, format!(
                 "the index says chunk {} is at byte {} of this file, but the file's chunk list does not",
                 check.id, check.extent.offset
             )));

@@ -50,12 +50,113 @@ pub enum Severity {
     Warning,
 }
 
+/// What a finding is about. Serialized (`--json`'s `problem`) and shown by its stable
+/// name, as listed in `schema/store.md`, "Verify and repair".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Problem {
+    /// Bytes of a file no longer hash to its chunk ids; size and mtime unchanged.
+    ContentMismatch,
+    /// The file is shorter than the index says, mtime unchanged.
+    Truncated,
+    /// The file is longer than the index says, mtime unchanged.
+    SizeMismatch,
+    /// Indexed, not on disk.
+    Missing,
+    /// Cannot be stat'ed, opened or read.
+    Unreadable,
+    /// A directory, symlink or file where the index has another kind.
+    TypeChanged,
+    /// Edited since the last scan (a warning: not damage).
+    Modified,
+    /// A file's chunk list is absent from the index.
+    IndexMissingChunkList,
+    /// A file's chunk list disagrees with its content id or size.
+    IndexInconsistent,
+    /// A chunk of a file has no location record.
+    IndexMissingLocation,
+    /// A live location record points at no such chunk of that file.
+    IndexDanglingLocation,
+    /// The state directory has packs or a lock file but no index.
+    IndexMissing,
+    /// A volume to verify is not in the index at all.
+    VolumeNotIndexed,
+    /// An index key names no valid path.
+    BadIndexKey,
+    /// A pack record's bytes do not hash to its id.
+    PackRecordDamaged,
+    /// A pack ends inside a record (a torn tail).
+    PackTruncated,
+    /// Not a pack, or an I/O error reading it.
+    PackUnreadable,
+    /// A pack location record points at a missing pack or at other bytes.
+    PackLocationBroken,
+    /// An intact pack record no index record points at (a warning).
+    OrphanPackRecord,
+}
+
+impl Problem {
+    /// The stable name (`content-mismatch`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Problem::ContentMismatch => "content-mismatch",
+            Problem::Truncated => "truncated",
+            Problem::SizeMismatch => "size-mismatch",
+            Problem::Missing => "missing",
+            Problem::Unreadable => "unreadable",
+            Problem::TypeChanged => "type-changed",
+            Problem::Modified => "modified",
+            Problem::IndexMissingChunkList => "index-missing-chunk-list",
+            Problem::IndexInconsistent => "index-inconsistent",
+            Problem::IndexMissingLocation => "index-missing-location",
+            Problem::IndexDanglingLocation => "index-dangling-location",
+            Problem::IndexMissing => "index-missing",
+            Problem::VolumeNotIndexed => "volume-not-indexed",
+            Problem::BadIndexKey => "bad-index-key",
+            Problem::PackRecordDamaged => "pack-record-damaged",
+            Problem::PackTruncated => "pack-truncated",
+            Problem::PackUnreadable => "pack-unreadable",
+            Problem::PackLocationBroken => "pack-location-broken",
+            Problem::OrphanPackRecord => "orphan-pack-record",
+        }
+    }
+
+    /// Damage to a live file's content that its indexed chunk list can restore.
+    pub fn is_restorable(self) -> bool {
+        matches!(
+            self,
+            Problem::ContentMismatch
+                | Problem::Truncated
+                | Problem::SizeMismatch
+                | Problem::Missing
+        )
+    }
+
+    /// A problem of the index's own records, not of the file they describe.
+    pub fn is_index_record(self) -> bool {
+        matches!(
+            self,
+            Problem::IndexMissingChunkList
+                | Problem::IndexInconsistent
+                | Problem::IndexMissingLocation
+                | Problem::IndexDanglingLocation
+                | Problem::IndexMissing
+        )
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One problem found.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct Finding {
     pub severity: Severity,
-    /// Short stable name of the problem, for scripts (e.g. `content-mismatch`).
-    pub problem: &'static str,
+    /// What it is, by a stable name for scripts (e.g. `content-mismatch`).
+    pub problem: Problem,
     pub volume: Option<String>,
     /// The file, escaped for display, or the pack file.
     pub path: Option<String>,
@@ -164,7 +265,7 @@ pub fn verify(
             let Some(record) = store.volume(name)? else {
                 report.findings.push(finding(
                     Severity::Damage,
-                    "volume-not-indexed",
+                    Problem::VolumeNotIndexed,
                     Some(name),
                     None,
                     format!("volume {name} is not in the index (run `shoal scan --volume {name}`)"),
@@ -182,7 +283,7 @@ pub fn verify(
                     Err(e) => {
                         report.findings.push(finding(
                             Severity::Damage,
-                            "bad-index-key",
+                            Problem::BadIndexKey,
                             Some(name),
                             None,
                             e.to_string(),
@@ -233,7 +334,7 @@ pub fn verify(
 
 fn finding(
     severity: Severity,
-    problem: &'static str,
+    problem: Problem,
     volume: Option<&str>,
     path: Option<String>,
     detail: String,
@@ -246,5 +347,45 @@ fn finding(
         range: None,
         detail,
         file: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn problems_serialize_as_their_stable_names() {
+        use Problem::*;
+        for problem in [
+            ContentMismatch,
+            Truncated,
+            SizeMismatch,
+            Missing,
+            Unreadable,
+            TypeChanged,
+            Modified,
+            IndexMissingChunkList,
+            IndexInconsistent,
+            IndexMissingLocation,
+            IndexDanglingLocation,
+            IndexMissing,
+            VolumeNotIndexed,
+            BadIndexKey,
+            PackRecordDamaged,
+            PackTruncated,
+            PackUnreadable,
+            PackLocationBroken,
+            OrphanPackRecord,
+        ] {
+            assert_eq!(
+                serde_json::to_value(problem).unwrap(),
+                serde_json::Value::from(problem.name())
+            );
+            assert_eq!(
+                problem.is_index_record(),
+                problem.name().starts_with("index-")
+            );
+        }
     }
 }

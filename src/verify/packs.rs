@@ -9,7 +9,7 @@ use indicatif::ProgressBar;
 use crate::store::pack::{self, PackEnd, PackScanner};
 use crate::store::{ChunkLocation, Store, StoreError};
 
-use super::{Finding, Severity, VerifyReport, finding};
+use super::{Finding, Problem, Severity, VerifyReport, finding};
 
 /// Reads every pack record and every pack location the index holds.
 /// The pack number a pack file's name gives (`NNNNNNNNNNNNNNNN.pack`).
@@ -60,7 +60,7 @@ pub(super) fn check_packs(
             Err(e) => {
                 report.findings.push(finding(
                     Severity::Damage,
-                    "pack-unreadable",
+                    Problem::PackUnreadable,
                     None,
                     shown,
                     e.to_string(),
@@ -80,13 +80,13 @@ pub(super) fn check_packs(
                     let problem = if !record.intact {
                         Some((
                             Severity::Damage,
-                            "pack-record-damaged",
+                            Problem::PackRecordDamaged,
                             format!("chunk {} does not match its bytes", record.id),
                         ))
                     } else if !known {
                         Some((
                             Severity::Warning,
-                            "orphan-pack-record",
+                            Problem::OrphanPackRecord,
                             format!(
                                 "chunk {} is in the pack but no index record points at it",
                                 record.id
@@ -107,7 +107,7 @@ pub(super) fn check_packs(
                 Err(e) => {
                     report.findings.push(finding(
                         Severity::Damage,
-                        "pack-unreadable",
+                        Problem::PackUnreadable,
                         None,
                         shown.clone(),
                         e.to_string(),
@@ -123,7 +123,7 @@ pub(super) fn check_packs(
         {
             report.findings.push(Finding {
                 range: Some((*valid_len, *file_len)),
-                ..finding(Severity::Damage, "pack-truncated", None, shown, format!(
+                ..finding(Severity::Damage, Problem::PackTruncated, None, shown, format!(
                     "the pack ends inside a record: bytes {valid_len}..{file_len} are not a whole record"
                 ))
             });
@@ -142,7 +142,7 @@ pub(super) fn check_packs(
                     range: Some((extent.offset, extent.offset + u64::from(extent.len))),
                     ..finding(
                         Severity::Damage,
-                        "pack-location-broken",
+                        Problem::PackLocationBroken,
                         None,
                         Some(path.display().to_string()),
                         format!("the index says chunk {id} is here: {e}"),
