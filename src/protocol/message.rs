@@ -535,7 +535,7 @@ impl Response {
 
 #[cfg(test)]
 mod tests {
-    use super::super::code;
+    use super::super::ErrorCode;
     use super::*;
     use crate::entry::{EntryKind, VersionVector};
 
@@ -676,7 +676,7 @@ mod tests {
             Response::Dir(None),
             Response::Ack,
             Response::Error {
-                code: code::MALFORMED,
+                code: ErrorCode::Malformed.number(),
                 message: "bad".into(),
             },
         ] {

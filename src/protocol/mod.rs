@@ -40,14 +40,41 @@ pub const MAX_CHUNKS_PER_REQUEST: usize = 64;
 /// Volumes a node may announce.
 pub const MAX_VOLUMES: usize = 1024;
 
-/// Error codes, in `Error` frames and as QUIC application close codes.
-pub mod code {
-    pub const VERSION: u16 = 1;
-    pub const MALFORMED: u16 = 2;
-    pub const TOO_LARGE: u16 = 3;
-    pub const CHUNK_PARAMS: u16 = 4;
-    pub const UNKNOWN_VOLUME: u16 = 5;
-    pub const INTERNAL: u16 = 6;
+/// Why a request was refused: the `u16` code of an `Error` frame, and the QUIC
+/// application close code when the refusal ends the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// `Hello` with another protocol version (ends the connection).
+    Version,
+    /// A frame that does not decode, or a request out of place.
+    Malformed,
+    /// A request frame over its limit.
+    TooLarge,
+    /// `Hello` with other chunk sizes (ends the connection).
+    ChunkParams,
+    /// The volume is not synced by the responder.
+    UnknownVolume,
+    /// A store or stream error on the responder.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code on the wire.
+    pub fn number(self) -> u16 {
+        match self {
+            ErrorCode::Version => 1,
+            ErrorCode::Malformed => 2,
+            ErrorCode::TooLarge => 3,
+            ErrorCode::ChunkParams => 4,
+            ErrorCode::UnknownVolume => 5,
+            ErrorCode::Internal => 6,
+        }
+    }
+
+    /// Whether the responder closes the connection after it: the two nodes cannot talk.
+    pub fn ends_connection(self) -> bool {
+        matches!(self, ErrorCode::Version | ErrorCode::ChunkParams)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,20 +87,27 @@ pub enum ProtocolError {
     Malformed(String),
     #[error("unexpected message kind {0:#04x}")]
     UnexpectedKind(u8),
+    /// The peer answered with an `Error` frame (its code may be one this node does not
+    /// know).
     #[error("peer reported error {code}: {message}")]
     Remote { code: u16, message: String },
+    /// This node refuses the request.
+    #[error("{message}")]
+    Refused { code: ErrorCode, message: String },
     #[error("stream error: {0}")]
     Io(#[from] std::io::Error),
 }
 
 impl ProtocolError {
     /// The code to send back for this error.
-    pub fn code(&self) -> u16 {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            ProtocolError::TooLarge { .. } => code::TOO_LARGE,
-            ProtocolError::Remote { code, .. } => *code,
-            ProtocolError::Io(_) => code::INTERNAL,
-            _ => code::MALFORMED,
+            ProtocolError::TooLarge { .. } => ErrorCode::TooLarge,
+            ProtocolError::Refused { code, .. } => *code,
+            ProtocolError::Io(_) | ProtocolError::Remote { .. } => ErrorCode::Internal,
+            ProtocolError::Truncated
+            | ProtocolError::Malformed(_)
+            | ProtocolError::UnexpectedKind(_) => ErrorCode::Malformed,
         }
     }
 }
@@ -81,5 +115,29 @@ impl ProtocolError {
 impl From<DecodeError> for ProtocolError {
     fn from(e: DecodeError) -> Self {
         ProtocolError::Malformed(e.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_keep_their_wire_numbers() {
+        let codes = [
+            (ErrorCode::Version, 1),
+            (ErrorCode::Malformed, 2),
+            (ErrorCode::TooLarge, 3),
+            (ErrorCode::ChunkParams, 4),
+            (ErrorCode::UnknownVolume, 5),
+            (ErrorCode::Internal, 6),
+        ];
+        for (code, number) in codes {
+            assert_eq!(code.number(), number);
+            assert_eq!(
+                code.ends_connection(),
+                matches!(code, ErrorCode::Version | ErrorCode::ChunkParams)
+            );
+        }
     }
 }

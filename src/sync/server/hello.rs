@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::Session;
-use crate::protocol::{self, Hello, ProtocolError, Response, code};
+use crate::protocol::{self, ErrorCode, Hello, ProtocolError, Response};
 use crate::sync::{Node, Peer};
 
 pub(super) fn answer(
@@ -13,8 +13,8 @@ pub(super) fn answer(
     hello: Hello,
 ) -> Result<Response, ProtocolError> {
     if hello.version != protocol::PROTOCOL_VERSION {
-        return Err(ProtocolError::Remote {
-            code: code::VERSION,
+        return Err(ProtocolError::Refused {
+            code: ErrorCode::Version,
             message: format!(
                 "protocol version {} is not supported (this node speaks {})",
                 hello.version,
@@ -23,8 +23,8 @@ pub(super) fn answer(
         });
     }
     if hello.chunk_params != node.meta.chunk_params {
-        return Err(ProtocolError::Remote {
-            code: code::CHUNK_PARAMS,
+        return Err(ProtocolError::Refused {
+            code: ErrorCode::ChunkParams,
             message: format!(
                 "chunk sizes {} differ from this node's {}",
                 hello.chunk_params, node.meta.chunk_params

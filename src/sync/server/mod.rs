@@ -25,7 +25,7 @@ use s2n_quic::stream::{ReceiveStream, SendStream};
 
 use super::Node;
 use crate::ids::{NodeId, VolumeId};
-use crate::protocol::{self, MAX_CONTROL_FRAME, ProtocolError, Request, Response, code};
+use crate::protocol::{self, ErrorCode, MAX_CONTROL_FRAME, ProtocolError, Request, Response};
 use crate::store::StoreError;
 
 /// What one connection knows of its peer, shared by the tasks serving its streams.
@@ -66,15 +66,15 @@ pub async fn serve_connection(node: Arc<Node>, mut connection: Connection) {
                     if let Err(e) = serve_stream(&node, &mut recv, &mut send, &session).await {
                         tracing::warn!(peer = %remote, "refused a request: {e}");
                         let reply = Response::Error {
-                            code: e.code(),
+                            code: e.code().number(),
                             message: e.to_string(),
                         };
                         let _ = protocol::write_frame(&mut send, reply.encode()).await;
-                        if matches!(e.code(), code::VERSION | code::CHUNK_PARAMS) {
+                        if e.code().ends_connection() {
                             // Let the error frame reach the peer before the connection goes.
                             let _ = send.close().await;
                             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                            handle.close(u32::from(e.code()).into());
+                            handle.close(u32::from(e.code().number()).into());
                             return;
                         }
                     }
@@ -152,16 +152,16 @@ async fn reply(
 fn volume_id(node: &Node, name: &str) -> Result<VolumeId, ProtocolError> {
     node.volume(name)
         .map(|v| v.id)
-        .ok_or_else(|| ProtocolError::Remote {
-            code: code::UNKNOWN_VOLUME,
+        .ok_or_else(|| ProtocolError::Refused {
+            code: ErrorCode::UnknownVolume,
             message: format!("volume {name} is not synced here"),
         })
 }
 
 /// A store error while answering: the peer is told the request failed here.
 fn internal(e: StoreError) -> ProtocolError {
-    ProtocolError::Remote {
-        code: code::INTERNAL,
+    ProtocolError::Refused {
+        code: ErrorCode::Internal,
         message: e.to_string(),
     }
 }
