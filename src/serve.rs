@@ -452,7 +452,7 @@ async fn peer_loop(
                     None => return,
                 }
             }
-            Err(SyncError::Refused(message)) if message.contains("this node itself") => return,
+            Err(SyncError::SelfConnection) => return,
             Err(e) => {
                 let message = e.to_string();
                 if message != last_error {
@@ -495,7 +495,7 @@ async fn sync_with(
                     node.notify_peers(&name).await;
                 }
                 Ok(_) => {}
-                Err(e @ (SyncError::Connection(_) | SyncError::Protocol(_))) => return Some(e),
+                Err(e) if e.is_connection_lost() => return Some(e),
                 Err(e) => tracing::warn!(peer = %peer.addr, volume = %name, "pull failed: {e}"),
             }
         }

@@ -80,19 +80,14 @@ pub async fn connect(
     let hello = match request(&mut handle, &Request::Hello(node.hello())).await? {
         Response::Hello(hello) => hello,
         other => {
-            return Err(SyncError::Refused(format!(
-                "unexpected answer to Hello: {other:?}"
-            )));
+            return Err(SyncError::unexpected("Hello", &other));
         }
     };
     if hello.version != protocol::PROTOCOL_VERSION {
-        return Err(SyncError::Refused(format!(
-            "peer speaks protocol version {}",
-            hello.version
-        )));
+        return Err(SyncError::PeerVersion(hello.version));
     }
     if hello.node_id == node.meta.node_id {
-        return Err(SyncError::Refused("the peer is this node itself".into()));
+        return Err(SyncError::SelfConnection);
     }
     let shared: Vec<String> = hello
         .volumes

@@ -1,17 +1,93 @@
-//! What can go wrong while syncing with a peer.
+//! What can go wrong while syncing with a peer, said so that the caller can tell the
+//! peer's fault (try another peer, or reconnect) from this node's own (a local disk or
+//! store error: no other peer would do better).
 
+use std::net::SocketAddr;
+
+use crate::pathname::InvalidPath;
 use crate::protocol::ProtocolError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
+    /// The peer broke the protocol, or answered with an `Error` frame.
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
+    /// The connection failed or timed out.
     #[error("connection: {0}")]
     Connection(String),
+    /// The peer has no open connection (it left, or was never reached).
+    #[error("connection: not connected")]
+    NotConnected,
+    /// The peer answered a request with a response of another kind.
+    #[error("unexpected answer to {request}: {answer}")]
+    Unexpected {
+        request: &'static str,
+        answer: String,
+    },
+    /// The peer speaks another protocol version.
+    #[error("peer speaks protocol version {0}")]
+    PeerVersion(u16),
+    /// The address reached this node itself (a peer list that includes our own address).
+    #[error("the peer is this node itself")]
+    SelfConnection,
+    /// The peer sent a chunk list that its content id does not vouch for.
+    #[error("peer {0} sent a chunk list that does not match its content id")]
+    BadChunkList(SocketAddr),
+    /// A name from the peer makes no valid path here (too long, say).
+    #[error(transparent)]
+    InvalidPath(#[from] InvalidPath),
+    /// This node's index.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// This node's volume, through its safe file-system access.
     #[error(transparent)]
     Fs(#[from] crate::volume_fs::FsError),
-    #[error("{0}")]
-    Refused(String),
+    /// This node's disk otherwise: staging files, conflict copies.
+    #[error("{what}: {source}")]
+    LocalIo {
+        what: String,
+        source: std::io::Error,
+    },
+    /// A task of this node failed (panicked or was cancelled).
+    #[error("{what} task failed: {source}")]
+    Task {
+        what: &'static str,
+        source: tokio::task::JoinError,
+    },
+}
+
+impl SyncError {
+    /// This node's own failure (its disk, its index, its tasks): asking another peer
+    /// would not help.
+    pub fn is_local(&self) -> bool {
+        matches!(
+            self,
+            SyncError::Store(_)
+                | SyncError::Fs(_)
+                | SyncError::LocalIo { .. }
+                | SyncError::Task { .. }
+        )
+    }
+
+    /// The connection to the peer is unusable: the peer's task reconnects.
+    pub fn is_connection_lost(&self) -> bool {
+        matches!(
+            self,
+            SyncError::Connection(_) | SyncError::NotConnected | SyncError::Protocol(_)
+        )
+    }
+
+    /// A local I/O error, with what was being done.
+    pub fn local(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SyncError {
+        let what = what.into();
+        move |source| SyncError::LocalIo { what, source }
+    }
+
+    /// An answer of the wrong kind to `request`.
+    pub fn unexpected(request: &'static str, answer: &impl std::fmt::Debug) -> SyncError {
+        SyncError::Unexpected {
+            request,
+            answer: format!("{answer:?}"),
+        }
+    }
 }

@@ -152,10 +152,16 @@ fn settle(
             received.extend(outcome.received);
             distrusted[index] |= outcome.misbehaved;
         }
-        Ok((_, Err(SyncError::Fs(e)))) => return Err(SyncError::Fs(e)),
+        // This node's own disk: another peer would not help.
+        Ok((_, Err(e))) if e.is_local() => return Err(e),
         // The chunks stay wanted and go to another peer in the next pass.
         Ok((_, Err(e))) => tracing::debug!("chunk request failed: {e}"),
-        Err(e) => return Err(SyncError::Refused(format!("chunk fetch task failed: {e}"))),
+        Err(e) => {
+            return Err(SyncError::Task {
+                what: "chunk fetch",
+                source: e,
+            });
+        }
     }
     Ok(())
 }
@@ -168,9 +174,7 @@ async fn fetch_group(
     ids: &[ChunkId],
     sink: &ChunkTargets,
 ) -> Result<GroupOutcome, SyncError> {
-    let mut handle = peer
-        .connection()
-        .ok_or_else(|| SyncError::Connection("not connected".into()))?;
+    let mut handle = peer.connection().ok_or(SyncError::NotConnected)?;
     let wanted: HashSet<ChunkId> = ids.iter().copied().collect();
     let mut responses =
         super::open_request(&mut handle, &Request::GetChunks { ids: ids.to_vec() }).await?;
@@ -198,7 +202,7 @@ async fn fetch_group(
                     .chunk_bytes_received
                     .fetch_add(len, Ordering::Relaxed);
                 sink.write(&id, &data)
-                    .map_err(|e| SyncError::Refused(format!("staging: {e}")))?;
+                    .map_err(SyncError::local("staging"))?;
                 outcome.received.push(id);
             }
             Response::ChunkMissing { .. } => {}
@@ -206,9 +210,7 @@ async fn fetch_group(
                 return Err(crate::protocol::ProtocolError::Remote { code, message }.into());
             }
             other => {
-                return Err(SyncError::Refused(format!(
-                    "unexpected answer to GetChunks: {other:?}"
-                )));
+                return Err(SyncError::unexpected("GetChunks", &other));
             }
         }
     }

@@ -49,9 +49,7 @@ impl Pull {
         pending: &mut Vec<(VolPath, Option<TreeNode>)>,
     ) -> Result<(), SyncError> {
         let vol = self.volume().id;
-        let path = dir
-            .join(name)
-            .map_err(|e| SyncError::Refused(e.to_string()))?;
+        let path = dir.join(name)?;
         match &remote.kind {
             EntryKind::File { .. } => {
                 files.push(FileJob {

@@ -39,9 +39,7 @@ impl Pull {
             chunks,
         } = wire;
         let hints = Hints { subtree, chunks };
-        let path = dir
-            .join(&name)
-            .map_err(|e| SyncError::Refused(e.to_string()))?;
+        let path = dir.join(&name)?;
         if path.is_shoal_internal() {
             tracing::warn!(peer = %self.peer.addr, "ignoring an entry for Shoal's own directory: {}", path.display());
             return Ok(());
@@ -181,10 +179,10 @@ impl Pull {
                     rustix::fs::RenameFlags::NOREPLACE,
                 )
                 .map_err(|e| {
-                    SyncError::Refused(format!(
-                        "cannot keep the conflict copy {}: {e}",
+                    SyncError::local(format!(
+                        "cannot keep the conflict copy {}",
                         escape(&copy_name)
-                    ))
+                    ))(e.into())
                 })?;
                 crate::volume_fs::VolumeFs::fsync_dir(&dir_fd)?;
                 let mut batch = self.node.store.batch();
@@ -211,12 +209,8 @@ impl Pull {
                 .await
         } else {
             if !remote.is_tombstone() && !both_dirs {
-                let copy_path = dir
-                    .join(&copy_name)
-                    .map_err(|e| SyncError::Refused(e.to_string()))?;
-                let source_path = dir
-                    .join(name)
-                    .map_err(|e| SyncError::Refused(e.to_string()))?;
+                let copy_path = dir.join(&copy_name)?;
+                let source_path = dir.join(name)?;
                 match &remote.kind {
                     EntryKind::File { .. } => files.push(FileJob {
                         dir: dir.clone(),

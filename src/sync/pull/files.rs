@@ -136,7 +136,10 @@ impl Pull {
                         self.report.skipped += 1;
                     }
                     Some(Err(e)) => {
-                        return Err(SyncError::Refused(format!("transfer task failed: {e}")));
+                        return Err(SyncError::Task {
+                            what: "transfer",
+                            source: e,
+                        });
                     }
                     None => break,
                 }
@@ -188,7 +191,10 @@ impl Pull {
                 file.job.entry.mtime_ns,
                 owner,
             )
-            .map_err(|e| SyncError::Refused(format!("staging {}: {e}", escape(&file.job.name))))?;
+            .map_err(SyncError::local(format!(
+                "staging {}",
+                escape(&file.job.name)
+            )))?;
             ready.push(ReadyFile {
                 job: file.job,
                 staged: file.staged,
@@ -270,8 +276,8 @@ impl Pull {
         }
         fs.publish(&staged.temp_name, dir_fd, &job.name)?;
         // fstat through the still-open descriptor: the stamp of exactly what we wrote.
-        let stat =
-            rustix::fs::fstat(&staged.file).map_err(|e| SyncError::Refused(e.to_string()))?;
+        let stat = rustix::fs::fstat(&staged.file)
+            .map_err(|e| SyncError::local(format!("staging {}", escape(&job.name)))(e.into()))?;
         let old_chunks = self.indexed_chunks(&job.dir, &job.name, job.replaces.as_ref())?;
         batch.put_entry(vol, &job.dir, &job.name, &job.entry);
         batch.set_chunks(vol, &job.dir, &job.name, &chunks, &old_chunks);
@@ -296,9 +302,7 @@ async fn fetch_chunk_list(
         content_id: content,
         part,
     };
-    let unexpected = |other: Response| {
-        SyncError::Refused(format!("unexpected answer to GetChunkList: {other:?}"))
-    };
+    let unexpected = |other: Response| SyncError::unexpected("GetChunkList", &other);
     let Some(previous) = previous else {
         return match request(handle, &ask(ListPart::Whole)).await? {
             Response::ChunkList(list) => Ok(list),
@@ -397,10 +401,7 @@ async fn prepare(
         || chunks.iter().any(|c| c.len == 0 || c.len > max)
     {
         peer.rejected_chunks.fetch_add(1, Ordering::Relaxed);
-        return Err(SyncError::Refused(format!(
-            "peer {} sent a chunk list that does not match its content id",
-            peer.addr
-        )));
+        return Err(SyncError::BadChunkList(peer.addr));
     }
     let moved = match &source {
         Some(from) => volume.fs.stage_by_move(
@@ -416,7 +417,7 @@ async fn prepare(
         Some(staged) => staged,
         None => volume.fs.stage(&expected, &job.dir, &job.name, size)?,
     };
-    let io = |e: std::io::Error| SyncError::Refused(format!("staging {}: {e}", escape(&job.name)));
+    let io = |e: std::io::Error| SyncError::local(format!("staging {}", escape(&job.name)))(e);
     let file = Arc::new(staged.file.try_clone().map_err(io)?);
     let mut offsets: HashMap<ChunkId, Vec<u64>> = HashMap::new();
     let mut lengths: HashMap<ChunkId, u32> = HashMap::new();

@@ -60,9 +60,7 @@ pub async fn pull_volume(
     peer: &Arc<Peer>,
     volume_index: usize,
 ) -> Result<PullReport, SyncError> {
-    let handle = peer
-        .connection()
-        .ok_or_else(|| SyncError::Connection("not connected".into()))?;
+    let handle = peer.connection().ok_or(SyncError::NotConnected)?;
     let volume = &node.volumes[volume_index];
     let _guard = volume.lock.lock().await;
     let mut pull = Pull {

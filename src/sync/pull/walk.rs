@@ -21,9 +21,7 @@ impl Pull {
         .await?
         {
             Response::Dir(node) => Ok(node),
-            other => Err(SyncError::Refused(format!(
-                "unexpected answer to GetDir: {other:?}"
-            ))),
+            other => Err(SyncError::unexpected("GetDir", &other)),
         }
     }
 
@@ -59,9 +57,7 @@ impl Pull {
                     }
                 }
                 other => {
-                    return Err(SyncError::Refused(format!(
-                        "unexpected answer to GetEntries: {other:?}"
-                    )));
+                    return Err(SyncError::unexpected("GetEntries", &other));
                 }
             }
         }
