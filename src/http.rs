@@ -17,6 +17,7 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 
 use crate::sync::Node;
+use crate::sync::stats::Totals;
 
 pub async fn serve(
     addr: SocketAddr,
@@ -51,70 +52,14 @@ struct VolumeLabels {
     volume: String,
 }
 
-fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
-    let metric = Counter::<u64>::default();
-    metric.inc_by(value);
-    registry.register(name, help, metric);
-}
-
 async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
     let status = node_status(&node);
     let mut registry = Registry::with_prefix("shoal");
-    let t = &status.totals;
-    counter(
-        &mut registry,
-        "chunk_bytes_sent",
-        "Chunk bytes sent to peers",
-        t.chunk_bytes_sent,
-    );
-    counter(
-        &mut registry,
-        "chunk_bytes_received",
-        "Chunk bytes received from peers",
-        t.chunk_bytes_received,
-    );
-    counter(
-        &mut registry,
-        "files_applied",
-        "Files, directories and symlinks applied from peers",
-        t.files_applied,
-    );
-    counter(
-        &mut registry,
-        "conflicts",
-        "Concurrent changes resolved with a conflict copy",
-        t.conflicts,
-    );
-    counter(
-        &mut registry,
-        "rejected_chunks",
-        "Chunks whose bytes did not match their id",
-        t.rejected_chunks,
-    );
-    counter(
-        &mut registry,
-        "local_changes_published",
-        "Local changes announced to peers",
-        t.local_changes_published,
-    );
-    counter(
-        &mut registry,
-        "local_changes",
-        "Names added, changed or deleted by local scans",
-        t.local_changes,
-    );
-    counter(
-        &mut registry,
-        "watch_scans",
-        "Narrow scans started by the file watcher",
-        t.watch_scans,
-    );
-    counter(
-        &mut registry,
-        "watch_rescans",
-        "Whole-volume rescans because file watcher events were lost",
-        t.watch_rescans,
-    );
+    for (name, help, value) in status.totals.metrics() {
+        let metric = Counter::<u64>::default();
+        metric.inc_by(value);
+        registry.register(name, help, metric);
+    }
     let files = Family::<VolumeLabels, Gauge>::default();
     let bytes = Family::<VolumeLabels, Gauge>::default();
     for v in &status.volumes {
@@ -198,17 +143,7 @@ pub fn node_status(node: &Node) -> NodeStatus {
         node_id: node.meta.node_id.to_string(),
         volumes,
         peers,
-        totals: Totals {
-            chunk_bytes_sent: load(&node.stats.chunk_bytes_sent),
-            chunk_bytes_received: load(&node.stats.chunk_bytes_received),
-            files_applied: load(&node.stats.files_applied),
-            conflicts: load(&node.stats.conflicts),
-            rejected_chunks: load(&node.stats.rejected_chunks),
-            local_changes_published: load(&node.stats.local_changes_published),
-            local_changes: load(&node.stats.local_changes),
-            watch_scans: load(&node.stats.watch_scans),
-            watch_rescans: load(&node.stats.watch_rescans),
-        },
+        totals: node.stats.totals(),
     }
 }
 
@@ -236,17 +171,4 @@ pub struct PeerStatus {
     pub chunk_bytes_sent: u64,
     pub chunk_bytes_received: u64,
     pub rejected_chunks: u64,
-}
-
-#[derive(Serialize, serde::Deserialize, Debug, Clone)]
-pub struct Totals {
-    pub chunk_bytes_sent: u64,
-    pub chunk_bytes_received: u64,
-    pub files_applied: u64,
-    pub conflicts: u64,
-    pub rejected_chunks: u64,
-    pub local_changes_published: u64,
-    pub local_changes: u64,
-    pub watch_scans: u64,
-    pub watch_rescans: u64,
 }

@@ -1,20 +1,76 @@
-//! The node's counters, shown on `/status` and `/metrics`.
+//! The node's counters: one table (the `counters!` call below) from which the live counters
+//! ([`Stats`]), `/status`'s totals ([`Totals`]) and `/metrics` (each counter's name and
+//! help, [`Totals::metrics`]) all come.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Counters exposed on `/status` and `/metrics`.
-#[derive(Default)]
-pub struct Stats {
-    pub chunk_bytes_sent: AtomicU64,
-    pub chunk_bytes_received: AtomicU64,
-    pub files_applied: AtomicU64,
-    pub conflicts: AtomicU64,
-    pub rejected_chunks: AtomicU64,
-    pub local_changes_published: AtomicU64,
-    /// Names added, changed or deleted by local scans (never by applying a peer's change).
-    pub local_changes: AtomicU64,
-    /// Narrow scans started by the file watcher.
-    pub watch_scans: AtomicU64,
-    /// Whole-volume rescans because watcher events were lost.
-    pub watch_rescans: AtomicU64,
+use serde::{Deserialize, Serialize};
+
+macro_rules! counters {
+    ($($name:ident: $help:literal,)*) => {
+        /// The node's counters, updated where things happen.
+        #[derive(Default)]
+        pub struct Stats {
+            $(#[doc = $help] pub $name: AtomicU64,)*
+        }
+
+        /// The counters at one moment (`/status`'s `totals`).
+        #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+        pub struct Totals {
+            $(#[doc = $help] pub $name: u64,)*
+        }
+
+        impl Stats {
+            pub fn totals(&self) -> Totals {
+                Totals {
+                    $($name: self.$name.load(Ordering::Relaxed),)*
+                }
+            }
+        }
+
+        impl Totals {
+            /// Each counter as `/metrics` shows it: name (after the `shoal_` prefix), help
+            /// text and value, in the table's order.
+            pub fn metrics(&self) -> Vec<(&'static str, &'static str, u64)> {
+                vec![$((stringify!($name), $help, self.$name),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    chunk_bytes_sent: "Chunk bytes sent to peers",
+    chunk_bytes_received: "Chunk bytes received from peers",
+    files_applied: "Files, directories and symlinks applied from peers",
+    conflicts: "Concurrent changes resolved with a conflict copy",
+    rejected_chunks: "Chunks whose bytes did not match their id",
+    local_changes_published: "Local changes announced to peers",
+    local_changes: "Names added, changed or deleted by local scans",
+    watch_scans: "Narrow scans started by the file watcher",
+    watch_rescans: "Whole-volume rescans because file watcher events were lost",
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_and_metrics_come_from_the_same_counters() {
+        let stats = Stats::default();
+        stats.files_applied.fetch_add(3, Ordering::Relaxed);
+        stats.watch_rescans.fetch_add(1, Ordering::Relaxed);
+        let totals = stats.totals();
+        assert_eq!((totals.files_applied, totals.watch_rescans), (3, 1));
+        let metrics = totals.metrics();
+        assert_eq!(metrics.len(), 9);
+        assert!(metrics.contains(&(
+            "files_applied",
+            "Files, directories and symlinks applied from peers",
+            3
+        )));
+        let json = serde_json::to_value(&totals).unwrap();
+        for (name, _, value) in metrics {
+            assert_eq!(json[name], value, "{name}");
+        }
+    }
 }
