@@ -29,8 +29,7 @@ use crate::credentials::Credentials;
 use crate::discovery::{Discovery, Mode};
 use crate::scan::{ScanOptions, ScanScope, scan_volume};
 use crate::store::{OpenOptions, Store};
-use crate::sync::{Node, Peer, Stats, SyncError, Volume, pull};
-use crate::volume_fs::VolumeFs;
+use crate::sync::{Faults, Node, Peer, SyncError, Volume, pull};
 use crate::watcher::{Debouncer, Signal, VolumeWatcher, WatchError};
 
 pub struct ServeOptions {
@@ -95,14 +94,7 @@ pub async fn run(
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        let fs = VolumeFs::open(&dir).with_context(|| format!("volume {name}"))?;
-        let record = store.ensure_volume(name)?;
-        volumes.push(Volume {
-            name: name.clone(),
-            id: record.id,
-            fs,
-            lock: tokio::sync::Mutex::new(()),
-        });
+        volumes.push(Volume::open(&store, name, &dir).with_context(|| format!("volume {name}"))?);
     }
     let mut peers = BTreeSet::new();
     for target in &options.peers {
@@ -124,15 +116,7 @@ pub async fn run(
         options.heartbeat,
     )
     .await?;
-    let node = Arc::new(Node {
-        meta: store.meta(),
-        store,
-        volumes,
-        peers: Default::default(),
-        stats: Stats::default(),
-        sync_ownership: rustix::process::geteuid().is_root(),
-        faults: crate::sync::Faults::from_env(),
-    });
+    let node = Arc::new(Node::new(store, volumes, [], Faults::from_env()));
     tracing::info!(node = %node.meta.node_id, volumes = ?settings.volumes, "starting");
     // Watch before the first scan, so nothing changed during it goes unseen.
     let watchers: Vec<_> = node

@@ -41,9 +41,8 @@ use crate::ids::ChunkId;
 use crate::scan::{ScanOptions, scan_volume};
 use crate::store::{OpenOptions, Store, StoreError};
 use crate::sync::transfer::{ChunkTargets, fetch_chunks};
-use crate::sync::{Node, Peer, Stats, SyncError, Volume};
+use crate::sync::{Faults, Node, SyncError, Volume};
 use crate::verify::{Finding, Problem, Severity, VerifyOptions, VerifyReport, verify};
-use crate::volume_fs::VolumeFs;
 
 /// Damaged files restored at once (each holds a staging file open).
 const FILE_BATCH: usize = 256;
@@ -181,31 +180,16 @@ pub fn repair(settings: &Settings, options: &RepairOptions) -> Result<RepairRepo
         }
     }
     let found = verify(&store, &volumes, &VerifyOptions::default())?;
-    let mut node_volumes = Vec::new();
-    for (name, dir) in &volumes {
-        let record = store.ensure_volume(name)?;
-        node_volumes.push(Volume {
-            name: name.clone(),
-            id: record.id,
-            fs: VolumeFs::open(dir)?,
-            lock: tokio::sync::Mutex::new(()),
-        });
-    }
-    let node = Arc::new(Node {
-        meta: store.meta(),
+    let node_volumes = volumes
+        .iter()
+        .map(|(name, dir)| Volume::open(&store, name, dir))
+        .collect::<Result<_, _>>()?;
+    let node = Arc::new(Node::new(
         store,
-        volumes: node_volumes,
-        peers: std::sync::RwLock::new(
-            options
-                .peers
-                .iter()
-                .map(|addr| Arc::new(Peer::new(*addr)))
-                .collect(),
-        ),
-        stats: Stats::default(),
-        sync_ownership: rustix::process::geteuid().is_root(),
-        faults: crate::sync::Faults::default(),
-    });
+        node_volumes,
+        options.peers.iter().copied(),
+        Faults::default(),
+    ));
     let runtime = tokio::runtime::Runtime::new()
         .map_err(|e| RepairError::Io("cannot start the async runtime".into(), e))?;
     runtime.block_on(async {

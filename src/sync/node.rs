@@ -1,12 +1,13 @@
 //! A running node: its store, its volumes, its peers and its counters.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use s2n_quic::connection::Handle;
 
-use super::{Faults, Stats, request};
+use super::{Faults, Stats, SyncError, request};
 use crate::ids::{NodeId, VolumeId};
 use crate::protocol::{self, Request};
 use crate::store::{Store, StoreMeta};
@@ -20,6 +21,22 @@ pub struct Volume {
     /// Held by whoever changes the volume's index (a scan, or applying a pull), so the
     /// two never interleave.
     pub lock: tokio::sync::Mutex<()>,
+}
+
+impl Volume {
+    /// Opens volume `name`, whose files are in `dir`, for sync: registers it in the store
+    /// if it is new, and opens its directory (creating its staging area and removing
+    /// what a crash left there).
+    pub fn open(store: &Store, name: &str, dir: &Path) -> Result<Volume, SyncError> {
+        let fs = VolumeFs::open(dir)?;
+        let record = store.ensure_volume(name)?;
+        Ok(Volume {
+            name: name.to_string(),
+            id: record.id,
+            fs,
+            lock: tokio::sync::Mutex::new(()),
+        })
+    }
 }
 
 /// What this node knows of one configured peer.
@@ -85,6 +102,28 @@ pub struct Node {
 }
 
 impl Node {
+    /// A node over `store` and its opened `volumes`, with `peers` to start with (the
+    /// daemon's discovery changes them), every counter at zero. Ownership (uid/gid)
+    /// syncs only when running as root.
+    pub fn new(
+        store: Store,
+        volumes: Vec<Volume>,
+        peers: impl IntoIterator<Item = SocketAddr>,
+        faults: Faults,
+    ) -> Node {
+        Node {
+            meta: store.meta(),
+            store,
+            volumes,
+            peers: std::sync::RwLock::new(
+                peers.into_iter().map(|a| Arc::new(Peer::new(a))).collect(),
+            ),
+            stats: Stats::default(),
+            sync_ownership: rustix::process::geteuid().is_root(),
+            faults,
+        }
+    }
+
     pub fn volume(&self, name: &str) -> Option<&Volume> {
         self.volumes.iter().find(|v| v.name == name)
     }
