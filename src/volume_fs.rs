@@ -262,9 +262,25 @@ impl VolumeFs {
         }))
     }
 
-    /// Creates a symlink in staging, ready to be renamed into place.
-    pub fn stage_symlink(&self, target: &[u8], unique: &str) -> Result<String, FsError> {
-        let temp_name = format!("{unique}.symlink.tmp");
+    /// Puts a symlink to `target` at `name` in `dir_fd` atomically (made in staging,
+    /// renamed over the name), makes the directory durable, and returns the link's stat.
+    pub fn place_symlink(
+        &self,
+        dir_fd: &OwnedFd,
+        name: &[u8],
+        target: &[u8],
+    ) -> Result<rustix::fs::Stat, FsError> {
+        let temp = self.stage_symlink(target)?;
+        self.publish(&temp, dir_fd, name)?;
+        Self::fsync_dir(dir_fd)?;
+        self.stat(dir_fd, name)
+    }
+
+    /// Creates a symlink in staging under a new random name, ready to be renamed into
+    /// place.
+    fn stage_symlink(&self, target: &[u8]) -> Result<String, FsError> {
+        let unique = getrandom::u64().unwrap_or_default();
+        let temp_name = format!("{unique:016x}.symlink.tmp");
         let _ = rustix::fs::unlinkat(&self.staging, temp_name.as_str(), AtFlags::empty());
         rustix::fs::symlinkat(
             std::ffi::OsStr::from_bytes(target),

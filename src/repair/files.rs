@@ -2,15 +2,13 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use crate::chunking::ChunkRef;
 use crate::entry::EntryKind;
-use crate::ids::ChunkId;
 use crate::pathname::VolPath;
 use crate::store::Durability;
-use crate::sync::transfer::ChunkTargets;
+use crate::sync::transfer::{ChunkTargets, Missing, fill_from_local};
 use crate::verify::{Problem, Severity, VerifyReport};
 use crate::volume_fs::{VolumeFs, finish_staged, stamp_of_stat};
 
@@ -28,6 +26,8 @@ struct Rebuild {
     staged: crate::volume_fs::Staged,
     file: Arc<File>,
     chunks: Vec<ChunkRef>,
+    /// Chunks no local copy held, with their offsets.
+    missing: Missing,
 }
 
 impl Repair<'_> {
@@ -90,14 +90,14 @@ impl Repair<'_> {
                     rebuilds.push(rebuild);
                 }
             }
-            let wanted = targets.ids();
             let received = self.fetch(volume_index, targets).await?;
             for rebuild in rebuilds {
-                let lacking = rebuild
-                    .chunks
+                let lacking: usize = rebuild
+                    .missing
                     .iter()
-                    .filter(|c| wanted.contains(&c.id) && !received.contains(&c.id))
-                    .count();
+                    .filter(|(id, _)| !received.contains(id))
+                    .map(|(_, offsets)| offsets.len())
+                    .sum();
                 let volume = self.node.volumes[rebuild.volume_index].name.clone();
                 if lacking > 0 {
                     let why = if self.node.peers().is_empty() {
@@ -153,12 +153,8 @@ impl Repair<'_> {
                 return Ok(None);
             }
             EntryKind::Symlink { target } => {
-                let unique = &blake3::hash(path.as_bytes()).to_hex()[..16];
-                let temp = vol.fs.stage_symlink(target, unique)?;
                 let parent = vol.fs.open_dir(&dir, true)?;
-                vol.fs.publish(&temp, &parent, name)?;
-                VolumeFs::fsync_dir(&parent)?;
-                let stat = vol.fs.stat(&parent, name)?;
+                let stat = vol.fs.place_symlink(&parent, name, target)?;
                 let mut batch = node.store.batch();
                 batch.put_stamp(vol.id, &dir, name, &stamp_of_stat(&stat));
                 node.store.write(batch, Durability::Durable)?;
@@ -187,29 +183,9 @@ impl Repair<'_> {
         let file = Arc::new(staged.file.try_clone().map_err(io)?);
         // The damaged file's own chunks are the nearest copies of most of its content.
         let damaged = File::open(path.under(vol.fs.root_path())).ok();
-        let mut offset = 0u64;
-        let mut buffer = Vec::new();
-        for chunk in &chunks {
-            buffer.resize(chunk.len as usize, 0);
-            let intact = |from: &File, buffer: &mut [u8]| {
-                from.read_exact_at(buffer, offset).is_ok() && ChunkId::of(buffer) == chunk.id
-            };
-            let mut here = staged.resumed && intact(file.as_ref(), &mut buffer);
-            if !here
-                && let Some(from) = &damaged
-                && intact(from, &mut buffer)
-            {
-                file.write_all_at(&buffer, offset).map_err(io)?;
-                here = true;
-            }
-            if !here {
-                match node.read_local_chunk(&chunk.id) {
-                    Some(data) => file.write_all_at(&data, offset).map_err(io)?,
-                    None => targets.add(chunk.id, file.clone(), offset),
-                }
-            }
-            offset += u64::from(chunk.len);
-        }
+        let missing =
+            fill_from_local(&node, &file, &chunks, staged.resumed, damaged.as_ref()).map_err(io)?;
+        targets.add_missing(&missing, &file);
         let shown = display.as_str();
         tracing::info!(volume, path = shown, problem = problem.name(), "restoring");
         Ok(Some(Rebuild {
@@ -223,6 +199,7 @@ impl Repair<'_> {
             staged,
             file,
             chunks,
+            missing,
         }))
     }
 

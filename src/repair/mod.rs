@@ -314,29 +314,18 @@ impl Repair<'_> {
         });
     }
 
-    /// Fetches chunks from the peers into their targets; returns those received.
-    /// Fetches chunks from the peers that share volume `volume_index` into their
-    /// targets; returns those received.
+    /// Fetches chunks from the peers that share volume `volume_index` (connecting to
+    /// them on first need) into their targets; returns those received.
     async fn fetch(
         &mut self,
         volume_index: usize,
         targets: ChunkTargets,
     ) -> Result<HashSet<ChunkId>, RepairError> {
-        let wanted = targets.ids();
-        if wanted.is_empty() || self.node.peers().is_empty() || self.node.volumes.is_empty() {
+        if targets.is_empty() || self.node.peers().is_empty() || self.node.volumes.is_empty() {
             return Ok(HashSet::new());
         }
         self.connect().await?;
-        let node = self.node.clone();
-        let volume = &node.volumes[volume_index].name;
-        let Some(source) = node
-            .peers()
-            .into_iter()
-            .find(|p| p.connection().is_some() && p.shares(volume))
-        else {
-            return Ok(HashSet::new());
-        };
-        Ok(fetch_chunks(&node, &source, volume_index, wanted, Arc::new(targets)).await?)
+        Ok(fetch_chunks(&self.node, None, volume_index, targets).await?)
     }
 
     /// Connects to every peer not yet connected (once per repair run).

@@ -1,8 +1,12 @@
-//! Moving chunks: reading the copies this node holds, fetching the others from peers
-//! into the staging files that wait for them.
+//! Moving chunks, for sync and for repair alike: a staging file is filled from the
+//! copies this node holds ([`fill_from_local`], [`Node::read_local_chunk`]), and what
+//! it still lacks is fetched from the peers ([`fetch_chunks`]) straight into the
+//! staging files that wait for it ([`ChunkTargets`]). Every chunk is checked against
+//! its BLAKE3 id before it is written.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -10,8 +14,10 @@ use std::sync::atomic::Ordering;
 use tokio::task::JoinSet;
 
 use super::{Node, Peer, SyncError};
+use crate::chunking::ChunkRef;
 use crate::ids::ChunkId;
-use crate::protocol::{MAX_CHUNKS_PER_REQUEST, Request, Response};
+use crate::protocol::{MAX_CHUNKS_PER_REQUEST, ProtocolError, Request, Response};
+use crate::store::{ChunkLocation, pack};
 
 /// Chunk requests in flight (together with the files a pull prepares at once, well
 /// under the transport's stream limit).
@@ -20,11 +26,11 @@ const REQUESTS_IN_FLIGHT: usize = 16;
 impl Node {
     /// Reads a chunk from wherever this node holds it (a live file or a pack), checked
     /// against its id; `None` if no copy is intact.
-    pub fn read_local_chunk(&self, id: &crate::ids::ChunkId) -> Option<Vec<u8>> {
+    pub fn read_local_chunk(&self, id: &ChunkId) -> Option<Vec<u8>> {
         let locations = self.store.chunk_locations(id).ok()?;
         for location in locations {
             let data = match location {
-                crate::store::ChunkLocation::Live {
+                ChunkLocation::Live {
                     vol,
                     dir,
                     name,
@@ -34,12 +40,9 @@ impl Node {
                     let path = dir.join(&name).ok()?;
                     volume.fs.read_chunk(&path, extent, id)
                 }
-                crate::store::ChunkLocation::Pack { pack, extent } => {
-                    let path = self
-                        .store
-                        .packs_dir()
-                        .join(crate::store::pack::pack_file_name(pack));
-                    crate::store::pack::read_chunk(&path, extent, id).ok()
+                ChunkLocation::Pack { pack, extent } => {
+                    let path = self.store.packs_dir().join(pack::pack_file_name(pack));
+                    pack::read_chunk(&path, extent, id).ok()
                 }
             };
             if data.is_some() {
@@ -50,20 +53,92 @@ impl Node {
     }
 }
 
+/// The chunks a staging file still lacks after [`fill_from_local`], each with the
+/// offsets where it goes.
+pub type Missing = Vec<(ChunkId, Vec<u64>)>;
+
+/// Writes into `file`, the staging file of content `chunks`, every chunk this node holds
+/// intact: already in place (`resumed`: an interrupted transfer, or a file moved into
+/// staging), in `nearby` at one of its offsets (the damaged file that repair rebuilds),
+/// or anywhere else ([`Node::read_local_chunk`]). Returns what is still missing.
+pub fn fill_from_local(
+    node: &Node,
+    file: &File,
+    chunks: &[ChunkRef],
+    resumed: bool,
+    nearby: Option<&File>,
+) -> io::Result<Missing> {
+    // Each distinct chunk once, in file order, with every offset it goes to.
+    let mut places: Vec<(ChunkId, u32, Vec<u64>)> = Vec::new();
+    let mut seen: HashMap<ChunkId, usize> = HashMap::new();
+    let mut offset = 0u64;
+    for chunk in chunks {
+        let index = *seen.entry(chunk.id).or_insert_with(|| {
+            places.push((chunk.id, chunk.len, Vec::new()));
+            places.len() - 1
+        });
+        places[index].2.push(offset);
+        offset += u64::from(chunk.len);
+    }
+    let mut missing = Missing::new();
+    let mut buffer = Vec::new();
+    for (id, len, offsets) in places {
+        buffer.resize(len as usize, 0);
+        let mut intact_in = |from: &File| {
+            offsets.iter().copied().find(|&at| {
+                from.read_exact_at(&mut buffer, at).is_ok() && ChunkId::of(&buffer) == id
+            })
+        };
+        // In place already: only its other offsets need it.
+        if let Some(here) = resumed.then(|| intact_in(file)).flatten() {
+            for &at in offsets.iter().filter(|&&at| at != here) {
+                file.write_all_at(&buffer, at)?;
+            }
+            continue;
+        }
+        let data = match nearby.and_then(&mut intact_in) {
+            Some(_) => Some(std::mem::take(&mut buffer)),
+            None => node.read_local_chunk(&id),
+        };
+        match data {
+            Some(data) => {
+                for &at in &offsets {
+                    file.write_all_at(&data, at)?;
+                }
+            }
+            None => missing.push((id, offsets)),
+        }
+    }
+    Ok(missing)
+}
+
 /// Every place (staging file, offset) a chunk of the current batch goes.
 #[derive(Default)]
-pub(crate) struct ChunkTargets {
+pub struct ChunkTargets {
     places: HashMap<ChunkId, Vec<(Arc<File>, u64)>>,
 }
 
 impl ChunkTargets {
     /// Asks for `id` to be written at `offset` of `file` when it arrives.
-    pub(crate) fn add(&mut self, id: ChunkId, file: Arc<File>, offset: u64) {
+    pub fn add(&mut self, id: ChunkId, file: Arc<File>, offset: u64) {
         self.places.entry(id).or_default().push((file, offset));
     }
 
+    /// Asks for what `file` still lacks.
+    pub fn add_missing(&mut self, missing: &Missing, file: &Arc<File>) {
+        for (id, offsets) in missing {
+            for &offset in offsets {
+                self.add(*id, file.clone(), offset);
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.places.is_empty()
+    }
+
     /// The chunks asked for.
-    pub(crate) fn ids(&self) -> Vec<ChunkId> {
+    fn ids(&self) -> Vec<ChunkId> {
         self.places.keys().copied().collect()
     }
 
@@ -75,25 +150,23 @@ impl ChunkTargets {
     }
 }
 
-/// Fetches chunks into their staging files from the peers that share the volume:
-/// requests are spread over them, a chunk one peer lacks is asked of another, and a peer
-/// that sends wrong bytes is not asked again during this batch. Returns the chunks
-/// received.
-pub(crate) async fn fetch_chunks(
+/// Fetches the chunks of `targets` into their staging files from the connected peers
+/// that share the volume, `first` (the peer being pulled from) first: requests are
+/// spread over them, a chunk one peer lacks is asked of another, and a peer that sends
+/// wrong bytes is not asked again during this batch. Returns the chunks received.
+pub async fn fetch_chunks(
     node: &Arc<Node>,
-    source: &Arc<Peer>,
+    first: Option<&Arc<Peer>>,
     volume_index: usize,
-    ids: Vec<ChunkId>,
-    sink: Arc<ChunkTargets>,
+    targets: ChunkTargets,
 ) -> Result<HashSet<ChunkId>, SyncError> {
     let volume = &node.volumes[volume_index].name;
-    let mut peers: Vec<Arc<Peer>> = vec![source.clone()];
-    peers.extend(
-        node.peers()
-            .iter()
-            .filter(|p| !Arc::ptr_eq(p, source) && p.shares(volume) && p.connection().is_some())
-            .cloned(),
-    );
+    let others = node.peers().into_iter().filter(|p| {
+        !first.is_some_and(|f| Arc::ptr_eq(f, p)) && p.shares(volume) && p.connection().is_some()
+    });
+    let peers: Vec<Arc<Peer>> = first.cloned().into_iter().chain(others).collect();
+    let ids = targets.ids();
+    let sink = Arc::new(targets);
     let mut distrusted = vec![false; peers.len()];
     let mut wanted: Vec<ChunkId> = ids;
     let mut received: HashSet<ChunkId> = HashSet::new();
@@ -207,7 +280,7 @@ async fn fetch_group(
             }
             Response::ChunkMissing { .. } => {}
             Response::Error { code, message } => {
-                return Err(crate::protocol::ProtocolError::Remote { code, message }.into());
+                return Err(ProtocolError::Remote { code, message }.into());
             }
             other => {
                 return Err(SyncError::unexpected("GetChunks", &other));

@@ -109,13 +109,7 @@ impl Pull {
                     self.report.skipped += 1;
                     return Ok(());
                 }
-                let temp = self
-                    .volume()
-                    .fs
-                    .stage_symlink(target, &format!("{:016x}", rand_u64()))?;
-                self.volume().fs.publish(&temp, &dir_fd, name)?;
-                crate::volume_fs::VolumeFs::fsync_dir(&dir_fd)?;
-                let stat = self.volume().fs.stat(&dir_fd, name)?;
+                let stat = self.volume().fs.place_symlink(&dir_fd, name, target)?;
                 let mut batch = self.node.store.batch();
                 if let Some(old) = replaces.as_ref() {
                     self.forget_chunks_in(&mut batch, dir, name, old)?;
@@ -255,10 +249,6 @@ pub fn symlink_stays_inside(dir: &VolPath, target: &[u8]) -> bool {
         }
     }
     true
-}
-
-fn rand_u64() -> u64 {
-    crate::ids::NodeId::random().map(|n| n.0).unwrap_or(0)
 }
 
 #[cfg(test)]

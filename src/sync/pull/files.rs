@@ -1,9 +1,8 @@
 //! Taking files: chunk lists, local copies, fetches, and publication in batches.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -13,11 +12,10 @@ use tokio::task::JoinSet;
 use super::{PUBLISH_BATCH, Pull};
 use crate::chunking::{CHUNK_PAGE_TARGET, ChunkRef, chunk_list_pages, content_id};
 use crate::entry::{Causality, Entry, EntryKind};
-use crate::ids::ChunkId;
 use crate::pathname::{VolPath, escape};
 use crate::protocol::{ListPart, Request, Response};
 use crate::store::Durability;
-use crate::sync::transfer::{ChunkTargets, fetch_chunks};
+use crate::sync::transfer::{ChunkTargets, Missing, fetch_chunks, fill_from_local};
 use crate::sync::{Node, Peer, SyncError, request};
 use crate::volume_fs::{Staged, finish_staged, stamp_of_stat};
 
@@ -58,9 +56,8 @@ struct Prepared {
     staged: Staged,
     file: Arc<File>,
     chunks: Vec<ChunkRef>,
-    offsets: HashMap<ChunkId, Vec<u64>>,
     /// Chunks still to fetch.
-    missing: Vec<ChunkId>,
+    missing: Missing,
 }
 
 impl Pull {
@@ -155,28 +152,13 @@ impl Pull {
     async fn fill(&mut self, prepared: Vec<Prepared>) -> Result<Vec<ReadyFile>, SyncError> {
         let mut targets = ChunkTargets::default();
         for file in &prepared {
-            for id in &file.missing {
-                for &offset in &file.offsets[id] {
-                    targets.add(*id, file.file.clone(), offset);
-                }
-            }
+            targets.add_missing(&file.missing, &file.file);
         }
-        let wanted: Vec<ChunkId> = targets.ids();
-        let received = if wanted.is_empty() {
-            HashSet::new()
-        } else {
-            fetch_chunks(
-                &self.node,
-                &self.peer,
-                self.volume_index,
-                wanted,
-                Arc::new(targets),
-            )
-            .await?
-        };
+        let received =
+            fetch_chunks(&self.node, Some(&self.peer), self.volume_index, targets).await?;
         let mut ready = Vec::new();
         for file in prepared {
-            if let Some(id) = file.missing.iter().find(|id| !received.contains(id)) {
+            if let Some((id, _)) = file.missing.iter().find(|(id, _)| !received.contains(id)) {
                 tracing::warn!(peer = %self.peer.addr, "{}: chunk {id} is held intact by no reachable peer; will retry", escape(&file.job.name));
                 self.report.incomplete += 1;
                 continue;
@@ -419,43 +401,12 @@ async fn prepare(
     };
     let io = |e: std::io::Error| SyncError::local(format!("staging {}", escape(&job.name)))(e);
     let file = Arc::new(staged.file.try_clone().map_err(io)?);
-    let mut offsets: HashMap<ChunkId, Vec<u64>> = HashMap::new();
-    let mut lengths: HashMap<ChunkId, u32> = HashMap::new();
-    let mut offset = 0u64;
-    for chunk in &chunks {
-        offsets.entry(chunk.id).or_default().push(offset);
-        lengths.insert(chunk.id, chunk.len);
-        offset += u64::from(chunk.len);
-    }
-    let write = |id: &ChunkId, data: &[u8]| -> std::io::Result<()> {
-        for at in &offsets[id] {
-            file.write_all_at(data, *at)?;
-        }
-        Ok(())
-    };
-    let mut missing = Vec::new();
-    for (id, at) in &offsets {
-        let mut existing = vec![0u8; lengths[id] as usize];
-        if staged.resumed
-            && file.read_exact_at(&mut existing, at[0]).is_ok()
-            && ChunkId::of(&existing) == *id
-        {
-            if at.len() > 1 {
-                write(id, &existing).map_err(io)?;
-            }
-            continue;
-        }
-        match node.read_local_chunk(id) {
-            Some(data) => write(id, &data).map_err(io)?,
-            None => missing.push(*id),
-        }
-    }
+    let missing = fill_from_local(&node, &file, &chunks, staged.resumed, None).map_err(io)?;
     Ok(Some(Prepared {
         job,
         staged,
         file,
         chunks,
-        offsets,
         missing,
     }))
 }
