@@ -50,77 +50,72 @@ pub enum Severity {
     Warning,
 }
 
-/// What a finding is about. Serialized (`--json`'s `problem`) and shown by its stable
-/// name, as listed in `schema/store.md`, "Verify and repair".
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Problem {
+/// Declares [`Problem`] from one table: each variant with its stable name.
+macro_rules! problems {
+    ($($(#[doc = $doc:literal])* $variant:ident = $name:literal,)*) => {
+        /// What a finding is about. Serialized (`--json`'s `problem`) and shown by its
+        /// stable name, as listed in `schema/store.md`, "Verify and repair".
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+        pub enum Problem {
+            $($(#[doc = $doc])* #[serde(rename = $name)] $variant,)*
+        }
+
+        impl Problem {
+            /// Every problem, in the table's order.
+            pub const ALL: &[Problem] = &[$(Problem::$variant,)*];
+
+            /// The stable name (`content-mismatch`, ...).
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Problem::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+problems! {
     /// Bytes of a file no longer hash to its chunk ids; size and mtime unchanged.
-    ContentMismatch,
+    ContentMismatch = "content-mismatch",
     /// The file is shorter than the index says, mtime unchanged.
-    Truncated,
+    Truncated = "truncated",
     /// The file is longer than the index says, mtime unchanged.
-    SizeMismatch,
+    SizeMismatch = "size-mismatch",
     /// Indexed, not on disk.
-    Missing,
+    Missing = "missing",
     /// Cannot be stat'ed, opened or read.
-    Unreadable,
+    Unreadable = "unreadable",
     /// A directory, symlink or file where the index has another kind.
-    TypeChanged,
+    TypeChanged = "type-changed",
     /// Edited since the last scan (a warning: not damage).
-    Modified,
+    Modified = "modified",
     /// A file's chunk list is absent from the index.
-    IndexMissingChunkList,
+    IndexMissingChunkList = "index-missing-chunk-list",
     /// A file's chunk list disagrees with its content id or size.
-    IndexInconsistent,
+    IndexInconsistent = "index-inconsistent",
     /// A chunk of a file has no location record.
-    IndexMissingLocation,
+    IndexMissingLocation = "index-missing-location",
     /// A live location record points at no such chunk of that file.
-    IndexDanglingLocation,
+    IndexDanglingLocation = "index-dangling-location",
     /// The state directory has packs or a lock file but no index.
-    IndexMissing,
+    IndexMissing = "index-missing",
     /// A volume to verify is not in the index at all.
-    VolumeNotIndexed,
+    VolumeNotIndexed = "volume-not-indexed",
     /// An index key names no valid path.
-    BadIndexKey,
+    BadIndexKey = "bad-index-key",
     /// A pack record's bytes do not hash to its id.
-    PackRecordDamaged,
+    PackRecordDamaged = "pack-record-damaged",
     /// A pack ends inside a record (a torn tail).
-    PackTruncated,
+    PackTruncated = "pack-truncated",
     /// Not a pack, or an I/O error reading it.
-    PackUnreadable,
+    PackUnreadable = "pack-unreadable",
     /// A pack location record points at a missing pack or at other bytes.
-    PackLocationBroken,
+    PackLocationBroken = "pack-location-broken",
     /// An intact pack record no index record points at (a warning).
-    OrphanPackRecord,
+    OrphanPackRecord = "orphan-pack-record",
 }
 
 impl Problem {
-    /// The stable name (`content-mismatch`, ...).
-    pub fn name(self) -> &'static str {
-        match self {
-            Problem::ContentMismatch => "content-mismatch",
-            Problem::Truncated => "truncated",
-            Problem::SizeMismatch => "size-mismatch",
-            Problem::Missing => "missing",
-            Problem::Unreadable => "unreadable",
-            Problem::TypeChanged => "type-changed",
-            Problem::Modified => "modified",
-            Problem::IndexMissingChunkList => "index-missing-chunk-list",
-            Problem::IndexInconsistent => "index-inconsistent",
-            Problem::IndexMissingLocation => "index-missing-location",
-            Problem::IndexDanglingLocation => "index-dangling-location",
-            Problem::IndexMissing => "index-missing",
-            Problem::VolumeNotIndexed => "volume-not-indexed",
-            Problem::BadIndexKey => "bad-index-key",
-            Problem::PackRecordDamaged => "pack-record-damaged",
-            Problem::PackTruncated => "pack-truncated",
-            Problem::PackUnreadable => "pack-unreadable",
-            Problem::PackLocationBroken => "pack-location-broken",
-            Problem::OrphanPackRecord => "orphan-pack-record",
-        }
-    }
-
     /// Damage to a live file's content that its indexed chunk list can restore.
     pub fn is_restorable(self) -> bool {
         matches!(
@@ -356,28 +351,7 @@ mod tests {
 
     #[test]
     fn problems_serialize_as_their_stable_names() {
-        use Problem::*;
-        for problem in [
-            ContentMismatch,
-            Truncated,
-            SizeMismatch,
-            Missing,
-            Unreadable,
-            TypeChanged,
-            Modified,
-            IndexMissingChunkList,
-            IndexInconsistent,
-            IndexMissingLocation,
-            IndexDanglingLocation,
-            IndexMissing,
-            VolumeNotIndexed,
-            BadIndexKey,
-            PackRecordDamaged,
-            PackTruncated,
-            PackUnreadable,
-            PackLocationBroken,
-            OrphanPackRecord,
-        ] {
+        for &problem in Problem::ALL {
             assert_eq!(
                 serde_json::to_value(problem).unwrap(),
                 serde_json::Value::from(problem.name())
@@ -387,5 +361,6 @@ mod tests {
                 problem.name().starts_with("index-")
             );
         }
+        assert_eq!(Problem::ALL.len(), 19);
     }
 }
