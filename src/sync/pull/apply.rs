@@ -11,7 +11,6 @@ use crate::entry::{Causality, Entry, EntryKind};
 use crate::pathname::{VolPath, escape};
 use crate::store::Durability;
 use crate::sync::SyncError;
-use crate::tree::TreeNode;
 use crate::volume_fs::stamp_of_stat;
 
 impl Pull {
@@ -37,7 +36,6 @@ impl Pull {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub(super) async fn take(
         &mut self,
         dir: &VolPath,
@@ -45,14 +43,12 @@ impl Pull {
         remote: Entry,
         replaces: Option<Entry>,
         hints: &Hints,
-        files: &mut Vec<FileJob>,
-        pending: &mut Vec<(VolPath, Option<TreeNode>)>,
     ) -> Result<(), SyncError> {
         let vol = self.volume().id;
         let path = dir.join(name)?;
         match &remote.kind {
             EntryKind::File { .. } => {
-                files.push(FileJob {
+                self.files.push(FileJob {
                     dir: dir.clone(),
                     name: name.to_vec(),
                     entry: remote,
@@ -87,7 +83,7 @@ impl Pull {
                 self.report.applied += 1;
                 if hints.subtree.is_some() && replaces.as_ref().is_none_or(|o| !o.is_dir()) {
                     let node = self.get_dir(&path).await?;
-                    pending.push((path, node));
+                    self.pending.push((path, node));
                 }
                 Ok(())
             }

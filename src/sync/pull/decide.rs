@@ -12,7 +12,6 @@ use crate::pathname::{VolPath, escape};
 use crate::protocol::WireEntry;
 use crate::store::Durability;
 use crate::sync::{SyncError, conflict};
-use crate::tree::TreeNode;
 
 /// What the peer told us beside an entry.
 #[derive(Clone, Default)]
@@ -28,8 +27,6 @@ impl Pull {
         &mut self,
         dir: &VolPath,
         wire: WireEntry,
-        files: &mut Vec<FileJob>,
-        pending: &mut Vec<(VolPath, Option<TreeNode>)>,
     ) -> Result<(), SyncError> {
         let vol = self.volume().id;
         let WireEntry {
@@ -56,7 +53,7 @@ impl Pull {
                 .map(|n| n.sync_hash());
             if hints.subtree.is_some() && hints.subtree != local_hash {
                 let node = self.get_dir(&path).await?;
-                pending.push((path.clone(), node));
+                self.pending.push((path.clone(), node));
             }
         }
         let Some(local) = local else {
@@ -67,8 +64,7 @@ impl Pull {
                 batch.mark_dirty(vol, dir);
                 self.node.store.write(batch, Durability::Buffered)?;
             } else {
-                self.take(dir, &name, remote, None, &hints, files, pending)
-                    .await?;
+                self.take(dir, &name, remote, None, &hints).await?;
             }
             return Ok(());
         };
@@ -80,17 +76,16 @@ impl Pull {
             Causality::Dominates if remote.is_tombstone() => {
                 if local.is_dir() {
                     // The peer deleted the directory: compare all of its children first.
-                    pending.push((path, None));
+                    self.pending.push((path, None));
                 }
                 self.defer_delete(dir, name, remote)
             }
             Causality::Dominates => {
                 if local.is_dir() && !remote.is_dir() {
                     // The directory must empty before the file can take its place.
-                    pending.push((path, None));
+                    self.pending.push((path, None));
                 }
-                self.take(dir, &name, remote, Some(local), &hints, files, pending)
-                    .await
+                self.take(dir, &name, remote, Some(local), &hints).await
             }
             Causality::Concurrent if remote.same_state(&local) => {
                 let merged = Entry {
@@ -99,10 +94,7 @@ impl Pull {
                 };
                 self.record_version(dir, &name, merged)
             }
-            Causality::Concurrent => {
-                self.conflict(dir, &name, remote, local, &hints, files, pending)
-                    .await
-            }
+            Causality::Concurrent => self.conflict(dir, &name, remote, local, &hints).await,
         }
     }
 
@@ -133,7 +125,6 @@ impl Pull {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn conflict(
         &mut self,
         dir: &VolPath,
@@ -141,8 +132,6 @@ impl Pull {
         remote: Entry,
         local: Entry,
         hints: &Hints,
-        files: &mut Vec<FileJob>,
-        pending: &mut Vec<(VolPath, Option<TreeNode>)>,
     ) -> Result<(), SyncError> {
         let merged_version = remote.version.merged(&local.version);
         let remote_wins = conflict::wins(&remote, &local);
@@ -205,14 +194,13 @@ impl Pull {
             } else {
                 Some(local)
             };
-            self.take(dir, name, winner, replaced, hints, files, pending)
-                .await
+            self.take(dir, name, winner, replaced, hints).await
         } else {
             if !remote.is_tombstone() && !both_dirs {
                 let copy_path = dir.join(&copy_name)?;
                 let source_path = dir.join(name)?;
                 match &remote.kind {
-                    EntryKind::File { .. } => files.push(FileJob {
+                    EntryKind::File { .. } => self.files.push(FileJob {
                         dir: dir.clone(),
                         name: copy_name,
                         entry: remote.clone(),
@@ -229,8 +217,6 @@ impl Pull {
                             remote.clone(),
                             None,
                             &Hints::default(),
-                            files,
-                            pending,
                         ))
                         .await?;
                     }

@@ -97,12 +97,12 @@ impl Pull {
         Ok(())
     }
 
-    /// Takes files in batches of up to `PUBLISH_BATCH`: prepares them (`FILE_CONCURRENCY`
+    /// Takes the files decided on so far in batches of up to `PUBLISH_BATCH`: prepares them (`FILE_CONCURRENCY`
     /// at a time), fetches the chunks the whole batch still lacks in shared requests,
     /// then publishes the batch (one `syncfs`, one durable index write).
-    pub(super) async fn take_files(&mut self, files: Vec<FileJob>) -> Result<(), SyncError> {
+    pub(super) async fn take_files(&mut self) -> Result<(), SyncError> {
         self.find_rename_sources()?;
-        let mut jobs = files.into_iter().peekable();
+        let mut jobs = std::mem::take(&mut self.files).into_iter().peekable();
         while jobs.peek().is_some() {
             let mut set = JoinSet::new();
             let mut prepared = Vec::new();

@@ -28,6 +28,7 @@ use super::{Node, Peer, SyncError};
 use crate::entry::Entry;
 use crate::ids::ContentId;
 use crate::pathname::VolPath;
+use crate::tree::TreeNode;
 use files::{FileJob, RenameSource};
 
 /// Files made durable and visible together.
@@ -71,6 +72,7 @@ pub async fn pull_volume(
         deferred: Vec::new(),
         rename_sources: HashMap::new(),
         renames_seen: 0,
+        pending: Vec::new(),
         files: Vec::new(),
         report: PullReport::default(),
     };
@@ -81,12 +83,11 @@ pub async fn pull_volume(
     if local_root.map(|n| n.sync_hash()) == Some(remote_root.sync_hash()) {
         return Ok(pull.report);
     }
-    let mut pending = vec![(VolPath::root(), Some(remote_root))];
-    while let Some((dir, remote)) = pending.pop() {
-        pull.sync_dir(&dir, remote, &mut pending).await?;
+    pull.pending.push((VolPath::root(), Some(remote_root)));
+    while let Some((dir, remote)) = pull.pending.pop() {
+        pull.sync_dir(&dir, remote).await?;
     }
-    let files = std::mem::take(&mut pull.files);
-    pull.take_files(files).await?;
+    pull.take_files().await?;
     pull.apply_deletes()?;
     crate::tree::update(&node.store, volume.id)?;
     Ok(pull.report)
@@ -104,6 +105,9 @@ struct Pull {
     rename_sources: HashMap<ContentId, RenameSource>,
     /// How many of `deferred` have been looked at for `rename_sources`.
     renames_seen: usize,
+    /// Directories still to compare with the peer's, each with the peer's tree node
+    /// (`None`: the peer deleted it, so all its entries are compared).
+    pending: Vec<(VolPath, Option<TreeNode>)>,
     /// Files decided on but not yet fetched (taken in batches across directories).
     files: Vec<FileJob>,
     report: PullReport,

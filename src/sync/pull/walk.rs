@@ -69,7 +69,6 @@ impl Pull {
         &mut self,
         dir: &VolPath,
         remote: Option<TreeNode>,
-        pending: &mut Vec<(VolPath, Option<TreeNode>)>,
     ) -> Result<(), SyncError> {
         let vol = self.volume().id;
         let local = self.node.store.tree_node(vol, dir)?;
@@ -93,20 +92,16 @@ impl Pull {
             }
             None => ranges.push((Vec::new(), None)),
         }
-        let mut files = std::mem::take(&mut self.files);
         for (start, end) in ranges {
             for remote_entry in self.get_entries(dir, &start, end.as_deref()).await? {
-                self.reconcile(dir, remote_entry, &mut files, pending)
-                    .await?;
+                self.reconcile(dir, remote_entry).await?;
             }
         }
         // Files of many small directories travel together: one publish batch for all.
-        if files.len() >= PUBLISH_BATCH {
-            self.take_files(files).await
-        } else {
-            self.files = files;
-            Ok(())
+        if self.files.len() >= PUBLISH_BATCH {
+            self.take_files().await?;
         }
+        Ok(())
     }
 }
 
