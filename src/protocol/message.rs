@@ -39,6 +39,16 @@ pub struct Hello {
     pub volumes: Vec<String>,
 }
 
+/// Bytes one page takes in `ChunkPages`: its u32 chunk count and its hash.
+const PAGE_HASH_LEN: usize = 4 + HASH_LEN;
+
+/// What an entry of an `Entries` response takes in the frame besides its name, its
+/// encoded entry and its inline chunk refs: at most 48 bytes (name length 2, subtree
+/// flag and hash 1 + 32, entry length 4, chunk list flag, length and count 1 + 4 + 4),
+/// counted as 56 as `schema/protocol.md` specifies.
+const ENTRY_OVERHEAD: usize = 56;
+const _: () = assert!(ENTRY_OVERHEAD >= 2 + 1 + HASH_LEN + 4 + 1 + 4 + 4);
+
 /// One child of a directory as a peer sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WireEntry {
@@ -49,6 +59,20 @@ pub struct WireEntry {
     pub subtree: Option<TreeHash>,
     /// A small file's chunk list, sent inline to save a request per file.
     pub chunks: Option<Vec<ChunkRef>>,
+}
+
+impl WireEntry {
+    /// What the responder counts of this entry toward `MAX_ENTRIES_BYTES`: never less
+    /// than it takes in the frame.
+    pub fn counted_len(&self) -> usize {
+        self.name.len()
+            + codec::encode_entry(&self.entry).len()
+            + self
+                .chunks
+                .as_ref()
+                .map_or(0, |c| c.len() * codec::CHUNK_REF_LEN)
+            + ENTRY_OVERHEAD
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -498,7 +522,7 @@ impl Response {
                 false => Response::ChunkPages(None),
                 true => {
                     let count = r.u32("page count")? as usize;
-                    if count > MAX_LIST_PAGES || count * 36 > body.len() {
+                    if count > MAX_LIST_PAGES || count * PAGE_HASH_LEN > body.len() {
                         return Err(ProtocolError::Malformed(format!(
                             "{count} chunk list pages in {} bytes",
                             body.len()

@@ -98,8 +98,11 @@ pub fn decode_entry(bytes: &[u8]) -> Result<Entry, DecodeError> {
     })
 }
 
+/// Bytes one chunk takes in an encoded chunk list: its id and its u32 length.
+pub const CHUNK_REF_LEN: usize = HASH_LEN + 4;
+
 pub fn encode_chunk_list(chunks: &[ChunkRef]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4 + chunks.len() * (HASH_LEN + 4));
+    let mut out = Vec::with_capacity(4 + chunks.len() * CHUNK_REF_LEN);
     out.extend_from_slice(&(chunks.len() as u32).to_le_bytes());
     for chunk in chunks {
         out.extend_from_slice(chunk.id.as_bytes());
@@ -111,7 +114,7 @@ pub fn encode_chunk_list(chunks: &[ChunkRef]) -> Vec<u8> {
 pub fn decode_chunk_list(bytes: &[u8]) -> Result<Vec<ChunkRef>, DecodeError> {
     let mut r = Reader::new(bytes);
     let count = r.u32("chunk count")? as usize;
-    if bytes.len() != 4 + count * (HASH_LEN + 4) {
+    if bytes.len() != 4 + count * CHUNK_REF_LEN {
         return Err(DecodeError(format!(
             "chunk list of {count} chunks has {} bytes",
             bytes.len()
@@ -185,8 +188,13 @@ pub fn decode_extent(bytes: &[u8]) -> Result<Extent, DecodeError> {
     Ok(extent)
 }
 
+/// The fewest bytes a page takes in a tree node: its u32 entry count, its hash and the
+/// u16 length of its first name.
+const MIN_PAGE_LEN: usize = 4 + HASH_LEN + 2;
+
 pub fn encode_tree_node(node: &TreeNode) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + HASH_LEN + 40 + 4 + node.pages.len() * 64);
+    // Format, two hashes, five u64 totals, the page count; pages with short names.
+    let mut out = Vec::with_capacity(1 + 2 * HASH_LEN + 40 + 4 + node.pages.len() * 64);
     out.push(VALUE_FORMAT);
     out.extend_from_slice(node.hash.as_bytes());
     out.extend_from_slice(node.versions.as_bytes());
@@ -219,8 +227,8 @@ pub fn decode_tree_node(bytes: &[u8]) -> Result<TreeNode, DecodeError> {
         chunks: r.u64("totals")?,
     };
     let count = r.u32("page count")?;
-    // Each page takes at least 38 bytes: refuse counts the value cannot hold.
-    if count as usize > bytes.len() / 38 {
+    // Refuse counts the value cannot hold.
+    if count as usize > bytes.len() / MIN_PAGE_LEN {
         return Err(DecodeError(format!(
             "tree node claims {count} pages in {} bytes",
             bytes.len()

@@ -53,16 +53,14 @@ pub(super) fn answer(
             }
             _ => None,
         };
-        bytes += name.len()
-            + crate::store::codec::encode_entry(&entry).len()
-            + chunks.as_ref().map_or(0, |c| c.len() * 36)
-            + 56;
-        entries.push(WireEntry {
+        let wire = WireEntry {
             name,
             entry,
             subtree,
             chunks,
-        });
+        };
+        bytes += wire.counted_len();
+        entries.push(wire);
     }
     Ok(Response::Entries { entries, more })
 }
