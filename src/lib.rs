@@ -51,3 +51,4 @@ pub mod tree;
 pub mod verify;
 pub mod volume_fs;
 pub mod watcher;
+pub mod workers;

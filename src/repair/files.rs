@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::sync::Arc;
 
+use super::{FILE_BATCH, Repair, RepairError};
 use crate::chunking::ChunkRef;
 use crate::entry::EntryKind;
 use crate::pathname::VolPath;
@@ -11,8 +12,6 @@ use crate::store::Durability;
 use crate::sync::transfer::{ChunkTargets, Missing, fill_from_local};
 use crate::verify::{Problem, Severity, VerifyReport};
 use crate::volume_fs::{VolumeFs, finish_staged, stamp_of_stat};
-
-use super::{FILE_BATCH, Repair, RepairError};
 
 /// A damaged file being rebuilt in staging.
 struct Rebuild {

@@ -1,9 +1,8 @@
 //! Index records that contradict the index itself.
 
+use super::{Repair, RepairError};
 use crate::store::{ChunkLocation, Durability};
 use crate::verify::{Problem, VerifyReport};
-
-use super::{Repair, RepairError};
 
 impl Repair<'_> {
     /// Index records that contradict the index itself.

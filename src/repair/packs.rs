@@ -6,13 +6,12 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use super::{Repair, RepairError};
 use crate::ids::ChunkId;
 use crate::store::codec::Extent;
 use crate::store::pack::{self, PackEnd, PackScanner, PackWriter};
 use crate::store::{ChunkLocation, Durability};
 use crate::sync::transfer::ChunkTargets;
-
-use super::{Repair, RepairError};
 
 impl Repair<'_> {
     /// Packs: damaged records restored in place, torn tails cut and lost records

@@ -6,8 +6,6 @@ use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use crossbeam_channel::{Receiver, Sender};
-
 use super::stamp_of;
 use crate::chunking::{ChunkParams, ChunkedContent, Chunker};
 use crate::pathname::VolPath;
@@ -39,24 +37,13 @@ pub(super) enum HashOutcome {
     Failed(io::Error),
 }
 
-pub(super) fn hash_worker(
-    params: ChunkParams,
-    jobs: Receiver<HashJob>,
-    results: Sender<HashResult>,
-) {
+/// A hashing thread's work: its own chunker, used for every file it is given.
+pub(super) fn hasher(params: ChunkParams) -> impl FnMut(HashJob) -> HashResult {
     let mut chunker = Chunker::new(params);
-    for job in jobs {
-        let outcome = hash_file(&mut chunker, &job.path);
-        if results
-            .send(HashResult {
-                dir: job.dir,
-                name: job.name,
-                outcome,
-            })
-            .is_err()
-        {
-            return;
-        }
+    move |job| HashResult {
+        outcome: hash_file(&mut chunker, &job.path),
+        dir: job.dir,
+        name: job.name,
     }
 }
 

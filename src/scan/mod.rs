@@ -27,7 +27,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::bounded;
 use indicatif::ProgressBar;
 
 use crate::entry::EntryKind;
@@ -36,7 +35,8 @@ use crate::pathname::VolPath;
 use crate::store::codec::ScanStamp;
 use crate::store::{Durability, Store, StoreError};
 use crate::tree::SubtreeTotals;
-use hash::{HashJob, HashResult, hash_worker};
+use crate::workers::Pool;
+use hash::hasher;
 use walk::Walker;
 
 /// The per-directory ignore file (gitignore syntax).
@@ -177,24 +177,14 @@ pub fn scan_volume(
         std::thread::available_parallelism().map_or(2, |n| n.get())
     };
     let params = store.meta().chunk_params;
-    let (job_tx, job_rx) = bounded::<HashJob>(QUEUE_DEPTH);
-    let (result_tx, result_rx) = bounded::<HashResult>(QUEUE_DEPTH);
-
     let mut report = std::thread::scope(|scope| -> Result<ScanReport, StoreError> {
-        for _ in 0..threads {
-            let (job_rx, result_tx) = (job_rx.clone(), result_tx.clone());
-            scope.spawn(move || hash_worker(params, job_rx, result_tx));
-        }
-        drop(result_tx);
         let mut walker = Walker {
             store,
             vol,
             node: store.meta().node_id,
             root: root.to_path_buf(),
             batch: store.batch(),
-            jobs: Some(job_tx),
-            results: result_rx,
-            in_flight: 0,
+            hashers: Pool::start(scope, threads, QUEUE_DEPTH, || hasher(params)),
             progress: options.progress.clone(),
             hold: &options.hold,
             renamed: options

@@ -9,20 +9,19 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crossbeam_channel::{Receiver, Sender};
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use indicatif::ProgressBar;
 
+use super::hash::{HashJob, HashOutcome, HashResult};
+use super::rules::IgnoreRules;
+use super::{BATCH_OPS, Depth, IGNORE_FILE, ScanReport, ScanScope, now_ns, stamp_of};
 use crate::chunking::{ChunkRef, ChunkedContent};
 use crate::entry::{Entry, EntryKind, MODE_MASK};
 use crate::ids::{NodeId, VolumeId};
 use crate::pathname::{SHOAL_DIR, VolPath, escape};
 use crate::store::codec::ScanStamp;
 use crate::store::{Batch, Durability, Store, StoreError};
-
-use super::hash::{HashJob, HashOutcome, HashResult};
-use super::rules::IgnoreRules;
-use super::{BATCH_OPS, Depth, IGNORE_FILE, ScanReport, ScanScope, now_ns, stamp_of};
+use crate::workers::Pool;
 
 /// One child of a directory as listed on disk.
 pub(super) struct Listed {
@@ -37,9 +36,8 @@ pub(super) struct Walker<'s> {
     pub(super) root: PathBuf,
     pub(super) batch: Batch<'s>,
     /// Taken (closing the queue) once the walk is done.
-    pub(super) jobs: Option<Sender<HashJob>>,
-    pub(super) results: Receiver<HashResult>,
-    pub(super) in_flight: usize,
+    /// The hashing threads.
+    pub(super) hashers: Pool<HashJob, HashResult>,
     pub(super) progress: Option<ProgressBar>,
     pub(super) hold: &'s HashSet<VolPath>,
     /// The watcher's renames, new path -> old path.
@@ -70,12 +68,8 @@ impl<'s> Walker<'s> {
         while let Some((dir, rules, depth)) = pending.pop() {
             self.walk_dir(&dir, &rules, depth, &mut pending)?;
         }
-        self.jobs = None;
-        while self.in_flight > 0 {
-            let result = self
-                .results
-                .recv()
-                .expect("hashing threads answer every job they took");
+        self.hashers.close();
+        while let Some(result) = self.hashers.next() {
             self.on_hashed(result)?;
         }
         // Deletes are written last: a peer pulling while this scan runs sees a renamed
@@ -546,30 +540,9 @@ impl<'s> Walker<'s> {
     }
 
     fn submit(&mut self, job: HashJob) -> Result<(), StoreError> {
-        let mut job = job;
-        loop {
-            let sender = self
-                .jobs
-                .as_ref()
-                .expect("jobs are only submitted during the walk");
-            match sender.try_send(job) {
-                Ok(()) => {
-                    self.in_flight += 1;
-                    return Ok(());
-                }
-                Err(crossbeam_channel::TrySendError::Full(back)) => {
-                    job = back;
-                    // The queue is full, so a thread is busy and will answer.
-                    let result = self
-                        .results
-                        .recv()
-                        .expect("hashing threads are alive while jobs are queued");
-                    self.on_hashed(result)?;
-                }
-                Err(crossbeam_channel::TrySendError::Disconnected(_)) => {
-                    unreachable!("hashing threads live as long as the walk")
-                }
-            }
+        match self.hashers.submit(job) {
+            Some(result) => self.on_hashed(result),
+            None => Ok(()),
         }
     }
 
@@ -665,7 +638,6 @@ impl<'s> Walker<'s> {
     }
 
     fn on_hashed(&mut self, result: HashResult) -> Result<(), StoreError> {
-        self.in_flight -= 1;
         let HashResult { dir, name, outcome } = result;
         let path = || dir.join(&name).unwrap_or_default().under(&self.root);
         match outcome {

@@ -6,13 +6,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use super::{Finding, Problem, Severity, VerifyReport, finding};
 use crate::chunking::{ChunkRef, content_id};
 use crate::entry::{Entry, EntryKind};
 use crate::ids::{ChunkId, VolumeId};
 use crate::pathname::VolPath;
 use crate::store::{Store, StoreError};
-
-use super::{Finding, Problem, Severity, VerifyReport, finding};
 
 /// A file to re-hash, with what the index says of it.
 pub(super) struct FileCheck {
@@ -25,146 +24,196 @@ pub(super) struct FileCheck {
     pub(super) chunks: Vec<ChunkRef>,
 }
 
-/// Checks what can be checked without reading file content; returns the content check
-/// to run for a file.
-#[allow(clippy::too_many_arguments)]
+/// The volume being verified.
+pub(super) struct Target<'a> {
+    pub(super) vol: VolumeId,
+    pub(super) name: &'a str,
+    pub(super) root: &'a Path,
+}
+
+/// One indexed name being checked.
+struct Subject<'a> {
+    target: &'a Target<'a>,
+    dir: &'a VolPath,
+    name: &'a [u8],
+    path: VolPath,
+    display: String,
+}
+
+impl Subject<'_> {
+    /// Damage to this name (repair acts on it: it carries the volume path).
+    fn damage(&self, problem: Problem, detail: String) -> Finding {
+        Finding {
+            file: Some(self.path.clone()),
+            ..self.finding(Severity::Damage, problem, detail)
+        }
+    }
+
+    fn warning(&self, problem: Problem, detail: String) -> Finding {
+        self.finding(Severity::Warning, problem, detail)
+    }
+
+    fn finding(&self, severity: Severity, problem: Problem, detail: String) -> Finding {
+        let (volume, path) = (Some(self.target.name), Some(self.display.clone()));
+        finding(severity, problem, volume, path, detail)
+    }
+}
+
+/// Checks what can be checked of `dir/name` without reading file content; returns the
+/// content check to run for a file.
 pub(super) fn check_entry(
     store: &Store,
-    vol: VolumeId,
-    volume: &str,
-    root: &Path,
+    target: &Target<'_>,
     dir: &VolPath,
     name: &[u8],
-    path: &VolPath,
     entry: &Entry,
     report: &mut VerifyReport,
 ) -> Result<Option<FileCheck>, StoreError> {
-    let display = path.display().to_string();
-    let fs_path = path.under(root);
-    let mut damage = |problem, detail: String| {
-        report.findings.push(Finding {
-            file: Some(path.clone()),
-            ..finding(
+    let path = match dir.join(name) {
+        Ok(path) => path,
+        Err(e) => {
+            let bad_key = Problem::BadIndexKey;
+            let found = finding(
                 Severity::Damage,
-                problem,
-                Some(volume),
-                Some(display.clone()),
-                detail,
-            )
-        });
+                bad_key,
+                Some(target.name),
+                None,
+                e.to_string(),
+            );
+            report.findings.push(found);
+            return Ok(None);
+        }
     };
+    let subject = Subject {
+        target,
+        dir,
+        name,
+        display: path.display().to_string(),
+        path,
+    };
+    let fs_path = subject.path.under(target.root);
     let meta = match fs::symlink_metadata(&fs_path) {
         _ if entry.is_tombstone() => return Ok(None),
         Ok(meta) => meta,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            damage(Problem::Missing, "in the index but not on disk".into());
+            let detail = "in the index but not on disk".into();
+            report
+                .findings
+                .push(subject.damage(Problem::Missing, detail));
             return Ok(None);
         }
         Err(e) => {
-            damage(Problem::Unreadable, format!("cannot stat: {e}"));
+            let detail = format!("cannot stat: {e}");
+            report
+                .findings
+                .push(subject.damage(Problem::Unreadable, detail));
             return Ok(None);
         }
     };
     match &entry.kind {
-        EntryKind::Tombstone { .. } => Ok(None),
-        EntryKind::Dir if meta.is_dir() => Ok(None),
+        EntryKind::Tombstone { .. } => {}
+        EntryKind::Dir if meta.is_dir() => {}
         EntryKind::Symlink { target } if meta.file_type().is_symlink() => {
             match fs::read_link(&fs_path) {
                 Ok(actual) if actual.as_os_str().as_bytes() == target.as_slice() => {}
-                Ok(_) => report.findings.push(finding(
-                    Severity::Warning,
+                Ok(_) => report.findings.push(subject.warning(
                     Problem::Modified,
-                    Some(volume),
-                    Some(display),
                     "symlink target changed since the last scan".into(),
                 )),
-                Err(e) => damage(Problem::Unreadable, format!("cannot read symlink: {e}")),
+                Err(e) => report
+                    .findings
+                    .push(subject.damage(Problem::Unreadable, format!("cannot read symlink: {e}"))),
             }
-            Ok(None)
         }
-        EntryKind::File {
-            size,
-            content_id: expected,
-            ..
-        } if meta.is_file() => {
-            let mtime_ns = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
-            if mtime_ns != entry.mtime_ns {
-                report.findings.push(finding(
-                    Severity::Warning,
-                    Problem::Modified,
-                    Some(volume),
-                    Some(display),
-                    "modified since the last scan (run `shoal scan`)".into(),
-                ));
-                return Ok(None);
-            }
-            let Some(chunks) = store.chunk_list(vol, dir, name)? else {
-                damage(
-                    Problem::IndexMissingChunkList,
-                    "the index has no chunk list for this file".into(),
-                );
-                return Ok(None);
-            };
-            if content_id(&chunks) != *expected
-                || chunks.iter().map(|c| u64::from(c.len)).sum::<u64>() != *size
-            {
-                damage(
-                    Problem::IndexInconsistent,
-                    "the chunk list does not match the file's content id or size".into(),
-                );
-                return Ok(None);
-            }
-            for chunk in &chunks {
-                if !store.has_live_location(&chunk.id, vol, dir, name)? {
-                    damage(
-                        Problem::IndexMissingLocation,
-                        format!("chunk {} has no location record", chunk.id),
-                    );
-                    break;
-                }
-            }
-            if meta.len() != *size {
-                let problem = if meta.len() < *size {
-                    Problem::Truncated
-                } else {
-                    Problem::SizeMismatch
-                };
-                let detail = format!(
-                    "{} bytes on disk, {} in the index, mtime unchanged",
-                    meta.len(),
-                    size
-                );
-                report.findings.push(Finding {
-                    range: Some((meta.len().min(*size), meta.len().max(*size))),
-                    file: Some(path.clone()),
-                    ..finding(
-                        Severity::Damage,
-                        problem,
-                        Some(volume),
-                        Some(display),
-                        detail,
-                    )
-                });
-                return Ok(None);
-            }
-            Ok(Some(FileCheck {
-                volume: volume.to_string(),
-                display,
-                file: path.clone(),
-                path: fs_path,
-                size: *size,
-                mtime_ns,
-                chunks,
-            }))
+        EntryKind::File { .. } if meta.is_file() => {
+            return check_file_entry(store, &subject, entry, &meta, fs_path, report);
         }
         _ => {
-            damage(
-                Problem::TypeChanged,
-                format!("the index has a {} here", kind_name(&entry.kind)),
-            );
-            Ok(None)
+            let detail = format!("the index has a {} here", kind_name(&entry.kind));
+            report
+                .findings
+                .push(subject.damage(Problem::TypeChanged, detail));
         }
     }
+    Ok(None)
+}
+
+/// A file's index records against each other and its size on disk; returns the
+/// content check to run if they agree.
+fn check_file_entry(
+    store: &Store,
+    subject: &Subject<'_>,
+    entry: &Entry,
+    meta: &fs::Metadata,
+    fs_path: PathBuf,
+    report: &mut VerifyReport,
+) -> Result<Option<FileCheck>, StoreError> {
+    let EntryKind::File {
+        size,
+        content_id: expected,
+        ..
+    } = entry.kind
+    else {
+        return Ok(None);
+    };
+    let (vol, dir, name) = (subject.target.vol, subject.dir, subject.name);
+    let mtime_ns = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+    if mtime_ns != entry.mtime_ns {
+        let detail = "modified since the last scan (run `shoal scan`)".into();
+        report
+            .findings
+            .push(subject.warning(Problem::Modified, detail));
+        return Ok(None);
+    }
+    let Some(chunks) = store.chunk_list(vol, dir, name)? else {
+        let detail = "the index has no chunk list for this file".into();
+        report
+            .findings
+            .push(subject.damage(Problem::IndexMissingChunkList, detail));
+        return Ok(None);
+    };
+    if content_id(&chunks) != expected
+        || chunks.iter().map(|c| u64::from(c.len)).sum::<u64>() != size
+    {
+        let detail = "the chunk list does not match the file's content id or size".into();
+        report
+            .findings
+            .push(subject.damage(Problem::IndexInconsistent, detail));
+        return Ok(None);
+    }
+    for chunk in &chunks {
+        if !store.has_live_location(&chunk.id, vol, dir, name)? {
+            let detail = format!("chunk {} has no location record", chunk.id);
+            report
+                .findings
+                .push(subject.damage(Problem::IndexMissingLocation, detail));
+            break;
+        }
+    }
+    if meta.len() != size {
+        let problem = match meta.len() < size {
+            true => Problem::Truncated,
+            false => Problem::SizeMismatch,
+        };
+        let detail = format!(
+            "{} bytes on disk, {size} in the index, mtime unchanged",
+            meta.len()
+        );
+        report.findings.push(Finding {
+            range: Some((meta.len().min(size), meta.len().max(size))),
+            ..subject.damage(problem, detail)
+        });
+        return Ok(None);
+    }
+    Ok(Some(FileCheck {
+        volume: subject.target.name.to_string(),
+        display: subject.display.clone(),
+        file: subject.path.clone(),
+        path: fs_path,
+        size,
+        mtime_ns,
+        chunks,
+    }))
 }
 
 pub(super) fn kind_name(kind: &EntryKind) -> &'static str {

@@ -1,11 +1,10 @@
 //! Location records: each live location checked against its file's chunk list.
 
+use super::{Problem, Sampler, Severity, VerifyReport, finding};
 use crate::ids::{ChunkId, VolumeId};
 use crate::pathname::VolPath;
 use crate::store::codec::Extent;
 use crate::store::{ChunkLocation, Store, StoreError};
-
-use super::{Problem, Sampler, Severity, VerifyReport, finding};
 
 /// Every live-file location of `vol` must point at a file entry whose chunk list holds
 /// that chunk at that offset.

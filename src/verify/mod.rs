@@ -29,13 +29,13 @@ mod packs;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crossbeam_channel::bounded;
 use indicatif::ProgressBar;
 use serde::Serialize;
 
 use crate::pathname::VolPath;
 use crate::store::{Store, StoreError};
-use files::{FileCheck, check_entry, check_file};
+use crate::workers::Pool;
+use files::{FileCheck, Target, check_entry, check_file};
 pub(crate) use locations::ChunkListCache;
 use locations::check_locations;
 use packs::check_packs;
@@ -179,7 +179,24 @@ impl VerifyReport {
     pub fn damaged(&self) -> bool {
         self.findings.iter().any(|f| f.severity == Severity::Damage)
     }
+
+    /// Counts a file re-hashed: its bytes and what was found.
+    fn add_checked(
+        &mut self,
+        (bytes, findings): (u64, Vec<Finding>),
+        progress: Option<&ProgressBar>,
+    ) {
+        self.files_checked += 1;
+        self.bytes_hashed += bytes;
+        self.findings.extend(findings);
+        if let Some(progress) = progress {
+            progress.inc(bytes);
+        }
+    }
 }
+
+/// Files waiting for a re-hashing thread (and results waiting to be counted).
+const QUEUE_DEPTH: usize = 64;
 
 /// How to verify.
 #[derive(Clone, Debug, Default)]
@@ -233,29 +250,10 @@ pub fn verify(
         ..Default::default()
     };
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let (job_tx, job_rx) = bounded::<FileCheck>(64);
-    let (found_tx, found_rx) = bounded::<(u64, Vec<Finding>)>(64);
     std::thread::scope(|scope| -> Result<(), StoreError> {
-        for _ in 0..threads {
-            let (job_rx, found_tx) = (job_rx.clone(), found_tx.clone());
-            scope.spawn(move || {
-                for check in job_rx {
-                    let outcome = check_file(&check);
-                    if found_tx.send(outcome).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-        drop(found_tx);
-        let collect = |report: &mut VerifyReport, (bytes, findings): (u64, Vec<Finding>)| {
-            report.files_checked += 1;
-            report.bytes_hashed += bytes;
-            report.findings.extend(findings);
-            if let Some(progress) = &progress {
-                progress.inc(bytes);
-            }
-        };
+        let mut checkers = Pool::start(scope, threads, QUEUE_DEPTH, || {
+            |check: FileCheck| check_file(&check)
+        });
         for (name, root) in volumes {
             let Some(record) = store.volume(name)? else {
                 report.findings.push(finding(
@@ -267,55 +265,26 @@ pub fn verify(
                 ));
                 continue;
             };
-            let vol = record.id;
-            for item in store.descendants(vol, &VolPath::root()) {
+            let target = Target {
+                vol: record.id,
+                name,
+                root,
+            };
+            for item in store.descendants(target.vol, &VolPath::root()) {
                 let (dir, entry_name, entry) = item?;
                 if !sampler.pick() {
                     continue;
                 }
-                let path = match dir.join(&entry_name) {
-                    Ok(path) => path,
-                    Err(e) => {
-                        report.findings.push(finding(
-                            Severity::Damage,
-                            Problem::BadIndexKey,
-                            Some(name),
-                            None,
-                            e.to_string(),
-                        ));
-                        continue;
-                    }
-                };
-                if let Some(check) = check_entry(
-                    store,
-                    vol,
-                    name,
-                    root,
-                    &dir,
-                    &entry_name,
-                    &path,
-                    &entry,
-                    &mut report,
-                )? {
-                    let mut pending = Some(check);
-                    while let Some(check) = pending.take() {
-                        if let Err(crossbeam_channel::TrySendError::Full(back)) =
-                            job_tx.try_send(check)
-                        {
-                            pending = Some(back);
-                            let done = found_rx
-                                .recv()
-                                .expect("verify threads answer every job they took");
-                            collect(&mut report, done);
-                        }
-                    }
+                let check = check_entry(store, &target, &dir, &entry_name, &entry, &mut report)?;
+                if let Some(done) = check.and_then(|check| checkers.submit(check)) {
+                    report.add_checked(done, progress.as_ref());
                 }
             }
-            check_locations(store, vol, name, &mut sampler, &mut report)?;
+            check_locations(store, target.vol, name, &mut sampler, &mut report)?;
         }
-        drop(job_tx);
-        for done in found_rx.iter() {
-            collect(&mut report, done);
+        checkers.close();
+        while let Some(done) = checkers.next() {
+            report.add_checked(done, progress.as_ref());
         }
         Ok(())
     })?;

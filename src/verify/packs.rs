@@ -6,10 +6,9 @@ use std::path::Path;
 
 use indicatif::ProgressBar;
 
+use super::{Finding, Problem, Severity, VerifyReport, finding};
 use crate::store::pack::{self, PackEnd, PackScanner};
 use crate::store::{ChunkLocation, Store, StoreError};
-
-use super::{Finding, Problem, Severity, VerifyReport, finding};
 
 /// Reads every pack record and every pack location the index holds.
 /// The pack number a pack file's name gives (`NNNNNNNNNNNNNNNN.pack`).
