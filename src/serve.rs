@@ -76,41 +76,10 @@ pub async fn run(
             chunk_params: settings.chunk_params,
         },
     )?;
-    let mut volumes = Vec::new();
-    for name in &settings.volumes {
-        let dir = settings.volume_dir(name);
-        if options.require_mounts && !crate::container::is_mount_point(&dir).unwrap_or(false) {
-            anyhow::bail!(
-                "volume {name}: {} is not a mounted volume; mount the Docker volume there (-v {name}:{}) or remove {name} from SYNC_VOLUMES",
-                dir.display(),
-                dir.display()
-            );
-        }
-        if !dir.exists() {
-            tracing::warn!(
-                "volume {name}: {} does not exist; creating it empty (it will be filled from peers)",
-                dir.display()
-            );
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-        }
-        volumes.push(Volume::open(&store, name, &dir).with_context(|| format!("volume {name}"))?);
-    }
-    let mut peers = BTreeSet::new();
-    for target in &options.peers {
-        let addr = tokio::net::lookup_host(target.as_str())
-            .await
-            .ok()
-            .and_then(|mut addrs| addrs.next())
-            .with_context(|| format!("cannot resolve peer {target:?} (expected HOST:PORT)"))?;
-        if addr == options.listen {
-            continue;
-        }
-        peers.insert(addr);
-    }
+    let volumes = open_volumes(&options, &store)?;
     let discovery = Discovery::new(
         options.mode,
-        peers,
+        static_peers(&options).await?,
         &options.docker_socket,
         options.listen.port(),
         options.heartbeat,
@@ -128,26 +97,12 @@ pub async fn run(
         rescan(&node, index, ScanOptions::default()).await?;
     }
 
-    let mut server = crate::transport::listen(options.listen, &credentials, options.gso)?;
+    let server = crate::transport::listen(options.listen, &credentials, options.gso)?;
     let bind = SocketAddr::new(options.listen.ip(), 0);
     let client = crate::transport::client(bind, &credentials, options.gso)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
-    {
-        let node = node.clone();
-        let mut stop = stop_rx.clone();
-        tasks.spawn(async move {
-            loop {
-                tokio::select! {
-                    accepted = server.accept() => match accepted {
-                        Some(connection) => { tokio::spawn(crate::sync::server::serve_connection(node.clone(), connection)); }
-                        None => break,
-                    },
-                    _ = stop.wait_for(|s| *s) => break,
-                }
-            }
-        });
-    }
+    tasks.spawn(accept(node.clone(), server, stop_rx.clone()));
     let (peers_tx, peers_rx) = watch::channel(BTreeSet::new());
     let following = discovery.describe();
     tasks.spawn(discovery.run(peers_tx, stop_rx.clone()));
@@ -163,21 +118,8 @@ pub async fn run(
         let timing = (options.debounce, options.heartbeat);
         tasks.spawn(async move { local_changes(node, index, watcher, timing, stop).await });
     }
-    {
-        let (node, mut stop) = (node.clone(), stop_rx.clone());
-        let retention = options.tombstone_retention;
-        tasks.spawn(async move {
-            loop {
-                if let Err(e) = expire_tombstones(&node, retention).await {
-                    tracing::error!("expiring tombstones failed: {e:#}");
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(TOMBSTONE_SWEEP) => {}
-                    _ = stop.wait_for(|s| *s) => break,
-                }
-            }
-        });
-    }
+    let retention = options.tombstone_retention;
+    tasks.spawn(sweep_tombstones(node.clone(), retention, stop_rx.clone()));
     if let Some(addr) = options.http {
         let (node, stop) = (node.clone(), stop_rx.clone());
         let listener_check = std::net::TcpListener::bind(addr)
@@ -204,7 +146,74 @@ pub async fn run(
     Ok(())
 }
 
-/// Rescans one volume under its lock; announces local changes to peers.
+/// Opens the configured volumes: a missing directory is created empty (it fills from
+/// peers), unless mounts are required and it is not one.
+fn open_volumes(options: &ServeOptions, store: &Store) -> anyhow::Result<Vec<Volume>> {
+    let mut volumes = Vec::new();
+    for name in &options.settings.volumes {
+        let dir = options.settings.volume_dir(name);
+        if options.require_mounts && !crate::container::is_mount_point(&dir).unwrap_or(false) {
+            anyhow::bail!(
+                "volume {name}: {} is not a mounted volume; mount the Docker volume there (-v {name}:{}) or remove {name} from SYNC_VOLUMES",
+                dir.display(),
+                dir.display()
+            );
+        }
+        if !dir.exists() {
+            tracing::warn!(
+                "volume {name}: {} does not exist; creating it empty (it will be filled from peers)",
+                dir.display()
+            );
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        volumes.push(Volume::open(store, name, &dir).with_context(|| format!("volume {name}"))?);
+    }
+    Ok(volumes)
+}
+
+/// The `--peer` list, resolved, without our own listening address.
+async fn static_peers(options: &ServeOptions) -> anyhow::Result<BTreeSet<SocketAddr>> {
+    let mut peers = BTreeSet::new();
+    for target in &options.peers {
+        let addr = tokio::net::lookup_host(target.as_str())
+            .await
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .with_context(|| format!("cannot resolve peer {target:?} (expected HOST:PORT)"))?;
+        if addr != options.listen {
+            peers.insert(addr);
+        }
+    }
+    Ok(peers)
+}
+
+/// Accepts peers' connections, each served in a task of its own, until `stop` flips.
+async fn accept(node: Arc<Node>, mut server: s2n_quic::Server, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            accepted = server.accept() => match accepted {
+                Some(connection) => { tokio::spawn(crate::sync::server::serve_connection(node.clone(), connection)); }
+                None => break,
+            },
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+}
+
+/// Forgets expired tombstones now and every [`TOMBSTONE_SWEEP`], until `stop` flips.
+async fn sweep_tombstones(node: Arc<Node>, retention: Duration, mut stop: watch::Receiver<bool>) {
+    loop {
+        if let Err(e) = expire_tombstones(&node, retention).await {
+            tracing::error!("expiring tombstones failed: {e:#}");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(TOMBSTONE_SWEEP) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+}
+
 /// Forgets tombstones older than the retention period, one volume at a time.
 async fn expire_tombstones(node: &Arc<Node>, retention: Duration) -> anyhow::Result<()> {
     let cutoff = std::time::SystemTime::now()
