@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fs::OpenOptions as FsOpenOptions;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::Arc;
 
 use super::{Repair, RepairError};
@@ -13,136 +13,167 @@ use crate::store::pack::{self, PackEnd, PackScanner, PackWriter};
 use crate::store::{ChunkLocation, Durability};
 use crate::sync::transfer::ChunkTargets;
 
+/// What a sequential read of one pack found.
+#[derive(Default)]
+struct PackState {
+    /// Records whose bytes do not match their id.
+    damaged: Vec<(ChunkId, Extent)>,
+    /// Offsets of the whole, intact records.
+    intact: HashSet<u64>,
+    /// Intact records that no index record points at.
+    orphans: Vec<(ChunkId, Extent)>,
+    /// (valid length, file length) when the pack ends inside a record.
+    torn: Option<(u64, u64)>,
+}
+
+impl PackState {
+    /// Reads pack `number` at `path` (a missing pack holds nothing); `indexed` holds the
+    /// (pack, offset) of every pack location record.
+    fn read(
+        path: &Path,
+        number: u64,
+        indexed: &BTreeMap<(u64, u64), ChunkId>,
+    ) -> Result<PackState, RepairError> {
+        let mut state = PackState::default();
+        if !path.exists() {
+            return Ok(state);
+        }
+        let mut scanner = PackScanner::open(path)?;
+        while let Some(record) = scanner.next_record()? {
+            if !record.intact {
+                state.damaged.push((record.id, record.extent));
+            } else {
+                state.intact.insert(record.extent.offset);
+                if !indexed.contains_key(&(number, record.extent.offset)) {
+                    state.orphans.push((record.id, record.extent));
+                }
+            }
+        }
+        if let Some(PackEnd::Torn {
+            valid_len,
+            file_len,
+        }) = scanner.end()
+        {
+            state.torn = Some((*valid_len, *file_len));
+        }
+        Ok(state)
+    }
+}
+
 impl Repair<'_> {
     /// Packs: damaged records restored in place, torn tails cut and lost records
     /// appended again, unfindable records dropped from the index, orphans indexed.
     pub(super) async fn fix_packs(&mut self) -> Result<(), RepairError> {
         let node = self.node.clone();
-        let store = &node.store;
-        let packs_dir = store.packs_dir();
+        let packs_dir = node.store.packs_dir();
         let mut indexed: BTreeMap<(u64, u64), ChunkId> = BTreeMap::new();
         let mut wanted_in: BTreeMap<u64, Vec<(ChunkId, Extent)>> = BTreeMap::new();
-        for item in store.all_chunk_locations() {
+        for item in node.store.all_chunk_locations() {
             if let (id, ChunkLocation::Pack { pack, extent }) = item? {
                 indexed.insert((pack, extent.offset), id);
                 wanted_in.entry(pack).or_default().push((id, extent));
             }
         }
-        let mut pack_files: Vec<(u64, PathBuf)> = std::fs::read_dir(&packs_dir)
+        let pack_files = std::fs::read_dir(&packs_dir)
             .map_err(|e| RepairError::Io(packs_dir.display().to_string(), e))?
             .flatten()
-            .filter_map(|e| Some((crate::verify::pack_number(&e.path())?, e.path())))
-            .collect();
-        pack_files.sort();
-        for (number, _) in &pack_files {
-            wanted_in.entry(*number).or_default();
+            .filter_map(|e| crate::verify::pack_number(&e.path()));
+        for number in pack_files {
+            wanted_in.entry(number).or_default();
         }
         for (number, wanted) in wanted_in {
-            let path = packs_dir.join(pack::pack_file_name(number));
-            let shown = path.display().to_string();
-            // Sequential read: which records are whole and intact, where the valid part ends.
-            let mut damaged = Vec::new();
-            let mut intact: HashSet<u64> = HashSet::new();
-            let mut orphans = Vec::new();
-            let mut torn = None;
-            if path.exists() {
-                let mut scanner = PackScanner::open(&path)?;
-                while let Some(record) = scanner.next_record()? {
-                    if !record.intact {
-                        damaged.push((record.id, record.extent));
-                    } else {
-                        intact.insert(record.extent.offset);
-                        if !indexed.contains_key(&(number, record.extent.offset)) {
-                            orphans.push((record.id, record.extent));
-                        }
-                    }
+            self.fix_pack(number, wanted, &indexed).await?;
+        }
+        Ok(())
+    }
+
+    /// Repairs pack `number`, which the index says holds `wanted`.
+    async fn fix_pack(
+        &mut self,
+        number: u64,
+        wanted: Vec<(ChunkId, Extent)>,
+        indexed: &BTreeMap<(u64, u64), ChunkId>,
+    ) -> Result<(), RepairError> {
+        let node = self.node.clone();
+        let path = node.store.packs_dir().join(pack::pack_file_name(number));
+        let shown = path.display().to_string();
+        // Sequential read: which records are whole and intact, where the valid part ends.
+        let mut state = PackState::read(&path, number, indexed)?;
+        if !state.damaged.is_empty() {
+            self.rewrite_damaged(&path, &mut state).await?;
+        }
+        if let Some((valid_len, file_len)) = state.torn {
+            // Opening for appending cuts the torn tail.
+            drop(PackWriter::open(&path)?);
+            self.done(
+                "pack-tail-cut",
+                None,
+                Some(shown.clone()),
+                format!("bytes {valid_len}..{file_len} were not a whole record"),
+            );
+        }
+        // Index records into the pack that no intact record backs.
+        let lost: Vec<(ChunkId, Extent)> = wanted
+            .into_iter()
+            .filter(|(_, extent)| !state.intact.contains(&extent.offset))
+            .collect();
+        let mut batch = node.store.batch();
+        for (id, extent) in &state.orphans {
+            batch.put_pack_location(id, number, *extent);
+            self.done(
+                "location-added",
+                None,
+                Some(shown.clone()),
+                format!("chunk {id}: an intact record no index record pointed at"),
+            );
+        }
+        if !lost.is_empty() {
+            self.restore_lost(number, &path, lost, &mut batch).await?;
+        }
+        if !batch.is_empty() {
+            node.store.write(batch, Durability::Durable)?;
+        }
+        Ok(())
+    }
+
+    /// Damaged records: the same bytes again, in place, from a local copy or a peer;
+    /// those restored count as intact.
+    async fn rewrite_damaged(
+        &mut self,
+        path: &Path,
+        state: &mut PackState,
+    ) -> Result<(), RepairError> {
+        let shown = path.display().to_string();
+        let io = |e| RepairError::Io(shown.clone(), e);
+        let file = Arc::new(
+            FsOpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map_err(io)?,
+        );
+        let mut targets = ChunkTargets::default();
+        let mut local = Vec::new();
+        for (id, extent) in &state.damaged {
+            match self.node.read_local_chunk(id) {
+                Some(data) => {
+                    file.write_all_at(&data, extent.offset).map_err(io)?;
+                    local.push(*id);
                 }
-                if let Some(PackEnd::Torn {
-                    valid_len,
-                    file_len,
-                }) = scanner.end()
-                {
-                    torn = Some((*valid_len, *file_len));
-                }
+                None => targets.add(*id, file.clone(), extent.offset),
             }
-            // Damaged records: the same bytes again, in place.
-            if !damaged.is_empty() {
-                let file = Arc::new(
-                    FsOpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .open(&path)
-                        .map_err(|e| RepairError::Io(shown.clone(), e))?,
-                );
-                let mut targets = ChunkTargets::default();
-                let mut local = Vec::new();
-                for (id, extent) in &damaged {
-                    match node.read_local_chunk(id) {
-                        Some(data) => {
-                            file.write_all_at(&data, extent.offset)
-                                .map_err(|e| RepairError::Io(shown.clone(), e))?;
-                            local.push(*id);
-                        }
-                        None => targets.add(*id, file.clone(), extent.offset),
-                    }
-                }
-                let received = self.fetch(0, targets).await?;
-                file.sync_data()
-                    .map_err(|e| RepairError::Io(shown.clone(), e))?;
-                for (id, extent) in &damaged {
-                    if local.contains(id) || received.contains(id) {
-                        intact.insert(extent.offset);
-                        self.done(
-                            "pack-record-restored",
-                            None,
-                            Some(shown.clone()),
-                            format!(
-                                "chunk {id} at byte {} rewritten from another copy",
-                                extent.offset
-                            ),
-                        );
-                    } else {
-                        self.left(
-                            None,
-                            Some(shown.clone()),
-                            format!(
-                                "chunk {id} at byte {} is damaged and no copy was found",
-                                extent.offset
-                            ),
-                        );
-                    }
-                }
-            }
-            if let Some((valid_len, file_len)) = torn {
-                // Opening for appending cuts the torn tail.
-                drop(PackWriter::open(&path)?);
-                self.done(
-                    "pack-tail-cut",
-                    None,
-                    Some(shown.clone()),
-                    format!("bytes {valid_len}..{file_len} were not a whole record"),
-                );
-            }
-            // Index records into the pack that no intact record backs.
-            let lost: Vec<(ChunkId, Extent)> = wanted
-                .into_iter()
-                .filter(|(_, extent)| !intact.contains(&extent.offset))
-                .collect();
-            let mut batch = store.batch();
-            for (id, extent) in &orphans {
-                batch.put_pack_location(id, number, *extent);
-                self.done(
-                    "location-added",
-                    None,
-                    Some(shown.clone()),
-                    format!("chunk {id}: an intact record no index record pointed at"),
-                );
-            }
-            if !lost.is_empty() {
-                self.restore_lost(number, &path, lost, &mut batch).await?;
-            }
-            if !batch.is_empty() {
-                store.write(batch, Durability::Durable)?;
+        }
+        let received = self.fetch(0, targets).await?;
+        file.sync_data().map_err(io)?;
+        for (id, extent) in &state.damaged {
+            let at = extent.offset;
+            if local.contains(id) || received.contains(id) {
+                state.intact.insert(at);
+                let detail = format!("chunk {id} at byte {at} rewritten from another copy");
+                self.done("pack-record-restored", None, Some(shown.clone()), detail);
+            } else {
+                let detail = format!("chunk {id} at byte {at} is damaged and no copy was found");
+                self.left(None, Some(shown.clone()), detail);
             }
         }
         Ok(())
@@ -155,7 +186,7 @@ impl Repair<'_> {
     async fn restore_lost(
         &mut self,
         number: u64,
-        path: &std::path::Path,
+        path: &Path,
         lost: Vec<(ChunkId, Extent)>,
         batch: &mut crate::store::Batch<'_>,
     ) -> Result<(), RepairError> {
