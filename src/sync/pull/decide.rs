@@ -152,38 +152,13 @@ impl Pull {
         self.report.conflicts += 1;
         self.node.stats.conflicts.fetch_add(1, Ordering::Relaxed);
         if remote_wins {
-            if !local.is_tombstone() && !both_dirs {
-                // Our version moves aside, under its conflict name, with its history.
-                let vol = self.volume().id;
-                let dir_fd = self.volume().fs.open_dir(dir, false)?;
-                if !self.unchanged_on_disk(&dir_fd, dir, name)? {
-                    self.report.skipped += 1;
-                    return Ok(());
-                }
-                rustix::fs::renameat_with(
-                    &dir_fd,
-                    OsStr::from_bytes(name),
-                    &dir_fd,
-                    OsStr::from_bytes(&copy_name),
-                    rustix::fs::RenameFlags::NOREPLACE,
-                )
-                .map_err(|e| {
-                    SyncError::local(format!(
-                        "cannot keep the conflict copy {}",
-                        escape(&copy_name)
-                    ))(e.into())
-                })?;
-                crate::volume_fs::VolumeFs::fsync_dir(&dir_fd)?;
-                let mut batch = self.node.store.batch();
-                batch.put_entry(vol, dir, &copy_name, &local);
-                if let EntryKind::File { .. } = local.kind {
-                    let chunks = self.indexed_chunks(dir, name, Some(&local))?;
-                    batch.delete_chunks(vol, dir, name, &chunks);
-                    batch.set_chunks(vol, dir, &copy_name, &chunks, &[]);
-                }
-                batch.delete_stamp(vol, dir, name);
-                batch.mark_dirty(vol, dir);
-                self.node.store.write(batch, Durability::Durable)?;
+            // Our version moves aside, under its conflict name, with its history.
+            if !local.is_tombstone()
+                && !both_dirs
+                && !self.move_aside(dir, name, &local, &copy_name)?
+            {
+                self.report.skipped += 1;
+                return Ok(());
             }
             let winner = Entry {
                 version: merged_version,
@@ -197,30 +172,8 @@ impl Pull {
             self.take(dir, name, winner, replaced, hints).await
         } else {
             if !remote.is_tombstone() && !both_dirs {
-                let copy_path = dir.join(&copy_name)?;
-                let source_path = dir.join(name)?;
-                match &remote.kind {
-                    EntryKind::File { .. } => self.files.push(FileJob {
-                        dir: dir.clone(),
-                        name: copy_name,
-                        entry: remote.clone(),
-                        source_path,
-                        replaces: None,
-                        chunks: hints.chunks.clone(),
-                    }),
-                    _ => {
-                        let (copy_dir, copy) =
-                            copy_path.split_last().expect("a joined path has a name");
-                        Box::pin(self.take(
-                            &copy_dir,
-                            copy,
-                            remote.clone(),
-                            None,
-                            &Hints::default(),
-                        ))
-                        .await?;
-                    }
-                }
+                self.take_as_copy(dir, name, remote, copy_name, hints)
+                    .await?;
             }
             self.record_version(
                 dir,
@@ -230,6 +183,77 @@ impl Pull {
                     ..local
                 },
             )
+        }
+    }
+
+    /// Renames our version of `dir/name` to `copy_name`, its index records with it;
+    /// `false` if it changed since the last scan (then it stays).
+    fn move_aside(
+        &mut self,
+        dir: &VolPath,
+        name: &[u8],
+        local: &Entry,
+        copy_name: &[u8],
+    ) -> Result<bool, SyncError> {
+        let vol = self.volume().id;
+        let dir_fd = self.volume().fs.open_dir(dir, false)?;
+        if !self.unchanged_on_disk(&dir_fd, dir, name)? {
+            return Ok(false);
+        }
+        rustix::fs::renameat_with(
+            &dir_fd,
+            OsStr::from_bytes(name),
+            &dir_fd,
+            OsStr::from_bytes(copy_name),
+            rustix::fs::RenameFlags::NOREPLACE,
+        )
+        .map_err(|e| {
+            SyncError::local(format!(
+                "cannot keep the conflict copy {}",
+                escape(copy_name)
+            ))(e.into())
+        })?;
+        crate::volume_fs::VolumeFs::fsync_dir(&dir_fd)?;
+        let mut batch = self.node.store.batch();
+        batch.put_entry(vol, dir, copy_name, local);
+        if let EntryKind::File { .. } = local.kind {
+            let chunks = self.indexed_chunks(dir, name, Some(local))?;
+            batch.delete_chunks(vol, dir, name, &chunks);
+            batch.set_chunks(vol, dir, copy_name, &chunks, &[]);
+        }
+        batch.delete_stamp(vol, dir, name);
+        batch.mark_dirty(vol, dir);
+        self.node.store.write(batch, Durability::Durable)?;
+        Ok(true)
+    }
+
+    /// Takes the peer's losing version of `dir/name` under `copy_name`.
+    async fn take_as_copy(
+        &mut self,
+        dir: &VolPath,
+        name: &[u8],
+        remote: Entry,
+        copy_name: Vec<u8>,
+        hints: &Hints,
+    ) -> Result<(), SyncError> {
+        let copy_path = dir.join(&copy_name)?;
+        let source_path = dir.join(name)?;
+        match &remote.kind {
+            EntryKind::File { .. } => {
+                self.files.push(FileJob {
+                    dir: dir.clone(),
+                    name: copy_name,
+                    entry: remote,
+                    source_path,
+                    replaces: None,
+                    chunks: hints.chunks.clone(),
+                });
+                Ok(())
+            }
+            _ => {
+                let (copy_dir, copy) = copy_path.split_last().expect("a joined path has a name");
+                Box::pin(self.take(&copy_dir, copy, remote, None, &Hints::default())).await
+            }
         }
     }
 }
