@@ -77,7 +77,7 @@ impl<J: Send, R: Send> Pool<J, R> {
 
     /// The next result of a queued job, waiting for it; `None` once every job queued has
     /// been answered.
-    pub fn next(&mut self) -> Option<R> {
+    pub fn next_result(&mut self) -> Option<R> {
         if self.in_flight == 0 {
             return None;
         }
@@ -100,7 +100,7 @@ mod tests {
                 answers.extend(pool.submit(n));
             }
             pool.close();
-            while let Some(answer) = pool.next() {
+            while let Some(answer) = pool.next_result() {
                 answers.push(answer);
             }
         });

@@ -134,21 +134,7 @@ pub fn repair(settings: &Settings, options: &RepairOptions) -> Result<RepairRepo
         }
     }
     if options.dry_run {
-        if options.rebuild_index || Store::index_missing(&settings.state_dir) {
-            report.actions.push(Action {
-                action: "index-rebuilt",
-                volume: None,
-                path: Some(settings.state_dir.join("index").display().to_string()),
-                detail: "would set the index aside and rebuild it from the packs and live files"
-                    .into(),
-            });
-            return Ok(report);
-        }
-        let store = Store::open(&settings.state_dir, OpenOptions::READ_ONLY)?;
-        let found = verify(&store, &volumes, &VerifyOptions::default())?;
-        plan(&found, &mut report);
-        report.found = found.findings;
-        return Ok(report);
+        return dry_run(settings, options, &volumes, report);
     }
     let create = if options.rebuild_index {
         // Refuse while a writer runs, before touching anything.
@@ -213,6 +199,29 @@ pub fn repair(settings: &Settings, options: &RepairOptions) -> Result<RepairRepo
         node.store.sync()?;
         report.rescanned = true;
     }
+    Ok(report)
+}
+
+/// `--dry-run`: what a repair would do, from a read-only verify.
+fn dry_run(
+    settings: &Settings,
+    options: &RepairOptions,
+    volumes: &[(String, PathBuf)],
+    mut report: RepairReport,
+) -> Result<RepairReport, RepairError> {
+    if options.rebuild_index || Store::index_missing(&settings.state_dir) {
+        report.actions.push(Action {
+            action: "index-rebuilt",
+            volume: None,
+            path: Some(settings.state_dir.join("index").display().to_string()),
+            detail: "would set the index aside and rebuild it from the packs and live files".into(),
+        });
+        return Ok(report);
+    }
+    let store = Store::open(&settings.state_dir, OpenOptions::READ_ONLY)?;
+    let found = verify(&store, volumes, &VerifyOptions::default())?;
+    plan(&found, &mut report);
+    report.found = found.findings;
     Ok(report)
 }
 

@@ -69,7 +69,7 @@ impl<'s> Walker<'s> {
             self.walk_dir(&dir, &rules, depth, &mut pending)?;
         }
         self.hashers.close();
-        while let Some(result) = self.hashers.next() {
+        while let Some(result) = self.hashers.next_result() {
             self.on_hashed(result)?;
         }
         // Deletes are written last: a peer pulling while this scan runs sees a renamed

@@ -283,7 +283,7 @@ pub fn verify(
             check_locations(store, target.vol, name, &mut sampler, &mut report)?;
         }
         checkers.close();
-        while let Some(done) = checkers.next() {
+        while let Some(done) = checkers.next_result() {
             report.add_checked(done, progress.as_ref());
         }
         Ok(())
