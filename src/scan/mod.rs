@@ -185,6 +185,8 @@ pub fn scan_volume(
             root: root.to_path_buf(),
             batch: store.batch(),
             hashers: Pool::start(scope, threads, QUEUE_DEPTH, || hasher(params)),
+            pending: Vec::new(),
+            to_hash: Vec::new(),
             progress: options.progress.clone(),
             hold: &options.hold,
             renamed: options

@@ -38,6 +38,10 @@ pub(super) struct Walker<'s> {
     /// Taken (closing the queue) once the walk is done.
     /// The hashing threads.
     pub(super) hashers: Pool<HashJob, HashResult>,
+    /// Directories still to walk.
+    pub(super) pending: Vec<PendingDir>,
+    /// Files of the directory being walked that need reading, with their sizes.
+    pub(super) to_hash: Vec<(u64, HashJob)>,
     pub(super) progress: Option<ProgressBar>,
     pub(super) hold: &'s HashSet<VolPath>,
     /// The watcher's renames, new path -> old path.
@@ -52,21 +56,21 @@ pub(super) type PendingDir = (VolPath, Arc<IgnoreRules>, Depth);
 
 impl<'s> Walker<'s> {
     pub(super) fn run(&mut self, scope: &ScanScope) -> Result<(), StoreError> {
-        let mut pending: Vec<PendingDir> = Vec::new();
         match scope {
             ScanScope::Everything => {
-                pending.push((VolPath::root(), IgnoreRules::none(), Depth::Subtree));
+                self.pending
+                    .push((VolPath::root(), IgnoreRules::none(), Depth::Subtree));
             }
             ScanScope::Dirs(dirs) => {
                 for (dir, depth) in self.start_dirs(dirs)? {
                     if let Some(rules) = self.rules_above(&dir) {
-                        pending.push((dir, rules, depth));
+                        self.pending.push((dir, rules, depth));
                     }
                 }
             }
         }
-        while let Some((dir, rules, depth)) = pending.pop() {
-            self.walk_dir(&dir, &rules, depth, &mut pending)?;
+        while let Some((dir, rules, depth)) = self.pending.pop() {
+            self.walk_dir(&dir, &rules, depth)?;
         }
         self.hashers.close();
         while let Some(result) = self.hashers.next_result() {
@@ -245,7 +249,6 @@ impl<'s> Walker<'s> {
         dir: &VolPath,
         rules: &Arc<IgnoreRules>,
         depth: Depth,
-        pending: &mut Vec<PendingDir>,
     ) -> Result<(), StoreError> {
         let Some((listed, rules)) = self.list(dir, rules) else {
             return Ok(());
@@ -265,7 +268,6 @@ impl<'s> Walker<'s> {
         }
         let mut listed = listed.into_iter().peekable();
         let mut indexed = indexed.into_iter().peekable();
-        let mut to_hash = Vec::new();
         loop {
             let order = match (listed.peek(), indexed.peek()) {
                 (None, None) => break,
@@ -277,7 +279,7 @@ impl<'s> Walker<'s> {
                 std::cmp::Ordering::Less => {
                     let item = listed.next().expect("peeked");
                     if !self.is_held(dir, &item.name) {
-                        self.on_listed(dir, item, None, &rules, depth, pending, &mut to_hash)?;
+                        self.on_listed(dir, item, None, &rules, depth)?;
                     }
                 }
                 std::cmp::Ordering::Equal => {
@@ -285,7 +287,7 @@ impl<'s> Walker<'s> {
                     let (_, stamp) = indexed.next().expect("peeked");
                     if !self.is_held(dir, &item.name) {
                         let stamp = Some(stamp);
-                        self.on_listed(dir, item, stamp, &rules, depth, pending, &mut to_hash)?;
+                        self.on_listed(dir, item, stamp, &rules, depth)?;
                     }
                 }
                 std::cmp::Ordering::Greater => {
@@ -299,6 +301,7 @@ impl<'s> Walker<'s> {
         }
         // Largest first, so the hashing threads finish together instead of one of them
         // hashing the biggest file alone at the end.
+        let mut to_hash = std::mem::take(&mut self.to_hash);
         to_hash.sort_by_key(|(size, _)| std::cmp::Reverse(*size));
         for (_, job) in to_hash {
             self.submit(job)?;
@@ -311,7 +314,6 @@ impl<'s> Walker<'s> {
     }
 
     /// Handles a name present on disk; `stamp` is its scan stamp if it is indexed.
-    #[allow(clippy::too_many_arguments)]
     fn on_listed(
         &mut self,
         dir: &VolPath,
@@ -319,8 +321,6 @@ impl<'s> Walker<'s> {
         stamp: Option<ScanStamp>,
         rules: &Arc<IgnoreRules>,
         depth: Depth,
-        pending: &mut Vec<PendingDir>,
-        to_hash: &mut Vec<(u64, HashJob)>,
     ) -> Result<(), StoreError> {
         let Ok(path) = dir.join(&item.name) else {
             self.problem(format!("skipping {}: name too long", escape(&item.name)));
@@ -347,7 +347,7 @@ impl<'s> Walker<'s> {
                     name: item.name,
                     path: path.under(&self.root),
                 };
-                to_hash.push((item.meta.len(), job));
+                self.to_hash.push((item.meta.len(), job));
                 return Ok(());
             } else if is_dir {
                 new_dir = !old.as_ref().is_some_and(Entry::is_dir);
@@ -385,7 +385,7 @@ impl<'s> Walker<'s> {
             }
         }
         if is_dir && (depth == Depth::Subtree || new_dir) {
-            pending.push((path, rules.clone(), Depth::Subtree));
+            self.pending.push((path, rules.clone(), Depth::Subtree));
         }
         Ok(())
     }
