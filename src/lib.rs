@@ -29,6 +29,8 @@
 //! The on-disk formats are specified in `schema/store.md`, the wire protocol in
 //! `schema/protocol.md`.
 
+#![forbid(unsafe_code)]
+
 pub mod chunking;
 pub mod cli;
 pub mod config;

@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# Runs Shoal's whole test suite: unit, property and integration tests (the integration
-# tests run the real `shoal` binary: single nodes on temporary volumes, and clusters of
-# `shoal serve` processes talking QUIC on 127.0.x.y; containers of the image on the local
-# Docker Engine, which they need). Benchmarks are type-checked only.
+# Runs Shoal's whole test suite: the formatting and lint gates (`cargo fmt --check`,
+# `cargo clippy --all-targets -- -D warnings`, which also type-checks the benchmarks),
+# then unit, property and integration tests (the integration tests run the real `shoal`
+# binary: single nodes on temporary volumes, and clusters of `shoal serve` processes
+# talking QUIC on 127.0.x.y; containers of the image on the local Docker Engine, which
+# they need).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tools/setup.sh
-cargo check --locked --benches --quiet
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  rustup component add rustfmt clippy
+fi
+cargo fmt --check
+cargo clippy --locked --all-targets --quiet -- -D warnings
 cargo test --locked "$@"
