@@ -6,21 +6,36 @@
 //!
 //! - [`ids`]: typed identifiers (`ChunkId`, `ContentId`, `TreeHash`, `NodeId`, `VolumeId`).
 //! - [`pathname`]: validated, byte-exact paths inside a volume.
+//! - [`encoding`]: little-endian integers and length-prefixed byte strings, read with
+//!   bounds checks (shared by the store's encodings and the wire protocol).
 //! - [`chunking`]: FastCDC cut points, BLAKE3 chunk ids, content ids.
 //! - [`entry`]: what the index knows of a name: kind, synced metadata, version vector.
-//! - [`store`]: the RocksDB index and the pack files; atomic batches.
+//! - [`store`]: the RocksDB index (`mod.rs` opening and reading, `batch.rs` atomic
+//!   writes with a [`store::Durability`], `codec.rs` value encodings, `keys.rs` key
+//!   layout) and the pack files (`pack.rs`).
+//! - [`workers`]: a bounded pool of worker threads (the scanner's and verify's hashing).
 //! - [`scan`]: walks a volume (or the directories that changed) and brings its index up
-//!   to date.
+//!   to date: `walk.rs` merges listings with the index, `hash.rs` reads and chunks
+//!   files, `rules.rs` holds the `.shoalignore` rules.
 //! - [`watcher`]: file system events, debounced into narrow scans.
-//! - [`tree`]: the paged Merkle tree of each volume's namespace.
-//! - [`verify`]: checks index, packs and live files against each other.
-//! - [`repair`]: restores what verify finds damaged, from local copies or peers.
+//! - [`tree`]: the paged Merkle tree of each volume's namespace and its types
+//!   (`TreeNode`, `PageSummary`, `SubtreeTotals`).
+//! - [`verify`]: checks index, packs and live files against each other, naming each
+//!   finding by a [`verify::Problem`] (`files.rs`, `locations.rs`, `packs.rs`).
+//! - [`repair`]: restores what verify finds damaged, from local copies or peers
+//!   (`index.rs`, `files.rs`, `packs.rs`).
 //! - [`credentials`]: the cluster CA and node certificates (`shoal cluster init`).
 //! - [`transport`]: QUIC endpoints with mutual TLS.
-//! - [`protocol`]: the versioned wire messages and their framing.
-//! - [`sync`]: anti-entropy: serving peers, pulling from them, conflicts.
+//! - [`protocol`]: the versioned wire protocol: limits, error codes and errors in
+//!   `mod.rs`, framing in `frame.rs`, messages in `message.rs`.
+//! - [`sync`]: anti-entropy. `node.rs` (a node: store, volumes, peers), `stats.rs` (its
+//!   counters), `client.rs` (connect, handshake, requests), `server/` (one handler per
+//!   request), `pull/` (`walk.rs` the tree walk, `decide.rs` each name, `apply.rs` and
+//!   `files.rs` what was decided), `transfer.rs` (local copies and chunk fetches, for
+//!   pull and repair), `conflict.rs`, `error.rs`, `faults.rs`.
 //! - [`volume_fs`]: symlink-safe writes inside a volume, atomic publication.
-//! - [`serve`], [`http`]: the daemon and its local status endpoint.
+//! - [`serve`], [`http`]: the daemon and its local status endpoint (and the status it
+//!   shows).
 //! - [`discovery`]: who the peers are (a static list, or found through the Docker API
 //!   and Swarm DNS); [`container`]: what Shoal learns of the container it runs in.
 //! - [`config`]: settings from flags, environment, TOML file and defaults.

@@ -9,7 +9,7 @@
 //! from before was written to during the read: it is read again, and left for the next
 //! scan if it keeps changing. Names gone from the directory become tombstones.
 //!
-//! Every change is written as a [`Batch`] that keeps the index consistent on its own, so
+//! Every change is written as a [`Batch`](crate::store::Batch) that keeps the index consistent on its own, so
 //! a scan killed at any point leaves a store that the next scan completes. The Merkle
 //! tree is updated at the end from the dirty marks the batches left ([`crate::tree`]).
 //!

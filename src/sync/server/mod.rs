@@ -5,10 +5,10 @@
 //! speaks another protocol version or uses other chunk sizes has its connection closed.
 //! Nothing a peer sends can make this side allocate more than one frame's limit.
 //!
-//! [`serve_stream`] reads the one request of a stream and checks that the connection
+//! `serve_stream` reads the one request of a stream and checks that the connection
 //! began with `Hello`; each request then has its own handler, in the manner of
-//! mini-redis's `cmd/`: [`hello`], [`notify`], [`dir`], [`entries`], [`chunk_list`],
-//! [`chunks`].
+//! mini-redis's `cmd/`: `hello.rs`, `notify.rs`, `dir.rs`, `entries.rs`,
+//! `chunk_list.rs`, `chunks.rs`.
 
 mod chunk_list;
 mod chunks;
