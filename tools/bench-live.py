@@ -23,7 +23,6 @@ Packages: lsyncd, rsync, syncthing (installed through tools/setup.sh).
 """
 
 import argparse
-import importlib.util
 import os
 import shutil
 import signal
@@ -33,13 +32,7 @@ import tempfile
 import threading
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("bench_sync", os.path.join(REPO, "tools", "bench-sync.py"))
-bench_sync = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_sync)
-spawn, stop, stop_all = bench_sync.spawn, bench_sync.stop, bench_sync.stop_all
-wait_for, free_port, http_json, run_checked = (bench_sync.wait_for, bench_sync.free_port,
-                                               bench_sync.http_json, bench_sync.run_checked)
+from benchlib import REPO, SyncthingInstances, free_port, http_json, run_checked, spawn, stop, stop_all, wait_for
 
 SIDES = ("A", "B", "C")
 IPS = {"A": "127.0.0.1", "B": "127.0.0.2", "C": "127.0.0.3"}
@@ -120,43 +113,30 @@ class Lsyncd:
         stop(self.proc)
 
 
-class Syncthing(bench_sync.SyncthingTool):
+class Syncthing(SyncthingInstances):
     """Three instances in a full mesh; the file watcher on, at its default delay."""
 
     name = "syncthing"
 
     def __init__(self, work, args):
-        self.dir, self.args, self.key, self.side = work, args, "shoal-bench-key", {}
+        self.dir, self.args, self.side = work, args, {}
 
     def start(self, edits):
         self.dirs = {s: os.path.join(self.dir, s) for s in SIDES}
         seed(self.dirs.values(), edits)
-        env = dict(os.environ, STNODEFAULTFOLDER="1", STNOUPGRADE="1", STMONITORED="1", HOME=self.dir)
         for s in SIDES:
-            home = os.path.join(self.dir, f"home-{s}")
-            run_checked(["syncthing", "generate", f"--home={home}", "--no-default-folder"], timeout=120)
-            gui, listen = free_port("127.0.0.1", "tcp"), free_port(IPS[s], "tcp")
-            self._configure(os.path.join(home, "config.xml"), gui, f"tcp://{IPS[s]}:{listen}")
-            self.side[s] = {"home": home, "gui": gui, "listen": listen, "ip": IPS[s], "id": self._device_id(home)}
-        for s, side in self.side.items():
-            side["log"] = os.path.join(self.dir, f"syncthing-{s}.log")
-            side["proc"] = spawn(["syncthing", "serve", f"--home={side['home']}", "--no-browser", "--no-restart"],
-                                 side["log"], env=env)
-        procs = self._procs()
-        for s in SIDES:
-            wait_for(lambda s=s: self._ping(s), 60, f"syncthing {s} to start", procs)
+            self.generate(s, IPS[s])
+        self.start_all()
         for s in SIDES:
             for o in SIDES:
                 if o != s:
-                    other = self.side[o]
-                    self.api(s, "POST", "/rest/config/devices", {
-                        "deviceID": other["id"], "name": o, "addresses": [f"tcp://{other['ip']}:{other['listen']}"],
-                        "introducer": False, "autoAcceptFolders": False})
+                    self.introduce(s, o)
         for s in SIDES:
             self.api(s, "POST", "/rest/config/folders", {
                 "id": self.FOLDER, "label": self.FOLDER, "path": self.dirs[s], "type": "sendreceive",
                 "fsWatcherEnabled": True, "devices": [{"deviceID": side["id"]} for side in self.side.values()]})
-        wait_for(self._settled, 180, "the three syncthing instances to connect and agree", procs, interval=0.5)
+        wait_for(self._settled, 180, "the three syncthing instances to connect and agree", self._procs(),
+                 interval=0.5)
         return self.dirs
 
     def _settled(self):

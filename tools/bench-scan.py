@@ -18,65 +18,21 @@ The shoal binary is built with `cargo build --release` first.
 """
 
 import argparse
-import json
 import os
-import re
 import shutil
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
-import xml.etree.ElementTree as ET
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(cmd, **kw):
-    return subprocess.run(cmd, check=True, **kw)
+from benchlib import (
+    REPO, SYNCTHING_QUIET, build_shoal, configure_syncthing, count_files, ensure_data, free_port, http_json,
+    maxrss_kib, run, timed, timed_cpu, warm,
+)
 
 
-def timed(cmd, **kw):
-    start = time.perf_counter()
-    run(cmd, stdout=subprocess.DEVNULL, **kw)
-    return time.perf_counter() - start
-
-
-def timed_cpu(cmd):
-    """Wall seconds and CPU seconds (user + sys of the command and its threads)."""
-    before = os.times()
-    wall = timed(cmd)
-    after = os.times()
-    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
-    return wall, cpu
-
-
-def build_shoal():
-    env = dict(os.environ)
-    env.setdefault("CARGO_TARGET_DIR", "/var/cache/shoal/target")
-    run(["cargo", "build", "--release", "--quiet"], cwd=REPO, env=env)
-    return os.path.join(env["CARGO_TARGET_DIR"], "release", "shoal")
-
-
-def ensure_data(base, profile):
-    path = os.path.join(base, "data", profile)
-    if not os.path.isdir(path) or not os.listdir(path):
-        run([sys.executable, os.path.join(REPO, "tools", "gen-data.py"), profile, path])
-    return path
-
-
-def warm(path):
-    for root, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                while f.read(1 << 20):
-                    pass
-
-
-def count_files(path):
-    return sum(len(files) for _, _, files in os.walk(path))
+def data(base, profile):
+    return ensure_data(os.path.join(base, "data", profile), profile)
 
 
 def shoal_scan(shoal, base, volume, state, extra=()):
@@ -84,7 +40,7 @@ def shoal_scan(shoal, base, volume, state, extra=()):
 
 
 def bench_media(shoal, base, reps, baseline=None):
-    path = ensure_data(base, "media")
+    path = data(base, "media")
     files = sorted(os.path.join(path, f) for f in os.listdir(path))
     size = sum(os.path.getsize(f) for f in files)
     warm(path)
@@ -131,44 +87,19 @@ def bench_media(shoal, base, reps, baseline=None):
               f"{statistics.median(b[1] / o[1] for b, o in zip(b3, old)):.2f}x")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def syncthing_scan_seconds(path, expected_files, base):
     """Time from adding the folder to Syncthing reporting it idle with every file indexed."""
     home = tempfile.mkdtemp(dir=base, prefix="syncthing-")
     try:
         run(["syncthing", "generate", f"--home={home}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        config = os.path.join(home, "config.xml")
-        tree = ET.parse(config)
-        root = tree.getroot()
-        for folder in root.findall("folder"):
-            root.remove(folder)
         port, api_key = free_port(), "shoal-bench-key"
-        gui = root.find("gui")
-        gui.find("address").text = f"127.0.0.1:{port}"
-        (gui.find("apikey") if gui.find("apikey") is not None else ET.SubElement(gui, "apikey")).text = api_key
-        options = root.find("options")
-        for key, value in {
-            "globalAnnounceEnabled": "false", "localAnnounceEnabled": "false", "relaysEnabled": "false",
-            "natEnabled": "false", "urAccepted": "-1", "startBrowser": "false", "crashReportingEnabled": "false",
-            "autoUpgradeIntervalH": "0",
-        }.items():
-            (options.find(key) if options.find(key) is not None else ET.SubElement(options, key)).text = value
-        tree.write(config)
+        configure_syncthing(os.path.join(home, "config.xml"), port, api_key, SYNCTHING_QUIET)
         env = dict(os.environ, STNODEFAULTFOLDER="1", STNOUPGRADE="1")
         proc = subprocess.Popen(["syncthing", "serve", f"--home={home}", "--no-browser", "--no-restart"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         try:
             def api(method, url, body=None):
-                req = urllib.request.Request(f"http://127.0.0.1:{port}{url}", method=method,
-                                             data=None if body is None else json.dumps(body).encode(),
-                                             headers={"X-API-Key": api_key, "Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=5) as resp:
-                    return json.loads(resp.read() or b"null")
+                return http_json(f"http://127.0.0.1:{port}{url}", method, body, {"X-API-Key": api_key})
             deadline = time.time() + 30
             while True:
                 try:
@@ -201,7 +132,7 @@ def syncthing_scan_seconds(path, expected_files, base):
 
 
 def bench_small(shoal, base, reps):
-    path = ensure_data(base, "small")
+    path = data(base, "small")
     files = count_files(path)
     warm(path)
     sh = []
@@ -217,18 +148,18 @@ def bench_small(shoal, base, reps):
 
 
 def bench_million(shoal, base):
-    path = ensure_data(base, "million")
+    path = data(base, "million")
     state = tempfile.mkdtemp(dir=base)
     try:
         start = time.perf_counter()
         out = subprocess.run(["/usr/bin/time", "-v", *shoal_scan(shoal, base, "million", state)],
                              check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True).stderr
         first = time.perf_counter() - start
-        rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", out).group(1))
+        rss = maxrss_kib(out)
         rescan = timed(shoal_scan(shoal, base, "million", state))
         out = subprocess.run(["/usr/bin/time", "-v", *shoal_scan(shoal, base, "million", state)],
                              check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True).stderr
-        rescan_rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", out).group(1))
+        rescan_rss = maxrss_kib(out)
         print(f"million: {count_files(path)} files")
         print(f"  first scan {first:.1f} s, peak RSS {rss / 1024:.0f} MiB")
         print(f"  rescan, nothing changed: {rescan:.1f} s, peak RSS {rescan_rss / 1024:.0f} MiB")

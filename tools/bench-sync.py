@@ -62,21 +62,22 @@ Quick check:  tools/bench-sync.py --scale 0.02 --only initial-small,rename,delet
 import argparse
 import atexit
 import hashlib
-import json
 import os
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-import xml.etree.ElementTree as ET
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchlib import (
+    REPO, Failure, SyncthingInstances, ensure_data, free_port, http_json, last_line, listening, log_tail,
+    maxrss_kib, peak_kib, reset_peak, run_checked, spawn, stop, stop_all, wait_for,
+)
+
 MIB = 1 << 20
 GIB = 1 << 30
 
@@ -93,147 +94,14 @@ GROUPS = {"media": ["initial-media", "insert", "append", "rename"], "small": ["i
 TOOLS = ["shoal", "rsync", "rsync-fsync", "unison", "syncthing"]
 
 
-class Failure(Exception):
-    """A tool could not complete a step; the message goes into its row."""
-
-
-# --------------------------------------------------------------------------- processes
-
-LIVE = {}  # pid -> Popen, every process this script started and has not reaped yet
-
-
-def spawn(cmd, log_path, env=None):
-    log = open(log_path, "ab")
-    try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
-    finally:
-        log.close()
-    LIVE[proc.pid] = proc
-    return proc
-
-
-def stop(proc, timeout=30):
-    """SIGTERM, then SIGKILL after `timeout` seconds; only this one PID."""
-    if proc is None:
-        return
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    LIVE.pop(proc.pid, None)
-
-
-def stop_all():
-    for proc in list(LIVE.values()):
-        try:
-            stop(proc, timeout=10)
-        except Exception:  # noqa: BLE001 - best effort at exit
-            pass
-
-
-def run_checked(cmd, timeout, log_path=None, env=None):
-    """Runs a one-shot command; raises Failure with the tail of its output if it fails."""
-    try:
-        out = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise Failure(f"{os.path.basename(cmd[0])} timed out after {timeout:.0f} s") from None
-    text = out.stdout.decode(errors="replace")
-    if log_path:
-        with open(log_path, "a") as f:
-            f.write(text)
-    if out.returncode != 0:
-        raise Failure(f"{' '.join(cmd[:3])} exited {out.returncode}: {last_line(text)}")
-    return text
-
-
-def last_line(text):
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1][:200] if lines else "(no output)"
-
-
-def log_tail(path):
-    try:
-        with open(path, errors="replace") as f:
-            return last_line(f.read()[-4000:])
-    except OSError:
-        return "(no log)"
-
-
-def free_port(ip, kind):
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM) as s:
-        s.bind((ip, 0))
-        return s.getsockname()[1]
-
-
-def listening(ip, port, kind):
-    """Whether a socket is bound to ip:port (from /proc/net, without connecting to it)."""
-    want = f"{socket.inet_aton(ip)[::-1].hex().upper()}:{port:04X}"
-    try:
-        with open(f"/proc/net/{kind}") as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                if fields[1] in (want, f"00000000:{port:04X}") and (kind == "udp" or fields[3] == "0A"):
-                    return True
-    except OSError:
-        pass
-    return False
-
-
-def wait_for(predicate, timeout, what, procs=(), interval=0.1):
-    """Polls `predicate` until it returns true; fails after `timeout` s or if a process dies."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for proc, log in procs:
-            if proc.poll() is not None:
-                raise Failure(f"process exited ({proc.returncode}) while waiting for {what}: {log_tail(log)}")
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise Failure(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-def http_json(url, method="GET", body=None, headers=None, timeout=5):
-    req = urllib.request.Request(url, method=method, data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json", **(headers or {})})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        data = resp.read()
-    return json.loads(data) if data.strip() else None
-
-
 # --------------------------------------------------------------------------- memory
-
-
-def reset_peak(pid):
-    try:
-        with open(f"/proc/{pid}/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-    except OSError:
-        pass
-
-
-def peak_kib(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def time_v_maxrss(path):
     """Maximum RSS (KiB) from a /usr/bin/time -v output file."""
     try:
         with open(path) as f:
-            m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", f.read())
-        return int(m.group(1)) if m else None
+            return maxrss_kib(f.read())
     except OSError:
         return None
 
@@ -434,16 +302,14 @@ def tree_stats(root):
 # --------------------------------------------------------------------------- data and changes
 
 
-def ensure_data(profile, scale, data_dir, work_dir):
+def data_set(profile, scale, data_dir, work_dir):
+    """Full-scale sets in `data_dir` (shared with the other benchmarks), scaled ones in
+    `work_dir`, generated on first use."""
     if scale == 1:
         path = os.path.join(data_dir, profile)
     else:
         path = os.path.join(work_dir, f"data-scale-{scale:g}", profile)
-    if not os.path.isdir(path) or not os.listdir(path):
-        print(f"generating {profile} (scale {scale:g}) into {path}", file=sys.stderr)
-        subprocess.run([sys.executable, os.path.join(REPO, "tools", "gen-data.py"), profile, path,
-                        "--scale", f"{scale:g}"], check=True, stdout=sys.stderr)
-    return path
+    return ensure_data(path, profile, scale)
 
 
 def media_files(a):
@@ -793,74 +659,20 @@ class UnisonTool(Tool):
         stop(getattr(self, "server", None))
 
 
-class SyncthingTool(Tool):
-    FOLDER = "bench"
-
+class SyncthingTool(SyncthingInstances, Tool):
     def setup(self):
         self.a, self.b = os.path.join(self.dir, "a"), os.path.join(self.dir, "b")
         os.makedirs(self.a)
         os.makedirs(self.b)
-        self.key = "shoal-bench-key"
         self.side = {}
         for side, ip in (("A", "127.0.0.1"), ("B", "127.0.0.2")):
-            home = os.path.join(self.dir, f"home-{side}")
-            out = run_checked(["syncthing", "generate", f"--home={home}", "--no-default-folder"], timeout=120)
-            device = re.search(r"Device ID: ([A-Z0-9-]+)", out)
-            gui, listen = free_port("127.0.0.1", "tcp"), free_port(ip, "tcp")
-            self._configure(os.path.join(home, "config.xml"), gui, f"tcp://{ip}:{listen}")
-            self.side[side] = {"home": home, "gui": gui, "listen": listen, "ip": ip,
-                               "id": device.group(1) if device else self._device_id(home)}
-        # STMONITORED: run Syncthing itself, without the monitor process in front of it
-        env = dict(os.environ, STNODEFAULTFOLDER="1", STNOUPGRADE="1", STMONITORED="1", HOME=self.dir)
-        for side, s in self.side.items():
-            log = os.path.join(self.dir, f"syncthing-{side}.log")
-            s["proc"] = spawn(["syncthing", "serve", f"--home={s['home']}", "--no-browser", "--no-restart"], log, env=env)
-            s["log"] = log
-        procs = [(s["proc"], s["log"]) for s in self.side.values()]
-        for side in self.side:
-            wait_for(lambda side=side: self._ping(side), 60, f"syncthing {side} to start", procs)
+            self.generate(side, ip)
+        self.start_all()
         for side, other in (("A", "B"), ("B", "A")):
-            o = self.side[other]
-            self.api(side, "POST", "/rest/config/devices", {
-                "deviceID": o["id"], "name": other, "addresses": [f"tcp://{o['ip']}:{o['listen']}"],
-                "compression": "metadata", "introducer": False, "autoAcceptFolders": False})
-        wait_for(lambda: self._connected(), 90, "the two syncthing instances to connect", procs, interval=0.5)
+            self.introduce(side, other, compression="metadata")
+        wait_for(lambda: self._connected(), 90, "the two syncthing instances to connect", self._procs(),
+                 interval=0.5)
         return "tcp", [s["listen"] for s in self.side.values()]
-
-    @staticmethod
-    def _device_id(home):
-        return ET.parse(os.path.join(home, "config.xml")).getroot().find("device").get("id")
-
-    def _configure(self, path, gui_port, listen):
-        tree = ET.parse(path)
-        root = tree.getroot()
-        for folder in root.findall("folder"):
-            root.remove(folder)
-        gui = root.find("gui")
-        gui.find("address").text = f"127.0.0.1:{gui_port}"
-        (gui.find("apikey") if gui.find("apikey") is not None else ET.SubElement(gui, "apikey")).text = self.key
-        options = root.find("options")
-        for element in options.findall("listenAddress"):
-            options.remove(element)
-        ET.SubElement(options, "listenAddress").text = listen
-        for key, value in {
-            "globalAnnounceEnabled": "false", "localAnnounceEnabled": "false", "relaysEnabled": "false",
-            "natEnabled": "false", "urAccepted": "-1", "startBrowser": "false", "crashReportingEnabled": "false",
-            "autoUpgradeIntervalH": "0", "stunKeepaliveStartS": "0", "setLowPriority": "false",
-            "reconnectionIntervalS": "2",
-        }.items():
-            (options.find(key) if options.find(key) is not None else ET.SubElement(options, key)).text = value
-        tree.write(path)
-
-    def api(self, side, method, url, body=None, timeout=10):
-        return http_json(f"http://127.0.0.1:{self.side[side]['gui']}{url}", method, body,
-                         {"X-API-Key": self.key}, timeout=timeout)
-
-    def _ping(self, side):
-        try:
-            return self.api(side, "GET", "/rest/system/ping")
-        except OSError:
-            return None
 
     def _connected(self):
         try:
@@ -896,9 +708,6 @@ class SyncthingTool(Tool):
         self.api("A", "POST", f"/rest/db/scan?folder={self.FOLDER}", timeout=self.args.timeout)
         wait_converged(meter, verify, self._done, self.args.timeout, self._procs())
 
-    def _procs(self):
-        return [(s["proc"], s["log"]) for s in self.side.values()]
-
     def reset_peaks(self):
         for s in self.side.values():
             reset_peak(s["proc"].pid)
@@ -912,10 +721,6 @@ class SyncthingTool(Tool):
             return total["inBytesTotal"] + total["outBytesTotal"]
         except (OSError, ValueError, KeyError):
             return None
-
-    def teardown(self):
-        for s in getattr(self, "side", {}).values():
-            stop(s.get("proc"))
 
 
 def make_tool(name, work, args):
@@ -934,7 +739,7 @@ def make_tool(name, work, args):
 
 
 def run_group(group, scenarios, tools, args, run_dir, wire, results, descriptions):
-    source = ensure_data(group, args.scale, args.data, args.dir)
+    source = data_set(group, args.scale, args.data, args.dir)
     files, size = tree_stats(source)
     descriptions[f"initial-{group}"] = f"{files:,} files, {size / MIB:,.1f} MiB"
     descriptions[f"bytes-{group}"] = size

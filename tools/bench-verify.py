@@ -17,26 +17,17 @@ are the stores (in --dir/verify-state-*). The shoal binary is built with
 """
 
 import argparse
-import importlib.util
 import os
 import statistics
-import subprocess
-import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("bench_scan", os.path.join(REPO, "tools", "bench-scan.py"))
-bench_scan = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_scan)
-run, timed, warm, build_shoal = bench_scan.run, bench_scan.timed, bench_scan.warm, bench_scan.build_shoal
+from benchlib import REPO, build_shoal, count_files, ensure_data, run, timed, warm
 
 
-def ensure_data(base, profile, scale):
+def data(base, profile, scale):
+    """The data set in base/data (a scaled one under its own name); returns (volume, path)."""
     name = profile if scale == 1 else f"{profile}-{scale:g}"
-    path = os.path.join(base, "data", name)
-    if not os.path.isdir(path) or not os.listdir(path):
-        run([sys.executable, os.path.join(REPO, "tools", "gen-data.py"), profile, path, "--scale", str(scale)])
-    return name, path
+    return name, ensure_data(os.path.join(base, "data", name), profile, scale)
 
 
 def indexed(shoal, base, volume):
@@ -53,7 +44,7 @@ def shoal_verify(shoal, base, volume, state, extra=()):
 
 
 def bench_media(shoal, base, reps):
-    volume, path = ensure_data(base, "media", 1)
+    volume, path = data(base, "media", 1)
     files = sorted(os.path.join(path, f) for f in os.listdir(path))
     size = sum(os.path.getsize(f) for f in files)
     state, _ = indexed(shoal, base, volume)
@@ -71,8 +62,8 @@ def bench_media(shoal, base, reps):
 
 
 def bench_million(shoal, base, reps, scale):
-    volume, path = ensure_data(base, "million", scale)
-    files = bench_scan.count_files(path)
+    volume, path = data(base, "million", scale)
+    files = count_files(path)
     state, scan_seconds = indexed(shoal, base, volume)
     times = [timed(shoal_verify(shoal, base, volume, state, ["--sample", "5"])) for _ in range(reps)]
     print(f"{volume}: {files} files (indexed once: {scan_seconds:.1f} s, a rescan if the store existed)")
