@@ -419,6 +419,19 @@ impl Store {
         self.db.get_cf(self.cf(cf), key).map_err(|e| self.rocks(e))
     }
 
+    /// The value of `key` in `cf`, decoded; a value that does not decode is a corrupt
+    /// record.
+    fn get_decoded<T>(
+        &self,
+        cf: &'static str,
+        key: &[u8],
+        decode: fn(&[u8]) -> Result<T, DecodeError>,
+    ) -> Result<Option<T>, StoreError> {
+        self.get(cf, key)?
+            .map(|bytes| decode(&bytes).map_err(|e| StoreError::corrupt(cf, key, e)))
+            .transpose()
+    }
+
     /// Every key-value pair of `cf` in `[start, end)`, in key order.
     fn range(
         &self,
@@ -500,12 +513,7 @@ impl Store {
         dir: &VolPath,
         name: &[u8],
     ) -> Result<Option<Entry>, StoreError> {
-        let key = entry_key(vol, dir, name);
-        self.get(CF_ENTRIES, &key)?
-            .map(|bytes| {
-                codec::decode_entry(&bytes).map_err(|e| StoreError::corrupt(CF_ENTRIES, &key, e))
-            })
-            .transpose()
+        self.get_decoded(CF_ENTRIES, &entry_key(vol, dir, name), codec::decode_entry)
     }
 
     pub fn chunk_list(
@@ -514,13 +522,11 @@ impl Store {
         dir: &VolPath,
         name: &[u8],
     ) -> Result<Option<Vec<ChunkRef>>, StoreError> {
-        let key = entry_key(vol, dir, name);
-        self.get(CF_CHUNK_LISTS, &key)?
-            .map(|bytes| {
-                codec::decode_chunk_list(&bytes)
-                    .map_err(|e| StoreError::corrupt(CF_CHUNK_LISTS, &key, e))
-            })
-            .transpose()
+        self.get_decoded(
+            CF_CHUNK_LISTS,
+            &entry_key(vol, dir, name),
+            codec::decode_chunk_list,
+        )
     }
 
     /// The scan stamp of one name, if it is indexed as existing.
@@ -530,12 +536,11 @@ impl Store {
         dir: &VolPath,
         name: &[u8],
     ) -> Result<Option<ScanStamp>, StoreError> {
-        let key = entry_key(vol, dir, name);
-        self.get(CF_SCAN_CACHE, &key)?
-            .map(|bytes| {
-                codec::decode_stamp(&bytes).map_err(|e| StoreError::corrupt(CF_SCAN_CACHE, &key, e))
-            })
-            .transpose()
+        self.get_decoded(
+            CF_SCAN_CACHE,
+            &entry_key(vol, dir, name),
+            codec::decode_stamp,
+        )
     }
 
     /// The children of `dir` in name order, tombstones included.
@@ -611,12 +616,7 @@ impl Store {
     // ---- Merkle tree ----
 
     pub fn tree_node(&self, vol: VolumeId, dir: &VolPath) -> Result<Option<TreeNode>, StoreError> {
-        let key = dir_key(vol, dir);
-        self.get(CF_TREE, &key)?
-            .map(|bytes| {
-                codec::decode_tree_node(&bytes).map_err(|e| StoreError::corrupt(CF_TREE, &key, e))
-            })
-            .transpose()
+        self.get_decoded(CF_TREE, &dir_key(vol, dir), codec::decode_tree_node)
     }
 
     /// Directories whose tree node is out of date.
