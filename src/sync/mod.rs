@@ -1,12 +1,16 @@
-//! Peer sync: the node's shared state, the request/response plumbing over QUIC, and the
-//! two halves of anti-entropy.
+//! Peer sync: a node and its peers, and the two halves of anti-entropy.
 //!
+//! - [`node`]: a running node (store, volumes, peers), built once for `serve` and
+//!   `repair`; [`stats`] its counters.
+//! - [`client`]: connecting to a peer (the `Hello` exchange) and sending requests.
 //! - [`server`] answers peers' requests from the local store (roots, tree pages, chunk
-//!   lists, chunk bytes).
+//!   lists, chunk bytes), one handler per request.
 //! - [`pull`] compares a peer's tree with ours, descends only into what differs, decides
-//!   entry by entry with version vectors, fetches the chunks we hold nowhere, and applies
-//!   changes atomically.
+//!   entry by entry with version vectors, and applies changes atomically.
+//! - [`transfer`] fills staging files from local copies and fetches the chunks this
+//!   node holds nowhere (for pull and for repair).
 //! - [`conflict`] is the deterministic rule for concurrent edits.
+//! - [`error`] what can go wrong; [`faults`] a node that misbehaves on purpose (tests).
 //!
 //! Every node pulls from every peer; nobody pushes data. A local change only sends a
 //! `Notify`, after which peers pull at once.
