@@ -5,7 +5,7 @@ use super::{
     MAX_VOLUMES, PROTOCOL_VERSION, ProtocolError,
 };
 use crate::chunking::{ChunkParams, ChunkRef};
-use crate::encoding::{DecodeError, Reader};
+use crate::encoding::{DecodeError, Reader, put_short_bytes};
 use crate::entry::Entry;
 use crate::ids::{ChunkId, ContentId, HASH_LEN, NodeId, TreeHash};
 use crate::pathname::{VolPath, validate_name};
@@ -133,12 +133,6 @@ pub enum Response {
     Error { code: u16, message: String },
 }
 
-fn put_bytes16(out: &mut Vec<u8>, bytes: &[u8]) {
-    let len = u16::try_from(bytes.len()).expect("names and paths are bounded by PATH_MAX");
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(bytes);
-}
-
 /// `u8 0`, or `u8 1` followed by the payload (which runs to the end of the frame).
 fn put_optional(out: &mut Vec<u8>, payload: Option<Vec<u8>>) {
     match payload {
@@ -193,7 +187,7 @@ fn encode_hello(h: &Hello) -> Vec<u8> {
     }
     out.extend_from_slice(&(h.volumes.len() as u16).to_le_bytes());
     for v in &h.volumes {
-        put_bytes16(&mut out, v.as_bytes());
+        put_short_bytes(&mut out, v.as_bytes());
     }
     out
 }
@@ -245,8 +239,8 @@ impl Request {
                 kind::HELLO
             }
             Request::GetDir { volume, dir } => {
-                put_bytes16(&mut out, volume.as_bytes());
-                put_bytes16(&mut out, dir.as_bytes());
+                put_short_bytes(&mut out, volume.as_bytes());
+                put_short_bytes(&mut out, dir.as_bytes());
                 kind::GET_DIR
             }
             Request::GetEntries {
@@ -256,14 +250,14 @@ impl Request {
                 after,
                 end,
             } => {
-                put_bytes16(&mut out, volume.as_bytes());
-                put_bytes16(&mut out, dir.as_bytes());
-                put_bytes16(&mut out, start);
+                put_short_bytes(&mut out, volume.as_bytes());
+                put_short_bytes(&mut out, dir.as_bytes());
+                put_short_bytes(&mut out, start);
                 out.push(u8::from(*after));
                 match end {
                     Some(end) => {
                         out.push(1);
-                        put_bytes16(&mut out, end);
+                        put_short_bytes(&mut out, end);
                     }
                     None => out.push(0),
                 }
@@ -275,8 +269,8 @@ impl Request {
                 content_id,
                 part,
             } => {
-                put_bytes16(&mut out, volume.as_bytes());
-                put_bytes16(&mut out, path.as_bytes());
+                put_short_bytes(&mut out, volume.as_bytes());
+                put_short_bytes(&mut out, path.as_bytes());
                 out.extend_from_slice(content_id.as_bytes());
                 match part {
                     ListPart::Whole => out.push(0),
@@ -299,7 +293,7 @@ impl Request {
                 kind::GET_CHUNKS
             }
             Request::Notify { volume } => {
-                put_bytes16(&mut out, volume.as_bytes());
+                put_short_bytes(&mut out, volume.as_bytes());
                 kind::NOTIFY
             }
         };
@@ -396,7 +390,7 @@ impl Response {
                 out.push(u8::from(*more));
                 out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
                 for e in entries {
-                    put_bytes16(&mut out, &e.name);
+                    put_short_bytes(&mut out, &e.name);
                     match &e.subtree {
                         Some(hash) => {
                             out.push(1);
@@ -451,7 +445,7 @@ impl Response {
             Response::Error { code, message } => {
                 out.extend_from_slice(&code.to_le_bytes());
                 let message = &message.as_bytes()[..message.len().min(1024)];
-                put_bytes16(&mut out, message);
+                put_short_bytes(&mut out, message);
                 kind::ERROR
             }
         };
@@ -625,8 +619,8 @@ mod tests {
     fn hostile_paths_and_names_are_rejected() {
         for bad in [&b"../../etc/passwd"[..], b"/abs", b"a/../b", b"a\0b"] {
             let mut body = Vec::new();
-            put_bytes16(&mut body, b"vol");
-            put_bytes16(&mut body, bad);
+            put_short_bytes(&mut body, b"vol");
+            put_short_bytes(&mut body, bad);
             assert!(matches!(
                 Request::decode(kind::GET_DIR, &body),
                 Err(ProtocolError::Malformed(_))
@@ -654,7 +648,7 @@ mod tests {
             assert!(Response::decode(kind, &body).is_err(), "{bad:?} accepted");
         }
         let mut volume = Vec::new();
-        put_bytes16(&mut volume, b"../x");
+        put_short_bytes(&mut volume, b"../x");
         assert!(Request::decode(kind::NOTIFY, &volume).is_err());
     }
 
