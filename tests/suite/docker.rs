@@ -521,23 +521,72 @@ struct Swarm {
     networks: Vec<String>,
 }
 
+/// The node label this suite puts on the engine when it makes it a Swarm manager; its
+/// value is the id of the test process. A run killed before `Swarm::drop` (a CI timeout,
+/// an interrupted session) leaves the engine in that Swarm, and the next run must tell such
+/// a leftover (its owner is gone: leave it) from a Swarm in use (wait) or someone else's.
+const OWNER_LABEL: &str = "org.shoal.test-swarm-owner";
+
+/// Who owns this engine's Swarm, as the suite sees it.
+enum SwarmOwner {
+    NoSwarm,
+    /// A test process that is still running.
+    LiveTest,
+    /// A test process that has ended without leaving.
+    DeadTest,
+    /// A Swarm this suite did not make.
+    Other(String),
+}
+
+fn swarm_owner() -> SwarmOwner {
+    let state = docker_ok(&["info", "--format", "{{.Swarm.LocalNodeState}}"]);
+    if state == "inactive" {
+        return SwarmOwner::NoSwarm;
+    }
+    let label = format!("{{{{index .Spec.Labels \"{OWNER_LABEL}\"}}}}");
+    let owner = docker(&["node", "inspect", "self", "--format", &label]);
+    let owner = String::from_utf8_lossy(&owner.stdout).trim().to_string();
+    match owner.parse::<u32>() {
+        Ok(pid) if std::path::Path::new(&format!("/proc/{pid}")).exists() => SwarmOwner::LiveTest,
+        Ok(_) => SwarmOwner::DeadTest,
+        Err(_) => SwarmOwner::Other(state),
+    }
+}
+
 impl Swarm {
     /// Makes this engine a Swarm manager advertising `advertise`, unless it is one
-    /// already (then only if `reuse` allows).
+    /// already (then only if `reuse` allows). A Swarm left by a killed run of this suite
+    /// is left first; without `reuse`, one that a running test process owns is waited for.
     fn join(advertise: &str, reuse: bool) -> Self {
-        let state = docker_ok(&["info", "--format", "{{.Swarm.LocalNodeState}}"]);
-        let had_gwbridge = docker(&["network", "inspect", "docker_gwbridge"])
-            .status
-            .success();
-        let joined = match state.as_str() {
-            "inactive" => {
-                docker_ok(&["swarm", "init", "--advertise-addr", advertise]);
-                true
+        let start = Instant::now();
+        let mut had_gwbridge = true;
+        let joined = loop {
+            match swarm_owner() {
+                SwarmOwner::NoSwarm => {
+                    had_gwbridge = docker(&["network", "inspect", "docker_gwbridge"])
+                        .status
+                        .success();
+                    docker_ok(&["swarm", "init", "--advertise-addr", advertise]);
+                    let label = format!("{OWNER_LABEL}={}", std::process::id());
+                    let node = docker_ok(&["info", "--format", "{{.Swarm.NodeID}}"]);
+                    docker_ok(&["node", "update", "--label-add", &label, &node]);
+                    break true;
+                }
+                SwarmOwner::DeadTest => {
+                    docker_ok(&["swarm", "leave", "--force"]);
+                }
+                SwarmOwner::LiveTest | SwarmOwner::Other(_) if reuse => break false,
+                SwarmOwner::LiveTest => {
+                    assert!(
+                        start.elapsed() < Duration::from_secs(600),
+                        "another test process kept this engine's Swarm for 10 minutes"
+                    );
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                SwarmOwner::Other(state) => panic!(
+                    "this engine's Swarm state is {state:?} and this suite did not make that Swarm: the test needs an engine it can make a Swarm manager of its own"
+                ),
             }
-            "active" if reuse => false,
-            other => panic!(
-                "this engine's Swarm state is {other:?}: the test needs an engine it can make a Swarm manager of its own"
-            ),
         };
         Swarm {
             joined,
