@@ -35,7 +35,8 @@ pub struct Entry {
     pub kind: EntryKind,
     /// Permission bits (`MODE_MASK`); 0 for symlinks and tombstones.
     pub mode: u32,
-    /// Modification time in nanoseconds since the Unix epoch; synced for files only.
+    /// Modification time in nanoseconds since the Unix epoch; synced for files and
+    /// directories (a directory's is set after its children are applied, so it sticks).
     pub mtime_ns: i64,
     /// Ownership; synced only by nodes that run as root.
     pub uid: u32,
@@ -53,7 +54,7 @@ impl Entry {
     }
 
     /// Whether two entries describe the same thing on disk, ignoring their histories:
-    /// the same kind, content, permission bits, file mtime and ownership.
+    /// the same kind, content, permission bits, file and directory mtime and ownership.
     pub fn same_state(&self, other: &Entry) -> bool {
         let same_kind = match (&self.kind, &other.kind) {
             (EntryKind::Tombstone { .. }, EntryKind::Tombstone { .. }) => true,
@@ -63,7 +64,12 @@ impl Entry {
             && self.mode == other.mode
             && self.uid == other.uid
             && self.gid == other.gid
-            && (!matches!(self.kind, EntryKind::File { .. }) || self.mtime_ns == other.mtime_ns)
+            && (!self.has_synced_mtime() || self.mtime_ns == other.mtime_ns)
+    }
+
+    /// Whether the mtime is part of what syncs (symlinks' and tombstones' are not).
+    pub fn has_synced_mtime(&self) -> bool {
+        matches!(self.kind, EntryKind::File { .. } | EntryKind::Dir)
     }
 }
 

@@ -329,17 +329,39 @@ impl VolumeFs {
         }
     }
 
-    /// Sets the permission bits of the directory `name` (never following a symlink).
-    pub fn chmod_dir(&self, dir_fd: &OwnedFd, name: &[u8], mode: u32) -> Result<(), FsError> {
-        let fd = rustix::fs::openat(
+    /// Opens the directory `name` in `dir_fd` itself (never following a symlink), to
+    /// set its metadata through the descriptor.
+    fn open_child_dir(&self, dir_fd: &OwnedFd, name: &[u8]) -> Result<OwnedFd, FsError> {
+        rustix::fs::openat(
             dir_fd,
             std::ffi::OsStr::from_bytes(name),
             OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .map_err(io_err(crate::pathname::escape(name)))?;
+        .map_err(io_err(crate::pathname::escape(name)))
+    }
+
+    /// Sets the permission bits of the directory `name` (never following a symlink).
+    pub fn chmod_dir(&self, dir_fd: &OwnedFd, name: &[u8], mode: u32) -> Result<(), FsError> {
+        let fd = self.open_child_dir(dir_fd, name)?;
         rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode))
             .map_err(io_err(crate::pathname::escape(name)))
+    }
+
+    /// Sets the owner of the directory `name` (never following a symlink).
+    pub fn chown_dir(
+        &self,
+        dir_fd: &OwnedFd,
+        name: &[u8],
+        (uid, gid): (u32, u32),
+    ) -> Result<(), FsError> {
+        let fd = self.open_child_dir(dir_fd, name)?;
+        rustix::fs::fchown(
+            &fd,
+            Some(rustix::fs::Uid::from_raw(uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
+        )
+        .map_err(io_err(crate::pathname::escape(name)))
     }
 
     /// Removes a file or symlink; a missing name is not an error.
@@ -383,12 +405,17 @@ pub fn finish_staged(
         )?;
     }
     rustix::fs::fchmod(file.as_fd(), Mode::from_raw_mode(mode))?;
+    set_mtime(file.as_fd(), mtime_ns)
+}
+
+/// Sets the modification (and access) time of an open file or directory.
+pub fn set_mtime(fd: impl AsFd, mtime_ns: i64) -> io::Result<()> {
     let mtime = Timespec {
         tv_sec: mtime_ns.div_euclid(1_000_000_000),
         tv_nsec: mtime_ns.rem_euclid(1_000_000_000) as _,
     };
     rustix::fs::futimens(
-        file.as_fd(),
+        fd,
         &Timestamps {
             last_access: mtime,
             last_modification: mtime,

@@ -141,6 +141,9 @@ impl Repair<'_> {
                 let fd = vol.fs.open_dir(path, true)?;
                 drop(fd);
                 let parent = vol.fs.open_dir(&dir, false)?;
+                if node.sync_ownership {
+                    vol.fs.chown_dir(&parent, name, (entry.uid, entry.gid))?;
+                }
                 vol.fs.chmod_dir(&parent, name, entry.mode)?;
                 VolumeFs::fsync_dir(&parent)?;
                 self.done(

@@ -7,6 +7,7 @@ mod crash;
 mod docker;
 mod index;
 mod live;
+mod metadata;
 mod repair;
 mod sync;
 mod tree_props;

@@ -7,11 +7,14 @@ use super::Pull;
 use super::decide::Hints;
 use super::files::FileJob;
 use crate::chunking::ChunkRef;
-use crate::entry::{Causality, Entry, EntryKind};
+use crate::entry::{Causality, Entry, EntryKind, MODE_MASK};
 use crate::pathname::{VolPath, escape};
 use crate::store::Durability;
 use crate::sync::SyncError;
 use crate::volume_fs::stamp_of_stat;
+
+/// Directory stamps written at once by [`Pull::restore_dir_mtimes`].
+const RESTORE_BATCH: usize = 1024;
 
 impl Pull {
     /// Whether the name on disk is still what the index says (nobody changed it since
@@ -72,6 +75,12 @@ impl Pull {
                     self.forget_chunks(dir, name, old)?;
                 }
                 self.volume().fs.mkdir(&dir_fd, name, remote.mode)?;
+                // Owner first: the mode may hold setgid, which a later chown could clear.
+                if self.node.sync_ownership {
+                    self.volume()
+                        .fs
+                        .chown_dir(&dir_fd, name, (remote.uid, remote.gid))?;
+                }
                 self.volume().fs.chmod_dir(&dir_fd, name, remote.mode)?;
                 let stat = self.volume().fs.stat(&dir_fd, name)?;
                 let mut batch = self.node.store.batch();
@@ -167,6 +176,49 @@ impl Pull {
                 .unwrap_or_default()),
             _ => Ok(Vec::new()),
         }
+    }
+
+    /// Gives every directory whose index entries this round changed (its `dirty` mark)
+    /// the mtime its entry records: applying its children moved it to the time of the
+    /// sync, and the peer's time (or our last scan's) must stick, or the next scan would
+    /// take the sync's own writes for a local change. Runs after everything else of the
+    /// round, so nothing moves the mtime again. A directory whose permissions or owner
+    /// differ from its entry was changed locally: it is left for the next scan.
+    pub(super) fn restore_dir_mtimes(&self) -> Result<(), SyncError> {
+        let vol = self.volume().id;
+        let store = &self.node.store;
+        let mut batch = store.batch();
+        for path in store.dirty_dirs(vol)? {
+            let Some((parent, name)) = path.split_last() else {
+                continue; // The volume root: its mtime is the mount point's own.
+            };
+            let Some(entry) = store.entry(vol, &parent, name)?.filter(Entry::is_dir) else {
+                continue;
+            };
+            let Ok(fd) = self.volume().fs.open_dir(&path, false) else {
+                continue;
+            };
+            let stat = rustix::fs::fstat(&fd)
+                .map_err(|e| SyncError::local(path.display().to_string())(e.into()))?;
+            let owner_kept =
+                !self.node.sync_ownership || (stat.st_uid, stat.st_gid) == (entry.uid, entry.gid);
+            if stat.st_mode & MODE_MASK != entry.mode || !owner_kept {
+                continue;
+            }
+            crate::volume_fs::set_mtime(&fd, entry.mtime_ns)
+                .map_err(SyncError::local(path.display().to_string()))?;
+            let stat = rustix::fs::fstat(&fd)
+                .map_err(|e| SyncError::local(path.display().to_string())(e.into()))?;
+            batch.put_stamp(vol, &parent, name, &stamp_of_stat(&stat));
+            if batch.len() >= RESTORE_BATCH {
+                store.write(
+                    std::mem::replace(&mut batch, store.batch()),
+                    Durability::Buffered,
+                )?;
+            }
+        }
+        store.write(batch, Durability::Buffered)?;
+        Ok(())
     }
 
     /// Applies the deferred deletes, deepest first.

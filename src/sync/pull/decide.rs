@@ -94,6 +94,18 @@ impl Pull {
                 };
                 self.record_version(dir, &name, merged)
             }
+            // A directory changed on both sides (each added a name, say) is no conflict:
+            // the contents merge name by name, and of its own metadata the rule that
+            // picks a conflict's winner keeps one.
+            Causality::Concurrent if remote.is_dir() && local.is_dir() => {
+                let version = remote.version.merged(&local.version);
+                if conflict::wins(&remote, &local) {
+                    let winner = Entry { version, ..remote };
+                    self.take(dir, &name, winner, Some(local), &hints).await
+                } else {
+                    self.record_version(dir, &name, Entry { version, ..local })
+                }
+            }
             Causality::Concurrent => self.conflict(dir, &name, remote, local, &hints).await,
         }
     }
@@ -141,22 +153,18 @@ impl Pull {
             (&local, &remote)
         };
         let copy_name = conflict::conflict_name(name, loser, winner);
-        let both_dirs = remote.is_dir() && local.is_dir();
         tracing::info!(
             peer = %self.peer.addr,
             "concurrent changes to {}: {} version wins{}",
             dir.join(name).map(|p| p.display().to_string()).unwrap_or_default(),
             if remote_wins { "the peer's" } else { "our" },
-            if loser.is_tombstone() || both_dirs { String::new() } else { format!(", the other is kept as {}", escape(&copy_name)) }
+            if loser.is_tombstone() { String::new() } else { format!(", the other is kept as {}", escape(&copy_name)) }
         );
         self.report.conflicts += 1;
         self.node.stats.conflicts.fetch_add(1, Ordering::Relaxed);
         if remote_wins {
             // Our version moves aside, under its conflict name, with its history.
-            if !local.is_tombstone()
-                && !both_dirs
-                && !self.move_aside(dir, name, &local, &copy_name)?
-            {
+            if !local.is_tombstone() && !self.move_aside(dir, name, &local, &copy_name)? {
                 self.report.skipped += 1;
                 return Ok(());
             }
@@ -164,14 +172,9 @@ impl Pull {
                 version: merged_version,
                 ..remote
             };
-            let replaced = if local.is_tombstone() || !both_dirs {
-                None
-            } else {
-                Some(local)
-            };
-            self.take(dir, name, winner, replaced, hints).await
+            self.take(dir, name, winner, None, hints).await
         } else {
-            if !remote.is_tombstone() && !both_dirs {
+            if !remote.is_tombstone() {
                 self.take_as_copy(dir, name, remote, copy_name, hints)
                     .await?;
             }

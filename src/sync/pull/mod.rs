@@ -13,6 +13,8 @@
 //! 5. Deletes run last, deepest first, so content that moved elsewhere in the same round
 //!    is still there to be reused; a local file changed since the last scan is never
 //!    overwritten or deleted (the next scan indexes it and it syncs as a change).
+//! 6. Every directory the round changed gets back the mtime its entry records (applying
+//!    its children moved it).
 
 mod apply;
 mod decide;
@@ -84,11 +86,10 @@ pub async fn pull_volume(
         return Ok(pull.report);
     }
     pull.pending.push((VolPath::root(), Some(remote_root)));
-    while let Some((dir, remote)) = pull.pending.pop() {
-        pull.sync_dir(&dir, remote).await?;
-    }
-    pull.take_files().await?;
-    pull.apply_deletes()?;
+    let round = pull.walk_and_apply().await;
+    // Also after a failed round: what it did apply keeps its directories' mtimes.
+    pull.restore_dir_mtimes()?;
+    round?;
     crate::tree::update(&node.store, volume.id)?;
     Ok(pull.report)
 }
@@ -116,5 +117,14 @@ struct Pull {
 impl Pull {
     fn volume(&self) -> &super::Volume {
         &self.node.volumes[self.volume_index]
+    }
+
+    /// Walks what differs, then takes the files and applies the deletes decided on.
+    async fn walk_and_apply(&mut self) -> Result<(), SyncError> {
+        while let Some((dir, remote)) = self.pending.pop() {
+            self.sync_dir(&dir, remote).await?;
+        }
+        self.take_files().await?;
+        self.apply_deletes()
     }
 }

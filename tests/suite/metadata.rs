@@ -1,0 +1,132 @@
+//! Issue 16 acceptance: what a volume holds besides file contents arrives as it was
+//! (directory ownership, modes and mtimes), with real processes over QUIC.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, FileTimes};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use crate::cluster::*;
+use crate::util::write_file;
+
+const CONVERGE: Duration = Duration::from_secs(90);
+
+/// Whether this test process may change owners (the daemons then sync them too).
+fn running_as_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+fn set_dir_mtime(dir: &Path, secs: u64) {
+    File::open(dir)
+        .unwrap()
+        .set_times(FileTimes::new().set_modified(UNIX_EPOCH + Duration::from_secs(secs)))
+        .unwrap();
+}
+
+/// Every directory below `root` (`.shoal/` excluded) with its permission bits, owner and
+/// mtime in nanoseconds.
+fn dir_metadata(root: &Path) -> BTreeMap<PathBuf, (u32, u32, u32, i64)> {
+    let mut out = BTreeMap::new();
+    let mut pending = vec![PathBuf::new()];
+    while let Some(rel) = pending.pop() {
+        for entry in fs::read_dir(root.join(&rel)).unwrap().flatten() {
+            let path = rel.join(entry.file_name());
+            let meta = fs::symlink_metadata(root.join(&path)).unwrap();
+            if !meta.is_dir() || path.as_os_str().as_bytes() == b".shoal" {
+                continue;
+            }
+            let mtime = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+            let mode = meta.permissions().mode() & 0o7777;
+            out.insert(path.clone(), (mode, meta.uid(), meta.gid(), mtime));
+            pending.push(path);
+        }
+    }
+    out
+}
+
+/// Waits until both nodes' trees and directories' metadata agree.
+fn wait_dirs_agree(c: &Cluster) -> BTreeMap<PathBuf, (u32, u32, u32, i64)> {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        c.wait_converged(&[0, 1], CONVERGE);
+        let (a, b) = (dir_metadata(&c.vol(0)), dir_metadata(&c.vol(1)));
+        if a == b {
+            return a;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "directory metadata differs:\n A {a:?}\n B {b:?}\n--- A log:\n{}\n--- B log:\n{}",
+            c.log(0),
+            c.log(1)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn directory_owners_modes_and_mtimes_sync_and_the_owner_can_write_on_the_peer() {
+    if !running_as_root() {
+        eprintln!("skipped: changing owners needs root");
+        return;
+    }
+    let mut c = Cluster::new(2);
+    // uid 33 must be able to reach the volume on node 1 (a temporary directory is 0700).
+    for dir in [c.dir.path().to_path_buf(), c.dir.path().join("node1")] {
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let a = c.vol(0);
+    write_file(&a.join("uploads/2026/photo.jpg"), b"jpeg bytes");
+    write_file(&a.join("uploads/readme.txt"), b"uploads go here");
+    write_file(&a.join("shared/team.txt"), b"team notes");
+    let chown = Command::new("chown")
+        .args(["-R", "33:33"])
+        .arg(a.join("uploads"))
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    std::os::unix::fs::chown(a.join("shared"), Some(0), Some(5678)).unwrap();
+    fs::set_permissions(a.join("shared"), fs::Permissions::from_mode(0o2775)).unwrap();
+    // Children first: creating them moved their parents' mtimes.
+    set_dir_mtime(&a.join("uploads/2026"), 1_500_000_000);
+    set_dir_mtime(&a.join("uploads"), 1_500_000_100);
+    set_dir_mtime(&a.join("shared"), 1_500_000_200);
+    c.start_all();
+    let agreed = wait_dirs_agree(&c);
+    assert_eq!(
+        agreed[Path::new("uploads")],
+        (0o755, 33, 33, 1_500_000_100_000_000_000)
+    );
+    assert_eq!(
+        agreed[Path::new("uploads/2026")],
+        (0o755, 33, 33, 1_500_000_000_000_000_000)
+    );
+    assert_eq!(
+        agreed[Path::new("shared")],
+        (0o2775, 0, 5678, 1_500_000_200_000_000_000)
+    );
+
+    // The web server's user writes on node 1 where node 0 gave it the directory.
+    let written = Command::new("setpriv")
+        .args(["--reuid", "33", "--regid", "33", "--clear-groups", "touch"])
+        .arg(c.vol(1).join("uploads/2026/upload.jpg"))
+        .output()
+        .unwrap();
+    assert!(
+        written.status.success(),
+        "uid 33 cannot write in uploads/2026 on node 1: {}",
+        String::from_utf8_lossy(&written.stderr)
+    );
+    let agreed = wait_dirs_agree(&c);
+    assert!(c.vol(0).join("uploads/2026/upload.jpg").exists());
+    assert_eq!(agreed[Path::new("uploads/2026")].1, 33);
+
+    // Settled: applying the changes does not make the nodes trade mtimes back and forth.
+    let root = c.root(0);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(c.root(0), root, "the tree kept changing after convergence");
+    assert_eq!(dir_metadata(&c.vol(0)), agreed);
+    assert_eq!(dir_metadata(&c.vol(1)), agreed);
+}
