@@ -55,22 +55,30 @@ impl Entry {
 
     /// Whether two entries describe the same thing on disk, ignoring their histories:
     /// the same kind, content, permission bits, file and directory mtime and ownership.
+    /// Two deletes are the same state whatever else their entries carry.
     pub fn same_state(&self, other: &Entry) -> bool {
-        let same_kind = match (&self.kind, &other.kind) {
+        match (&self.kind, &other.kind) {
             (EntryKind::Tombstone { .. }, EntryKind::Tombstone { .. }) => true,
-            (a, b) => a == b,
-        };
-        same_kind
-            && self.mode == other.mode
-            && self.uid == other.uid
-            && self.gid == other.gid
-            && (!self.has_synced_mtime() || self.mtime_ns == other.mtime_ns)
+            (a, b) => {
+                a == b
+                    && self.mode == other.mode
+                    && self.uid == other.uid
+                    && self.gid == other.gid
+                    && (!self.has_synced_mtime() || self.mtime_ns == other.mtime_ns)
+            }
+        }
     }
 
     /// Whether the mtime is part of what syncs (symlinks' and tombstones' are not).
     pub fn has_synced_mtime(&self) -> bool {
         matches!(self.kind, EntryKind::File { .. } | EntryKind::Dir)
     }
+}
+
+/// Nanoseconds since the epoch of a (seconds, nanoseconds) time, saturating instead of
+/// overflowing for times beyond the year 2262 (or before 1677).
+pub fn timestamp_ns(secs: i64, nsec: i64) -> i64 {
+    secs.saturating_mul(1_000_000_000).saturating_add(nsec)
 }
 
 /// How two version vectors relate.
@@ -81,6 +89,27 @@ pub enum Causality {
     Dominates,
     DominatedBy,
     Concurrent,
+}
+
+/// Most (node, counter) pairs a version vector may hold: one per node that ever changed
+/// the name. Decoders refuse more, and a merge that would leave no room for one more
+/// node's bump is refused, so every stored vector stays encodable and decodable.
+pub const MAX_VECTOR_PAIRS: usize = 1024;
+
+/// Largest counter a peer may send (2^62: a node changing one name a million times a
+/// second needs 146,000 years to get there), so that a local bump never saturates and
+/// two different versions never compare equal.
+pub const MAX_COUNTER: u64 = 1 << 62;
+
+/// Why a version vector from a peer (or a merge with one) is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VectorError {
+    #[error("a version vector of {0} pairs (at most {MAX_VECTOR_PAIRS})")]
+    TooLong(usize),
+    #[error("version vector pairs not sorted by node id, or a node repeated")]
+    NotCanonical,
+    #[error("version vector counter {0} out of range (1..={MAX_COUNTER})")]
+    Counter(u64),
 }
 
 /// One counter per node that changed an entry, sorted by node id.
@@ -104,8 +133,31 @@ impl VersionVector {
         Self(counters)
     }
 
+    /// A vector exactly as a peer must send it: at most `MAX_VECTOR_PAIRS` pairs,
+    /// strictly increasing node ids, counters in `1..=MAX_COUNTER`.
+    pub fn try_canonical(pairs: Vec<(NodeId, u64)>) -> Result<Self, VectorError> {
+        if pairs.len() > MAX_VECTOR_PAIRS {
+            return Err(VectorError::TooLong(pairs.len()));
+        }
+        if let Some(&(_, counter)) = pairs.iter().find(|&&(_, c)| c == 0 || c > MAX_COUNTER) {
+            return Err(VectorError::Counter(counter));
+        }
+        if pairs.windows(2).any(|w| w[0].0 >= w[1].0) {
+            return Err(VectorError::NotCanonical);
+        }
+        Ok(Self(pairs))
+    }
+
     pub fn pairs(&self) -> &[(NodeId, u64)] {
         &self.0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 
     pub fn get(&self, node: NodeId) -> u64 {
@@ -123,9 +175,14 @@ impl VersionVector {
         }
     }
 
-    /// The least vector that dominates or equals both.
-    pub fn merged(&self, other: &VersionVector) -> VersionVector {
-        Self::from_pairs(self.0.iter().chain(other.0.iter()).copied())
+    /// The least vector that dominates or equals both; refused if it would leave no
+    /// room under `MAX_VECTOR_PAIRS` for one more node's bump.
+    pub fn merged(&self, other: &VersionVector) -> Result<VersionVector, VectorError> {
+        let merged = Self::from_pairs(self.0.iter().chain(other.0.iter()).copied());
+        match merged.0.len() < MAX_VECTOR_PAIRS {
+            true => Ok(merged),
+            false => Err(VectorError::TooLong(merged.0.len())),
+        }
     }
 
     pub fn compare(&self, other: &VersionVector) -> Causality {
@@ -165,10 +222,42 @@ mod tests {
         assert_eq!(a.compare(&b), Causality::DominatedBy);
         a.bump(A);
         assert_eq!(a.compare(&b), Causality::Concurrent);
-        let merged = a.merged(&b);
+        let merged = a.merged(&b).unwrap();
         assert_eq!(merged.pairs(), &[(A, 2), (B, 1)]);
         assert_eq!(merged.compare(&a), Causality::Dominates);
         assert_eq!(merged.compare(&b), Causality::Dominates);
+    }
+
+    #[test]
+    fn peers_must_send_canonical_bounded_vectors() {
+        assert!(VersionVector::try_canonical(vec![(A, 1), (B, MAX_COUNTER)]).is_ok());
+        assert_eq!(
+            VersionVector::try_canonical(vec![(B, 1), (A, 1)]),
+            Err(VectorError::NotCanonical)
+        );
+        assert_eq!(
+            VersionVector::try_canonical(vec![(A, 1), (A, 2)]),
+            Err(VectorError::NotCanonical)
+        );
+        assert_eq!(
+            VersionVector::try_canonical(vec![(A, u64::MAX)]),
+            Err(VectorError::Counter(u64::MAX))
+        );
+        assert_eq!(
+            VersionVector::try_canonical(vec![(A, 0)]),
+            Err(VectorError::Counter(0))
+        );
+        let long: Vec<_> = (0..=MAX_VECTOR_PAIRS as u64)
+            .map(|n| (NodeId(n), 1))
+            .collect();
+        assert_eq!(
+            VersionVector::try_canonical(long),
+            Err(VectorError::TooLong(MAX_VECTOR_PAIRS + 1))
+        );
+        // Two full halves from different nodes do not merge past the bound.
+        let half =
+            |from: u64| VersionVector::from_pairs((from..from + 600).map(|n| (NodeId(n), 1)));
+        assert_eq!(half(0).merged(&half(1000)), Err(VectorError::TooLong(1200)));
     }
 
     #[test]

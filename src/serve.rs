@@ -188,12 +188,29 @@ async fn static_peers(options: &ServeOptions) -> anyhow::Result<BTreeSet<SocketA
     Ok(peers)
 }
 
+/// Peers' connections served at once; past it, new ones are closed at once. (Each
+/// connection has at most the transport's stream limit of requests in flight.)
+const MAX_CONNECTIONS: usize = 256;
+
 /// Accepts peers' connections, each served in a task of its own, until `stop` flips.
 async fn accept(node: Arc<Node>, mut server: s2n_quic::Server, mut stop: watch::Receiver<bool>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         tokio::select! {
             accepted = server.accept() => match accepted {
-                Some(connection) => { tokio::spawn(crate::sync::server::serve_connection(node.clone(), connection)); }
+                Some(connection) => match slots.clone().try_acquire_owned() {
+                    Ok(slot) => {
+                        let node = node.clone();
+                        tokio::spawn(async move {
+                            crate::sync::server::serve_connection(node, connection).await;
+                            drop(slot);
+                        });
+                    }
+                    Err(_) => {
+                        tracing::warn!(peer = ?connection.remote_addr().ok(), "refusing a connection: {MAX_CONNECTIONS} are open already");
+                        connection.close(u32::from(crate::protocol::ErrorCode::TooLarge.number()).into());
+                    }
+                },
                 None => break,
             },
             _ = stop.wait_for(|s| *s) => break,
@@ -393,7 +410,7 @@ async fn follow_peers(
             let (tx, rx) = watch::channel(false);
             retire.insert(peer.addr, tx);
             let (node, client) = (node.clone(), client.clone());
-            loops.spawn(async move { peer_loop(node, peer, client, heartbeat, rx).await });
+            loops.spawn(async move { supervise_peer(node, peer, client, heartbeat, rx).await });
         }
         let settled = tokio::select! {
             changed = wanted.changed() => changed.is_err(),
@@ -410,6 +427,35 @@ async fn follow_peers(
         let _ = tx.send(true);
     }
     while loops.join_next().await.is_some() {}
+}
+
+/// Runs [`peer_loop`] for one peer, and again after a pause (doubling up to
+/// `MAX_BACKOFF`) if it ever fails (a panic): a bug that one peer's answers trigger must
+/// not end this node's sync with it for good.
+async fn supervise_peer(
+    node: Arc<Node>,
+    peer: Arc<Peer>,
+    client: s2n_quic::Client,
+    heartbeat: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let (n, p, c, s) = (node.clone(), peer.clone(), client.clone(), stop.clone());
+        match tokio::spawn(peer_loop(n, p, c, heartbeat, s)).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::error!(peer = %peer.addr, "the task syncing with this peer failed: {e}; restarting it in {}", humantime::format_duration(backoff));
+                peer.connected.store(false, Ordering::Relaxed);
+                *peer.handle.lock().expect("peer state lock") = None;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
 }
 
 /// Keeps one peer connected and pulls from it.

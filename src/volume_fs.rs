@@ -5,6 +5,12 @@
 //! paths are already refused by [`VolPath`], and a symlink met on the way (even one a
 //! local user swapped in a moment ago) is an error, never followed.
 //!
+//! Reading is as careful (invariant 8): every open of a volume file is
+//! `O_NOFOLLOW|O_NONBLOCK` through a directory descriptor and checked to be a regular
+//! file before a byte is read, so a FIFO or device a local user plants in place of an
+//! indexed file cannot block a thread, and `.shoal/` itself is reached by descriptor:
+//! a `.shoal` symlink at the root is removed, never followed.
+//!
 //! New content is written to a staging file under `.shoal/staging/` on the volume's
 //! own file system, made durable, and renamed over its name: a reader sees the old
 //! version or the new one, never a mix (invariant 1). Staging files are named after the
@@ -19,6 +25,7 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
 
+use crate::entry::timestamp_ns;
 use crate::ids::{ChunkId, ContentId};
 use crate::pathname::{SHOAL_DIR, VolPath};
 use crate::store::codec::{Extent, ScanStamp};
@@ -80,19 +87,8 @@ impl VolumeFs {
         )
         .map_err(io_err(&shown))?;
         let shoal_dir = std::str::from_utf8(SHOAL_DIR).expect("ascii");
-        for dir in [shoal_dir.to_string(), format!("{shoal_dir}/{STAGING}")] {
-            match rustix::fs::mkdirat(&root, dir.as_str(), Mode::from_raw_mode(0o700)) {
-                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-                Err(e) => return Err(io_err(format!("{shown}/{dir}"))(e)),
-            }
-        }
-        let staging = rustix::fs::openat(
-            &root,
-            format!("{shoal_dir}/{STAGING}").as_str(),
-            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(io_err(format!("{shown}/.shoal/{STAGING}")))?;
+        let shoal = own_dir(&root, shoal_dir, &shown)?;
+        let staging = own_dir(&shoal, STAGING, &format!("{shown}/{shoal_dir}"))?;
         let fs = VolumeFs {
             root_path: root_path.to_path_buf(),
             root,
@@ -103,20 +99,26 @@ impl VolumeFs {
     }
 
     /// Removes what a crash left in staging: temporary symlinks, and partial files
-    /// untouched for a week (transfers that will not be resumed).
+    /// untouched for a week (transfers that will not be resumed). Read through the
+    /// staging descriptor, so nothing outside it is listed or removed.
     fn clean_staging(&self) {
-        let dir = self.root_path.join(".shoal").join(STAGING);
         let abandoned =
             std::time::SystemTime::now() - std::time::Duration::from_secs(PART_RETENTION_SECS);
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let name = entry.file_name();
-            let stale = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| t < abandoned);
-            if name.as_bytes().ends_with(b".tmp") || (name.as_bytes().ends_with(b".part") && stale)
-            {
-                let _ = std::fs::remove_file(entry.path());
+        let abandoned_s = abandoned
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let Ok(mut listing) = rustix::fs::Dir::read_from(&self.staging) else {
+            return;
+        };
+        // Bounded: each entry is looked at once, and a directory has finitely many.
+        while let Some(Ok(entry)) = listing.read() {
+            let name = entry.file_name().to_bytes();
+            let stale = || {
+                rustix::fs::statat(&self.staging, entry.file_name(), AtFlags::SYMLINK_NOFOLLOW)
+                    .is_ok_and(|stat| stat.st_mtime < abandoned_s)
+            };
+            if name.ends_with(b".tmp") || (name.ends_with(b".part") && stale()) {
+                let _ = rustix::fs::unlinkat(&self.staging, entry.file_name(), AtFlags::empty());
             }
         }
     }
@@ -128,48 +130,20 @@ impl VolumeFs {
     /// Opens the directory `dir` inside the volume without following any symlink.
     /// With `create`, missing directories are created (mode 0755).
     pub fn open_dir(&self, dir: &VolPath, create: bool) -> Result<OwnedFd, FsError> {
-        let mut fd = rustix::io::dup(&self.root).map_err(io_err(dir.display()))?;
-        if dir.is_root() {
-            return Ok(fd);
-        }
-        for name in dir.as_bytes().split(|&b| b == b'/') {
-            let name = std::ffi::OsStr::from_bytes(name);
-            let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-            let next = match rustix::fs::openat(&fd, name, flags, Mode::empty()) {
-                Err(rustix::io::Errno::NOENT) if create => {
-                    match rustix::fs::mkdirat(&fd, name, Mode::from_raw_mode(0o755)) {
-                        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-                        Err(e) => return Err(io_err(dir.display())(e)),
-                    }
-                    rustix::fs::openat(&fd, name, flags, Mode::empty())
-                }
-                other => other,
-            };
-            fd = match next {
-                Ok(next) => next,
-                Err(rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP) => {
-                    return Err(FsError::NotADirectory {
-                        path: dir.display().to_string(),
-                    });
-                }
-                Err(e) => return Err(io_err(dir.display())(e)),
-            };
-        }
-        Ok(fd)
+        open_dir_at(&self.root, dir, create)
     }
 
     /// Reads `extent` of the regular file at `path` and returns it if it hashes to `id`.
+    /// Anything else found under that name (a FIFO, a device, a symlink: planted by a
+    /// local user since the scan) is not read, and neither is an extent longer than any
+    /// chunk. Blocking: call it off the async worker threads.
     pub fn read_chunk(&self, path: &VolPath, extent: Extent, id: &ChunkId) -> Option<Vec<u8>> {
+        if extent.len > fastcdc::v2020::MAXIMUM_MAX {
+            return None;
+        }
         let (parent, name) = path.split_last()?;
         let dir = self.open_dir(&parent, false).ok()?;
-        let fd = rustix::fs::openat(
-            &dir,
-            std::ffi::OsStr::from_bytes(name),
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .ok()?;
-        let file = File::from(fd);
+        let file = open_regular(&dir, name).ok()?;
         let mut data = vec![0u8; extent.len as usize];
         file.read_exact_at(&mut data, extent.offset).ok()?;
         (ChunkId::of(&data) == *id).then_some(data)
@@ -254,6 +228,20 @@ impl VolumeFs {
         )
         .map_err(io_err(&temp_name))?;
         let file = File::from(fd);
+        // The name may have been swapped between the check and the rename: what moved
+        // must be the very file checked, or it goes back where it was.
+        let moved_stat = rustix::fs::fstat(&file).map_err(io_err(&temp_name))?;
+        if (moved_stat.st_ino, moved_stat.st_dev) != (expected.ino, expected.dev) {
+            drop(file);
+            let _ = rustix::fs::renameat_with(
+                &self.staging,
+                temp_name.as_str(),
+                &source_dir,
+                source_name,
+                rustix::fs::RenameFlags::NOREPLACE,
+            );
+            return Ok(None);
+        }
         rustix::fs::fchmod(&file, Mode::from_raw_mode(0o600)).map_err(io_err(&temp_name))?;
         Ok(Some(Staged {
             file,
@@ -428,9 +416,148 @@ pub fn set_mtime(fd: impl AsFd, mtime_ns: i64) -> io::Result<()> {
 pub fn stamp_of_stat(stat: &rustix::fs::Stat) -> ScanStamp {
     ScanStamp {
         size: stat.st_size as u64,
-        mtime_ns: stat.st_mtime * 1_000_000_000 + stat.st_mtime_nsec as i64,
-        ctime_ns: stat.st_ctime * 1_000_000_000 + stat.st_ctime_nsec as i64,
+        mtime_ns: timestamp_ns(stat.st_mtime, stat.st_mtime_nsec as i64),
+        ctime_ns: timestamp_ns(stat.st_ctime, stat.st_ctime_nsec as i64),
         ino: stat.st_ino,
         dev: stat.st_dev,
+    }
+}
+
+/// Opens the directory `dir` below the volume root `root` one component at a time,
+/// never following a symlink (one met on the way is [`FsError::NotADirectory`]). With
+/// `create`, missing directories are created (mode 0755).
+pub fn open_dir_at(root: &impl AsFd, dir: &VolPath, create: bool) -> Result<OwnedFd, FsError> {
+    let mut fd = rustix::io::dup(root).map_err(io_err(dir.display()))?;
+    if dir.is_root() {
+        return Ok(fd);
+    }
+    for name in dir.as_bytes().split(|&b| b == b'/') {
+        let name = std::ffi::OsStr::from_bytes(name);
+        let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let next = match rustix::fs::openat(&fd, name, flags, Mode::empty()) {
+            Err(rustix::io::Errno::NOENT) if create => {
+                match rustix::fs::mkdirat(&fd, name, Mode::from_raw_mode(0o755)) {
+                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                    Err(e) => return Err(io_err(dir.display())(e)),
+                }
+                rustix::fs::openat(&fd, name, flags, Mode::empty())
+            }
+            other => other,
+        };
+        fd = match next {
+            Ok(next) => next,
+            Err(rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP) => {
+                return Err(FsError::NotADirectory {
+                    path: dir.display().to_string(),
+                });
+            }
+            Err(e) => return Err(io_err(dir.display())(e)),
+        };
+    }
+    Ok(fd)
+}
+
+/// The `lstat` of `name` in `dir`, as `std` metadata: the name is opened with
+/// `O_PATH|O_NOFOLLOW` (which reads nothing and never blocks) and the descriptor stated,
+/// so the answer is about that name in that directory and nothing a path resolves to.
+pub fn lstat_at(dir: &impl AsFd, name: &[u8]) -> io::Result<std::fs::Metadata> {
+    let fd = rustix::fs::openat(
+        dir,
+        std::ffi::OsStr::from_bytes(name),
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    File::from(fd).metadata()
+}
+
+/// Opens `name` in `dir` for reading if, and only if, it is a regular file: never
+/// following a symlink (`O_NOFOLLOW`), never waiting for a FIFO's writer or a device
+/// (`O_NONBLOCK`, which regular files ignore), and checking what was opened. Anything
+/// else is an error of kind [`io::ErrorKind::InvalidInput`].
+pub fn open_regular(dir: &impl AsFd, name: &[u8]) -> io::Result<File> {
+    let fd = rustix::fs::openat(
+        dir,
+        std::ffi::OsStr::from_bytes(name),
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let stat = rustix::fs::fstat(&fd)?;
+    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} is not a regular file; not reading it",
+                crate::pathname::escape(name)
+            ),
+        ));
+    }
+    Ok(File::from(fd))
+}
+
+/// Creates (if needed) and opens Shoal's own directory `name` in `parent`, never through
+/// a symlink: whatever else a local user put under that reserved name (a symlink to
+/// another volume, a file) is removed and the directory made anew.
+fn own_dir(parent: &OwnedFd, name: &str, shown_parent: &str) -> Result<OwnedFd, FsError> {
+    let shown = format!("{shown_parent}/{name}");
+    let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    // Twice at most: once as found, once after removing what was planted there.
+    for _ in 0..2 {
+        match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(io_err(&shown)(e)),
+        }
+        match rustix::fs::openat(parent, name, flags, Mode::empty()) {
+            Ok(fd) => return Ok(fd),
+            Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => {
+                tracing::warn!(
+                    "{shown} is not a directory (a symlink or file put in place of Shoal's own directory): removing it without following it"
+                );
+                rustix::fs::unlinkat(parent, name, AtFlags::empty()).map_err(io_err(&shown))?;
+            }
+            Err(e) => return Err(io_err(&shown)(e)),
+        }
+    }
+    Err(FsError::NotADirectory { path: shown })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileTypeExt;
+
+    use super::*;
+
+    #[test]
+    fn open_regular_refuses_fifos_and_symlinks_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fd = rustix::fs::open(
+            dir.path(),
+            OFlags::DIRECTORY | OFlags::RDONLY,
+            Mode::empty(),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("file"), b"data").unwrap();
+        std::os::unix::fs::symlink("file", dir.path().join("link")).unwrap();
+        rustix::fs::mknodat(
+            &fd,
+            "fifo",
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        assert!(open_regular(&fd, b"file").is_ok());
+        // Without O_NONBLOCK this open would wait forever for a writer.
+        let fifo = open_regular(&fd, b"fifo").unwrap_err();
+        assert_eq!(fifo.kind(), io::ErrorKind::InvalidInput);
+        let link = open_regular(&fd, b"link").unwrap_err();
+        assert_eq!(link.raw_os_error(), Some(libc::ELOOP));
+        assert!(lstat_at(&fd, b"link").unwrap().file_type().is_symlink());
+        assert!(lstat_at(&fd, b"fifo").unwrap().file_type().is_fifo());
+    }
+
+    #[test]
+    fn timestamps_past_2262_saturate() {
+        assert_eq!(crate::entry::timestamp_ns(10_413_792_000, 5), i64::MAX);
+        assert_eq!(crate::entry::timestamp_ns(1, 5), 1_000_000_005);
     }
 }

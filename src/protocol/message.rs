@@ -479,7 +479,7 @@ impl Response {
                         true => Some(TreeHash(r.hash("subtree hash")?)),
                     };
                     let len = r.u32("entry length")? as usize;
-                    let entry = codec::decode_entry(r.take(len, "entry")?)?;
+                    let entry = codec::decode_canonical_entry(r.take(len, "entry")?)?;
                     let chunks = match read_flag(&mut r, "chunk list flag")? {
                         false => None,
                         true => {

@@ -35,6 +35,9 @@ pub const MAX_ENTRIES_BYTES: usize = 2 << 20;
 pub const MAX_INLINE_CHUNKS: usize = 16;
 /// Pages asked for in one `GetChunkList` (a 16 MiB-chunk, 4 TiB file has ~64k pages).
 pub const MAX_LIST_PAGES: usize = 1 << 20;
+/// Chunk refs in one `ChunkList` answer (whole lists up to this size, or the pages
+/// asked for): with the frame header, within `MAX_CONTROL_FRAME`.
+pub const MAX_LIST_CHUNKS: usize = 100_000;
 /// Chunk ids in one `GetChunks` request.
 pub const MAX_CHUNKS_PER_REQUEST: usize = 64;
 /// Volumes a node may announce.

@@ -94,8 +94,8 @@ impl Repair<'_> {
                 let lacking: usize = rebuild
                     .missing
                     .iter()
-                    .filter(|(id, _)| !received.contains(id))
-                    .map(|(_, offsets)| offsets.len())
+                    .filter(|(id, _, _)| !received.contains(id))
+                    .map(|(_, _, offsets)| offsets.len())
                     .sum();
                 let volume = self.node.volumes[rebuild.volume_index].name.clone();
                 if lacking > 0 {
@@ -213,7 +213,7 @@ impl Repair<'_> {
         let io = |e| RepairError::Io(format!("staging for {}", rebuild.display), e);
         let dir_fd = vol.fs.open_dir(&rebuild.dir, true)?;
         if let Ok(stat) = vol.fs.stat(&dir_fd, &rebuild.name) {
-            let mtime_ns = stat.st_mtime * 1_000_000_000 + stat.st_mtime_nsec as i64;
+            let mtime_ns = crate::entry::timestamp_ns(stat.st_mtime, stat.st_mtime_nsec as i64);
             if mtime_ns != rebuild.mtime_ns {
                 self.done(
                     "kept",

@@ -155,12 +155,12 @@ impl Repair<'_> {
         let mut targets = ChunkTargets::default();
         let mut local = Vec::new();
         for (id, extent) in &state.damaged {
-            match self.node.read_local_chunk(id) {
+            match self.node.read_local_chunk(id)? {
                 Some(data) => {
                     file.write_all_at(&data, extent.offset).map_err(io)?;
                     local.push(*id);
                 }
-                None => targets.add(*id, file.clone(), extent.offset),
+                None => targets.add(*id, extent.len, file.clone(), extent.offset),
             }
         }
         let received = self.fetch(0, targets).await?;
@@ -205,14 +205,14 @@ impl Repair<'_> {
                 .chunk_locations(id)?
                 .into_iter()
                 .any(|l| matches!(l, ChunkLocation::Live { .. }));
-            if live && node.read_local_chunk(id).is_some() {
+            if live && node.read_local_chunk(id)?.is_some() {
                 self.done(
                     "location-removed",
                     None,
                     Some(shown.clone()),
                     format!("chunk {id} is not in the pack but a live file holds it"),
                 );
-            } else if let Some(data) = node.read_local_chunk(id) {
+            } else if let Some(data) = node.read_local_chunk(id)? {
                 again.push((*id, data));
             } else {
                 from_peers.push((*id, *extent));
@@ -234,7 +234,7 @@ impl Repair<'_> {
             let mut at = 0u64;
             let mut places = Vec::new();
             for (id, extent) in &from_peers {
-                targets.add(*id, scratch.clone(), at);
+                targets.add(*id, extent.len, scratch.clone(), at);
                 places.push((*id, at, extent.len));
                 at += u64::from(extent.len);
             }

@@ -1,14 +1,15 @@
 //! The hashing threads: each file read once, chunked with FastCDC and hashed with
 //! BLAKE3, and read again if it changed while being read.
 
-use std::fs::{File, Metadata};
+use std::fs::Metadata;
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
 
 use super::stamp_of;
 use crate::chunking::{ChunkParams, ChunkedContent, Chunker};
 use crate::pathname::VolPath;
+use crate::volume_fs::open_regular;
 
 /// Reads of a file that keeps changing before the scan leaves it for the next one.
 const READ_ATTEMPTS: usize = 3;
@@ -16,7 +17,8 @@ const READ_ATTEMPTS: usize = 3;
 pub(super) struct HashJob {
     pub(super) dir: VolPath,
     pub(super) name: Vec<u8>,
-    pub(super) path: PathBuf,
+    /// `dir`, opened by the walker: the file is opened through it, never by path.
+    pub(super) dir_fd: Arc<OwnedFd>,
 }
 
 pub(super) struct HashResult {
@@ -41,23 +43,24 @@ pub(super) enum HashOutcome {
 pub(super) fn hasher(params: ChunkParams) -> impl FnMut(HashJob) -> HashResult {
     let mut chunker = Chunker::new(params);
     move |job| HashResult {
-        outcome: hash_file(&mut chunker, &job.path),
+        outcome: hash_file(&mut chunker, &job.dir_fd, &job.name),
         dir: job.dir,
         name: job.name,
     }
 }
 
-pub(super) fn hash_file(chunker: &mut Chunker, path: &Path) -> HashOutcome {
+pub(super) fn hash_file(chunker: &mut Chunker, dir: &OwnedFd, name: &[u8]) -> HashOutcome {
     for _ in 0..READ_ATTEMPTS {
-        // O_NOFOLLOW: a file swapped for a symlink since the listing is not followed.
-        let file = match File::options()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)
-        {
+        // Through the directory's descriptor, O_NOFOLLOW|O_NONBLOCK, a regular file or
+        // nothing: a name swapped for a symlink, FIFO or device since the listing is not
+        // followed, waited on or read.
+        let file = match open_regular(dir, name) {
             Ok(file) => file,
             Err(e)
-                if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ELOOP) =>
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::InvalidInput
+                ) || e.raw_os_error() == Some(libc::ELOOP) =>
             {
                 return HashOutcome::Vanished;
             }

@@ -163,12 +163,15 @@ pub fn scan_volume(
             });
         }
     }
-    if let Err(source) = fs::read_dir(root) {
-        return Err(ScanError::RootUnreadable {
-            path: root.to_path_buf(),
-            source,
-        });
-    }
+    let root_fd = rustix::fs::open(
+        root,
+        rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| ScanError::RootUnreadable {
+        path: root.to_path_buf(),
+        source: e.into(),
+    })?;
     let record = store.ensure_volume(name).map_err(store_err)?;
     let vol = record.id;
     let threads = if options.threads > 0 {
@@ -183,6 +186,7 @@ pub fn scan_volume(
             vol,
             node: store.meta().node_id,
             root: root.to_path_buf(),
+            root_fd,
             batch: store.batch(),
             hashers: Pool::start(scope, threads, QUEUE_DEPTH, || hasher(params)),
             pending: Vec::new(),
@@ -272,14 +276,15 @@ pub fn volume_root(store: &Store, vol: VolumeId) -> Result<Option<TreeHash>, Sto
 pub fn stamp_of(meta: &Metadata) -> ScanStamp {
     ScanStamp {
         size: meta.len(),
-        mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-        ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+        mtime_ns: crate::entry::timestamp_ns(meta.mtime(), meta.mtime_nsec()),
+        ctime_ns: crate::entry::timestamp_ns(meta.ctime(), meta.ctime_nsec()),
         ino: meta.ino(),
         dev: meta.dev(),
     }
 }
 
-fn now_ns() -> i64 {
+/// Nanoseconds since the epoch, now, by this node's clock.
+pub fn now_ns() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as i64)

@@ -2,9 +2,10 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
-use std::fs::{self, Metadata};
-use std::io;
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::fs::Metadata;
+use std::io::{self, Read};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,7 +22,11 @@ use crate::ids::{NodeId, VolumeId};
 use crate::pathname::{SHOAL_DIR, VolPath, escape};
 use crate::store::codec::ScanStamp;
 use crate::store::{Batch, Durability, Store, StoreError};
+use crate::volume_fs::{lstat_at, open_dir_at, open_regular};
 use crate::workers::Pool;
+
+/// Largest `.shoalignore` read; the rest of a longer one is ignored (and reported).
+const MAX_IGNORE_FILE: u64 = 1 << 20;
 
 /// One child of a directory as listed on disk.
 pub(super) struct Listed {
@@ -29,11 +34,23 @@ pub(super) struct Listed {
     pub(super) meta: Metadata,
 }
 
+/// A directory being walked: its descriptor (every name in it is reached through it)
+/// and the ignore rules for its names.
+pub(super) struct OpenDir {
+    fd: Arc<OwnedFd>,
+    rules: Arc<IgnoreRules>,
+}
+
 pub(super) struct Walker<'s> {
     pub(super) store: &'s Store,
     pub(super) vol: VolumeId,
     pub(super) node: NodeId,
+    /// The volume directory: shown in messages, and matched by the ignore rules.
     pub(super) root: PathBuf,
+    /// The volume directory, opened once: every directory is opened from it one
+    /// component at a time without following symlinks, so a directory swapped for a
+    /// symlink mid-scan cannot bring outside files into the index.
+    pub(super) root_fd: OwnedFd,
     pub(super) batch: Batch<'s>,
     /// Taken (closing the queue) once the walk is done.
     /// The hashing threads.
@@ -112,7 +129,7 @@ impl<'s> Walker<'s> {
                     .store
                     .entry(self.vol, &parent, name)?
                     .is_some_and(|e| e.is_dir());
-                let on_disk = fs::symlink_metadata(at.under(&self.root)).is_ok_and(|m| m.is_dir());
+                let on_disk = open_dir_at(&self.root_fd, &at, false).is_ok();
                 if indexed && on_disk {
                     break;
                 }
@@ -138,10 +155,10 @@ impl<'s> Walker<'s> {
         let mut at = VolPath::root();
         for name in dir.components() {
             let fs_dir = at.under(&self.root);
-            let ignore_file = fs_dir.join(IGNORE_FILE);
-            if fs::symlink_metadata(&ignore_file).is_ok_and(|m| m.is_file()) {
+            let dir_fd = open_dir_at(&self.root_fd, &at, false).ok()?;
+            if lstat_at(&dir_fd, IGNORE_FILE.as_bytes()).is_ok_and(|m| m.is_file()) {
                 rules = Arc::new(IgnoreRules {
-                    own: Some(self.load_ignore_file(&fs_dir)),
+                    own: Some(self.load_ignore_file(&dir_fd, &fs_dir)),
                     parent: Some(rules),
                 });
             }
@@ -167,40 +184,48 @@ impl<'s> Walker<'s> {
     }
 
     /// Lists a directory: every child's name and `lstat`, sorted by name, without
-    /// Shoal's own directory and ignored names. `None` if the directory cannot be read.
+    /// Shoal's own directory and ignored names. The directory is opened from the volume
+    /// root without following symlinks, and each child is stated through it. `None` if
+    /// the directory cannot be read (or is no longer a directory).
     fn list(
         &mut self,
         dir: &VolPath,
         parent_rules: &Arc<IgnoreRules>,
-    ) -> Option<(Vec<Listed>, Arc<IgnoreRules>)> {
+    ) -> Option<(Vec<Listed>, OpenDir)> {
         let fs_dir = dir.under(&self.root);
-        let reader = match fs::read_dir(&fs_dir) {
-            Ok(reader) => reader,
-            Err(e) => {
-                self.problem(format!(
-                    "cannot list {}: {e}; its index entries are kept",
-                    fs_dir.display()
-                ));
+        let cannot_list = |e: &dyn std::fmt::Display| {
+            format!(
+                "cannot list {}: {e}; its index entries are kept",
+                fs_dir.display()
+            )
+        };
+        let listing = open_dir_at(&self.root_fd, dir, false)
+            .map_err(|e| cannot_list(&e))
+            .and_then(|fd| {
+                let reader = rustix::fs::Dir::read_from(&fd).map_err(|e| cannot_list(&e))?;
+                Ok((fd, reader))
+            });
+        let (dir_fd, mut reader) = match listing {
+            Ok(listing) => listing,
+            Err(message) => {
+                self.problem(message);
                 return None;
             }
         };
         let mut listed = Vec::new();
-        for item in reader {
+        while let Some(item) = reader.read() {
             let item = match item {
                 Ok(item) => item,
                 Err(e) => {
-                    self.problem(format!(
-                        "cannot list {}: {e}; its index entries are kept",
-                        fs_dir.display()
-                    ));
+                    self.problem(cannot_list(&e));
                     return None;
                 }
             };
-            let name = item.file_name().into_vec();
-            if dir.is_root() && name == SHOAL_DIR {
+            let name = item.file_name().to_bytes().to_vec();
+            if name == b"." || name == b".." || (dir.is_root() && name == SHOAL_DIR) {
                 continue;
             }
-            match item.metadata() {
+            match lstat_at(&dir_fd, &name) {
                 Ok(meta) => listed.push(Listed { name, meta }),
                 // Deleted between readdir and lstat: it is simply not there.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -219,7 +244,7 @@ impl<'s> Walker<'s> {
             .any(|l| l.name == IGNORE_FILE.as_bytes() && l.meta.is_file())
         {
             true => Arc::new(IgnoreRules {
-                own: Some(self.load_ignore_file(&fs_dir)),
+                own: Some(self.load_ignore_file(&dir_fd, &fs_dir)),
                 parent: Some(parent_rules.clone()),
             }),
             false => parent_rules.clone(),
@@ -227,18 +252,35 @@ impl<'s> Walker<'s> {
         listed.retain(|l| {
             !rules.is_ignored(&fs_dir.join(OsStr::from_bytes(&l.name)), l.meta.is_dir())
         });
-        Some((listed, rules))
+        let fd = Arc::new(dir_fd);
+        Some((listed, OpenDir { fd, rules }))
     }
 
-    fn load_ignore_file(&mut self, fs_dir: &Path) -> Gitignore {
+    /// The rules of the `.shoalignore` in `dir_fd` (the directory `fs_dir`), read
+    /// through the descriptor as a regular file of at most `MAX_IGNORE_FILE` bytes.
+    fn load_ignore_file(&mut self, dir_fd: &OwnedFd, fs_dir: &Path) -> Gitignore {
+        let shown = fs_dir.join(IGNORE_FILE);
+        let mut text = Vec::new();
+        let read = open_regular(dir_fd, IGNORE_FILE.as_bytes())
+            .and_then(|file| file.take(MAX_IGNORE_FILE).read_to_end(&mut text));
+        match read {
+            Ok(n) if n as u64 >= MAX_IGNORE_FILE => self.problem(format!(
+                "{}: longer than {MAX_IGNORE_FILE} bytes; the rest is ignored",
+                shown.display()
+            )),
+            Ok(_) => {}
+            Err(e) => self.problem(format!("{}: {e}", shown.display())),
+        }
         let mut builder = GitignoreBuilder::new(fs_dir);
-        if let Some(e) = builder.add(fs_dir.join(IGNORE_FILE)) {
-            self.problem(format!("{}: {e}", fs_dir.join(IGNORE_FILE).display()));
+        for line in String::from_utf8_lossy(&text).lines() {
+            if let Err(e) = builder.add_line(Some(shown.clone()), line) {
+                self.problem(format!("{}: {e}", shown.display()));
+            }
         }
         builder.build().unwrap_or_else(|e| {
             self.problem(format!(
                 "{}: {e}; ignoring none of its patterns",
-                fs_dir.join(IGNORE_FILE).display()
+                shown.display()
             ));
             Gitignore::empty()
         })
@@ -250,7 +292,7 @@ impl<'s> Walker<'s> {
         rules: &Arc<IgnoreRules>,
         depth: Depth,
     ) -> Result<(), StoreError> {
-        let Some((listed, rules)) = self.list(dir, rules) else {
+        let Some((listed, opened)) = self.list(dir, rules) else {
             return Ok(());
         };
         let indexed: Vec<(Vec<u8>, ScanStamp)> =
@@ -279,7 +321,7 @@ impl<'s> Walker<'s> {
                 std::cmp::Ordering::Less => {
                     let item = listed.next().expect("peeked");
                     if !self.is_held(dir, &item.name) {
-                        self.on_listed(dir, item, None, &rules, depth)?;
+                        self.on_listed(dir, item, None, &opened, depth)?;
                     }
                 }
                 std::cmp::Ordering::Equal => {
@@ -287,7 +329,7 @@ impl<'s> Walker<'s> {
                     let (_, stamp) = indexed.next().expect("peeked");
                     if !self.is_held(dir, &item.name) {
                         let stamp = Some(stamp);
-                        self.on_listed(dir, item, stamp, &rules, depth)?;
+                        self.on_listed(dir, item, stamp, &opened, depth)?;
                     }
                 }
                 std::cmp::Ordering::Greater => {
@@ -319,7 +361,7 @@ impl<'s> Walker<'s> {
         dir: &VolPath,
         item: Listed,
         stamp: Option<ScanStamp>,
-        rules: &Arc<IgnoreRules>,
+        opened: &OpenDir,
         depth: Depth,
     ) -> Result<(), StoreError> {
         let Ok(path) = dir.join(&item.name) else {
@@ -345,7 +387,7 @@ impl<'s> Walker<'s> {
                 let job = HashJob {
                     dir: dir.clone(),
                     name: item.name,
-                    path: path.under(&self.root),
+                    dir_fd: opened.fd.clone(),
                 };
                 self.to_hash.push((item.meta.len(), job));
                 return Ok(());
@@ -362,14 +404,15 @@ impl<'s> Walker<'s> {
                 let old = self.drop_if_kind_changed(dir, &item.name, old, |k| {
                     matches!(k, EntryKind::Symlink { .. })
                 })?;
-                match fs::read_link(path.under(&self.root)) {
+                match rustix::fs::readlinkat(&*opened.fd, OsStr::from_bytes(&item.name), Vec::new())
+                {
                     Ok(target) => {
                         let kind = EntryKind::Symlink {
-                            target: target.into_os_string().into_vec(),
+                            target: target.into_bytes(),
                         };
                         self.record(dir, &item.name, old, kind, &item.meta);
                     }
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(rustix::io::Errno::NOENT) => {}
                     Err(e) => self.problem(format!("cannot read symlink {}: {e}", path.display())),
                 }
             } else {
@@ -385,7 +428,8 @@ impl<'s> Walker<'s> {
             }
         }
         if is_dir && (depth == Depth::Subtree || new_dir) {
-            self.pending.push((path, rules.clone(), Depth::Subtree));
+            self.pending
+                .push((path, opened.rules.clone(), Depth::Subtree));
         }
         Ok(())
     }
@@ -435,7 +479,7 @@ impl<'s> Walker<'s> {
         let mut entry = Entry {
             kind,
             mode,
-            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            mtime_ns: crate::entry::timestamp_ns(meta.mtime(), meta.mtime_nsec()),
             uid: meta.uid(),
             gid: meta.gid(),
             version: old.map(|o| o.version.clone()).unwrap_or_default(),

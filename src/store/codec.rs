@@ -31,8 +31,12 @@ pub fn encode_entry(entry: &Entry) -> Vec<u8> {
     out.extend_from_slice(&entry.mtime_ns.to_le_bytes());
     out.extend_from_slice(&entry.uid.to_le_bytes());
     out.extend_from_slice(&entry.gid.to_le_bytes());
+    // Vectors hold at most MAX_VECTOR_PAIRS pairs (`VersionVector::merged` and the
+    // decoders see to it); were that ever broken, the record would still decode.
     let pairs = entry.version.pairs();
-    out.extend_from_slice(&(pairs.len() as u16).to_le_bytes());
+    let pairs = &pairs[..pairs.len().min(usize::from(u16::MAX))];
+    let count = u16::try_from(pairs.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&count.to_le_bytes());
     for (node, counter) in pairs {
         out.extend_from_slice(&node.0.to_le_bytes());
         out.extend_from_slice(&counter.to_le_bytes());
@@ -56,7 +60,26 @@ pub fn encode_entry(entry: &Entry) -> Vec<u8> {
     out
 }
 
+/// Decodes an entry read from the store, normalising its version vector.
 pub fn decode_entry(bytes: &[u8]) -> Result<Entry, DecodeError> {
+    let (entry, pairs) = decode_entry_parts(bytes)?;
+    Ok(Entry {
+        version: VersionVector::from_pairs(pairs),
+        ..entry
+    })
+}
+
+/// Decodes an entry a peer sent: its version vector must be canonical (sorted, unique,
+/// bounded, counters in range), see [`VersionVector::try_canonical`].
+pub fn decode_canonical_entry(bytes: &[u8]) -> Result<Entry, DecodeError> {
+    let (entry, pairs) = decode_entry_parts(bytes)?;
+    let version =
+        VersionVector::try_canonical(pairs).map_err(|e| DecodeError(format!("entry: {e}")))?;
+    Ok(Entry { version, ..entry })
+}
+
+/// An entry with an empty version vector, and the vector's pairs as encoded.
+fn decode_entry_parts(bytes: &[u8]) -> Result<(Entry, Vec<(NodeId, u64)>), DecodeError> {
     let mut r = Reader::new(bytes);
     let format = r.u8("format")?;
     if format != VALUE_FORMAT {
@@ -68,6 +91,13 @@ pub fn decode_entry(bytes: &[u8]) -> Result<Entry, DecodeError> {
     let uid = r.u32("uid")?;
     let gid = r.u32("gid")?;
     let count = r.u16("version vector")?;
+    // Bounded by the bytes present before anything is reserved.
+    if usize::from(count) * 16 > bytes.len() {
+        return Err(DecodeError(format!(
+            "version vector of {count} pairs in a {}-byte entry",
+            bytes.len()
+        )));
+    }
     let mut pairs = Vec::with_capacity(usize::from(count));
     for _ in 0..count {
         pairs.push((NodeId(r.u64("version vector")?), r.u64("version vector")?));
@@ -88,14 +118,15 @@ pub fn decode_entry(bytes: &[u8]) -> Result<Entry, DecodeError> {
         other => return Err(DecodeError(format!("unknown entry kind {other}"))),
     };
     r.finish("entry")?;
-    Ok(Entry {
+    let entry = Entry {
         kind,
         mode,
         mtime_ns,
         uid,
         gid,
-        version: VersionVector::from_pairs(pairs),
-    })
+        version: VersionVector::default(),
+    };
+    Ok((entry, pairs))
 }
 
 /// Bytes one chunk takes in an encoded chunk list: its id and its u32 length.

@@ -269,6 +269,14 @@ pub fn read_chunk(path: &Path, extent: Extent, expected: &ChunkId) -> Result<Vec
         path: path.to_path_buf(),
         source,
     };
+    // A location longer than any chunk is damage: nothing is allocated for it.
+    if extent.len > fastcdc::v2020::MAXIMUM_MAX {
+        return Err(PackError::Mismatch {
+            path: path.to_path_buf(),
+            offset: extent.offset,
+            expected: *expected,
+        });
+    }
     let file = File::open(path).map_err(io_err)?;
     let mut data = vec![0u8; extent.len as usize];
     file.read_exact_at(&mut data, extent.offset)

@@ -46,7 +46,9 @@ fn tiebreak(e: &Entry) -> Vec<u8> {
 }
 
 /// The name of the conflict copy of `loser` (which lost against `winner`) at `name`.
-pub fn conflict_name(name: &[u8], loser: &Entry, winner: &Entry) -> Vec<u8> {
+/// `attempt` 0 is the name every node picks alike; when that name is taken (a local
+/// user made a file by that name, say), attempts 1, 2, ... add `-1`, `-2`, ... to it.
+pub fn conflict_name(name: &[u8], loser: &Entry, winner: &Entry, attempt: u32) -> Vec<u8> {
     // The node that made the losing change: one whose counter the winner has not seen.
     let author = loser
         .version
@@ -60,7 +62,14 @@ pub fn conflict_name(name: &[u8], loser: &Entry, winner: &Entry) -> Vec<u8> {
         Some(dot) if dot > 0 => (&name[..dot], &name[dot..]),
         _ => (name, &b""[..]),
     };
-    let suffix = format!(".sync-conflict-{stamp}-{}", &author[..author.len().min(7)]);
+    let taken = match attempt {
+        0 => String::new(),
+        n => format!("-{n}"),
+    };
+    let suffix = format!(
+        ".sync-conflict-{stamp}-{}{taken}",
+        &author[..author.len().min(7)]
+    );
     // Keep the result a valid name (255 bytes): shorten the stem if needed.
     let room = crate::pathname::MAX_NAME_LEN.saturating_sub(suffix.len() + ext.len().min(32));
     let ext = &ext[..ext.len().min(32)];
@@ -128,7 +137,7 @@ mod tests {
     fn conflict_names_are_deterministic_and_valid() {
         let loser = file(1, 1_764_115_200, 0xab); // 2025-11-26 00:00:00 UTC
         let winner = file(2, 1_764_115_300, 0xcd);
-        let name = conflict_name(b"report.final.pdf", &loser, &winner);
+        let name = conflict_name(b"report.final.pdf", &loser, &winner, 0);
         let text = String::from_utf8(name).unwrap();
         assert!(
             text.starts_with("report.final.sync-conflict-20251126-000000-"),
@@ -136,11 +145,11 @@ mod tests {
         );
         assert!(text.ends_with(".pdf"));
         assert_eq!(
-            conflict_name(b"report.final.pdf", &loser, &winner),
+            conflict_name(b"report.final.pdf", &loser, &winner, 0),
             text.as_bytes()
         );
         let long = vec![b'x'; 255];
-        let name = conflict_name(&long, &loser, &winner);
+        let name = conflict_name(&long, &loser, &winner, 0);
         assert!(name.len() <= 255);
         crate::pathname::validate_name(&name).unwrap();
         assert_eq!(utc_stamp(0), "19700101-000000");

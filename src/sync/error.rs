@@ -33,6 +33,9 @@ pub enum SyncError {
     /// The peer sent a chunk list that its content id does not vouch for.
     #[error("peer {0} sent a chunk list that does not match its content id")]
     BadChunkList(SocketAddr),
+    /// The peer's version vector cannot be merged with ours within the bound.
+    #[error(transparent)]
+    Vector(#[from] crate::entry::VectorError),
     /// A name from the peer makes no valid path here (too long, say).
     #[error(transparent)]
     InvalidPath(#[from] InvalidPath),

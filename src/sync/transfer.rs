@@ -17,7 +17,7 @@ use super::{Node, Peer, SyncError};
 use crate::chunking::ChunkRef;
 use crate::ids::ChunkId;
 use crate::protocol::{MAX_CHUNKS_PER_REQUEST, ProtocolError, Request, Response};
-use crate::store::{ChunkLocation, pack};
+use crate::store::{ChunkLocation, StoreError, pack};
 
 /// Chunk requests in flight (together with the files a pull prepares at once, well
 /// under the transport's stream limit).
@@ -25,10 +25,11 @@ const REQUESTS_IN_FLIGHT: usize = 16;
 
 impl Node {
     /// Reads a chunk from wherever this node holds it (a live file or a pack), checked
-    /// against its id; `None` if no copy is intact.
-    pub fn read_local_chunk(&self, id: &ChunkId) -> Option<Vec<u8>> {
-        let locations = self.store.chunk_locations(id).ok()?;
-        for location in locations {
+    /// against its id; `None` if no copy is intact. Every location is tried: one in a
+    /// volume not open here, or a copy that changed, does not hide a good one. Blocking
+    /// (file reads): call it off the async worker threads.
+    pub fn read_local_chunk(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, StoreError> {
+        for location in self.store.chunk_locations(id)? {
             let data = match location {
                 ChunkLocation::Live {
                     vol,
@@ -36,9 +37,11 @@ impl Node {
                     name,
                     extent,
                 } => {
-                    let volume = self.volumes.iter().find(|v| v.id == vol)?;
-                    let path = dir.join(&name).ok()?;
-                    volume.fs.read_chunk(&path, extent, id)
+                    let volume = self.volumes.iter().find(|v| v.id == vol);
+                    let path = dir.join(&name).ok();
+                    volume
+                        .zip(path)
+                        .and_then(|(volume, path)| volume.fs.read_chunk(&path, extent, id))
                 }
                 ChunkLocation::Pack { pack, extent } => {
                     let path = self.store.packs_dir().join(pack::pack_file_name(pack));
@@ -46,16 +49,16 @@ impl Node {
                 }
             };
             if data.is_some() {
-                return data;
+                return Ok(data);
             }
         }
-        None
+        Ok(None)
     }
 }
 
-/// The chunks a staging file still lacks after [`fill_from_local`], each with the
-/// offsets where it goes.
-pub type Missing = Vec<(ChunkId, Vec<u64>)>;
+/// The chunks a staging file still lacks after [`fill_from_local`], each with its
+/// length in the chunk list and the offsets where it goes.
+pub type Missing = Vec<(ChunkId, u32, Vec<u64>)>;
 
 /// Writes into `file`, the staging file of content `chunks`, every chunk this node holds
 /// intact: already in place (`resumed`: an interrupted transfer, or a file moved into
@@ -98,37 +101,41 @@ pub fn fill_from_local(
         }
         let data = match nearby.and_then(&mut intact_in) {
             Some(_) => Some(std::mem::take(&mut buffer)),
-            None => node.read_local_chunk(&id),
+            None => node.read_local_chunk(&id).map_err(io::Error::other)?,
         };
-        match data {
+        // A copy of another length than the list says is not this list's chunk (the
+        // list lies: its id vouches for the bytes, not for the length claimed).
+        match data.filter(|data| data.len() == len as usize) {
             Some(data) => {
                 for &at in &offsets {
                     file.write_all_at(&data, at)?;
                 }
             }
-            None => missing.push((id, offsets)),
+            None => missing.push((id, len, offsets)),
         }
     }
     Ok(missing)
 }
 
-/// Every place (staging file, offset) a chunk of the current batch goes.
+/// Every place (staging file, offset, length the chunk must have there) a chunk of the
+/// current batch goes.
 #[derive(Default)]
 pub struct ChunkTargets {
-    places: HashMap<ChunkId, Vec<(Arc<File>, u64)>>,
+    places: HashMap<ChunkId, Vec<(Arc<File>, u64, u32)>>,
 }
 
 impl ChunkTargets {
-    /// Asks for `id` to be written at `offset` of `file` when it arrives.
-    pub fn add(&mut self, id: ChunkId, file: Arc<File>, offset: u64) {
-        self.places.entry(id).or_default().push((file, offset));
+    /// Asks for `id`, `len` bytes long, to be written at `offset` of `file` when it
+    /// arrives.
+    pub fn add(&mut self, id: ChunkId, len: u32, file: Arc<File>, offset: u64) {
+        self.places.entry(id).or_default().push((file, offset, len));
     }
 
     /// Asks for what `file` still lacks.
     pub fn add_missing(&mut self, missing: &Missing, file: &Arc<File>) {
-        for (id, offsets) in missing {
+        for (id, len, offsets) in missing {
             for &offset in offsets {
-                self.add(*id, file.clone(), offset);
+                self.add(*id, *len, file.clone(), offset);
             }
         }
     }
@@ -142,11 +149,17 @@ impl ChunkTargets {
         self.places.keys().copied().collect()
     }
 
-    fn write(&self, id: &ChunkId, data: &[u8]) -> std::io::Result<()> {
-        for (file, offset) in self.places.get(id).into_iter().flatten() {
-            file.write_all_at(data, *offset)?;
+    /// Writes `data` wherever chunk `id` of its length goes; `false` if no place
+    /// wanted that length (a chunk list that lied about it: nothing is written).
+    fn write(&self, id: &ChunkId, data: &[u8]) -> std::io::Result<bool> {
+        let mut written = false;
+        for (file, offset, len) in self.places.get(id).into_iter().flatten() {
+            if *len as usize == data.len() {
+                file.write_all_at(data, *offset)?;
+                written = true;
+            }
         }
-        Ok(())
+        Ok(written)
     }
 }
 
@@ -274,8 +287,13 @@ async fn fetch_group(
                 node.stats
                     .chunk_bytes_received
                     .fetch_add(len, Ordering::Relaxed);
-                sink.write(&id, &data)
-                    .map_err(SyncError::local("staging"))?;
+                if !sink
+                    .write(&id, &data)
+                    .map_err(SyncError::local("staging"))?
+                {
+                    tracing::warn!(peer = %peer.addr, "chunk {id} is {len} bytes, not the length its chunk list gave; not using it");
+                    continue;
+                }
                 outcome.received.push(id);
             }
             Response::ChunkMissing { .. } => {}

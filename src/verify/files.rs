@@ -157,7 +157,7 @@ fn check_file_entry(
         return Ok(None);
     };
     let (vol, dir, name) = (subject.target.vol, subject.dir, subject.name);
-    let mtime_ns = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+    let mtime_ns = crate::entry::timestamp_ns(meta.mtime(), meta.mtime_nsec());
     if mtime_ns != entry.mtime_ns {
         let detail = "modified since the last scan (run `shoal scan`)".into();
         report
@@ -289,7 +289,7 @@ pub(super) fn check_file(check: &FileCheck) -> (u64, Vec<Finding>) {
     }
     report_bad(&mut bad, &mut findings);
     if let Ok(meta) = file.metadata()
-        && meta.mtime() * 1_000_000_000 + meta.mtime_nsec() != check.mtime_ns
+        && crate::entry::timestamp_ns(meta.mtime(), meta.mtime_nsec()) != check.mtime_ns
     {
         // Edited while we read it: what we saw says nothing about damage.
         findings.clear();

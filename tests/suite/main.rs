@@ -1,10 +1,12 @@
 //! Shoal's integration tests, one binary: the library on real directories and a real
 //! RocksDB store, and the `shoal` binary run as a user would.
 
+mod attacks;
 mod cli;
 mod cluster;
 mod crash;
 mod docker;
+mod hostile;
 mod index;
 mod live;
 mod metadata;

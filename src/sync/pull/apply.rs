@@ -3,9 +3,9 @@
 use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 
-use super::Pull;
 use super::decide::Hints;
 use super::files::FileJob;
+use super::{Pull, RemoteDir};
 use crate::chunking::ChunkRef;
 use crate::entry::{Causality, Entry, EntryKind, MODE_MASK};
 use crate::pathname::{VolPath, escape};
@@ -91,8 +91,7 @@ impl Pull {
                 self.node.store.write(batch, Durability::Buffered)?;
                 self.report.applied += 1;
                 if hints.subtree.is_some() && replaces.as_ref().is_none_or(|o| !o.is_dir()) {
-                    let node = self.get_dir(&path).await?;
-                    self.pending.push((path, node));
+                    self.pending.push((path, RemoteDir::Present));
                 }
                 Ok(())
             }
@@ -130,7 +129,8 @@ impl Pull {
                     .fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
-            EntryKind::Tombstone { .. } => unreachable!("tombstones are deferred deletes"),
+            // A delete that won a conflict: applied at the end like any other.
+            EntryKind::Tombstone { .. } => self.defer_delete(dir, name.to_vec(), remote),
         }
     }
 
@@ -261,7 +261,11 @@ impl Pull {
                 self.report.deleted += 1;
             } else {
                 // Something new is in the way: keep it, and make our version win.
-                let mut version = tombstone.version.merged(&local.version);
+                // The tombstone dominates ours: merged, it is the tombstone's own.
+                let mut version = tombstone
+                    .version
+                    .merged(&local.version)
+                    .unwrap_or_else(|_| tombstone.version.clone());
                 version.bump(self.node.meta.node_id);
                 batch.put_entry(vol, &dir, &name, &Entry { version, ..local });
                 self.report.skipped += 1;

@@ -5,13 +5,16 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::Ordering;
 
 use super::files::FileJob;
-use super::{MAX_DEFERRED_DELETES, Pull};
+use super::{MAX_DEFERRED_DELETES, Pull, RemoteDir};
 use crate::chunking::ChunkRef;
 use crate::entry::{Causality, Entry, EntryKind};
 use crate::pathname::{VolPath, escape};
 use crate::protocol::WireEntry;
 use crate::store::Durability;
 use crate::sync::{SyncError, conflict};
+
+/// Numbered conflict-copy names tried when the usual one is taken.
+const MAX_CONFLICT_NAME_ATTEMPTS: u32 = 100;
 
 /// What the peer told us beside an entry.
 #[derive(Clone, Default)]
@@ -31,10 +34,15 @@ impl Pull {
         let vol = self.volume().id;
         let WireEntry {
             name,
-            entry: remote,
+            entry: mut remote,
             subtree,
             chunks,
         } = wire;
+        // When a delete expires here is this node's business: it counts from when the
+        // tombstone arrived, whatever time the peer claims (invariant 9).
+        if let EntryKind::Tombstone { deleted_at_ns } = &mut remote.kind {
+            *deleted_at_ns = crate::scan::now_ns();
+        }
         let hints = Hints { subtree, chunks };
         let path = dir.join(&name)?;
         if path.is_shoal_internal() {
@@ -42,6 +50,17 @@ impl Pull {
             return Ok(());
         }
         let local = self.node.store.entry(vol, dir, &name)?;
+        // A history too long to merge with ours (and still take one more bump) is
+        // refused whole: stored, it could no longer be encoded (invariant 9).
+        let ours = local
+            .as_ref()
+            .map(|l| l.version.clone())
+            .unwrap_or_default();
+        if let Err(e) = remote.version.merged(&ours) {
+            tracing::warn!(peer = %self.peer.addr, "refusing the peer's entry for {}: {e}", path.display());
+            self.report.skipped += 1;
+            return Ok(());
+        }
         let local_live = local.as_ref().filter(|l| !l.is_tombstone());
 
         // Both directories: descend if their contents differ, whatever the entries say.
@@ -52,8 +71,7 @@ impl Pull {
                 .tree_node(vol, &path)?
                 .map(|n| n.sync_hash());
             if hints.subtree.is_some() && hints.subtree != local_hash {
-                let node = self.get_dir(&path).await?;
-                self.pending.push((path.clone(), node));
+                self.pending.push((path.clone(), RemoteDir::Present));
             }
         }
         let Some(local) = local else {
@@ -76,20 +94,20 @@ impl Pull {
             Causality::Dominates if remote.is_tombstone() => {
                 if local.is_dir() {
                     // The peer deleted the directory: compare all of its children first.
-                    self.pending.push((path, None));
+                    self.pending.push((path, RemoteDir::Deleted));
                 }
                 self.defer_delete(dir, name, remote)
             }
             Causality::Dominates => {
                 if local.is_dir() && !remote.is_dir() {
                     // The directory must empty before the file can take its place.
-                    self.pending.push((path, None));
+                    self.pending.push((path, RemoteDir::Deleted));
                 }
                 self.take(dir, &name, remote, Some(local), &hints).await
             }
             Causality::Concurrent if remote.same_state(&local) => {
                 let merged = Entry {
-                    version: remote.version.merged(&local.version),
+                    version: remote.version.merged(&local.version)?,
                     ..local
                 };
                 self.record_version(dir, &name, merged)
@@ -98,7 +116,7 @@ impl Pull {
             // the contents merge name by name, and of its own metadata the rule that
             // picks a conflict's winner keeps one.
             Causality::Concurrent if remote.is_dir() && local.is_dir() => {
-                let version = remote.version.merged(&local.version);
+                let version = remote.version.merged(&local.version)?;
                 if conflict::wins(&remote, &local) {
                     let winner = Entry { version, ..remote };
                     self.take(dir, &name, winner, Some(local), &hints).await
@@ -124,7 +142,7 @@ impl Pull {
         Ok(())
     }
 
-    fn defer_delete(
+    pub(super) fn defer_delete(
         &mut self,
         dir: &VolPath,
         name: Vec<u8>,
@@ -145,14 +163,18 @@ impl Pull {
         local: Entry,
         hints: &Hints,
     ) -> Result<(), SyncError> {
-        let merged_version = remote.version.merged(&local.version);
+        let merged_version = remote.version.merged(&local.version)?;
         let remote_wins = conflict::wins(&remote, &local);
         let (winner, loser) = if remote_wins {
             (&remote, &local)
         } else {
             (&local, &remote)
         };
-        let copy_name = conflict::conflict_name(name, loser, winner);
+        let Some(copy_name) = self.free_conflict_name(dir, name, loser, winner)? else {
+            tracing::warn!(peer = %self.peer.addr, "concurrent changes to {}: every conflict-copy name is taken; trying again next round", escape(name));
+            self.report.skipped += 1;
+            return Ok(());
+        };
         tracing::info!(
             peer = %self.peer.addr,
             "concurrent changes to {}: {} version wins{}",
@@ -187,6 +209,35 @@ impl Pull {
                 },
             )
         }
+    }
+
+    /// The conflict-copy name for `loser`: the one every node picks alike, or, if that
+    /// name is taken here (on disk or live in the index), the first numbered one that
+    /// is free (a planted name must not stall sync). `None` if all are taken.
+    fn free_conflict_name(
+        &self,
+        dir: &VolPath,
+        name: &[u8],
+        loser: &Entry,
+        winner: &Entry,
+    ) -> Result<Option<Vec<u8>>, SyncError> {
+        let vol = self.volume().id;
+        let dir_fd = self.volume().fs.open_dir(dir, false).ok();
+        for attempt in 0..MAX_CONFLICT_NAME_ATTEMPTS {
+            let candidate = conflict::conflict_name(name, loser, winner, attempt);
+            let on_disk = dir_fd
+                .as_ref()
+                .is_some_and(|fd| self.volume().fs.stat(fd, &candidate).is_ok());
+            let indexed = self
+                .node
+                .store
+                .entry(vol, dir, &candidate)?
+                .is_some_and(|e| !e.is_tombstone());
+            if !on_disk && !indexed {
+                return Ok(Some(candidate));
+            }
+        }
+        Ok(None)
     }
 
     /// Renames our version of `dir/name` to `copy_name`, its index records with it;

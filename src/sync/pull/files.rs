@@ -10,10 +10,10 @@ use s2n_quic::connection::Handle;
 use tokio::task::JoinSet;
 
 use super::{PUBLISH_BATCH, Pull};
-use crate::chunking::{CHUNK_PAGE_TARGET, ChunkRef, chunk_list_pages, content_id};
+use crate::chunking::{CHUNK_PAGE_MAX, CHUNK_PAGE_TARGET, ChunkRef, chunk_list_pages, content_id};
 use crate::entry::{Causality, Entry, EntryKind};
 use crate::pathname::{VolPath, escape};
-use crate::protocol::{ListPart, Request, Response};
+use crate::protocol::{ListPart, MAX_LIST_CHUNKS, ProtocolError, Request, Response};
 use crate::store::Durability;
 use crate::sync::transfer::{ChunkTargets, Missing, fetch_chunks, fill_from_local};
 use crate::sync::{Node, Peer, SyncError, request};
@@ -158,7 +158,11 @@ impl Pull {
             fetch_chunks(&self.node, Some(&self.peer), self.volume_index, targets).await?;
         let mut ready = Vec::new();
         for file in prepared {
-            if let Some((id, _)) = file.missing.iter().find(|(id, _)| !received.contains(id)) {
+            if let Some((id, _, _)) = file
+                .missing
+                .iter()
+                .find(|(id, _, _)| !received.contains(id))
+            {
                 tracing::warn!(peer = %self.peer.addr, "{}: chunk {id} is held intact by no reachable peer; will retry", escape(&file.job.name));
                 self.report.incomplete += 1;
                 continue;
@@ -269,13 +273,18 @@ impl Pull {
     }
 }
 
-/// Gets a file's chunk list from the peer. With `previous` (our older version's list),
-/// asks for the page hashes first and then only for the pages we do not have.
+/// Gets a file's chunk list of `count` chunks from the peer. A list that fits one
+/// answer and has no older version here comes whole; otherwise the page hashes come
+/// first, and then only the pages we lack (those of `previous`, our older version's
+/// list, are reused), a bounded number of chunks per request. What the peer says is
+/// checked before it is believed: page sizes in range and adding up to `count`, each
+/// answer exactly the chunks asked for. The caller checks the list against the
+/// content id.
 async fn fetch_chunk_list(
     handle: &mut Handle,
     volume: &str,
     path: &VolPath,
-    content: crate::ids::ContentId,
+    (content, count): (crate::ids::ContentId, usize),
     previous: Option<Vec<ChunkRef>>,
 ) -> Result<Option<Vec<ChunkRef>>, SyncError> {
     let ask = |part| Request::GetChunkList {
@@ -285,44 +294,93 @@ async fn fetch_chunk_list(
         part,
     };
     let unexpected = |other: Response| SyncError::unexpected("GetChunkList", &other);
-    let Some(previous) = previous else {
+    let lied = |why: &str| -> SyncError {
+        ProtocolError::Malformed(format!("GetChunkList answer: {why}")).into()
+    };
+    if previous.is_none() && count <= MAX_LIST_CHUNKS {
         return match request(handle, &ask(ListPart::Whole)).await? {
             Response::ChunkList(list) => Ok(list),
             other => Err(unexpected(other)),
         };
-    };
+    }
+    let previous = previous.unwrap_or_default();
     let remote_pages = match request(handle, &ask(ListPart::PageHashes)).await? {
         Response::ChunkPages(Some(pages)) => pages,
         Response::ChunkPages(None) => return Ok(None),
         other => return Err(unexpected(other)),
     };
+    let sizes_fit = remote_pages
+        .iter()
+        .all(|(n, _)| (1..=CHUNK_PAGE_MAX as u32).contains(n));
+    if !sizes_fit || remote_pages.iter().map(|(n, _)| *n as usize).sum::<usize>() != count {
+        return Err(lied("page sizes do not add up to the file's chunk count"));
+    }
+    // Ours by hash, only where the size matches what the peer says of that page.
     let ours: HashMap<[u8; 32], std::ops::Range<usize>> = chunk_list_pages(&previous)
         .into_iter()
         .map(|p| (p.hash, p.range))
         .collect();
-    let missing: Vec<u32> = (0..remote_pages.len())
-        .filter(|&i| !ours.contains_key(&remote_pages[i].1))
-        .map(|i| i as u32)
-        .collect();
-    let mut fetched = match missing.is_empty() {
-        true => Vec::new(),
-        false => match request(handle, &ask(ListPart::Pages(missing.clone()))).await? {
-            Response::ChunkList(Some(chunks)) => chunks,
-            Response::ChunkList(None) => return Ok(None),
-            other => return Err(unexpected(other)),
-        },
-    }
-    .into_iter();
-    // Splice: our pages where the hashes match, the fetched ones in between. The caller
-    // checks the result against the content id, so a lying peer gains nothing.
-    let mut list = Vec::new();
-    for (count, hash) in &remote_pages {
-        match ours.get(hash) {
-            Some(range) => list.extend_from_slice(&previous[range.clone()]),
-            None => list.extend(fetched.by_ref().take(*count as usize)),
+    let have = |(n, hash): &(u32, [u8; 32])| ours.get(hash).filter(|r| r.len() == *n as usize);
+    let mut list = Vec::with_capacity(count);
+    let mut batch: Vec<u32> = Vec::new();
+    let mut batch_chunks = 0;
+    for (index, page) in remote_pages.iter().enumerate() {
+        if let Some(range) = have(page) {
+            // Pages are spliced in order: what is asked for so far comes first.
+            fetch_pages(handle, &ask, &mut batch, &mut batch_chunks, &mut list).await?;
+            list.extend_from_slice(&previous[range.clone()]);
+            continue;
         }
+        if batch_chunks + page.0 as usize > MAX_LIST_CHUNKS {
+            fetch_pages(handle, &ask, &mut batch, &mut batch_chunks, &mut list).await?;
+        }
+        batch.push(index as u32);
+        batch_chunks += page.0 as usize;
     }
+    fetch_pages(handle, &ask, &mut batch, &mut batch_chunks, &mut list).await?;
     Ok(Some(list))
+}
+
+/// Asks for the pages in `batch` (their chunks `batch_chunks` in all), appends them
+/// to `list`, and empties the batch. `None` from the peer (its file changed) or an
+/// answer of another length is an error: the list cannot be completed.
+async fn fetch_pages(
+    handle: &mut Handle,
+    ask: &impl Fn(ListPart) -> Request,
+    batch: &mut Vec<u32>,
+    batch_chunks: &mut usize,
+    list: &mut Vec<ChunkRef>,
+) -> Result<(), SyncError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let pages = std::mem::take(batch);
+    let wanted = std::mem::take(batch_chunks);
+    match request(handle, &ask(ListPart::Pages(pages))).await? {
+        Response::ChunkList(Some(chunks)) if chunks.len() == wanted => {
+            list.extend(chunks);
+            Ok(())
+        }
+        Response::ChunkList(Some(chunks)) => Err(ProtocolError::Malformed(format!(
+            "GetChunkList answer: {} chunks for pages of {wanted}",
+            chunks.len()
+        ))
+        .into()),
+        Response::ChunkList(None) => Err(SyncError::Connection(
+            "the peer's file changed while its chunk list was fetched".into(),
+        )),
+        other => Err(SyncError::unexpected("GetChunkList", &other)),
+    }
+}
+
+/// Whether a file of `size` bytes can have `count` chunks with these chunk sizes (at
+/// least `size / max`, at most `size / min` and one more for the tail): a count a peer
+/// claims is bounded before anything is fetched or allocated for it.
+fn plausible_chunk_count(size: u64, count: usize, params: crate::chunking::ChunkParams) -> bool {
+    let count = count as u64;
+    let fewest = size.div_ceil(u64::from(params.max));
+    let most = size / u64::from(params.min) + 1;
+    (size == 0 && count == 0) || (size > 0 && (fewest..=most).contains(&count))
 }
 
 /// Gets a file's chunk list (inline or from the peer), checks it, and writes into its
@@ -340,11 +398,16 @@ async fn prepare(
     let EntryKind::File {
         size,
         content_id: expected,
-        ..
+        chunks: count,
     } = job.entry.kind
     else {
         return Ok(None);
     };
+    let count = count as usize;
+    if !plausible_chunk_count(size, count, node.meta.chunk_params) {
+        peer.rejected_chunks.fetch_add(1, Ordering::Relaxed);
+        return Err(SyncError::BadChunkList(peer.addr));
+    }
     let chunks = match (&job.chunks, size) {
         (_, 0) => Vec::new(),
         (Some(inline), _) => inline.clone(),
@@ -366,7 +429,7 @@ async fn prepare(
                 &mut handle,
                 &volume.name,
                 &job.source_path,
-                expected,
+                (expected, count),
                 previous,
             )
             .await?
@@ -379,12 +442,37 @@ async fn prepare(
     };
     let max = node.meta.chunk_params.max;
     if content_id(&chunks) != expected
+        || chunks.len() != count
         || chunks.iter().map(|c| u64::from(c.len)).sum::<u64>() != size
         || chunks.iter().any(|c| c.len == 0 || c.len > max)
     {
         peer.rejected_chunks.fetch_add(1, Ordering::Relaxed);
         return Err(SyncError::BadChunkList(peer.addr));
     }
+    let file = tokio::task::spawn_blocking(move || {
+        stage_locally(&node, volume_index, job, chunks, source, expected, size)
+    })
+    .await
+    .map_err(|e| SyncError::Task {
+        what: "staging",
+        source: e,
+    })??;
+    Ok(Some(file))
+}
+
+/// Opens the staging file of `job` (by moving the rename `source` into staging, or
+/// anew) and writes into it every chunk held locally. File I/O only: it runs on the
+/// blocking pool, not on an async worker thread.
+fn stage_locally(
+    node: &Node,
+    volume_index: usize,
+    job: FileJob,
+    chunks: Vec<ChunkRef>,
+    source: Option<RenameSource>,
+    expected: crate::ids::ContentId,
+    size: u64,
+) -> Result<Prepared, SyncError> {
+    let volume = &node.volumes[volume_index];
     let moved = match &source {
         Some(from) => volume.fs.stage_by_move(
             (&from.dir, &from.name),
@@ -401,12 +489,12 @@ async fn prepare(
     };
     let io = |e: std::io::Error| SyncError::local(format!("staging {}", escape(&job.name)))(e);
     let file = Arc::new(staged.file.try_clone().map_err(io)?);
-    let missing = fill_from_local(&node, &file, &chunks, staged.resumed, None).map_err(io)?;
-    Ok(Some(Prepared {
+    let missing = fill_from_local(node, &file, &chunks, staged.resumed, None).map_err(io)?;
+    Ok(Prepared {
         job,
         staged,
         file,
         chunks,
         missing,
-    }))
+    })
 }

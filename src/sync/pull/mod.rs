@@ -85,8 +85,7 @@ pub async fn pull_volume(
     if local_root.map(|n| n.sync_hash()) == Some(remote_root.sync_hash()) {
         return Ok(pull.report);
     }
-    pull.pending.push((VolPath::root(), Some(remote_root)));
-    let round = pull.walk_and_apply().await;
+    let round = pull.walk_and_apply(remote_root).await;
     // Also after a failed round: what it did apply keeps its directories' mtimes.
     pull.restore_dir_mtimes()?;
     round?;
@@ -106,12 +105,19 @@ struct Pull {
     rename_sources: HashMap<ContentId, RenameSource>,
     /// How many of `deferred` have been looked at for `rename_sources`.
     renames_seen: usize,
-    /// Directories still to compare with the peer's, each with the peer's tree node
-    /// (`None`: the peer deleted it, so all its entries are compared).
-    pending: Vec<(VolPath, Option<TreeNode>)>,
+    /// Directories still to compare with the peer's.
+    pending: Vec<(VolPath, RemoteDir)>,
     /// Files decided on but not yet fetched (taken in batches across directories).
     files: Vec<FileJob>,
     report: PullReport,
+}
+
+/// What the peer has at a directory still to compare.
+enum RemoteDir {
+    /// A directory: its tree node is asked for when its turn comes.
+    Present,
+    /// Nothing live (the peer deleted it): all its entries are compared.
+    Deleted,
 }
 
 impl Pull {
@@ -120,8 +126,15 @@ impl Pull {
     }
 
     /// Walks what differs, then takes the files and applies the deletes decided on.
-    async fn walk_and_apply(&mut self) -> Result<(), SyncError> {
+    async fn walk_and_apply(&mut self, remote_root: TreeNode) -> Result<(), SyncError> {
+        self.sync_dir(&VolPath::root(), Some(remote_root)).await?;
         while let Some((dir, remote)) = self.pending.pop() {
+            // The peer's tree node is asked for only now: the directories waiting hold
+            // a path each, not a tree node of up to a frame's size.
+            let remote = match remote {
+                RemoteDir::Present => self.get_dir(&dir).await?,
+                RemoteDir::Deleted => None,
+            };
             self.sync_dir(&dir, remote).await?;
         }
         self.take_files().await?;

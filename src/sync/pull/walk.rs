@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use super::{PUBLISH_BATCH, Pull};
 use crate::pathname::VolPath;
-use crate::protocol::{Request, Response, WireEntry};
+use crate::protocol::{ProtocolError, Request, Response, WireEntry};
 use crate::sync::{SyncError, request};
 use crate::tree::{PageSummary, TreeNode};
 
@@ -25,42 +25,38 @@ impl Pull {
         }
     }
 
-    /// The peer's children of `dir` with `start <= name < end`, all pages of them.
-    async fn get_entries(
+    /// The next answer of the peer's children of `dir` in `cursor`'s name range, or
+    /// `None` once the range is done. The answer is checked before it is believed
+    /// (invariant 9): names strictly increasing and inside the range, and `more` only
+    /// with at least one name, so that a peer cannot hold this pull in a loop.
+    async fn next_entries(
         &mut self,
         dir: &VolPath,
-        start: &[u8],
-        end: Option<&[u8]>,
-    ) -> Result<Vec<WireEntry>, SyncError> {
-        let volume = self.volume().name.clone();
-        let mut out: Vec<WireEntry> = Vec::new();
-        let mut from = start.to_vec();
-        let mut after = false;
-        loop {
-            let req = Request::GetEntries {
-                volume: volume.clone(),
-                dir: dir.clone(),
-                start: from.clone(),
-                after,
-                end: end.map(<[u8]>::to_vec),
-            };
-            match request(&mut self.handle, &req).await? {
-                Response::Entries { entries, more } => {
-                    let last = entries.last().map(|e| e.name.clone());
-                    out.extend(entries);
-                    match (more, last) {
-                        (true, Some(last)) => {
-                            from = last;
-                            after = true;
-                        }
-                        _ => return Ok(out),
-                    }
-                }
-                other => {
-                    return Err(SyncError::unexpected("GetEntries", &other));
-                }
-            }
+        cursor: &mut EntriesCursor,
+    ) -> Result<Option<Vec<WireEntry>>, SyncError> {
+        if cursor.done {
+            return Ok(None);
         }
+        let req = Request::GetEntries {
+            volume: self.volume().name.clone(),
+            dir: dir.clone(),
+            start: cursor.start.clone(),
+            after: cursor.after,
+            end: cursor.end.clone(),
+        };
+        let (entries, more) = match request(&mut self.handle, &req).await? {
+            Response::Entries { entries, more } => (entries, more),
+            other => return Err(SyncError::unexpected("GetEntries", &other)),
+        };
+        cursor.check(&entries, more)?;
+        match entries.last() {
+            Some(last) if more => {
+                cursor.start = last.name.clone();
+                cursor.after = true;
+            }
+            _ => cursor.done = true,
+        }
+        Ok(Some(entries))
     }
 
     /// Reconciles one directory with the peer's. `remote` is the peer's tree node for
@@ -92,14 +88,63 @@ impl Pull {
             }
             None => ranges.push((Vec::new(), None)),
         }
+        // One answer at a time, each decided before the next is asked for: memory holds
+        // one answer and one publish batch, however large the directory.
         for (start, end) in ranges {
-            for remote_entry in self.get_entries(dir, &start, end.as_deref()).await? {
-                self.reconcile(dir, remote_entry).await?;
+            let mut cursor = EntriesCursor {
+                start,
+                after: false,
+                end,
+                done: false,
+            };
+            while let Some(entries) = self.next_entries(dir, &mut cursor).await? {
+                for remote_entry in entries {
+                    self.reconcile(dir, remote_entry).await?;
+                }
+                // Files of many small directories travel together: one batch for all.
+                if self.files.len() >= PUBLISH_BATCH {
+                    self.take_files().await?;
+                }
             }
         }
-        // Files of many small directories travel together: one publish batch for all.
-        if self.files.len() >= PUBLISH_BATCH {
-            self.take_files().await?;
+        Ok(())
+    }
+}
+
+/// Where the next `GetEntries` of a name range starts (`start`, or just after it), and
+/// where the range ends.
+struct EntriesCursor {
+    start: Vec<u8>,
+    after: bool,
+    end: Option<Vec<u8>>,
+    done: bool,
+}
+
+impl EntriesCursor {
+    /// Whether an answer keeps the rules: names strictly increasing, none before the
+    /// start (or at it, when asking for what follows it), none at or past the end, and
+    /// `more` only with some names.
+    fn check(&self, entries: &[WireEntry], more: bool) -> Result<(), ProtocolError> {
+        let bad = |why: &str| {
+            Err(ProtocolError::Malformed(format!(
+                "GetEntries answer: {why}"
+            )))
+        };
+        if more && entries.is_empty() {
+            return bad("more without any entry (no progress)");
+        }
+        if entries.windows(2).any(|w| w[0].name >= w[1].name) {
+            return bad("names not strictly increasing");
+        }
+        if let Some(first) = entries.first()
+            && (first.name < self.start || (self.after && first.name == self.start))
+        {
+            return bad("a name before the range asked for");
+        }
+        if let (Some(last), Some(end)) = (entries.last(), &self.end)
+            && last.name >= *end
+        {
+            return bad("a name past the end of the range asked for");
         }
         Ok(())
     }

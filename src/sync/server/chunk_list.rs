@@ -1,12 +1,15 @@
 //! `GetChunkList`: a file's chunk list, if the file still has the content asked for:
-//! whole, as page hashes, or the chunks of some pages.
+//! whole, as page hashes, or the chunks of some pages. Every answer fits one frame: a
+//! whole list or a set of pages over `MAX_LIST_CHUNKS` chunks is refused (`TOO_LARGE`),
+//! and large lists are fetched by pages.
 
 use super::{internal, volume_id};
+use crate::chunking::ChunkRef;
 use crate::chunking::chunk_list_pages;
 use crate::entry::EntryKind;
 use crate::ids::ContentId;
 use crate::pathname::VolPath;
-use crate::protocol::{ListPart, ProtocolError, Response};
+use crate::protocol::{ErrorCode, ListPart, MAX_LIST_CHUNKS, ProtocolError, Response};
 use crate::sync::Node;
 
 pub(super) fn answer(
@@ -30,6 +33,12 @@ pub(super) fn answer(
     };
     Ok(match (part, list) {
         (_, None) => Response::ChunkList(None),
+        (ListPart::Whole, Some(list)) if list.len() > MAX_LIST_CHUNKS => {
+            return Err(too_large(format!(
+                "the chunk list has {} chunks, more than one answer holds ({MAX_LIST_CHUNKS}): ask for its pages",
+                list.len()
+            )));
+        }
         (ListPart::Whole, Some(list)) => Response::ChunkList(Some(list)),
         (ListPart::PageHashes, Some(list)) => Response::ChunkPages(Some(
             chunk_list_pages(&list)
@@ -38,15 +47,42 @@ pub(super) fn answer(
                 .collect(),
         )),
         (ListPart::Pages(wanted), Some(list)) => {
-            let pages = chunk_list_pages(&list);
-            let mut chunks = Vec::new();
-            for index in wanted {
-                let page = pages.get(index as usize).ok_or_else(|| {
-                    ProtocolError::Malformed(format!("chunk list page {index} of {}", pages.len()))
-                })?;
-                chunks.extend_from_slice(&list[page.range.clone()]);
-            }
-            Response::ChunkList(Some(chunks))
+            Response::ChunkList(Some(pages_of(&list, &wanted)?))
         }
     })
+}
+
+/// The chunks of the pages `wanted` of `list`: indices strictly increasing and in range,
+/// at most `MAX_LIST_CHUNKS` chunks in all (bounded before anything is copied).
+fn pages_of(list: &[ChunkRef], wanted: &[u32]) -> Result<Vec<ChunkRef>, ProtocolError> {
+    if wanted.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(ProtocolError::Malformed(
+            "chunk list page indices must be strictly increasing".into(),
+        ));
+    }
+    let pages = chunk_list_pages(list);
+    let mut total = 0;
+    for &index in wanted {
+        let page = pages.get(index as usize).ok_or_else(|| {
+            ProtocolError::Malformed(format!("chunk list page {index} of {}", pages.len()))
+        })?;
+        total += page.range.len();
+    }
+    if total > MAX_LIST_CHUNKS {
+        return Err(too_large(format!(
+            "{total} chunks asked for in one answer (at most {MAX_LIST_CHUNKS})"
+        )));
+    }
+    let mut chunks = Vec::with_capacity(total);
+    for &index in wanted {
+        chunks.extend_from_slice(&list[pages[index as usize].range.clone()]);
+    }
+    Ok(chunks)
+}
+
+fn too_large(message: String) -> ProtocolError {
+    ProtocolError::Refused {
+        code: ErrorCode::TooLarge,
+        message,
+    }
 }

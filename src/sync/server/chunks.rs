@@ -1,23 +1,34 @@
 //! `GetChunks`: one frame per id asked, the chunk's bytes (read from a live file or a
-//! pack and checked against the id) or `ChunkMissing`.
+//! pack and checked against the id) or `ChunkMissing`. The reads run on tokio's
+//! blocking pool, one at a time per request: a slow disk (or a file a local user
+//! swapped for something else) never holds an async worker thread.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use s2n_quic::stream::SendStream;
 
-use super::{Session, reply};
+use super::{Session, internal, reply};
 use crate::ids::ChunkId;
-use crate::protocol::{ProtocolError, Response};
+use crate::protocol::{ErrorCode, ProtocolError, Response};
 use crate::sync::Node;
 
 pub(super) async fn send(
-    node: &Node,
+    node: &Arc<Node>,
     session: &Session,
     ids: Vec<ChunkId>,
     send: &mut SendStream,
 ) -> Result<(), ProtocolError> {
     for id in ids {
-        let response = match node.read_local_chunk(&id) {
+        let reader = node.clone();
+        let read = tokio::task::spawn_blocking(move || reader.read_local_chunk(&id))
+            .await
+            .map_err(|e| ProtocolError::Refused {
+                code: ErrorCode::Internal,
+                message: format!("reading chunk {id}: {e}"),
+            })?
+            .map_err(internal)?;
+        let response = match read {
             Some(data) => {
                 let len = data.len() as u64;
                 node.stats

@@ -28,6 +28,13 @@ use crate::ids::{NodeId, VolumeId};
 use crate::protocol::{self, ErrorCode, MAX_CONTROL_FRAME, ProtocolError, Request, Response};
 use crate::store::StoreError;
 
+/// How long a requester may take to send its request and finish its side of the
+/// stream.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long one answer frame may take to be taken by the requester.
+const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// What one connection knows of its peer, shared by the tasks serving its streams.
 struct Session {
     /// The node id the peer gave in its `Hello`; nothing else is answered before it.
@@ -93,22 +100,35 @@ pub async fn serve_connection(node: Arc<Node>, mut connection: Connection) {
 /// Reads the stream's one request, checks that the connection began with `Hello`, and
 /// hands the request to its handler.
 async fn serve_stream(
-    node: &Node,
+    node: &Arc<Node>,
     recv: &mut ReceiveStream,
     send: &mut SendStream,
     session: &Session,
 ) -> Result<(), ProtocolError> {
-    let Some((kind, body)) = protocol::read_frame(recv, MAX_CONTROL_FRAME).await? else {
+    // A requester that opens a stream and sends nothing must not hold it forever.
+    let timed_out = || {
+        ProtocolError::Malformed(format!(
+            "no complete request within {} s",
+            REQUEST_TIMEOUT.as_secs()
+        ))
+    };
+    let read = tokio::time::timeout(REQUEST_TIMEOUT, async {
+        let Some(frame) = protocol::read_frame(recv, MAX_CONTROL_FRAME).await? else {
+            return Ok(None);
+        };
+        // One request per stream: wait for the requester to finish its side (dropping
+        // the receiving half early would reset the stream under the requester's feet).
+        let mut rest = [0u8; 1];
+        if tokio::io::AsyncReadExt::read(recv, &mut rest).await? != 0 {
+            return Err(ProtocolError::Malformed(
+                "more than one request on a stream".into(),
+            ));
+        }
+        Ok(Some(frame))
+    });
+    let Some((kind, body)) = read.await.map_err(|_| timed_out())?? else {
         return Ok(());
     };
-    // One request per stream: wait for the requester to finish its side (dropping the
-    // receiving half early would reset the stream under the requester's feet).
-    let mut rest = [0u8; 1];
-    if tokio::io::AsyncReadExt::read(recv, &mut rest).await? != 0 {
-        return Err(ProtocolError::Malformed(
-            "more than one request on a stream".into(),
-        ));
-    }
     let request = Request::decode(kind, &body)?;
     if !matches!(request, Request::Hello(_)) && session.peer_id().is_none() {
         return Err(ProtocolError::Malformed(
@@ -145,7 +165,19 @@ async fn reply(
     mut response: Response,
 ) -> Result<(), ProtocolError> {
     node.faults.tamper(&mut response);
-    protocol::write_frame(send, response.encode()).await
+    // A requester that stops reading (QUIC flow control then stops this write) must not
+    // hold the handler forever.
+    tokio::time::timeout(
+        REPLY_TIMEOUT,
+        protocol::write_frame(send, response.encode()),
+    )
+    .await
+    .map_err(|_| {
+        ProtocolError::Malformed(format!(
+            "the requester took no answer for {} s",
+            REPLY_TIMEOUT.as_secs()
+        ))
+    })?
 }
 
 /// The local id of the volume a request names.

@@ -1,0 +1,387 @@
+//! Hostile input (issue 11): what a local user of a volume, a cluster member with valid
+//! credentials, or a damaged disk can try, against real `shoal serve` processes. Each
+//! test names what the attacker does and checks that the node stays healthy and that
+//! nothing outside the volume changes.
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::time::Duration;
+
+use shoal::chunking::{ChunkParams, Chunker};
+use shoal::protocol::{Request, Response};
+
+use crate::cluster::Cluster;
+use crate::hostile::{HostileClient, healthy_within_a_second};
+use crate::util::random_bytes;
+
+/// Everything under `dir`, path -> content, for "nothing here changed" checks.
+fn tree_of(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(at) = pending.pop() {
+        for entry in fs::read_dir(&at).unwrap().flatten() {
+            let path = entry.path();
+            let meta = fs::symlink_metadata(&path).unwrap();
+            let shown = path.strip_prefix(dir).unwrap().display().to_string();
+            if meta.is_dir() {
+                pending.push(path);
+                out.push((shown, Vec::new()));
+            } else {
+                out.push((shown, fs::read(&path).unwrap_or_default()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_shoal_symlink_at_the_volume_root_never_sends_staging_outside_the_volume() {
+    let mut cluster = Cluster::new(2);
+    // Another tenant's directory, and a `.shoal` symlink aimed at it in node 0's volume.
+    let elsewhere = cluster.dir.path().join("other-tenant");
+    fs::create_dir_all(elsewhere.join("staging")).unwrap();
+    fs::write(elsewhere.join("staging/precious.tmp"), b"not Shoal's").unwrap();
+    fs::write(elsewhere.join("data.part"), b"not Shoal's either").unwrap();
+    let before = tree_of(&elsewhere);
+    symlink(&elsewhere, cluster.vol(0).join(".shoal")).unwrap();
+    let incoming = random_bytes(300_000, 11);
+    fs::write(cluster.vol(1).join("incoming.bin"), &incoming).unwrap();
+
+    cluster.start_all();
+    cluster.wait_converged(&[0, 1], Duration::from_secs(30));
+
+    assert_eq!(
+        fs::read(cluster.vol(0).join("incoming.bin")).unwrap(),
+        incoming
+    );
+    assert_eq!(
+        tree_of(&elsewhere),
+        before,
+        "nothing outside the volume changed"
+    );
+    let shoal = fs::symlink_metadata(cluster.vol(0).join(".shoal")).unwrap();
+    assert!(
+        shoal.is_dir(),
+        "the planted symlink gave way to a directory"
+    );
+    assert!(
+        cluster.log(0).contains(
+            "is not a directory (a symlink or file put in place of Shoal's own directory)"
+        ),
+        "{}",
+        cluster.log(0)
+    );
+}
+
+#[test]
+fn a_fifo_planted_in_place_of_an_indexed_file_does_not_hang_the_node() {
+    let mut cluster = Cluster::new(1);
+    // No rescan while the attack runs: the index still points at the planted name.
+    cluster.heartbeat = 3600;
+    cluster.extra_env[0].push(("SHOAL_DEBOUNCE_MS".into(), "3600000".into()));
+    let content = random_bytes(200_000, 12);
+    let file = cluster.vol(0).join("media.bin");
+    fs::write(&file, &content).unwrap();
+    let chunks = Chunker::new(ChunkParams::DEFAULT)
+        .chunk_reader(&content[..])
+        .unwrap()
+        .chunks;
+    cluster.start(0);
+    let http = format!("{}:7030", cluster.ip(0));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while cluster.root(0).is_none() {
+        assert!(std::time::Instant::now() < deadline, "node 0 never scanned");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    fs::remove_file(&file).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &file,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    let peer = HostileClient::connect(
+        &cluster.credentials[0],
+        &cluster.ip(1),
+        &format!("{}:7029", cluster.ip(0)),
+        "vol",
+    );
+    let ids: Vec<_> = chunks.iter().map(|c| c.id).collect();
+    // More requests than the node has worker threads: each would block one in `open`.
+    peer.fire(vec![Request::GetChunks { ids: ids.clone() }; 64]);
+    std::thread::sleep(Duration::from_millis(500));
+
+    assert!(
+        healthy_within_a_second(&http),
+        "/healthz did not answer within 1 s"
+    );
+    let answers = peer.request(&Request::GetChunks { ids: ids.clone() });
+    let missing: Vec<_> = answers
+        .iter()
+        .map(|a| match a {
+            Response::ChunkMissing { id } => *id,
+            other => panic!("a FIFO was served as chunk data: {other:?}"),
+        })
+        .collect();
+    assert_eq!(missing, ids);
+    cluster.stop(0);
+}
+
+#[test]
+fn a_file_dated_after_2262_is_scanned_without_overflow() {
+    let fixture = crate::util::Fixture::new();
+    fixture.write("future.txt", b"from the year 2300");
+    // 2300-01-01: its mtime in nanoseconds does not fit an i64.
+    crate::util::set_mtime(&fixture.path("future.txt"), 10_413_792_000);
+    let out = fixture.shoal("scan", &["--volume", "vol"]);
+    assert!(out.status.success(), "{}", crate::util::stderr(&out));
+    let verify = fixture.shoal("verify", &["--volume", "vol"]);
+    assert!(verify.status.success(), "{}", crate::util::stdout(&verify));
+}
+
+#[test]
+fn a_directory_swapped_for_a_symlink_does_not_pull_outside_files_into_the_index() {
+    let fixture = crate::util::Fixture::new();
+    fixture.write("a/b/inside.txt", b"ours");
+    fixture.scan();
+    let outside = fixture.dir.path().join("outside");
+    crate::util::write_file(&outside.join("b/secret.txt"), b"another tenant's");
+    // Between two scans, `a` becomes a symlink to a directory outside the volume.
+    fs::rename(fixture.path("a"), fixture.dir.path().join("a-moved")).unwrap();
+    symlink(&outside, fixture.path("a")).unwrap();
+
+    // The watcher's narrow scan of the directory it saw change.
+    let store = fixture.open();
+    let dirs = [(
+        shoal::pathname::VolPath::parse(b"a/b").unwrap(),
+        shoal::scan::Depth::Names,
+    )];
+    let options = shoal::scan::ScanOptions {
+        scope: shoal::scan::ScanScope::Dirs(dirs.into_iter().collect()),
+        ..Default::default()
+    };
+    shoal::scan::scan_volume(&store, "vol", &fixture.volume(), &options).unwrap();
+
+    let listing = crate::util::index_listing(&store, "vol");
+    let names: Vec<String> = listing
+        .keys()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    assert_eq!(names, ["a"], "only the symlink itself is indexed");
+    assert!(matches!(
+        listing[&b"a"[..]].kind,
+        shoal::entry::EntryKind::Symlink { .. }
+    ));
+}
+
+/// Node 0 of a two-address cluster, pulling from a hostile member at node 1's address
+/// that answers every round with `answer`. `prepare` runs on node 0's volume and state
+/// first (files, scans). Returns once the victim has pulled `rounds` times.
+fn pulled_by_victim(
+    prepare: impl FnOnce(&Cluster),
+    answer: crate::hostile::Answer,
+    rounds: usize,
+) -> (Cluster, crate::hostile::HostileServer) {
+    let mut cluster = Cluster::new(2);
+    prepare(&cluster);
+    let hostile = crate::hostile::HostileServer::start(
+        &cluster.credentials[1],
+        &format!("{}:7029", cluster.ip(1)),
+        "vol",
+        answer,
+    );
+    cluster.start(0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while hostile.count(|r| matches!(r, Request::GetEntries { .. })) < rounds {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the victim stopped pulling from the hostile peer:\n{}",
+            cluster.log(0)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (cluster, hostile)
+}
+
+/// A root that differs from any real one, with no pages: the victim asks for all of
+/// its entries.
+fn forged_root() -> Response {
+    Response::Dir(Some(shoal::tree::TreeNode {
+        hash: shoal::ids::TreeHash([7; 32]),
+        versions: shoal::ids::TreeHash([8; 32]),
+        pages: Vec::new(),
+        totals: Default::default(),
+    }))
+}
+
+fn wire(name: &str, entry: shoal::entry::Entry) -> shoal::protocol::WireEntry {
+    shoal::protocol::WireEntry {
+        name: name.as_bytes().to_vec(),
+        entry,
+        subtree: None,
+        chunks: None,
+    }
+}
+
+fn tombstone(
+    deleted_at_ns: i64,
+    mode: u32,
+    mtime_ns: i64,
+    pairs: Vec<(u64, u64)>,
+) -> shoal::entry::Entry {
+    shoal::entry::Entry {
+        kind: shoal::entry::EntryKind::Tombstone { deleted_at_ns },
+        mode,
+        mtime_ns,
+        uid: 0,
+        gid: 0,
+        version: shoal::entry::VersionVector::from_pairs(
+            pairs.into_iter().map(|(n, c)| (shoal::ids::NodeId(n), c)),
+        ),
+    }
+}
+
+/// After the attack: the victim answers `/healthz` within a second, then stops, and
+/// `shoal verify` finds its index, packs and files in agreement.
+fn victim_is_healthy_and_verifies(cluster: &mut Cluster) {
+    assert!(
+        healthy_within_a_second(&format!("{}:7030", cluster.ip(0))),
+        "/healthz did not answer within 1 s"
+    );
+    cluster.stop(0);
+    let node = cluster.dir.path().join("node0");
+    let verify = crate::util::shoal_at(
+        &node.join("data"),
+        &node.join("state"),
+        "verify",
+        &["--volume", "vol"],
+    );
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        crate::util::stdout(&verify),
+        crate::util::stderr(&verify)
+    );
+}
+
+#[test]
+fn forged_histories_from_a_member_are_bounded_and_never_stop_sync() {
+    let rounds = std::sync::atomic::AtomicU64::new(0);
+    let answer: crate::hostile::Answer = Box::new(move |request| match request {
+        Request::GetDir { .. } => vec![forged_root()],
+        Request::GetEntries { .. } => {
+            // Each round a vector of 1000 made-up nodes, others every time: merged
+            // with what the victim kept, it would outgrow any encoding.
+            let round = rounds.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let forged: Vec<(u64, u64)> = (0..1000).map(|i| (1 + round * 1000 + i, 1)).collect();
+            let entries = vec![
+                wire("a.txt", tombstone(1, 0, 0, forged)),
+                // Claims to have been deleted at the end of time, so it would never expire.
+                wire(
+                    "ghost.txt",
+                    tombstone(i64::MAX, 0, 0, vec![(u64::MAX - 1, 1)]),
+                ),
+                // The victim's own delete, with other bits and a later time, concurrent.
+                wire(
+                    "gone.txt",
+                    tombstone(1, 0o4755, i64::MAX, vec![(u64::MAX - 2, 1)]),
+                ),
+            ];
+            vec![Response::Entries {
+                entries,
+                more: false,
+            }]
+        }
+        _ => vec![Response::Error {
+            code: 6,
+            message: "no".into(),
+        }],
+    });
+    let prepare = |cluster: &Cluster| {
+        let node = cluster.dir.path().join("node0");
+        fs::write(cluster.vol(0).join("a.txt"), b"kept").unwrap();
+        fs::write(cluster.vol(0).join("gone.txt"), b"deleted here").unwrap();
+        let scan = |c: &Cluster| {
+            let _ = c;
+            let out = crate::util::shoal_at(
+                &node.join("data"),
+                &node.join("state"),
+                "scan",
+                &["--volume", "vol"],
+            );
+            assert!(out.status.success(), "{}", crate::util::stderr(&out));
+        };
+        scan(cluster);
+        fs::remove_file(cluster.vol(0).join("gone.txt")).unwrap();
+        scan(cluster);
+    };
+    let (mut cluster, hostile) = pulled_by_victim(prepare, answer, 4);
+    // More rounds than the first: the peer task lived through every answer.
+    assert!(hostile.count(|r| matches!(r, Request::GetDir { .. })) >= 4);
+    let log = cluster.log(0);
+    assert!(log.contains("refusing the peer's entry for a.txt"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    assert_eq!(fs::read(cluster.vol(0).join("a.txt")).unwrap(), b"kept");
+    victim_is_healthy_and_verifies(&mut cluster);
+
+    let store = shoal::store::Store::open(
+        &cluster.dir.path().join("node0/state"),
+        shoal::store::OpenOptions::READ_ONLY,
+    )
+    .unwrap();
+    let vol = store.volume("vol").unwrap().unwrap().id;
+    let root = shoal::pathname::VolPath::root();
+    let ghost = store.entry(vol, &root, b"ghost.txt").unwrap().unwrap();
+    let now = shoal::scan::now_ns();
+    match ghost.kind {
+        shoal::entry::EntryKind::Tombstone { deleted_at_ns } => assert!(
+            deleted_at_ns <= now && deleted_at_ns > now - 120_000_000_000,
+            "the tombstone expires by the time it arrived here, not the peer's claim"
+        ),
+        other => panic!("ghost.txt is {other:?}"),
+    }
+    let a = store.entry(vol, &root, b"a.txt").unwrap().unwrap();
+    assert!(a.version.len() < shoal::entry::MAX_VECTOR_PAIRS);
+}
+
+#[test]
+fn counters_at_u64_max_and_answers_without_progress_are_refused() {
+    let rounds = std::sync::atomic::AtomicU64::new(0);
+    let answer: crate::hostile::Answer = Box::new(move |request| match request {
+        Request::GetDir { .. } => vec![forged_root()],
+        Request::GetEntries { .. } => {
+            let round = rounds.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let frozen = wire("a.txt", tombstone(1, 0, 0, vec![(9, u64::MAX)]));
+            let same = wire("b.txt", tombstone(1, 0, 0, vec![(9, 1)]));
+            // Each pull round: a frozen counter; then `more` with a name, then the same
+            // name again; then `more` with nothing.
+            let (entries, more) = match round % 4 {
+                0 => (vec![frozen], false),
+                1 | 2 => (vec![same], true),
+                _ => (Vec::new(), true),
+            };
+            vec![Response::Entries { entries, more }]
+        }
+        _ => vec![Response::Error {
+            code: 6,
+            message: "no".into(),
+        }],
+    });
+    let prepare = |cluster: &Cluster| {
+        fs::write(cluster.vol(0).join("a.txt"), b"kept").unwrap();
+    };
+    let (mut cluster, _hostile) = pulled_by_victim(prepare, answer, 8);
+    let log = cluster.log(0);
+    assert!(
+        log.contains("version vector counter 18446744073709551615 out of range"),
+        "{log}"
+    );
+    assert!(log.contains("a name before the range asked for"), "{log}");
+    assert!(log.contains("more without any entry"), "{log}");
+    assert_eq!(fs::read(cluster.vol(0).join("a.txt")).unwrap(), b"kept");
+    victim_is_healthy_and_verifies(&mut cluster);
+}

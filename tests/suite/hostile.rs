@@ -1,0 +1,227 @@
+//! A hostile cluster member, for the tests of issue 11: it holds valid cluster
+//! credentials and speaks the real protocol over QUIC (the crate's own `transport` and
+//! `protocol` modules), but sends whatever a test tells it to, including frames no
+//! honest node would write.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use s2n_quic::connection::Handle;
+use shoal::chunking::ChunkParams;
+use shoal::credentials::Credentials;
+use shoal::ids::NodeId;
+use shoal::protocol::{self, Hello, Request, Response};
+
+/// How long the hostile side waits for any one answer before calling the victim hung.
+const ANSWER_WAIT: Duration = Duration::from_secs(20);
+
+/// A connection to a victim node, past the `Hello` exchange.
+pub struct HostileClient {
+    pub runtime: tokio::runtime::Runtime,
+    handle: Handle,
+    // Kept open for as long as the client lives.
+    _connection: s2n_quic::Connection,
+    _client: s2n_quic::Client,
+}
+
+impl HostileClient {
+    /// Connects from `bind_ip` to the node at `victim` with the credentials in
+    /// `credentials` and says `Hello` as a member sharing `volume`.
+    pub fn connect(credentials: &Path, bind_ip: &str, victim: &str, volume: &str) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let credentials = Credentials::load(credentials).unwrap();
+        let victim: SocketAddr = victim.parse().unwrap();
+        let bind: SocketAddr = format!("{bind_ip}:0").parse().unwrap();
+        let (client, connection) = runtime.block_on(async {
+            let client = shoal::transport::client(bind, &credentials, true).unwrap();
+            let mut last = None;
+            // The victim may still be starting: a bounded number of attempts.
+            for _ in 0..50 {
+                match shoal::transport::connect(&client, victim).await {
+                    Ok(connection) => return (client, connection),
+                    Err(e) => last = Some(e),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            panic!("cannot connect to {victim}: {last:?}");
+        });
+        let handle = connection.handle();
+        let hostile = HostileClient {
+            runtime,
+            handle,
+            _connection: connection,
+            _client: client,
+        };
+        let hello = Request::Hello(Hello {
+            version: protocol::PROTOCOL_VERSION,
+            node_id: NodeId::random().unwrap(),
+            chunk_params: ChunkParams::DEFAULT,
+            volumes: vec![volume.to_string()],
+        });
+        match hostile.request(&hello).as_slice() {
+            [Response::Hello(_)] => {}
+            other => panic!("the victim refused Hello: {other:?}"),
+        }
+        hostile
+    }
+
+    /// Sends one request and reads every answer frame until the victim finishes the
+    /// stream.
+    pub fn request(&self, request: &Request) -> Vec<Response> {
+        self.try_request(request).expect("the victim answered")
+    }
+
+    /// As [`Self::request`], `None` if the victim did not finish answering in time.
+    pub fn try_request(&self, request: &Request) -> Option<Vec<Response>> {
+        let mut handle = self.handle.clone();
+        let limit = protocol::response_limit(request);
+        let request = request.clone();
+        self.runtime.block_on(async move {
+            tokio::time::timeout(ANSWER_WAIT, async move {
+                let stream = handle.open_bidirectional_stream().await.unwrap();
+                let (mut recv, mut send) = stream.split();
+                protocol::write_frame(&mut send, request.encode())
+                    .await
+                    .unwrap();
+                send.close().await.unwrap();
+                let mut answers = Vec::new();
+                while let Some((kind, body)) = protocol::read_frame(&mut recv, limit).await.unwrap()
+                {
+                    answers.push(Response::decode(kind, &body).unwrap());
+                }
+                answers
+            })
+            .await
+            .ok()
+        })
+    }
+
+    /// Sends several requests at once, each on its own stream, without waiting for
+    /// their answers (which are read and dropped in the background).
+    pub fn fire(&self, requests: Vec<Request>) {
+        for request in requests {
+            let mut handle = self.handle.clone();
+            self.runtime.spawn(async move {
+                let Ok(stream) = handle.open_bidirectional_stream().await else {
+                    return;
+                };
+                let (mut recv, mut send) = stream.split();
+                let _ = protocol::write_frame(&mut send, request.encode()).await;
+                let _ = send.close().await;
+                let mut sink = Vec::new();
+                let _ = tokio::io::AsyncReadExt::read_to_end(&mut recv, &mut sink).await;
+            });
+        }
+    }
+}
+
+/// Whether `GET /healthz` on `http_addr` answers 200 within one second.
+pub fn healthy_within_a_second(http_addr: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(addr) = http_addr.parse() else {
+        return false;
+    };
+    let second = Duration::from_secs(1);
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&addr, second) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(second));
+    if write!(
+        stream,
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .is_err()
+    {
+        return false;
+    }
+    let mut raw = String::new();
+    let _ = stream.read_to_string(&mut raw);
+    raw.starts_with("HTTP/1.1 200")
+}
+
+/// What a [`HostileServer`] answers: every response frame for one request.
+pub type Answer = Box<dyn Fn(&Request) -> Vec<Response> + Send + Sync>;
+
+/// A hostile cluster member that victims pull from: it listens with valid credentials,
+/// answers `Hello` as a member sharing the volume, and every other request with what
+/// the test's `answer` says. It counts the requests it saw.
+pub struct HostileServer {
+    pub runtime: tokio::runtime::Runtime,
+    pub requests: std::sync::Arc<std::sync::Mutex<Vec<Request>>>,
+}
+
+impl HostileServer {
+    pub fn start(credentials: &Path, listen: &str, volume: &str, answer: Answer) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let credentials = Credentials::load(credentials).unwrap();
+        let listen: SocketAddr = listen.parse().unwrap();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let hello = Hello {
+            version: protocol::PROTOCOL_VERSION,
+            node_id: NodeId::random().unwrap(),
+            chunk_params: ChunkParams::DEFAULT,
+            volumes: vec![volume.to_string()],
+        };
+        let answer = std::sync::Arc::new(answer);
+        let seen = requests.clone();
+        runtime.spawn(async move {
+            let mut server = shoal::transport::listen(listen, &credentials, true).unwrap();
+            while let Some(mut connection) = server.accept().await {
+                let (answer, seen, hello) = (answer.clone(), seen.clone(), hello.clone());
+                tokio::spawn(async move {
+                    while let Ok(Some(stream)) = connection.accept_bidirectional_stream().await {
+                        let (answer, seen, hello) = (answer.clone(), seen.clone(), hello.clone());
+                        tokio::spawn(async move {
+                            let (mut recv, mut send) = stream.split();
+                            let limit = protocol::MAX_CONTROL_FRAME;
+                            let Ok(Some((kind, body))) =
+                                protocol::read_frame(&mut recv, limit).await
+                            else {
+                                return;
+                            };
+                            let Ok(request) = Request::decode(kind, &body) else {
+                                return;
+                            };
+                            let responses = match &request {
+                                Request::Hello(_) => vec![Response::Hello(hello)],
+                                other => answer(other),
+                            };
+                            seen.lock().unwrap().push(request);
+                            for response in responses {
+                                if protocol::write_frame(&mut send, response.encode())
+                                    .await
+                                    .is_err()
+                                {
+                                    return;
+                                }
+                            }
+                            let _ = send.close().await;
+                        });
+                    }
+                });
+            }
+        });
+        HostileServer { runtime, requests }
+    }
+
+    /// How many requests of the kind `matches` picks the victim sent so far.
+    pub fn count(&self, matches: impl Fn(&Request) -> bool) -> usize {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| matches(r))
+            .count()
+    }
+}
