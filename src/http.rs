@@ -133,6 +133,8 @@ pub fn node_status(node: &Node) -> NodeStatus {
         .map(|p| PeerStatus {
             addr: p.addr.to_string(),
             node_id: p.node_id().map(|id| id.to_string()),
+            name: p.identity().map(|i| i.name),
+            cert_expires: p.identity().map(|i| expiry(&i)),
             connected: p.connected.load(Ordering::Relaxed),
             chunk_bytes_sent: load(&p.chunk_bytes_sent),
             chunk_bytes_received: load(&p.chunk_bytes_received),
@@ -141,15 +143,25 @@ pub fn node_status(node: &Node) -> NodeStatus {
         .collect();
     NodeStatus {
         node_id: node.meta.node_id.to_string(),
+        name: node.identity.get().map(|i| i.name.clone()),
+        cert_expires: node.identity.get().map(expiry),
         volumes,
         peers,
         totals: node.stats.totals(),
     }
 }
 
+/// When a certificate expires, as RFC 3339 UTC.
+fn expiry(identity: &crate::identity::Proven) -> String {
+    humantime::format_rfc3339_seconds(identity.not_after).to_string()
+}
+
 #[derive(Serialize, serde::Deserialize, Debug, Clone)]
 pub struct NodeStatus {
     pub node_id: String,
+    /// This node's name and certificate expiry (what its peers see).
+    pub name: Option<String>,
+    pub cert_expires: Option<String>,
     pub volumes: Vec<VolumeStatus>,
     pub peers: Vec<PeerStatus>,
     pub totals: Totals,
@@ -166,7 +178,10 @@ pub struct VolumeStatus {
 #[derive(Serialize, serde::Deserialize, Debug, Clone)]
 pub struct PeerStatus {
     pub addr: String,
+    /// The peer's identity as its certificate proved it on the last connection.
     pub node_id: Option<String>,
+    pub name: Option<String>,
+    pub cert_expires: Option<String>,
     pub connected: bool,
     pub chunk_bytes_sent: u64,
     pub chunk_bytes_received: u64,

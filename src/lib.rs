@@ -24,7 +24,9 @@
 //!   finding by a [`verify::Problem`] (`files.rs`, `locations.rs`, `packs.rs`).
 //! - [`repair`]: restores what verify finds damaged, from local copies or peers
 //!   (`index.rs`, `files.rs`, `packs.rs`).
-//! - [`credentials`]: the cluster CA and node certificates (`shoal cluster init`).
+//! - [`credentials`]: the cluster CA and each node's key and certificate (`shoal cluster
+//!   init`, `add-node`); [`identity`]: what a peer's certificate proves (its node id
+//!   and name).
 //! - [`transport`]: QUIC endpoints with mutual TLS.
 //! - [`protocol`]: the versioned wire protocol: limits, error codes and errors in
 //!   `mod.rs`, framing in `frame.rs`, messages in `message.rs`.
@@ -55,6 +57,7 @@ pub mod discovery;
 pub mod encoding;
 pub mod entry;
 pub mod http;
+pub mod identity;
 pub mod ids;
 pub mod pathname;
 pub mod protocol;

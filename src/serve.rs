@@ -46,6 +46,8 @@ pub struct ServeOptions {
     /// UDP segmentation offload for QUIC (off where a container network breaks it).
     pub gso: bool,
     pub credentials: PathBuf,
+    /// This node's name, for a certificate it signs itself.
+    pub node_name: Option<String>,
     pub http: Option<SocketAddr>,
     pub heartbeat: Duration,
     /// Quiet time before a changed name is scanned.
@@ -63,12 +65,16 @@ pub async fn run(
     options: ServeOptions,
     shutdown_signal: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let credentials = Credentials::load(&options.credentials)?;
     let settings = &options.settings;
+    let credentials = Credentials::load(
+        &options.credentials,
+        &settings.state_dir,
+        options.node_name.as_deref(),
+    )?;
     if settings.volumes.is_empty() {
         return Err(crate::config::ConfigError::NoVolumes.into());
     }
-    let store = Store::open(
+    let mut store = Store::open(
         &settings.state_dir,
         OpenOptions {
             create: true,
@@ -76,6 +82,7 @@ pub async fn run(
             chunk_params: settings.chunk_params,
         },
     )?;
+    store.adopt_node_id(credentials.identity.node_id)?;
     let volumes = open_volumes(&options, &store)?;
     let discovery = Discovery::new(
         options.mode,
@@ -86,7 +93,8 @@ pub async fn run(
     )
     .await?;
     let node = Arc::new(Node::new(store, volumes, [], Faults::from_env()));
-    tracing::info!(node = %node.meta.node_id, volumes = ?settings.volumes, "starting");
+    let _ = node.identity.set(credentials.identity.clone());
+    tracing::info!(node = %node.meta.node_id, name = %credentials.identity.name, volumes = ?settings.volumes, "starting");
     // Watch before the first scan, so nothing changed during it goes unseen.
     let watchers: Vec<_> = node
         .volumes

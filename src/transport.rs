@@ -6,6 +6,10 @@
 //! and the ALPN names the protocol version. A peer without such a certificate fails the
 //! handshake before it can open a stream.
 //!
+//! Each endpoint records, per connection, what the peer's verified certificate proves
+//! ([`crate::identity::peer_identity`] reads it): which node is at the other end is
+//! decided by its certificate, never by what it says.
+//!
 //! The transport knows nothing of files or volumes: it hands out connections, on which
 //! [`crate::protocol`] opens one bidirectional stream per request.
 
@@ -17,6 +21,7 @@ use s2n_quic::provider::tls::default::callbacks::VerifyHostNameCallback;
 use s2n_quic::{Client, Connection, Server};
 
 use crate::credentials::{CLUSTER_SERVER_NAME, Credentials};
+use crate::identity::RecordPeerCertificate;
 
 /// The ALPN of Shoal's wire protocol; a new major protocol version gets a new ALPN.
 pub const ALPN: &[u8] = b"shoal/1";
@@ -104,6 +109,8 @@ pub fn listen(
         .map_err(|e| listen_err(e.to_string()))?
         .with_limits(limits().map_err(listen_err)?)
         .map_err(|e| listen_err(e.to_string()))?
+        .with_event(RecordPeerCertificate)
+        .map_err(|e| listen_err(e.to_string()))?
         .start()
         .map_err(|e| listen_err(e.to_string()))
 }
@@ -139,6 +146,8 @@ pub fn client(
         .with_io(io(bind, gso).map_err(|e| listen_err(e.to_string()))?)
         .map_err(|e| listen_err(e.to_string()))?
         .with_limits(limits().map_err(listen_err)?)
+        .map_err(|e| listen_err(e.to_string()))?
+        .with_event(RecordPeerCertificate)
         .map_err(|e| listen_err(e.to_string()))?
         .start()
         .map_err(|e| listen_err(e.to_string()))

@@ -348,6 +348,7 @@ pub struct RepairFlags {
     pub port: u16,
     pub peers: Vec<String>,
     pub credentials: std::path::PathBuf,
+    pub node_name: Option<String>,
     pub dry_run: bool,
     pub rebuild_index: bool,
     pub json: bool,
@@ -417,6 +418,7 @@ pub fn repair(settings: &Settings, flags: RepairFlags) -> anyhow::Result<Outcome
         rebuild_index: flags.rebuild_index,
         peers,
         credentials: flags.credentials,
+        node_name: flags.node_name,
     };
     let report = crate::repair::repair(settings, &options)?;
     if flags.json {
@@ -471,6 +473,7 @@ pub struct ServeFlags {
     pub heartbeat: u64,
     pub debounce_ms: u64,
     pub gso: bool,
+    pub node_name: Option<String>,
 }
 
 pub fn serve(
@@ -489,6 +492,7 @@ pub fn serve(
         heartbeat,
         debounce_ms,
         gso,
+        node_name,
     } = flags;
     let mode = parse_mode(mode.as_deref())?;
     if mode != crate::discovery::Mode::Static && !peers.is_empty() {
@@ -521,6 +525,7 @@ pub fn serve(
         require_mounts,
         gso,
         credentials,
+        node_name,
         http,
         heartbeat: Duration::from_secs(heartbeat),
         debounce: Duration::from_millis(debounce_ms),
@@ -554,9 +559,28 @@ pub fn cluster_init(out: &std::path::Path) -> anyhow::Result<Outcome> {
         let _ = writeln!(text, "  {}", file.display());
     }
     text.push_str(
-        "give every node ca.pem, cert.pem and key.pem (Docker secrets, or --credentials DIR);\nkeep ca-key.pem offline: it signs new node certificates.\n",
+        "every node needs ca.pem and its own key and certificate: issue them offline with\n`shoal cluster add-node NAME --ca DIR --out NODE_DIR`, or give nodes ca-key.pem too\nand each signs its own (then every node holds the CA key).\n",
     );
     print(&text)?;
+    Ok(Outcome::Success)
+}
+
+pub fn cluster_add_node(
+    ca: &std::path::Path,
+    name: &str,
+    out: &std::path::Path,
+    days: i64,
+) -> anyhow::Result<Outcome> {
+    if days < 1 {
+        anyhow::bail!("--days must be at least 1");
+    }
+    let proven = crate::credentials::add_node(ca, name, out, days)?;
+    print(&format!(
+        "issued node {} (id {}) its credentials in {}: ca.pem, cert.pem, key.pem\n",
+        proven.name,
+        proven.node_id,
+        out.display()
+    ))?;
     Ok(Outcome::Success)
 }
 
@@ -597,6 +621,17 @@ pub fn health(addr: &str) -> anyhow::Result<Outcome> {
     }
 }
 
+/// `name id, certificate valid until T` as the peer's certificate proved them, or `?`.
+fn peer_identity(peer: &crate::http::PeerStatus) -> String {
+    match (&peer.node_id, &peer.name, &peer.cert_expires) {
+        (Some(id), Some(name), Some(expires)) => {
+            format!("{name} {id}, certificate valid until {expires}")
+        }
+        (Some(id), ..) => id.clone(),
+        _ => "?".into(),
+    }
+}
+
 pub fn status_http(addr: &str, json: bool) -> anyhow::Result<Outcome> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr)
@@ -619,7 +654,11 @@ pub fn status_http(addr: &str, json: bool) -> anyhow::Result<Outcome> {
         print(&format!("{}\n", serde_json::to_string_pretty(&status)?))?;
         return Ok(Outcome::Success);
     }
-    let mut out = format!("node {}\n", status.node_id);
+    let mut out = format!("node {}", status.node_id);
+    if let (Some(name), Some(expires)) = (&status.name, &status.cert_expires) {
+        let _ = write!(out, " ({name}, certificate valid until {expires})");
+    }
+    out.push('\n');
     for v in &status.volumes {
         let _ = writeln!(
             out,
@@ -635,7 +674,7 @@ pub fn status_http(addr: &str, json: bool) -> anyhow::Result<Outcome> {
             out,
             "peer {} ({}): {}, sent {}, received {}, rejected chunks {}",
             p.addr,
-            p.node_id.as_deref().unwrap_or("?"),
+            peer_identity(p),
             if p.connected {
                 "connected"
             } else {

@@ -64,12 +64,27 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum ClusterCommand {
-    /// Create a cluster CA and node certificate: ca.pem, cert.pem, key.pem (the three
-    /// Docker secrets a node needs) and ca-key.pem (keep it offline).
+    /// Create a cluster CA: ca.pem (every node's) and ca-key.pem (it signs node
+    /// certificates: keep it where only the signing happens).
     Init {
         /// Directory to write the credentials to (created; existing files are kept).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+    },
+    /// Issue one node its own key and certificate, offline: ca.pem, cert.pem, key.pem
+    /// in --out (that node's --credentials), a copy of the certificate in CA/nodes/.
+    AddNode {
+        /// The node's name (its certificate's common name).
+        name: String,
+        /// Directory with the cluster CA (ca.pem, ca-key.pem).
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// Directory to write the node's credentials to (created; existing files are kept).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Days the certificate is valid.
+        #[arg(long, value_name = "DAYS", default_value_t = crate::credentials::DEFAULT_NODE_DAYS)]
+        days: i64,
     },
 }
 
@@ -159,6 +174,11 @@ struct RemoteArgs {
         default_value = "/run/secrets"
     )]
     credentials: PathBuf,
+
+    /// This node's name in the certificate it signs itself (when the credentials hold
+    /// ca-key.pem rather than its own cert.pem) [default: the host name].
+    #[arg(long, env = "SHOAL_NODE_NAME", value_name = "NAME")]
+    node_name: Option<String>,
 
     /// How peers are found: `static` (the --peer list), `docker` (running containers
     /// with the same `shoal.cluster` label on this container's networks) or `swarm` (the
@@ -375,6 +395,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 heartbeat: args.heartbeat.or(file.heartbeat).unwrap_or(25),
                 debounce_ms: args.debounce_ms,
                 gso: !args.no_gso,
+                node_name: args.remote.node_name,
             };
             let settings = settings(cli.config, args.locations, args.chunk_sizes)?;
             commands::serve(
@@ -388,6 +409,12 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         }
         Command::Health(args) => commands::health(&args.http),
         Command::Cluster(ClusterCommand::Init { out }) => commands::cluster_init(&out),
+        Command::Cluster(ClusterCommand::AddNode {
+            name,
+            ca,
+            out,
+            days,
+        }) => commands::cluster_add_node(&ca, &name, &out, days),
         Command::Repair(args) => {
             let file = file_config(cli.config.as_ref())?;
             let settings = settings(cli.config, args.locations, args.chunk_sizes)?;
@@ -397,6 +424,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 port: args.remote.listen.port(),
                 peers: args.remote.peers,
                 credentials: args.remote.credentials,
+                node_name: args.remote.node_name,
                 dry_run: args.dry_run,
                 rebuild_index: args.rebuild_index,
                 json: args.json,

@@ -59,6 +59,9 @@ pub enum ErrorCode {
     UnknownVolume,
     /// A store or stream error on the responder.
     Internal,
+    /// `Hello` with a node id other than the one the peer's certificate proves, or from
+    /// a revoked node (ends the connection).
+    Identity,
 }
 
 impl ErrorCode {
@@ -71,12 +74,16 @@ impl ErrorCode {
             ErrorCode::ChunkParams => 4,
             ErrorCode::UnknownVolume => 5,
             ErrorCode::Internal => 6,
+            ErrorCode::Identity => 7,
         }
     }
 
     /// Whether the responder closes the connection after it: the two nodes cannot talk.
     pub fn ends_connection(self) -> bool {
-        matches!(self, ErrorCode::Version | ErrorCode::ChunkParams)
+        matches!(
+            self,
+            ErrorCode::Version | ErrorCode::ChunkParams | ErrorCode::Identity
+        )
     }
 }
 
@@ -134,12 +141,16 @@ mod tests {
             (ErrorCode::ChunkParams, 4),
             (ErrorCode::UnknownVolume, 5),
             (ErrorCode::Internal, 6),
+            (ErrorCode::Identity, 7),
         ];
         for (code, number) in codes {
             assert_eq!(code.number(), number);
             assert_eq!(
                 code.ends_connection(),
-                matches!(code, ErrorCode::Version | ErrorCode::ChunkParams)
+                matches!(
+                    code,
+                    ErrorCode::Version | ErrorCode::ChunkParams | ErrorCode::Identity
+                )
             );
         }
     }

@@ -82,6 +82,8 @@ pub struct RepairOptions {
     pub peers: Vec<SocketAddr>,
     /// The cluster credentials directory, for the peers.
     pub credentials: PathBuf,
+    /// This node's name, for a certificate it signs itself.
+    pub node_name: Option<String>,
 }
 
 /// One thing repair did (or, with `--dry-run`, would do).
@@ -149,7 +151,7 @@ pub fn repair(settings: &Settings, options: &RepairOptions) -> Result<RepairRepo
     } else {
         false
     };
-    let store = Store::open(
+    let mut store = Store::open(
         &settings.state_dir,
         OpenOptions {
             create,
@@ -157,6 +159,18 @@ pub fn repair(settings: &Settings, options: &RepairOptions) -> Result<RepairRepo
             chunk_params: settings.chunk_params,
         },
     )?;
+    // Peers know this node by its key: its id must be the key's before a Hello (a
+    // credentials error matters only if a peer is needed).
+    let credentials = (!options.peers.is_empty()).then(|| {
+        crate::credentials::Credentials::load(
+            &options.credentials,
+            &settings.state_dir,
+            options.node_name.as_deref(),
+        )
+    });
+    if let Some(Ok(credentials)) = &credentials {
+        store.adopt_node_id(credentials.identity.node_id)?;
+    }
     if report.index_rebuilt {
         // The live files first: a scan indexes them (new entries, new version vectors
         // from a new node id; equal content merges with the peers' histories). The
@@ -184,7 +198,7 @@ pub fn repair(settings: &Settings, options: &RepairOptions) -> Result<RepairRepo
             report: &mut report,
             client: None,
             connections: Vec::new(),
-            credentials: &options.credentials,
+            credentials,
         };
         repair.fix_index(&found)?;
         repair.restore_files(&found).await?;
@@ -291,7 +305,9 @@ struct Repair<'r> {
     /// Connected on first need; the connections live as long as the repair.
     client: Option<s2n_quic::Client>,
     connections: Vec<s2n_quic::Connection>,
-    credentials: &'r std::path::Path,
+    /// Loaded before the store's node id was settled; taken on first connect.
+    credentials:
+        Option<Result<crate::credentials::Credentials, crate::credentials::CredentialsError>>,
 }
 
 impl Repair<'_> {
@@ -342,7 +358,10 @@ impl Repair<'_> {
         if self.client.is_some() {
             return Ok(());
         }
-        let credentials = crate::credentials::Credentials::load(self.credentials)?;
+        let Some(credentials) = self.credentials.take() else {
+            return Ok(());
+        };
+        let credentials = credentials?;
         let any = if self.node.peers().iter().any(|p| p.addr.is_ipv6()) {
             std::net::Ipv6Addr::UNSPECIFIED.into()
         } else {

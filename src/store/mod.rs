@@ -490,6 +490,23 @@ impl Store {
         Ok(record)
     }
 
+    /// Makes `id` this store's node id: the id the node's key proves (see
+    /// `crate::identity`). A store made before nodes had keys of their own has a random
+    /// id; its version vectors keep the counters of that id as history, and new changes
+    /// count under `id`.
+    pub fn adopt_node_id(&mut self, id: NodeId) -> Result<(), StoreError> {
+        if self.meta.node_id == id {
+            return Ok(());
+        }
+        let mut batch = self.batch();
+        batch
+            .wb
+            .put_cf(self.cf(CF_META), META_NODE_ID, id.0.to_le_bytes());
+        self.write(batch, Durability::Durable)?;
+        self.meta.node_id = id;
+        Ok(())
+    }
+
     /// Every registered volume, by name.
     pub fn volumes(&self) -> Result<Vec<(String, VolumeRecord)>, StoreError> {
         let (start, end) = volume_meta_range();

@@ -67,7 +67,8 @@ pub async fn open_request(handle: &mut Handle, request: &Request) -> Result<Resp
 }
 
 /// Connects to `peer` and exchanges `Hello`s: on success the peer is marked connected,
-/// with its node id, the volumes it shares with us and the connection's handle.
+/// with the identity its certificate proves, the volumes it shares with us and the
+/// connection's handle.
 pub async fn connect(
     node: &Node,
     peer: &Peer,
@@ -77,6 +78,11 @@ pub async fn connect(
         .await
         .map_err(|e| SyncError::Connection(e.to_string()))?;
     let mut handle = connection.handle();
+    let proven =
+        crate::identity::peer_identity(&handle).map_err(|e| SyncError::Identity(e.to_string()))?;
+    if proven.node_id == node.meta.node_id {
+        return Err(SyncError::SelfConnection);
+    }
     let hello = match request(&mut handle, &Request::Hello(node.hello())).await? {
         Response::Hello(hello) => hello,
         other => {
@@ -86,15 +92,20 @@ pub async fn connect(
     if hello.version != protocol::PROTOCOL_VERSION {
         return Err(SyncError::PeerVersion(hello.version));
     }
-    if hello.node_id == node.meta.node_id {
-        return Err(SyncError::SelfConnection);
+    if hello.node_id != proven.node_id {
+        return Err(SyncError::Identity(format!(
+            "its Hello claims node id {}, but its certificate is node {}'s",
+            hello.node_id,
+            proven.describe()
+        )));
     }
     let shared: Vec<String> = hello
         .volumes
         .into_iter()
         .filter(|v| node.volume(v).is_some())
         .collect();
-    *peer.node_id.lock().expect("peer state lock") = Some(hello.node_id);
+    *peer.node_id.lock().expect("peer state lock") = Some(proven.node_id);
+    *peer.identity.lock().expect("peer state lock") = Some(proven);
     *peer.shared_volumes.lock().expect("peer state lock") = shared;
     *peer.handle.lock().expect("peer state lock") = Some(handle);
     peer.connected.store(true, Ordering::Relaxed);

@@ -27,6 +27,10 @@ pub enum SyncError {
     /// The peer speaks another protocol version.
     #[error("peer speaks protocol version {0}")]
     PeerVersion(u16),
+    /// The peer is not who it says, or is not allowed in: what its certificate proves
+    /// does not match its `Hello`, or it was revoked.
+    #[error("peer identity: {0}")]
+    Identity(String),
     /// The address reached this node itself (a peer list that includes our own address).
     #[error("the peer is this node itself")]
     SelfConnection,

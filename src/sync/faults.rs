@@ -1,11 +1,13 @@
 //! Fault injection: a node that misbehaves on purpose, for tests of its peers.
 
+use crate::ids::NodeId;
 use crate::protocol::Response;
 
 /// Fault injection for tests of the *other* side: a node told to misbehave, so that its
 /// peers' defences can be checked against a real process. Set from the environment
 /// (`SHOAL_FAULT_CORRUPT_CHUNKS=1`, `SHOAL_FAULT_HOSTILE_NAMES=1`,
-/// `SHOAL_FAULT_WATCH_QUEUE=N`); never set in production.
+/// `SHOAL_FAULT_WATCH_QUEUE=N`, `SHOAL_FAULT_CLAIM_NODE_ID=HEX`); never set in
+/// production.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Faults {
     /// Flip a byte of every chunk sent.
@@ -15,6 +17,8 @@ pub struct Faults {
     /// Shrink the file watcher's event queue, so that a burst overflows it as the
     /// kernel's queue overflows under load.
     pub watch_queue: Option<usize>,
+    /// Claim this node id in `Hello` (another node's, say) instead of our own.
+    pub claim_node_id: Option<NodeId>,
 }
 
 impl Faults {
@@ -26,8 +30,16 @@ impl Faults {
             watch_queue: std::env::var("SHOAL_FAULT_WATCH_QUEUE")
                 .ok()
                 .and_then(|v| v.parse().ok()),
+            claim_node_id: std::env::var("SHOAL_FAULT_CLAIM_NODE_ID")
+                .ok()
+                .and_then(|v| u64::from_str_radix(&v, 16).ok())
+                .map(NodeId),
         };
-        if faults.corrupt_chunks || faults.hostile_names || faults.watch_queue.is_some() {
+        if faults.corrupt_chunks
+            || faults.hostile_names
+            || faults.watch_queue.is_some()
+            || faults.claim_node_id.is_some()
+        {
             tracing::warn!(
                 ?faults,
                 "FAULT INJECTION ENABLED: this node misbehaves on purpose (testing only)"

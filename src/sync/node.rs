@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use s2n_quic::connection::Handle;
 
 use super::{Faults, Stats, SyncError, request};
+use crate::identity::Proven;
 use crate::ids::{NodeId, VolumeId};
 use crate::protocol::{self, Request};
 use crate::store::{Store, StoreMeta};
@@ -43,6 +44,8 @@ impl Volume {
 pub struct Peer {
     pub addr: SocketAddr,
     pub node_id: Mutex<Option<NodeId>>,
+    /// Who the peer is, as its certificate proved on the last connection.
+    pub identity: Mutex<Option<Proven>>,
     pub connected: AtomicBool,
     pub chunk_bytes_sent: AtomicU64,
     pub chunk_bytes_received: AtomicU64,
@@ -60,6 +63,7 @@ impl Peer {
         Peer {
             addr,
             node_id: Mutex::new(None),
+            identity: Mutex::new(None),
             connected: AtomicBool::new(false),
             chunk_bytes_sent: AtomicU64::new(0),
             chunk_bytes_received: AtomicU64::new(0),
@@ -72,6 +76,10 @@ impl Peer {
 
     pub fn node_id(&self) -> Option<NodeId> {
         *self.node_id.lock().expect("peer state lock")
+    }
+
+    pub fn identity(&self) -> Option<Proven> {
+        self.identity.lock().expect("peer state lock").clone()
     }
 
     pub fn connection(&self) -> Option<Handle> {
@@ -99,6 +107,8 @@ pub struct Node {
     /// Sync ownership (uid/gid) too: only when running as root.
     pub sync_ownership: bool,
     pub faults: Faults,
+    /// What this node's own certificate proves (set once credentials are loaded).
+    pub identity: std::sync::OnceLock<Proven>,
 }
 
 impl Node {
@@ -121,6 +131,7 @@ impl Node {
             stats: Stats::default(),
             sync_ownership: rustix::process::geteuid().is_root(),
             faults,
+            identity: std::sync::OnceLock::new(),
         }
     }
 
@@ -131,7 +142,7 @@ impl Node {
     pub fn hello(&self) -> protocol::Hello {
         protocol::Hello {
             version: protocol::PROTOCOL_VERSION,
-            node_id: self.meta.node_id,
+            node_id: self.faults.claim_node_id.unwrap_or(self.meta.node_id),
             chunk_params: self.meta.chunk_params,
             volumes: self.volumes.iter().map(|v| v.name.clone()).collect(),
         }

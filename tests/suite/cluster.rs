@@ -97,6 +97,7 @@ impl Cluster {
             .args(["--listen", &format!("{}:7029", self.ip(i))])
             .args(["--http", &format!("{}:7030", self.ip(i))])
             .args(["--credentials", self.credentials[i].to_str().unwrap()])
+            .env("SHOAL_NODE_NAME", format!("node{i}"))
             .args(["--heartbeat", &self.heartbeat.to_string()])
             .env_remove("SYNC_VOLUMES")
             .env_remove("SHOAL_PEERS")
@@ -136,6 +137,11 @@ impl Cluster {
             child.kill().unwrap();
             child.wait().unwrap();
         }
+    }
+
+    /// Node `i`'s id, as its status shows it (its key's, once it has started).
+    pub fn node_id(&self, i: usize) -> Option<String> {
+        self.status(i)?["node_id"].as_str().map(str::to_string)
     }
 
     pub fn status(&self, i: usize) -> Option<Value> {

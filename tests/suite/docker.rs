@@ -696,7 +696,7 @@ fn swarm_the_stack_runs_healthy_alone_and_two_tasks_of_a_service_mirror() {
     docker_ok(&["network", "create", "--driver", "overlay", &net]);
     swarm.networks.push(net.clone());
     let mut secret_args = Vec::new();
-    for file in ["ca.pem", "cert.pem", "key.pem"] {
+    for file in ["ca.pem", "ca-key.pem"] {
         let secret = format!("{}-{file}", swarm.prefix);
         docker_ok(&[
             "secret",

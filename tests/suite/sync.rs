@@ -4,7 +4,7 @@ use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::cluster::*;
 use crate::util::{random_bytes, set_mtime, write_file};
@@ -283,6 +283,46 @@ fn a_peer_from_another_cluster_is_refused() {
         assert_eq!(status["peers"][0]["connected"], false, "node {i}: {status}");
     }
     assert!(c.log(1).contains("cannot sync"), "{}", c.log(1));
+}
+
+#[test]
+fn a_node_with_a_valid_certificate_claiming_another_nodes_id_is_refused() {
+    let mut c = Cluster::new(3);
+    write_file(&c.vol(0).join("secret.txt"), b"cluster data");
+    c.start(0);
+    c.start(1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let victim = loop {
+        if let Some(id) = c.node_id(1) {
+            break id;
+        }
+        assert!(Instant::now() < deadline, "node 1 never answered /status");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Node 2 has a certificate of its own from the cluster CA, but says it is node 1.
+    c.extra_env[2] = vec![("SHOAL_FAULT_CLAIM_NODE_ID".into(), victim.clone())];
+    c.start(2);
+    c.wait_converged(&[0, 1], Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !c.vol(2).join("secret.txt").exists(),
+        "data reached the impostor"
+    );
+    let status = c.status(0).expect("node 0 answers /status");
+    for peer in status["peers"].as_array().unwrap() {
+        let impostor = peer["addr"] == format!("{}:7029", c.ip(2));
+        assert_eq!(peer["connected"], !impostor, "{status}");
+        if !impostor {
+            assert_eq!(peer["name"], "node1", "{status}");
+        }
+    }
+    // Both directions: node 0 refuses its Hello, and refuses its answer to ours.
+    let log = c.log(0);
+    assert!(
+        log.contains(&format!("Hello claims node id {victim}")),
+        "{log}"
+    );
+    assert!(log.contains("its Hello claims node id"), "{log}");
 }
 
 #[test]

@@ -1,11 +1,12 @@
-//! `Hello`: the handshake. Another protocol version or other chunk sizes end the
-//! connection; otherwise the peer's node id is remembered for the connection.
+//! `Hello`: the handshake. Another protocol version, other chunk sizes or a node id
+//! other than the one the peer's certificate proves end the connection; otherwise the
+//! connection is open for requests.
 
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use super::Session;
 use crate::protocol::{self, ErrorCode, Hello, ProtocolError, Response};
-use crate::sync::{Node, Peer};
+use crate::sync::Node;
 
 pub(super) fn answer(
     node: &Node,
@@ -31,19 +32,16 @@ pub(super) fn answer(
             ),
         });
     }
-    *session.peer_id.lock().expect("peer id lock") = Some(hello.node_id);
-    // A peer may connect to us before we reach it: learn its id from its address
-    // so that what we send it is counted against it from the start.
-    if node.peer_by_id(hello.node_id).is_none() {
-        let same_host = |p: &&Arc<Peer>| session.remote_addr.is_some_and(|a| a.ip() == p.addr.ip());
-        if let Some(peer) = node
-            .peers()
-            .iter()
-            .filter(same_host)
-            .find(|p| p.node_id().is_none())
-        {
-            *peer.node_id.lock().expect("peer state lock") = Some(hello.node_id);
-        }
+    if hello.node_id != session.peer.node_id {
+        return Err(ProtocolError::Refused {
+            code: ErrorCode::Identity,
+            message: format!(
+                "Hello claims node id {}, but the certificate is node {}'s",
+                hello.node_id,
+                session.peer.describe()
+            ),
+        });
     }
+    session.greeted.store(true, Ordering::Release);
     Ok(Response::Hello(node.hello()))
 }

@@ -17,13 +17,14 @@ mod entries;
 mod hello;
 mod notify;
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use s2n_quic::Connection;
 use s2n_quic::stream::{ReceiveStream, SendStream};
 
 use super::Node;
+use crate::identity::Proven;
 use crate::ids::{NodeId, VolumeId};
 use crate::protocol::{self, ErrorCode, MAX_CONTROL_FRAME, ProtocolError, Request, Response};
 use crate::store::StoreError;
@@ -37,28 +38,40 @@ const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What one connection knows of its peer, shared by the tasks serving its streams.
 struct Session {
-    /// The node id the peer gave in its `Hello`; nothing else is answered before it.
-    peer_id: Mutex<Option<NodeId>>,
-    remote_addr: Option<SocketAddr>,
+    /// Who the peer is, as its certificate proves.
+    peer: Proven,
+    /// Whether the peer's `Hello` was accepted; nothing else is answered before it.
+    greeted: AtomicBool,
 }
 
 impl Session {
+    /// The peer's node id, once its `Hello` was accepted.
     fn peer_id(&self) -> Option<NodeId> {
-        *self.peer_id.lock().expect("peer id lock")
+        self.greeted
+            .load(Ordering::Acquire)
+            .then_some(self.peer.node_id)
     }
 }
 
 /// Serves one incoming connection until it closes.
 pub async fn serve_connection(node: Arc<Node>, mut connection: Connection) {
-    let remote_addr = connection.remote_addr().ok();
-    let remote = remote_addr
+    let remote = connection
+        .remote_addr()
         .map(|a| a.to_string())
-        .unwrap_or_else(|| "?".into());
-    let session = Arc::new(Session {
-        peer_id: Mutex::new(None),
-        remote_addr,
-    });
+        .unwrap_or_else(|_| "?".into());
     let handle = connection.handle();
+    let peer = match crate::identity::peer_identity(&handle) {
+        Ok(peer) => peer,
+        Err(e) => {
+            tracing::warn!(peer = %remote, "refused a connection: {e}");
+            handle.close(u32::from(ErrorCode::Identity.number()).into());
+            return;
+        }
+    };
+    let session = Arc::new(Session {
+        peer,
+        greeted: AtomicBool::new(false),
+    });
     loop {
         match connection.accept_bidirectional_stream().await {
             Ok(Some(stream)) => {
