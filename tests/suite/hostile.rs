@@ -12,8 +12,14 @@ use std::time::Duration;
 use s2n_quic::connection::Handle;
 use shoal::chunking::ChunkParams;
 use shoal::credentials::Credentials;
-use shoal::ids::NodeId;
 use shoal::protocol::{self, Hello, Request, Response};
+
+/// Credentials of a member of its own (named `hostile`, with a key of its own) from the
+/// cluster directory `dir`: a hostile member is still a member, and says its own id.
+fn member_credentials(dir: &Path) -> Credentials {
+    let state = tempfile::tempdir().unwrap();
+    Credentials::load(dir, state.path(), Some("hostile")).unwrap()
+}
 
 /// How long the hostile side waits for any one answer before calling the victim hung.
 const ANSWER_WAIT: Duration = Duration::from_secs(20);
@@ -36,7 +42,7 @@ impl HostileClient {
             .enable_all()
             .build()
             .unwrap();
-        let credentials = Credentials::load(credentials).unwrap();
+        let credentials = member_credentials(credentials);
         let victim: SocketAddr = victim.parse().unwrap();
         let bind: SocketAddr = format!("{bind_ip}:0").parse().unwrap();
         let (client, connection) = runtime.block_on(async {
@@ -61,7 +67,7 @@ impl HostileClient {
         };
         let hello = Request::Hello(Hello {
             version: protocol::PROTOCOL_VERSION,
-            node_id: NodeId::random().unwrap(),
+            node_id: credentials.identity.node_id,
             chunk_params: ChunkParams::DEFAULT,
             volumes: vec![volume.to_string()],
         });
@@ -164,12 +170,12 @@ impl HostileServer {
             .enable_all()
             .build()
             .unwrap();
-        let credentials = Credentials::load(credentials).unwrap();
+        let credentials = member_credentials(credentials);
         let listen: SocketAddr = listen.parse().unwrap();
         let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let hello = Hello {
             version: protocol::PROTOCOL_VERSION,
-            node_id: NodeId::random().unwrap(),
+            node_id: credentials.identity.node_id,
             chunk_params: ChunkParams::DEFAULT,
             volumes: vec![volume.to_string()],
         };
