@@ -26,7 +26,7 @@
 //!   (`index.rs`, `files.rs`, `packs.rs`).
 //! - [`credentials`]: the cluster CA and each node's key and certificate (`shoal cluster
 //!   init`, `add-node`); [`identity`]: what a peer's certificate proves (its node id
-//!   and name).
+//!   and name); [`revocation`]: the CA-signed list of revoked nodes.
 //! - [`transport`]: QUIC endpoints with mutual TLS.
 //! - [`protocol`]: the versioned wire protocol: limits, error codes and errors in
 //!   `mod.rs`, framing in `frame.rs`, messages in `message.rs`.
@@ -62,6 +62,7 @@ pub mod ids;
 pub mod pathname;
 pub mod protocol;
 pub mod repair;
+pub mod revocation;
 pub mod scan;
 pub mod serve;
 pub mod store;

@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use crate::config::Settings;
 use crate::credentials::Credentials;
 use crate::discovery::{Discovery, Mode};
+use crate::revocation::{REVOCATIONS_FILE, Revocations};
 use crate::scan::{ScanOptions, ScanScope, scan_volume};
 use crate::store::{OpenOptions, Store};
 use crate::sync::{Faults, Node, Peer, SyncError, Volume, pull};
@@ -94,6 +95,8 @@ pub async fn run(
     .await?;
     let node = Arc::new(Node::new(store, volumes, [], Faults::from_env()));
     let _ = node.identity.set(credentials.identity.clone());
+    let revocations = options.credentials.join(REVOCATIONS_FILE);
+    node.adopt_revocations(Revocations::load(&revocations, &credentials.ca_pem)?);
     tracing::info!(node = %node.meta.node_id, name = %credentials.identity.name, volumes = ?settings.volumes, "starting");
     // Watch before the first scan, so nothing changed during it goes unseen.
     let watchers: Vec<_> = node
@@ -126,6 +129,12 @@ pub async fn run(
         let timing = (options.debounce, options.heartbeat);
         tasks.spawn(async move { local_changes(node, index, watcher, timing, stop).await });
     }
+    tasks.spawn(follow_revocations(
+        node.clone(),
+        (revocations, credentials.ca_pem.clone()),
+        options.heartbeat,
+        stop_rx.clone(),
+    ));
     let retention = options.tombstone_retention;
     tasks.spawn(sweep_tombstones(node.clone(), retention, stop_rx.clone()));
     if let Some(addr) = options.http {
@@ -222,6 +231,36 @@ async fn accept(node: Arc<Node>, mut server: s2n_quic::Server, mut stop: watch::
                 None => break,
             },
             _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+}
+
+/// Reads the revocation list `file` again every heartbeat (checking it against the CA
+/// certificate `ca_pem`) and adopts it when it is newer, until `stop` flips.
+async fn follow_revocations(
+    node: Arc<Node>,
+    (file, ca_pem): (PathBuf, String),
+    heartbeat: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut last_error = String::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(heartbeat) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+        match Revocations::load(&file, &ca_pem) {
+            Ok(list) => {
+                last_error.clear();
+                node.adopt_revocations(list);
+            }
+            Err(e) => {
+                let message = e.to_string();
+                if message != last_error {
+                    tracing::error!("ignoring the revocation list: {message}");
+                    last_error = message;
+                }
+            }
         }
     }
 }

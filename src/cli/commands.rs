@@ -584,6 +584,19 @@ pub fn cluster_add_node(
     Ok(Outcome::Success)
 }
 
+pub fn cluster_revoke(ca: &std::path::Path, node: &str) -> anyhow::Result<Outcome> {
+    let (list, path) = crate::revocation::revoke(ca, node)?;
+    print(&format!(
+        "revoked {node}: {} (serial {}, {} ids, {} names); copy it into every node's credentials directory as {}: members re-read it every heartbeat\n",
+        path.display(),
+        list.serial,
+        list.ids.len(),
+        list.names.len(),
+        crate::revocation::REVOCATIONS_FILE,
+    ))?;
+    Ok(Outcome::Success)
+}
+
 /// `GET /healthz` on the daemon: healthy (exit 0) only on a 200 within 5 s.
 pub fn health(addr: &str) -> anyhow::Result<Outcome> {
     use std::io::{Read, Write};

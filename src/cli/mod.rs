@@ -86,6 +86,16 @@ enum ClusterCommand {
         #[arg(long, value_name = "DAYS", default_value_t = crate::credentials::DEFAULT_NODE_DAYS)]
         days: i64,
     },
+    /// Revoke a node: add it to the CA-signed revocation list CA/revocations.txt. Copy
+    /// that file into every node's credentials directory; members re-read it every
+    /// heartbeat and drop the node.
+    Revoke {
+        /// The node's name, or its 16-hex-digit node id (`shoal status` shows both).
+        node: String,
+        /// Directory with the cluster CA (ca.pem, ca-key.pem).
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -415,6 +425,9 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             out,
             days,
         }) => commands::cluster_add_node(&ca, &name, &out, days),
+        Command::Cluster(ClusterCommand::Revoke { node, ca }) => {
+            commands::cluster_revoke(&ca, &node)
+        }
         Command::Repair(args) => {
             let file = file_config(cli.config.as_ref())?;
             let settings = settings(cli.config, args.locations, args.chunk_sizes)?;

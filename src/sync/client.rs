@@ -83,6 +83,12 @@ pub async fn connect(
     if proven.node_id == node.meta.node_id {
         return Err(SyncError::SelfConnection);
     }
+    if node.is_revoked(&proven) {
+        return Err(SyncError::Identity(format!(
+            "node {} is revoked",
+            proven.describe()
+        )));
+    }
     let hello = match request(&mut handle, &Request::Hello(node.hello())).await? {
         Response::Hello(hello) => hello,
         other => {

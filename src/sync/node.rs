@@ -11,6 +11,7 @@ use super::{Faults, Stats, SyncError, request};
 use crate::identity::Proven;
 use crate::ids::{NodeId, VolumeId};
 use crate::protocol::{self, Request};
+use crate::revocation::Revocations;
 use crate::store::{Store, StoreMeta};
 use crate::volume_fs::VolumeFs;
 
@@ -109,6 +110,8 @@ pub struct Node {
     pub faults: Faults,
     /// What this node's own certificate proves (set once credentials are loaded).
     pub identity: std::sync::OnceLock<Proven>,
+    /// The newest CA-signed revocation list seen; revoked peers are refused.
+    pub revocations: std::sync::RwLock<Revocations>,
 }
 
 impl Node {
@@ -132,6 +135,7 @@ impl Node {
             sync_ownership: rustix::process::geteuid().is_root(),
             faults,
             identity: std::sync::OnceLock::new(),
+            revocations: std::sync::RwLock::new(Revocations::default()),
         }
     }
 
@@ -169,6 +173,43 @@ impl Node {
         *peers = kept;
         peers.extend(added.iter().cloned());
         (added, removed)
+    }
+
+    pub fn is_revoked(&self, node: &Proven) -> bool {
+        self.revocations
+            .read()
+            .expect("revocations lock")
+            .is_revoked(node)
+    }
+
+    /// Adopts `list` if it is newer than the one held; then closes the connections to
+    /// peers it revokes (their next handshakes are refused). Returns whether it was
+    /// adopted.
+    pub fn adopt_revocations(&self, list: Revocations) -> bool {
+        {
+            let mut held = self.revocations.write().expect("revocations lock");
+            if list.serial <= held.serial {
+                return false;
+            }
+            tracing::warn!(serial = list.serial, ids = ?list.ids, names = ?list.names, "revocation list adopted");
+            if let Some(me) = self.identity.get().filter(|me| list.is_revoked(me)) {
+                tracing::error!(
+                    "this node, {}, is revoked by the cluster CA: its peers refuse it",
+                    me.describe()
+                );
+            }
+            *held = list;
+        }
+        for peer in self.peers() {
+            if let Some(identity) = peer.identity()
+                && self.is_revoked(&identity)
+                && let Some(handle) = peer.connection()
+            {
+                tracing::warn!(peer = %peer.addr, node = %identity.describe(), "dropping a revoked peer");
+                handle.close(u32::from(protocol::ErrorCode::Identity.number()).into());
+            }
+        }
+        true
     }
 
     /// The peer whose node id is `id`, if it is one of ours.

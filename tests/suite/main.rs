@@ -7,6 +7,7 @@ mod cluster;
 mod crash;
 mod docker;
 mod hostile;
+mod identity;
 mod index;
 mod live;
 mod metadata;

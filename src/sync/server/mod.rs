@@ -143,6 +143,12 @@ async fn serve_stream(
         return Ok(());
     };
     let request = Request::decode(kind, &body)?;
+    if node.is_revoked(&session.peer) {
+        return Err(ProtocolError::Refused {
+            code: ErrorCode::Identity,
+            message: format!("node {} is revoked", session.peer.describe()),
+        });
+    }
     if !matches!(request, Request::Hello(_)) && session.peer_id().is_none() {
         return Err(ProtocolError::Malformed(
             "the first request on a connection must be Hello".into(),
