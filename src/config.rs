@@ -32,6 +32,8 @@ pub enum ConfigError {
     NoVolumes,
     #[error("invalid chunk sizes: {0}")]
     ChunkSizes(String),
+    #[error("invalid access rule: {0}")]
+    Access(String),
 }
 
 /// The TOML config file. Every key is optional; the same names as the long flags.
@@ -48,6 +50,8 @@ pub struct FileConfig {
     pub heartbeat: Option<u64>,
     pub docker_socket: Option<String>,
     pub require_mounts: Option<bool>,
+    /// Which nodes may hold each volume (`crate::access`).
+    pub access: Option<std::collections::BTreeMap<String, Vec<String>>>,
 }
 
 impl FileConfig {

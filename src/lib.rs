@@ -24,6 +24,7 @@
 //!   finding by a [`verify::Problem`] (`files.rs`, `locations.rs`, `packs.rs`).
 //! - [`repair`]: restores what verify finds damaged, from local copies or peers
 //!   (`index.rs`, `files.rs`, `packs.rs`).
+//! - [`access`]: which nodes may hold which volume.
 //! - [`credentials`]: the cluster CA and each node's key and certificate (`shoal cluster
 //!   init`, `add-node`); [`identity`]: what a peer's certificate proves (its node id
 //!   and name); [`revocation`]: the CA-signed list of revoked nodes.
@@ -48,6 +49,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod chunking;
 pub mod cli;
 pub mod config;

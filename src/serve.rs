@@ -49,6 +49,8 @@ pub struct ServeOptions {
     pub credentials: PathBuf,
     /// This node's name, for a certificate it signs itself.
     pub node_name: Option<String>,
+    /// Which peers may hold which volume.
+    pub access: crate::access::Access,
     pub http: Option<SocketAddr>,
     pub heartbeat: Duration,
     /// Quiet time before a changed name is scanned.
@@ -93,7 +95,12 @@ pub async fn run(
         options.heartbeat,
     )
     .await?;
-    let node = Arc::new(Node::new(store, volumes, [], Faults::from_env()));
+    let mut node = Node::new(store, volumes, [], Faults::from_env());
+    if !options.access.is_open() {
+        tracing::info!(rules = %options.access.describe(), "per-volume access");
+    }
+    node.access = options.access.clone();
+    let node = Arc::new(node);
     let _ = node.identity.set(credentials.identity.clone());
     let revocations = options.credentials.join(REVOCATIONS_FILE);
     node.adopt_revocations(Revocations::load(&revocations, &credentials.ca_pem)?);

@@ -24,7 +24,7 @@ use crate::credentials::{CLUSTER_SERVER_NAME, Credentials};
 use crate::identity::RecordPeerCertificate;
 
 /// The ALPN of Shoal's wire protocol; a new major protocol version gets a new ALPN.
-pub const ALPN: &[u8] = b"shoal/1";
+pub const ALPN: &[u8] = b"shoal/2";
 
 /// Streams a peer may have open on one connection (requests in flight).
 const MAX_STREAMS: u64 = 256;

@@ -474,6 +474,7 @@ pub struct ServeFlags {
     pub debounce_ms: u64,
     pub gso: bool,
     pub node_name: Option<String>,
+    pub access: crate::access::Access,
 }
 
 pub fn serve(
@@ -493,6 +494,7 @@ pub fn serve(
         debounce_ms,
         gso,
         node_name,
+        access,
     } = flags;
     let mode = parse_mode(mode.as_deref())?;
     if mode != crate::discovery::Mode::Static && !peers.is_empty() {
@@ -526,6 +528,7 @@ pub fn serve(
         gso,
         credentials,
         node_name,
+        access,
         http,
         heartbeat: Duration::from_secs(heartbeat),
         debounce: Duration::from_millis(debounce_ms),

@@ -143,6 +143,16 @@ struct ServeArgs {
     #[arg(long, env = "SHOAL_CHUNK_SIZES", value_name = "MIN/AVG/MAX")]
     chunk_sizes: Option<String>,
 
+    /// Which nodes may hold a volume: VOLUME=NODE,NODE (names or node ids; repeatable;
+    /// SHOAL_ACCESS takes a space-separated list). A volume without a rule: every node.
+    #[arg(
+        long,
+        env = "SHOAL_ACCESS",
+        value_name = "VOLUME=NODES",
+        value_delimiter = ' '
+    )]
+    access: Vec<String>,
+
     /// Days a delete is remembered (a node offline for longer could bring the file back).
     #[arg(
         long,
@@ -406,6 +416,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 debounce_ms: args.debounce_ms,
                 gso: !args.no_gso,
                 node_name: args.remote.node_name,
+                access: crate::access::Access::resolve(&args.access, file.access)?,
             };
             let settings = settings(cli.config, args.locations, args.chunk_sizes)?;
             commands::serve(

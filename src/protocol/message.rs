@@ -231,6 +231,17 @@ fn decode_hello(body: &[u8]) -> Result<Hello, ProtocolError> {
 }
 
 impl Request {
+    /// The volume the request is about, if it names one.
+    pub fn volume(&self) -> Option<&str> {
+        match self {
+            Request::GetDir { volume, .. }
+            | Request::GetEntries { volume, .. }
+            | Request::GetChunkList { volume, .. }
+            | Request::Notify { volume } => Some(volume),
+            Request::Hello(_) | Request::GetChunks { .. } => None,
+        }
+    }
+
     pub fn encode(&self) -> (u8, Vec<u8>) {
         let mut out = Vec::new();
         let kind = match self {
@@ -606,7 +617,7 @@ mod tests {
         });
         round_trip_request(Request::Notify { volume: "m".into() });
         let hello = Hello {
-            version: 1,
+            version: PROTOCOL_VERSION,
             node_id: NodeId(9),
             chunk_params: ChunkParams::DEFAULT,
             volumes: vec!["a".into()],

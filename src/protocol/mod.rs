@@ -21,7 +21,7 @@ pub use frame::{read_frame, response_limit, write_frame};
 pub use message::{Hello, ListPart, Request, Response, WireEntry};
 
 /// Protocol version carried in `Hello`; a peer with another version is refused.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Largest frame other than chunk data.
 pub const MAX_CONTROL_FRAME: usize = 4 << 20;
@@ -62,6 +62,8 @@ pub enum ErrorCode {
     /// `Hello` with a node id other than the one the peer's certificate proves, or from
     /// a revoked node (ends the connection).
     Identity,
+    /// The requester may not hold the volume it names (per-volume access).
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -75,6 +77,7 @@ impl ErrorCode {
             ErrorCode::UnknownVolume => 5,
             ErrorCode::Internal => 6,
             ErrorCode::Identity => 7,
+            ErrorCode::Forbidden => 8,
         }
     }
 
@@ -142,6 +145,7 @@ mod tests {
             (ErrorCode::UnknownVolume, 5),
             (ErrorCode::Internal, 6),
             (ErrorCode::Identity, 7),
+            (ErrorCode::Forbidden, 8),
         ];
         for (code, number) in codes {
             assert_eq!(code.number(), number);

@@ -105,10 +105,11 @@ pub async fn connect(
             proven.describe()
         )));
     }
+    // Nothing is pulled of a volume the peer may not hold, nor announced to it.
     let shared: Vec<String> = hello
         .volumes
         .into_iter()
-        .filter(|v| node.volume(v).is_some())
+        .filter(|v| node.volume(v).is_some() && node.access.allows(v, &proven))
         .collect();
     *peer.node_id.lock().expect("peer state lock") = Some(proven.node_id);
     *peer.identity.lock().expect("peer state lock") = Some(proven);

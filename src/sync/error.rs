@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 
 use crate::pathname::InvalidPath;
-use crate::protocol::ProtocolError;
+use crate::protocol::{ErrorCode, ProtocolError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -76,12 +76,16 @@ impl SyncError {
         )
     }
 
-    /// The connection to the peer is unusable: the peer's task reconnects.
+    /// The connection to the peer is unusable: the peer's task reconnects. A refusal
+    /// for one volume (the peer's access rules) leaves the others syncing.
     pub fn is_connection_lost(&self) -> bool {
-        matches!(
-            self,
-            SyncError::Connection(_) | SyncError::NotConnected | SyncError::Protocol(_)
-        )
+        match self {
+            SyncError::Protocol(ProtocolError::Remote { code, .. }) => {
+                *code != ErrorCode::Forbidden.number()
+            }
+            SyncError::Connection(_) | SyncError::NotConnected | SyncError::Protocol(_) => true,
+            _ => false,
+        }
     }
 
     /// A local I/O error, with what was being done.

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use s2n_quic::connection::Handle;
 
 use super::{Faults, Stats, SyncError, request};
+use crate::access::Access;
 use crate::identity::Proven;
 use crate::ids::{NodeId, VolumeId};
 use crate::protocol::{self, Request};
@@ -110,6 +111,8 @@ pub struct Node {
     pub faults: Faults,
     /// What this node's own certificate proves (set once credentials are loaded).
     pub identity: std::sync::OnceLock<Proven>,
+    /// Which peers may hold which volume.
+    pub access: Access,
     /// The newest CA-signed revocation list seen; revoked peers are refused.
     pub revocations: std::sync::RwLock<Revocations>,
 }
@@ -136,6 +139,7 @@ impl Node {
             faults,
             identity: std::sync::OnceLock::new(),
             revocations: std::sync::RwLock::new(Revocations::default()),
+            access: Access::default(),
         }
     }
 

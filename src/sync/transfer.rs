@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 
 use super::{Node, Peer, SyncError};
 use crate::chunking::ChunkRef;
-use crate::ids::ChunkId;
+use crate::ids::{ChunkId, VolumeId};
 use crate::protocol::{MAX_CHUNKS_PER_REQUEST, ProtocolError, Request, Response};
 use crate::store::{ChunkLocation, StoreError, pack};
 
@@ -29,7 +29,26 @@ impl Node {
     /// volume not open here, or a copy that changed, does not hide a good one. Blocking
     /// (file reads): call it off the async worker threads.
     pub fn read_local_chunk(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read_chunk_for(id, None)
+    }
+
+    /// [`Node::read_local_chunk`] for a peer: with `holds` (the volumes the peer may
+    /// hold, when it may not hold them all), only from live files of those volumes; a
+    /// pack's copy belongs to no volume the peer can be shown to hold.
+    pub fn read_chunk_for(
+        &self,
+        id: &ChunkId,
+        holds: Option<&[VolumeId]>,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         for location in self.store.chunk_locations(id)? {
+            let allowed = match (&location, holds) {
+                (_, None) => true,
+                (ChunkLocation::Live { vol, .. }, Some(holds)) => holds.contains(vol),
+                (ChunkLocation::Pack { .. }, Some(_)) => false,
+            };
+            if !allowed {
+                continue;
+            }
             let data = match location {
                 ChunkLocation::Live {
                     vol,

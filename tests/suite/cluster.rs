@@ -31,6 +31,8 @@ pub struct Cluster {
     pub heartbeat: u64,
     /// A command line that node `i`'s `shoal serve ...` is appended to (and `exec`ed by).
     pub wrapper: Vec<Vec<String>>,
+    /// Volumes besides `vol` every node syncs (their directories made at start).
+    pub more_volumes: Vec<String>,
 }
 
 impl Cluster {
@@ -57,6 +59,7 @@ impl Cluster {
             credentials: vec![creds; size],
             heartbeat: 1,
             wrapper: vec![Vec::new(); size],
+            more_volumes: Vec::new(),
         }
     }
 
@@ -94,6 +97,11 @@ impl Cluster {
             .args(["--data-root", node.join("data").to_str().unwrap()])
             .args(["--state-dir", node.join("state").to_str().unwrap()])
             .args(["--volume", "vol"])
+            .args(
+                self.more_volumes
+                    .iter()
+                    .flat_map(|v| ["--volume", v.as_str()]),
+            )
             .args(["--listen", &format!("{}:7029", self.ip(i))])
             .args(["--http", &format!("{}:7030", self.ip(i))])
             .args(["--credentials", self.credentials[i].to_str().unwrap()])

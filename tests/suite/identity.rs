@@ -138,3 +138,63 @@ fn nodes_with_offline_issued_credentials_sync_and_show_each_others_identity() {
         "{left:?} {status}"
     );
 }
+
+#[test]
+fn a_volume_limited_to_two_nodes_never_reaches_the_third_nor_comes_from_it() {
+    let mut c = Cluster::new(3);
+    c.more_volumes = vec!["private".into()];
+    for i in 0..3 {
+        c.extra_env[i] = vec![("SHOAL_ACCESS".into(), "private=node0,node1".into())];
+    }
+    let private = |c: &Cluster, i: usize| c.vol(i).parent().unwrap().join("private");
+    let secret = b"only for node0 and node1";
+    write_file(&private(&c, 0).join("secret.txt"), secret);
+    write_file(&c.vol(0).join("shared.txt"), b"for everyone");
+    write_file(&private(&c, 2).join("from-c.txt"), b"node2 offers this");
+    c.start_all();
+    c.wait_connected(Duration::from_secs(30));
+    c.wait_converged(&[0, 1, 2], Duration::from_secs(30));
+    wait_for(
+        Duration::from_secs(30),
+        "node1 gets the private volume",
+        || private(&c, 1).join("secret.txt").exists(),
+    );
+    std::thread::sleep(Duration::from_secs(2 * c.heartbeat + 1));
+    assert!(c.vol(2).join("shared.txt").exists());
+    assert!(
+        !private(&c, 2).join("secret.txt").exists(),
+        "the private volume reached node2"
+    );
+    for i in 0..2 {
+        assert!(
+            !private(&c, i).join("from-c.txt").exists(),
+            "node2's private file reached node{i}"
+        );
+    }
+    let log = c.log(2);
+    assert!(log.contains("may not hold volume private"), "{log}");
+
+    // Chunks too: a member that may not hold `private` asks node0 for the chunk of its
+    // file (a small file is one chunk, named by its BLAKE3) and for one of `vol`.
+    let member = crate::hostile::HostileClient::connect(
+        &c.credentials[0],
+        &c.ip(5),
+        &format!("{}:7029", c.ip(0)),
+        "vol",
+    );
+    let private_chunk = shoal::ids::ChunkId::of(secret);
+    let shared_chunk = shoal::ids::ChunkId::of(b"for everyone");
+    let answers = member.request(&shoal::protocol::Request::GetChunks {
+        ids: vec![private_chunk, shared_chunk],
+    });
+    assert!(
+        matches!(
+            answers.as_slice(),
+            [
+                shoal::protocol::Response::ChunkMissing { id },
+                shoal::protocol::Response::Chunk { data, .. },
+            ] if *id == private_chunk && data == b"for everyone"
+        ),
+        "{answers:?}"
+    );
+}

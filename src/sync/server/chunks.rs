@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use s2n_quic::stream::SendStream;
 
 use super::{Session, internal, reply};
-use crate::ids::ChunkId;
+use crate::ids::{ChunkId, VolumeId};
 use crate::protocol::{ErrorCode, ProtocolError, Response};
 use crate::sync::Node;
 
@@ -19,15 +19,25 @@ pub(super) async fn send(
     ids: Vec<ChunkId>,
     send: &mut SendStream,
 ) -> Result<(), ProtocolError> {
+    // A peer that may not hold every volume is served only what the volumes it may hold
+    // contain.
+    let holds: Option<Arc<[VolumeId]>> = (!node.access.is_open()).then(|| {
+        node.volumes
+            .iter()
+            .filter(|v| node.access.allows(&v.name, &session.peer))
+            .map(|v| v.id)
+            .collect()
+    });
     for id in ids {
-        let reader = node.clone();
-        let read = tokio::task::spawn_blocking(move || reader.read_local_chunk(&id))
-            .await
-            .map_err(|e| ProtocolError::Refused {
-                code: ErrorCode::Internal,
-                message: format!("reading chunk {id}: {e}"),
-            })?
-            .map_err(internal)?;
+        let (reader, holds) = (node.clone(), holds.clone());
+        let read =
+            tokio::task::spawn_blocking(move || reader.read_chunk_for(&id, holds.as_deref()))
+                .await
+                .map_err(|e| ProtocolError::Refused {
+                    code: ErrorCode::Internal,
+                    message: format!("reading chunk {id}: {e}"),
+                })?
+                .map_err(internal)?;
         let response = match read {
             Some(data) => {
                 let len = data.len() as u64;

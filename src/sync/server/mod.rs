@@ -154,6 +154,17 @@ async fn serve_stream(
             "the first request on a connection must be Hello".into(),
         ));
     }
+    if let Some(volume) = request.volume()
+        && !node.access.allows(volume, &session.peer)
+    {
+        return Err(ProtocolError::Refused {
+            code: ErrorCode::Forbidden,
+            message: format!(
+                "node {} may not hold volume {volume}",
+                session.peer.describe()
+            ),
+        });
+    }
     let response = match request {
         Request::Hello(hello) => hello::answer(node, session, hello)?,
         Request::Notify { volume } => notify::answer(node, session, &volume)?,
