@@ -52,6 +52,7 @@ pub struct FileConfig {
     pub require_mounts: Option<bool>,
     /// Which nodes may hold each volume (`crate::access`).
     pub access: Option<std::collections::BTreeMap<String, Vec<String>>>,
+    pub keep_setid: Option<Vec<String>>,
 }
 
 impl FileConfig {
@@ -88,6 +89,9 @@ pub struct Settings {
     /// Validated and de-duplicated, in the order given; may be empty.
     pub volumes: Vec<String>,
     pub chunk_params: Option<ChunkParams>,
+    /// Volumes whose files received from peers keep their setuid and setgid bits (by
+    /// default they are cleared: one stolen node key must not plant setuid binaries).
+    pub keep_setid: Vec<String>,
 }
 
 impl Settings {
@@ -115,6 +119,10 @@ impl Settings {
                 names.push(name);
             }
         }
+        let keep_setid = file.keep_setid.clone().unwrap_or_default();
+        for name in &keep_setid {
+            validate_volume_name(name)?;
+        }
         let chunk_params = chunk_sizes
             .or(file.chunk_sizes)
             .map(|text| ChunkParams::parse(&text).map_err(ConfigError::ChunkSizes))
@@ -128,6 +136,7 @@ impl Settings {
                 .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
             volumes: names,
             chunk_params,
+            keep_setid,
         })
     }
 

@@ -191,7 +191,8 @@ fn open_volumes(options: &ServeOptions, store: &Store) -> anyhow::Result<Vec<Vol
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        volumes.push(Volume::open(store, name, &dir).with_context(|| format!("volume {name}"))?);
+        let volume = Volume::open(store, name, &dir).with_context(|| format!("volume {name}"))?;
+        volumes.push(volume.keeping_setid(options.settings.keep_setid.contains(name)));
     }
     Ok(volumes)
 }

@@ -231,6 +231,18 @@ struct Locations {
         value_delimiter = ' '
     )]
     volumes: Vec<String>,
+
+    /// A volume whose files received from peers keep their setuid/setgid bits
+    /// (repeatable; SHOAL_KEEP_SETID takes a space-separated list). By default they
+    /// are cleared on received files, as a stolen node key must not plant setuid
+    /// binaries on every node.
+    #[arg(
+        long = "keep-setid",
+        value_name = "NAME",
+        env = "SHOAL_KEEP_SETID",
+        value_delimiter = ' '
+    )]
+    keep_setid: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -382,13 +394,25 @@ fn settings(
     chunk_sizes: Option<String>,
 ) -> anyhow::Result<Settings> {
     let file = file_config(config.as_ref())?;
-    Ok(Settings::resolve(
+    let mut settings = Settings::resolve(
         file,
         locations.data_root,
         locations.state_dir,
         locations.volumes,
         chunk_sizes,
-    )?)
+    )?;
+    let keep_setid: Vec<String> = locations
+        .keep_setid
+        .into_iter()
+        .filter(|v| !v.trim().is_empty())
+        .collect();
+    if !keep_setid.is_empty() {
+        for name in &keep_setid {
+            crate::config::validate_volume_name(name)?;
+        }
+        settings.keep_setid = keep_setid;
+    }
+    Ok(settings)
 }
 
 fn run(cli: Cli) -> anyhow::Result<Outcome> {

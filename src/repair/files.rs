@@ -225,7 +225,8 @@ impl Repair<'_> {
             }
         }
         let owner = node.sync_ownership.then_some(rebuild.owner);
-        finish_staged(&rebuild.staged.file, rebuild.mode, rebuild.mtime_ns, owner).map_err(io)?;
+        let mode = vol.received_file_mode(rebuild.mode);
+        finish_staged(&rebuild.staged.file, mode, rebuild.mtime_ns, owner).map_err(io)?;
         rebuild.file.sync_all().map_err(io)?;
         vol.fs
             .publish(&rebuild.staged.temp_name, &dir_fd, &rebuild.name)?;

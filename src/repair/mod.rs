@@ -182,7 +182,10 @@ pub fn repair(settings: &Settings, options: &RepairOptions) -> Result<RepairRepo
     let found = verify(&store, &volumes, &VerifyOptions::default())?;
     let node_volumes = volumes
         .iter()
-        .map(|(name, dir)| Volume::open(&store, name, dir))
+        .map(|(name, dir)| {
+            let keep = settings.keep_setid.iter().any(|k| k == name);
+            Volume::open(&store, name, dir).map(|v| v.keeping_setid(keep))
+        })
         .collect::<Result<_, _>>()?;
     let node = Arc::new(Node::new(
         store,

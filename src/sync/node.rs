@@ -24,6 +24,8 @@ pub struct Volume {
     /// Held by whoever changes the volume's index (a scan, or applying a pull), so the
     /// two never interleave.
     pub lock: tokio::sync::Mutex<()>,
+    /// Files received from peers keep their setuid/setgid bits (the volume opted in).
+    pub keep_setid: bool,
 }
 
 impl Volume {
@@ -38,7 +40,26 @@ impl Volume {
             id: record.id,
             fs,
             lock: tokio::sync::Mutex::new(()),
+            keep_setid: false,
         })
+    }
+
+    /// Whether files received from peers keep their setuid/setgid bits here.
+    pub fn keeping_setid(self, keep: bool) -> Volume {
+        Volume {
+            keep_setid: keep,
+            ..self
+        }
+    }
+
+    /// The permission bits a file received with `mode` gets on disk: setuid and setgid
+    /// cleared unless the volume opted in. (The index keeps the mode as received, so
+    /// the file is not seen as changed here and synced back stripped.)
+    pub fn received_file_mode(&self, mode: u32) -> u32 {
+        match self.keep_setid {
+            true => mode,
+            false => mode & !0o6000,
+        }
     }
 }
 

@@ -385,3 +385,212 @@ fn counters_at_u64_max_and_answers_without_progress_are_refused() {
     assert_eq!(fs::read(cluster.vol(0).join("a.txt")).unwrap(), b"kept");
     victim_is_healthy_and_verifies(&mut cluster);
 }
+
+/// Waits until `path` exists (a file a pull brings).
+fn wait_for(path: &std::path::Path, cluster: &Cluster, node: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !path.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never arrived:\n{}",
+            path.display(),
+            cluster.log(node)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn mode_of(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    fs::symlink_metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn received_files_lose_setuid_and_setgid_unless_the_volume_opts_in() {
+    use std::os::unix::fs::PermissionsExt;
+    for keep in [false, true] {
+        let mut cluster = Cluster::new(2);
+        if keep {
+            cluster.extra_env[0].push(("SHOAL_KEEP_SETID".into(), "vol".into()));
+        }
+        for (name, mode) in [("tool", 0o4755), ("shared", 0o2750)] {
+            let path = cluster.vol(1).join(name);
+            fs::write(&path, b"#!/bin/sh\n").unwrap();
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+        }
+        cluster.start_all();
+        wait_for(&cluster.vol(0).join("shared"), &cluster, 0);
+        wait_for(&cluster.vol(0).join("tool"), &cluster, 0);
+        // A few rounds more: the stripped copy must not sync back as a change.
+        std::thread::sleep(Duration::from_secs(3));
+        let (tool, shared) = match keep {
+            true => (0o4755, 0o2750),
+            false => (0o755, 0o750),
+        };
+        assert_eq!(mode_of(&cluster.vol(0).join("tool")), tool, "keep: {keep}");
+        assert_eq!(
+            mode_of(&cluster.vol(0).join("shared")),
+            shared,
+            "keep: {keep}"
+        );
+        assert_eq!(mode_of(&cluster.vol(1).join("tool")), 0o4755);
+        assert_eq!(mode_of(&cluster.vol(1).join("shared")), 0o2750);
+    }
+}
+
+#[test]
+fn a_chunk_whose_length_differs_from_its_chunk_list_is_not_used() {
+    use shoal::chunking::{ChunkRef, content_id};
+    use shoal::ids::ChunkId;
+    // The bytes are real, their id is right, but the list says half as many.
+    let real = random_bytes(1000, 13);
+    let id = ChunkId::of(&real);
+    let list = vec![ChunkRef { id, len: 500 }];
+    let entry = shoal::entry::Entry {
+        kind: shoal::entry::EntryKind::File {
+            size: 500,
+            content_id: content_id(&list),
+            chunks: 1,
+        },
+        mode: 0o644,
+        mtime_ns: 1_000_000_000,
+        uid: 0,
+        gid: 0,
+        version: shoal::entry::VersionVector::from_pairs([(shoal::ids::NodeId(77), 1)]),
+    };
+    let answer: crate::hostile::Answer = Box::new(move |request| match request {
+        Request::GetDir { .. } => vec![forged_root()],
+        Request::GetEntries { .. } => {
+            let mut lie = wire("lie.bin", entry.clone());
+            lie.chunks = Some(list.clone());
+            vec![Response::Entries {
+                entries: vec![lie],
+                more: false,
+            }]
+        }
+        Request::GetChunks { ids } => ids
+            .iter()
+            .map(|id| Response::Chunk {
+                id: *id,
+                data: real.clone(),
+            })
+            .collect(),
+        _ => vec![Response::Error {
+            code: 6,
+            message: "no".into(),
+        }],
+    });
+    let (mut cluster, hostile) = pulled_by_victim(|_| {}, answer, 3);
+    assert!(hostile.count(|r| matches!(r, Request::GetChunks { .. })) >= 1);
+    let log = cluster.log(0);
+    assert!(
+        log.contains("is 1000 bytes, not the length its chunk list gave; not using it"),
+        "{log}"
+    );
+    assert!(!cluster.vol(0).join("lie.bin").exists());
+    victim_is_healthy_and_verifies(&mut cluster);
+}
+
+#[test]
+fn chunk_list_pages_asked_for_are_increasing_and_bounded() {
+    let mut cluster = Cluster::new(1);
+    // Enough chunks for several pages (the page boundaries depend on chunk ids).
+    let content = random_bytes(12 << 20, 14);
+    fs::write(cluster.vol(0).join("big.bin"), &content).unwrap();
+    let chunked = Chunker::new(ChunkParams::DEFAULT)
+        .chunk_reader(&content[..])
+        .unwrap();
+    let pages = shoal::chunking::chunk_list_pages(&chunked.chunks).len() as u32;
+    assert!(pages >= 2, "{pages} pages");
+    cluster.start(0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while cluster.root(0).is_none() {
+        assert!(std::time::Instant::now() < deadline, "node 0 never scanned");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let peer = HostileClient::connect(
+        &cluster.credentials[0],
+        &cluster.ip(1),
+        &format!("{}:7029", cluster.ip(0)),
+        "vol",
+    );
+    let ask = |pages: Vec<u32>| Request::GetChunkList {
+        volume: "vol".into(),
+        path: shoal::pathname::VolPath::parse(b"big.bin").unwrap(),
+        content_id: chunked.content_id,
+        part: shoal::protocol::ListPart::Pages(pages),
+    };
+    let refused = |answers: Vec<Response>, why: &str| match answers.as_slice() {
+        [Response::Error { message, .. }] => assert!(message.contains(why), "{message}"),
+        other => panic!("not refused: {other:?}"),
+    };
+    // The same page a million times would copy it a million times into the answer.
+    refused(peer.request(&ask(vec![0; 900_000])), "strictly increasing");
+    refused(peer.request(&ask(vec![1, 0])), "strictly increasing");
+    refused(peer.request(&ask(vec![pages])), "chunk list page");
+    // Every page once, in order: the whole list.
+    match peer.request(&ask((0..pages).collect())).as_slice() {
+        [Response::ChunkList(Some(list))] => assert_eq!(*list, chunked.chunks),
+        other => panic!("{other:?}"),
+    }
+    assert!(healthy_within_a_second(&format!("{}:7030", cluster.ip(0))));
+    cluster.stop(0);
+}
+
+#[test]
+fn a_conflict_copy_name_planted_in_advance_does_not_stall_sync() {
+    let mut cluster = Cluster::new(2);
+    let scan = |i: usize| {
+        let node = cluster.dir.path().join(format!("node{i}"));
+        let out = crate::util::shoal_at(
+            &node.join("data"),
+            &node.join("state"),
+            "scan",
+            &["--volume", "vol"],
+        );
+        assert!(out.status.success(), "{}", crate::util::stderr(&out));
+        shoal::store::Store::open(&node.join("state"), shoal::store::OpenOptions::READ_ONLY)
+            .unwrap()
+            .meta()
+            .node_id
+    };
+    // The same name made on both nodes: node 1's is newer and wins; node 0's becomes a
+    // conflict copy, whose name a local user of node 0 has taken already.
+    fs::write(cluster.vol(0).join("doc.txt"), b"node 0's version").unwrap();
+    crate::util::set_mtime(&cluster.vol(0).join("doc.txt"), 1_700_000_000);
+    fs::write(cluster.vol(1).join("doc.txt"), b"node 1's version").unwrap();
+    crate::util::set_mtime(&cluster.vol(1).join("doc.txt"), 1_700_000_100);
+    let node0 = scan(0);
+    let node1 = scan(1);
+    let entry = |node: shoal::ids::NodeId, secs: i64| shoal::entry::Entry {
+        kind: shoal::entry::EntryKind::Dir,
+        mode: 0,
+        mtime_ns: secs * 1_000_000_000,
+        uid: 0,
+        gid: 0,
+        version: shoal::entry::VersionVector::from_pairs([(node, 1)]),
+    };
+    let taken = shoal::sync::conflict::conflict_name(
+        b"doc.txt",
+        &entry(node0, 1_700_000_000),
+        &entry(node1, 1_700_000_100),
+        0,
+    );
+    let taken = String::from_utf8(taken).unwrap();
+    fs::write(cluster.vol(0).join(&taken), b"planted").unwrap();
+
+    cluster.start_all();
+    cluster.wait_converged(&[0, 1], Duration::from_secs(30));
+    let names = crate::cluster::names(&cluster.vol(0));
+    let numbered = taken.replace(".txt", "-1.txt");
+    assert_eq!(names, [numbered.clone(), taken.clone(), "doc.txt".into()]);
+    assert_eq!(
+        fs::read(cluster.vol(0).join("doc.txt")).unwrap(),
+        b"node 1's version"
+    );
+    assert_eq!(fs::read(cluster.vol(0).join(&taken)).unwrap(), b"planted");
+    assert_eq!(
+        fs::read(cluster.vol(0).join(&numbered)).unwrap(),
+        b"node 0's version"
+    );
+}

@@ -212,7 +212,8 @@ impl Pull {
     }
 
     /// The conflict-copy name for `loser`: the one every node picks alike, or, if that
-    /// name is taken here (on disk or live in the index), the first numbered one that
+    /// name is taken here (on disk, live in the index, or a file this round is about to
+    /// take), the first numbered one that
     /// is free (a planted name must not stall sync). `None` if all are taken.
     fn free_conflict_name(
         &self,
@@ -233,7 +234,11 @@ impl Pull {
                 .store
                 .entry(vol, dir, &candidate)?
                 .is_some_and(|e| !e.is_tombstone());
-            if !on_disk && !indexed {
+            let queued = self
+                .files
+                .iter()
+                .any(|job| job.dir == *dir && job.name == candidate);
+            if !on_disk && !indexed && !queued {
                 return Ok(Some(candidate));
             }
         }

@@ -173,7 +173,7 @@ impl Pull {
                 .then_some((file.job.entry.uid, file.job.entry.gid));
             finish_staged(
                 &file.file,
-                file.job.entry.mode,
+                self.volume().received_file_mode(file.job.entry.mode),
                 file.job.entry.mtime_ns,
                 owner,
             )
