@@ -6,6 +6,7 @@ mod cli;
 mod cluster;
 mod crash;
 mod docker;
+mod fuzz;
 mod hostile;
 mod identity;
 mod index;
