@@ -270,68 +270,66 @@ fn response_decoding_never_panics() {
 }
 
 #[test]
-fn store_value_decoding_never_panics() {
-    let entry_seeds: Vec<Vec<u8>> = entries().iter().map(codec::encode_entry).collect();
-    fuzz("entry", entry_seeds.clone(), SHORT_CASES, |input| {
+fn entry_decoding_never_panics() {
+    let seeds: Vec<Vec<u8>> = entries().iter().map(codec::encode_entry).collect();
+    fuzz("entry", seeds, SHORT_CASES, |input| {
         if let Ok(entry) = codec::decode_entry(input) {
             codec::encode_entry(&entry);
         }
     });
-    fuzz("canonical entry", entry_seeds, SHORT_CASES, |input| {
+}
+
+#[test]
+fn canonical_entry_decoding_never_panics_and_round_trips() {
+    let seeds: Vec<Vec<u8>> = entries().iter().map(codec::encode_entry).collect();
+    fuzz("canonical entry", seeds, SHORT_CASES, |input| {
         if let Ok(entry) = codec::decode_canonical_entry(input) {
-            assert_eq!(
-                codec::decode_canonical_entry(&codec::encode_entry(&entry)).unwrap(),
-                entry
-            );
+            let again = codec::decode_canonical_entry(&codec::encode_entry(&entry));
+            assert_eq!(again.unwrap(), entry);
         }
     });
-    fuzz(
-        "chunk list",
-        vec![codec::encode_chunk_list(&chunks())],
-        SHORT_CASES,
-        |input| {
-            if let Ok(list) = codec::decode_chunk_list(input) {
-                codec::encode_chunk_list(&list);
-            }
-        },
-    );
-    let stamp = shoal::store::codec::ScanStamp {
+}
+
+#[test]
+fn chunk_list_decoding_never_panics() {
+    let seeds = vec![codec::encode_chunk_list(&chunks())];
+    fuzz("chunk list", seeds, SHORT_CASES, |input| {
+        if let Ok(list) = codec::decode_chunk_list(input) {
+            codec::encode_chunk_list(&list);
+        }
+    });
+}
+
+#[test]
+fn stamp_extent_and_key_decoding_never_panics() {
+    let stamp = codec::ScanStamp {
         size: 5,
         mtime_ns: 1,
         ctime_ns: 2,
         ino: 3,
         dev: 4,
     };
-    fuzz(
-        "scan stamp",
-        vec![codec::encode_stamp(&stamp).to_vec()],
-        SHORT_CASES,
-        |input| {
-            let _ = codec::decode_stamp(input);
-        },
-    );
-    let extent = shoal::store::codec::Extent { offset: 9, len: 10 };
-    fuzz(
-        "extent",
-        vec![codec::encode_extent(extent).to_vec()],
-        SHORT_CASES,
-        |input| {
-            let _ = codec::decode_extent(input);
-        },
-    );
-    fuzz(
-        "tree node",
-        vec![codec::encode_tree_node(&tree_node())],
-        SHORT_CASES,
-        |input| {
-            if let Ok(node) = codec::decode_tree_node(input) {
-                codec::encode_tree_node(&node);
-            }
-        },
-    );
+    let extent = codec::Extent { offset: 9, len: 10 };
     let key = shoal::store::keys::entry_key(shoal::ids::VolumeId(1), &path(b"a/b"), b"c");
-    fuzz("entry key", vec![key], SHORT_CASES, |input| {
+    let seeds = vec![
+        codec::encode_stamp(&stamp).to_vec(),
+        codec::encode_extent(extent).to_vec(),
+        key,
+    ];
+    fuzz("stamp, extent, entry key", seeds, SHORT_CASES, |input| {
+        let _ = codec::decode_stamp(input);
+        let _ = codec::decode_extent(input);
         let _ = shoal::store::keys::parse_entry_key(input);
+    });
+}
+
+#[test]
+fn tree_node_decoding_never_panics() {
+    let seeds = vec![codec::encode_tree_node(&tree_node())];
+    fuzz("tree node", seeds, SHORT_CASES, |input| {
+        if let Ok(node) = codec::decode_tree_node(input) {
+            codec::encode_tree_node(&node);
+        }
     });
 }
 
