@@ -388,7 +388,7 @@ fn counters_at_u64_max_and_answers_without_progress_are_refused() {
 
 /// Waits until `path` exists (a file a pull brings).
 fn wait_for(path: &std::path::Path, cluster: &Cluster, node: usize) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !path.exists() {
         assert!(
             std::time::Instant::now() < deadline,
