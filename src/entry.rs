@@ -20,10 +20,14 @@ pub enum EntryKind {
         chunks: u32,
     },
     Dir,
-    /// A symbolic link, recorded as its target bytes and never followed.
+    /// A symbolic link, recorded as its target bytes (wherever it points) and never
+    /// followed.
     Symlink {
         target: Vec<u8>,
     },
+    /// A named pipe: recreated empty, with its mode, owner and mtime (what flows through
+    /// it is a running program's, not data).
+    Fifo,
     /// A deleted name.
     Tombstone {
         deleted_at_ns: i64,
@@ -71,7 +75,10 @@ impl Entry {
 
     /// Whether the mtime is part of what syncs (symlinks' and tombstones' are not).
     pub fn has_synced_mtime(&self) -> bool {
-        matches!(self.kind, EntryKind::File { .. } | EntryKind::Dir)
+        matches!(
+            self.kind,
+            EntryKind::File { .. } | EntryKind::Dir | EntryKind::Fifo
+        )
     }
 }
 

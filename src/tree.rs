@@ -4,8 +4,8 @@
 //! each page is hashed over its children's records, and the directory's hash is a hash
 //! over its page hashes. A child directory enters its parent's record through its own
 //! hash, so the root hash covers the whole volume. What is hashed is exactly what syncs:
-//! names, kinds, permission bits, file sizes, file mtimes, content ids and symlink
-//! targets. Inode numbers, atimes, ownership and scan order are not, so identical trees
+//! names, kinds, permission bits, file sizes, file and FIFO mtimes, content ids and
+//! symlink targets. Inode numbers, atimes, ownership and scan order are not, so identical trees
 //! give identical roots on any machine. Tombstones are not content and are not hashed.
 //!
 //! Page boundaries depend only on names (a name ends a page when its hash has its low
@@ -40,6 +40,7 @@ pub const PAGE_MAX_ENTRIES: u32 = 4096;
 const KIND_FILE: u8 = 1;
 const KIND_DIR: u8 = 2;
 const KIND_SYMLINK: u8 = 3;
+const KIND_FIFO: u8 = 4;
 
 /// One page of a directory's children in the Merkle tree.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -129,6 +130,11 @@ fn encode_record(out: &mut Vec<u8>, name: &[u8], entry: &Entry, subtree: Option<
             out.extend_from_slice(&(target.len() as u16).to_le_bytes());
             out.extend_from_slice(target);
         }
+        EntryKind::Fifo => {
+            out.push(KIND_FIFO);
+            out.extend_from_slice(&entry.mode.to_le_bytes());
+            out.extend_from_slice(&entry.mtime_ns.to_le_bytes());
+        }
         EntryKind::Tombstone { .. } => unreachable!("tombstones are never hashed"),
     }
 }
@@ -189,6 +195,8 @@ pub fn build_node(
                 totals.chunks += u64::from(*chunks);
             }
             EntryKind::Symlink { .. } => totals.symlinks += 1,
+            // Counted in no total: a FIFO holds no data.
+            EntryKind::Fifo => {}
             EntryKind::Dir => {
                 totals.dirs += 1;
                 if let Some(node) = subtree(&name)? {

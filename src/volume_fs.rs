@@ -251,32 +251,96 @@ impl VolumeFs {
     }
 
     /// Puts a symlink to `target` at `name` in `dir_fd` atomically (made in staging,
-    /// renamed over the name), makes the directory durable, and returns the link's stat.
+    /// given `owner` if set, renamed over the name), makes the directory durable, and
+    /// returns the link's stat. The target is stored byte for byte, wherever it points:
+    /// Shoal never follows a symlink.
     pub fn place_symlink(
         &self,
         dir_fd: &OwnedFd,
         name: &[u8],
         target: &[u8],
+        owner: Option<(u32, u32)>,
     ) -> Result<rustix::fs::Stat, FsError> {
-        let temp = self.stage_symlink(target)?;
-        self.publish(&temp, dir_fd, name)?;
-        Self::fsync_dir(dir_fd)?;
-        self.stat(dir_fd, name)
-    }
-
-    /// Creates a symlink in staging under a new random name, ready to be renamed into
-    /// place.
-    fn stage_symlink(&self, target: &[u8]) -> Result<String, FsError> {
-        let unique = getrandom::u64().unwrap_or_default();
-        let temp_name = format!("{unique:016x}.symlink.tmp");
-        let _ = rustix::fs::unlinkat(&self.staging, temp_name.as_str(), AtFlags::empty());
+        let temp_name = staged_special_name("symlink");
         rustix::fs::symlinkat(
             std::ffi::OsStr::from_bytes(target),
             &self.staging,
             temp_name.as_str(),
         )
         .map_err(io_err(&temp_name))?;
-        Ok(temp_name)
+        self.finish_special(&temp_name, None, None, owner)?;
+        self.publish(&temp_name, dir_fd, name)?;
+        Self::fsync_dir(dir_fd)?;
+        self.stat(dir_fd, name)
+    }
+
+    /// Puts a FIFO (named pipe) with `mode`, `mtime_ns` and `owner` (if set) at `name`
+    /// in `dir_fd` atomically, like [`VolumeFs::place_symlink`].
+    pub fn place_fifo(
+        &self,
+        dir_fd: &OwnedFd,
+        name: &[u8],
+        mode: u32,
+        mtime_ns: i64,
+        owner: Option<(u32, u32)>,
+    ) -> Result<rustix::fs::Stat, FsError> {
+        let temp_name = staged_special_name("fifo");
+        rustix::fs::mknodat(
+            &self.staging,
+            temp_name.as_str(),
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .map_err(io_err(&temp_name))?;
+        self.finish_special(&temp_name, Some(mode), Some(mtime_ns), owner)?;
+        self.publish(&temp_name, dir_fd, name)?;
+        Self::fsync_dir(dir_fd)?;
+        self.stat(dir_fd, name)
+    }
+
+    /// Sets the owner, then the mode and mtime, of a symlink or FIFO in staging (by
+    /// name, never following it: nothing but Shoal writes in staging).
+    fn finish_special(
+        &self,
+        temp_name: &str,
+        mode: Option<u32>,
+        mtime_ns: Option<i64>,
+        owner: Option<(u32, u32)>,
+    ) -> Result<(), FsError> {
+        let fail = |e| {
+            let _ = rustix::fs::unlinkat(&self.staging, temp_name, AtFlags::empty());
+            io_err(temp_name)(e)
+        };
+        if let Some((uid, gid)) = owner {
+            rustix::fs::chownat(
+                &self.staging,
+                temp_name,
+                Some(rustix::fs::Uid::from_raw(uid)),
+                Some(rustix::fs::Gid::from_raw(gid)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(fail)?;
+        }
+        if let Some(mode) = mode {
+            rustix::fs::chmodat(
+                &self.staging,
+                temp_name,
+                Mode::from_raw_mode(mode),
+                AtFlags::empty(),
+            )
+            .map_err(fail)?;
+        }
+        if let Some(mtime_ns) = mtime_ns {
+            rustix::fs::utimensat(
+                &self.staging,
+                temp_name,
+                &timestamps(mtime_ns),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(fail)?;
+        }
+        Ok(())
     }
 
     /// Atomically replaces `name` in `dir_fd` with the staged file `temp_name`.
@@ -398,18 +462,27 @@ pub fn finish_staged(
 
 /// Sets the modification (and access) time of an open file or directory.
 pub fn set_mtime(fd: impl AsFd, mtime_ns: i64) -> io::Result<()> {
+    rustix::fs::futimens(fd, &timestamps(mtime_ns))?;
+    Ok(())
+}
+
+/// Access and modification times both at `mtime_ns`.
+fn timestamps(mtime_ns: i64) -> Timestamps {
     let mtime = Timespec {
         tv_sec: mtime_ns.div_euclid(1_000_000_000),
         tv_nsec: mtime_ns.rem_euclid(1_000_000_000) as _,
     };
-    rustix::fs::futimens(
-        fd,
-        &Timestamps {
-            last_access: mtime,
-            last_modification: mtime,
-        },
-    )?;
-    Ok(())
+    Timestamps {
+        last_access: mtime,
+        last_modification: mtime,
+    }
+}
+
+/// A new random name in staging for a symlink or FIFO about to be renamed into place
+/// (`*.tmp`: removed at the next start if a crash leaves it).
+fn staged_special_name(kind: &str) -> String {
+    let unique = getrandom::u64().unwrap_or_default();
+    format!("{unique:016x}.{kind}.tmp")
 }
 
 /// The scan stamp of an open file, as the scanner would record it.

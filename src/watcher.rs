@@ -117,7 +117,10 @@ impl VolumeWatcher {
             tx,
             overflow: overflow.clone(),
         };
-        let mut watcher = notify::recommended_watcher(move |event| handler.handle(event))
+        // Never through a symlink: one pointing at `/` would watch the whole machine, and
+        // what happens there is not the volume's.
+        let config = notify::Config::default().with_follow_symlinks(false);
+        let mut watcher = RecommendedWatcher::new(move |event| handler.handle(event), config)
             .map_err(|source| watch_error(root, source))?;
         watcher
             .watch(root, RecursiveMode::Recursive)

@@ -109,11 +109,7 @@ fn human_scan(r: &ScanReport) -> String {
         r.added, r.modified, r.deleted
     );
     if r.skipped_special > 0 {
-        let _ = writeln!(
-            out,
-            "  skipped  {} sockets, FIFOs or devices",
-            r.skipped_special
-        );
+        let _ = writeln!(out, "  skipped  {} devices", r.skipped_special);
     }
     let _ = writeln!(out, "  root     {}", r.root);
     out

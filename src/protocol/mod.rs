@@ -21,6 +21,8 @@ pub use frame::{read_frame, response_limit, write_frame};
 pub use message::{Hello, ListPart, Request, Response, WireEntry};
 
 /// Protocol version carried in `Hello`; a peer with another version is refused.
+/// Version 2 (see `schema/protocol.md`, "Versioning") also added FIFO entries (kind 4)
+/// and symlinks with any target.
 pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Largest frame other than chunk data.

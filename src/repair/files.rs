@@ -154,18 +154,24 @@ impl Repair<'_> {
                 );
                 return Ok(None);
             }
-            EntryKind::Symlink { target } => {
+            EntryKind::Symlink { .. } | EntryKind::Fifo => {
                 let parent = vol.fs.open_dir(&dir, true)?;
-                let stat = vol.fs.place_symlink(&parent, name, target)?;
+                let owner = node.sync_ownership.then_some((entry.uid, entry.gid));
+                let (stat, what) = match &entry.kind {
+                    EntryKind::Symlink { target } => (
+                        vol.fs.place_symlink(&parent, name, target, owner)?,
+                        "symlink recreated",
+                    ),
+                    _ => (
+                        vol.fs
+                            .place_fifo(&parent, name, entry.mode, entry.mtime_ns, owner)?,
+                        "FIFO recreated",
+                    ),
+                };
                 let mut batch = node.store.batch();
                 batch.put_stamp(vol.id, &dir, name, &stamp_of_stat(&stat));
                 node.store.write(batch, Durability::Durable)?;
-                self.done(
-                    "restored",
-                    Some(volume),
-                    Some(display),
-                    "symlink recreated".into(),
-                );
+                self.done("restored", Some(volume), Some(display), what.into());
                 return Ok(None);
             }
             EntryKind::Tombstone { .. } => None,

@@ -118,7 +118,7 @@ pub struct ScanReport {
     /// Files opened and read (unchanged files are not read).
     pub files_read: u64,
     pub bytes_read: u64,
-    /// Sockets, FIFOs and devices, which never sync.
+    /// Device nodes, which never sync (sockets are skipped without counting).
     pub skipped_special: u64,
     /// Names that could not be read; their previous index entries were kept.
     pub problems: Vec<String>,

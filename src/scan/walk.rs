@@ -6,7 +6,7 @@ use std::fs::Metadata;
 use std::io::{self, Read};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -415,12 +415,17 @@ impl<'s> Walker<'s> {
                     Err(rustix::io::Errno::NOENT) => {}
                     Err(e) => self.problem(format!("cannot read symlink {}: {e}", path.display())),
                 }
+            } else if file_type.is_fifo() {
+                let old =
+                    self.drop_if_kind_changed(dir, &item.name, old, |k| *k == EntryKind::Fifo)?;
+                self.record(dir, &item.name, old, EntryKind::Fifo, &item.meta);
             } else {
-                self.report.skipped_special += 1;
-                tracing::warn!(
-                    "skipping {}: sockets, FIFOs and devices are not synced",
-                    path.display()
-                );
+                // A socket belongs to the program listening on it, not to the data: it is
+                // skipped without a word. A device node is worth a warning.
+                if !file_type.is_socket() {
+                    self.report.skipped_special += 1;
+                    tracing::warn!("skipping {}: devices are not synced", path.display());
+                }
                 if let Some(old) = old.filter(|e| !e.is_tombstone()) {
                     self.delete_name(dir, &item.name, old)?;
                 }

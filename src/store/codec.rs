@@ -17,6 +17,7 @@ const KIND_TOMBSTONE: u8 = 0;
 const KIND_FILE: u8 = 1;
 const KIND_DIR: u8 = 2;
 const KIND_SYMLINK: u8 = 3;
+const KIND_FIFO: u8 = 4;
 
 pub fn encode_entry(entry: &Entry) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
@@ -26,6 +27,7 @@ pub fn encode_entry(entry: &Entry) -> Vec<u8> {
         EntryKind::File { .. } => KIND_FILE,
         EntryKind::Dir => KIND_DIR,
         EntryKind::Symlink { .. } => KIND_SYMLINK,
+        EntryKind::Fifo => KIND_FIFO,
     });
     out.extend_from_slice(&entry.mode.to_le_bytes());
     out.extend_from_slice(&entry.mtime_ns.to_le_bytes());
@@ -54,7 +56,7 @@ pub fn encode_entry(entry: &Entry) -> Vec<u8> {
             out.extend_from_slice(content_id.as_bytes());
             out.extend_from_slice(&chunks.to_le_bytes());
         }
-        EntryKind::Dir => {}
+        EntryKind::Dir | EntryKind::Fifo => {}
         EntryKind::Symlink { target } => put_short_bytes(&mut out, target),
     }
     out
@@ -112,6 +114,7 @@ fn decode_entry_parts(bytes: &[u8]) -> Result<(Entry, Vec<(NodeId, u64)>), Decod
             chunks: r.u32("chunk count")?,
         },
         KIND_DIR => EntryKind::Dir,
+        KIND_FIFO => EntryKind::Fifo,
         KIND_SYMLINK => EntryKind::Symlink {
             target: r.short_bytes("symlink target")?.to_vec(),
         },

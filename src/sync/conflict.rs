@@ -23,7 +23,7 @@ pub fn wins(a: &Entry, b: &Entry) -> bool {
 fn rank(e: &Entry) -> (u8, i64) {
     let kind = match e.kind {
         EntryKind::Tombstone { .. } => 0,
-        EntryKind::Symlink { .. } => 1,
+        EntryKind::Symlink { .. } | EntryKind::Fifo => 1,
         EntryKind::File { .. } => 1,
         EntryKind::Dir => 2,
     };

@@ -3,7 +3,7 @@
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::{Finding, Problem, Severity, VerifyReport, finding};
@@ -113,6 +113,7 @@ pub(super) fn check_entry(
     match &entry.kind {
         EntryKind::Tombstone { .. } => {}
         EntryKind::Dir if meta.is_dir() => {}
+        EntryKind::Fifo if meta.file_type().is_fifo() => {}
         EntryKind::Symlink { target } if meta.file_type().is_symlink() => {
             match fs::read_link(&fs_path) {
                 Ok(actual) if actual.as_os_str().as_bytes() == target.as_slice() => {}
@@ -221,6 +222,7 @@ pub(super) fn kind_name(kind: &EntryKind) -> &'static str {
         EntryKind::File { .. } => "file",
         EntryKind::Dir => "directory",
         EntryKind::Symlink { .. } => "symlink",
+        EntryKind::Fifo => "FIFO",
         EntryKind::Tombstone { .. } => "tombstone",
     }
 }

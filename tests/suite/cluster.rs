@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -244,7 +244,8 @@ fn tail(text: &str, lines: usize) -> String {
 }
 
 /// What a tree holds, as sync promises to reproduce it: per path the kind, permission
-/// bits, file mtime and content, symlink target; `.shoal/` excluded.
+/// bits, file and FIFO mtime and content, symlink target; `.shoal/`, sockets and
+/// devices (which do not sync) excluded.
 #[derive(Debug, PartialEq, Eq, Clone)]
 pub enum Item {
     File {
@@ -256,6 +257,10 @@ pub enum Item {
         mode: u32,
     },
     Symlink(Vec<u8>),
+    Fifo {
+        mode: u32,
+        mtime_ns: i64,
+    },
 }
 
 pub fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, Item> {
@@ -287,6 +292,13 @@ pub fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, Item> {
                 Item::Dir {
                     mode: meta.permissions().mode() & 0o7777,
                 }
+            } else if meta.file_type().is_fifo() {
+                Item::Fifo {
+                    mode: meta.permissions().mode() & 0o7777,
+                    mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+                }
+            } else if !meta.is_file() {
+                continue;
             } else {
                 let Ok(content) = fs::read(root.join(&path)) else {
                     continue;

@@ -136,7 +136,7 @@ fn non_utf8_names_are_indexed_as_their_exact_bytes() {
 }
 
 #[test]
-fn symlinks_are_recorded_not_followed_and_special_files_skipped() {
+fn symlinks_are_recorded_not_followed_fifos_indexed_and_sockets_skipped() {
     let fx = Fixture::new();
     fx.write("target.txt", b"x");
     symlink("target.txt", fx.path("inside")).unwrap();
@@ -150,6 +150,7 @@ fn symlinks_are_recorded_not_followed_and_special_files_skipped() {
             .unwrap()
             .success()
     );
+    let _socket = std::os::unix::net::UnixListener::bind(fx.path("app.sock")).unwrap();
     let report = fx.scan();
     assert_eq!(
         (
@@ -159,7 +160,8 @@ fn symlinks_are_recorded_not_followed_and_special_files_skipped() {
         ),
         (1, 2, 1)
     );
-    assert_eq!(report.skipped_special, 1);
+    // The socket is skipped without being counted or warned about.
+    assert_eq!(report.skipped_special, 0);
     let listing = index_listing(&fx.open(), "vol");
     assert_eq!(
         listing[&b"outside"[..]].kind,
@@ -167,7 +169,8 @@ fn symlinks_are_recorded_not_followed_and_special_files_skipped() {
             target: b"/etc".to_vec()
         }
     );
-    assert!(!listing.contains_key(&b"pipe"[..]));
+    assert_eq!(listing[&b"pipe"[..]].kind, EntryKind::Fifo);
+    assert!(!listing.contains_key(&b"app.sock"[..]));
     assert!(
         listing.keys().all(|k| !k.starts_with(b"outside/")),
         "symlink was followed"

@@ -130,3 +130,88 @@ fn directory_owners_modes_and_mtimes_sync_and_the_owner_can_write_on_the_peer() 
     assert_eq!(dir_metadata(&c.vol(0)), agreed);
     assert_eq!(dir_metadata(&c.vol(1)), agreed);
 }
+
+#[test]
+fn symlinks_keep_any_target_fifos_are_recreated_and_sockets_stay_local() {
+    let mut c = Cluster::new(2);
+    let a = c.vol(0);
+    fs::create_dir_all(a.join("links/deep")).unwrap();
+    let targets: [(&str, &[u8]); 5] = [
+        ("links/absolute", b"/etc/passwd"),
+        ("links/outside", b"../../../../../srv/elsewhere"),
+        ("links/dangling", b"no-such-file"),
+        ("links/deep/up-and-down", b"../x/../../y"),
+        ("links/raw", b"caf\xe9\xff/target"),
+    ];
+    for (name, target) in targets {
+        std::os::unix::fs::symlink(os(target), a.join(name)).unwrap();
+    }
+    mkfifo(&a.join("pipes/control"), 0o640);
+    set_mtime_of(&a.join("pipes/control"), 1_600_000_000);
+    // A running program's socket: local to this node, and not worth a warning.
+    let _listener = std::os::unix::net::UnixListener::bind(a.join("pipes/app.sock")).unwrap();
+    c.start_all();
+    c.wait_converged(&[0, 1], CONVERGE);
+    let b = c.vol(1);
+    for (name, target) in targets {
+        assert_eq!(
+            fs::read_link(b.join(name)).unwrap().as_os_str().as_bytes(),
+            target,
+            "{name}"
+        );
+    }
+    let fifo = fs::symlink_metadata(b.join("pipes/control")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&fifo.file_type()));
+    assert_eq!(fifo.permissions().mode() & 0o7777, 0o640);
+    assert_eq!(fifo.mtime(), 1_600_000_000);
+    assert!(!b.join("pipes/app.sock").exists());
+    for i in 0..2 {
+        let log = c.log(i);
+        assert!(
+            !log.contains("refusing symlink") && !log.contains("app.sock"),
+            "node {i} warned about a symlink or the socket:\n{log}"
+        );
+    }
+
+    // A change on the other side travels back.
+    fs::set_permissions(b.join("pipes/control"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::remove_file(b.join("links/absolute")).unwrap();
+    std::os::unix::fs::symlink("/var/lib/other", b.join("links/absolute")).unwrap();
+    c.wait_converged(&[0, 1], CONVERGE);
+    let fifo = fs::symlink_metadata(a.join("pipes/control")).unwrap();
+    assert_eq!(fifo.permissions().mode() & 0o7777, 0o600);
+    assert_eq!(
+        fs::read_link(a.join("links/absolute")).unwrap(),
+        Path::new("/var/lib/other")
+    );
+}
+
+fn os(bytes: &[u8]) -> &std::ffi::OsStr {
+    std::ffi::OsStr::from_bytes(bytes)
+}
+
+fn mkfifo(path: &Path, mode: u32) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(mode),
+        0,
+    )
+    .unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Sets the mtime of anything but a symlink, without opening it (a FIFO would block).
+fn set_mtime_of(path: &Path, secs: i64) {
+    let time = rustix::fs::Timespec {
+        tv_sec: secs,
+        tv_nsec: 0,
+    };
+    let times = rustix::fs::Timestamps {
+        last_access: time,
+        last_modification: time,
+    };
+    rustix::fs::utimensat(rustix::fs::CWD, path, &times, rustix::fs::AtFlags::empty()).unwrap();
+}

@@ -1,4 +1,5 @@
-//! Applying what was decided: directories and symlinks in place, deletes at the end.
+//! Applying what was decided: directories, symlinks and FIFOs in place, deletes at the
+//! end, then the directories' mtimes.
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
@@ -8,7 +9,7 @@ use super::files::FileJob;
 use super::{Pull, RemoteDir};
 use crate::chunking::ChunkRef;
 use crate::entry::{Causality, Entry, EntryKind, MODE_MASK};
-use crate::pathname::{VolPath, escape};
+use crate::pathname::VolPath;
 use crate::store::Durability;
 use crate::sync::SyncError;
 use crate::volume_fs::stamp_of_stat;
@@ -95,43 +96,54 @@ impl Pull {
                 }
                 Ok(())
             }
-            EntryKind::Symlink { target } => {
-                if !symlink_stays_inside(dir, target) {
-                    tracing::warn!(peer = %self.peer.addr, "refusing symlink {} -> {}: it leaves the volume", path.display(), escape(target));
-                    self.report.skipped += 1;
-                    return Ok(());
-                }
-                let dir_fd = self.volume().fs.open_dir(dir, true)?;
-                if !self.unchanged_on_disk(&dir_fd, dir, name)? {
-                    self.report.skipped += 1;
-                    return Ok(());
-                }
-                // A directory cannot be replaced atomically; it goes only when empty.
-                if replaces.as_ref().is_some_and(Entry::is_dir)
-                    && !self.volume().fs.remove_dir(&dir_fd, name)?
-                {
-                    self.report.skipped += 1;
-                    return Ok(());
-                }
-                let stat = self.volume().fs.place_symlink(&dir_fd, name, target)?;
-                let mut batch = self.node.store.batch();
-                if let Some(old) = replaces.as_ref() {
-                    self.forget_chunks_in(&mut batch, dir, name, old)?;
-                }
-                batch.put_entry(vol, dir, name, &remote);
-                batch.put_stamp(vol, dir, name, &stamp_of_stat(&stat));
-                batch.mark_dirty(vol, dir);
-                self.node.store.write(batch, Durability::Durable)?;
-                self.report.applied += 1;
-                self.node
-                    .stats
-                    .files_applied
-                    .fetch_add(1, Ordering::Relaxed);
-                Ok(())
+            EntryKind::Symlink { .. } | EntryKind::Fifo => {
+                self.place_special(dir, name, remote, replaces.as_ref())
             }
             // A delete that won a conflict: applied at the end like any other.
             EntryKind::Tombstone { .. } => self.defer_delete(dir, name.to_vec(), remote),
         }
+    }
+
+    /// Puts the peer's symlink or FIFO at `dir/name`, replacing what is there only if
+    /// it is unchanged since the last scan (a directory only once it is empty).
+    fn place_special(
+        &mut self,
+        dir: &VolPath,
+        name: &[u8],
+        remote: Entry,
+        replaces: Option<&Entry>,
+    ) -> Result<(), SyncError> {
+        let vol = self.volume().id;
+        let fs = &self.node.volumes[self.volume_index].fs;
+        let dir_fd = fs.open_dir(dir, true)?;
+        if !self.unchanged_on_disk(&dir_fd, dir, name)? {
+            self.report.skipped += 1;
+            return Ok(());
+        }
+        // A directory cannot be replaced atomically; it goes only when empty.
+        if replaces.is_some_and(Entry::is_dir) && !fs.remove_dir(&dir_fd, name)? {
+            self.report.skipped += 1;
+            return Ok(());
+        }
+        let owner = self.node.sync_ownership.then_some((remote.uid, remote.gid));
+        let stat = match &remote.kind {
+            EntryKind::Symlink { target } => fs.place_symlink(&dir_fd, name, target, owner)?,
+            _ => fs.place_fifo(&dir_fd, name, remote.mode, remote.mtime_ns, owner)?,
+        };
+        let mut batch = self.node.store.batch();
+        if let Some(old) = replaces {
+            self.forget_chunks_in(&mut batch, dir, name, old)?;
+        }
+        batch.put_entry(vol, dir, name, &remote);
+        batch.put_stamp(vol, dir, name, &stamp_of_stat(&stat));
+        batch.mark_dirty(vol, dir);
+        self.node.store.write(batch, Durability::Durable)?;
+        self.report.applied += 1;
+        self.node
+            .stats
+            .files_applied
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     pub(super) fn forget_chunks(
@@ -274,51 +286,5 @@ impl Pull {
             crate::volume_fs::VolumeFs::fsync_dir(&dir_fd)?;
         }
         Ok(())
-    }
-}
-
-/// Whether a symlink at `dir` with `target` stays inside the volume: a relative target
-/// made of leading `..` components that do not climb above the root, then plain names.
-/// (A `..` after a name is refused: the name could itself be a symlink, and chains of
-/// such links could climb out.)
-pub fn symlink_stays_inside(dir: &VolPath, target: &[u8]) -> bool {
-    if target.is_empty() || target.starts_with(b"/") || target.contains(&0) {
-        return false;
-    }
-    let mut depth = dir.depth() as i64;
-    let mut descended = false;
-    for part in target.split(|&b| b == b'/') {
-        match part {
-            b"" | b"." => {}
-            b".." if descended => return false,
-            b".." => {
-                depth -= 1;
-                if depth < 0 {
-                    return false;
-                }
-            }
-            _ => descended = true,
-        }
-    }
-    true
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn symlinks_that_leave_the_volume_are_refused() {
-        let root = VolPath::root();
-        let deep = VolPath::parse(b"a/b").unwrap();
-        assert!(symlink_stays_inside(&root, b"file"));
-        assert!(symlink_stays_inside(&deep, b"../../top"));
-        assert!(!symlink_stays_inside(&deep, b"../../../etc/passwd"));
-        assert!(!symlink_stays_inside(&root, b"/etc/passwd"));
-        assert!(!symlink_stays_inside(&root, b"../x"));
-        assert!(!symlink_stays_inside(&root, b""));
-        // A chain: `s -> ../..` is fine on its own, `s/../../..` through it is not.
-        assert!(symlink_stays_inside(&deep, b"../.."));
-        assert!(!symlink_stays_inside(&deep, b"s/../../.."));
     }
 }
