@@ -81,6 +81,7 @@ impl<'s> Walker<'s> {
             ScanScope::Dirs(dirs) => {
                 for (dir, depth) in self.start_dirs(dirs)? {
                     if let Some(rules) = self.rules_above(&dir) {
+                        self.restat_start_dir(&dir, &rules)?;
                         self.pending.push((dir, rules, depth));
                     }
                 }
@@ -146,6 +147,30 @@ impl<'s> Walker<'s> {
             .collect();
         starts.retain(|dir, _| !subtrees.iter().any(|top| dir.is_below(top)));
         Ok(starts)
+    }
+
+    /// Brings the entry of a narrow scan's start directory (kept in its parent, which the
+    /// scan does not list) up to date: the names added or removed in it moved its mtime.
+    fn restat_start_dir(
+        &mut self,
+        dir: &VolPath,
+        rules: &Arc<IgnoreRules>,
+    ) -> Result<(), StoreError> {
+        let Some((parent, name)) = dir.split_last() else {
+            return Ok(());
+        };
+        let Ok(meta) = fs::symlink_metadata(dir.under(&self.root)) else {
+            return Ok(());
+        };
+        if !meta.is_dir() || self.is_held(&parent, name) {
+            return Ok(());
+        }
+        let stamp = self.store.stamp(self.vol, &parent, name)?;
+        let item = Listed {
+            name: name.to_vec(),
+            meta,
+        };
+        self.on_listed(&parent, item, stamp, rules, Depth::Names)
     }
 
     /// The ignore rules that apply to `dir`'s names from its ancestors' `.shoalignore`

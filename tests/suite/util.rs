@@ -185,7 +185,8 @@ pub fn index_listing(store: &Store, volume: &str) -> BTreeMap<Vec<u8>, Entry> {
                 entry.kind = EntryKind::Tombstone { deleted_at_ns: 0 };
             }
             if entry.is_dir() {
-                // Directory mtimes are not synced state.
+                // Directory mtimes move with every name added or removed; the tests
+                // about them (metadata.rs) compare them on disk.
                 entry.mtime_ns = 0;
             }
             (dir.join(&name).unwrap().as_bytes().to_vec(), entry)
