@@ -159,7 +159,10 @@ impl<'s> Walker<'s> {
         let Some((parent, name)) = dir.split_last() else {
             return Ok(());
         };
-        let Ok(meta) = fs::symlink_metadata(dir.under(&self.root)) else {
+        let Ok(parent_fd) = open_dir_at(&self.root_fd, &parent, false) else {
+            return Ok(());
+        };
+        let Ok(meta) = lstat_at(&parent_fd, name) else {
             return Ok(());
         };
         if !meta.is_dir() || self.is_held(&parent, name) {
@@ -170,7 +173,11 @@ impl<'s> Walker<'s> {
             name: name.to_vec(),
             meta,
         };
-        self.on_listed(&parent, item, stamp, rules, Depth::Names)
+        let opened = OpenDir {
+            fd: Arc::new(parent_fd),
+            rules: rules.clone(),
+        };
+        self.on_listed(&parent, item, stamp, &opened, Depth::Names)
     }
 
     /// The ignore rules that apply to `dir`'s names from its ancestors' `.shoalignore`
