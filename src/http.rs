@@ -16,6 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
+use crate::space::Shortage;
 use crate::sync::Node;
 use crate::sync::stats::Totals;
 
@@ -62,15 +63,39 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
     }
     let files = Family::<VolumeLabels, Gauge>::default();
     let bytes = Family::<VolumeLabels, Gauge>::default();
+    let full = Family::<VolumeLabels, Gauge>::default();
+    let waiting = Family::<VolumeLabels, Gauge>::default();
     for v in &status.volumes {
         let labels = VolumeLabels {
             volume: v.name.clone(),
         };
         files.get_or_create(&labels).set(v.files as i64);
         bytes.get_or_create(&labels).set(v.bytes as i64);
+        full.get_or_create(&labels)
+            .set(i64::from(v.disk_full.is_some()));
+        waiting
+            .get_or_create(&labels)
+            .set(v.disk_full.map_or(0, |s| s.needed_bytes as i64));
     }
+    let state_full = Gauge::<i64>::default();
+    state_full.set(i64::from(status.state_dir_full.is_some()));
+    registry.register(
+        "state_dir_full",
+        "Whether the state directory is too full for the index to be written (1) or not (0)",
+        state_full,
+    );
     registry.register("volume_files", "Files in the volume", files);
     registry.register("volume_bytes", "Bytes in the volume's files", bytes);
+    registry.register(
+        "volume_disk_full",
+        "Whether files wait for room on the volume's file system (1) or not (0)",
+        full,
+    );
+    registry.register(
+        "volume_bytes_waiting_for_room",
+        "Bytes of the files that wait for room on the volume's file system",
+        waiting,
+    );
     let connected = Family::<PeerLabels, Gauge>::default();
     let sent = Family::<PeerLabels, Counter>::default();
     let received = Family::<PeerLabels, Counter>::default();
@@ -121,6 +146,7 @@ pub fn node_status(node: &Node) -> NodeStatus {
                 .flatten();
             VolumeStatus {
                 name: v.name.clone(),
+                disk_full: v.room.shortage.get(),
                 root: node.as_ref().map(|n| n.hash.to_hex()),
                 files: node.as_ref().map_or(0, |n| n.totals.files),
                 bytes: node.as_ref().map_or(0, |n| n.totals.bytes),
@@ -145,6 +171,7 @@ pub fn node_status(node: &Node) -> NodeStatus {
         node_id: node.meta.node_id.to_string(),
         name: node.identity.get().map(|i| i.name.clone()),
         cert_expires: node.identity.get().map(expiry),
+        state_dir_full: node.state_room.get(),
         volumes,
         peers,
         totals: node.stats.totals(),
@@ -162,6 +189,9 @@ pub struct NodeStatus {
     /// This node's name and certificate expiry (what its peers see).
     pub name: Option<String>,
     pub cert_expires: Option<String>,
+    /// The state directory's file system is too full for the index to be written
+    /// (scans and pulls wait until there is room); `null` when it is not.
+    pub state_dir_full: Option<Shortage>,
     pub volumes: Vec<VolumeStatus>,
     pub peers: Vec<PeerStatus>,
     pub totals: Totals,
@@ -170,6 +200,10 @@ pub struct NodeStatus {
 #[derive(Serialize, serde::Deserialize, Debug, Clone)]
 pub struct VolumeStatus {
     pub name: String,
+    /// The volume's file system has no room for some files a peer has (they wait, and
+    /// are fetched once there is room): how many, their bytes, the bytes free; `null`
+    /// when nothing waits.
+    pub disk_full: Option<Shortage>,
     pub root: Option<String>,
     pub files: u64,
     pub bytes: u64,

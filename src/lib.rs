@@ -13,6 +13,8 @@
 //! - [`store`]: the RocksDB index (`mod.rs` opening and reading, `batch.rs` atomic
 //!   writes with a [`store::Durability`], `codec.rs` value encodings, `keys.rs` key
 //!   layout) and the pack files (`pack.rs`).
+//! - [`space`]: disk space as a state: room left on a file system, the reserve the
+//!   store keeps so that RocksDB never meets a full disk.
 //! - [`workers`]: a bounded pool of worker threads (the scanner's and verify's hashing).
 //! - [`scan`]: walks a volume (or the directories that changed) and brings its index up
 //!   to date: `walk.rs` merges listings with the index, `hash.rs` reads and chunks
@@ -67,6 +69,7 @@ pub mod repair;
 pub mod revocation;
 pub mod scan;
 pub mod serve;
+pub mod space;
 pub mod store;
 pub mod sync;
 pub mod transport;

@@ -113,6 +113,8 @@ pub async fn run(
         .collect();
     for index in 0..node.volumes.len() {
         rescan(&node, index, ScanOptions::default()).await?;
+        // The scan has taken what a crash left mid-publish for what it was.
+        node.store.clear_publishing(node.volumes[index].id)?;
     }
 
     let server = crate::transport::listen(options.listen, &credentials, options.gso)?;
@@ -326,7 +328,7 @@ async fn rescan(node: &Arc<Node>, index: usize, options: ScanOptions) -> anyhow:
             .local_changes
             .fetch_add(changes, Ordering::Relaxed);
         tracing::info!(volume = %volume.name, added = report.added, modified = report.modified, deleted = report.deleted, "local changes");
-        node.notify_peers(&volume.name).await;
+        node.notify_peers(&volume.name);
     }
     Ok(())
 }
@@ -428,7 +430,11 @@ fn spawn_rescan(
 ) -> tokio::task::JoinHandle<()> {
     let node = node.clone();
     tokio::spawn(async move {
-        if let Err(e) = rescan(&node, index, options).await {
+        let result = rescan(&node, index, options).await;
+        let error = result.as_ref().err().map(|e| e.as_ref());
+        if !node.note_state_room(error)
+            && let Err(e) = result
+        {
             tracing::error!("rescan of {} failed: {e:#}", node.volumes[index].name);
         }
     })
@@ -533,11 +539,11 @@ async fn peer_loop(
             _ = stop.wait_for(|s| *s) => return,
         };
         match attempt {
-            Ok(connection) => {
+            Ok(mut connection) => {
                 backoff = Duration::from_millis(200);
                 last_error.clear();
                 tracing::info!(peer = %peer.addr, node = ?peer.node_id(), "connected");
-                let reason = sync_with(&node, &peer, heartbeat, &mut stop).await;
+                let reason = sync_with(&node, &peer, &mut connection, heartbeat, &mut stop).await;
                 drop(connection);
                 peer.connected.store(false, Ordering::Relaxed);
                 *peer.handle.lock().expect("peer state lock") = None;
@@ -567,10 +573,13 @@ async fn peer_loop(
 const RETRY_INCOMPLETE: Duration = Duration::from_secs(2);
 
 /// Pulls from a connected peer on connect, on notify and every heartbeat. Returns why it
-/// stopped: `None` for shutdown.
+/// stopped: `None` for shutdown. Between rounds it watches the connection, so that one
+/// that closes (the peer fell silent for the idle timeout) is noticed at once and
+/// reconnected, not at the next round.
 async fn sync_with(
     node: &Arc<Node>,
     peer: &Arc<Peer>,
+    connection: &mut s2n_quic::Connection,
     heartbeat: Duration,
     stop: &mut watch::Receiver<bool>,
 ) -> Option<SyncError> {
@@ -582,11 +591,22 @@ async fn sync_with(
                 continue;
             }
             let pulled = pull::pull_volume(node, peer, index).await;
-            incomplete |= pulled.as_ref().is_ok_and(|r| r.incomplete > 0);
+            incomplete |= pulled
+                .as_ref()
+                .is_ok_and(|r| r.incomplete + r.waiting_for_room > 0);
+            let error = pulled
+                .as_ref()
+                .err()
+                .map(|e| e as &(dyn std::error::Error + 'static));
+            if node.note_state_room(error) {
+                // Said once by note_state_room; tried again soon, not a heartbeat away.
+                incomplete = true;
+                continue;
+            }
             match pulled {
                 Ok(report) if report.changed() => {
                     tracing::info!(peer = %peer.addr, volume = %name, applied = report.applied, deleted = report.deleted, conflicts = report.conflicts, "pulled");
-                    node.notify_peers(&name).await;
+                    node.notify_peers(&name);
                 }
                 Ok(_) => {}
                 Err(e) if e.is_connection_lost() => return Some(e),
@@ -601,6 +621,12 @@ async fn sync_with(
         tokio::select! {
             _ = tokio::time::sleep(next_round) => {}
             _ = peer.wake.notified() => {}
+            // Peers open no streams on the connections we opened: this only ends.
+            closed = connection.accept_bidirectional_stream() => match closed {
+                Ok(Some(_)) => {}
+                Ok(None) => return Some(SyncError::Connection("the connection closed".into())),
+                Err(e) => return Some(SyncError::Connection(e.to_string())),
+            },
             _ = stop.wait_for(|s| *s) => return None,
         }
     }

@@ -29,6 +29,11 @@ pub const ALPN: &[u8] = b"shoal/2";
 /// Streams a peer may have open on one connection (requests in flight).
 const MAX_STREAMS: u64 = 256;
 
+/// A connection that hears nothing from its peer for this long is closed, so a peer that
+/// stopped (a frozen process, a cut network) is noticed in seconds; the client side sends
+/// keep-alive PINGs (at 3/4 of this) so an idle but live connection stays open.
+const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Largest IP packet s2n-quic may probe for. Paths that carry jumbo frames (loopback,
 /// some data-center networks) then move several times fewer packets per byte; smaller
 /// paths simply fail the probes and stay at what works.
@@ -70,7 +75,7 @@ fn limits() -> Result<Limits, String> {
     Limits::new()
         .with_max_open_local_bidirectional_streams(MAX_STREAMS)
         .and_then(|l| l.with_max_open_remote_bidirectional_streams(MAX_STREAMS))
-        .and_then(|l| l.with_max_idle_timeout(std::time::Duration::from_secs(30)))
+        .and_then(|l| l.with_max_idle_timeout(IDLE_TIMEOUT))
         .map_err(|e| e.to_string())
 }
 

@@ -68,7 +68,7 @@ pub struct Staged {
 
 /// The staging name of content bound for `dir/name`: the same across restarts, so an
 /// interrupted transfer is resumed.
-fn staging_name(content: &ContentId, dir: &VolPath, name: &[u8]) -> String {
+pub fn staging_name(content: &ContentId, dir: &VolPath, name: &[u8]) -> String {
     let mut destination = blake3::Hasher::new();
     destination.update(dir.as_bytes()).update(b"/").update(name);
     let destination = destination.finalize();
@@ -125,6 +125,39 @@ impl VolumeFs {
 
     pub fn root_path(&self) -> &Path {
         &self.root_path
+    }
+
+    /// Bytes free on the volume's file system.
+    pub fn available(&self) -> io::Result<u64> {
+        crate::space::available_at(&self.staging)
+    }
+
+    /// Bytes the staging file `name` takes on disk already (a transfer to resume);
+    /// 0 if there is none.
+    pub fn staged_bytes(&self, name: &str) -> u64 {
+        rustix::fs::statat(&self.staging, name, AtFlags::SYMLINK_NOFOLLOW)
+            .map_or(0, |stat| stat.st_blocks as u64 * 512)
+    }
+
+    /// The names of the partial transfers (`*.part`) in staging.
+    pub fn staging_files(&self) -> Vec<String> {
+        let dir = self.root_path.join(".shoal").join(STAGING);
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| entry.file_name().into_string().ok())
+            .filter(|name| name.ends_with(".part"))
+            .collect()
+    }
+
+    /// Removes the staging file `name`; returns the bytes it took on disk.
+    pub fn remove_staged(&self, name: &str) -> Result<u64, FsError> {
+        let bytes = self.staged_bytes(name);
+        match rustix::fs::unlinkat(&self.staging, name, AtFlags::empty()) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(bytes),
+            Err(e) => Err(io_err(name)(e)),
+        }
     }
 
     /// Opens the directory `dir` inside the volume without following any symlink.

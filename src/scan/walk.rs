@@ -700,7 +700,13 @@ impl<'s> Walker<'s> {
             content_id: content.content_id,
             chunks: content.chunks.len() as u32,
         };
-        if let Some(entry) = self.entry_from(kind, meta, old.as_ref()) {
+        let received = self.received(dir, name, &kind)?;
+        let from_peer = received.is_some();
+        let changed = match received {
+            Some(entry) => Some(entry),
+            None => self.entry_from(kind, meta, old.as_ref()),
+        };
+        if let Some(entry) = changed {
             let old_chunks: Vec<ChunkRef> = match old.as_ref().map(|o| &o.kind) {
                 Some(EntryKind::File { .. }) => self
                     .store
@@ -708,7 +714,9 @@ impl<'s> Walker<'s> {
                     .unwrap_or_default(),
                 _ => Vec::new(),
             };
-            self.count_change(old.as_ref());
+            if !from_peer {
+                self.count_change(old.as_ref());
+            }
             self.batch.put_entry(self.vol, dir, name, &entry);
             self.batch
                 .set_chunks(self.vol, dir, name, &content.chunks, &old_chunks);
@@ -716,6 +724,22 @@ impl<'s> Walker<'s> {
         }
         self.batch.put_stamp(self.vol, dir, name, &stamp_of(meta));
         Ok(())
+    }
+
+    /// The entry sync was publishing at `dir/name` when it stopped between the rename
+    /// and its index write (a crash), if the file there is what it was publishing: the
+    /// file is then the peer's version, not a local change. The record is consumed.
+    fn received(
+        &mut self,
+        dir: &VolPath,
+        name: &[u8],
+        kind: &EntryKind,
+    ) -> Result<Option<Entry>, StoreError> {
+        let Some(publishing) = self.store.publishing(self.vol, dir, name)? else {
+            return Ok(None);
+        };
+        self.batch.delete_publishing(self.vol, dir, name);
+        Ok((publishing.kind == *kind).then_some(publishing))
     }
 
     fn on_hashed(&mut self, result: HashResult) -> Result<(), StoreError> {

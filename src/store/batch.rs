@@ -31,8 +31,11 @@ impl Store {
         }
     }
 
-    /// Applies a batch atomically, as durably as `durability` says.
+    /// Applies a batch atomically, as durably as `durability` says; refused with
+    /// [`StoreError::LowSpace`] (nothing written) while the state directory has less than
+    /// [`crate::space::STATE_WRITE_RESERVE`] free.
     pub fn write(&self, batch: Batch<'_>, durability: Durability) -> Result<(), StoreError> {
+        Self::ensure_room(&self.state_dir, crate::space::STATE_WRITE_RESERVE)?;
         let options = match durability {
             Durability::Durable => durable(),
             Durability::Buffered => WriteOptions::default(),
@@ -76,7 +79,7 @@ impl Batch<'_> {
         self.ops += 1;
     }
 
-    fn delete(&mut self, cf: &'static str, key: &[u8]) {
+    pub(super) fn delete(&mut self, cf: &'static str, key: &[u8]) {
         self.wb.delete_cf(self.store.cf(cf), key);
         self.ops += 1;
     }
@@ -92,6 +95,20 @@ impl Batch<'_> {
             &entry_key(vol, dir, name),
             &codec::encode_entry(entry),
         );
+    }
+
+    /// Records that sync is about to rename a received file with `entry` into place at
+    /// `dir/name` (see [`publishing_key`]).
+    pub fn put_publishing(&mut self, vol: VolumeId, dir: &VolPath, name: &[u8], entry: &Entry) {
+        self.put(
+            CF_META,
+            &publishing_key(vol, dir, name),
+            &codec::encode_entry(entry),
+        );
+    }
+
+    pub fn delete_publishing(&mut self, vol: VolumeId, dir: &VolPath, name: &[u8]) {
+        self.delete(CF_META, &publishing_key(vol, dir, name));
     }
 
     /// Forgets a name entirely, without a tombstone (for names that never synced).

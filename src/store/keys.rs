@@ -31,6 +31,9 @@ pub const META_NODE_ID: &[u8] = b"node-id";
 pub const META_CHUNK_PARAMS: &[u8] = b"chunk-params";
 pub const META_NEXT_VOLUME: &[u8] = b"next-volume-id";
 const META_VOLUME_PREFIX: &[u8] = b"volume/";
+/// `publishing/` ++ entry key: a file sync is about to rename into place (see
+/// [`publishing_key`]).
+const META_PUBLISHING_PREFIX: &[u8] = b"publishing/";
 
 /// Location kinds in `chunks` keys.
 const LOCATION_LIVE: u8 = 0;
@@ -38,6 +41,20 @@ const LOCATION_PACK: u8 = 1;
 
 pub fn volume_meta_key(name: &str) -> Vec<u8> {
     [META_VOLUME_PREFIX, name.as_bytes()].concat()
+}
+
+/// The key of the entry sync is publishing at `vol`/`dir`/`name`: written durably before
+/// the rename, removed with the index write after it, so a scan after a crash in between
+/// recognises the received file for what it is (not a local change).
+pub fn publishing_key(vol: VolumeId, dir: &VolPath, name: &[u8]) -> Vec<u8> {
+    [META_PUBLISHING_PREFIX, &entry_key(vol, dir, name)].concat()
+}
+
+/// The keys of every publishing record of volume `vol`.
+pub fn publishing_range(vol: VolumeId) -> (Vec<u8>, Vec<u8>) {
+    let start = [META_PUBLISHING_PREFIX, &vol.0.to_be_bytes()[..]].concat();
+    let end = successor(&start);
+    (start, end)
 }
 
 pub fn volume_meta_range() -> (Vec<u8>, Vec<u8>) {

@@ -85,6 +85,9 @@ pub enum StoreError {
     },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    /// The state directory's file system is (nearly) full: nothing was written.
+    #[error("state directory {0}")]
+    LowSpace(#[from] crate::space::LowSpace),
 }
 
 impl StoreError {
@@ -182,6 +185,9 @@ impl Store {
                 }
             }
         };
+        if !options.read_only {
+            Self::ensure_room(state_dir, crate::space::STATE_OPEN_RESERVE)?;
+        }
         let index = state_dir.join(INDEX_DIR);
         let rocks_err = |source| StoreError::Rocks {
             dir: index.clone(),
@@ -408,6 +414,15 @@ impl Store {
             .expect("the store is opened with every column family")
     }
 
+    /// Checks that the state directory's file system has `needed` bytes free (see
+    /// [`crate::space`]: RocksDB must never meet a full disk).
+    fn ensure_room(state_dir: &Path, needed: u64) -> Result<(), StoreError> {
+        crate::space::ensure_room(state_dir, needed).map_err(|e| match e {
+            crate::space::LowSpaceOrIo::LowSpace(low) => StoreError::LowSpace(low),
+            crate::space::LowSpaceOrIo::Io { path, source } => StoreError::Io { path, source },
+        })
+    }
+
     fn rocks(&self, source: rocksdb::Error) -> StoreError {
         StoreError::Rocks {
             dir: self.state_dir.join(INDEX_DIR),
@@ -531,6 +546,39 @@ impl Store {
         name: &[u8],
     ) -> Result<Option<Entry>, StoreError> {
         self.get_decoded(CF_ENTRIES, &entry_key(vol, dir, name), codec::decode_entry)
+    }
+
+    /// The entry sync was publishing at `dir/name` when it last stopped between the
+    /// rename and the index write (see [`publishing_key`]), if any.
+    pub fn publishing(
+        &self,
+        vol: VolumeId,
+        dir: &VolPath,
+        name: &[u8],
+    ) -> Result<Option<Entry>, StoreError> {
+        self.get_decoded(
+            CF_META,
+            &publishing_key(vol, dir, name),
+            codec::decode_entry,
+        )
+    }
+
+    /// Forgets every publishing record of volume `vol` (after the scan at start has
+    /// consumed those a crash left).
+    pub fn clear_publishing(&self, vol: VolumeId) -> Result<(), StoreError> {
+        let (start, end) = publishing_range(vol);
+        let keys: Vec<Box<[u8]>> = self
+            .range(CF_META, start, end)
+            .map(|item| item.map(|(key, _)| key))
+            .collect::<Result<_, _>>()?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut batch = self.batch();
+        for key in keys {
+            batch.delete(CF_META, &key);
+        }
+        self.write(batch, Durability::Durable)
     }
 
     pub fn chunk_list(

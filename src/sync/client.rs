@@ -25,8 +25,8 @@ pub struct Responses {
 }
 
 /// How long a peer may take to send the next frame of an answer. A live connection
-/// whose peer never answers would otherwise hold the volume lock of the pull waiting
-/// on it (QUIC keep-alives stop the idle timeout from ending it).
+/// whose peer never answers (its process alive but stuck) would otherwise hold up the
+/// pull waiting on it for good (QUIC keep-alives stop the idle timeout from ending it).
 const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Responses {
@@ -57,8 +57,9 @@ pub async fn open_request(handle: &mut Handle, request: &Request) -> Result<Resp
         .map_err(|e| SyncError::Connection(e.to_string()))?;
     let (recv, mut send) = stream.split();
     protocol::write_frame(&mut send, request.encode()).await?;
-    send.close()
-        .await
+    // `finish`, not `close`: `close` waits for the peer to acknowledge the request, and
+    // a frozen peer never does (its answer is waited for with a timeout instead).
+    send.finish()
         .map_err(|e| SyncError::Connection(e.to_string()))?;
     Ok(Responses {
         recv,

@@ -76,6 +76,16 @@ impl SyncError {
         )
     }
 
+    /// This node's disk is full (`ENOSPC` while writing a volume).
+    pub fn is_no_space(&self) -> bool {
+        let source = match self {
+            SyncError::LocalIo { source, .. } => source,
+            SyncError::Fs(crate::volume_fs::FsError::Io { source, .. }) => source,
+            _ => return false,
+        };
+        source.raw_os_error() == Some(libc::ENOSPC)
+    }
+
     /// The connection to the peer is unusable: the peer's task reconnects. A refusal
     /// for one volume (the peer's access rules) leaves the others syncing.
     pub fn is_connection_lost(&self) -> bool {

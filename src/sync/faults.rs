@@ -6,7 +6,8 @@ use crate::protocol::Response;
 /// Fault injection for tests of the *other* side: a node told to misbehave, so that its
 /// peers' defences can be checked against a real process. Set from the environment
 /// (`SHOAL_FAULT_CORRUPT_CHUNKS=1`, `SHOAL_FAULT_HOSTILE_NAMES=1`,
-/// `SHOAL_FAULT_WATCH_QUEUE=N`, `SHOAL_FAULT_CLAIM_NODE_ID=HEX`); never set in
+/// `SHOAL_FAULT_WATCH_QUEUE=N`, `SHOAL_FAULT_CLAIM_NODE_ID=HEX`,
+/// `SHOAL_FAULT_CRASH_BEFORE_INDEXING=1`); never set in
 /// production.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Faults {
@@ -19,6 +20,10 @@ pub struct Faults {
     pub watch_queue: Option<usize>,
     /// Claim this node id in `Hello` (another node's, say) instead of our own.
     pub claim_node_id: Option<NodeId>,
+    /// Die (exit status 99, no cleanup) right after renaming the first batch of received
+    /// files into place, before indexing them: the crash that `kill -9` can only hit
+    /// by chance.
+    pub crash_before_indexing: bool,
 }
 
 impl Faults {
@@ -34,11 +39,13 @@ impl Faults {
                 .ok()
                 .and_then(|v| u64::from_str_radix(&v, 16).ok())
                 .map(NodeId),
+            crash_before_indexing: set("SHOAL_FAULT_CRASH_BEFORE_INDEXING"),
         };
         if faults.corrupt_chunks
             || faults.hostile_names
             || faults.watch_queue.is_some()
             || faults.claim_node_id.is_some()
+            || faults.crash_before_indexing
         {
             tracing::warn!(
                 ?faults,

@@ -7,6 +7,8 @@
 //!   lists, chunk bytes), one handler per request.
 //! - [`pull`] compares a peer's tree with ours, descends only into what differs, decides
 //!   entry by entry with version vectors, and applies changes atomically.
+//! - [`room`] how much of a volume's file system pulls may stage at once, and whether
+//!   it is short of room.
 //! - [`transfer`] fills staging files from local copies and fetches the chunks this
 //!   node holds nowhere (for pull and for repair).
 //! - [`conflict`] is the deterministic rule for concurrent edits.
@@ -21,6 +23,7 @@ pub mod error;
 pub mod faults;
 pub mod node;
 pub mod pull;
+pub mod room;
 pub mod server;
 pub mod stats;
 pub mod transfer;

@@ -13,6 +13,7 @@ use crate::identity::Proven;
 use crate::ids::{NodeId, VolumeId};
 use crate::protocol::{self, Request};
 use crate::revocation::Revocations;
+use crate::space::{LowSpace, ShortageState};
 use crate::store::{Store, StoreMeta};
 use crate::volume_fs::VolumeFs;
 
@@ -26,6 +27,8 @@ pub struct Volume {
     pub lock: tokio::sync::Mutex<()>,
     /// Files received from peers keep their setuid/setgid bits (the volume opted in).
     pub keep_setid: bool,
+    /// Room on the volume's file system for what pulls stage.
+    pub room: super::room::Room,
 }
 
 impl Volume {
@@ -41,6 +44,7 @@ impl Volume {
             fs,
             lock: tokio::sync::Mutex::new(()),
             keep_setid: false,
+            room: super::room::Room::default(),
         })
     }
 
@@ -136,6 +140,8 @@ pub struct Node {
     pub access: Access,
     /// The newest CA-signed revocation list seen; revoked peers are refused.
     pub revocations: std::sync::RwLock<Revocations>,
+    /// Whether the state directory was last found too full for the store to write.
+    pub state_room: ShortageState,
 }
 
 impl Node {
@@ -161,7 +167,26 @@ impl Node {
             identity: std::sync::OnceLock::new(),
             revocations: std::sync::RwLock::new(Revocations::default()),
             access: Access::default(),
+            state_room: ShortageState::default(),
         }
+    }
+
+    /// Takes note of how a scan or a pull ended, for the state directory's room: a
+    /// refusal for lack of room is remembered (and said once) and `true` returned; once
+    /// the room is back, the shortage is forgotten (and that said once).
+    pub fn note_state_room(&self, error: Option<&(dyn std::error::Error + 'static)>) -> bool {
+        let what = format!("state directory {}", self.store.state_dir().display());
+        if let Some(low) = error.and_then(LowSpace::in_chain) {
+            self.state_room.set(&what, Some(low.shortage()));
+            return true;
+        }
+        if self.state_room.get().is_some()
+            && crate::space::available(self.store.state_dir())
+                .is_ok_and(|free| free >= crate::space::STATE_WRITE_RESERVE)
+        {
+            self.state_room.set(&what, None);
+        }
+        false
     }
 
     pub fn volume(&self, name: &str) -> Option<&Volume> {
@@ -242,26 +267,38 @@ impl Node {
         self.peers().into_iter().find(|p| p.node_id() == Some(id))
     }
 
-    /// Tells every connected peer that shares `volume` to pull from us.
-    pub async fn notify_peers(&self, volume: &str) {
-        for peer in &self.peers() {
+    /// Tells every connected peer that shares `volume` to pull from us. Each peer is
+    /// told in a task of its own, given [`NOTIFY_TIMEOUT`] to acknowledge: a peer that
+    /// stopped answering delays neither the others nor the caller.
+    pub fn notify_peers(&self, volume: &str) {
+        for peer in self.peers() {
             if !peer.shares(volume) {
                 continue;
             }
-            if let Some(mut handle) = peer.connection()
-                && let Err(e) = request(
-                    &mut handle,
-                    &Request::Notify {
-                        volume: volume.to_string(),
-                    },
-                )
-                .await
-            {
-                tracing::debug!(peer = %peer.addr, "notify failed: {e}");
-            }
+            let Some(mut handle) = peer.connection() else {
+                continue;
+            };
+            let notify = Request::Notify {
+                volume: volume.to_string(),
+            };
+            tokio::spawn(async move {
+                match tokio::time::timeout(NOTIFY_TIMEOUT, request(&mut handle, &notify)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::debug!(peer = %peer.addr, "notify failed: {e}"),
+                    Err(_) => tracing::debug!(
+                        peer = %peer.addr,
+                        "notify not acknowledged within {} ms",
+                        NOTIFY_TIMEOUT.as_millis()
+                    ),
+                }
+            });
         }
         self.stats
             .local_changes_published
             .fetch_add(1, Ordering::Relaxed);
     }
 }
+
+/// How long a peer may take to acknowledge a `Notify` (a round trip on a live
+/// connection: milliseconds).
+const NOTIFY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);

@@ -23,6 +23,12 @@ use crate::store::{ChunkLocation, StoreError, pack};
 /// under the transport's stream limit).
 const REQUESTS_IN_FLIGHT: usize = 16;
 
+/// How long a helper (a peer other than the one being pulled from, which has just
+/// answered) may take to start answering a chunk request before its chunks are asked of
+/// another peer: a live peer sends its first chunk in milliseconds, a frozen one never,
+/// and its connection only times out after [`crate::transport`]'s idle timeout.
+const HELPER_PATIENCE: std::time::Duration = std::time::Duration::from_millis(500);
+
 impl Node {
     /// Reads a chunk from wherever this node holds it (a live file or a pack), checked
     /// against its id; `None` if no copy is intact. Every location is tried: one in a
@@ -185,7 +191,8 @@ impl ChunkTargets {
 /// Fetches the chunks of `targets` into their staging files from the connected peers
 /// that share the volume, `first` (the peer being pulled from) first: requests are
 /// spread over them, a chunk one peer lacks is asked of another, and a peer that sends
-/// wrong bytes is not asked again during this batch. Returns the chunks received.
+/// wrong bytes, or whose connection failed or kept silent, is not asked again during
+/// this batch. Returns the chunks received.
 pub async fn fetch_chunks(
     node: &Arc<Node>,
     first: Option<&Arc<Peer>>,
@@ -225,7 +232,11 @@ pub async fn fetch_chunks(
             .collect();
         for (index, group) in groups {
             let (peer, node, sink) = (peers[index].clone(), node.clone(), sink.clone());
-            set.spawn(async move { (index, fetch_group(&node, &peer, &group, &sink).await) });
+            let patience = (index > 0 && first.is_some()).then_some(HELPER_PATIENCE);
+            set.spawn(async move {
+                let outcome = fetch_group(&node, &peer, &group, &sink, patience).await;
+                (index, outcome)
+            });
             while set.len() >= REQUESTS_IN_FLIGHT {
                 if let Some(done) = set.join_next().await {
                     settle(done, &mut received, &mut distrusted)?;
@@ -260,7 +271,10 @@ fn settle(
         // This node's own disk: another peer would not help.
         Ok((_, Err(e))) if e.is_local() => return Err(e),
         // The chunks stay wanted and go to another peer in the next pass.
-        Ok((_, Err(e))) => tracing::debug!("chunk request failed: {e}"),
+        Ok((index, Err(e))) => {
+            tracing::debug!("chunk request failed: {e}");
+            distrusted[index] |= e.is_connection_lost();
+        }
         Err(e) => {
             return Err(SyncError::Task {
                 what: "chunk fetch",
@@ -272,12 +286,15 @@ fn settle(
 }
 
 /// One `GetChunks` request to one peer, written to the sink as chunks arrive; wrong
-/// bytes are counted against the peer and dropped.
+/// bytes are counted against the peer and dropped. With `patience`, a peer that sends
+/// nothing for that long after the request is given up on (nothing was received from
+/// it, so nothing is fetched twice).
 async fn fetch_group(
     node: &Node,
     peer: &Peer,
     ids: &[ChunkId],
     sink: &ChunkTargets,
+    patience: Option<std::time::Duration>,
 ) -> Result<GroupOutcome, SyncError> {
     let mut handle = peer.connection().ok_or(SyncError::NotConnected)?;
     let wanted: HashSet<ChunkId> = ids.iter().copied().collect();
@@ -288,8 +305,19 @@ async fn fetch_group(
         misbehaved: false,
     };
     // One answer per id asked, no more.
-    for _ in 0..ids.len() {
-        let Some(response) = responses.next().await? else {
+    for answer in 0..ids.len() {
+        let next = match patience.filter(|_| answer == 0) {
+            Some(patience) => tokio::time::timeout(patience, responses.next())
+                .await
+                .map_err(|_| {
+                    SyncError::Connection(format!(
+                        "no answer to a chunk request within {} ms",
+                        patience.as_millis()
+                    ))
+                })?,
+            None => responses.next().await,
+        };
+        let Some(response) = next? else {
             break;
         };
         match response {

@@ -140,6 +140,23 @@ impl Cluster {
         }
     }
 
+    /// Waits for node `i` to exit on its own; its exit code.
+    pub fn wait_exit(&mut self, i: usize, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let child = self.children[i].as_mut().expect("node running");
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.children[i] = None;
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {i} still running after {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.children[i].take() {
             child.kill().unwrap();
@@ -152,7 +169,32 @@ impl Cluster {
         self.status(i)?["node_id"].as_str().map(str::to_string)
     }
 
+    /// Freezes node `i` (SIGSTOP): alive to the kernel, silent to its peers. Dropping the
+    /// cluster kills it all the same (SIGKILL ends a stopped process).
+    pub fn freeze(&self, i: usize) {
+        self.signal(i, libc::SIGSTOP);
+    }
+
+    /// Lets a frozen node `i` run again (SIGCONT).
+    pub fn thaw(&self, i: usize) {
+        self.signal(i, libc::SIGCONT);
+    }
+
+    fn signal(&self, i: usize, signal: i32) {
+        let child = self.children[i].as_ref().expect("node running");
+        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+    }
+
     pub fn status(&self, i: usize) -> Option<Value> {
+        serde_json::from_str(&self.http_get(i, "/status")?).ok()
+    }
+
+    /// Node `i`'s `/metrics` text.
+    pub fn metrics(&self, i: usize) -> Option<String> {
+        self.http_get(i, "/metrics")
+    }
+
+    fn http_get(&self, i: usize, path: &str) -> Option<String> {
         let addr = format!("{}:7030", self.ip(i));
         let mut stream =
             std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(2))
@@ -160,12 +202,12 @@ impl Cluster {
         stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         write!(
             stream,
-            "GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         )
         .ok()?;
         let mut raw = String::new();
         stream.read_to_string(&mut raw).ok()?;
-        serde_json::from_str(raw.split_once("\r\n\r\n")?.1).ok()
+        Some(raw.split_once("\r\n\r\n")?.1.to_string())
     }
 
     pub fn root(&self, i: usize) -> Option<String> {

@@ -6,6 +6,7 @@ mod cli;
 mod cluster;
 mod crash;
 mod docker;
+mod faults;
 mod fuzz;
 mod hostile;
 mod identity;

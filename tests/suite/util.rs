@@ -206,3 +206,46 @@ pub fn root_of(store: &Store, volume: &str) -> String {
 pub fn os(bytes: &[u8]) -> &std::ffi::OsStr {
     std::ffi::OsStr::from_bytes(bytes)
 }
+
+/// A tmpfs of a given size mounted on a fresh directory, unmounted when dropped: a small
+/// file system to fill (tests run as root, as CI does).
+pub struct SmallFs {
+    pub path: PathBuf,
+}
+
+impl SmallFs {
+    pub fn mount(path: &Path, size: &str) -> SmallFs {
+        fs::create_dir_all(path).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mounting a {size} tmpfs on {} (needs root): {}",
+            path.display(),
+            stderr(&out)
+        );
+        SmallFs {
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// Grows (or shrinks) the file system in place, its files kept.
+    pub fn resize(&self, size: &str) {
+        let out = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "remount: {}", stderr(&out));
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        // Lazy: a process of a failed test may still have files open there.
+        let _ = Command::new("umount").arg("-l").arg(&self.path).output();
+    }
+}

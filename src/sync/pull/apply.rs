@@ -40,7 +40,7 @@ impl Pull {
         })
     }
 
-    pub(super) async fn take(
+    pub(super) fn take(
         &mut self,
         dir: &VolPath,
         name: &[u8],
@@ -52,12 +52,14 @@ impl Pull {
         let path = dir.join(name)?;
         match &remote.kind {
             EntryKind::File { .. } => {
+                let decided_against = self.node.store.entry(vol, dir, name)?;
                 self.files.push(FileJob {
                     dir: dir.clone(),
                     name: name.to_vec(),
                     entry: remote,
                     source_path: path,
                     replaces,
+                    decided_against,
                     chunks: hints.chunks.clone(),
                 });
                 Ok(())
@@ -193,8 +195,9 @@ impl Pull {
     /// Gives every directory whose index entries this round changed (its `dirty` mark)
     /// the mtime its entry records: applying its children moved it to the time of the
     /// sync, and the peer's time (or our last scan's) must stick, or the next scan would
-    /// take the sync's own writes for a local change. Runs after everything else of the
-    /// round, so nothing moves the mtime again. A directory whose permissions or owner
+    /// take the sync's own writes for a local change. Runs before every release of the
+    /// volume lock (a scan may come next) and after everything else of the round, so
+    /// nothing moves the mtime again. A directory whose permissions or owner
     /// differ from its entry was changed locally: it is left for the next scan.
     pub(super) fn restore_dir_mtimes(&self) -> Result<(), SyncError> {
         let vol = self.volume().id;

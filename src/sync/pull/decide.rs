@@ -26,11 +26,10 @@ pub(super) struct Hints {
 }
 
 impl Pull {
-    pub(super) async fn reconcile(
-        &mut self,
-        dir: &VolPath,
-        wire: WireEntry,
-    ) -> Result<(), SyncError> {
+    /// Decides one of the peer's entries against ours and applies or schedules it.
+    /// Runs under the volume lock; never waits on the network (directories to descend
+    /// into are asked for later, see [`RemoteDir::Present`]).
+    pub(super) fn reconcile(&mut self, dir: &VolPath, wire: WireEntry) -> Result<(), SyncError> {
         let vol = self.volume().id;
         let WireEntry {
             name,
@@ -82,7 +81,7 @@ impl Pull {
                 batch.mark_dirty(vol, dir);
                 self.node.store.write(batch, Durability::Buffered)?;
             } else {
-                self.take(dir, &name, remote, None, &hints).await?;
+                self.take(dir, &name, remote, None, &hints)?;
             }
             return Ok(());
         };
@@ -103,7 +102,7 @@ impl Pull {
                     // The directory must empty before the file can take its place.
                     self.pending.push((path, RemoteDir::Deleted));
                 }
-                self.take(dir, &name, remote, Some(local), &hints).await
+                self.take(dir, &name, remote, Some(local), &hints)
             }
             Causality::Concurrent if remote.same_state(&local) => {
                 let merged = Entry {
@@ -119,12 +118,12 @@ impl Pull {
                 let version = remote.version.merged(&local.version)?;
                 if conflict::wins(&remote, &local) {
                     let winner = Entry { version, ..remote };
-                    self.take(dir, &name, winner, Some(local), &hints).await
+                    self.take(dir, &name, winner, Some(local), &hints)
                 } else {
                     self.record_version(dir, &name, Entry { version, ..local })
                 }
             }
-            Causality::Concurrent => self.conflict(dir, &name, remote, local, &hints).await,
+            Causality::Concurrent => self.conflict(dir, &name, remote, local, &hints),
         }
     }
 
@@ -155,7 +154,7 @@ impl Pull {
         Ok(())
     }
 
-    async fn conflict(
+    fn conflict(
         &mut self,
         dir: &VolPath,
         name: &[u8],
@@ -194,11 +193,10 @@ impl Pull {
                 version: merged_version,
                 ..remote
             };
-            self.take(dir, name, winner, None, hints).await
+            self.take(dir, name, winner, None, hints)
         } else {
             if !remote.is_tombstone() {
-                self.take_as_copy(dir, name, remote, copy_name, hints)
-                    .await?;
+                self.take_as_copy(dir, name, remote, copy_name, hints)?;
             }
             self.record_version(
                 dir,
@@ -287,7 +285,7 @@ impl Pull {
     }
 
     /// Takes the peer's losing version of `dir/name` under `copy_name`.
-    async fn take_as_copy(
+    fn take_as_copy(
         &mut self,
         dir: &VolPath,
         name: &[u8],
@@ -299,19 +297,21 @@ impl Pull {
         let source_path = dir.join(name)?;
         match &remote.kind {
             EntryKind::File { .. } => {
+                let decided_against = self.node.store.entry(self.volume().id, dir, &copy_name)?;
                 self.files.push(FileJob {
                     dir: dir.clone(),
                     name: copy_name,
                     entry: remote,
                     source_path,
                     replaces: None,
+                    decided_against,
                     chunks: hints.chunks.clone(),
                 });
                 Ok(())
             }
             _ => {
                 let (copy_dir, copy) = copy_path.split_last().expect("a joined path has a name");
-                Box::pin(self.take(&copy_dir, copy, remote, None, &Hints::default())).await
+                self.take(&copy_dir, copy, remote, None, &Hints::default())
             }
         }
     }

@@ -15,9 +15,10 @@ use crate::entry::{Causality, Entry, EntryKind};
 use crate::pathname::{VolPath, escape};
 use crate::protocol::{ListPart, MAX_LIST_CHUNKS, ProtocolError, Request, Response};
 use crate::store::Durability;
+use crate::sync::room::Reservation;
 use crate::sync::transfer::{ChunkTargets, Missing, fetch_chunks, fill_from_local};
 use crate::sync::{Node, Peer, SyncError, request};
-use crate::volume_fs::{Staged, finish_staged, stamp_of_stat};
+use crate::volume_fs::{Staged, finish_staged, staging_name, stamp_of_stat};
 
 /// Files prepared at once (each may ask for its chunk list).
 const FILE_CONCURRENCY: usize = 32;
@@ -31,6 +32,10 @@ pub(super) struct FileJob {
     pub(super) source_path: VolPath,
     /// The local entry being replaced, if any (checked unchanged before replacing).
     pub(super) replaces: Option<Entry>,
+    /// What the index held under the name when the file was decided on (a tombstone,
+    /// say, or the entry a conflict moved aside): the file is published only if it still
+    /// does, since the volume lock was let go in between.
+    pub(super) decided_against: Option<Entry>,
     /// The chunk list, when the peer sent it inline.
     pub(super) chunks: Option<Vec<ChunkRef>>,
 }
@@ -39,6 +44,8 @@ struct ReadyFile {
     job: FileJob,
     staged: Staged,
     chunks: Vec<ChunkRef>,
+    /// Room held for the staging file until it is published.
+    _room: Reservation,
 }
 
 /// A local file that a deleted name leaves behind, to be moved to a new name of the
@@ -58,6 +65,17 @@ struct Prepared {
     chunks: Vec<ChunkRef>,
     /// Chunks still to fetch.
     missing: Missing,
+    room: Reservation,
+}
+
+impl FileJob {
+    /// The file's size, as its entry says.
+    pub(super) fn size(&self) -> u64 {
+        match self.entry.kind {
+            EntryKind::File { size, .. } => size,
+            _ => 0,
+        }
+    }
 }
 
 impl Pull {
@@ -102,7 +120,20 @@ impl Pull {
     /// then publishes the batch (one `syncfs`, one durable index write).
     pub(super) async fn take_files(&mut self) -> Result<(), SyncError> {
         self.find_rename_sources()?;
-        let mut jobs = std::mem::take(&mut self.files).into_iter().peekable();
+        let mut fetched = Vec::new();
+        let mut moved = Vec::new();
+        for job in std::mem::take(&mut self.files) {
+            let source = match &job.entry.kind {
+                EntryKind::File { content_id, .. } => self.rename_sources.remove(content_id),
+                _ => None,
+            };
+            match source {
+                Some(source) => moved.push((job, source)),
+                None => fetched.push(job),
+            }
+        }
+        self.take_renamed(moved).await?;
+        let mut jobs = fetched.into_iter().peekable();
         while jobs.peek().is_some() {
             let mut set = JoinSet::new();
             let mut prepared = Vec::new();
@@ -111,11 +142,8 @@ impl Pull {
                 while set.len() < FILE_CONCURRENCY && started < PUBLISH_BATCH {
                     let Some(job) = jobs.next() else { break };
                     started += 1;
-                    let source = match &job.entry.kind {
-                        EntryKind::File { content_id, .. } => {
-                            self.rename_sources.remove(content_id)
-                        }
-                        _ => None,
+                    let Some(room) = self.reserve_room(&job, false) else {
+                        continue;
                     };
                     let (node, peer, handle, index) = (
                         self.node.clone(),
@@ -123,7 +151,7 @@ impl Pull {
                         self.handle.clone(),
                         self.volume_index,
                     );
-                    set.spawn(async move { prepare(node, peer, handle, index, job, source).await });
+                    set.spawn(async move { prepare(node, peer, handle, index, job, room).await });
                 }
                 match set.join_next().await {
                     Some(Ok(Ok(Some(file)))) => prepared.push(file),
@@ -141,10 +169,90 @@ impl Pull {
                     None => break,
                 }
             }
-            let ready = self.fill(prepared).await?;
+            let batch_bytes = prepared.iter().map(|p| p.job.size()).sum();
+            let batch_files = prepared.len() as u64;
+            let ready = match self.fill(prepared).await {
+                Err(e) if e.is_no_space() => {
+                    // Something else took the room meanwhile: what was written stays in
+                    // staging, to be resumed once there is room.
+                    self.waiting.add(batch_files, batch_bytes);
+                    continue;
+                }
+                other => other?,
+            };
+            let node = self.node.clone();
+            let _guard = node.volumes[self.volume_index].lock.lock().await;
             self.publish(ready)?;
         }
         Ok(())
+    }
+
+    /// Takes the files whose content a local file about to be deleted holds (the other
+    /// half of a rename): each such file is moved into staging, checked, and published
+    /// under the volume lock in one go, with no network wait, so no scan ever sees the
+    /// old name gone before the new one is there. A file that turns out to lack chunks
+    /// (it changed behind the index's back) stays in staging for a later round.
+    async fn take_renamed(&mut self, moved: Vec<(FileJob, RenameSource)>) -> Result<(), SyncError> {
+        let mut jobs = moved.into_iter().peekable();
+        while jobs.peek().is_some() {
+            let node = self.node.clone();
+            let _guard = node.volumes[self.volume_index].lock.lock().await;
+            let mut ready = Vec::new();
+            // The directories files leave: their mtimes are put back too (dirty marks).
+            let mut left = node.store.batch();
+            for (job, source) in jobs.by_ref().take(PUBLISH_BATCH) {
+                left.mark_dirty(node.volumes[self.volume_index].id, &source.dir);
+                let Some(room) = self.reserve_room(&job, true) else {
+                    continue;
+                };
+                let Some(chunks) = local_chunk_list(&node, &job)? else {
+                    self.report.skipped += 1;
+                    continue;
+                };
+                let name = escape(&job.name);
+                match stage_job(&node, self.volume_index, job, chunks, Some(source), room) {
+                    Ok(file) if file.missing.is_empty() => {
+                        ready.push(file.finish(&node, self.volume_index)?)
+                    }
+                    Ok(_) => self.report.incomplete += 1,
+                    Err(e) if e.is_local() => return Err(e),
+                    Err(e) => {
+                        tracing::warn!("cannot take {name} from a local rename: {e}");
+                        self.report.skipped += 1;
+                    }
+                }
+            }
+            node.store.write(left, Durability::Buffered)?;
+            self.publish(ready)?;
+            // Also when nothing was ready: a file may have left its directory.
+            self.restore_dir_mtimes()?;
+        }
+        Ok(())
+    }
+
+    /// Holds room on the volume's file system for `job`'s staging file, or counts the
+    /// job as waiting for room (`None`). A file taken over from a local rename needs
+    /// none; a staging file to resume needs only what it does not hold yet.
+    fn reserve_room(&mut self, job: &FileJob, renaming: bool) -> Option<Reservation> {
+        let volume = &self.node.volumes[self.volume_index];
+        let EntryKind::File { content_id, .. } = &job.entry.kind else {
+            return None;
+        };
+        let size = job.size();
+        let staging = staging_name(content_id, &job.dir, &job.name);
+        self.wanted_staging.insert(staging.clone());
+        let needed = match renaming {
+            true => 0,
+            false => size.saturating_sub(volume.fs.staged_bytes(&staging)),
+        };
+        // A file system that cannot say how full it is is taken to have room.
+        let available = volume.fs.available().unwrap_or(u64::MAX);
+        let reservation = volume.room.reserve(available, needed, &staging);
+        if reservation.is_none() {
+            self.waiting.add(1, size);
+            self.waiting.available_bytes = available;
+        }
+        reservation
     }
 
     /// Fetches what the prepared files still lack and finishes them; files left
@@ -167,39 +275,35 @@ impl Pull {
                 self.report.incomplete += 1;
                 continue;
             }
-            let owner = self
-                .node
-                .sync_ownership
-                .then_some((file.job.entry.uid, file.job.entry.gid));
-            finish_staged(
-                &file.file,
-                self.volume().received_file_mode(file.job.entry.mode),
-                file.job.entry.mtime_ns,
-                owner,
-            )
-            .map_err(SyncError::local(format!(
-                "staging {}",
-                escape(&file.job.name)
-            )))?;
-            ready.push(ReadyFile {
-                job: file.job,
-                staged: file.staged,
-                chunks: file.chunks,
-            });
+            ready.push(file.finish(&self.node, self.volume_index)?);
         }
         Ok(ready)
     }
 
-    /// Makes a batch of assembled files durable and visible, then indexes them.
+    /// Makes a batch of assembled files durable and visible, then indexes them. Runs
+    /// under the volume lock.
     fn publish(&mut self, ready: Vec<ReadyFile>) -> Result<(), SyncError> {
         if ready.is_empty() {
             return Ok(());
         }
         let node = self.node.clone();
+        let vol = self.volume().id;
         let fs = &node.volumes[self.volume_index].fs;
+        // What is about to be renamed into place is recorded first: a crash before the
+        // index write below then leaves files the next scan knows it received (their
+        // peer's versions), not local changes that would bump our own counter and could
+        // outlive a delete made meanwhile elsewhere.
+        let mut journal = node.store.batch();
+        for file in &ready {
+            journal.put_publishing(vol, &file.job.dir, &file.job.name, &file.job.entry);
+        }
+        node.store.write(journal, Durability::Durable)?;
         fs.sync_all()?;
         let mut dirs: HashMap<VolPath, OwnedFd> = HashMap::new();
         let mut batch = node.store.batch();
+        for file in &ready {
+            batch.delete_publishing(vol, &file.job.dir, &file.job.name);
+        }
         let mut published = 0;
         for file in ready {
             let name = escape(&file.job.name);
@@ -216,7 +320,13 @@ impl Pull {
         for dir_fd in dirs.values() {
             crate::volume_fs::VolumeFs::fsync_dir(dir_fd)?;
         }
+        if node.faults.crash_before_indexing && published > 0 {
+            tracing::warn!("FAULT INJECTION: dying after publishing, before indexing");
+            std::process::exit(99);
+        }
         node.store.write(batch, Durability::Durable)?;
+        // Before the lock goes: a scan must not take the renames for local changes.
+        self.restore_dir_mtimes()?;
         self.report.applied += published;
         node.stats
             .files_applied
@@ -237,12 +347,20 @@ impl Pull {
             job,
             staged,
             chunks,
+            ..
         } = file;
         let vol = self.volume().id;
         if !dirs.contains_key(&job.dir) {
             dirs.insert(job.dir.clone(), fs.open_dir(&job.dir, true)?);
         }
         let dir_fd = &dirs[&job.dir];
+        if self.node.store.entry(vol, &job.dir, &job.name)? != job.decided_against {
+            tracing::info!(
+                "{} changed here while it was being fetched; the next round decides again",
+                escape(&job.name)
+            );
+            return Ok(false);
+        }
         let replaces_dir = job.replaces.as_ref().is_some_and(Entry::is_dir);
         if replaces_dir {
             // A directory goes only once it is empty (its children are synced first).
@@ -385,14 +503,14 @@ fn plausible_chunk_count(size: u64, count: usize, params: crate::chunking::Chunk
 
 /// Gets a file's chunk list (inline or from the peer), checks it, and writes into its
 /// staging file every chunk found there already (an interrupted transfer) or held
-/// locally (a rename, a copy, an edit of a few chunks).
+/// locally (a copy, an edit of a few chunks).
 async fn prepare(
     node: Arc<Node>,
     peer: Arc<Peer>,
     mut handle: Handle,
     volume_index: usize,
     job: FileJob,
-    source: Option<RenameSource>,
+    room: Reservation,
 ) -> Result<Option<Prepared>, SyncError> {
     let volume = &node.volumes[volume_index];
     let EntryKind::File {
@@ -408,12 +526,9 @@ async fn prepare(
         peer.rejected_chunks.fetch_add(1, Ordering::Relaxed);
         return Err(SyncError::BadChunkList(peer.addr));
     }
-    let chunks = match (&job.chunks, size) {
-        (_, 0) => Vec::new(),
-        (Some(inline), _) => inline.clone(),
-        // The same content is here already (a rename or a copy on the peer).
-        (None, _) if let Some(local) = node.store.chunk_list_by_content(&expected)? => local,
-        (None, _) => {
+    let chunks = match local_chunk_list(&node, &job)? {
+        Some(chunks) => chunks,
+        None => {
             // An older version of the file here: only the pages of its list that changed
             // need to come over.
             let previous = match &job.replaces {
@@ -449,8 +564,9 @@ async fn prepare(
         peer.rejected_chunks.fetch_add(1, Ordering::Relaxed);
         return Err(SyncError::BadChunkList(peer.addr));
     }
+    // File I/O only: on the blocking pool, not on an async worker thread.
     let file = tokio::task::spawn_blocking(move || {
-        stage_locally(&node, volume_index, job, chunks, source, expected, size)
+        stage_job(&node, volume_index, job, chunks, None, room)
     })
     .await
     .map_err(|e| SyncError::Task {
@@ -460,19 +576,42 @@ async fn prepare(
     Ok(Some(file))
 }
 
-/// Opens the staging file of `job` (by moving the rename `source` into staging, or
-/// anew) and writes into it every chunk held locally. File I/O only: it runs on the
-/// blocking pool, not on an async worker thread.
-fn stage_locally(
+/// A file's chunk list without asking the peer: empty for an empty file, sent inline,
+/// or the list of the same content held here (a rename or a copy on the peer).
+fn local_chunk_list(node: &Node, job: &FileJob) -> Result<Option<Vec<ChunkRef>>, SyncError> {
+    let EntryKind::File {
+        size, content_id, ..
+    } = job.entry.kind
+    else {
+        return Ok(None);
+    };
+    Ok(match (&job.chunks, size) {
+        (_, 0) => Some(Vec::new()),
+        (Some(inline), _) => Some(inline.clone()),
+        (None, _) => node.store.chunk_list_by_content(&content_id)?,
+    })
+}
+
+/// Opens `job`'s staging file (or moves `source` there, a local file of the same
+/// content) and writes into it every chunk of `chunks` held here; what is still missing
+/// is left for [`fetch_chunks`].
+fn stage_job(
     node: &Node,
     volume_index: usize,
     job: FileJob,
     chunks: Vec<ChunkRef>,
     source: Option<RenameSource>,
-    expected: crate::ids::ContentId,
-    size: u64,
+    room: Reservation,
 ) -> Result<Prepared, SyncError> {
     let volume = &node.volumes[volume_index];
+    let EntryKind::File {
+        size,
+        content_id: expected,
+        ..
+    } = job.entry.kind
+    else {
+        unreachable!("file jobs are files");
+    };
     let moved = match &source {
         Some(from) => volume.fs.stage_by_move(
             (&from.dir, &from.name),
@@ -496,5 +635,24 @@ fn stage_locally(
         file,
         chunks,
         missing,
+        room,
     })
+}
+
+impl Prepared {
+    /// Sets the staged file's metadata: it is ready to publish.
+    fn finish(self, node: &Node, volume_index: usize) -> Result<ReadyFile, SyncError> {
+        let entry = &self.job.entry;
+        let owner = node.sync_ownership.then_some((entry.uid, entry.gid));
+        let mode = node.volumes[volume_index].received_file_mode(entry.mode);
+        finish_staged(&self.file, mode, entry.mtime_ns, owner).map_err(SyncError::local(
+            format!("staging {}", escape(&self.job.name)),
+        ))?;
+        Ok(ReadyFile {
+            job: self.job,
+            staged: self.staged,
+            chunks: self.chunks,
+            _room: self.room,
+        })
+    }
 }

@@ -15,13 +15,21 @@
 //!    overwritten or deleted (the next scan indexes it and it syncs as a change).
 //! 6. Every directory the round changed gets back the mtime its entry records (applying
 //!    its children moved it).
+//!
+//! The volume lock (which a scan holds too) is never held while waiting on the network:
+//! a peer that stops answering must not stall the scans of this node, nor its pulls from
+//! other peers. Answers are fetched first; the lock is taken only to decide and apply
+//! what they bring (one answer's entries, one publish batch, the deletes, the tree
+//! update). What was decided under one hold is checked again under the next (the local
+//! entry a file replaces must still be the one it was decided against), so a scan or
+//! another peer's pull in between is never overwritten.
 
 mod apply;
 mod decide;
 mod files;
 mod walk;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use s2n_quic::connection::Handle;
@@ -49,6 +57,9 @@ pub struct PullReport {
     /// Files left unfinished because some chunk could not be fetched: worth another
     /// round soon, not a heartbeat away.
     pub incomplete: u64,
+    /// Files not fetched because the volume's file system has no room for them: also
+    /// worth another round soon (room may come back at any time).
+    pub waiting_for_room: u64,
 }
 
 impl PullReport {
@@ -65,7 +76,6 @@ pub async fn pull_volume(
 ) -> Result<PullReport, SyncError> {
     let handle = peer.connection().ok_or(SyncError::NotConnected)?;
     let volume = &node.volumes[volume_index];
-    let _guard = volume.lock.lock().await;
     let mut pull = Pull {
         node: node.clone(),
         peer: peer.clone(),
@@ -77,6 +87,8 @@ pub async fn pull_volume(
         pending: Vec::new(),
         files: Vec::new(),
         report: PullReport::default(),
+        waiting: Waiting::default(),
+        wanted_staging: HashSet::new(),
     };
     let Some(remote_root) = pull.get_dir(&VolPath::root()).await? else {
         return Ok(pull.report);
@@ -85,12 +97,34 @@ pub async fn pull_volume(
     if local_root.map(|n| n.sync_hash()) == Some(remote_root.sync_hash()) {
         return Ok(pull.report);
     }
-    let round = pull.walk_and_apply(remote_root).await;
+    let round = pull.walk_and_take(remote_root).await;
+    let _guard = volume.lock.lock().await;
+    let round = match round {
+        Ok(()) => pull.apply_deletes(),
+        failed => failed,
+    };
     // Also after a failed round: what it did apply keeps its directories' mtimes.
     pull.restore_dir_mtimes()?;
     round?;
     crate::tree::update(&node.store, volume.id)?;
+    pull.settle_room();
     Ok(pull.report)
+}
+
+/// Files of a round that found no room on the volume's file system.
+#[derive(Default)]
+struct Waiting {
+    files: u64,
+    bytes: u64,
+    /// Bytes free when room was last found short.
+    available_bytes: u64,
+}
+
+impl Waiting {
+    fn add(&mut self, files: u64, bytes: u64) {
+        self.files += files;
+        self.bytes += bytes;
+    }
 }
 
 struct Pull {
@@ -110,6 +144,10 @@ struct Pull {
     /// Files decided on but not yet fetched (taken in batches across directories).
     files: Vec<FileJob>,
     report: PullReport,
+    /// What this round left waiting for room.
+    waiting: Waiting,
+    /// The staging names of every file this round wanted (reclaiming spares them).
+    wanted_staging: HashSet<String>,
 }
 
 /// What the peer has at a directory still to compare.
@@ -125,8 +163,9 @@ impl Pull {
         &self.node.volumes[self.volume_index]
     }
 
-    /// Walks what differs, then takes the files and applies the deletes decided on.
-    async fn walk_and_apply(&mut self, remote_root: TreeNode) -> Result<(), SyncError> {
+    /// Walks what differs and takes the files decided on (the deletes wait for the end
+    /// of the round, under the volume lock).
+    async fn walk_and_take(&mut self, remote_root: TreeNode) -> Result<(), SyncError> {
         self.sync_dir(&VolPath::root(), Some(remote_root)).await?;
         while let Some((dir, remote)) = self.pending.pop() {
             // The peer's tree node is asked for only now: the directories waiting hold
@@ -137,7 +176,39 @@ impl Pull {
             };
             self.sync_dir(&dir, remote).await?;
         }
-        self.take_files().await?;
-        self.apply_deletes()
+        self.take_files().await
+    }
+
+    /// At the end of a complete round: reports whether files waited for room, and if
+    /// they did, reclaims the staging files that no transfer fills now and that this
+    /// round did not want (their names are gone, or hold newer content, on the peer).
+    fn settle_room(&mut self) {
+        let volume = &self.node.volumes[self.volume_index];
+        self.report.waiting_for_room = self.waiting.files;
+        if self.waiting.files == 0 {
+            volume.room.note_round(&volume.name, self.peer.addr, None);
+            return;
+        }
+        let mut reclaimed = (0u64, 0u64);
+        for name in volume.fs.staging_files() {
+            if self.wanted_staging.contains(&name) || volume.room.in_use(&name) {
+                continue;
+            }
+            match volume.fs.remove_staged(&name) {
+                Ok(bytes) => reclaimed = (reclaimed.0 + 1, reclaimed.1 + bytes),
+                Err(e) => tracing::warn!(volume = %volume.name, "cannot reclaim staging: {e}"),
+            }
+        }
+        if reclaimed.0 > 0 {
+            tracing::info!(volume = %volume.name, files = reclaimed.0, bytes = reclaimed.1, "reclaimed staging files of names gone or superseded");
+        }
+        let shortage = crate::space::Shortage {
+            needed_bytes: self.waiting.bytes,
+            available_bytes: self.waiting.available_bytes + reclaimed.1,
+            waiting_files: self.waiting.files,
+        };
+        volume
+            .room
+            .note_round(&volume.name, self.peer.addr, Some(shortage));
     }
 }

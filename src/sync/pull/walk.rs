@@ -98,9 +98,17 @@ impl Pull {
                 done: false,
             };
             while let Some(entries) = self.next_entries(dir, &mut cursor).await? {
-                for remote_entry in entries {
-                    self.reconcile(dir, remote_entry).await?;
-                }
+                // Decided under the volume lock, taken only now that the answer is here.
+                let node = self.node.clone();
+                let guard = node.volumes[self.volume_index].lock.lock().await;
+                let decided = entries
+                    .into_iter()
+                    .try_for_each(|remote_entry| self.reconcile(dir, remote_entry));
+                // Before the lock goes: a scan must not take the moves of applying for
+                // local changes.
+                self.restore_dir_mtimes()?;
+                decided?;
+                drop(guard);
                 // Files of many small directories travel together: one batch for all.
                 if self.files.len() >= PUBLISH_BATCH {
                     self.take_files().await?;

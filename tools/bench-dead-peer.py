@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Latency with a frozen peer: how long a change takes from node A to node B while
+node C of the same three-node cluster is frozen (SIGSTOP).
+
+    python3 tools/bench-dead-peer.py [--trials 20] [--shoal PATH] [--work DIR]
+
+Three `shoal serve` nodes on 127.0.0.1-3 with default settings (debounce 200 ms,
+heartbeat 25 s). Each trial: freeze C, wait a moment chosen from 0 to 6 s (0: C still
+looks connected; 6 s: its connection has timed out), write a new file on A and time
+until its content is readable on B, then the same from B to A; thaw C and let the
+three agree before the next trial. Reported: p50 and maximum of each direction, and how
+many changes took over 2 s. Issue 17's acceptance is "within 2 s, every time".
+
+Every process started here is stopped by PID (a frozen one is thawed first); the work
+directory is removed at the end.
+"""
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+
+from benchlib import free_port, http_json, run_checked, spawn, stop, stop_all, wait_for
+
+SIDES = ("A", "B", "C")
+IPS = {"A": "127.0.0.1", "B": "127.0.0.2", "C": "127.0.0.3"}
+DELAYS = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
+
+
+class Cluster:
+    def __init__(self, work, binary):
+        self.work, self.procs, self.frozen = work, {}, set()
+        creds = os.path.join(work, "credentials")
+        run_checked([binary, "cluster", "init", "--out", creds], timeout=60)
+        self.dirs = {s: os.path.join(work, s, "vol") for s in SIDES}
+        quic = {s: free_port(IPS[s], "udp") for s in SIDES}
+        self.http = {s: free_port("127.0.0.1", "tcp") for s in SIDES}
+        for s in SIDES:
+            os.makedirs(self.dirs[s])
+            cmd = [binary, "serve", "--data-root", os.path.dirname(self.dirs[s]),
+                   "--state-dir", os.path.join(work, f"state-{s}"), "--volume", "vol",
+                   "--listen", f"{IPS[s]}:{quic[s]}", "--credentials", creds,
+                   "--http", f"127.0.0.1:{self.http[s]}"]
+            for o in SIDES:
+                if o != s:
+                    cmd += ["--peer", f"{IPS[o]}:{quic[o]}"]
+            self.procs[s] = spawn(cmd, os.path.join(work, f"shoal-{s}.log"))
+
+    def settled(self):
+        try:
+            statuses = [http_json(f"http://127.0.0.1:{self.http[s]}/status", timeout=2) for s in SIDES]
+        except (OSError, ValueError):
+            return False
+        roots = {st["volumes"][0]["root"] for st in statuses}
+        return len(roots) == 1 and None not in roots and all(
+            p["connected"] for st in statuses for p in st["peers"])
+
+    def freeze(self, side):
+        os.kill(self.procs[side].pid, signal.SIGSTOP)
+        self.frozen.add(side)
+
+    def thaw(self, side):
+        os.kill(self.procs[side].pid, signal.SIGCONT)
+        self.frozen.discard(side)
+
+    def stop(self):
+        for side in list(self.frozen):
+            self.thaw(side)
+        for proc in self.procs.values():
+            stop(proc)
+
+
+def travel(cluster, src, dst, name, content, bound=60):
+    """Seconds from writing `name` on `src` until `dst` has it (None past `bound`)."""
+    with open(os.path.join(cluster.dirs[src], name), "wb") as f:
+        f.write(content)
+    start = time.monotonic()
+    target = os.path.join(cluster.dirs[dst], name)
+    while time.monotonic() - start < bound:
+        try:
+            with open(target, "rb") as f:
+                if f.read() == content:
+                    return time.monotonic() - start
+        except OSError:
+            pass
+        time.sleep(0.005)
+    return None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=21)
+    parser.add_argument("--shoal", default=os.path.join(
+        os.environ.get("CARGO_TARGET_DIR", "/var/cache/shoal/target"), "release", "shoal"))
+    parser.add_argument("--work", help="parent of the temporary work directory")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    work = tempfile.mkdtemp(prefix="shoal-bench-dead-peer.", dir=args.work)
+    cluster = None
+    results = {"A->B": [], "B->A": []}
+    try:
+        cluster = Cluster(work, args.shoal)
+        wait_for(cluster.settled, 120, "the three nodes to connect and agree", list(cluster.procs.values()))
+        for trial in range(args.trials):
+            delay = DELAYS[trial % len(DELAYS)]
+            cluster.freeze("C")
+            time.sleep(delay)
+            for (src, dst) in (("A", "B"), ("B", "A")):
+                took = travel(cluster, src, dst, f"t{trial}-{src}.txt", f"trial {trial} {time.time()}".encode())
+                results[f"{src}->{dst}"].append(took)
+                print(f"trial {trial}: C frozen {delay:.1f} s before, {src}->{dst} in "
+                      f"{'never' if took is None else f'{took * 1000:.0f} ms'}", file=sys.stderr, flush=True)
+            cluster.thaw("C")
+            wait_for(cluster.settled, 120, "the three nodes to agree again", list(cluster.procs.values()))
+    finally:
+        if cluster:
+            cluster.stop()
+        stop_all()
+        shutil.rmtree(work, ignore_errors=True)
+    print("| direction (C frozen) | changes | p50 | max | over 2 s |")
+    print("|---|---|---|---|---|")
+    for direction, times in results.items():
+        seen = sorted(t for t in times if t is not None)
+        slow = sum(1 for t in times if t is None or t > 2)
+        p50 = f"{seen[len(seen) // 2] * 1000:.0f} ms" if seen else "-"
+        worst = "never" if None in times else f"{max(times) * 1000:.0f} ms" if times else "-"
+        print(f"| {direction} | {len(times)} | {p50} | {worst} | {slow} |")
+
+
+if __name__ == "__main__":
+    main()
