@@ -14,6 +14,7 @@ mod index;
 mod live;
 mod metadata;
 mod repair;
+mod storm;
 mod sync;
 mod tree_props;
 mod util;

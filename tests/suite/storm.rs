@@ -1,0 +1,519 @@
+//! The kill storm: random file operations on three real `shoal serve` nodes under
+//! random `kill -9`s, every operation recorded, and the end state checked against a model
+//! of what must be there (issue 17).
+//!
+//! Operations: create or overwrite a file with new content, append to one, rename a file
+//! (within or across directories), delete a file, rename a directory, `rm -rf` a
+//! directory; each made directly in one node's volume, running or not (writes into a
+//! killed node's volume are found by its scan at restart). Every few seconds a random
+//! node is killed with SIGKILL and restarted a moment later.
+//!
+//! Once the storm ends, every node is started, the three must converge, and the checker
+//! reads the final tree:
+//! - **torn**: a file whose content is not one the test wrote (every content is unique);
+//! - **lost**: a name whose last operation wrote content that is nowhere at the end,
+//!   neither under the name nor in one of its conflict copies;
+//! - **resurrected**: a name whose last operation deleted it (or renamed it away) but
+//!   that exists at the end. Allowed only when the content there was written on another
+//!   node that the deleting node could not have seen yet (the two were not both running
+//!   for [`SEEN_AFTER`] between the write and the delete): the checker says which write
+//!   explains it;
+//! - and `shoal verify` must find every node's store and volume consistent.
+//!
+//! `SHOAL_STORM_SECS` sets the storm's length (default 40 s here; `tools/soak.sh` runs
+//! it for 30 minutes), `SHOAL_STORM_SEED` its seed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::cluster::*;
+use crate::util::{shoal_at, stdout, write_file};
+
+/// How long two running nodes take, at most, to learn of each other's changes (watcher
+/// debounce, a pull round, a restart's scan): a write older than this when the deleting
+/// node deleted, with both running throughout, had reached it.
+const SEEN_AFTER: f64 = 8.0;
+
+const NODES: usize = 3;
+const DIRS: [&str; 4] = ["a", "b", "c", "a/deep"];
+
+/// Deterministic random numbers (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+}
+
+/// What one operation did to one name.
+#[derive(Clone, Debug)]
+enum Effect {
+    /// The name now holds this content (by BLAKE3 hash).
+    Wrote(String),
+    Deleted,
+}
+
+#[derive(Clone, Debug)]
+struct Op {
+    /// Seconds since the storm began.
+    at: f64,
+    node: usize,
+    path: String,
+    effect: Effect,
+    what: &'static str,
+}
+
+/// The storm's record: operations, and when each node ran.
+struct Record {
+    start: Instant,
+    ops: Vec<Op>,
+    /// Per node, the intervals (start, end) it ran; an open one ends at the storm's end.
+    running: Vec<Vec<(f64, Option<f64>)>>,
+    kills: usize,
+    /// Every content ever written, by hash.
+    contents: BTreeSet<String>,
+}
+
+impl Record {
+    fn now(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+
+    fn wrote(&mut self, node: usize, path: &str, content: &[u8], what: &'static str) {
+        let hash = blake3::hash(content).to_hex().to_string();
+        self.contents.insert(hash.clone());
+        let at = self.now();
+        self.ops.push(Op {
+            at,
+            node,
+            path: path.to_string(),
+            effect: Effect::Wrote(hash),
+            what,
+        });
+    }
+
+    fn deleted(&mut self, node: usize, path: &str, what: &'static str) {
+        let at = self.now();
+        self.ops.push(Op {
+            at,
+            node,
+            path: path.to_string(),
+            effect: Effect::Deleted,
+            what,
+        });
+    }
+
+    /// Seconds nodes `a` and `b` both ran, continuously, within [from, to]: the longest
+    /// such stretch.
+    fn both_running(&self, a: usize, b: usize, from: f64, to: f64) -> f64 {
+        let end = self.now();
+        let clip = |(s, e): (f64, Option<f64>)| (s.max(from), e.unwrap_or(end).min(to));
+        let mut best: f64 = 0.0;
+        for &x in &self.running[a] {
+            for &y in &self.running[b] {
+                let (xs, xe) = clip(x);
+                let (ys, ye) = clip(y);
+                best = best.max(xe.min(ye) - xs.max(ys));
+            }
+        }
+        best
+    }
+}
+
+/// Every file under `root` (outside `.shoal/`), relative path -> content hash.
+fn files(root: &Path) -> BTreeMap<String, String> {
+    snapshot(root)
+        .into_iter()
+        .filter_map(|(path, item)| match item {
+            Item::File { hash, .. } => Some((String::from_utf8_lossy(&path).into_owned(), hash)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether `candidate` is a conflict copy of `path` (`stem.sync-conflict-*.ext`, same
+/// directory).
+fn is_conflict_copy_of(candidate: &str, path: &str) -> bool {
+    let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+    let (cdir, cname) = candidate.rsplit_once('/').unwrap_or(("", candidate));
+    let (stem, ext) = match name.rfind('.') {
+        Some(dot) if dot > 0 => (&name[..dot], &name[dot..]),
+        _ => (name, ""),
+    };
+    dir == cdir && cname.starts_with(&format!("{stem}.sync-conflict-")) && cname.ends_with(ext)
+}
+
+/// The storm's driver: the cluster and what is done to it.
+struct Storm {
+    cluster: Cluster,
+    rng: Rng,
+    record: Record,
+    next_content: u64,
+    /// When each killed node is to be restarted.
+    down_until: Vec<Option<Instant>>,
+}
+
+impl Storm {
+    fn content(&mut self, node: usize) -> Vec<u8> {
+        self.next_content += 1;
+        let len = match self.rng.below(10) {
+            0 => 600 << 10,
+            1..=3 => 20 << 10,
+            _ => 1 + self.rng.below(2000),
+        };
+        let mut out = format!("content {} from node {node}\n", self.next_content).into_bytes();
+        out.extend(crate::util::random_bytes(len, self.rng.next()));
+        out
+    }
+
+    /// The files of node `node`'s volume now (what an operation can act on).
+    fn present(&self, node: usize) -> Vec<String> {
+        files(&self.cluster.vol(node)).into_keys().collect()
+    }
+
+    fn random_path(&mut self) -> String {
+        let dir = DIRS[self.rng.below(DIRS.len())];
+        format!("{dir}/f{}.bin", self.rng.below(12))
+    }
+
+    fn step(&mut self) {
+        let node = self.rng.below(NODES);
+        let vol = self.cluster.vol(node);
+        let present = self.present(node);
+        let existing =
+            (!present.is_empty()).then(|| present[self.rng.below(present.len())].clone());
+        match (self.rng.below(100), existing) {
+            (0..=39, _) | (_, None) => {
+                let path = self.random_path();
+                let content = self.content(node);
+                write_file(&vol.join(&path), &content);
+                self.record.wrote(node, &path, &content, "write");
+            }
+            (40..=54, Some(path)) => {
+                let Ok(mut content) = fs::read(vol.join(&path)) else {
+                    return;
+                };
+                let extra = format!("appended {}\n", self.next_content + 1);
+                self.next_content += 1;
+                content.extend_from_slice(extra.as_bytes());
+                if fs::write(vol.join(&path), &content).is_ok() {
+                    self.record.wrote(node, &path, &content, "append");
+                }
+            }
+            (55..=69, Some(from)) => {
+                let to = self.random_path();
+                if to == from || vol.join(&to).exists() {
+                    return;
+                }
+                let Ok(content) = fs::read(vol.join(&from)) else {
+                    return;
+                };
+                fs::create_dir_all(vol.join(&to).parent().unwrap()).unwrap();
+                if fs::rename(vol.join(&from), vol.join(&to)).is_ok() {
+                    self.record.deleted(node, &from, "rename away");
+                    self.record.wrote(node, &to, &content, "rename to");
+                }
+            }
+            (70..=89, Some(path)) => {
+                if fs::remove_file(vol.join(&path)).is_ok() {
+                    self.record.deleted(node, &path, "delete");
+                }
+            }
+            (90..=94, _) => self.remove_dir(node),
+            (_, Some(_)) => self.rename_dir(node),
+        }
+    }
+
+    /// `rm -rf` of one of the top directories (never all: an empty volume is another
+    /// rule's business, and the anchor file stays).
+    fn remove_dir(&mut self, node: usize) {
+        let dir = ["b", "c", "a/deep"][self.rng.below(3)];
+        let prefix = format!("{dir}/");
+        let doomed: Vec<String> = self
+            .present(node)
+            .into_iter()
+            .filter(|p| p.starts_with(&prefix))
+            .collect();
+        if fs::remove_dir_all(self.cluster.vol(node).join(dir)).is_ok() {
+            for path in doomed {
+                self.record.deleted(node, &path, "rm -rf");
+            }
+        }
+    }
+
+    /// `mv c b2; mv b2 ...`: renames directory `c` to `b` or back, when the target is
+    /// free.
+    fn rename_dir(&mut self, node: usize) {
+        let (from, to) = if self.rng.chance(50) {
+            ("c", "b")
+        } else {
+            ("b", "c")
+        };
+        let vol = self.cluster.vol(node);
+        if !vol.join(from).is_dir() || vol.join(to).exists() {
+            return;
+        }
+        let before = files(&vol);
+        if fs::rename(vol.join(from), vol.join(to)).is_err() {
+            return;
+        }
+        let prefix = format!("{from}/");
+        for (path, hash) in before.into_iter().filter(|(p, _)| p.starts_with(&prefix)) {
+            let moved = format!("{to}/{}", &path[prefix.len()..]);
+            self.record.deleted(node, &path, "directory renamed away");
+            let at = self.record.now();
+            self.record.ops.push(Op {
+                at,
+                node,
+                path: moved,
+                effect: Effect::Wrote(hash),
+                what: "directory renamed to",
+            });
+        }
+    }
+
+    fn kill_or_restart(&mut self) {
+        for i in 0..NODES {
+            if self.down_until[i].is_some_and(|t| Instant::now() >= t) {
+                self.cluster.start(i);
+                self.down_until[i] = None;
+                let at = self.record.now();
+                self.record.running[i].push((at, None));
+            }
+        }
+        let running: Vec<usize> = (0..NODES)
+            .filter(|&i| self.down_until[i].is_none())
+            .collect();
+        // At most one node down at a time, so the others keep syncing.
+        if running.len() == NODES && self.rng.chance(4) {
+            let victim = running[self.rng.below(running.len())];
+            self.cluster.kill(victim);
+            self.record.kills += 1;
+            let at = self.record.now();
+            if let Some(open) = self.record.running[victim].last_mut() {
+                open.1 = Some(at);
+            }
+            let down = Duration::from_millis(300 + self.rng.below(3000) as u64);
+            self.down_until[victim] = Some(Instant::now() + down);
+        }
+    }
+}
+
+/// What the checker found.
+#[derive(Default)]
+struct Findings {
+    torn: Vec<String>,
+    lost: Vec<String>,
+    resurrected_explained: Vec<String>,
+    resurrected_unexplained: Vec<String>,
+    conflict_copies: usize,
+}
+
+fn check(record: &Record, end: &BTreeMap<String, String>) -> Findings {
+    let mut found = Findings::default();
+    for (path, hash) in end {
+        if path != "anchor.txt" && !record.contents.contains(hash) {
+            found.torn.push(format!("{path}: content never written"));
+        }
+        if path.contains(".sync-conflict-") {
+            found.conflict_copies += 1;
+        }
+    }
+    let mut last: HashMap<&str, &Op> = HashMap::new();
+    for op in &record.ops {
+        last.insert(&op.path, op);
+    }
+    for (path, op) in last {
+        match &op.effect {
+            Effect::Wrote(hash) => {
+                let kept = end.get(path) == Some(hash)
+                    || end
+                        .iter()
+                        .any(|(p, h)| h == hash && is_conflict_copy_of(p, path));
+                if !kept {
+                    found.lost.push(format!(
+                        "{path}: last written on node {} at {:.1} s ({}), that content is gone (now: {:?})",
+                        op.node, op.at, op.what, end.get(path)
+                    ));
+                }
+            }
+            Effect::Deleted => {
+                let Some(hash) = end.get(path) else { continue };
+                match explain(record, op, path, hash) {
+                    Some(why) => found.resurrected_explained.push(why),
+                    None => found.resurrected_unexplained.push(format!(
+                        "{path}: deleted on node {} at {:.1} s ({}), back with content written {}",
+                        op.node,
+                        op.at,
+                        op.what,
+                        writes_of(record, path, hash)
+                    )),
+                }
+            }
+        }
+    }
+    found
+}
+
+fn writes_of(record: &Record, path: &str, hash: &str) -> String {
+    let writes: Vec<String> = record
+        .ops
+        .iter()
+        .filter(|o| o.path == path && matches!(&o.effect, Effect::Wrote(h) if h == hash))
+        .map(|o| format!("on node {} at {:.1} s ({})", o.node, o.at, o.what))
+        .collect();
+    if writes.is_empty() {
+        "never under this name".into()
+    } else {
+        writes.join(", ")
+    }
+}
+
+/// Why `path`, deleted by `delete`, may hold `hash` at the end: a write of that content
+/// on another node that the deleting node had not seen.
+fn explain(record: &Record, delete: &Op, path: &str, hash: &str) -> Option<String> {
+    record
+        .ops
+        .iter()
+        .filter(|o| o.path == path && o.at <= delete.at && o.node != delete.node)
+        .filter(|o| matches!(&o.effect, Effect::Wrote(h) if h == hash))
+        .find(|w| record.both_running(w.node, delete.node, w.at, delete.at) < SEEN_AFTER)
+        .map(|w| {
+            format!(
+                "{path}: deleted on node {} at {:.1} s ({}), kept for node {}'s {} at {:.1} s, which node {} had not seen (they ran together for {:.1} s in between)",
+                delete.node,
+                delete.at,
+                delete.what,
+                w.node,
+                w.what,
+                w.at,
+                delete.node,
+                record.both_running(w.node, delete.node, w.at, delete.at)
+            )
+        })
+}
+
+fn storm_seconds() -> u64 {
+    std::env::var("SHOAL_STORM_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40)
+}
+
+#[test]
+fn a_kill_storm_tears_no_file_loses_no_last_write_and_brings_back_no_delete_unexplained() {
+    let seed = std::env::var("SHOAL_STORM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        })
+        | 1;
+    eprintln!("kill storm: seed {seed} (SHOAL_STORM_SEED to repeat)");
+    let mut cluster = Cluster::new(NODES);
+    cluster.heartbeat = 2;
+    write_file(&cluster.vol(0).join("anchor.txt"), b"never touched");
+    cluster.start_all();
+    cluster.wait_connected(Duration::from_secs(60));
+    cluster.wait_converged(&[0, 1, 2], Duration::from_secs(60));
+    let mut storm = Storm {
+        cluster,
+        rng: Rng(seed),
+        record: Record {
+            start: Instant::now(),
+            ops: Vec::new(),
+            running: vec![vec![(0.0, None)]; NODES],
+            kills: 0,
+            contents: BTreeSet::new(),
+        },
+        next_content: 0,
+        down_until: vec![None; NODES],
+    };
+    let length = Duration::from_secs(storm_seconds());
+    while storm.record.start.elapsed() < length {
+        storm.step();
+        storm.kill_or_restart();
+        std::thread::sleep(Duration::from_millis(40 + storm.rng.below(120) as u64));
+    }
+    for i in 0..NODES {
+        if storm.down_until[i].take().is_some() {
+            storm.cluster.start(i);
+            let at = storm.record.now();
+            storm.record.running[i].push((at, None));
+        }
+    }
+    let cluster = &mut storm.cluster;
+    cluster.wait_converged(&[0, 1, 2], Duration::from_secs(180));
+    let end = files(&cluster.vol(0));
+    let found = check(&storm.record, &end);
+    eprintln!(
+        "kill storm: {} s, {} operations, {} kills; {} files at the end, {} conflict copies; torn {}, lost {}, resurrected {} explained + {} unexplained",
+        length.as_secs(),
+        storm.record.ops.len(),
+        storm.record.kills,
+        end.len(),
+        found.conflict_copies,
+        found.torn.len(),
+        found.lost.len(),
+        found.resurrected_explained.len(),
+        found.resurrected_unexplained.len()
+    );
+    for line in &found.resurrected_explained {
+        eprintln!("  explained: {line}");
+    }
+    for i in 0..NODES {
+        cluster.stop(i);
+    }
+    let mut damaged = Vec::new();
+    for i in 0..NODES {
+        let node = cluster.dir.path().join(format!("node{i}"));
+        let out = shoal_at(&node.join("data"), &node.join("state"), "verify", &[]);
+        if !out.status.success() {
+            damaged.push(format!("node {i}: {}", stdout(&out)));
+        }
+    }
+    let problems: Vec<String> = found
+        .torn
+        .iter()
+        .map(|t| format!("torn: {t}"))
+        .chain(found.lost.iter().map(|l| format!("lost: {l}")))
+        .chain(
+            found
+                .resurrected_unexplained
+                .iter()
+                .map(|r| format!("resurrected: {r}")),
+        )
+        .chain(damaged.iter().map(|d| format!("verify: {d}")))
+        .collect();
+    assert!(
+        problems.is_empty(),
+        "seed {seed}:\n{}\n--- node logs (tails):\n{}",
+        problems.join("\n"),
+        (0..NODES)
+            .map(|i| format!("node {i}:\n{}", tail_of(&cluster.log(i), 40)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+fn tail_of(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
