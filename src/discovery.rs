@@ -5,15 +5,20 @@
 //! - `docker` (plain Docker, no Swarm): the running containers that carry the same
 //!   `shoal.cluster` label as this one, at their addresses on the user-defined networks
 //!   they share with it; listed through the Docker API (the socket, mounted read-only).
-//! - `swarm`: the other tasks of this container's own service (named by its
-//!   `com.docker.swarm.service.name` label). Listing tasks only works on managers, so
-//!   every node asks what it can ask as a worker too: Docker's embedded DNS for
-//!   `tasks.<service>`, and the verbose inspection of the overlay networks it is on,
-//!   which lists each service's task endpoints; the union of both answers counts.
+//! - `swarm`: the other tasks of this container's own service, from Docker's embedded
+//!   DNS for `tasks.<service>`, polled every [`DNS_POLL`]. The service is named by
+//!   `SHOAL_SERVICE` (the stack sets it to `{{.Service.Name}}`), which needs no Docker
+//!   socket: a socket, even read-only, is root on the host, and a network-facing daemon
+//!   should not hold it. Where an operator mounts the socket anyway, it only makes joins
+//!   noticed sooner (local events wake a look) and adds the verbose inspection of the
+//!   overlay networks (each service's task endpoints); without `SHOAL_SERVICE` the
+//!   socket is required, to read the service from the container's
+//!   `com.docker.swarm.service.name` label.
 //!
-//! Both Docker modes look again every `HEARTBEAT` and at once on every local container
-//! or network event (start, die, connect, disconnect...), so a joining or leaving peer is
-//! noticed without waiting; this container's own addresses are never peers. The result
+//! The Docker API modes look again every `HEARTBEAT` and at once on every local
+//! container or network event (start, die, connect, disconnect...), so a joining or
+//! leaving peer is noticed without waiting; this container's own addresses are never
+//! peers. The result
 //! is published as the whole current set on a [`watch`] channel; the daemon starts and
 //! stops one peer task per address as the set changes.
 
@@ -40,6 +45,9 @@ pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 /// long after one before looking, so one look covers the burst.
 const EVENT_SETTLE: Duration = Duration::from_millis(300);
 const DOCKER_TIMEOUT_SECS: u64 = 30;
+/// How often `MODE=swarm` asks DNS for the service's tasks (at most; less often if the
+/// heartbeat is shorter).
+pub const DNS_POLL: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -76,7 +84,7 @@ pub enum DiscoveryError {
     #[error("unknown MODE {0:?}: expected swarm, docker or static")]
     UnknownMode(String),
     #[error(
-        "MODE={mode} finds peers through the Docker API, but {socket} cannot be reached: {message} (mount it read-only: -v /var/run/docker.sock:/var/run/docker.sock:ro, or use MODE=static with --peer)"
+        "MODE={mode} finds peers through the Docker API, but {socket} cannot be reached: {message} (mount it read-only: -v /var/run/docker.sock:/var/run/docker.sock:ro; for MODE=swarm set SHOAL_SERVICE to the service's name instead, as the stack does with {{{{.Service.Name}}}}; or use MODE=static with --peer)"
     )]
     NoDocker {
         mode: Mode,
@@ -120,22 +128,23 @@ enum Source {
         cluster: String,
     },
     Swarm {
-        docker: Docker,
-        me: String,
+        /// The Docker API and this container's id, if the socket is mounted.
+        docker: Option<(Docker, String)>,
         service: String,
         resolver: Box<TokioResolver>,
     },
 }
 
 impl Discovery {
-    /// Sets up discovery in `mode`: `static_peers` for `static`; otherwise connects to
-    /// the Docker API on `socket` and finds this container (and its service or cluster
-    /// label). Every way this can fail is a clear error here, before serving. Peers are
-    /// expected to listen on `port`, as this node does.
+    /// Sets up discovery in `mode`: `static_peers` for `static`; `service` (from the
+    /// stack's templating) for `swarm`, with the Docker API on `socket` if it can be
+    /// reached; otherwise connects to the Docker API and finds this container (and its
+    /// service or cluster label). Every way this can fail is a clear error here, before
+    /// serving. Peers are expected to listen on `port`, as this node does.
     pub async fn new(
         mode: Mode,
         static_peers: BTreeSet<SocketAddr>,
-        socket: &str,
+        (socket, service): (&str, Option<&str>),
         port: u16,
         heartbeat: Duration,
     ) -> Result<Self, DiscoveryError> {
@@ -146,6 +155,62 @@ impl Discovery {
                 heartbeat,
             });
         }
+        if let (Mode::Swarm, Some(service)) = (mode, service.filter(|s| !s.is_empty())) {
+            let docker = match Self::own_container(mode, socket).await {
+                Ok((docker, me, _)) => Some((docker, me)),
+                Err(e) => {
+                    tracing::info!(
+                        "peers from tasks.{service} DNS only, every {} s (without the Docker socket: {e})",
+                        DNS_POLL.as_secs()
+                    );
+                    None
+                }
+            };
+            return Ok(Discovery {
+                source: Source::Swarm {
+                    docker,
+                    resolver: Box::new(tasks_resolver(service)?),
+                    service: service.to_string(),
+                },
+                port,
+                heartbeat,
+            });
+        }
+        let (docker, me, labels) = Self::own_container(mode, socket).await?;
+        let source = match mode {
+            // (static returned above)
+            Mode::Static | Mode::Docker => Source::Docker {
+                cluster: labels
+                    .get(CLUSTER_LABEL)
+                    .cloned()
+                    .ok_or(DiscoveryError::NoClusterLabel)?,
+                docker,
+                me,
+            },
+            Mode::Swarm => {
+                let service = labels
+                    .get(SERVICE_LABEL)
+                    .cloned()
+                    .ok_or(DiscoveryError::NotSwarmTask)?;
+                Source::Swarm {
+                    docker: Some((docker, me)),
+                    resolver: Box::new(tasks_resolver(&service)?),
+                    service,
+                }
+            }
+        };
+        Ok(Discovery {
+            source,
+            port,
+            heartbeat,
+        })
+    }
+
+    /// The Docker API on `socket`, this container's id and its labels.
+    async fn own_container(
+        mode: Mode,
+        socket: &str,
+    ) -> Result<(Docker, String, HashMap<String, String>), DiscoveryError> {
         let no_docker = |message: String| DiscoveryError::NoDocker {
             mode,
             socket: socket.to_string(),
@@ -170,47 +235,7 @@ impl Discovery {
             .config
             .and_then(|c| c.labels)
             .unwrap_or_default();
-        let source = match mode {
-            // (static returned above)
-            Mode::Static | Mode::Docker => Source::Docker {
-                cluster: labels
-                    .get(CLUSTER_LABEL)
-                    .cloned()
-                    .ok_or(DiscoveryError::NoClusterLabel)?,
-                docker,
-                me,
-            },
-            Mode::Swarm => {
-                let service = labels
-                    .get(SERVICE_LABEL)
-                    .cloned()
-                    .ok_or(DiscoveryError::NotSwarmTask)?;
-                let resolver_error = |message: String| DiscoveryError::Resolver {
-                    service: service.clone(),
-                    message,
-                };
-                let mut builder =
-                    TokioResolver::builder_tokio().map_err(|e| resolver_error(e.to_string()))?;
-                // Docker's DNS answers with long TTLs; a cached answer would hide joins
-                // and leaves until it expired.
-                builder.options_mut().cache_size = 0;
-                // A slow answer must not hold up the next look for long.
-                builder.options_mut().timeout = Duration::from_secs(2);
-                builder.options_mut().attempts = 1;
-                let resolver = builder.build().map_err(|e| resolver_error(e.to_string()))?;
-                Source::Swarm {
-                    docker,
-                    me,
-                    service,
-                    resolver: Box::new(resolver),
-                }
-            }
-        };
-        Ok(Discovery {
-            source,
-            port,
-            heartbeat,
-        })
+        Ok((docker, me, labels))
     }
 
     /// What this discovery follows, for the log.
@@ -235,11 +260,16 @@ impl Discovery {
                 peers.send_replace(set.clone());
                 return;
             }
-            Source::Docker { docker, .. } | Source::Swarm { docker, .. } => docker.clone(),
+            Source::Docker { docker, .. } => Some(docker.clone()),
+            Source::Swarm { docker, .. } => docker.as_ref().map(|(docker, _)| docker.clone()),
+        };
+        let period = match &self.source {
+            Source::Swarm { .. } => self.heartbeat.min(DNS_POLL),
+            _ => self.heartbeat,
         };
         // Events only say "look again": they are forwarded as wake-ups.
         let wake = std::sync::Arc::new(tokio::sync::Notify::new());
-        let events = tokio::spawn(follow_events(docker, wake.clone()));
+        let events = docker.map(|docker| tokio::spawn(follow_events(docker, wake.clone())));
         let mut last_error = String::new();
         loop {
             match self.look().await {
@@ -266,7 +296,7 @@ impl Discovery {
                 }
             }
             let woken = tokio::select! {
-                _ = tokio::time::sleep(self.heartbeat) => false,
+                _ = tokio::time::sleep(period) => false,
                 _ = wake.notified() => true,
                 _ = stop.wait_for(|s| *s) => break,
             };
@@ -274,7 +304,9 @@ impl Discovery {
                 tokio::time::sleep(EVENT_SETTLE).await;
             }
         }
-        events.abort();
+        if let Some(events) = events {
+            events.abort();
+        }
     }
 
     /// One look at the current peers.
@@ -326,8 +358,7 @@ impl Discovery {
                 Ok(set)
             }
             Source::Swarm {
-                docker,
-                me,
+                docker: Some((docker, me)),
                 service,
                 resolver,
             } => {
@@ -350,8 +381,49 @@ impl Discovery {
                     .map(|ip| SocketAddr::new(ip, self.port))
                     .collect())
             }
+            Source::Swarm {
+                docker: None,
+                service,
+                resolver,
+            } => Ok(resolve_tasks(resolver, service)
+                .await?
+                .into_iter()
+                .filter(|ip| !is_own_address(*ip))
+                .map(|ip| SocketAddr::new(ip, self.port))
+                .collect()),
         }
     }
+}
+
+/// Whether `ip` is an address of this host (container): the kernel picks a local
+/// address as its own source when asked to reach it.
+fn is_own_address(ip: IpAddr) -> bool {
+    let any: SocketAddr = match ip {
+        IpAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        IpAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    std::net::UdpSocket::bind(any)
+        .and_then(|socket| {
+            socket.connect((ip, 9))?;
+            socket.local_addr()
+        })
+        .is_ok_and(|local| local.ip() == ip)
+}
+
+/// A resolver for `tasks.<service>` through the container's DNS (Docker's embedded one).
+fn tasks_resolver(service: &str) -> Result<TokioResolver, DiscoveryError> {
+    let resolver_error = |message: String| DiscoveryError::Resolver {
+        service: service.to_string(),
+        message,
+    };
+    let mut builder = TokioResolver::builder_tokio().map_err(|e| resolver_error(e.to_string()))?;
+    // Docker's DNS answers with long TTLs; a cached answer would hide joins and leaves
+    // until it expired.
+    builder.options_mut().cache_size = 0;
+    // A slow answer must not hold up the next look for long.
+    builder.options_mut().timeout = Duration::from_secs(2);
+    builder.options_mut().attempts = 1;
+    builder.build().map_err(|e| resolver_error(e.to_string()))
 }
 
 /// The addresses `tasks.<service>` resolves to through Docker's embedded DNS.
@@ -496,6 +568,13 @@ mod tests {
         assert!(service_task_ips(&services, "other").unwrap().is_empty());
         let garbled = HashMap::from([("st_shoal".to_string(), serde_json::json!({"Tasks": 5}))]);
         assert!(service_task_ips(&garbled, "st_shoal").is_err());
+    }
+
+    #[test]
+    fn this_hosts_own_addresses_are_recognised() {
+        assert!(is_own_address("127.0.0.1".parse().unwrap()));
+        // TEST-NET-1: never an address of this host.
+        assert!(!is_own_address("192.0.2.1".parse().unwrap()));
     }
 
     #[test]

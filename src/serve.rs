@@ -39,8 +39,10 @@ pub struct ServeOptions {
     /// The peers of `MODE=static`.
     pub peers: Vec<String>,
     pub mode: Mode,
-    /// The Docker API socket, for `MODE=docker` and `MODE=swarm`.
+    /// The Docker API socket, for `MODE=docker` (and optional for `MODE=swarm`).
     pub docker_socket: String,
+    /// `MODE=swarm`: this task's service (from the stack's `{{.Service.Name}}`).
+    pub service: Option<String>,
     /// Refuse a volume directory that is not a mount point (in a container, data written
     /// elsewhere would be lost with the container).
     pub require_mounts: bool,
@@ -90,7 +92,7 @@ pub async fn run(
     let discovery = Discovery::new(
         options.mode,
         static_peers(&options).await?,
-        &options.docker_socket,
+        (&options.docker_socket, options.service.as_deref()),
         options.listen.port(),
         options.heartbeat,
     )

@@ -340,6 +340,7 @@ pub struct RepairFlags {
     /// How peers are found, as for serve (`None`: static).
     pub mode: Option<String>,
     pub docker_socket: Option<String>,
+    pub service: Option<String>,
     /// The port peers listen on (discovered peers are reached on it).
     pub port: u16,
     pub peers: Vec<String>,
@@ -361,7 +362,7 @@ fn parse_mode(text: Option<&str>) -> anyhow::Result<crate::discovery::Mode> {
 /// The peers `mode` finds now (repair runs once; it does not follow them).
 fn discover_once(
     mode: crate::discovery::Mode,
-    socket: Option<String>,
+    (socket, service): (Option<String>, Option<String>),
     port: u16,
 ) -> anyhow::Result<Vec<std::net::SocketAddr>> {
     let socket = socket.unwrap_or_else(|| crate::discovery::DEFAULT_DOCKER_SOCKET.to_string());
@@ -370,7 +371,7 @@ fn discover_once(
         let discovery = crate::discovery::Discovery::new(
             mode,
             Default::default(),
-            &socket,
+            (&socket, service.as_deref()),
             port,
             Duration::from_secs(1),
         )
@@ -407,7 +408,7 @@ pub fn repair(settings: &Settings, flags: RepairFlags) -> anyhow::Result<Outcome
     }
     let mode = parse_mode(flags.mode.as_deref())?;
     if mode != crate::discovery::Mode::Static {
-        peers = discover_once(mode, flags.docker_socket, flags.port)?;
+        peers = discover_once(mode, (flags.docker_socket, flags.service), flags.port)?;
     }
     let options = crate::repair::RepairOptions {
         dry_run: flags.dry_run,
@@ -471,6 +472,7 @@ pub struct ServeFlags {
     pub gso: bool,
     pub node_name: Option<String>,
     pub access: crate::access::Access,
+    pub service: Option<String>,
 }
 
 pub fn serve(
@@ -491,6 +493,7 @@ pub fn serve(
         gso,
         node_name,
         access,
+        service,
     } = flags;
     let mode = parse_mode(mode.as_deref())?;
     if mode != crate::discovery::Mode::Static && !peers.is_empty() {
@@ -520,6 +523,7 @@ pub fn serve(
         mode,
         docker_socket: docker_socket
             .unwrap_or_else(|| crate::discovery::DEFAULT_DOCKER_SOCKET.to_string()),
+        service,
         require_mounts,
         gso,
         credentials,

@@ -206,10 +206,16 @@ struct RemoteArgs {
     #[arg(long, env = "MODE", value_name = "MODE")]
     mode: Option<String>,
 
-    /// The Docker API socket, for MODE=docker and MODE=swarm (mount it read-only)
-    /// [default: /var/run/docker.sock].
+    /// The Docker API socket, for MODE=docker (mount it read-only); optional for
+    /// MODE=swarm with --service [default: /var/run/docker.sock].
     #[arg(long, env = "SHOAL_DOCKER_SOCKET", value_name = "PATH")]
     docker_socket: Option<String>,
+
+    /// MODE=swarm: this task's service, whose tasks are the peers (the stack sets it
+    /// with `SHOAL_SERVICE: "{{.Service.Name}}"`); without it the service is read from
+    /// the container's labels through the Docker socket.
+    #[arg(long, env = "SHOAL_SERVICE", value_name = "NAME")]
+    service: Option<String>,
 }
 
 /// Where the volumes and the store are.
@@ -441,6 +447,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 gso: !args.no_gso,
                 node_name: args.remote.node_name,
                 access: crate::access::Access::resolve(&args.access, file.access)?,
+                service: args.remote.service,
             };
             let settings = settings(cli.config, args.locations, args.chunk_sizes)?;
             commands::serve(
@@ -469,6 +476,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             let options = commands::RepairFlags {
                 mode: args.remote.mode.or(file.mode),
                 docker_socket: args.remote.docker_socket.or(file.docker_socket),
+                service: args.remote.service,
                 port: args.remote.listen.port(),
                 peers: args.remote.peers,
                 credentials: args.remote.credentials,

@@ -1103,5 +1103,14 @@ fn deploy_stack(
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The network-facing daemon holds no Docker socket (root on the host).
+    let mounts = docker_ok(&[
+        "service",
+        "inspect",
+        "--format",
+        "{{json .Spec.TaskTemplate.ContainerSpec.Mounts}}",
+        &format!("{stack}_shoal"),
+    ]);
+    assert!(!mounts.contains("docker.sock"), "{mounts}");
     (dir, stack)
 }
