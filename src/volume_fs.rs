@@ -475,6 +475,53 @@ impl VolumeFs {
     }
 }
 
+/// The block size holes are made of (the usual file system block).
+const HOLE_BLOCK: u64 = 4096;
+
+/// Writes `data` at `offset` of a staging file, leaving each all-zero block of it a hole
+/// (punched, in case the file held other bytes there): a sparse file arrives as sparse
+/// as it was, taking the space of its data, not of its zeros.
+pub fn write_sparse(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
+    // The end (in `data`) of the block that holds `data[at]`.
+    let block_end = |at: usize| {
+        let next = ((offset + at as u64) / HOLE_BLOCK + 1) * HOLE_BLOCK;
+        ((next - offset) as usize).min(data.len())
+    };
+    let is_zero = |from: usize, to: usize| data[from..to].iter().all(|&b| b == 0);
+    let mut at = 0;
+    while at < data.len() {
+        let zero = is_zero(at, block_end(at));
+        let mut end = block_end(at);
+        while end < data.len() && is_zero(end, block_end(end)) == zero {
+            end = block_end(end);
+        }
+        if zero {
+            punch_hole(file, offset + at as u64, (end - at) as u64)?;
+        } else {
+            file.write_all_at(&data[at..end], offset + at as u64)?;
+        }
+        at = end;
+    }
+    Ok(())
+}
+
+/// Makes `len` bytes at `offset` of a staging file zeros that take no space (written
+/// as zeros where the file system cannot punch holes).
+pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let flags = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+    if rustix::fs::fallocate(file, flags, offset, len).is_ok() {
+        return Ok(());
+    }
+    let zeros = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
 /// Sets a staged file's metadata before it is published.
 pub fn finish_staged(
     file: &File,

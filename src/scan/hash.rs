@@ -71,7 +71,7 @@ pub(super) fn hash_file(chunker: &mut Chunker, dir: &OwnedFd, name: &[u8]) -> Ha
             Ok(_) => return HashOutcome::Vanished,
             Err(e) => return HashOutcome::Failed(e),
         };
-        let content = match chunker.chunk_reader(&file) {
+        let content = match chunker.chunk_file(&file) {
             Ok(content) => content,
             Err(e) => return HashOutcome::Failed(e),
         };

@@ -14,10 +14,11 @@ use std::sync::atomic::Ordering;
 use tokio::task::JoinSet;
 
 use super::{Node, Peer, SyncError};
-use crate::chunking::ChunkRef;
+use crate::chunking::{ChunkRef, zero_chunk};
 use crate::ids::{ChunkId, VolumeId};
 use crate::protocol::{MAX_CHUNKS_PER_REQUEST, ProtocolError, Request, Response};
 use crate::store::{ChunkLocation, StoreError, pack};
+use crate::volume_fs::{punch_hole, write_sparse};
 
 /// Chunk requests in flight (together with the files a pull prepares at once, well
 /// under the transport's stream limit).
@@ -88,7 +89,9 @@ pub type Missing = Vec<(ChunkId, u32, Vec<u64>)>;
 /// Writes into `file`, the staging file of content `chunks`, every chunk this node holds
 /// intact: already in place (`resumed`: an interrupted transfer, or a file moved into
 /// staging), in `nearby` at one of its offsets (the damaged file that repair rebuilds),
-/// or anywhere else ([`Node::read_local_chunk`]). Returns what is still missing.
+/// or anywhere else ([`Node::read_local_chunk`]). Zero chunks (what holes are made
+/// of) are holes, and all-zero blocks of the others too ([`write_sparse`]). Returns
+/// what is still missing.
 pub fn fill_from_local(
     node: &Node,
     file: &File,
@@ -110,7 +113,15 @@ pub fn fill_from_local(
     }
     let mut missing = Missing::new();
     let mut buffer = Vec::new();
+    let zero = zero_chunk(node.meta.chunk_params);
     for (id, len, offsets) in places {
+        // A run of zeros (a hole on the sender) is a hole here too, never fetched.
+        if (id, len) == (zero.id, zero.len) {
+            for &at in &offsets {
+                punch_hole(file, at, u64::from(len))?;
+            }
+            continue;
+        }
         buffer.resize(len as usize, 0);
         let mut intact_in = |from: &File| {
             offsets.iter().copied().find(|&at| {
@@ -120,7 +131,7 @@ pub fn fill_from_local(
         // In place already: only its other offsets need it.
         if let Some(here) = resumed.then(|| intact_in(file)).flatten() {
             for &at in offsets.iter().filter(|&&at| at != here) {
-                file.write_all_at(&buffer, at)?;
+                write_sparse(file, &buffer, at)?;
             }
             continue;
         }
@@ -133,7 +144,7 @@ pub fn fill_from_local(
         match data.filter(|data| data.len() == len as usize) {
             Some(data) => {
                 for &at in &offsets {
-                    file.write_all_at(&data, at)?;
+                    write_sparse(file, &data, at)?;
                 }
             }
             None => missing.push((id, len, offsets)),
@@ -180,7 +191,7 @@ impl ChunkTargets {
         let mut written = false;
         for (file, offset, len) in self.places.get(id).into_iter().flatten() {
             if *len as usize == data.len() {
-                file.write_all_at(data, *offset)?;
+                write_sparse(file, data, *offset)?;
                 written = true;
             }
         }
