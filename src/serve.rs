@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -79,16 +79,8 @@ pub async fn run(
     if settings.volumes.is_empty() {
         return Err(crate::config::ConfigError::NoVolumes.into());
     }
-    let mut store = Store::open(
-        &settings.state_dir,
-        OpenOptions {
-            create: true,
-            read_only: false,
-            chunk_params: settings.chunk_params,
-        },
-    )?;
-    store.adopt_node_id(credentials.identity.node_id)?;
-    let volumes = open_volumes(&options, &store)?;
+    let revocations = options.credentials.join(REVOCATIONS_FILE);
+    let node = open_node(&options, &credentials, &revocations)?;
     let discovery = Discovery::new(
         options.mode,
         static_peers(&options).await?,
@@ -97,15 +89,6 @@ pub async fn run(
         options.heartbeat,
     )
     .await?;
-    let mut node = Node::new(store, volumes, [], Faults::from_env());
-    if !options.access.is_open() {
-        tracing::info!(rules = %options.access.describe(), "per-volume access");
-    }
-    node.access = options.access.clone();
-    let node = Arc::new(node);
-    let _ = node.identity.set(credentials.identity.clone());
-    let revocations = options.credentials.join(REVOCATIONS_FILE);
-    node.adopt_revocations(Revocations::load(&revocations, &credentials.ca_pem)?);
     tracing::info!(node = %node.meta.node_id, name = %credentials.identity.name, volumes = ?settings.volumes, "starting");
     // Watch before the first scan, so nothing changed during it goes unseen.
     let watchers: Vec<_> = node
@@ -172,6 +155,35 @@ pub async fn run(
     }
     node.store.sync()?;
     Ok(())
+}
+
+/// Opens the store and the volumes and assembles the node: its identity, access rules and
+/// revocation list.
+fn open_node(
+    options: &ServeOptions,
+    credentials: &Credentials,
+    revocations: &Path,
+) -> anyhow::Result<Arc<Node>> {
+    let settings = &options.settings;
+    let mut store = Store::open(
+        &settings.state_dir,
+        OpenOptions {
+            create: true,
+            read_only: false,
+            chunk_params: settings.chunk_params,
+        },
+    )?;
+    store.adopt_node_id(credentials.identity.node_id)?;
+    let volumes = open_volumes(options, &store)?;
+    let mut node = Node::new(store, volumes, [], Faults::from_env());
+    if !options.access.is_open() {
+        tracing::info!(rules = %options.access.describe(), "per-volume access");
+    }
+    node.access = options.access.clone();
+    let node = Arc::new(node);
+    let _ = node.identity.set(credentials.identity.clone());
+    node.adopt_revocations(Revocations::load(revocations, &credentials.ca_pem)?);
+    Ok(node)
 }
 
 /// Opens the configured volumes: a missing directory is created empty (it fills from
