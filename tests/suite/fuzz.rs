@@ -20,25 +20,11 @@ use shoal::protocol::{Hello, ListPart, Request, Response, WireEntry};
 use shoal::store::codec;
 use shoal::tree::{PageSummary, TreeNode};
 
+use crate::util::Rng;
+
 /// Inputs per decoder in the short (CI) form: well under a second each, except pack
 /// files (a file written per input), which get a tenth.
 const SHORT_CASES: u64 = 30_000;
-
-/// xorshift64*: fixed seed, so a failure is reproducible from its case number.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
 
 /// One mutated (or random) input from `seeds`.
 fn mutate(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {

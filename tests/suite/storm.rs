@@ -29,7 +29,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::cluster::*;
-use crate::util::{shoal_at, stdout, write_file};
+use crate::util::{Rng, shoal_at, stdout, write_file};
 
 /// How long two running nodes take, at most, to learn of each other's changes (watcher
 /// debounce, a pull round, a restart's scan): a write older than this when the deleting
@@ -38,26 +38,6 @@ const SEEN_AFTER: f64 = 8.0;
 
 const NODES: usize = 3;
 const DIRS: [&str; 4] = ["a", "b", "c", "a/deep"];
-
-/// Deterministic random numbers (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-}
 
 /// What one operation did to one name.
 #[derive(Clone, Debug)]

@@ -249,3 +249,26 @@ impl Drop for SmallFs {
         let _ = Command::new("umount").arg("-l").arg(&self.path).output();
     }
 }
+
+/// Deterministic random numbers (xorshift64*): from a fixed or printed seed, so a failure
+/// repeats (the fuzz harness and the kill storm).
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A number in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+
+    /// True `percent` times in a hundred.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+}
