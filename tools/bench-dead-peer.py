@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import free_port, http_json, run_checked, spawn, stop, stop_all, wait_for
+from benchlib import free_port, run_checked, shoal_nodes_agree, spawn, stop, stop_all, wait_for
 
 SIDES = ("A", "B", "C")
 IPS = {"A": "127.0.0.1", "B": "127.0.0.2", "C": "127.0.0.3"}
@@ -50,13 +50,7 @@ class Cluster:
             self.procs[s] = spawn(cmd, os.path.join(work, f"shoal-{s}.log"))
 
     def settled(self):
-        try:
-            statuses = [http_json(f"http://127.0.0.1:{self.http[s]}/status", timeout=2) for s in SIDES]
-        except (OSError, ValueError):
-            return False
-        roots = {st["volumes"][0]["root"] for st in statuses}
-        return len(roots) == 1 and None not in roots and all(
-            p["connected"] for st in statuses for p in st["peers"])
+        return shoal_nodes_agree(self.http[s] for s in SIDES)
 
     def freeze(self, side):
         os.kill(self.procs[side].pid, signal.SIGSTOP)

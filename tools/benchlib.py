@@ -307,3 +307,15 @@ class SyncthingInstances:
     def teardown(self):
         for s in getattr(self, "side", {}).values():
             stop(s.get("proc"))
+
+
+def shoal_nodes_agree(http_ports):
+    """Whether the shoal nodes whose /status answers on these 127.0.0.1 ports all hold the
+    same root for their first volume and are connected to every peer."""
+    try:
+        statuses = [http_json(f"http://127.0.0.1:{port}/status", timeout=2) for port in http_ports]
+    except (OSError, ValueError):
+        return False
+    roots = {st["volumes"][0]["root"] for st in statuses}
+    return len(roots) == 1 and None not in roots and all(
+        p["connected"] for st in statuses for p in st["peers"])
