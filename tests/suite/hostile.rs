@@ -33,16 +33,21 @@ pub struct HostileClient {
     _client: s2n_quic::Client,
 }
 
+/// The runtime a hostile member runs on, and its credentials as a member.
+fn member_runtime(credentials: &Path) -> (tokio::runtime::Runtime, Credentials) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    (runtime, member_credentials(credentials))
+}
+
 impl HostileClient {
     /// Connects from `bind_ip` to the node at `victim` with the credentials in
     /// `credentials` and says `Hello` as a member sharing `volume`.
     pub fn connect(credentials: &Path, bind_ip: &str, victim: &str, volume: &str) -> Self {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let credentials = member_credentials(credentials);
+        let (runtime, credentials) = member_runtime(credentials);
         let victim: SocketAddr = victim.parse().unwrap();
         let bind: SocketAddr = format!("{bind_ip}:0").parse().unwrap();
         let (client, connection) = runtime.block_on(async {
@@ -165,12 +170,7 @@ pub struct HostileServer {
 
 impl HostileServer {
     pub fn start(credentials: &Path, listen: &str, volume: &str, answer: Answer) -> Self {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let credentials = member_credentials(credentials);
+        let (runtime, credentials) = member_runtime(credentials);
         let listen: SocketAddr = listen.parse().unwrap();
         let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let hello = Hello {
