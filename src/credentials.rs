@@ -9,11 +9,16 @@
 //! |---------------------------------|----------------------------------------------------|
 //! | `ca.pem`, `cert.pem`, `key.pem` | issued offline by `shoal cluster add-node NAME`    |
 //! | `ca.pem`, `ca-key.pem`          | the node makes its key on first start (`STATE/identity/key.pem`, 0600, never leaves it) and signs its certificate itself, for `--node-name` |
+//! | `ca.pem`, `join-token`          | the node makes its key the same way and enrolls with the signer ([`crate::enroll`]), which returns a short-lived certificate (kept as `STATE/identity/cert.pem`) |
 //!
-//! The second is for a Swarm service, whose secrets are the same on every node: each
-//! node still has its own key and id, but every node then holds the CA key (see the
-//! README's trust section). Nothing is ever shipped: without these files the daemon
-//! refuses to start.
+//! The second and third are for a Swarm service, whose secrets are the same on every
+//! node: each node has its own key and id either way, but with the second every node
+//! holds the CA key (see the README's trust section), with the third only the signer
+//! does. Nothing is ever shipped: without these files the daemon refuses to start.
+//!
+//! The join token is a random secret that `shoal cluster init` makes beside the CA (and
+//! `shoal cluster rotate-token` replaces); the CA directory keeps it and its BLAKE3
+//! hash, which is all the signer reads.
 //!
 //! Every node certificate also names [`CLUSTER_SERVER_NAME`]; peers connect with that
 //! name, so nodes are addressed by IP and still verified. The certificate of the shared
@@ -33,11 +38,20 @@ use crate::identity::{IdentityError, Proven};
 
 /// The name in every node certificate, and the server name clients ask for.
 pub const CLUSTER_SERVER_NAME: &str = "node.shoal.cluster";
+/// The name in the signer's certificate, and the server name enrolling nodes ask for.
+pub const SIGNER_SERVER_NAME: &str = "signer.shoal.cluster";
 
 pub const CA_FILE: &str = "ca.pem";
 pub const CERT_FILE: &str = "cert.pem";
 pub const KEY_FILE: &str = "key.pem";
 pub const CA_KEY_FILE: &str = "ca-key.pem";
+/// The join token, in the CA directory and in an enrolling node's credentials.
+pub const JOIN_TOKEN_FILE: &str = "join-token";
+/// The join token's BLAKE3 hash (hex), in the CA directory: what the signer compares.
+pub const JOIN_TOKEN_HASH_FILE: &str = "join-token.blake3";
+/// Where an enrolled node keeps the certificate the signer issued, under its state
+/// directory.
+pub const NODE_CERT_FILE: &str = "identity/cert.pem";
 /// Where a node keeps the key it made itself, under its state directory.
 pub const NODE_KEY_FILE: &str = "identity/key.pem";
 /// Where `add-node` keeps a copy of each certificate it issued, under the CA directory
@@ -90,6 +104,23 @@ pub enum CredentialsError {
     },
     #[error("{path} is readable by other users (mode {mode:o}); make it 0600")]
     KeyExposed { path: PathBuf, mode: u32 },
+    #[error(
+        "this node enrolls with a signer ({dir} holds {JOIN_TOKEN_FILE}) and has no valid certificate from it yet in {cert}: start `shoal serve --signer HOST:PORT` once"
+    )]
+    NotEnrolled { dir: PathBuf, cert: PathBuf },
+    #[error("{path} holds no join token (expected one line, SHOAL-TOKEN-1- and 64 hex digits)")]
+    BadToken { path: PathBuf },
+}
+
+/// Where a node's certificate comes from (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `cert.pem` and `key.pem`, issued offline.
+    Issued,
+    /// `ca-key.pem`: the node signs its own.
+    SelfSigned,
+    /// `join-token`: the signer issues it.
+    Enrolled,
 }
 
 /// The PEM texts a node needs, and what its own certificate proves.
@@ -184,6 +215,9 @@ impl Credentials {
             });
         }
         if !has(CA_KEY_FILE) {
+            if has(JOIN_TOKEN_FILE) {
+                return Self::enrolled(dir, state_dir, ca_pem);
+            }
             return Err(missing(&[CERT_FILE, KEY_FILE]));
         }
         let name = match node_name {
@@ -202,8 +236,125 @@ impl Credentials {
     }
 }
 
+impl Credentials {
+    /// Which layout `dir` holds; `None` if it has no `ca.pem`.
+    pub fn source(dir: &Path) -> Option<Source> {
+        let has = |file: &str| dir.join(file).is_file();
+        if !has(CA_FILE) {
+            return None;
+        }
+        Some(if has(CERT_FILE) && has(KEY_FILE) {
+            Source::Issued
+        } else if has(CA_KEY_FILE) || !has(JOIN_TOKEN_FILE) {
+            Source::SelfSigned
+        } else {
+            Source::Enrolled
+        })
+    }
+
+    /// An enrolled node's credentials as it last received them (for commands that do
+    /// not enroll, such as `repair`): the key and the certificate in `state_dir`, if
+    /// that certificate is still valid.
+    fn enrolled(dir: &Path, state_dir: &Path, ca_pem: String) -> Result<Self, CredentialsError> {
+        let cert_path = state_dir.join(NODE_CERT_FILE);
+        let not_enrolled = || CredentialsError::NotEnrolled {
+            dir: dir.to_path_buf(),
+            cert: cert_path.clone(),
+        };
+        if !cert_path.is_file() {
+            return Err(not_enrolled());
+        }
+        let key = own_key(&state_dir.join(NODE_KEY_FILE))?;
+        let cert_pem = read_cert(&cert_path)?;
+        let identity = prove_pem(&cert_path, &cert_pem)?;
+        let own_id = crate::identity::node_id_of_key(&key.subject_public_key_info());
+        if identity.node_id != own_id || identity.not_after <= std::time::SystemTime::now() {
+            return Err(not_enrolled());
+        }
+        Ok(Credentials {
+            ca_pem,
+            cert_pem,
+            key_pem: key.serialize_pem(),
+            identity,
+        })
+    }
+}
+
+/// A new join token: `SHOAL-TOKEN-1-` and 32 random bytes in hex.
+pub fn new_token() -> Result<String, CredentialsError> {
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| CredentialsError::Write {
+        path: PathBuf::from("(random source)"),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(format!("{TOKEN_PREFIX}{}", crate::ids::to_hex(&secret)))
+}
+
+const TOKEN_PREFIX: &str = "SHOAL-TOKEN-1-";
+
+/// Reads the join token in the file at `path` (surrounding white space ignored).
+pub fn read_token(path: &Path) -> Result<String, CredentialsError> {
+    let bad = || CredentialsError::BadToken {
+        path: path.to_path_buf(),
+    };
+    let len = fs::metadata(path)
+        .map_err(|source| CredentialsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    if len > 1024 {
+        return Err(bad());
+    }
+    let text = fs::read_to_string(path).map_err(|source| CredentialsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let token = text.trim();
+    let hex = token.strip_prefix(TOKEN_PREFIX).ok_or_else(bad)?;
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    Ok(token.to_string())
+}
+
+/// The hash of `token` the CA directory keeps.
+pub fn token_hash(token: &str) -> blake3::Hash {
+    blake3::hash(token.as_bytes())
+}
+
+/// Writes a new join token and its hash into `ca_dir` (replacing the old ones, each
+/// file atomically; the hash last, so the signer never accepts a token that is not on
+/// disk yet). Returns the token file.
+pub fn rotate_token(ca_dir: &Path) -> Result<PathBuf, CredentialsError> {
+    // The CA must be there: a token for no cluster is a mistake.
+    Authority::load(ca_dir)?;
+    let token = new_token()?;
+    let token_path = ca_dir.join(JOIN_TOKEN_FILE);
+    replace_file(&token_path, &format!("{token}\n"), true)?;
+    replace_file(
+        &ca_dir.join(JOIN_TOKEN_HASH_FILE),
+        &format!("{}\n", token_hash(&token).to_hex()),
+        false,
+    )?;
+    Ok(token_path)
+}
+
+/// Writes `text` to a temporary file beside `path` and renames it over `path`.
+pub fn replace_file(path: &Path, text: &str, secret: bool) -> Result<(), CredentialsError> {
+    let mut temp = path.as_os_str().to_owned();
+    temp.push(".tmp");
+    let temp = PathBuf::from(temp);
+    let _ = fs::remove_file(&temp);
+    write_new(&temp, text, secret)?;
+    fs::rename(&temp, path).map_err(|source| CredentialsError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 /// The host's name, as the node name when none is given.
-fn default_node_name() -> Result<String, CredentialsError> {
+pub fn default_node_name() -> Result<String, CredentialsError> {
     let name = fs::read_to_string("/proc/sys/kernel/hostname")
         .unwrap_or_default()
         .trim()
@@ -216,7 +367,7 @@ fn default_node_name() -> Result<String, CredentialsError> {
 }
 
 /// The key at `path`, made (mode 0600) if there is none yet.
-fn own_key(path: &Path) -> Result<KeyPair, CredentialsError> {
+pub fn own_key(path: &Path) -> Result<KeyPair, CredentialsError> {
     if path.exists() {
         let mode = fs::metadata(path)
             .map_err(|source| CredentialsError::Read {
@@ -270,6 +421,24 @@ fn write_new(path: &Path, text: &str, secret: bool) -> Result<(), CredentialsErr
         })
 }
 
+/// What every node certificate says besides its validity.
+fn node_params(name: &str) -> Result<CertificateParams, CredentialsError> {
+    if !crate::identity::is_node_name(name) {
+        return Err(CredentialsError::NodeName(name.to_string()));
+    }
+    let mut params = CertificateParams::new(vec![CLUSTER_SERVER_NAME.to_string()])?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    Ok(params)
+}
+
+/// How far back a short-lived certificate is valid from, for clocks a little behind.
+const CLOCK_SLACK: time::Duration = time::Duration::minutes(10);
+
 fn validity(params: &mut CertificateParams, days: i64) {
     let now = time::OffsetDateTime::now_utc();
     // A day of slack for clocks that are a little behind.
@@ -305,25 +474,46 @@ impl Authority {
         key: &impl PublicKeyData,
         days: i64,
     ) -> Result<String, CredentialsError> {
-        if !crate::identity::is_node_name(name) {
-            return Err(CredentialsError::NodeName(name.to_string()));
-        }
-        let mut params = CertificateParams::new(vec![CLUSTER_SERVER_NAME.to_string()])?;
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let mut params = node_params(name)?;
         validity(&mut params, days);
+        Ok(params.signed_by(key, &self.issuer)?.pem())
+    }
+
+    /// A short-lived certificate for node `name` with `key` (the signer's): valid from
+    /// [`CLOCK_SLACK`] ago until `lifetime` from now, to the second.
+    pub fn sign_node_for(
+        &self,
+        name: &str,
+        key: &impl PublicKeyData,
+        lifetime: std::time::Duration,
+    ) -> Result<String, CredentialsError> {
+        let mut params = node_params(name)?;
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - CLOCK_SLACK;
+        params.not_after = now + lifetime;
+        Ok(params.signed_by(key, &self.issuer)?.pem())
+    }
+
+    /// The signer's own certificate for `key`: it names [`SIGNER_SERVER_NAME`] only (no
+    /// node name, so it can never pass for a node, and no node's certificate can pass
+    /// for the signer), valid for [`SELF_SIGNED_DAYS`].
+    pub fn sign_signer(&self, key: &impl PublicKeyData) -> Result<String, CredentialsError> {
+        let mut params = CertificateParams::new(vec![SIGNER_SERVER_NAME.to_string()])?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "Shoal signer");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        validity(&mut params, SELF_SIGNED_DAYS);
         Ok(params.signed_by(key, &self.issuer)?.pem())
     }
 }
 
-/// Creates a new cluster CA in `out` (created if needed): `ca.pem` and `ca-key.pem`
-/// (0600). Existing files are never overwritten.
+/// Creates a new cluster CA in `out` (created if needed): `ca.pem`, `ca-key.pem`
+/// (0600), a join token (`join-token`, 0600) and its hash. Existing files are never
+/// overwritten.
 pub fn init_cluster(out: &Path) -> Result<Vec<PathBuf>, CredentialsError> {
-    let files = [CA_FILE, CA_KEY_FILE].map(|f| out.join(f));
+    let files = [CA_FILE, CA_KEY_FILE, JOIN_TOKEN_FILE, JOIN_TOKEN_HASH_FILE].map(|f| out.join(f));
     if let Some(existing) = files.iter().find(|p| p.exists()) {
         return Err(CredentialsError::Exists {
             path: existing.clone(),
@@ -349,6 +539,13 @@ pub fn init_cluster(out: &Path) -> Result<Vec<PathBuf>, CredentialsError> {
     // The key first: a directory with a CA certificate but no key would be useless.
     write_new(&files[1], &ca_key.serialize_pem(), true)?;
     write_new(&files[0], &ca_cert.pem(), false)?;
+    let token = new_token()?;
+    write_new(&files[2], &format!("{token}\n"), true)?;
+    write_new(
+        &files[3],
+        &format!("{}\n", token_hash(&token).to_hex()),
+        false,
+    )?;
     Ok(files.to_vec())
 }
 

@@ -169,8 +169,8 @@ pub fn node_status(node: &Node) -> NodeStatus {
         .collect();
     NodeStatus {
         node_id: node.meta.node_id.to_string(),
-        name: node.identity.get().map(|i| i.name.clone()),
-        cert_expires: node.identity.get().map(expiry),
+        name: node.identity().map(|i| i.name),
+        cert_expires: node.identity().as_ref().map(expiry),
         state_dir_full: node.state_room.get(),
         volumes,
         peers,

@@ -30,7 +30,9 @@
 //! - [`credentials`]: the cluster CA and each node's key and certificate (`shoal cluster
 //!   init`, `add-node`); [`identity`]: what a peer's certificate proves (its node id
 //!   and name); [`revocation`]: the CA-signed list of revoked nodes.
-//! - [`transport`]: QUIC endpoints with mutual TLS.
+//! - [`enroll`]: how a node gets its certificate from the signer (`mod.rs` the
+//!   messages, `client.rs` the node's side, `signer.rs` `shoal signer`) and renews it.
+//! - [`transport`]: QUIC endpoints with mutual TLS (and the signer's, server-auth only).
 //! - [`protocol`]: the versioned wire protocol: limits, error codes and errors in
 //!   `mod.rs`, framing in `frame.rs`, messages in `message.rs`.
 //! - [`sync`]: anti-entropy. `node.rs` (a node: store, volumes, peers), `stats.rs` (its
@@ -59,6 +61,7 @@ pub mod container;
 pub mod credentials;
 pub mod discovery;
 pub mod encoding;
+pub mod enroll;
 pub mod entry;
 pub mod http;
 pub mod identity;

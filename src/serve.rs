@@ -11,6 +11,8 @@
 //!   change ([`crate::watcher`]), a full rescan every heartbeat as the backstop (cheap:
 //!   unchanged files are not read), and a `Notify` to peers when anything changed;
 //! - the hourly sweep of expired tombstones;
+//! - for a node enrolled with a signer, its certificate's renewal
+//!   ([`crate::enroll::client::keep_renewed`]);
 //! - the HTTP endpoint ([`crate::http`]).
 
 use std::collections::{BTreeSet, HashMap};
@@ -49,8 +51,10 @@ pub struct ServeOptions {
     /// UDP segmentation offload for QUIC (off where a container network breaks it).
     pub gso: bool,
     pub credentials: PathBuf,
-    /// This node's name, for a certificate it signs itself.
+    /// This node's name, for a certificate it signs itself or asks the signer for.
     pub node_name: Option<String>,
+    /// The signer's `HOST:PORT`, for credentials with a join token.
+    pub signer: Option<String>,
     /// Which peers may hold which volume.
     pub access: crate::access::Access,
     pub http: Option<SocketAddr>,
@@ -71,16 +75,23 @@ pub async fn run(
     shutdown_signal: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let settings = &options.settings;
-    let credentials = Credentials::load(
+    let (obtained, enrollment) = crate::enroll::client::node_credentials(
         &options.credentials,
         &settings.state_dir,
         options.node_name.as_deref(),
-    )?;
+        options.signer.as_deref(),
+        options.gso,
+    )
+    .await?;
+    let credentials = obtained.credentials;
     if settings.volumes.is_empty() {
         return Err(crate::config::ConfigError::NoVolumes.into());
     }
     let revocations = options.credentials.join(REVOCATIONS_FILE);
     let node = open_node(&options, &credentials, &revocations)?;
+    if let Some(list) = obtained.revocations {
+        node.adopt_revocations(list);
+    }
     let discovery = Discovery::new(
         options.mode,
         static_peers(&options).await?,
@@ -102,9 +113,10 @@ pub async fn run(
         node.store.clear_publishing(node.volumes[index].id)?;
     }
 
-    let server = crate::transport::listen(options.listen, &credentials, options.gso)?;
+    let tls = crate::transport::NodeTls::new(&credentials)?;
+    let server = crate::transport::listen_with(options.listen, &tls, options.gso)?;
     let bind = SocketAddr::new(options.listen.ip(), 0);
-    let client = crate::transport::client(bind, &credentials, options.gso)?;
+    let client = crate::transport::client_with(bind, &tls, options.gso)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(accept(node.clone(), server, stop_rx.clone()));
@@ -129,6 +141,11 @@ pub async fn run(
         options.heartbeat,
         stop_rx.clone(),
     ));
+    if let Some(enrollment) = enrollment {
+        let renew =
+            crate::enroll::client::keep_renewed(node.clone(), enrollment, tls, stop_rx.clone());
+        tasks.spawn(renew);
+    }
     let retention = options.tombstone_retention;
     tasks.spawn(sweep_tombstones(node.clone(), retention, stop_rx.clone()));
     if let Some(addr) = options.http {
@@ -181,7 +198,7 @@ fn open_node(
     }
     node.access = options.access.clone();
     let node = Arc::new(node);
-    let _ = node.identity.set(credentials.identity.clone());
+    *node.identity.write().expect("identity lock") = Some(credentials.identity.clone());
     node.adopt_revocations(Revocations::load(revocations, &credentials.ca_pem)?);
     Ok(node)
 }

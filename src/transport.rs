@@ -10,17 +10,24 @@
 //! ([`crate::identity::peer_identity`] reads it): which node is at the other end is
 //! decided by its certificate, never by what it says.
 //!
+//! The signer's endpoints ([`signer_listen`], [`enroll_client`]) are the exception to
+//! mutual TLS: an enrolling node has no certificate yet, so only the signer proves who
+//! it is (a CA-issued certificate naming [`SIGNER_SERVER_NAME`]), on its own port and
+//! ALPN ([`crate::enroll`]).
+//!
 //! The transport knows nothing of files or volumes: it hands out connections, on which
 //! [`crate::protocol`] opens one bidirectional stream per request.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
 use s2n_quic::client::Connect;
 use s2n_quic::provider::limits::Limits;
 use s2n_quic::provider::tls::default::callbacks::VerifyHostNameCallback;
+use s2n_quic::provider::tls::s2n_tls::{self, ConfigLoader, ConnectionContext};
 use s2n_quic::{Client, Connection, Server};
 
-use crate::credentials::{CLUSTER_SERVER_NAME, Credentials};
+use crate::credentials::{CLUSTER_SERVER_NAME, Credentials, SIGNER_SERVER_NAME};
 use crate::identity::RecordPeerCertificate;
 
 /// The ALPN of Shoal's wire protocol; a new major protocol version gets a new ALPN.
@@ -79,16 +86,50 @@ fn limits() -> Result<Limits, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Starts the server side on `listen`.
-pub fn listen(
-    listen: SocketAddr,
-    credentials: &Credentials,
-    gso: bool,
-) -> Result<Server, TransportError> {
-    let cred_err = |e: s2n_quic::provider::tls::default::error::Error| {
-        TransportError::Credentials(e.to_string())
-    };
-    let tls = s2n_quic::provider::tls::default::Server::builder()
+type TlsServer = s2n_quic::provider::tls::default::Server;
+type TlsClient = s2n_quic::provider::tls::default::Client;
+
+/// A node's TLS configuration for its two endpoints, replaceable while they run
+/// (certificate renewal): every new handshake, either way, uses the newest; connections
+/// already open keep the one they were made with, so nothing in flight is dropped.
+#[derive(Clone)]
+pub struct NodeTls {
+    server: Arc<Mutex<TlsServer>>,
+    client: Arc<Mutex<TlsClient>>,
+}
+
+impl NodeTls {
+    pub fn new(credentials: &Credentials) -> Result<Self, TransportError> {
+        Ok(NodeTls {
+            server: Arc::new(Mutex::new(server_tls(credentials)?)),
+            client: Arc::new(Mutex::new(client_tls(credentials)?)),
+        })
+    }
+
+    /// From now on, new connections present `credentials`.
+    pub fn replace(&self, credentials: &Credentials) -> Result<(), TransportError> {
+        let (server, client) = (server_tls(credentials)?, client_tls(credentials)?);
+        *self.server.lock().expect("tls lock") = server;
+        *self.client.lock().expect("tls lock") = client;
+        Ok(())
+    }
+}
+
+/// Hands each new connection the configuration current at its start.
+struct Current<T>(Arc<Mutex<T>>);
+
+impl<T: ConfigLoader> ConfigLoader for Current<T> {
+    fn load(&mut self, cx: ConnectionContext) -> s2n_tls::config::Config {
+        self.0.lock().expect("tls lock").load(cx)
+    }
+}
+
+fn cred_err(e: s2n_quic::provider::tls::default::error::Error) -> TransportError {
+    TransportError::Credentials(e.to_string())
+}
+
+fn server_tls(credentials: &Credentials) -> Result<TlsServer, TransportError> {
+    TlsServer::builder()
         .with_empty_trust_store()
         .map_err(cred_err)?
         .with_trusted_certificate(credentials.ca_pem.as_str())
@@ -102,13 +143,40 @@ pub fn listen(
         .with_application_protocols([ALPN])
         .map_err(cred_err)?
         .build()
-        .map_err(cred_err)?;
+        .map_err(cred_err)
+}
+
+fn client_tls(credentials: &Credentials) -> Result<TlsClient, TransportError> {
+    TlsClient::builder()
+        .with_empty_trust_store()
+        .map_err(cred_err)?
+        .with_certificate(credentials.ca_pem.as_str())
+        .map_err(cred_err)?
+        .with_client_identity(credentials.cert_pem.as_str(), credentials.key_pem.as_str())
+        .map_err(cred_err)?
+        .with_application_protocols([ALPN])
+        .map_err(cred_err)?
+        .build()
+        .map_err(cred_err)
+}
+
+/// Starts the server side on `listen`, with fixed credentials.
+pub fn listen(
+    listen: SocketAddr,
+    credentials: &Credentials,
+    gso: bool,
+) -> Result<Server, TransportError> {
+    listen_with(listen, &NodeTls::new(credentials)?, gso)
+}
+
+/// Starts the server side on `listen`, presenting whatever `tls` holds at each handshake.
+pub fn listen_with(listen: SocketAddr, tls: &NodeTls, gso: bool) -> Result<Server, TransportError> {
     let listen_err = |message: String| TransportError::Listen {
         addr: listen,
         message,
     };
     Server::builder()
-        .with_tls(tls)
+        .with_tls(s2n_tls::Server::from_loader(Current(tls.server.clone())))
         .map_err(|e| listen_err(e.to_string()))?
         .with_io(io(listen, gso).map_err(|e| listen_err(e.to_string()))?)
         .map_err(|e| listen_err(e.to_string()))?
@@ -121,32 +189,23 @@ pub fn listen(
 }
 
 /// Starts the client side, sending from `bind` (an address of the same family as the
-/// peers, port 0 for any).
+/// peers, port 0 for any), with fixed credentials.
 pub fn client(
     bind: SocketAddr,
     credentials: &Credentials,
     gso: bool,
 ) -> Result<Client, TransportError> {
-    let cred_err = |e: s2n_quic::provider::tls::default::error::Error| {
-        TransportError::Credentials(e.to_string())
-    };
-    let tls = s2n_quic::provider::tls::default::Client::builder()
-        .with_empty_trust_store()
-        .map_err(cred_err)?
-        .with_certificate(credentials.ca_pem.as_str())
-        .map_err(cred_err)?
-        .with_client_identity(credentials.cert_pem.as_str(), credentials.key_pem.as_str())
-        .map_err(cred_err)?
-        .with_application_protocols([ALPN])
-        .map_err(cred_err)?
-        .build()
-        .map_err(cred_err)?;
+    client_with(bind, &NodeTls::new(credentials)?, gso)
+}
+
+/// Starts the client side, presenting whatever `tls` holds at each handshake.
+pub fn client_with(bind: SocketAddr, tls: &NodeTls, gso: bool) -> Result<Client, TransportError> {
     let listen_err = |message: String| TransportError::Client {
         addr: bind,
         message,
     };
     Client::builder()
-        .with_tls(tls)
+        .with_tls(s2n_tls::Client::from_loader(Current(tls.client.clone())))
         .map_err(|e| listen_err(e.to_string()))?
         .with_io(io(bind, gso).map_err(|e| listen_err(e.to_string()))?)
         .map_err(|e| listen_err(e.to_string()))?
@@ -175,4 +234,82 @@ pub async fn connect(client: &Client, addr: SocketAddr) -> Result<Connection, Tr
             message: e.to_string(),
         })?;
     Ok(connection)
+}
+
+/// Streams an enrolling node may have open on one connection to the signer.
+const SIGNER_MAX_STREAMS: u64 = 4;
+
+/// Starts the signer's endpoint on `listen`: server authentication only (`cert_pem`,
+/// `key_pem`: the signer's certificate), ALPN `shoal-enroll/1`.
+pub fn signer_listen(
+    listen: SocketAddr,
+    (cert_pem, key_pem): (&str, &str),
+    gso: bool,
+) -> Result<Server, TransportError> {
+    let tls = TlsServer::builder()
+        .with_certificate(cert_pem, key_pem)
+        .map_err(cred_err)?
+        .with_application_protocols([crate::enroll::ALPN])
+        .map_err(cred_err)?
+        .build()
+        .map_err(cred_err)?;
+    let listen_err = |message: String| TransportError::Listen {
+        addr: listen,
+        message,
+    };
+    let limits = Limits::new()
+        .with_max_open_remote_bidirectional_streams(SIGNER_MAX_STREAMS)
+        .and_then(|l| l.with_max_idle_timeout(IDLE_TIMEOUT))
+        .map_err(|e| listen_err(e.to_string()))?;
+    Server::builder()
+        .with_tls(tls)
+        .map_err(|e| listen_err(e.to_string()))?
+        .with_io(io(listen, gso).map_err(|e| listen_err(e.to_string()))?)
+        .map_err(|e| listen_err(e.to_string()))?
+        .with_limits(limits)
+        .map_err(|e| listen_err(e.to_string()))?
+        .start()
+        .map_err(|e| listen_err(e.to_string()))
+}
+
+/// A client for the signer: trusts only `ca_pem`, presents no certificate, speaks
+/// `shoal-enroll/1`.
+pub fn enroll_client(bind: SocketAddr, ca_pem: &str, gso: bool) -> Result<Client, TransportError> {
+    let tls = TlsClient::builder()
+        .with_empty_trust_store()
+        .map_err(cred_err)?
+        .with_certificate(ca_pem)
+        .map_err(cred_err)?
+        .with_application_protocols([crate::enroll::ALPN])
+        .map_err(cred_err)?
+        .build()
+        .map_err(cred_err)?;
+    let client_err = |message: String| TransportError::Client {
+        addr: bind,
+        message,
+    };
+    Client::builder()
+        .with_tls(tls)
+        .map_err(|e| client_err(e.to_string()))?
+        .with_io(io(bind, gso).map_err(|e| client_err(e.to_string()))?)
+        .map_err(|e| client_err(e.to_string()))?
+        .with_limits(limits().map_err(client_err)?)
+        .map_err(|e| client_err(e.to_string()))?
+        .start()
+        .map_err(|e| client_err(e.to_string()))
+}
+
+/// Connects to the signer at `addr`, which must prove [`SIGNER_SERVER_NAME`].
+pub async fn connect_signer(
+    client: &Client,
+    addr: SocketAddr,
+) -> Result<Connection, TransportError> {
+    let connect = Connect::new(addr).with_server_name(SIGNER_SERVER_NAME);
+    client
+        .connect(connect)
+        .await
+        .map_err(|e| TransportError::Connect {
+            addr,
+            message: e.to_string(),
+        })
 }

@@ -471,6 +471,7 @@ pub struct ServeFlags {
     pub debounce_ms: u64,
     pub gso: bool,
     pub node_name: Option<String>,
+    pub signer: Option<String>,
     pub access: crate::access::Access,
     pub service: Option<String>,
 }
@@ -492,6 +493,7 @@ pub fn serve(
         debounce_ms,
         gso,
         node_name,
+        signer,
         access,
         service,
     } = flags;
@@ -528,6 +530,7 @@ pub fn serve(
         gso,
         credentials,
         node_name,
+        signer,
         access,
         http,
         heartbeat: Duration::from_secs(heartbeat),
@@ -562,7 +565,7 @@ pub fn cluster_init(out: &std::path::Path) -> anyhow::Result<Outcome> {
         let _ = writeln!(text, "  {}", file.display());
     }
     text.push_str(
-        "every node needs ca.pem and its own key and certificate: issue them offline with\n`shoal cluster add-node NAME --ca DIR --out NODE_DIR`, or give nodes ca-key.pem too\nand each signs its own (then every node holds the CA key).\n",
+        "every node needs ca.pem and its own key and certificate: run `shoal signer --ca DIR`\nwhere the CA key may be, and give nodes ca.pem and join-token (they enroll with\n--signer HOST:PORT); or issue them offline with `shoal cluster add-node NAME --ca DIR\n--out NODE_DIR`; or give nodes ca-key.pem too and each signs its own (then every node\nholds the CA key).\n",
     );
     print(&text)?;
     Ok(Outcome::Success)
@@ -597,6 +600,21 @@ pub fn cluster_revoke(ca: &std::path::Path, node: &str) -> anyhow::Result<Outcom
         list.names.len(),
         crate::revocation::REVOCATIONS_FILE,
     ))?;
+    Ok(Outcome::Success)
+}
+
+pub fn cluster_rotate_token(ca: &std::path::Path) -> anyhow::Result<Outcome> {
+    let token = crate::credentials::rotate_token(ca)?;
+    print(&format!(
+        "new join token in {}: the signer takes only it for new nodes from now on (members are not affected); give it to nodes that are still to join\n",
+        token.display()
+    ))?;
+    Ok(Outcome::Success)
+}
+
+pub fn signer(options: crate::enroll::signer::SignerOptions) -> anyhow::Result<Outcome> {
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(crate::enroll::signer::run(options, shutdown_signal()))?;
     Ok(Outcome::Success)
 }
 

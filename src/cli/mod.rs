@@ -60,6 +60,41 @@ enum Command {
     /// Cluster credentials.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Run the signer: the one holder of the CA key, issuing nodes that show the join
+    /// token (or their current certificate) short-lived certificates for the keys they
+    /// made.
+    Signer(SignerArgs),
+}
+
+#[derive(Args, Debug)]
+struct SignerArgs {
+    /// Directory with the cluster CA (ca.pem, ca-key.pem, join-token.blake3); the
+    /// signer keeps its records in it (nodes/) and reads revocations.txt from it.
+    #[arg(long, env = "SHOAL_CA", value_name = "DIR")]
+    ca: PathBuf,
+
+    /// Address to accept enrolling nodes on (UDP, QUIC, ALPN shoal-enroll/1).
+    #[arg(
+        long,
+        env = "SHOAL_SIGNER_LISTEN",
+        value_name = "ADDR:PORT",
+        default_value = "0.0.0.0:7031"
+    )]
+    listen: std::net::SocketAddr,
+
+    /// How long the certificates it issues are valid (nodes renew at 2/3 of it), e.g.
+    /// `24h`, `3days`.
+    #[arg(
+        long,
+        env = "SHOAL_CERT_LIFETIME",
+        value_name = "DURATION",
+        default_value = "24h"
+    )]
+    lifetime: humantime::Duration,
+
+    /// Turn off UDP segmentation offload (GSO) for QUIC.
+    #[arg(long, env = "SHOAL_NO_GSO", value_parser = clap::builder::BoolishValueParser::new())]
+    no_gso: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -85,6 +120,14 @@ enum ClusterCommand {
         /// Days the certificate is valid.
         #[arg(long, value_name = "DAYS", default_value_t = crate::credentials::DEFAULT_NODE_DAYS)]
         days: i64,
+    },
+    /// Replace the join token (CA/join-token and its hash): the signer takes only the
+    /// new one for new nodes from now on; members stay connected and renew with their
+    /// certificates.
+    RotateToken {
+        /// Directory with the cluster CA (ca.pem, ca-key.pem).
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
     },
     /// Revoke a node: add it to the CA-signed revocation list CA/revocations.txt. Copy
     /// that file into every node's credentials directory; members re-read it every
@@ -124,6 +167,11 @@ struct ServeArgs {
     /// it breaks sends (s2n-quic issue 2485).
     #[arg(long, env = "SHOAL_NO_GSO", value_parser = clap::builder::BoolishValueParser::new())]
     no_gso: bool,
+
+    /// The signer to enroll with (and renew at), for credentials with a join token
+    /// (ca.pem and join-token, no cert.pem or ca-key.pem).
+    #[arg(long, env = "SHOAL_SIGNER", value_name = "HOST:PORT")]
+    signer: Option<String>,
 
     /// Seconds between anti-entropy rounds (rescan, compare roots with every peer) and
     /// peer re-discovery [default: 25].
@@ -354,12 +402,13 @@ pub fn main() -> ExitCode {
         }
     };
     // The daemon reports what it does; one-shot commands only what goes wrong.
-    let default_level = if matches!(cli.command, Command::Serve(_)) && cli.log == "warn" {
+    let daemon = matches!(cli.command, Command::Serve(_) | Command::Signer(_));
+    let default_level = if daemon && cli.log == "warn" {
         "info"
     } else {
         cli.log.as_str()
     };
-    init_logging(default_level, matches!(cli.command, Command::Serve(_)));
+    init_logging(default_level, daemon);
     match run(cli) {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
         Ok(Outcome::ProblemsFound) => ExitCode::from(1),
@@ -446,6 +495,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 debounce_ms: args.debounce_ms,
                 gso: !args.no_gso,
                 node_name: args.remote.node_name,
+                signer: args.signer,
                 access: crate::access::Access::resolve(&args.access, file.access)?,
                 service: args.remote.service,
             };
@@ -470,6 +520,13 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Cluster(ClusterCommand::Revoke { node, ca }) => {
             commands::cluster_revoke(&ca, &node)
         }
+        Command::Cluster(ClusterCommand::RotateToken { ca }) => commands::cluster_rotate_token(&ca),
+        Command::Signer(args) => commands::signer(crate::enroll::signer::SignerOptions {
+            ca_dir: args.ca,
+            listen: args.listen,
+            lifetime: args.lifetime.into(),
+            gso: !args.no_gso,
+        }),
         Command::Repair(args) => {
             let file = file_config(cli.config.as_ref())?;
             let settings = settings(cli.config, args.locations, args.chunk_sizes)?;

@@ -134,8 +134,9 @@ pub struct Node {
     /// Sync ownership (uid/gid) too: only when running as root.
     pub sync_ownership: bool,
     pub faults: Faults,
-    /// What this node's own certificate proves (set once credentials are loaded).
-    pub identity: std::sync::OnceLock<Proven>,
+    /// What this node's own certificate proves (set once credentials are loaded, again
+    /// at each renewal): read it with [`Node::identity`].
+    pub identity: std::sync::RwLock<Option<Proven>>,
     /// Which peers may hold which volume.
     pub access: Access,
     /// The newest CA-signed revocation list seen; revoked peers are refused.
@@ -164,7 +165,7 @@ impl Node {
             stats: Stats::default(),
             sync_ownership: rustix::process::geteuid().is_root(),
             faults,
-            identity: std::sync::OnceLock::new(),
+            identity: std::sync::RwLock::new(None),
             revocations: std::sync::RwLock::new(Revocations::default()),
             access: Access::default(),
             state_room: ShortageState::default(),
@@ -225,6 +226,11 @@ impl Node {
         (added, removed)
     }
 
+    /// What this node's current certificate proves.
+    pub fn identity(&self) -> Option<Proven> {
+        self.identity.read().expect("identity lock").clone()
+    }
+
     pub fn is_revoked(&self, node: &Proven) -> bool {
         self.revocations
             .read()
@@ -242,7 +248,7 @@ impl Node {
                 return false;
             }
             tracing::warn!(serial = list.serial, ids = ?list.ids, names = ?list.names, "revocation list adopted");
-            if let Some(me) = self.identity.get().filter(|me| list.is_revoked(me)) {
+            if let Some(me) = self.identity().filter(|me| list.is_revoked(me)) {
                 tracing::error!(
                     "this node, {}, is revoked by the cluster CA: its peers refuse it",
                     me.describe()

@@ -198,3 +198,201 @@ fn a_volume_limited_to_two_nodes_never_reaches_the_third_nor_comes_from_it() {
         "{answers:?}"
     );
 }
+
+/// A `shoal signer` process, killed when dropped.
+struct Signer {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Signer {
+    /// Starts the signer for the CA in `ca` on `addr`, issuing certificates valid for
+    /// `lifetime`, logging to `log`.
+    fn start(ca: &std::path::Path, addr: String, lifetime: &str, log: &std::path::Path) -> Self {
+        let log = fs::File::create(log).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(["signer", "--ca", ca.to_str().unwrap(), "--listen", &addr])
+            .args(["--lifetime", lifetime])
+            .env("SHOAL_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Signer { child, addr }
+    }
+}
+
+impl Drop for Signer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Gives node `i` credentials holding only `ca.pem` and the join token now in `ca`, and
+/// the signer to enroll with.
+fn enroll_with(c: &mut Cluster, i: usize, ca: &std::path::Path, signer: &Signer) {
+    let dir = c.dir.path().join(format!("enroll-node{i}"));
+    fs::create_dir_all(&dir).unwrap();
+    for file in ["ca.pem", "join-token"] {
+        fs::copy(ca.join(file), dir.join(file)).unwrap();
+    }
+    c.credentials[i] = dir;
+    c.extra_env[i].push(("SHOAL_SIGNER".into(), signer.addr.clone()));
+}
+
+#[test]
+fn nodes_enroll_with_the_join_token_and_a_rotated_token_admits_only_new_nodes() {
+    let mut c = Cluster::new(3);
+    let ca = c.credentials[0].clone();
+    let signer = Signer::start(
+        &ca,
+        format!("{}:7031", c.ip(9)),
+        "1h",
+        &c.dir.path().join("signer.log"),
+    );
+    for i in 0..3 {
+        enroll_with(&mut c, i, &ca, &signer);
+    }
+    write_file(&c.vol(0).join("a.txt"), b"from an enrolled node");
+    c.start(0);
+    c.start(1);
+    c.wait_converged(&[0, 1], Duration::from_secs(30));
+    let (addr0, addr1) = (format!("{}:7029", c.ip(0)), format!("{}:7029", c.ip(1)));
+    wait_for(Duration::from_secs(30), "nodes 0 and 1 connected", || {
+        connected_to(&c, 0, &addr1) && connected_to(&c, 1, &addr0)
+    });
+    for i in 0..2 {
+        let state = c.dir.path().join(format!("node{i}/state/identity"));
+        assert!(state.join("cert.pem").is_file() && state.join("key.pem").is_file());
+        assert!(!c.credentials[i].join("ca-key.pem").exists());
+    }
+    let status = c.status(0).unwrap();
+    let peer = status["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["addr"] == addr1.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(peer["name"], "node1", "{status}");
+    let expires = humantime::parse_rfc3339(peer["cert_expires"].as_str().unwrap()).unwrap();
+    let left = expires
+        .duration_since(std::time::SystemTime::now())
+        .unwrap();
+    assert!(left <= Duration::from_secs(3600), "{left:?} {status}");
+
+    // Rotation: node 2 still holds the old token.
+    let out = shoal(&["cluster", "rotate-token", "--ca", ca.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_ne!(
+        fs::read(ca.join("join-token")).unwrap(),
+        fs::read(c.credentials[2].join("join-token")).unwrap()
+    );
+    c.start(2);
+    assert_eq!(
+        c.wait_exit(2, Duration::from_secs(60)),
+        Some(2),
+        "{}",
+        c.log(2)
+    );
+    assert!(c.log(2).contains("BAD_TOKEN"), "{}", c.log(2));
+    // The members were not disturbed.
+    for (i, other) in [(0, &addr1), (1, &addr0)] {
+        assert!(connected_to(&c, i, other), "node {i}: {}", c.log(i));
+        assert!(!c.log(i).contains("disconnected"), "node {i}: {}", c.log(i));
+    }
+
+    // With the new token it joins and converges.
+    fs::copy(ca.join("join-token"), c.credentials[2].join("join-token")).unwrap();
+    write_file(&c.vol(1).join("b.txt"), b"after the rotation");
+    c.start(2);
+    c.wait_converged(&[0, 1, 2], Duration::from_secs(30));
+    assert!(c.vol(2).join("b.txt").is_file());
+    let log = fs::read_to_string(c.dir.path().join("signer.log")).unwrap();
+    assert!(
+        log.contains("refused") && log.contains("BAD_TOKEN"),
+        "{log}"
+    );
+}
+
+#[test]
+fn enrolled_nodes_renew_while_syncing_new_handshakes_use_the_new_certificate_and_a_revoked_node_cannot_renew()
+ {
+    let mut c = Cluster::new(3);
+    let ca = c.credentials[0].clone();
+    let signer = Signer::start(
+        &ca,
+        format!("{}:7031", c.ip(9)),
+        "20s",
+        &c.dir.path().join("signer.log"),
+    );
+    for i in 0..3 {
+        enroll_with(&mut c, i, &ca, &signer);
+    }
+    c.start(0);
+    c.start(1);
+    let (addr0, addr1) = (format!("{}:7029", c.ip(0)), format!("{}:7029", c.ip(1)));
+    wait_for(Duration::from_secs(30), "nodes 0 and 1 connected", || {
+        connected_to(&c, 0, &addr1) && connected_to(&c, 1, &addr0)
+    });
+    let first_expiry = |i: usize| {
+        let text = fs::read_to_string(
+            c.dir
+                .path()
+                .join(format!("node{i}/state/identity/cert.pem")),
+        );
+        text.unwrap()
+    };
+    let first = (first_expiry(0), first_expiry(1));
+
+    // Files keep coming while both nodes renew twice (past their first certificates'
+    // expiry): transfers are in flight across the renewals.
+    let renewals = |c: &Cluster, i: usize| c.log(i).matches("certificate renewed").count();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut n = 0u32;
+    while renewals(&c, 0) < 2 || renewals(&c, 1) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "two renewals each within 90 s:\n{}\n{}",
+            c.log(0),
+            c.log(1)
+        );
+        let body: Vec<u8> = (0..1 << 20)
+            .map(|k: u32| (k.wrapping_mul(2654435761) >> 13 ^ n) as u8)
+            .collect();
+        write_file(
+            &c.vol(n as usize % 2).join(format!("stream/{n}.bin")),
+            &body,
+        );
+        n += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.wait_converged(&[0, 1], Duration::from_secs(60));
+    assert!(c.vol(1).join(format!("stream/{}.bin", n - 2)).is_file());
+    for i in 0..2 {
+        let log = c.log(i);
+        assert!(
+            !log.contains("disconnected"),
+            "node {i} dropped a connection:\n{log}"
+        );
+        assert!(!log.contains("pull failed"), "node {i}:\n{log}");
+    }
+    assert_ne!(first.0, first_expiry(0));
+    assert_ne!(first.1, first_expiry(1));
+
+    // A node that starts now can only shake hands with certificates that are valid now.
+    c.start(2);
+    c.wait_converged(&[0, 1, 2], Duration::from_secs(60));
+    wait_for(Duration::from_secs(30), "node 2 connected to both", || {
+        connected_to(&c, 2, &addr0) && connected_to(&c, 2, &addr1)
+    });
+
+    // Revoked, node 1 cannot renew.
+    let out = shoal(&["cluster", "revoke", "node1", "--ca", ca.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for(Duration::from_secs(30), "node 1 refused renewal", || {
+        c.log(1).contains("REVOKED")
+    });
+    drop(signer);
+}
