@@ -279,7 +279,8 @@ impl Discovery {
                         if *current == set {
                             return false;
                         }
-                        tracing::info!(peers = ?set, "discovered peers");
+                        let list: Vec<String> = set.iter().map(|a| a.to_string()).collect();
+                        tracing::info!(peers = %list.join(" "), "discovered peers");
                         *current = set;
                         true
                     });

@@ -1,4 +1,7 @@
-//! The local HTTP endpoint: `/healthz`, `/status` (JSON) and `/metrics` (Prometheus).
+//! The HTTP endpoint: `/healthz` (liveness: the process answers), `/readyz` (readiness:
+//! [`crate::health`]), `/status` (JSON: volumes, each peer's sync state, health,
+//! counters) and `/metrics` (Prometheus, [`crate::metrics`]). Every answer is built from
+//! shared state and short store reads, never waiting on a volume lock, a scan or a peer.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,15 +12,13 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
 use serde::Serialize;
 
+use crate::health::{CauseKind, Health};
+use crate::metrics::{Kind, Metrics};
 use crate::space::Shortage;
 use crate::sync::Node;
+use crate::sync::state::{Failure, PeerVolumeStatus, ScanProgress, Verdict};
 use crate::sync::stats::Totals;
 
 pub async fn serve(
@@ -27,6 +28,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .with_state(node);
@@ -43,96 +45,196 @@ async fn status(State(node): State<Arc<Node>>) -> Json<NodeStatus> {
     Json(node_status(&node))
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct PeerLabels {
-    peer: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct VolumeLabels {
-    volume: String,
+/// 200 `ready` when the node does its job; 503 with one line per cause when degraded.
+async fn readyz(State(node): State<Arc<Node>>) -> impl IntoResponse {
+    let health = crate::health::assess(&node);
+    if health.ready {
+        return (StatusCode::OK, "ready\n".to_string());
+    }
+    let mut text = String::from("degraded\n");
+    for cause in &health.causes {
+        text.push_str(&format!("{}: {}\n", cause.kind.name(), cause.message));
+    }
+    (StatusCode::SERVICE_UNAVAILABLE, text)
 }
 
 async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
-    let status = node_status(&node);
-    let mut registry = Registry::with_prefix("shoal");
+    let text = encode_metrics(&node_status(&node));
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        text,
+    )
+}
+
+fn flag(on: bool) -> f64 {
+    if on { 1.0 } else { 0.0 }
+}
+
+/// `/metrics`: the counters, then the node's, volumes' and peers' gauges.
+fn encode_metrics(status: &NodeStatus) -> String {
+    let mut m = Metrics::default();
     for (name, help, value) in status.totals.metrics() {
-        let metric = Counter::<u64>::default();
-        metric.inc_by(value);
-        registry.register(name, help, metric);
+        m.family(name, Kind::Counter, help)
+            .sample(&[], value as f64);
     }
-    let files = Family::<VolumeLabels, Gauge>::default();
-    let bytes = Family::<VolumeLabels, Gauge>::default();
-    let full = Family::<VolumeLabels, Gauge>::default();
-    let waiting = Family::<VolumeLabels, Gauge>::default();
-    for v in &status.volumes {
-        let labels = VolumeLabels {
-            volume: v.name.clone(),
-        };
-        files.get_or_create(&labels).set(v.files as i64);
-        bytes.get_or_create(&labels).set(v.bytes as i64);
-        full.get_or_create(&labels)
-            .set(i64::from(v.disk_full.is_some()));
-        waiting
-            .get_or_create(&labels)
-            .set(v.disk_full.map_or(0, |s| s.needed_bytes as i64));
+    m.family(
+        "ready",
+        Kind::Gauge,
+        "Whether the node does its job (1) or is degraded (0); /readyz says why",
+    )
+    .sample(&[], flag(status.health.ready));
+    let mut causes = m.family(
+        "degraded_causes",
+        Kind::Gauge,
+        "Reasons the node is degraded now, by kind (see /readyz)",
+    );
+    for kind in CauseKind::ALL {
+        let count = status
+            .health
+            .causes
+            .iter()
+            .filter(|c| c.kind == kind)
+            .count();
+        causes.sample(&[("cause", kind.name())], count as f64);
     }
-    let state_full = Gauge::<i64>::default();
-    state_full.set(i64::from(status.state_dir_full.is_some()));
-    registry.register(
+    m.family(
         "state_dir_full",
+        Kind::Gauge,
         "Whether the state directory is too full for the index to be written (1) or not (0)",
-        state_full,
-    );
-    registry.register("volume_files", "Files in the volume", files);
-    registry.register("volume_bytes", "Bytes in the volume's files", bytes);
-    registry.register(
-        "volume_disk_full",
-        "Whether files wait for room on the volume's file system (1) or not (0)",
-        full,
-    );
-    registry.register(
-        "volume_bytes_waiting_for_room",
-        "Bytes of the files that wait for room on the volume's file system",
-        waiting,
-    );
-    let connected = Family::<PeerLabels, Gauge>::default();
-    let sent = Family::<PeerLabels, Counter>::default();
-    let received = Family::<PeerLabels, Counter>::default();
-    for p in &status.peers {
-        let labels = PeerLabels {
-            peer: p.addr.clone(),
-        };
-        connected.get_or_create(&labels).set(i64::from(p.connected));
-        sent.get_or_create(&labels).inc_by(p.chunk_bytes_sent);
-        received
-            .get_or_create(&labels)
-            .inc_by(p.chunk_bytes_received);
-    }
-    registry.register("peer_connected", "Whether the peer is connected", connected);
-    registry.register(
-        "peer_chunk_bytes_sent",
-        "Chunk bytes sent to the peer",
-        sent,
-    );
-    registry.register(
-        "peer_chunk_bytes_received",
-        "Chunk bytes received from the peer",
-        received,
-    );
-    let mut text = String::new();
-    match prometheus_client::encoding::text::encode(&mut text, &registry) {
-        Ok(()) => (
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-            text,
-        )
-            .into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    )
+    .sample(&[], flag(status.state_dir_full.is_some()));
+    volume_metrics(&mut m, &status.volumes);
+    peer_metrics(&mut m, &status.peers);
+    m.finish()
+}
+
+fn volume_metrics(m: &mut Metrics, volumes: &[VolumeStatus]) {
+    type Gauge = (&'static str, &'static str, fn(&VolumeStatus) -> f64);
+    let gauges: [Gauge; 5] = [
+        (
+            "volume_files",
+            "Files in the volume (as of its last scan or pull)",
+            |v| v.files as f64,
+        ),
+        ("volume_bytes", "Bytes in the volume's files", |v| {
+            v.bytes as f64
+        }),
+        (
+            "volume_disk_full",
+            "Whether files wait for room on the volume's file system (1) or not (0)",
+            |v| flag(v.disk_full.is_some()),
+        ),
+        (
+            "volume_bytes_waiting_for_room",
+            "Bytes of the files that wait for room on the volume's file system",
+            |v| v.disk_full.map_or(0.0, |s| s.needed_bytes as f64),
+        ),
+        (
+            "volume_scanning",
+            "Whether a scan of the volume is under way (1) or not (0)",
+            |v| flag(v.scan.is_some()),
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let mut family = m.family(name, Kind::Gauge, help);
+        for v in volumes {
+            family.sample(&[("volume", &v.name)], value(v));
+        }
     }
 }
 
-/// What `/status` shows: the node, its volumes, its peers and its counters.
+fn peer_metrics(m: &mut Metrics, peers: &[PeerStatus]) {
+    let mut info = m.family(
+        "peer_info",
+        Kind::Gauge,
+        "A peer's identity as its certificate proved it (always 1)",
+    );
+    for p in peers {
+        let (id, name) = (p.node_id.as_deref(), p.name.as_deref());
+        let labels = [
+            ("peer", p.addr.as_str()),
+            ("node_id", id.unwrap_or("")),
+            ("name", name.unwrap_or("")),
+        ];
+        info.sample(&labels, 1.0);
+    }
+    let mut connected = m.family(
+        "peer_connected",
+        Kind::Gauge,
+        "Whether the peer is connected",
+    );
+    for p in peers {
+        connected.sample(&[("peer", &p.addr)], flag(p.connected));
+    }
+    type Counter = (&'static str, &'static str, fn(&PeerStatus) -> u64);
+    let counters: [Counter; 3] = [
+        (
+            "peer_chunk_bytes_sent",
+            "Chunk bytes sent to the peer",
+            |p| p.chunk_bytes_sent,
+        ),
+        (
+            "peer_chunk_bytes_received",
+            "Chunk bytes received from the peer",
+            |p| p.chunk_bytes_received,
+        ),
+        (
+            "peer_rejected_chunks",
+            "Chunks from the peer whose bytes did not match their id",
+            |p| p.rejected_chunks,
+        ),
+    ];
+    for (name, help, value) in counters {
+        let mut family = m.family(name, Kind::Counter, help);
+        for p in peers {
+            family.sample(&[("peer", &p.addr)], value(p) as f64);
+        }
+    }
+    type Gauge = (&'static str, &'static str, fn(&PeerVolumeStatus) -> f64);
+    let gauges: [Gauge; 6] = [
+        (
+            "peer_volume_in_sync",
+            "Whether this node holds what the peer has of the volume (1) or not yet (0)",
+            |v| flag(v.state == Verdict::InSync),
+        ),
+        (
+            "peer_volume_pending_entries",
+            "Entries of the volume still to take from the peer",
+            |v| v.pending_entries as f64,
+        ),
+        (
+            "peer_volume_pending_bytes",
+            "Bytes of the volume still to take from the peer",
+            |v| v.pending_bytes as f64,
+        ),
+        (
+            "peer_volume_lag_seconds",
+            "Seconds since this node fell behind the peer on the volume (0 when in sync)",
+            |v| v.lag_seconds as f64,
+        ),
+        (
+            "peer_volume_last_round_timestamp_seconds",
+            "When the last pull round of the volume from the peer ended without error (Unix time; 0: never)",
+            |v| v.last_round_unix.unwrap_or(0) as f64,
+        ),
+        (
+            "peer_volume_failed_rounds",
+            "Pull rounds of the volume from the peer that failed in a row",
+            |v| v.last_error.as_ref().map_or(0.0, |f| f.count as f64),
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let mut family = m.family(name, Kind::Gauge, help);
+        for p in peers {
+            for v in &p.volumes {
+                family.sample(&[("peer", &p.addr), ("volume", &v.volume)], value(v));
+            }
+        }
+    }
+}
+
+/// What `/status` shows: the node, its health, its volumes, its peers and its counters.
 pub fn node_status(node: &Node) -> NodeStatus {
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let volumes = node
@@ -150,27 +252,36 @@ pub fn node_status(node: &Node) -> NodeStatus {
                 root: node.as_ref().map(|n| n.hash.to_hex()),
                 files: node.as_ref().map_or(0, |n| n.totals.files),
                 bytes: node.as_ref().map_or(0, |n| n.totals.bytes),
+                scan: v.scanning.status(),
             }
         })
         .collect();
     let peers = node
         .peers()
         .iter()
-        .map(|p| PeerStatus {
-            addr: p.addr.to_string(),
-            node_id: p.node_id().map(|id| id.to_string()),
-            name: p.identity().map(|i| i.name),
-            cert_expires: p.identity().map(|i| expiry(&i)),
-            connected: p.connected.load(Ordering::Relaxed),
-            chunk_bytes_sent: load(&p.chunk_bytes_sent),
-            chunk_bytes_received: load(&p.chunk_bytes_received),
-            rejected_chunks: load(&p.rejected_chunks),
+        .filter(|p| !p.sync.is_self())
+        .map(|p| {
+            let (since, last_error) = p.sync.link_status();
+            PeerStatus {
+                addr: p.addr.to_string(),
+                node_id: p.node_id().map(|id| id.to_string()),
+                name: p.identity().map(|i| i.name),
+                cert_expires: p.identity().map(|i| expiry(&i)),
+                connected: p.connected.load(Ordering::Relaxed),
+                since,
+                last_error,
+                chunk_bytes_sent: load(&p.chunk_bytes_sent),
+                chunk_bytes_received: load(&p.chunk_bytes_received),
+                rejected_chunks: load(&p.rejected_chunks),
+                volumes: p.sync.volumes(),
+            }
         })
         .collect();
     NodeStatus {
         node_id: node.meta.node_id.to_string(),
         name: node.identity().map(|i| i.name),
         cert_expires: node.identity().as_ref().map(expiry),
+        health: crate::health::assess(node),
         state_dir_full: node.state_room.get(),
         volumes,
         peers,
@@ -189,6 +300,8 @@ pub struct NodeStatus {
     /// This node's name and certificate expiry (what its peers see).
     pub name: Option<String>,
     pub cert_expires: Option<String>,
+    /// Ready, or degraded and why (what `/readyz` says).
+    pub health: Health,
     /// The state directory's file system is too full for the index to be written
     /// (scans and pulls wait until there is room); `null` when it is not.
     pub state_dir_full: Option<Shortage>,
@@ -204,9 +317,13 @@ pub struct VolumeStatus {
     /// are fetched once there is room): how many, their bytes, the bytes free; `null`
     /// when nothing waits.
     pub disk_full: Option<Shortage>,
+    /// The volume's tree as of its last completed scan or pull round (a round under way
+    /// shows in each peer's `volumes`).
     pub root: Option<String>,
     pub files: u64,
     pub bytes: u64,
+    /// The scan under way, if any.
+    pub scan: Option<ScanProgress>,
 }
 
 #[derive(Serialize, serde::Deserialize, Debug, Clone)]
@@ -217,7 +334,15 @@ pub struct PeerStatus {
     pub name: Option<String>,
     pub cert_expires: Option<String>,
     pub connected: bool,
+    /// Since when connected, or not (RFC 3339 UTC).
+    pub since: String,
+    /// Why the last connection attempts failed (or the connection was lost), while they
+    /// keep failing.
+    pub last_error: Option<Failure>,
     pub chunk_bytes_sent: u64,
     pub chunk_bytes_received: u64,
     pub rejected_chunks: u64,
+    /// Each shared volume's sync from this peer: in sync or behind by how much, the
+    /// round under way, the last round, the last error.
+    pub volumes: Vec<PeerVolumeStatus>,
 }

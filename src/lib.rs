@@ -36,13 +36,15 @@
 //! - [`protocol`]: the versioned wire protocol: limits, error codes and errors in
 //!   `mod.rs`, framing in `frame.rs`, messages in `message.rs`.
 //! - [`sync`]: anti-entropy. `node.rs` (a node: store, volumes, peers), `stats.rs` (its
-//!   counters), `client.rs` (connect, handshake, requests), `server/` (one handler per
-//!   request), `pull/` (`walk.rs` the tree walk, `decide.rs` each name, `apply.rs` and
+//!   counters), `state.rs` (each peer's reachability and each volume's sync with it, as
+//!   `/status` shows them), `client.rs` (connect, handshake, requests), `server/` (one
+//!   handler per request), `pull/` (`walk.rs` the tree walk, `decide.rs` each name, `apply.rs` and
 //!   `files.rs` what was decided), `transfer.rs` (local copies and chunk fetches, for
 //!   pull and repair), `conflict.rs`, `error.rs`, `faults.rs`.
 //! - [`volume_fs`]: symlink-safe writes inside a volume, atomic publication.
-//! - [`serve`], [`http`]: the daemon and its local status endpoint (and the status it
-//!   shows).
+//! - [`serve`], [`http`]: the daemon and its HTTP endpoint (and the status it shows);
+//!   [`health`]: whether the node is ready or degraded, and why; [`metrics`]: the
+//!   Prometheus text format `/metrics` is written in.
 //! - [`discovery`]: who the peers are (a static list, or found through the Docker API
 //!   and Swarm DNS); [`container`]: what Shoal learns of the container it runs in.
 //! - [`config`]: settings from flags, environment, TOML file and defaults.
@@ -63,9 +65,11 @@ pub mod discovery;
 pub mod encoding;
 pub mod enroll;
 pub mod entry;
+pub mod health;
 pub mod http;
 pub mod identity;
 pub mod ids;
+pub mod metrics;
 pub mod pathname;
 pub mod protocol;
 pub mod repair;

@@ -31,6 +31,7 @@ use crate::credentials::Credentials;
 use crate::discovery::{Discovery, Mode};
 use crate::revocation::{REVOCATIONS_FILE, Revocations};
 use crate::scan::{ScanOptions, ScanScope, scan_volume};
+use crate::space::Size;
 use crate::store::{OpenOptions, Store};
 use crate::sync::{Faults, Node, Peer, SyncError, Volume, pull};
 use crate::watcher::{Debouncer, Signal, VolumeWatcher, WatchError};
@@ -100,7 +101,21 @@ pub async fn run(
         options.heartbeat,
     )
     .await?;
-    tracing::info!(node = %node.meta.node_id, name = %credentials.identity.name, volumes = ?settings.volumes, "starting");
+    tracing::info!(node = %node.meta.node_id, name = %credentials.identity.name, volumes = %settings.volumes.join(" "), "starting");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    // Before the first scan, which can take minutes: `/status` shows it under way.
+    if let Some(addr) = options.http {
+        let (node, stop) = (node.clone(), stop_rx.clone());
+        let listener_check = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("cannot serve HTTP on {addr}"))?;
+        drop(listener_check);
+        tasks.spawn(async move {
+            if let Err(e) = crate::http::serve(addr, node, stop).await {
+                tracing::error!("HTTP endpoint on {addr} failed: {e}");
+            }
+        });
+    }
     // Watch before the first scan, so nothing changed during it goes unseen.
     let watchers: Vec<_> = node
         .volumes
@@ -117,8 +132,6 @@ pub async fn run(
     let server = crate::transport::listen_with(options.listen, &tls, options.gso)?;
     let bind = SocketAddr::new(options.listen.ip(), 0);
     let client = crate::transport::client_with(bind, &tls, options.gso)?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(accept(node.clone(), server, stop_rx.clone()));
     let (peers_tx, peers_rx) = watch::channel(BTreeSet::new());
     let following = discovery.describe();
@@ -148,18 +161,8 @@ pub async fn run(
     }
     let retention = options.tombstone_retention;
     tasks.spawn(sweep_tombstones(node.clone(), retention, stop_rx.clone()));
-    if let Some(addr) = options.http {
-        let (node, stop) = (node.clone(), stop_rx.clone());
-        let listener_check = std::net::TcpListener::bind(addr)
-            .with_context(|| format!("cannot serve HTTP on {addr}"))?;
-        drop(listener_check);
-        tasks.spawn(async move {
-            if let Err(e) = crate::http::serve(addr, node, stop).await {
-                tracing::error!("HTTP endpoint on {addr} failed: {e}");
-            }
-        });
-    }
-    tracing::info!(listen = %options.listen, http = ?options.http, mode = %options.mode, peers = %following, "serving");
+    let http = options.http.map_or("off".to_string(), |a| a.to_string());
+    tracing::info!(listen = %options.listen, %http, mode = %options.mode, peers = %following, "serving");
     shutdown_signal.await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
@@ -197,6 +200,7 @@ fn open_node(
         tracing::info!(rules = %options.access.describe(), "per-volume access");
     }
     node.access = options.access.clone();
+    node.heartbeat = options.heartbeat;
     let node = Arc::new(node);
     *node.identity.write().expect("identity lock") = Some(credentials.identity.clone());
     node.adopt_revocations(Revocations::load(revocations, &credentials.ca_pem)?);
@@ -265,7 +269,8 @@ async fn accept(node: Arc<Node>, mut server: s2n_quic::Server, mut stop: watch::
                         });
                     }
                     Err(_) => {
-                        tracing::warn!(peer = ?connection.remote_addr().ok(), "refusing a connection: {MAX_CONNECTIONS} are open already");
+                        let peer = connection.remote_addr().map_or("?".to_string(), |a| a.to_string());
+                        tracing::warn!(%peer, "refusing a connection: {MAX_CONNECTIONS} are open already");
                         connection.close(u32::from(crate::protocol::ErrorCode::TooLarge.number()).into());
                     }
                 },
@@ -347,11 +352,17 @@ async fn rescan(node: &Arc<Node>, index: usize, options: ScanOptions) -> anyhow:
     let report = {
         let _guard = volume.lock.lock().await;
         let node = node.clone();
-        tokio::task::spawn_blocking(move || {
+        let options = ScanOptions {
+            progress: Some(volume.scanning.start()),
+            ..options
+        };
+        let scanned = tokio::task::spawn_blocking(move || {
             let volume = &node.volumes[index];
             scan_volume(&node.store, &volume.name, volume.fs.root_path(), &options)
         })
-        .await??
+        .await;
+        volume.scanning.end();
+        scanned??
     };
     let changes = report.added + report.modified + report.deleted;
     if changes > 0 {
@@ -492,7 +503,8 @@ async fn follow_peers(
         let set = wanted.borrow_and_update().clone();
         let (added, removed) = node.set_peers(&set);
         for peer in removed {
-            tracing::info!(peer = %peer.addr, node = ?peer.node_id(), "peer left");
+            let id = peer.node_id().map_or("?".to_string(), |id| id.to_string());
+            tracing::info!(peer = %peer.addr, node = %id, "peer left");
             if let Some(tx) = retire.remove(&peer.addr) {
                 let _ = tx.send(true);
             }
@@ -559,7 +571,6 @@ async fn peer_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(200);
-    let mut last_error = String::new();
     loop {
         if *stop.borrow() {
             return;
@@ -572,23 +583,32 @@ async fn peer_loop(
         match attempt {
             Ok(mut connection) => {
                 backoff = Duration::from_millis(200);
-                last_error.clear();
-                tracing::info!(peer = %peer.addr, node = ?peer.node_id(), "connected");
+                peer.sync.connected();
+                let id = peer.node_id().map_or("?".to_string(), |id| id.to_string());
+                tracing::info!(peer = %peer.addr, node = %id, "connected");
                 let reason = sync_with(&node, &peer, &mut connection, heartbeat, &mut stop).await;
                 drop(connection);
                 peer.connected.store(false, Ordering::Relaxed);
                 *peer.handle.lock().expect("peer state lock") = None;
                 match reason {
-                    Some(e) => tracing::warn!(peer = %peer.addr, "disconnected: {e}"),
+                    Some(e) => {
+                        let message = format!("disconnected: {e}");
+                        if peer.sync.unreachable(&message, node.relog_interval()) {
+                            tracing::warn!(peer = %peer.addr, "{message}");
+                        }
+                    }
                     None => return,
                 }
             }
-            Err(SyncError::SelfConnection) => return,
+            Err(SyncError::SelfConnection) => {
+                peer.sync.mark_self();
+                return;
+            }
             Err(e) => {
-                let message = e.to_string();
-                if message != last_error {
-                    tracing::warn!(peer = %peer.addr, "cannot sync: {message}; retrying");
-                    last_error = message;
+                let message = format!("cannot sync: {e}");
+                if peer.sync.unreachable(&message, node.relog_interval()) {
+                    let repeats = peer.sync.link_failure().map(|f| f.describe_repeats());
+                    tracing::warn!(peer = %peer.addr, "{message}; retrying{}", repeats.unwrap_or_default());
                 }
             }
         }
@@ -597,6 +617,38 @@ async fn peer_loop(
             _ = stop.wait_for(|s| *s) => return,
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// How often a pull round under way says how far it got.
+const PROGRESS_LOG: Duration = Duration::from_secs(10);
+
+/// Pulls one volume from `peer`, with a progress line (done, pending, rate, ETA) every
+/// [`PROGRESS_LOG`] while the round lasts.
+async fn pull_logging_progress(
+    node: &Arc<Node>,
+    peer: &Arc<Peer>,
+    index: usize,
+) -> Result<pull::PullReport, SyncError> {
+    let name = &node.volumes[index].name;
+    let pulling = pull::pull_volume(node, peer, index);
+    tokio::pin!(pulling);
+    let mut ticks = tokio::time::interval_at(Instant::now() + PROGRESS_LOG, PROGRESS_LOG);
+    loop {
+        tokio::select! {
+            pulled = &mut pulling => return pulled,
+            _ = ticks.tick() => if let Some(p) = peer.sync.progress(name) {
+                let eta = p.eta_seconds.map_or("unknown".to_string(), |s| {
+                    humantime::format_duration(Duration::from_secs(s)).to_string()
+                });
+                tracing::info!(
+                    peer = %peer.addr, volume = %name, entries_done = p.entries_done, bytes_done = p.bytes_done,
+                    pending_entries = p.pending_entries, pending_bytes = p.pending_bytes,
+                    "pulling: {} entries ({}) done, {} entries ({}) to go, {}/s, ETA {eta}",
+                    p.entries_done, Size(p.bytes_done), p.pending_entries, Size(p.pending_bytes), Size(p.bytes_per_second)
+                );
+            },
+        }
     }
 }
 
@@ -621,7 +673,7 @@ async fn sync_with(
             if !peer.shares(&name) {
                 continue;
             }
-            let pulled = pull::pull_volume(node, peer, index).await;
+            let pulled = pull_logging_progress(node, peer, index).await;
             incomplete |= pulled
                 .as_ref()
                 .is_ok_and(|r| r.incomplete + r.waiting_for_room > 0);
@@ -629,8 +681,26 @@ async fn sync_with(
                 .as_ref()
                 .err()
                 .map(|e| e as &(dyn std::error::Error + 'static));
-            if node.note_state_room(error) {
-                // Said once by note_state_room; tried again soon, not a heartbeat away.
+            let room_short = node.note_state_room(error);
+            if let Err(e) = &pulled {
+                let message = format!("pull failed: {e}");
+                // A lost connection is the peer's task's to say, a full state directory
+                // note_state_room's.
+                if peer
+                    .sync
+                    .round_failed(&name, &message, node.relog_interval())
+                    && !e.is_connection_lost()
+                    && !room_short
+                {
+                    let repeats = peer.sync.failing_volumes().into_iter();
+                    let repeats = repeats
+                        .filter(|(v, _)| *v == name)
+                        .map(|(_, f)| f.describe_repeats());
+                    tracing::warn!(peer = %peer.addr, volume = %name, "{message}{}", repeats.collect::<String>());
+                }
+            }
+            if room_short {
+                // Tried again soon, not a heartbeat away.
                 incomplete = true;
                 continue;
             }
@@ -641,7 +711,8 @@ async fn sync_with(
                 }
                 Ok(_) => {}
                 Err(e) if e.is_connection_lost() => return Some(e),
-                Err(e) => tracing::warn!(peer = %peer.addr, volume = %name, "pull failed: {e}"),
+                // Logged above, at a bounded rate.
+                Err(_) => {}
             }
         }
         let next_round = if incomplete {

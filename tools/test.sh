@@ -7,7 +7,8 @@
 # they need).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source tools/setup.sh
+# promtool (Debian's prometheus package) checks a live node's /metrics.
+source tools/setup.sh prometheus
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
   rustup component add rustfmt clippy
 fi

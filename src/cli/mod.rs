@@ -6,6 +6,7 @@
 //! needs. Errors from the library are typed; they become one clear sentence here.
 
 mod commands;
+mod status;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -37,15 +38,33 @@ pub struct Cli {
     )]
     log: String,
 
+    /// Log lines as text, or as JSON objects (one a line: timestamp, level, message and
+    /// fields), for a log collector.
+    #[arg(
+        long,
+        global = true,
+        env = "SHOAL_LOG_FORMAT",
+        value_name = "FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Index volumes: chunk and hash new and changed files, update the Merkle tree.
     Scan(ScanArgs),
-    /// Show each volume's root hash, counts and last scan.
+    /// Show the node's health, each volume and each peer's sync state (from the running
+    /// daemon; without one, each volume's root hash and counts from the store).
     Status(StatusArgs),
     /// Re-hash live files and packs against the index; exit 1 if anything is damaged.
     Verify(VerifyArgs),
@@ -323,9 +342,14 @@ struct StatusArgs {
     #[command(flatten)]
     locations: Locations,
 
-    /// Ask a running `shoal serve` at this HTTP address instead of reading the store.
-    #[arg(long, value_name = "ADDR:PORT")]
+    /// The running `shoal serve` to ask (its --http) [default: 127.0.0.1:7030, and the
+    /// store is read if nothing answers there; "off": read the store].
+    #[arg(long, env = "SHOAL_HTTP", value_name = "ADDR:PORT")]
     http: Option<String>,
+
+    /// Print again every 2 s, with progress bars on a terminal (until interrupted).
+    #[arg(long)]
+    watch: bool,
 
     /// Print as JSON.
     #[arg(long)]
@@ -408,7 +432,7 @@ pub fn main() -> ExitCode {
     } else {
         cli.log.as_str()
     };
-    init_logging(default_level, daemon);
+    init_logging(default_level, daemon, cli.log_format);
     match run(cli) {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
         Ok(Outcome::ProblemsFound) => ExitCode::from(1),
@@ -419,7 +443,7 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(filter: &str, timestamps: bool) {
+fn init_logging(filter: &str, timestamps: bool, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
         eprintln!("warning: ignoring log filter {filter:?}: {e}");
         tracing_subscriber::EnvFilter::new("warn")
@@ -427,12 +451,15 @@ fn init_logging(filter: &str, timestamps: bool) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
-    if timestamps {
-        builder.init()
-    } else {
-        builder.without_time().init()
+    match (format, timestamps) {
+        // A collector wants every field as JSON and the time of every line.
+        (LogFormat::Json, _) => builder.json().flatten_event(true).init(),
+        (LogFormat::Text, true) => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        (LogFormat::Text, false) => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .without_time()
+            .init(),
     }
 }
 
@@ -476,10 +503,23 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             let settings = settings(cli.config, args.locations, args.chunk_sizes)?;
             commands::scan(&settings, args.threads, args.json)
         }
-        Command::Status(args) => match args.http {
-            Some(addr) => commands::status_http(&addr, args.json),
-            None => commands::status(&settings(cli.config, args.locations, None)?, args.json),
-        },
+        Command::Status(args) => {
+            let daemon = match args.http.as_deref() {
+                Some("off") => None,
+                Some(addr) => Some(parse_http(addr)?),
+                // No address given: the daemon at the default one, if it runs.
+                None => {
+                    Some(parse_http(status::DEFAULT_HTTP)?).filter(|addr| status::listening(*addr))
+                }
+            };
+            match daemon {
+                Some(addr) => status::show(addr, args.json, args.watch),
+                None if args.watch => {
+                    anyhow::bail!("--watch needs a running shoal serve (none answers)")
+                }
+                None => commands::status(&settings(cli.config, args.locations, None)?, args.json),
+            }
+        }
         Command::Serve(args) => {
             let file = file_config(cli.config.as_ref())?;
             let serve = commands::ServeFlags {
@@ -550,6 +590,12 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             args.json,
         ),
     }
+}
+
+fn parse_http(addr: &str) -> anyhow::Result<std::net::SocketAddr> {
+    use anyhow::Context;
+    addr.parse()
+        .with_context(|| format!("--http {addr:?} is not ADDR:PORT or \"off\""))
 }
 
 /// Writes to stdout; a closed pipe (`shoal status | head -1`) is not an error.

@@ -1,7 +1,8 @@
 //! Peer sync: a node and its peers, and the two halves of anti-entropy.
 //!
 //! - [`node`]: a running node (store, volumes, peers), built once for `serve` and
-//!   `repair`; [`stats`] its counters.
+//!   `repair`; [`stats`] its counters; [`state`] each peer's reachability and each
+//!   volume's sync with it (in sync or behind, progress, errors), read by `/status`.
 //! - [`client`]: connecting to a peer (the `Hello` exchange) and sending requests.
 //! - [`server`] answers peers' requests from the local store (roots, tree pages, chunk
 //!   lists, chunk bytes), one handler per request.
@@ -25,6 +26,7 @@ pub mod node;
 pub mod pull;
 pub mod room;
 pub mod server;
+pub mod state;
 pub mod stats;
 pub mod transfer;
 

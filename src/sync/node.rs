@@ -29,6 +29,8 @@ pub struct Volume {
     pub keep_setid: bool,
     /// Room on the volume's file system for what pulls stage.
     pub room: super::room::Room,
+    /// The scan under way, if any (for `/status`).
+    pub scanning: super::state::ScanActivity,
 }
 
 impl Volume {
@@ -45,6 +47,7 @@ impl Volume {
             lock: tokio::sync::Mutex::new(()),
             keep_setid: false,
             room: super::room::Room::default(),
+            scanning: super::state::ScanActivity::default(),
         })
     }
 
@@ -83,6 +86,8 @@ pub struct Peer {
     pub handle: Mutex<Option<Handle>>,
     /// Wakes the peer's task to pull now.
     pub wake: tokio::sync::Notify,
+    /// Whether it can be reached and how each volume's sync with it stands.
+    pub sync: super::state::PeerSync,
 }
 
 impl Peer {
@@ -98,6 +103,7 @@ impl Peer {
             shared_volumes: Mutex::new(Vec::new()),
             handle: Mutex::new(None),
             wake: tokio::sync::Notify::new(),
+            sync: super::state::PeerSync::default(),
         }
     }
 
@@ -143,6 +149,9 @@ pub struct Node {
     pub revocations: std::sync::RwLock<Revocations>,
     /// Whether the state directory was last found too full for the store to write.
     pub state_room: ShortageState,
+    /// Seconds between anti-entropy rounds: the unit of the health rules and of how
+    /// often a lasting error is logged again.
+    pub heartbeat: std::time::Duration,
 }
 
 impl Node {
@@ -169,6 +178,7 @@ impl Node {
             revocations: std::sync::RwLock::new(Revocations::default()),
             access: Access::default(),
             state_room: ShortageState::default(),
+            heartbeat: std::time::Duration::from_secs(25),
         }
     }
 
@@ -188,6 +198,11 @@ impl Node {
             self.state_room.set(&what, None);
         }
         false
+    }
+
+    /// How often an error that persists is logged again.
+    pub fn relog_interval(&self) -> std::time::Duration {
+        self.heartbeat * super::state::RELOG_HEARTBEATS
     }
 
     pub fn volume(&self, name: &str) -> Option<&Volume> {
@@ -247,7 +262,9 @@ impl Node {
             if list.serial <= held.serial {
                 return false;
             }
-            tracing::warn!(serial = list.serial, ids = ?list.ids, names = ?list.names, "revocation list adopted");
+            let ids: Vec<String> = list.ids.iter().map(|id| id.to_string()).collect();
+            let names: Vec<&str> = list.names.iter().map(String::as_str).collect();
+            tracing::warn!(serial = list.serial, ids = %ids.join(" "), names = %names.join(" "), "revocation list adopted");
             if let Some(me) = self.identity().filter(|me| list.is_revoked(me)) {
                 tracing::error!(
                     "this node, {}, is revoked by the cluster CA: its peers refuse it",

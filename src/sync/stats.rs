@@ -29,7 +29,7 @@ macro_rules! counters {
         }
 
         impl Totals {
-            /// Each counter as `/metrics` shows it: name (after the `shoal_` prefix), help
+            /// Each counter as `/metrics` shows it: name (between `shoal_` and `_total`), help
             /// text and value, in the table's order.
             pub fn metrics(&self) -> Vec<(&'static str, &'static str, u64)> {
                 vec![$((stringify!($name), $help, self.$name),)*]

@@ -195,11 +195,16 @@ impl Cluster {
     }
 
     fn http_get(&self, i: usize, path: &str) -> Option<String> {
+        Some(self.http(i, path, Duration::from_secs(5))?.body)
+    }
+
+    /// `GET path` on node `i`'s HTTP endpoint, waiting at most `timeout` for the answer.
+    pub fn http(&self, i: usize, path: &str, timeout: Duration) -> Option<HttpAnswer> {
         let addr = format!("{}:7030", self.ip(i));
         let mut stream =
             std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(2))
                 .ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        stream.set_read_timeout(Some(timeout)).ok()?;
         write!(
             stream,
             "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -207,7 +212,13 @@ impl Cluster {
         .ok()?;
         let mut raw = String::new();
         stream.read_to_string(&mut raw).ok()?;
-        Some(raw.split_once("\r\n\r\n")?.1.to_string())
+        let (head, body) = raw.split_once("\r\n\r\n")?;
+        let code = head.split(' ').nth(1)?.parse().ok()?;
+        Some(HttpAnswer {
+            code,
+            head: head.to_string(),
+            body: body.to_string(),
+        })
     }
 
     pub fn root(&self, i: usize) -> Option<String> {
@@ -269,6 +280,13 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+}
+
+/// An HTTP answer: status code, status line and headers, body.
+pub struct HttpAnswer {
+    pub code: u16,
+    pub head: String,
+    pub body: String,
 }
 
 impl Drop for Cluster {

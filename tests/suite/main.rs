@@ -13,6 +13,7 @@ mod identity;
 mod index;
 mod live;
 mod metadata;
+mod operability;
 mod repair;
 mod storm;
 mod sync;

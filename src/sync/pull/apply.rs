@@ -9,7 +9,7 @@ use super::files::FileJob;
 use super::{Pull, RemoteDir};
 use crate::chunking::ChunkRef;
 use crate::entry::{Causality, Entry, EntryKind, MODE_MASK};
-use crate::pathname::VolPath;
+use crate::pathname::{VolPath, escape};
 use crate::store::Durability;
 use crate::sync::SyncError;
 use crate::volume_fs::stamp_of_stat;
@@ -53,7 +53,7 @@ impl Pull {
         match &remote.kind {
             EntryKind::File { .. } => {
                 let decided_against = self.node.store.entry(vol, dir, name)?;
-                self.files.push(FileJob {
+                self.queue_file(FileJob {
                     dir: dir.clone(),
                     name: name.to_vec(),
                     entry: remote,
@@ -93,6 +93,7 @@ impl Pull {
                 batch.mark_dirty(vol, &path);
                 self.node.store.write(batch, Durability::Buffered)?;
                 self.report.applied += 1;
+                self.note_applied("dir", escape(path.as_bytes()), 0);
                 if hints.subtree.is_some() && replaces.as_ref().is_none_or(|o| !o.is_dir()) {
                     self.pending.push((path, RemoteDir::Present));
                 }
@@ -145,6 +146,12 @@ impl Pull {
             .stats
             .files_applied
             .fetch_add(1, Ordering::Relaxed);
+        let what = match remote.kind {
+            EntryKind::Symlink { .. } => "symlink",
+            _ => "fifo",
+        };
+        let path = dir.join(name).map(|p| escape(p.as_bytes()));
+        self.note_applied(what, path.unwrap_or_else(|_| escape(name)), 0);
         Ok(())
     }
 
@@ -287,6 +294,10 @@ impl Pull {
             }
             self.node.store.write(batch, Durability::Buffered)?;
             crate::volume_fs::VolumeFs::fsync_dir(&dir_fd)?;
+            if removed {
+                let path = dir.join(&name).map(|p| escape(p.as_bytes()));
+                self.note_applied("delete of", path.unwrap_or_else(|_| escape(&name)), 0);
+            }
         }
         Ok(())
     }

@@ -298,7 +298,7 @@ impl Pull {
         match &remote.kind {
             EntryKind::File { .. } => {
                 let decided_against = self.node.store.entry(self.volume().id, dir, &copy_name)?;
-                self.files.push(FileJob {
+                self.queue_file(FileJob {
                     dir: dir.clone(),
                     name: copy_name,
                     entry: remote,

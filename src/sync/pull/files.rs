@@ -304,11 +304,17 @@ impl Pull {
         for file in &ready {
             batch.delete_publishing(vol, &file.job.dir, &file.job.name);
         }
-        let mut published = 0;
+        let mut published = Vec::new();
         for file in ready {
             let name = escape(&file.job.name);
+            let path = file
+                .job
+                .dir
+                .join(&file.job.name)
+                .map(|p| escape(p.as_bytes()));
+            let size = file.job.size();
             match self.publish_one(fs, &mut dirs, &mut batch, file) {
-                Ok(true) => published += 1,
+                Ok(true) => published.push((path.unwrap_or(name), size)),
                 Ok(false) => self.report.skipped += 1,
                 // One file that cannot be placed does not hold back the others.
                 Err(e) => {
@@ -320,17 +326,20 @@ impl Pull {
         for dir_fd in dirs.values() {
             crate::volume_fs::VolumeFs::fsync_dir(dir_fd)?;
         }
-        if node.faults.crash_before_indexing && published > 0 {
+        if node.faults.crash_before_indexing && !published.is_empty() {
             tracing::warn!("FAULT INJECTION: dying after publishing, before indexing");
             std::process::exit(99);
         }
         node.store.write(batch, Durability::Durable)?;
         // Before the lock goes: a scan must not take the renames for local changes.
         self.restore_dir_mtimes()?;
-        self.report.applied += published;
-        node.stats
-            .files_applied
-            .fetch_add(published, Ordering::Relaxed);
+        let count = published.len() as u64;
+        self.report.applied += count;
+        node.stats.files_applied.fetch_add(count, Ordering::Relaxed);
+        for (path, size) in published {
+            self.note_applied("file", path, size);
+        }
+        self.log_applied();
         Ok(())
     }
 

@@ -89,14 +89,21 @@ pub async fn pull_volume(
         report: PullReport::default(),
         waiting: Waiting::default(),
         wanted_staging: HashSet::new(),
+        applied: Applied::default(),
     };
     let Some(remote_root) = pull.get_dir(&VolPath::root()).await? else {
+        // The peer has not indexed the volume yet: nothing of it to take.
+        peer.sync.round_done(&volume.name, 0, 0);
         return Ok(pull.report);
     };
     let local_root = node.store.tree_node(volume.id, &VolPath::root())?;
+    let local_totals = local_root.as_ref().map(|n| n.totals).unwrap_or_default();
     if local_root.map(|n| n.sync_hash()) == Some(remote_root.sync_hash()) {
+        peer.sync.round_done(&volume.name, 0, 0);
         return Ok(pull.report);
     }
+    peer.sync
+        .round_started(&volume.name, remote_root.totals, local_totals);
     let round = pull.walk_and_take(remote_root).await;
     let _guard = volume.lock.lock().await;
     let round = match round {
@@ -105,10 +112,27 @@ pub async fn pull_volume(
     };
     // Also after a failed round: what it did apply keeps its directories' mtimes.
     pull.restore_dir_mtimes()?;
+    pull.log_applied();
     round?;
     crate::tree::update(&node.store, volume.id)?;
     pull.settle_room();
-    Ok(pull.report)
+    let report = pull.report;
+    let left = report.incomplete + report.waiting_for_room;
+    peer.sync.round_done(&volume.name, left, pull.waiting.bytes);
+    Ok(report)
+}
+
+/// Names shown in the log line that sums up a burst of applied changes.
+const BURST_NAMES: usize = 5;
+
+/// Changes applied since the last log line: said one line per change when they are
+/// few, summed up (count, bytes, the first names) when they come in a burst.
+#[derive(Default)]
+struct Applied {
+    entries: u64,
+    bytes: u64,
+    /// The first [`BURST_NAMES`] changes: what, the path, its bytes.
+    first: Vec<(&'static str, String, u64)>,
 }
 
 /// Files of a round that found no room on the volume's file system.
@@ -148,6 +172,8 @@ struct Pull {
     waiting: Waiting,
     /// The staging names of every file this round wanted (reclaiming spares them).
     wanted_staging: HashSet<String>,
+    /// Changes applied and not logged yet.
+    applied: Applied,
 }
 
 /// What the peer has at a directory still to compare.
@@ -161,6 +187,42 @@ enum RemoteDir {
 impl Pull {
     fn volume(&self) -> &super::Volume {
         &self.node.volumes[self.volume_index]
+    }
+
+    /// Queues a file to fetch (and counts it in the round's progress).
+    fn queue_file(&mut self, job: FileJob) {
+        self.peer.sync.found(&self.volume().name, 1, job.size());
+        self.files.push(job);
+    }
+
+    /// Notes one applied change (`what`: "file", "dir", "deleted"...) of `path`, `bytes`
+    /// of file content, for the round's progress and the log.
+    fn note_applied(&mut self, what: &'static str, path: String, bytes: u64) {
+        self.peer.sync.applied(&self.volume().name, 1, bytes);
+        self.applied.entries += 1;
+        self.applied.bytes += bytes;
+        if self.applied.first.len() < BURST_NAMES {
+            self.applied.first.push((what, path, bytes));
+        }
+    }
+
+    /// Logs the changes applied since the last call: each one, or a burst's summary.
+    fn log_applied(&mut self) {
+        let applied = std::mem::take(&mut self.applied);
+        let (peer, volume) = (self.peer.addr, &self.volume().name);
+        if applied.entries as usize <= BURST_NAMES {
+            for (what, path, bytes) in applied.first {
+                tracing::info!(%peer, %volume, %path, bytes, "applied {what} {path}");
+            }
+            return;
+        }
+        let names: Vec<&str> = applied.first.iter().map(|(_, p, _)| p.as_str()).collect();
+        let more = applied.entries - names.len() as u64;
+        tracing::info!(
+            %peer, %volume, entries = applied.entries, bytes = applied.bytes,
+            "applied {} changes ({}): {} and {more} more",
+            applied.entries, crate::space::Size(applied.bytes), names.join(", ")
+        );
     }
 
     /// Walks what differs and takes the files decided on (the deletes wait for the end
