@@ -1,5 +1,7 @@
 //! Fault injection: a node that misbehaves on purpose, for tests of its peers.
 
+use std::time::Duration;
+
 use crate::ids::NodeId;
 use crate::protocol::Response;
 
@@ -7,8 +9,8 @@ use crate::protocol::Response;
 /// peers' defences can be checked against a real process. Set from the environment
 /// (`SHOAL_FAULT_CORRUPT_CHUNKS=1`, `SHOAL_FAULT_HOSTILE_NAMES=1`,
 /// `SHOAL_FAULT_WATCH_QUEUE=N`, `SHOAL_FAULT_CLAIM_NODE_ID=HEX`,
-/// `SHOAL_FAULT_CRASH_BEFORE_INDEXING=1`); never set in
-/// production.
+/// `SHOAL_FAULT_CRASH_BEFORE_INDEXING=1`, `SHOAL_FAULT_PAUSE_BEFORE_DELETES_MS=N`); never
+/// set in production.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Faults {
     /// Flip a byte of every chunk sent.
@@ -24,6 +26,10 @@ pub struct Faults {
     /// files into place, before indexing them: the crash that `kill -9` can only hit
     /// by chance.
     pub crash_before_indexing: bool,
+    /// Wait this long in every pull round between taking the files and applying the
+    /// deletes (the volume lock not held): widens the window in which a scan runs while
+    /// a round is half applied, which a busy node hits only by chance.
+    pub pause_before_deletes: Option<Duration>,
 }
 
 impl Faults {
@@ -40,12 +46,17 @@ impl Faults {
                 .and_then(|v| u64::from_str_radix(&v, 16).ok())
                 .map(NodeId),
             crash_before_indexing: set("SHOAL_FAULT_CRASH_BEFORE_INDEXING"),
+            pause_before_deletes: std::env::var("SHOAL_FAULT_PAUSE_BEFORE_DELETES_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_millis),
         };
         if faults.corrupt_chunks
             || faults.hostile_names
             || faults.watch_queue.is_some()
             || faults.claim_node_id.is_some()
             || faults.crash_before_indexing
+            || faults.pause_before_deletes.is_some()
         {
             tracing::warn!(
                 ?faults,

@@ -152,6 +152,35 @@ fn every_kind_of_change_on_one_node_reaches_the_others_without_a_trigger() {
     assert_no_echo(&c);
 }
 
+/// A renamed directory's files move on the receivers (no chunk is copied) before the
+/// round's deletes run; a scan in between (here: the receivers' own watchers, seeing
+/// those moves, while the rounds wait) must find the old names deleted as received,
+/// not missing from disk, or the receivers announce the rename's deletes as their own.
+#[test]
+fn a_scan_while_a_rename_is_half_applied_sends_nothing_back() {
+    let c = live_cluster(|c| {
+        for i in [1, 2] {
+            c.extra_env[i].push(("SHOAL_FAULT_PAUSE_BEFORE_DELETES_MS".into(), "1500".into()));
+        }
+    });
+    let a = c.vol(0);
+    for i in 0..20 {
+        write_file(&a.join(format!("album/t{i}")), &random_bytes(20_000, i));
+    }
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    let watch_scans_before = c.total(1, "watch_scans");
+    fs::rename(a.join("album"), a.join("album-2026")).unwrap();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    assert_eq!(snapshot(&c.vol(1)), snapshot(&a));
+    assert_eq!(snapshot(&c.vol(2)), snapshot(&a));
+    assert!(
+        c.total(1, "watch_scans") > watch_scans_before,
+        "node 1's watcher never scanned during the rename:\n{}",
+        c.log(1)
+    );
+    assert_no_echo(&c);
+}
+
 #[test]
 fn a_burst_of_ten_thousand_files_converges() {
     let c = live_cluster(|_| {});

@@ -55,6 +55,8 @@ pub(super) struct RenameSource {
     pub(super) name: Vec<u8>,
     /// What the index recorded of it: it is moved only if it is still exactly that.
     pub(super) stamp: crate::store::codec::ScanStamp,
+    /// The peer's delete of it, recorded as soon as the file has moved.
+    pub(super) tombstone: Entry,
 }
 
 /// A file whose staging file exists and holds every chunk we had locally.
@@ -66,6 +68,8 @@ struct Prepared {
     /// Chunks still to fetch.
     missing: Missing,
     room: Reservation,
+    /// The local file of a rename that became the staging file, if one did.
+    taken_from: Option<RenameSource>,
 }
 
 impl FileJob {
@@ -108,6 +112,7 @@ impl Pull {
                         dir: dir.clone(),
                         name: name.clone(),
                         stamp,
+                        tombstone: tombstone.clone(),
                     },
                 );
             }
@@ -210,7 +215,15 @@ impl Pull {
                     continue;
                 };
                 let name = escape(&job.name);
-                match stage_job(&node, self.volume_index, job, chunks, Some(source), room) {
+                let staged = stage_job(&node, self.volume_index, job, chunks, Some(source), room);
+                if let Ok(Prepared {
+                    taken_from: Some(source),
+                    ..
+                }) = &staged
+                {
+                    self.record_moved_away(&mut left, source)?;
+                }
+                match staged {
                     Ok(file) if file.missing.is_empty() => {
                         ready.push(file.finish(&node, self.volume_index)?)
                     }
@@ -227,6 +240,26 @@ impl Pull {
             // Also when nothing was ready: a file may have left its directory.
             self.restore_dir_mtimes()?;
         }
+        Ok(())
+    }
+
+    /// Records the peer's delete of a local file that has just moved into staging as
+    /// the other half of a rename, in the same index write as the move's directory
+    /// marks and under the same hold of the volume lock: a scan that comes before the
+    /// round's deletes must find the name deleted as received, not missing from disk
+    /// (which it would take for a local delete, and send back to every peer).
+    fn record_moved_away(
+        &mut self,
+        batch: &mut crate::store::Batch<'_>,
+        source: &RenameSource,
+    ) -> Result<(), SyncError> {
+        let vol = self.volume().id;
+        if let Some(local) = self.node.store.entry(vol, &source.dir, &source.name)? {
+            self.forget_chunks_in(batch, &source.dir, &source.name, &local)?;
+        }
+        batch.put_entry(vol, &source.dir, &source.name, &source.tombstone);
+        batch.delete_stamp(vol, &source.dir, &source.name);
+        self.report.deleted += 1;
         Ok(())
     }
 
@@ -631,9 +664,9 @@ fn stage_job(
         )?,
         None => None,
     };
-    let staged = match moved {
-        Some(staged) => staged,
-        None => volume.fs.stage(&expected, &job.dir, &job.name, size)?,
+    let (staged, taken_from) = match moved {
+        Some(staged) => (staged, source),
+        None => (volume.fs.stage(&expected, &job.dir, &job.name, size)?, None),
     };
     let io = |e: std::io::Error| SyncError::local(format!("staging {}", escape(&job.name)))(e);
     let file = Arc::new(staged.file.try_clone().map_err(io)?);
@@ -645,6 +678,7 @@ fn stage_job(
         chunks,
         missing,
         room,
+        taken_from,
     })
 }
 

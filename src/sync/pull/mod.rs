@@ -105,6 +105,9 @@ pub async fn pull_volume(
     peer.sync
         .round_started(&volume.name, remote_root.totals, local_totals);
     let round = pull.walk_and_take(remote_root).await;
+    if let Some(pause) = node.faults.pause_before_deletes {
+        tokio::time::sleep(pause).await;
+    }
     let _guard = volume.lock.lock().await;
     let round = match round {
         Ok(()) => pull.apply_deletes(),
