@@ -3,9 +3,12 @@
 //! `shoal cluster revoke NODE --ca DIR` adds a node (by name, or by its 16-hex-digit
 //! id) to `DIR/revocations.txt`, raises the list's serial and signs it with the CA key.
 //! Members read the list from their credentials directory at start and again every
-//! heartbeat; a list is believed only with a valid CA signature and only if its serial
-//! is higher than the one held, so a copy can travel any way (a file copied to each
-//! node, a shared mount) without being trusted for how it came. A revoked node's
+//! heartbeat, get it from the signer (enrolled nodes ask every heartbeat) and from each
+//! other (a member that adopts a newer list passes it to its connected peers, and
+//! offers its list on every connection it opens); a list is believed only with a valid
+//! CA signature and only if its serial is higher than the one held, so a copy can
+//! travel any way without being trusted for how it came. The newest a node holds is
+//! kept in its state directory ([`HELD_FILE`]), so a restart does not forget it. A revoked node's
 //! connections are closed and every later request or handshake of it is refused; no
 //! other node is re-keyed.
 //!
@@ -36,10 +39,12 @@ use crate::ids::NodeId;
 
 /// The list's file name, in the CA directory and in a node's credentials directory.
 pub const REVOCATIONS_FILE: &str = "revocations.txt";
+/// Where a node keeps the newest list it adopted, under its state directory.
+pub const HELD_FILE: &str = "identity/revocations.txt";
 
 const HEADER: &str = "shoal-revocations 1";
-/// Largest list file read (about 20,000 entries).
-const MAX_FILE: u64 = 1 << 20;
+/// Largest list read, from a file or a peer (about 20,000 entries).
+pub const MAX_FILE: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RevocationError {
@@ -75,6 +80,16 @@ pub struct Revocations {
     pub serial: u64,
     pub ids: BTreeSet<NodeId>,
     pub names: BTreeSet<String>,
+    /// The signed text, as it travels (empty for the empty list no CA signed).
+    pub signed: String,
+}
+
+/// What a node needs to believe the lists it receives, and where it keeps the newest.
+#[derive(Debug, Clone)]
+pub struct Trust {
+    pub ca_pem: String,
+    /// The state directory's [`HELD_FILE`] (none for a node that keeps nothing).
+    pub keep: Option<PathBuf>,
 }
 
 impl Revocations {
@@ -131,6 +146,11 @@ impl Revocations {
             path: path.to_path_buf(),
             reason: reason.to_string(),
         };
+        if text.len() as u64 > MAX_FILE {
+            return Err(RevocationError::TooLarge {
+                path: path.to_path_buf(),
+            });
+        }
         let at = text
             .rfind("signature ")
             .filter(|&at| at == 0 || text.as_bytes()[at - 1] == b'\n')
@@ -168,8 +188,36 @@ impl Revocations {
                 _ => return Err(malformed(line)),
             }
         }
+        list.signed = text.to_string();
         Ok(list)
     }
+}
+
+/// The newest list a node holds at start: its credentials directory's, or the one it
+/// kept in its state directory.
+pub fn held(
+    credentials_dir: &Path,
+    state_dir: &Path,
+    ca_pem: &str,
+) -> Result<Revocations, RevocationError> {
+    let given = Revocations::load(&credentials_dir.join(REVOCATIONS_FILE), ca_pem)?;
+    let kept = Revocations::load(&state_dir.join(HELD_FILE), ca_pem)?;
+    Ok(if kept.serial > given.serial {
+        kept
+    } else {
+        given
+    })
+}
+
+/// Keeps `list` at `path` (atomically), for the next start.
+pub fn keep(path: &Path, list: &Revocations) -> Result<(), RevocationError> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(|source| RevocationError::Write {
+            path: parent.to_path_buf(),
+            source,
+        })?;
+    }
+    write_atomically(path, &list.signed)
 }
 
 fn parse_id(hex: &str) -> Option<NodeId> {
@@ -213,6 +261,7 @@ pub fn revoke(ca_dir: &Path, node: &str) -> Result<(Revocations, PathBuf), Revoc
     list.serial += 1;
     let text = list.sign(&ca)?;
     write_atomically(&path, &text)?;
+    list.signed = text;
     Ok((list, path))
 }
 

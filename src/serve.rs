@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use crate::config::Settings;
 use crate::credentials::Credentials;
 use crate::discovery::{Discovery, Mode};
-use crate::revocation::{REVOCATIONS_FILE, Revocations};
+use crate::revocation::{HELD_FILE, REVOCATIONS_FILE, Revocations, Trust};
 use crate::scan::{ScanOptions, ScanScope, scan_volume};
 use crate::space::Size;
 use crate::store::{OpenOptions, Store};
@@ -89,7 +89,7 @@ pub async fn run(
         return Err(crate::config::ConfigError::NoVolumes.into());
     }
     let revocations = options.credentials.join(REVOCATIONS_FILE);
-    let node = open_node(&options, &credentials, &revocations)?;
+    let node = open_node(&options, &credentials)?;
     if let Some(list) = obtained.revocations {
         node.adopt_revocations(list);
     }
@@ -151,6 +151,7 @@ pub async fn run(
     tasks.spawn(follow_revocations(
         node.clone(),
         (revocations, credentials.ca_pem.clone()),
+        enrollment.clone(),
         options.heartbeat,
         stop_rx.clone(),
     ));
@@ -179,11 +180,7 @@ pub async fn run(
 
 /// Opens the store and the volumes and assembles the node: its identity, access rules and
 /// revocation list.
-fn open_node(
-    options: &ServeOptions,
-    credentials: &Credentials,
-    revocations: &Path,
-) -> anyhow::Result<Arc<Node>> {
+fn open_node(options: &ServeOptions, credentials: &Credentials) -> anyhow::Result<Arc<Node>> {
     let settings = &options.settings;
     let mut store = Store::open(
         &settings.state_dir,
@@ -203,7 +200,16 @@ fn open_node(
     node.heartbeat = options.heartbeat;
     let node = Arc::new(node);
     *node.identity.write().expect("identity lock") = Some(credentials.identity.clone());
-    node.adopt_revocations(Revocations::load(revocations, &credentials.ca_pem)?);
+    let _ = node.trust.set(Trust {
+        ca_pem: credentials.ca_pem.clone(),
+        keep: Some(settings.state_dir.join(HELD_FILE)),
+    });
+    let held = crate::revocation::held(
+        &options.credentials,
+        &settings.state_dir,
+        &credentials.ca_pem,
+    )?;
+    node.adopt_revocations(held);
     Ok(node)
 }
 
@@ -281,32 +287,46 @@ async fn accept(node: Arc<Node>, mut server: s2n_quic::Server, mut stop: watch::
     }
 }
 
-/// Reads the revocation list `file` again every heartbeat (checking it against the CA
-/// certificate `ca_pem`) and adopts it when it is newer, until `stop` flips.
+/// Every heartbeat, reads the revocation list `file` again (checking it against the CA
+/// certificate `ca_pem`) and, for an enrolled node, asks the signer for a newer one;
+/// adopts a newer list (which passes it on to the peers), until `stop` flips.
 async fn follow_revocations(
     node: Arc<Node>,
     (file, ca_pem): (PathBuf, String),
+    signer: Option<crate::enroll::client::Enrollment>,
     heartbeat: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut last_error = String::new();
+    let mut say = |result: Result<(), String>| match result {
+        Ok(()) => last_error.clear(),
+        Err(message) if message != last_error => {
+            tracing::error!("ignoring the revocation list: {message}");
+            last_error = message;
+        }
+        Err(_) => {}
+    };
     loop {
         tokio::select! {
             _ = tokio::time::sleep(heartbeat) => {}
             _ = stop.wait_for(|s| *s) => break,
         }
-        match Revocations::load(&file, &ca_pem) {
-            Ok(list) => {
-                last_error.clear();
+        say(Revocations::load(&file, &ca_pem)
+            .map(|list| {
                 node.adopt_revocations(list);
-            }
-            Err(e) => {
-                let message = e.to_string();
-                if message != last_error {
-                    tracing::error!("ignoring the revocation list: {message}");
-                    last_error = message;
-                }
-            }
+            })
+            .map_err(|e| e.to_string()));
+        if let Some(signer) = &signer {
+            let serial = node.revocations.read().expect("revocations lock").serial;
+            let from = "the signer's revocation list";
+            say(match signer.revocations_after(serial).await {
+                Ok(Some(text)) => node
+                    .receive_revocations(&text, from)
+                    .map(drop)
+                    .map_err(|e| e.to_string()),
+                Ok(None) => Ok(()),
+                Err(e) => Err(e.to_string()),
+            });
         }
     }
 }
@@ -586,6 +606,7 @@ async fn peer_loop(
                 peer.sync.connected();
                 let id = peer.node_id().map_or("?".to_string(), |id| id.to_string());
                 tracing::info!(peer = %peer.addr, node = %id, "connected");
+                node.share_revocations(&peer);
                 let reason = sync_with(&node, &peer, &mut connection, heartbeat, &mut stop).await;
                 drop(connection);
                 peer.connected.store(false, Ordering::Relaxed);

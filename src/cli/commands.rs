@@ -593,7 +593,7 @@ pub fn cluster_add_node(
 pub fn cluster_revoke(ca: &std::path::Path, node: &str) -> anyhow::Result<Outcome> {
     let (list, path) = crate::revocation::revoke(ca, node)?;
     print(&format!(
-        "revoked {node}: {} (serial {}, {} ids, {} names); copy it into every node's credentials directory as {}: members re-read it every heartbeat\n",
+        "revoked {node}: {} (serial {}, {} ids, {} names); a signer using this directory hands it to its members within a heartbeat; without one, copy it into any member's credentials directory as {}: members pass it on to each other\n",
         path.display(),
         list.serial,
         list.ids.len(),

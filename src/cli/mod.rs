@@ -148,9 +148,9 @@ enum ClusterCommand {
         #[arg(long, value_name = "DIR")]
         ca: PathBuf,
     },
-    /// Revoke a node: add it to the CA-signed revocation list CA/revocations.txt. Copy
-    /// that file into every node's credentials directory; members re-read it every
-    /// heartbeat and drop the node.
+    /// Revoke a node: add it to the CA-signed revocation list CA/revocations.txt. A
+    /// signer on this directory hands it to enrolled members; otherwise copy it into a
+    /// member's credentials directory. Members pass it on and drop the node.
     Revoke {
         /// The node's name, or its 16-hex-digit node id (`shoal status` shows both).
         node: String,

@@ -153,14 +153,34 @@ impl Enrollment {
         })
     }
 
-    /// One exchange with the signer; an issued certificate is checked (our key, a node
-    /// name) and kept in the state directory before it is returned.
-    async fn ask(
-        &self,
-        ca_pem: &str,
-        key: &KeyPair,
-        request: &Request,
-    ) -> Result<Obtained, EnrollError> {
+    /// The CA's revocation list from the signer, if its serial is higher than `serial`.
+    pub async fn revocations_after(&self, serial: u64) -> Result<Option<String>, EnrollError> {
+        let ca_pem =
+            std::fs::read_to_string(self.credentials_dir.join(CA_FILE)).map_err(|source| {
+                CredentialsError::Read {
+                    path: self.credentials_dir.join(CA_FILE),
+                    source,
+                }
+            })?;
+        match self
+            .exchange(&ca_pem, &Request::GetRevocations { serial })
+            .await?
+        {
+            Response::Revocations { list } => Ok((!list.is_empty()).then_some(list)),
+            Response::Refused { code, message } => Err(EnrollError::Refused {
+                signer: self.signer.clone(),
+                code,
+                message,
+            }),
+            Response::Issued { .. } => Err(EnrollError::Answer {
+                signer: self.signer.clone(),
+                message: "a certificate for a revocation list request".into(),
+            }),
+        }
+    }
+
+    /// One request to the signer and its answer.
+    async fn exchange(&self, ca_pem: &str, request: &Request) -> Result<Response, EnrollError> {
         let signer = self.signer.clone();
         let addr = tokio::net::lookup_host(signer.as_str())
             .await
@@ -200,11 +220,30 @@ impl Enrollment {
         let (kind, body) = tokio::time::timeout(ASK_TIMEOUT, exchange)
             .await
             .map_err(|_| unreachable(format!("no answer within {} s", ASK_TIMEOUT.as_secs())))??;
+        Response::decode(kind, &body).map_err(|e| EnrollError::Answer {
+            signer: signer.clone(),
+            message: e.to_string(),
+        })
+    }
+
+    /// One certificate request to the signer; an issued certificate is checked (our
+    /// key, a node name) and kept in the state directory before it is returned.
+    async fn ask(
+        &self,
+        ca_pem: &str,
+        key: &KeyPair,
+        request: &Request,
+    ) -> Result<Obtained, EnrollError> {
+        let signer = self.signer.clone();
         let answer_err = |message: String| EnrollError::Answer {
             signer: signer.clone(),
             message,
         };
-        match Response::decode(kind, &body).map_err(|e| answer_err(e.to_string()))? {
+        match self.exchange(ca_pem, request).await? {
+            Response::Revocations { .. } => Err(answer_err(
+                "a revocation list for a certificate request".into(),
+            )),
+
             Response::Refused { code, message } => Err(EnrollError::Refused {
                 signer: signer.clone(),
                 code,

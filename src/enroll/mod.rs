@@ -13,7 +13,9 @@
 //! - `Renew`: its current, unexpired certificate and such a request for the same key,
 //!
 //! and receives a short-lived certificate for its key and the CA-signed revocation list,
-//! or a refusal with a code and a sentence. A revoked node is refused both.
+//! or a refusal with a code and a sentence. A revoked node is refused both. A running
+//! node also asks every heartbeat whether the CA's revocation list is newer than the
+//! one it holds (`GetRevocations`, which needs no proof: the list is CA-signed).
 //!
 //! Every byte is specified in `schema/protocol.md`, "Enrollment". The framing is the
 //! one of the sync protocol ([`crate::protocol::read_frame`]); the limits are this
@@ -43,7 +45,9 @@ const MAX_MESSAGE: usize = 1024;
 
 const KIND_ENROLL: u8 = 0x01;
 const KIND_RENEW: u8 = 0x02;
+const KIND_GET_REVOCATIONS: u8 = 0x03;
 const KIND_ISSUED: u8 = 0x81;
+const KIND_REVOCATIONS: u8 = 0x82;
 const KIND_REFUSED: u8 = 0xff;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +57,8 @@ pub enum Request {
     /// A member: its current certificate (DER) and a certification request (DER) for
     /// the same key.
     Renew { cert: Vec<u8>, csr: Vec<u8> },
+    /// Anyone: the CA's revocation list, if its serial is higher than `serial`.
+    GetRevocations { serial: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +68,10 @@ pub enum Response {
     Issued {
         cert_pem: String,
         revocations: String,
+    },
+    /// The answer to `GetRevocations`: the list's text, empty if it is not newer.
+    Revocations {
+        list: String,
     },
     Refused {
         code: Refusal,
@@ -176,6 +186,10 @@ impl Request {
                 put_short_bytes(&mut body, csr);
                 (KIND_RENEW, body)
             }
+            Request::GetRevocations { serial } => {
+                body.extend_from_slice(&serial.to_le_bytes());
+                (KIND_GET_REVOCATIONS, body)
+            }
         }
     }
 
@@ -196,6 +210,9 @@ impl Request {
                 cert: field(&mut r, "certificate")?.to_vec(),
                 csr: field(&mut r, "certification request")?.to_vec(),
             },
+            KIND_GET_REVOCATIONS => Request::GetRevocations {
+                serial: r.u64("serial")?,
+            },
             other => return Err(DecodeError(format!("unknown request kind {other:#04x}"))),
         };
         r.finish("the request")?;
@@ -215,6 +232,10 @@ impl Response {
                 put_long(&mut body, revocations.as_bytes());
                 (KIND_ISSUED, body)
             }
+            Response::Revocations { list } => {
+                put_long(&mut body, list.as_bytes());
+                (KIND_REVOCATIONS, body)
+            }
             Response::Refused { code, message } => {
                 body.push(code.number());
                 let mut end = message.len().min(MAX_MESSAGE);
@@ -233,6 +254,9 @@ impl Response {
             KIND_ISSUED => Response::Issued {
                 cert_pem: long_text(&mut r, "certificate", MAX_FIELD * 2)?,
                 revocations: long_text(&mut r, "revocation list", MAX_RESPONSE)?,
+            },
+            KIND_REVOCATIONS => Response::Revocations {
+                list: long_text(&mut r, "revocation list", MAX_RESPONSE)?,
             },
             KIND_REFUSED => {
                 let code = Refusal::from_number(r.u8("refusal code")?);
@@ -267,6 +291,7 @@ mod tests {
                 cert: vec![4; 100],
                 csr: vec![5; 10],
             },
+            Request::GetRevocations { serial: 7 },
         ];
         for request in requests {
             let (kind, body) = request.encode();
@@ -286,6 +311,9 @@ mod tests {
             Response::Refused {
                 code: Refusal::BadToken,
                 message: "no".into(),
+            },
+            Response::Revocations {
+                list: "shoal-revocations 1".into(),
             },
         ];
         for response in responses {

@@ -172,21 +172,27 @@ struct Signer {
 
 impl Signer {
     fn answer(&self, request: Request, from: IpAddr) -> Response {
-        if self
+        let limited = self
             .failures
             .lock()
             .expect("failures lock")
-            .limited(from, Instant::now())
-        {
-            return Response::Refused {
-                code: Refusal::RateLimited,
-                message: format!(
-                    "{MAX_FAILURES} refused requests from {from} within {} s; try again later",
-                    FAILURE_WINDOW.as_secs()
-                ),
-            };
-        }
+            .limited(from, Instant::now());
         let (what, result) = match &request {
+            // Public (the list is CA-signed) and never refused.
+            Request::GetRevocations { serial } => {
+                return Response::Revocations {
+                    list: self.revocations_after(*serial),
+                };
+            }
+            _ if limited => {
+                return Response::Refused {
+                    code: Refusal::RateLimited,
+                    message: format!(
+                        "{MAX_FAILURES} refused requests from {from} within {} s; try again later",
+                        FAILURE_WINDOW.as_secs()
+                    ),
+                };
+            }
             Request::Enroll { token, csr } => ("enrolled", self.enroll(token, csr)),
             Request::Renew { cert, csr } => ("renewed", self.renew(cert, csr)),
         };
@@ -328,6 +334,19 @@ impl Signer {
             .map_err(|e| internal(format!("{}: {e}", self.ca_dir.display())))?;
         replace_file(&record, &cert_pem, false).map_err(|e| internal(e.to_string()))?;
         Ok((cert_pem, proven))
+    }
+
+    /// The CA's revocation list if its serial is higher than `serial`, else "".
+    fn revocations_after(&self, serial: u64) -> String {
+        let path = self.ca_dir.join(REVOCATIONS_FILE);
+        match Revocations::load(&path, &self.authority.ca_pem) {
+            Ok(list) if list.serial > serial => list.signed,
+            Ok(_) => String::new(),
+            Err(e) => {
+                tracing::error!("cannot send the revocation list: {e}");
+                String::new()
+            }
+        }
     }
 
     /// The CA's revocation list as its file holds it ("" if there is none, or it is

@@ -19,6 +19,7 @@ pub(super) mod kind {
     pub const GET_CHUNK_LIST: u8 = 0x04;
     pub const GET_CHUNKS: u8 = 0x05;
     pub const NOTIFY: u8 = 0x06;
+    pub const REVOCATIONS: u8 = 0x07;
     pub const HELLO_REPLY: u8 = 0x81;
     pub const DIR: u8 = 0x82;
     pub const ENTRIES: u8 = 0x83;
@@ -107,6 +108,11 @@ pub enum Request {
     /// "My volume changed": the receiver should pull from the sender soon.
     Notify {
         volume: String,
+    },
+    /// The sender's newest CA-signed revocation list (its text, at most
+    /// [`crate::revocation::MAX_FILE`] bytes): the receiver adopts it if it is newer.
+    Revocations {
+        list: String,
     },
 }
 
@@ -238,7 +244,7 @@ impl Request {
             | Request::GetEntries { volume, .. }
             | Request::GetChunkList { volume, .. }
             | Request::Notify { volume } => Some(volume),
-            Request::Hello(_) | Request::GetChunks { .. } => None,
+            Request::Hello(_) | Request::GetChunks { .. } | Request::Revocations { .. } => None,
         }
     }
 
@@ -306,6 +312,12 @@ impl Request {
             Request::Notify { volume } => {
                 put_short_bytes(&mut out, volume.as_bytes());
                 kind::NOTIFY
+            }
+            Request::Revocations { list } => {
+                let len = u32::try_from(list.len()).expect("lists are bounded by MAX_FILE");
+                out.extend_from_slice(&len.to_le_bytes());
+                out.extend_from_slice(list.as_bytes());
+                kind::REVOCATIONS
             }
         };
         (kind, out)
@@ -378,6 +390,20 @@ impl Request {
             kind::NOTIFY => Request::Notify {
                 volume: read_volume(&mut r)?,
             },
+            kind::REVOCATIONS => {
+                let len = r.u32("revocation list length")?;
+                if u64::from(len) > crate::revocation::MAX_FILE {
+                    return Err(ProtocolError::Malformed(format!(
+                        "revocation list of {len} bytes"
+                    )));
+                }
+                let text = r.take(len as usize, "revocation list")?;
+                Request::Revocations {
+                    list: String::from_utf8(text.to_vec()).map_err(|_| {
+                        ProtocolError::Malformed("revocation list is not UTF-8".into())
+                    })?,
+                }
+            }
             other => return Err(ProtocolError::UnexpectedKind(other)),
         };
         r.finish("request")?;
@@ -616,6 +642,9 @@ mod tests {
             ids: vec![ChunkId([2; 32]), ChunkId([3; 32])],
         });
         round_trip_request(Request::Notify { volume: "m".into() });
+        round_trip_request(Request::Revocations {
+            list: "shoal-revocations 1\n".into(),
+        });
         let hello = Hello {
             version: PROTOCOL_VERSION,
             node_id: NodeId(9),

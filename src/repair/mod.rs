@@ -62,6 +62,8 @@ pub enum RepairError {
     #[error(transparent)]
     Credentials(#[from] crate::credentials::CredentialsError),
     #[error(transparent)]
+    Revocations(#[from] crate::revocation::RevocationError),
+    #[error(transparent)]
     Transport(#[from] crate::transport::TransportError),
     #[error(
         "the store at {0} has no index; run `shoal repair --rebuild-index` to rebuild it from the packs and live files"
@@ -193,6 +195,15 @@ pub fn repair(settings: &Settings, options: &RepairOptions) -> Result<RepairRepo
         options.peers.iter().copied(),
         Faults::default(),
     ));
+    // Revoked peers are refused here as by the daemon (the list it kept, or the
+    // credentials directory's if newer).
+    if let Some(Ok(credentials)) = &credentials {
+        node.adopt_revocations(crate::revocation::held(
+            &options.credentials,
+            &settings.state_dir,
+            &credentials.ca_pem,
+        )?);
+    }
     let runtime = tokio::runtime::Runtime::new()
         .map_err(|e| RepairError::Io("cannot start the async runtime".into(), e))?;
     runtime.block_on(async {

@@ -12,7 +12,7 @@ use crate::access::Access;
 use crate::identity::Proven;
 use crate::ids::{NodeId, VolumeId};
 use crate::protocol::{self, Request};
-use crate::revocation::Revocations;
+use crate::revocation::{RevocationError, Revocations, Trust};
 use crate::space::{LowSpace, ShortageState};
 use crate::store::{Store, StoreMeta};
 use crate::volume_fs::VolumeFs;
@@ -147,6 +147,9 @@ pub struct Node {
     pub access: Access,
     /// The newest CA-signed revocation list seen; revoked peers are refused.
     pub revocations: std::sync::RwLock<Revocations>,
+    /// How lists received from peers and the signer are checked and kept (set with the
+    /// credentials; without it, such lists are refused).
+    pub trust: std::sync::OnceLock<Trust>,
     /// Whether the state directory was last found too full for the store to write.
     pub state_room: ShortageState,
     /// Seconds between anti-entropy rounds: the unit of the health rules and of how
@@ -176,6 +179,7 @@ impl Node {
             faults,
             identity: std::sync::RwLock::new(None),
             revocations: std::sync::RwLock::new(Revocations::default()),
+            trust: std::sync::OnceLock::new(),
             access: Access::default(),
             state_room: ShortageState::default(),
             heartbeat: std::time::Duration::from_secs(25),
@@ -253,8 +257,9 @@ impl Node {
             .is_revoked(node)
     }
 
-    /// Adopts `list` if it is newer than the one held; then closes the connections to
-    /// peers it revokes (their next handshakes are refused). Returns whether it was
+    /// Adopts `list` if it is newer than the one held; then keeps it in the state
+    /// directory, closes the connections to peers it revokes (their next handshakes are
+    /// refused) and passes it on to the other connected peers. Returns whether it was
     /// adopted.
     pub fn adopt_revocations(&self, list: Revocations) -> bool {
         {
@@ -271,6 +276,11 @@ impl Node {
                     me.describe()
                 );
             }
+            if let Some(path) = self.trust.get().and_then(|t| t.keep.as_ref())
+                && let Err(e) = crate::revocation::keep(path, &list)
+            {
+                tracing::error!("cannot keep the revocation list: {e}");
+            }
             *held = list;
         }
         for peer in self.peers() {
@@ -280,9 +290,50 @@ impl Node {
             {
                 tracing::warn!(peer = %peer.addr, node = %identity.describe(), "dropping a revoked peer");
                 handle.close(u32::from(protocol::ErrorCode::Identity.number()).into());
+            } else {
+                self.share_revocations(&peer);
             }
         }
         true
+    }
+
+    /// A list received as `text` (from a peer or the signer, named by `from`): adopted
+    /// if its CA signature holds and it is newer than the one held.
+    pub fn receive_revocations(&self, text: &str, from: &str) -> Result<bool, RevocationError> {
+        let trust = self.trust.get().ok_or_else(|| RevocationError::Malformed {
+            path: from.into(),
+            reason: "this node has no cluster CA to check it with".into(),
+        })?;
+        let list = Revocations::parse_verified(text, &trust.ca_pem, std::path::Path::new(from))?;
+        Ok(self.adopt_revocations(list))
+    }
+
+    /// Passes the list held (if the CA ever signed one) to `peer`, if it is connected:
+    /// in a task of its own, given [`NOTIFY_TIMEOUT`] to acknowledge.
+    pub fn share_revocations(&self, peer: &Arc<Peer>) {
+        let list = self
+            .revocations
+            .read()
+            .expect("revocations lock")
+            .signed
+            .clone();
+        let Some(mut handle) = peer.connection().filter(|_| !list.is_empty()) else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let peer = peer.clone();
+        runtime.spawn(async move {
+            let list_request = Request::Revocations { list };
+            match tokio::time::timeout(NOTIFY_TIMEOUT, request(&mut handle, &list_request)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %peer.addr, "passing on the revocation list failed: {e}")
+                }
+                Err(_) => tracing::debug!(peer = %peer.addr, "revocation list not acknowledged"),
+            }
+        });
     }
 
     /// The peer whose node id is `id`, if it is one of ours.

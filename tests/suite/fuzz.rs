@@ -1,5 +1,5 @@
 //! Fuzzing every decoder of bytes Shoal reads from the network or its disk: wire frames
-//! (each request and response kind), store values (entries, chunk lists, scan stamps,
+//! (each request and response kind, of the sync and the enrollment protocols), store values (entries, chunk lists, scan stamps,
 //! extents, tree nodes, entry keys) and pack files. Inputs are valid encodings mutated
 //! (bytes flipped, inserted, deleted, lengths blown up, cut short, kinds swapped) and
 //! plain random bytes, from a fixed seed. A decoder must return a value or an error,
@@ -179,6 +179,9 @@ fn request_seeds() -> Vec<Vec<u8>> {
             ids: vec![ChunkId([6; 32]), ChunkId([7; 32])],
         },
         Request::Notify { volume },
+        Request::Revocations {
+            list: "shoal-revocations 1\nserial 2\nname c\nsignature 00\n".into(),
+        },
     ];
     requests.iter().map(|r| framed(r.encode())).collect()
 }
@@ -253,6 +256,59 @@ fn response_decoding_never_panics() {
             response.encode();
         }
     });
+}
+
+#[test]
+fn enrollment_decoding_never_panics() {
+    use shoal::enroll::{Refusal, Request as Enroll, Response as Enrolled};
+    let requests = [
+        Enroll::Enroll {
+            token: "SHOAL-TOKEN-1-00".into(),
+            csr: vec![0x30; 200],
+        },
+        Enroll::Renew {
+            cert: vec![0x30; 400],
+            csr: vec![0x30; 200],
+        },
+        Enroll::GetRevocations { serial: 3 },
+    ];
+    fuzz(
+        "enrollment requests",
+        requests.iter().map(|r| framed(r.encode())).collect(),
+        SHORT_CASES,
+        |input| {
+            if let Some((&kind, body)) = input.split_first()
+                && let Ok(request) = Enroll::decode(kind, body)
+            {
+                request.encode();
+            }
+        },
+    );
+    let responses = [
+        Enrolled::Issued {
+            cert_pem: "-----BEGIN CERTIFICATE-----".into(),
+            revocations: "shoal-revocations 1".into(),
+        },
+        Enrolled::Revocations {
+            list: "shoal-revocations 1".into(),
+        },
+        Enrolled::Refused {
+            code: Refusal::NameTaken,
+            message: "taken".into(),
+        },
+    ];
+    fuzz(
+        "enrollment responses",
+        responses.iter().map(|r| framed(r.encode())).collect(),
+        SHORT_CASES,
+        |input| {
+            if let Some((&kind, body)) = input.split_first()
+                && let Ok(response) = Enrolled::decode(kind, body)
+            {
+                response.encode();
+            }
+        },
+    );
 }
 
 #[test]

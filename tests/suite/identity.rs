@@ -396,3 +396,140 @@ fn enrolled_nodes_renew_while_syncing_new_handshakes_use_the_new_certificate_and
     });
     drop(signer);
 }
+
+#[test]
+fn one_revoke_on_the_signer_reaches_every_enrolled_member_within_a_heartbeat() {
+    let mut c = Cluster::new(3);
+    c.heartbeat = 2;
+    let ca = c.credentials[0].clone();
+    let signer = Signer::start(
+        &ca,
+        format!("{}:7031", c.ip(9)),
+        "1h",
+        &c.dir.path().join("signer.log"),
+    );
+    for i in 0..3 {
+        enroll_with(&mut c, i, &ca, &signer);
+    }
+    write_file(
+        &c.vol(0).join("before.txt"),
+        b"shared before the revocation",
+    );
+    c.start_all();
+    c.wait_connected(Duration::from_secs(30));
+    c.wait_converged(&[0, 1, 2], Duration::from_secs(30));
+    let ids: Vec<String> = (0..2).map(|i| c.node_id(i).unwrap()).collect();
+
+    // One command, on the signer's CA directory; no file is copied to any member.
+    let out = shoal(&["cluster", "revoke", "node2", "--ca", ca.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let revoked = format!("{}:7029", c.ip(2));
+    for i in 0..2 {
+        wait_for(
+            Duration::from_secs(2 * c.heartbeat + 3),
+            &format!("node {i} drops the revoked node"),
+            || !connected_to(&c, i, &revoked),
+        );
+    }
+    write_file(&c.vol(0).join("after.txt"), b"written after the revocation");
+    write_file(&c.vol(1).join("after-1.txt"), b"also after");
+    c.wait_converged(&[0, 1], Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(2 * c.heartbeat + 1));
+    for name in ["after.txt", "after-1.txt"] {
+        assert!(
+            !c.vol(2).join(name).exists(),
+            "{name} reached the revoked node"
+        );
+    }
+    for (i, id) in ids.iter().enumerate() {
+        assert!(
+            !connected_to(&c, i, &revoked),
+            "node {i} took the revoked node back"
+        );
+        assert_eq!(&c.node_id(i).unwrap(), id, "node {i} was re-keyed");
+    }
+    drop(signer);
+}
+
+#[test]
+fn a_revocation_one_member_learns_travels_to_the_others_and_repair_honours_it() {
+    let mut c = Cluster::new(3);
+    c.heartbeat = 2;
+    let ca = c.dir.path().join("ca");
+    assert!(
+        shoal(&["cluster", "init", "--out", ca.to_str().unwrap()])
+            .status
+            .success()
+    );
+    for i in 0..3 {
+        let out_dir = c.dir.path().join(format!("creds-node{i}"));
+        let out = shoal(&[
+            "cluster",
+            "add-node",
+            &format!("node{i}"),
+            "--ca",
+            ca.to_str().unwrap(),
+            "--out",
+            out_dir.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        c.credentials[i] = out_dir;
+    }
+    write_file(&c.vol(2).join("held-by-all.txt"), b"everyone has this");
+    c.start_all();
+    c.wait_connected(Duration::from_secs(30));
+    c.wait_converged(&[0, 1, 2], Duration::from_secs(30));
+
+    // Only node 0 is given the list; node 1 learns it from node 0.
+    let out = shoal(&["cluster", "revoke", "node2", "--ca", ca.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    fs::copy(
+        ca.join("revocations.txt"),
+        c.credentials[0].join("revocations.txt"),
+    )
+    .unwrap();
+    let revoked = format!("{}:7029", c.ip(2));
+    for i in 0..2 {
+        wait_for(
+            Duration::from_secs(2 * c.heartbeat + 3),
+            &format!("node {i} drops the revoked node"),
+            || !connected_to(&c, i, &revoked),
+        );
+    }
+    assert!(!c.credentials[1].join("revocations.txt").exists());
+    assert!(c.log(1).contains("revocation list adopted"), "{}", c.log(1));
+    let kept = c.dir.path().join("node1/state/identity/revocations.txt");
+    assert!(fs::read_to_string(&kept).unwrap().contains("name node2"));
+
+    // Node 1 keeps it across a restart, and its repair will not fetch from node 2.
+    c.stop(1);
+    fs::remove_file(c.vol(1).join("held-by-all.txt")).unwrap();
+    let node1 = c.dir.path().join("node1");
+    let repaired = crate::util::shoal_at(
+        &node1.join("data"),
+        &node1.join("state"),
+        "repair",
+        &[
+            "--volume",
+            "vol",
+            "--peer",
+            &revoked,
+            "--credentials",
+            c.credentials[1].to_str().unwrap(),
+        ],
+    );
+    let said = format!("{}{}", stdout(&repaired), stderr(&repaired));
+    assert_eq!(repaired.status.code(), Some(1), "{said}");
+    assert!(said.contains("revoked"), "{said}");
+    assert!(!c.vol(1).join("held-by-all.txt").exists());
+    c.start(1);
+    let addr0 = format!("{}:7029", c.ip(0));
+    wait_for(Duration::from_secs(30), "node 1 back with node 0", || {
+        connected_to(&c, 1, &addr0)
+    });
+    std::thread::sleep(Duration::from_secs(2 * c.heartbeat + 1));
+    assert!(
+        !connected_to(&c, 1, &revoked),
+        "node 1 forgot the revocation"
+    );
+}

@@ -16,6 +16,7 @@ mod dir;
 mod entries;
 mod hello;
 mod notify;
+mod revocations;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -168,6 +169,7 @@ async fn serve_stream(
     let response = match request {
         Request::Hello(hello) => hello::answer(node, session, hello)?,
         Request::Notify { volume } => notify::answer(node, session, &volume)?,
+        Request::Revocations { list } => revocations::answer(node, session, &list)?,
         Request::GetDir { volume, dir } => dir::answer(node, &volume, &dir)?,
         Request::GetEntries {
             volume,
