@@ -3,7 +3,6 @@
 //! counters) and `/metrics` (Prometheus, [`crate::metrics`]). Every answer is built from
 //! shared state and short store reads, never waiting on a volume lock, a scan or a peer.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -21,18 +20,33 @@ use crate::sync::Node;
 use crate::sync::state::{Failure, PeerVolumeStatus, ScanProgress, Verdict};
 use crate::sync::stats::Totals;
 
+/// What an endpoint serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Everything: the local endpoint (`--http`).
+    Everything,
+    /// `/metrics`, `/readyz` and `/healthz` only (`--metrics`): what a scraper on another
+    /// host needs, without `/status`'s detail (paths, errors, identities).
+    Metrics,
+}
+
+/// Serves `scope` on `listener` until `shutdown` flips.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: std::net::TcpListener,
     node: Arc<Node>,
+    scope: Scope,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let router = Router::new()
+    let mut router = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/status", get(status))
-        .route("/metrics", get(metrics))
-        .with_state(node);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+        .route("/metrics", get(metrics));
+    if scope == Scope::Everything {
+        router = router.route("/status", get(status));
+    }
+    let router = router.with_state(node);
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
     let mut shutdown = shutdown;
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {

@@ -59,6 +59,8 @@ pub struct ServeOptions {
     /// Which peers may hold which volume.
     pub access: crate::access::Access,
     pub http: Option<SocketAddr>,
+    /// Serves only `/metrics`, `/readyz` and `/healthz` (for a scraper elsewhere).
+    pub metrics: Option<SocketAddr>,
     pub heartbeat: Duration,
     /// Quiet time before a changed name is scanned.
     pub debounce: Duration,
@@ -105,16 +107,21 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     // Before the first scan, which can take minutes: `/status` shows it under way.
-    if let Some(addr) = options.http {
-        let (node, stop) = (node.clone(), stop_rx.clone());
-        let listener_check = std::net::TcpListener::bind(addr)
-            .with_context(|| format!("cannot serve HTTP on {addr}"))?;
-        drop(listener_check);
-        tasks.spawn(async move {
-            if let Err(e) = crate::http::serve(addr, node, stop).await {
-                tracing::error!("HTTP endpoint on {addr} failed: {e}");
-            }
-        });
+    let endpoints = [
+        (options.http, crate::http::Scope::Everything),
+        (options.metrics, crate::http::Scope::Metrics),
+    ];
+    for (addr, scope) in endpoints {
+        if let Some(addr) = addr {
+            let (node, stop) = (node.clone(), stop_rx.clone());
+            let listener = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot serve HTTP on {addr}"))?;
+            tasks.spawn(async move {
+                if let Err(e) = crate::http::serve(listener, node, scope, stop).await {
+                    tracing::error!("HTTP endpoint on {addr} failed: {e}");
+                }
+            });
+        }
     }
     // Watch before the first scan, so nothing changed during it goes unseen.
     let watchers: Vec<_> = node
@@ -163,7 +170,8 @@ pub async fn run(
     let retention = options.tombstone_retention;
     tasks.spawn(sweep_tombstones(node.clone(), retention, stop_rx.clone()));
     let http = options.http.map_or("off".to_string(), |a| a.to_string());
-    tracing::info!(listen = %options.listen, %http, mode = %options.mode, peers = %following, "serving");
+    let metrics = options.metrics.map_or("off".to_string(), |a| a.to_string());
+    tracing::info!(listen = %options.listen, %http, %metrics, mode = %options.mode, peers = %following, "serving");
     shutdown_signal.await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
@@ -221,9 +229,8 @@ fn open_volumes(options: &ServeOptions, store: &Store) -> anyhow::Result<Vec<Vol
         let dir = options.settings.volume_dir(name);
         if options.require_mounts && !crate::container::is_mount_point(&dir).unwrap_or(false) {
             anyhow::bail!(
-                "volume {name}: {} is not a mounted volume; mount the Docker volume there (-v {name}:{}) or remove {name} from SYNC_VOLUMES",
-                dir.display(),
-                dir.display()
+                "volume {name}: {dir} is not a mounted volume; mount the Docker volume there (in a stack file, \"- {name}:{dir}\" under the service's volumes: and \"{name}:\" under the top-level volumes:; with docker service update, --mount-add type=volume,source={name},target={dir}; with docker run, -v {name}:{dir}) or remove {name} from SYNC_VOLUMES",
+                dir = dir.display()
             );
         }
         if !dir.exists() {

@@ -3,7 +3,8 @@
 //! Every node runs one server (accepting peers) and one client (connecting to peers),
 //! both built from the cluster credentials: each side trusts only the cluster CA (the
 //! system trust store is emptied), each side must present a certificate signed by it,
-//! and the ALPN names the protocol version. A peer without such a certificate fails the
+//! and the ALPN names the protocol version (every version this build speaks is offered;
+//! the newest both sides speak is chosen: [`crate::protocol::VERSIONS`]). A peer without such a certificate fails the
 //! handshake before it can open a stream.
 //!
 //! Each endpoint records, per connection, what the peer's verified certificate proves
@@ -29,9 +30,6 @@ use s2n_quic::{Client, Connection, Server};
 
 use crate::credentials::{CLUSTER_SERVER_NAME, Credentials, SIGNER_SERVER_NAME};
 use crate::identity::RecordPeerCertificate;
-
-/// The ALPN of Shoal's wire protocol; a new major protocol version gets a new ALPN.
-pub const ALPN: &[u8] = b"shoal/2";
 
 /// Streams a peer may have open on one connection (requests in flight).
 const MAX_STREAMS: u64 = 256;
@@ -140,7 +138,7 @@ fn server_tls(credentials: &Credentials) -> Result<TlsServer, TransportError> {
         .map_err(cred_err)?
         .with_verify_host_name_callback(ClusterNodeName)
         .map_err(cred_err)?
-        .with_application_protocols([ALPN])
+        .with_application_protocols(crate::protocol::alpns())
         .map_err(cred_err)?
         .build()
         .map_err(cred_err)
@@ -154,7 +152,7 @@ fn client_tls(credentials: &Credentials) -> Result<TlsClient, TransportError> {
         .map_err(cred_err)?
         .with_client_identity(credentials.cert_pem.as_str(), credentials.key_pem.as_str())
         .map_err(cred_err)?
-        .with_application_protocols([ALPN])
+        .with_application_protocols(crate::protocol::alpns())
         .map_err(cred_err)?
         .build()
         .map_err(cred_err)

@@ -474,6 +474,8 @@ pub struct ServeFlags {
     pub signer: Option<String>,
     pub access: crate::access::Access,
     pub service: Option<String>,
+    /// The metrics-only HTTP address.
+    pub metrics: Option<String>,
 }
 
 pub fn serve(
@@ -496,6 +498,7 @@ pub fn serve(
         signer,
         access,
         service,
+        metrics,
     } = flags;
     let mode = parse_mode(mode.as_deref())?;
     if mode != crate::discovery::Mode::Static && !peers.is_empty() {
@@ -506,6 +509,13 @@ pub fn serve(
         addr => Some(
             addr.parse()
                 .with_context(|| format!("--http {addr:?} is not ADDR:PORT or \"off\""))?,
+        ),
+    };
+    let metrics = match metrics.as_deref() {
+        None | Some("off" | "") => None,
+        Some(addr) => Some(
+            addr.parse()
+                .with_context(|| format!("--metrics {addr:?} is not ADDR:PORT or \"off\""))?,
         ),
     };
     if heartbeat == 0 {
@@ -533,6 +543,7 @@ pub fn serve(
         signer,
         access,
         http,
+        metrics,
         heartbeat: Duration::from_secs(heartbeat),
         debounce: Duration::from_millis(debounce_ms),
         tombstone_retention: Duration::from_secs(tombstone_days.saturating_mul(86_400)),

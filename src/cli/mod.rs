@@ -177,6 +177,12 @@ struct ServeArgs {
     )]
     http: String,
 
+    /// Address that serves only /metrics, /readyz and /healthz, for a Prometheus on
+    /// another host or container (e.g. 0.0.0.0:9030 on a stack's network), while
+    /// /status stays on the local --http [default: none].
+    #[arg(long, env = "SHOAL_METRICS", value_name = "ADDR:PORT")]
+    metrics: Option<String>,
+
     /// Refuse to start if a volume's directory is not a mount point (set in the image:
     /// data written into the container itself would be lost with it).
     #[arg(long, env = "SHOAL_REQUIRE_MOUNTS", value_parser = clap::builder::BoolishValueParser::new())]
@@ -538,6 +544,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 signer: args.signer,
                 access: crate::access::Access::resolve(&args.access, file.access)?,
                 service: args.remote.service,
+                metrics: args.metrics,
             };
             let settings = settings(cli.config, args.locations, args.chunk_sizes)?;
             commands::serve(

@@ -25,6 +25,40 @@ pub use message::{Hello, ListPart, Request, Response, WireEntry};
 /// and symlinks with any target.
 pub const PROTOCOL_VERSION: u16 = 2;
 
+/// Every protocol version this build speaks, newest first, each with its ALPN. Both
+/// sides offer all of theirs in the TLS handshake and the server takes the first of its
+/// list that the client offers too: the newest version both speak. The `Hello`s then
+/// carry that version. A release that adds version 3 lists `(3, "shoal/3")` before
+/// `(2, "shoal/2")`: during a rolling update its nodes talk 3 among themselves and 2
+/// with the nodes not yet upgraded, and sync never stops (DESIGN.md, invariant 10).
+pub const VERSIONS: &[(u16, &str)] = &[(PROTOCOL_VERSION, "shoal/2")];
+
+/// The ALPNs of [`VERSIONS`], in its order (for the TLS configuration).
+pub fn alpns() -> impl Iterator<Item = &'static [u8]> {
+    VERSIONS.iter().map(|(_, alpn)| alpn.as_bytes())
+}
+
+/// The version a negotiated ALPN names, if this build speaks it.
+pub fn version_of_alpn(alpn: &[u8]) -> Option<u16> {
+    VERSIONS
+        .iter()
+        .find(|(_, name)| name.as_bytes() == alpn)
+        .map(|(version, _)| *version)
+}
+
+/// The protocol version of a connection: the one its negotiated ALPN names.
+pub fn negotiated_version(connection: &s2n_quic::connection::Handle) -> Result<u16, ProtocolError> {
+    let alpn = connection
+        .application_protocol()
+        .map_err(|e| ProtocolError::Malformed(format!("no protocol negotiated: {e}")))?;
+    version_of_alpn(&alpn).ok_or_else(|| {
+        ProtocolError::Malformed(format!(
+            "negotiated protocol {} is not one this node speaks",
+            String::from_utf8_lossy(&alpn)
+        ))
+    })
+}
+
 /// Largest frame other than chunk data.
 pub const MAX_CONTROL_FRAME: usize = 4 << 20;
 /// Largest chunk-data frame: the largest chunk FastCDC allows plus its header.
@@ -158,6 +192,19 @@ mod tests {
                     ErrorCode::Version | ErrorCode::ChunkParams | ErrorCode::Identity
                 )
             );
+        }
+    }
+
+    #[test]
+    fn every_version_has_its_own_alpn_and_the_current_one_comes_first() {
+        assert_eq!(VERSIONS[0].0, PROTOCOL_VERSION);
+        assert_eq!(version_of_alpn(b"shoal/2"), Some(2));
+        assert_eq!(version_of_alpn(b"shoal/1"), None);
+        assert_eq!(version_of_alpn(b"h3"), None);
+        let alpns: Vec<&[u8]> = alpns().collect();
+        assert_eq!(alpns.len(), VERSIONS.len());
+        for (version, alpn) in VERSIONS {
+            assert_eq!(version_of_alpn(alpn.as_bytes()), Some(*version));
         }
     }
 }

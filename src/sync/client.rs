@@ -90,13 +90,14 @@ pub async fn connect(
             proven.describe()
         )));
     }
-    let hello = match request(&mut handle, &Request::Hello(node.hello())).await? {
+    let version = protocol::negotiated_version(&handle)?;
+    let hello = match request(&mut handle, &Request::Hello(node.hello(version))).await? {
         Response::Hello(hello) => hello,
         other => {
             return Err(SyncError::unexpected("Hello", &other));
         }
     };
-    if hello.version != protocol::PROTOCOL_VERSION {
+    if hello.version != version {
         return Err(SyncError::PeerVersion(hello.version));
     }
     if hello.node_id != proven.node_id {

@@ -213,9 +213,10 @@ impl Node {
         self.volumes.iter().find(|v| v.name == name)
     }
 
-    pub fn hello(&self) -> protocol::Hello {
+    /// Our `Hello` on a connection that negotiated protocol `version`.
+    pub fn hello(&self, version: u16) -> protocol::Hello {
         protocol::Hello {
-            version: protocol::PROTOCOL_VERSION,
+            version,
             node_id: self.faults.claim_node_id.unwrap_or(self.meta.node_id),
             chunk_params: self.meta.chunk_params,
             volumes: self.volumes.iter().map(|v| v.name.clone()).collect(),

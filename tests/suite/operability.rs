@@ -203,6 +203,9 @@ fn promtool_accepts_the_metrics_of_a_live_node() {
     };
     let mut c = Cluster::new(2);
     fs::write(c.vol(0).join("a.txt"), "a").unwrap();
+    // Node 1 also serves the metrics alone on an address of their own.
+    let metrics_addr = format!("{}:9030", c.ip(1));
+    c.extra_env[1].push(("SHOAL_METRICS".into(), metrics_addr.clone()));
     c.start_all();
     c.wait_converged(&[0, 1], Duration::from_secs(60));
     wait_for(Duration::from_secs(30), "per-peer sync state", || {
@@ -240,6 +243,10 @@ fn promtool_accepts_the_metrics_of_a_live_node() {
         String::from_utf8_lossy(&out.stderr),
         answer.body
     );
+    // The metrics address serves /metrics and /readyz, never /status.
+    assert!(get(&metrics_addr, "/metrics").starts_with("HTTP/1.1 200"));
+    assert!(get(&metrics_addr, "/readyz").starts_with("HTTP/1.1 200"));
+    assert!(get(&metrics_addr, "/status").starts_with("HTTP/1.1 404"));
     for family in [
         "shoal_files_applied_total",
         "shoal_peer_volume_pending_bytes{peer=",
@@ -292,4 +299,21 @@ fn which(program: &str) -> Result<std::path::PathBuf, ()> {
         .map(|dir| dir.join(program))
         .find(|path| path.is_file())
         .ok_or(())
+}
+
+/// `GET path` at `addr`: the whole answer, status line first.
+fn get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
 }

@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 
 use super::Session;
-use crate::protocol::{self, ErrorCode, Hello, ProtocolError, Response};
+use crate::protocol::{ErrorCode, Hello, ProtocolError, Response};
 use crate::sync::Node;
 
 pub(super) fn answer(
@@ -13,13 +13,12 @@ pub(super) fn answer(
     session: &Session,
     hello: Hello,
 ) -> Result<Response, ProtocolError> {
-    if hello.version != protocol::PROTOCOL_VERSION {
+    if hello.version != session.version {
         return Err(ProtocolError::Refused {
             code: ErrorCode::Version,
             message: format!(
-                "protocol version {} is not supported (this node speaks {})",
-                hello.version,
-                protocol::PROTOCOL_VERSION
+                "protocol version {} is not the one the handshake chose ({})",
+                hello.version, session.version
             ),
         });
     }
@@ -43,5 +42,5 @@ pub(super) fn answer(
         });
     }
     session.greeted.store(true, Ordering::Release);
-    Ok(Response::Hello(node.hello()))
+    Ok(Response::Hello(node.hello(session.version)))
 }

@@ -41,6 +41,8 @@ const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 struct Session {
     /// Who the peer is, as its certificate proves.
     peer: Proven,
+    /// The protocol version the handshake negotiated (its ALPN): the `Hello` must say it.
+    version: u16,
     /// Whether the peer's `Hello` was accepted; nothing else is answered before it.
     greeted: AtomicBool,
 }
@@ -69,8 +71,17 @@ pub async fn serve_connection(node: Arc<Node>, mut connection: Connection) {
             return;
         }
     };
+    let version = match crate::protocol::negotiated_version(&handle) {
+        Ok(version) => version,
+        Err(e) => {
+            tracing::warn!(peer = %remote, "refused a connection: {e}");
+            handle.close(u32::from(ErrorCode::Version.number()).into());
+            return;
+        }
+    };
     let session = Arc::new(Session {
         peer,
+        version,
         greeted: AtomicBool::new(false),
     });
     loop {
