@@ -221,7 +221,7 @@ fn promtool_accepts_the_metrics_of_a_live_node() {
         "{}",
         answer.head
     );
-    let mut check = Command::new(promtool)
+    let mut check = Command::new(&promtool)
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -243,6 +243,30 @@ fn promtool_accepts_the_metrics_of_a_live_node() {
         String::from_utf8_lossy(&out.stderr),
         answer.body
     );
+    // deploy/'s scrape config and alerts are valid, and they and the dashboard ask only
+    // for families a live node has.
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    for (what, file) in [("config", "prometheus.yml"), ("rules", "shoal-alerts.yml")] {
+        let out = Command::new(&promtool)
+            .args(["check", what])
+            .arg(deploy.join(file))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    for file in ["grafana-dashboard.json", "shoal-alerts.yml"] {
+        let text = fs::read_to_string(deploy.join(file)).unwrap();
+        for name in metric_names(&text) {
+            assert!(
+                answer.body.contains(&format!("# TYPE {name} ")),
+                "{file} asks for {name}, which /metrics does not have"
+            );
+        }
+    }
     // The metrics address serves /metrics and /readyz, never /status.
     assert!(get(&metrics_addr, "/metrics").starts_with("HTTP/1.1 200"));
     assert!(get(&metrics_addr, "/readyz").starts_with("HTTP/1.1 200"));
@@ -316,4 +340,22 @@ fn get(addr: &str, path: &str) -> String {
     let mut answer = String::new();
     stream.read_to_string(&mut answer).unwrap();
     answer
+}
+
+/// The `shoal_...` metric names in a text (a dashboard's or an alert's expressions).
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("shoal_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        // The job label's value and the service name are not metrics.
+        if name != "shoal_shoal" {
+            names.insert(name);
+        }
+    }
+    names
 }
