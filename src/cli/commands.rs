@@ -630,9 +630,12 @@ pub fn signer(options: crate::enroll::signer::SignerOptions) -> anyhow::Result<O
 }
 
 /// `GET /healthz` on the daemon: healthy (exit 0) only on a 200 within 5 s.
-pub fn health(addr: &str) -> anyhow::Result<Outcome> {
+/// With `ready`, `GET /readyz` instead: ready (exit 0), or degraded (exit 1, the causes
+/// printed).
+pub fn health(addr: &str, ready: bool) -> anyhow::Result<Outcome> {
     use std::io::{Read, Write};
-    let check = || -> anyhow::Result<String> {
+    let path = if ready { "/readyz" } else { "/healthz" };
+    let check = || -> anyhow::Result<(String, String)> {
         let addr: std::net::SocketAddr = addr
             .parse()
             .with_context(|| format!("--http {addr:?} is not ADDR:PORT"))?;
@@ -643,20 +646,26 @@ pub fn health(addr: &str) -> anyhow::Result<Outcome> {
         stream.set_write_timeout(Some(timeout))?;
         write!(
             stream,
-            "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
         )?;
         let mut raw = Vec::new();
         stream.take(64 * 1024).read_to_end(&mut raw)?;
         let text = String::from_utf8_lossy(&raw);
-        Ok(text.lines().next().unwrap_or_default().to_string())
+        let status = text.lines().next().unwrap_or_default().to_string();
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        Ok((status, body.to_string()))
     };
     match check() {
-        Ok(status) if status.split(' ').nth(1) == Some("200") => {
-            print("healthy\n")?;
+        Ok((status, _)) if status.split(' ').nth(1) == Some("200") => {
+            print(if ready { "ready\n" } else { "healthy\n" })?;
             Ok(Outcome::Success)
         }
-        Ok(status) => {
-            eprintln!("unhealthy: {addr}/healthz answered {status:?}");
+        Ok((_, body)) if ready && !body.is_empty() => {
+            eprint!("{body}");
+            Ok(Outcome::ProblemsFound)
+        }
+        Ok((status, _)) => {
+            eprintln!("unhealthy: {addr}{path} answered {status:?}");
             Ok(Outcome::ProblemsFound)
         }
         Err(e) => {

@@ -372,6 +372,11 @@ struct HealthArgs {
         default_value = "127.0.0.1:7030"
     )]
     http: String,
+
+    /// Ask whether it is ready (its /readyz) instead: exit 1 and print why if it is
+    /// degraded (no peer reachable, failing rounds, a full disk).
+    #[arg(long)]
+    ready: bool,
 }
 
 #[derive(Args, Debug)]
@@ -556,7 +561,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 args.tombstone_days,
             )
         }
-        Command::Health(args) => commands::health(&args.http),
+        Command::Health(args) => commands::health(&args.http, args.ready),
         Command::Cluster(ClusterCommand::Init { out }) => commands::cluster_init(&out),
         Command::Cluster(ClusterCommand::AddNode {
             name,

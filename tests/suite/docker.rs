@@ -1114,3 +1114,85 @@ fn deploy_stack(
     assert!(!mounts.contains("docker.sock"), "{mounts}");
     (dir, stack)
 }
+
+/// The stack as shipped, for an operator (issue 15): its metrics address answers another
+/// container on the stack's overlay network, and a `docker service update` that lists a
+/// volume the service does not mount rolls back by itself, the service running on.
+#[test]
+fn swarm_the_stack_serves_metrics_on_its_network_and_rolls_a_bad_update_back() {
+    let _serial = SWARM_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+    let image = Image::get();
+    // A Swarm of its own: another test process leaving a Swarm it shared mid-update
+    // would take the service with it.
+    let mut swarm = Swarm::join("127.0.0.1", false);
+    let (_creds, stack) = deploy_stack(&mut swarm, &image, &[]);
+    let service = format!("{stack}_shoal");
+    let network = format!("{stack}_shoal");
+    let container = swarm.healthy_task(&service);
+    let ip_template = format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}");
+    let ip = docker_ok(&["inspect", "--format", &ip_template, &container]);
+    assert!(!ip.is_empty(), "the task has no address on {network}");
+    // Another container on the overlay network asks the task's metrics address.
+    let client = format!("{}-client", swarm.prefix);
+    let readiness = docker(&[
+        "run",
+        "--rm",
+        "--name",
+        &client,
+        "--network",
+        &network,
+        &image.tag,
+        "health",
+        "--ready",
+        "--http",
+        &format!("{ip}:9030"),
+    ]);
+    assert!(
+        readiness.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&readiness.stdout),
+        String::from_utf8_lossy(&readiness.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&readiness.stdout), "ready\n");
+
+    // An update that adds a volume without its mount: the new task refuses to start,
+    // Swarm rolls the service back to its previous spec.
+    docker_ok(&[
+        "service",
+        "update",
+        "--detach",
+        "--env-add",
+        "SYNC_VOLUMES=media docs",
+        &service,
+    ]);
+    let state = || {
+        docker_ok(&[
+            "service",
+            "inspect",
+            "--format",
+            "{{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}",
+            &service,
+        ])
+    };
+    wait_until("the update rolled back", Duration::from_secs(240), || {
+        state() == "rollback_completed"
+    });
+    let env = docker_ok(&[
+        "service",
+        "inspect",
+        "--format",
+        "{{json .Spec.TaskTemplate.ContainerSpec.Env}}",
+        &service,
+    ]);
+    assert!(
+        env.contains("SYNC_VOLUMES=media\"") && !env.contains("docs"),
+        "{env}"
+    );
+    let container = swarm.healthy_task(&service);
+    let logs = docker(&["logs", &container]);
+    let logs = String::from_utf8_lossy(&logs.stderr).into_owned();
+    assert!(
+        !logs.contains("docs"),
+        "the running task is the old spec's: {logs}"
+    );
+}
