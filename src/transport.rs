@@ -44,14 +44,43 @@ const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// paths simply fail the probes and stay at what works.
 const MAX_MTU: u16 = 9000;
 
+/// Kernel buffer asked for on each side of the UDP socket. The default
+/// (`net.core.rmem_default`, about 208 KiB) holds only a few milliseconds of a bulk
+/// transfer: while the receiving task hashes and writes, the kernel drops datagrams
+/// (`RcvbufErrors` in `/proc/net/snmp`), which cost retransmissions and make the
+/// congestion controller back off. Root may go past `rmem_max`/`wmem_max`
+/// (`SO_RCVBUFFORCE`); otherwise the kernel caps the request at those.
+const SOCKET_BUFFER: usize = 16 << 20;
+
 /// `gso`: segmentation offload, which some container networks break (s2n-quic issue
 /// 2485); off, every packet is one send.
 fn io(addr: SocketAddr, gso: bool) -> std::io::Result<s2n_quic::provider::io::Default> {
     s2n_quic::provider::io::Default::builder()
-        .with_receive_address(addr)?
+        .with_rx_socket(udp_socket(addr)?)?
         .with_max_mtu(MAX_MTU)?
         .with_gso(gso)?
         .build()
+}
+
+/// The endpoint's UDP socket (one for receiving and sending), bound to `addr`, with
+/// buffers of [`SOCKET_BUFFER`] where the kernel grants them.
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use rustix::net::sockopt;
+    let socket = std::net::UdpSocket::bind(addr)?;
+    socket.set_nonblocking(true)?;
+    if sockopt::set_socket_recv_buffer_size_force(&socket, SOCKET_BUFFER).is_err() {
+        sockopt::set_socket_recv_buffer_size(&socket, SOCKET_BUFFER)?;
+    }
+    if sockopt::set_socket_send_buffer_size_force(&socket, SOCKET_BUFFER).is_err() {
+        sockopt::set_socket_send_buffer_size(&socket, SOCKET_BUFFER)?;
+    }
+    tracing::debug!(
+        %addr,
+        receive_buffer = sockopt::socket_recv_buffer_size(&socket).unwrap_or(0),
+        send_buffer = sockopt::socket_send_buffer_size(&socket).unwrap_or(0),
+        "UDP socket buffers"
+    );
+    Ok(socket)
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -379,22 +379,50 @@ def disk_rate(directory, size):
 # --------------------------------------------------------------------------- measuring
 
 
+def net_counters():
+    """The kernel's loss counters (whole machine) from /proc/net/snmp: UDP datagrams dropped
+    for want of a receive or send buffer, and TCP segments retransmitted."""
+    tables = {}
+    try:
+        with open("/proc/net/snmp") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    for names, values in zip(lines[::2], lines[1::2]):
+        proto, names = names.split(":", 1)
+        tables[proto] = dict(zip(names.split(), (int(v) for v in values.split(":", 1)[1].split())))
+    udp, tcp = tables.get("Udp", {}), tables.get("Tcp", {})
+    return {
+        "udp_rcvbuf": udp.get("RcvbufErrors", 0),
+        "udp_sndbuf": udp.get("SndbufErrors", 0),
+        "tcp_retrans": tcp.get("RetransSegs", 0),
+    }
+
+
 class Meter:
-    """Wall clock and wire bytes between start() and the last stop()."""
+    """Wall clock, wire bytes and the kernel's loss counters between start() and the last
+    stop()."""
 
     def __init__(self, wire, label, own_bytes):
         self.wire, self.label, self.own_bytes = wire, label, own_bytes
         self.t0 = self.t1 = self.w0 = self.w1 = self.o0 = self.o1 = None
+        self.n0 = self.n1 = {}
 
     def start(self):
         self.o0 = self.own_bytes()
         self.w0 = self.wire.read(self.label)
+        self.n0 = net_counters()
         self.t0 = time.perf_counter()
 
     def stop(self):
         self.t1 = time.perf_counter()
+        self.n1 = net_counters()
         self.w1 = self.wire.read(self.label)
         self.o1 = self.own_bytes()
+
+    def losses(self):
+        """UDP buffer drops (receive/send) and TCP retransmissions during the measurement."""
+        return {k: self.n1.get(k, 0) - self.n0.get(k, 0) for k in self.n0}
 
     def wall(self):
         return self.t1 - self.t0
@@ -774,7 +802,7 @@ def run_group(group, scenarios, tools, args, run_dir, wire, results, description
                     tool.sync_change(meter, verify)
                 if scenario in scenarios:
                     results[scenario][name] = {"wall": meter.wall(), "wire": meter.wire_bytes(), "own": meter.own(),
-                                               "rss": fmt_rss(tool.peaks())}
+                                               "rss": fmt_rss(tool.peaks()), "losses": meter.losses()}
                     pending.remove(scenario)
                     print(f"  {scenario}: {meter.wall():.2f} s", file=sys.stderr, flush=True)
         except (Failure, OSError, ValueError, KeyError, subprocess.SubprocessError) as e:
@@ -806,13 +834,14 @@ def render(results, descriptions, tools, scenarios, header, notes, wire_method):
     for scenario in scenarios:
         detail = descriptions.get(scenario, "")
         lines += [f"### {scenario}: {SCENARIOS[scenario]}", ""] + ([f"_{detail}_", ""] if detail else [])
-        lines += ["| tool | wall s | wire bytes | peak RSS | tool's own byte count |", "|---|---:|---:|---|---:|"]
+        lines += ["| tool | wall s | wire bytes | peak RSS | tool's own byte count | UDP buffer drops rcv/snd, TCP retrans |",
+                  "|---|---:|---:|---|---:|---|"]
         for name in tools:
             row = results[scenario].get(name)
             if row is None:
-                lines.append(f"| {name} | not run | | | |")
+                lines.append(f"| {name} | not run | | | | |")
             elif "failed" in row:
-                lines.append(f"| {name} | failed: {row['failed'].replace('|', '/')} | | | |")
+                lines.append(f"| {name} | failed: {row['failed'].replace('|', '/')} | | | | |")
             else:
                 wire = row["wire"]
                 if wire is None and row["own"] is not None:
@@ -820,7 +849,10 @@ def render(results, descriptions, tools, scenarios, header, notes, wire_method):
                 else:
                     wire_text = f"{human(wire)} ({wire:,})" if wire is not None else "n/a"
                 own = human(row["own"]) if row["own"] is not None else "n/a"
-                lines.append(f"| {name} | {row['wall']:.2f} | {wire_text} | {row['rss']} | {own} |")
+                loss = row.get("losses") or {}
+                loss_text = (f"{loss.get('udp_rcvbuf', 0):,} / {loss.get('udp_sndbuf', 0):,}, "
+                             f"{loss.get('tcp_retrans', 0):,}") if loss else "n/a"
+                lines.append(f"| {name} | {row['wall']:.2f} | {wire_text} | {row['rss']} | {own} | {loss_text} |")
         lines.append("")
     lines += ["Notes:"] + [f"- {n}" for n in notes]
     if wire_method is None:
@@ -924,6 +956,8 @@ def main():
         "on A, changes from POST /rest/db/scan on A (fs watcher off); own count = TLS payload bytes of A",
         "peak RSS: A = 127.0.0.1 side (source), B = 127.0.0.2 side (receiver)",
         "disk floor: size of the data set divided by the disk's write+fsync rate",
+        "drops: the kernel's counters for the whole machine (/proc/net/snmp Udp RcvbufErrors/SndbufErrors, "
+        "Tcp RetransSegs) during the tool's measurement",
     ]
     report = render(results, descriptions, tools, scenarios, header, notes, wire.method)
     print(report)
