@@ -434,6 +434,8 @@ async fn local_changes(
     let mut next_full = Instant::now() + heartbeat;
     let mut scan: Option<tokio::task::JoinHandle<()>> = None;
     let overflow = watched.as_ref().map(|(watcher, _)| watcher.overflow());
+    // The directory opened at start: emptied from now on, it is a deletion, not a new disk.
+    let watched_root = node.volumes[index].fs.root_id().ok();
     loop {
         let due = debouncer.due().map(Instant::from_std);
         tokio::select! {
@@ -473,6 +475,7 @@ async fn local_changes(
                         scope: request.scope,
                         hold: request.hold,
                         renamed: request.renamed,
+                        watched_root,
                         ..ScanOptions::default()
                     };
                     scan = Some(spawn_rescan(&node, index, options));
@@ -481,7 +484,7 @@ async fn local_changes(
             _ = tokio::time::sleep_until(next_full), if scan.is_none() => {
                 next_full = Instant::now() + heartbeat;
                 let hold = debouncer.held(std::time::Instant::now());
-                scan = Some(spawn_rescan(&node, index, ScanOptions { hold, ..ScanOptions::default() }));
+                scan = Some(spawn_rescan(&node, index, ScanOptions { hold, watched_root, ..ScanOptions::default() }));
             }
             _ = async { scan.as_mut().expect("guarded").await }, if scan.is_some() => scan = None,
             _ = stop.wait_for(|s| *s) => break,

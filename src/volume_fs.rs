@@ -58,6 +58,24 @@ pub struct VolumeFs {
     staging: OwnedFd,
 }
 
+/// A directory's identity on this machine: device and inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl DirId {
+    /// The identity of the directory `fd` is open on.
+    pub fn of(fd: &impl AsFd) -> io::Result<DirId> {
+        let stat = rustix::fs::fstat(fd)?;
+        Ok(DirId {
+            dev: stat.st_dev,
+            ino: stat.st_ino,
+        })
+    }
+}
+
 /// A file written to staging, not yet visible under its name.
 pub struct Staged {
     pub file: File,
@@ -125,6 +143,11 @@ impl VolumeFs {
 
     pub fn root_path(&self) -> &Path {
         &self.root_path
+    }
+
+    /// The identity of the volume directory this was opened on (at `serve`'s start).
+    pub fn root_id(&self) -> io::Result<DirId> {
+        DirId::of(&self.root)
     }
 
     /// Bytes free on the volume's file system.

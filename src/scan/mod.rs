@@ -82,6 +82,13 @@ pub struct ScanOptions {
     /// path's chunk list instead of being read again (a moved directory of media is
     /// not re-hashed). The old path must still be indexed: the scan covers both.
     pub renamed: Vec<(VolPath, VolPath)>,
+    /// The volume directory that `serve` has watched since it started, for the scans it
+    /// makes while running: finding that very directory (same device and inode) empty
+    /// means its names were deleted while the node watched, and they become tombstones
+    /// like any delete. Without it (the scan at start, `shoal scan`), or when the
+    /// directory is another one now (a new or unmounted disk), an empty volume is taken
+    /// for a fresh one (store.md "Empty volumes").
+    pub watched_root: Option<crate::volume_fs::DirId>,
 }
 
 /// Which directories a scan lists.
@@ -172,6 +179,8 @@ pub fn scan_volume(
         path: root.to_path_buf(),
         source: e.into(),
     })?;
+    let emptied_while_watched = options.watched_root.is_some()
+        && crate::volume_fs::DirId::of(&root_fd).ok() == options.watched_root;
     let record = store.ensure_volume(name).map_err(store_err)?;
     let vol = record.id;
     let threads = if options.threads > 0 {
@@ -187,6 +196,7 @@ pub fn scan_volume(
             node: store.meta().node_id,
             root: root.to_path_buf(),
             root_fd,
+            emptied_while_watched,
             batch: store.batch(),
             hashers: Pool::start(scope, threads, QUEUE_DEPTH, || hasher(params)),
             pending: Vec::new(),

@@ -51,6 +51,9 @@ pub(super) struct Walker<'s> {
     /// component at a time without following symlinks, so a directory swapped for a
     /// symlink mid-scan cannot bring outside files into the index.
     pub(super) root_fd: OwnedFd,
+    /// The root is the directory `serve` has watched since its start: finding it empty
+    /// is a deletion of its names, not a fresh volume.
+    pub(super) emptied_while_watched: bool,
     pub(super) batch: Batch<'s>,
     /// Taken (closing the queue) once the walk is done.
     /// The hashing threads.
@@ -329,10 +332,12 @@ impl<'s> Walker<'s> {
         };
         let indexed: Vec<(Vec<u8>, ScanStamp)> =
             self.store.stamps(self.vol, dir).collect::<Result<_, _>>()?;
-        if dir.is_root() && listed.is_empty() && !indexed.is_empty() {
+        if dir.is_root() && listed.is_empty() && !indexed.is_empty() && !self.emptied_while_watched
+        {
             // An empty volume where the index knows files is a new or unmounted disk,
             // not a request to delete everything on every node (the lsyncd failure):
-            // forget the index, and let peers fill the volume again.
+            // forget the index, and let peers fill the volume again. (A volume emptied
+            // under a running node's eyes is a deletion, made below like any other.)
             tracing::warn!(
                 "volume {} is empty but its index holds {} names: treating it as a fresh volume that pulls from peers, not as a deletion",
                 self.report.volume,

@@ -278,3 +278,41 @@ fn a_node_that_dies_between_publishing_and_indexing_takes_the_file_as_received()
     );
     assert!(!c.vol(1).join("doc.txt").exists());
 }
+
+/// Issue 17, item 5: on a running node, deleting a volume's last file is a delete like
+/// any other (the empty-volume rule is for a volume found empty at start).
+#[test]
+fn deleting_the_last_file_of_a_volume_on_a_running_node_stays_deleted() {
+    let mut c = Cluster::new(2);
+    write_file(&c.vol(0).join("only.txt"), b"the volume's one file");
+    c.start_all();
+    c.wait_converged(&[0, 1], CONVERGE);
+    assert!(c.vol(1).join("only.txt").exists());
+
+    fs::remove_file(c.vol(0).join("only.txt")).unwrap();
+    let deadline = Instant::now() + CONVERGE;
+    while c.vol(1).join("only.txt").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the delete did not reach node 1:\n{}",
+            c.log(0)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Several heartbeats (1 s each): full rescans of the empty volume and pull rounds
+    // both ways, none of which may bring the file back; nor may a restart.
+    std::thread::sleep(Duration::from_secs(5));
+    c.stop(0);
+    c.start(0);
+    c.wait_connected(CONVERGE);
+    std::thread::sleep(Duration::from_secs(3));
+    c.wait_converged(&[0, 1], CONVERGE);
+    for i in 0..2 {
+        assert_eq!(names(&c.vol(i)), Vec::<String>::new(), "node {i}");
+        assert!(
+            !c.log(i).contains("treating it as a fresh volume"),
+            "node {i}:\n{}",
+            c.log(i)
+        );
+    }
+}
