@@ -10,6 +10,8 @@
 # anything it cannot explain.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source tools/setup.sh
 export SHOAL_STORM_SECS="${1:-1800}"
+# setup.sh takes its arguments for packages to install: it gets none.
+set --
+source tools/setup.sh
 exec cargo test --locked --test tests -- storm:: --nocapture
