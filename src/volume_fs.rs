@@ -264,46 +264,69 @@ impl VolumeFs {
                     == rustix::fs::FileType::RegularFile
                     && stamp_of_stat(&stat) == *expected
             });
-        let moved = unchanged
-            && rustix::fs::renameat_with(
-                &source_dir,
-                source_name,
-                &self.staging,
-                temp_name.as_str(),
-                rustix::fs::RenameFlags::NOREPLACE,
-            )
-            .is_ok();
-        if !moved {
+        if !unchanged {
             return Ok(None);
         }
-        let fd = rustix::fs::openat(
-            &self.staging,
-            temp_name.as_str(),
-            OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(io_err(&temp_name))?;
-        let file = File::from(fd);
-        // The name may have been swapped between the check and the rename: what moved
-        // must be the very file checked, or it goes back where it was.
-        let moved_stat = rustix::fs::fstat(&file).map_err(io_err(&temp_name))?;
-        if (moved_stat.st_ino, moved_stat.st_dev) != (expected.ino, expected.dev) {
-            drop(file);
-            let _ = rustix::fs::renameat_with(
-                &self.staging,
-                temp_name.as_str(),
-                &source_dir,
-                source_name,
-                rustix::fs::RenameFlags::NOREPLACE,
-            );
+        let Some(file) = self.move_into_staging(&source_dir, source_name, expected, &temp_name)
+        else {
             return Ok(None);
-        }
+        };
         rustix::fs::fchmod(&file, Mode::from_raw_mode(0o600)).map_err(io_err(&temp_name))?;
         Ok(Some(Staged {
             file,
             temp_name,
             resumed: true,
         }))
+    }
+
+    /// The move of [`VolumeFs::stage_by_move`], after its check: renames `source_name`
+    /// into staging as `temp_name` and opens it there. The name may have been swapped
+    /// between the check and the rename: what moved must be the very file checked (its
+    /// inode and device), or it goes back where it was and `None` says so.
+    fn move_into_staging(
+        &self,
+        source_dir: &OwnedFd,
+        source_name: &std::ffi::OsStr,
+        expected: &ScanStamp,
+        temp_name: &str,
+    ) -> Option<File> {
+        let moved = rustix::fs::renameat_with(
+            source_dir,
+            source_name,
+            &self.staging,
+            temp_name,
+            rustix::fs::RenameFlags::NOREPLACE,
+        )
+        .is_ok();
+        if !moved {
+            return None;
+        }
+        let fd = rustix::fs::openat(
+            &self.staging,
+            temp_name,
+            OFlags::RDWR | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        );
+        let file = fd.map(File::from);
+        let same = file.as_ref().is_ok_and(|file| {
+            rustix::fs::fstat(file).is_ok_and(|stat| {
+                (stat.st_ino, stat.st_dev) == (expected.ino, expected.dev)
+                    && rustix::fs::FileType::from_raw_mode(stat.st_mode)
+                        == rustix::fs::FileType::RegularFile
+            })
+        });
+        if !same {
+            drop(file);
+            let _ = rustix::fs::renameat_with(
+                &self.staging,
+                temp_name,
+                source_dir,
+                source_name,
+                rustix::fs::RenameFlags::NOREPLACE,
+            );
+            return None;
+        }
+        file.ok()
     }
 
     /// Puts a symlink to `target` at `name` in `dir_fd` atomically (made in staging,
@@ -698,7 +721,7 @@ fn own_dir(parent: &OwnedFd, name: &str, shown_parent: &str) -> Result<OwnedFd, 
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
     use super::*;
 
@@ -729,6 +752,51 @@ mod tests {
         assert_eq!(link.raw_os_error(), Some(libc::ELOOP));
         assert!(lstat_at(&fd, b"link").unwrap().file_type().is_symlink());
         assert!(lstat_at(&fd, b"fifo").unwrap().file_type().is_fifo());
+    }
+
+    /// Issue 11, item 10: the file checked by `stage_by_move` is swapped for another
+    /// (a regular file, a symlink, a FIFO) between the check and the rename; what moved
+    /// is not the file checked, so it goes back under its name and nothing is staged.
+    #[test]
+    fn a_file_swapped_between_the_check_and_the_move_goes_back_and_is_not_staged() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = VolumeFs::open(dir.path()).unwrap();
+        let root = VolPath::root();
+        let root_fd = fs.open_dir(&root, false).unwrap();
+        std::fs::write(dir.path().join("checked"), b"the file the index knows").unwrap();
+        let checked = stamp_of_stat(&fs.stat(&root_fd, b"checked").unwrap());
+        let name = std::ffi::OsStr::new("moved");
+        for what in ["another file", "a symlink", "a FIFO"] {
+            // What the race leaves under the name once the check has passed.
+            let at = dir.path().join("moved");
+            match what {
+                "another file" => std::fs::write(&at, b"planted").unwrap(),
+                "a symlink" => std::os::unix::fs::symlink("/etc/passwd", &at).unwrap(),
+                _ => rustix::fs::mknodat(
+                    rustix::fs::CWD,
+                    &at,
+                    rustix::fs::FileType::Fifo,
+                    Mode::from_raw_mode(0o600),
+                    0,
+                )
+                .unwrap(),
+            }
+            let before = std::fs::symlink_metadata(&at).unwrap();
+            let staged = fs.move_into_staging(&root_fd, name, &checked, "swapped.part");
+            assert!(
+                staged.is_none(),
+                "{what} was staged in place of the file checked"
+            );
+            let after = std::fs::symlink_metadata(&at).unwrap();
+            assert_eq!(after.ino(), before.ino(), "{what} is back under its name");
+            assert!(fs.staging_files().is_empty(), "{what} left in staging");
+            std::fs::remove_file(&at).unwrap();
+        }
+        // The file checked itself moves.
+        std::fs::rename(dir.path().join("checked"), dir.path().join("moved")).unwrap();
+        let staged = fs.move_into_staging(&root_fd, name, &checked, "swapped.part");
+        assert!(staged.is_some());
+        assert_eq!(fs.staging_files(), vec!["swapped.part".to_string()]);
     }
 
     #[test]
