@@ -586,3 +586,55 @@ fn pack_records_no_local_copy_holds_are_fetched_from_a_running_peer() {
     }
     assert!(!pack.with_extension("repair.tmp").exists());
 }
+
+/// Issue 11, item 11: `repair --volume vol` opens only `vol`; a chunk whose first
+/// location is in volume `b` (not open) is still found at its next location, in `vol`
+/// itself or in a pack (the lookup used to stop at the first location it could not
+/// open and call the chunk lost).
+#[test]
+fn repair_of_one_volume_finds_copies_behind_a_location_in_a_volume_not_open() {
+    let fx = Fixture::new();
+    let data = fx.data_root();
+    // Under the 16 KiB minimum chunk: each file is one chunk.
+    let packed = random_bytes(12_000, 31);
+    let twice = random_bytes(13_000, 32);
+    write_file(&data.join("b/packed.bin"), &packed);
+    write_file(&data.join("b/twice.bin"), &twice);
+    // Volume b is indexed first: its id, and so its locations, sort first.
+    let scan = shoal_at(&data, &fx.state(), "scan", &["--volume", "b"]);
+    assert!(scan.status.success(), "{}", stderr(&scan));
+    fx.write("packed.bin", &packed);
+    fx.write("twice.bin", &twice);
+    fx.write("copy/twice.bin", &twice);
+    fx.scan();
+    pack_chunks(&fx, 1, &[&packed]);
+    {
+        let store = fx.open();
+        for content in [&packed, &twice] {
+            let locations = store.chunk_locations(&ChunkId::of(content)).unwrap();
+            let b = store.volume("b").unwrap().unwrap().id;
+            assert!(
+                matches!(&locations[0], shoal::store::ChunkLocation::Live { vol, .. } if *vol == b),
+                "the first location is not volume b's: {locations:?}"
+            );
+        }
+    }
+
+    flip_byte_keeping_mtime(&fx.path("packed.bin"), 100);
+    flip_byte_keeping_mtime(&fx.path("twice.bin"), 100);
+    let found = damage_found(&data, &fx.state());
+    assert_found(&found, "content-mismatch", "packed.bin");
+    assert_found(&found, "content-mismatch", "twice.bin");
+
+    let repaired = fx.shoal("repair", &["--volume", "vol"]);
+    assert_eq!(
+        repaired.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&repaired),
+        stderr(&repaired)
+    );
+    assert_eq!(fs::read(fx.path("packed.bin")).unwrap(), packed);
+    assert_eq!(fs::read(fx.path("twice.bin")).unwrap(), twice);
+    assert_clean(&data, &fx.state());
+}
