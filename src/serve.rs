@@ -267,29 +267,91 @@ async fn static_peers(options: &ServeOptions) -> anyhow::Result<BTreeSet<SocketA
 /// connection has at most the transport's stream limit of requests in flight.)
 const MAX_CONNECTIONS: usize = 256;
 
+/// Connections one member (one proven node id) may have served at once: an honest node
+/// keeps one to each peer, and for a moment a second while it reconnects. So one
+/// member cannot take every slot of [`MAX_CONNECTIONS`] from the others.
+const MAX_CONNECTIONS_PER_PEER: usize = 8;
+
 /// Accepts peers' connections, each served in a task of its own, until `stop` flips.
 async fn accept(node: Arc<Node>, mut server: s2n_quic::Server, mut stop: watch::Receiver<bool>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let per_peer = PeerSlots::default();
     loop {
-        tokio::select! {
+        let connection = tokio::select! {
             accepted = server.accept() => match accepted {
-                Some(connection) => match slots.clone().try_acquire_owned() {
-                    Ok(slot) => {
-                        let node = node.clone();
-                        tokio::spawn(async move {
-                            crate::sync::server::serve_connection(node, connection).await;
-                            drop(slot);
-                        });
-                    }
-                    Err(_) => {
-                        let peer = connection.remote_addr().map_or("?".to_string(), |a| a.to_string());
-                        tracing::warn!(%peer, "refusing a connection: {MAX_CONNECTIONS} are open already");
-                        connection.close(u32::from(crate::protocol::ErrorCode::TooLarge.number()).into());
-                    }
-                },
+                Some(connection) => connection,
                 None => break,
             },
             _ = stop.wait_for(|s| *s) => break,
+        };
+        let too_many = |message: String| {
+            let peer = connection
+                .remote_addr()
+                .map_or("?".to_string(), |a| a.to_string());
+            tracing::warn!(%peer, "refusing a connection: {message}");
+            connection.close(u32::from(crate::protocol::ErrorCode::TooLarge.number()).into());
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            too_many(format!("{MAX_CONNECTIONS} are open already"));
+            continue;
+        };
+        // A connection without a proven identity is refused by `serve_connection`.
+        let peer = crate::identity::peer_identity(&connection.handle()).ok();
+        let peer_slot = match &peer {
+            Some(peer) => match per_peer.take(peer.node_id) {
+                Some(peer_slot) => Some(peer_slot),
+                None => {
+                    too_many(format!(
+                        "node {} has {MAX_CONNECTIONS_PER_PEER} open already",
+                        peer.describe()
+                    ));
+                    continue;
+                }
+            },
+            None => None,
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            crate::sync::server::serve_connection(node, connection).await;
+            drop((slot, peer_slot));
+        });
+    }
+}
+
+/// How many connections each member has being served.
+#[derive(Clone, Default)]
+struct PeerSlots(Arc<std::sync::Mutex<HashMap<crate::ids::NodeId, usize>>>);
+
+/// One member's connection, counted until dropped.
+struct PeerSlot {
+    slots: PeerSlots,
+    peer: crate::ids::NodeId,
+}
+
+impl PeerSlots {
+    /// Counts one more connection of `peer`, unless it has its share open already.
+    fn take(&self, peer: crate::ids::NodeId) -> Option<PeerSlot> {
+        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(peer).or_default();
+        if *count >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot {
+            slots: self.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self.slots.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.peer);
+            }
         }
     }
 }

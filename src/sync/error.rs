@@ -55,6 +55,10 @@ pub enum SyncError {
         what: String,
         source: std::io::Error,
     },
+    /// A round would hold more than its memory budget (directories still to compare):
+    /// it ends there, and what it applied stays.
+    #[error("{0}")]
+    OverBudget(String),
     /// A task of this node failed (panicked or was cancelled).
     #[error("{what} task failed: {source}")]
     Task {

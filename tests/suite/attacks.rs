@@ -72,6 +72,7 @@ fn a_shoal_symlink_at_the_volume_root_never_sends_staging_outside_the_volume() {
         "{}",
         cluster.log(0)
     );
+    victim_is_healthy_and_verifies(&mut cluster);
 }
 
 #[test]
@@ -128,7 +129,21 @@ fn a_fifo_planted_in_place_of_an_indexed_file_does_not_hang_the_node() {
         })
         .collect();
     assert_eq!(missing, ids);
+    // Its next scan (here the one at a restart) takes the FIFO for what it is now, a
+    // local edit; the index and the volume then agree again.
+    let changes_before = cluster.log(0).matches("local changes").count();
     cluster.stop(0);
+    cluster.start(0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while cluster.log(0).matches("local changes").count() == changes_before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the FIFO was not indexed at restart:\n{}",
+            cluster.log(0)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    victim_is_healthy_and_verifies(&mut cluster);
 }
 
 #[test]
@@ -435,6 +450,7 @@ fn received_files_lose_setuid_and_setgid_unless_the_volume_opts_in() {
         );
         assert_eq!(mode_of(&cluster.vol(1).join("tool")), 0o4755);
         assert_eq!(mode_of(&cluster.vol(1).join("shared")), 0o2750);
+        victim_is_healthy_and_verifies(&mut cluster);
     }
 }
 
@@ -533,8 +549,7 @@ fn chunk_list_pages_asked_for_are_increasing_and_bounded() {
         [Response::ChunkList(Some(list))] => assert_eq!(*list, chunked.chunks),
         other => panic!("{other:?}"),
     }
-    assert!(healthy_within_a_second(&format!("{}:7030", cluster.ip(0))));
-    cluster.stop(0);
+    victim_is_healthy_and_verifies(&mut cluster);
 }
 
 #[test]
@@ -593,4 +608,152 @@ fn a_conflict_copy_name_planted_in_advance_does_not_stall_sync() {
         fs::read(cluster.vol(0).join(&numbered)).unwrap(),
         b"node 0's version"
     );
+    victim_is_healthy_and_verifies(&mut cluster);
+}
+
+/// Issue 11, item 8: a member that starts 200 requests and never finishes them, and
+/// another that opens 24 connections. The node answers `/healthz` within a second and
+/// honest requests meanwhile, serves the flooding member only its share of connections
+/// (the rest are closed with a log line), and ends every silent stream with an `Error`
+/// once the request timeout (30 s) has passed.
+#[test]
+fn silent_streams_and_a_flood_of_connections_leave_the_node_serving() {
+    let mut cluster = Cluster::new(1);
+    fs::write(cluster.vol(0).join("a.txt"), b"served").unwrap();
+    cluster.start(0);
+    let victim = format!("{}:7029", cluster.ip(0));
+    let creds = cluster.credentials[0].clone();
+    let silent = HostileClient::connect(&creds, &cluster.ip(1), &victim, "vol");
+    let ended = silent.silent_streams(200);
+    let flood = crate::hostile::Flood::connect(&creds, &cluster.ip(2), &victim, 24);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !cluster.log(0).contains("open already") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no connection was refused:\n{}",
+            cluster.log(0)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        cluster.log(0).contains("has 8 open already"),
+        "{}",
+        cluster.log(0)
+    );
+    assert!(
+        healthy_within_a_second(&format!("{}:7030", cluster.ip(0))),
+        "/healthz did not answer within 1 s under the attack"
+    );
+    let honest = HostileClient::connect(&creds, &cluster.ip(3), &victim, "vol");
+    let answer = honest.request(&Request::GetDir {
+        volume: "vol".into(),
+        dir: shoal::pathname::VolPath::root(),
+    });
+    assert!(
+        matches!(answer.as_slice(), [Response::Dir(Some(_))]),
+        "{answer:?}"
+    );
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while ended.lock().unwrap().len() < 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of 200 silent streams were ended",
+            ended.lock().unwrap().len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for answers in ended.lock().unwrap().iter() {
+        assert!(
+            matches!(answers.as_slice(), [Response::Error { code: 2, message }] if message.contains("no complete request within 30 s")),
+            "{answers:?}"
+        );
+    }
+    assert!(
+        cluster
+            .log(0)
+            .contains("refused a request: malformed message: no complete request within 30 s"),
+        "{}",
+        cluster.log(0)
+    );
+    // By now every refused connection's close has reached the member; its keep-alives
+    // hold the others open.
+    assert_eq!(flood.open(), 8, "the flooding member keeps its share only");
+    drop((silent, flood, honest));
+    victim_is_healthy_and_verifies(&mut cluster);
+}
+
+/// A live directory entry from the hostile member, with a subtree hash that differs
+/// from any real one (so the victim descends into it).
+fn hostile_dir(name: &str) -> shoal::protocol::WireEntry {
+    shoal::protocol::WireEntry {
+        name: name.as_bytes().to_vec(),
+        entry: shoal::entry::Entry {
+            kind: shoal::entry::EntryKind::Dir,
+            mode: 0o755,
+            mtime_ns: 1_700_000_000_000_000_000,
+            uid: 0,
+            gid: 0,
+            version: shoal::entry::VersionVector::from_pairs([(shoal::ids::NodeId(77), 1)]),
+        },
+        subtree: Some(shoal::ids::TreeHash([9; 32])),
+        chunks: None,
+    }
+}
+
+/// Issue 11, item 6 (the per-round memory budget): a member that offers directories
+/// without end, 15 levels down so that each path is about 4 KiB. The victim's round
+/// ends at its budget for directories still to compare (32 MiB, some 8,000 paths of
+/// 4 KiB) with a clear log line; its peak memory stays under 1.5 GiB; it stays healthy
+/// and verifies.
+#[test]
+fn directories_offered_without_end_end_the_round_at_its_memory_budget() {
+    const DEEP: usize = 15;
+    let answer: crate::hostile::Answer = Box::new(move |request| match request {
+        Request::GetDir { .. } => vec![forged_root()],
+        Request::GetEntries { dir, start, .. } => {
+            let depth = dir.depth();
+            let (entries, more) = if depth < DEEP {
+                // One long name a level, down to where paths are about 4 KiB long.
+                (vec![hostile_dir(&"d".repeat(250))], false)
+            } else if depth == DEEP {
+                // Subdirectories without end: 4096 an answer, always `more`.
+                let from = std::str::from_utf8(start)
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .map_or(0, |n| n + 1);
+                let names = (from..from + 4096).map(|n| hostile_dir(&format!("{n:0200}")));
+                (names.collect(), true)
+            } else {
+                (Vec::new(), false)
+            };
+            vec![Response::Entries { entries, more }]
+        }
+        _ => vec![Response::Error {
+            code: 6,
+            message: "no".into(),
+        }],
+    });
+    let (mut cluster, hostile) = pulled_by_victim(|_| {}, answer, 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while !cluster
+        .log(0)
+        .contains("MiB of directories still to compare")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the round was not refused at its budget ({} requests so far):\n{}",
+            hostile.count(|_| true),
+            crate::cluster::tail(&cluster.log(0), 40)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Besides the round's 32 MiB, the node holds what 8,000 new directories with
+    // 4 KiB paths cost elsewhere (watches and watcher events, index writes): bounded,
+    // as the round ends, though not small.
+    let peak = cluster.peak_rss_kib(0).unwrap();
+    eprintln!("victim's peak resident memory: {peak} KiB");
+    assert!(peak < 1536 << 10, "peak resident memory {peak} KiB");
+    assert!(!cluster.log(0).contains("panicked"));
+    victim_is_healthy_and_verifies(&mut cluster);
 }

@@ -185,6 +185,14 @@ impl Cluster {
         assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
     }
 
+    /// Node `i`'s peak resident memory so far, in KiB (`VmHWM` in `/proc/PID/status`).
+    pub fn peak_rss_kib(&self, i: usize) -> Option<u64> {
+        let pid = self.children[i].as_ref()?.id();
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+
     pub fn status(&self, i: usize) -> Option<Value> {
         serde_json::from_str(&self.http_get(i, "/status")?).ok()
     }
@@ -298,7 +306,7 @@ impl Drop for Cluster {
     }
 }
 
-fn tail(text: &str, lines: usize) -> String {
+pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }

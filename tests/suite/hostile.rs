@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use s2n_quic::connection::Handle;
@@ -130,6 +131,94 @@ impl HostileClient {
                 let _ = tokio::io::AsyncReadExt::read_to_end(&mut recv, &mut sink).await;
             });
         }
+    }
+}
+
+impl HostileClient {
+    /// Opens `n` streams and starts a request on each that never completes (three bytes
+    /// of a frame header, then nothing), then reads whatever the victim answers on each.
+    /// As each stream ends, its answers are added to the returned list.
+    pub fn silent_streams(&self, n: usize) -> Arc<Mutex<Vec<Vec<Response>>>> {
+        let ended = Arc::new(Mutex::new(Vec::new()));
+        for _ in 0..n {
+            let mut handle = self.handle.clone();
+            let ended = ended.clone();
+            self.runtime.spawn(async move {
+                let Ok(stream) = handle.open_bidirectional_stream().await else {
+                    return;
+                };
+                let (mut recv, mut send) = stream.split();
+                if tokio::io::AsyncWriteExt::write_all(&mut send, &[100, 0, 0])
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let _ = tokio::io::AsyncWriteExt::flush(&mut send).await;
+                let mut answers = Vec::new();
+                let limit = protocol::MAX_CONTROL_FRAME;
+                while let Ok(Some((kind, body))) = protocol::read_frame(&mut recv, limit).await {
+                    answers.extend(Response::decode(kind, &body).ok());
+                }
+                ended.lock().unwrap().push(answers);
+                // The request stays unfinished until the victim has ended the stream.
+                drop(send);
+            });
+        }
+        ended
+    }
+}
+
+/// Many connections to a victim from one member, none of which says `Hello`; held
+/// open (the client's keep-alives) until dropped.
+pub struct Flood {
+    pub runtime: tokio::runtime::Runtime,
+    connections: Vec<s2n_quic::Connection>,
+    _client: s2n_quic::Client,
+}
+
+impl Flood {
+    /// Opens `n` connections from `bind_ip` to `victim` (those the victim refuses at
+    /// once count as well: they are closed by it).
+    pub fn connect(credentials: &Path, bind_ip: &str, victim: &str, n: usize) -> Self {
+        let (runtime, credentials) = member_runtime(credentials);
+        let victim: SocketAddr = victim.parse().unwrap();
+        let bind: SocketAddr = format!("{bind_ip}:0").parse().unwrap();
+        let (client, connections) = runtime.block_on(async {
+            let client = shoal::transport::client(bind, &credentials, true).unwrap();
+            let mut connections = Vec::new();
+            for _ in 0..n {
+                if let Ok(Ok(connection)) =
+                    tokio::time::timeout(ANSWER_WAIT, shoal::transport::connect(&client, victim))
+                        .await
+                {
+                    connections.push(connection);
+                }
+            }
+            (client, connections)
+        });
+        Flood {
+            runtime,
+            connections,
+            _client: client,
+        }
+    }
+
+    /// How many of the connections are still open (a stream can be opened on them).
+    pub fn open(&self) -> usize {
+        let handles: Vec<Handle> = self.connections.iter().map(|c| c.handle()).collect();
+        self.runtime.block_on(async move {
+            let mut open = 0;
+            for mut handle in handles {
+                let opened = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    handle.open_bidirectional_stream(),
+                )
+                .await;
+                open += usize::from(matches!(opened, Ok(Ok(_))));
+            }
+            open
+        })
     }
 }
 

@@ -95,7 +95,7 @@ impl Pull {
                 self.report.applied += 1;
                 self.note_applied("dir", escape(path.as_bytes()), 0);
                 if hints.subtree.is_some() && replaces.as_ref().is_none_or(|o| !o.is_dir()) {
-                    self.pending.push((path, RemoteDir::Present));
+                    self.queue_dir(path, RemoteDir::Present)?;
                 }
                 Ok(())
             }

@@ -70,7 +70,7 @@ impl Pull {
                 .tree_node(vol, &path)?
                 .map(|n| n.sync_hash());
             if hints.subtree.is_some() && hints.subtree != local_hash {
-                self.pending.push((path.clone(), RemoteDir::Present));
+                self.queue_dir(path.clone(), RemoteDir::Present)?;
             }
         }
         let Some(local) = local else {
@@ -93,14 +93,14 @@ impl Pull {
             Causality::Dominates if remote.is_tombstone() => {
                 if local.is_dir() {
                     // The peer deleted the directory: compare all of its children first.
-                    self.pending.push((path, RemoteDir::Deleted));
+                    self.queue_dir(path, RemoteDir::Deleted)?;
                 }
                 self.defer_delete(dir, name, remote)
             }
             Causality::Dominates => {
                 if local.is_dir() && !remote.is_dir() {
                     // The directory must empty before the file can take its place.
-                    self.pending.push((path, RemoteDir::Deleted));
+                    self.queue_dir(path, RemoteDir::Deleted)?;
                 }
                 self.take(dir, &name, remote, Some(local), &hints)
             }

@@ -273,7 +273,12 @@ impl Pull {
         };
         let size = job.size();
         let staging = staging_name(content_id, &job.dir, &job.name);
-        self.wanted_staging.insert(staging.clone());
+        match &mut self.wanted_staging {
+            Some(wanted) if wanted.len() < super::MAX_WANTED_STAGING => {
+                wanted.insert(staging.clone());
+            }
+            _ => self.wanted_staging = None,
+        }
         let needed = match renaming {
             true => 0,
             false => size.saturating_sub(volume.fs.staged_bytes(&staging)),

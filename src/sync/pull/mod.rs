@@ -43,6 +43,20 @@ use files::{FileJob, RenameSource};
 
 /// Files made durable and visible together.
 const PUBLISH_BATCH: usize = 256;
+/// Memory a round may hold for directories still to compare (their paths): a peer
+/// offering directories without end, or a directory of more than about 250,000
+/// subdirectories, ends the round here instead of growing without bound (invariant 6).
+const MAX_PENDING_BYTES: usize = 32 << 20;
+
+/// What one directory waiting in `Pull::pending` costs: its path and the bookkeeping.
+fn pending_cost(path: &VolPath) -> usize {
+    path.as_bytes().len() + 64
+}
+
+/// Staging names a round remembers as wanted (about 100 bytes each); a round that
+/// wanted more reclaims no staging at its end, as it can no longer tell which it wanted.
+const MAX_WANTED_STAGING: usize = 100_000;
+
 /// Deletes held back until the end of a round (so moved content can be reused); past
 /// this many they are applied early.
 const MAX_DEFERRED_DELETES: usize = 100_000;
@@ -85,10 +99,11 @@ pub async fn pull_volume(
         rename_sources: HashMap::new(),
         renames_seen: 0,
         pending: Vec::new(),
+        pending_bytes: 0,
         files: Vec::new(),
         report: PullReport::default(),
         waiting: Waiting::default(),
-        wanted_staging: HashSet::new(),
+        wanted_staging: Some(HashSet::new()),
         applied: Applied::default(),
     };
     let Some(remote_root) = pull.get_dir(&VolPath::root()).await? else {
@@ -168,13 +183,16 @@ struct Pull {
     renames_seen: usize,
     /// Directories still to compare with the peer's.
     pending: Vec<(VolPath, RemoteDir)>,
+    /// What `pending` costs, by [`pending_cost`], bounded by [`MAX_PENDING_BYTES`].
+    pending_bytes: usize,
     /// Files decided on but not yet fetched (taken in batches across directories).
     files: Vec<FileJob>,
     report: PullReport,
     /// What this round left waiting for room.
     waiting: Waiting,
-    /// The staging names of every file this round wanted (reclaiming spares them).
-    wanted_staging: HashSet<String>,
+    /// The staging names of every file this round wanted (reclaiming spares them);
+    /// `None` past [`MAX_WANTED_STAGING`] (the round then reclaims nothing).
+    wanted_staging: Option<HashSet<String>>,
     /// Changes applied and not logged yet.
     applied: Applied,
 }
@@ -233,6 +251,7 @@ impl Pull {
     async fn walk_and_take(&mut self, remote_root: TreeNode) -> Result<(), SyncError> {
         self.sync_dir(&VolPath::root(), Some(remote_root)).await?;
         while let Some((dir, remote)) = self.pending.pop() {
+            self.pending_bytes -= pending_cost(&dir);
             // The peer's tree node is asked for only now: the directories waiting hold
             // a path each, not a tree node of up to a frame's size.
             let remote = match remote {
@@ -242,6 +261,19 @@ impl Pull {
             self.sync_dir(&dir, remote).await?;
         }
         self.take_files().await
+    }
+
+    /// Queues directory `path` to compare later, within the round's budget.
+    fn queue_dir(&mut self, path: VolPath, remote: RemoteDir) -> Result<(), SyncError> {
+        self.pending_bytes += pending_cost(&path);
+        if self.pending_bytes > MAX_PENDING_BYTES {
+            return Err(SyncError::OverBudget(format!(
+                "the round holds more than {} MiB of directories still to compare; it ends here, and what it applied stays",
+                MAX_PENDING_BYTES >> 20
+            )));
+        }
+        self.pending.push((path, remote));
+        Ok(())
     }
 
     /// At the end of a complete round: reports whether files waited for room, and if
@@ -255,8 +287,9 @@ impl Pull {
             return;
         }
         let mut reclaimed = (0u64, 0u64);
+        let wanted = self.wanted_staging.as_ref();
         for name in volume.fs.staging_files() {
-            if self.wanted_staging.contains(&name) || volume.room.in_use(&name) {
+            if wanted.is_none_or(|w| w.contains(&name)) || volume.room.in_use(&name) {
                 continue;
             }
             match volume.fs.remove_staged(&name) {
