@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::fs::{self, File, FileTimes};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
@@ -247,6 +248,100 @@ impl Drop for SmallFs {
     fn drop(&mut self) {
         // Lazy: a process of a failed test may still have files open there.
         let _ = Command::new("umount").arg("-l").arg(&self.path).output();
+    }
+}
+
+/// An ext4 file system in an image file, loop-mounted at `path` (needs root and loop
+/// devices): a real block file system, to fill and to grow with `resize2fs`.
+pub struct LoopFs {
+    pub path: PathBuf,
+    image: PathBuf,
+}
+
+/// Runs a command of the loop-image tools; its output, or why it failed.
+fn run_tool(program: &str, args: &[&OsStr]) -> Result<String, String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{program}: {e}"))?;
+    match out.status.success() {
+        true => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+        false => Err(format!(
+            "{program} {args:?}: {}{}",
+            stdout(&out),
+            stderr(&out)
+        )),
+    }
+}
+
+impl LoopFs {
+    /// An image of `size` (as `truncate -s` takes it) next to `path`, formatted without
+    /// reserved blocks and mounted at `path`.
+    pub fn mount(path: &Path, size: &str) -> LoopFs {
+        fs::create_dir_all(path).unwrap();
+        let image = path.with_extension("img");
+        let (img, at) = (image.as_os_str(), path.as_os_str());
+        run_tool("truncate", &["-s".as_ref(), size.as_ref(), img]).unwrap();
+        run_tool(
+            "mkfs.ext4",
+            &[
+                "-q".as_ref(),
+                "-F".as_ref(),
+                "-m".as_ref(),
+                "0".as_ref(),
+                img,
+            ],
+        )
+        .unwrap();
+        run_tool("mount", &["-o".as_ref(), "loop".as_ref(), img, at])
+            .unwrap_or_else(|e| panic!("mounting a loop image (needs root and loop devices): {e}"));
+        // mkfs's own directory would be a name of the volume like any other.
+        fs::remove_dir(path.join("lost+found")).unwrap();
+        LoopFs {
+            path: path.to_path_buf(),
+            image,
+        }
+    }
+
+    /// Grows the image to `size` and the file system with it while mounted (`resize2fs`
+    /// online). `Err` says why it could not (online resizing needs `CAP_SYS_RESOURCE`).
+    pub fn grow_online(&self, size: &str) -> Result<(), String> {
+        let device = run_tool(
+            "findmnt",
+            &[
+                "-n".as_ref(),
+                "-o".as_ref(),
+                "SOURCE".as_ref(),
+                self.path.as_os_str(),
+            ],
+        )?;
+        let device = device.trim();
+        run_tool(
+            "truncate",
+            &["-s".as_ref(), size.as_ref(), self.image.as_os_str()],
+        )?;
+        run_tool("losetup", &["-c".as_ref(), device.as_ref()])?;
+        run_tool("resize2fs", &[device.as_ref()]).map(drop)
+    }
+
+    /// Grows the image to `size` and the file system with it, unmounted (`resize2fs
+    /// -f`: no `e2fsck` first, which would bring `lost+found` back), then mounts it
+    /// again: nothing may have it open.
+    pub fn grow_offline(&self, size: &str) {
+        let (img, at) = (self.image.as_os_str(), self.path.as_os_str());
+        run_tool("umount", &[at]).unwrap();
+        run_tool("truncate", &["-s".as_ref(), size.as_ref(), img]).unwrap();
+        run_tool("resize2fs", &["-f".as_ref(), img]).unwrap();
+        run_tool("mount", &["-o".as_ref(), "loop".as_ref(), img, at]).unwrap();
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        // Lazy: a process of a failed test may still have files open there; the loop
+        // device goes with the last of them.
+        let _ = Command::new("umount").arg("-l").arg(&self.path).output();
+        let _ = fs::remove_file(&self.image);
     }
 }
 
