@@ -16,8 +16,38 @@ use serde_json::Value;
 
 use crate::util::shoal;
 
-/// Each cluster gets its own 127.0.N.0/24, so tests running at once never collide.
+/// Each cluster gets its own 127.A.B.0/24 (see [`free_net`]), so tests running at once
+/// never collide.
 static NEXT_NET: AtomicU32 = AtomicU32::new(0);
+
+/// Subnets of 127.0.0.0/8 a cluster can take: 127.A.B.0/24 with A and B in 1..=250.
+const NETS: u32 = 250 * 250;
+
+/// The address of node `i` in subnet `net`.
+fn ip_in(net: u32, i: usize) -> String {
+    format!("127.{}.{}.{}", 1 + net / 250, 1 + net % 250, i + 1)
+}
+
+/// A subnet whose node addresses nobody listens on now: other test runs on the same
+/// machine (another checkout's suite, a soak) take subnets the same way, and a node
+/// that cannot listen fails to start. Spread by process and cluster, probed in turn.
+fn free_net(size: usize) -> u32 {
+    let start = std::process::id().wrapping_mul(7919).wrapping_add(
+        NEXT_NET
+            .fetch_add(1, Ordering::SeqCst)
+            .wrapping_mul(104_729),
+    );
+    (0..1000)
+        .map(|k| start.wrapping_add(k) % NETS)
+        .find(|&net| {
+            (0..size).all(|i| {
+                let ip = ip_in(net, i);
+                std::net::UdpSocket::bind(format!("{ip}:7029")).is_ok()
+                    && std::net::TcpListener::bind(format!("{ip}:7030")).is_ok()
+            })
+        })
+        .expect("a free 127.A.B.0/24 among 1000 tried")
+}
 
 pub struct Cluster {
     pub dir: tempfile::TempDir,
@@ -38,8 +68,7 @@ pub struct Cluster {
 impl Cluster {
     pub fn new(size: usize) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let net =
-            10 + (std::process::id() % 50) * 4 + NEXT_NET.fetch_add(1, Ordering::SeqCst) % 200;
+        let net = free_net(size);
         let creds = dir.path().join("creds");
         let out = shoal(&["cluster", "init", "--out", creds.to_str().unwrap()]);
         assert!(
@@ -52,7 +81,7 @@ impl Cluster {
         }
         Cluster {
             dir,
-            net: net % 250 + 1,
+            net,
             size,
             children: (0..size).map(|_| None).collect(),
             extra_env: vec![Vec::new(); size],
@@ -64,7 +93,7 @@ impl Cluster {
     }
 
     pub fn ip(&self, i: usize) -> String {
-        format!("127.0.{}.{}", self.net, i + 1)
+        ip_in(self.net, i)
     }
 
     pub fn vol(&self, i: usize) -> PathBuf {
