@@ -323,17 +323,21 @@ pub fn token_hash(token: &str) -> blake3::Hash {
     blake3::hash(token.as_bytes())
 }
 
-/// Writes a new join token and its hash into `ca_dir` (replacing the old ones, each
-/// file atomically; the hash last, so the signer never accepts a token that is not on
-/// disk yet). Returns the token file.
-pub fn rotate_token(ca_dir: &Path) -> Result<PathBuf, CredentialsError> {
+/// Writes a new join token and its hash into `state_dir` (the CA directory, or the
+/// signer's `--state`), replacing the old ones, each file atomically; the hash last, so
+/// the signer never accepts a token that is not on disk yet. Returns the token file.
+pub fn rotate_token(ca_dir: &Path, state_dir: &Path) -> Result<PathBuf, CredentialsError> {
     // The CA must be there: a token for no cluster is a mistake.
     Authority::load(ca_dir)?;
+    fs::create_dir_all(state_dir).map_err(|source| CredentialsError::Write {
+        path: state_dir.to_path_buf(),
+        source,
+    })?;
     let token = new_token()?;
-    let token_path = ca_dir.join(JOIN_TOKEN_FILE);
+    let token_path = state_dir.join(JOIN_TOKEN_FILE);
     replace_file(&token_path, &format!("{token}\n"), true)?;
     replace_file(
-        &ca_dir.join(JOIN_TOKEN_HASH_FILE),
+        &state_dir.join(JOIN_TOKEN_HASH_FILE),
         &format!("{}\n", token_hash(&token).to_hex()),
         false,
     )?;

@@ -235,18 +235,23 @@ fn ca_public_key(ca_pem: &str) -> Result<Vec<u8>, RevocationError> {
     Ok(cert.public_key().subject_public_key.data.to_vec())
 }
 
-/// Adds `node` (a name, or a node id) to the CA's revocation list in `ca_dir`, signed
+/// Adds `node` (a name, or a node id) to the CA's revocation list in `state_dir` (the
+/// CA directory, or the signer's `--state`; the CA key is read from `ca_dir`), signed
 /// with a higher serial; a name the CA issued a certificate to (`add-node`) has that
 /// key's id listed too. Returns the new list and where it was written.
-pub fn revoke(ca_dir: &Path, node: &str) -> Result<(Revocations, PathBuf), RevocationError> {
+pub fn revoke(
+    ca_dir: &Path,
+    state_dir: &Path,
+    node: &str,
+) -> Result<(Revocations, PathBuf), RevocationError> {
     let ca = Authority::load(ca_dir)?;
-    let path = ca_dir.join(REVOCATIONS_FILE);
+    let path = state_dir.join(REVOCATIONS_FILE);
     let mut list = Revocations::load(&path, &ca.ca_pem)?;
     if let Some(id) = parse_id(node) {
         list.ids.insert(id);
     } else if is_node_name(node) {
         list.names.insert(node.to_string());
-        let issued = ca_dir.join(ISSUED_DIR).join(format!("{node}.pem"));
+        let issued = state_dir.join(ISSUED_DIR).join(format!("{node}.pem"));
         if issued.is_file() {
             let text = fs::read_to_string(&issued).map_err(|source| RevocationError::Read {
                 path: issued.clone(),
@@ -290,10 +295,10 @@ mod tests {
         crate::credentials::init_cluster(&ca_dir).unwrap();
         let issued =
             crate::credentials::add_node(&ca_dir, "gamma", &dir.path().join("g"), 1).unwrap();
-        let (first, path) = revoke(&ca_dir, "gamma").unwrap();
+        let (first, path) = revoke(&ca_dir, &ca_dir, "gamma").unwrap();
         assert_eq!(first.serial, 1);
         assert!(first.is_revoked(&issued));
-        let (second, _) = revoke(&ca_dir, "00000000000000ff").unwrap();
+        let (second, _) = revoke(&ca_dir, &ca_dir, "00000000000000ff").unwrap();
         assert_eq!(second.serial, 2);
         assert!(second.ids.contains(&NodeId(0xff)) && second.names.contains("gamma"));
         let ca_pem = fs::read_to_string(ca_dir.join("ca.pem")).unwrap();
@@ -313,7 +318,7 @@ mod tests {
             Err(RevocationError::BadSignature { .. })
         ));
         assert!(matches!(
-            revoke(&ca_dir, "not a node"),
+            revoke(&ca_dir, &ca_dir, "not a node"),
             Err(RevocationError::BadNode(_))
         ));
     }

@@ -601,8 +601,12 @@ pub fn cluster_add_node(
     Ok(Outcome::Success)
 }
 
-pub fn cluster_revoke(ca: &std::path::Path, node: &str) -> anyhow::Result<Outcome> {
-    let (list, path) = crate::revocation::revoke(ca, node)?;
+pub fn cluster_revoke(
+    ca: &std::path::Path,
+    state: &std::path::Path,
+    node: &str,
+) -> anyhow::Result<Outcome> {
+    let (list, path) = crate::revocation::revoke(ca, state, node)?;
     print(&format!(
         "revoked {node}: {} (serial {}, {} ids, {} names); a signer using this directory hands it to its members within a heartbeat; without one, copy it into any member's credentials directory as {}: members pass it on to each other\n",
         path.display(),
@@ -614,8 +618,11 @@ pub fn cluster_revoke(ca: &std::path::Path, node: &str) -> anyhow::Result<Outcom
     Ok(Outcome::Success)
 }
 
-pub fn cluster_rotate_token(ca: &std::path::Path) -> anyhow::Result<Outcome> {
-    let token = crate::credentials::rotate_token(ca)?;
+pub fn cluster_rotate_token(
+    ca: &std::path::Path,
+    state: &std::path::Path,
+) -> anyhow::Result<Outcome> {
+    let token = crate::credentials::rotate_token(ca, state)?;
     print(&format!(
         "new join token in {}: the signer takes only it for new nodes from now on (members are not affected); give it to nodes that are still to join\n",
         token.display()

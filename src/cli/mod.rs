@@ -92,6 +92,11 @@ struct SignerArgs {
     #[arg(long, env = "SHOAL_CA", value_name = "DIR")]
     ca: PathBuf,
 
+    /// Writable directory for the signer's records (nodes/), the revocation list and the
+    /// join token's hash [default: --ca]; for a CA read from secrets.
+    #[arg(long, env = "SHOAL_SIGNER_STATE", value_name = "DIR")]
+    state: Option<PathBuf>,
+
     /// Address to accept enrolling nodes on (UDP, QUIC, ALPN shoal-enroll/1).
     #[arg(
         long,
@@ -147,6 +152,9 @@ enum ClusterCommand {
         /// Directory with the cluster CA (ca.pem, ca-key.pem).
         #[arg(long, value_name = "DIR")]
         ca: PathBuf,
+        /// The signer's --state, if it has one [default: --ca].
+        #[arg(long, value_name = "DIR")]
+        state: Option<PathBuf>,
     },
     /// Revoke a node: add it to the CA-signed revocation list CA/revocations.txt. A
     /// signer on this directory hands it to enrolled members; otherwise copy it into a
@@ -157,6 +165,9 @@ enum ClusterCommand {
         /// Directory with the cluster CA (ca.pem, ca-key.pem).
         #[arg(long, value_name = "DIR")]
         ca: PathBuf,
+        /// The signer's --state, if it has one [default: --ca].
+        #[arg(long, value_name = "DIR")]
+        state: Option<PathBuf>,
     },
 }
 
@@ -569,11 +580,14 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             out,
             days,
         }) => commands::cluster_add_node(&ca, &name, &out, days),
-        Command::Cluster(ClusterCommand::Revoke { node, ca }) => {
-            commands::cluster_revoke(&ca, &node)
+        Command::Cluster(ClusterCommand::Revoke { node, ca, state }) => {
+            commands::cluster_revoke(&ca, state.as_deref().unwrap_or(&ca), &node)
         }
-        Command::Cluster(ClusterCommand::RotateToken { ca }) => commands::cluster_rotate_token(&ca),
+        Command::Cluster(ClusterCommand::RotateToken { ca, state }) => {
+            commands::cluster_rotate_token(&ca, state.as_deref().unwrap_or(&ca))
+        }
         Command::Signer(args) => commands::signer(crate::enroll::signer::SignerOptions {
+            state_dir: args.state.unwrap_or_else(|| args.ca.clone()),
             ca_dir: args.ca,
             listen: args.listen,
             lifetime: args.lifetime.into(),

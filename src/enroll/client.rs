@@ -108,7 +108,12 @@ impl Enrollment {
         for attempt in 1.. {
             match self.obtain().await {
                 Err(e) if attempt < attempts && is_transient(&e) => {
-                    tracing::warn!("{e}; trying again in {} s", pause.as_secs());
+                    // A signer that starts after its nodes (a stack deployed at once)
+                    // is expected: said quietly until it is given up on.
+                    tracing::info!(
+                        "waiting for the signer: {e}; trying again in {} s",
+                        pause.as_secs()
+                    );
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(10));
                 }

@@ -3,10 +3,13 @@
 //! token, and to a member that shows its current certificate (renewal). A revoked node
 //! gets neither.
 //!
-//! It reads its CA directory as `shoal cluster` left it, at every request: the token's
-//! hash (so `shoal cluster rotate-token` takes effect at once, with no restart and no
-//! member disconnected), the revocation list, and the record of each name's last
-//! certificate (`nodes/NAME.pem`, which `revoke NAME` reads to find the key's id). A
+//! It reads the CA (`ca.pem`, `ca-key.pem`) from `--ca`, and its state directory
+//! (`--state`, default the CA directory: a writable place when the CA comes from
+//! read-only secrets) as `shoal cluster` left it, at every request: the token's hash
+//! (`join-token.blake3`, or the CA directory's while the state has none; so `shoal
+//! cluster rotate-token` takes effect at once, with no restart and no member
+//! disconnected), the revocation list, and the record of each name's last certificate
+//! (`nodes/NAME.pem`, which `revoke NAME` reads to find the key's id). A
 //! name whose certificate is still valid belongs to its key: another key cannot take
 //! it until that certificate expires.
 //!
@@ -35,9 +38,12 @@ use crate::ids::NodeId;
 use crate::revocation::{REVOCATIONS_FILE, Revocations};
 
 pub struct SignerOptions {
-    /// The CA directory: `ca.pem`, `ca-key.pem`, `join-token.blake3`, and where the
-    /// signer keeps `nodes/` and reads `revocations.txt`.
+    /// The CA directory: `ca.pem`, `ca-key.pem` (and `join-token.blake3` until the state
+    /// has its own).
     pub ca_dir: PathBuf,
+    /// Where the signer reads `join-token.blake3` and `revocations.txt` and keeps
+    /// `nodes/`.
+    pub state_dir: PathBuf,
     pub listen: SocketAddr,
     /// How long the certificates it issues are valid.
     pub lifetime: Duration,
@@ -75,14 +81,17 @@ pub async fn run(
         );
     }
     let authority = Authority::load(&options.ca_dir)?;
-    let hash = options.ca_dir.join(JOIN_TOKEN_HASH_FILE);
-    if !hash.is_file() {
+    let hashes = [&options.state_dir, &options.ca_dir].map(|d| d.join(JOIN_TOKEN_HASH_FILE));
+    if !hashes.iter().any(|h| h.is_file()) {
         anyhow::bail!(
-            "{} does not exist: make a join token with `shoal cluster rotate-token --ca {}`",
-            hash.display(),
-            options.ca_dir.display()
+            "{} does not exist: make a join token with `shoal cluster rotate-token --ca {} --state {}`",
+            hashes[0].display(),
+            options.ca_dir.display(),
+            options.state_dir.display()
         );
     }
+    std::fs::create_dir_all(options.state_dir.join(ISSUED_DIR))
+        .with_context(|| format!("cannot write to {}", options.state_dir.display()))?;
     // The signer's own key lives only in memory: a restart makes another.
     let key = KeyPair::generate()?;
     let cert = authority.sign_signer(&key)?;
@@ -95,10 +104,11 @@ pub async fn run(
         ca_der: pem_der(&authority.ca_pem).context("ca.pem")?,
         authority,
         ca_dir: options.ca_dir.clone(),
+        state_dir: options.state_dir.clone(),
         lifetime: options.lifetime,
         failures: Mutex::new(Failures::default()),
     });
-    tracing::info!(listen = %options.listen, lifetime = %humantime::format_duration(options.lifetime), ca = %options.ca_dir.display(), "signing");
+    tracing::info!(listen = %options.listen, lifetime = %humantime::format_duration(options.lifetime), ca = %options.ca_dir.display(), state = %options.state_dir.display(), "signing");
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
@@ -166,6 +176,7 @@ struct Signer {
     authority: Authority,
     ca_der: Vec<u8>,
     ca_dir: PathBuf,
+    state_dir: PathBuf,
     lifetime: Duration,
     failures: Mutex<Failures>,
 }
@@ -243,7 +254,11 @@ impl Signer {
     }
 
     fn check_token(&self, token: &str) -> Result<(), Refused> {
-        let path = self.ca_dir.join(JOIN_TOKEN_HASH_FILE);
+        let path = [&self.state_dir, &self.ca_dir]
+            .map(|d| d.join(JOIN_TOKEN_HASH_FILE))
+            .into_iter()
+            .find(|p| p.exists())
+            .unwrap_or_else(|| self.state_dir.join(JOIN_TOKEN_HASH_FILE));
         let text = read_small(&path).map_err(internal)?;
         let held = blake3::Hash::from_hex(text.trim())
             .map_err(|_| internal(format!("{} is not a BLAKE3 hash", path.display())))?;
@@ -280,8 +295,11 @@ impl Signer {
     }
 
     fn check_not_revoked(&self, name: &str, node_id: NodeId) -> Result<(), Refused> {
-        let list = Revocations::load(&self.ca_dir.join(REVOCATIONS_FILE), &self.authority.ca_pem)
-            .map_err(|e| internal(e.to_string()))?;
+        let list = Revocations::load(
+            &self.state_dir.join(REVOCATIONS_FILE),
+            &self.authority.ca_pem,
+        )
+        .map_err(|e| internal(e.to_string()))?;
         let node = Proven {
             node_id,
             name: name.to_string(),
@@ -297,7 +315,7 @@ impl Signer {
     }
 
     fn record(&self, name: &str) -> PathBuf {
-        self.ca_dir.join(ISSUED_DIR).join(format!("{name}.pem"))
+        self.state_dir.join(ISSUED_DIR).join(format!("{name}.pem"))
     }
 
     /// A name belongs to the key of its last certificate while that is valid.
@@ -330,15 +348,15 @@ impl Signer {
             .map_err(|e| internal(e.to_string()))?;
         let record = self.record(name);
         let proven = prove_pem(&record, &cert_pem).map_err(|e| internal(e.to_string()))?;
-        std::fs::create_dir_all(self.ca_dir.join(ISSUED_DIR))
-            .map_err(|e| internal(format!("{}: {e}", self.ca_dir.display())))?;
+        std::fs::create_dir_all(self.state_dir.join(ISSUED_DIR))
+            .map_err(|e| internal(format!("{}: {e}", self.state_dir.display())))?;
         replace_file(&record, &cert_pem, false).map_err(|e| internal(e.to_string()))?;
         Ok((cert_pem, proven))
     }
 
     /// The CA's revocation list if its serial is higher than `serial`, else "".
     fn revocations_after(&self, serial: u64) -> String {
-        let path = self.ca_dir.join(REVOCATIONS_FILE);
+        let path = self.state_dir.join(REVOCATIONS_FILE);
         match Revocations::load(&path, &self.authority.ca_pem) {
             Ok(list) if list.serial > serial => list.signed,
             Ok(_) => String::new(),
@@ -352,7 +370,7 @@ impl Signer {
     /// The CA's revocation list as its file holds it ("" if there is none, or it is
     /// unreadable: the node keeps what it has).
     fn revocation_text(&self) -> String {
-        let path = self.ca_dir.join(REVOCATIONS_FILE);
+        let path = self.state_dir.join(REVOCATIONS_FILE);
         match std::fs::metadata(&path) {
             Ok(meta) if meta.len() <= MAX_REVOCATIONS => {
                 std::fs::read_to_string(&path).unwrap_or_default()

@@ -685,6 +685,7 @@ fn swarm_the_stack_runs_healthy_alone_and_two_tasks_of_a_service_mirror() {
         logs.contains(&format!("peers=the tasks of service {service}")),
         "{logs}"
     );
+    assert!(logs.contains("certificate from the signer"), "{logs}");
     assert!(!logs.contains("WARN") && !logs.contains("ERROR"), "{logs}");
     assert!(
         !logs.contains("discovered peers"),
@@ -1028,7 +1029,12 @@ fn swarm_of_two_engines_the_stack_mirrors_between_manager_and_worker() {
         .unwrap();
     assert!(save.wait().unwrap().success() && load.status.success());
 
-    let (_creds, stack) = deploy_stack(&mut swarm, &image, &[("HEARTBEAT", "2")]);
+    // Certificates of 20 s: both nodes renew while they mirror.
+    let (_creds, stack) = deploy_stack(
+        &mut swarm,
+        &image,
+        &[("HEARTBEAT", "2"), ("SHOAL_CERT_LIFETIME", "20s")],
+    );
     let volume = format!("{stack}_media");
     let inspect = ["volume", "inspect", "--format", "{{.Mountpoint}}", &volume];
     let mut on_worker = PathBuf::new();
@@ -1063,6 +1069,37 @@ fn swarm_of_two_engines_the_stack_mirrors_between_manager_and_worker() {
         std::thread::sleep(Duration::from_millis(250));
     }
     assert_eq!(listing(&on_worker).len(), 2);
+
+    // Both enrolled with the signer (on the manager) and renew their certificates while
+    // a transfer runs; no connection between them drops.
+    let manager_logs = || {
+        let service = format!("label=com.docker.swarm.service.name={stack}_shoal");
+        let id = docker_ok(&["ps", "--all", "--quiet", "--filter", &service]);
+        let out = docker(&["logs", id.lines().next().unwrap_or("none")]);
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    write_file(
+        &on_manager.join("during-renewal.bin"),
+        &random_bytes(24 << 20, 8),
+    );
+    wait_until(
+        "both nodes renew their certificates",
+        Duration::from_secs(60),
+        || logs().contains("certificate renewed") && manager_logs().contains("certificate renewed"),
+    );
+    let start = Instant::now();
+    while listing(&on_manager) != listing(&on_worker) {
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "the two nodes did not converge after the renewal; worker's task: {}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    for log in [logs(), manager_logs()] {
+        assert!(log.contains("certificate from the signer"), "{log}");
+        assert!(!log.contains("disconnected"), "{log}");
+    }
 }
 
 /// Deploys `deploy/docker-stack.yml` as a stack named after the test, with fresh cluster
@@ -1082,7 +1119,7 @@ fn deploy_stack(
     );
     let stack = format!("{}-stack", swarm.prefix);
     swarm.stacks.push(stack.clone());
-    for what in ["media", "state"] {
+    for what in ["media", "state", "signer-state"] {
         swarm.volumes.push(format!("{stack}_{what}"));
     }
     swarm.networks.push(format!("{stack}_shoal"));
@@ -1103,15 +1140,28 @@ fn deploy_stack(
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // The network-facing daemon holds no Docker socket (root on the host).
-    let mounts = docker_ok(&[
-        "service",
-        "inspect",
-        "--format",
-        "{{json .Spec.TaskTemplate.ContainerSpec.Mounts}}",
-        &format!("{stack}_shoal"),
-    ]);
-    assert!(!mounts.contains("docker.sock"), "{mounts}");
+    // No service holds the Docker socket (root on the host); only the signer holds the
+    // CA key, the nodes the CA certificate and the join token.
+    let spec = |service: &str, what: &str| {
+        docker_ok(&[
+            "service",
+            "inspect",
+            "--format",
+            &format!("{{{{json .Spec.TaskTemplate.ContainerSpec.{what}}}}}"),
+            &format!("{stack}_{service}"),
+        ])
+    };
+    for service in ["shoal", "signer"] {
+        let mounts = spec(service, "Mounts");
+        assert!(!mounts.contains("docker.sock"), "{service}: {mounts}");
+    }
+    let node_secrets = spec("shoal", "Secrets");
+    assert!(
+        node_secrets.contains("\"ca.pem\"") && node_secrets.contains("\"join-token\""),
+        "{node_secrets}"
+    );
+    assert!(!node_secrets.contains("ca-key.pem"), "{node_secrets}");
+    assert!(spec("signer", "Secrets").contains("ca-key.pem"));
     (dir, stack)
 }
 
