@@ -337,6 +337,7 @@ pub async fn keep_renewed(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut obtained_at = SystemTime::now();
+    let mut last_error = String::new();
     loop {
         let Some(current) = node.identity() else {
             return;
@@ -354,6 +355,7 @@ pub async fn keep_renewed(
         }
         match enrollment.obtain().await {
             Ok(obtained) => {
+                last_error.clear();
                 if let Err(e) = tls.replace(&obtained.credentials) {
                     tracing::error!("cannot use the renewed certificate: {e}");
                 } else {
@@ -372,11 +374,17 @@ pub async fn keep_renewed(
                     .duration_since(SystemTime::now())
                     .unwrap_or_default();
                 let retry = (left / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
-                tracing::warn!(
-                    "cannot renew this node's certificate (valid until {}): {e}; trying again in {} s",
-                    humantime::format_rfc3339_seconds(current.not_after),
-                    retry.as_secs()
-                );
+                // Said again only when the reason changes (a revoked node is refused
+                // every time).
+                let message = e.to_string();
+                if message != last_error {
+                    tracing::warn!(
+                        "cannot renew this node's certificate (valid until {}): {message}; trying again every {} s or sooner",
+                        humantime::format_rfc3339_seconds(current.not_after),
+                        retry.as_secs()
+                    );
+                    last_error = message;
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(retry) => {}
                     _ = stop.wait_for(|s| *s) => return,
