@@ -125,7 +125,12 @@ fn encode_metrics(status: &NodeStatus) -> String {
 
 fn volume_metrics(m: &mut Metrics, volumes: &[VolumeStatus]) {
     type Gauge = (&'static str, &'static str, fn(&VolumeStatus) -> f64);
-    let gauges: [Gauge; 5] = [
+    let gauges: [Gauge; 6] = [
+        (
+            "volume_conflict_copies",
+            "Conflict copies in the volume (as of its last whole-volume scan; the same on every node once they agree)",
+            |v| v.conflict_copies as f64,
+        ),
         (
             "volume_files",
             "Files in the volume (as of its last scan or pull)",
@@ -267,6 +272,7 @@ pub fn node_status(node: &Node) -> NodeStatus {
                 files: node.as_ref().map_or(0, |n| n.totals.files),
                 bytes: node.as_ref().map_or(0, |n| n.totals.bytes),
                 scan: v.scanning.status(),
+                conflict_copies: v.conflict_copies.load(Ordering::Relaxed),
             }
         })
         .collect();
@@ -338,6 +344,9 @@ pub struct VolumeStatus {
     pub bytes: u64,
     /// The scan under way, if any.
     pub scan: Option<ScanProgress>,
+    /// Conflict copies in the volume, as its last whole-volume scan (every heartbeat)
+    /// counted them: the same on every node once they agree.
+    pub conflict_copies: u64,
 }
 
 #[derive(Serialize, serde::Deserialize, Debug, Clone)]

@@ -441,6 +441,7 @@ async fn rescan(node: &Arc<Node>, index: usize, options: ScanOptions) -> anyhow:
     let report = {
         let _guard = volume.lock.lock().await;
         let node = node.clone();
+        let whole = matches!(options.scope, ScanScope::Everything);
         let options = ScanOptions {
             progress: Some(volume.scanning.start()),
             ..options
@@ -451,7 +452,12 @@ async fn rescan(node: &Arc<Node>, index: usize, options: ScanOptions) -> anyhow:
         })
         .await;
         volume.scanning.end();
-        scanned??
+        let report = scanned??;
+        if whole {
+            let copies = report.conflict_copies;
+            volume.conflict_copies.store(copies, Ordering::Relaxed);
+        }
+        report
     };
     let changes = report.added + report.modified + report.deleted;
     if changes > 0 {

@@ -108,6 +108,13 @@ pub fn render(status: &NodeStatus, bars: bool) -> String {
             HumanBytes(v.bytes),
             v.root.as_deref().unwrap_or("(none)")
         );
+        if v.conflict_copies > 0 {
+            let _ = writeln!(
+                out,
+                "  {} conflict copies (names holding .sync-conflict-)",
+                v.conflict_copies
+            );
+        }
         if let Some(scan) = &v.scan {
             let _ = writeln!(
                 out,

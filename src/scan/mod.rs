@@ -127,6 +127,10 @@ pub struct ScanReport {
     pub bytes_read: u64,
     /// Device nodes, which never sync (sockets are skipped without counting).
     pub skipped_special: u64,
+    /// Conflict copies listed (names holding [`crate::sync::conflict::MARKER`]): a
+    /// whole-volume scan counts every one the volume holds, the same on every node once
+    /// they agree.
+    pub conflict_copies: u64,
     /// Names that could not be read; their previous index entries were kept.
     pub problems: Vec<String>,
     pub seconds: f64,

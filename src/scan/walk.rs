@@ -406,6 +406,9 @@ impl<'s> Walker<'s> {
             return Ok(());
         };
         let is_dir = item.meta.is_dir();
+        if crate::sync::conflict::is_conflict_copy(&item.name) {
+            self.report.conflict_copies += 1;
+        }
         let unchanged = stamp == Some(stamp_of(&item.meta));
         // Below a directory new to the index everything is new: it is walked whole.
         let mut new_dir = false;

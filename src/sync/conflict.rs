@@ -45,6 +45,14 @@ fn tiebreak(e: &Entry) -> Vec<u8> {
     key
 }
 
+/// What every conflict copy's name holds.
+pub const MARKER: &[u8] = b".sync-conflict-";
+
+/// Whether `name` is a conflict copy's (or looks like one: a user may name a file so).
+pub fn is_conflict_copy(name: &[u8]) -> bool {
+    name.windows(MARKER.len()).any(|w| w == MARKER)
+}
+
 /// The name of the conflict copy of `loser` (which lost against `winner`) at `name`.
 /// `attempt` 0 is the name every node picks alike; when that name is taken (a local
 /// user made a file by that name, say), attempts 1, 2, ... add `-1`, `-2`, ... to it.
@@ -67,7 +75,8 @@ pub fn conflict_name(name: &[u8], loser: &Entry, winner: &Entry, attempt: u32) -
         n => format!("-{n}"),
     };
     let suffix = format!(
-        ".sync-conflict-{stamp}-{}{taken}",
+        "{}{stamp}-{}{taken}",
+        String::from_utf8_lossy(MARKER),
         &author[..author.len().min(7)]
     );
     // Keep the result a valid name (255 bytes): shorten the stem if needed.

@@ -31,6 +31,8 @@ pub struct Volume {
     pub room: super::room::Room,
     /// The scan under way, if any (for `/status`).
     pub scanning: super::state::ScanActivity,
+    /// Conflict copies the last whole-volume scan found in it.
+    pub conflict_copies: AtomicU64,
 }
 
 impl Volume {
@@ -48,6 +50,7 @@ impl Volume {
             keep_setid: false,
             room: super::room::Room::default(),
             scanning: super::state::ScanActivity::default(),
+            conflict_copies: AtomicU64::new(0),
         })
     }
 

@@ -63,6 +63,8 @@ pub struct Cluster {
     pub wrapper: Vec<Vec<String>>,
     /// Volumes besides `vol` every node syncs (their directories made at start).
     pub more_volumes: Vec<String>,
+    /// The `shoal` binary node `i` runs (this build's, unless a test runs another).
+    pub binary: Vec<PathBuf>,
 }
 
 impl Cluster {
@@ -89,6 +91,7 @@ impl Cluster {
             heartbeat: 1,
             wrapper: vec![Vec::new(); size],
             more_volumes: Vec::new(),
+            binary: vec![PathBuf::from(env!("CARGO_BIN_EXE_shoal")); size],
         }
     }
 
@@ -116,10 +119,10 @@ impl Cluster {
         let mut command = match self.wrapper[i].split_first() {
             Some((program, args)) => {
                 let mut command = Command::new(program);
-                command.args(args).arg(env!("CARGO_BIN_EXE_shoal"));
+                command.args(args).arg(&self.binary[i]);
                 command
             }
-            None => Command::new(env!("CARGO_BIN_EXE_shoal")),
+            None => Command::new(&self.binary[i]),
         };
         command
             .arg("serve")

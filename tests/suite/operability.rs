@@ -203,6 +203,8 @@ fn promtool_accepts_the_metrics_of_a_live_node() {
     };
     let mut c = Cluster::new(2);
     fs::write(c.vol(0).join("a.txt"), "a").unwrap();
+    let copy = "a.sync-conflict-20261130-120000-5f0c3a1.txt";
+    fs::write(c.vol(0).join(copy), "the other version").unwrap();
     // Node 1 also serves the metrics alone on an address of their own.
     let metrics_addr = format!("{}:9030", c.ip(1));
     c.extra_env[1].push(("SHOAL_METRICS".into(), metrics_addr.clone()));
@@ -212,6 +214,13 @@ fn promtool_accepts_the_metrics_of_a_live_node() {
         c.metrics(1)
             .is_some_and(|m| m.contains("shoal_peer_volume_in_sync{peer="))
     });
+    // The conflict copy counts on both nodes alike, once node 1 has rescanned.
+    for i in 0..2 {
+        wait_for(Duration::from_secs(30), "the conflict copy counted", || {
+            c.metrics(i)
+                .is_some_and(|m| m.contains("shoal_volume_conflict_copies{volume=\"vol\"} 1\n"))
+        });
+    }
     let answer = c.http(1, "/metrics", Duration::from_secs(5)).unwrap();
     assert!(
         answer
@@ -358,4 +367,27 @@ fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
         }
     }
     names
+}
+
+/// A rolling update: a node of the previous release (`SHOAL_PREVIOUS_BINARY`, which
+/// `tools/mixed-cluster.sh` builds from the commit before issue 15's changes) and a node
+/// of this build find a protocol version they share and converge both ways.
+#[test]
+#[ignore = "needs SHOAL_PREVIOUS_BINARY: run tools/mixed-cluster.sh"]
+fn a_node_of_the_previous_release_and_one_of_this_build_converge() {
+    let previous = std::env::var_os("SHOAL_PREVIOUS_BINARY")
+        .expect("SHOAL_PREVIOUS_BINARY names the previous release's shoal binary");
+    let mut c = Cluster::new(2);
+    c.binary[0] = previous.into();
+    fs::write(c.vol(0).join("from-previous.txt"), "old node").unwrap();
+    fs::write(c.vol(1).join("from-current.txt"), "new node").unwrap();
+    c.start_all();
+    c.wait_connected(Duration::from_secs(60));
+    c.wait_converged(&[0, 1], Duration::from_secs(60));
+    fs::write(c.vol(0).join("later.txt"), random_bytes(300_000, 7)).unwrap();
+    c.wait_converged(&[0, 1], Duration::from_secs(60));
+    assert_eq!(
+        fs::read(c.vol(1).join("later.txt")).unwrap(),
+        random_bytes(300_000, 7)
+    );
 }
