@@ -277,10 +277,12 @@ impl Cluster {
         let deadline = Instant::now() + timeout;
         for i in 0..self.size {
             loop {
+                // Every other node listed (the list fills as discovery runs: an empty
+                // one says nothing yet) and connected.
                 let connected = self.status(i).is_some_and(|s| {
-                    s["peers"]
-                        .as_array()
-                        .is_some_and(|p| p.iter().all(|p| p["connected"] == true))
+                    s["peers"].as_array().is_some_and(|p| {
+                        p.len() == self.size - 1 && p.iter().all(|p| p["connected"] == true)
+                    })
                 });
                 if connected {
                     break;
