@@ -368,6 +368,19 @@ pub async fn keep_renewed(
                 }
                 obtained_at = SystemTime::now();
             }
+            Err(EnrollError::Refused {
+                code: Refusal::Revoked,
+                message,
+                ..
+            }) => {
+                // Revocation is for good: asking again would only load the signer.
+                tracing::error!(
+                    "this node's certificate will not be renewed (valid until {}): the signer refused: {}: {message}",
+                    humantime::format_rfc3339_seconds(current.not_after),
+                    Refusal::Revoked
+                );
+                return;
+            }
             Err(e) => {
                 let left = current
                     .not_after

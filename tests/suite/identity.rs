@@ -533,3 +533,52 @@ fn a_revocation_one_member_learns_travels_to_the_others_and_repair_honours_it() 
         "node 1 forgot the revocation"
     );
 }
+
+#[test]
+fn the_signer_refuses_a_wrong_token_and_then_rate_limits_the_address() {
+    use shoal::enroll::Refusal;
+    use shoal::enroll::client::{EnrollError, Enrollment};
+    let c = Cluster::new(1);
+    let ca = c.credentials[0].clone();
+    let signer = Signer::start(
+        &ca,
+        format!("{}:7031", c.ip(9)),
+        "1h",
+        &c.dir.path().join("signer.log"),
+    );
+    let node = c.dir.path().join("enroll");
+    fs::create_dir_all(&node).unwrap();
+    fs::copy(ca.join("ca.pem"), node.join("ca.pem")).unwrap();
+    let wrong = format!("SHOAL-TOKEN-1-{}", "0".repeat(64));
+    fs::write(node.join("join-token"), &wrong).unwrap();
+    let enrollment = Enrollment {
+        signer: signer.addr.clone(),
+        credentials_dir: node.clone(),
+        state_dir: c.dir.path().join("enroll-state"),
+        node_name: Some("intruder".into()),
+        gso: true,
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let code = |enrollment: &Enrollment| match runtime.block_on(enrollment.obtain()) {
+        Err(EnrollError::Refused { code, .. }) => Some(code),
+        Err(e) => panic!("{e}"),
+        Ok(_) => None,
+    };
+    // The signer may take a moment to listen.
+    wait_for(Duration::from_secs(30), "the signer answers", || {
+        runtime.block_on(enrollment.revocations_after(0)).is_ok()
+    });
+    for _ in 0..5 {
+        assert_eq!(code(&enrollment), Some(Refusal::BadToken));
+    }
+    assert_eq!(code(&enrollment), Some(Refusal::RateLimited));
+    // The right token does not help the same address within the window.
+    fs::copy(ca.join("join-token"), node.join("join-token")).unwrap();
+    assert_eq!(code(&enrollment), Some(Refusal::RateLimited));
+    assert!(!c.dir.path().join("enroll-state/identity/cert.pem").exists());
+    let log = fs::read_to_string(c.dir.path().join("signer.log")).unwrap();
+    assert!(
+        !log.contains(&wrong[14..]),
+        "the signer logged a token: {log}"
+    );
+}
