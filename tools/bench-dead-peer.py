@@ -49,6 +49,10 @@ class Cluster:
                     cmd += ["--peer", f"{IPS[o]}:{quic[o]}"]
             self.procs[s] = spawn(cmd, os.path.join(work, f"shoal-{s}.log"))
 
+    def watched(self):
+        """The nodes as `wait_for` watches them: (process, log), to fail if one dies."""
+        return [(p, os.path.join(self.work, f"shoal-{s}.log")) for s, p in self.procs.items()]
+
     def settled(self):
         return shoal_nodes_agree(self.http[s] for s in SIDES)
 
@@ -97,7 +101,7 @@ def main():
     results = {"A->B": [], "B->A": []}
     try:
         cluster = Cluster(work, args.shoal)
-        wait_for(cluster.settled, 120, "the three nodes to connect and agree", list(cluster.procs.values()))
+        wait_for(cluster.settled, 120, "the three nodes to connect and agree", cluster.watched())
         for trial in range(args.trials):
             delay = DELAYS[trial % len(DELAYS)]
             cluster.freeze("C")
@@ -108,7 +112,7 @@ def main():
                 print(f"trial {trial}: C frozen {delay:.1f} s before, {src}->{dst} in "
                       f"{'never' if took is None else f'{took * 1000:.0f} ms'}", file=sys.stderr, flush=True)
             cluster.thaw("C")
-            wait_for(cluster.settled, 120, "the three nodes to agree again", list(cluster.procs.values()))
+            wait_for(cluster.settled, 120, "the three nodes to agree again", cluster.watched())
     finally:
         if cluster:
             cluster.stop()
