@@ -65,6 +65,11 @@ impl<'a> Reader<'a> {
         self.take(usize::from(len), what)
     }
 
+    /// Bytes not read yet.
+    pub fn remaining(&self) -> usize {
+        self.bytes.len()
+    }
+
     pub fn finish(self, what: &str) -> Result<(), DecodeError> {
         if self.bytes.is_empty() {
             Ok(())

@@ -7,6 +7,8 @@
 use std::cmp::Ordering;
 
 use crate::ids::{ContentId, NodeId};
+use crate::pathname::VolPath;
+use crate::xattrs::Xattrs;
 
 /// Permission bits that sync (including setuid, setgid and sticky).
 pub const MODE_MASK: u32 = 0o7777;
@@ -45,6 +47,13 @@ pub struct Entry {
     /// Ownership; synced only by nodes that run as root.
     pub uid: u32,
     pub gid: u32,
+    /// Extended attributes and ACLs of a file or directory ([`crate::xattrs`]).
+    pub xattrs: Xattrs,
+    /// For a file whose inode has other names in the volume (hard links): the group's
+    /// leader, the least of those paths by bytes (itself included), the same on every
+    /// name of the group. A receiver links the other names to the leader instead of
+    /// fetching them.
+    pub link: Option<VolPath>,
     pub version: VersionVector,
 }
 
@@ -58,7 +67,8 @@ impl Entry {
     }
 
     /// Whether two entries describe the same thing on disk, ignoring their histories:
-    /// the same kind, content, permission bits, file and directory mtime and ownership.
+    /// the same kind, content, permission bits, file and directory mtime, ownership,
+    /// extended attributes and hard-link group.
     /// Two deletes are the same state whatever else their entries carry.
     pub fn same_state(&self, other: &Entry) -> bool {
         match (&self.kind, &other.kind) {
@@ -68,9 +78,17 @@ impl Entry {
                     && self.mode == other.mode
                     && self.uid == other.uid
                     && self.gid == other.gid
+                    && self.xattrs == other.xattrs
+                    && self.link == other.link
                     && (!self.has_synced_mtime() || self.mtime_ns == other.mtime_ns)
             }
         }
+    }
+
+    /// The hard-link group leader when this entry is another name of it (not the leader
+    /// itself): the name a receiver links instead of fetching.
+    pub fn link_leader(&self, own: &VolPath) -> Option<&VolPath> {
+        self.link.as_ref().filter(|leader| *leader != own)
     }
 
     /// Whether the mtime is part of what syncs (symlinks' and tombstones' are not).

@@ -273,6 +273,7 @@ pub fn node_status(node: &Node) -> NodeStatus {
                 bytes: node.as_ref().map_or(0, |n| n.totals.bytes),
                 scan: v.scanning.status(),
                 conflict_copies: v.conflict_copies.load(Ordering::Relaxed),
+                xattrs_not_applied: v.xattrs_not_applied.list(),
             }
         })
         .collect();
@@ -347,6 +348,10 @@ pub struct VolumeStatus {
     /// Conflict copies in the volume, as its last whole-volume scan (every heartbeat)
     /// counted them: the same on every node once they agree.
     pub conflict_copies: u64,
+    /// Kinds of extended attributes or ACLs that peers sent and this node could not
+    /// set (a file system without support, not running as root), one line each.
+    #[serde(default)]
+    pub xattrs_not_applied: Vec<String>,
 }
 
 #[derive(Serialize, serde::Deserialize, Debug, Clone)]

@@ -10,6 +10,8 @@
 //!   bounds checks (shared by the store's encodings and the wire protocol).
 //! - [`chunking`]: FastCDC cut points, BLAKE3 chunk ids, content ids.
 //! - [`entry`]: what the index knows of a name: kind, synced metadata, version vector.
+//! - [`xattrs`]: extended attributes and POSIX ACLs: which sync, read and set by
+//!   descriptor, bounded.
 //! - [`store`]: the RocksDB index (`mod.rs` opening and reading, `batch.rs` atomic
 //!   writes with a [`store::Durability`], `codec.rs` value encodings, `keys.rs` key
 //!   layout) and the pack files (`pack.rs`).
@@ -38,8 +40,8 @@
 //! - [`sync`]: anti-entropy. `node.rs` (a node: store, volumes, peers), `stats.rs` (its
 //!   counters), `state.rs` (each peer's reachability and each volume's sync with it, as
 //!   `/status` shows them), `client.rs` (connect, handshake, requests), `server/` (one
-//!   handler per request), `pull/` (`walk.rs` the tree walk, `decide.rs` each name, `apply.rs` and
-//!   `files.rs` what was decided), `transfer.rs` (local copies and chunk fetches, for
+//!   handler per request), `pull/` (`walk.rs` the tree walk, `decide.rs` each name,
+//!   `apply.rs`, `files.rs` and `links.rs` (hard links) what was decided), `transfer.rs` (local copies and chunk fetches, for
 //!   pull and repair), `conflict.rs`, `error.rs`, `faults.rs`.
 //! - [`volume_fs`]: symlink-safe writes inside a volume, atomic publication.
 //! - [`serve`], [`http`]: the daemon and its HTTP endpoint (and the status it shows);
@@ -85,3 +87,4 @@ pub mod verify;
 pub mod volume_fs;
 pub mod watcher;
 pub mod workers;
+pub mod xattrs;

@@ -440,6 +440,10 @@ async fn rescan(node: &Arc<Node>, index: usize, options: ScanOptions) -> anyhow:
     let volume = &node.volumes[index];
     let report = {
         let _guard = volume.lock.lock().await;
+        let options = ScanOptions {
+            keep_link_groups: volume.links_pending.load(Ordering::Relaxed),
+            ..options
+        };
         let node = node.clone();
         let whole = matches!(options.scope, ScanScope::Everything);
         let options = ScanOptions {

@@ -35,6 +35,11 @@ pub fn available(path: &Path) -> io::Result<u64> {
 /// Bytes available on the file system of an open file or directory.
 pub fn available_at(fd: impl AsFd) -> io::Result<u64> {
     let stat = rustix::fs::fstatvfs(fd)?;
+    // A file system that reports no size at all (ramfs, some FUSE mounts) cannot say
+    // how full it is: taken to have room, as when it cannot be asked.
+    if stat.f_blocks == 0 {
+        return Ok(u64::MAX);
+    }
     Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 

@@ -4,8 +4,8 @@
 //! each page is hashed over its children's records, and the directory's hash is a hash
 //! over its page hashes. A child directory enters its parent's record through its own
 //! hash, so the root hash covers the whole volume. What is hashed is exactly what syncs:
-//! names, kinds, permission bits, file sizes, file and FIFO mtimes, content ids and
-//! symlink targets. Inode numbers, atimes, ownership and scan order are not, so identical trees
+//! names, kinds, permission bits, file sizes, file and FIFO mtimes, content ids,
+//! symlink targets, extended attributes (ACLs included) and hard-link groups. Inode numbers, atimes, ownership and scan order are not, so identical trees
 //! give identical roots on any machine. Tombstones are not content and are not hashed.
 //!
 //! Page boundaries depend only on names (a name ends a page when its hash has its low
@@ -105,37 +105,57 @@ pub fn is_page_boundary(name: &[u8]) -> bool {
     u32::from(low) % PAGE_TARGET_ENTRIES == 0
 }
 
+/// Set on a record's kind byte when the record ends with the digest of the entry's
+/// extended attributes (an entry without any hashes exactly as before they synced).
+const WITH_XATTRS: u8 = 0x80;
+/// Set on a file record's kind byte when the record carries its hard-link group leader.
+const WITH_LINK: u8 = 0x40;
+
 /// Appends the hashed record of one child to `out`. `subtree` is the child's own tree
 /// hash when it is a directory.
 fn encode_record(out: &mut Vec<u8>, name: &[u8], entry: &Entry, subtree: Option<TreeHash>) {
     out.extend_from_slice(&(name.len() as u16).to_le_bytes());
     out.extend_from_slice(name);
+    let flags = match entry.xattrs.is_empty() {
+        true => 0,
+        false => WITH_XATTRS,
+    } | match entry.link {
+        Some(_) => WITH_LINK,
+        None => 0,
+    };
     match &entry.kind {
         EntryKind::File {
             size, content_id, ..
         } => {
-            out.push(KIND_FILE);
+            out.push(KIND_FILE | flags);
             out.extend_from_slice(&entry.mode.to_le_bytes());
             out.extend_from_slice(&size.to_le_bytes());
             out.extend_from_slice(&entry.mtime_ns.to_le_bytes());
             out.extend_from_slice(content_id.as_bytes());
         }
         EntryKind::Dir => {
-            out.push(KIND_DIR);
+            out.push(KIND_DIR | flags);
             out.extend_from_slice(&entry.mode.to_le_bytes());
             out.extend_from_slice(subtree.unwrap_or_else(empty_dir_hash).as_bytes());
         }
         EntryKind::Symlink { target } => {
-            out.push(KIND_SYMLINK);
+            out.push(KIND_SYMLINK | flags);
             out.extend_from_slice(&(target.len() as u16).to_le_bytes());
             out.extend_from_slice(target);
         }
         EntryKind::Fifo => {
-            out.push(KIND_FIFO);
+            out.push(KIND_FIFO | flags);
             out.extend_from_slice(&entry.mode.to_le_bytes());
             out.extend_from_slice(&entry.mtime_ns.to_le_bytes());
         }
         EntryKind::Tombstone { .. } => unreachable!("tombstones are never hashed"),
+    }
+    if let Some(leader) = &entry.link {
+        out.extend_from_slice(&(leader.as_bytes().len() as u16).to_le_bytes());
+        out.extend_from_slice(leader.as_bytes());
+    }
+    if flags & WITH_XATTRS != 0 {
+        out.extend_from_slice(&entry.xattrs.digest());
     }
 }
 
@@ -302,6 +322,8 @@ mod tests {
             mtime_ns: 1,
             uid: 0,
             gid: 0,
+            xattrs: Default::default(),
+            link: None,
             version: VersionVector::default(),
         }
     }

@@ -18,7 +18,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -29,6 +29,7 @@ use crate::entry::timestamp_ns;
 use crate::ids::{ChunkId, ContentId};
 use crate::pathname::{SHOAL_DIR, VolPath};
 use crate::store::codec::{Extent, ScanStamp};
+use crate::xattrs::{Namespaces, NotSet, Xattrs};
 
 const STAGING: &str = "staging";
 
@@ -353,6 +354,43 @@ impl VolumeFs {
         self.stat(dir_fd, name)
     }
 
+    /// Makes `name` in `dir_fd` another name of the regular file `source` in
+    /// `source_dir` (a hard link), atomically: linked in staging (`linkat`, which never
+    /// follows a symlink), checked to be the very file `expected` describes, renamed over
+    /// the name, the directory made durable.
+    pub fn link_into(
+        &self,
+        source_dir: &OwnedFd,
+        source: &[u8],
+        expected: &rustix::fs::Stat,
+        dir_fd: &OwnedFd,
+        name: &[u8],
+    ) -> Result<(), FsError> {
+        let temp_name = staged_special_name("link");
+        rustix::fs::linkat(
+            source_dir,
+            std::ffi::OsStr::from_bytes(source),
+            &self.staging,
+            temp_name.as_str(),
+            AtFlags::empty(),
+        )
+        .map_err(io_err(crate::pathname::escape(source)))?;
+        let linked = self.stat(&self.staging, temp_name.as_bytes());
+        let same = linked.as_ref().is_ok_and(|s| {
+            rustix::fs::FileType::from_raw_mode(s.st_mode) == rustix::fs::FileType::RegularFile
+                && (s.st_ino, s.st_dev) == (expected.st_ino, expected.st_dev)
+        });
+        if !same {
+            let _ = rustix::fs::unlinkat(&self.staging, temp_name.as_str(), AtFlags::empty());
+            return Err(FsError::Io {
+                path: crate::pathname::escape(source),
+                source: io::Error::other("replaced while being linked"),
+            });
+        }
+        self.publish(&temp_name, dir_fd, name)?;
+        Self::fsync_dir(dir_fd)
+    }
+
     /// Puts a FIFO (named pipe) with `mode`, `mtime_ns` and `owner` (if set) at `name`
     /// in `dir_fd` atomically, like [`VolumeFs::place_symlink`].
     pub fn place_fifo(
@@ -472,11 +510,20 @@ impl VolumeFs {
         .map_err(io_err(crate::pathname::escape(name)))
     }
 
-    /// Sets the permission bits of the directory `name` (never following a symlink).
-    pub fn chmod_dir(&self, dir_fd: &OwnedFd, name: &[u8], mode: u32) -> Result<(), FsError> {
+    /// Sets the permission bits and extended attributes of the directory `name` (never
+    /// following a symlink), as [`set_xattrs`] does; returns what could not be set.
+    pub fn set_dir_xattrs(
+        &self,
+        dir_fd: &OwnedFd,
+        name: &[u8],
+        mode: u32,
+        xattrs: &Xattrs,
+    ) -> Result<Vec<NotSet>, FsError> {
         let fd = self.open_child_dir(dir_fd, name)?;
-        rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode))
-            .map_err(io_err(crate::pathname::escape(name)))
+        set_xattrs(fd.as_fd(), mode, xattrs).map_err(|e| FsError::Io {
+            path: crate::pathname::escape(name),
+            source: e,
+        })
     }
 
     /// Sets the owner of the directory `name` (never following a symlink).
@@ -568,13 +615,15 @@ pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Sets a staged file's metadata before it is published.
+/// Sets a staged file's metadata before it is published: owner, mode, extended
+/// attributes (see [`set_xattrs`]), mtime. Returns the attributes it could not set.
 pub fn finish_staged(
     file: &File,
     mode: u32,
     mtime_ns: i64,
     owner: Option<(u32, u32)>,
-) -> io::Result<()> {
+    xattrs: &Xattrs,
+) -> io::Result<Vec<NotSet>> {
     if let Some((uid, gid)) = owner {
         rustix::fs::fchown(
             file.as_fd(),
@@ -582,8 +631,29 @@ pub fn finish_staged(
             Some(rustix::fs::Gid::from_raw(gid)),
         )?;
     }
-    rustix::fs::fchmod(file.as_fd(), Mode::from_raw_mode(mode))?;
-    set_mtime(file.as_fd(), mtime_ns)
+    let not_set = set_xattrs(file.as_fd(), mode, xattrs)?;
+    set_mtime(file.as_fd(), mtime_ns)?;
+    Ok(not_set)
+}
+
+/// Gives an open file or directory (already owned as it should be: a chown clears some
+/// attributes) its mode and exactly the extended attributes `xattrs`, the mode first
+/// (setting an access ACL sets the group bits to its mask). An access ACL that cannot be
+/// set never leaves the mask's group bits in its place: the mode is narrowed to what
+/// the owning group really had ([`crate::xattrs::narrowed_mode`]). Returns the
+/// attributes that could not be set.
+pub fn set_xattrs(fd: BorrowedFd<'_>, mode: u32, xattrs: &Xattrs) -> io::Result<Vec<NotSet>> {
+    rustix::fs::fchmod(fd, Mode::from_raw_mode(mode))?;
+    let not_set = crate::xattrs::apply(fd, xattrs, Namespaces::for_this_process());
+    let acl = xattrs.get(crate::xattrs::ACL_ACCESS);
+    let acl_access = crate::xattrs::ACL_ACCESS;
+    if let Some(acl) = acl.filter(|_| not_set.iter().any(|n| n.name.as_bytes() == acl_access)) {
+        rustix::fs::fchmod(
+            fd,
+            Mode::from_raw_mode(crate::xattrs::narrowed_mode(mode, acl)),
+        )?;
+    }
+    Ok(not_set)
 }
 
 /// Sets the modification (and access) time of an open file or directory.

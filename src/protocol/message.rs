@@ -672,6 +672,8 @@ mod tests {
             mtime_ns: 0,
             uid: 0,
             gid: 0,
+            xattrs: Default::default(),
+            link: None,
             version: VersionVector::default(),
         };
         for bad in [&b".."[..], b"a/b", b""] {
@@ -702,6 +704,8 @@ mod tests {
             mtime_ns: 5,
             uid: 1,
             gid: 2,
+            xattrs: Default::default(),
+            link: None,
             version: VersionVector::from_pairs([(NodeId(3), 4)]),
         };
         for response in [

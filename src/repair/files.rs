@@ -22,6 +22,7 @@ struct Rebuild {
     mode: u32,
     mtime_ns: i64,
     owner: (u32, u32),
+    xattrs: crate::xattrs::Xattrs,
     staged: crate::volume_fs::Staged,
     file: Arc<File>,
     chunks: Vec<ChunkRef>,
@@ -144,7 +145,10 @@ impl Repair<'_> {
                 if node.sync_ownership {
                     vol.fs.chown_dir(&parent, name, (entry.uid, entry.gid))?;
                 }
-                vol.fs.chmod_dir(&parent, name, entry.mode)?;
+                let not_set = vol
+                    .fs
+                    .set_dir_xattrs(&parent, name, entry.mode, &entry.xattrs)?;
+                vol.xattrs_not_applied.note(volume, path, &not_set);
                 VolumeFs::fsync_dir(&parent)?;
                 self.done(
                     "restored",
@@ -204,6 +208,7 @@ impl Repair<'_> {
             mode: entry.mode,
             mtime_ns: entry.mtime_ns,
             owner: (entry.uid, entry.gid),
+            xattrs: entry.xattrs.clone(),
             staged,
             file,
             chunks,
@@ -232,7 +237,17 @@ impl Repair<'_> {
         }
         let owner = node.sync_ownership.then_some(rebuild.owner);
         let mode = vol.received_file_mode(rebuild.mode);
-        finish_staged(&rebuild.staged.file, mode, rebuild.mtime_ns, owner).map_err(io)?;
+        let not_set = finish_staged(
+            &rebuild.staged.file,
+            mode,
+            rebuild.mtime_ns,
+            owner,
+            &rebuild.xattrs,
+        )
+        .map_err(io)?;
+        if let Ok(path) = rebuild.dir.join(&rebuild.name) {
+            vol.xattrs_not_applied.note(&vol.name, &path, &not_set);
+        }
         rebuild.file.sync_all().map_err(io)?;
         vol.fs
             .publish(&rebuild.staged.temp_name, &dir_fd, &rebuild.name)?;

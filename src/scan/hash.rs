@@ -10,6 +10,7 @@ use super::stamp_of;
 use crate::chunking::{ChunkParams, ChunkedContent, Chunker};
 use crate::pathname::VolPath;
 use crate::volume_fs::open_regular;
+use crate::xattrs::{Namespaces, XattrError, Xattrs};
 
 /// Reads of a file that keeps changing before the scan leaves it for the next one.
 const READ_ATTEMPTS: usize = 3;
@@ -31,6 +32,8 @@ pub(super) enum HashOutcome {
     Hashed {
         content: ChunkedContent,
         meta: Box<Metadata>,
+        /// Read through the same descriptor, after the content.
+        xattrs: Result<Xattrs, XattrError>,
     },
     /// Gone, or no longer a regular file, when we came to read it.
     Vanished,
@@ -40,16 +43,24 @@ pub(super) enum HashOutcome {
 }
 
 /// A hashing thread's work: its own chunker, used for every file it is given.
-pub(super) fn hasher(params: ChunkParams) -> impl FnMut(HashJob) -> HashResult {
+pub(super) fn hasher(
+    params: ChunkParams,
+    namespaces: Namespaces,
+) -> impl FnMut(HashJob) -> HashResult {
     let mut chunker = Chunker::new(params);
     move |job| HashResult {
-        outcome: hash_file(&mut chunker, &job.dir_fd, &job.name),
+        outcome: hash_file(&mut chunker, &job.dir_fd, &job.name, namespaces),
         dir: job.dir,
         name: job.name,
     }
 }
 
-pub(super) fn hash_file(chunker: &mut Chunker, dir: &OwnedFd, name: &[u8]) -> HashOutcome {
+pub(super) fn hash_file(
+    chunker: &mut Chunker,
+    dir: &OwnedFd,
+    name: &[u8],
+    namespaces: Namespaces,
+) -> HashOutcome {
     for _ in 0..READ_ATTEMPTS {
         // Through the directory's descriptor, O_NOFOLLOW|O_NONBLOCK, a regular file or
         // nothing: a name swapped for a symlink, FIFO or device since the listing is not
@@ -77,9 +88,17 @@ pub(super) fn hash_file(chunker: &mut Chunker, dir: &OwnedFd, name: &[u8]) -> Ha
         };
         match file.metadata() {
             Ok(after) if stamp_of(&after) == stamp_of(&before) && content.size == before.len() => {
+                // A change of attributes moves the ctime: read before the check below,
+                // they belong to the version just hashed.
+                let xattrs = crate::xattrs::read(&file, namespaces);
+                match file.metadata() {
+                    Ok(last) if stamp_of(&last) == stamp_of(&before) => {}
+                    _ => continue,
+                }
                 return HashOutcome::Hashed {
                     content,
                     meta: Box::new(before),
+                    xattrs,
                 };
             }
             Ok(_) => continue,

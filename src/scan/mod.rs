@@ -17,6 +17,7 @@
 //! change, and told to leave alone names still being written ([`ScanOptions::hold`]).
 
 mod hash;
+mod links;
 mod rules;
 mod walk;
 
@@ -89,6 +90,10 @@ pub struct ScanOptions {
     /// directory is another one now (a new or unmounted disk), an empty volume is taken
     /// for a fresh one (store.md "Empty volumes").
     pub watched_root: Option<crate::volume_fs::DirId>,
+    /// Leave the index's hard-link groups as they are: a pull is between publishing a
+    /// hard-linked file and linking its other names, so the groups on disk are not yet
+    /// what the index (the peer's) says they will be.
+    pub keep_link_groups: bool,
 }
 
 /// Which directories a scan lists.
@@ -193,7 +198,10 @@ pub fn scan_volume(
         std::thread::available_parallelism().map_or(2, |n| n.get())
     };
     let params = store.meta().chunk_params;
-    let mut report = std::thread::scope(|scope| -> Result<ScanReport, StoreError> {
+    let namespaces = crate::xattrs::Namespaces::for_this_process();
+    let full = matches!(options.scope, ScanScope::Everything);
+    let find_groups = full && !options.keep_link_groups;
+    let (mut report, links_changed) = std::thread::scope(|scope| -> Result<_, StoreError> {
         let mut walker = Walker {
             store,
             vol,
@@ -202,7 +210,7 @@ pub fn scan_volume(
             root_fd,
             emptied_while_watched,
             batch: store.batch(),
-            hashers: Pool::start(scope, threads, QUEUE_DEPTH, || hasher(params)),
+            hashers: Pool::start(scope, threads, QUEUE_DEPTH, || hasher(params, namespaces)),
             pending: Vec::new(),
             to_hash: Vec::new(),
             progress: options.progress.clone(),
@@ -213,15 +221,36 @@ pub fn scan_volume(
                 .map(|(from, to)| (to.clone(), from.clone()))
                 .collect(),
             gone: Vec::new(),
+            namespaces,
+            linked: find_groups.then(Default::default),
+            links_changed: false,
+            linked_names: 0,
             report: ScanReport {
                 volume: name.to_string(),
                 ..ScanReport::default()
             },
         };
         walker.run(&options.scope)?;
-        Ok(walker.report)
+        Ok((walker.report, walker.links_changed))
     })
     .map_err(store_err)?;
+    if !full && links_changed && !options.keep_link_groups {
+        // A hard-linked file changed: its other names (anywhere in the volume) changed
+        // with it, and only a walk of every name finds its group.
+        let whole = ScanOptions {
+            scope: ScanScope::Everything,
+            ..options.clone()
+        };
+        let mut rest = scan_volume(store, name, root, &whole)?;
+        rest.added += report.added;
+        rest.modified += report.modified;
+        rest.deleted += report.deleted;
+        rest.files_read += report.files_read;
+        rest.bytes_read += report.bytes_read;
+        rest.problems.splice(0..0, report.problems);
+        rest.seconds = started.elapsed().as_secs_f64();
+        return Ok(rest);
+    }
 
     let root_node = crate::tree::update(store, vol).map_err(store_err)?;
     let changed = report.added + report.modified + report.deleted > 0;

@@ -24,6 +24,7 @@ use crate::store::codec::ScanStamp;
 use crate::store::{Batch, Durability, Store, StoreError};
 use crate::volume_fs::{lstat_at, open_dir_at, open_regular};
 use crate::workers::Pool;
+use crate::xattrs::{Namespaces, XattrError, Xattrs};
 
 /// Largest `.shoalignore` read; the rest of a longer one is ignored (and reported).
 const MAX_IGNORE_FILE: u64 = 1 << 20;
@@ -68,6 +69,16 @@ pub(super) struct Walker<'s> {
     pub(super) renamed: HashMap<VolPath, VolPath>,
     /// Indexed names found gone from disk, deleted once everything else is written.
     pub(super) gone: Vec<(VolPath, Vec<u8>)>,
+    /// Which extended attributes this node indexes.
+    pub(super) namespaces: Namespaces,
+    /// Hard links: every listed file with other names, by (device, inode), in a full
+    /// scan (which sees every name of a group).
+    pub(super) linked: Option<HashMap<(u64, u64), Vec<VolPath>>>,
+    /// A narrow scan met a change to a hard-linked file (its other names, elsewhere,
+    /// changed too, and its group may have): the caller scans the whole volume.
+    pub(super) links_changed: bool,
+    /// Names kept in `linked` so far.
+    pub(super) linked_names: usize,
     pub(super) report: ScanReport,
 }
 
@@ -97,6 +108,7 @@ impl<'s> Walker<'s> {
         while let Some(result) = self.hashers.next_result() {
             self.on_hashed(result)?;
         }
+        self.record_link_groups()?;
         // Deletes are written last: a peer pulling while this scan runs sees a renamed
         // file's new name before its old one goes, and so still holds the content
         // locally (its chunks are not fetched again).
@@ -106,6 +118,8 @@ impl<'s> Walker<'s> {
                 .entry(self.vol, &dir, &name)?
                 .filter(|e| !e.is_tombstone())
             {
+                // The group lost a name: its leader may change.
+                self.links_changed |= old.link.is_some();
                 self.delete_name(&dir, &name, old)?;
                 self.flush(false)?;
             }
@@ -205,7 +219,7 @@ impl<'s> Walker<'s> {
         Some(rules)
     }
 
-    fn flush(&mut self, force: bool) -> Result<(), StoreError> {
+    pub(super) fn flush(&mut self, force: bool) -> Result<(), StoreError> {
         if self.batch.len() >= BATCH_OPS || (force && !self.batch.is_empty()) {
             let full = std::mem::replace(&mut self.batch, self.store.batch());
             self.store.write(full, Durability::Buffered)?;
@@ -213,7 +227,7 @@ impl<'s> Walker<'s> {
         Ok(())
     }
 
-    fn problem(&mut self, message: String) {
+    pub(super) fn problem(&mut self, message: String) {
         tracing::warn!("{message}");
         self.report.problems.push(message);
     }
@@ -410,19 +424,28 @@ impl<'s> Walker<'s> {
             self.report.conflict_copies += 1;
         }
         let unchanged = stamp == Some(stamp_of(&item.meta));
+        if item.meta.is_file() && item.meta.nlink() > 1 {
+            self.note_linked(&path, &item.meta, unchanged);
+        }
         // Below a directory new to the index everything is new: it is walked whole.
         let mut new_dir = false;
         if !unchanged {
             let old = self.store.entry(self.vol, dir, &item.name)?;
             let file_type = item.meta.file_type();
             if file_type.is_file() {
+                // A name that was hard-linked and no longer is: its group changed.
+                self.links_changed |= old.as_ref().is_some_and(|o| o.link.is_some());
                 self.drop_if_kind_changed(dir, &item.name, old, |k| {
                     matches!(k, EntryKind::File { .. })
                 })?;
                 if stamp.is_none()
                     && let Some(content) = self.content_before_rename(&path, &item.meta)?
                 {
-                    return self.record_file(dir, &item.name, content, &item.meta);
+                    let read = open_regular(&*opened.fd, &item.name)
+                        .map_err(|e| XattrError::Io(e.to_string()))
+                        .and_then(|file| crate::xattrs::read(&file, self.namespaces));
+                    let xattrs = self.xattrs_or_problem(read, &path);
+                    return self.record_file(dir, &item.name, content, &item.meta, xattrs);
                 }
                 let job = HashJob {
                     dir: dir.clone(),
@@ -439,7 +462,8 @@ impl<'s> Walker<'s> {
                     // A new directory gets its own tree node even if it stays empty.
                     self.batch.mark_dirty(self.vol, &path);
                 }
-                self.record(dir, &item.name, old, EntryKind::Dir, &item.meta);
+                let xattrs = self.dir_xattrs(&opened.fd, &path);
+                self.record(dir, &item.name, old, EntryKind::Dir, &item.meta, xattrs);
             } else if file_type.is_symlink() {
                 let old = self.drop_if_kind_changed(dir, &item.name, old, |k| {
                     matches!(k, EntryKind::Symlink { .. })
@@ -450,7 +474,7 @@ impl<'s> Walker<'s> {
                         let kind = EntryKind::Symlink {
                             target: target.into_bytes(),
                         };
-                        self.record(dir, &item.name, old, kind, &item.meta);
+                        self.record(dir, &item.name, old, kind, &item.meta, Xattrs::default());
                     }
                     Err(rustix::io::Errno::NOENT) => {}
                     Err(e) => self.problem(format!("cannot read symlink {}: {e}", path.display())),
@@ -458,7 +482,8 @@ impl<'s> Walker<'s> {
             } else if file_type.is_fifo() {
                 let old =
                     self.drop_if_kind_changed(dir, &item.name, old, |k| *k == EntryKind::Fifo)?;
-                self.record(dir, &item.name, old, EntryKind::Fifo, &item.meta);
+                let kind = EntryKind::Fifo;
+                self.record(dir, &item.name, old, kind, &item.meta, Xattrs::default());
             } else {
                 // A socket belongs to the program listening on it, not to the data: it is
                 // skipped without a word. A device node is worth a warning.
@@ -496,7 +521,36 @@ impl<'s> Walker<'s> {
         }
     }
 
-    /// Writes the entry for a directory or symlink if it changed, and its stamp.
+    /// The synced extended attributes of the directory `path` (the child of `parent_fd`
+    /// listed a moment ago); none, and a problem reported, if they cannot be read.
+    fn dir_xattrs(&mut self, parent_fd: &OwnedFd, path: &VolPath) -> Xattrs {
+        let name = path.split_last().map_or(&b""[..], |(_, n)| n).to_vec();
+        let read = rustix::fs::openat(
+            parent_fd,
+            OsStr::from_bytes(&name),
+            rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::NOFOLLOW
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| XattrError::Io(e.to_string()))
+        .and_then(|fd| crate::xattrs::read(&fd, self.namespaces));
+        self.xattrs_or_problem(read, path)
+    }
+
+    /// The attributes read, or none (and a problem said) if they could not be.
+    fn xattrs_or_problem(&mut self, read: Result<Xattrs, XattrError>, path: &VolPath) -> Xattrs {
+        read.unwrap_or_else(|e| {
+            self.problem(format!(
+                "{}: extended attributes not indexed: {e}",
+                path.under(&self.root).display()
+            ));
+            Xattrs::default()
+        })
+    }
+
+    /// Writes the entry for a directory, symlink or FIFO if it changed, and its stamp.
     fn record(
         &mut self,
         dir: &VolPath,
@@ -504,8 +558,9 @@ impl<'s> Walker<'s> {
         old: Option<Entry>,
         kind: EntryKind,
         meta: &Metadata,
+        xattrs: Xattrs,
     ) {
-        let entry = self.entry_from(kind, meta, old.as_ref());
+        let entry = self.entry_from(kind, meta, (xattrs, None), old.as_ref());
         if let Some(entry) = entry {
             self.count_change(old.as_ref());
             self.batch.put_entry(self.vol, dir, name, &entry);
@@ -515,7 +570,14 @@ impl<'s> Walker<'s> {
     }
 
     /// The entry for what is on disk, succeeding `old`; `None` if `old` already says it.
-    fn entry_from(&self, kind: EntryKind, meta: &Metadata, old: Option<&Entry>) -> Option<Entry> {
+    /// `extra` is the entry's extended attributes and hard-link group leader.
+    fn entry_from(
+        &self,
+        kind: EntryKind,
+        meta: &Metadata,
+        (xattrs, link): (Xattrs, Option<VolPath>),
+        old: Option<&Entry>,
+    ) -> Option<Entry> {
         let mode = if matches!(kind, EntryKind::Symlink { .. }) {
             0
         } else {
@@ -527,6 +589,8 @@ impl<'s> Walker<'s> {
             mtime_ns: crate::entry::timestamp_ns(meta.mtime(), meta.mtime_nsec()),
             uid: meta.uid(),
             gid: meta.gid(),
+            xattrs,
+            link,
             version: old.map(|o| o.version.clone()).unwrap_or_default(),
         };
         if old.is_some_and(|o| o.same_state(&entry)) {
@@ -619,6 +683,8 @@ impl<'s> Walker<'s> {
             mtime_ns: 0,
             uid: 0,
             gid: 0,
+            xattrs: Xattrs::default(),
+            link: None,
             version,
         };
         self.batch.put_entry(self.vol, dir, name, &tombstone);
@@ -701,6 +767,7 @@ impl<'s> Walker<'s> {
         name: &[u8],
         content: ChunkedContent,
         meta: &Metadata,
+        xattrs: Xattrs,
     ) -> Result<(), StoreError> {
         let old = self.store.entry(self.vol, dir, name)?;
         let kind = EntryKind::File {
@@ -712,7 +779,15 @@ impl<'s> Walker<'s> {
         let from_peer = received.is_some();
         let changed = match received {
             Some(entry) => Some(entry),
-            None => self.entry_from(kind, meta, old.as_ref()),
+            None => {
+                // A file with other names keeps its recorded group until the end of the
+                // walk, which has seen every name ([`Walker::record_link_groups`]).
+                let link = match meta.nlink() > 1 {
+                    true => old.as_ref().and_then(|o| o.link.clone()),
+                    false => None,
+                };
+                self.entry_from(kind, meta, (xattrs, link), old.as_ref())
+            }
         };
         if let Some(entry) = changed {
             let old_chunks: Vec<ChunkRef> = match old.as_ref().map(|o| &o.kind) {
@@ -754,14 +829,22 @@ impl<'s> Walker<'s> {
         let HashResult { dir, name, outcome } = result;
         let path = || dir.join(&name).unwrap_or_default().under(&self.root);
         match outcome {
-            HashOutcome::Hashed { content, meta } => {
+            HashOutcome::Hashed {
+                content,
+                meta,
+                xattrs,
+            } => {
                 self.report.files_read += 1;
                 self.report.bytes_read += content.size;
                 if let Some(progress) = &self.progress {
                     progress.inc(content.size);
                     progress.set_message(format!("{} files read", self.report.files_read));
                 }
-                self.record_file(&dir, &name, content, &meta)?;
+                let xattrs = match dir.join(&name) {
+                    Ok(path) => self.xattrs_or_problem(xattrs, &path),
+                    Err(_) => Xattrs::default(),
+                };
+                self.record_file(&dir, &name, content, &meta, xattrs)?;
             }
             HashOutcome::Vanished => self.gone.push((dir, name)),
             HashOutcome::Unstable => {

@@ -8,7 +8,9 @@ use crate::chunking::ChunkRef;
 use crate::encoding::{DecodeError, Reader, put_short_bytes};
 use crate::entry::{Entry, EntryKind, VersionVector};
 use crate::ids::{ChunkId, ContentId, HASH_LEN, NodeId, TreeHash};
+use crate::pathname::VolPath;
 use crate::tree::{PageSummary, SubtreeTotals, TreeNode};
+use crate::xattrs::Xattrs;
 
 /// Version byte that starts every entry and tree-node value.
 const VALUE_FORMAT: u8 = 1;
@@ -18,6 +20,12 @@ const KIND_FILE: u8 = 1;
 const KIND_DIR: u8 = 2;
 const KIND_SYMLINK: u8 = 3;
 const KIND_FIFO: u8 = 4;
+
+/// Optional sections after an entry's kind-specific fields, each a tag byte and its
+/// fields, tags strictly increasing; an entry without them is encoded as before they
+/// existed, so entries written by earlier versions decode unchanged.
+const EXT_XATTRS: u8 = 1;
+const EXT_LINK: u8 = 2;
 
 pub fn encode_entry(entry: &Entry) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
@@ -58,6 +66,14 @@ pub fn encode_entry(entry: &Entry) -> Vec<u8> {
         }
         EntryKind::Dir | EntryKind::Fifo => {}
         EntryKind::Symlink { target } => put_short_bytes(&mut out, target),
+    }
+    if !entry.xattrs.is_empty() {
+        out.push(EXT_XATTRS);
+        entry.xattrs.encode(&mut out);
+    }
+    if let Some(leader) = &entry.link {
+        out.push(EXT_LINK);
+        put_short_bytes(&mut out, leader.as_bytes());
     }
     out
 }
@@ -120,6 +136,37 @@ fn decode_entry_parts(bytes: &[u8]) -> Result<(Entry, Vec<(NodeId, u64)>), Decod
         },
         other => return Err(DecodeError(format!("unknown entry kind {other}"))),
     };
+    let mut xattrs = Xattrs::default();
+    let mut link = None;
+    let mut last_tag = 0;
+    while r.remaining() > 0 {
+        let tag = r.u8("entry section")?;
+        if tag <= last_tag {
+            return Err(DecodeError(format!(
+                "entry section {tag} after section {last_tag}"
+            )));
+        }
+        match tag {
+            EXT_XATTRS => {
+                xattrs = Xattrs::decode(&mut r)?;
+                if xattrs.is_empty() {
+                    return Err(DecodeError("an empty extended attribute section".into()));
+                }
+            }
+            EXT_LINK => {
+                let path = VolPath::parse(r.short_bytes("hard link leader")?)
+                    .map_err(|e| DecodeError(format!("hard link leader: {e}")))?;
+                if path.is_root() || !matches!(kind, EntryKind::File { .. }) {
+                    return Err(DecodeError(
+                        "a hard link section on the root or on something not a file".into(),
+                    ));
+                }
+                link = Some(path);
+            }
+            other => return Err(DecodeError(format!("unknown entry section {other}"))),
+        }
+        last_tag = tag;
+    }
     r.finish("entry")?;
     let entry = Entry {
         kind,
@@ -127,6 +174,8 @@ fn decode_entry_parts(bytes: &[u8]) -> Result<(Entry, Vec<(NodeId, u64)>), Decod
         mtime_ns,
         uid,
         gid,
+        xattrs,
+        link,
         version: VersionVector::default(),
     };
     Ok((entry, pairs))
@@ -300,6 +349,8 @@ mod tests {
             mtime_ns: -5,
             uid: 1,
             gid: 2,
+            xattrs: Xattrs::default(),
+            link: None,
             version,
         };
         vec![
@@ -329,6 +380,47 @@ mod tests {
     fn entries_round_trip() {
         for entry in sample_entries() {
             assert_eq!(decode_entry(&encode_entry(&entry)).unwrap(), entry);
+        }
+    }
+
+    #[test]
+    fn attributes_are_an_optional_section_that_old_entries_lack() {
+        // A directory entry as the store wrote it before attributes synced.
+        let mut old = vec![1, 2];
+        old.extend_from_slice(&0o755u32.to_le_bytes());
+        old.extend_from_slice(&7i64.to_le_bytes());
+        old.extend_from_slice(&[0; 8]);
+        old.extend_from_slice(&0u16.to_le_bytes());
+        let decoded = decode_entry(&old).unwrap();
+        assert!(decoded.xattrs.is_empty());
+        assert_eq!(encode_entry(&decoded), old);
+
+        let with = Entry {
+            xattrs: Xattrs::try_canonical(vec![(b"user.a".to_vec(), b"1".to_vec())]).unwrap(),
+            ..decoded
+        };
+        let bytes = encode_entry(&with);
+        assert_eq!(decode_canonical_entry(&bytes).unwrap(), with);
+        let linked = Entry {
+            kind: EntryKind::File {
+                size: 1,
+                content_id: ContentId([1; 32]),
+                chunks: 1,
+            },
+            link: Some(VolPath::parse(b"a/b").unwrap()),
+            ..with.clone()
+        };
+        assert_eq!(decode_entry(&encode_entry(&linked)).unwrap(), linked);
+        // A link section on a directory is refused.
+        let dir_link = [bytes.clone(), vec![EXT_LINK, 1, 0, b'a']].concat();
+        assert!(decode_entry(&dir_link).is_err());
+        // An empty section, an unknown one, or one repeated: refused.
+        for bad in [
+            [old.clone(), vec![EXT_XATTRS, 0, 0]].concat(),
+            [old.clone(), vec![9]].concat(),
+            [bytes.clone(), bytes[old.len()..].to_vec()].concat(),
+        ] {
+            assert!(decode_entry(&bad).is_err());
         }
     }
 

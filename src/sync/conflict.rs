@@ -124,6 +124,8 @@ mod tests {
             mtime_ns: mtime_s * 1_000_000_000,
             uid: 0,
             gid: 0,
+            xattrs: Default::default(),
+            link: None,
             version: VersionVector::from_pairs([(NodeId(1), 1), (NodeId(node), 2)]),
         }
     }

@@ -33,6 +33,11 @@ pub struct Volume {
     pub scanning: super::state::ScanActivity,
     /// Conflict copies the last whole-volume scan found in it.
     pub conflict_copies: AtomicU64,
+    /// Extended attributes received that this node could not set.
+    pub xattrs_not_applied: crate::xattrs::NotApplied,
+    /// A pull took a hard-linked file and has not linked all its other names yet: scans
+    /// leave the index's link groups alone meanwhile (see `ScanOptions::keep_link_groups`).
+    pub links_pending: AtomicBool,
 }
 
 impl Volume {
@@ -51,6 +56,8 @@ impl Volume {
             room: super::room::Room::default(),
             scanning: super::state::ScanActivity::default(),
             conflict_copies: AtomicU64::new(0),
+            xattrs_not_applied: Default::default(),
+            links_pending: AtomicBool::new(false),
         })
     }
 

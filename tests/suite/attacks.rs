@@ -254,6 +254,8 @@ fn tombstone(
         mtime_ns,
         uid: 0,
         gid: 0,
+        xattrs: Default::default(),
+        link: None,
         version: shoal::entry::VersionVector::from_pairs(
             pairs.into_iter().map(|(n, c)| (shoal::ids::NodeId(n), c)),
         ),
@@ -472,6 +474,8 @@ fn a_chunk_whose_length_differs_from_its_chunk_list_is_not_used() {
         mtime_ns: 1_000_000_000,
         uid: 0,
         gid: 0,
+        xattrs: Default::default(),
+        link: None,
         version: shoal::entry::VersionVector::from_pairs([(shoal::ids::NodeId(77), 1)]),
     };
     let answer: crate::hostile::Answer = Box::new(move |request| match request {
@@ -583,6 +587,8 @@ fn a_conflict_copy_name_planted_in_advance_does_not_stall_sync() {
         mtime_ns: secs * 1_000_000_000,
         uid: 0,
         gid: 0,
+        xattrs: Default::default(),
+        link: None,
         version: shoal::entry::VersionVector::from_pairs([(node, 1)]),
     };
     let taken = shoal::sync::conflict::conflict_name(
@@ -694,6 +700,8 @@ fn hostile_dir(name: &str) -> shoal::protocol::WireEntry {
             mtime_ns: 1_700_000_000_000_000_000,
             uid: 0,
             gid: 0,
+            xattrs: Default::default(),
+            link: None,
             version: shoal::entry::VersionVector::from_pairs([(shoal::ids::NodeId(77), 1)]),
         },
         subtree: Some(shoal::ids::TreeHash([9; 32])),

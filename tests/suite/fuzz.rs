@@ -19,6 +19,7 @@ use shoal::pathname::VolPath;
 use shoal::protocol::{Hello, ListPart, Request, Response, WireEntry};
 use shoal::store::codec;
 use shoal::tree::{PageSummary, TreeNode};
+use shoal::xattrs::Xattrs;
 
 use crate::util::Rng;
 
@@ -97,6 +98,8 @@ fn entry(kind: EntryKind) -> Entry {
         mtime_ns: 1_700_000_000_000_000_000,
         uid: 1000,
         gid: 1000,
+        xattrs: Default::default(),
+        link: None,
         version: VersionVector::from_pairs([(NodeId(3), 4), (NodeId(9), 1)]),
     }
 }
@@ -113,6 +116,24 @@ fn entries() -> Vec<Entry> {
             target: b"../x".to_vec(),
         }),
         entry(EntryKind::Tombstone { deleted_at_ns: 7 }),
+        // The optional extended-attribute section.
+        Entry {
+            xattrs: Xattrs::try_canonical(vec![
+                (b"system.posix_acl_access".to_vec(), vec![2, 0, 0, 0]),
+                (b"user.origin".to_vec(), b"scanner".to_vec()),
+            ])
+            .unwrap(),
+            ..entry(EntryKind::Dir)
+        },
+        // The optional hard-link section.
+        Entry {
+            link: Some(VolPath::parse(b"media/a.jpg").unwrap()),
+            ..entry(EntryKind::File {
+                size: 5,
+                content_id: ContentId([1; 32]),
+                chunks: 1,
+            })
+        },
     ]
 }
 

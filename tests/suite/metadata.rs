@@ -263,3 +263,271 @@ fn a_sparse_file_arrives_as_sparse_and_its_holes_never_cross_the_wire() {
         "{received} chunk bytes on the wire"
     );
 }
+
+/// A POSIX ACL as the kernel stores it in `system.posix_acl_*`: version 2, then per
+/// entry u16 tag, u16 permissions, u32 id (`u32::MAX` for the owner/group/mask/other
+/// entries), sorted by tag then id.
+fn acl(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut out = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        out.extend_from_slice(&tag.to_le_bytes());
+        out.extend_from_slice(&perm.to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    out
+}
+
+const ACL_USER_OBJ: u16 = 0x01;
+const ACL_USER: u16 = 0x02;
+const ACL_GROUP_OBJ: u16 = 0x04;
+const ACL_MASK: u16 = 0x10;
+const ACL_OTHER: u16 = 0x20;
+const NO_ID: u32 = u32::MAX;
+
+/// `user::rw-, user:1000:rwx, group::r--, mask::rwx, other::r--`: the mode shows `674`
+/// (the group bits are the mask), the owning group really has `r--`.
+fn acl_wider_mask() -> Vec<u8> {
+    acl(&[
+        (ACL_USER_OBJ, 6, NO_ID),
+        (ACL_USER, 7, 1000),
+        (ACL_GROUP_OBJ, 4, NO_ID),
+        (ACL_MASK, 7, NO_ID),
+        (ACL_OTHER, 4, NO_ID),
+    ])
+}
+
+fn set_xattr(path: &Path, name: &str, value: &[u8]) {
+    rustix::fs::lsetxattr(path, name, value, rustix::fs::XattrFlags::empty())
+        .unwrap_or_else(|e| panic!("setxattr {name} on {}: {e}", path.display()));
+}
+
+/// Every extended attribute of `path` (not following a symlink), by name.
+fn xattrs_of(path: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut names = vec![0u8; 65536];
+    let n = rustix::fs::llistxattr(path, &mut names[..]).unwrap();
+    let mut out = BTreeMap::new();
+    for name in names[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let name = std::str::from_utf8(name).unwrap();
+        let mut value = vec![0u8; 65536];
+        let len = rustix::fs::lgetxattr(path, name, &mut value[..]).unwrap();
+        value.truncate(len);
+        out.insert(name.to_string(), value);
+    }
+    out
+}
+
+fn mode_of(path: &Path) -> u32 {
+    fs::symlink_metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+/// Waits until `check` holds for node `i`'s volume, or fails with its log.
+fn wait_until(c: &Cluster, i: usize, what: &str, check: impl Fn(&Path) -> bool) {
+    let deadline = Instant::now() + CONVERGE;
+    while !check(&c.vol(i)) {
+        assert!(
+            Instant::now() < deadline,
+            "node {i}: {what}\n--- log:\n{}",
+            c.log(i)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn extended_attributes_and_acls_sync_both_ways_and_a_change_of_attributes_alone_is_seen() {
+    let mut c = Cluster::new(2);
+    let a = c.vol(0);
+    write_file(&a.join("docs/report.txt"), b"quarterly numbers");
+    set_xattr(&a.join("docs/report.txt"), "user.origin", b"scanner");
+    set_xattr(&a.join("docs/report.txt"), "user.empty", b"");
+    set_xattr(
+        &a.join("docs/report.txt"),
+        "system.posix_acl_access",
+        &acl_wider_mask(),
+    );
+    fs::create_dir_all(a.join("shared")).unwrap();
+    let dir_acl = acl(&[
+        (ACL_USER_OBJ, 7, NO_ID),
+        (ACL_USER, 5, 1000),
+        (ACL_GROUP_OBJ, 5, NO_ID),
+        (ACL_MASK, 5, NO_ID),
+        (ACL_OTHER, 0, NO_ID),
+    ]);
+    set_xattr(&a.join("shared"), "system.posix_acl_access", &dir_acl);
+    set_xattr(&a.join("shared"), "system.posix_acl_default", &dir_acl);
+    set_xattr(&a.join("shared"), "user.dir", b"1");
+    if running_as_root() {
+        set_xattr(&a.join("docs/report.txt"), "trusted.note", b"root only");
+    }
+    assert_eq!(mode_of(&a.join("docs/report.txt")), 0o674);
+    c.start_all();
+    c.wait_converged(&[0, 1], CONVERGE);
+    let b = c.vol(1);
+    for path in ["docs/report.txt", "shared", "docs"] {
+        assert_eq!(xattrs_of(&a.join(path)), xattrs_of(&b.join(path)), "{path}");
+        assert_eq!(mode_of(&a.join(path)), mode_of(&b.join(path)), "{path}");
+    }
+    assert_eq!(
+        xattrs_of(&b.join("docs/report.txt"))["user.origin"],
+        b"scanner"
+    );
+
+    // A change of attributes alone (content, mode and mtime as they were) moves only the
+    // ctime; B's scanner sees it, and it travels back.
+    set_xattr(&b.join("docs/report.txt"), "user.origin", b"edited on B");
+    rustix::fs::lremovexattr(b.join("shared"), "user.dir").unwrap();
+    wait_until(&c, 0, "the attribute change from B never arrived", |a| {
+        xattrs_of(&a.join("docs/report.txt")).get("user.origin") == Some(&b"edited on B".to_vec())
+            && !xattrs_of(&a.join("shared")).contains_key("user.dir")
+    });
+    c.wait_converged(&[0, 1], CONVERGE);
+    for path in ["docs/report.txt", "shared"] {
+        assert_eq!(xattrs_of(&a.join(path)), xattrs_of(&b.join(path)), "{path}");
+    }
+}
+
+/// A file system without extended attributes (ramfs), mounted for a test and lazily
+/// unmounted when dropped.
+struct Ramfs(PathBuf);
+
+impl Ramfs {
+    fn mount(path: &Path) -> Ramfs {
+        let out = Command::new("mount")
+            .args(["-t", "ramfs", "ramfs"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mounting a ramfs (needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ramfs(path.to_path_buf())
+    }
+}
+
+impl Drop for Ramfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+    }
+}
+
+#[test]
+fn a_node_that_cannot_set_acls_says_so_once_and_never_widens_access() {
+    if !running_as_root() {
+        eprintln!("skipped: mounting a file system needs root");
+        return;
+    }
+    let mut c = Cluster::new(2);
+    let _ramfs = Ramfs::mount(&c.vol(1));
+    let a = c.vol(0);
+    for name in ["ledger.db", "notes.txt"] {
+        let path = a.join("private").join(name);
+        write_file(&path, b"group may only read this");
+        set_xattr(&path, "system.posix_acl_access", &acl_wider_mask());
+        set_xattr(&path, "user.origin", b"A");
+    }
+    c.start_all();
+    let deadline = Instant::now() + CONVERGE;
+    while c.root(0).is_none() || c.root(0) != c.root(1) {
+        assert!(Instant::now() < deadline, "no convergence:\n{}", c.log(1));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let b = c.vol(1);
+    for name in ["ledger.db", "notes.txt"] {
+        let path = b.join("private").join(name);
+        assert_eq!(fs::read(&path).unwrap(), b"group may only read this");
+        // A gave the owning group r-- (mask rwx): B, without the ACL, gives r--, not rwx.
+        assert_eq!(mode_of(&path), 0o644, "{name}");
+    }
+    let status = c.status(1).unwrap();
+    let not_applied = status["volumes"][0]["xattrs_not_applied"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect::<Vec<_>>();
+    assert!(
+        not_applied
+            .iter()
+            .any(|l| l.contains("system.posix_acl_access"))
+            && not_applied.iter().any(|l| l.starts_with("user ")),
+        "/status: {not_applied:?}"
+    );
+    // Said once per kind, not once per file.
+    let log = c.log(1);
+    assert_eq!(
+        log.matches("system.posix_acl_access attributes not applied")
+            .count(),
+        1,
+        "{log}"
+    );
+}
+
+fn inode(path: &Path) -> (u64, u64) {
+    let meta = fs::symlink_metadata(path).unwrap();
+    (meta.ino(), meta.nlink())
+}
+
+#[test]
+fn hard_links_arrive_as_one_inode_and_a_change_through_one_name_is_a_change_of_all() {
+    let mut c = Cluster::new(2);
+    let a = c.vol(0);
+    let photo = crate::util::random_bytes(1 << 20, 16);
+    write_file(&a.join("media/a.jpg"), &photo);
+    let names = ["media/a.jpg", "media/b.jpg", "other/c.jpg"];
+    fs::create_dir_all(a.join("other")).unwrap();
+    fs::hard_link(a.join(names[0]), a.join(names[1])).unwrap();
+    fs::hard_link(a.join(names[0]), a.join(names[2])).unwrap();
+    // A file whose other name is outside the volume is a plain file to sync.
+    write_file(&a.join("solo.txt"), b"one name in the volume");
+    fs::hard_link(a.join("solo.txt"), c.dir.path().join("outside.txt")).unwrap();
+    c.start_all();
+    let b = c.vol(1);
+    let linked = |root: &Path, count: u64| {
+        let inodes: Vec<(u64, u64)> = names.iter().map(|n| inode(&root.join(n))).collect();
+        inodes.iter().all(|&i| i == (inodes[0].0, count))
+    };
+    wait_until(&c, 1, "the three names never became one inode", |b| {
+        names.iter().all(|n| b.join(n).exists()) && linked(b, 3)
+    });
+    c.wait_converged(&[0, 1], CONVERGE);
+    assert_eq!(fs::read(b.join("other/c.jpg")).unwrap(), photo);
+    assert_eq!(inode(&b.join("solo.txt")).1, 1);
+    // Transferred once: one copy's chunks, not three.
+    let received = c.total(1, "chunk_bytes_received");
+    assert!(
+        received < 2 * photo.len() as u64,
+        "{received} chunk bytes received for one 1 MiB file with three names"
+    );
+
+    // Written in place through one name on B: every name changes, on both nodes, and A's
+    // three names stay one inode.
+    let edited = crate::util::random_bytes(1 << 20, 17);
+    fs::write(b.join("other/c.jpg"), &edited).unwrap();
+    wait_until(
+        &c,
+        0,
+        "the change through one name never reached all three",
+        |a| {
+            names
+                .iter()
+                .all(|n| fs::read(a.join(n)).is_ok_and(|d| d == edited))
+                && linked(a, 3)
+        },
+    );
+    c.wait_converged(&[0, 1], CONVERGE);
+
+    // One name removed on A: two names, one inode, on B.
+    fs::remove_file(a.join("media/b.jpg")).unwrap();
+    wait_until(&c, 1, "the removed name stayed", |b| {
+        !b.join("media/b.jpg").exists()
+            && inode(&b.join("media/a.jpg")) == (inode(&b.join("other/c.jpg")).0, 2)
+    });
+    c.wait_converged(&[0, 1], CONVERGE);
+    let a = c.vol(0);
+    assert_eq!(
+        inode(&a.join("media/a.jpg")),
+        (inode(&a.join("other/c.jpg")).0, 2)
+    );
+}

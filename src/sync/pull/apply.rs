@@ -53,7 +53,12 @@ impl Pull {
         match &remote.kind {
             EntryKind::File { .. } => {
                 let decided_against = self.node.store.entry(vol, dir, name)?;
-                self.queue_file(FileJob {
+                // Another name of a hard-linked file: linked to its leader once the
+                // round's files are in ([`Pull::link_names`]), never fetched.
+                if remote.link.is_some() {
+                    self.volume().links_pending.store(true, Ordering::Relaxed);
+                }
+                let job = FileJob {
                     dir: dir.clone(),
                     name: name.to_vec(),
                     entry: remote,
@@ -61,7 +66,11 @@ impl Pull {
                     replaces,
                     decided_against,
                     chunks: hints.chunks.clone(),
-                });
+                };
+                match job.entry.link_leader(&job.source_path) {
+                    Some(_) => self.links.push(job),
+                    None => self.queue_file(job),
+                }
                 Ok(())
             }
             EntryKind::Dir => {
@@ -84,7 +93,11 @@ impl Pull {
                         .fs
                         .chown_dir(&dir_fd, name, (remote.uid, remote.gid))?;
                 }
-                self.volume().fs.chmod_dir(&dir_fd, name, remote.mode)?;
+                let not_set =
+                    self.volume()
+                        .fs
+                        .set_dir_xattrs(&dir_fd, name, remote.mode, &remote.xattrs)?;
+                (self.volume().xattrs_not_applied).note(&self.volume().name, &path, &not_set);
                 let stat = self.volume().fs.stat(&dir_fd, name)?;
                 let mut batch = self.node.store.batch();
                 batch.put_entry(vol, dir, name, &remote);

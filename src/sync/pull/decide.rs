@@ -295,6 +295,11 @@ impl Pull {
     ) -> Result<(), SyncError> {
         let copy_path = dir.join(&copy_name)?;
         let source_path = dir.join(name)?;
+        // A conflict copy is a file of its own, in no hard-link group.
+        let remote = Entry {
+            link: None,
+            ..remote
+        };
         match &remote.kind {
             EntryKind::File { .. } => {
                 let decided_against = self.node.store.entry(self.volume().id, dir, &copy_name)?;

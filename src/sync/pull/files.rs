@@ -692,10 +692,18 @@ impl Prepared {
     fn finish(self, node: &Node, volume_index: usize) -> Result<ReadyFile, SyncError> {
         let entry = &self.job.entry;
         let owner = node.sync_ownership.then_some((entry.uid, entry.gid));
-        let mode = node.volumes[volume_index].received_file_mode(entry.mode);
-        finish_staged(&self.file, mode, entry.mtime_ns, owner).map_err(SyncError::local(
-            format!("staging {}", escape(&self.job.name)),
-        ))?;
+        let volume = &node.volumes[volume_index];
+        let mode = volume.received_file_mode(entry.mode);
+        let not_set =
+            finish_staged(&self.file, mode, entry.mtime_ns, owner, &entry.xattrs).map_err(
+                SyncError::local(format!("staging {}", escape(&self.job.name))),
+            )?;
+        if !not_set.is_empty() {
+            let path = self.job.dir.join(&self.job.name)?;
+            volume
+                .xattrs_not_applied
+                .note(&volume.name, &path, &not_set);
+        }
         Ok(ReadyFile {
             job: self.job,
             staged: self.staged,

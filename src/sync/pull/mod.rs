@@ -10,6 +10,8 @@
 //!    chunk bytes), fetch the rest from the peers that share the volume (spread over
 //!    them, each chunk checked against its BLAKE3 id), assemble in staging, then publish
 //!    a batch: one `syncfs`, atomic renames, directory fsyncs, one durable index write.
+//!    Other names of a hard-linked file are linked to their group's leader once the
+//!    round's files are in: transferred once, one inode as on the peer.
 //! 5. Deletes run last, deepest first, so content that moved elsewhere in the same round
 //!    is still there to be reused; a local file changed since the last scan is never
 //!    overwritten or deleted (the next scan indexes it and it syncs as a change).
@@ -27,6 +29,7 @@
 mod apply;
 mod decide;
 mod files;
+mod links;
 mod walk;
 
 use std::collections::{HashMap, HashSet};
@@ -101,6 +104,8 @@ pub async fn pull_volume(
         pending: Vec::new(),
         pending_bytes: 0,
         files: Vec::new(),
+        links: Vec::new(),
+        links_waiting: 0,
         report: PullReport::default(),
         waiting: Waiting::default(),
         wanted_staging: Some(HashSet::new()),
@@ -134,6 +139,12 @@ pub async fn pull_volume(
     round?;
     crate::tree::update(&node.store, volume.id)?;
     pull.settle_room();
+    if pull.links_waiting == 0 {
+        // Every hard-linked name this node took is linked: groups on disk are whole.
+        volume
+            .links_pending
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
     let report = pull.report;
     let left = report.incomplete + report.waiting_for_room;
     peer.sync.round_done(&volume.name, left, pull.waiting.bytes);
@@ -187,6 +198,10 @@ struct Pull {
     pending_bytes: usize,
     /// Files decided on but not yet fetched (taken in batches across directories).
     files: Vec<FileJob>,
+    /// Other names of hard-linked files, linked to their leaders at the end of the round.
+    links: Vec<FileJob>,
+    /// Of those, how many could not be linked this round.
+    links_waiting: u64,
     report: PullReport,
     /// What this round left waiting for room.
     waiting: Waiting,
@@ -260,7 +275,8 @@ impl Pull {
             };
             self.sync_dir(&dir, remote).await?;
         }
-        self.take_files().await
+        self.take_files().await?;
+        self.link_names().await
     }
 
     /// Queues directory `path` to compare later, within the round's budget.
