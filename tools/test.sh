@@ -7,8 +7,9 @@
 # they need).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# promtool (Debian's prometheus package) checks a live node's /metrics.
-source tools/setup.sh prometheus
+# promtool (Debian's prometheus package) checks a live node's /metrics; rsync: the
+# metadata tests compare Shoal's copy of a tree with `rsync -aHAXS`'s.
+source tools/setup.sh prometheus rsync
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
   rustup component add rustfmt clippy
 fi

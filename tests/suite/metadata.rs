@@ -531,3 +531,341 @@ fn hard_links_arrive_as_one_inode_and_a_change_through_one_name_is_a_change_of_a
         (inode(&a.join("other/c.jpg")).0, 2)
     );
 }
+
+/// What a dump records of one name, read through descriptors (`statat` without following,
+/// attributes and content through an `O_NOFOLLOW|O_NONBLOCK` descriptor): everything
+/// `rsync -aHAXS` keeps. Not recorded: inode numbers, atimes and ctimes, directories'
+/// sizes (a directory's size is its history), and symlinks' mtimes (Shoal does not sync
+/// them).
+#[derive(Debug, PartialEq, Eq)]
+struct Dumped {
+    kind: &'static str,
+    mode: u32,
+    owner: (u32, u32),
+    size: Option<u64>,
+    blocks: Option<u64>,
+    nlink: u64,
+    /// For a file with several names: the least of its names (relative to the root).
+    linked_with: Option<Vec<u8>>,
+    xattrs: BTreeMap<String, Vec<u8>>,
+    mtime_ns: Option<i64>,
+    content: Vec<u8>,
+}
+
+fn dump(root: &Path) -> BTreeMap<Vec<u8>, Dumped> {
+    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+    let mut out = BTreeMap::new();
+    let mut inodes: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    let root_fd =
+        rustix::fs::open(root, OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty()).unwrap();
+    let mut pending = vec![(Vec::<u8>::new(), root_fd)];
+    while let Some((rel, dir_fd)) = pending.pop() {
+        let mut names: Vec<Vec<u8>> = rustix::fs::Dir::read_from(&dir_fd)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_bytes().to_vec())
+            .filter(|n| n != b"." && n != b".." && !(rel.is_empty() && n == b".shoal"))
+            .collect();
+        names.sort();
+        if rel.is_empty() {
+            names.insert(0, b".".to_vec());
+        }
+        for name in names {
+            let path = match (rel.is_empty(), name == b".") {
+                (_, true) => b".".to_vec(),
+                (true, false) => name.clone(),
+                (false, false) => [rel.as_slice(), b"/", &name].concat(),
+            };
+            let stat = rustix::fs::statat(&dir_fd, os(&name), AtFlags::SYMLINK_NOFOLLOW).unwrap();
+            let kind = FileType::from_raw_mode(stat.st_mode);
+            let mtime_ns = stat.st_mtime * 1_000_000_000 + stat.st_mtime_nsec as i64;
+            let mut item = Dumped {
+                kind: "other",
+                mode: stat.st_mode & 0o7777,
+                owner: (stat.st_uid, stat.st_gid),
+                size: None,
+                blocks: None,
+                nlink: stat.st_nlink,
+                linked_with: None,
+                xattrs: BTreeMap::new(),
+                mtime_ns: Some(mtime_ns),
+                content: Vec::new(),
+            };
+            let open = |flags| {
+                rustix::fs::openat(
+                    &dir_fd,
+                    os(&name),
+                    flags | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .unwrap()
+            };
+            match kind {
+                FileType::RegularFile => {
+                    let fd = open(OFlags::RDONLY);
+                    item.kind = "file";
+                    item.size = Some(stat.st_size as u64);
+                    item.blocks = Some(stat.st_blocks as u64);
+                    item.xattrs = fd_xattrs(&fd);
+                    let mut data = Vec::new();
+                    std::io::Read::read_to_end(&mut File::from(fd), &mut data).unwrap();
+                    item.content = blake3::hash(&data).as_bytes().to_vec();
+                    if stat.st_nlink > 1 {
+                        inodes.entry(stat.st_ino).or_default();
+                        let least = inodes.get_mut(&stat.st_ino).unwrap();
+                        if least.is_empty() || path < *least {
+                            *least = path.clone();
+                        }
+                    }
+                }
+                FileType::Directory => {
+                    let fd = open(OFlags::RDONLY | OFlags::DIRECTORY);
+                    item.kind = "dir";
+                    item.xattrs = fd_xattrs(&fd);
+                    if name != b"." {
+                        pending.push((path.clone(), fd));
+                    }
+                }
+                FileType::Symlink => {
+                    item.kind = "symlink";
+                    item.mode = 0;
+                    item.mtime_ns = None;
+                    item.size = Some(stat.st_size as u64);
+                    item.content = rustix::fs::readlinkat(&dir_fd, os(&name), Vec::new())
+                        .unwrap()
+                        .into_bytes();
+                }
+                FileType::Fifo => {
+                    let fd = open(OFlags::RDONLY);
+                    item.kind = "fifo";
+                    item.xattrs = fd_xattrs(&fd);
+                }
+                _ => {}
+            }
+            out.insert(path, (stat.st_ino, item));
+        }
+    }
+    out.into_iter()
+        .map(|(path, (ino, mut item))| {
+            if item.nlink > 1 && item.kind == "file" {
+                item.linked_with = inodes.get(&ino).cloned();
+            }
+            (path, item)
+        })
+        .collect()
+}
+
+fn fd_xattrs(fd: &std::os::fd::OwnedFd) -> BTreeMap<String, Vec<u8>> {
+    let mut names = vec![0u8; 65536];
+    let n = rustix::fs::flistxattr(fd, &mut names[..]).unwrap_or(0);
+    let mut out = BTreeMap::new();
+    for name in names[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let name = std::str::from_utf8(name).unwrap();
+        let mut value = vec![0u8; 65536];
+        let len = rustix::fs::fgetxattr(fd, name, &mut value[..]).unwrap();
+        value.truncate(len);
+        out.insert(name.to_string(), value);
+    }
+    out
+}
+
+/// Builds, under `root`, one of each item of issue 16's table, with fixed contents,
+/// owners, modes, attributes and times (so two calls build identical trees).
+fn build_table_tree(root: &Path) {
+    use std::os::unix::fs::{chown, lchown, symlink};
+    let dir = |rel: &str, mode: u32| {
+        fs::create_dir_all(root.join(rel)).unwrap();
+        fs::set_permissions(root.join(rel), fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let file = |rel: &str, content: &[u8], mode: u32| {
+        write_file(&root.join(rel), content);
+        fs::set_permissions(root.join(rel), fs::Permissions::from_mode(mode)).unwrap();
+    };
+    dir("", 0o755);
+    // Directory ownership: the web server's uploads, a setgid team directory.
+    file("uploads/2026/photo.jpg", b"jpeg bytes", 0o644);
+    for rel in ["uploads", "uploads/2026", "uploads/2026/photo.jpg"] {
+        lchown(root.join(rel), Some(33), Some(33)).unwrap();
+    }
+    file("shared/team.txt", b"team notes", 0o664);
+    chown(root.join("shared"), Some(0), Some(5678)).unwrap();
+    fs::set_permissions(root.join("shared"), fs::Permissions::from_mode(0o2775)).unwrap();
+    // Modes: setuid, sticky, chmod-only.
+    file("modes/tool", b"#!/bin/sh\n", 0o4755);
+    dir("modes/drop", 0o1777);
+    file("modes/private", b"secret", 0o600);
+    dir("empty", 0o700);
+    // POSIX ACLs, access and default, and user.* attributes.
+    file("acl/report.txt", b"quarterly numbers", 0o644);
+    set_xattr(
+        &root.join("acl/report.txt"),
+        "system.posix_acl_access",
+        &acl_wider_mask(),
+    );
+    dir("acl/team", 0o770);
+    let dir_acl = acl(&[
+        (ACL_USER_OBJ, 7, NO_ID),
+        (ACL_USER, 5, 1000),
+        (ACL_GROUP_OBJ, 5, NO_ID),
+        (ACL_MASK, 5, NO_ID),
+        (ACL_OTHER, 0, NO_ID),
+    ]);
+    set_xattr(&root.join("acl/team"), "system.posix_acl_access", &dir_acl);
+    set_xattr(&root.join("acl/team"), "system.posix_acl_default", &dir_acl);
+    file("attrs/tagged.txt", b"tagged", 0o644);
+    set_xattr(&root.join("attrs/tagged.txt"), "user.origin", b"scanner");
+    set_xattr(&root.join("attrs/tagged.txt"), "user.empty", b"");
+    set_xattr(&root.join("attrs"), "user.dir", b"1");
+    // A hard link with three names, in two directories.
+    file(
+        "links/a.jpg",
+        &crate::util::random_bytes(300_000, 21),
+        0o644,
+    );
+    dir("links/more", 0o755);
+    fs::hard_link(root.join("links/a.jpg"), root.join("links/b.jpg")).unwrap();
+    fs::hard_link(root.join("links/a.jpg"), root.join("links/more/c.jpg")).unwrap();
+    // A sparse file: 64 MiB holding 768 KiB of data in three block-aligned regions.
+    let sparse = root.join("images/disk.img");
+    fs::create_dir_all(sparse.parent().unwrap()).unwrap();
+    let image = File::create(&sparse).unwrap();
+    image.set_len(64 << 20).unwrap();
+    let data = crate::util::random_bytes(3 << 18, 22);
+    for (i, at) in [0u64, 32 << 20, (64 << 20) - (1 << 18)]
+        .into_iter()
+        .enumerate()
+    {
+        image
+            .write_all_at(&data[i << 18..(i + 1) << 18], at)
+            .unwrap();
+    }
+    drop(image);
+    // Symlinks: absolute, leaving the volume, dangling.
+    dir("sym", 0o755);
+    symlink("/etc/passwd", root.join("sym/absolute")).unwrap();
+    symlink("../../../../../srv/elsewhere", root.join("sym/outside")).unwrap();
+    symlink("no-such-file", root.join("sym/dangling")).unwrap();
+    // A FIFO.
+    mkfifo(&root.join("pipes/control"), 0o640);
+    // Nanosecond file mtimes, then every directory's mtime, deepest first.
+    let ns = |secs: i64, nsec: i64| rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec {
+            tv_sec: secs,
+            tv_nsec: nsec,
+        },
+        last_modification: rustix::fs::Timespec {
+            tv_sec: secs,
+            tv_nsec: nsec,
+        },
+    };
+    let flags = rustix::fs::AtFlags::SYMLINK_NOFOLLOW;
+    for (i, rel) in [
+        "uploads/2026/photo.jpg",
+        "shared/team.txt",
+        "modes/tool",
+        "modes/private",
+        "acl/report.txt",
+        "attrs/tagged.txt",
+        "links/a.jpg",
+        "images/disk.img",
+        "pipes/control",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let times = ns(1_600_000_000 + i as i64, 123_456_789);
+        rustix::fs::utimensat(rustix::fs::CWD, root.join(rel), &times, flags).unwrap();
+    }
+    let mut dirs: Vec<PathBuf> = dump(root)
+        .into_iter()
+        .filter(|(_, d)| d.kind == "dir")
+        .map(|(p, _)| root.join(os(&p)))
+        .collect();
+    dirs.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for (i, path) in dirs.iter().enumerate() {
+        let times = ns(1_500_000_000 + i as i64 * 100, 987_654_321);
+        rustix::fs::utimensat(rustix::fs::CWD, path, &times, flags).unwrap();
+    }
+}
+
+#[test]
+fn every_item_of_the_table_arrives_as_rsync_ahaxs_keeps_it_both_ways() {
+    if !running_as_root() {
+        eprintln!("skipped: owners and trusted attributes need root");
+        return;
+    }
+    let mut c = Cluster::new(2);
+    // uid 33 must reach the volumes, to write into uploads/ below.
+    for dir in [c.dir.path().to_path_buf(), c.dir.path().join("node1")] {
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    // rsync -a keeps setuid: so does this volume.
+    for env in &mut c.extra_env {
+        env.push(("SHOAL_KEEP_SETID".into(), "vol".into()));
+    }
+    let (a, b) = (c.vol(0), c.vol(1));
+    build_table_tree(&a.join("t1"));
+    let expected = dump(&a.join("t1"));
+    // The dump sees what the table is about.
+    let item = |p: &str| &expected[p.as_bytes()];
+    assert!(
+        item("acl/team")
+            .xattrs
+            .contains_key("system.posix_acl_default")
+    );
+    assert_eq!(item("acl/report.txt").mode, 0o674);
+    assert_eq!(item("attrs/tagged.txt").xattrs["user.origin"], b"scanner");
+    assert_eq!(item("links/more/c.jpg").nlink, 3);
+    assert_eq!(
+        item("links/more/c.jpg").linked_with.as_deref(),
+        Some(&b"links/a.jpg"[..])
+    );
+    assert_eq!(item("shared").owner, (0, 5678));
+    assert_eq!(item("images/disk.img").blocks, Some(3 << 9));
+    assert_eq!(item("pipes/control").kind, "fifo");
+
+    // What rsync -aHAXS makes of the same tree (on the same file system).
+    let copy = c.dir.path().join("rsync");
+    fs::create_dir_all(&copy).unwrap();
+    let rsync = Command::new("rsync")
+        .args(["-aHAXS", "--numeric-ids"])
+        .arg(format!("{}/", a.join("t1").display()))
+        .arg(copy.join("t1"))
+        .output()
+        .expect("rsync (tools/setup.sh installs it)");
+    assert!(
+        rsync.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rsync.stderr)
+    );
+    let by_rsync = dump(&copy.join("t1"));
+    assert_eq!(by_rsync, expected, "rsync -aHAXS differs from the source");
+
+    c.start_all();
+    wait_until(&c, 1, "A's tree never arrived whole on B", |b| {
+        b.join("t1").exists() && dump(&b.join("t1")) == expected
+    });
+
+    // And back: the same tree made on B arrives on A as rsync would copy it.
+    build_table_tree(&b.join("t2"));
+    wait_until(&c, 0, "B's tree never arrived whole on A", |a| {
+        a.join("t2").exists() && dump(&a.join("t2")) == expected
+    });
+    c.wait_converged(&[0, 1], CONVERGE);
+    for (node, root) in [(0, &a), (1, &b)] {
+        for tree in ["t1", "t2"] {
+            assert_eq!(dump(&root.join(tree)), expected, "node {node} {tree}");
+        }
+    }
+
+    // The web server's user writes on B where A gave it the directory.
+    let written = Command::new("setpriv")
+        .args(["--reuid", "33", "--regid", "33", "--clear-groups", "touch"])
+        .arg(b.join("t1/uploads/2026/upload.jpg"))
+        .output()
+        .unwrap();
+    assert!(
+        written.status.success(),
+        "uid 33 cannot write in uploads/ on B: {}",
+        String::from_utf8_lossy(&written.stderr)
+    );
+}
