@@ -787,6 +787,45 @@ fn build_table_tree(root: &Path) {
     }
 }
 
+/// Waits until node `i`'s `tree` dumps as `expected`; on timeout, fails with what
+/// differs and the node's log.
+fn wait_dump(c: &Cluster, i: usize, tree: &str, expected: &BTreeMap<Vec<u8>, Dumped>) {
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let root = c.vol(i).join(tree);
+        let got = match root.exists() {
+            true => dump(&root),
+            false => BTreeMap::new(),
+        };
+        if got == *expected {
+            return;
+        }
+        if Instant::now() > deadline {
+            let differs: Vec<String> = expected
+                .keys()
+                .chain(got.keys())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .filter(|p| got.get(*p) != expected.get(*p))
+                .map(|p| {
+                    format!(
+                        "{}: expected {:?}\n  got {:?}",
+                        String::from_utf8_lossy(p),
+                        expected.get(p),
+                        got.get(p)
+                    )
+                })
+                .collect();
+            panic!(
+                "node {i}: {tree} differs:\n{}\n--- log:\n{}",
+                differs.join("\n"),
+                c.log(i)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn every_item_of_the_table_arrives_as_rsync_ahaxs_keeps_it_both_ways() {
     if !running_as_root() {
@@ -841,15 +880,11 @@ fn every_item_of_the_table_arrives_as_rsync_ahaxs_keeps_it_both_ways() {
     assert_eq!(by_rsync, expected, "rsync -aHAXS differs from the source");
 
     c.start_all();
-    wait_until(&c, 1, "A's tree never arrived whole on B", |b| {
-        b.join("t1").exists() && dump(&b.join("t1")) == expected
-    });
+    wait_dump(&c, 1, "t1", &expected);
 
     // And back: the same tree made on B arrives on A as rsync would copy it.
     build_table_tree(&b.join("t2"));
-    wait_until(&c, 0, "B's tree never arrived whole on A", |a| {
-        a.join("t2").exists() && dump(&a.join("t2")) == expected
-    });
+    wait_dump(&c, 0, "t2", &expected);
     c.wait_converged(&[0, 1], CONVERGE);
     for (node, root) in [(0, &a), (1, &b)] {
         for tree in ["t1", "t2"] {
