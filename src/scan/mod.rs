@@ -225,6 +225,8 @@ pub fn scan_volume(
             linked: find_groups.then(Default::default),
             links_changed: false,
             linked_names: 0,
+            changed_linked: Default::default(),
+            unsettled: Default::default(),
             report: ScanReport {
                 volume: name.to_string(),
                 ..ScanReport::default()

@@ -79,6 +79,11 @@ pub(super) struct Walker<'s> {
     pub(super) links_changed: bool,
     /// Names kept in `linked` so far.
     pub(super) linked_names: usize,
+    /// Hard-linked files read by this full walk, recorded with their whole group at its
+    /// end.
+    pub(super) changed_linked: HashMap<VolPath, super::links::Changed>,
+    /// Names held or unreadable in this walk: their groups are left as indexed.
+    pub(super) unsettled: HashSet<VolPath>,
     pub(super) report: ScanReport,
 }
 
@@ -371,16 +376,17 @@ impl<'s> Walker<'s> {
             match order {
                 std::cmp::Ordering::Less => {
                     let item = listed.next().expect("peeked");
-                    if !self.is_held(dir, &item.name) {
-                        self.on_listed(dir, item, None, &opened, depth)?;
+                    match self.is_held(dir, &item.name) {
+                        false => self.on_listed(dir, item, None, &opened, depth)?,
+                        true => self.note_held(dir, &item),
                     }
                 }
                 std::cmp::Ordering::Equal => {
                     let item = listed.next().expect("peeked");
                     let (_, stamp) = indexed.next().expect("peeked");
-                    if !self.is_held(dir, &item.name) {
-                        let stamp = Some(stamp);
-                        self.on_listed(dir, item, stamp, &opened, depth)?;
+                    match self.is_held(dir, &item.name) {
+                        false => self.on_listed(dir, item, Some(stamp), &opened, depth)?,
+                        true => self.note_held(dir, &item),
                     }
                 }
                 std::cmp::Ordering::Greater => {
@@ -769,6 +775,33 @@ impl<'s> Walker<'s> {
         meta: &Metadata,
         xattrs: Xattrs,
     ) -> Result<(), StoreError> {
+        let linked_now = meta.nlink() > 1;
+        let was_linked = self
+            .store
+            .entry(self.vol, dir, name)?
+            .is_some_and(|o| o.link.is_some());
+        if linked_now || was_linked {
+            let changed = super::links::Changed {
+                content,
+                meta: meta.clone(),
+                xattrs,
+            };
+            return self.defer_linked(dir, name, changed, linked_now);
+        }
+        self.record_file_as(dir, name, content, meta, xattrs, None)
+    }
+
+    /// Writes a file's entry (with `link`, its hard-link group) and chunk list if its
+    /// content or metadata changed, and its stamp.
+    pub(super) fn record_file_as(
+        &mut self,
+        dir: &VolPath,
+        name: &[u8],
+        content: ChunkedContent,
+        meta: &Metadata,
+        xattrs: Xattrs,
+        link: Option<VolPath>,
+    ) -> Result<(), StoreError> {
         let old = self.store.entry(self.vol, dir, name)?;
         let kind = EntryKind::File {
             size: content.size,
@@ -779,15 +812,7 @@ impl<'s> Walker<'s> {
         let from_peer = received.is_some();
         let changed = match received {
             Some(entry) => Some(entry),
-            None => {
-                // A file with other names keeps its recorded group until the end of the
-                // walk, which has seen every name ([`Walker::record_link_groups`]).
-                let link = match meta.nlink() > 1 {
-                    true => old.as_ref().and_then(|o| o.link.clone()),
-                    false => None,
-                };
-                self.entry_from(kind, meta, (xattrs, link), old.as_ref())
-            }
+            None => self.entry_from(kind, meta, (xattrs, link), old.as_ref()),
         };
         if let Some(entry) = changed {
             let old_chunks: Vec<ChunkRef> = match old.as_ref().map(|o| &o.kind) {
@@ -853,6 +878,7 @@ impl<'s> Walker<'s> {
                     path().display()
                 );
                 self.problem(message);
+                self.unsettle(&dir, &name);
             }
             HashOutcome::Failed(e) => {
                 let message = format!(
@@ -860,6 +886,7 @@ impl<'s> Walker<'s> {
                     path().display()
                 );
                 self.problem(message);
+                self.unsettle(&dir, &name);
             }
         }
         self.flush(false)

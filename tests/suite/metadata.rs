@@ -528,7 +528,10 @@ fn hard_links_arrive_as_one_inode_and_a_change_through_one_name_is_a_change_of_a
     let a = c.vol(0);
     assert_eq!(
         inode(&a.join("media/a.jpg")),
-        (inode(&a.join("other/c.jpg")).0, 2)
+        (inode(&a.join("other/c.jpg")).0, 2),
+        "--- A log:\n{}\n--- B log:\n{}",
+        c.log(0),
+        c.log(1)
     );
 }
 
