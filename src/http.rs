@@ -125,7 +125,7 @@ fn encode_metrics(status: &NodeStatus) -> String {
 
 fn volume_metrics(m: &mut Metrics, volumes: &[VolumeStatus]) {
     type Gauge = (&'static str, &'static str, fn(&VolumeStatus) -> f64);
-    let gauges: [Gauge; 6] = [
+    let gauges: [Gauge; 7] = [
         (
             "volume_conflict_copies",
             "Conflict copies in the volume (as of its last whole-volume scan; the same on every node once they agree)",
@@ -153,6 +153,11 @@ fn volume_metrics(m: &mut Metrics, volumes: &[VolumeStatus]) {
             "volume_scanning",
             "Whether a scan of the volume is under way (1) or not (0)",
             |v| flag(v.scan.is_some()),
+        ),
+        (
+            "paused",
+            "Whether the operator paused the volume or the node (1) or not (0)",
+            |v| flag(v.paused),
         ),
     ];
     for (name, help, value) in gauges {
@@ -260,6 +265,7 @@ pub fn node_status(node: &Node) -> NodeStatus {
         .volumes
         .iter()
         .map(|v| {
+            let paused = node.paused.holds(&v.name);
             let node = node
                 .store
                 .tree_node(v.id, &crate::pathname::VolPath::root())
@@ -274,6 +280,7 @@ pub fn node_status(node: &Node) -> NodeStatus {
                 scan: v.scanning.status(),
                 conflict_copies: v.conflict_copies.load(Ordering::Relaxed),
                 xattrs_not_applied: v.xattrs_not_applied.list(),
+                paused,
             }
         })
         .collect();
@@ -352,6 +359,10 @@ pub struct VolumeStatus {
     /// set (a file system without support, not running as root), one line each.
     #[serde(default)]
     pub xattrs_not_applied: Vec<String>,
+    /// Paused by the operator (`shoal pause`), by itself or with the whole node: no
+    /// pulls, no answers to peers, no announcements; local changes still indexed.
+    #[serde(default)]
+    pub paused: bool,
 }
 
 #[derive(Serialize, serde::Deserialize, Debug, Clone)]

@@ -49,6 +49,8 @@
 //!   Prometheus text format `/metrics` is written in.
 //! - [`discovery`]: who the peers are (a static list, or found through the Docker API
 //!   and Swarm DNS); [`container`]: what Shoal learns of the container it runs in.
+//! - [`control`]: the local control socket the CLI commands the daemon through;
+//!   [`pause`]: which volumes (or the node) an operator paused, kept across restarts.
 //! - [`config`]: settings from flags, environment, TOML file and defaults.
 //! - [`cli`]: the `shoal` command line.
 //!
@@ -62,6 +64,7 @@ pub mod chunking;
 pub mod cli;
 pub mod config;
 pub mod container;
+pub mod control;
 pub mod credentials;
 pub mod discovery;
 pub mod encoding;
@@ -73,6 +76,7 @@ pub mod identity;
 pub mod ids;
 pub mod metrics;
 pub mod pathname;
+pub mod pause;
 pub mod protocol;
 pub mod repair;
 pub mod revocation;

@@ -13,7 +13,8 @@
 //! - the hourly sweep of expired tombstones;
 //! - for a node enrolled with a signer, its certificate's renewal
 //!   ([`crate::enroll::client::keep_renewed`]);
-//! - the HTTP endpoint ([`crate::http`]).
+//! - the HTTP endpoint ([`crate::http`]);
+//! - the local control socket ([`crate::control`]).
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -123,6 +124,12 @@ pub async fn run(
             });
         }
     }
+    let control = crate::control::bind(&settings.state_dir)?;
+    tasks.spawn(crate::control::serve(
+        control,
+        node.clone(),
+        stop_rx.clone(),
+    ));
     // Watch before the first scan, so nothing changed during it goes unseen.
     let watchers: Vec<_> = node
         .volumes
@@ -206,6 +213,7 @@ fn open_node(options: &ServeOptions, credentials: &Credentials) -> anyhow::Resul
     }
     node.access = options.access.clone();
     node.heartbeat = options.heartbeat;
+    node.paused = crate::pause::Paused::load(&settings.state_dir)?;
     let node = Arc::new(node);
     *node.identity.write().expect("identity lock") = Some(credentials.identity.clone());
     let _ = node.trust.set(Trust {
@@ -773,7 +781,7 @@ async fn sync_with(
         let mut incomplete = false;
         for index in 0..node.volumes.len() {
             let name = node.volumes[index].name.clone();
-            if !peer.shares(&name) {
+            if !peer.shares(&name) || node.paused.holds(&name) {
                 continue;
             }
             let pulled = pull_logging_progress(node, peer, index).await;

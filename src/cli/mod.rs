@@ -76,6 +76,13 @@ enum Command {
     /// Ask a running daemon whether it is healthy (its HTTP /healthz): exit 0 if so, 1
     /// if not (the image's HEALTHCHECK).
     Health(HealthArgs),
+    /// Pause a volume (or, without one, every volume): the running daemon stops pulling
+    /// it, serving it to peers and announcing its changes, until `shoal resume`, across
+    /// restarts. Local changes are still indexed and go out on resume.
+    Pause(ControlArgs),
+    /// Resume what `shoal pause` paused: the volume (or, without one, the node-wide
+    /// pause) syncs again, starting with what changed meanwhile.
+    Resume(ControlArgs),
     /// Cluster credentials.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -373,6 +380,19 @@ struct StatusArgs {
     json: bool,
 }
 
+/// A command for the running daemon, through its control socket (root or the daemon's
+/// user only).
+#[derive(Args, Debug)]
+struct ControlArgs {
+    /// The volume [default: the whole node].
+    volume: Option<String>,
+
+    /// The daemon's state directory, where its control socket is [default:
+    /// /var/lib/shoal].
+    #[arg(long, env = "SHOAL_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
 #[derive(Args, Debug)]
 struct HealthArgs {
     /// The daemon's HTTP address (its --http).
@@ -573,6 +593,8 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             )
         }
         Command::Health(args) => commands::health(&args.http, args.ready),
+        Command::Pause(args) => control_pause(cli.config, args, true),
+        Command::Resume(args) => control_pause(cli.config, args, false),
         Command::Cluster(ClusterCommand::Init { out }) => commands::cluster_init(&out),
         Command::Cluster(ClusterCommand::AddNode {
             name,
@@ -616,6 +638,34 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
             args.json,
         ),
     }
+}
+
+/// `shoal pause` (`pause = true`) or `shoal resume`, through the daemon's control socket.
+fn control_pause(
+    config: Option<PathBuf>,
+    args: ControlArgs,
+    pause: bool,
+) -> anyhow::Result<Outcome> {
+    use crate::control::Command as Control;
+    use crate::pause::Target;
+    let target = match args.volume {
+        Some(name) => {
+            crate::config::validate_volume_name(&name)?;
+            Target::Volume(name)
+        }
+        None => Target::Node,
+    };
+    let command = match pause {
+        true => Control::Pause(target),
+        false => Control::Resume(target),
+    };
+    let state_dir = args
+        .state_dir
+        .or(file_config(config.as_ref())?.state_dir)
+        .unwrap_or_else(|| crate::config::DEFAULT_STATE_DIR.into());
+    let answer = crate::control::request(&state_dir, &command)?;
+    print(&format!("{answer}\n"))?;
+    Ok(Outcome::Success)
 }
 
 fn parse_http(addr: &str) -> anyhow::Result<std::net::SocketAddr> {

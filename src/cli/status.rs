@@ -115,6 +115,9 @@ pub fn render(status: &NodeStatus, bars: bool) -> String {
                 v.conflict_copies
             );
         }
+        if v.paused {
+            out.push_str("  PAUSED (shoal resume): not syncing; local changes are indexed\n");
+        }
         if let Some(scan) = &v.scan {
             let _ = writeln!(
                 out,

@@ -100,6 +100,9 @@ pub enum ErrorCode {
     Identity,
     /// The requester may not hold the volume it names (per-volume access).
     Forbidden,
+    /// The responder's operator paused the volume (or the whole node): asked again
+    /// after resume.
+    Paused,
 }
 
 impl ErrorCode {
@@ -114,6 +117,7 @@ impl ErrorCode {
             ErrorCode::Internal => 6,
             ErrorCode::Identity => 7,
             ErrorCode::Forbidden => 8,
+            ErrorCode::Paused => 9,
         }
     }
 
@@ -182,6 +186,7 @@ mod tests {
             (ErrorCode::Internal, 6),
             (ErrorCode::Identity, 7),
             (ErrorCode::Forbidden, 8),
+            (ErrorCode::Paused, 9),
         ];
         for (code, number) in codes {
             assert_eq!(code.number(), number);

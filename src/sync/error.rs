@@ -91,11 +91,12 @@ impl SyncError {
     }
 
     /// The connection to the peer is unusable: the peer's task reconnects. A refusal
-    /// for one volume (the peer's access rules) leaves the others syncing.
+    /// for one volume (the peer's access rules, or its operator's pause) leaves the
+    /// others syncing.
     pub fn is_connection_lost(&self) -> bool {
         match self {
             SyncError::Protocol(ProtocolError::Remote { code, .. }) => {
-                *code != ErrorCode::Forbidden.number()
+                *code != ErrorCode::Forbidden.number() && *code != ErrorCode::Paused.number()
             }
             SyncError::Connection(_) | SyncError::NotConnected | SyncError::Protocol(_) => true,
             _ => false,

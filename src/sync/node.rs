@@ -165,6 +165,8 @@ pub struct Node {
     /// Seconds between anti-entropy rounds: the unit of the health rules and of how
     /// often a lasting error is logged again.
     pub heartbeat: std::time::Duration,
+    /// The volumes (or the whole node) an operator paused.
+    pub paused: crate::pause::Paused,
 }
 
 impl Node {
@@ -193,6 +195,7 @@ impl Node {
             access: Access::default(),
             state_room: ShortageState::default(),
             heartbeat: std::time::Duration::from_secs(25),
+            paused: crate::pause::Paused::default(),
         }
     }
 
@@ -352,10 +355,14 @@ impl Node {
         self.peers().into_iter().find(|p| p.node_id() == Some(id))
     }
 
-    /// Tells every connected peer that shares `volume` to pull from us. Each peer is
-    /// told in a task of its own, given [`NOTIFY_TIMEOUT`] to acknowledge: a peer that
-    /// stopped answering delays neither the others nor the caller.
+    /// Tells every connected peer that shares `volume` to pull from us (unless it is
+    /// paused: resuming tells them). Each peer is told in a task of its own, given
+    /// [`NOTIFY_TIMEOUT`] to acknowledge: a peer that stopped answering delays neither
+    /// the others nor the caller.
     pub fn notify_peers(&self, volume: &str) {
+        if self.paused.holds(volume) {
+            return;
+        }
         for peer in self.peers() {
             if !peer.shares(volume) {
                 continue;

@@ -4,6 +4,7 @@
 mod attacks;
 mod cli;
 mod cluster;
+mod control;
 mod crash;
 mod docker;
 mod faults;

@@ -177,6 +177,7 @@ async fn serve_stream(
             ),
         });
     }
+    refuse_if_paused(node, &request)?;
     let response = match request {
         Request::Hello(hello) => hello::answer(node, session, hello)?,
         Request::Notify { volume } => notify::answer(node, session, &volume)?,
@@ -199,6 +200,20 @@ async fn serve_stream(
         Request::GetChunks { ids } => return chunks::send(node, session, ids, send).await,
     };
     reply(node, send, response).await
+}
+
+/// A request for a paused volume, or for chunk bytes from a paused node, is refused
+/// with [`ErrorCode::Paused`] (the peer says so and tries again later).
+fn refuse_if_paused(node: &Node, request: &Request) -> Result<(), ProtocolError> {
+    let paused = match (request, request.volume()) {
+        (_, Some(volume)) if node.paused.holds(volume) => format!("volume {volume} is"),
+        (Request::GetChunks { .. }, _) if node.paused.node() => "every volume is".to_string(),
+        _ => return Ok(()),
+    };
+    Err(ProtocolError::Refused {
+        code: ErrorCode::Paused,
+        message: format!("{paused} paused on this node by its operator"),
+    })
 }
 
 /// Writes one response frame (made wrong first if this node is told to misbehave).

@@ -1,0 +1,306 @@
+//! The local control channel: a Unix socket in the state directory through which the
+//! `shoal` CLI acts on the running daemon (pause, resume, bandwidth limit). Nothing on
+//! the network accepts commands.
+//!
+//! Only root and the daemon's own user may use it: the socket is `control/shoal.sock`
+//! under the state directory, the directory mode 0700 and the socket 0600, and every
+//! connection's peer uid (`SO_PEERCRED`) is checked besides. Inside a container,
+//! `docker exec CONTAINER shoal pause` reaches it.
+//!
+//! The protocol (`schema/protocol.md`, "Local control socket") is one request line and
+//! one answer line, UTF-8, each ended by `\n`: the request at most [`MAX_REQUEST`] bytes,
+//! read within [`TIMEOUT`]; the answer `ok MESSAGE` or `error MESSAGE`.
+
+use std::io::{BufRead, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+use crate::pause::Target;
+use crate::sync::Node;
+
+/// Largest request line, its `\n` included.
+pub const MAX_REQUEST: usize = 1024;
+/// Largest answer line the CLI reads.
+const MAX_ANSWER: u64 = 64 << 10;
+/// How long either side may take to send its line.
+pub const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Connections served at once; past it, new ones are closed at once.
+const MAX_CONNECTIONS: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot prepare the control socket directory {path}: {source}")]
+    Directory {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on the control socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot reach the daemon's control socket {path}: {source} (is `shoal serve` running with this --state-dir, and are you root or its user?)"
+    )]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the daemon's control socket {path} failed: {source}")]
+    Exchange {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the daemon refused: {0}")]
+    Refused(String),
+    #[error("the daemon answered something other than `ok` or `error`: {0:?}")]
+    Garbled(String),
+}
+
+/// The control socket of the node whose state directory is `state_dir`.
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("control").join("shoal.sock")
+}
+
+/// One request, as parsed from its line.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command {
+    Pause(Target),
+    Resume(Target),
+}
+
+impl Command {
+    /// The request line (without its `\n`).
+    pub fn line(&self) -> String {
+        let (verb, target) = match self {
+            Command::Pause(t) => ("pause", t),
+            Command::Resume(t) => ("resume", t),
+        };
+        match target {
+            Target::Node => verb.to_string(),
+            Target::Volume(name) => format!("{verb} {name}"),
+        }
+    }
+
+    pub fn parse(line: &str) -> Result<Command, String> {
+        let words: Vec<&str> = line.split_ascii_whitespace().collect();
+        let target = |rest: &[&str]| match rest {
+            [] => Ok(Target::Node),
+            [name] => crate::config::validate_volume_name(name)
+                .map(|()| Target::Volume(name.to_string()))
+                .map_err(|e| e.to_string()),
+            _ => Err(format!("too many words in {line:?}")),
+        };
+        match words.split_first() {
+            Some((&"pause", rest)) => target(rest).map(Command::Pause),
+            Some((&"resume", rest)) => target(rest).map(Command::Resume),
+            _ => Err(format!(
+                "unknown request {line:?} (expected `pause [VOLUME]` or `resume [VOLUME]`)"
+            )),
+        }
+    }
+}
+
+/// Makes the socket's directory (mode 0700), replaces a stale socket, and listens.
+pub fn bind(state_dir: &Path) -> Result<UnixListener, ControlError> {
+    let path = socket_path(state_dir);
+    let dir = path.parent().expect("the socket is inside a directory");
+    let directory = |source| ControlError::Directory {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(directory)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(directory)?;
+    // What a daemon that did not stop cleanly left (only ours can be in a 0700 directory).
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(directory(e)),
+        _ => {}
+    }
+    let bind = |source| ControlError::Bind {
+        path: path.clone(),
+        source,
+    };
+    let listener = UnixListener::bind(&path).map_err(bind)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(bind)?;
+    Ok(listener)
+}
+
+/// Answers requests on `listener` until `stop` flips.
+pub async fn serve(listener: UnixListener, node: Arc<Node>, mut stop: watch::Receiver<bool>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        match accepted {
+            Ok((stream, _)) => match slots.clone().try_acquire_owned() {
+                Ok(slot) => {
+                    let node = node.clone();
+                    tokio::spawn(async move {
+                        answer(stream, &node).await;
+                        drop(slot);
+                    });
+                }
+                Err(_) => tracing::warn!(
+                    "control socket: {MAX_CONNECTIONS} requests under way; closing another"
+                ),
+            },
+            Err(e) => {
+                tracing::warn!("control socket: accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Whether a process of user `uid` may command this daemon: root, or the daemon's own
+/// user.
+fn allowed(uid: u32) -> bool {
+    uid == 0 || uid == rustix::process::geteuid().as_raw()
+}
+
+/// Serves one connection: checks who it is, reads its line, acts, answers.
+async fn answer(mut stream: UnixStream, node: &Node) {
+    let result = match stream.peer_cred() {
+        Ok(cred) if allowed(cred.uid()) => match read_request(&mut stream).await {
+            Ok(line) => {
+                let outcome = Command::parse(&line).and_then(|command| act(node, command));
+                if let Err(e) = &outcome {
+                    tracing::warn!("control socket: refused {line:?}: {e}");
+                }
+                outcome
+            }
+            Err(e) => Err(e),
+        },
+        Ok(cred) => {
+            tracing::warn!(
+                uid = cred.uid(),
+                "control socket: refused a user other than root or this daemon's"
+            );
+            Err(format!(
+                "uid {} may not command this daemon (root or its own user only)",
+                cred.uid()
+            ))
+        }
+        Err(e) => Err(format!("cannot tell who is asking: {e}")),
+    };
+    let line = match result {
+        Ok(message) => format!("ok {message}\n"),
+        Err(message) => format!("error {}\n", message.replace('\n', " ")),
+    };
+    let _ = tokio::time::timeout(TIMEOUT, stream.write_all(line.as_bytes())).await;
+}
+
+/// The request line, without its `\n`: at most [`MAX_REQUEST`] bytes, within
+/// [`TIMEOUT`].
+async fn read_request(stream: &mut UnixStream) -> Result<String, String> {
+    let mut line = Vec::new();
+    let mut reader = tokio::io::BufReader::new(stream.take(MAX_REQUEST as u64));
+    match tokio::time::timeout(TIMEOUT, reader.read_until(b'\n', &mut line)).await {
+        Err(_) => return Err(format!("no request line within {} s", TIMEOUT.as_secs())),
+        Ok(Err(e)) => return Err(format!("reading the request: {e}")),
+        Ok(Ok(_)) => {}
+    }
+    if line.pop() != Some(b'\n') {
+        return Err(format!(
+            "the request is not one line of at most {MAX_REQUEST} bytes"
+        ));
+    }
+    String::from_utf8(line).map_err(|_| "the request is not UTF-8".to_string())
+}
+
+/// Carries out `command` on the node; the answer's message.
+fn act(node: &Node, command: Command) -> Result<String, String> {
+    let (target, pause) = match command {
+        Command::Pause(target) => (target, true),
+        Command::Resume(target) => (target, false),
+    };
+    if let Target::Volume(name) = &target
+        && node.volume(name).is_none()
+    {
+        return Err(format!("volume {name} is not synced by this node"));
+    }
+    let changed = node.paused.set(&target, pause).map_err(|e| e.to_string())?;
+    let verb = if pause { "paused" } else { "resumed" };
+    if !changed {
+        return Ok(format!("{target} was already {verb}"));
+    }
+    tracing::warn!("{target} {verb} by the operator");
+    if !pause {
+        // What changed here while paused goes out now, and each peer is pulled from.
+        for volume in &node.volumes {
+            if !node.paused.holds(&volume.name) {
+                node.notify_peers(&volume.name);
+            }
+        }
+        for peer in node.peers() {
+            peer.wake.notify_one();
+        }
+    }
+    let still = node
+        .volumes
+        .iter()
+        .filter(|v| node.paused.holds(&v.name))
+        .map(|v| v.name.as_str())
+        .collect::<Vec<_>>();
+    Ok(match still.is_empty() {
+        true => format!("{target} {verb}; no volume is paused"),
+        false => format!("{target} {verb}; paused now: {}", still.join(" ")),
+    })
+}
+
+/// Sends `command` to the daemon whose state directory is `state_dir`; its answer's
+/// message, or why it refused.
+pub fn request(state_dir: &Path, command: &Command) -> Result<String, ControlError> {
+    let path = socket_path(state_dir);
+    let connect = |source| ControlError::Connect {
+        path: path.clone(),
+        source,
+    };
+    let exchange = |source| ControlError::Exchange {
+        path: path.clone(),
+        source,
+    };
+    let mut stream = std::os::unix::net::UnixStream::connect(&path).map_err(connect)?;
+    stream.set_read_timeout(Some(TIMEOUT)).map_err(exchange)?;
+    stream.set_write_timeout(Some(TIMEOUT)).map_err(exchange)?;
+    stream
+        .write_all(format!("{}\n", command.line()).as_bytes())
+        .map_err(exchange)?;
+    let mut line = String::new();
+    std::io::BufReader::new(std::io::Read::take(stream, MAX_ANSWER))
+        .read_line(&mut line)
+        .map_err(exchange)?;
+    let line = line.trim_end();
+    if let Some(message) = line.strip_prefix("ok ") {
+        Ok(message.to_string())
+    } else if let Some(message) = line.strip_prefix("error ") {
+        Err(ControlError::Refused(message.to_string()))
+    } else {
+        Err(ControlError::Garbled(line.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_read_back_as_written_and_nonsense_is_refused() {
+        for command in [
+            Command::Pause(Target::Node),
+            Command::Resume(Target::Volume("media".into())),
+        ] {
+            assert_eq!(Command::parse(&command.line()), Ok(command));
+        }
+        for bad in ["", "pause a b", "pause ../x", "stop", "resume -x"] {
+            assert!(Command::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+}
