@@ -66,6 +66,8 @@ impl Walker<'_> {
 
     /// A name the walk leaves alone (still being written): its group too.
     pub(super) fn note_held(&mut self, dir: &VolPath, item: &Listed) {
+        // A held directory is not listed: names of groups may be in it.
+        self.dirs_unseen |= item.meta.is_dir();
         if item.meta.is_file()
             && item.meta.nlink() > 1
             && let Ok(path) = dir.join(&item.name)
@@ -93,7 +95,8 @@ impl Walker<'_> {
         };
         if self.linked_names < MAX_LINKED_NAMES {
             self.linked_names += 1;
-            let names = linked.entry((meta.dev(), meta.ino())).or_default();
+            let (nlink, names) = linked.entry((meta.dev(), meta.ino())).or_default();
+            *nlink = meta.nlink();
             names.push(path.clone());
         } else if self.linked_names == MAX_LINKED_NAMES {
             self.linked_names += 1;
@@ -113,8 +116,10 @@ impl Walker<'_> {
         };
         // Entries written by this walk must be readable below.
         self.flush(true)?;
-        for (_, names) in linked {
-            let settled = !names.iter().any(|p| self.unsettled.contains(p));
+        for (_, (nlink, names)) in linked {
+            // Every name seen and readable, or the names not seen are outside the volume.
+            let settled = !names.iter().any(|p| self.unsettled.contains(p))
+                && (names.len() as u64 >= nlink || !self.dirs_unseen);
             let leader = match names.len() > 1 {
                 true => names.iter().min().cloned(),
                 false => None,

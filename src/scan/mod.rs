@@ -225,6 +225,7 @@ pub fn scan_volume(
             linked: find_groups.then(Default::default),
             links_changed: false,
             linked_names: 0,
+            dirs_unseen: false,
             changed_linked: Default::default(),
             unsettled: Default::default(),
             report: ScanReport {

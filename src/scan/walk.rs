@@ -73,7 +73,10 @@ pub(super) struct Walker<'s> {
     pub(super) namespaces: Namespaces,
     /// Hard links: every listed file with other names, by (device, inode), in a full
     /// scan (which sees every name of a group).
-    pub(super) linked: Option<HashMap<(u64, u64), Vec<VolPath>>>,
+    pub(super) linked: Option<HashMap<(u64, u64), (u64, Vec<VolPath>)>>,
+    /// This walk left a directory unlisted (held, or unreadable): a group with fewer
+    /// names seen than its link count may have its other names there.
+    pub(super) dirs_unseen: bool,
     /// A narrow scan met a change to a hard-linked file (its other names, elsewhere,
     /// changed too, and its group may have): the caller scans the whole volume.
     pub(super) links_changed: bool,
@@ -263,6 +266,7 @@ impl<'s> Walker<'s> {
             Ok(listing) => listing,
             Err(message) => {
                 self.problem(message);
+                self.dirs_unseen = true;
                 return None;
             }
         };
