@@ -20,6 +20,9 @@ use crate::pathname::VolPath;
 use crate::store::StoreError;
 use crate::xattrs::Xattrs;
 
+/// The names of one inode seen by a full walk, with its link count.
+pub(super) type Group = (u64, Vec<VolPath>);
+
 /// A hard-linked file read by a full walk, recorded once its group is known.
 pub(super) struct Changed {
     pub(super) content: ChunkedContent,

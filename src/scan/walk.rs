@@ -73,7 +73,7 @@ pub(super) struct Walker<'s> {
     pub(super) namespaces: Namespaces,
     /// Hard links: every listed file with other names, by (device, inode), in a full
     /// scan (which sees every name of a group).
-    pub(super) linked: Option<HashMap<(u64, u64), (u64, Vec<VolPath>)>>,
+    pub(super) linked: Option<HashMap<(u64, u64), super::links::Group>>,
     /// This walk left a directory unlisted (held, or unreadable): a group with fewer
     /// names seen than its link count may have its other names there.
     pub(super) dirs_unseen: bool,
