@@ -53,6 +53,8 @@ pub struct FileConfig {
     /// Which nodes may hold each volume (`crate::access`).
     pub access: Option<std::collections::BTreeMap<String, Vec<String>>>,
     pub keep_setid: Option<Vec<String>>,
+    /// `shoal serve --max-rate`.
+    pub max_rate: Option<String>,
 }
 
 impl FileConfig {

@@ -72,6 +72,8 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
 pub enum Command {
     Pause(Target),
     Resume(Target),
+    /// Bytes per second of chunk data each way; 0: no limit.
+    SetMaxRate(u64),
 }
 
 impl Command {
@@ -80,6 +82,7 @@ impl Command {
         let (verb, target) = match self {
             Command::Pause(t) => ("pause", t),
             Command::Resume(t) => ("resume", t),
+            Command::SetMaxRate(rate) => return format!("set max-rate {rate}"),
         };
         match target {
             Target::Node => verb.to_string(),
@@ -99,8 +102,11 @@ impl Command {
         match words.split_first() {
             Some((&"pause", rest)) => target(rest).map(Command::Pause),
             Some((&"resume", rest)) => target(rest).map(Command::Resume),
+            Some((&"set", [setting, value])) if *setting == "max-rate" => {
+                crate::rate::parse_rate(value).map(Command::SetMaxRate)
+            }
             _ => Err(format!(
-                "unknown request {line:?} (expected `pause [VOLUME]` or `resume [VOLUME]`)"
+                "unknown request {line:?} (expected `pause [VOLUME]`, `resume [VOLUME]` or `set max-rate RATE`)"
             )),
         }
     }
@@ -220,6 +226,17 @@ fn act(node: &Node, command: Command) -> Result<String, String> {
     let (target, pause) = match command {
         Command::Pause(target) => (target, true),
         Command::Resume(target) => (target, false),
+        Command::SetMaxRate(rate) => {
+            node.rate.set(rate);
+            tracing::warn!(bytes_per_second = rate, "max rate set by the operator");
+            return Ok(match rate {
+                0 => "no bandwidth limit".to_string(),
+                _ => format!(
+                    "chunk bytes limited to {}/s each way",
+                    crate::space::Size(rate)
+                ),
+            });
+        }
     };
     if let Target::Volume(name) = &target
         && node.volume(name).is_none()
@@ -296,6 +313,7 @@ mod tests {
         for command in [
             Command::Pause(Target::Node),
             Command::Resume(Target::Volume("media".into())),
+            Command::SetMaxRate(10 << 20),
         ] {
             assert_eq!(Command::parse(&command.line()), Ok(command));
         }

@@ -118,6 +118,12 @@ fn encode_metrics(status: &NodeStatus) -> String {
         "Whether the state directory is too full for the index to be written (1) or not (0)",
     )
     .sample(&[], flag(status.state_dir_full.is_some()));
+    m.family(
+        "max_rate_bytes_per_second",
+        Kind::Gauge,
+        "The bandwidth limit in use for chunk bytes, each way (0: none)",
+    )
+    .sample(&[], status.max_rate as f64);
     volume_metrics(&mut m, &status.volumes);
     peer_metrics(&mut m, &status.peers);
     m.finish()
@@ -314,6 +320,7 @@ pub fn node_status(node: &Node) -> NodeStatus {
         volumes,
         peers,
         totals: node.stats.totals(),
+        max_rate: node.rate.rate(),
     }
 }
 
@@ -336,6 +343,10 @@ pub struct NodeStatus {
     pub volumes: Vec<VolumeStatus>,
     pub peers: Vec<PeerStatus>,
     pub totals: Totals,
+    /// The bandwidth limit in use for chunk bytes, each way, in bytes per second (0:
+    /// none).
+    #[serde(default)]
+    pub max_rate: u64,
 }
 
 #[derive(Serialize, serde::Deserialize, Debug, Clone)]

@@ -50,7 +50,8 @@
 //! - [`discovery`]: who the peers are (a static list, or found through the Docker API
 //!   and Swarm DNS); [`container`]: what Shoal learns of the container it runs in.
 //! - [`control`]: the local control socket the CLI commands the daemon through;
-//!   [`pause`]: which volumes (or the node) an operator paused, kept across restarts.
+//!   [`pause`]: which volumes (or the node) an operator paused, kept across restarts;
+//!   [`rate`]: the bandwidth limit on chunk bytes.
 //! - [`config`]: settings from flags, environment, TOML file and defaults.
 //! - [`cli`]: the `shoal` command line.
 //!
@@ -78,6 +79,7 @@ pub mod metrics;
 pub mod pathname;
 pub mod pause;
 pub mod protocol;
+pub mod rate;
 pub mod repair;
 pub mod revocation;
 pub mod scan;

@@ -67,6 +67,8 @@ pub struct ServeOptions {
     pub debounce: Duration,
     /// How long tombstones are kept.
     pub tombstone_retention: Duration,
+    /// Bytes per second of chunk data each way (0: no limit).
+    pub max_rate: u64,
 }
 
 /// How often expired tombstones are looked for.
@@ -214,6 +216,7 @@ fn open_node(options: &ServeOptions, credentials: &Credentials) -> anyhow::Resul
     node.access = options.access.clone();
     node.heartbeat = options.heartbeat;
     node.paused = crate::pause::Paused::load(&settings.state_dir)?;
+    node.rate.set(options.max_rate);
     let node = Arc::new(node);
     *node.identity.write().expect("identity lock") = Some(credentials.identity.clone());
     let _ = node.trust.set(Trust {

@@ -476,6 +476,8 @@ pub struct ServeFlags {
     pub service: Option<String>,
     /// The metrics-only HTTP address.
     pub metrics: Option<String>,
+    /// `--max-rate` as given.
+    pub max_rate: Option<String>,
 }
 
 pub fn serve(
@@ -499,7 +501,14 @@ pub fn serve(
         access,
         service,
         metrics,
+        max_rate,
     } = flags;
+    let max_rate = max_rate
+        .as_deref()
+        .map(crate::rate::parse_rate)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--max-rate (SHOAL_MAX_RATE): {e}"))?
+        .unwrap_or(0);
     let mode = parse_mode(mode.as_deref())?;
     if mode != crate::discovery::Mode::Static && !peers.is_empty() {
         tracing::warn!("MODE={mode} finds its peers itself: ignoring the --peer list");
@@ -547,6 +556,7 @@ pub fn serve(
         heartbeat: Duration::from_secs(heartbeat),
         debounce: Duration::from_millis(debounce_ms),
         tombstone_retention: Duration::from_secs(tombstone_days.saturating_mul(86_400)),
+        max_rate,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(crate::serve::run(options, shutdown_signal()))?;

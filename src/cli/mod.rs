@@ -83,6 +83,9 @@ enum Command {
     /// Resume what `shoal pause` paused: the volume (or, without one, the node-wide
     /// pause) syncs again, starting with what changed meanwhile.
     Resume(ControlArgs),
+    /// Change a setting of the running daemon, through its control socket.
+    #[command(subcommand)]
+    Set(SetCommand),
     /// Cluster credentials.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -244,6 +247,12 @@ struct ServeArgs {
     )]
     access: Vec<String>,
 
+    /// Bandwidth limit for chunk bytes, each way (sent, received), in bytes per second:
+    /// 500K, 10M, 20MiB (powers of 1024); 0 or off: none. Tree comparisons are not
+    /// limited. Changed while running with `shoal set max-rate`.
+    #[arg(long, env = "SHOAL_MAX_RATE", value_name = "RATE")]
+    max_rate: Option<String>,
+
     /// Days a delete is remembered (a node offline for longer could bring the file back).
     #[arg(
         long,
@@ -378,6 +387,21 @@ struct StatusArgs {
     /// Print as JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum SetCommand {
+    /// The bandwidth limit for chunk bytes, each way, until changed again or the daemon
+    /// restarts (then --max-rate holds): 500K, 10M, 20MiB (powers of 1024); 0 or off:
+    /// none.
+    MaxRate {
+        rate: String,
+
+        /// The daemon's state directory, where its control socket is [default:
+        /// /var/lib/shoal].
+        #[arg(long, env = "SHOAL_STATE_DIR", value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
 }
 
 /// A command for the running daemon, through its control socket (root or the daemon's
@@ -581,6 +605,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 access: crate::access::Access::resolve(&args.access, file.access)?,
                 service: args.remote.service,
                 metrics: args.metrics,
+                max_rate: args.max_rate.or(file.max_rate),
             };
             let settings = settings(cli.config, args.locations, args.chunk_sizes)?;
             commands::serve(
@@ -595,6 +620,11 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Health(args) => commands::health(&args.http, args.ready),
         Command::Pause(args) => control_pause(cli.config, args, true),
         Command::Resume(args) => control_pause(cli.config, args, false),
+        Command::Set(SetCommand::MaxRate { rate, state_dir }) => {
+            let rate = crate::rate::parse_rate(&rate).map_err(|e| anyhow::anyhow!(e))?;
+            let command = crate::control::Command::SetMaxRate(rate);
+            control_send(cli.config, state_dir, &command)
+        }
         Command::Cluster(ClusterCommand::Init { out }) => commands::cluster_init(&out),
         Command::Cluster(ClusterCommand::AddNode {
             name,
@@ -659,11 +689,20 @@ fn control_pause(
         true => Control::Pause(target),
         false => Control::Resume(target),
     };
-    let state_dir = args
-        .state_dir
+    control_send(config, args.state_dir, &command)
+}
+
+/// Sends `command` to the daemon of `state_dir` (or the config file's, or the default)
+/// and prints its answer.
+fn control_send(
+    config: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    command: &crate::control::Command,
+) -> anyhow::Result<Outcome> {
+    let state_dir = state_dir
         .or(file_config(config.as_ref())?.state_dir)
         .unwrap_or_else(|| crate::config::DEFAULT_STATE_DIR.into());
-    let answer = crate::control::request(&state_dir, &command)?;
+    let answer = crate::control::request(&state_dir, command)?;
     print(&format!("{answer}\n"))?;
     Ok(Outcome::Success)
 }

@@ -167,6 +167,8 @@ pub struct Node {
     pub heartbeat: std::time::Duration,
     /// The volumes (or the whole node) an operator paused.
     pub paused: crate::pause::Paused,
+    /// The bandwidth limit on chunk bytes sent and received.
+    pub rate: crate::rate::RateLimit,
 }
 
 impl Node {
@@ -196,6 +198,7 @@ impl Node {
             state_room: ShortageState::default(),
             heartbeat: std::time::Duration::from_secs(25),
             paused: crate::pause::Paused::default(),
+            rate: crate::rate::RateLimit::default(),
         }
     }
 

@@ -340,6 +340,9 @@ async fn fetch_group(
                     outcome.misbehaved = true;
                     continue;
                 }
+                node.rate
+                    .pass(crate::rate::Direction::Received, data.len())
+                    .await;
                 let len = data.len() as u64;
                 peer.chunk_bytes_received.fetch_add(len, Ordering::Relaxed);
                 node.stats

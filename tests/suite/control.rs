@@ -185,3 +185,51 @@ fn rustix_is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
+
+#[test]
+fn max_rate_holds_chunk_bytes_to_the_rate_and_changes_while_running() {
+    let mut c = Cluster::new(2);
+    c.extra_env[1].push(("SHOAL_MAX_RATE".into(), "1M".into()));
+    c.start_all();
+    c.wait_connected(Duration::from_secs(30));
+    let rate_shown = |c: &Cluster, rate: u64| {
+        c.metrics(1)
+            .is_some_and(|m| m.contains(&format!("shoal_max_rate_bytes_per_second {rate}\n")))
+    };
+    assert!(rate_shown(&c, 1 << 20), "{:?}", c.metrics(1));
+    // A limiter's correctness is a lower bound: N bytes at R bytes/s with one second
+    // of R lent take at least (N - R) / R seconds, however fast the machine.
+    let transfer = |c: &Cluster, name: &str, len: usize| {
+        let started = Instant::now();
+        fs::write(
+            c.vol(0).join(name),
+            crate::util::random_bytes(len, len as u64),
+        )
+        .unwrap();
+        wait_for(Duration::from_secs(120), "the file arrived", || {
+            fs::metadata(c.vol(1).join(name)).is_ok_and(|m| m.len() == len as u64)
+        });
+        started.elapsed()
+    };
+    let took = transfer(&c, "a.bin", 4 << 20);
+    assert!(
+        took >= Duration::from_secs(3),
+        "4 MiB at 1 MiB/s in {took:?}"
+    );
+
+    let out = control(&c, 1, &["set", "max-rate", "256K"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(rate_shown(&c, 256 << 10));
+    let took = transfer(&c, "b.bin", 1 << 20);
+    assert!(
+        took >= Duration::from_secs(3),
+        "1 MiB at 256 KiB/s in {took:?}"
+    );
+    c.wait_converged(&[0, 1], Duration::from_secs(30));
+    assert!(control(&c, 1, &["set", "max-rate", "off"]).status.success());
+    assert!(rate_shown(&c, 0));
+}

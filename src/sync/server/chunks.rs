@@ -11,6 +11,7 @@ use s2n_quic::stream::SendStream;
 use super::{Session, internal, reply};
 use crate::ids::{ChunkId, VolumeId};
 use crate::protocol::{ErrorCode, ProtocolError, Response};
+use crate::rate::Direction;
 use crate::sync::Node;
 
 pub(super) async fn send(
@@ -40,6 +41,7 @@ pub(super) async fn send(
                 .map_err(internal)?;
         let response = match read {
             Some(data) => {
+                node.rate.pass(Direction::Sent, data.len()).await;
                 let len = data.len() as u64;
                 node.stats
                     .chunk_bytes_sent
