@@ -171,19 +171,18 @@ fn allowed(uid: u32) -> bool {
     uid == 0 || uid == rustix::process::geteuid().as_raw()
 }
 
-/// Serves one connection: checks who it is, reads its line, acts, answers.
+/// Serves one connection: reads its line (so that a refusal reaches a client still
+/// writing), checks who it is, acts, answers.
 async fn answer(mut stream: UnixStream, node: &Node) {
+    let request = read_request(&mut stream).await;
     let result = match stream.peer_cred() {
-        Ok(cred) if allowed(cred.uid()) => match read_request(&mut stream).await {
-            Ok(line) => {
-                let outcome = Command::parse(&line).and_then(|command| act(node, command));
-                if let Err(e) = &outcome {
-                    tracing::warn!("control socket: refused {line:?}: {e}");
-                }
-                outcome
+        Ok(cred) if allowed(cred.uid()) => request.and_then(|line| {
+            let outcome = Command::parse(&line).and_then(|command| act(node, command));
+            if let Err(e) = &outcome {
+                tracing::warn!("control socket: refused {line:?}: {e}");
             }
-            Err(e) => Err(e),
-        },
+            outcome
+        }),
         Ok(cred) => {
             tracing::warn!(
                 uid = cred.uid(),
