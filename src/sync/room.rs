@@ -39,6 +39,17 @@ struct Held {
     staging: HashSet<String>,
 }
 
+/// Why [`Room::reserve`] held nothing.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The file system has no room for the file now.
+    NoRoom,
+    /// Another transfer (a pull of the same file from another peer) is filling the same
+    /// staging file: two writers would publish it twice, the second writing into the
+    /// file the first has already put in place.
+    Busy,
+}
+
 /// Bytes held for one staging file; given back when dropped.
 pub struct Reservation {
     held: Arc<Mutex<Held>>,
@@ -47,20 +58,28 @@ pub struct Reservation {
 }
 
 impl Room {
-    /// Holds `bytes` for the staging file `staging_name` if the file system, with
-    /// `available` bytes free, has that much room beyond [`VOLUME_RESERVE`] and what is
-    /// held already; `None` if it has not.
-    pub fn reserve(&self, available: u64, bytes: u64, staging_name: &str) -> Option<Reservation> {
+    /// Holds `bytes` for the staging file `staging_name` if no other transfer holds it
+    /// and the file system, with `available` bytes free, has that much room beyond
+    /// [`VOLUME_RESERVE`] and what is held already.
+    pub fn reserve(
+        &self,
+        available: u64,
+        bytes: u64,
+        staging_name: &str,
+    ) -> Result<Reservation, Refused> {
         let mut held = self.held.lock().expect("room lock");
+        if held.staging.contains(staging_name) {
+            return Err(Refused::Busy);
+        }
         let room = available
             .saturating_sub(VOLUME_RESERVE)
             .saturating_sub(held.bytes);
         if bytes > room {
-            return None;
+            return Err(Refused::NoRoom);
         }
         held.bytes += bytes;
         held.staging.insert(staging_name.to_string());
-        Some(Reservation {
+        Ok(Reservation {
             held: self.held.clone(),
             bytes,
             staging_name: staging_name.to_string(),
@@ -103,13 +122,26 @@ mod tests {
         let free = VOLUME_RESERVE + 100;
         let first = room.reserve(free, 60, "a.part").expect("fits");
         assert!(room.in_use("a.part"));
-        assert!(room.reserve(free, 50, "b.part").is_none(), "60 + 50 > 100");
+        let refused = room.reserve(free, 50, "b.part").err();
+        assert_eq!(refused, Some(Refused::NoRoom), "60 + 50 > 100");
         let second = room.reserve(free, 40, "c.part").expect("60 + 40 fits");
         drop(first);
         assert!(!room.in_use("a.part"));
-        assert!(room.reserve(free, 50, "b.part").is_some());
+        assert!(room.reserve(free, 50, "b.part").is_ok());
         drop(second);
-        assert!(room.reserve(VOLUME_RESERVE - 1, 0, "d.part").is_some());
-        assert!(room.reserve(VOLUME_RESERVE, 1, "e.part").is_none());
+        assert!(room.reserve(VOLUME_RESERVE - 1, 0, "d.part").is_ok());
+        let refused = room.reserve(VOLUME_RESERVE, 1, "e.part").err();
+        assert_eq!(refused, Some(Refused::NoRoom));
+    }
+
+    #[test]
+    fn a_staging_file_is_filled_by_one_transfer_at_a_time() {
+        let room = Room::default();
+        let first = room.reserve(u64::MAX, 10, "f.part").expect("fits");
+        let again = room.reserve(u64::MAX, 10, "f.part").err();
+        assert_eq!(again, Some(Refused::Busy));
+        drop(first);
+        assert!(!room.in_use("f.part"), "the refused second holds nothing");
+        assert!(room.reserve(u64::MAX, 10, "f.part").is_ok());
     }
 }

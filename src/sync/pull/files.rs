@@ -15,7 +15,7 @@ use crate::entry::{Causality, Entry, EntryKind};
 use crate::pathname::{VolPath, escape};
 use crate::protocol::{ListPart, MAX_LIST_CHUNKS, ProtocolError, Request, Response};
 use crate::store::Durability;
-use crate::sync::room::Reservation;
+use crate::sync::room::{Refused, Reservation};
 use crate::sync::transfer::{ChunkTargets, Missing, fetch_chunks, fill_from_local};
 use crate::sync::{Node, Peer, SyncError, request};
 use crate::volume_fs::{Staged, finish_staged, staging_name, stamp_of_stat};
@@ -264,8 +264,9 @@ impl Pull {
     }
 
     /// Holds room on the volume's file system for `job`'s staging file, or counts the
-    /// job as waiting for room (`None`). A file taken over from a local rename needs
-    /// none; a staging file to resume needs only what it does not hold yet.
+    /// job as waiting for room, or for another pull that is taking the same file
+    /// (`None`). A file taken over from a local rename needs no room; a staging file to
+    /// resume needs only what it does not hold yet.
     fn reserve_room(&mut self, job: &FileJob, renaming: bool) -> Option<Reservation> {
         let volume = &self.node.volumes[self.volume_index];
         let EntryKind::File { content_id, .. } = &job.entry.kind else {
@@ -285,12 +286,20 @@ impl Pull {
         };
         // A file system that cannot say how full it is is taken to have room.
         let available = volume.fs.available().unwrap_or(u64::MAX);
-        let reservation = volume.room.reserve(available, needed, &staging);
-        if reservation.is_none() {
-            self.waiting.add(1, size);
-            self.waiting.available_bytes = available;
+        match volume.room.reserve(available, needed, &staging) {
+            Ok(reservation) => Some(reservation),
+            Err(Refused::NoRoom) => {
+                self.waiting.add(1, size);
+                self.waiting.available_bytes = available;
+                None
+            }
+            // A pull from another peer is taking this very file: it publishes it, and
+            // another round soon finds it in place (or takes it, if that pull failed).
+            Err(Refused::Busy) => {
+                self.report.incomplete += 1;
+                None
+            }
         }
-        reservation
     }
 
     /// Fetches what the prepared files still lack and finishes them; files left
