@@ -11,6 +11,7 @@ use crate::chunking::ChunkRef;
 use crate::entry::{Causality, Entry, EntryKind, MODE_MASK};
 use crate::pathname::{VolPath, escape};
 use crate::store::Durability;
+use crate::store::codec::ScanStamp;
 use crate::sync::SyncError;
 use crate::volume_fs::stamp_of_stat;
 
@@ -26,6 +27,18 @@ impl Pull {
         dir: &VolPath,
         name: &[u8],
     ) -> Result<bool, SyncError> {
+        self.on_disk_as_indexed(dir_fd, dir, name, |recorded, current| recorded == current)
+    }
+
+    /// Whether the name on disk agrees with its recorded stamp by `same` (a name gone
+    /// from disk agrees; one on disk with no stamp does not).
+    pub(super) fn on_disk_as_indexed(
+        &self,
+        dir_fd: &OwnedFd,
+        dir: &VolPath,
+        name: &[u8],
+        same: impl Fn(&ScanStamp, &ScanStamp) -> bool,
+    ) -> Result<bool, SyncError> {
         let recorded = self.node.store.stamp(self.volume().id, dir, name)?;
         let current = self
             .volume()
@@ -35,7 +48,7 @@ impl Pull {
             .map(|s| stamp_of_stat(&s));
         Ok(match (recorded, current) {
             (_, None) => true,
-            (Some(recorded), Some(current)) => recorded == current,
+            (Some(recorded), Some(current)) => same(&recorded, &current),
             (None, Some(_)) => false,
         })
     }

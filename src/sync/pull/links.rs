@@ -103,18 +103,9 @@ impl Pull {
         dir: &VolPath,
         name: &[u8],
     ) -> Result<bool, SyncError> {
-        let recorded = self.node.store.stamp(self.volume().id, dir, name)?;
-        let current = self
-            .volume()
-            .fs
-            .stat(dir_fd, name)
-            .ok()
-            .map(|s| stamp_of_stat(&s));
-        let key = |s: crate::store::codec::ScanStamp| (s.size, s.mtime_ns, s.ino, s.dev);
-        Ok(match (recorded, current) {
-            (_, None) => true,
-            (Some(recorded), Some(current)) => key(recorded) == key(current),
-            (None, Some(_)) => false,
+        let key = |s: &crate::store::codec::ScanStamp| (s.size, s.mtime_ns, s.ino, s.dev);
+        self.on_disk_as_indexed(dir_fd, dir, name, |recorded, current| {
+            key(recorded) == key(current)
         })
     }
 
