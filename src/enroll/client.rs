@@ -64,13 +64,7 @@ impl Enrollment {
     /// A new certificate from the signer: renewing the one held while it is valid (and
     /// for the wanted name), enrolling with the join token otherwise.
     pub async fn obtain(&self) -> Result<Obtained, EnrollError> {
-        let ca_pem =
-            std::fs::read_to_string(self.credentials_dir.join(CA_FILE)).map_err(|source| {
-                CredentialsError::Read {
-                    path: self.credentials_dir.join(CA_FILE),
-                    source,
-                }
-            })?;
+        let ca_pem = self.ca_pem()?;
         let key = own_key(&self.state_dir.join(NODE_KEY_FILE))?;
         let held = self.held(&ca_pem, &key);
         if let Some(held) = &held
@@ -158,15 +152,17 @@ impl Enrollment {
         })
     }
 
+    /// The cluster CA's certificate, read from the credentials directory each time (it
+    /// may be replaced while the node runs).
+    fn ca_pem(&self) -> Result<String, EnrollError> {
+        let path = self.credentials_dir.join(CA_FILE);
+        Ok(std::fs::read_to_string(&path)
+            .map_err(|source| CredentialsError::Read { path, source })?)
+    }
+
     /// The CA's revocation list from the signer, if its serial is higher than `serial`.
     pub async fn revocations_after(&self, serial: u64) -> Result<Option<String>, EnrollError> {
-        let ca_pem =
-            std::fs::read_to_string(self.credentials_dir.join(CA_FILE)).map_err(|source| {
-                CredentialsError::Read {
-                    path: self.credentials_dir.join(CA_FILE),
-                    source,
-                }
-            })?;
+        let ca_pem = self.ca_pem()?;
         match self
             .exchange(&ca_pem, &Request::GetRevocations { serial })
             .await?
