@@ -1246,3 +1246,253 @@ fn swarm_the_stack_serves_metrics_on_its_network_and_rolls_a_bad_update_back() {
         "the running task is the old spec's: {logs}"
     );
 }
+
+/// A stand-in for lsyncd_swarm's image, built offline: Debian's static busybox on an empty
+/// base. Its task does what matters here of lsyncd: it runs as the stack's `lsyncd`
+/// service and keeps writing into the volume it mounts (a counter in `.lsyncd-standin`),
+/// so the test sees whether it still runs.
+struct LsyncdStandin {
+    tag: String,
+}
+
+impl LsyncdStandin {
+    fn build() -> Self {
+        let busybox = Path::new("/bin/busybox");
+        assert!(
+            busybox.exists(),
+            "the migration test needs Debian's busybox-static (tools/test.sh installs it)"
+        );
+        let context = tempfile::tempdir().unwrap();
+        fs::copy(busybox, context.path().join("busybox")).unwrap();
+        write_file(
+            &context.path().join("Dockerfile"),
+            b"FROM scratch\nCOPY busybox /bin/busybox\nENTRYPOINT [\"/bin/busybox\"]\n",
+        );
+        let standin = LsyncdStandin {
+            tag: format!("{}:latest", unique("lsyncd-standin")),
+        };
+        docker_ok(&[
+            "build",
+            "--quiet",
+            "--tag",
+            &standin.tag,
+            context.path().to_str().unwrap(),
+        ]);
+        standin
+    }
+}
+
+impl Drop for LsyncdStandin {
+    fn drop(&mut self) {
+        let _ = docker(&["rmi", "--force", &self.tag]);
+    }
+}
+
+/// lsyncd_swarm's example stack (its README), with the stand-in image: a global `lsyncd`
+/// service on an overlay network, the volume at `/srv/lsyncd_swarm/volumes/NAME`, the
+/// ssh key pair as secrets.
+const LSYNCD_STACK: &str = r#"version: "3.8"
+services:
+  lsyncd:
+    image: ${LSYNCD_IMAGE}
+    command: ["sh", "-c", "i=0; while :; do i=$$((i+1)); echo $$i > /srv/lsyncd_swarm/volumes/media/.lsyncd-standin; sleep 1; done"]
+    networks:
+      - csi_lsyncd
+    environment:
+      SYNC_VOLUMES: media
+      MODE: swarm
+      HEARTBEAT: 25
+    volumes:
+      - media:/srv/lsyncd_swarm/volumes/media
+    secrets:
+      - id_rsa_lsyncd
+      - authorized_keys_lsyncd
+    deploy:
+      mode: global
+networks:
+  csi_lsyncd:
+    driver: overlay
+volumes:
+  media:
+secrets:
+  id_rsa_lsyncd:
+    file: ${LSYNCD_SECRETS}/id_rsa
+  authorized_keys_lsyncd:
+    file: ${LSYNCD_SECRETS}/authorized_keys
+"#;
+
+/// `deploy/MIGRATION.md`, followed as written on a one-node Swarm (issue 15): a running
+/// stand-in lsyncd stack named `STACK`, the cut-over (note the old service, deploy
+/// `docker-stack.yml` under the same stack name with `--prune`, watch it, remove what
+/// lsyncd left), then the roll-back (deploy the old file with `--prune`, remove
+/// `.shoal/`). Shoal must take over the very volume lsyncd used (not a new empty one),
+/// lsyncd must not run beside it, and the files must come through both ways unchanged.
+#[test]
+fn migration_from_an_lsyncd_stack_cuts_over_and_rolls_back_on_the_same_volume() {
+    let _serial = SWARM_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+    let image = Image::get();
+    let standin = LsyncdStandin::build();
+    let mut swarm = Swarm::join("127.0.0.1", true);
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("creds");
+    assert!(
+        shoal(&["cluster", "init", "--out", creds.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let lsyncd_secrets = dir.path().join("lsyncd-secrets");
+    write_file(&lsyncd_secrets.join("id_rsa"), b"not a real key");
+    write_file(&lsyncd_secrets.join("authorized_keys"), b"not a real key");
+    let lsyncd_file = dir.path().join("lsyncd-stack.yml");
+    write_file(&lsyncd_file, LSYNCD_STACK.as_bytes());
+
+    let stack = format!("{}-files", swarm.prefix);
+    swarm.stacks.push(stack.clone());
+    for what in ["media", "state", "signer-state"] {
+        swarm.volumes.push(format!("{stack}_{what}"));
+    }
+    for network in ["shoal", "csi_lsyncd"] {
+        swarm.networks.push(format!("{stack}_{network}"));
+    }
+    let deploy = |file: &Path, prune: bool| {
+        let mut command = Command::new("docker");
+        command.args(["stack", "deploy", "--resolve-image", "never"]);
+        if prune {
+            command.arg("--prune");
+        }
+        let out = command
+            .arg("-c")
+            .arg(file)
+            .arg(&stack)
+            .env("LSYNCD_IMAGE", &standin.tag)
+            .env("LSYNCD_SECRETS", &lsyncd_secrets)
+            .env("SHOAL_IMAGE", &image.tag)
+            .env("SHOAL_CREDENTIALS_DIR", &creds)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "docker stack deploy {}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let services = || docker_ok(&["service", "ls", "--format", "{{.Name}}"]);
+    let lsyncd = format!("{stack}_lsyncd");
+    let shoal_service = format!("{stack}_shoal");
+    let volume: PathBuf = {
+        deploy(&lsyncd_file, false);
+        let media = format!("{stack}_media");
+        wait_until(
+            "the lsyncd stack made its volume",
+            Duration::from_secs(60),
+            || docker(&["volume", "inspect", &media]).status.success(),
+        );
+        docker_ok(&["volume", "inspect", "--format", "{{.Mountpoint}}", &media]).into()
+    };
+    let counter = || fs::read(volume.join(".lsyncd-standin")).ok();
+    let writing = |what: &str| {
+        let before = counter();
+        wait_until(what, Duration::from_secs(60), || {
+            counter().is_some() && counter() != before
+        });
+    };
+    writing("the stand-in lsyncd writes its volume");
+    // What lsyncd has been mirroring.
+    for i in 0..20 {
+        write_file(
+            &volume.join(format!("uploads/{i:02}.jpg")),
+            &random_bytes(1000 + i * 3000, i as u64),
+        );
+    }
+    write_file(&volume.join("index.html"), b"<h1>kept</h1>");
+
+    // Cut-over, step 1: what to roll back to.
+    let noted = docker_ok(&["service", "inspect", &lsyncd]);
+    assert!(noted.contains(&standin.tag), "{noted}");
+    // Step 2 (and 3): the Shoal file under the same stack name, with --prune.
+    let repo_stack = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/docker-stack.yml"
+    ));
+    deploy(repo_stack, true);
+    let listed = services();
+    assert!(!listed.contains(&lsyncd), "lsyncd left running: {listed}");
+    let container = swarm.healthy_task(&shoal_service);
+    // lsyncd's task is gone: its counter stands still.
+    let task_filter = format!("label=com.docker.swarm.service.name={lsyncd}");
+    wait_until("lsyncd's task is gone", Duration::from_secs(60), || {
+        docker_ok(&["ps", "--all", "--quiet", "--filter", &task_filter]).is_empty()
+    });
+    let stopped_at = counter();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(counter(), stopped_at, "lsyncd still writes the volume");
+    // Step 4: Shoal indexed the volume lsyncd used, then sees a change made in it.
+    let files_indexed = || {
+        let out = docker(&[
+            "exec",
+            &container,
+            "/usr/local/bin/shoal",
+            "status",
+            "--json",
+        ]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|status| status["volumes"][0]["files"].as_u64())
+    };
+    // 20 uploads, index.html and the stand-in's counter.
+    wait_until(
+        "Shoal indexed lsyncd's volume",
+        Duration::from_secs(60),
+        || files_indexed() == Some(22),
+    );
+    write_file(&volume.join("uploads/after-cut-over.jpg"), b"new");
+    wait_until(
+        "Shoal sees a change in the volume",
+        Duration::from_secs(60),
+        || files_indexed() == Some(23),
+    );
+    assert!(volume.join(".shoal").is_dir());
+    // Step 5: lsyncd's secrets and network go.
+    docker_ok(&[
+        "secret",
+        "rm",
+        &format!("{stack}_id_rsa_lsyncd"),
+        &format!("{stack}_authorized_keys_lsyncd"),
+    ]);
+    let lsyncd_network = format!("{stack}_csi_lsyncd");
+    wait_until(
+        "lsyncd's network can be removed",
+        Duration::from_secs(60),
+        || {
+            docker(&["network", "rm", &lsyncd_network]).status.success()
+                || !docker(&["network", "inspect", &lsyncd_network])
+                    .status
+                    .success()
+        },
+    );
+    let before_roll_back = listing(&volume);
+
+    // Roll-back, step 1: the old stack file with --prune takes Shoal away ...
+    deploy(&lsyncd_file, true);
+    let listed = services();
+    assert!(
+        !listed.contains(&shoal_service) && !listed.contains(&format!("{stack}_signer")),
+        "Shoal left running: {listed}"
+    );
+    let shoal_filter = format!("label=com.docker.swarm.service.name={shoal_service}");
+    wait_until("Shoal's task is gone", Duration::from_secs(60), || {
+        docker_ok(&["ps", "--all", "--quiet", "--filter", &shoal_filter]).is_empty()
+    });
+    // ... step 2: `.shoal/` goes; step 3: the stack file made the secrets and network
+    // again, and lsyncd runs on the same volume.
+    fs::remove_dir_all(volume.join(".shoal")).unwrap();
+    writing("the stand-in lsyncd writes its volume again");
+    let mut after = listing(&volume);
+    let mut before = before_roll_back;
+    for files in [&mut after, &mut before] {
+        files.remove(".lsyncd-standin");
+    }
+    assert_eq!(after, before, "the roll-back changed the volume's files");
+    assert_eq!(after.len(), 22);
+}
