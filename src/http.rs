@@ -30,8 +30,30 @@ pub enum Scope {
     Metrics,
 }
 
+/// Serves `scope` on `listener` from a thread and runtime of its own until `shutdown`
+/// flips: a node whose worker threads are all busy hashing, fetching and applying still
+/// answers `/status`, `/metrics` and the health check at once.
+pub fn spawn(
+    listener: std::net::TcpListener,
+    node: Arc<Node>,
+    scope: Scope,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let addr = listener.local_addr()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name(format!("http {addr}"))
+        .spawn(move || {
+            if let Err(e) = runtime.block_on(serve(listener, node, scope, shutdown)) {
+                tracing::error!("HTTP endpoint on {addr} failed: {e}");
+            }
+        })
+}
+
 /// Serves `scope` on `listener` until `shutdown` flips.
-pub async fn serve(
+async fn serve(
     listener: std::net::TcpListener,
     node: Arc<Node>,
     scope: Scope,

@@ -114,16 +114,14 @@ pub async fn run(
         (options.http, crate::http::Scope::Everything),
         (options.metrics, crate::http::Scope::Metrics),
     ];
+    let mut http_threads = Vec::new();
     for (addr, scope) in endpoints {
         if let Some(addr) = addr {
-            let (node, stop) = (node.clone(), stop_rx.clone());
             let listener = std::net::TcpListener::bind(addr)
                 .with_context(|| format!("cannot serve HTTP on {addr}"))?;
-            tasks.spawn(async move {
-                if let Err(e) = crate::http::serve(listener, node, scope, stop).await {
-                    tracing::error!("HTTP endpoint on {addr} failed: {e}");
-                }
-            });
+            let thread = crate::http::spawn(listener, node.clone(), scope, stop_rx.clone())
+                .with_context(|| format!("cannot start the HTTP endpoint on {addr}"))?;
+            http_threads.push(thread);
         }
     }
     let control = crate::control::bind(&settings.state_dir)?;
@@ -185,9 +183,17 @@ pub async fn run(
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     let drain = async { while tasks.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(10), drain)
-        .await
-        .is_err()
+    let http_done = async {
+        // A client holding a connection open keeps its endpoint's thread; not for long.
+        while !http_threads.iter().all(|t| t.is_finished()) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::join!(drain, http_done)
+    })
+    .await
+    .is_err()
     {
         tracing::warn!("some tasks did not stop within 10 s");
     }
