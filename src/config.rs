@@ -55,6 +55,8 @@ pub struct FileConfig {
     pub keep_setid: Option<Vec<String>>,
     /// `shoal serve --max-rate`.
     pub max_rate: Option<String>,
+    /// `shoal serve --max-rate-peer`: `RATE` or `NODE=RATE` rules.
+    pub max_rate_peer: Option<Vec<String>>,
 }
 
 impl FileConfig {

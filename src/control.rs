@@ -1,6 +1,6 @@
 //! The local control channel: a Unix socket in the state directory through which the
-//! `shoal` CLI acts on the running daemon (pause, resume, bandwidth limit). Nothing on
-//! the network accepts commands.
+//! `shoal` CLI acts on the running daemon (pause, resume, bandwidth limit, conflict
+//! copies). Nothing on the network accepts commands.
 //!
 //! Only root and the daemon's own user may use it: the socket is `control/shoal.sock`
 //! under the state directory, the directory mode 0700 and the socket 0600, and every
@@ -20,13 +20,16 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
+use crate::conflicts::Keep;
 use crate::pause::Target;
 use crate::sync::Node;
 
-/// Largest request line, its `\n` included.
-pub const MAX_REQUEST: usize = 1024;
-/// Largest answer line the CLI reads.
-const MAX_ANSWER: u64 = 64 << 10;
+/// Largest request line, its `\n` included (a path of `PATH_MAX` bytes, hex-encoded,
+/// fits).
+pub const MAX_REQUEST: usize = 16 << 10;
+/// Largest answer line the CLI reads (a listing of [`crate::conflicts::MAX_LISTED`]
+/// conflict copies fits).
+const MAX_ANSWER: u64 = 32 << 20;
 /// How long either side may take to send its line.
 pub const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Connections served at once; past it, new ones are closed at once.
@@ -74,6 +77,20 @@ pub enum Command {
     Resume(Target),
     /// Bytes per second of chunk data each way; 0: no limit.
     SetMaxRate(u64),
+    /// The same for each peer: one node's (by name or id), or every peer's.
+    SetPeerMaxRate {
+        node: Option<String>,
+        rate: u64,
+    },
+    /// The conflict copies of a volume (or of all), answered as one line of JSON
+    /// ([`crate::conflicts::Listing`]).
+    Conflicts(Option<String>),
+    /// Settle the conflict copy at a path (`VOLUME/PATH` or absolute; raw bytes, sent
+    /// hex-encoded).
+    Resolve {
+        keep: Keep,
+        path: Vec<u8>,
+    },
 }
 
 impl Command {
@@ -83,6 +100,18 @@ impl Command {
             Command::Pause(t) => ("pause", t),
             Command::Resume(t) => ("resume", t),
             Command::SetMaxRate(rate) => return format!("set max-rate {rate}"),
+            Command::SetPeerMaxRate { node: None, rate } => {
+                return format!("set max-rate-peer {rate}");
+            }
+            Command::SetPeerMaxRate {
+                node: Some(node),
+                rate,
+            } => return format!("set max-rate-peer {node} {rate}"),
+            Command::Conflicts(None) => return "conflicts".to_string(),
+            Command::Conflicts(Some(volume)) => return format!("conflicts {volume}"),
+            Command::Resolve { keep, path } => {
+                return format!("resolve {} {}", keep.word(), crate::ids::to_hex(path));
+            }
         };
         match target {
             Target::Node => verb.to_string(),
@@ -105,8 +134,31 @@ impl Command {
             Some((&"set", [setting, value])) if *setting == "max-rate" => {
                 crate::rate::parse_rate(value).map(Command::SetMaxRate)
             }
+            Some((&"set", [setting, value])) if *setting == "max-rate-peer" => {
+                crate::rate::parse_rate(value)
+                    .map(|rate| Command::SetPeerMaxRate { node: None, rate })
+            }
+            Some((&"set", [setting, node, value])) if *setting == "max-rate-peer" => {
+                if !crate::identity::is_node_name(node) {
+                    return Err(format!("{node:?} is not a node name or id"));
+                }
+                crate::rate::parse_rate(value).map(|rate| Command::SetPeerMaxRate {
+                    node: Some(node.to_string()),
+                    rate,
+                })
+            }
+            Some((&"conflicts", rest)) => target(rest).map(|t| match t {
+                Target::Node => Command::Conflicts(None),
+                Target::Volume(name) => Command::Conflicts(Some(name)),
+            }),
+            Some((&"resolve", [keep, path])) => Ok(Command::Resolve {
+                keep: Keep::parse(keep)?,
+                path: crate::ids::from_hex(path)
+                    .filter(|p| !p.is_empty())
+                    .ok_or_else(|| format!("the path in {line:?} is not hex"))?,
+            }),
             _ => Err(format!(
-                "unknown request {line:?} (expected `pause [VOLUME]`, `resume [VOLUME]` or `set max-rate RATE`)"
+                "unknown request {line:?} (expected `pause [VOLUME]`, `resume [VOLUME]`, `set max-rate RATE`, `set max-rate-peer [NODE] RATE`, `conflicts [VOLUME]` or `resolve mine|theirs|both HEXPATH`)"
             )),
         }
     }
@@ -149,7 +201,7 @@ pub async fn serve(listener: UnixListener, node: Arc<Node>, mut stop: watch::Rec
                 Ok(slot) => {
                     let node = node.clone();
                     tokio::spawn(async move {
-                        answer(stream, &node).await;
+                        answer(stream, node).await;
                         drop(slot);
                     });
                 }
@@ -173,16 +225,22 @@ fn allowed(uid: u32) -> bool {
 
 /// Serves one connection: reads its line (so that a refusal reaches a client still
 /// writing), checks who it is, acts, answers.
-async fn answer(mut stream: UnixStream, node: &Node) {
+async fn answer(mut stream: UnixStream, node: Arc<Node>) {
     let request = read_request(&mut stream).await;
     let result = match stream.peer_cred() {
-        Ok(cred) if allowed(cred.uid()) => request.and_then(|line| {
-            let outcome = Command::parse(&line).and_then(|command| act(node, command));
-            if let Err(e) = &outcome {
-                tracing::warn!("control socket: refused {line:?}: {e}");
+        Ok(cred) if allowed(cred.uid()) => match request {
+            Ok(line) => {
+                let outcome = match Command::parse(&line) {
+                    Ok(command) => act(&node, command).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = &outcome {
+                    tracing::warn!("control socket: refused {line:?}: {e}");
+                }
+                outcome
             }
-            outcome
-        }),
+            Err(e) => Err(e),
+        },
         Ok(cred) => {
             tracing::warn!(
                 uid = cred.uid(),
@@ -221,10 +279,37 @@ async fn read_request(stream: &mut UnixStream) -> Result<String, String> {
 }
 
 /// Carries out `command` on the node; the answer's message.
-fn act(node: &Node, command: Command) -> Result<String, String> {
+async fn act(node: &Arc<Node>, command: Command) -> Result<String, String> {
     let (target, pause) = match command {
         Command::Pause(target) => (target, true),
         Command::Resume(target) => (target, false),
+        Command::Conflicts(volume) => {
+            let node = node.clone();
+            let listing = tokio::task::spawn_blocking(move || {
+                crate::conflicts::list(&node, volume.as_deref())
+            })
+            .await
+            .map_err(|e| format!("listing conflicts failed: {e}"))??;
+            return serde_json::to_string(&listing).map_err(|e| e.to_string());
+        }
+        Command::Resolve { keep, path } => {
+            return crate::conflicts::resolve(node, &path, keep).await;
+        }
+        Command::SetPeerMaxRate { node: name, rate } => {
+            node.rate.set_peer_rate(name.as_deref(), rate);
+            let whom = name.map_or("each peer".to_string(), |n| format!("peer {n}"));
+            tracing::warn!(
+                bytes_per_second = rate,
+                "max rate for {whom} set by the operator"
+            );
+            return Ok(match rate {
+                0 => format!("no bandwidth limit for {whom}"),
+                _ => format!(
+                    "chunk bytes to and from {whom} limited to {}/s each way",
+                    crate::space::Size(rate)
+                ),
+            });
+        }
         Command::SetMaxRate(rate) => {
             node.rate.set(rate);
             tracing::warn!(bytes_per_second = rate, "max rate set by the operator");
@@ -313,10 +398,33 @@ mod tests {
             Command::Pause(Target::Node),
             Command::Resume(Target::Volume("media".into())),
             Command::SetMaxRate(10 << 20),
+            Command::SetPeerMaxRate {
+                node: None,
+                rate: 1 << 20,
+            },
+            Command::SetPeerMaxRate {
+                node: Some("node-b".into()),
+                rate: 0,
+            },
+            Command::Conflicts(None),
+            Command::Conflicts(Some("media".into())),
+            Command::Resolve {
+                keep: Keep::Theirs,
+                path: b"media/a b/c.sync-conflict-20261130-120000-abc.txt".to_vec(),
+            },
         ] {
             assert_eq!(Command::parse(&command.line()), Ok(command));
         }
-        for bad in ["", "pause a b", "pause ../x", "stop", "resume -x"] {
+        for bad in [
+            "",
+            "pause a b",
+            "pause ../x",
+            "stop",
+            "resume -x",
+            "resolve ours 6d",
+            "resolve mine zz",
+            "resolve mine",
+        ] {
             assert!(Command::parse(bad).is_err(), "{bad:?}");
         }
     }

@@ -1,6 +1,7 @@
 //! The HTTP endpoint: `/healthz` (liveness: the process answers), `/readyz` (readiness:
 //! [`crate::health`]), `/status` (JSON: volumes, each peer's sync state, health,
-//! counters) and `/metrics` (Prometheus, [`crate::metrics`]). Every answer is built from
+//! counters, conflict copies, the last changes applied), `/metrics` (Prometheus,
+//! [`crate::metrics`]) and the status page at `/` ([`crate::page`]). Every answer is built from
 //! shared state and short store reads, never waiting on a volume lock, a scan or a peer.
 
 use std::sync::Arc;
@@ -64,7 +65,7 @@ async fn serve(
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics));
     if scope == Scope::Everything {
-        router = router.route("/status", get(status));
+        router = crate::page::routes(router.route("/status", get(status)));
     }
     let router = router.with_state(node);
     listener.set_nonblocking(true)?;
@@ -211,6 +212,14 @@ fn peer_metrics(m: &mut Metrics, peers: &[PeerStatus]) {
         ];
         info.sample(&labels, 1.0);
     }
+    let mut rates = m.family(
+        "peer_max_rate_bytes_per_second",
+        Kind::Gauge,
+        "The bandwidth limit in use for chunk bytes to and from the peer, each way (0: none)",
+    );
+    for p in peers {
+        rates.sample(&[("peer", &p.addr)], p.max_rate as f64);
+    }
     let mut connected = m.family(
         "peer_connected",
         Kind::Gauge,
@@ -289,6 +298,7 @@ fn peer_metrics(m: &mut Metrics, peers: &[PeerStatus]) {
 /// What `/status` shows: the node, its health, its volumes, its peers and its counters.
 pub fn node_status(node: &Node) -> NodeStatus {
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let node_ref = node;
     let volumes = node
         .volumes
         .iter()
@@ -307,6 +317,14 @@ pub fn node_status(node: &Node) -> NodeStatus {
                 bytes: node.as_ref().map_or(0, |n| n.totals.bytes),
                 scan: v.scanning.status(),
                 conflict_copies: v.conflict_copies.load(Ordering::Relaxed),
+                conflicts: {
+                    let paths = v
+                        .conflict_paths
+                        .lock()
+                        .expect("conflict paths lock")
+                        .clone();
+                    crate::conflicts::describe_paths(node_ref, v, &paths)
+                },
                 xattrs_not_applied: v.xattrs_not_applied.list(),
                 paused,
             }
@@ -329,6 +347,7 @@ pub fn node_status(node: &Node) -> NodeStatus {
                 chunk_bytes_sent: load(&p.chunk_bytes_sent),
                 chunk_bytes_received: load(&p.chunk_bytes_received),
                 rejected_chunks: load(&p.rejected_chunks),
+                max_rate: p.identity().map_or(0, |i| node.rate.peer_rate(&i)),
                 volumes: p.sync.volumes(),
             }
         })
@@ -343,6 +362,7 @@ pub fn node_status(node: &Node) -> NodeStatus {
         peers,
         totals: node.stats.totals(),
         max_rate: node.rate.rate(),
+        recent_changes: node.recent_changes.newest_first(),
     }
 }
 
@@ -369,6 +389,10 @@ pub struct NodeStatus {
     /// none).
     #[serde(default)]
     pub max_rate: u64,
+    /// The last changes applied from peers, newest first (at most
+    /// [`crate::sync::state::RECENT_CHANGES`]).
+    #[serde(default)]
+    pub recent_changes: Vec<crate::sync::state::AppliedChange>,
 }
 
 #[derive(Serialize, serde::Deserialize, Debug, Clone)]
@@ -388,6 +412,10 @@ pub struct VolumeStatus {
     /// Conflict copies in the volume, as its last whole-volume scan (every heartbeat)
     /// counted them: the same on every node once they agree.
     pub conflict_copies: u64,
+    /// The first of those copies (up to 20, in path order), described as `shoal
+    /// conflicts` lists them; a copy settled since is left out.
+    #[serde(default)]
+    pub conflicts: Vec<crate::conflicts::ConflictCopy>,
     /// Kinds of extended attributes or ACLs that peers sent and this node could not
     /// set (a file system without support, not running as root), one line each.
     #[serde(default)]
@@ -414,6 +442,10 @@ pub struct PeerStatus {
     pub chunk_bytes_sent: u64,
     pub chunk_bytes_received: u64,
     pub rejected_chunks: u64,
+    /// The bandwidth limit for chunk bytes to and from this peer, each way, in bytes per
+    /// second (0: none; `--max-rate-peer`), besides the node's `max_rate`.
+    #[serde(default)]
+    pub max_rate: u64,
     /// Each shared volume's sync from this peer: in sync or behind by how much, the
     /// round under way, the last round, the last error.
     pub volumes: Vec<PeerVolumeStatus>,

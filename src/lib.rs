@@ -45,13 +45,15 @@
 //!   pull and repair), `conflict.rs`, `error.rs`, `faults.rs`.
 //! - [`volume_fs`]: symlink-safe writes inside a volume, atomic publication.
 //! - [`serve`], [`http`]: the daemon and its HTTP endpoint (and the status it shows);
+//!   [`page`]: the status page at `/` (HTML, CSS and JS in `src/page/`);
 //!   [`health`]: whether the node is ready or degraded, and why; [`metrics`]: the
 //!   Prometheus text format `/metrics` is written in.
 //! - [`discovery`]: who the peers are (a static list, or found through the Docker API
 //!   and Swarm DNS); [`container`]: what Shoal learns of the container it runs in.
 //! - [`control`]: the local control socket the CLI commands the daemon through;
 //!   [`pause`]: which volumes (or the node) an operator paused, kept across restarts;
-//!   [`rate`]: the bandwidth limit on chunk bytes.
+//!   [`rate`]: the bandwidth limit on chunk bytes; [`conflicts`]: conflict copies as an
+//!   operator lists and settles them.
 //! - [`config`]: settings from flags, environment, TOML file and defaults.
 //! - [`cli`]: the `shoal` command line.
 //!
@@ -64,6 +66,7 @@ pub mod access;
 pub mod chunking;
 pub mod cli;
 pub mod config;
+pub mod conflicts;
 pub mod container;
 pub mod control;
 pub mod credentials;
@@ -76,6 +79,7 @@ pub mod http;
 pub mod identity;
 pub mod ids;
 pub mod metrics;
+pub mod page;
 pub mod pathname;
 pub mod pause;
 pub mod protocol;

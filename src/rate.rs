@@ -1,7 +1,12 @@
-//! The node's bandwidth limit (`--max-rate`, `shoal set max-rate`): a token bucket for
-//! chunk bytes sent and one for chunk bytes received, both at the same rate. Control
-//! messages (tree pages, entries, chunk lists) bypass it: a capped node still compares
-//! trees at full speed and spends its budget on data.
+//! The node's bandwidth limits on chunk bytes: one for the node (`--max-rate`, `shoal
+//! set max-rate`) and one for each peer (`--max-rate-peer`, `shoal set max-rate
+//! --per-peer` or `--peer NODE`). Each is a token bucket for chunk bytes sent and one
+//! for chunk bytes received, both at the same rate; a chunk passes the node's buckets,
+//! then its peer's. Control messages (tree pages, entries, chunk lists) bypass them: a
+//! capped node still compares trees at full speed and spends its budget on data.
+//!
+//! A peer's rate is the rule naming it (by its certificate's name or node id), else
+//! the rule for every peer, else none.
 //!
 //! Each bucket holds at most one second of the rate. A chunk larger than what the
 //! bucket holds is let through once its bytes are paid for: the bucket goes into debt
@@ -9,9 +14,13 @@
 //! passed stay within one second's worth of `rate × time`. The rate can change at
 //! any time; the next chunk pays at the new rate.
 
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use crate::identity::Proven;
+use crate::ids::NodeId;
 
 /// A rate in bytes per second, as given: `500K`, `10M`, `20MiB`, `1G`, `2000` (bytes);
 /// K, M, G are powers of 1024 (`KiB`, `MiB`, `GiB` the same); a trailing `/s` is
@@ -44,13 +53,77 @@ fn rate_error(text: &str) -> String {
     )
 }
 
-/// The limit and its two buckets.
+/// The limits and their buckets.
 #[derive(Debug, Default)]
 pub struct RateLimit {
-    /// Bytes per second; 0: no limit.
+    /// The node's bytes per second; 0: no limit.
     rate: AtomicU64,
+    node: Buckets,
+    peer_rules: Mutex<PeerRates>,
+    /// Each peer's buckets, by the node id its certificate proved (one entry per
+    /// cluster member that exchanged chunks with this node).
+    peers: Mutex<HashMap<NodeId, Arc<Buckets>>>,
+}
+
+/// The per-peer limits: one for every peer, and some for peers by name or node id.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PeerRates {
+    /// Bytes per second for a peer no rule names; 0: no limit.
+    pub every: u64,
+    /// Bytes per second by node name or 16-hex-digit node id.
+    pub nodes: BTreeMap<String, u64>,
+}
+
+impl PeerRates {
+    /// Rules as given: `RATE` (every peer) or `NODE=RATE` (one node, by name or id),
+    /// each string possibly several rules separated by spaces.
+    pub fn parse(rules: &[String]) -> Result<PeerRates, String> {
+        let mut rates = PeerRates::default();
+        for rule in rules.iter().flat_map(|r| r.split_whitespace()) {
+            match rule.split_once('=') {
+                Some((node, rate)) => {
+                    if !crate::identity::is_node_name(node) {
+                        return Err(format!("{rule:?}: {node:?} is not a node name or id"));
+                    }
+                    rates.nodes.insert(node.to_string(), parse_rate(rate)?);
+                }
+                None => rates.every = parse_rate(rule)?,
+            }
+        }
+        Ok(rates)
+    }
+
+    /// The rate for `peer`: the rule naming it, else the one for every peer.
+    pub fn rate_for(&self, peer: &Proven) -> u64 {
+        self.nodes
+            .get(&peer.name)
+            .or_else(|| self.nodes.get(&peer.node_id.to_string()))
+            .copied()
+            .unwrap_or(self.every)
+    }
+}
+
+/// A sent and a received bucket.
+#[derive(Debug, Default)]
+struct Buckets {
     sent: Bucket,
     received: Bucket,
+}
+
+impl Buckets {
+    async fn pass(&self, rate: u64, direction: Direction, bytes: usize) {
+        if rate == 0 {
+            return;
+        }
+        let bucket = match direction {
+            Direction::Sent => &self.sent,
+            Direction::Received => &self.received,
+        };
+        let wait = bucket.take(rate as f64, bytes as f64, Instant::now());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
 }
 
 /// Which way chunk bytes go.
@@ -76,20 +149,51 @@ impl RateLimit {
         self.rate.store(rate, Ordering::Relaxed);
     }
 
-    /// Waits until `bytes` of chunk data may go `direction`.
-    pub async fn pass(&self, direction: Direction, bytes: usize) {
-        let rate = self.rate();
+    /// The per-peer rules in use.
+    pub fn peer_rates(&self) -> PeerRates {
+        self.peer_rules.lock().expect("rate lock").clone()
+    }
+
+    pub fn set_peer_rates(&self, rates: PeerRates) {
+        *self.peer_rules.lock().expect("rate lock") = rates;
+    }
+
+    /// Sets the rate of one node (by name or id), or with `None` of every peer no rule
+    /// names.
+    pub fn set_peer_rate(&self, node: Option<&str>, rate: u64) {
+        let mut rules = self.peer_rules.lock().expect("rate lock");
+        match node {
+            Some(node) => {
+                rules.nodes.insert(node.to_string(), rate);
+            }
+            None => rules.every = rate,
+        }
+    }
+
+    /// The rate in use for chunk bytes to and from `peer` (0: no limit).
+    pub fn peer_rate(&self, peer: &Proven) -> u64 {
+        self.peer_rules.lock().expect("rate lock").rate_for(peer)
+    }
+
+    /// Waits until `bytes` of chunk data may go `direction`, to or from `peer` (its
+    /// proven identity): the node's limit, then the peer's.
+    pub async fn pass(&self, peer: Option<&Proven>, direction: Direction, bytes: usize) {
+        self.node.pass(self.rate(), direction, bytes).await;
+        let Some(peer) = peer else {
+            return;
+        };
+        let rate = self.peer_rate(peer);
         if rate == 0 {
             return;
         }
-        let bucket = match direction {
-            Direction::Sent => &self.sent,
-            Direction::Received => &self.received,
-        };
-        let wait = bucket.take(rate as f64, bytes as f64, Instant::now());
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
+        let buckets = self
+            .peers
+            .lock()
+            .expect("rate lock")
+            .entry(peer.node_id)
+            .or_default()
+            .clone();
+        buckets.pass(rate, direction, bytes).await;
     }
 }
 
@@ -121,6 +225,24 @@ mod tests {
         assert_eq!(parse_rate("off"), Ok(0));
         for bad in ["", "fast", "10X", "-1", "99999999999999999999G"] {
             assert!(parse_rate(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_peer_takes_the_rule_naming_it_else_the_one_for_every_peer() {
+        let rates =
+            PeerRates::parse(&["2M node-b=512K".into(), "00000000000000cc=1K".into()]).unwrap();
+        let peer = |name: &str, id: u64| Proven {
+            node_id: NodeId(id),
+            name: name.into(),
+            not_after: std::time::SystemTime::UNIX_EPOCH,
+        };
+        assert_eq!(rates.rate_for(&peer("node-a", 1)), 2 << 20);
+        assert_eq!(rates.rate_for(&peer("node-b", 2)), 512 << 10);
+        assert_eq!(rates.rate_for(&peer("node-c", 0xcc)), 1 << 10);
+        assert_eq!(PeerRates::parse(&[]).unwrap().rate_for(&peer("x", 1)), 0);
+        for bad in ["fast", "=1M", "../x=1M", "node=fast"] {
+            assert!(PeerRates::parse(&[bad.into()]).is_err(), "{bad:?}");
         }
     }
 

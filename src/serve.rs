@@ -69,6 +69,8 @@ pub struct ServeOptions {
     pub tombstone_retention: Duration,
     /// Bytes per second of chunk data each way (0: no limit).
     pub max_rate: u64,
+    /// The same for each peer.
+    pub max_rate_peer: crate::rate::PeerRates,
 }
 
 /// How often expired tombstones are looked for.
@@ -223,6 +225,7 @@ fn open_node(options: &ServeOptions, credentials: &Credentials) -> anyhow::Resul
     node.heartbeat = options.heartbeat;
     node.paused = crate::pause::Paused::load(&settings.state_dir)?;
     node.rate.set(options.max_rate);
+    node.rate.set_peer_rates(options.max_rate_peer.clone());
     let node = Arc::new(node);
     *node.identity.write().expect("identity lock") = Some(credentials.identity.clone());
     let _ = node.trust.set(Trust {
@@ -477,6 +480,8 @@ async fn rescan(node: &Arc<Node>, index: usize, options: ScanOptions) -> anyhow:
         if whole {
             let copies = report.conflict_copies;
             volume.conflict_copies.store(copies, Ordering::Relaxed);
+            *volume.conflict_paths.lock().expect("conflict paths lock") =
+                report.conflict_paths.clone();
         }
         report
     };
@@ -802,6 +807,14 @@ async fn sync_with(
                 .err()
                 .map(|e| e as &(dyn std::error::Error + 'static));
             let room_short = node.note_state_room(error);
+            if let Err(e) = &pulled
+                && e.is_peer_paused()
+            {
+                if peer.sync.round_paused(&name) {
+                    tracing::info!(peer = %peer.addr, volume = %name, "{e}; pulling again once it is resumed");
+                }
+                continue;
+            }
             if let Err(e) = &pulled {
                 let message = format!("pull failed: {e}");
                 // A lost connection is the peer's task's to say, a full state directory

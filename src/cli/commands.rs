@@ -478,6 +478,8 @@ pub struct ServeFlags {
     pub metrics: Option<String>,
     /// `--max-rate` as given.
     pub max_rate: Option<String>,
+    /// `--max-rate-peer` rules as given.
+    pub max_rate_peer: Vec<String>,
 }
 
 pub fn serve(
@@ -502,7 +504,10 @@ pub fn serve(
         service,
         metrics,
         max_rate,
+        max_rate_peer,
     } = flags;
+    let max_rate_peer = crate::rate::PeerRates::parse(&max_rate_peer)
+        .map_err(|e| anyhow::anyhow!("--max-rate-peer (SHOAL_MAX_RATE_PEER): {e}"))?;
     let max_rate = max_rate
         .as_deref()
         .map(crate::rate::parse_rate)
@@ -557,6 +562,7 @@ pub fn serve(
         debounce: Duration::from_millis(debounce_ms),
         tombstone_retention: Duration::from_secs(tombstone_days.saturating_mul(86_400)),
         max_rate,
+        max_rate_peer,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(crate::serve::run(options, shutdown_signal()))?;

@@ -6,6 +6,7 @@
 //! needs. Errors from the library are typed; they become one clear sentence here.
 
 mod commands;
+mod conflicts;
 mod status;
 
 use std::io::{IsTerminal, Write};
@@ -86,6 +87,9 @@ enum Command {
     /// Change a setting of the running daemon, through its control socket.
     #[command(subcommand)]
     Set(SetCommand),
+    /// List the conflict copies of a volume (or of every volume) with the name each lost
+    /// and both versions' nodes, times and sizes; `shoal conflicts resolve` settles one.
+    Conflicts(ConflictsArgs),
     /// Cluster credentials.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -253,6 +257,18 @@ struct ServeArgs {
     #[arg(long, env = "SHOAL_MAX_RATE", value_name = "RATE")]
     max_rate: Option<String>,
 
+    /// Bandwidth limit for chunk bytes to and from each peer, each way: RATE for every
+    /// peer, NODE=RATE for one (its name or node id; that rule wins); repeatable,
+    /// SHOAL_MAX_RATE_PEER takes a space-separated list. Applies besides --max-rate.
+    /// Changed while running with `shoal set max-rate --per-peer` or `--peer NODE`.
+    #[arg(
+        long,
+        env = "SHOAL_MAX_RATE_PEER",
+        value_name = "[NODE=]RATE",
+        value_delimiter = ' '
+    )]
+    max_rate_peer: Vec<String>,
+
     /// Days a delete is remembered (a node offline for longer could bring the file back).
     #[arg(
         long,
@@ -392,10 +408,61 @@ struct StatusArgs {
 #[derive(Subcommand, Debug)]
 enum SetCommand {
     /// The bandwidth limit for chunk bytes, each way, until changed again or the daemon
-    /// restarts (then --max-rate holds): 500K, 10M, 20MiB (powers of 1024); 0 or off:
-    /// none.
+    /// restarts (then --max-rate and --max-rate-peer hold): 500K, 10M, 20MiB (powers of
+    /// 1024); 0 or off: none. The node's, or with --per-peer or --peer each peer's.
     MaxRate {
         rate: String,
+
+        /// The limit for each peer that no --peer rule names.
+        #[arg(long, conflicts_with = "peer")]
+        per_peer: bool,
+
+        /// The limit for this peer (its name or node id, as `shoal status` shows them).
+        #[arg(long, value_name = "NODE")]
+        peer: Option<String>,
+
+        /// The daemon's state directory, where its control socket is [default:
+        /// /var/lib/shoal].
+        #[arg(long, env = "SHOAL_STATE_DIR", value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
+}
+
+/// `shoal conflicts`: asks the running daemon (its control socket).
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+struct ConflictsArgs {
+    #[command(subcommand)]
+    resolve: Option<ConflictsCommand>,
+
+    /// The volume [default: every volume].
+    volume: Option<String>,
+
+    /// Print as JSON.
+    #[arg(long)]
+    json: bool,
+
+    /// The daemon's state directory, where its control socket is [default:
+    /// /var/lib/shoal].
+    #[arg(long, env = "SHOAL_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum ConflictsCommand {
+    /// Settle one conflict copy, as an ordinary change that syncs to every node.
+    /// `mine`: keep the version under the original name (the copy is deleted);
+    /// `theirs`: keep the copy's version (the one that lost the name; it replaces the
+    /// original name); `both`: keep both as ordinary files (the copy loses its
+    /// `sync-conflict-` mark).
+    Resolve {
+        /// The conflict copy: VOLUME/PATH as `shoal conflicts` prints it, or its path on
+        /// disk.
+        path: PathBuf,
+
+        /// Which version to keep.
+        #[arg(long, value_name = "WHICH", value_parser = ["mine", "theirs", "both"])]
+        keep: String,
 
         /// The daemon's state directory, where its control socket is [default:
         /// /var/lib/shoal].
@@ -606,6 +673,10 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 service: args.remote.service,
                 metrics: args.metrics,
                 max_rate: args.max_rate.or(file.max_rate),
+                max_rate_peer: match args.max_rate_peer.is_empty() {
+                    true => file.max_rate_peer.unwrap_or_default(),
+                    false => args.max_rate_peer,
+                },
             };
             let settings = settings(cli.config, args.locations, args.chunk_sizes)?;
             commands::serve(
@@ -620,11 +691,47 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Health(args) => commands::health(&args.http, args.ready),
         Command::Pause(args) => control_pause(cli.config, args, true),
         Command::Resume(args) => control_pause(cli.config, args, false),
-        Command::Set(SetCommand::MaxRate { rate, state_dir }) => {
+        Command::Set(SetCommand::MaxRate {
+            rate,
+            per_peer,
+            peer,
+            state_dir,
+        }) => {
+            use crate::control::Command as Control;
             let rate = crate::rate::parse_rate(&rate).map_err(|e| anyhow::anyhow!(e))?;
-            let command = crate::control::Command::SetMaxRate(rate);
+            let command = match (per_peer, peer) {
+                (false, None) => Control::SetMaxRate(rate),
+                (true, _) => Control::SetPeerMaxRate { node: None, rate },
+                (false, Some(node)) => {
+                    if !crate::identity::is_node_name(&node) {
+                        anyhow::bail!("--peer {node:?} is not a node name or id");
+                    }
+                    Control::SetPeerMaxRate {
+                        node: Some(node),
+                        rate,
+                    }
+                }
+            };
             control_send(cli.config, state_dir, &command)
         }
+        Command::Conflicts(args) => match args.resolve {
+            None => {
+                if let Some(name) = &args.volume {
+                    crate::config::validate_volume_name(name)?;
+                }
+                let state_dir = control_state_dir(cli.config, args.state_dir)?;
+                conflicts::list(&state_dir, args.volume, args.json)
+            }
+            Some(ConflictsCommand::Resolve {
+                path,
+                keep,
+                state_dir,
+            }) => {
+                let keep = crate::conflicts::Keep::parse(&keep).map_err(|e| anyhow::anyhow!(e))?;
+                let state_dir = control_state_dir(cli.config, state_dir)?;
+                conflicts::resolve(&state_dir, &path, keep)
+            }
+        },
         Command::Cluster(ClusterCommand::Init { out }) => commands::cluster_init(&out),
         Command::Cluster(ClusterCommand::AddNode {
             name,
@@ -699,12 +806,21 @@ fn control_send(
     state_dir: Option<PathBuf>,
     command: &crate::control::Command,
 ) -> anyhow::Result<Outcome> {
-    let state_dir = state_dir
-        .or(file_config(config.as_ref())?.state_dir)
-        .unwrap_or_else(|| crate::config::DEFAULT_STATE_DIR.into());
+    let state_dir = control_state_dir(config, state_dir)?;
     let answer = crate::control::request(&state_dir, command)?;
     print(&format!("{answer}\n"))?;
     Ok(Outcome::Success)
+}
+
+/// The state directory of the daemon to command: `--state-dir`, the config file's, or
+/// the default.
+fn control_state_dir(
+    config: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+) -> anyhow::Result<PathBuf> {
+    Ok(state_dir
+        .or(file_config(config.as_ref())?.state_dir)
+        .unwrap_or_else(|| crate::config::DEFAULT_STATE_DIR.into()))
 }
 
 fn parse_http(addr: &str) -> anyhow::Result<std::net::SocketAddr> {

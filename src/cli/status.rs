@@ -169,6 +169,7 @@ fn render_peer_volume(out: &mut String, v: &PeerVolumeStatus, bars: bool) {
     let state = match v.state {
         Verdict::InSync => "in sync".to_string(),
         Verdict::Unknown => "not compared yet".to_string(),
+        Verdict::Paused => "paused by the peer's operator".to_string(),
         Verdict::Behind => format!(
             "behind by {} entries ({}) since {}",
             v.pending_entries,

@@ -117,6 +117,9 @@ pub enum Depth {
 }
 
 /// What a scan found and did.
+/// Conflict copies a scan names in its report (it counts them all).
+pub const CONFLICT_PATHS_KEPT: usize = 20;
+
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct ScanReport {
     pub volume: String,
@@ -136,6 +139,9 @@ pub struct ScanReport {
     /// whole-volume scan counts every one the volume holds, the same on every node once
     /// they agree.
     pub conflict_copies: u64,
+    /// The first [`CONFLICT_PATHS_KEPT`] of them, in walk order (`/status` describes them).
+    #[serde(skip)]
+    pub conflict_paths: Vec<VolPath>,
     /// Names that could not be read; their previous index entries were kept.
     pub problems: Vec<String>,
     pub seconds: f64,

@@ -432,6 +432,9 @@ impl<'s> Walker<'s> {
         let is_dir = item.meta.is_dir();
         if crate::sync::conflict::is_conflict_copy(&item.name) {
             self.report.conflict_copies += 1;
+            if self.report.conflict_paths.len() < super::CONFLICT_PATHS_KEPT {
+                self.report.conflict_paths.push(path.clone());
+            }
         }
         let unchanged = stamp == Some(stamp_of(&item.meta));
         if item.meta.is_file() && item.meta.nlink() > 1 {

@@ -85,6 +85,51 @@ pub fn conflict_name(name: &[u8], loser: &Entry, winner: &Entry, attempt: u32) -
     [&stem[..stem.len().min(room)], suffix.as_bytes(), ext].concat()
 }
 
+/// What a conflict copy's name says: the name it lost, when the losing version was
+/// last modified (`YYYYMMDD-HHMMSS`, UTC) and the start of the id of the node that made
+/// it (7 hex digits, or `unknown`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyName {
+    pub original: Vec<u8>,
+    pub stamp: String,
+    pub author: String,
+}
+
+/// Reads a name [`conflict_name`] made: `stem.sync-conflict-<stamp>-<node>[-N]<ext>`.
+/// `None` for any other name (a stem shortened to fit gives the shortened original).
+pub fn parse_copy_name(name: &[u8]) -> Option<CopyName> {
+    let at = name.windows(MARKER.len()).rposition(|w| w == MARKER)?;
+    let stem = &name[..at];
+    // The rest is ASCII up to the extension, which may be any bytes: split at its dot.
+    let rest_bytes = &name[at + MARKER.len()..];
+    let ext_at = rest_bytes
+        .iter()
+        .position(|&b| b == b'.')
+        .unwrap_or(rest_bytes.len());
+    let (tail, ext) = rest_bytes.split_at(ext_at);
+    let tail = std::str::from_utf8(tail).ok()?;
+    let mut parts = tail.split('-');
+    let (date, time, author) = (parts.next()?, parts.next()?, parts.next()?);
+    let numbered = parts.next();
+    let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
+    let author_ok = author == "unknown"
+        || (!author.is_empty()
+            && author.len() <= 7
+            && author.bytes().all(|b| b.is_ascii_hexdigit()));
+    let number_ok = numbered.is_none_or(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    if !digits(date, 8) || !digits(time, 6) || !author_ok || !number_ok || parts.next().is_some() {
+        return None;
+    }
+    if stem.is_empty() && ext.is_empty() {
+        return None;
+    }
+    Some(CopyName {
+        original: [stem, ext].concat(),
+        stamp: format!("{date}-{time}"),
+        author: author.to_string(),
+    })
+}
+
 /// `YYYYMMDD-HHMMSS` in UTC.
 fn utc_stamp(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
@@ -164,5 +209,37 @@ mod tests {
         assert!(name.len() <= 255);
         crate::pathname::validate_name(&name).unwrap();
         assert_eq!(utc_stamp(0), "19700101-000000");
+    }
+
+    #[test]
+    fn a_conflict_name_reads_back_as_the_name_it_lost() {
+        let loser = file(1, 1_764_115_200, 0xab);
+        let winner = file(2, 1_764_115_300, 0xcd);
+        for (original, attempt) in [
+            (&b"report.final.pdf"[..], 0),
+            (b"Makefile", 0),
+            (b".env", 2),
+            (b"dir.d", 1),
+        ] {
+            let copy = conflict_name(original, &loser, &winner, attempt);
+            let read = parse_copy_name(&copy).unwrap_or_else(|| panic!("{copy:?}"));
+            assert_eq!(
+                read.original,
+                original,
+                "{}",
+                String::from_utf8_lossy(&copy)
+            );
+            assert_eq!(read.stamp, "20251126-000000");
+            assert_eq!(read.author, "00000000000000ab"[..7]);
+        }
+        for not_a_copy in [
+            &b"report.pdf"[..],
+            b"x.sync-conflict-.txt",
+            b"x.sync-conflict-2025-000000-abc.txt",
+            b"x.sync-conflict-20251126-000000-xyz.txt",
+            b"x.sync-conflict-20251126-000000-abc-1-2.txt",
+        ] {
+            assert_eq!(parse_copy_name(not_a_copy), None, "{not_a_copy:?}");
+        }
     }
 }

@@ -103,6 +103,11 @@ impl SyncError {
         }
     }
 
+    /// The peer's operator paused the volume (or the peer): not a failure of this node.
+    pub fn is_peer_paused(&self) -> bool {
+        matches!(self, SyncError::Protocol(ProtocolError::Remote { code, .. }) if *code == ErrorCode::Paused.number())
+    }
+
     /// A local I/O error, with what was being done.
     pub fn local(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SyncError {
         let what = what.into();

@@ -33,6 +33,8 @@ pub struct Volume {
     pub scanning: super::state::ScanActivity,
     /// Conflict copies the last whole-volume scan found in it.
     pub conflict_copies: AtomicU64,
+    /// The first of them by path (for `/status`, which describes them).
+    pub conflict_paths: Mutex<Vec<crate::pathname::VolPath>>,
     /// Extended attributes received that this node could not set.
     pub xattrs_not_applied: crate::xattrs::NotApplied,
     /// A pull took a hard-linked file and has not linked all its other names yet: scans
@@ -56,6 +58,7 @@ impl Volume {
             room: super::room::Room::default(),
             scanning: super::state::ScanActivity::default(),
             conflict_copies: AtomicU64::new(0),
+            conflict_paths: Mutex::new(Vec::new()),
             xattrs_not_applied: Default::default(),
             links_pending: AtomicBool::new(false),
         })
@@ -169,6 +172,8 @@ pub struct Node {
     pub paused: crate::pause::Paused,
     /// The bandwidth limit on chunk bytes sent and received.
     pub rate: crate::rate::RateLimit,
+    /// The last changes applied from peers (for `/status`).
+    pub recent_changes: super::state::RecentChanges,
 }
 
 impl Node {
@@ -199,6 +204,7 @@ impl Node {
             heartbeat: std::time::Duration::from_secs(25),
             paused: crate::pause::Paused::default(),
             rate: crate::rate::RateLimit::default(),
+            recent_changes: Default::default(),
         }
     }
 

@@ -8,7 +8,7 @@
 //! across an await: a reader never waits on a volume lock, a scan, the store or the
 //! network, so the HTTP endpoint answers at once during a start-up scan or a big pull.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -114,6 +114,9 @@ pub enum Verdict {
     InSync,
     /// The peer has changes this node has not taken yet.
     Behind,
+    /// The peer's operator paused the volume there (`shoal pause`): it neither gives
+    /// nor takes changes until resumed. Not an error.
+    Paused,
 }
 
 /// A pull round under way.
@@ -358,6 +361,20 @@ impl PeerSync {
         Repeated::record(&mut state.failure, error, relog)
     }
 
+    /// The peer answered that its operator paused the volume: no failure is counted;
+    /// returns whether it was not known paused before (to say so once).
+    pub fn round_paused(&self, volume: &str) -> bool {
+        let mut inner = self.inner();
+        let state = inner.volumes.entry(volume.to_string()).or_default();
+        if let Some(round) = state.round.take() {
+            state.left = round.pending();
+        }
+        state.failure = None;
+        let newly = state.verdict != Verdict::Paused;
+        state.verdict = Verdict::Paused;
+        newly
+    }
+
     /// Rounds of each volume that failed in a row, with the last error.
     pub fn failing_volumes(&self) -> Vec<(String, Repeated)> {
         self.inner()
@@ -478,6 +495,44 @@ impl ScanActivity {
     }
 }
 
+/// How many of the changes applied from peers `/status` shows (the newest).
+pub const RECENT_CHANGES: usize = 20;
+
+/// A change applied from a peer, as `/status` shows it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct AppliedChange {
+    /// When (RFC 3339 UTC).
+    pub time: String,
+    pub volume: String,
+    /// The peer it came from (its address).
+    pub peer: String,
+    /// `file`, `dir`, `symlink`, `deleted`...: what the log line says.
+    pub what: String,
+    pub path: String,
+    /// Bytes of file content.
+    pub bytes: u64,
+}
+
+/// The last [`RECENT_CHANGES`] changes applied from peers.
+#[derive(Default)]
+pub struct RecentChanges(Mutex<VecDeque<AppliedChange>>);
+
+impl RecentChanges {
+    pub fn note(&self, change: AppliedChange) {
+        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if held.len() == RECENT_CHANGES {
+            held.pop_front();
+        }
+        held.push_back(change);
+    }
+
+    /// The changes held, newest first.
+    pub fn newest_first(&self) -> Vec<AppliedChange> {
+        let held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        held.iter().rev().cloned().collect()
+    }
+}
+
 /// A scan under way, as `/status` shows it.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct ScanProgress {
@@ -536,6 +591,19 @@ mod tests {
         assert!(Repeated::record(&mut slot, "timed out", hour));
         assert!(Repeated::record(&mut slot, "timed out", Duration::ZERO));
         assert_eq!(slot.as_ref().unwrap().count(), 2);
+    }
+
+    #[test]
+    fn a_peer_that_paused_the_volume_is_paused_here_not_failing() {
+        let peer = PeerSync::default();
+        peer.round_started("docs", totals(1, 1), totals(0, 0));
+        assert!(peer.round_paused("docs"));
+        assert!(!peer.round_paused("docs"), "said once");
+        assert!(peer.failing_volumes().is_empty());
+        assert_eq!(peer.volumes()[0].state, Verdict::Paused);
+        peer.round_started("docs", totals(1, 1), totals(0, 0));
+        peer.round_done("docs", 0, 0);
+        assert_eq!(peer.volumes()[0].state, Verdict::InSync);
     }
 
     #[test]

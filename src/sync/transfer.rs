@@ -341,7 +341,11 @@ async fn fetch_group(
                     continue;
                 }
                 node.rate
-                    .pass(crate::rate::Direction::Received, data.len())
+                    .pass(
+                        peer.identity().as_ref(),
+                        crate::rate::Direction::Received,
+                        data.len(),
+                    )
                     .await;
                 let len = data.len() as u64;
                 peer.chunk_bytes_received.fetch_add(len, Ordering::Relaxed);

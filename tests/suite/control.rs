@@ -233,3 +233,223 @@ fn max_rate_holds_chunk_bytes_to_the_rate_and_changes_while_running() {
     assert!(control(&c, 1, &["set", "max-rate", "off"]).status.success());
     assert!(rate_shown(&c, 0));
 }
+
+/// `shoal conflicts --json` on node `i`: its copies, or the command's error output.
+fn conflicts(c: &Cluster, i: usize) -> Result<Vec<serde_json::Value>, String> {
+    let out = control(c, i, &["conflicts", "--json"]);
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let listing: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+    Ok(listing["copies"].as_array().cloned().unwrap_or_default())
+}
+
+#[test]
+fn conflicts_made_on_purpose_are_listed_on_every_node_and_settled_as_changes_that_sync() {
+    let mut c = Cluster::new(3);
+    for name in ["a.txt", "b.txt", "c.txt"] {
+        fs::write(c.vol(0).join(name), b"original").unwrap();
+    }
+    c.start_all();
+    c.wait_connected(Duration::from_secs(30));
+    c.wait_converged(&[0, 1, 2], Duration::from_secs(60));
+    let ids: Vec<String> = (0..3).map(|i| c.node_id(i).unwrap()).collect();
+
+    // Nodes 0 and 1 edit the same three files while cut off from each other (and from
+    // node 2, which keeps the original).
+    c.stop(1);
+    c.stop(2);
+    for name in ["a.txt", "b.txt", "c.txt"] {
+        fs::write(c.vol(0).join(name), format!("{name} edited on node 0")).unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    c.stop(0);
+    for name in ["a.txt", "b.txt", "c.txt"] {
+        fs::write(
+            c.vol(1).join(name),
+            format!("{name} edited on node 1, longer"),
+        )
+        .unwrap();
+    }
+    c.start(1);
+    std::thread::sleep(Duration::from_secs(2));
+    c.stop(1);
+    c.start_all();
+    c.wait_connected(Duration::from_secs(30));
+    c.wait_converged(&[0, 1, 2], Duration::from_secs(60));
+
+    // Every node lists the same three copies, each with the name it lost and both
+    // versions: one made by node 0, the other by node 1.
+    let mut listed = Vec::new();
+    for i in 0..3 {
+        let copies = conflicts(&c, i).unwrap();
+        assert_eq!(copies.len(), 3, "node {i}: {copies:#?}");
+        for copy in &copies {
+            let original = copy["original"].as_str().unwrap();
+            let path = copy["path"].as_str().unwrap();
+            assert!(
+                ["a.txt", "b.txt", "c.txt"].contains(&original)
+                    && path.starts_with(&original[..1])
+                    && path.contains(".sync-conflict-"),
+                "{copy:#}"
+            );
+            let theirs = &copy["copy"];
+            let mine = &copy["current"];
+            let on_disk = |name: &str| fs::metadata(c.vol(i).join(name)).unwrap().len();
+            assert_eq!(theirs["size"].as_u64(), Some(on_disk(path)), "{copy:#}");
+            assert_eq!(mine["size"].as_u64(), Some(on_disk(original)), "{copy:#}");
+            assert_eq!(theirs["kind"], "file");
+            let mut nodes = [
+                theirs["node"].as_str().unwrap().to_string(),
+                mine["node"].as_str().unwrap().to_string(),
+            ];
+            nodes.sort();
+            let mut expected = [ids[0].clone(), ids[1].clone()];
+            expected.sort();
+            assert_eq!(nodes, expected, "{copy:#}");
+            assert!(theirs["modified"].as_str().unwrap().ends_with('Z'));
+            assert!(theirs["node_name"].is_string(), "{copy:#}");
+        }
+        let mut paths: Vec<String> = copies
+            .iter()
+            .map(|c| c["path"].as_str().unwrap().to_string())
+            .collect();
+        paths.sort();
+        listed.push(paths);
+    }
+    assert!(listed.iter().all(|l| *l == listed[0]), "{listed:?}");
+    let copy_of = |original: &str| {
+        listed[0]
+            .iter()
+            .find(|p| p.starts_with(&original[..1]))
+            .unwrap()
+            .clone()
+    };
+    let (copy_a, copy_b, copy_c) = (copy_of("a.txt"), copy_of("b.txt"), copy_of("c.txt"));
+    let content = |i: usize, name: &str| fs::read(c.vol(i).join(name)).unwrap();
+    let (theirs_a, mine_b, mine_c, theirs_c) = (
+        content(2, &copy_a),
+        content(2, "b.txt"),
+        content(2, "c.txt"),
+        content(2, &copy_c),
+    );
+
+    // Node 2, which made neither version, settles them: the same words mean the same
+    // versions on every node. Paths as the listing prints them, or on disk.
+    let resolve = |path: &str, keep: &str| {
+        let out = control(&c, 2, &["conflicts", "resolve", path, "--keep", keep]);
+        assert!(
+            out.status.success(),
+            "resolve {path} --keep {keep}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    resolve(&format!("vol/{copy_a}"), "theirs");
+    resolve(c.vol(2).join(&copy_b).to_str().unwrap(), "mine");
+    let said = resolve(&format!("vol/{copy_c}"), "both");
+    let kept_c = copy_c.replace(".sync-conflict-", ".");
+    assert!(said.contains(&kept_c), "{said}");
+    let out = control(
+        &c,
+        2,
+        &["conflicts", "resolve", "vol/a.txt", "--keep", "mine"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a conflict copy"));
+
+    // Each is an ordinary change: it reaches every node, and one version is left.
+    wait_for(
+        Duration::from_secs(60),
+        "no conflict copy listed anywhere",
+        || (0..3).all(|i| conflicts(&c, i).is_ok_and(|l| l.is_empty())),
+    );
+    c.wait_converged(&[0, 1, 2], Duration::from_secs(60));
+    for i in 0..3 {
+        let names = crate::cluster::names(&c.vol(i));
+        assert_eq!(
+            names,
+            {
+                let mut want = vec![
+                    "a.txt".to_string(),
+                    "b.txt".to_string(),
+                    "c.txt".to_string(),
+                    kept_c.clone(),
+                ];
+                want.sort();
+                want
+            },
+            "node {i}"
+        );
+        assert_eq!(content(i, "a.txt"), theirs_a, "node {i}");
+        assert_eq!(content(i, "b.txt"), mine_b, "node {i}");
+        assert_eq!(content(i, "c.txt"), mine_c, "node {i}");
+        assert_eq!(content(i, &kept_c), theirs_c, "node {i}");
+    }
+}
+
+/// Writes `len` random bytes as `name` on node `from`; how long until node `to` has it.
+fn transfer(c: &Cluster, (from, to): (usize, usize), name: &str, len: usize) -> Duration {
+    let started = Instant::now();
+    fs::write(
+        c.vol(from).join(name),
+        crate::util::random_bytes(len, len as u64 + from as u64),
+    )
+    .unwrap();
+    wait_for(Duration::from_secs(120), "the file arrived", || {
+        fs::metadata(c.vol(to).join(name)).is_ok_and(|m| m.len() == len as u64)
+    });
+    started.elapsed()
+}
+
+#[test]
+fn max_rate_peer_holds_chunk_bytes_to_and_from_that_peer() {
+    let mut c = Cluster::new(2);
+    // Node 1 caps what it exchanges with node 0 (named by its certificate), not itself.
+    c.extra_env[1].push(("SHOAL_MAX_RATE_PEER".into(), "64M node0=1M".into()));
+    c.start_all();
+    c.wait_connected(Duration::from_secs(30));
+    let peer_rate_shown = |c: &Cluster, rate: u64| {
+        let family = format!(
+            "shoal_peer_max_rate_bytes_per_second{{peer=\"{}:7029\"}} {rate}\n",
+            c.ip(0)
+        );
+        c.metrics(1).is_some_and(|m| {
+            m.contains(&family) && m.contains("shoal_max_rate_bytes_per_second 0\n")
+        })
+    };
+    assert!(peer_rate_shown(&c, 1 << 20), "{:?}", c.metrics(1));
+    assert_eq!(
+        c.status(1).unwrap()["peers"][0]["max_rate"].as_u64(),
+        Some(1 << 20)
+    );
+    // Lower bounds, as for the node's limit: 4 MiB at 1 MiB/s with one second lent.
+    let took = transfer(&c, (0, 1), "received.bin", 4 << 20);
+    assert!(took >= Duration::from_secs(3), "4 MiB received in {took:?}");
+    // Both ways: node 0 has no limit, but node 1 sends to it at its rate.
+    let took = transfer(&c, (1, 0), "sent.bin", 4 << 20);
+    assert!(took >= Duration::from_secs(3), "4 MiB sent in {took:?}");
+
+    let out = control(&c, 1, &["set", "max-rate", "256K", "--peer", "node0"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(peer_rate_shown(&c, 256 << 10));
+    let took = transfer(&c, (0, 1), "slower.bin", 1 << 20);
+    assert!(
+        took >= Duration::from_secs(3),
+        "1 MiB at 256 KiB/s in {took:?}"
+    );
+    c.wait_converged(&[0, 1], Duration::from_secs(30));
+    assert!(
+        control(&c, 1, &["set", "max-rate", "off", "--peer", "node0"])
+            .status
+            .success()
+    );
+    assert!(peer_rate_shown(&c, 0));
+    let out = control(&c, 1, &["set", "max-rate", "1M", "--peer", "../x"]);
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -15,6 +15,7 @@ mod index;
 mod live;
 mod metadata;
 mod operability;
+mod page;
 mod repair;
 mod storm;
 mod sync;

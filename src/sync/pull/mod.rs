@@ -235,6 +235,16 @@ impl Pull {
     /// of file content, for the round's progress and the log.
     fn note_applied(&mut self, what: &'static str, path: String, bytes: u64) {
         self.peer.sync.applied(&self.volume().name, 1, bytes);
+        self.node
+            .recent_changes
+            .note(crate::sync::state::AppliedChange {
+                time: crate::sync::state::rfc3339(std::time::SystemTime::now()),
+                volume: self.volume().name.clone(),
+                peer: self.peer.addr.to_string(),
+                what: what.to_string(),
+                path: path.clone(),
+                bytes,
+            });
         self.applied.entries += 1;
         self.applied.bytes += bytes;
         if self.applied.first.len() < BURST_NAMES {

@@ -41,7 +41,9 @@ pub(super) async fn send(
                 .map_err(internal)?;
         let response = match read {
             Some(data) => {
-                node.rate.pass(Direction::Sent, data.len()).await;
+                node.rate
+                    .pass(Some(&session.peer), Direction::Sent, data.len())
+                    .await;
                 let len = data.len() as u64;
                 node.stats
                     .chunk_bytes_sent
