@@ -490,7 +490,14 @@ async fn rescan(node: &Arc<Node>, index: usize, options: ScanOptions) -> anyhow:
         node.stats
             .local_changes
             .fetch_add(changes, Ordering::Relaxed);
-        tracing::info!(volume = %volume.name, added = report.added, modified = report.modified, deleted = report.deleted, "local changes");
+        let names = report.changed_names.join(", ");
+        let more = changes.saturating_sub(report.changed_names.len() as u64);
+        let more = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
+        tracing::info!(volume = %volume.name, added = report.added, modified = report.modified, deleted = report.deleted, "local changes: {names}{more}");
         node.notify_peers(&volume.name);
     }
     Ok(())

@@ -153,6 +153,7 @@ impl Walker<'_> {
                 entry.link = leader.clone();
                 entry.version.bump(self.node);
                 self.report.modified += 1;
+                self.name_change(&dir, name);
                 self.batch.put_entry(self.vol, &dir, name, &entry);
                 self.batch.mark_dirty(self.vol, &dir);
             }

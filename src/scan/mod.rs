@@ -116,6 +116,9 @@ pub enum Depth {
     Subtree,
 }
 
+/// How many changed names a scan report lists (the log's "local changes" line).
+pub const NAMES_IN_REPORT: usize = 5;
+
 /// What a scan found and did.
 /// Conflict copies a scan names in its report (it counts them all).
 pub const CONFLICT_PATHS_KEPT: usize = 20;
@@ -130,6 +133,8 @@ pub struct ScanReport {
     pub added: u64,
     pub modified: u64,
     pub deleted: u64,
+    /// The first [`NAMES_IN_REPORT`] of those names, for the log.
+    pub changed_names: Vec<String>,
     /// Files opened and read (unchanged files are not read).
     pub files_read: u64,
     pub bytes_read: u64,
@@ -254,6 +259,9 @@ pub fn scan_volume(
         rest.added += report.added;
         rest.modified += report.modified;
         rest.deleted += report.deleted;
+        let room = NAMES_IN_REPORT.saturating_sub(report.changed_names.len());
+        rest.changed_names.truncate(room);
+        rest.changed_names.splice(0..0, report.changed_names);
         rest.files_read += report.files_read;
         rest.bytes_read += report.bytes_read;
         rest.problems.splice(0..0, report.problems);

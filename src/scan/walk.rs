@@ -575,7 +575,7 @@ impl<'s> Walker<'s> {
     ) {
         let entry = self.entry_from(kind, meta, (xattrs, None), old.as_ref());
         if let Some(entry) = entry {
-            self.count_change(old.as_ref());
+            self.count_change(dir, name, old.as_ref());
             self.batch.put_entry(self.vol, dir, name, &entry);
             self.batch.mark_dirty(self.vol, dir);
         }
@@ -613,10 +613,21 @@ impl<'s> Walker<'s> {
         Some(entry)
     }
 
-    fn count_change(&mut self, old: Option<&Entry>) {
+    fn count_change(&mut self, dir: &VolPath, name: &[u8], old: Option<&Entry>) {
         match old {
             Some(old) if !old.is_tombstone() => self.report.modified += 1,
             _ => self.report.added += 1,
+        }
+        self.name_change(dir, name);
+    }
+
+    /// Keeps the first few changed names for the log.
+    pub(super) fn name_change(&mut self, dir: &VolPath, name: &[u8]) {
+        if self.report.changed_names.len() < super::NAMES_IN_REPORT {
+            let path = dir.join(name).map(|p| p.display().to_string());
+            self.report
+                .changed_names
+                .push(path.unwrap_or_else(|_| crate::pathname::escape(name)));
         }
     }
 
@@ -704,6 +715,7 @@ impl<'s> Walker<'s> {
         self.batch.delete_stamp(self.vol, dir, name);
         self.batch.mark_dirty(self.vol, dir);
         self.report.deleted += 1;
+        self.name_change(dir, name);
         Ok(tombstone)
     }
 
@@ -830,7 +842,7 @@ impl<'s> Walker<'s> {
                 _ => Vec::new(),
             };
             if !from_peer {
-                self.count_change(old.as_ref());
+                self.count_change(dir, name, old.as_ref());
             }
             self.batch.put_entry(self.vol, dir, name, &entry);
             self.batch

@@ -295,7 +295,7 @@ fn promtool_accepts_the_metrics_of_a_live_node() {
 }
 
 #[test]
-fn json_logs_are_one_object_a_line_with_the_applied_path() {
+fn json_logs_are_one_object_a_line_naming_applied_and_local_changes() {
     let mut c = Cluster::new(2);
     fs::write(c.vol(0).join("report.txt"), "numbers").unwrap();
     c.extra_env[1].push(("SHOAL_LOG_FORMAT".into(), "json".into()));
@@ -323,6 +323,22 @@ fn json_logs_are_one_object_a_line_with_the_applied_path() {
             .unwrap()
             .contains("applied file report.txt")
     );
+    // A change made on the node itself is logged with its name too.
+    fs::write(c.vol(1).join("minutes.txt"), "decisions").unwrap();
+    let local = || {
+        c.log(1)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|o| {
+                o["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("local changes: minutes.txt"))
+            })
+    };
+    wait_for(Duration::from_secs(20), "the local change logged", || {
+        local().is_some()
+    });
+    assert_eq!(local().unwrap()["added"], 1);
 }
 
 fn which(program: &str) -> Result<std::path::PathBuf, ()> {
