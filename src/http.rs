@@ -347,7 +347,9 @@ pub fn node_status(node: &Node) -> NodeStatus {
                 chunk_bytes_sent: load(&p.chunk_bytes_sent),
                 chunk_bytes_received: load(&p.chunk_bytes_received),
                 rejected_chunks: load(&p.rejected_chunks),
-                max_rate: p.identity().map_or(0, |i| node.rate.peer_rate(&i)),
+                max_rate: p
+                    .identity()
+                    .map_or_else(|| node.rate.peer_rates().every, |i| node.rate.peer_rate(&i)),
                 volumes: p.sync.volumes(),
             }
         })

@@ -99,6 +99,13 @@ pub fn render(status: &NodeStatus, bars: bool) -> String {
             }
         }
     }
+    if status.max_rate > 0 {
+        let _ = writeln!(
+            out,
+            "chunk bytes limited to {}/s each way (--max-rate)",
+            HumanBytes(status.max_rate)
+        );
+    }
     for v in &status.volumes {
         let _ = writeln!(
             out,
@@ -111,8 +118,8 @@ pub fn render(status: &NodeStatus, bars: bool) -> String {
         if v.conflict_copies > 0 {
             let _ = writeln!(
                 out,
-                "  {} conflict copies (names holding .sync-conflict-)",
-                v.conflict_copies
+                "  {} conflict copies (names holding .sync-conflict-; `shoal conflicts {}` lists them)",
+                v.conflict_copies, v.name
             );
         }
         if v.paused {
@@ -141,6 +148,13 @@ pub fn render(status: &NodeStatus, bars: bool) -> String {
             HumanBytes(p.chunk_bytes_received),
             p.rejected_chunks
         );
+        if p.max_rate > 0 {
+            let _ = writeln!(
+                out,
+                "  chunk bytes limited to {}/s each way (--max-rate-peer)",
+                HumanBytes(p.max_rate)
+            );
+        }
         if let Some(error) = &p.last_error {
             let _ = writeln!(
                 out,

@@ -319,6 +319,25 @@ fn conflicts_made_on_purpose_are_listed_on_every_node_and_settled_as_changes_tha
         listed.push(paths);
     }
     assert!(listed.iter().all(|l| *l == listed[0]), "{listed:?}");
+    // For people: each copy, the name it lost, both versions, and how to settle them.
+    let out = control(&c, 2, &["conflicts", "vol"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first = format!("vol/{}\n  lost the name vol/a.txt\n", listed[0][0]);
+    for expected in [
+        first.as_str(),
+        "theirs (the copy):  file of ",
+        "mine (the name):    file of ",
+        "by node0 (",
+        "by node1 (",
+        "3 conflict copies; settle one with `shoal conflicts resolve",
+    ] {
+        assert!(text.contains(expected), "{expected:?} in:\n{text}");
+    }
     let copy_of = |original: &str| {
         listed[0]
             .iter()
