@@ -82,6 +82,12 @@ fn a_paused_volume_takes_and_gives_nothing_across_a_restart_until_resumed() {
         c.log(0).contains("paused on this node by its operator")
     });
     std::thread::sleep(Duration::from_secs(3));
+    // Node 0 shows the volume paused there: not failing rounds, not degraded.
+    let status = c.status(0).unwrap();
+    let with_1 = &status["peers"][0]["volumes"][0];
+    assert_eq!(with_1["state"], "paused", "{status:#}");
+    assert!(with_1["last_error"].is_null(), "{status:#}");
+    assert_eq!(status["health"]["ready"], true, "{status:#}");
     assert!(
         !c.vol(1).join("from0.txt").exists(),
         "node 0's change reached the paused node"
