@@ -31,8 +31,21 @@ use s2n_quic::{Client, Connection, Server};
 use crate::credentials::{CLUSTER_SERVER_NAME, Credentials, SIGNER_SERVER_NAME};
 use crate::identity::RecordPeerCertificate;
 
-/// Streams a peer may have open on one connection (requests in flight).
+/// Streams this node may have open on one connection to a peer (its requests in
+/// flight; a pull has at most 32 chunk-list and 16 `GetChunks` requests at once).
 const MAX_STREAMS: u64 = 256;
+
+/// Streams a peer may have open on one connection it made to this node (requests this
+/// node serves at once on it). A requester past it waits for a stream to end (QUIC's
+/// stream credit), it is not refused.
+pub const MAX_SERVED_STREAMS: u64 = 64;
+
+/// Request bytes a peer may have sent on one connection and this node not yet read
+/// (QUIC's connection flow-control window, on the serving side; per stream, half of
+/// it). Requests are small (a `GetChunks` of 64 ids is 2 KiB); a large one, up to a
+/// control frame, simply takes a few more round trips. Bounds what s2n-quic buffers for
+/// streams whose requests wait for the responder's budget.
+pub const SERVED_REQUEST_WINDOW: u64 = 256 << 10;
 
 /// A connection that hears nothing from its peer for this long is closed, so a peer that
 /// stopped (a frozen process, a cut network) is noticed in seconds; the client side sends
@@ -110,6 +123,16 @@ fn limits() -> Result<Limits, String> {
         .with_max_open_local_bidirectional_streams(MAX_STREAMS)
         .and_then(|l| l.with_max_open_remote_bidirectional_streams(MAX_STREAMS))
         .and_then(|l| l.with_max_idle_timeout(IDLE_TIMEOUT))
+        .map_err(|e| e.to_string())
+}
+
+/// The serving side's limits: fewer streams and small receive windows (see
+/// [`MAX_SERVED_STREAMS`], [`SERVED_REQUEST_WINDOW`]).
+fn server_limits() -> Result<Limits, String> {
+    limits()?
+        .with_max_open_remote_bidirectional_streams(MAX_SERVED_STREAMS)
+        .and_then(|l| l.with_data_window(SERVED_REQUEST_WINDOW))
+        .and_then(|l| l.with_bidirectional_remote_data_window(SERVED_REQUEST_WINDOW / 2))
         .map_err(|e| e.to_string())
 }
 
@@ -207,7 +230,7 @@ pub fn listen_with(listen: SocketAddr, tls: &NodeTls, gso: bool) -> Result<Serve
         .map_err(|e| listen_err(e.to_string()))?
         .with_io(io(listen, gso).map_err(|e| listen_err(e.to_string()))?)
         .map_err(|e| listen_err(e.to_string()))?
-        .with_limits(limits().map_err(listen_err)?)
+        .with_limits(server_limits().map_err(listen_err)?)
         .map_err(|e| listen_err(e.to_string()))?
         .with_event(RecordPeerCertificate)
         .map_err(|e| listen_err(e.to_string()))?

@@ -28,6 +28,25 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     limit: usize,
 ) -> Result<Option<(u8, Vec<u8>)>, ProtocolError> {
+    let Some(header) = read_header(r, limit).await? else {
+        return Ok(None);
+    };
+    Ok(Some((header.kind, read_body(r, &header).await?)))
+}
+
+/// A frame's header: its kind and the length of the body that follows.
+#[derive(Clone, Copy, Debug)]
+pub struct FrameHeader {
+    pub kind: u8,
+    pub body_len: usize,
+}
+
+/// Reads a frame's header (`None` at a clean end of stream), refusing a length over
+/// `limit`: what the body will cost is known before anything is allocated for it.
+pub async fn read_header<R: AsyncRead + Unpin>(
+    r: &mut R,
+    limit: usize,
+) -> Result<Option<FrameHeader>, ProtocolError> {
     let mut header = [0u8; 5];
     let mut got = 0;
     while got < header.len() {
@@ -44,12 +63,23 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     if len > limit {
         return Err(ProtocolError::TooLarge { len, limit });
     }
-    let mut body = vec![0u8; len - 1];
+    Ok(Some(FrameHeader {
+        kind: header[4],
+        body_len: len - 1,
+    }))
+}
+
+/// Reads the body of the frame whose header was just read.
+pub async fn read_body<R: AsyncRead + Unpin>(
+    r: &mut R,
+    header: &FrameHeader,
+) -> Result<Vec<u8>, ProtocolError> {
+    let mut body = vec![0u8; header.body_len];
     r.read_exact(&mut body).await.map_err(|e| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => ProtocolError::Truncated,
         _ => ProtocolError::Io(e),
     })?;
-    Ok(Some((header[4], body)))
+    Ok(body)
 }
 
 /// The frame size limit for a response to `request`.

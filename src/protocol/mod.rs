@@ -17,7 +17,7 @@ pub mod message;
 
 use crate::encoding::DecodeError;
 
-pub use frame::{read_frame, response_limit, write_frame};
+pub use frame::{FrameHeader, read_body, read_frame, read_header, response_limit, write_frame};
 pub use message::{Hello, ListPart, Request, Response, WireEntry};
 
 /// Protocol version carried in `Hello`; a peer with another version is refused.

@@ -174,6 +174,8 @@ pub struct Node {
     pub rate: crate::rate::RateLimit,
     /// The last changes applied from peers (for `/status`).
     pub recent_changes: super::state::RecentChanges,
+    /// The memory that peers' requests and their answers may hold, node-wide.
+    pub serving: crate::sync::server::Budget,
 }
 
 impl Node {
@@ -186,8 +188,10 @@ impl Node {
         peers: impl IntoIterator<Item = SocketAddr>,
         faults: Faults,
     ) -> Node {
+        let meta = store.meta();
         Node {
-            meta: store.meta(),
+            serving: crate::sync::server::Budget::for_chunks(meta.chunk_params.max as usize),
+            meta,
             store,
             volumes,
             peers: std::sync::RwLock::new(

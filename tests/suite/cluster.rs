@@ -219,9 +219,18 @@ impl Cluster {
 
     /// Node `i`'s peak resident memory so far, in KiB (`VmHWM` in `/proc/PID/status`).
     pub fn peak_rss_kib(&self, i: usize) -> Option<u64> {
+        self.proc_status_kib(i, "VmHWM:")
+    }
+
+    /// Node `i`'s resident memory now, in KiB (`VmRSS`).
+    pub fn rss_kib(&self, i: usize) -> Option<u64> {
+        self.proc_status_kib(i, "VmRSS:")
+    }
+
+    fn proc_status_kib(&self, i: usize, field: &str) -> Option<u64> {
         let pid = self.children[i].as_ref()?.id();
         let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let line = status.lines().find(|l| l.starts_with(field))?;
         line.split_whitespace().nth(1)?.parse().ok()
     }
 

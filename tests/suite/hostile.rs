@@ -18,8 +18,13 @@ use shoal::protocol::{self, Hello, Request, Response};
 /// Credentials of a member of its own (named `hostile`, with a key of its own) from the
 /// cluster directory `dir`: a hostile member is still a member, and says its own id.
 fn member_credentials(dir: &Path) -> Credentials {
+    named_member_credentials(dir, "hostile")
+}
+
+/// As [`member_credentials`], for a member named `name` (several members, several ids).
+fn named_member_credentials(dir: &Path, name: &str) -> Credentials {
     let state = tempfile::tempdir().unwrap();
-    Credentials::load(dir, state.path(), Some("hostile")).unwrap()
+    Credentials::load(dir, state.path(), Some(name)).unwrap()
 }
 
 /// How long the hostile side waits for any one answer before calling the victim hung.
@@ -319,4 +324,138 @@ impl HostileServer {
             .filter(|r| matches(r))
             .count()
     }
+}
+
+/// What one stream of a [`Siege`] does: it never reads an answer and never ends.
+#[derive(Clone)]
+pub enum Stalled {
+    /// The header of a request frame of `len` bytes and all of it but the last byte.
+    Unfinished { len: usize },
+    /// A whole request, whose answer is never read.
+    Unread(Request),
+}
+
+/// Several members at once, each with as many connections to a victim as it is served
+/// (`per_member`), each past the `Hello` exchange: the most a group of hostile members
+/// can bring to bear on one node's serving side. Everything stays open until dropped.
+pub struct Siege {
+    pub runtime: tokio::runtime::Runtime,
+    handles: Vec<Handle>,
+    per_member: usize,
+    _connections: Vec<s2n_quic::Connection>,
+    _clients: Vec<s2n_quic::Client>,
+}
+
+impl Siege {
+    /// `members` members (`siege-0`, `siege-1`, ...) from `bind_ip`, each with
+    /// `per_member` connections to `victim`, each greeted as a member sharing `volume`.
+    pub fn connect(
+        credentials: &Path,
+        bind_ip: &str,
+        victim: &str,
+        volume: &str,
+        members: usize,
+        per_member: usize,
+    ) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let victim: SocketAddr = victim.parse().unwrap();
+        let bind: SocketAddr = format!("{bind_ip}:0").parse().unwrap();
+        let mut clients = Vec::new();
+        let mut connections = Vec::new();
+        for member in 0..members {
+            let credentials = named_member_credentials(credentials, &format!("siege-{member}"));
+            let hello = Request::Hello(Hello {
+                version: protocol::PROTOCOL_VERSION,
+                node_id: credentials.identity.node_id,
+                chunk_params: ChunkParams::DEFAULT,
+                volumes: vec![volume.to_string()],
+            });
+            runtime.block_on(async {
+                let client = shoal::transport::client(bind, &credentials, true).unwrap();
+                for _ in 0..per_member {
+                    let connection = tokio::time::timeout(
+                        ANSWER_WAIT,
+                        shoal::transport::connect(&client, victim),
+                    )
+                    .await
+                    .expect("connected in time")
+                    .expect("connected");
+                    let answers = exchange(connection.handle(), &hello).await;
+                    assert!(
+                        matches!(answers.as_slice(), [Response::Hello(_)]),
+                        "the victim refused Hello: {answers:?}"
+                    );
+                    connections.push(connection);
+                }
+                clients.push(client);
+            });
+        }
+        Siege {
+            handles: connections.iter().map(|c| c.handle()).collect(),
+            per_member,
+            runtime,
+            _connections: connections,
+            _clients: clients,
+        }
+    }
+
+    /// How many connections the siege holds.
+    pub fn connections(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// On every connection (the `c`-th of its member's), opens the streams `stall(c)`
+    /// lists, each doing what it says; they stay as they are until the siege is dropped
+    /// (a stream the victim ends is not opened again).
+    pub fn stall(&self, stall: impl Fn(usize) -> Vec<Stalled>) {
+        for (at, handle) in self.handles.iter().enumerate() {
+            for stalled in stall(at % self.per_member) {
+                let mut handle = handle.clone();
+                self.runtime.spawn(async move {
+                    let Ok(stream) = handle.open_bidirectional_stream().await else {
+                        return;
+                    };
+                    let (recv, mut send) = stream.split();
+                    let _ = match stalled {
+                        Stalled::Unfinished { len } => {
+                            // The length (kind byte and body), GetDir's kind (0x02),
+                            // and all of the body but its last byte.
+                            let mut frame = Vec::with_capacity(len + 3);
+                            frame.extend_from_slice(&(len as u32).to_le_bytes());
+                            frame.push(0x02);
+                            frame.resize(len + 3, 0);
+                            tokio::io::AsyncWriteExt::write_all(&mut send, &frame).await
+                        }
+                        Stalled::Unread(request) => {
+                            let _ = protocol::write_frame(&mut send, request.encode()).await;
+                            send.finish().map_err(std::io::Error::other)
+                        }
+                    };
+                    // The answer is never read; an unfinished request never completed.
+                    std::future::pending::<()>().await;
+                    drop((recv, send));
+                });
+            }
+        }
+    }
+}
+
+/// Sends `request` on a new stream of `handle` and reads every answer frame.
+async fn exchange(mut handle: Handle, request: &Request) -> Vec<Response> {
+    let limit = protocol::response_limit(request);
+    let stream = handle.open_bidirectional_stream().await.unwrap();
+    let (mut recv, mut send) = stream.split();
+    protocol::write_frame(&mut send, request.encode())
+        .await
+        .unwrap();
+    send.close().await.unwrap();
+    let mut answers = Vec::new();
+    while let Some((kind, body)) = protocol::read_frame(&mut recv, limit).await.unwrap() {
+        answers.push(Response::decode(kind, &body).unwrap());
+    }
+    answers
 }

@@ -12,6 +12,27 @@ use crate::pathname::VolPath;
 use crate::protocol::{ErrorCode, ListPart, MAX_LIST_CHUNKS, ProtocolError, Response};
 use crate::sync::Node;
 
+/// How many chunks the list of the file at `path` holds, as its entry says (0 when
+/// there is no such file): what an answer from it can cost is known before the list is
+/// read.
+pub(super) fn stored_chunks(
+    node: &Node,
+    volume: &str,
+    path: &VolPath,
+) -> Result<usize, ProtocolError> {
+    let vol = volume_id(node, volume)?;
+    let Some((dir, name)) = path.split_last() else {
+        return Ok(0);
+    };
+    Ok(match node.store.entry(vol, &dir, name).map_err(internal)? {
+        Some(crate::entry::Entry {
+            kind: EntryKind::File { chunks, .. },
+            ..
+        }) => chunks as usize,
+        _ => 0,
+    })
+}
+
 pub(super) fn answer(
     node: &Node,
     volume: &str,

@@ -2,13 +2,20 @@
 //! pack and checked against the id) or `ChunkMissing`. The reads run on tokio's
 //! blocking pool, one at a time per request: a slow disk (or a file a local user
 //! swapped for something else) never holds an async worker thread.
+//!
+//! Each chunk's cost (its bytes, the encoded frame and the send buffer's copy while it
+//! is written) is reserved from the node's budget before it is read; the frames
+//! written stay reserved until the requester acknowledges them, which the answer waits
+//! for whenever [`UNACKED_PER_STREAM`] bytes are outstanding: a requester that stops
+//! reading holds at most that much of one stream's answer.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use s2n_quic::stream::SendStream;
 
-use super::{Session, internal, reply};
+use super::budget::{CHUNK_FRAME_OVERHEAD, UNACKED_PER_STREAM};
+use super::{REPLY_TIMEOUT, Reserved, Session, internal, reply, reserve};
 use crate::ids::{ChunkId, VolumeId};
 use crate::protocol::{ErrorCode, ProtocolError, Response};
 use crate::rate::Direction;
@@ -19,7 +26,10 @@ pub(super) async fn send(
     session: &Session,
     ids: Vec<ChunkId>,
     send: &mut SendStream,
+    held: &mut Reserved,
 ) -> Result<(), ProtocolError> {
+    // The largest frame a chunk of this node's can take.
+    let frame_bound = node.meta.chunk_params.max as usize + CHUNK_FRAME_OVERHEAD;
     // A peer that may not hold every volume is served only what the volumes it may hold
     // contain.
     let holds: Option<Arc<[VolumeId]>> = (!node.access.is_open()).then(|| {
@@ -29,7 +39,15 @@ pub(super) async fn send(
             .map(|v| v.id)
             .collect()
     });
+    // `held` keeps the request (the ids) until the answer ends; the loop holds the
+    // frames written and not yet acknowledged.
+    let request = std::mem::take(held);
     for id in ids {
+        if held.bytes() >= UNACKED_PER_STREAM {
+            wait_for_acknowledgement(send).await?;
+            *held = Reserved::default();
+        }
+        let mut cost = reserve(node, session, 3 * frame_bound).await?;
         let (reader, holds) = (node.clone(), holds.clone());
         let read =
             tokio::task::spawn_blocking(move || reader.read_chunk_for(&id, holds.as_deref()))
@@ -55,7 +73,23 @@ pub(super) async fn send(
             }
             None => Response::ChunkMissing { id },
         };
-        reply(node, send, response).await?;
+        let written = reply(node, send, response).await?;
+        cost.shrink_to(written);
+        held.absorb(cost);
     }
+    held.absorb(request);
     Ok(())
+}
+
+/// Waits until the requester has acknowledged everything written on the stream.
+async fn wait_for_acknowledgement(send: &mut SendStream) -> Result<(), ProtocolError> {
+    tokio::time::timeout(REPLY_TIMEOUT, send.flush())
+        .await
+        .map_err(|_| {
+            ProtocolError::Malformed(format!(
+                "the requester took no answer for {} s",
+                REPLY_TIMEOUT.as_secs()
+            ))
+        })?
+        .map_err(|e| ProtocolError::Io(e.into()))
 }
