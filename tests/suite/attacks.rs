@@ -776,8 +776,9 @@ fn serving_bound_kib(connections: usize) -> u64 {
     const BUDGET_KIB: u64 = 128 << 10;
     const PER_CONNECTION_KIB: u64 = 256 + PER_CONNECTION_STATE_KIB;
     // Measured: 36 KiB a connection and 7.3 KiB a stream open (the stream's task and
-    // s2n-quic's state), 499 KiB for a connection with its 64 streams (debug build).
-    const PER_CONNECTION_STATE_KIB: u64 = 512;
+    // s2n-quic's state), 499 KiB for a connection with its 64 streams idle (debug
+    // build); twice that for streams with answers in flight and the allocator's slack.
+    const PER_CONNECTION_STATE_KIB: u64 = 1024;
     BUDGET_KIB + connections as u64 * PER_CONNECTION_KIB
 }
 
