@@ -409,7 +409,8 @@ struct StatusArgs {
 enum SetCommand {
     /// The bandwidth limit for chunk bytes, each way, until changed again or the daemon
     /// restarts (then --max-rate and --max-rate-peer hold): 500K, 10M, 20MiB (powers of
-    /// 1024); 0 or off: none. The node's, or with --per-peer or --peer each peer's.
+    /// 1024); 0 or off: none. The node's limit; with --per-peer, each peer's; with
+    /// --peer NODE, that peer's.
     MaxRate {
         rate: String,
 
@@ -451,6 +452,7 @@ struct ConflictsArgs {
 #[derive(Subcommand, Debug)]
 enum ConflictsCommand {
     /// Settle one conflict copy, as an ordinary change that syncs to every node.
+    ///
     /// `mine`: keep the version under the original name (the copy is deleted);
     /// `theirs`: keep the copy's version (the one that lost the name; it replaces the
     /// original name); `both`: keep both as ordinary files (the copy loses its
