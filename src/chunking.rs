@@ -326,14 +326,36 @@ impl Chunker {
     /// chunks are taken as known. A 4 GiB file holding 3 MiB of data reads about 3 MiB
     /// (and up to a few `max` of zeros around each data region).
     pub fn chunk_file(&mut self, file: &File) -> io::Result<ChunkedContent> {
+        let whole = self.chunk_file_from(file, 0, &mut || true)?;
+        Ok(whole.expect("never stopped"))
+    }
+
+    /// Chunks a regular file from byte `start` to its end, as [`Chunker::chunk_file`]
+    /// would if a chunk began at `start` (every cut does: FastCDC looks at nothing
+    /// before it). The result describes the part read: its chunks, and `size` bytes
+    /// from `start`. An appended file whose last chunk began at `start` gives the
+    /// chunks that follow its unchanged ones, without reading those.
+    ///
+    /// `unchanged` is asked before each refill of the buffer: once it says no (the file
+    /// changed under the reader), reading stops and the answer is `None`, instead of
+    /// reading the rest of a file whose result would be thrown away.
+    pub fn chunk_file_from(
+        &mut self,
+        file: &File,
+        start: u64,
+        unchanged: &mut dyn FnMut() -> bool,
+    ) -> io::Result<Option<ChunkedContent>> {
         let size = file.metadata()?.len();
         let max = self.params.max as usize;
         let zero = self.zero_chunk;
         let mut holes = HoleMap::new(file, size);
         let mut chunks = Vec::new();
         // The buffer holds the file's bytes from `base` to `base + filled`.
-        let (mut base, mut filled) = (0u64, 0usize);
+        let (mut base, mut filled) = (start, 0usize);
         loop {
+            if !unchanged() {
+                return Ok(None);
+            }
             let mut ended = false;
             while !ended && base + (filled as u64) < size && filled < self.buffer.len() {
                 match file.read_at(&mut self.buffer[filled..], base + filled as u64) {
@@ -370,11 +392,11 @@ impl Chunker {
             }
             if eof {
                 let size = chunks.iter().map(|c| u64::from(c.len)).sum();
-                return Ok(ChunkedContent {
+                return Ok(Some(ChunkedContent {
                     content_id: content_id(&chunks),
                     chunks,
                     size,
-                });
+                }));
             }
             self.buffer.copy_within(start..filled, 0);
             base += start as u64;
@@ -477,6 +499,40 @@ mod tests {
         assert_eq!(chunker.chunk_file(&dense).unwrap(), chunk(p, &data));
         let empty = tempfile::tempfile().unwrap();
         assert_eq!(chunker.chunk_file(&empty).unwrap(), chunk(p, &[]));
+    }
+
+    #[test]
+    fn chunking_from_the_last_chunk_of_an_appended_file_gives_the_whole_files_tail() {
+        use std::os::unix::fs::FileExt;
+        let p = ChunkParams::DEFAULT;
+        let data = random_bytes(5 << 20, 23);
+        let file = tempfile::tempfile().unwrap();
+        file.write_all_at(&data[..3 << 20], 0).unwrap();
+        let mut chunker = Chunker::new(p);
+        let before = chunker.chunk_file(&file).unwrap();
+        // Appended to: the chunks before the old last one stay; from its start, the
+        // rest is cut as a whole read would cut it.
+        file.write_all_at(&data[3 << 20..], 3 << 20).unwrap();
+        let (kept, last) = before.chunks.split_at(before.chunks.len() - 1);
+        let start = before.size - u64::from(last[0].len);
+        let tail = chunker
+            .chunk_file_from(&file, start, &mut || true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(tail.size, (5 << 20) - start);
+        let spliced: Vec<ChunkRef> = kept.iter().chain(&tail.chunks).copied().collect();
+        assert_eq!(spliced, chunk(p, &data).chunks);
+        // Nothing past the end: nothing read.
+        let none = chunker
+            .chunk_file_from(&file, 5 << 20, &mut || true)
+            .unwrap()
+            .unwrap();
+        assert!(none.chunks.is_empty() && none.size == 0);
+        // Told the file changed: it stops.
+        assert_eq!(
+            chunker.chunk_file_from(&file, 0, &mut || false).unwrap(),
+            None
+        );
     }
 
     #[test]

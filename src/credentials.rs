@@ -158,7 +158,18 @@ fn read_cert(path: &Path) -> Result<String, CredentialsError> {
     read_pem(path, "certificate", "-----BEGIN CERTIFICATE-----")
 }
 
+/// A private key's PEM text; a key that the group or others may read is used, with a
+/// warning (Docker secrets are mounted 0444 unless the stack says otherwise).
 fn read_key(path: &Path) -> Result<String, CredentialsError> {
+    if let Ok(meta) = fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            "{} is readable by other users (mode {:o}): whoever can read it can pose as its owner; make it 0600 (as a Docker secret: `mode: 0400` under the service's secrets)",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        );
+    }
     read_pem(path, "private key", "PRIVATE KEY-----")
 }
 

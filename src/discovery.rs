@@ -1,7 +1,11 @@
 //! Peer discovery: which addresses this node mirrors with, as they come and go.
 //!
 //! Three modes (`MODE`, `--mode`, `mode = ".."`):
-//! - `static`: the configured peer list (`--peer`, `SHOAL_PEERS`), fixed.
+//! - `static`: the configured peer list (`--peer`, `SHOAL_PEERS`): `HOST:PORT` each,
+//!   names resolved again every `HEARTBEAT`. A name that does not resolve yet (in
+//!   compose, another service's name resolves only once its container runs) is not
+//!   fatal: it is said once and retried with backoff from [`RESOLVE_FIRST_RETRY`] up to
+//!   the heartbeat, while the peers that do resolve are synced with.
 //! - `docker` (plain Docker, no Swarm): the running containers that carry the same
 //!   `shoal.cluster` label as this one, at their addresses on the user-defined networks
 //!   they share with it; listed through the Docker API (the socket, mounted read-only).
@@ -22,7 +26,7 @@
 //! is published as the whole current set on a [`watch`] channel; the daemon starts and
 //! stops one peer task per address as the set changes.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -48,6 +52,11 @@ const DOCKER_TIMEOUT_SECS: u64 = 30;
 /// How often `MODE=swarm` asks DNS for the service's tasks (at most; less often if the
 /// heartbeat is shorter).
 pub const DNS_POLL: Duration = Duration::from_secs(2);
+/// The first wait before a static peer name that did not resolve is tried again; it
+/// doubles up to the heartbeat.
+pub const RESOLVE_FIRST_RETRY: Duration = Duration::from_millis(500);
+/// How long one name resolution may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -83,6 +92,8 @@ impl std::fmt::Display for Mode {
 pub enum DiscoveryError {
     #[error("unknown MODE {0:?}: expected swarm, docker or static")]
     UnknownMode(String),
+    #[error("peer {0:?}: expected HOST:PORT (a name or an address, and the port it listens on)")]
+    PeerFormat(String),
     #[error(
         "MODE={mode} finds peers through the Docker API, but {socket} cannot be reached: {message} (mount it read-only: -v /var/run/docker.sock:/var/run/docker.sock:ro; for MODE=swarm set SHOAL_SERVICE to the service's name instead, as the stack does with {{{{.Service.Name}}}}; or use MODE=static with --peer)"
     )]
@@ -113,6 +124,115 @@ pub enum DiscoveryError {
     Resolver { service: String, message: String },
 }
 
+/// The peer list of `MODE=static`: `HOST:PORT` targets, checked for form when built
+/// and resolved while the daemon runs.
+#[derive(Clone, Debug, Default)]
+pub struct StaticPeers {
+    targets: Vec<String>,
+    /// This node's own listening address, never its own peer.
+    own: Option<SocketAddr>,
+}
+
+impl StaticPeers {
+    /// Checks that each target is `HOST:PORT`; resolving waits for [`Discovery::run`].
+    pub fn new(targets: &[String], own: SocketAddr) -> Result<Self, DiscoveryError> {
+        for target in targets {
+            let port = target
+                .rsplit_once(':')
+                .map(|(host, port)| (host, port.parse::<u16>()));
+            if !matches!(port, Some((host, Ok(_))) if !host.is_empty()) {
+                return Err(DiscoveryError::PeerFormat(target.clone()));
+            }
+        }
+        Ok(StaticPeers {
+            targets: targets.to_vec(),
+            own: Some(own),
+        })
+    }
+
+    /// Resolves every target; one that fails keeps its address in `known` (a name
+    /// that stops resolving for a moment is not a peer leaving). Returns the peer set
+    /// and the targets that failed, with why.
+    async fn resolve(
+        &self,
+        known: &mut BTreeMap<String, SocketAddr>,
+    ) -> (BTreeSet<SocketAddr>, Vec<(String, String)>) {
+        let mut failed = Vec::new();
+        for target in &self.targets {
+            let lookup =
+                tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host(target.as_str()));
+            let found = match lookup.await {
+                Ok(Ok(mut addrs)) => addrs.next().ok_or_else(|| "no address".to_string()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer within {} s", RESOLVE_TIMEOUT.as_secs())),
+            };
+            match found {
+                Ok(addr) => {
+                    if known
+                        .insert(target.clone(), addr)
+                        .is_some_and(|old| old != addr)
+                    {
+                        tracing::info!("peer {target} now resolves to {addr}");
+                    }
+                }
+                Err(why) => failed.push((target.clone(), why)),
+            }
+        }
+        let set = known
+            .values()
+            .copied()
+            .filter(|a| Some(*a) != self.own)
+            .collect();
+        (set, failed)
+    }
+
+    /// Publishes the resolved peers on `peers` until `stop` flips: every `heartbeat`,
+    /// and sooner (with backoff) while some name does not resolve.
+    async fn follow(
+        &self,
+        peers: watch::Sender<BTreeSet<SocketAddr>>,
+        heartbeat: Duration,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut known = BTreeMap::new();
+        let mut said: HashSet<String> = HashSet::new();
+        let mut retry = RESOLVE_FIRST_RETRY;
+        loop {
+            let (set, failed) = self.resolve(&mut known).await;
+            for (target, why) in &failed {
+                if said.insert(target.clone()) && !known.contains_key(target) {
+                    tracing::warn!(
+                        "peer {target} does not resolve yet ({why}); retrying with backoff up to every {} (in compose, another service's name resolves only once its container runs)",
+                        humantime::format_duration(heartbeat)
+                    );
+                }
+            }
+            for target in known.keys() {
+                if said.remove(target) {
+                    tracing::info!("peer {target} resolves to {}", known[target]);
+                }
+            }
+            peers.send_if_modified(|current| {
+                let changed = *current != set;
+                *current = set;
+                changed
+            });
+            let wait = match failed.is_empty() {
+                true => heartbeat,
+                false => {
+                    let wait = retry.min(heartbeat);
+                    retry = (retry * 2).min(heartbeat);
+                    wait
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
+}
+
 /// Finds peers in one [`Mode`]; built (and checked) before the daemon serves.
 pub struct Discovery {
     source: Source,
@@ -121,7 +241,7 @@ pub struct Discovery {
 }
 
 enum Source {
-    Static(BTreeSet<SocketAddr>),
+    Static(StaticPeers),
     Docker {
         docker: Docker,
         me: String,
@@ -143,7 +263,7 @@ impl Discovery {
     /// serving. Peers are expected to listen on `port`, as this node does.
     pub async fn new(
         mode: Mode,
-        static_peers: BTreeSet<SocketAddr>,
+        static_peers: StaticPeers,
         (socket, service): (&str, Option<&str>),
         port: u16,
         heartbeat: Duration,
@@ -241,7 +361,7 @@ impl Discovery {
     /// What this discovery follows, for the log.
     pub fn describe(&self) -> String {
         match &self.source {
-            Source::Static(peers) => format!("static peer list ({} peers)", peers.len()),
+            Source::Static(peers) => format!("static peer list ({} peers)", peers.targets.len()),
             Source::Docker { cluster, .. } => format!(
                 "containers labelled {CLUSTER_LABEL}={cluster} on this container's networks"
             ),
@@ -256,8 +376,8 @@ impl Discovery {
         mut stop: watch::Receiver<bool>,
     ) {
         let docker = match &self.source {
-            Source::Static(set) => {
-                peers.send_replace(set.clone());
+            Source::Static(list) => {
+                list.follow(peers, self.heartbeat, stop).await;
                 return;
             }
             Source::Docker { docker, .. } => Some(docker.clone()),
@@ -313,7 +433,7 @@ impl Discovery {
     /// One look at the current peers.
     pub async fn look(&self) -> Result<BTreeSet<SocketAddr>, String> {
         match &self.source {
-            Source::Static(set) => Ok(set.clone()),
+            Source::Static(list) => Ok(list.resolve(&mut BTreeMap::new()).await.0),
             Source::Docker {
                 docker,
                 me,

@@ -195,6 +195,18 @@ fn volume_metrics(m: &mut Metrics, volumes: &[VolumeStatus]) {
             family.sample(&[("volume", &v.name)], value(v));
         }
     }
+    let mut unsyncable = m.family(
+        "volume_unsyncable_names",
+        Kind::Gauge,
+        "Names that cannot be synced (a path too long, a name or type the file system refuses, a directory not writable), by cause; /status lists them",
+    );
+    for v in volumes {
+        let causes = crate::unsyncable::Cause::ALL.map(|c| c.label());
+        for cause in causes.into_iter().chain(["unknown"]) {
+            let count = v.unsyncable.by_cause.get(cause).copied().unwrap_or(0);
+            unsyncable.sample(&[("volume", &v.name), ("cause", cause)], count as f64);
+        }
+    }
 }
 
 fn peer_metrics(m: &mut Metrics, peers: &[PeerStatus]) {
@@ -326,6 +338,7 @@ pub fn node_status(node: &Node) -> NodeStatus {
                     crate::conflicts::describe_paths(node_ref, v, &paths)
                 },
                 xattrs_not_applied: v.xattrs_not_applied.list(),
+                unsyncable: v.unsyncable.listing(),
                 paused,
             }
         })
@@ -422,6 +435,10 @@ pub struct VolumeStatus {
     /// set (a file system without support, not running as root), one line each.
     #[serde(default)]
     pub xattrs_not_applied: Vec<String>,
+    /// Names that cannot be synced (here, or from a peer to here), and why: the total,
+    /// by cause, and the first names by path. The roots of two nodes differ by these.
+    #[serde(default)]
+    pub unsyncable: crate::unsyncable::Listing,
     /// Paused by the operator (`shoal pause`), by itself or with the whole node: no
     /// pulls, no answers to peers, no announcements; local changes still indexed.
     #[serde(default)]

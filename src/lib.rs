@@ -44,6 +44,8 @@
 //!   `apply.rs`, `files.rs` and `links.rs` (hard links) what was decided), `transfer.rs` (local copies and chunk fetches, for
 //!   pull and repair), `conflict.rs`, `error.rs`, `faults.rs`.
 //! - [`volume_fs`]: symlink-safe writes inside a volume, atomic publication.
+//! - [`unsyncable`]: names that cannot be synced (a path too long, a name or type the
+//!   receiving file system refuses), each logged once and listed in `/status`.
 //! - [`serve`], [`http`]: the daemon and its HTTP endpoint (and the status it shows);
 //!   [`page`]: the status page at `/` (HTML, CSS and JS in `src/page/`);
 //!   [`health`]: whether the node is ready or degraded, and why; [`metrics`]: the
@@ -93,6 +95,7 @@ pub mod store;
 pub mod sync;
 pub mod transport;
 pub mod tree;
+pub mod unsyncable;
 pub mod verify;
 pub mod volume_fs;
 pub mod watcher;

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 
 use crate::config::Settings;
 use crate::credentials::Credentials;
-use crate::discovery::{Discovery, Mode};
+use crate::discovery::{Discovery, Mode, StaticPeers};
 use crate::revocation::{HELD_FILE, REVOCATIONS_FILE, Revocations, Trust};
 use crate::scan::{ScanOptions, ScanScope, scan_volume};
 use crate::space::Size;
@@ -102,7 +102,7 @@ pub async fn run(
     }
     let discovery = Discovery::new(
         options.mode,
-        static_peers(&options).await?,
+        StaticPeers::new(&options.peers, options.listen)?,
         (&options.docker_socket, options.service.as_deref()),
         options.listen.port(),
         options.heartbeat,
@@ -261,26 +261,19 @@ fn open_volumes(options: &ServeOptions, store: &Store) -> anyhow::Result<Vec<Vol
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        let volume = Volume::open(store, name, &dir).with_context(|| format!("volume {name}"))?;
+        let volume = Volume::open(store, name, &dir).map_err(|e| {
+            match e.os_error().map(std::io::Error::kind) {
+                Some(std::io::ErrorKind::PermissionDenied) => anyhow::anyhow!(
+                    "volume {name}: this node (uid {}) may not write in {} ({e}); make that directory writable for it (chown or chmod), or run the node as its owner",
+                    rustix::process::geteuid().as_raw(),
+                    dir.display()
+                ),
+                _ => anyhow::Error::new(e).context(format!("volume {name}")),
+            }
+        })?;
         volumes.push(volume.keeping_setid(options.settings.keep_setid.contains(name)));
     }
     Ok(volumes)
-}
-
-/// The `--peer` list, resolved, without our own listening address.
-async fn static_peers(options: &ServeOptions) -> anyhow::Result<BTreeSet<SocketAddr>> {
-    let mut peers = BTreeSet::new();
-    for target in &options.peers {
-        let addr = tokio::net::lookup_host(target.as_str())
-            .await
-            .ok()
-            .and_then(|mut addrs| addrs.next())
-            .with_context(|| format!("cannot resolve peer {target:?} (expected HOST:PORT)"))?;
-        if addr != options.listen {
-            peers.insert(addr);
-        }
-    }
-    Ok(peers)
 }
 
 /// Peers' connections served at once; past it, new ones are closed at once. (Each
@@ -476,12 +469,21 @@ async fn rescan(node: &Arc<Node>, index: usize, options: ScanOptions) -> anyhow:
         })
         .await;
         volume.scanning.end();
-        let report = scanned??;
+        let mut report = scanned??;
+        let unsyncable = std::mem::take(&mut report.unsyncable);
+        let (root, origin) = (volume.fs.root_path(), crate::unsyncable::Origin::Scan);
         if whole {
             let copies = report.conflict_copies;
             volume.conflict_copies.store(copies, Ordering::Relaxed);
             *volume.conflict_paths.lock().expect("conflict paths lock") =
                 report.conflict_paths.clone();
+            volume
+                .unsyncable
+                .replace(&volume.name, root, origin, unsyncable);
+        } else {
+            volume
+                .unsyncable
+                .add(&volume.name, root, origin, unsyncable);
         }
         report
     };
@@ -575,6 +577,7 @@ async fn local_changes(
                     let options = ScanOptions {
                         scope: request.scope,
                         hold: request.hold,
+                        busy: request.busy,
                         renamed: request.renamed,
                         watched_root,
                         ..ScanOptions::default()

@@ -42,6 +42,22 @@ pub enum FsError {
     Io { path: String, source: io::Error },
     #[error("{path}: refusing to go through a symlink or non-directory")]
     NotADirectory { path: String },
+    /// The file system would not make a symlink or FIFO even in Shoal's own staging
+    /// directory: it cannot hold that kind of item.
+    #[error("this file system cannot make a {kind}: {source}")]
+    CannotMake {
+        kind: &'static str,
+        source: io::Error,
+    },
+}
+
+/// A failure to make a `kind` of item in staging, where nothing but the file system's
+/// abilities can stand in the way.
+fn cannot_make(kind: &'static str) -> impl FnOnce(rustix::io::Errno) -> FsError {
+    move |e| FsError::CannotMake {
+        kind,
+        source: e.into(),
+    }
 }
 
 fn io_err(path: impl std::fmt::Display) -> impl FnOnce(rustix::io::Errno) -> FsError {
@@ -172,6 +188,20 @@ impl VolumeFs {
             .flatten()
             .filter_map(|entry| entry.file_name().into_string().ok())
             .filter(|name| name.ends_with(".part"))
+            .collect()
+    }
+
+    /// The other partial transfers (`*.part`) in staging bound for the same name as the
+    /// staging file `name`: versions of that file it supersedes.
+    pub fn superseded_by(&self, name: &str) -> Vec<String> {
+        let Some(destination) = name.split_once('-').map(|(_, d)| d) else {
+            return Vec::new();
+        };
+        self.staging_files()
+            .into_iter()
+            .filter(|other| {
+                other != name && other.split_once('-').map(|(_, d)| d) == Some(destination)
+            })
             .collect()
     }
 
@@ -331,7 +361,7 @@ impl VolumeFs {
     }
 
     /// Puts a symlink to `target` at `name` in `dir_fd` atomically (made in staging,
-    /// given `owner` if set, renamed over the name), makes the directory durable, and
+    /// given `owner` if set and its own `mtime_ns`, renamed over the name), makes the directory durable, and
     /// returns the link's stat. The target is stored byte for byte, wherever it points:
     /// Shoal never follows a symlink.
     pub fn place_symlink(
@@ -339,6 +369,7 @@ impl VolumeFs {
         dir_fd: &OwnedFd,
         name: &[u8],
         target: &[u8],
+        mtime_ns: i64,
         owner: Option<(u32, u32)>,
     ) -> Result<rustix::fs::Stat, FsError> {
         let temp_name = staged_special_name("symlink");
@@ -347,8 +378,8 @@ impl VolumeFs {
             &self.staging,
             temp_name.as_str(),
         )
-        .map_err(io_err(&temp_name))?;
-        self.finish_special(&temp_name, None, None, owner)?;
+        .map_err(cannot_make("symlink"))?;
+        self.finish_special(&temp_name, None, Some(mtime_ns), owner)?;
         self.publish(&temp_name, dir_fd, name)?;
         Self::fsync_dir(dir_fd)?;
         self.stat(dir_fd, name)
@@ -374,7 +405,14 @@ impl VolumeFs {
             temp_name.as_str(),
             AtFlags::empty(),
         )
-        .map_err(io_err(crate::pathname::escape(source)))?;
+        .map_err(|e| match e {
+            // Linking in Shoal's own directory: refused only for what the file system
+            // (or its link count limit) cannot do.
+            rustix::io::Errno::PERM | rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::MLINK => {
+                cannot_make("hard link")(e)
+            }
+            _ => io_err(crate::pathname::escape(source))(e),
+        })?;
         let linked = self.stat(&self.staging, temp_name.as_bytes());
         let same = linked.as_ref().is_ok_and(|s| {
             rustix::fs::FileType::from_raw_mode(s.st_mode) == rustix::fs::FileType::RegularFile
@@ -409,7 +447,7 @@ impl VolumeFs {
             Mode::from_raw_mode(0o600),
             0,
         )
-        .map_err(io_err(&temp_name))?;
+        .map_err(cannot_make("FIFO"))?;
         self.finish_special(&temp_name, Some(mode), Some(mtime_ns), owner)?;
         self.publish(&temp_name, dir_fd, name)?;
         Self::fsync_dir(dir_fd)?;

@@ -7,8 +7,13 @@
 //!
 //! - Events are coalesced per name. A name is *ready* once it has been quiet for the
 //!   debounce window, unless it is being written (data written, no `close` since): then
-//!   it waits for the close, or for [`WRITER_PATIENCE`] of silence. A large copy in
-//!   progress is thus published once, complete, not shipped again and again.
+//!   it waits for the close, or for [`WRITER_PATIENCE`] of silence.
+//! - A name that keeps changing (a log appended to, a database rewritten in place) is
+//!   *busy*: it is scanned every [`BUSY_INTERVAL`] while it changes, and once more when
+//!   it settles, so its peers are never more than about that far behind. The scanner
+//!   reads only what an append added, keeps a consistent copy of a file rewritten in
+//!   place, and leaves alone busy files larger than it snapshots (a large copy in
+//!   progress is published once, complete, not shipped again and again).
 //! - The directories of ready names are scanned ([`ScanScope::Dirs`]) with the names not
 //!   yet ready held back. A directory new to the index is scanned whole, which also picks
 //!   up files written into it before its watch existed.
@@ -45,8 +50,12 @@ pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(200);
 /// anyway: a writer that keeps its file open (a database, a log) still gets synced.
 pub const WRITER_PATIENCE: Duration = Duration::from_secs(10);
 
-/// The longest a name that never goes quiet is held back.
+/// The longest a name that never goes quiet is held back (a busy name the scanner
+/// leaves alone: one too large to snapshot).
 pub const MAX_HOLD: Duration = Duration::from_secs(60);
+
+/// How often a name that keeps changing is scanned while it does.
+pub const BUSY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Events queued between the watcher thread and the volume's task; beyond this they are
 /// dropped and the volume is rescanned, as after a kernel queue overflow.
@@ -260,6 +269,20 @@ struct NameState {
     first: Instant,
     last: Instant,
     writing: bool,
+    /// When it was last scanned while busy (still changing).
+    scanned_busy: Option<Instant>,
+}
+
+impl NameState {
+    /// When it is due for a scan while still busy: [`BUSY_INTERVAL`] after it began
+    /// changing or was last scanned, if it changed since; `None` if it did not.
+    fn busy_due(&self) -> Option<Instant> {
+        match self.scanned_busy {
+            Some(scanned) if self.last <= scanned => None,
+            Some(scanned) => Some(scanned + BUSY_INTERVAL),
+            None => Some(self.first + BUSY_INTERVAL),
+        }
+    }
 }
 
 /// One scan the debouncer asks for.
@@ -268,6 +291,8 @@ pub struct ScanRequest {
     pub scope: ScanScope,
     /// Names not ready yet: the scan must leave them alone.
     pub hold: HashSet<VolPath>,
+    /// Names scanned while they still change ([`BUSY_INTERVAL`]).
+    pub busy: HashSet<VolPath>,
     /// Renames seen since the last scan, `(from, to)`.
     pub renamed: Vec<(VolPath, VolPath)>,
 }
@@ -304,6 +329,7 @@ impl Debouncer {
             first: now,
             last: now,
             writing: false,
+            scanned_busy: None,
         });
         state.last = now;
         match change {
@@ -339,32 +365,46 @@ impl Debouncer {
         settled || now.saturating_duration_since(state.first) >= MAX_HOLD
     }
 
-    /// The scan to run now, if anything is ready; forgets the names it covers.
+    /// The scan to run now, if anything is ready; forgets the names it covers, except
+    /// busy ones (still changing), which it keeps watching.
     pub fn take_ready(&mut self, now: Instant) -> Option<ScanRequest> {
         let mut dirs: BTreeMap<VolPath, Depth> = BTreeMap::new();
         let mut next: Option<Instant> = None;
         let mut hold = HashSet::new();
+        let mut busy = HashSet::new();
         let window = self.window;
-        let ready: Vec<VolPath> = self
-            .names
-            .iter()
-            .filter_map(|(path, state)| {
-                if self.is_ready(state, now) {
-                    return Some(path.clone());
-                }
-                let settles = if state.writing {
-                    state.last + WRITER_PATIENCE
-                } else {
-                    state.last + window
-                };
-                let when = settles.min(state.first + MAX_HOLD);
+        let mut ready: Vec<VolPath> = Vec::new();
+        for (path, state) in &self.names {
+            if self.is_ready(state, now) {
+                ready.push(path.clone());
+                continue;
+            }
+            let busy_due = state.busy_due();
+            if busy_due.is_some_and(|due| due <= now) {
+                busy.insert(path.clone());
+                let when = now + BUSY_INTERVAL;
                 next = Some(next.map_or(when, |n| n.min(when)));
-                hold.insert(path.clone());
-                None
-            })
-            .collect();
-        for path in ready {
-            self.names.remove(&path);
+                continue;
+            }
+            let settles = if state.writing {
+                state.last + WRITER_PATIENCE
+            } else {
+                state.last + window
+            };
+            let when = settles.min(state.first + MAX_HOLD);
+            let when = busy_due.map_or(when, |due| when.min(due));
+            next = Some(next.map_or(when, |n| n.min(when)));
+            hold.insert(path.clone());
+        }
+        for path in &busy {
+            if let Some(state) = self.names.get_mut(path) {
+                state.scanned_busy = Some(now);
+            }
+        }
+        for path in &ready {
+            self.names.remove(path);
+        }
+        for path in ready.into_iter().chain(busy.iter().cloned()) {
             let (dir, depth) = match path.split_last() {
                 // New ignore rules change what is synced below their directory.
                 Some((dir, name)) if name == IGNORE_FILE.as_bytes() => (dir, Depth::Subtree),
@@ -385,6 +425,7 @@ impl Debouncer {
         Some(ScanRequest {
             scope,
             hold,
+            busy,
             renamed: std::mem::take(&mut self.renamed),
         })
     }
@@ -455,24 +496,48 @@ mod tests {
         assert!(d.take_ready(paused + WINDOW / 2).is_none());
         let request = d.take_ready(paused + WINDOW).unwrap();
         assert_eq!(dirs(&request), [("/".into(), Depth::Names)]);
-        // A writer that never closes is scanned after the patience runs out.
+        // A writer that never closes: what it wrote is scanned within the busy
+        // interval, and the file once more when the writer's patience runs out.
         d.record(path("db"), Change::Written, t0);
+        assert!(d.take_ready(t0 + BUSY_INTERVAL / 2).is_none());
+        let busy = d.take_ready(t0 + BUSY_INTERVAL).unwrap();
+        assert!(busy.busy.contains(&path("db")));
         assert!(d.take_ready(t0 + WRITER_PATIENCE / 2).is_none());
-        assert!(d.take_ready(t0 + WRITER_PATIENCE).is_some());
+        assert!(d.take_ready(t0 + WRITER_PATIENCE).unwrap().busy.is_empty());
     }
 
     #[test]
-    fn a_name_that_never_goes_quiet_is_scanned_after_the_longest_hold() {
+    fn a_name_that_never_goes_quiet_is_scanned_every_busy_interval_and_once_it_settles() {
         let t0 = Instant::now();
         let mut d = Debouncer::new(WINDOW);
+        let step = Duration::from_millis(50);
         let mut at = t0;
-        while at < t0 + MAX_HOLD {
+        let mut busy_scans = Vec::new();
+        // A log appended every 50 ms for 10 s.
+        while at < t0 + Duration::from_secs(10) {
             d.record(path("log"), Change::Written, at);
-            assert!(d.take_ready(at).is_none());
-            at += Duration::from_secs(1);
+            if let Some(request) = d.take_ready(at) {
+                assert!(request.busy.contains(&path("log")), "scanned as busy");
+                assert!(request.hold.is_empty());
+                assert_eq!(dirs(&request), [("/".into(), Depth::Names)]);
+                busy_scans.push(at);
+            }
+            at += step;
         }
-        d.record(path("log"), Change::Written, at);
-        assert!(d.take_ready(at).is_some());
+        assert_eq!(busy_scans.len(), 9, "{busy_scans:?}");
+        for pair in busy_scans.windows(2) {
+            assert!(pair[1] - pair[0] <= BUSY_INTERVAL + step);
+        }
+        // The writer stops (without closing): one busy scan takes the last writes, and
+        // nothing more until the writer's patience runs out.
+        let last_write = at - step;
+        let request = d.take_ready(busy_scans[8] + BUSY_INTERVAL).unwrap();
+        assert!(request.busy.contains(&path("log")));
+        assert!(d.take_ready(last_write + WRITER_PATIENCE / 2).is_none());
+        let settled = d.take_ready(last_write + WRITER_PATIENCE).unwrap();
+        assert!(settled.busy.is_empty());
+        assert_eq!(dirs(&settled), [("/".into(), Depth::Names)]);
+        assert!(d.take_ready(last_write + WRITER_PATIENCE * 2).is_none());
     }
 
     #[test]

@@ -62,6 +62,14 @@ pub fn scan(settings: &Settings, threads: usize, json: bool) -> anyhow::Result<O
         if let Some(bar) = progress {
             bar.finish_and_clear();
         }
+        for unsyncable in report.unsyncable.names() {
+            let path = settings.volume_dir(name).join(&unsyncable.path);
+            eprintln!(
+                "shoal: cannot sync {}: {}",
+                path.display(),
+                unsyncable.reason
+            );
+        }
         if !json {
             print(&human_scan(&report))?;
         }
@@ -75,6 +83,11 @@ pub fn scan(settings: &Settings, threads: usize, json: bool) -> anyhow::Result<O
         eprintln!(
             "shoal: {problems} names could not be indexed (see the warnings above); their previous entries were kept"
         );
+        return Ok(Outcome::ProblemsFound);
+    }
+    let unsyncable: u64 = reports.iter().map(|r| r.unsyncable.total()).sum();
+    if unsyncable > 0 {
+        eprintln!("shoal: {unsyncable} names cannot be synced (see above)");
         return Ok(Outcome::ProblemsFound);
     }
     Ok(Outcome::Success)

@@ -163,7 +163,8 @@ impl Repair<'_> {
                 let owner = node.sync_ownership.then_some((entry.uid, entry.gid));
                 let (stat, what) = match &entry.kind {
                     EntryKind::Symlink { target } => (
-                        vol.fs.place_symlink(&parent, name, target, owner)?,
+                        vol.fs
+                            .place_symlink(&parent, name, target, entry.mtime_ns, owner)?,
                         "symlink recreated",
                     ),
                     _ => (

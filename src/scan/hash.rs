@@ -1,13 +1,22 @@
 //! The hashing threads: each file read once, chunked with FastCDC and hashed with
 //! BLAKE3, and read again if it changed while being read.
+//!
+//! Busy files (still changing when scanned, see [`crate::watcher`]) are read two other
+//! ways. One that only grew since it was indexed has only its new part read: from the
+//! start of its last indexed chunk, once that chunk is found unchanged. One rewritten in
+//! place is copied whole into memory, twice compared and between two `fstat`s that
+//! agree, so what is indexed is content the file held at one instant; the walker keeps
+//! that copy's chunks in a busy pack ([`crate::store::Store::keep_busy_version`]).
 
-use std::fs::Metadata;
+use std::fs::{File, Metadata};
 use std::io;
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
 
 use super::stamp_of;
-use crate::chunking::{ChunkParams, ChunkedContent, Chunker};
+use crate::chunking::{ChunkParams, ChunkRef, ChunkedContent, Chunker, content_id};
+use crate::ids::ChunkId;
 use crate::pathname::VolPath;
 use crate::volume_fs::open_regular;
 use crate::xattrs::{Namespaces, XattrError, Xattrs};
@@ -15,11 +24,24 @@ use crate::xattrs::{Namespaces, XattrError, Xattrs};
 /// Reads of a file that keeps changing before the scan leaves it for the next one.
 const READ_ATTEMPTS: usize = 3;
 
+/// The largest busy file copied into memory for a consistent version; larger ones are
+/// left for when they settle.
+pub const SNAPSHOT_MAX_BYTES: u64 = 128 << 20;
+
+/// How long the scanner tries for a consistent copy of a busy file before it leaves
+/// it for its next turn (a writer that rewrites it all the time leaves short gaps).
+const SNAPSHOT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
+
 pub(super) struct HashJob {
     pub(super) dir: VolPath,
     pub(super) name: Vec<u8>,
     /// `dir`, opened by the walker: the file is opened through it, never by path.
     pub(super) dir_fd: Arc<OwnedFd>,
+    /// A busy file that only grew since it was indexed: its indexed chunk list, so that
+    /// only what follows is read.
+    pub(super) appended_to: Option<Vec<ChunkRef>>,
+    /// A busy file small enough to copy into memory if it changes while read.
+    pub(super) may_snapshot: bool,
 }
 
 pub(super) struct HashResult {
@@ -34,6 +56,7 @@ pub(super) enum HashOutcome {
         meta: Box<Metadata>,
         /// Read through the same descriptor, after the content.
         xattrs: Result<Xattrs, XattrError>,
+        read: Reading,
     },
     /// Gone, or no longer a regular file, when we came to read it.
     Vanished,
@@ -42,14 +65,66 @@ pub(super) enum HashOutcome {
     Failed(io::Error),
 }
 
+/// How a file's content was read.
+pub(super) enum Reading {
+    /// Every byte (holes aside).
+    Whole,
+    /// Only what was appended since it was indexed: the chunks before it are taken as
+    /// unchanged until the file settles and is read whole.
+    Appended,
+    /// Copied into memory, consistent, while the file kept changing: the copy's bytes,
+    /// to keep in a busy pack.
+    Snapshot(Snapshot),
+}
+
+/// A consistent copy of a busy file, holding its share of the [`SnapshotBudget`].
+pub(super) struct Snapshot {
+    pub(super) data: Vec<u8>,
+    _permit: Permit,
+}
+
+/// Memory the copies of busy files may hold at once (across the hashing threads and
+/// the results queued for the walker): invariant 6.
+#[derive(Clone)]
+pub(super) struct SnapshotBudget(Arc<Mutex<u64>>);
+
+struct Permit {
+    budget: SnapshotBudget,
+    bytes: u64,
+}
+
+impl SnapshotBudget {
+    pub(super) fn new() -> Self {
+        SnapshotBudget(Arc::new(Mutex::new(SNAPSHOT_MAX_BYTES)))
+    }
+
+    fn take(&self, bytes: u64) -> Option<Permit> {
+        let mut left = self.0.lock().expect("snapshot budget lock");
+        (*left >= bytes).then(|| {
+            *left -= bytes;
+            Permit {
+                budget: self.clone(),
+                bytes,
+            }
+        })
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        *self.budget.0.lock().expect("snapshot budget lock") += self.bytes;
+    }
+}
+
 /// A hashing thread's work: its own chunker, used for every file it is given.
 pub(super) fn hasher(
     params: ChunkParams,
     namespaces: Namespaces,
+    budget: SnapshotBudget,
 ) -> impl FnMut(HashJob) -> HashResult {
     let mut chunker = Chunker::new(params);
     move |job| HashResult {
-        outcome: hash_file(&mut chunker, &job.dir_fd, &job.name, namespaces),
+        outcome: hash_file(&mut chunker, &job, namespaces, &budget),
         dir: job.dir,
         name: job.name,
     }
@@ -57,15 +132,15 @@ pub(super) fn hasher(
 
 pub(super) fn hash_file(
     chunker: &mut Chunker,
-    dir: &OwnedFd,
-    name: &[u8],
+    job: &HashJob,
     namespaces: Namespaces,
+    budget: &SnapshotBudget,
 ) -> HashOutcome {
     for _ in 0..READ_ATTEMPTS {
         // Through the directory's descriptor, O_NOFOLLOW|O_NONBLOCK, a regular file or
         // nothing: a name swapped for a symlink, FIFO or device since the listing is not
         // followed, waited on or read.
-        let file = match open_regular(dir, name) {
+        let file = match open_regular(&*job.dir_fd, &job.name) {
             Ok(file) => file,
             Err(e)
                 if matches!(
@@ -82,8 +157,31 @@ pub(super) fn hash_file(
             Ok(_) => return HashOutcome::Vanished,
             Err(e) => return HashOutcome::Failed(e),
         };
-        let content = match chunker.chunk_file(&file) {
-            Ok(content) => content,
+        if job.may_snapshot && job.appended_to.is_none() {
+            // Rewritten in place a moment ago: a plain read would likely be torn.
+            return snapshot(chunker, &file, namespaces, budget).unwrap_or(HashOutcome::Unstable);
+        }
+        // Asked as the file is read: a change stops the read at once.
+        let stamp = stamp_of(&before);
+        let mut unchanged = || file.metadata().is_ok_and(|m| stamp_of(&m) == stamp);
+        let appended = match &job.appended_to {
+            Some(previous) => read_appended(chunker, &file, before.len(), previous, &mut unchanged),
+            None => Ok(None),
+        };
+        let read = match appended {
+            Ok(Some(content)) => Ok(Some((content, Reading::Appended))),
+            Ok(None) => chunker
+                .chunk_file_from(&file, 0, &mut unchanged)
+                .map(|whole| whole.map(|content| (content, Reading::Whole))),
+            Err(e) => Err(e),
+        };
+        let (content, read) = match read {
+            Ok(Some(read)) => read,
+            Ok(None) if job.may_snapshot => {
+                return snapshot(chunker, &file, namespaces, budget)
+                    .unwrap_or(HashOutcome::Unstable);
+            }
+            Ok(None) => continue,
             Err(e) => return HashOutcome::Failed(e),
         };
         match file.metadata() {
@@ -99,11 +197,131 @@ pub(super) fn hash_file(
                     content,
                     meta: Box::new(before),
                     xattrs,
+                    read,
                 };
+            }
+            Ok(_) if job.may_snapshot => {
+                return snapshot(chunker, &file, namespaces, budget)
+                    .unwrap_or(HashOutcome::Unstable);
             }
             Ok(_) => continue,
             Err(e) => return HashOutcome::Failed(e),
         }
     }
     HashOutcome::Unstable
+}
+
+/// The content of `file` (`size` bytes now) if it only grew since it was indexed as
+/// `previous`: the indexed chunks but the last, then what FastCDC cuts from the last
+/// one's start, which is read only after that chunk is found unchanged. `None` if the
+/// file did not grow, or its last indexed chunk changed (it is then read whole).
+fn read_appended(
+    chunker: &mut Chunker,
+    file: &File,
+    size: u64,
+    previous: &[ChunkRef],
+    unchanged: &mut dyn FnMut() -> bool,
+) -> io::Result<Option<ChunkedContent>> {
+    let Some((last, kept)) = previous.split_last() else {
+        return Ok(None);
+    };
+    let indexed: u64 = previous.iter().map(|c| u64::from(c.len)).sum();
+    if size <= indexed {
+        return Ok(None);
+    }
+    let start = indexed - u64::from(last.len);
+    let mut bytes = vec![0u8; last.len as usize];
+    file.read_exact_at(&mut bytes, start)?;
+    if ChunkId::of(&bytes) != last.id {
+        return Ok(None);
+    }
+    let Some(tail) = chunker.chunk_file_from(file, start, unchanged)? else {
+        return Ok(None);
+    };
+    let chunks: Vec<ChunkRef> = kept.iter().chain(&tail.chunks).copied().collect();
+    Ok(Some(ChunkedContent {
+        content_id: content_id(&chunks),
+        size: start + tail.size,
+        chunks,
+    }))
+}
+
+/// A consistent copy of `file`, which keeps changing: read whole into memory, read
+/// again and compared, with the same `fstat` stamp before, between and after (a write
+/// in between moves the ctime: the kernel gives a changed file a finer timestamp once
+/// its old one was looked at), tried for [`SNAPSHOT_PATIENCE`]. `None` if the file is
+/// larger than a copy may be, the budget is spent, or no try was consistent.
+fn snapshot(
+    chunker: &mut Chunker,
+    file: &File,
+    namespaces: Namespaces,
+    budget: &SnapshotBudget,
+) -> Option<HashOutcome> {
+    let started = std::time::Instant::now();
+    let mut data = Vec::new();
+    let mut permit: Option<Permit> = None;
+    for attempt in 0u64.. {
+        if started.elapsed() > SNAPSHOT_PATIENCE {
+            return None;
+        }
+        if attempt > 0 {
+            // Out of step with a writer that rewrites on a fixed period.
+            std::thread::sleep(std::time::Duration::from_millis(2 + (attempt * 7919) % 23));
+        }
+        let before = file.metadata().ok()?;
+        if before.len() > SNAPSHOT_MAX_BYTES {
+            return None;
+        }
+        if permit.as_ref().is_none_or(|p| p.bytes != before.len()) {
+            // The old share goes back before a new one is asked for.
+            drop(permit.take());
+            permit = Some(budget.take(before.len())?);
+        }
+        data.resize(before.len() as usize, 0);
+        if file.read_exact_at(&mut data, 0).is_err() {
+            continue;
+        }
+        let between = file.metadata().ok()?;
+        if stamp_of(&between) != stamp_of(&before) || !same_bytes(file, &data) {
+            continue;
+        }
+        let xattrs = crate::xattrs::read(file, namespaces);
+        let after = file.metadata().ok()?;
+        if stamp_of(&after) != stamp_of(&before) {
+            continue;
+        }
+        let content = chunker.chunk_reader(&data[..]).ok()?;
+        return Some(HashOutcome::Hashed {
+            content,
+            meta: Box::new(before),
+            xattrs,
+            read: Reading::Snapshot(Snapshot {
+                data,
+                _permit: permit?,
+            }),
+        });
+    }
+    None
+}
+
+/// Whether `file` still holds exactly `data` (read again block by block): a copy made
+/// while a write was under way differs from the one after it.
+fn same_bytes(file: &File, data: &[u8]) -> bool {
+    const BLOCK: usize = 1 << 20;
+    let mut block = vec![0u8; BLOCK];
+    let mut offset = 0;
+    while offset < data.len() {
+        let len = BLOCK.min(data.len() - offset);
+        if file
+            .read_exact_at(&mut block[..len], offset as u64)
+            .is_err()
+            || block[..len] != data[offset..offset + len]
+        {
+            return false;
+        }
+        offset += len;
+    }
+    // Not longer than it was, either.
+    file.read_at(&mut block[..1], data.len() as u64)
+        .is_ok_and(|n| n == 0)
 }

@@ -49,6 +49,15 @@ const BATCH_OPS: usize = 4096;
 /// Hashing jobs (and results) queued between the walker and the hashing threads.
 const QUEUE_DEPTH: usize = 64;
 
+/// A busy file rewritten in place is copied at most this often: each copy is read,
+/// hashed and kept in a busy pack whole.
+pub const SNAPSHOT_INTERVAL: Duration = Duration::from_secs(3);
+
+/// The ctime of the scan stamp of a file indexed from what was appended to it (the
+/// chunks before trusted, not read): no file has it, so the stamp never matches and
+/// the file is read whole once it settles.
+pub const UNVERIFIED_CTIME: i64 = i64::MIN;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {
     #[error("volume directory {0} does not exist (is the volume mounted under the data root?)")]
@@ -78,6 +87,10 @@ pub struct ScanOptions {
     /// Names still being written: left exactly as indexed (not read, not deleted), for a
     /// later scan once they are quiet.
     pub hold: HashSet<VolPath>,
+    /// Names scanned while they still change (the watcher's busy names): read from
+    /// their last indexed chunk if they only grew, else copied whole if small enough
+    /// (see `hash.rs`).
+    pub busy: HashSet<VolPath>,
     /// Renames the watcher saw, `(from, to)`: a file that appears under `to` with the
     /// size, mtime, inode and device indexed for its old path under `from` takes that
     /// path's chunk list instead of being read again (a moved directory of media is
@@ -149,6 +162,9 @@ pub struct ScanReport {
     pub conflict_paths: Vec<VolPath>,
     /// Names that could not be read; their previous index entries were kept.
     pub problems: Vec<String>,
+    /// Names that cannot be synced at all (a path longer than Linux allows): not
+    /// indexed, and said here rather than as problems, so the daemon logs each once.
+    pub unsyncable: crate::unsyncable::Noted,
     pub seconds: f64,
 }
 
@@ -212,6 +228,7 @@ pub fn scan_volume(
     let namespaces = crate::xattrs::Namespaces::for_this_process();
     let full = matches!(options.scope, ScanScope::Everything);
     let find_groups = full && !options.keep_link_groups;
+    let budget = hash::SnapshotBudget::new();
     let (mut report, links_changed) = std::thread::scope(|scope| -> Result<_, StoreError> {
         let mut walker = Walker {
             store,
@@ -221,11 +238,14 @@ pub fn scan_volume(
             root_fd,
             emptied_while_watched,
             batch: store.batch(),
-            hashers: Pool::start(scope, threads, QUEUE_DEPTH, || hasher(params, namespaces)),
+            hashers: Pool::start(scope, threads, QUEUE_DEPTH, || {
+                hasher(params, namespaces, budget.clone())
+            }),
             pending: Vec::new(),
             to_hash: Vec::new(),
             progress: options.progress.clone(),
             hold: &options.hold,
+            busy: &options.busy,
             renamed: options
                 .renamed
                 .iter()
@@ -265,11 +285,16 @@ pub fn scan_volume(
         rest.files_read += report.files_read;
         rest.bytes_read += report.bytes_read;
         rest.problems.splice(0..0, report.problems);
+        for name in report.unsyncable.names() {
+            rest.unsyncable.note(name.path, name.cause, name.reason);
+        }
         rest.seconds = started.elapsed().as_secs_f64();
         return Ok(rest);
     }
 
     let root_node = crate::tree::update(store, vol).map_err(store_err)?;
+    // Copies of busy files that have settled since are no longer needed.
+    store.rotate_busy_packs().map_err(store_err)?;
     let changed = report.added + report.modified + report.deleted > 0;
     // Counting distinct chunks reads every chunk location: a full scan pays for it, a
     // narrow one (the watcher's, many times a minute) leaves the count to the next.

@@ -13,13 +13,16 @@ use std::sync::Arc;
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use indicatif::ProgressBar;
 
-use super::hash::{HashJob, HashOutcome, HashResult};
+use super::hash::{HashJob, HashOutcome, HashResult, Reading, SNAPSHOT_MAX_BYTES};
 use super::rules::IgnoreRules;
-use super::{BATCH_OPS, Depth, IGNORE_FILE, ScanReport, ScanScope, now_ns, stamp_of};
+use super::{
+    BATCH_OPS, Depth, IGNORE_FILE, SNAPSHOT_INTERVAL, ScanReport, ScanScope, UNVERIFIED_CTIME,
+    now_ns, stamp_of,
+};
 use crate::chunking::{ChunkRef, ChunkedContent};
 use crate::entry::{Entry, EntryKind, MODE_MASK};
 use crate::ids::{NodeId, VolumeId};
-use crate::pathname::{SHOAL_DIR, VolPath, escape};
+use crate::pathname::{MAX_PATH_LEN, SHOAL_DIR, VolPath, escape};
 use crate::store::codec::ScanStamp;
 use crate::store::{Batch, Durability, Store, StoreError};
 use crate::volume_fs::{lstat_at, open_dir_at, open_regular};
@@ -65,6 +68,8 @@ pub(super) struct Walker<'s> {
     pub(super) to_hash: Vec<(u64, HashJob)>,
     pub(super) progress: Option<ProgressBar>,
     pub(super) hold: &'s HashSet<VolPath>,
+    /// Names the watcher saw still changing: read as busy files ([`Walker::busy_read`]).
+    pub(super) busy: &'s HashSet<VolPath>,
     /// The watcher's renames, new path -> old path.
     pub(super) renamed: HashMap<VolPath, VolPath>,
     /// Indexed names found gone from disk, deleted once everything else is written.
@@ -426,7 +431,18 @@ impl<'s> Walker<'s> {
         depth: Depth,
     ) -> Result<(), StoreError> {
         let Ok(path) = dir.join(&item.name) else {
-            self.problem(format!("skipping {}: name too long", escape(&item.name)));
+            // Longer than Linux's PATH_MAX: no node could open it by path either.
+            let mut whole = dir.as_bytes().to_vec();
+            if !dir.is_root() {
+                whole.push(b'/');
+            }
+            whole.extend_from_slice(&item.name);
+            let reason = format!(
+                "the path is {} bytes, longer than the {MAX_PATH_LEN} Linux allows; not indexed",
+                whole.len()
+            );
+            let cause = crate::unsyncable::Cause::PathTooLong;
+            self.report.unsyncable.note(escape(&whole), cause, reason);
             return Ok(());
         };
         let is_dir = item.meta.is_dir();
@@ -460,10 +476,24 @@ impl<'s> Walker<'s> {
                     let xattrs = self.xattrs_or_problem(read, &path);
                     return self.record_file(dir, &item.name, content, &item.meta, xattrs);
                 }
+                let (appended_to, may_snapshot) = match self.busy.contains(&path) {
+                    true => match self.busy_read(dir, &item, stamp)? {
+                        Some(busy) => busy,
+                        None => {
+                            // Copied a moment ago, or too large to copy: left as indexed
+                            // until its next turn, or until it settles.
+                            self.note_held(dir, &item);
+                            return Ok(());
+                        }
+                    },
+                    false => (None, false),
+                };
                 let job = HashJob {
                     dir: dir.clone(),
                     name: item.name,
                     dir_fd: opened.fd.clone(),
+                    appended_to,
+                    may_snapshot,
                 };
                 self.to_hash.push((item.meta.len(), job));
                 return Ok(());
@@ -515,6 +545,38 @@ impl<'s> Walker<'s> {
                 .push((path, opened.rules.clone(), Depth::Subtree));
         }
         Ok(())
+    }
+
+    /// How to read a busy file (one the watcher saw still changing): from its last
+    /// indexed chunk on if it only grew (the indexed chunk list), else copied whole into
+    /// memory if it is small enough and its last copy is [`SNAPSHOT_INTERVAL`] old;
+    /// `None` to leave it alone this time. A hard-linked file is read as any other.
+    fn busy_read(
+        &self,
+        dir: &VolPath,
+        item: &Listed,
+        stamp: Option<ScanStamp>,
+    ) -> Result<Option<(Option<Vec<ChunkRef>>, bool)>, StoreError> {
+        let meta = &item.meta;
+        if meta.nlink() > 1 {
+            return Ok(Some((None, false)));
+        }
+        let same_file = stamp.filter(|s| (s.ino, s.dev) == (meta.ino(), meta.dev()));
+        if same_file.is_some_and(|s| meta.len() > s.size)
+            && let Some(chunks) = self.store.chunk_list(self.vol, dir, &item.name)?
+            && !chunks.is_empty()
+        {
+            // If it was rewritten rather than appended to, a copy still does.
+            return Ok(Some((Some(chunks), meta.len() <= SNAPSHOT_MAX_BYTES)));
+        }
+        let copied_lately = same_file.is_some_and(|s| {
+            let age_ns = now_ns().saturating_sub(s.mtime_ns);
+            (0..SNAPSHOT_INTERVAL.as_nanos() as i64).contains(&age_ns)
+        });
+        if meta.len() > SNAPSHOT_MAX_BYTES || copied_lately {
+            return Ok(None);
+        }
+        Ok(Some((None, true)))
     }
 
     /// If the indexed entry is of another kind than what is now on disk, deletes it
@@ -877,6 +939,7 @@ impl<'s> Walker<'s> {
                 content,
                 meta,
                 xattrs,
+                read,
             } => {
                 self.report.files_read += 1;
                 self.report.bytes_read += content.size;
@@ -888,7 +951,29 @@ impl<'s> Walker<'s> {
                     Ok(path) => self.xattrs_or_problem(xattrs, &path),
                     Err(_) => Xattrs::default(),
                 };
+                let chunks = match &read {
+                    Reading::Snapshot(_) => content.chunks.clone(),
+                    Reading::Whole | Reading::Appended => Vec::new(),
+                };
                 self.record_file(&dir, &name, content, &meta, xattrs)?;
+                match read {
+                    Reading::Whole => {}
+                    // The chunks before the append are trusted, not read: the stamp
+                    // never matches, so the file is read whole once it settles.
+                    Reading::Appended => {
+                        let unverified = ScanStamp {
+                            ctime_ns: UNVERIFIED_CTIME,
+                            ..stamp_of(&meta)
+                        };
+                        self.batch.put_stamp(self.vol, &dir, &name, &unverified);
+                    }
+                    // The live file holds this version no longer: its chunks are kept
+                    // where peers can fetch them.
+                    Reading::Snapshot(copy) => {
+                        self.store
+                            .keep_busy_version(&mut self.batch, &chunks, &copy.data)?;
+                    }
+                }
             }
             HashOutcome::Vanished => self.gone.push((dir, name)),
             HashOutcome::Unstable => {

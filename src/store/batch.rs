@@ -74,7 +74,7 @@ impl Batch<'_> {
         self.ops == 0
     }
 
-    fn put(&mut self, cf: &'static str, key: &[u8], value: &[u8]) {
+    pub(super) fn put(&mut self, cf: &'static str, key: &[u8], value: &[u8]) {
         self.wb.put_cf(self.store.cf(cf), key, value);
         self.ops += 1;
     }

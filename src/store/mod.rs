@@ -12,12 +12,14 @@
 //! lock and may run beside a writer.
 
 mod batch;
+mod busy;
 mod chunks;
 pub mod codec;
 pub mod keys;
 pub mod pack;
 
 pub use batch::{Batch, Durability};
+pub use busy::{BUSY_PACK_AGE, BUSY_PACK_BYTES};
 pub use chunks::ChunkLocation;
 
 use std::fs::{self, File};
@@ -87,6 +89,9 @@ pub enum StoreError {
     },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    /// A pack the store writes itself (a busy pack).
+    #[error(transparent)]
+    Pack(#[from] pack::PackError),
     /// The state directory's file system is (nearly) full: nothing was written.
     #[error("state directory {0}")]
     LowSpace(#[from] crate::space::LowSpace),
@@ -145,6 +150,8 @@ pub struct Store {
     read_only: bool,
     /// Held for the store's lifetime; the OS releases it when the process dies.
     _lock: Option<File>,
+    /// The packs that keep consistent copies of busy files ([`busy`]).
+    busy: busy::BusyPacks,
 }
 
 type RawItem = Result<(Box<[u8]>, Box<[u8]>), StoreError>;
@@ -220,6 +227,7 @@ impl Store {
                 meta,
                 read_only: true,
                 _lock: None,
+                busy: Default::default(),
             });
         }
         if existing.is_none() && !options.create {
@@ -238,13 +246,16 @@ impl Store {
             .iter()
             .map(|name| ColumnFamilyDescriptor::new(*name, Self::cf_options()));
         let db = DB::open_cf_descriptors(&db_options, &index, descriptors).map_err(rocks_err)?;
-        Ok(Store {
+        let store = Store {
             db,
             state_dir: state_dir.to_path_buf(),
             meta,
             read_only: false,
             _lock: lock,
-        })
+            busy: Default::default(),
+        };
+        store.retire_leftover_busy_packs()?;
+        Ok(store)
     }
 
     /// Creates a new index beside its final place and renames it there once its metadata

@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 
 use crate::pathname::InvalidPath;
 use crate::protocol::{ErrorCode, ProtocolError};
+use crate::unsyncable::Cause;
+use crate::volume_fs::FsError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -84,7 +86,7 @@ impl SyncError {
     pub fn is_no_space(&self) -> bool {
         let source = match self {
             SyncError::LocalIo { source, .. } => source,
-            SyncError::Fs(crate::volume_fs::FsError::Io { source, .. }) => source,
+            SyncError::Fs(FsError::Io { source, .. }) => source,
             _ => return false,
         };
         source.raw_os_error() == Some(libc::ENOSPC)
@@ -106,6 +108,32 @@ impl SyncError {
     /// The peer's operator paused the volume (or the peer): not a failure of this node.
     pub fn is_peer_paused(&self) -> bool {
         matches!(self, SyncError::Protocol(ProtocolError::Remote { code, .. }) if *code == ErrorCode::Paused.number())
+    }
+
+    /// Why this node's file system refused one name of the volume, if this error is
+    /// such a refusal: a name too long for it or in an encoding it does not take, a
+    /// kind of item it cannot make, a directory this node may not write. A full disk or
+    /// an I/O error is not (they are the node's trouble, not the name's).
+    pub fn refusal(&self) -> Option<Cause> {
+        match self {
+            SyncError::InvalidPath(InvalidPath::PathTooLong(_) | InvalidPath::NameTooLong(_)) => {
+                Some(Cause::PathTooLong)
+            }
+            SyncError::Fs(FsError::CannotMake { .. }) => Some(Cause::TypeNotSupported),
+            SyncError::Fs(FsError::Io { source, .. }) => {
+                source.raw_os_error().and_then(Cause::of_errno)
+            }
+            _ => None,
+        }
+    }
+
+    /// The operating system's error underneath, if there is one.
+    pub fn os_error(&self) -> Option<&std::io::Error> {
+        match self {
+            SyncError::Fs(FsError::Io { source, .. } | FsError::CannotMake { source, .. })
+            | SyncError::LocalIo { source, .. } => Some(source),
+            _ => None,
+        }
     }
 
     /// A local I/O error, with what was being done.

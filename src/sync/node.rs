@@ -37,6 +37,8 @@ pub struct Volume {
     pub conflict_paths: Mutex<Vec<crate::pathname::VolPath>>,
     /// Extended attributes received that this node could not set.
     pub xattrs_not_applied: crate::xattrs::NotApplied,
+    /// Names that cannot be synced (found by scans and by pulls), and why.
+    pub unsyncable: crate::unsyncable::Unsyncable,
     /// A pull took a hard-linked file and has not linked all its other names yet: scans
     /// leave the index's link groups alone meanwhile (see `ScanOptions::keep_link_groups`).
     pub links_pending: AtomicBool,
@@ -60,6 +62,7 @@ impl Volume {
             conflict_copies: AtomicU64::new(0),
             conflict_paths: Mutex::new(Vec::new()),
             xattrs_not_applied: Default::default(),
+            unsyncable: Default::default(),
             links_pending: AtomicBool::new(false),
         })
     }

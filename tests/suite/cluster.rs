@@ -65,6 +65,8 @@ pub struct Cluster {
     pub more_volumes: Vec<String>,
     /// The `shoal` binary node `i` runs (this build's, unless a test runs another).
     pub binary: Vec<PathBuf>,
+    /// Node `i`'s `--peer` list, when not every other node's address.
+    pub peers: Vec<Option<Vec<String>>>,
 }
 
 impl Cluster {
@@ -92,6 +94,7 @@ impl Cluster {
             wrapper: vec![Vec::new(); size],
             more_volumes: Vec::new(),
             binary: vec![PathBuf::from(env!("CARGO_BIN_EXE_shoal")); size],
+            peers: vec![None; size],
         }
     }
 
@@ -144,8 +147,13 @@ impl Cluster {
             .env("SHOAL_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log);
-        for j in (0..self.size).filter(|&j| j != i) {
-            command.args(["--peer", &format!("{}:7029", self.ip(j))]);
+        let others = (0..self.size).filter(|&j| j != i);
+        let peers = match &self.peers[i] {
+            Some(peers) => peers.clone(),
+            None => others.map(|j| format!("{}:7029", self.ip(j))).collect(),
+        };
+        for peer in peers {
+            command.args(["--peer", &peer]);
         }
         for (key, value) in &self.extra_env[i] {
             command.env(key, value);

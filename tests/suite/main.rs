@@ -2,6 +2,7 @@
 //! RocksDB store, and the `shoal` binary run as a user would.
 
 mod attacks;
+mod busy;
 mod cli;
 mod cluster;
 mod control;
@@ -17,6 +18,7 @@ mod metadata;
 mod operability;
 mod page;
 mod repair;
+mod startup;
 mod storm;
 mod sync;
 mod tree_props;

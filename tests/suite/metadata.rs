@@ -537,9 +537,8 @@ fn hard_links_arrive_as_one_inode_and_a_change_through_one_name_is_a_change_of_a
 
 /// What a dump records of one name, read through descriptors (`statat` without following,
 /// attributes and content through an `O_NOFOLLOW|O_NONBLOCK` descriptor): everything
-/// `rsync -aHAXS` keeps. Not recorded: inode numbers, atimes and ctimes, directories'
-/// sizes (a directory's size is its history), and symlinks' mtimes (Shoal does not sync
-/// them).
+/// `rsync -aHAXS` keeps (symlinks' own mtimes included). Not recorded: inode numbers,
+/// atimes and ctimes, and directories' sizes (a directory's size is its history).
 #[derive(Debug, PartialEq, Eq)]
 struct Dumped {
     kind: &'static str,
@@ -551,7 +550,7 @@ struct Dumped {
     /// For a file with several names: the least of its names (relative to the root).
     linked_with: Option<Vec<u8>>,
     xattrs: BTreeMap<String, Vec<u8>>,
-    mtime_ns: Option<i64>,
+    mtime_ns: i64,
     content: Vec<u8>,
 }
 
@@ -590,7 +589,7 @@ fn dump(root: &Path) -> BTreeMap<Vec<u8>, Dumped> {
                 nlink: stat.st_nlink,
                 linked_with: None,
                 xattrs: BTreeMap::new(),
-                mtime_ns: Some(mtime_ns),
+                mtime_ns,
                 content: Vec::new(),
             };
             let open = |flags| {
@@ -631,7 +630,6 @@ fn dump(root: &Path) -> BTreeMap<Vec<u8>, Dumped> {
                 FileType::Symlink => {
                     item.kind = "symlink";
                     item.mode = 0;
-                    item.mtime_ns = None;
                     item.size = Some(stat.st_size as u64);
                     item.content = rustix::fs::readlinkat(&dir_fd, os(&name), Vec::new())
                         .unwrap()
@@ -771,6 +769,9 @@ fn build_table_tree(root: &Path) {
         "links/a.jpg",
         "images/disk.img",
         "pipes/control",
+        "sym/absolute",
+        "sym/outside",
+        "sym/dangling",
     ]
     .into_iter()
     .enumerate()
@@ -905,5 +906,188 @@ fn every_item_of_the_table_arrives_as_rsync_ahaxs_keeps_it_both_ways() {
         written.status.success(),
         "uid 33 cannot write in uploads/ on B: {}",
         String::from_utf8_lossy(&written.stderr)
+    );
+}
+
+/// Makes `depth` nested directories of 250-byte names under `root` (through directory
+/// descriptors: the whole path is longer than `PATH_MAX`) with a file in the last;
+/// returns the path of the first directory past `PATH_MAX`, relative to `root`.
+fn make_deep_tree(root: &Path, depth: usize) -> Vec<u8> {
+    use rustix::fs::{Mode, OFlags};
+    let mut fd = rustix::fs::open(root, OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty()).unwrap();
+    let mut path = Vec::new();
+    let mut first_too_long = None;
+    for level in 0..depth {
+        let name = format!("{level:02}{}", "d".repeat(248));
+        rustix::fs::mkdirat(&fd, name.as_str(), Mode::from_raw_mode(0o755)).unwrap();
+        fd = rustix::fs::openat(
+            &fd,
+            name.as_str(),
+            OFlags::DIRECTORY | OFlags::RDONLY,
+            Mode::empty(),
+        )
+        .unwrap();
+        if !path.is_empty() {
+            path.push(b'/');
+        }
+        path.extend_from_slice(name.as_bytes());
+        if path.len() > 4096 && first_too_long.is_none() {
+            first_too_long = Some(path.clone());
+        }
+    }
+    let file = rustix::fs::openat(
+        &fd,
+        "deep.txt",
+        OFlags::CREATE | OFlags::WRONLY,
+        Mode::from_raw_mode(0o644),
+    )
+    .unwrap();
+    rustix::io::write(&file, b"too deep to sync").unwrap();
+    first_too_long.expect("the tree goes past PATH_MAX")
+}
+
+/// `chattr +i` on a directory for the life of the guard (an immutable directory takes
+/// no new names, even from root).
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn set(dir: &Path) -> Immutable {
+        let out = Command::new("chattr").arg("+i").arg(dir).output().unwrap();
+        assert!(
+            out.status.success(),
+            "chattr +i: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Immutable(dir.to_path_buf())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+/// The names node `i`'s `/status` lists as unsyncable: (path, cause, reason).
+fn unsyncable(c: &Cluster, i: usize) -> (u64, Vec<(String, String, String)>) {
+    let status = c.status(i).unwrap_or_default();
+    let listing = &status["volumes"][0]["unsyncable"];
+    let names = listing["names"].as_array().cloned().unwrap_or_default();
+    let names = names
+        .iter()
+        .map(|n| {
+            let field = |k: &str| n[k].as_str().unwrap_or_default().to_string();
+            (field("path"), field("cause"), field("reason"))
+        })
+        .collect();
+    (listing["total"].as_u64().unwrap_or(0), names)
+}
+
+#[test]
+fn names_that_cannot_be_synced_are_listed_counted_and_logged_once_with_their_whole_path() {
+    if !running_as_root() {
+        eprintln!("skipped: chattr +i needs root");
+        return;
+    }
+    let mut c = Cluster::new(2);
+    let (a, b) = (c.vol(0), c.vol(1));
+    write_file(&a.join("locked/old.txt"), b"before the lock");
+    c.start_all();
+    c.wait_converged(&[0, 1], CONVERGE);
+
+    // B's copy of `locked` takes no new names; A adds one of each kind there, and a path
+    // longer than Linux's PATH_MAX elsewhere.
+    let lock = Immutable::set(&b.join("locked"));
+    write_file(&a.join("locked/new.txt"), b"B cannot take this");
+    mkfifo(&a.join("locked/pipe"), 0o640);
+    fs::create_dir(a.join("locked/sub")).unwrap();
+    std::os::unix::fs::symlink("old.txt", a.join("locked/link")).unwrap();
+    fs::create_dir(a.join("deep")).unwrap();
+    let too_long = String::from_utf8(make_deep_tree(&a.join("deep"), 17)).unwrap();
+    let too_long = format!("deep/{too_long}");
+
+    let wanted = ["locked/new.txt", "locked/pipe", "locked/sub", "locked/link"];
+    let deadline = Instant::now() + CONVERGE;
+    let listed = loop {
+        let (total, names) = unsyncable(&c, 1);
+        if wanted.iter().all(|w| names.iter().any(|(p, _, _)| p == w)) {
+            break (total, names);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B lists {names:?}:\n{}",
+            tail(&c.log(1), 40)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let locked_on_b = b.join("locked").display().to_string();
+    for (path, cause, reason) in &listed.1 {
+        assert_eq!(cause, "not_permitted", "{path}: {reason}");
+        assert!(
+            reason.contains(&locked_on_b),
+            "{path}: the reason names what to fix: {reason}"
+        );
+    }
+    // Counted in /metrics as listed.
+    let metrics = c.metrics(1).unwrap();
+    let sample = format!(
+        "shoal_volume_unsyncable_names{{volume=\"vol\",cause=\"not_permitted\"}} {}",
+        listed.0
+    );
+    assert!(metrics.contains(&sample), "{sample} not in:\n{metrics}");
+    assert!(metrics.contains("# TYPE shoal_volume_unsyncable_names gauge"));
+    // A lists the path too long for Linux, whole; B never hears of it.
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let (total, names) = unsyncable(&c, 0);
+        if total == 1 {
+            assert_eq!(names[0].0, too_long);
+            assert_eq!(names[0].1, "path_too_long");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A lists {names:?}:\n{}",
+            tail(&c.log(0), 40)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Rounds and scans go on (heartbeat 1 s); each name is logged once, whole.
+    std::thread::sleep(Duration::from_secs(4));
+    let log_b = c.log(1);
+    for name in wanted {
+        let line = format!("cannot sync {}", b.join(name).display());
+        assert_eq!(
+            log_b.matches(&line).count(),
+            1,
+            "{line}:\n{}",
+            tail(&log_b, 40)
+        );
+    }
+    let log_a = c.log(0);
+    let line = format!("cannot sync {}", a.join(&too_long).display());
+    assert_eq!(log_a.matches(&line).count(), 1, "{}", tail(&log_a, 20));
+    assert!(!log_a.contains("name too long"), "{}", tail(&log_a, 20));
+
+    // Once B may write there, everything arrives and the list empties.
+    drop(lock);
+    c.wait_converged(&[0, 1], CONVERGE);
+    let deadline = Instant::now() + CONVERGE;
+    while unsyncable(&c, 1).0 != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "B still lists {:?}",
+            unsyncable(&c, 1)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        fs::read(b.join("locked/new.txt")).unwrap(),
+        b"B cannot take this"
+    );
+    assert_eq!(
+        unsyncable(&c, 0).0,
+        1,
+        "the path too long stays listed on A"
     );
 }

@@ -53,7 +53,22 @@ impl Pull {
         })
     }
 
+    /// Takes the peer's `remote` entry for `dir/name`: a file is queued for fetching, a
+    /// directory, symlink or FIFO is placed now, a delete waits for the end of the round.
+    /// A name this node's file system refuses is noted and skipped ([`Pull::placed`]).
     pub(super) fn take(
+        &mut self,
+        dir: &VolPath,
+        name: &[u8],
+        remote: Entry,
+        replaces: Option<Entry>,
+        hints: &Hints,
+    ) -> Result<(), SyncError> {
+        let result = self.take_entry(dir, name, remote, replaces, hints);
+        self.placed(dir, name, result)
+    }
+
+    fn take_entry(
         &mut self,
         dir: &VolPath,
         name: &[u8],
@@ -156,7 +171,9 @@ impl Pull {
         }
         let owner = self.node.sync_ownership.then_some((remote.uid, remote.gid));
         let stat = match &remote.kind {
-            EntryKind::Symlink { target } => fs.place_symlink(&dir_fd, name, target, owner)?,
+            EntryKind::Symlink { target } => {
+                fs.place_symlink(&dir_fd, name, target, remote.mtime_ns, owner)?
+            }
             _ => fs.place_fifo(&dir_fd, name, remote.mode, remote.mtime_ns, owner)?,
         };
         let mut batch = self.node.store.batch();

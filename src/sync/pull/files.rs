@@ -360,9 +360,12 @@ impl Pull {
                 .join(&file.job.name)
                 .map(|p| escape(p.as_bytes()));
             let size = file.job.size();
+            let (dir, file_name) = (file.job.dir.clone(), file.job.name.clone());
             match self.publish_one(fs, &mut dirs, &mut batch, file) {
                 Ok(true) => published.push((path.unwrap_or(name), size)),
                 Ok(false) => self.report.skipped += 1,
+                // A name this file system refuses is listed (and said once).
+                Err(e) if e.refusal().is_some() => self.placed(&dir, &file_name, Err(e))?,
                 // One file that cannot be placed does not hold back the others.
                 Err(e) => {
                     tracing::warn!("cannot publish {name}: {e}; will retry next round");
@@ -682,6 +685,16 @@ fn stage_job(
         Some(staged) => (staged, source),
         None => (volume.fs.stage(&expected, &job.dir, &job.name, size)?, None),
     };
+    // An older version of this file, left half-fetched, will not be wanted again: the
+    // staging area keeps no abandoned version of a name (a file rewritten all the time
+    // would otherwise leave one per version).
+    if !staged.resumed {
+        for old in volume.fs.superseded_by(&staged.temp_name) {
+            if !volume.room.in_use(&old) {
+                let _ = volume.fs.remove_staged(&old);
+            }
+        }
+    }
     let io = |e: std::io::Error| SyncError::local(format!("staging {}", escape(&job.name)))(e);
     let file = Arc::new(staged.file.try_clone().map_err(io)?);
     let missing = fill_from_local(node, &file, &chunks, staged.resumed, None).map_err(io)?;

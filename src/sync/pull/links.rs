@@ -56,6 +56,8 @@ impl Pull {
                     self.report.incomplete += 1;
                     self.links_waiting += 1;
                 }
+                // A name this file system refuses is listed (and said once), not waited for.
+                Err(e) if e.refusal().is_some() => self.placed(&job.dir, &job.name, Err(e))?,
                 Err(e) if e.is_local() => return Err(e),
                 Err(e) => {
                     tracing::warn!(

@@ -33,6 +33,7 @@ mod links;
 mod walk;
 
 use std::collections::{HashMap, HashSet};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
 use s2n_quic::connection::Handle;
@@ -40,8 +41,9 @@ use s2n_quic::connection::Handle;
 use super::{Node, Peer, SyncError};
 use crate::entry::Entry;
 use crate::ids::ContentId;
-use crate::pathname::VolPath;
+use crate::pathname::{VolPath, escape};
 use crate::tree::TreeNode;
+use crate::unsyncable::{Cause, Noted, Origin};
 use files::{FileJob, RenameSource};
 
 /// Files made durable and visible together.
@@ -110,16 +112,25 @@ pub async fn pull_volume(
         waiting: Waiting::default(),
         wanted_staging: Some(HashSet::new()),
         applied: Applied::default(),
+        unsyncable: Noted::default(),
     };
+    let origin = Origin::Peer(peer.addr);
+    let root_dir = volume.fs.root_path();
     let Some(remote_root) = pull.get_dir(&VolPath::root()).await? else {
         // The peer has not indexed the volume yet: nothing of it to take.
         peer.sync.round_done(&volume.name, 0, 0);
+        volume
+            .unsyncable
+            .replace(&volume.name, root_dir, origin, Noted::default());
         return Ok(pull.report);
     };
     let local_root = node.store.tree_node(volume.id, &VolPath::root())?;
     let local_totals = local_root.as_ref().map(|n| n.totals).unwrap_or_default();
     if local_root.map(|n| n.sync_hash()) == Some(remote_root.sync_hash()) {
         peer.sync.round_done(&volume.name, 0, 0);
+        volume
+            .unsyncable
+            .replace(&volume.name, root_dir, origin, Noted::default());
         return Ok(pull.report);
     }
     peer.sync
@@ -136,6 +147,17 @@ pub async fn pull_volume(
     // Also after a failed round: what it did apply keeps its directories' mtimes.
     pull.restore_dir_mtimes()?;
     pull.log_applied();
+    // A complete round walked to every name that differs: what it could not place is
+    // the whole list from this peer. A round cut short only adds to the last one.
+    let refused = std::mem::take(&mut pull.unsyncable);
+    match round {
+        Ok(()) => volume
+            .unsyncable
+            .replace(&volume.name, root_dir, origin, refused),
+        Err(_) => volume
+            .unsyncable
+            .add(&volume.name, root_dir, origin, refused),
+    }
     round?;
     crate::tree::update(&node.store, volume.id)?;
     pull.settle_room();
@@ -210,6 +232,8 @@ struct Pull {
     wanted_staging: Option<HashSet<String>>,
     /// Changes applied and not logged yet.
     applied: Applied,
+    /// Names of the peer's this node's file system refused (see [`crate::unsyncable`]).
+    unsyncable: Noted,
 }
 
 /// What the peer has at a directory still to compare.
@@ -250,6 +274,51 @@ impl Pull {
         if self.applied.first.len() < BURST_NAMES {
             self.applied.first.push((what, path, bytes));
         }
+    }
+
+    /// Handles what placing `dir/name` ended with: a refusal of the name by this node's
+    /// file system (see [`SyncError::refusal`]) is noted for `/status` and the round
+    /// goes on; any other error ends the round.
+    fn placed(
+        &mut self,
+        dir: &VolPath,
+        name: &[u8],
+        result: Result<(), SyncError>,
+    ) -> Result<(), SyncError> {
+        let Err(error) = result else {
+            return Ok(());
+        };
+        let Some(cause) = error.refusal() else {
+            return Err(error);
+        };
+        let mut path = dir.as_bytes().to_vec();
+        if !dir.is_root() {
+            path.push(b'/');
+        }
+        path.extend_from_slice(name);
+        let os_error = error
+            .os_error()
+            .map_or_else(|| error.to_string(), |e| e.to_string());
+        let reason = match cause {
+            Cause::PathTooLong => format!(
+                "this file system refuses a name or path this long ({} bytes: {os_error})",
+                path.len()
+            ),
+            Cause::NameRefused => format!("this file system refuses the name ({os_error})"),
+            Cause::TypeNotSupported => error.to_string(),
+            Cause::NotPermitted => {
+                let root = self.volume().fs.root_path();
+                format!(
+                    "this node (uid {}) may not make or change it ({os_error}): fix the owner, mode or attributes (lsattr) of its directory {} or of {} itself",
+                    rustix::process::geteuid().as_raw(),
+                    dir.under(root).display(),
+                    root.join(std::ffi::OsStr::from_bytes(&path)).display(),
+                )
+            }
+        };
+        self.unsyncable.note(escape(&path), cause, reason);
+        self.report.skipped += 1;
+        Ok(())
     }
 
     /// Logs the changes applied since the last call: each one, or a burst's summary.
