@@ -95,6 +95,13 @@ pub(super) struct Walker<'s> {
     pub(super) report: ScanReport,
 }
 
+/// How a busy file is to be read (see [`HashJob`]'s fields of the same names).
+#[derive(Default)]
+struct BusyRead {
+    appended_to: Option<Vec<ChunkRef>>,
+    may_snapshot: bool,
+}
+
 /// A directory waiting to be walked, with the ignore rules of its ancestors.
 pub(super) type PendingDir = (VolPath, Arc<IgnoreRules>, Depth);
 
@@ -476,7 +483,10 @@ impl<'s> Walker<'s> {
                     let xattrs = self.xattrs_or_problem(read, &path);
                     return self.record_file(dir, &item.name, content, &item.meta, xattrs);
                 }
-                let (appended_to, may_snapshot) = match self.busy.contains(&path) {
+                let BusyRead {
+                    appended_to,
+                    may_snapshot,
+                } = match self.busy.contains(&path) {
                     true => match self.busy_read(dir, &item, stamp)? {
                         Some(busy) => busy,
                         None => {
@@ -486,7 +496,7 @@ impl<'s> Walker<'s> {
                             return Ok(());
                         }
                     },
-                    false => (None, false),
+                    false => BusyRead::default(),
                 };
                 let job = HashJob {
                     dir: dir.clone(),
@@ -556,10 +566,10 @@ impl<'s> Walker<'s> {
         dir: &VolPath,
         item: &Listed,
         stamp: Option<ScanStamp>,
-    ) -> Result<Option<(Option<Vec<ChunkRef>>, bool)>, StoreError> {
+    ) -> Result<Option<BusyRead>, StoreError> {
         let meta = &item.meta;
         if meta.nlink() > 1 {
-            return Ok(Some((None, false)));
+            return Ok(Some(BusyRead::default()));
         }
         let same_file = stamp.filter(|s| (s.ino, s.dev) == (meta.ino(), meta.dev()));
         if same_file.is_some_and(|s| meta.len() > s.size)
@@ -567,7 +577,10 @@ impl<'s> Walker<'s> {
             && !chunks.is_empty()
         {
             // If it was rewritten rather than appended to, a copy still does.
-            return Ok(Some((Some(chunks), meta.len() <= SNAPSHOT_MAX_BYTES)));
+            return Ok(Some(BusyRead {
+                appended_to: Some(chunks),
+                may_snapshot: meta.len() <= SNAPSHOT_MAX_BYTES,
+            }));
         }
         let copied_lately = same_file.is_some_and(|s| {
             let age_ns = now_ns().saturating_sub(s.mtime_ns);
@@ -576,7 +589,10 @@ impl<'s> Walker<'s> {
         if meta.len() > SNAPSHOT_MAX_BYTES || copied_lately {
             return Ok(None);
         }
-        Ok(Some((None, true)))
+        Ok(Some(BusyRead {
+            appended_to: None,
+            may_snapshot: true,
+        }))
     }
 
     /// If the indexed entry is of another kind than what is now on disk, deletes it
