@@ -61,8 +61,16 @@ pub fn negotiated_version(connection: &s2n_quic::connection::Handle) -> Result<u
 
 /// Largest frame other than chunk data.
 pub const MAX_CONTROL_FRAME: usize = 4 << 20;
+/// A chunk frame's bytes besides the chunk's: the header, the id and the length.
+pub const CHUNK_FRAME_OVERHEAD: usize = 64;
 /// Largest chunk-data frame: the largest chunk FastCDC allows plus its header.
-pub const MAX_CHUNK_FRAME: usize = fastcdc::v2020::MAXIMUM_MAX as usize + 64;
+pub const MAX_CHUNK_FRAME: usize = fastcdc::v2020::MAXIMUM_MAX as usize + CHUNK_FRAME_OVERHEAD;
+
+/// Largest frame of a `GetChunks` answer between two nodes whose largest chunk is
+/// `max_chunk` bytes (their chunk sizes are equal, `Hello` checks it).
+pub fn chunk_frame_limit(max_chunk: u32) -> usize {
+    (max_chunk as usize + CHUNK_FRAME_OVERHEAD).min(MAX_CHUNK_FRAME)
+}
 /// Entries in one `Entries` response; more come with `more = true`.
 pub const MAX_ENTRIES_PER_RESPONSE: usize = 4096;
 /// Bytes of encoded entries in one `Entries` response.

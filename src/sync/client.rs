@@ -30,6 +30,13 @@ pub struct Responses {
 const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Responses {
+    /// Refuses frames over `limit` bytes too (below the protocol's limit for the
+    /// request: a `GetChunks` answer frame past the chunk sizes both nodes agreed on).
+    pub fn with_frame_limit(mut self, limit: usize) -> Self {
+        self.limit = self.limit.min(limit);
+        self
+    }
+
     pub async fn next(&mut self) -> Result<Option<Response>, SyncError> {
         let frame = tokio::time::timeout(
             ANSWER_TIMEOUT,

@@ -309,8 +309,12 @@ async fn fetch_group(
 ) -> Result<GroupOutcome, SyncError> {
     let mut handle = peer.connection().ok_or(SyncError::NotConnected)?;
     let wanted: HashSet<ChunkId> = ids.iter().copied().collect();
-    let mut responses =
-        super::open_request(&mut handle, &Request::GetChunks { ids: ids.to_vec() }).await?;
+    // Each answer frame is read whole: it may be no larger than the agreed largest chunk.
+    let mut responses = super::open_request(&mut handle, &Request::GetChunks { ids: ids.to_vec() })
+        .await?
+        .with_frame_limit(crate::protocol::chunk_frame_limit(
+            node.meta.chunk_params.max,
+        ));
     let mut outcome = GroupOutcome {
         received: Vec::new(),
         misbehaved: false,
@@ -328,7 +332,15 @@ async fn fetch_group(
                 })?,
             None => responses.next().await,
         };
-        let Some(response) = next? else {
+        let next = match next {
+            Err(SyncError::Protocol(ProtocolError::TooLarge { len, limit })) => {
+                tracing::warn!(peer = %peer.addr, "peer answered a chunk request with a frame of {len} bytes, over the {limit} the agreed largest chunk takes; not reading it, and not trusting the peer for this transfer");
+                outcome.misbehaved = true;
+                break;
+            }
+            next => next?,
+        };
+        let Some(response) = next else {
             break;
         };
         match response {

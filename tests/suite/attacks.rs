@@ -511,6 +511,67 @@ fn a_chunk_whose_length_differs_from_its_chunk_list_is_not_used() {
     victim_is_healthy_and_verifies(&mut cluster);
 }
 
+/// The pulling side's bound on chunk answers (`schema/protocol.md`, Limitation 3): a
+/// `GetChunks` answer frame larger than the largest chunk the two nodes agreed on
+/// (256 KiB + 64 bytes) is refused by its header, before its body is read, and the
+/// file is not published.
+#[test]
+fn a_chunk_frame_over_the_agreed_largest_chunk_is_refused_before_it_is_read() {
+    use shoal::chunking::{ChunkRef, content_id};
+    use shoal::ids::ChunkId;
+    let real = random_bytes(100_000, 15);
+    let id = ChunkId::of(&real);
+    let list = vec![ChunkRef { id, len: 100_000 }];
+    let entry = shoal::entry::Entry {
+        kind: shoal::entry::EntryKind::File {
+            size: 100_000,
+            content_id: content_id(&list),
+            chunks: 1,
+        },
+        mode: 0o644,
+        mtime_ns: 1_000_000_000,
+        uid: 0,
+        gid: 0,
+        xattrs: Default::default(),
+        link: None,
+        version: shoal::entry::VersionVector::from_pairs([(shoal::ids::NodeId(77), 1)]),
+    };
+    let oversized = random_bytes(1 << 20, 16);
+    let answer: crate::hostile::Answer = Box::new(move |request| match request {
+        Request::GetDir { .. } => vec![forged_root()],
+        Request::GetEntries { .. } => {
+            let mut big = wire("big.bin", entry.clone());
+            big.chunks = Some(list.clone());
+            vec![Response::Entries {
+                entries: vec![big],
+                more: false,
+            }]
+        }
+        Request::GetChunks { ids } => ids
+            .iter()
+            .map(|id| Response::Chunk {
+                id: *id,
+                data: oversized.clone(),
+            })
+            .collect(),
+        _ => vec![Response::Error {
+            code: 6,
+            message: "no".into(),
+        }],
+    });
+    let (mut cluster, hostile) = pulled_by_victim(|_| {}, answer, 3);
+    assert!(hostile.count(|r| matches!(r, Request::GetChunks { .. })) >= 1);
+    let log = cluster.log(0);
+    let limit = shoal::protocol::chunk_frame_limit(ChunkParams::DEFAULT.max);
+    assert_eq!(limit, (256 << 10) + 64);
+    assert!(
+        log.contains(&format!("over the {limit} the agreed largest chunk takes")),
+        "{log}"
+    );
+    assert!(!cluster.vol(0).join("big.bin").exists());
+    victim_is_healthy_and_verifies(&mut cluster);
+}
+
 #[test]
 fn chunk_list_pages_asked_for_are_increasing_and_bounded() {
     let mut cluster = Cluster::new(1);

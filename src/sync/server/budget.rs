@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::ids::NodeId;
+use crate::protocol::CHUNK_FRAME_OVERHEAD;
 
 /// A member's share of the budget with the default chunk sizes: room for an honest
 /// pull from this node (16 `GetChunks` answers in flight, each with
@@ -116,9 +117,6 @@ impl Budget {
             .clone()
     }
 }
-
-/// A chunk frame's bytes besides the chunk's: the header, the id and the length.
-pub const CHUNK_FRAME_OVERHEAD: usize = 64;
 
 /// Bytes of the budget held (of the member's share and of the node's), given back when
 /// dropped.

@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 
 use s2n_quic::stream::SendStream;
 
-use super::budget::{CHUNK_FRAME_OVERHEAD, UNACKED_PER_STREAM};
+use super::budget::UNACKED_PER_STREAM;
 use super::{REPLY_TIMEOUT, Reserved, Session, internal, reply, reserve};
 use crate::ids::{ChunkId, VolumeId};
 use crate::protocol::{ErrorCode, ProtocolError, Response};
@@ -29,7 +29,7 @@ pub(super) async fn send(
     held: &mut Reserved,
 ) -> Result<(), ProtocolError> {
     // The largest frame a chunk of this node's can take.
-    let frame_bound = node.meta.chunk_params.max as usize + CHUNK_FRAME_OVERHEAD;
+    let frame_bound = crate::protocol::chunk_frame_limit(node.meta.chunk_params.max);
     // A peer that may not hold every volume is served only what the volumes it may hold
     // contain.
     let holds: Option<Arc<[VolumeId]>> = (!node.access.is_open()).then(|| {
