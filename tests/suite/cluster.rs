@@ -331,13 +331,68 @@ impl Cluster {
                     .iter()
                     .map(|&i| format!("--- node {i} log:\n{}", tail(&self.log(i), 30)))
                     .collect();
+                // Equal roots with trees that differ: a node's disk is not what its index
+                // says. Say where, and what each node's own `verify` finds.
+                let disks = if same_root {
+                    format!(
+                        "{}\n{}",
+                        self.disk_differences(nodes),
+                        self.verify_all(nodes)
+                    )
+                } else {
+                    String::new()
+                };
                 panic!(
-                    "nodes {nodes:?} did not converge in {timeout:?}: roots {roots:?}\n{}",
+                    "nodes {nodes:?} did not converge in {timeout:?}: roots {roots:?}\n{disks}{}",
                     logs.join("\n")
                 );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+}
+
+/// Paths shown at most by [`Cluster::disk_differences`].
+const MAX_DIFFERENCES_SHOWN: usize = 40;
+
+impl Cluster {
+    /// Per path where the nodes' trees on disk differ, what each node has there.
+    pub fn disk_differences(&self, nodes: &[usize]) -> String {
+        let trees: Vec<BTreeMap<Vec<u8>, Item>> =
+            nodes.iter().map(|&i| snapshot(&self.vol(i))).collect();
+        let paths: std::collections::BTreeSet<&Vec<u8>> =
+            trees.iter().flat_map(|t| t.keys()).collect();
+        let differing: Vec<&Vec<u8>> = paths
+            .into_iter()
+            .filter(|p| trees.iter().any(|t| t.get(*p) != trees[0].get(*p)))
+            .collect();
+        let mut out = format!("--- {} paths differ on disk:\n", differing.len());
+        for path in differing.iter().take(MAX_DIFFERENCES_SHOWN) {
+            out += &format!("{}:\n", String::from_utf8_lossy(path));
+            for (k, &i) in nodes.iter().enumerate() {
+                out += &format!("  node {i}: {:?}\n", trees[k].get(*path));
+            }
+        }
+        out
+    }
+
+    /// What `shoal verify` finds on each node (read-only beside a running node): an index
+    /// that says one thing and a disk that holds another.
+    pub fn verify_all(&self, nodes: &[usize]) -> String {
+        nodes
+            .iter()
+            .map(|&i| {
+                let node = self.dir.path().join(format!("node{i}"));
+                let out =
+                    crate::util::shoal_at(&node.join("data"), &node.join("state"), "verify", &[]);
+                format!(
+                    "--- node {i} verify (exit {:?}):\n{}",
+                    out.status.code(),
+                    tail(&String::from_utf8_lossy(&out.stdout), 40)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
