@@ -58,6 +58,21 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// The tombstone of a name deleted now (`deleted_at_ns`, by this node's clock) with
+    /// history `version`.
+    pub fn deleted(version: VersionVector, deleted_at_ns: i64) -> Entry {
+        Entry {
+            kind: EntryKind::Tombstone { deleted_at_ns },
+            mode: 0,
+            mtime_ns: 0,
+            uid: 0,
+            gid: 0,
+            xattrs: Xattrs::default(),
+            link: None,
+            version,
+        }
+    }
+
     pub fn is_tombstone(&self) -> bool {
         matches!(self.kind, EntryKind::Tombstone { .. })
     }

@@ -102,6 +102,9 @@ struct BusyRead {
     may_snapshot: bool,
 }
 
+/// A name the index holds as existing in a directory, with its scan stamp if it has one.
+type IndexedName = (Vec<u8>, Option<ScanStamp>);
+
 /// A directory waiting to be walked, with the ignore rules of its ancestors.
 pub(super) type PendingDir = (VolPath, Arc<IgnoreRules>, Depth);
 
@@ -365,8 +368,7 @@ impl<'s> Walker<'s> {
         let Some((listed, opened)) = self.list(dir, rules) else {
             return Ok(());
         };
-        let indexed: Vec<(Vec<u8>, ScanStamp)> =
-            self.store.stamps(self.vol, dir).collect::<Result<_, _>>()?;
+        let indexed = self.indexed_names(dir)?;
         if dir.is_root() && listed.is_empty() && !indexed.is_empty() && !self.emptied_while_watched
         {
             // An empty volume where the index knows files is a new or unmounted disk,
@@ -401,7 +403,7 @@ impl<'s> Walker<'s> {
                     let item = listed.next().expect("peeked");
                     let (_, stamp) = indexed.next().expect("peeked");
                     match self.is_held(dir, &item.name) {
-                        false => self.on_listed(dir, item, Some(stamp), &opened, depth)?,
+                        false => self.on_listed(dir, item, stamp, &opened, depth)?,
                         true => self.note_held(dir, &item),
                     }
                 }
@@ -422,6 +424,31 @@ impl<'s> Walker<'s> {
             self.submit(job)?;
         }
         Ok(())
+    }
+
+    /// The names the index holds as existing in `dir`, in name order, each with its scan
+    /// stamp if it has one. A live entry without a stamp is one the index took without
+    /// this node's scan seeing it on disk (a conflict copy a pull moved aside, say):
+    /// listed, it is read like a new name; gone from disk, it is a delete like any other.
+    /// Without this a name gone from disk before a scan stamped it would stay live in the
+    /// index for good, unchecked, while the disk lacks it.
+    fn indexed_names(&self, dir: &VolPath) -> Result<Vec<IndexedName>, StoreError> {
+        let stamps: Vec<(Vec<u8>, ScanStamp)> =
+            self.store.stamps(self.vol, dir).collect::<Result<_, _>>()?;
+        let mut out = Vec::with_capacity(stamps.len());
+        let mut stamps = stamps.into_iter().peekable();
+        for live in self.store.live_names(self.vol, dir) {
+            let live = live?;
+            while let Some((name, stamp)) = stamps.next_if(|(n, _)| *n < live) {
+                out.push((name, Some(stamp)));
+            }
+            match stamps.next_if(|(n, _)| *n == live) {
+                Some((name, stamp)) => out.push((name, Some(stamp))),
+                None => out.push((live, None)),
+            }
+        }
+        out.extend(stamps.map(|(name, stamp)| (name, Some(stamp))));
+        Ok(out)
     }
 
     fn is_held(&self, dir: &VolPath, name: &[u8]) -> bool {
@@ -777,18 +804,7 @@ impl<'s> Walker<'s> {
         }
         let mut version = old.version;
         version.bump(self.node);
-        let tombstone = Entry {
-            kind: EntryKind::Tombstone {
-                deleted_at_ns: now_ns(),
-            },
-            mode: 0,
-            mtime_ns: 0,
-            uid: 0,
-            gid: 0,
-            xattrs: Xattrs::default(),
-            link: None,
-            version,
-        };
+        let tombstone = Entry::deleted(version, now_ns());
         self.batch.put_entry(self.vol, dir, name, &tombstone);
         self.batch.delete_stamp(self.vol, dir, name);
         self.batch.mark_dirty(self.vol, dir);

@@ -87,6 +87,17 @@ pub fn decode_entry(bytes: &[u8]) -> Result<Entry, DecodeError> {
     })
 }
 
+/// Whether an encoded entry is of a live name (not a tombstone), reading no more of it
+/// than its kind: for walks over many entries that need nothing else.
+pub fn decode_is_live(bytes: &[u8]) -> Result<bool, DecodeError> {
+    let mut r = Reader::new(bytes);
+    let format = r.u8("format")?;
+    if format != VALUE_FORMAT {
+        return Err(DecodeError(format!("unknown entry format {format}")));
+    }
+    Ok(r.u8("kind")? != KIND_TOMBSTONE)
+}
+
 /// Decodes an entry a peer sent: its version vector must be canonical (sorted, unique,
 /// bounded, counters in range), see [`VersionVector::try_canonical`].
 pub fn decode_canonical_entry(bytes: &[u8]) -> Result<Entry, DecodeError> {

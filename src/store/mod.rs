@@ -640,8 +640,23 @@ impl Store {
         self.children_in(CF_ENTRIES, vol, dir, start, codec::decode_entry)
     }
 
-    /// The scan stamps of `dir`'s children in name order: exactly the names that exist
-    /// (are not tombstones) in the index.
+    /// The names of `dir`'s children that the index holds as existing (not tombstones),
+    /// in name order.
+    pub fn live_names(
+        &self,
+        vol: VolumeId,
+        dir: &VolPath,
+    ) -> impl Iterator<Item = Result<Vec<u8>, StoreError>> + '_ {
+        self.children_in(CF_ENTRIES, vol, dir, &[], codec::decode_is_live)
+            .filter_map(|item| match item {
+                Ok((name, true)) => Some(Ok(name)),
+                Ok((_, false)) => None,
+                Err(e) => Some(Err(e)),
+            })
+    }
+
+    /// The scan stamps of `dir`'s children in name order: the names that exist (are not
+    /// tombstones) in the index and that a scan or sync saw on disk.
     pub fn stamps(
         &self,
         vol: VolumeId,

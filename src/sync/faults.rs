@@ -9,8 +9,8 @@ use crate::protocol::Response;
 /// peers' defences can be checked against a real process. Set from the environment
 /// (`SHOAL_FAULT_CORRUPT_CHUNKS=1`, `SHOAL_FAULT_HOSTILE_NAMES=1`,
 /// `SHOAL_FAULT_WATCH_QUEUE=N`, `SHOAL_FAULT_CLAIM_NODE_ID=HEX`,
-/// `SHOAL_FAULT_CRASH_BEFORE_INDEXING=1`, `SHOAL_FAULT_PAUSE_BEFORE_DELETES_MS=N`); never
-/// set in production.
+/// `SHOAL_FAULT_CRASH_BEFORE_INDEXING=1`, `SHOAL_FAULT_CRASH_AFTER_MOVE_ASIDE=1`,
+/// `SHOAL_FAULT_PAUSE_BEFORE_DELETES_MS=N`); never set in production.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Faults {
     /// Flip a byte of every chunk sent.
@@ -26,6 +26,10 @@ pub struct Faults {
     /// files into place, before indexing them: the crash that `kill -9` can only hit
     /// by chance.
     pub crash_before_indexing: bool,
+    /// Die (exit status 99) right after moving our losing version of a conflict aside
+    /// as its conflict copy, before the winner is fetched: the name is empty on disk
+    /// and the copy not yet seen by any scan.
+    pub crash_after_move_aside: bool,
     /// Wait this long in every pull round between taking the files and applying the
     /// deletes (the volume lock not held): widens the window in which a scan runs while
     /// a round is half applied, which a busy node hits only by chance.
@@ -46,6 +50,7 @@ impl Faults {
                 .and_then(|v| u64::from_str_radix(&v, 16).ok())
                 .map(NodeId),
             crash_before_indexing: set("SHOAL_FAULT_CRASH_BEFORE_INDEXING"),
+            crash_after_move_aside: set("SHOAL_FAULT_CRASH_AFTER_MOVE_ASIDE"),
             pause_before_deletes: std::env::var("SHOAL_FAULT_PAUSE_BEFORE_DELETES_MS")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -56,6 +61,7 @@ impl Faults {
             || faults.watch_queue.is_some()
             || faults.claim_node_id.is_some()
             || faults.crash_before_indexing
+            || faults.crash_after_move_aside
             || faults.pause_before_deletes.is_some()
         {
             tracing::warn!(

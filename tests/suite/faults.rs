@@ -349,3 +349,74 @@ fn deleting_the_last_file_of_a_volume_on_a_running_node_stays_deleted() {
         );
     }
 }
+
+/// The kill storm's failure in CI (roots equal, trees on disk not, for good): a pull that
+/// lost a conflict moved its version aside as a conflict copy and was killed before the
+/// winner came, and the copy was deleted before any scan had seen it. The index kept the
+/// old name and the copy as live entries with no scan stamp, which no scan looked at:
+/// the copy stayed in the index (and the peers') while no disk held it, and every round
+/// after tried to move the empty name aside again ("No such file or directory"). Now
+/// the name moved aside is a delete in the index at once, and a scan checks every live
+/// entry, stamped or not.
+#[test]
+fn a_conflict_copy_left_unscanned_by_a_crash_and_then_deleted_is_deleted_everywhere() {
+    let mut c = Cluster::new(2);
+    write_file(&c.vol(0).join("anchor.txt"), b"stays");
+    write_file(&c.vol(0).join("doc.txt"), b"first");
+    c.start_all();
+    c.wait_converged(&[0, 1], CONVERGE);
+    c.stop(0);
+    c.stop(1);
+    // Concurrent edits; node 1's is the later, so it wins on both sides.
+    write_file(&c.vol(0).join("doc.txt"), b"node 0's edit");
+    let earlier = std::time::SystemTime::now() - Duration::from_secs(100);
+    fs::File::options()
+        .write(true)
+        .open(c.vol(0).join("doc.txt"))
+        .unwrap()
+        .set_times(fs::FileTimes::new().set_modified(earlier))
+        .unwrap();
+    write_file(&c.vol(1).join("doc.txt"), b"node 1's edit");
+    // Node 1 pulls from nobody for now: node 0 alone decides the conflict, so it is
+    // node 0 that moves its version aside (and dies right after).
+    c.peers[1] = Some(Vec::new());
+    c.extra_env[0].push(("SHOAL_FAULT_CRASH_AFTER_MOVE_ASIDE".into(), "1".into()));
+    c.start(1);
+    c.start(0);
+    assert_eq!(c.wait_exit(0, CONVERGE), Some(99), "{}", c.log(0));
+    let copies: Vec<String> = names(&c.vol(0))
+        .into_iter()
+        .filter(|n| n.contains(".sync-conflict-"))
+        .collect();
+    assert_eq!(copies.len(), 1, "{:?}", names(&c.vol(0)));
+    assert!(!c.vol(0).join("doc.txt").exists());
+    // What node 0's index says matches its disk: the name moved aside is deleted.
+    let node0 = c.dir.path().join("node0");
+    let verified = shoal_at(&node0.join("data"), &node0.join("state"), "verify", &[]);
+    assert!(verified.status.success(), "{}", stdout(&verified));
+    // The copy is deleted before any scan of node 0 sees it.
+    fs::remove_file(c.vol(0).join(&copies[0])).unwrap();
+    c.extra_env[0].clear();
+    c.stop(1);
+    c.peers[1] = None;
+    c.start_all();
+    c.wait_converged(&[0, 1], CONVERGE);
+    for i in 0..2 {
+        assert_eq!(names(&c.vol(i)), ["anchor.txt", "doc.txt"], "node {i}");
+        assert_eq!(
+            fs::read(c.vol(i).join("doc.txt")).unwrap(),
+            b"node 1's edit"
+        );
+        assert!(
+            !c.log(i).contains("cannot keep the conflict copy"),
+            "node {i}:\n{}",
+            c.log(i)
+        );
+    }
+    for i in 0..2 {
+        c.stop(i);
+        let node = c.dir.path().join(format!("node{i}"));
+        let verified = shoal_at(&node.join("data"), &node.join("state"), "verify", &[]);
+        assert!(verified.status.success(), "node {i}: {}", stdout(&verified));
+    }
+}

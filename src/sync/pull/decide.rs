@@ -243,8 +243,17 @@ impl Pull {
         Ok(None)
     }
 
-    /// Renames our version of `dir/name` to `copy_name`, its index records with it;
-    /// `false` if it changed since the last scan (then it stays).
+    /// Renames our version of `dir/name` to `copy_name`, its index records with it, and
+    /// records the name as deleted here: it is empty on disk until the winner is
+    /// published, and may stay so (the winner's transfer fails, the node is killed). The
+    /// index must say what the disk holds: a live entry left under the name would be one
+    /// that no scan checks (it has no stamp), kept by this node and sent to its peers.
+    /// The copy gets no stamp: the next scan reads it (what the rename moved is what was
+    /// there, and only a read says so for certain).
+    ///
+    /// `false` if the name is not as the last scan saw it (changed, or gone: a local
+    /// delete not scanned yet) or cannot be moved: it stays, and the next round decides
+    /// again; one name that cannot be kept aside does not end the round.
     fn move_aside(
         &mut self,
         dir: &VolPath,
@@ -254,22 +263,28 @@ impl Pull {
     ) -> Result<bool, SyncError> {
         let vol = self.volume().id;
         let dir_fd = self.volume().fs.open_dir(dir, false)?;
-        if !self.unchanged_on_disk(&dir_fd, dir, name)? {
+        let on_disk = self.volume().fs.stat(&dir_fd, name).is_ok();
+        if !on_disk || !self.unchanged_on_disk(&dir_fd, dir, name)? {
+            tracing::info!(
+                "{} changed here since the last scan; the conflict is decided again next round",
+                escape(name)
+            );
             return Ok(false);
         }
-        rustix::fs::renameat_with(
+        if let Err(e) = rustix::fs::renameat_with(
             &dir_fd,
             OsStr::from_bytes(name),
             &dir_fd,
             OsStr::from_bytes(copy_name),
             rustix::fs::RenameFlags::NOREPLACE,
-        )
-        .map_err(|e| {
-            SyncError::local(format!(
-                "cannot keep the conflict copy {}",
+        ) {
+            tracing::warn!(
+                "cannot keep {} aside as the conflict copy {}: {e}; the conflict is decided again next round",
+                escape(name),
                 escape(copy_name)
-            ))(e.into())
-        })?;
+            );
+            return Ok(false);
+        }
         crate::volume_fs::VolumeFs::fsync_dir(&dir_fd)?;
         let mut batch = self.node.store.batch();
         batch.put_entry(vol, dir, copy_name, local);
@@ -278,9 +293,19 @@ impl Pull {
             batch.delete_chunks(vol, dir, name, &chunks);
             batch.set_chunks(vol, dir, copy_name, &chunks, &[]);
         }
+        // Our version left the name. The tombstone keeps our version's history as it
+        // is, with no count of ours added: the winner, which is merged from both, then
+        // succeeds it everywhere, and no node that saw this tombstone holds a count that
+        // the winner lacks (a later delete of the winner elsewhere would lose to it).
+        let moved = Entry::deleted(local.version.clone(), crate::scan::now_ns());
+        batch.put_entry(vol, dir, name, &moved);
         batch.delete_stamp(vol, dir, name);
         batch.mark_dirty(vol, dir);
         self.node.store.write(batch, Durability::Durable)?;
+        if self.node.faults.crash_after_move_aside {
+            tracing::warn!("FAULT INJECTION: dying after moving a conflict's loser aside");
+            std::process::exit(99);
+        }
         Ok(true)
     }
 
