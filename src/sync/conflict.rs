@@ -2,7 +2,9 @@
 //!
 //! Both sides of a conflict run the same rule on the same two versions, so every node
 //! reaches the same result without talking about it: the winner keeps the name with
-//! the merged version vector (which dominates both), the loser becomes a visible copy
+//! the merged version vector (which dominates both; a live version that beats a delete
+//! whose only news is the delete itself keeps its own, see
+//! [`only_news_is_the_delete`]), the loser becomes a visible copy
 //! `stem.sync-conflict-<UTC time>-<node>.ext` carrying the loser's own version vector.
 //! No content is dropped.
 
@@ -16,6 +18,24 @@ pub fn wins(a: &Entry, b: &Entry) -> bool {
         .cmp(&rank(b))
         .then_with(|| tiebreak(a).cmp(&tiebreak(b)))
         == Ordering::Greater
+}
+
+/// Whether the delete `tombstone`, concurrent with the live version `live`, knew
+/// nothing that `live` does not know but the delete itself: its vector exceeds `live`'s
+/// by one count of one node (the deleting node's own). `live` then already succeeds every
+/// version the delete replaced, and wins without taking the delete's count into its
+/// history (see `sync::pull` "conflict"): a later delete by a node that saw `live` and
+/// not this delete must still dominate it.
+pub fn only_news_is_the_delete(tombstone: &Entry, live: &Entry) -> bool {
+    let mut ahead = tombstone
+        .version
+        .pairs()
+        .iter()
+        .filter(|(node, counter)| *counter > live.version.get(*node));
+    match (ahead.next(), ahead.next()) {
+        (Some((node, counter)), None) => *counter == live.version.get(*node) + 1,
+        _ => false,
+    }
 }
 
 /// Live beats deleted (nothing is lost), directories beat files (their contents stay
@@ -187,6 +207,31 @@ mod tests {
             ..file(0, 999, 0xdd)
         };
         assert!(wins(&a, &deleted), "an edit beats a concurrent delete");
+    }
+
+    #[test]
+    fn a_delete_whose_only_news_is_itself_is_told_apart_from_one_that_saw_more() {
+        let live = file(1, 100, 0xaa); // {1: 1, aa: 2}
+        let deleted = |pairs: &[(u64, u64)]| Entry {
+            kind: EntryKind::Tombstone { deleted_at_ns: 1 },
+            version: VersionVector::from_pairs(pairs.iter().map(|&(n, c)| (NodeId(n), c))),
+            ..file(0, 0, 0)
+        };
+        // Deleted on node bb having seen version {1: 1} only: its one news is itself.
+        assert!(only_news_is_the_delete(
+            &deleted(&[(1, 1), (0xbb, 1)]),
+            &live
+        ));
+        // Having seen another edit of node 1 that `live` lacks, then deleted.
+        assert!(!only_news_is_the_delete(
+            &deleted(&[(1, 2), (0xbb, 1)]),
+            &live
+        ));
+        // Two deletes of node bb that `live` lacks (a re-creation between them).
+        assert!(!only_news_is_the_delete(
+            &deleted(&[(1, 1), (0xbb, 2)]),
+            &live
+        ));
     }
 
     #[test]

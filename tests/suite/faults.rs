@@ -420,3 +420,50 @@ fn a_conflict_copy_left_unscanned_by_a_crash_and_then_deleted_is_deleted_everywh
         assert!(verified.status.success(), "node {i}: {}", stdout(&verified));
     }
 }
+
+/// A deleted name that came back in the kill storm: node 1 deleted a file concurrently
+/// with node 0's edit; the edit won (live beats deleted), and took the delete's count
+/// into its history. Node 2 had the edit from before that merge and then deleted it:
+/// its delete, lacking node 1's count, was concurrent with the merged edit, which won
+/// again, and the file came back on every node. A live version that wins over a delete
+/// whose only news is itself now keeps its own history, and node 2's delete, which saw
+/// the edit, dominates it.
+#[test]
+fn a_delete_made_after_seeing_an_edit_stays_deleted_though_the_edit_beat_an_earlier_delete() {
+    let mut c = Cluster::new(3);
+    write_file(&c.vol(0).join("anchor.txt"), b"stays");
+    write_file(&c.vol(0).join("f.txt"), b"first");
+    c.start_all();
+    c.wait_connected(CONVERGE);
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    for i in 0..3 {
+        c.stop(i);
+    }
+    // Node 0 edits; node 2 takes the edit; node 1, which has not seen it, deletes.
+    write_file(&c.vol(0).join("f.txt"), b"node 0's edit");
+    c.start(0);
+    c.start(2);
+    c.wait_converged(&[0, 2], CONVERGE);
+    c.stop(2);
+    fs::remove_file(c.vol(1).join("f.txt")).unwrap();
+    c.start(1);
+    c.wait_converged(&[0, 1], CONVERGE);
+    for i in [0, 1] {
+        assert_eq!(
+            fs::read(c.vol(i).join("f.txt")).unwrap(),
+            b"node 0's edit",
+            "node {i}: the edit beats the delete that had not seen it"
+        );
+    }
+    // Node 2, which saw the edit and not node 1's delete, deletes it.
+    fs::remove_file(c.vol(2).join("f.txt")).unwrap();
+    c.start(2);
+    c.wait_connected(CONVERGE);
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    // A few heartbeats of rescans and rounds, none of which may bring it back.
+    std::thread::sleep(Duration::from_secs(3));
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    for i in 0..3 {
+        assert_eq!(names(&c.vol(i)), ["anchor.txt"], "node {i}:\n{}", c.log(i));
+    }
+}

@@ -164,6 +164,31 @@ impl Pull {
     ) -> Result<(), SyncError> {
         let merged_version = remote.version.merged(&local.version)?;
         let remote_wins = conflict::wins(&remote, &local);
+        // A live version that beats a concurrent delete (live beats deleted) whose only
+        // news is the delete itself keeps its own history. Merged, it would carry the
+        // delete's count: a node that saw the live version and not that delete, and
+        // then deletes it, would make a tombstone concurrent with the merge, which it
+        // loses again, and the name would come back although the delete came after the
+        // content it deleted. Unmerged, such a delete dominates it; a node still holding
+        // the losing tombstone takes the live version when it pulls it (the same rule).
+        // A delete that saw more (an edit the live version lacks) is merged as before,
+        // so that what it replaced stays replaced.
+        let (live, deleted) = if remote.is_tombstone() {
+            (&local, &remote)
+        } else {
+            (&remote, &local)
+        };
+        if remote.is_tombstone() != local.is_tombstone()
+            && conflict::only_news_is_the_delete(deleted, live)
+        {
+            if remote.is_tombstone() {
+                return Ok(());
+            }
+            tracing::info!(peer = %self.peer.addr, "concurrent changes to {}: the peer's version wins over our delete", escape(name));
+            self.report.conflicts += 1;
+            self.node.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+            return self.take(dir, name, remote, None, hints);
+        }
         let (winner, loser) = if remote_wins {
             (&remote, &local)
         } else {
