@@ -12,7 +12,10 @@
 //! reads the final tree:
 //! - **torn**: a file whose content is not one the test wrote (every content is unique);
 //! - **lost**: a name whose last operation wrote content that is nowhere at the end,
-//!   neither under the name nor in one of its conflict copies;
+//!   neither under the name nor in one of its conflict copies. Allowed only when that
+//!   content went on into a conflict copy of the name and a later operation on that copy
+//!   replaced or removed it there (the storm acts on copies like on any file): the
+//!   checker says which;
 //! - **resurrected**: a name whose last operation deleted it (or renamed it away) but
 //!   that exists at the end. Allowed only when the content there was written on another
 //!   node that the deleting node could not have seen yet (the two were not both running
@@ -55,6 +58,9 @@ struct Op {
     path: String,
     effect: Effect,
     what: &'static str,
+    /// The content the name held on that node just before (by hash), if it held a file:
+    /// what the operation replaced or removed.
+    before: Option<String>,
 }
 
 /// The storm's record: operations, and when each node ran.
@@ -73,27 +79,39 @@ impl Record {
         self.start.elapsed().as_secs_f64()
     }
 
-    fn wrote(&mut self, node: usize, path: &str, content: &[u8], what: &'static str) {
+    fn wrote(
+        &mut self,
+        node: usize,
+        path: &str,
+        content: &[u8],
+        what: &'static str,
+        before: Option<String>,
+    ) {
         let hash = blake3::hash(content).to_hex().to_string();
         self.contents.insert(hash.clone());
-        let at = self.now();
-        self.ops.push(Op {
-            at,
-            node,
-            path: path.to_string(),
-            effect: Effect::Wrote(hash),
-            what,
-        });
+        self.push(node, path, Effect::Wrote(hash), what, before);
     }
 
-    fn deleted(&mut self, node: usize, path: &str, what: &'static str) {
+    fn deleted(&mut self, node: usize, path: &str, what: &'static str, before: Option<String>) {
+        self.push(node, path, Effect::Deleted, what, before);
+    }
+
+    fn push(
+        &mut self,
+        node: usize,
+        path: &str,
+        effect: Effect,
+        what: &'static str,
+        before: Option<String>,
+    ) {
         let at = self.now();
         self.ops.push(Op {
             at,
             node,
             path: path.to_string(),
-            effect: Effect::Deleted,
+            effect,
             what,
+            before,
         });
     }
 
@@ -123,6 +141,13 @@ fn files(root: &Path) -> BTreeMap<String, String> {
             _ => None,
         })
         .collect()
+}
+
+/// The hash of the file at `path` now, if there is one.
+fn hash_of(path: &Path) -> Option<String> {
+    fs::read(path)
+        .ok()
+        .map(|content| blake3::hash(&content).to_hex().to_string())
 }
 
 /// Whether `candidate` is a conflict copy of `path` (`stem.sync-conflict-*.ext`, same
@@ -180,18 +205,20 @@ impl Storm {
             (0..=39, _) | (_, None) => {
                 let path = self.random_path();
                 let content = self.content(node);
+                let before = hash_of(&vol.join(&path));
                 write_file(&vol.join(&path), &content);
-                self.record.wrote(node, &path, &content, "write");
+                self.record.wrote(node, &path, &content, "write", before);
             }
             (40..=54, Some(path)) => {
                 let Ok(mut content) = fs::read(vol.join(&path)) else {
                     return;
                 };
+                let before = Some(blake3::hash(&content).to_hex().to_string());
                 let extra = format!("appended {}\n", self.next_content + 1);
                 self.next_content += 1;
                 content.extend_from_slice(extra.as_bytes());
                 if fs::write(vol.join(&path), &content).is_ok() {
-                    self.record.wrote(node, &path, &content, "append");
+                    self.record.wrote(node, &path, &content, "append", before);
                 }
             }
             (55..=69, Some(from)) => {
@@ -204,13 +231,14 @@ impl Storm {
                 };
                 fs::create_dir_all(vol.join(&to).parent().unwrap()).unwrap();
                 if fs::rename(vol.join(&from), vol.join(&to)).is_ok() {
-                    self.record.deleted(node, &from, "rename away");
-                    self.record.wrote(node, &to, &content, "rename to");
+                    let moved = Some(blake3::hash(&content).to_hex().to_string());
+                    self.record.deleted(node, &from, "rename away", moved);
+                    self.record.wrote(node, &to, &content, "rename to", None);
                 }
             }
             (70..=89, Some(path)) => {
-                if fs::remove_file(vol.join(&path)).is_ok() {
-                    self.record.deleted(node, &path, "delete");
+                if let Some(before) = self.take_away(node, &path) {
+                    self.record.deleted(node, &path, "delete", Some(before));
                 }
             }
             (90..=94, _) => self.remove_dir(node),
@@ -218,20 +246,59 @@ impl Storm {
         }
     }
 
+    /// Deletes the file `path` of node `node`'s volume, as `rm` does (`unlink`), and
+    /// returns what it held: read through a descriptor of the very file unlinked (its
+    /// inode checked against the name's just before), so that what is recorded is what
+    /// was deleted even if sync replaced the file a moment before. `None` if there was
+    /// no file to delete.
+    fn take_away(&mut self, node: usize, path: &str) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let at = self.cluster.vol(node).join(path);
+        for _ in 0..3 {
+            let mut file = fs::File::open(&at).ok()?;
+            let held = file.metadata().ok().filter(|m| m.is_file())?;
+            let mut content = Vec::new();
+            std::io::Read::read_to_end(&mut file, &mut content).ok()?;
+            let same = fs::symlink_metadata(&at)
+                .is_ok_and(|m| (m.ino(), m.dev()) == (held.ino(), held.dev()));
+            if same {
+                fs::remove_file(&at).ok()?;
+                return Some(blake3::hash(&content).to_hex().to_string());
+            }
+        }
+        None
+    }
+
     /// `rm -rf` of one of the top directories (never all: an empty volume is another
-    /// rule's business, and the anchor file stays).
+    /// rule's business, and the anchor file stays): file by file, each recorded with
+    /// what it held, then the directories, deepest first. Sync may publish into the
+    /// tree meanwhile: `remove_dir_all` would delete such a file unrecorded (a loss the
+    /// checker could not explain), or stop half-way having recorded nothing.
     fn remove_dir(&mut self, node: usize) {
         let dir = ["b", "c", "a/deep"][self.rng.below(3)];
         let prefix = format!("{dir}/");
-        let doomed: Vec<String> = self
-            .present(node)
-            .into_iter()
-            .filter(|p| p.starts_with(&prefix))
-            .collect();
-        if fs::remove_dir_all(self.cluster.vol(node).join(dir)).is_ok() {
-            for path in doomed {
-                self.record.deleted(node, &path, "rm -rf");
+        for path in self.present(node) {
+            if path.starts_with(&prefix)
+                && let Some(hash) = self.take_away(node, &path)
+            {
+                self.record.deleted(node, &path, "rm -rf", Some(hash));
             }
+        }
+        let root = self.cluster.vol(node).join(dir);
+        let mut dirs = vec![root.clone()];
+        let mut pending = vec![root];
+        while let Some(at) = pending.pop() {
+            for entry in fs::read_dir(&at).into_iter().flatten().flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    dirs.push(entry.path());
+                    pending.push(entry.path());
+                }
+            }
+        }
+        // Deepest first; a directory something new arrived in stays, as with `rm -rf`
+        // racing a writer.
+        for dir in dirs.iter().rev() {
+            let _ = fs::remove_dir(dir);
         }
     }
 
@@ -247,22 +314,22 @@ impl Storm {
         if !vol.join(from).is_dir() || vol.join(to).exists() {
             return;
         }
-        let before = files(&vol);
         if fs::rename(vol.join(from), vol.join(to)).is_err() {
             return;
         }
-        let prefix = format!("{from}/");
-        for (path, hash) in before.into_iter().filter(|(p, _)| p.starts_with(&prefix)) {
-            let moved = format!("{to}/{}", &path[prefix.len()..]);
-            self.record.deleted(node, &path, "directory renamed away");
-            let at = self.record.now();
-            self.record.ops.push(Op {
-                at,
-                node,
-                path: moved,
-                effect: Effect::Wrote(hash),
-                what: "directory renamed to",
-            });
+        // What moved is what the directory holds now under its new name (read after the
+        // rename: sync may have changed it a moment before).
+        let prefix = format!("{to}/");
+        for (moved, hash) in files(&vol)
+            .into_iter()
+            .filter(|(p, _)| p.starts_with(&prefix))
+        {
+            let path = format!("{from}/{}", &moved[prefix.len()..]);
+            self.record
+                .deleted(node, &path, "directory renamed away", Some(hash.clone()));
+            let to = Effect::Wrote(hash);
+            self.record
+                .push(node, &moved, to, "directory renamed to", None);
         }
     }
 
@@ -298,6 +365,7 @@ impl Storm {
 struct Findings {
     torn: Vec<String>,
     lost: Vec<String>,
+    lost_explained: Vec<String>,
     resurrected_explained: Vec<String>,
     resurrected_unexplained: Vec<String>,
     conflict_copies: usize,
@@ -324,11 +392,15 @@ fn check(record: &Record, end: &BTreeMap<String, String>) -> Findings {
                     || end
                         .iter()
                         .any(|(p, h)| h == hash && is_conflict_copy_of(p, path));
-                if !kept {
-                    found.lost.push(format!(
-                        "{path}: last written on node {} at {:.1} s ({}), that content is gone (now: {:?})",
-                        op.node, op.at, op.what, end.get(path)
-                    ));
+                if kept {
+                    continue;
+                }
+                match superseded_in_copy(record, op, path, hash) {
+                    Some(why) => found.lost_explained.push(why),
+                    None => found.lost.push(format!(
+                        "{path}: last written on node {} at {:.1} s ({}), that content is gone (now: {:?})\n{}",
+                        op.node, op.at, op.what, end.get(path), history(record, path)
+                    )),
                 }
             }
             Effect::Deleted => {
@@ -336,17 +408,44 @@ fn check(record: &Record, end: &BTreeMap<String, String>) -> Findings {
                 match explain(record, op, path, hash) {
                     Some(why) => found.resurrected_explained.push(why),
                     None => found.resurrected_unexplained.push(format!(
-                        "{path}: deleted on node {} at {:.1} s ({}), back with content written {}",
+                        "{path}: deleted on node {} at {:.1} s ({}), back with content written {}\n{}",
                         op.node,
                         op.at,
                         op.what,
-                        writes_of(record, path, hash)
+                        writes_of(record, path, hash),
+                        history(record, path)
                     )),
                 }
             }
         }
     }
     found
+}
+
+/// Operations shown at most per path in a failure's history.
+const HISTORY_SHOWN: usize = 12;
+
+/// What the storm did to `path` and to its conflict copies, oldest first (the last
+/// [`HISTORY_SHOWN`]): for a failure's message.
+fn history(record: &Record, path: &str) -> String {
+    let short = |h: &str| h[..8.min(h.len())].to_string();
+    let ops: Vec<String> = record
+        .ops
+        .iter()
+        .filter(|o| o.path == path || is_conflict_copy_of(&o.path, path))
+        .map(|o| {
+            let effect = match &o.effect {
+                Effect::Wrote(h) => format!("-> {}", short(h)),
+                Effect::Deleted => "-> deleted".into(),
+            };
+            let before = o.before.as_deref().map(short).unwrap_or_else(|| "-".into());
+            format!(
+                "    {:.1} s node {} {} {}: {before} {effect}",
+                o.at, o.node, o.what, o.path
+            )
+        })
+        .collect();
+    ops[ops.len().saturating_sub(HISTORY_SHOWN)..].join("\n")
 }
 
 fn writes_of(record: &Record, path: &str, hash: &str) -> String {
@@ -361,6 +460,23 @@ fn writes_of(record: &Record, path: &str, hash: &str) -> String {
     } else {
         writes.join(", ")
     }
+}
+
+/// Why the content `hash` that `write` left at `path` may be gone at the end: sync moved
+/// it into a conflict copy of `path` (a concurrent change won the name), and a later
+/// operation on that copy replaced or removed it there, as a user may do to any file.
+fn superseded_in_copy(record: &Record, write: &Op, path: &str, hash: &str) -> Option<String> {
+    record
+        .ops
+        .iter()
+        .filter(|o| o.at >= write.at && is_conflict_copy_of(&o.path, path))
+        .find(|o| o.before.as_deref() == Some(hash))
+        .map(|o| {
+            format!(
+                "{path}: node {}'s {} at {:.1} s went on into the conflict copy {}, where node {}'s {} at {:.1} s replaced it",
+                write.node, write.what, write.at, o.path, o.node, o.what, o.at
+            )
+        })
 }
 
 /// Why `path`, deleted by `delete`, may hold `hash` at the end: a write of that content
@@ -444,18 +560,23 @@ fn a_kill_storm_tears_no_file_loses_no_last_write_and_brings_back_no_delete_unex
     let end = files(&cluster.vol(0));
     let found = check(&storm.record, &end);
     eprintln!(
-        "kill storm: {} s, {} operations, {} kills; {} files at the end, {} conflict copies; torn {}, lost {}, resurrected {} explained + {} unexplained",
+        "kill storm: {} s, {} operations, {} kills; {} files at the end, {} conflict copies; torn {}, lost {} explained + {} unexplained, resurrected {} explained + {} unexplained",
         length.as_secs(),
         storm.record.ops.len(),
         storm.record.kills,
         end.len(),
         found.conflict_copies,
         found.torn.len(),
+        found.lost_explained.len(),
         found.lost.len(),
         found.resurrected_explained.len(),
         found.resurrected_unexplained.len()
     );
-    for line in &found.resurrected_explained {
+    for line in found
+        .lost_explained
+        .iter()
+        .chain(&found.resurrected_explained)
+    {
         eprintln!("  explained: {line}");
     }
     for i in 0..NODES {
