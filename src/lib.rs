@@ -34,13 +34,15 @@
 //!   and name); [`revocation`]: the CA-signed list of revoked nodes.
 //! - [`enroll`]: how a node gets its certificate from the signer (`mod.rs` the
 //!   messages, `client.rs` the node's side, `signer.rs` `shoal signer`) and renews it.
-//! - [`transport`]: QUIC endpoints with mutual TLS (and the signer's, server-auth only).
+//! - [`transport`]: QUIC endpoints with mutual TLS (and the signer's, server-auth only),
+//!   and which peers went silent.
 //! - [`protocol`]: the versioned wire protocol: limits, error codes and errors in
 //!   `mod.rs`, framing in `frame.rs`, messages in `message.rs`.
 //! - [`sync`]: anti-entropy. `node.rs` (a node: store, volumes, peers), `stats.rs` (its
 //!   counters), `state.rs` (each peer's reachability and each volume's sync with it, as
-//!   `/status` shows them), `client.rs` (connect, handshake, requests), `server/` (one
-//!   handler per request), `pull/` (`walk.rs` the tree walk, `decide.rs` each name,
+//!   `/status` shows them), `client.rs` (connect, handshake, requests), `announce.rs`
+//!   (`Notify`s of local changes, also to peers not connected or not answering),
+//!   `server/` (one handler per request), `pull/` (`walk.rs` the tree walk, `decide.rs` each name,
 //!   `apply.rs`, `files.rs` and `links.rs` (hard links) what was decided), `transfer.rs` (local copies and chunk fetches, for
 //!   pull and repair), `conflict.rs`, `error.rs`, `faults.rs`.
 //! - [`volume_fs`]: symlink-safe writes inside a volume, atomic publication.

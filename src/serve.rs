@@ -721,6 +721,7 @@ async fn peer_loop(
                 let id = peer.node_id().map_or("?".to_string(), |id| id.to_string());
                 tracing::info!(peer = %peer.addr, node = %id, "connected");
                 node.share_revocations(&peer);
+                crate::sync::announce::announce_owed(&node, &peer);
                 let reason = sync_with(&node, &peer, &mut connection, heartbeat, &mut stop).await;
                 drop(connection);
                 peer.connected.store(false, Ordering::Relaxed);

@@ -16,13 +16,22 @@
 //! it is (a CA-issued certificate naming [`SIGNER_SERVER_NAME`]), on its own port and
 //! ALPN ([`crate::enroll`]).
 //!
+//! The client side also records, per connection, when its peer was last heard and
+//! whether it owes an acknowledgement ([`RecordHearing`]): [`is_silent`] tells a peer
+//! that stopped answering within a few hundred milliseconds (keep-alive PINGs every
+//! half second ask idle peers too), where the idle timeout takes seconds, so that what
+//! another peer can answer is asked of that one instead.
+//!
 //! The transport knows nothing of files or volumes: it hands out connections, on which
 //! [`crate::protocol`] opens one bidirectional stream per request.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use s2n_quic::client::Connect;
+use s2n_quic::connection::Handle;
+use s2n_quic::provider::event::{ConnectionInfo, ConnectionMeta, Subscriber, events};
 use s2n_quic::provider::limits::Limits;
 use s2n_quic::provider::tls::default::callbacks::VerifyHostNameCallback;
 use s2n_quic::provider::tls::s2n_tls::{self, ConfigLoader, ConnectionContext};
@@ -49,8 +58,24 @@ pub const SERVED_REQUEST_WINDOW: u64 = 256 << 10;
 
 /// A connection that hears nothing from its peer for this long is closed, so a peer that
 /// stopped (a frozen process, a cut network) is noticed in seconds; the client side sends
-/// keep-alive PINGs (at 3/4 of this) so an idle but live connection stays open.
-const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// keep-alive PINGs so an idle but live connection stays open.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long the client side of a connection that carries nothing waits before it sends
+/// a PING. Each PING asks for an acknowledgement, so an idle connection to a peer that
+/// stopped answering is known silent ([`is_silent`]) within this and [`ACK_GRACE`],
+/// long before the idle timeout closes it. (Two small packets per connection and half
+/// second; the PING timer restarts with every packet that carries something.)
+const KEEP_ALIVE: Duration = Duration::from_millis(500);
+
+/// How long a live peer may take to acknowledge a packet that asks for it (a request, a
+/// PING): QUIC's acknowledgement delay (25 ms by default) and a round trip, with room for
+/// a loaded machine's scheduling. Past it, the peer is silent.
+pub const ACK_GRACE: Duration = Duration::from_millis(250);
+
+/// A peer heard from longer ago than this is silent, whatever it was asked: a backstop
+/// to [`ACK_GRACE`] (a live idle peer is heard every [`KEEP_ALIVE`]).
+const HEARD_WITHIN: Duration = Duration::from_secs(2);
 
 /// Largest IP packet s2n-quic may probe for. Paths that carry jumbo frames (loopback,
 /// some data-center networks) then move several times fewer packets per byte; smaller
@@ -123,6 +148,7 @@ fn limits() -> Result<Limits, String> {
         .with_max_open_local_bidirectional_streams(MAX_STREAMS)
         .and_then(|l| l.with_max_open_remote_bidirectional_streams(MAX_STREAMS))
         .and_then(|l| l.with_max_idle_timeout(IDLE_TIMEOUT))
+        .and_then(|l| l.with_max_keep_alive_period(KEEP_ALIVE))
         .map_err(|e| e.to_string())
 }
 
@@ -134,6 +160,83 @@ fn server_limits() -> Result<Limits, String> {
         .and_then(|l| l.with_data_window(SERVED_REQUEST_WINDOW))
         .and_then(|l| l.with_bidirectional_remote_data_window(SERVED_REQUEST_WINDOW / 2))
         .map_err(|e| e.to_string())
+}
+
+/// The s2n-quic event subscriber that keeps, per connection, when its peer was last
+/// heard and whether it owes an acknowledgement: what [`is_silent`] reads.
+pub struct RecordHearing;
+
+/// What a connection heard from its peer.
+pub struct Hearing {
+    /// When the last packet from the peer arrived (or the connection began).
+    last_heard: Instant,
+    /// When the first packet that asks for an acknowledgement (a request, a PING) went
+    /// out after `last_heard`: a live peer answers it within [`ACK_GRACE`].
+    unanswered_since: Option<Instant>,
+}
+
+impl Hearing {
+    fn is_silent(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.last_heard) > HEARD_WITHIN
+            || self
+                .unanswered_since
+                .is_some_and(|sent| now.saturating_duration_since(sent) > ACK_GRACE)
+    }
+}
+
+impl Subscriber for RecordHearing {
+    type ConnectionContext = Hearing;
+
+    fn create_connection_context(
+        &mut self,
+        _meta: &ConnectionMeta,
+        _info: &ConnectionInfo,
+    ) -> Hearing {
+        Hearing {
+            last_heard: Instant::now(),
+            unanswered_since: None,
+        }
+    }
+
+    fn on_packet_received(
+        &mut self,
+        context: &mut Hearing,
+        _meta: &ConnectionMeta,
+        _event: &events::PacketReceived,
+    ) {
+        context.last_heard = Instant::now();
+        context.unanswered_since = None;
+    }
+
+    fn on_frame_sent(
+        &mut self,
+        context: &mut Hearing,
+        _meta: &ConnectionMeta,
+        event: &events::FrameSent,
+    ) {
+        // Every frame but these asks the peer to acknowledge its packet (RFC 9002, 2).
+        let asks = !matches!(
+            event.frame,
+            events::Frame::Ack { .. }
+                | events::Frame::Padding { .. }
+                | events::Frame::ConnectionClose { .. }
+        );
+        if asks && context.unanswered_since.is_none() {
+            context.unanswered_since = Some(Instant::now());
+        }
+    }
+}
+
+/// Whether the peer of a connection this node opened has gone silent: it left a packet
+/// unacknowledged for [`ACK_GRACE`], or was not heard for [`HEARD_WITHIN`]. A frozen or
+/// cut-off peer is silent within a few hundred milliseconds of being asked anything
+/// (and, idle, within [`KEEP_ALIVE`] more), where the idle timeout takes 5 s. `false`
+/// when the connection cannot say (it is closed: requests on it fail at once).
+pub fn is_silent(connection: &Handle) -> bool {
+    let now = Instant::now();
+    connection
+        .query_event_context(|hearing: &Hearing| hearing.is_silent(now))
+        .unwrap_or(false)
 }
 
 type TlsServer = s2n_quic::provider::tls::default::Server;
@@ -261,7 +364,7 @@ pub fn client_with(bind: SocketAddr, tls: &NodeTls, gso: bool) -> Result<Client,
         .map_err(|e| listen_err(e.to_string()))?
         .with_limits(limits().map_err(listen_err)?)
         .map_err(|e| listen_err(e.to_string()))?
-        .with_event(RecordPeerCertificate)
+        .with_event((RecordPeerCertificate, RecordHearing))
         .map_err(|e| listen_err(e.to_string()))?
         .start()
         .map_err(|e| listen_err(e.to_string()))

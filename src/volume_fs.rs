@@ -510,7 +510,8 @@ impl VolumeFs {
     }
 
     /// Flushes everything written to the volume's file system (one `syncfs` for a
-    /// whole batch of staged files instead of one `fsync` each).
+    /// large batch of staged files instead of one `fsync` each; it also waits for
+    /// every other writer's dirty data on that file system).
     pub fn sync_all(&self) -> Result<(), FsError> {
         rustix::fs::syncfs(&self.staging).map_err(io_err(self.root_path.display()))
     }

@@ -114,6 +114,9 @@ pub async fn connect(
             proven.describe()
         )));
     }
+    if let Some(hold) = node.faults.hold_connections {
+        tokio::time::sleep(hold).await;
+    }
     // Nothing is pulled of a volume the peer may not hold, nor announced to it.
     let shared: Vec<String> = hello
         .volumes

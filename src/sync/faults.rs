@@ -10,7 +10,8 @@ use crate::protocol::Response;
 /// (`SHOAL_FAULT_CORRUPT_CHUNKS=1`, `SHOAL_FAULT_HOSTILE_NAMES=1`,
 /// `SHOAL_FAULT_WATCH_QUEUE=N`, `SHOAL_FAULT_CLAIM_NODE_ID=HEX`,
 /// `SHOAL_FAULT_CRASH_BEFORE_INDEXING=1`, `SHOAL_FAULT_CRASH_AFTER_MOVE_ASIDE=1`,
-/// `SHOAL_FAULT_PAUSE_BEFORE_DELETES_MS=N`); never set in production.
+/// `SHOAL_FAULT_PAUSE_BEFORE_DELETES_MS=N`, `SHOAL_FAULT_HOLD_CONNECTIONS_MS=N`); never
+/// set in production.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Faults {
     /// Flip a byte of every chunk sent.
@@ -34,6 +35,11 @@ pub struct Faults {
     /// deletes (the volume lock not held): widens the window in which a scan runs while
     /// a round is half applied, which a busy node hits only by chance.
     pub pause_before_deletes: Option<Duration>,
+    /// Wait this long after each connection to a peer is made (its `Hello` answered)
+    /// before using it: widens the window in which this node's connection to a peer is
+    /// being opened while the peer's own connection to it is up, which a reconnect hits
+    /// only by chance.
+    pub hold_connections: Option<Duration>,
 }
 
 impl Faults {
@@ -55,6 +61,10 @@ impl Faults {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .map(Duration::from_millis),
+            hold_connections: std::env::var("SHOAL_FAULT_HOLD_CONNECTIONS_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_millis),
         };
         if faults.corrupt_chunks
             || faults.hostile_names
@@ -63,6 +73,7 @@ impl Faults {
             || faults.crash_before_indexing
             || faults.crash_after_move_aside
             || faults.pause_before_deletes.is_some()
+            || faults.hold_connections.is_some()
         {
             tracing::warn!(
                 ?faults,

@@ -3,6 +3,8 @@
 //! - [`node`]: a running node (store, volumes, peers), built once for `serve` and
 //!   `repair`; [`stats`] its counters; [`state`] each peer's reachability and each
 //!   volume's sync with it (in sync or behind, progress, errors), read by `/status`.
+//! - [`announce`]: telling peers of local changes (`Notify`), also those made while a
+//!   peer was not connected or not answering.
 //! - [`client`]: connecting to a peer (the `Hello` exchange) and sending requests.
 //! - [`server`] answers peers' requests from the local store (roots, tree pages, chunk
 //!   lists, chunk bytes), one handler per request.
@@ -18,6 +20,7 @@
 //! Every node pulls from every peer; nobody pushes data. A local change only sends a
 //! `Notify`, after which peers pull at once.
 
+pub mod announce;
 pub mod client;
 pub mod conflict;
 pub mod error;

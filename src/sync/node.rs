@@ -102,6 +102,8 @@ pub struct Peer {
     pub handle: Mutex<Option<Handle>>,
     /// Wakes the peer's task to pull now.
     pub wake: tokio::sync::Notify,
+    /// Local changes the peer has not acknowledged being told of.
+    pub announcements: super::announce::Announcements,
     /// Whether it can be reached and how each volume's sync with it stands.
     pub sync: super::state::PeerSync,
 }
@@ -119,6 +121,7 @@ impl Peer {
             shared_volumes: Mutex::new(Vec::new()),
             handle: Mutex::new(None),
             wake: tokio::sync::Notify::new(),
+            announcements: Default::default(),
             sync: super::state::PeerSync::default(),
         }
     }
@@ -133,6 +136,14 @@ impl Peer {
 
     pub fn connection(&self) -> Option<Handle> {
         self.handle.lock().expect("peer state lock").clone()
+    }
+
+    /// Whether the peer, connected, has stopped answering (a frozen process, a cut
+    /// network): see [`crate::transport::is_silent`]. Known in a few hundred
+    /// milliseconds, long before its connection's idle timeout ends it.
+    pub fn is_silent(&self) -> bool {
+        self.connection()
+            .is_some_and(|handle| crate::transport::is_silent(&handle))
     }
 
     pub fn shares(&self, volume: &str) -> bool {
@@ -339,7 +350,7 @@ impl Node {
     }
 
     /// Passes the list held (if the CA ever signed one) to `peer`, if it is connected:
-    /// in a task of its own, given [`NOTIFY_TIMEOUT`] to acknowledge.
+    /// in a task of its own, given [`REVOCATIONS_TIMEOUT`] to acknowledge.
     pub fn share_revocations(&self, peer: &Arc<Peer>) {
         let list = self
             .revocations
@@ -356,7 +367,9 @@ impl Node {
         let peer = peer.clone();
         runtime.spawn(async move {
             let list_request = Request::Revocations { list };
-            match tokio::time::timeout(NOTIFY_TIMEOUT, request(&mut handle, &list_request)).await {
+            match tokio::time::timeout(REVOCATIONS_TIMEOUT, request(&mut handle, &list_request))
+                .await
+            {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
                     tracing::debug!(peer = %peer.addr, "passing on the revocation list failed: {e}")
@@ -371,35 +384,18 @@ impl Node {
         self.peers().into_iter().find(|p| p.node_id() == Some(id))
     }
 
-    /// Tells every connected peer that shares `volume` to pull from us (unless it is
-    /// paused: resuming tells them). Each peer is told in a task of its own, given
-    /// [`NOTIFY_TIMEOUT`] to acknowledge: a peer that stopped answering delays neither
-    /// the others nor the caller.
+    /// Tells every peer that shares `volume` to pull from us (unless it is paused:
+    /// resuming tells them), in tasks of their own: a peer that stopped answering
+    /// delays neither the others nor the caller, and one not connected now is told once
+    /// it is ([`super::announce`]).
     pub fn notify_peers(&self, volume: &str) {
         if self.paused.holds(volume) {
             return;
         }
         for peer in self.peers() {
-            if !peer.shares(volume) {
-                continue;
+            if peer.shares(volume) {
+                super::announce::announce(&peer, volume);
             }
-            let Some(mut handle) = peer.connection() else {
-                continue;
-            };
-            let notify = Request::Notify {
-                volume: volume.to_string(),
-            };
-            tokio::spawn(async move {
-                match tokio::time::timeout(NOTIFY_TIMEOUT, request(&mut handle, &notify)).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => tracing::debug!(peer = %peer.addr, "notify failed: {e}"),
-                    Err(_) => tracing::debug!(
-                        peer = %peer.addr,
-                        "notify not acknowledged within {} ms",
-                        NOTIFY_TIMEOUT.as_millis()
-                    ),
-                }
-            });
         }
         self.stats
             .local_changes_published
@@ -407,6 +403,6 @@ impl Node {
     }
 }
 
-/// How long a peer may take to acknowledge a `Notify` (a round trip on a live
+/// How long a peer may take to acknowledge a revocation list (a round trip on a live
 /// connection: milliseconds).
-const NOTIFY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+const REVOCATIONS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);

@@ -4,7 +4,7 @@
 //! staging files that wait for it ([`ChunkTargets`]). Every chunk is checked against
 //! its BLAKE3 id before it is written.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -24,11 +24,13 @@ use crate::volume_fs::{punch_hole, write_sparse};
 /// under the transport's stream limit).
 const REQUESTS_IN_FLIGHT: usize = 16;
 
-/// How long a helper (a peer other than the one being pulled from, which has just
-/// answered) may take to start answering a chunk request before its chunks are asked of
-/// another peer: a live peer sends its first chunk in milliseconds, a frozen one never,
-/// and its connection only times out after [`crate::transport`]'s idle timeout.
-const HELPER_PATIENCE: std::time::Duration = std::time::Duration::from_millis(500);
+/// How often a chunk request whose peer another peer could stand in for looks at
+/// whether that peer went silent ([`crate::transport::is_silent`]).
+const SILENCE_CHECK: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Times a peer may go silent on this node's chunk requests in one batch before it is
+/// asked nothing more for it (a peer that keeps freezing and thawing).
+const MAX_SILENCES: u32 = 3;
 
 impl Node {
     /// Reads a chunk from wherever this node holds it (a live file or a pack), checked
@@ -200,10 +202,14 @@ impl ChunkTargets {
 }
 
 /// Fetches the chunks of `targets` into their staging files from the connected peers
-/// that share the volume, `first` (the peer being pulled from) first: requests are
-/// spread over them, a chunk one peer lacks is asked of another, and a peer that sends
-/// wrong bytes, or whose connection failed or kept silent, is not asked again during
-/// this batch. Returns the chunks received.
+/// that share the volume (`first`, the peer being pulled from, among them; it lists what
+/// it holds). Requests are spread over the peers heard from lately: a peer gone silent
+/// (frozen, cut off: [`Peer::is_silent`]) is asked for a chunk only once every other
+/// peer said it lacks it, and a request outstanding to a peer that goes silent is asked
+/// of another at once, as soon as the silence shows (a few hundred milliseconds), not
+/// after the connection's idle timeout. A chunk one peer lacks is asked of the others in
+/// turn; a peer that sends wrong bytes, or whose connection fails, is asked nothing more
+/// in this batch. Returns the chunks received.
 pub async fn fetch_chunks(
     node: &Arc<Node>,
     first: Option<&Arc<Peer>>,
@@ -215,97 +221,174 @@ pub async fn fetch_chunks(
         !first.is_some_and(|f| Arc::ptr_eq(f, p)) && p.shares(volume) && p.connection().is_some()
     });
     let peers: Vec<Arc<Peer>> = first.cloned().into_iter().chain(others).collect();
-    let ids = targets.ids();
+    let mut plan = FetchPlan {
+        queue: targets.ids(),
+        distrusted: vec![false; peers.len()],
+        silences: vec![0; peers.len()],
+        lacking: HashSet::new(),
+    };
     let sink = Arc::new(targets);
-    let mut distrusted = vec![false; peers.len()];
-    let mut wanted: Vec<ChunkId> = ids;
     let mut received: HashSet<ChunkId> = HashSet::new();
-    for attempt in 0..peers.len() * 2 {
-        let trusted: Vec<usize> = (0..peers.len()).filter(|&i| !distrusted[i]).collect();
-        if wanted.is_empty() || trusted.is_empty() {
-            break;
+    // Requests waiting for a slot among the REQUESTS_IN_FLIGHT, and those in flight.
+    let mut ready: VecDeque<Group> = VecDeque::new();
+    let mut set = JoinSet::new();
+    loop {
+        if !plan.queue.is_empty() {
+            let silent: Vec<bool> = peers.iter().map(|p| p.is_silent()).collect();
+            ready.extend(plan.assign(&silent));
         }
-        // Each chunk goes to the next peer on every attempt, so a chunk that one peer
-        // lacks is asked of every other in turn, whatever happens to the rest.
-        let mut by_peer: Vec<Vec<ChunkId>> = vec![Vec::new(); peers.len()];
-        for id in &wanted {
-            let spread = usize::from(id.as_bytes()[0]);
-            by_peer[trusted[(spread + attempt) % trusted.len()]].push(*id);
-        }
-        let mut set = JoinSet::new();
-        let groups: Vec<(usize, Vec<ChunkId>)> = by_peer
-            .iter()
-            .enumerate()
-            .flat_map(|(index, ids)| {
-                ids.chunks(MAX_CHUNKS_PER_REQUEST)
-                    .map(move |group| (index, group.to_vec()))
-            })
-            .collect();
-        for (index, group) in groups {
-            let (peer, node, sink) = (peers[index].clone(), node.clone(), sink.clone());
-            let patience = (index > 0 && first.is_some()).then_some(HELPER_PATIENCE);
-            set.spawn(async move {
-                let outcome = fetch_group(&node, &peer, &group, &sink, patience).await;
-                (index, outcome)
-            });
-            while set.len() >= REQUESTS_IN_FLIGHT {
-                if let Some(done) = set.join_next().await {
-                    settle(done, &mut received, &mut distrusted)?;
-                }
+        while set.len() < REQUESTS_IN_FLIGHT
+            && let Some(group) = ready.pop_front()
+        {
+            if plan.distrusted[group.peer] {
+                plan.queue.extend(group.ids);
+                continue;
             }
+            let (peer, node, sink) = (peers[group.peer].clone(), node.clone(), sink.clone());
+            set.spawn(async move {
+                let outcome = fetch_group(&node, &peer, &group.ids, &sink, group.stand_in).await;
+                (group, outcome)
+            });
         }
-        while let Some(done) = set.join_next().await {
-            settle(done, &mut received, &mut distrusted)?;
+        if set.is_empty() && !plan.queue.is_empty() {
+            continue;
         }
-        wanted.retain(|id| !received.contains(id));
+        let Some(done) = set.join_next().await else {
+            break;
+        };
+        let (group, outcome) = done.map_err(|e| SyncError::Task {
+            what: "chunk fetch",
+            source: e,
+        })?;
+        plan.settle(&peers, group, outcome, &mut received)?;
     }
     Ok(received)
+}
+
+/// Which chunks are still to be asked for, and of whom they may be.
+struct FetchPlan {
+    /// Chunks to ask for (again).
+    queue: Vec<ChunkId>,
+    /// Peers asked nothing more in this batch (wrong bytes, a failed connection, or
+    /// silent too often).
+    distrusted: Vec<bool>,
+    /// How often each peer went silent on a request of this batch.
+    silences: Vec<u32>,
+    /// (chunk, peer) pairs where the peer said it lacks the chunk.
+    lacking: HashSet<(ChunkId, usize)>,
+}
+
+/// One `GetChunks` request: the peer (an index into the batch's peers) and the ids.
+struct Group {
+    peer: usize,
+    ids: Vec<ChunkId>,
+    /// Another peer heard from lately could be asked for these chunks instead: if this
+    /// one goes silent, the request is given up and they are.
+    stand_in: bool,
+}
+
+impl FetchPlan {
+    /// Groups the queued chunks by the peer each is asked of: among the peers that may
+    /// hold it (trusted, not known to lack it), one of those heard from lately, spread
+    /// by the chunk's id; a silent one only if no other is left. A chunk no peer may
+    /// hold is dropped (the file it belongs to stays unfinished this round).
+    fn assign(&mut self, silent: &[bool]) -> Vec<Group> {
+        let mut groups: HashMap<(usize, bool), Vec<ChunkId>> = HashMap::new();
+        for id in std::mem::take(&mut self.queue) {
+            let may_hold: Vec<usize> = (0..silent.len())
+                .filter(|&i| !self.distrusted[i] && !self.lacking.contains(&(id, i)))
+                .collect();
+            let heard: Vec<usize> = may_hold.iter().copied().filter(|&i| !silent[i]).collect();
+            let spread = usize::from(id.as_bytes()[0]);
+            let (peer, stand_in) = match (heard.len(), may_hold.len()) {
+                (_, 0) => continue,
+                (0, n) => (may_hold[spread % n], false),
+                (n, _) => (heard[spread % n], n > 1),
+            };
+            groups.entry((peer, stand_in)).or_default().push(id);
+        }
+        groups
+            .into_iter()
+            .flat_map(|((peer, stand_in), ids)| {
+                ids.chunks(MAX_CHUNKS_PER_REQUEST)
+                    .map(|ids| Group {
+                        peer,
+                        ids: ids.to_vec(),
+                        stand_in,
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Takes note of how one request ended: what arrived, which peer lacks what, and
+    /// which chunks to ask of someone else.
+    fn settle(
+        &mut self,
+        peers: &[Arc<Peer>],
+        group: Group,
+        outcome: Result<GroupOutcome, SyncError>,
+        received: &mut HashSet<ChunkId>,
+    ) -> Result<(), SyncError> {
+        let peer = group.peer;
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            // This node's own disk: another peer would not help.
+            Err(e) if e.is_local() => return Err(e),
+            Err(e) => {
+                tracing::debug!(peer = %peers[peer].addr, "chunk request failed: {e}");
+                if e.is_connection_lost() {
+                    self.distrusted[peer] = true;
+                } else {
+                    // An error answer: this peer does not give these chunks now.
+                    self.lacking.extend(group.ids.iter().map(|id| (*id, peer)));
+                }
+                self.queue.extend(group.ids);
+                return Ok(());
+            }
+        };
+        received.extend(outcome.received.iter().copied());
+        self.distrusted[peer] |= outcome.misbehaved;
+        let answered: HashSet<ChunkId> = outcome.answered.into_iter().collect();
+        for id in group.ids.into_iter().filter(|id| !received.contains(id)) {
+            if outcome.silent && !answered.contains(&id) {
+                self.queue.push(id);
+                continue;
+            }
+            // Said missing, sent wrong, or left out of a complete answer.
+            self.lacking.insert((id, peer));
+            self.queue.push(id);
+        }
+        if outcome.silent {
+            self.silences[peer] += 1;
+            self.distrusted[peer] |= self.silences[peer] >= MAX_SILENCES;
+            tracing::debug!(peer = %peers[peer].addr, "peer went silent on a chunk request; asking another");
+        }
+        Ok(())
+    }
 }
 
 /// What one `GetChunks` request brought.
 struct GroupOutcome {
     received: Vec<ChunkId>,
+    /// Ids the peer answered for (with a chunk, right or wrong, or `ChunkMissing`).
+    answered: Vec<ChunkId>,
     /// The peer sent bytes that did not match their id.
     misbehaved: bool,
-}
-
-fn settle(
-    done: Result<(usize, Result<GroupOutcome, SyncError>), tokio::task::JoinError>,
-    received: &mut HashSet<ChunkId>,
-    distrusted: &mut [bool],
-) -> Result<(), SyncError> {
-    match done {
-        Ok((index, Ok(outcome))) => {
-            received.extend(outcome.received);
-            distrusted[index] |= outcome.misbehaved;
-        }
-        // This node's own disk: another peer would not help.
-        Ok((_, Err(e))) if e.is_local() => return Err(e),
-        // The chunks stay wanted and go to another peer in the next pass.
-        Ok((index, Err(e))) => {
-            tracing::debug!("chunk request failed: {e}");
-            distrusted[index] |= e.is_connection_lost();
-        }
-        Err(e) => {
-            return Err(SyncError::Task {
-                what: "chunk fetch",
-                source: e,
-            });
-        }
-    }
-    Ok(())
+    /// The peer went silent before answering for every id (the request was given up).
+    silent: bool,
 }
 
 /// One `GetChunks` request to one peer, written to the sink as chunks arrive; wrong
-/// bytes are counted against the peer and dropped. With `patience`, a peer that sends
-/// nothing for that long after the request is given up on (nothing was received from
-/// it, so nothing is fetched twice).
+/// bytes are counted against the peer and dropped. With `stand_in` (another peer could
+/// be asked instead), the request is given up as soon as the peer goes silent: what it
+/// sent until then is kept, the rest is asked of another peer.
 async fn fetch_group(
     node: &Node,
     peer: &Peer,
     ids: &[ChunkId],
     sink: &ChunkTargets,
-    patience: Option<std::time::Duration>,
+    stand_in: bool,
 ) -> Result<GroupOutcome, SyncError> {
     let mut handle = peer.connection().ok_or(SyncError::NotConnected)?;
     let wanted: HashSet<ChunkId> = ids.iter().copied().collect();
@@ -317,20 +400,21 @@ async fn fetch_group(
         ));
     let mut outcome = GroupOutcome {
         received: Vec::new(),
+        answered: Vec::new(),
         misbehaved: false,
+        silent: false,
     };
     // One answer per id asked, no more.
-    for answer in 0..ids.len() {
-        let next = match patience.filter(|_| answer == 0) {
-            Some(patience) => tokio::time::timeout(patience, responses.next())
-                .await
-                .map_err(|_| {
-                    SyncError::Connection(format!(
-                        "no answer to a chunk request within {} ms",
-                        patience.as_millis()
-                    ))
-                })?,
-            None => responses.next().await,
+    for _ in 0..ids.len() {
+        let next = match stand_in {
+            true => match until_silent(&handle, responses.next()).await {
+                Some(next) => next,
+                None => {
+                    outcome.silent = true;
+                    return Ok(outcome);
+                }
+            },
+            false => responses.next().await,
         };
         let next = match next {
             Err(SyncError::Protocol(ProtocolError::TooLarge { len, limit })) => {
@@ -345,6 +429,7 @@ async fn fetch_group(
         };
         match response {
             Response::Chunk { id, data } if wanted.contains(&id) => {
+                outcome.answered.push(id);
                 if ChunkId::of(&data) != id {
                     tracing::warn!(peer = %peer.addr, "peer sent wrong bytes for chunk {id}; not trusting it for this transfer");
                     peer.rejected_chunks.fetch_add(1, Ordering::Relaxed);
@@ -373,6 +458,7 @@ async fn fetch_group(
                 }
                 outcome.received.push(id);
             }
+            Response::ChunkMissing { id } if wanted.contains(&id) => outcome.answered.push(id),
             Response::ChunkMissing { .. } => {}
             Response::Error { code, message } => {
                 return Err(ProtocolError::Remote { code, message }.into());
@@ -383,4 +469,189 @@ async fn fetch_group(
         }
     }
     Ok(outcome)
+}
+
+/// Awaits `answer` unless the connection's peer goes silent first (`None` then).
+async fn until_silent<T>(
+    connection: &s2n_quic::connection::Handle,
+    answer: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::pin!(answer);
+    let mut checks = tokio::time::interval(SILENCE_CHECK);
+    loop {
+        tokio::select! {
+            answer = &mut answer => return Some(answer),
+            _ = checks.tick() => if crate::transport::is_silent(connection) {
+                return None;
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(ids: &[ChunkId], peers: usize) -> FetchPlan {
+        FetchPlan {
+            queue: ids.to_vec(),
+            distrusted: vec![false; peers],
+            silences: vec![0; peers],
+            lacking: HashSet::new(),
+        }
+    }
+
+    fn peers(n: usize) -> Vec<Arc<Peer>> {
+        (0..n)
+            .map(|i| Arc::new(Peer::new(([127, 0, 0, 1], 7000 + i as u16).into())))
+            .collect()
+    }
+
+    /// Every id once, to whom, and whether another peer could stand in.
+    fn asked(groups: &[Group]) -> Vec<(ChunkId, usize, bool)> {
+        let mut asked: Vec<_> = groups
+            .iter()
+            .flat_map(|g| g.ids.iter().map(move |id| (*id, g.peer, g.stand_in)))
+            .collect();
+        asked.sort();
+        asked
+    }
+
+    #[test]
+    fn a_silent_peer_is_asked_only_for_what_the_others_lack() {
+        let ids: Vec<ChunkId> = (0..200u32).map(|i| ChunkId::of(&i.to_le_bytes())).collect();
+        let peers = peers(2);
+        let mut plan = plan(&ids, 2);
+        // Peer 1 is silent: everything goes to peer 0, with nobody to stand in.
+        let groups = plan.assign(&[false, true]);
+        assert!(groups.iter().all(|g| g.ids.len() <= MAX_CHUNKS_PER_REQUEST));
+        assert!(
+            asked(&groups)
+                .iter()
+                .all(|&(_, peer, stand_in)| peer == 0 && !stand_in)
+        );
+        // Peer 0 lacks the first id and sends the rest.
+        let mut received = HashSet::new();
+        for group in groups {
+            let outcome = GroupOutcome {
+                received: group
+                    .ids
+                    .iter()
+                    .copied()
+                    .filter(|id| *id != ids[0])
+                    .collect(),
+                answered: group.ids.clone(),
+                misbehaved: false,
+                silent: false,
+            };
+            plan.settle(&peers, group, Ok(outcome), &mut received)
+                .unwrap();
+        }
+        assert_eq!(received.len(), 199);
+        // Only then is the silent peer asked, for that one id.
+        let groups = plan.assign(&[false, true]);
+        assert_eq!(asked(&groups), vec![(ids[0], 1, false)]);
+        // It lacks it too: nobody is left to ask.
+        let group = groups.into_iter().next().unwrap();
+        let outcome = GroupOutcome {
+            received: Vec::new(),
+            answered: group.ids.clone(),
+            misbehaved: false,
+            silent: false,
+        };
+        plan.settle(&peers, group, Ok(outcome), &mut received)
+            .unwrap();
+        assert!(plan.assign(&[false, true]).is_empty());
+    }
+
+    #[test]
+    fn what_a_peer_going_silent_left_unanswered_goes_to_another_at_once() {
+        let ids: Vec<ChunkId> = (0..100u32).map(|i| ChunkId::of(&i.to_le_bytes())).collect();
+        let peers = peers(2);
+        let mut plan = plan(&ids, 2);
+        // Both answer: the ids are spread, and each side has a stand-in.
+        let groups = plan.assign(&[false, false]);
+        let spread = asked(&groups);
+        assert!(spread.iter().any(|&(_, peer, _)| peer == 0));
+        assert!(spread.iter().any(|&(_, peer, _)| peer == 1));
+        assert!(spread.iter().all(|&(_, _, stand_in)| stand_in));
+        let mut received = HashSet::new();
+        let mut given_up = Vec::new();
+        for group in groups {
+            let outcome = match group.peer {
+                0 => GroupOutcome {
+                    received: group.ids.clone(),
+                    answered: group.ids.clone(),
+                    misbehaved: false,
+                    silent: false,
+                },
+                // Peer 1 sent one chunk, then went silent.
+                _ => {
+                    given_up.extend(group.ids[1..].iter().copied());
+                    GroupOutcome {
+                        received: group.ids[..1].to_vec(),
+                        answered: group.ids[..1].to_vec(),
+                        misbehaved: false,
+                        silent: true,
+                    }
+                }
+            };
+            plan.settle(&peers, group, Ok(outcome), &mut received)
+                .unwrap();
+        }
+        // What it did not answer is asked of peer 0 (peer 1 is silent now), and only that.
+        let groups = plan.assign(&[false, true]);
+        given_up.sort();
+        let again: Vec<ChunkId> = asked(&groups).iter().map(|(id, _, _)| *id).collect();
+        assert_eq!(again, given_up);
+        assert!(asked(&groups).iter().all(|&(_, peer, _)| peer == 0));
+        // Heard again, it is not held against it: it is asked for the ids peer 0 lacks.
+        let lacked = groups.into_iter().next().unwrap();
+        let first = lacked.ids[0];
+        let outcome = GroupOutcome {
+            received: Vec::new(),
+            answered: lacked.ids.clone(),
+            misbehaved: false,
+            silent: false,
+        };
+        plan.settle(&peers, lacked, Ok(outcome), &mut received)
+            .unwrap();
+        let groups = plan.assign(&[false, false]);
+        assert!(
+            asked(&groups)
+                .iter()
+                .any(|&(id, peer, _)| id == first && peer == 1)
+        );
+    }
+
+    #[test]
+    fn a_peer_that_keeps_going_silent_is_asked_nothing_more_in_the_batch() {
+        let ids = vec![ChunkId::of(b"one chunk")];
+        let peers = peers(2);
+        let mut plan = plan(&ids, 2);
+        let mut received = HashSet::new();
+        for _ in 0..MAX_SILENCES {
+            // Peer 1 looks live each time it is asked, then goes silent.
+            let group = Group {
+                peer: 1,
+                ids: ids.clone(),
+                stand_in: true,
+            };
+            let outcome = GroupOutcome {
+                received: Vec::new(),
+                answered: Vec::new(),
+                misbehaved: false,
+                silent: true,
+            };
+            plan.settle(&peers, group, Ok(outcome), &mut received)
+                .unwrap();
+            plan.queue.clear();
+        }
+        assert!(plan.distrusted[1]);
+        plan.queue = ids.clone();
+        assert_eq!(
+            asked(&plan.assign(&[false, false])),
+            vec![(ids[0], 0, false)]
+        );
+    }
 }

@@ -39,9 +39,13 @@ fn a_frozen_peer_stalls_neither_scans_nor_pulls_between_the_others() {
     c.start_all();
     c.wait_connected(CONVERGE);
     c.wait_converged(&[0, 1, 2], CONVERGE);
+    let frozen_at = Instant::now();
     c.freeze(2);
-    // Right after the freeze (node 2 still looks connected) and again later.
-    for round in 0..3 {
+    // Right after the freeze (node 2 still looks connected and live), once it has gone
+    // silent, and once its connections have timed out and are being opened again.
+    for (round, after) in [0, 1500, 6000].into_iter().enumerate() {
+        let since = frozen_at.elapsed();
+        std::thread::sleep(Duration::from_millis(after).saturating_sub(since));
         let name = format!("change-{round}.txt");
         let content = format!("written on node 0 in round {round}");
         write_file(&c.vol(0).join(&name), content.as_bytes());
@@ -68,8 +72,51 @@ fn a_frozen_peer_stalls_neither_scans_nor_pulls_between_the_others() {
         );
         eprintln!("{reply}: node 1 -> node 0 in {took:?} with node 2 frozen");
     }
+    // No heartbeat round for an hour: what node 2 missed comes from the announcements
+    // owed to it and from its own rounds once its connections are up again.
     c.thaw(2);
     c.wait_converged(&[0, 1, 2], CONVERGE);
+}
+
+/// Node 1's connection to node 0 is up and its first round done (nothing more comes
+/// from it for an hour), while node 0's own connection to node 1 is still being opened:
+/// a change node 0 makes then must be announced once that connection is up.
+#[test]
+fn a_change_made_while_a_connection_is_being_opened_is_announced_once_it_is_up() {
+    let mut c = Cluster::new(2);
+    c.heartbeat = 3600;
+    c.extra_env[0].push(("SHOAL_FAULT_HOLD_CONNECTIONS_MS".into(), "12000".into()));
+    c.start_all();
+    let start = Instant::now();
+    let first_round_done = |status: &serde_json::Value| {
+        status["peers"].as_array().is_some_and(|peers| {
+            peers.len() == 1
+                && peers[0]["connected"] == true
+                && peers[0]["volumes"][0]["state"] == "in_sync"
+        })
+    };
+    while !c.status(1).is_some_and(|s| first_round_done(&s)) {
+        assert!(
+            start.elapsed() < CONVERGE,
+            "node 1 never finished a round with node 0\n{}",
+            c.log(1)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let opening = |s: &serde_json::Value| s["peers"][0]["connected"] == false;
+    assert!(
+        c.status(0).is_some_and(|s| opening(&s)),
+        "node 0's connection to node 1 is up already: the window this test needs is closed\n{}",
+        c.log(0)
+    );
+    write_file(&c.vol(0).join("made-while-opening.txt"), b"announced late");
+    let took = wait_for_content(
+        &c.vol(1).join("made-while-opening.txt"),
+        b"announced late",
+        CONVERGE,
+        &format!("the change never reached node 1\n{}", c.log(0)),
+    );
+    eprintln!("made-while-opening.txt: node 0 -> node 1 in {took:?}");
 }
 
 #[test]

@@ -23,6 +23,12 @@ use crate::volume_fs::{Staged, finish_staged, staging_name, stamp_of_stat};
 /// Files prepared at once (each may ask for its chunk list).
 const FILE_CONCURRENCY: usize = 32;
 
+/// A publish batch of at most this many files flushes each one (`fsync`); a larger one
+/// flushes the whole file system at once (`syncfs`, one call instead of hundreds). A
+/// `syncfs` also waits for every other writer's dirty data on that file system: on a
+/// disk shared with a busy build it held a one-file change for over a second.
+const FSYNC_EACH_UP_TO: usize = 16;
+
 /// A file to fetch and publish under `dir/name`.
 pub(super) struct FileJob {
     pub(super) dir: VolPath,
@@ -122,7 +128,7 @@ impl Pull {
 
     /// Takes the files decided on so far in batches of up to `PUBLISH_BATCH`: prepares them (`FILE_CONCURRENCY`
     /// at a time), fetches the chunks the whole batch still lacks in shared requests,
-    /// then publishes the batch (one `syncfs`, one durable index write).
+    /// then publishes the batch (files flushed, one durable index write).
     pub(super) async fn take_files(&mut self) -> Result<(), SyncError> {
         self.find_rename_sources()?;
         let mut fetched = Vec::new();
@@ -336,6 +342,7 @@ impl Pull {
         let node = self.node.clone();
         let vol = self.volume().id;
         let fs = &node.volumes[self.volume_index].fs;
+        let ready_count = ready.len();
         // What is about to be renamed into place is recorded first: a crash before the
         // index write below then leaves files the next scan knows it received (their
         // peer's versions), not local changes that would bump our own counter and could
@@ -344,8 +351,23 @@ impl Pull {
         for file in &ready {
             journal.put_publishing(vol, &file.job.dir, &file.job.name, &file.job.entry);
         }
+        let started = std::time::Instant::now();
         node.store.write(journal, Durability::Durable)?;
-        fs.sync_all()?;
+        let journaled = started.elapsed();
+        if ready.len() <= FSYNC_EACH_UP_TO {
+            for file in &ready {
+                file.staged
+                    .file
+                    .sync_all()
+                    .map_err(SyncError::local(format!(
+                        "flushing staged {}",
+                        escape(&file.job.name)
+                    )))?;
+            }
+        } else {
+            fs.sync_all()?;
+        }
+        let synced = started.elapsed();
         let mut dirs: HashMap<VolPath, OwnedFd> = HashMap::new();
         let mut batch = node.store.batch();
         for file in &ready {
@@ -381,6 +403,13 @@ impl Pull {
             std::process::exit(99);
         }
         node.store.write(batch, Durability::Durable)?;
+        tracing::debug!(
+            files = ready_count,
+            journal_ms = journaled.as_millis() as u64,
+            flush_ms = (synced - journaled).as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "batch published"
+        );
         // Before the lock goes: a scan must not take the renames for local changes.
         self.restore_dir_mtimes()?;
         let count = published.len() as u64;

@@ -9,7 +9,8 @@
 //! 4. Take files: fetch the chunk list, reuse every chunk held locally (a rename moves no
 //!    chunk bytes), fetch the rest from the peers that share the volume (spread over
 //!    them, each chunk checked against its BLAKE3 id), assemble in staging, then publish
-//!    a batch: one `syncfs`, atomic renames, directory fsyncs, one durable index write.
+//!    a batch: the files flushed (an `fsync` each for a few, one `syncfs` for many),
+//!    atomic renames, directory fsyncs, one durable index write.
 //!    Other names of a hard-linked file are linked to their group's leader once the
 //!    round's files are in: transferred once, one inode as on the peer.
 //! 5. Deletes run last, deepest first, so content that moved elsewhere in the same round

@@ -11,6 +11,7 @@ pub(super) fn answer(
 ) -> Result<Response, ProtocolError> {
     volume_id(node, volume)?;
     if let Some(peer) = session.peer_id().and_then(|id| node.peer_by_id(id)) {
+        tracing::debug!(peer = %peer.addr, %volume, "notified of a change: pulling");
         peer.wake.notify_one();
     }
     Ok(Response::Ack)
