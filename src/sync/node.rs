@@ -393,7 +393,9 @@ impl Node {
             return;
         }
         for peer in self.peers() {
-            if peer.shares(volume) {
+            // A peer never connected yet has not said which volumes it holds: it is
+            // owed the change, and told once connected if it shares the volume.
+            if peer.shares(volume) || peer.identity().is_none() {
                 super::announce::announce(&peer, volume);
             }
         }

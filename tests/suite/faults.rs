@@ -19,14 +19,24 @@ const CONVERGE: Duration = Duration::from_secs(60);
 /// `tools/bench-dead-peer.py`).
 const WITHOUT_STALL: Duration = Duration::from_secs(12);
 
-/// Waits until `path` holds `content`; how long it took.
-fn wait_for_content(path: &Path, content: &[u8], bound: Duration, what: &str) -> Duration {
+/// Waits until `path` holds `content`; how long it took. `what` says what failed (the
+/// nodes' logs as they are then).
+fn wait_for_content(
+    path: &Path,
+    content: &[u8],
+    bound: Duration,
+    what: impl Fn() -> String,
+) -> Duration {
     let start = Instant::now();
     loop {
         if fs::read(path).is_ok_and(|c| c == content) {
             return start.elapsed();
         }
-        assert!(start.elapsed() < bound, "{what}: not there after {bound:?}");
+        assert!(
+            start.elapsed() < bound,
+            "{}: not there after {bound:?}",
+            what()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -53,23 +63,22 @@ fn a_frozen_peer_stalls_neither_scans_nor_pulls_between_the_others() {
             &c.vol(1).join(&name),
             content.as_bytes(),
             WITHOUT_STALL,
-            &format!(
-                "{name} from node 0 to node 1 with node 2 frozen\n{}",
-                c.log(1)
-            ),
+            || {
+                format!(
+                    "{name} from node 0 to node 1 with node 2 frozen\n{}",
+                    c.log(1)
+                )
+            },
         );
         eprintln!("{name}: node 0 -> node 1 in {took:?} with node 2 frozen");
         let reply = format!("reply-{round}.txt");
         write_file(&c.vol(1).join(&reply), b"and back");
-        let took = wait_for_content(
-            &c.vol(0).join(&reply),
-            b"and back",
-            WITHOUT_STALL,
-            &format!(
+        let took = wait_for_content(&c.vol(0).join(&reply), b"and back", WITHOUT_STALL, || {
+            format!(
                 "{reply} from node 1 to node 0 with node 2 frozen\n{}",
                 c.log(0)
-            ),
-        );
+            )
+        });
         eprintln!("{reply}: node 1 -> node 0 in {took:?} with node 2 frozen");
     }
     // No heartbeat round for an hour: what node 2 missed comes from the announcements
@@ -114,7 +123,13 @@ fn a_change_made_while_a_connection_is_being_opened_is_announced_once_it_is_up()
         &c.vol(1).join("made-while-opening.txt"),
         b"announced late",
         CONVERGE,
-        &format!("the change never reached node 1\n{}", c.log(0)),
+        || {
+            format!(
+                "the change never reached node 1\n{}\n{}",
+                c.log(0),
+                c.log(1)
+            )
+        },
     );
     eprintln!("made-while-opening.txt: node 0 -> node 1 in {took:?}");
 }
