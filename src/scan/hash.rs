@@ -282,7 +282,7 @@ fn snapshot(
             continue;
         }
         let between = file.metadata().ok()?;
-        if stamp_of(&between) != stamp_of(&before) || !same_bytes(file, &data) {
+        if stamp_of(&between) != stamp_of(&before) || !still_holds(file, &data) {
             continue;
         }
         let xattrs = crate::xattrs::read(file, namespaces);
@@ -304,8 +304,63 @@ fn snapshot(
     None
 }
 
-/// Whether `file` still holds exactly `data` (read again block by block): a copy made
-/// while a write was under way differs from the one after it.
+/// Whether `file` still holds exactly `data`, read again where a write cannot be half
+/// done: a copy made while a write was under way differs from the one after it, but a
+/// writer that the scheduler stopped inside one `write()` leaves both reads of the page
+/// cache the same half-written bytes (and its timestamps already moved). A direct read
+/// (`O_DIRECT`) takes the inode lock that a write holds for its whole call on ext4 and
+/// XFS; where the file system has no direct I/O, a second buffered read is what there is
+/// (tmpfs's direct reads are buffered ones: the window stays open there).
+fn still_holds(file: &File, data: &[u8]) -> bool {
+    direct_read_matches(file, data).unwrap_or_else(|| same_bytes(file, data))
+}
+
+/// Direct I/O's alignment of buffer, offset and length (the logical block size is at most
+/// this on the file systems Shoal runs on).
+const DIRECT_ALIGN: usize = 4096;
+
+/// Whether `file` holds exactly `data`, read with direct I/O through a second descriptor
+/// of the same inode; `None` if that is not possible here (no direct I/O on this file
+/// system, no `/proc`).
+fn direct_read_matches(file: &File, data: &[u8]) -> Option<bool> {
+    use rustix::fs::{Mode, OFlags};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    // The same open file, not a path: `/proc/self/fd/N` reopens the inode `file` holds.
+    let own = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let flags = OFlags::RDONLY | OFlags::DIRECT | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let direct = File::from(rustix::fs::open(own.as_str(), flags, Mode::empty()).ok()?);
+    let (ours, theirs) = (direct.metadata().ok()?, file.metadata().ok()?);
+    if (ours.dev(), ours.ino()) != (theirs.dev(), theirs.ino()) {
+        return None;
+    }
+    // One byte past `data` (rounded to the alignment) shows whether the file grew.
+    let want = (data.len() + 1).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+    let mut buffer = vec![0u8; want + DIRECT_ALIGN];
+    let start = buffer.as_ptr().align_offset(DIRECT_ALIGN);
+    let aligned = &mut buffer[start..start + want];
+    let mut filled = 0;
+    loop {
+        match direct.read_at(&mut aligned[filled..], filled as u64) {
+            Ok(0) => break,
+            Ok(n) => {
+                filled += n;
+                // Short of a block: the end of the file.
+                if filled % DIRECT_ALIGN != 0 || filled >= want {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                return None;
+            }
+            Err(_) => return Some(false),
+        }
+    }
+    Some(filled == data.len() && aligned[..filled] == *data)
+}
+
+/// Whether `file` still holds exactly `data` (read again block by block).
 fn same_bytes(file: &File, data: &[u8]) -> bool {
     const BLOCK: usize = 1 << 20;
     let mut block = vec![0u8; BLOCK];
@@ -324,4 +379,52 @@ fn same_bytes(file: &File, data: &[u8]) -> bool {
     // Not longer than it was, either.
     file.read_at(&mut block[..1], data.len() as u64)
         .is_ok_and(|n| n == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn file_holding(dir: &std::path::Path, data: &[u8]) -> File {
+        let path = dir.join("busy");
+        File::create(&path).unwrap().write_all(data).unwrap();
+        File::open(&path).unwrap()
+    }
+
+    #[test]
+    fn a_direct_read_tells_the_same_bytes_from_others_and_from_a_grown_file() {
+        // /tmp is on the root file system here (ext4), which has direct I/O.
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..10_000u32).flat_map(|i| i.to_le_bytes()).collect();
+        let file = file_holding(dir.path(), &data);
+        if direct_read_matches(&file, &data).is_none() {
+            eprintln!("no direct I/O on {}: nothing to test", dir.path().display());
+            return;
+        }
+        assert_eq!(direct_read_matches(&file, &data), Some(true));
+        let mut other = data.clone();
+        other[39_999] ^= 1;
+        assert_eq!(direct_read_matches(&file, &other), Some(false));
+        // The file holds more than the copy: not the same.
+        assert_eq!(direct_read_matches(&file, &data[..4096]), Some(false));
+        assert_eq!(direct_read_matches(&file, &data[..100]), Some(false));
+        assert!(still_holds(&file, &data) && !still_holds(&file, &other));
+    }
+
+    #[test]
+    fn on_tmpfs_the_copy_is_checked_too() {
+        // Direct I/O there is the page cache itself (or refused, on older kernels): either
+        // way the check tells the same bytes from others.
+        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+            return;
+        };
+        let data = vec![7u8; 5000];
+        let file = file_holding(dir.path(), &data);
+        assert!(still_holds(&file, &data));
+        assert!(!still_holds(&file, &data[..4999]));
+        let mut other = data.clone();
+        other[4321] = 8;
+        assert!(!still_holds(&file, &other));
+    }
 }
