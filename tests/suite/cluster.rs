@@ -331,8 +331,9 @@ impl Cluster {
                     .iter()
                     .map(|&i| format!("--- node {i} log:\n{}", tail(&self.log(i), 30)))
                     .collect();
-                // Equal roots with trees that differ: a node's disk is not what its index
-                // says. Say where, and what each node's own `verify` finds.
+                // Where the trees on disk differ; with equal roots a node's disk is not
+                // what its index says, and its own `verify` tells; with roots that differ,
+                // each node's view of its peers says why no round closes the gap.
                 let disks = if same_root {
                     format!(
                         "{}\n{}",
@@ -340,7 +341,11 @@ impl Cluster {
                         self.verify_all(nodes)
                     )
                 } else {
-                    String::new()
+                    format!(
+                        "{}\n{}",
+                        self.disk_differences(nodes),
+                        self.peer_views(nodes)
+                    )
                 };
                 panic!(
                     "nodes {nodes:?} did not converge in {timeout:?}: roots {roots:?}\n{disks}{}",
@@ -374,6 +379,22 @@ impl Cluster {
             }
         }
         out
+    }
+
+    /// Each node's `/status` view of its peers (sync state, last error), shortened.
+    pub fn peer_views(&self, nodes: &[usize]) -> String {
+        nodes
+            .iter()
+            .map(|&i| {
+                let peers = self
+                    .status(i)
+                    .map(|s| s["peers"].to_string())
+                    .unwrap_or_else(|| "(no answer)".to_string());
+                let shown: String = peers.chars().take(3000).collect();
+                format!("--- node {i} peers: {shown}")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// What `shoal verify` finds on each node (read-only beside a running node): an index
