@@ -456,17 +456,23 @@ fn received_files_lose_setuid_and_setgid_unless_the_volume_opts_in() {
     }
 }
 
-#[test]
-fn a_chunk_whose_length_differs_from_its_chunk_list_is_not_used() {
+/// A hostile peer offering one file, `name`, of one chunk: its entry and chunk list say
+/// the chunk is `listed_len` bytes of `id`, and every `GetChunks` is answered with
+/// `served` under that id.
+fn one_chunk_file_served_as(
+    name: &'static str,
+    id: shoal::ids::ChunkId,
+    listed_len: u32,
+    served: Vec<u8>,
+) -> crate::hostile::Answer {
     use shoal::chunking::{ChunkRef, content_id};
-    use shoal::ids::ChunkId;
-    // The bytes are real, their id is right, but the list says half as many.
-    let real = random_bytes(1000, 13);
-    let id = ChunkId::of(&real);
-    let list = vec![ChunkRef { id, len: 500 }];
+    let list = vec![ChunkRef {
+        id,
+        len: listed_len,
+    }];
     let entry = shoal::entry::Entry {
         kind: shoal::entry::EntryKind::File {
-            size: 500,
+            size: listed_len as u64,
             content_id: content_id(&list),
             chunks: 1,
         },
@@ -478,13 +484,13 @@ fn a_chunk_whose_length_differs_from_its_chunk_list_is_not_used() {
         link: None,
         version: shoal::entry::VersionVector::from_pairs([(shoal::ids::NodeId(77), 1)]),
     };
-    let answer: crate::hostile::Answer = Box::new(move |request| match request {
+    Box::new(move |request| match request {
         Request::GetDir { .. } => vec![forged_root()],
         Request::GetEntries { .. } => {
-            let mut lie = wire("lie.bin", entry.clone());
-            lie.chunks = Some(list.clone());
+            let mut offered = wire(name, entry.clone());
+            offered.chunks = Some(list.clone());
             vec![Response::Entries {
-                entries: vec![lie],
+                entries: vec![offered],
                 more: false,
             }]
         }
@@ -492,14 +498,22 @@ fn a_chunk_whose_length_differs_from_its_chunk_list_is_not_used() {
             .iter()
             .map(|id| Response::Chunk {
                 id: *id,
-                data: real.clone(),
+                data: served.clone(),
             })
             .collect(),
         _ => vec![Response::Error {
             code: 6,
             message: "no".into(),
         }],
-    });
+    })
+}
+
+#[test]
+fn a_chunk_whose_length_differs_from_its_chunk_list_is_not_used() {
+    // The bytes are real, their id is right, but the list says half as many.
+    let real = random_bytes(1000, 13);
+    let id = shoal::ids::ChunkId::of(&real);
+    let answer = one_chunk_file_served_as("lie.bin", id, 500, real);
     let (mut cluster, hostile) = pulled_by_victim(|_| {}, answer, 3);
     assert!(hostile.count(|r| matches!(r, Request::GetChunks { .. })) >= 1);
     let log = cluster.log(0);
@@ -517,48 +531,10 @@ fn a_chunk_whose_length_differs_from_its_chunk_list_is_not_used() {
 /// file is not published.
 #[test]
 fn a_chunk_frame_over_the_agreed_largest_chunk_is_refused_before_it_is_read() {
-    use shoal::chunking::{ChunkRef, content_id};
-    use shoal::ids::ChunkId;
     let real = random_bytes(100_000, 15);
-    let id = ChunkId::of(&real);
-    let list = vec![ChunkRef { id, len: 100_000 }];
-    let entry = shoal::entry::Entry {
-        kind: shoal::entry::EntryKind::File {
-            size: 100_000,
-            content_id: content_id(&list),
-            chunks: 1,
-        },
-        mode: 0o644,
-        mtime_ns: 1_000_000_000,
-        uid: 0,
-        gid: 0,
-        xattrs: Default::default(),
-        link: None,
-        version: shoal::entry::VersionVector::from_pairs([(shoal::ids::NodeId(77), 1)]),
-    };
+    let id = shoal::ids::ChunkId::of(&real);
     let oversized = random_bytes(1 << 20, 16);
-    let answer: crate::hostile::Answer = Box::new(move |request| match request {
-        Request::GetDir { .. } => vec![forged_root()],
-        Request::GetEntries { .. } => {
-            let mut big = wire("big.bin", entry.clone());
-            big.chunks = Some(list.clone());
-            vec![Response::Entries {
-                entries: vec![big],
-                more: false,
-            }]
-        }
-        Request::GetChunks { ids } => ids
-            .iter()
-            .map(|id| Response::Chunk {
-                id: *id,
-                data: oversized.clone(),
-            })
-            .collect(),
-        _ => vec![Response::Error {
-            code: 6,
-            message: "no".into(),
-        }],
-    });
+    let answer = one_chunk_file_served_as("big.bin", id, 100_000, oversized);
     let (mut cluster, hostile) = pulled_by_victim(|_| {}, answer, 3);
     assert!(hostile.count(|r| matches!(r, Request::GetChunks { .. })) >= 1);
     let log = cluster.log(0);
