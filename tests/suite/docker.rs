@@ -57,6 +57,18 @@ fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Fresh cluster credentials (`shoal cluster init`) in `dir/creds`, returned.
+fn cluster_credentials(dir: &Path) -> PathBuf {
+    let creds = dir.join("creds");
+    let out = shoal(&["cluster", "init", "--out", creds.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "shoal cluster init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    creds
+}
+
 /// The image, built once and shared by the tests running at the same time; removed
 /// when the last one is done.
 struct Image {
@@ -112,9 +124,7 @@ impl Group {
         let name = unique("net");
         docker_ok(&["network", "create", &name]);
         let dir = tempfile::tempdir().unwrap();
-        let creds = dir.path().join("creds");
-        let out = shoal(&["cluster", "init", "--out", creds.to_str().unwrap()]);
-        assert!(out.status.success());
+        cluster_credentials(dir.path());
         Group {
             image,
             name,
@@ -808,12 +818,7 @@ impl Drop for Compose {
 fn the_compose_file_runs_three_members_that_find_each_other() {
     let image = Image::get();
     let dir = tempfile::tempdir().unwrap();
-    let creds = dir.path().join("creds");
-    assert!(
-        shoal(&["cluster", "init", "--out", creds.to_str().unwrap()])
-            .status
-            .success()
-    );
+    let creds = cluster_credentials(dir.path());
     let compose = Compose {
         project: unique("compose"),
         env: vec![
@@ -1111,12 +1116,7 @@ fn deploy_stack(
     env: &[(&str, &str)],
 ) -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
-    let creds = dir.path().join("creds");
-    assert!(
-        shoal(&["cluster", "init", "--out", creds.to_str().unwrap()])
-            .status
-            .success()
-    );
+    let creds = cluster_credentials(dir.path());
     let stack = format!("{}-stack", swarm.prefix);
     swarm.stacks.push(stack.clone());
     for what in ["media", "state", "signer-state"] {
@@ -1334,12 +1334,7 @@ fn migration_from_an_lsyncd_stack_cuts_over_and_rolls_back_on_the_same_volume() 
     let standin = LsyncdStandin::build();
     let mut swarm = Swarm::join("127.0.0.1", true);
     let dir = tempfile::tempdir().unwrap();
-    let creds = dir.path().join("creds");
-    assert!(
-        shoal(&["cluster", "init", "--out", creds.to_str().unwrap()])
-            .status
-            .success()
-    );
+    let creds = cluster_credentials(dir.path());
     let lsyncd_secrets = dir.path().join("lsyncd-secrets");
     write_file(&lsyncd_secrets.join("id_rsa"), b"not a real key");
     write_file(&lsyncd_secrets.join("authorized_keys"), b"not a real key");
