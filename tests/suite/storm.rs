@@ -17,10 +17,12 @@
 //!   replaced or removed it there (the storm acts on copies like on any file): the
 //!   checker says which;
 //! - **resurrected**: a name whose last operation deleted it (or renamed it away) but
-//!   that exists at the end. Allowed only when the content there was written on another
-//!   node that the deleting node could not have seen yet (the two were not both running
-//!   for [`SEEN_AFTER`] between the write and the delete): the checker says which write
-//!   explains it;
+//!   that exists at the end. Allowed only when a write on another node that the deleting
+//!   node could not have seen yet (the two were not both running for [`SEEN_AFTER`]
+//!   between the write and the delete) explains it: its content is what the name holds,
+//!   or it lost the name in a conflict to the content the name holds and is kept in a
+//!   conflict copy (the winner's history holds that write, the delete's does not: a
+//!   version vector cannot tell that the delete saw the winner). The checker says which;
 //! - and `shoal verify` must find every node's store and volume consistent.
 //!
 //! `SHOAL_STORM_SECS` sets the storm's length (default 40 s here; `tools/soak.sh` runs
@@ -405,7 +407,7 @@ fn check(record: &Record, end: &BTreeMap<String, String>) -> Findings {
             }
             Effect::Deleted => {
                 let Some(hash) = end.get(path) else { continue };
-                match explain(record, op, path, hash) {
+                match explain(record, op, path, hash, end) {
                     Some(why) => found.resurrected_explained.push(why),
                     None => found.resurrected_unexplained.push(format!(
                         "{path}: deleted on node {} at {:.1} s ({}), back with content written {}\n{}",
@@ -479,28 +481,65 @@ fn superseded_in_copy(record: &Record, write: &Op, path: &str, hash: &str) -> Op
         })
 }
 
-/// Why `path`, deleted by `delete`, may hold `hash` at the end: a write of that content
-/// on another node that the deleting node had not seen.
-fn explain(record: &Record, delete: &Op, path: &str, hash: &str) -> Option<String> {
-    record
+/// Why `path`, deleted by `delete`, may hold `hash` at the end: a write on another node
+/// that the deleting node had not seen, and either
+/// - that write's content is what the name holds, or
+/// - that write met the content the name holds in a conflict before the delete arrived,
+///   lost the name to it and is kept in a conflict copy of `path`: the winner took the
+///   name with a history that holds the unseen write, which the delete's lacks, so the
+///   two are concurrent and the live one wins. A version vector cannot tell that the
+///   delete saw the winner's content (`docs/RELIABILITY.md`, "What the storm allows").
+fn explain(
+    record: &Record,
+    delete: &Op,
+    path: &str,
+    hash: &str,
+    end: &BTreeMap<String, String>,
+) -> Option<String> {
+    let unseen = || {
+        record
+            .ops
+            .iter()
+            .filter(|o| o.path == path && o.at <= delete.at && o.node != delete.node)
+            .filter(|w| record.both_running(w.node, delete.node, w.at, delete.at) < SEEN_AFTER)
+    };
+    let written = |o: &Op, h: &str| matches!(&o.effect, Effect::Wrote(x) if x == h);
+    let not_seen = |w: &Op| {
+        format!(
+            "node {}'s {} at {:.1} s, which node {} had not seen (they ran together for {:.1} s in between)",
+            w.node,
+            w.what,
+            w.at,
+            delete.node,
+            record.both_running(w.node, delete.node, w.at, delete.at)
+        )
+    };
+    let deleted = format!(
+        "{path}: deleted on node {} at {:.1} s ({})",
+        delete.node, delete.at, delete.what
+    );
+    if let Some(w) = unseen().find(|w| written(w, hash)) {
+        return Some(format!("{deleted}, kept for {}", not_seen(w)));
+    }
+    let held_before = record
         .ops
         .iter()
-        .filter(|o| o.path == path && o.at <= delete.at && o.node != delete.node)
-        .filter(|o| matches!(&o.effect, Effect::Wrote(h) if h == hash))
-        .find(|w| record.both_running(w.node, delete.node, w.at, delete.at) < SEEN_AFTER)
-        .map(|w| {
-            format!(
-                "{path}: deleted on node {} at {:.1} s ({}), kept for node {}'s {} at {:.1} s, which node {} had not seen (they ran together for {:.1} s in between)",
-                delete.node,
-                delete.at,
-                delete.what,
-                w.node,
-                w.what,
-                w.at,
-                delete.node,
-                record.both_running(w.node, delete.node, w.at, delete.at)
-            )
-        })
+        .any(|o| o.path == path && o.at <= delete.at && written(o, hash));
+    if !held_before {
+        return None;
+    }
+    unseen().find_map(|w| {
+        let Effect::Wrote(lost) = &w.effect else {
+            return None;
+        };
+        let (copy, _) = end
+            .iter()
+            .find(|(p, h)| *h == lost && is_conflict_copy_of(p, path))?;
+        Some(format!(
+            "{deleted}, kept because {} lost the name to this content in a conflict (kept as {copy}) and the winner's history holds it",
+            not_seen(w)
+        ))
+    })
 }
 
 fn storm_seconds() -> u64 {
