@@ -14,7 +14,8 @@
 //!   descriptor, bounded.
 //! - [`store`]: the RocksDB index (`mod.rs` opening and reading, `batch.rs` atomic
 //!   writes with a [`store::Durability`], `codec.rs` value encodings, `keys.rs` key
-//!   layout) and the pack files (`pack.rs`).
+//!   layout), the pack files (`pack.rs`) and the kept versions (`versions.rs`: records
+//!   of what a peer's change replaced, and the version packs holding their chunks).
 //! - [`space`]: disk space as a state: room left on a file system, the reserve the
 //!   store keeps so that RocksDB never meets a full disk.
 //! - [`workers`]: a bounded pool of worker threads (the scanner's and verify's hashing).

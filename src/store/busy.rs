@@ -122,25 +122,11 @@ impl Store {
     /// Registers and creates a new busy pack, numbered past every pack in the packs
     /// directory.
     fn start_busy_pack(&self) -> Result<Current, StoreError> {
-        let packs = self.packs_dir();
-        let io_err = |source| StoreError::Io {
-            path: packs.clone(),
-            source,
-        };
-        let highest = std::fs::read_dir(&packs)
-            .map_err(io_err)?
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().into_string().ok()?;
-                u64::from_str_radix(name.strip_suffix(".pack")?, 16).ok()
-            })
-            .max()
-            .unwrap_or(0);
-        let number = highest + 1;
+        let number = self.new_pack_number()?;
         let mut batch = self.batch();
         batch.put(super::keys::CF_META, &busy_pack_key(number), b"");
         self.write(batch, Durability::Durable)?;
-        let writer = PackWriter::open(&packs.join(pack_file_name(number)))?;
+        let writer = PackWriter::open(&self.packs_dir().join(pack_file_name(number)))?;
         Ok(Current {
             writer,
             kept: Kept {
@@ -149,6 +135,14 @@ impl Store {
             },
             started: Instant::now(),
         })
+    }
+
+    /// Whether pack `number` is a busy pack (registered as one).
+    pub(super) fn is_busy_pack(&self, number: u64) -> bool {
+        matches!(
+            self.get(super::keys::CF_META, &busy_pack_key(number)),
+            Ok(Some(_))
+        )
     }
 
     /// Removes a busy pack's index records, then its file, then its registration.

@@ -14,8 +14,14 @@ pub const CF_TREE: &str = "tree-v1";
 pub const CF_SCAN_CACHE: &str = "scancache-v1";
 pub const CF_DIRTY: &str = "dirty-v1";
 pub const CF_CONTENTS: &str = "contents-v1";
+pub const CF_VERSIONS: &str = "versions-v1";
 
-pub const ALL_CFS: [&str; 8] = [
+/// Column families a store may lack: added after format 1 was first written, created
+/// when such a store is next opened for writing (a reader of an older store finds
+/// them absent, and reads nothing from them).
+pub const LATER_CFS: [&str; 1] = [CF_VERSIONS];
+
+pub const ALL_CFS: [&str; 9] = [
     CF_META,
     CF_ENTRIES,
     CF_CHUNK_LISTS,
@@ -24,6 +30,7 @@ pub const ALL_CFS: [&str; 8] = [
     CF_SCAN_CACHE,
     CF_DIRTY,
     CF_CONTENTS,
+    CF_VERSIONS,
 ];
 
 pub const META_FORMAT: &[u8] = b"format";

@@ -17,6 +17,7 @@ mod chunks;
 pub mod codec;
 pub mod keys;
 pub mod pack;
+pub mod versions;
 
 pub use batch::{Batch, Durability};
 pub use busy::{BUSY_PACK_AGE, BUSY_PACK_BYTES};
@@ -152,6 +153,10 @@ pub struct Store {
     _lock: Option<File>,
     /// The packs that keep consistent copies of busy files ([`busy`]).
     busy: busy::BusyPacks,
+    /// The pack that takes chunks of kept versions ([`versions`]).
+    versions: versions::VersionPacks,
+    /// The highest pack number handed out by [`Store::new_pack_number`].
+    last_pack: std::sync::Mutex<u64>,
 }
 
 type RawItem = Result<(Box<[u8]>, Box<[u8]>), StoreError>;
@@ -219,7 +224,11 @@ impl Store {
         let db_options = Self::db_options();
         if options.read_only {
             let meta = existing.ok_or_else(|| StoreError::Missing(state_dir.to_path_buf()))?;
-            let db = DB::open_cf_for_read_only(&db_options, &index, ALL_CFS, false)
+            // Only the families the store has: one written before a later family existed
+            // is read as it is.
+            let present = DB::list_cf(&Options::default(), &index).map_err(rocks_err)?;
+            let families = ALL_CFS.iter().filter(|cf| present.iter().any(|p| p == *cf));
+            let db = DB::open_cf_for_read_only(&db_options, &index, families, false)
                 .map_err(rocks_err)?;
             return Ok(Store {
                 db,
@@ -228,6 +237,8 @@ impl Store {
                 read_only: true,
                 _lock: None,
                 busy: Default::default(),
+                versions: Default::default(),
+                last_pack: Default::default(),
             });
         }
         if existing.is_none() && !options.create {
@@ -253,6 +264,8 @@ impl Store {
             read_only: false,
             _lock: lock,
             busy: Default::default(),
+            versions: Default::default(),
+            last_pack: Default::default(),
         };
         store.retire_leftover_busy_packs()?;
         Ok(store)
@@ -352,7 +365,11 @@ impl Store {
             ),
             None => return Err(StoreError::NotAStore(state_dir.to_path_buf())),
         };
-        if format != STORE_FORMAT || cfs.len() != ALL_CFS.len() + 1 {
+        let known = |cf: &String| cf == "default" || ALL_CFS.contains(&cf.as_str());
+        let complete = ALL_CFS
+            .iter()
+            .all(|cf| LATER_CFS.contains(cf) || cfs.iter().any(|c| c == cf));
+        if format != STORE_FORMAT || !complete || !cfs.iter().all(known) {
             return Err(StoreError::Format {
                 dir: state_dir.to_path_buf(),
                 found: format,
@@ -384,6 +401,28 @@ impl Store {
 
     pub fn packs_dir(&self) -> PathBuf {
         self.state_dir.join(PACKS_DIR)
+    }
+
+    /// A pack number no pack file has, nor any pack started by this process: past the
+    /// highest in the packs directory and the last one handed out (busy packs and
+    /// version packs are numbered alike, so they never meet).
+    pub fn new_pack_number(&self) -> Result<u64, StoreError> {
+        let packs = self.packs_dir();
+        let mut last = self.last_pack.lock().expect("pack number lock");
+        let highest = fs::read_dir(&packs)
+            .map_err(|source| StoreError::Io {
+                path: packs.clone(),
+                source,
+            })?
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                u64::from_str_radix(name.strip_suffix(".pack")?, 16).ok()
+            })
+            .max()
+            .unwrap_or(0);
+        *last = highest.max(*last) + 1;
+        Ok(*last)
     }
 
     /// Whether a writer (`shoal serve`, `scan`, `repair`) holds the store's lock now.
