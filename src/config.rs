@@ -57,6 +57,11 @@ pub struct FileConfig {
     pub max_rate: Option<String>,
     /// `shoal serve --max-rate-peer`: `RATE` or `NODE=RATE` rules.
     pub max_rate_peer: Option<Vec<String>>,
+    /// `--keep-versions`, `--thin-versions`, `--versions-budget`: `VALUE` or
+    /// `VOLUME=VALUE` rules (`crate::retention`).
+    pub keep_versions: Option<Vec<String>>,
+    pub thin_versions: Option<Vec<String>>,
+    pub versions_budget: Option<Vec<String>>,
 }
 
 impl FileConfig {
@@ -188,5 +193,13 @@ mod tests {
         .unwrap();
         assert_eq!(serve.mode.as_deref(), Some("docker"));
         assert_eq!(serve.heartbeat, Some(5));
+        let retention: FileConfig = toml::from_str(
+            "keep-versions = [\"30d\", \"media=7d\"]\nthin-versions = [\"off\"]\nversions-budget = [\"10%\"]",
+        )
+        .unwrap();
+        assert_eq!(
+            retention.keep_versions,
+            Some(vec!["30d".to_string(), "media=7d".to_string()])
+        );
     }
 }

@@ -29,6 +29,8 @@
 //!   finding by a [`verify::Problem`] (`files.rs`, `locations.rs`, `packs.rs`).
 //! - [`repair`]: restores what verify finds damaged, from local copies or peers
 //!   (`index.rs`, `files.rs`, `packs.rs`).
+//! - [`retention`]: each volume's retention policy and the pure decision of which kept
+//!   versions it drops.
 //! - [`access`]: which nodes may hold which volume.
 //! - [`credentials`]: the cluster CA and each node's key and certificate (`shoal cluster
 //!   init`, `add-node`); [`identity`]: what a peer's certificate proves (its node id
@@ -90,6 +92,7 @@ pub mod pause;
 pub mod protocol;
 pub mod rate;
 pub mod repair;
+pub mod retention;
 pub mod revocation;
 pub mod scan;
 pub mod serve;

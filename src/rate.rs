@@ -31,6 +31,13 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
     if t.eq_ignore_ascii_case("off") {
         return Ok(0);
     }
+    parse_bytes(t).map_err(|_| rate_error(text))
+}
+
+/// A number of bytes as given: `2000`, `500K`, `10M`, `20MiB`, `1G`, `2T`; K, M, G, T are
+/// powers of 1024 (`KiB`, `MiB`, `GiB`, `TiB` the same).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
     let scale: u64 = match unit.to_ascii_lowercase().as_str() {
@@ -38,13 +45,14 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
         "k" | "kib" => 1 << 10,
         "m" | "mib" => 1 << 20,
         "g" | "gib" => 1 << 30,
-        _ => return Err(rate_error(text)),
+        "t" | "tib" => 1 << 40,
+        _ => return Err(format!("invalid size {text:?}")),
     };
     digits
         .parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(scale))
-        .ok_or_else(|| rate_error(text))
+        .ok_or_else(|| format!("invalid size {text:?}"))
 }
 
 fn rate_error(text: &str) -> String {

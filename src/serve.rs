@@ -71,6 +71,8 @@ pub struct ServeOptions {
     pub max_rate: u64,
     /// The same for each peer.
     pub max_rate_peer: crate::rate::PeerRates,
+    /// Each volume's retention policy for kept versions.
+    pub retention: crate::retention::Retention,
 }
 
 /// How often expired tombstones are looked for.

@@ -493,6 +493,8 @@ pub struct ServeFlags {
     pub max_rate: Option<String>,
     /// `--max-rate-peer` rules as given.
     pub max_rate_peer: Vec<String>,
+    /// Each volume's retention policy.
+    pub retention: crate::retention::Retention,
 }
 
 pub fn serve(
@@ -518,6 +520,7 @@ pub fn serve(
         metrics,
         max_rate,
         max_rate_peer,
+        retention,
     } = flags;
     let max_rate_peer = crate::rate::PeerRates::parse(&max_rate_peer)
         .map_err(|e| anyhow::anyhow!("--max-rate-peer (SHOAL_MAX_RATE_PEER): {e}"))?;
@@ -576,6 +579,7 @@ pub fn serve(
         tombstone_retention: Duration::from_secs(tombstone_days.saturating_mul(86_400)),
         max_rate,
         max_rate_peer,
+        retention,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(crate::serve::run(options, shutdown_signal()))?;

@@ -70,7 +70,7 @@ enum Command {
     /// Re-hash live files and packs against the index; exit 1 if anything is damaged.
     Verify(VerifyArgs),
     /// Run the daemon: mirror the volumes with peers over QUIC (mutual TLS).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// With the daemon stopped: restore what `verify` finds damaged, from local copies
     /// or peers; exit 1 if some damage could not be repaired.
     Repair(RepairArgs),
@@ -192,6 +192,9 @@ struct ServeArgs {
 
     #[command(flatten)]
     remote: RemoteArgs,
+
+    #[command(flatten)]
+    retention: RetentionArgs,
 
     /// Local address for /healthz, /metrics and /status ("off" to disable).
     #[arg(
@@ -332,6 +335,61 @@ struct RemoteArgs {
     /// the container's labels through the Docker socket.
     #[arg(long, env = "SHOAL_SERVICE", value_name = "NAME")]
     service: Option<String>,
+}
+
+/// How long kept versions stay (docs/OPERATIONS.md "Retention"). Each flag takes `VALUE`
+/// for every volume or `VOLUME=VALUE` for one (that rule wins); repeatable, and its
+/// environment variable takes a space-separated list.
+#[derive(Args, Debug, Clone)]
+struct RetentionArgs {
+    /// Keep a replaced or deleted version for this long: 90s, 12h, 30d, 4w; 0 keeps
+    /// none [default: 30d].
+    #[arg(
+        long,
+        env = "SHOAL_KEEP_VERSIONS",
+        value_name = "[VOLUME=]DURATION",
+        value_delimiter = ' '
+    )]
+    keep_versions: Vec<String>,
+
+    /// Staggered thinning, on or off: every version of the last hour, then the newest
+    /// of each hour for a day, of each day for 30 days, of each week after [default: on].
+    #[arg(
+        long,
+        env = "SHOAL_THIN_VERSIONS",
+        value_name = "[VOLUME=]on|off",
+        value_delimiter = ' '
+    )]
+    thin_versions: Vec<String>,
+
+    /// Room kept versions may take: a size (50GiB) or a percent of the volume's file
+    /// system (10%), the oldest dropped first beyond it; off: no limit [default: 10%].
+    #[arg(
+        long,
+        env = "SHOAL_VERSIONS_BUDGET",
+        value_name = "[VOLUME=]SIZE|PCT%",
+        value_delimiter = ' '
+    )]
+    versions_budget: Vec<String>,
+}
+
+impl RetentionArgs {
+    /// The rules, each list from the flags (or environment) if given, else from the file.
+    fn resolve(self, file: &FileConfig) -> anyhow::Result<crate::retention::Retention> {
+        let pick = |given: Vec<String>, from_file: &Option<Vec<String>>| match given
+            .iter()
+            .all(|g| g.trim().is_empty())
+        {
+            true => from_file.clone().unwrap_or_default(),
+            false => given,
+        };
+        let rules = crate::retention::RetentionRules {
+            keep_versions: pick(self.keep_versions, &file.keep_versions),
+            thin_versions: pick(self.thin_versions, &file.thin_versions),
+            versions_budget: pick(self.versions_budget, &file.versions_budget),
+        };
+        crate::retention::Retention::parse(&rules).map_err(anyhow::Error::msg)
+    }
 }
 
 /// Where the volumes and the store are.
@@ -675,6 +733,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         }
         Command::Serve(args) => {
             let file = file_config(cli.config.as_ref())?;
+            let retention = args.retention.resolve(&file)?;
             let serve = commands::ServeFlags {
                 mode: args.remote.mode.or(file.mode),
                 peers: if args.remote.peers.is_empty() {
@@ -692,6 +751,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 access: crate::access::Access::resolve(&args.access, file.access)?,
                 service: args.remote.service,
                 metrics: args.metrics,
+                retention,
                 max_rate: args.max_rate.or(file.max_rate),
                 max_rate_peer: match args.max_rate_peer.is_empty() {
                     true => file.max_rate_peer.unwrap_or_default(),
