@@ -230,10 +230,10 @@ impl Version {
 }
 
 /// The names of the nodes this node knows: its own and its peers'.
-struct KnownNodes(Vec<(NodeId, String)>);
+pub(crate) struct KnownNodes(Vec<(NodeId, String)>);
 
 impl KnownNodes {
-    fn of(node: &Node) -> KnownNodes {
+    pub(crate) fn of(node: &Node) -> KnownNodes {
         let me = node.identity().map(|i| (node.meta.node_id, i.name));
         let peers = node
             .peers()
@@ -242,7 +242,7 @@ impl KnownNodes {
         KnownNodes(me.into_iter().chain(peers).collect())
     }
 
-    fn name(&self, id: NodeId) -> Option<String> {
+    pub(crate) fn name(&self, id: NodeId) -> Option<String> {
         self.0
             .iter()
             .find(|(n, _)| *n == id)
@@ -362,7 +362,7 @@ fn kept_name(copy: &[u8]) -> Vec<u8> {
 
 /// The volume and path `path` names: `VOLUME/PATH`, or an absolute path inside one of
 /// the volumes' directories.
-fn locate<'a>(node: &'a Node, path: &[u8]) -> Result<(&'a Volume, VolPath), String> {
+pub(crate) fn locate<'a>(node: &'a Node, path: &[u8]) -> Result<(&'a Volume, VolPath), String> {
     let bad = |e: crate::pathname::InvalidPath| format!("{}: {e}", escape(path));
     if path.starts_with(b"/") {
         for volume in &node.volumes {

@@ -12,6 +12,7 @@
 //! read within [`TIMEOUT`]; the answer `ok MESSAGE` or `error MESSAGE`.
 
 use std::io::{BufRead, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -91,6 +92,12 @@ pub enum Command {
         keep: Keep,
         path: Vec<u8>,
     },
+    /// The kept versions of a path (`VOLUME/PATH` or absolute; sent hex-encoded),
+    /// answered as one line of JSON ([`crate::restore::Listing`]).
+    Versions(Vec<u8>),
+    /// Put a path back as it was ([`crate::restore::Request`]), answered as one line of
+    /// JSON ([`crate::restore::Restored`]).
+    Restore(crate::restore::Request),
 }
 
 impl Command {
@@ -111,6 +118,21 @@ impl Command {
             Command::Conflicts(Some(volume)) => return format!("conflicts {volume}"),
             Command::Resolve { keep, path } => {
                 return format!("resolve {} {}", keep.word(), crate::ids::to_hex(path));
+            }
+            Command::Versions(path) => return format!("versions {}", crate::ids::to_hex(path)),
+            Command::Restore(request) => {
+                let mut line = format!("restore {}", crate::ids::to_hex(&request.path));
+                if let Some(at) = request.at {
+                    line.push_str(&format!(" at={at}"));
+                }
+                if let Some(version) = request.version {
+                    line.push_str(&format!(" version={}", version.to_hex()));
+                }
+                if let Some(to) = &request.to {
+                    let to = crate::ids::to_hex(to.as_os_str().as_encoded_bytes());
+                    line.push_str(&format!(" to={to}"));
+                }
+                return line;
             }
         };
         match target {
@@ -151,6 +173,10 @@ impl Command {
                 Target::Node => Command::Conflicts(None),
                 Target::Volume(name) => Command::Conflicts(Some(name)),
             }),
+            Some((&"versions", [path])) => crate::ids::from_hex(path)
+                .map(Command::Versions)
+                .ok_or_else(|| format!("{path:?} is not a hex-encoded path")),
+            Some((&"restore", [path, options @ ..])) => parse_restore(path, options),
             Some((&"resolve", [keep, path])) => Ok(Command::Resolve {
                 keep: Keep::parse(keep)?,
                 path: crate::ids::from_hex(path)
@@ -295,6 +321,17 @@ async fn act(node: &Arc<Node>, command: Command) -> Result<String, String> {
         Command::Resolve { keep, path } => {
             return crate::conflicts::resolve(node, &path, keep).await;
         }
+        Command::Versions(path) => {
+            let node = node.clone();
+            let listing = tokio::task::spawn_blocking(move || crate::restore::list(&node, &path))
+                .await
+                .map_err(|e| format!("listing versions failed: {e}"))??;
+            return serde_json::to_string(&listing).map_err(|e| e.to_string());
+        }
+        Command::Restore(request) => {
+            let restored = crate::restore::restore(node, request).await?;
+            return serde_json::to_string(&restored).map_err(|e| e.to_string());
+        }
         Command::SetPeerMaxRate { node: name, rate } => {
             node.rate.set_peer_rate(name.as_deref(), rate);
             let whom = name.map_or("each peer".to_string(), |n| format!("peer {n}"));
@@ -356,6 +393,55 @@ async fn act(node: &Arc<Node>, command: Command) -> Result<String, String> {
     })
 }
 
+/// `restore HEXPATH [at=NS] [version=HEX] [to=HEXPATH]`.
+fn parse_restore(path: &str, options: &[&str]) -> Result<Command, String> {
+    let hex = |what: &str, text: &str| {
+        crate::ids::from_hex(text).ok_or_else(|| format!("{what} {text:?} is not hex-encoded"))
+    };
+    let mut request = crate::restore::Request {
+        path: hex("path", path)?,
+        at: None,
+        version: None,
+        to: None,
+    };
+    for option in options {
+        match option.split_once('=') {
+            Some(("at", ns)) => {
+                request.at = Some(ns.parse().map_err(|_| format!("at={ns:?} is not a time"))?)
+            }
+            Some(("version", id)) => {
+                request.version = Some(
+                    crate::store::versions::VersionId::from_hex(id)
+                        .ok_or_else(|| format!("version={id:?} is not a version id"))?,
+                )
+            }
+            Some(("to", dir)) => {
+                let bytes = hex("to", dir)?;
+                request.to = Some(std::path::PathBuf::from(std::ffi::OsStr::from_bytes(
+                    &bytes,
+                )));
+            }
+            _ => return Err(format!("unknown restore option {option:?}")),
+        }
+    }
+    if request.at.is_some() && request.version.is_some() {
+        return Err("give at= or version=, not both".to_string());
+    }
+    Ok(Command::Restore(request))
+}
+
+impl Command {
+    /// How long the CLI waits for the daemon's answer: a restore takes as long as its
+    /// files take to assemble and fetch.
+    fn answer_timeout(&self) -> std::time::Duration {
+        match self {
+            Command::Restore(_) => std::time::Duration::from_secs(24 * 3600),
+            Command::Versions(_) | Command::Conflicts(_) => std::time::Duration::from_secs(120),
+            _ => TIMEOUT,
+        }
+    }
+}
+
 /// Sends `command` to the daemon whose state directory is `state_dir`; its answer's
 /// message, or why it refused.
 pub fn request(state_dir: &Path, command: &Command) -> Result<String, ControlError> {
@@ -369,7 +455,9 @@ pub fn request(state_dir: &Path, command: &Command) -> Result<String, ControlErr
         source,
     };
     let mut stream = std::os::unix::net::UnixStream::connect(&path).map_err(connect)?;
-    stream.set_read_timeout(Some(TIMEOUT)).map_err(exchange)?;
+    stream
+        .set_read_timeout(Some(command.answer_timeout()))
+        .map_err(exchange)?;
     stream.set_write_timeout(Some(TIMEOUT)).map_err(exchange)?;
     stream
         .write_all(format!("{}\n", command.line()).as_bytes())

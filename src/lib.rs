@@ -60,7 +60,8 @@
 //! - [`control`]: the local control socket the CLI commands the daemon through;
 //!   [`pause`]: which volumes (or the node) an operator paused, kept across restarts;
 //!   [`rate`]: the bandwidth limit on chunk bytes; [`conflicts`]: conflict copies as an
-//!   operator lists and settles them.
+//!   operator lists and settles them; [`restore`]: kept versions as an operator lists
+//!   them and puts them back.
 //! - [`config`]: settings from flags, environment, TOML file and defaults.
 //! - [`cli`]: the `shoal` command line.
 //!
@@ -92,6 +93,7 @@ pub mod pause;
 pub mod protocol;
 pub mod rate;
 pub mod repair;
+pub mod restore;
 pub mod retention;
 pub mod revocation;
 pub mod scan;

@@ -8,6 +8,7 @@
 mod commands;
 mod conflicts;
 mod status;
+mod versions;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -90,6 +91,14 @@ enum Command {
     /// List the conflict copies of a volume (or of every volume) with the name each lost
     /// and both versions' nodes, times and sizes; `shoal conflicts resolve` settles one.
     Conflicts(ConflictsArgs),
+    /// List the kept versions of a file or directory: what changes from peers replaced
+    /// or deleted on this node (when, by which node, where the content is held).
+    Versions(VersionsArgs),
+    /// Put a file, a directory or a whole volume back as it was: the newest kept
+    /// version of a file, one version (--version), or what was there at a time (--at).
+    /// In place it is an ordinary change that syncs to every node; --to writes the
+    /// files elsewhere and syncs nothing. Chunks this node lacks come from its peers.
+    Restore(RestoreArgs),
     /// Cluster credentials.
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -487,6 +496,48 @@ enum SetCommand {
     },
 }
 
+#[derive(Args, Debug)]
+struct VersionsArgs {
+    /// VOLUME/PATH, or a path on disk inside a volume (VOLUME alone: the whole volume).
+    path: PathBuf,
+
+    /// Print as JSON.
+    #[arg(long)]
+    json: bool,
+
+    #[command(flatten)]
+    locations: Locations,
+}
+
+/// `--version` is the version to restore, not Shoal's own.
+#[derive(Args, Debug)]
+#[command(disable_version_flag = true)]
+struct RestoreArgs {
+    /// VOLUME/PATH, or a path on disk inside a volume (VOLUME alone: the whole volume).
+    path: PathBuf,
+
+    /// Put back what was there at this time: RFC 3339 in UTC (`2026-11-30T19:00:00Z`)
+    /// or @SECONDS since the Unix epoch. Names added since are left alone.
+    #[arg(long, value_name = "TIME", conflicts_with = "version_id")]
+    at: Option<String>,
+
+    /// Put back this version of a file (its id, as `shoal versions` prints it).
+    #[arg(long = "version", id = "version_id", value_name = "ID")]
+    version_id: Option<String>,
+
+    /// Write the restored files under DIR (outside every volume) instead of in place;
+    /// nothing syncs.
+    #[arg(long, value_name = "DIR")]
+    to: Option<PathBuf>,
+
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+
+    #[command(flatten)]
+    locations: Locations,
+}
+
 /// `shoal conflicts`: asks the running daemon (its control socket).
 #[derive(Args, Debug)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -812,6 +863,19 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 conflicts::resolve(&state_dir, &path, keep)
             }
         },
+        Command::Versions(args) => versions::versions(
+            &settings(cli.config, args.locations, None)?,
+            &args.path,
+            args.json,
+        ),
+        Command::Restore(args) => versions::restore(
+            &settings(cli.config, args.locations, None)?,
+            &args.path,
+            args.at,
+            args.version_id,
+            args.to,
+            args.json,
+        ),
         Command::Cluster(ClusterCommand::Init { out }) => commands::cluster_init(&out),
         Command::Cluster(ClusterCommand::AddNode {
             name,

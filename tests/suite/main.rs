@@ -24,3 +24,4 @@ mod sync;
 mod tree_props;
 mod util;
 mod verify;
+mod versions;

@@ -1,6 +1,7 @@
 //! Applying what was decided: directories, symlinks and FIFOs in place, deletes at the
 //! end, then the directories' mtimes.
 
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 
@@ -12,6 +13,7 @@ use crate::entry::{Causality, Entry, EntryKind, MODE_MASK};
 use crate::pathname::{VolPath, escape};
 use crate::store::Durability;
 use crate::store::codec::ScanStamp;
+use crate::store::versions::{KeptChunks, VersionRecord, Why};
 use crate::sync::SyncError;
 use crate::volume_fs::stamp_of_stat;
 
@@ -286,6 +288,41 @@ impl Pull {
         Ok(())
     }
 
+    /// Keeps the versions `deletes` are about to remove (those a delete would apply to
+    /// now): their chunks appended to a version pack, made durable in one fsync, and
+    /// their pack records written, before any file goes. Each record is written with
+    /// its name's tombstone.
+    fn keep_deleted(
+        &self,
+        deletes: &[(VolPath, Vec<u8>, Entry)],
+    ) -> Result<HashMap<(VolPath, Vec<u8>), VersionRecord>, SyncError> {
+        let vol = self.volume().id;
+        let mut kept = KeptChunks::default();
+        let mut versions = HashMap::new();
+        for (dir, name, tombstone) in deletes {
+            let Some(local) = self.node.store.entry(vol, dir, name)? else {
+                continue;
+            };
+            if tombstone.version.compare(&local.version) != Causality::Dominates {
+                continue;
+            }
+            let record = self.keep_version(
+                &mut kept,
+                (dir, name),
+                &local,
+                (&tombstone.version, &[]),
+                Why::Deleted,
+            )?;
+            if let Some(record) = record {
+                versions.insert((dir.clone(), name.clone()), record);
+            }
+        }
+        let mut batch = self.node.store.batch();
+        kept.finish(&self.node.store, &mut batch)?;
+        self.node.store.write(batch, Durability::Buffered)?;
+        Ok(versions)
+    }
+
     /// Applies the deferred deletes, deepest first.
     pub(super) fn apply_deletes(&mut self) -> Result<(), SyncError> {
         let mut deletes = std::mem::take(&mut self.deferred);
@@ -293,6 +330,7 @@ impl Pull {
         self.renames_seen = 0;
         deletes.sort_by_key(|(dir, _, _)| std::cmp::Reverse(dir.depth()));
         let vol = self.volume().id;
+        let mut versions = self.keep_deleted(&deletes)?;
         for (dir, name, tombstone) in deletes {
             let Ok(dir_fd) = self.volume().fs.open_dir(&dir, false) else {
                 continue;
@@ -315,6 +353,9 @@ impl Pull {
             };
             let mut batch = self.node.store.batch();
             if removed {
+                if let Some(version) = versions.remove(&(dir.clone(), name.clone())) {
+                    batch.put_version(&version);
+                }
                 self.forget_chunks_in(&mut batch, &dir, &name, &local)?;
                 batch.put_entry(vol, &dir, &name, &tombstone);
                 batch.delete_stamp(vol, &dir, &name);

@@ -210,7 +210,9 @@ impl Pull {
         self.node.stats.conflicts.fetch_add(1, Ordering::Relaxed);
         if remote_wins {
             // Our version moves aside, under its conflict name, with its history.
-            if !local.is_tombstone() && !self.move_aside(dir, name, &local, &copy_name)? {
+            if !local.is_tombstone()
+                && !self.move_aside(dir, name, &local, &copy_name, &merged_version)?
+            {
                 self.report.skipped += 1;
                 return Ok(());
             }
@@ -285,6 +287,7 @@ impl Pull {
         name: &[u8],
         local: &Entry,
         copy_name: &[u8],
+        winner: &crate::entry::VersionVector,
     ) -> Result<bool, SyncError> {
         let vol = self.volume().id;
         let dir_fd = self.volume().fs.open_dir(dir, false)?;
@@ -296,6 +299,15 @@ impl Pull {
             );
             return Ok(false);
         }
+        // The loser is a version of the name too: kept whatever becomes of its copy.
+        let mut kept = crate::store::versions::KeptChunks::default();
+        let version = self.keep_version(
+            &mut kept,
+            (dir, name),
+            local,
+            (winner, &[]),
+            crate::store::versions::Why::ConflictLoser,
+        )?;
         if let Err(e) = rustix::fs::renameat_with(
             &dir_fd,
             OsStr::from_bytes(name),
@@ -312,6 +324,10 @@ impl Pull {
         }
         crate::volume_fs::VolumeFs::fsync_dir(&dir_fd)?;
         let mut batch = self.node.store.batch();
+        kept.finish(&self.node.store, &mut batch)?;
+        if let Some(version) = &version {
+            batch.put_version(version);
+        }
         batch.put_entry(vol, dir, copy_name, local);
         if let EntryKind::File { .. } = local.kind {
             let chunks = self.indexed_chunks(dir, name, Some(local))?;

@@ -373,8 +373,27 @@ impl Pull {
         for file in &ready {
             batch.delete_publishing(vol, &file.job.dir, &file.job.name);
         }
+        // The versions the batch replaces are kept before the renames take them: their
+        // chunks durable in a version pack (one fsync for the batch), their records
+        // written with the index write below.
+        let mut kept = crate::store::versions::KeptChunks::default();
+        let mut versions = Vec::with_capacity(ready.len());
+        for file in &ready {
+            let record = match &file.job.replaces {
+                Some(old) if !old.is_dir() => self.keep_version(
+                    &mut kept,
+                    (&file.job.dir, &file.job.name),
+                    old,
+                    (&file.job.entry.version, &file.chunks),
+                    crate::store::versions::Why::Replaced,
+                )?,
+                _ => None,
+            };
+            versions.push(record);
+        }
+        kept.finish(&node.store, &mut batch)?;
         let mut published = Vec::new();
-        for file in ready {
+        for (file, version) in ready.into_iter().zip(versions) {
             let name = escape(&file.job.name);
             let path = file
                 .job
@@ -384,7 +403,12 @@ impl Pull {
             let size = file.job.size();
             let (dir, file_name) = (file.job.dir.clone(), file.job.name.clone());
             match self.publish_one(fs, &mut dirs, &mut batch, file) {
-                Ok(true) => published.push((path.unwrap_or(name), size)),
+                Ok(true) => {
+                    if let Some(version) = &version {
+                        batch.put_version(version);
+                    }
+                    published.push((path.unwrap_or(name), size))
+                }
                 Ok(false) => self.report.skipped += 1,
                 // A name this file system refuses is listed (and said once).
                 Err(e) if e.refusal().is_some() => self.placed(&dir, &file_name, Err(e))?,

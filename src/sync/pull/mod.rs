@@ -13,10 +13,13 @@
 //!    atomic renames, directory fsyncs, one durable index write.
 //!    Other names of a hard-linked file are linked to their group's leader once the
 //!    round's files are in: transferred once, one inode as on the peer.
-//! 5. Deletes run last, deepest first, so content that moved elsewhere in the same round
+//! 5. Before a file is replaced or deleted, the version there is kept ([`keep`]): its
+//!    chunks the new content lacks go into a version pack, made durable before the old
+//!    bytes are gone, and its record is written with the change's own index write.
+//! 6. Deletes run last, deepest first, so content that moved elsewhere in the same round
 //!    is still there to be reused; a local file changed since the last scan is never
 //!    overwritten or deleted (the next scan indexes it and it syncs as a change).
-//! 6. Every directory the round changed gets back the mtime its entry records (applying
+//! 7. Every directory the round changed gets back the mtime its entry records (applying
 //!    its children moved it).
 //!
 //! The volume lock (which a scan holds too) is never held while waiting on the network:
@@ -30,6 +33,7 @@
 mod apply;
 mod decide;
 mod files;
+mod keep;
 mod links;
 mod walk;
 
