@@ -28,6 +28,7 @@ impl Store {
             store: self,
             wb: WriteBatch::default(),
             ops: 0,
+            changed: Vec::new(),
         }
     }
 
@@ -40,9 +41,13 @@ impl Store {
             Durability::Durable => durable(),
             Durability::Buffered => WriteOptions::default(),
         };
-        self.db
-            .write_opt(batch.wb, &options)
-            .map_err(|e| self.rocks(e))
+        if batch.changed.is_empty() {
+            return self
+                .db
+                .write_opt(batch.wb, &options)
+                .map_err(|e| self.rocks(e));
+        }
+        self.write_numbered(batch.wb, &batch.changed, &options)
     }
 
     /// Makes every write so far durable.
@@ -62,6 +67,9 @@ pub struct Batch<'s> {
     pub(super) store: &'s Store,
     pub(super) wb: WriteBatch,
     pub(super) ops: usize,
+    /// The entries this batch writes, as (volume, entry key without the volume): each
+    /// gets the next number of its volume's change feed when the batch is written.
+    pub(super) changed: Vec<(VolumeId, Vec<u8>)>,
 }
 
 impl Batch<'_> {
@@ -89,12 +97,11 @@ impl Batch<'_> {
         self.put(CF_META, &volume_meta_key(name), &value);
     }
 
+    /// Writes an entry, and numbers the change in the volume's feed.
     pub fn put_entry(&mut self, vol: VolumeId, dir: &VolPath, name: &[u8], entry: &Entry) {
-        self.put(
-            CF_ENTRIES,
-            &entry_key(vol, dir, name),
-            &codec::encode_entry(entry),
-        );
+        let key = entry_key(vol, dir, name);
+        self.put(CF_ENTRIES, &key, &codec::encode_entry(entry));
+        self.changed.push((vol, key[4..].to_vec()));
     }
 
     /// Records that sync is about to rename a received file with `entry` into place at
@@ -111,7 +118,9 @@ impl Batch<'_> {
         self.delete(CF_META, &publishing_key(vol, dir, name));
     }
 
-    /// Forgets a name entirely, without a tombstone (for names that never synced).
+    /// Forgets a name entirely, without a tombstone (for names that never synced, and
+    /// tombstones past their retention): not a change the feed numbers, since no peer
+    /// is to act on it.
     pub fn delete_entry(&mut self, vol: VolumeId, dir: &VolPath, name: &[u8]) {
         self.delete(CF_ENTRIES, &entry_key(vol, dir, name));
     }

@@ -41,6 +41,13 @@ const META_VOLUME_PREFIX: &[u8] = b"volume/";
 /// `publishing/` ++ entry key: a file sync is about to rename into place (see
 /// [`publishing_key`]).
 const META_PUBLISHING_PREFIX: &[u8] = b"publishing/";
+/// `feed/` ++ u32 BE volume: the volume's change feed (id, lower bound, reserved numbers).
+const META_FEED_PREFIX: &[u8] = b"feed/";
+/// `change/` ++ u32 BE volume ++ u64 BE number: the entry one change of the feed wrote.
+const META_CHANGE_PREFIX: &[u8] = b"change/";
+/// `feed-mark/` ++ u32 BE volume ++ u64 BE peer node id: how far this node applied the
+/// peer's feed of the volume.
+const META_FEED_MARK_PREFIX: &[u8] = b"feed-mark/";
 
 /// Location kinds in `chunks` keys.
 const LOCATION_LIVE: u8 = 0;
@@ -62,6 +69,46 @@ pub fn publishing_range(vol: VolumeId) -> (Vec<u8>, Vec<u8>) {
     let start = [META_PUBLISHING_PREFIX, &vol.0.to_be_bytes()[..]].concat();
     let end = successor(&start);
     (start, end)
+}
+
+/// The key of volume `vol`'s feed state (see `super::feed`).
+pub fn feed_key(vol: VolumeId) -> Vec<u8> {
+    [META_FEED_PREFIX, &vol.0.to_be_bytes()[..]].concat()
+}
+
+/// The key of change number `seq` of volume `vol`'s feed; its value is the entry key
+/// without the volume (`dir || 0x00 || name`).
+pub fn change_key(vol: VolumeId, seq: u64) -> Vec<u8> {
+    [
+        META_CHANGE_PREFIX,
+        &vol.0.to_be_bytes()[..],
+        &seq.to_be_bytes()[..],
+    ]
+    .concat()
+}
+
+/// The keys of every change of volume `vol`'s feed, in number order.
+pub fn changes_range(vol: VolumeId) -> (Vec<u8>, Vec<u8>) {
+    let start = [META_CHANGE_PREFIX, &vol.0.to_be_bytes()[..]].concat();
+    let end = successor(&start);
+    (start, end)
+}
+
+/// The directory and name of a change record's value (an entry key without its
+/// volume), validated.
+pub fn parse_change_entry(value: &[u8]) -> Result<(VolPath, Vec<u8>), String> {
+    let key = [&[0u8; 4][..], value].concat();
+    parse_entry_key(&key).map(|(_, dir, name)| (dir, name.to_vec()))
+}
+
+/// The key of the mark up to which this node applied `peer`'s feed of volume `vol`.
+pub fn feed_mark_key(vol: VolumeId, peer: crate::ids::NodeId) -> Vec<u8> {
+    [
+        META_FEED_MARK_PREFIX,
+        &vol.0.to_be_bytes()[..],
+        &peer.0.to_be_bytes()[..],
+    ]
+    .concat()
 }
 
 pub fn volume_meta_range() -> (Vec<u8>, Vec<u8>) {

@@ -15,6 +15,7 @@ mod batch;
 mod busy;
 mod chunks;
 pub mod codec;
+mod feed;
 pub mod keys;
 pub mod pack;
 pub mod versions;
@@ -22,6 +23,7 @@ pub mod versions;
 pub use batch::{Batch, Durability};
 pub use busy::{BUSY_PACK_AGE, BUSY_PACK_BYTES};
 pub use chunks::ChunkLocation;
+pub use feed::{Changes, DEFAULT_RETENTION as DEFAULT_FEED_RETENTION, FeedId, FeedMark};
 
 use std::fs::{self, File};
 use std::io;
@@ -157,6 +159,8 @@ pub struct Store {
     versions: versions::VersionPacks,
     /// The highest pack number handed out by [`Store::new_pack_number`].
     last_pack: std::sync::Mutex<u64>,
+    /// The numbering of each volume's changes ([`feed`]).
+    feeds: feed::Feeds,
 }
 
 type RawItem = Result<(Box<[u8]>, Box<[u8]>), StoreError>;
@@ -239,6 +243,7 @@ impl Store {
                 busy: Default::default(),
                 versions: Default::default(),
                 last_pack: Default::default(),
+                feeds: Default::default(),
             });
         }
         if existing.is_none() && !options.create {
@@ -266,6 +271,7 @@ impl Store {
             busy: Default::default(),
             versions: Default::default(),
             last_pack: Default::default(),
+            feeds: Default::default(),
         };
         store.retire_leftover_busy_packs()?;
         Ok(store)

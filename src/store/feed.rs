@@ -1,0 +1,503 @@
+//! The change feed: every write of an entry is numbered, per volume, so that a peer that
+//! has applied this node's changes up to number N can ask for what changed since N
+//! (`GetChanges`, `schema/protocol.md`) instead of walking the Merkle tree.
+//!
+//! A feed is named by a random [`FeedId`], made when the feed is first used in an index:
+//! an index rebuilt by `shoal repair --rebuild-index` (or a state directory started
+//! afresh) has a new id, so a peer's remembered number is never read against another
+//! numbering. Numbers are handed out in commit order, under one lock, inside the batch
+//! that writes the entry ([`Store::write`]): a reader that sees number N sees every
+//! number below it. They are never reused: blocks of [`RESERVE_BLOCK`] numbers are
+//! reserved durably before any of them is written, and a store opened again starts
+//! after the last reserved block, so a number a peer saw before a power loss (in a
+//! write that the loss undid) is not given to another change.
+//!
+//! The feed keeps the last [`DEFAULT_RETENTION`] numbers of each volume (a count, not
+//! an age: `shoal serve --feed-retention`); older records are cut in the batch that goes
+//! past the bound, and the feed's lower bound moves with them. A peer whose number is
+//! below it walks the tree instead.
+
+use std::collections::hash_map::Entry as MapEntry;
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rocksdb::WriteBatch;
+
+use super::keys::{
+    CF_META, change_key, changes_range, feed_key, feed_mark_key, parse_change_entry,
+};
+use super::{Store, StoreError};
+use crate::ids::{NodeId, VolumeId};
+use crate::pathname::VolPath;
+
+/// Numbers of a volume's feed kept by default: a peer that fell further behind walks the
+/// tree. About 100 bytes each on disk (the key and the entry's path).
+pub const DEFAULT_RETENTION: u64 = 100_000;
+/// Numbers reserved durably at once (skipped, unused, when the store is opened again).
+pub const RESERVE_BLOCK: u64 = 1 << 16;
+/// Numbers past the retention before old records are cut (so cutting is rare).
+const TRIM_SLACK: u64 = 1024;
+
+/// The name of one numbering of a volume's changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FeedId(pub u64);
+
+impl std::fmt::Display for FeedId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// A position in a feed: every change numbered up to `seq` is included.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FeedMark {
+    pub feed: FeedId,
+    pub seq: u64,
+}
+
+impl FeedMark {
+    /// `u64 LE feed id || u64 LE seq`.
+    fn encode(self) -> [u8; 16] {
+        let mut out = [0; 16];
+        out[..8].copy_from_slice(&self.feed.0.to_le_bytes());
+        out[8..].copy_from_slice(&self.seq.to_le_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let bytes: &[u8; 16] = bytes.try_into().ok()?;
+        Some(FeedMark {
+            feed: FeedId(u64::from_le_bytes(bytes[..8].try_into().ok()?)),
+            seq: u64::from_le_bytes(bytes[8..].try_into().ok()?),
+        })
+    }
+}
+
+/// What a feed holds after a mark.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Changes {
+    /// The names changed after the mark (each once, in the order of their first change
+    /// in the window, with that change's number), and the mark they bring the reader
+    /// to; `more` when the feed holds changes past it.
+    Since {
+        names: Vec<(u64, VolPath, Vec<u8>)>,
+        high: FeedMark,
+        more: bool,
+    },
+    /// The feed does not reach back to the mark (another feed id, a number below the
+    /// lower bound, or past the newest): the reader walks the tree; `current` is where
+    /// the feed is now.
+    Gone { current: FeedMark },
+}
+
+/// One volume's feed as the writer knows it.
+#[derive(Clone, Copy, Debug)]
+struct VolumeFeed {
+    id: FeedId,
+    /// The lowest number still kept.
+    first: u64,
+    /// The number the next change gets.
+    next: u64,
+    /// Numbers below this are reserved durably.
+    reserved: u64,
+}
+
+impl VolumeFeed {
+    /// `u64 LE id || u64 LE first || u64 LE reserved`.
+    fn encode(&self) -> [u8; 24] {
+        let mut out = [0; 24];
+        out[..8].copy_from_slice(&self.id.0.to_le_bytes());
+        out[8..16].copy_from_slice(&self.first.to_le_bytes());
+        out[16..].copy_from_slice(&self.reserved.to_le_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<(FeedId, u64, u64)> {
+        let bytes: &[u8; 24] = bytes.try_into().ok()?;
+        let n = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
+        Some((FeedId(n(0)), n(8), n(16)))
+    }
+
+    fn high(&self) -> FeedMark {
+        FeedMark {
+            feed: self.id,
+            seq: self.next - 1,
+        }
+    }
+}
+
+/// The writer's state of every volume's feed (loaded on first use).
+pub(super) struct Feeds {
+    volumes: Mutex<HashMap<VolumeId, VolumeFeed>>,
+    retention: AtomicU64,
+}
+
+impl Default for Feeds {
+    fn default() -> Self {
+        Feeds {
+            volumes: Mutex::default(),
+            retention: AtomicU64::new(DEFAULT_RETENTION),
+        }
+    }
+}
+
+impl Store {
+    /// How many numbers of each volume's feed are kept (at least 1).
+    pub fn set_feed_retention(&self, changes: u64) {
+        self.feeds
+            .retention
+            .store(changes.max(1), Ordering::Relaxed);
+    }
+
+    /// Numbers the changed entries of `wb` (`changed`: volume and entry key without the
+    /// volume) and writes it with `options`, all under the feed lock so that numbers
+    /// are committed in order.
+    pub(super) fn write_numbered(
+        &self,
+        mut wb: WriteBatch,
+        changed: &[(VolumeId, Vec<u8>)],
+        options: &rocksdb::WriteOptions,
+    ) -> Result<(), StoreError> {
+        let mut volumes = self.feeds.volumes.lock().expect("feed lock");
+        let retention = self.feeds.retention.load(Ordering::Relaxed);
+        let mut touched: HashSet<VolumeId> = HashSet::new();
+        for (vol, key) in changed {
+            let feed = self.volume_feed(&mut volumes, *vol)?;
+            if feed.next >= feed.reserved {
+                feed.reserved = feed.next + RESERVE_BLOCK;
+                let state = feed.encode();
+                self.put_durably(&feed_key(*vol), &state)?;
+            }
+            wb.put_cf(self.cf(CF_META), change_key(*vol, feed.next), key);
+            feed.next += 1;
+            touched.insert(*vol);
+        }
+        for vol in touched {
+            let feed = volumes.get_mut(&vol).expect("numbered above");
+            if feed.next - feed.first > retention + TRIM_SLACK {
+                let first = feed.next - retention;
+                wb.delete_range_cf(
+                    self.cf(CF_META),
+                    change_key(vol, feed.first),
+                    change_key(vol, first),
+                );
+                feed.first = first;
+                wb.put_cf(self.cf(CF_META), feed_key(vol), feed.encode());
+            }
+        }
+        self.db.write_opt(wb, options).map_err(|e| self.rocks(e))
+    }
+
+    /// Where volume `vol`'s feed is now (its id and newest number).
+    pub fn feed_mark(&self, vol: VolumeId) -> Result<FeedMark, StoreError> {
+        let mut volumes = self.feeds.volumes.lock().expect("feed lock");
+        Ok(self.volume_feed(&mut volumes, vol)?.high())
+    }
+
+    /// The names of `vol` changed after `since`, at most `max` of them (see [`Changes`]).
+    pub fn changes_since(
+        &self,
+        vol: VolumeId,
+        since: FeedMark,
+        max: usize,
+    ) -> Result<Changes, StoreError> {
+        // Every number below `next` is committed (or failed) once the lock is free.
+        let feed = {
+            let mut volumes = self.feeds.volumes.lock().expect("feed lock");
+            *self.volume_feed(&mut volumes, vol)?
+        };
+        let current = feed.high();
+        if since.feed != feed.id
+            || since.seq.saturating_add(1) < feed.first
+            || since.seq > current.seq
+        {
+            return Ok(Changes::Gone { current });
+        }
+        let (_, end) = changes_range(vol);
+        let mut names = Vec::new();
+        let mut seen = HashSet::new();
+        let mut high = current;
+        let mut more = false;
+        for item in self.range(CF_META, change_key(vol, since.seq + 1), end) {
+            let (key, value) = item?;
+            let seq = u64::from_be_bytes(
+                key[key.len() - 8..]
+                    .try_into()
+                    .map_err(|_| StoreError::corrupt(CF_META, &key, "short change key"))?,
+            );
+            if seq >= feed.next {
+                break;
+            }
+            if !seen.contains(&value[..]) {
+                if names.len() >= max {
+                    high.seq = seq - 1;
+                    more = true;
+                    break;
+                }
+                let (dir, name) = parse_change_entry(&value)
+                    .map_err(|e| StoreError::corrupt(CF_META, &key, e))?;
+                names.push((seq, dir, name));
+                seen.insert(value);
+            }
+        }
+        Ok(Changes::Since { names, high, more })
+    }
+
+    /// The mark of `peer`'s feed of volume `vol` that this node has applied, if any.
+    pub fn applied_mark(
+        &self,
+        vol: VolumeId,
+        peer: NodeId,
+    ) -> Result<Option<FeedMark>, StoreError> {
+        let key = feed_mark_key(vol, peer);
+        self.get(CF_META, &key)?
+            .map(|bytes| {
+                FeedMark::decode(&bytes)
+                    .ok_or_else(|| StoreError::corrupt(CF_META, &key, "not 16 bytes"))
+            })
+            .transpose()
+    }
+
+    /// Records durably that this node applied `peer`'s feed of `vol` up to `mark`. The
+    /// caller has made what it applied durable first ([`Store::sync`]).
+    pub fn set_applied_mark(
+        &self,
+        vol: VolumeId,
+        peer: NodeId,
+        mark: FeedMark,
+    ) -> Result<(), StoreError> {
+        let mut batch = self.batch();
+        batch.put(CF_META, &feed_mark_key(vol, peer), &mark.encode());
+        self.write(batch, super::Durability::Durable)
+    }
+
+    /// The writer's state of `vol`'s feed, loaded (and a new block reserved) or made on
+    /// first use.
+    fn volume_feed<'v>(
+        &self,
+        volumes: &'v mut HashMap<VolumeId, VolumeFeed>,
+        vol: VolumeId,
+    ) -> Result<&'v mut VolumeFeed, StoreError> {
+        let slot = match volumes.entry(vol) {
+            MapEntry::Occupied(known) => return Ok(known.into_mut()),
+            MapEntry::Vacant(slot) => slot,
+        };
+        let key = feed_key(vol);
+        let feed = match self.get(CF_META, &key)? {
+            Some(bytes) => {
+                let (id, first, reserved) = VolumeFeed::decode(&bytes)
+                    .ok_or_else(|| StoreError::corrupt(CF_META, &key, "not 24 bytes"))?;
+                VolumeFeed {
+                    id,
+                    first,
+                    next: reserved,
+                    reserved: reserved + RESERVE_BLOCK,
+                }
+            }
+            None => {
+                let id = NodeId::random().map_err(|e| StoreError::Io {
+                    path: self.state_dir.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                VolumeFeed {
+                    // 0 names no feed (a `GetChanges` that only asks where the feed is).
+                    id: FeedId(id.0.max(1)),
+                    first: 1,
+                    next: 1,
+                    reserved: 1 + RESERVE_BLOCK,
+                }
+            }
+        };
+        self.put_durably(&key, &feed.encode())?;
+        Ok(slot.insert(feed))
+    }
+
+    fn put_durably(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let mut wb = WriteBatch::default();
+        wb.put_cf(self.cf(CF_META), key, value);
+        self.db
+            .write_opt(wb, &super::batch::durable())
+            .map_err(|e| self.rocks(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entry::{Entry, EntryKind, VersionVector};
+    use crate::store::{Durability, OpenOptions};
+
+    fn open(dir: &std::path::Path) -> Store {
+        Store::open(
+            dir,
+            OpenOptions {
+                create: true,
+                ..OpenOptions::default()
+            },
+        )
+        .unwrap()
+    }
+
+    fn file(n: u64) -> Entry {
+        Entry {
+            kind: EntryKind::Dir,
+            mode: 0o755,
+            mtime_ns: n as i64,
+            uid: 0,
+            gid: 0,
+            xattrs: Default::default(),
+            link: None,
+            version: VersionVector::from_pairs([(NodeId(1), n)]),
+        }
+    }
+
+    fn put(store: &Store, vol: VolumeId, dir: &str, name: &str, n: u64) {
+        let mut batch = store.batch();
+        batch.put_entry(
+            vol,
+            &VolPath::parse(dir.as_bytes()).unwrap(),
+            name.as_bytes(),
+            &file(n),
+        );
+        store.write(batch, Durability::Buffered).unwrap();
+    }
+
+    fn names(changes: &Changes) -> Vec<String> {
+        match changes {
+            Changes::Since { names, .. } => names
+                .iter()
+                .map(|(_, d, n)| format!("{}|{}", d.display(), String::from_utf8_lossy(n)))
+                .collect(),
+            Changes::Gone { .. } => panic!("feed gone: {changes:?}"),
+        }
+    }
+
+    #[test]
+    fn changes_are_numbered_in_order_and_read_back_since_a_mark() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open(tmp.path());
+        let vol = VolumeId(1);
+        let start = store.feed_mark(vol).unwrap();
+        put(&store, vol, "", "a", 1);
+        put(&store, vol, "d", "b", 2);
+        put(&store, vol, "", "a", 3);
+        let after_three = store.feed_mark(vol).unwrap();
+        assert_eq!(after_three.seq, start.seq + 3);
+        let all = store.changes_since(vol, start, 10).unwrap();
+        assert_eq!(names(&all), ["/|a", "d|b"]);
+        assert!(matches!(all, Changes::Since { high, more: false, .. } if high == after_three));
+        // At most `max` names: the mark stops before the first name left out.
+        let one = store.changes_since(vol, start, 1).unwrap();
+        assert_eq!(names(&one), ["/|a"]);
+        let Changes::Since {
+            high, more: true, ..
+        } = one
+        else {
+            panic!("{one:?}")
+        };
+        assert_eq!(high.seq, start.seq + 1);
+        assert_eq!(
+            names(&store.changes_since(vol, high, 10).unwrap()),
+            ["d|b", "/|a"]
+        );
+        // Another volume has its own numbers.
+        let other = store.feed_mark(VolumeId(2)).unwrap();
+        assert_ne!(other.feed, start.feed);
+        assert_eq!(
+            names(&store.changes_since(VolumeId(2), other, 10).unwrap()),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn numbers_survive_a_restart_and_are_never_reused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vol = VolumeId(1);
+        let (id, before) = {
+            let store = open(tmp.path());
+            put(&store, vol, "", "a", 1);
+            let mark = store.feed_mark(vol).unwrap();
+            (mark.feed, mark)
+        };
+        let store = open(tmp.path());
+        let reopened = store.feed_mark(vol).unwrap();
+        assert_eq!(reopened.feed, id);
+        assert!(reopened.seq >= before.seq);
+        put(&store, vol, "", "b", 2);
+        // The change made after the restart has a number above every earlier one, and
+        // a reader at the old mark gets it.
+        assert!(store.feed_mark(vol).unwrap().seq > before.seq);
+        assert_eq!(
+            names(&store.changes_since(vol, before, 10).unwrap()),
+            ["/|b"]
+        );
+    }
+
+    #[test]
+    fn a_mark_below_the_retention_or_of_another_feed_is_gone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open(tmp.path());
+        store.set_feed_retention(10);
+        let vol = VolumeId(1);
+        let start = store.feed_mark(vol).unwrap();
+        for n in 0..(10 + TRIM_SLACK + 5) {
+            put(&store, vol, "", &format!("f{n}"), n + 1);
+        }
+        let now = store.feed_mark(vol).unwrap();
+        assert_eq!(
+            store.changes_since(vol, start, 10).unwrap(),
+            Changes::Gone { current: now }
+        );
+        let recent = FeedMark {
+            feed: now.feed,
+            seq: now.seq - 5,
+        };
+        assert_eq!(
+            names(&store.changes_since(vol, recent, 100).unwrap()).len(),
+            5
+        );
+        for stranger in [
+            FeedMark {
+                feed: FeedId(now.feed.0 ^ 1),
+                seq: now.seq,
+            },
+            FeedMark {
+                feed: now.feed,
+                seq: now.seq + 1,
+            },
+        ] {
+            assert_eq!(
+                store.changes_since(vol, stranger, 10).unwrap(),
+                Changes::Gone { current: now }
+            );
+        }
+        // A new index (a rebuilt store) starts a feed of another id.
+        drop(store);
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(open(other.path()).feed_mark(vol).unwrap().feed, now.feed);
+    }
+
+    #[test]
+    fn applied_marks_are_kept_per_peer_and_volume() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mark = FeedMark {
+            feed: FeedId(7),
+            seq: 42,
+        };
+        {
+            let store = open(tmp.path());
+            assert_eq!(store.applied_mark(VolumeId(1), NodeId(5)).unwrap(), None);
+            store
+                .set_applied_mark(VolumeId(1), NodeId(5), mark)
+                .unwrap();
+        }
+        let store = open(tmp.path());
+        assert_eq!(
+            store.applied_mark(VolumeId(1), NodeId(5)).unwrap(),
+            Some(mark)
+        );
+        assert_eq!(store.applied_mark(VolumeId(1), NodeId(6)).unwrap(), None);
+        assert_eq!(store.applied_mark(VolumeId(2), NodeId(5)).unwrap(), None);
+    }
+}
