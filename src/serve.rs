@@ -67,6 +67,8 @@ pub struct ServeOptions {
     pub debounce: Duration,
     /// How long tombstones are kept.
     pub tombstone_retention: Duration,
+    /// Changes of each volume kept in the change feed.
+    pub feed_retention: u64,
     /// Bytes per second of chunk data each way (0: no limit).
     pub max_rate: u64,
     /// The same for each peer.
@@ -218,6 +220,7 @@ fn open_node(options: &ServeOptions, credentials: &Credentials) -> anyhow::Resul
         },
     )?;
     store.adopt_node_id(credentials.identity.node_id)?;
+    store.set_feed_retention(options.feed_retention);
     let volumes = open_volumes(options, &store)?;
     let mut node = Node::new(store, volumes, [], Faults::from_env());
     if !options.access.is_open() {
@@ -767,9 +770,10 @@ async fn pull_logging_progress(
     node: &Arc<Node>,
     peer: &Arc<Peer>,
     index: usize,
+    via: pull::Via,
 ) -> Result<pull::PullReport, SyncError> {
     let name = &node.volumes[index].name;
-    let pulling = pull::pull_volume(node, peer, index);
+    let pulling = pull::pull_volume(node, peer, index, via);
     tokio::pin!(pulling);
     let mut ticks = tokio::time::interval_at(Instant::now() + PROGRESS_LOG, PROGRESS_LOG);
     loop {
@@ -793,7 +797,8 @@ async fn pull_logging_progress(
 /// How soon a pull that left files unfinished is tried again.
 const RETRY_INCOMPLETE: Duration = Duration::from_secs(2);
 
-/// Pulls from a connected peer on connect, on notify and every heartbeat. Returns why it
+/// Pulls from a connected peer on connect, on notify (following its change feed) and
+/// every heartbeat (walking its tree: the backstop). Returns why it
 /// stopped: `None` for shutdown. Between rounds it watches the connection, so that one
 /// that closes (the peer fell silent for the idle timeout) is noticed at once and
 /// reconnected, not at the next round.
@@ -804,6 +809,9 @@ async fn sync_with(
     heartbeat: Duration,
     stop: &mut watch::Receiver<bool>,
 ) -> Option<SyncError> {
+    // The first round after connecting walks: what changed while apart may be more
+    // than the peer's feed still holds, and the walk says so at no cost when nothing did.
+    let mut via = pull::Via::Walk;
     loop {
         let mut incomplete = false;
         for index in 0..node.volumes.len() {
@@ -811,7 +819,7 @@ async fn sync_with(
             if !peer.shares(&name) || node.paused.holds(&name) {
                 continue;
             }
-            let pulled = pull_logging_progress(node, peer, index).await;
+            let pulled = pull_logging_progress(node, peer, index, via).await;
             incomplete |= pulled
                 .as_ref()
                 .is_ok_and(|r| r.incomplete + r.waiting_for_room > 0);
@@ -867,8 +875,8 @@ async fn sync_with(
             heartbeat
         };
         tokio::select! {
-            _ = tokio::time::sleep(next_round) => {}
-            _ = peer.wake.notified() => {}
+            _ = tokio::time::sleep(next_round) => via = pull::Via::Walk,
+            _ = peer.wake.notified() => via = pull::Via::Feed,
             // Peers open no streams on the connections we opened: this only ends.
             closed = connection.accept_bidirectional_stream() => match closed {
                 Ok(Some(_)) => {}

@@ -240,6 +240,16 @@ struct ServeArgs {
     #[arg(long, env = "HEARTBEAT", value_name = "SECONDS")]
     heartbeat: Option<u64>,
 
+    /// Changes of each volume kept in this node's change feed, which peers follow
+    /// instead of walking the tree; a peer further behind walks it.
+    #[arg(
+        long,
+        env = "SHOAL_FEED_RETENTION",
+        value_name = "CHANGES",
+        default_value_t = crate::store::DEFAULT_FEED_RETENTION
+    )]
+    feed_retention: u64,
+
     /// Milliseconds a changed name must be quiet before it is scanned and announced.
     #[arg(
         long,
@@ -796,6 +806,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 require_mounts: args.require_mounts || file.require_mounts.unwrap_or(false),
                 heartbeat: args.heartbeat.or(file.heartbeat).unwrap_or(25),
                 debounce_ms: args.debounce_ms,
+                feed_retention: args.feed_retention,
                 gso: !args.no_gso,
                 node_name: args.remote.node_name,
                 signer: args.signer,

@@ -2,7 +2,7 @@
 
 use super::{
     MAX_CHUNKS_PER_REQUEST, MAX_ENTRIES_PER_RESPONSE, MAX_INLINE_CHUNKS, MAX_LIST_PAGES,
-    MAX_VOLUMES, PROTOCOL_VERSION, ProtocolError,
+    MAX_VOLUMES, ProtocolError,
 };
 use crate::chunking::{ChunkParams, ChunkRef};
 use crate::encoding::{DecodeError, Reader, put_short_bytes};
@@ -10,6 +10,7 @@ use crate::entry::Entry;
 use crate::ids::{ChunkId, ContentId, HASH_LEN, NodeId, TreeHash};
 use crate::pathname::{VolPath, validate_name};
 use crate::store::codec;
+use crate::store::{FeedId, FeedMark};
 use crate::tree::TreeNode;
 
 pub(super) mod kind {
@@ -20,6 +21,7 @@ pub(super) mod kind {
     pub const GET_CHUNKS: u8 = 0x05;
     pub const NOTIFY: u8 = 0x06;
     pub const REVOCATIONS: u8 = 0x07;
+    pub const GET_CHANGES: u8 = 0x08;
     pub const HELLO_REPLY: u8 = 0x81;
     pub const DIR: u8 = 0x82;
     pub const ENTRIES: u8 = 0x83;
@@ -28,6 +30,8 @@ pub(super) mod kind {
     pub const CHUNK_MISSING: u8 = 0x86;
     pub const ACK: u8 = 0x87;
     pub const CHUNK_PAGES: u8 = 0x88;
+    pub const CHANGES: u8 = 0x89;
+    pub const CHANGES_GONE: u8 = 0x8a;
     pub const ERROR: u8 = 0xff;
 }
 
@@ -63,6 +67,64 @@ pub struct WireEntry {
 }
 
 impl WireEntry {
+    /// `short name || u8 subtree flag [|| hash] || u32 LE entry length || entry ||
+    /// u8 chunk list flag [|| u32 LE length || chunk list]`, as in `Entries`.
+    fn encode_into(&self, out: &mut Vec<u8>) {
+        put_short_bytes(out, &self.name);
+        match &self.subtree {
+            Some(hash) => {
+                out.push(1);
+                out.extend_from_slice(hash.as_bytes());
+            }
+            None => out.push(0),
+        }
+        let encoded = codec::encode_entry(&self.entry);
+        out.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
+        out.extend_from_slice(&encoded);
+        match &self.chunks {
+            Some(chunks) => {
+                out.push(1);
+                let list = codec::encode_chunk_list(chunks);
+                out.extend_from_slice(&(list.len() as u32).to_le_bytes());
+                out.extend_from_slice(&list);
+            }
+            None => out.push(0),
+        }
+    }
+
+    /// Reads what [`WireEntry::encode_into`] wrote, checking the name, the entry's
+    /// canonical form and the inline chunk list's bound.
+    fn decode_from(r: &mut Reader<'_>) -> Result<WireEntry, ProtocolError> {
+        let name = r.short_bytes("entry name")?.to_vec();
+        validate_name(&name).map_err(|e| ProtocolError::Malformed(format!("entry name: {e}")))?;
+        let subtree = match read_flag(r, "subtree flag")? {
+            false => None,
+            true => Some(TreeHash(r.hash("subtree hash")?)),
+        };
+        let len = r.u32("entry length")? as usize;
+        let entry = codec::decode_canonical_entry(r.take(len, "entry")?)?;
+        let chunks = match read_flag(r, "chunk list flag")? {
+            false => None,
+            true => {
+                let len = r.u32("chunk list length")? as usize;
+                let list = codec::decode_chunk_list(r.take(len, "chunk list")?)?;
+                if list.len() > MAX_INLINE_CHUNKS {
+                    return Err(ProtocolError::Malformed(format!(
+                        "inline chunk list of {} chunks",
+                        list.len()
+                    )));
+                }
+                Some(list)
+            }
+        };
+        Ok(WireEntry {
+            name,
+            entry,
+            subtree,
+            chunks,
+        })
+    }
+
     /// What the responder counts of this entry toward `MAX_ENTRIES_BYTES`: never less
     /// than it takes in the frame.
     pub fn counted_len(&self) -> usize {
@@ -109,6 +171,14 @@ pub enum Request {
     Notify {
         volume: String,
     },
+    /// The names of the volume changed after `since` in the responder's change feed,
+    /// at most `max` of them (protocol version 3). A feed id of 0 (never a feed's)
+    /// asks only where the feed is now: the answer is `ChangesGone`.
+    GetChanges {
+        volume: String,
+        since: FeedMark,
+        max: u32,
+    },
     /// The sender's newest CA-signed revocation list (its text, at most
     /// [`crate::revocation::MAX_FILE`] bytes): the receiver adopts it if it is newer.
     Revocations {
@@ -130,13 +200,37 @@ pub enum ListPart {
 pub enum Response {
     Hello(Hello),
     Dir(Option<TreeNode>),
-    Entries { entries: Vec<WireEntry>, more: bool },
+    Entries {
+        entries: Vec<WireEntry>,
+        more: bool,
+    },
     ChunkList(Option<Vec<ChunkRef>>),
     ChunkPages(Option<Vec<(u32, [u8; 32])>>),
-    Chunk { id: ChunkId, data: Vec<u8> },
-    ChunkMissing { id: ChunkId },
+    Chunk {
+        id: ChunkId,
+        data: Vec<u8>,
+    },
+    ChunkMissing {
+        id: ChunkId,
+    },
+    /// The entries of the names changed after the mark asked for, each with its
+    /// directory (in entry-key order: a directory before what it holds); `high` is the
+    /// mark they bring the requester to, `more` says the feed holds changes past it.
+    Changes {
+        high: FeedMark,
+        more: bool,
+        entries: Vec<(VolPath, WireEntry)>,
+    },
+    /// The feed does not reach back to the mark asked for (or has another id): the
+    /// requester walks the tree. `current` is where the feed is now.
+    ChangesGone {
+        current: FeedMark,
+    },
     Ack,
-    Error { code: u16, message: String },
+    Error {
+        code: u16,
+        message: String,
+    },
 }
 
 /// `u8 0`, or `u8 1` followed by the payload (which runs to the end of the frame).
@@ -148,6 +242,19 @@ fn put_optional(out: &mut Vec<u8>, payload: Option<Vec<u8>>) {
         }
         None => out.push(0),
     }
+}
+
+/// `u64 LE feed id || u64 LE number`.
+fn put_mark(out: &mut Vec<u8>, mark: FeedMark) {
+    out.extend_from_slice(&mark.feed.0.to_le_bytes());
+    out.extend_from_slice(&mark.seq.to_le_bytes());
+}
+
+fn read_mark(r: &mut Reader<'_>) -> Result<FeedMark, ProtocolError> {
+    Ok(FeedMark {
+        feed: FeedId(r.u64("feed id")?),
+        seq: r.u64("feed number")?,
+    })
 }
 
 fn read_volume(r: &mut Reader<'_>) -> Result<String, ProtocolError> {
@@ -201,8 +308,9 @@ fn encode_hello(h: &Hello) -> Vec<u8> {
 fn decode_hello(body: &[u8]) -> Result<Hello, ProtocolError> {
     let mut r = Reader::new(body);
     let version = r.u16("version")?;
-    if version != PROTOCOL_VERSION {
-        // Nothing after the version is read: a later version may lay it out otherwise.
+    if !super::VERSIONS.iter().any(|(known, _)| *known == version) {
+        // Nothing after the version is read: a later version may lay it out otherwise
+        // (every version this build speaks lays it out alike).
         return Ok(Hello {
             version,
             node_id: NodeId(0),
@@ -243,6 +351,7 @@ impl Request {
             Request::GetDir { volume, .. }
             | Request::GetEntries { volume, .. }
             | Request::GetChunkList { volume, .. }
+            | Request::GetChanges { volume, .. }
             | Request::Notify { volume } => Some(volume),
             Request::Hello(_) | Request::GetChunks { .. } | Request::Revocations { .. } => None,
         }
@@ -312,6 +421,12 @@ impl Request {
             Request::Notify { volume } => {
                 put_short_bytes(&mut out, volume.as_bytes());
                 kind::NOTIFY
+            }
+            Request::GetChanges { volume, since, max } => {
+                put_short_bytes(&mut out, volume.as_bytes());
+                put_mark(&mut out, *since);
+                out.extend_from_slice(&max.to_le_bytes());
+                kind::GET_CHANGES
             }
             Request::Revocations { list } => {
                 let len = u32::try_from(list.len()).expect("lists are bounded by MAX_FILE");
@@ -390,6 +505,17 @@ impl Request {
             kind::NOTIFY => Request::Notify {
                 volume: read_volume(&mut r)?,
             },
+            kind::GET_CHANGES => {
+                let volume = read_volume(&mut r)?;
+                let since = read_mark(&mut r)?;
+                let max = r.u32("change count")?;
+                if max as usize > MAX_ENTRIES_PER_RESPONSE {
+                    return Err(ProtocolError::Malformed(format!(
+                        "{max} changes asked at once"
+                    )));
+                }
+                Request::GetChanges { volume, since, max }
+            }
             kind::REVOCATIONS => {
                 let len = r.u32("revocation list length")?;
                 if u64::from(len) > crate::revocation::MAX_FILE {
@@ -427,28 +553,27 @@ impl Response {
                 out.push(u8::from(*more));
                 out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
                 for e in entries {
-                    put_short_bytes(&mut out, &e.name);
-                    match &e.subtree {
-                        Some(hash) => {
-                            out.push(1);
-                            out.extend_from_slice(hash.as_bytes());
-                        }
-                        None => out.push(0),
-                    }
-                    let encoded = codec::encode_entry(&e.entry);
-                    out.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
-                    out.extend_from_slice(&encoded);
-                    match &e.chunks {
-                        Some(chunks) => {
-                            out.push(1);
-                            let list = codec::encode_chunk_list(chunks);
-                            out.extend_from_slice(&(list.len() as u32).to_le_bytes());
-                            out.extend_from_slice(&list);
-                        }
-                        None => out.push(0),
-                    }
+                    e.encode_into(&mut out);
                 }
                 kind::ENTRIES
+            }
+            Response::Changes {
+                high,
+                more,
+                entries,
+            } => {
+                put_mark(&mut out, *high);
+                out.push(u8::from(*more));
+                out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+                for (dir, e) in entries {
+                    put_short_bytes(&mut out, dir.as_bytes());
+                    e.encode_into(&mut out);
+                }
+                kind::CHANGES
+            }
+            Response::ChangesGone { current } => {
+                put_mark(&mut out, *current);
+                kind::CHANGES_GONE
             }
             Response::ChunkList(list) => {
                 put_optional(&mut out, list.as_deref().map(codec::encode_chunk_list));
@@ -508,38 +633,33 @@ impl Response {
                 }
                 let mut entries = Vec::with_capacity(count);
                 for _ in 0..count {
-                    let name = r.short_bytes("entry name")?.to_vec();
-                    validate_name(&name)
-                        .map_err(|e| ProtocolError::Malformed(format!("entry name: {e}")))?;
-                    let subtree = match read_flag(&mut r, "subtree flag")? {
-                        false => None,
-                        true => Some(TreeHash(r.hash("subtree hash")?)),
-                    };
-                    let len = r.u32("entry length")? as usize;
-                    let entry = codec::decode_canonical_entry(r.take(len, "entry")?)?;
-                    let chunks = match read_flag(&mut r, "chunk list flag")? {
-                        false => None,
-                        true => {
-                            let len = r.u32("chunk list length")? as usize;
-                            let list = codec::decode_chunk_list(r.take(len, "chunk list")?)?;
-                            if list.len() > MAX_INLINE_CHUNKS {
-                                return Err(ProtocolError::Malformed(format!(
-                                    "inline chunk list of {} chunks",
-                                    list.len()
-                                )));
-                            }
-                            Some(list)
-                        }
-                    };
-                    entries.push(WireEntry {
-                        name,
-                        entry,
-                        subtree,
-                        chunks,
-                    });
+                    entries.push(WireEntry::decode_from(&mut r)?);
                 }
                 Response::Entries { entries, more }
             }
+            kind::CHANGES => {
+                let high = read_mark(&mut r)?;
+                let more = read_flag(&mut r, "more flag")?;
+                let count = r.u32("change count")? as usize;
+                if count > MAX_ENTRIES_PER_RESPONSE {
+                    return Err(ProtocolError::Malformed(format!(
+                        "{count} changes in one response"
+                    )));
+                }
+                let mut entries = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let dir = read_path(&mut r, "change directory")?;
+                    entries.push((dir, WireEntry::decode_from(&mut r)?));
+                }
+                Response::Changes {
+                    high,
+                    more,
+                    entries,
+                }
+            }
+            kind::CHANGES_GONE => Response::ChangesGone {
+                current: read_mark(&mut r)?,
+            },
             kind::CHUNK_LIST => match r.u8("chunk list flag")? {
                 0 => Response::ChunkList(None),
                 1 => {
@@ -590,7 +710,7 @@ impl Response {
 
 #[cfg(test)]
 mod tests {
-    use super::super::ErrorCode;
+    use super::super::{ErrorCode, PROTOCOL_VERSION};
     use super::*;
     use crate::entry::{EntryKind, VersionVector};
 
@@ -642,6 +762,14 @@ mod tests {
             ids: vec![ChunkId([2; 32]), ChunkId([3; 32])],
         });
         round_trip_request(Request::Notify { volume: "m".into() });
+        round_trip_request(Request::GetChanges {
+            volume: "m".into(),
+            since: FeedMark {
+                feed: FeedId(7),
+                seq: 9,
+            },
+            max: 4096,
+        });
         round_trip_request(Request::Revocations {
             list: "shoal-revocations 1\n".into(),
         });
@@ -712,7 +840,7 @@ mod tests {
             Response::Entries {
                 entries: vec![WireEntry {
                     name: b"n".to_vec(),
-                    entry,
+                    entry: entry.clone(),
                     subtree: Some(TreeHash([7; 32])),
                     chunks: Some(vec![ChunkRef {
                         id: ChunkId([8; 32]),
@@ -720,6 +848,28 @@ mod tests {
                     }]),
                 }],
                 more: true,
+            },
+            Response::Changes {
+                high: FeedMark {
+                    feed: FeedId(1),
+                    seq: 2,
+                },
+                more: false,
+                entries: vec![(
+                    VolPath::parse(b"a/b").unwrap(),
+                    WireEntry {
+                        name: b"c".to_vec(),
+                        entry: entry.clone(),
+                        subtree: None,
+                        chunks: None,
+                    },
+                )],
+            },
+            Response::ChangesGone {
+                current: FeedMark {
+                    feed: FeedId(3),
+                    seq: 4,
+                },
             },
             Response::ChunkList(Some(vec![ChunkRef {
                 id: ChunkId([1; 32]),

@@ -20,10 +20,13 @@ use crate::encoding::DecodeError;
 pub use frame::{FrameHeader, read_body, read_frame, read_header, response_limit, write_frame};
 pub use message::{Hello, ListPart, Request, Response, WireEntry};
 
-/// Protocol version carried in `Hello`; a peer with another version is refused.
-/// Version 2 (see `schema/protocol.md`, "Versioning") also added FIFO entries (kind 4)
-/// and symlinks with any target.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// The newest protocol version this build speaks. Version 2 (see
+/// `schema/protocol.md`, "Versioning") added FIFO entries (kind 4) and symlinks with
+/// any target; version 3 adds the change feed (`GetChanges`).
+pub const PROTOCOL_VERSION: u16 = 3;
+
+/// The first version with `GetChanges`: with an older peer the puller walks the tree.
+pub const CHANGES_VERSION: u16 = 3;
 
 /// Every protocol version this build speaks, newest first, each with its ALPN. Both
 /// sides offer all of theirs in the TLS handshake and the server takes the first of its
@@ -31,7 +34,7 @@ pub const PROTOCOL_VERSION: u16 = 2;
 /// carry that version. A release that adds version 3 lists `(3, "shoal/3")` before
 /// `(2, "shoal/2")`: during a rolling update its nodes talk 3 among themselves and 2
 /// with the nodes not yet upgraded, and sync never stops (DESIGN.md, invariant 10).
-pub const VERSIONS: &[(u16, &str)] = &[(PROTOCOL_VERSION, "shoal/2")];
+pub const VERSIONS: &[(u16, &str)] = &[(PROTOCOL_VERSION, "shoal/3"), (2, "shoal/2")];
 
 /// The ALPNs of [`VERSIONS`], in its order (for the TLS configuration).
 pub fn alpns() -> impl Iterator<Item = &'static [u8]> {
@@ -211,6 +214,7 @@ mod tests {
     #[test]
     fn every_version_has_its_own_alpn_and_the_current_one_comes_first() {
         assert_eq!(VERSIONS[0].0, PROTOCOL_VERSION);
+        assert_eq!(version_of_alpn(b"shoal/3"), Some(3));
         assert_eq!(version_of_alpn(b"shoal/2"), Some(2));
         assert_eq!(version_of_alpn(b"shoal/1"), None);
         assert_eq!(version_of_alpn(b"h3"), None);

@@ -48,6 +48,9 @@ counters! {
     local_changes: "Names added, changed or deleted by local scans",
     watch_scans: "Narrow scans started by the file watcher",
     watch_rescans: "Whole-volume rescans because file watcher events were lost",
+    feed_changes: "Entries received through peers' change feeds",
+    feed_rounds: "Pull rounds that followed a peer's change feed instead of walking the tree",
+    feed_fallbacks: "Pull rounds that walked the tree because a peer's change feed no longer reached back to this node's mark",
 }
 
 #[cfg(test)]
@@ -62,7 +65,7 @@ mod tests {
         let totals = stats.totals();
         assert_eq!((totals.files_applied, totals.watch_rescans), (3, 1));
         let metrics = totals.metrics();
-        assert_eq!(metrics.len(), 9);
+        assert_eq!(metrics.len(), 12);
         assert!(metrics.contains(&(
             "files_applied",
             "Files, directories and symlinks applied from peers",

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::cluster::Cluster;
 
-fn wait_for(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
+pub fn wait_for(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !check() {
         assert!(Instant::now() < deadline, "{what} within {timeout:?}");
@@ -22,7 +22,7 @@ fn state_dir(c: &Cluster, i: usize) -> PathBuf {
 }
 
 /// `shoal ARGS --state-dir` node `i`'s, as the test's user.
-fn control(c: &Cluster, i: usize, args: &[&str]) -> Output {
+pub fn control(c: &Cluster, i: usize, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_shoal"))
         .args(args)
         .arg("--state-dir")

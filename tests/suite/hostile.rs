@@ -14,6 +14,7 @@ use s2n_quic::connection::Handle;
 use shoal::chunking::ChunkParams;
 use shoal::credentials::Credentials;
 use shoal::protocol::{self, Hello, Request, Response};
+use shoal::store::{FeedId, FeedMark};
 
 /// Credentials of a member of its own (named `hostile`, with a key of its own) from the
 /// cluster directory `dir`: a hostile member is still a member, and says its own id.
@@ -254,9 +255,17 @@ pub fn healthy_within_a_second(http_addr: &str) -> bool {
 /// What a [`HostileServer`] answers: every response frame for one request.
 pub type Answer = Box<dyn Fn(&Request) -> Vec<Response> + Send + Sync>;
 
+/// Where a [`HostileServer`]'s change feed is, as it answers a victim that asks
+/// (`GetChanges` with feed id 0, before every walk).
+pub const HOSTILE_FEED_MARK: FeedMark = FeedMark {
+    feed: FeedId(0x5eed),
+    seq: 10,
+};
+
 /// A hostile cluster member that victims pull from: it listens with valid credentials,
-/// answers `Hello` as a member sharing the volume, and every other request with what
-/// the test's `answer` says. It counts the requests it saw.
+/// answers `Hello` as a member sharing the volume, the question where its change feed
+/// is with [`HOSTILE_FEED_MARK`], and every other request with what the test's
+/// `answer` says. It counts the requests it saw.
 pub struct HostileServer {
     pub runtime: tokio::runtime::Runtime,
     pub requests: std::sync::Arc<std::sync::Mutex<Vec<Request>>>,
@@ -295,6 +304,11 @@ impl HostileServer {
                             };
                             let responses = match &request {
                                 Request::Hello(_) => vec![Response::Hello(hello)],
+                                Request::GetChanges { since, .. } if since.feed == FeedId(0) => {
+                                    vec![Response::ChangesGone {
+                                        current: HOSTILE_FEED_MARK,
+                                    }]
+                                }
                                 other => answer(other),
                             };
                             seen.lock().unwrap().push(request);

@@ -9,6 +9,7 @@ mod control;
 mod crash;
 mod docker;
 mod faults;
+mod feed;
 mod fuzz;
 mod hostile;
 mod identity;

@@ -1,5 +1,9 @@
 //! The pulling half of sync: make this node's volume include what a peer has.
 //!
+//! 0. On a peer's announcement, follow its change feed ([`feed`]) from the mark this
+//!    node applied last: only the names changed since, decided as in step 3. A peer of
+//!    an earlier release, a first round, a feed that no longer reaches back that far
+//!    and every heartbeat's round (the anti-entropy backstop) go on with the walk.
 //! 1. Compare roots: equal roots end the round (one request per volume when converged).
 //! 2. Walk only what differs: for each directory, fetch the peer's page list and only
 //!    the pages whose (first name, hash) we do not have; recurse into child directories
@@ -32,6 +36,7 @@
 
 mod apply;
 mod decide;
+mod feed;
 mod files;
 mod keep;
 mod links;
@@ -40,6 +45,7 @@ mod walk;
 use std::collections::{HashMap, HashSet};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use s2n_quic::connection::Handle;
 
@@ -47,6 +53,7 @@ use super::{Node, Peer, SyncError};
 use crate::entry::Entry;
 use crate::ids::ContentId;
 use crate::pathname::{VolPath, escape};
+use crate::store::FeedMark;
 use crate::tree::TreeNode;
 use crate::unsyncable::{Cause, Noted, Origin};
 use files::{FileJob, RenameSource};
@@ -92,11 +99,31 @@ impl PullReport {
     }
 }
 
+/// How a round finds what the peer changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// The peer's change feed from the mark this node applied last, if it has one and
+    /// the feed reaches back to it; the walk otherwise.
+    Feed,
+    /// Compare the roots and walk what differs (the heartbeat's backstop).
+    Walk,
+}
+
+/// What a round compared with the peer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// Every name that differs (a walk): what it could not place is the whole list.
+    Whole,
+    /// Only the names the peer's feed brought.
+    Changes,
+}
+
 /// Pulls one volume from one peer.
 pub async fn pull_volume(
     node: &Arc<Node>,
     peer: &Arc<Peer>,
     volume_index: usize,
+    via: Via,
 ) -> Result<PullReport, SyncError> {
     let handle = peer.connection().ok_or(SyncError::NotConnected)?;
     let volume = &node.volumes[volume_index];
@@ -121,6 +148,27 @@ pub async fn pull_volume(
     };
     let origin = Origin::Peer(peer.addr);
     let root_dir = volume.fs.root_path();
+    let feed_peer = pull.feed_peer();
+    if let (Via::Feed, Some(peer_id)) = (via, feed_peer)
+        && let Some(since) = node.store.applied_mark(volume.id, peer_id)?
+    {
+        match pull.follow_feed(since).await {
+            Ok(feed::FeedOutcome::Followed(mark)) => {
+                node.stats.feed_rounds.fetch_add(1, Ordering::Relaxed);
+                return pull.finish(Ok(()), Scope::Changes, Some(mark)).await;
+            }
+            Ok(feed::FeedOutcome::Gone) => {
+                node.stats.feed_fallbacks.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(peer = %peer.addr, volume = %volume.name, "the peer's change feed no longer reaches back to {} (feed {}): walking the tree", since.seq, since.feed);
+            }
+            Err(e) => return pull.finish(Err(e), Scope::Changes, None).await,
+        }
+    }
+    // Asked before the walk: a complete walk has at least every change up to it.
+    let reached = match feed_peer {
+        Some(_) => Some(pull.feed_position().await?),
+        None => None,
+    };
     let Some(remote_root) = pull.get_dir(&VolPath::root()).await? else {
         // The peer has not indexed the volume yet: nothing of it to take.
         peer.sync.round_done(&volume.name, 0, 0);
@@ -136,46 +184,13 @@ pub async fn pull_volume(
         volume
             .unsyncable
             .replace(&volume.name, root_dir, origin, Noted::default());
+        pull.record_mark(reached)?;
         return Ok(pull.report);
     }
     peer.sync
         .round_started(&volume.name, remote_root.totals, local_totals);
     let round = pull.walk_and_take(remote_root).await;
-    if let Some(pause) = node.faults.pause_before_deletes {
-        tokio::time::sleep(pause).await;
-    }
-    let _guard = volume.lock.lock().await;
-    let round = match round {
-        Ok(()) => pull.apply_deletes(),
-        failed => failed,
-    };
-    // Also after a failed round: what it did apply keeps its directories' mtimes.
-    pull.restore_dir_mtimes()?;
-    pull.log_applied();
-    // A complete round walked to every name that differs: what it could not place is
-    // the whole list from this peer. A round cut short only adds to the last one.
-    let refused = std::mem::take(&mut pull.unsyncable);
-    match round {
-        Ok(()) => volume
-            .unsyncable
-            .replace(&volume.name, root_dir, origin, refused),
-        Err(_) => volume
-            .unsyncable
-            .add(&volume.name, root_dir, origin, refused),
-    }
-    round?;
-    crate::tree::update(&node.store, volume.id)?;
-    pull.settle_room();
-    if pull.links_waiting == 0 {
-        // Every hard-linked name this node took is linked: groups on disk are whole.
-        volume
-            .links_pending
-            .store(false, std::sync::atomic::Ordering::Relaxed);
-    }
-    let report = pull.report;
-    let left = report.incomplete + report.waiting_for_room;
-    peer.sync.round_done(&volume.name, left, pull.waiting.bytes);
-    Ok(report)
+    pull.finish(round, Scope::Whole, reached).await
 }
 
 /// Names shown in the log line that sums up a burst of applied changes.
@@ -252,6 +267,76 @@ enum RemoteDir {
 impl Pull {
     fn volume(&self) -> &super::Volume {
         &self.node.volumes[self.volume_index]
+    }
+
+    /// Ends a round that `round` says how it went: the deletes (deepest first), the
+    /// directories' mtimes, the log, the names this node could not place, the tree;
+    /// then, if it left nothing to fetch, the peer's feed mark it reached.
+    async fn finish(
+        mut self,
+        round: Result<(), SyncError>,
+        scope: Scope,
+        reached: Option<FeedMark>,
+    ) -> Result<PullReport, SyncError> {
+        if let Some(pause) = self.node.faults.pause_before_deletes {
+            tokio::time::sleep(pause).await;
+        }
+        let node = self.node.clone();
+        let volume = &node.volumes[self.volume_index];
+        let _guard = volume.lock.lock().await;
+        let round = match round {
+            Ok(()) => self.apply_deletes(),
+            failed => failed,
+        };
+        // Also after a failed round: what it did apply keeps its directories' mtimes.
+        self.restore_dir_mtimes()?;
+        self.log_applied();
+        // A complete walk went to every name that differs: what it could not place is
+        // the whole list from this peer. A round cut short, or one that followed the
+        // feed, only adds to the last one.
+        let refused = std::mem::take(&mut self.unsyncable);
+        let (root_dir, origin) = (volume.fs.root_path(), Origin::Peer(self.peer.addr));
+        match (&round, scope) {
+            (Ok(()), Scope::Whole) => {
+                volume
+                    .unsyncable
+                    .replace(&volume.name, root_dir, origin, refused)
+            }
+            _ => volume
+                .unsyncable
+                .add(&volume.name, root_dir, origin, refused),
+        }
+        round?;
+        crate::tree::update(&node.store, volume.id)?;
+        self.settle_room();
+        if self.links_waiting == 0 {
+            // Every hard-linked name this node took is linked: groups on disk are whole.
+            volume.links_pending.store(false, Ordering::Relaxed);
+        }
+        let report = self.report;
+        let left = report.incomplete + report.waiting_for_room;
+        self.peer
+            .sync
+            .round_done(&volume.name, left, self.waiting.bytes);
+        if left == 0 {
+            self.record_mark(reached)?;
+        }
+        Ok(report)
+    }
+
+    /// Records that this node has applied the peer's feed up to `mark`, once what it
+    /// applied is durable: a crash must not leave a mark past a change it lost.
+    fn record_mark(&self, mark: Option<FeedMark>) -> Result<(), SyncError> {
+        let (Some(mark), Some(peer)) = (mark, self.peer.node_id()) else {
+            return Ok(());
+        };
+        let vol = self.volume().id;
+        if self.node.store.applied_mark(vol, peer)? == Some(mark) {
+            return Ok(());
+        }
+        self.node.store.sync()?;
+        self.node.store.set_applied_mark(vol, peer, mark)?;
+        Ok(())
     }
 
     /// Queues a file to fetch (and counts it in the round's progress).
@@ -349,6 +434,13 @@ impl Pull {
     /// of the round, under the volume lock).
     async fn walk_and_take(&mut self, remote_root: TreeNode) -> Result<(), SyncError> {
         self.sync_dir(&VolPath::root(), Some(remote_root)).await?;
+        self.drain_pending().await?;
+        self.take_files().await?;
+        self.link_names().await
+    }
+
+    /// Compares every directory queued with the peer's (and those they queue).
+    async fn drain_pending(&mut self) -> Result<(), SyncError> {
         while let Some((dir, remote)) = self.pending.pop() {
             self.pending_bytes -= pending_cost(&dir);
             // The peer's tree node is asked for only now: the directories waiting hold
@@ -359,8 +451,7 @@ impl Pull {
             };
             self.sync_dir(&dir, remote).await?;
         }
-        self.take_files().await?;
-        self.link_names().await
+        Ok(())
     }
 
     /// Queues directory `path` to compare later, within the round's budget.

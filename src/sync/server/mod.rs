@@ -10,9 +10,10 @@
 //! `serve_stream` reads the one request of a stream and checks that the connection
 //! began with `Hello`; each request then has its own handler, in the manner of
 //! mini-redis's `cmd/`: `hello.rs`, `notify.rs`, `dir.rs`, `entries.rs`,
-//! `chunk_list.rs`, `chunks.rs`.
+//! `changes.rs`, `chunk_list.rs`, `chunks.rs`.
 
 pub mod budget;
+mod changes;
 mod chunk_list;
 mod chunks;
 mod dir;
@@ -229,6 +230,9 @@ async fn serve_stream(
             after,
             end,
         } => entries::answer(node, &volume, &dir, &start, after, end.as_deref())?,
+        Request::GetChanges { volume, since, max } => {
+            changes::answer(node, session, &volume, since, max)?
+        }
         Request::GetChunkList {
             volume,
             path,
@@ -284,7 +288,9 @@ fn answer_cost(node: &Node, request: &Request) -> Result<usize, ProtocolError> {
         Request::Notify { .. } => ANSWER_SLACK,
         // Parsing the list costs about its length again.
         Request::Revocations { list } => 2 * list.len() + ANSWER_SLACK,
-        Request::GetDir { .. } | Request::GetEntries { .. } => 3 * MAX_CONTROL_FRAME,
+        Request::GetDir { .. } | Request::GetEntries { .. } | Request::GetChanges { .. } => {
+            3 * MAX_CONTROL_FRAME
+        }
         Request::GetChunkList { volume, path, .. } => {
             chunk_list::stored_chunks(node, volume, path)? * 4 * budget::CHUNK_REF_BYTES
                 + ANSWER_SLACK

@@ -1,0 +1,274 @@
+//! The change feed (issue 13) between real processes: a change announced by a peer
+//! arrives through its feed, a peer whose mark the feed no longer reaches walks the tree
+//! and converges, and a hostile peer's answers to `GetChanges` are refused whole.
+
+use std::fs;
+use std::time::Duration;
+
+use shoal::protocol::{Request, Response, WireEntry};
+use shoal::store::{FeedId, FeedMark};
+
+use crate::cluster::Cluster;
+use crate::control::{control, wait_for};
+use crate::hostile::{HOSTILE_FEED_MARK, HostileServer, healthy_within_a_second};
+use crate::util::random_bytes;
+
+/// Long enough that no heartbeat round (a walk) runs during a test: what arrives came
+/// through an announcement, which follows the feed.
+const NO_HEARTBEAT: u64 = 3600;
+
+/// Pauses and resumes `vol` on node `i`: resuming wakes the node's pull from every peer
+/// as an announcement does.
+fn pause_and_resume(c: &Cluster, i: usize) {
+    for verb in ["pause", "resume"] {
+        let out = control(c, i, &[verb, "vol"]);
+        assert!(
+            out.status.success(),
+            "{verb}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn a_change_reaches_the_peer_through_the_change_feed() {
+    let mut c = Cluster::new(2);
+    c.heartbeat = NO_HEARTBEAT;
+    fs::create_dir_all(c.vol(0).join("dir")).unwrap();
+    fs::write(c.vol(0).join("dir/first.txt"), b"before").unwrap();
+    fs::write(c.vol(0).join("gone.txt"), b"deleted later").unwrap();
+    c.start_all();
+    c.wait_connected(Duration::from_secs(30));
+    c.wait_converged(&[0, 1], Duration::from_secs(30));
+    let before = c.total(1, "feed_changes");
+
+    fs::write(c.vol(0).join("dir/second.bin"), random_bytes(200_000, 3)).unwrap();
+    fs::write(c.vol(0).join("dir/first.txt"), b"after").unwrap();
+    fs::remove_file(c.vol(0).join("gone.txt")).unwrap();
+    c.wait_converged(&[0, 1], Duration::from_secs(30));
+    assert_eq!(fs::read(c.vol(1).join("dir/first.txt")).unwrap(), b"after");
+    assert!(!c.vol(1).join("gone.txt").exists());
+    assert!(
+        c.total(1, "feed_changes") >= before + 3 && c.total(1, "feed_rounds") >= 1,
+        "the changes did not come through the feed: {:?}\n{}",
+        c.status(1).map(|s| s["totals"].clone()),
+        c.log(1)
+    );
+    assert_eq!(c.total(1, "feed_fallbacks"), 0);
+    let metrics = c.metrics(1).unwrap();
+    assert!(metrics.contains("shoal_feed_changes_total"), "{metrics}");
+}
+
+#[test]
+fn a_peer_whose_mark_the_feed_no_longer_reaches_walks_the_tree_and_converges() {
+    let mut c = Cluster::new(2);
+    c.heartbeat = NO_HEARTBEAT;
+    // Node 0 keeps 5 changes (and cuts the older ones 1,024 changes past that).
+    c.extra_env[0].push(("SHOAL_FEED_RETENTION".into(), "5".into()));
+    fs::write(c.vol(0).join("base.txt"), b"both have this").unwrap();
+    c.start_all();
+    c.wait_connected(Duration::from_secs(30));
+    c.wait_converged(&[0, 1], Duration::from_secs(30));
+
+    // Node 1 stops pulling while node 0 makes more changes than its feed keeps.
+    assert!(control(&c, 1, &["pause", "vol"]).status.success());
+    fs::create_dir_all(c.vol(0).join("many")).unwrap();
+    for n in 0..1100 {
+        fs::write(c.vol(0).join(format!("many/{n}.txt")), n.to_string()).unwrap();
+    }
+    wait_for(
+        Duration::from_secs(60),
+        "node 0 indexes its new files",
+        || {
+            c.status(0)
+                .is_some_and(|s| s["volumes"][0]["files"].as_u64() == Some(1101))
+        },
+    );
+    assert!(control(&c, 1, &["resume", "vol"]).status.success());
+    c.wait_converged(&[0, 1], Duration::from_secs(60));
+    assert!(
+        c.total(1, "feed_fallbacks") >= 1,
+        "node 1 did not fall back to the walk: {:?}",
+        c.status(1).map(|s| s["totals"].clone())
+    );
+    assert!(c.log(1).contains("no longer reaches back"), "{}", c.log(1));
+
+    // Its mark is current again: the next change comes through the feed.
+    let before = c.total(1, "feed_changes");
+    fs::write(c.vol(0).join("base.txt"), b"changed after the walk").unwrap();
+    c.wait_converged(&[0, 1], Duration::from_secs(30));
+    assert!(c.total(1, "feed_changes") > before);
+}
+
+/// A change entry with a valid name.
+fn change(dir: &str, name: &str) -> (shoal::pathname::VolPath, WireEntry) {
+    let entry = shoal::entry::Entry {
+        kind: shoal::entry::EntryKind::Dir,
+        mode: 0o755,
+        mtime_ns: 0,
+        uid: 0,
+        gid: 0,
+        xattrs: Default::default(),
+        link: None,
+        version: shoal::entry::VersionVector::from_pairs([(shoal::ids::NodeId(77), 1)]),
+    };
+    (
+        shoal::pathname::VolPath::parse(dir.as_bytes()).unwrap(),
+        WireEntry {
+            name: name.as_bytes().to_vec(),
+            entry,
+            subtree: None,
+            chunks: None,
+        },
+    )
+}
+
+/// The hostile answers to `GetChanges`, one per round, each with what the victim's log
+/// says of it.
+fn hostile_changes(since: FeedMark) -> Vec<(Response, &'static str)> {
+    let ahead = FeedMark {
+        feed: HOSTILE_FEED_MARK.feed,
+        seq: since.seq + 1,
+    };
+    let long_dir = ["d", "e", "f", "g", "h"].map(|c| c.repeat(220)).join("/");
+    vec![
+        // More names than any answer may hold.
+        (
+            Response::Changes {
+                high: ahead,
+                more: false,
+                entries: (0..5000).map(|n| change("", &format!("n{n:05}"))).collect(),
+            },
+            "changes in one response",
+        ),
+        // A frame over the limit (4,096 names under a directory of 1,104 bytes).
+        (
+            Response::Changes {
+                high: ahead,
+                more: false,
+                entries: (0..4096)
+                    .map(|n| change(&long_dir, &format!("n{n:05}")))
+                    .collect(),
+            },
+            "exceeds the limit",
+        ),
+        // "More" without progress: the victim would ask the same question forever.
+        (
+            Response::Changes {
+                high: since,
+                more: true,
+                entries: vec![],
+            },
+            "Changes answer: mark",
+        ),
+        // Another feed's mark.
+        (
+            Response::Changes {
+                high: FeedMark {
+                    feed: FeedId(1),
+                    seq: 99,
+                },
+                more: false,
+                entries: vec![change("", "x")],
+            },
+            "Changes answer: feed",
+        ),
+        // The same name twice.
+        (
+            Response::Changes {
+                high: ahead,
+                more: false,
+                entries: vec![change("", "x"), change("", "x")],
+            },
+            "entry-key order",
+        ),
+        // An answer of another kind.
+        (
+            Response::Entries {
+                entries: vec![],
+                more: false,
+            },
+            "GetChanges",
+        ),
+    ]
+}
+
+#[test]
+fn a_hostile_peers_oversized_or_garbled_change_answers_are_refused_cleanly() {
+    let mut c = Cluster::new(2);
+    c.heartbeat = NO_HEARTBEAT;
+    let answers = hostile_changes(HOSTILE_FEED_MARK);
+    let expected: Vec<&str> = answers.iter().map(|(_, said)| *said).collect();
+    let answers = std::sync::Mutex::new(answers.into_iter().map(|(r, _)| r));
+    let hostile = HostileServer::start(
+        &c.credentials[1],
+        &format!("{}:7029", c.ip(1)),
+        "vol",
+        Box::new(move |request| match request {
+            // A walk that finds nothing: the victim records the hostile feed's mark.
+            Request::GetChanges { .. } => answers.lock().unwrap().next().into_iter().collect(),
+            Request::GetDir { .. } => vec![Response::Dir(Some(shoal::tree::TreeNode {
+                hash: shoal::ids::TreeHash([7; 32]),
+                versions: shoal::ids::TreeHash([8; 32]),
+                pages: Vec::new(),
+                totals: Default::default(),
+            }))],
+            Request::GetEntries { .. } => vec![Response::Entries {
+                entries: vec![],
+                more: false,
+            }],
+            _ => vec![Response::Ack],
+        }),
+    );
+    c.start(0);
+    let follows = |n: usize| {
+        hostile
+            .count(|r| matches!(r, Request::GetChanges { since, .. } if since.feed == HOSTILE_FEED_MARK.feed))
+            >= n
+    };
+    wait_for(Duration::from_secs(30), "the victim's first walk", || {
+        hostile.count(|r| matches!(r, Request::GetEntries { .. })) >= 1
+    });
+    let http = format!("{}:7030", c.ip(0));
+    for (n, said) in expected.iter().enumerate() {
+        // Each announcement-like wake-up makes the victim follow the feed again: its
+        // mark stays where the walk left it, since no answer was believed.
+        wait_for(
+            Duration::from_secs(30),
+            "the victim follows the feed",
+            || {
+                pause_and_resume(&c, 0);
+                wait_until(Duration::from_secs(3), || follows(n + 1))
+            },
+        );
+        wait_for(
+            Duration::from_secs(10),
+            &format!("a refusal saying {said:?}"),
+            || c.log(0).contains(said),
+        );
+        assert!(healthy_within_a_second(&http), "{}", c.log(0));
+    }
+    assert!(
+        fs::read_dir(c.vol(0))
+            .unwrap()
+            .filter_map(Result::ok)
+            .all(|e| e.file_name() == ".shoal"),
+        "the victim applied a refused answer: {:?}",
+        fs::read_dir(c.vol(0))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect::<Vec<_>>()
+    );
+}
+
+/// Whether `check` holds within `timeout` (polled every 100 ms).
+fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    check()
+}
