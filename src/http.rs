@@ -154,7 +154,7 @@ fn encode_metrics(status: &NodeStatus) -> String {
 
 fn volume_metrics(m: &mut Metrics, volumes: &[VolumeStatus]) {
     type Gauge = (&'static str, &'static str, fn(&VolumeStatus) -> f64);
-    let gauges: [Gauge; 7] = [
+    let gauges: [Gauge; 8] = [
         (
             "volume_conflict_copies",
             "Conflict copies in the volume (as of its last whole-volume scan; the same on every node once they agree)",
@@ -187,6 +187,11 @@ fn volume_metrics(m: &mut Metrics, volumes: &[VolumeStatus]) {
             "paused",
             "Whether the operator paused the volume or the node (1) or not (0)",
             |v| flag(v.paused),
+        ),
+        (
+            "volume_deletes_held",
+            "Names whose deletes the delete guard holds back from peers until `shoal release VOLUME` (0: none)",
+            |v| v.deletes_held.as_ref().map_or(0.0, |h| h.names as f64),
         ),
     ];
     for (name, help, value) in gauges {
@@ -340,6 +345,7 @@ pub fn node_status(node: &Node) -> NodeStatus {
                 xattrs_not_applied: v.xattrs_not_applied.list(),
                 unsyncable: v.unsyncable.listing(),
                 paused,
+                deletes_held: v.guard.status(&v.name),
             }
         })
         .collect();
@@ -443,6 +449,10 @@ pub struct VolumeStatus {
     /// pulls, no answers to peers, no announcements; local changes still indexed.
     #[serde(default)]
     pub paused: bool,
+    /// The deletes the delete guard holds back from peers (how many names, the first
+    /// of them, since when, and what to do); `null` when none.
+    #[serde(default)]
+    pub deletes_held: Option<crate::guard::HeldDeletes>,
 }
 
 #[derive(Serialize, serde::Deserialize, Debug, Clone)]

@@ -639,6 +639,22 @@ impl Store {
         self.write(batch, Durability::Durable)
     }
 
+    /// The deletes the guard holds in volume `vol`, in path order.
+    pub fn held(
+        &self,
+        vol: VolumeId,
+    ) -> impl Iterator<Item = Result<(VolPath, codec::Held), StoreError>> + '_ {
+        let (start, end) = held_range(vol);
+        self.range(CF_META, start, end).map(move |item| {
+            let (key, value) = item?;
+            let path =
+                held_path_of(vol, &key).map_err(|e| StoreError::corrupt(CF_META, &key, e))?;
+            let held =
+                codec::decode_held(&value).map_err(|e| StoreError::corrupt(CF_META, &key, e))?;
+            Ok((path, held))
+        })
+    }
+
     pub fn chunk_list(
         &self,
         vol: VolumeId,
