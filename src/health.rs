@@ -10,9 +10,7 @@
 //!   example on certificates from another CA);
 //! - a volume's pull rounds with some peer failed [`FAILING_ROUNDS`] times in a row;
 //! - a volume's file system has no room for files a peer has;
-//! - the state directory is too full for the index to be written;
-//! - the delete guard holds a volume's deletes back from peers until an operator
-//!   releases them (`crate::guard`).
+//! - the state directory is too full for the index to be written.
 
 use std::time::{Duration, SystemTime};
 
@@ -36,16 +34,14 @@ pub enum CauseKind {
     VolumeFailing,
     VolumeFull,
     StateDirFull,
-    DeleteHeld,
 }
 
 impl CauseKind {
-    pub const ALL: [CauseKind; 5] = [
+    pub const ALL: [CauseKind; 4] = [
         CauseKind::NoPeerReachable,
         CauseKind::VolumeFailing,
         CauseKind::VolumeFull,
         CauseKind::StateDirFull,
-        CauseKind::DeleteHeld,
     ];
 
     pub fn name(self) -> &'static str {
@@ -54,7 +50,6 @@ impl CauseKind {
             CauseKind::VolumeFailing => "volume_failing",
             CauseKind::VolumeFull => "volume_full",
             CauseKind::StateDirFull => "state_dir_full",
-            CauseKind::DeleteHeld => "delete_held",
         }
     }
 }
@@ -112,16 +107,6 @@ pub fn assess(node: &Node) -> Health {
                     crate::space::Size(short.available_bytes)
                 ),
                 since: None,
-            });
-        }
-    }
-    for volume in &node.volumes {
-        if let Some(held) = volume.guard.status(&volume.name) {
-            causes.push(Cause {
-                kind: CauseKind::DeleteHeld,
-                volume: Some(volume.name.clone()),
-                message: format!("volume {}: {}", volume.name, held.message),
-                since: Some(held.since),
             });
         }
     }

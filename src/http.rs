@@ -147,6 +147,19 @@ fn encode_metrics(status: &NodeStatus) -> String {
         "The bandwidth limit in use for chunk bytes, each way (0: none)",
     )
     .sample(&[], status.max_rate as f64);
+    let last = status.last_collection.as_ref();
+    m.family(
+        "last_collection_timestamp_seconds",
+        Kind::Gauge,
+        "When the last collection of kept versions and packs finished (Unix time; 0: none since start)",
+    )
+    .sample(&[], last.map_or(0.0, |c| c.finished_unix as f64));
+    m.family(
+        "last_collection_reclaimed_bytes",
+        Kind::Gauge,
+        "Bytes of pack files the last collection freed",
+    )
+    .sample(&[], last.map_or(0.0, |c| c.bytes_reclaimed as f64));
     volume_metrics(&mut m, &status.volumes);
     peer_metrics(&mut m, &status.peers);
     m.finish()
@@ -154,7 +167,17 @@ fn encode_metrics(status: &NodeStatus) -> String {
 
 fn volume_metrics(m: &mut Metrics, volumes: &[VolumeStatus]) {
     type Gauge = (&'static str, &'static str, fn(&VolumeStatus) -> f64);
-    let gauges: [Gauge; 8] = [
+    let gauges: [Gauge; 9] = [
+        (
+            "volume_versions_held",
+            "Kept versions of the volume's files (as of the last collection)",
+            |v| v.versions_held.map_or(0.0, |h| h.versions as f64),
+        ),
+        (
+            "volume_versions_held_bytes",
+            "Bytes of the chunks of the volume's kept versions (a chunk two versions share counted for each)",
+            |v| v.versions_held.map_or(0.0, |h| h.bytes as f64),
+        ),
         (
             "volume_conflict_copies",
             "Conflict copies in the volume (as of its last whole-volume scan; the same on every node once they agree)",
@@ -187,11 +210,6 @@ fn volume_metrics(m: &mut Metrics, volumes: &[VolumeStatus]) {
             "paused",
             "Whether the operator paused the volume or the node (1) or not (0)",
             |v| flag(v.paused),
-        ),
-        (
-            "volume_deletes_held",
-            "Names whose deletes the delete guard holds back from peers until `shoal release VOLUME` (0: none)",
-            |v| v.deletes_held.as_ref().map_or(0.0, |h| h.names as f64),
         ),
     ];
     for (name, help, value) in gauges {
@@ -345,7 +363,7 @@ pub fn node_status(node: &Node) -> NodeStatus {
                 xattrs_not_applied: v.xattrs_not_applied.list(),
                 unsyncable: v.unsyncable.listing(),
                 paused,
-                deletes_held: v.guard.status(&v.name),
+                versions_held: node_ref.collections.held(&v.name),
             }
         })
         .collect();
@@ -384,6 +402,7 @@ pub fn node_status(node: &Node) -> NodeStatus {
         totals: node.stats.totals(),
         max_rate: node.rate.rate(),
         recent_changes: node.recent_changes.newest_first(),
+        last_collection: node.collections.last(),
     }
 }
 
@@ -414,6 +433,10 @@ pub struct NodeStatus {
     /// [`crate::sync::state::RECENT_CHANGES`]).
     #[serde(default)]
     pub recent_changes: Vec<crate::sync::state::AppliedChange>,
+    /// What the last collection of kept versions and packs did (`null`: none since
+    /// start).
+    #[serde(default)]
+    pub last_collection: Option<crate::gc::Collection>,
 }
 
 #[derive(Serialize, serde::Deserialize, Debug, Clone)]
@@ -449,10 +472,10 @@ pub struct VolumeStatus {
     /// pulls, no answers to peers, no announcements; local changes still indexed.
     #[serde(default)]
     pub paused: bool,
-    /// The deletes the delete guard holds back from peers (how many names, the first
-    /// of them, since when, and what to do); `null` when none.
+    /// The volume's kept versions and the bytes of their chunks, as the last
+    /// collection counted them (`null` before the first).
     #[serde(default)]
-    pub deletes_held: Option<crate::guard::HeldDeletes>,
+    pub versions_held: Option<crate::gc::Held>,
 }
 
 #[derive(Serialize, serde::Deserialize, Debug, Clone)]

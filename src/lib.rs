@@ -23,14 +23,14 @@
 //!   to date: `walk.rs` merges listings with the index, `hash.rs` reads and chunks
 //!   files, `rules.rs` holds the `.shoalignore` rules.
 //! - [`watcher`]: file system events, debounced into narrow scans.
-//! - [`guard`]: the delete guard: a scan's mass delete held back from peers until
-//!   released, its threshold per volume, and what each volume holds.
 //! - [`tree`]: the paged Merkle tree of each volume's namespace and its types
 //!   (`TreeNode`, `PageSummary`, `SubtreeTotals`).
 //! - [`verify`]: checks index, packs and live files against each other, naming each
 //!   finding by a [`verify::Problem`] (`files.rs`, `locations.rs`, `packs.rs`).
 //! - [`repair`]: restores what verify finds damaged, from local copies or peers
 //!   (`index.rs`, `files.rs`, `packs.rs`).
+//! - [`gc`]: the garbage collector: retention applied to kept versions, then packs
+//!   rewritten without the chunks nothing references.
 //! - [`retention`]: each volume's retention policy and the pure decision of which kept
 //!   versions it drops.
 //! - [`access`]: which nodes may hold which volume.
@@ -84,7 +84,7 @@ pub mod discovery;
 pub mod encoding;
 pub mod enroll;
 pub mod entry;
-pub mod guard;
+pub mod gc;
 pub mod health;
 pub mod http;
 pub mod identity;

@@ -75,6 +75,8 @@ pub struct ServeOptions {
     pub max_rate_peer: crate::rate::PeerRates,
     /// Each volume's retention policy for kept versions.
     pub retention: crate::retention::Retention,
+    /// Time between two collections (`crate::gc`).
+    pub gc_interval: Duration,
 }
 
 /// How often expired tombstones are looked for.
@@ -182,6 +184,12 @@ pub async fn run(
     }
     let retention = options.tombstone_retention;
     tasks.spawn(sweep_tombstones(node.clone(), retention, stop_rx.clone()));
+    tasks.spawn(collect_garbage(
+        node.clone(),
+        options.retention.clone(),
+        options.gc_interval,
+        stop_rx.clone(),
+    ));
     let http = options.http.map_or("off".to_string(), |a| a.to_string());
     let metrics = options.metrics.map_or("off".to_string(), |a| a.to_string());
     tracing::info!(listen = %options.listen, %http, %metrics, mode = %options.mode, peers = %following, "serving");
@@ -276,12 +284,7 @@ fn open_volumes(options: &ServeOptions, store: &Store) -> anyhow::Result<Vec<Vol
                 _ => anyhow::Error::new(e).context(format!("volume {name}")),
             }
         })?;
-        let guard = options.settings.delete_guard.for_volume(name);
-        volumes.push(
-            volume
-                .keeping_setid(options.settings.keep_setid.contains(name))
-                .guarded_by(guard),
-        );
+        volumes.push(volume.keeping_setid(options.settings.keep_setid.contains(name)));
     }
     Ok(volumes)
 }
@@ -436,6 +439,65 @@ async fn sweep_tombstones(node: Arc<Node>, retention: Duration, mut stop: watch:
     }
 }
 
+/// Runs a collection now and every `interval`, until `stop` flips. A collection runs on
+/// a thread of its own, a pack at a time, beside sync (it takes no volume lock).
+async fn collect_garbage(
+    node: Arc<Node>,
+    retention: crate::retention::Retention,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let node2 = node.clone();
+        let retention = retention.clone();
+        let stop2 = stop.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let volumes: Vec<crate::gc::VolumeToCollect> = node2
+                .volumes
+                .iter()
+                .map(|v| crate::gc::VolumeToCollect {
+                    name: v.name.clone(),
+                    id: v.id,
+                    policy: retention.policy(&v.name),
+                    fs_bytes: crate::space::total(v.fs.root_path()).unwrap_or(0),
+                })
+                .collect();
+            crate::gc::collect(
+                &node2.store,
+                &volumes,
+                crate::gc::now_ns(),
+                &mut |name, held| node2.collections.set_held(name, held),
+                &mut || {
+                    if !*stop2.borrow() {
+                        std::thread::sleep(crate::gc::PAUSE_BETWEEN_PACKS);
+                    }
+                },
+                &mut crate::gc::crash_from_env(),
+            )
+        })
+        .await;
+        match done {
+            Ok(Ok(collection)) => {
+                if collection.bytes_reclaimed > 0 || collection.versions_dropped > 0 {
+                    tracing::info!(
+                        versions_dropped = collection.versions_dropped,
+                        chunks_reclaimed = collection.chunks_reclaimed,
+                        bytes_reclaimed = collection.bytes_reclaimed,
+                        "collection done"
+                    );
+                }
+                node.collections.set_last(collection);
+            }
+            Ok(Err(e)) => tracing::error!("collecting kept versions failed: {e}"),
+            Err(e) => tracing::error!("collecting kept versions failed: {e}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+}
+
 /// Forgets tombstones older than the retention period, one volume at a time.
 async fn expire_tombstones(node: &Arc<Node>, retention: Duration) -> anyhow::Result<()> {
     let cutoff = std::time::SystemTime::now()
@@ -458,48 +520,28 @@ async fn expire_tombstones(node: &Arc<Node>, retention: Duration) -> anyhow::Res
 }
 
 /// Rescans one volume (or the part `options` names) under its lock; announces local
-/// changes to peers. Returns the deletes the scan left for the next one
-/// ([`crate::guard::ScanGuard::defer`]).
-async fn rescan(
-    node: &Arc<Node>,
-    index: usize,
-    options: ScanOptions,
-) -> anyhow::Result<Vec<crate::pathname::VolPath>> {
+/// changes to peers.
+async fn rescan(node: &Arc<Node>, index: usize, options: ScanOptions) -> anyhow::Result<()> {
     let volume = &node.volumes[index];
     let report = {
         let _guard = volume.lock.lock().await;
         let options = ScanOptions {
             keep_link_groups: volume.links_pending.load(Ordering::Relaxed),
-            guard: crate::guard::ScanGuard {
-                policy: volume.guard.policy,
-                recent: volume.guard.recent_deletes(),
-                release: options.guard.release,
-                defer: options.guard.defer,
-            },
             ..options
         };
-        let scanner = node.clone();
+        let node = node.clone();
         let whole = matches!(options.scope, ScanScope::Everything);
         let options = ScanOptions {
             progress: Some(volume.scanning.start()),
             ..options
         };
         let scanned = tokio::task::spawn_blocking(move || {
-            let volume = &scanner.volumes[index];
-            scan_volume(
-                &scanner.store,
-                &volume.name,
-                volume.fs.root_path(),
-                &options,
-            )
+            let volume = &node.volumes[index];
+            scan_volume(&node.store, &volume.name, volume.fs.root_path(), &options)
         })
         .await;
         volume.scanning.end();
         let mut report = scanned??;
-        let was_holding = volume.guard.holding();
-        volume.guard.note_deletes(report.deleted);
-        volume.guard.load(&node.store, volume.id)?;
-        say_held(volume, &report, was_holding);
         let unsyncable = std::mem::take(&mut report.unsyncable);
         let (root, origin) = (volume.fs.root_path(), crate::unsyncable::Origin::Scan);
         if whole {
@@ -532,53 +574,7 @@ async fn rescan(
         tracing::info!(volume = %volume.name, added = report.added, modified = report.modified, deleted = report.deleted, "local changes: {names}{more}");
         node.notify_peers(&volume.name);
     }
-    Ok(report.deletes_deferred)
-}
-
-/// Logs what the delete guard did in a scan: a hold that begins (once, with the count
-/// and the first names), names that joined it or were restored.
-fn say_held(volume: &Volume, report: &crate::scan::ScanReport, was_holding: bool) {
-    let name = &volume.name;
-    if report.deletes_held > 0 && !was_holding {
-        tracing::warn!(
-            volume = %name,
-            held = report.deletes_held,
-            "the delete guard holds back from peers a scan's deletes of {} names, more than its threshold ({}) of the volume at once: {}{}; check the volume, then `shoal release {name}` lets them go (restoring the names ends their hold too)",
-            report.deletes_held,
-            volume.guard.policy,
-            report.deletes_held_sample.join(", "),
-            match report.deletes_held_sample.len() as u64 >= report.deletes_held {
-                true => "",
-                false => ", ...",
-            }
-        );
-    } else if report.deletes_held > 0 {
-        tracing::info!(volume = %name, held = report.deletes_held, "{} more deleted names join the deletes the guard holds: {}", report.deletes_held, report.deletes_held_sample.join(", "));
-    }
-    if report.deletes_restored > 0 {
-        tracing::info!(volume = %name, restored = report.deletes_restored, "{} names whose deletes the guard held are on disk again: their holds end", report.deletes_restored);
-    }
-}
-
-/// Lets the deletes the guard holds in volume `index` go (`shoal release`): a whole scan
-/// that writes them as tombstones, as any scan would, and announces them. Returns how
-/// many names were held.
-pub async fn release_deletes(node: &Arc<Node>, index: usize) -> anyhow::Result<u64> {
-    let volume = &node.volumes[index];
-    let held = volume
-        .guard
-        .status(&volume.name)
-        .map_or(0, |held| held.names);
-    let options = ScanOptions {
-        watched_root: volume.fs.root_id().ok(),
-        guard: crate::guard::ScanGuard {
-            release: true,
-            ..Default::default()
-        },
-        ..ScanOptions::default()
-    };
-    rescan(node, index, options).await?;
-    Ok(held)
+    Ok(())
 }
 
 /// A volume's watcher and its events, or `None` (with the reason logged) if the volume
@@ -611,14 +607,10 @@ async fn local_changes(
     let name = node.volumes[index].name.clone();
     let mut debouncer = Debouncer::new(debounce);
     let mut next_full = Instant::now() + heartbeat;
-    let mut scan: Option<tokio::task::JoinHandle<Vec<crate::pathname::VolPath>>> = None;
+    let mut scan: Option<tokio::task::JoinHandle<()>> = None;
     let overflow = watched.as_ref().map(|(watcher, _)| watcher.overflow());
     // The directory opened at start: emptied from now on, it is a deletion, not a new disk.
     let watched_root = node.volumes[index].fs.root_id().ok();
-    // Deletes left by scans to later ones (`ScanGuard::defer`), and whether the scan
-    // under way may leave some.
-    let mut deferral = crate::guard::Deferral::default();
-    let mut deferring = false;
     loop {
         let due = debouncer.due().map(Instant::from_std);
         tokio::select! {
@@ -654,16 +646,12 @@ async fn local_changes(
                     if matches!(request.scope, ScanScope::Dirs(_)) {
                         node.stats.watch_scans.fetch_add(1, Ordering::Relaxed);
                     }
-                    let now = std::time::Instant::now();
-                    deferring = deferral.defer(true, !request.hold.is_empty(), now);
-                    let defer = deferring;
                     let options = ScanOptions {
                         scope: request.scope,
                         hold: request.hold,
                         busy: request.busy,
                         renamed: request.renamed,
                         watched_root,
-                        guard: crate::guard::ScanGuard { defer, ..Default::default() },
                         ..ScanOptions::default()
                     };
                     scan = Some(spawn_rescan(&node, index, options));
@@ -671,22 +659,10 @@ async fn local_changes(
             }
             _ = tokio::time::sleep_until(next_full), if scan.is_none() => {
                 next_full = Instant::now() + heartbeat;
-                let now = std::time::Instant::now();
-                let hold = debouncer.held(now);
-                deferring = deferral.defer(false, !hold.is_empty(), now);
-                let guard = crate::guard::ScanGuard { defer: deferring, ..Default::default() };
-                scan = Some(spawn_rescan(&node, index, ScanOptions { hold, watched_root, guard, ..ScanOptions::default() }));
+                let hold = debouncer.held(std::time::Instant::now());
+                scan = Some(spawn_rescan(&node, index, ScanOptions { hold, watched_root, ..ScanOptions::default() }));
             }
-            deferred = async { scan.as_mut().expect("guarded").await }, if scan.is_some() => {
-                scan = None;
-                let deferred = deferred.unwrap_or_default();
-                let now = std::time::Instant::now();
-                deferral.ended(deferring, !deferred.is_empty(), now);
-                for path in deferred {
-                    // Scanned again once the burst settles.
-                    debouncer.record(path, crate::watcher::Change::Other, now);
-                }
-            }
+            _ = async { scan.as_mut().expect("guarded").await }, if scan.is_some() => scan = None,
             _ = stop.wait_for(|s| *s) => break,
         }
     }
@@ -695,26 +671,19 @@ async fn local_changes(
     }
 }
 
-/// Runs [`rescan`] in a task of its own; the task's result is the deletes left for the
-/// next scan (none if the scan failed).
 fn spawn_rescan(
     node: &Arc<Node>,
     index: usize,
     options: ScanOptions,
-) -> tokio::task::JoinHandle<Vec<crate::pathname::VolPath>> {
+) -> tokio::task::JoinHandle<()> {
     let node = node.clone();
     tokio::spawn(async move {
-        match rescan(&node, index, options).await {
-            Ok(deferred) => {
-                node.note_state_room(None);
-                deferred
-            }
-            Err(e) => {
-                if !node.note_state_room(Some(e.as_ref())) {
-                    tracing::error!("rescan of {} failed: {e:#}", node.volumes[index].name);
-                }
-                Vec::new()
-            }
+        let result = rescan(&node, index, options).await;
+        let error = result.as_ref().err().map(|e| e.as_ref());
+        if !node.note_state_room(error)
+            && let Err(e) = result
+        {
+            tracing::error!("rescan of {} failed: {e:#}", node.volumes[index].name);
         }
     })
 }

@@ -32,6 +32,12 @@ pub fn available(path: &Path) -> io::Result<u64> {
     Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
+/// The size of the file system holding `path`, in bytes.
+pub fn total(path: &Path) -> io::Result<u64> {
+    let stat = rustix::fs::statvfs(path)?;
+    Ok(stat.f_blocks.saturating_mul(stat.f_frsize))
+}
+
 /// Bytes available on the file system of an open file or directory.
 pub fn available_at(fd: impl AsFd) -> io::Result<u64> {
     let stat = rustix::fs::fstatvfs(fd)?;

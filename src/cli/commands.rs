@@ -56,10 +56,6 @@ pub fn scan(settings: &Settings, threads: usize, json: bool) -> anyhow::Result<O
         let options = ScanOptions {
             threads,
             progress: progress.clone(),
-            guard: crate::guard::ScanGuard {
-                policy: settings.delete_guard.for_volume(name),
-                ..Default::default()
-            },
             ..ScanOptions::default()
         };
         let report = scan_volume(&store, name, &settings.volume_dir(name), &options)?;
@@ -128,15 +124,6 @@ fn human_scan(r: &ScanReport) -> String {
     if r.skipped_special > 0 {
         let _ = writeln!(out, "  skipped  {} devices", r.skipped_special);
     }
-    if r.deletes_held > 0 {
-        let _ = writeln!(
-            out,
-            "  held     {} deletes held back from peers by the delete guard ({}); `shoal release {}` lets them go",
-            r.deletes_held,
-            r.deletes_held_sample.join(", "),
-            r.volume
-        );
-    }
     let _ = writeln!(out, "  root     {}", r.root);
     out
 }
@@ -160,6 +147,8 @@ struct VolumeStatus {
     totals: SubtreeTotals,
     unique_chunks: Option<u64>,
     last_scan_unix: Option<i64>,
+    /// The kept versions of the volume and the bytes of their chunks.
+    versions_held: crate::gc::Held,
 }
 
 #[derive(Serialize)]
@@ -168,6 +157,7 @@ struct StoreStatus {
     state_dir: String,
     chunk_sizes: String,
     volumes: Vec<VolumeStatus>,
+    last_collection: Option<crate::gc::Collection>,
 }
 
 pub fn status(settings: &Settings, json: bool) -> anyhow::Result<Outcome> {
@@ -184,6 +174,7 @@ pub fn status(settings: &Settings, json: bool) -> anyhow::Result<Outcome> {
             totals: root.map(|n| n.totals).unwrap_or_default(),
             unique_chunks: record.unique_chunks,
             last_scan_unix: record.last_scan_unix,
+            versions_held: crate::gc::versions_held(&store, record.id)?,
         });
     }
     for name in &settings.volumes {
@@ -200,6 +191,7 @@ pub fn status(settings: &Settings, json: bool) -> anyhow::Result<Outcome> {
         state_dir: settings.state_dir.display().to_string(),
         chunk_sizes: meta.chunk_params.to_string(),
         volumes,
+        last_collection: crate::gc::last_collection(&store)?,
     };
     if json {
         print(&format!("{}\n", serde_json::to_string_pretty(&status)?))?;
@@ -225,6 +217,96 @@ pub fn status(settings: &Settings, json: bool) -> anyhow::Result<Outcome> {
                 .to_string()
         });
         let _ = writeln!(out, "  scanned  {last}");
+        let _ = writeln!(out, "  versions {}", held_line(&v.versions_held));
+    }
+    let _ = writeln!(out, "{}", collection_line(status.last_collection.as_ref()));
+    print(&out)?;
+    Ok(Outcome::Success)
+}
+
+/// "12 kept, 3.40 MiB in their chunks" for `shoal status`.
+pub fn held_line(held: &crate::gc::Held) -> String {
+    format!(
+        "{} kept, {} in their chunks",
+        held.versions,
+        indicatif::HumanBytes(held.bytes)
+    )
+}
+
+/// The last collection, for `shoal status`.
+pub fn collection_line(last: Option<&crate::gc::Collection>) -> String {
+    match last {
+        None => "last collection: never".to_string(),
+        Some(c) => format!(
+            "last collection: {} ({} versions dropped, {} reclaimed)",
+            humantime::format_rfc3339_seconds(
+                UNIX_EPOCH + Duration::from_secs(c.finished_unix.max(0) as u64)
+            ),
+            c.versions_dropped,
+            indicatif::HumanBytes(c.bytes_reclaimed)
+        ),
+    }
+}
+
+pub fn gc(
+    settings: &Settings,
+    retention: &crate::retention::Retention,
+    json: bool,
+) -> anyhow::Result<Outcome> {
+    let store = Store::open(&settings.state_dir, OpenOptions::default())?;
+    let mut volumes = Vec::new();
+    for (name, record) in store.volumes()? {
+        if !settings.volumes.is_empty() && !settings.volumes.contains(&name) {
+            continue;
+        }
+        volumes.push(crate::gc::VolumeToCollect {
+            policy: retention.policy(&name),
+            fs_bytes: crate::space::total(&settings.volume_dir(&name)).unwrap_or(0),
+            name,
+            id: record.id,
+        });
+    }
+    let mut held = Vec::new();
+    let collection = crate::gc::collect(
+        &store,
+        &volumes,
+        crate::gc::now_ns(),
+        &mut |name, h| held.push((name.to_string(), h)),
+        &mut || {},
+        &mut crate::gc::crash_from_env(),
+    )?;
+    if json {
+        #[derive(Serialize)]
+        struct Done<'a> {
+            collection: &'a crate::gc::Collection,
+            versions_held: std::collections::BTreeMap<String, crate::gc::Held>,
+        }
+        let done = Done {
+            collection: &collection,
+            versions_held: held.into_iter().collect(),
+        };
+        print(&format!("{}\n", serde_json::to_string_pretty(&done)?))?;
+        return Ok(Outcome::Success);
+    }
+    let mut out = String::new();
+    for (name, h) in &held {
+        let _ = writeln!(out, "volume {name}: versions {}", held_line(h));
+    }
+    let _ = writeln!(
+        out,
+        "collected: {} versions dropped, {} packs rewritten, {} removed, {} chunks ({}) reclaimed",
+        collection.versions_dropped,
+        collection.packs_rewritten,
+        collection.packs_removed,
+        collection.chunks_reclaimed,
+        indicatif::HumanBytes(collection.bytes_reclaimed)
+    );
+    if collection.packs_damaged > 0 {
+        let _ = writeln!(
+            out,
+            "{} packs left as they are: a chunk to keep is damaged (run `shoal repair`)",
+            collection.packs_damaged
+        );
     }
     print(&out)?;
     Ok(Outcome::Success)
@@ -509,6 +591,8 @@ pub struct ServeFlags {
     pub max_rate_peer: Vec<String>,
     /// Each volume's retention policy.
     pub retention: crate::retention::Retention,
+    /// `--gc-interval` in seconds.
+    pub gc_interval: u64,
 }
 
 pub fn serve(
@@ -536,6 +620,7 @@ pub fn serve(
         max_rate,
         max_rate_peer,
         retention,
+        gc_interval,
     } = flags;
     let max_rate_peer = crate::rate::PeerRates::parse(&max_rate_peer)
         .map_err(|e| anyhow::anyhow!("--max-rate-peer (SHOAL_MAX_RATE_PEER): {e}"))?;
@@ -596,6 +681,7 @@ pub fn serve(
         max_rate,
         max_rate_peer,
         retention,
+        gc_interval: Duration::from_secs(gc_interval.max(1)),
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(crate::serve::run(options, shutdown_signal()))?;

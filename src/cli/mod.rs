@@ -75,6 +75,10 @@ enum Command {
     /// With the daemon stopped: restore what `verify` finds damaged, from local copies
     /// or peers; exit 1 if some damage could not be repaired.
     Repair(RepairArgs),
+    /// With the daemon stopped: drop the kept versions each volume's retention policy no
+    /// longer keeps and reclaim the pack space of chunks nothing references (`serve`
+    /// does this itself every --gc-interval).
+    Gc(GcArgs),
     /// Ask a running daemon whether it is healthy (its HTTP /healthz): exit 0 if so, 1
     /// if not (the image's HEALTHCHECK).
     Health(HealthArgs),
@@ -85,9 +89,6 @@ enum Command {
     /// Resume what `shoal pause` paused: the volume (or, without one, the node-wide
     /// pause) syncs again, starting with what changed meanwhile.
     Resume(ControlArgs),
-    /// Let the deletes the delete guard holds back in a volume go to peers (check the
-    /// volume first: on every node, the names are then deleted).
-    Release(ReleaseArgs),
     /// Change a setting of the running daemon, through its control socket.
     #[command(subcommand)]
     Set(SetCommand),
@@ -294,6 +295,16 @@ struct ServeArgs {
     )]
     max_rate_peer: Vec<String>,
 
+    /// Seconds between two collections of kept versions and packs (the first runs at
+    /// start).
+    #[arg(
+        long,
+        env = "SHOAL_GC_INTERVAL",
+        value_name = "SECONDS",
+        default_value_t = 600
+    )]
+    gc_interval: u64,
+
     /// Days a delete is remembered (a node offline for longer could bring the file back).
     #[arg(
         long,
@@ -414,6 +425,19 @@ impl RetentionArgs {
     }
 }
 
+#[derive(Args, Debug)]
+struct GcArgs {
+    #[command(flatten)]
+    locations: Locations,
+
+    #[command(flatten)]
+    retention: RetentionArgs,
+
+    /// Print what was done as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 /// Where the volumes and the store are.
 #[derive(Args, Debug, Clone)]
 struct Locations {
@@ -445,19 +469,6 @@ struct Locations {
         value_delimiter = ' '
     )]
     keep_setid: Vec<String>,
-
-    /// The delete guard: a scan that would delete more than a share of a volume at once
-    /// holds those deletes back from peers until `shoal release VOLUME`. THRESHOLD is
-    /// `PERCENT%/MIN` (held when more than PERCENT% of the volume's names and at least
-    /// MIN names) or `off`; `VOLUME=THRESHOLD` sets one volume's (repeatable;
-    /// SHOAL_DELETE_GUARD takes a space-separated list) [default: 50%/10].
-    #[arg(
-        long = "delete-guard",
-        value_name = "[VOLUME=]THRESHOLD",
-        env = "SHOAL_DELETE_GUARD",
-        value_delimiter = ' '
-    )]
-    delete_guard: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -614,17 +625,6 @@ enum ConflictsCommand {
 struct ControlArgs {
     /// The volume [default: the whole node].
     volume: Option<String>,
-
-    /// The daemon's state directory, where its control socket is [default:
-    /// /var/lib/shoal].
-    #[arg(long, env = "SHOAL_STATE_DIR", value_name = "DIR")]
-    state_dir: Option<PathBuf>,
-}
-
-#[derive(Args, Debug)]
-struct ReleaseArgs {
-    /// The volume whose held deletes go.
-    volume: String,
 
     /// The daemon's state directory, where its control socket is [default:
     /// /var/lib/shoal].
@@ -793,15 +793,6 @@ fn settings(
         }
         settings.keep_setid = keep_setid;
     }
-    let delete_guard: Vec<String> = locations
-        .delete_guard
-        .into_iter()
-        .filter(|v| !v.trim().is_empty())
-        .collect();
-    if !delete_guard.is_empty() {
-        settings.delete_guard = crate::guard::Rules::parse(&delete_guard)
-            .map_err(crate::config::ConfigError::DeleteGuard)?;
-    }
     Ok(settings)
 }
 
@@ -850,6 +841,7 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 service: args.remote.service,
                 metrics: args.metrics,
                 retention,
+                gc_interval: args.gc_interval,
                 max_rate: args.max_rate.or(file.max_rate),
                 max_rate_peer: match args.max_rate_peer.is_empty() {
                     true => file.max_rate_peer.unwrap_or_default(),
@@ -866,14 +858,15 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 args.tombstone_days,
             )
         }
+        Command::Gc(args) => {
+            let file = file_config(cli.config.as_ref())?;
+            let retention = args.retention.resolve(&file)?;
+            let settings = settings(cli.config, args.locations, None)?;
+            commands::gc(&settings, &retention, args.json)
+        }
         Command::Health(args) => commands::health(&args.http, args.ready),
         Command::Pause(args) => control_pause(cli.config, args, true),
         Command::Resume(args) => control_pause(cli.config, args, false),
-        Command::Release(args) => {
-            crate::config::validate_volume_name(&args.volume)?;
-            let command = crate::control::Command::Release(args.volume);
-            control_send(cli.config, args.state_dir, &command)
-        }
         Command::Set(SetCommand::MaxRate {
             rate,
             per_peer,

@@ -115,6 +115,9 @@ pub fn render(status: &NodeStatus, bars: bool) -> String {
             HumanBytes(v.bytes),
             v.root.as_deref().unwrap_or("(none)")
         );
+        if let Some(held) = &v.versions_held {
+            let _ = writeln!(out, "  versions {}", super::commands::held_line(held));
+        }
         if v.conflict_copies > 0 {
             let _ = writeln!(
                 out,
@@ -124,15 +127,6 @@ pub fn render(status: &NodeStatus, bars: bool) -> String {
         }
         if v.paused {
             out.push_str("  PAUSED (shoal resume): not syncing; local changes are indexed\n");
-        }
-        if let Some(held) = &v.deletes_held {
-            let _ = writeln!(
-                out,
-                "  {} (since {}): {}",
-                held.message,
-                held.since,
-                held.sample.join(", ")
-            );
         }
         if let Some(scan) = &v.scan {
             let _ = writeln!(

@@ -160,8 +160,11 @@ function renderVolumes(s) {
       h("td", { class: "num" }, count(v.files)),
       h("td", { class: "num" }, bytes(v.bytes)),
       h("td", { class: "num" }, v.conflict_copies ? badge("amber", count(v.conflict_copies)) : "0"),
+      h("td", { class: "num", "data-versions": v.versions_held ? String(v.versions_held.versions) : "" },
+        v.versions_held ? count(v.versions_held.versions) : h("span", { class: "dim" }, "—"),
+        v.versions_held ? h("span", { class: "sub" }, bytes(v.versions_held.bytes)) : null),
       h("td", { class: "mono dim", title: v.root || "" }, v.root ? v.root.slice(0, 16) + "…" : "not scanned yet"));
-  }), 6, "no volumes");
+  }), 7, "no volumes");
 }
 
 function renderProgress(s) {

@@ -16,6 +16,7 @@ mod busy;
 mod chunks;
 pub mod codec;
 mod feed;
+mod collect;
 pub mod keys;
 pub mod pack;
 pub mod versions;
@@ -24,6 +25,7 @@ pub use batch::{Batch, Durability};
 pub use busy::{BUSY_PACK_AGE, BUSY_PACK_BYTES};
 pub use chunks::ChunkLocation;
 pub use feed::{Changes, DEFAULT_RETENTION as DEFAULT_FEED_RETENTION, FeedId, FeedMark};
+pub use collect::{CrashPoint, PackVerdict, Rewrite};
 
 use std::fs::{self, File};
 use std::io;
@@ -161,6 +163,9 @@ pub struct Store {
     last_pack: std::sync::Mutex<u64>,
     /// The numbering of each volume's changes ([`feed`]).
     feeds: feed::Feeds,
+    /// Packs a collection round is rewriting: a new version does not rely on their
+    /// copies ([`collect`]).
+    collecting: std::sync::Mutex<std::collections::HashSet<u64>>,
 }
 
 type RawItem = Result<(Box<[u8]>, Box<[u8]>), StoreError>;
@@ -244,6 +249,7 @@ impl Store {
                 versions: Default::default(),
                 last_pack: Default::default(),
                 feeds: Default::default(),
+                collecting: Default::default(),
             });
         }
         if existing.is_none() && !options.create {
@@ -272,8 +278,10 @@ impl Store {
             versions: Default::default(),
             last_pack: Default::default(),
             feeds: Default::default(),
+            collecting: Default::default(),
         };
         store.retire_leftover_busy_packs()?;
+        store.finish_interrupted_rewrites()?;
         Ok(store)
     }
 
@@ -637,22 +645,6 @@ impl Store {
             batch.delete(CF_META, &key);
         }
         self.write(batch, Durability::Durable)
-    }
-
-    /// The deletes the guard holds in volume `vol`, in path order.
-    pub fn held(
-        &self,
-        vol: VolumeId,
-    ) -> impl Iterator<Item = Result<(VolPath, codec::Held), StoreError>> + '_ {
-        let (start, end) = held_range(vol);
-        self.range(CF_META, start, end).map(move |item| {
-            let (key, value) = item?;
-            let path =
-                held_path_of(vol, &key).map_err(|e| StoreError::corrupt(CF_META, &key, e))?;
-            let held =
-                codec::decode_held(&value).map_err(|e| StoreError::corrupt(CF_META, &key, e))?;
-            Ok((path, held))
-        })
     }
 
     pub fn chunk_list(

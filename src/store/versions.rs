@@ -280,11 +280,18 @@ impl Store {
             let (key, _) = item?;
             if let Ok((_, LocationKey::Pack { pack })) = parse_location_key(&key)
                 && !self.is_busy_pack(pack)
+                && !self.is_collecting(pack)
             {
                 return Ok(true);
             }
         }
         Ok(false)
+    }
+
+    /// The version pack that takes chunks now, if one is open.
+    pub(super) fn current_version_pack(&self) -> Option<u64> {
+        let current = self.versions.0.lock().expect("version pack lock");
+        current.as_ref().map(|(number, _)| *number)
     }
 
     /// Appends one chunk of a version to keep (its bytes already checked against `id`)

@@ -42,8 +42,6 @@ pub struct Volume {
     /// A pull took a hard-linked file and has not linked all its other names yet: scans
     /// leave the index's link groups alone meanwhile (see `ScanOptions::keep_link_groups`).
     pub links_pending: AtomicBool,
-    /// The delete guard: its threshold and the deletes it holds back from peers.
-    pub guard: crate::guard::Guard,
 }
 
 impl Volume {
@@ -53,8 +51,6 @@ impl Volume {
     pub fn open(store: &Store, name: &str, dir: &Path) -> Result<Volume, SyncError> {
         let fs = VolumeFs::open(dir)?;
         let record = store.ensure_volume(name)?;
-        let guard = crate::guard::Guard::default();
-        guard.load(store, record.id)?;
         Ok(Volume {
             name: name.to_string(),
             id: record.id,
@@ -68,14 +64,7 @@ impl Volume {
             xattrs_not_applied: Default::default(),
             unsyncable: Default::default(),
             links_pending: AtomicBool::new(false),
-            guard,
         })
-    }
-
-    /// The volume with the delete guard's threshold `policy`.
-    pub fn guarded_by(mut self, policy: crate::guard::Policy) -> Volume {
-        self.guard.policy = policy;
-        self
     }
 
     /// Whether files received from peers keep their setuid/setgid bits here.
@@ -199,6 +188,8 @@ pub struct Node {
     pub rate: crate::rate::RateLimit,
     /// The last changes applied from peers (for `/status`).
     pub recent_changes: super::state::RecentChanges,
+    /// Kept versions held per volume and the last collection (`crate::gc`).
+    pub collections: crate::gc::Figures,
     /// The memory that peers' requests and their answers may hold, node-wide.
     pub serving: crate::sync::server::Budget,
 }
@@ -234,6 +225,7 @@ impl Node {
             paused: crate::pause::Paused::default(),
             rate: crate::rate::RateLimit::default(),
             recent_changes: Default::default(),
+            collections: Default::default(),
         }
     }
 

@@ -33,6 +33,7 @@ pub(super) fn check_packs(
             referenced.insert((pack, extent.offset));
         }
     }
+    let leftovers = store.rewrite_leftovers()?;
     let entries = match fs::read_dir(&packs_dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -50,6 +51,10 @@ pub(super) fn check_packs(
                 source,
             })?
             .path();
+        if pack_number(&path).is_some_and(|n| leftovers.contains(&n)) {
+            // Left by an interrupted collection; the next writer removes it.
+            continue;
+        }
         if path.extension().is_some_and(|ext| ext == "pack") {
             report.packs_checked += 1;
             check_pack_file(&path, &referenced, progress, report);
