@@ -34,6 +34,8 @@ pub enum ConfigError {
     ChunkSizes(String),
     #[error("invalid access rule: {0}")]
     Access(String),
+    #[error("invalid delete guard rule: {0}")]
+    DeleteGuard(String),
 }
 
 /// The TOML config file. Every key is optional; the same names as the long flags.
@@ -53,6 +55,8 @@ pub struct FileConfig {
     /// Which nodes may hold each volume (`crate::access`).
     pub access: Option<std::collections::BTreeMap<String, Vec<String>>>,
     pub keep_setid: Option<Vec<String>>,
+    /// `--delete-guard` rules: `THRESHOLD` or `VOLUME=THRESHOLD` (`crate::guard`).
+    pub delete_guard: Option<Vec<String>>,
     /// `shoal serve --max-rate`.
     pub max_rate: Option<String>,
     /// `shoal serve --max-rate-peer`: `RATE` or `NODE=RATE` rules.
@@ -101,6 +105,8 @@ pub struct Settings {
     /// Volumes whose files received from peers keep their setuid and setgid bits (by
     /// default they are cleared: one stolen node key must not plant setuid binaries).
     pub keep_setid: Vec<String>,
+    /// Each volume's delete guard threshold (`crate::guard`).
+    pub delete_guard: crate::guard::Rules,
 }
 
 impl Settings {
@@ -132,6 +138,8 @@ impl Settings {
         for name in &keep_setid {
             validate_volume_name(name)?;
         }
+        let delete_guard = crate::guard::Rules::parse(&file.delete_guard.unwrap_or_default())
+            .map_err(ConfigError::DeleteGuard)?;
         let chunk_params = chunk_sizes
             .or(file.chunk_sizes)
             .map(|text| ChunkParams::parse(&text).map_err(ConfigError::ChunkSizes))
@@ -146,6 +154,7 @@ impl Settings {
             volumes: names,
             chunk_params,
             keep_setid,
+            delete_guard,
         })
     }
 
@@ -201,5 +210,11 @@ mod tests {
             retention.keep_versions,
             Some(vec!["30d".to_string(), "media=7d".to_string()])
         );
+        let guarded: FileConfig =
+            toml::from_str("volumes = [\"a\"]\ndelete-guard = [\"80%/5\", \"a=off\"]").unwrap();
+        let s = Settings::resolve(guarded, None, None, vec![], None).unwrap();
+        assert_eq!(s.delete_guard.for_volume("a"), crate::guard::Policy::Off);
+        let bad: FileConfig = toml::from_str("delete-guard = [\"lots\"]").unwrap();
+        assert!(Settings::resolve(bad, None, None, vec![], None).is_err());
     }
 }

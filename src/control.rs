@@ -98,6 +98,8 @@ pub enum Command {
     /// Put a path back as it was ([`crate::restore::Request`]), answered as one line of
     /// JSON ([`crate::restore::Restored`]).
     Restore(crate::restore::Request),
+    /// Let the deletes the delete guard holds in a volume go to peers.
+    Release(String),
 }
 
 impl Command {
@@ -134,6 +136,7 @@ impl Command {
                 }
                 return line;
             }
+            Command::Release(volume) => return format!("release {volume}"),
         };
         match target {
             Target::Node => verb.to_string(),
@@ -177,6 +180,10 @@ impl Command {
                 .map(Command::Versions)
                 .ok_or_else(|| format!("{path:?} is not a hex-encoded path")),
             Some((&"restore", [path, options @ ..])) => parse_restore(path, options),
+            Some((&"release", rest)) => match target(rest)? {
+                Target::Volume(name) => Ok(Command::Release(name)),
+                Target::Node => Err("release needs a volume: `release VOLUME`".to_string()),
+            },
             Some((&"resolve", [keep, path])) => Ok(Command::Resolve {
                 keep: Keep::parse(keep)?,
                 path: crate::ids::from_hex(path)
@@ -184,7 +191,7 @@ impl Command {
                     .ok_or_else(|| format!("the path in {line:?} is not hex"))?,
             }),
             _ => Err(format!(
-                "unknown request {line:?} (expected `pause [VOLUME]`, `resume [VOLUME]`, `set max-rate RATE`, `set max-rate-peer [NODE] RATE`, `conflicts [VOLUME]` or `resolve mine|theirs|both HEXPATH`)"
+                "unknown request {line:?} (expected `pause [VOLUME]`, `resume [VOLUME]`, `set max-rate RATE`, `set max-rate-peer [NODE] RATE`, `conflicts [VOLUME]`, `resolve mine|theirs|both HEXPATH` or `release VOLUME`)"
             )),
         }
     }
@@ -332,6 +339,7 @@ async fn act(node: &Arc<Node>, command: Command) -> Result<String, String> {
             let restored = crate::restore::restore(node, request).await?;
             return serde_json::to_string(&restored).map_err(|e| e.to_string());
         }
+        Command::Release(name) => return release(node, &name),
         Command::SetPeerMaxRate { node: name, rate } => {
             node.rate.set_peer_rate(name.as_deref(), rate);
             let whom = name.map_or("each peer".to_string(), |n| format!("peer {n}"));
@@ -442,6 +450,31 @@ impl Command {
     }
 }
 
+/// Lets the deletes the guard holds in volume `name` go: a scan of the whole volume
+/// writes them as tombstones and announces them. It runs on after the answer (a large
+/// volume takes longer to scan than a client waits).
+fn release(node: &Arc<Node>, name: &str) -> Result<String, String> {
+    let index = node
+        .volumes
+        .iter()
+        .position(|v| v.name == name)
+        .ok_or_else(|| format!("volume {name} is not synced by this node"))?;
+    let Some(held) = node.volumes[index].guard.status(name) else {
+        return Ok(format!("volume {name}: the delete guard holds no deletes"));
+    };
+    tracing::warn!(volume = %name, held = held.names, "the operator released the deletes the guard held: they go to peers");
+    let node = node.clone();
+    tokio::spawn(async move {
+        if let Err(e) = crate::serve::release_deletes(&node, index).await {
+            tracing::error!(volume = %node.volumes[index].name, "releasing the held deletes failed: {e:#}; they stay held");
+        }
+    });
+    Ok(format!(
+        "volume {name}: releasing {} held deletes; they go to peers once the volume is scanned",
+        held.names
+    ))
+}
+
 /// Sends `command` to the daemon whose state directory is `state_dir`; its answer's
 /// message, or why it refused.
 pub fn request(state_dir: &Path, command: &Command) -> Result<String, ControlError> {
@@ -496,6 +529,7 @@ mod tests {
             },
             Command::Conflicts(None),
             Command::Conflicts(Some("media".into())),
+            Command::Release("media".into()),
             Command::Resolve {
                 keep: Keep::Theirs,
                 path: b"media/a b/c.sync-conflict-20261130-120000-abc.txt".to_vec(),

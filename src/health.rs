@@ -10,7 +10,9 @@
 //!   example on certificates from another CA);
 //! - a volume's pull rounds with some peer failed [`FAILING_ROUNDS`] times in a row;
 //! - a volume's file system has no room for files a peer has;
-//! - the state directory is too full for the index to be written.
+//! - the state directory is too full for the index to be written;
+//! - the delete guard holds a volume's deletes back from peers until an operator
+//!   releases them (`crate::guard`).
 
 use std::time::{Duration, SystemTime};
 
@@ -34,14 +36,16 @@ pub enum CauseKind {
     VolumeFailing,
     VolumeFull,
     StateDirFull,
+    DeleteHeld,
 }
 
 impl CauseKind {
-    pub const ALL: [CauseKind; 4] = [
+    pub const ALL: [CauseKind; 5] = [
         CauseKind::NoPeerReachable,
         CauseKind::VolumeFailing,
         CauseKind::VolumeFull,
         CauseKind::StateDirFull,
+        CauseKind::DeleteHeld,
     ];
 
     pub fn name(self) -> &'static str {
@@ -50,6 +54,7 @@ impl CauseKind {
             CauseKind::VolumeFailing => "volume_failing",
             CauseKind::VolumeFull => "volume_full",
             CauseKind::StateDirFull => "state_dir_full",
+            CauseKind::DeleteHeld => "delete_held",
         }
     }
 }
@@ -107,6 +112,16 @@ pub fn assess(node: &Node) -> Health {
                     crate::space::Size(short.available_bytes)
                 ),
                 since: None,
+            });
+        }
+    }
+    for volume in &node.volumes {
+        if let Some(held) = volume.guard.status(&volume.name) {
+            causes.push(Cause {
+                kind: CauseKind::DeleteHeld,
+                volume: Some(volume.name.clone()),
+                message: format!("volume {}: {}", volume.name, held.message),
+                since: Some(held.since),
             });
         }
     }

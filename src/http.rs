@@ -167,7 +167,7 @@ fn encode_metrics(status: &NodeStatus) -> String {
 
 fn volume_metrics(m: &mut Metrics, volumes: &[VolumeStatus]) {
     type Gauge = (&'static str, &'static str, fn(&VolumeStatus) -> f64);
-    let gauges: [Gauge; 9] = [
+    let gauges: [Gauge; 10] = [
         (
             "volume_versions_held",
             "Kept versions of the volume's files (as of the last collection)",
@@ -210,6 +210,11 @@ fn volume_metrics(m: &mut Metrics, volumes: &[VolumeStatus]) {
             "paused",
             "Whether the operator paused the volume or the node (1) or not (0)",
             |v| flag(v.paused),
+        ),
+        (
+            "volume_deletes_held",
+            "Names whose deletes the delete guard holds back from peers until `shoal release VOLUME` (0: none)",
+            |v| v.deletes_held.as_ref().map_or(0.0, |h| h.names as f64),
         ),
     ];
     for (name, help, value) in gauges {
@@ -363,6 +368,7 @@ pub fn node_status(node: &Node) -> NodeStatus {
                 xattrs_not_applied: v.xattrs_not_applied.list(),
                 unsyncable: v.unsyncable.listing(),
                 paused,
+                deletes_held: v.guard.status(&v.name),
                 versions_held: node_ref.collections.held(&v.name),
             }
         })
@@ -472,6 +478,10 @@ pub struct VolumeStatus {
     /// pulls, no answers to peers, no announcements; local changes still indexed.
     #[serde(default)]
     pub paused: bool,
+    /// The deletes the delete guard holds back from peers (how many names, the first
+    /// of them, since when, and what to do); `null` when none.
+    #[serde(default)]
+    pub deletes_held: Option<crate::guard::HeldDeletes>,
     /// The volume's kept versions and the bytes of their chunks, as the last
     /// collection counted them (`null` before the first).
     #[serde(default)]

@@ -23,6 +23,8 @@
 //!   to date: `walk.rs` merges listings with the index, `hash.rs` reads and chunks
 //!   files, `rules.rs` holds the `.shoalignore` rules.
 //! - [`watcher`]: file system events, debounced into narrow scans.
+//! - [`guard`]: the delete guard: a scan's mass delete held back from peers until
+//!   released, its threshold per volume, and what each volume holds.
 //! - [`tree`]: the paged Merkle tree of each volume's namespace and its types
 //!   (`TreeNode`, `PageSummary`, `SubtreeTotals`).
 //! - [`verify`]: checks index, packs and live files against each other, naming each
@@ -85,6 +87,7 @@ pub mod encoding;
 pub mod enroll;
 pub mod entry;
 pub mod gc;
+pub mod guard;
 pub mod health;
 pub mod http;
 pub mod identity;

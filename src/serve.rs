@@ -284,7 +284,12 @@ fn open_volumes(options: &ServeOptions, store: &Store) -> anyhow::Result<Vec<Vol
                 _ => anyhow::Error::new(e).context(format!("volume {name}")),
             }
         })?;
-        volumes.push(volume.keeping_setid(options.settings.keep_setid.contains(name)));
+        let guard = options.settings.delete_guard.for_volume(name);
+        volumes.push(
+            volume
+                .keeping_setid(options.settings.keep_setid.contains(name))
+                .guarded_by(guard),
+        );
     }
     Ok(volumes)
 }
@@ -520,28 +525,48 @@ async fn expire_tombstones(node: &Arc<Node>, retention: Duration) -> anyhow::Res
 }
 
 /// Rescans one volume (or the part `options` names) under its lock; announces local
-/// changes to peers.
-async fn rescan(node: &Arc<Node>, index: usize, options: ScanOptions) -> anyhow::Result<()> {
+/// changes to peers. Returns the deletes the scan left for the next one
+/// ([`crate::guard::ScanGuard::defer`]).
+async fn rescan(
+    node: &Arc<Node>,
+    index: usize,
+    options: ScanOptions,
+) -> anyhow::Result<Vec<crate::pathname::VolPath>> {
     let volume = &node.volumes[index];
     let report = {
         let _guard = volume.lock.lock().await;
         let options = ScanOptions {
             keep_link_groups: volume.links_pending.load(Ordering::Relaxed),
+            guard: crate::guard::ScanGuard {
+                policy: volume.guard.policy,
+                recent: volume.guard.recent_deletes(),
+                release: options.guard.release,
+                defer: options.guard.defer,
+            },
             ..options
         };
-        let node = node.clone();
+        let scanner = node.clone();
         let whole = matches!(options.scope, ScanScope::Everything);
         let options = ScanOptions {
             progress: Some(volume.scanning.start()),
             ..options
         };
         let scanned = tokio::task::spawn_blocking(move || {
-            let volume = &node.volumes[index];
-            scan_volume(&node.store, &volume.name, volume.fs.root_path(), &options)
+            let volume = &scanner.volumes[index];
+            scan_volume(
+                &scanner.store,
+                &volume.name,
+                volume.fs.root_path(),
+                &options,
+            )
         })
         .await;
         volume.scanning.end();
         let mut report = scanned??;
+        let was_holding = volume.guard.holding();
+        volume.guard.note_deletes(report.deleted);
+        volume.guard.load(&node.store, volume.id)?;
+        say_held(volume, &report, was_holding);
         let unsyncable = std::mem::take(&mut report.unsyncable);
         let (root, origin) = (volume.fs.root_path(), crate::unsyncable::Origin::Scan);
         if whole {
@@ -574,7 +599,53 @@ async fn rescan(node: &Arc<Node>, index: usize, options: ScanOptions) -> anyhow:
         tracing::info!(volume = %volume.name, added = report.added, modified = report.modified, deleted = report.deleted, "local changes: {names}{more}");
         node.notify_peers(&volume.name);
     }
-    Ok(())
+    Ok(report.deletes_deferred)
+}
+
+/// Logs what the delete guard did in a scan: a hold that begins (once, with the count
+/// and the first names), names that joined it or were restored.
+fn say_held(volume: &Volume, report: &crate::scan::ScanReport, was_holding: bool) {
+    let name = &volume.name;
+    if report.deletes_held > 0 && !was_holding {
+        tracing::warn!(
+            volume = %name,
+            held = report.deletes_held,
+            "the delete guard holds back from peers a scan's deletes of {} names, more than its threshold ({}) of the volume at once: {}{}; check the volume, then `shoal release {name}` lets them go (restoring the names ends their hold too)",
+            report.deletes_held,
+            volume.guard.policy,
+            report.deletes_held_sample.join(", "),
+            match report.deletes_held_sample.len() as u64 >= report.deletes_held {
+                true => "",
+                false => ", ...",
+            }
+        );
+    } else if report.deletes_held > 0 {
+        tracing::info!(volume = %name, held = report.deletes_held, "{} more deleted names join the deletes the guard holds: {}", report.deletes_held, report.deletes_held_sample.join(", "));
+    }
+    if report.deletes_restored > 0 {
+        tracing::info!(volume = %name, restored = report.deletes_restored, "{} names whose deletes the guard held are on disk again: their holds end", report.deletes_restored);
+    }
+}
+
+/// Lets the deletes the guard holds in volume `index` go (`shoal release`): a whole scan
+/// that writes them as tombstones, as any scan would, and announces them. Returns how
+/// many names were held.
+pub async fn release_deletes(node: &Arc<Node>, index: usize) -> anyhow::Result<u64> {
+    let volume = &node.volumes[index];
+    let held = volume
+        .guard
+        .status(&volume.name)
+        .map_or(0, |held| held.names);
+    let options = ScanOptions {
+        watched_root: volume.fs.root_id().ok(),
+        guard: crate::guard::ScanGuard {
+            release: true,
+            ..Default::default()
+        },
+        ..ScanOptions::default()
+    };
+    rescan(node, index, options).await?;
+    Ok(held)
 }
 
 /// A volume's watcher and its events, or `None` (with the reason logged) if the volume
@@ -607,10 +678,14 @@ async fn local_changes(
     let name = node.volumes[index].name.clone();
     let mut debouncer = Debouncer::new(debounce);
     let mut next_full = Instant::now() + heartbeat;
-    let mut scan: Option<tokio::task::JoinHandle<()>> = None;
+    let mut scan: Option<tokio::task::JoinHandle<Vec<crate::pathname::VolPath>>> = None;
     let overflow = watched.as_ref().map(|(watcher, _)| watcher.overflow());
     // The directory opened at start: emptied from now on, it is a deletion, not a new disk.
     let watched_root = node.volumes[index].fs.root_id().ok();
+    // Deletes left by scans to later ones (`ScanGuard::defer`), and whether the scan
+    // under way may leave some.
+    let mut deferral = crate::guard::Deferral::default();
+    let mut deferring = false;
     loop {
         let due = debouncer.due().map(Instant::from_std);
         tokio::select! {
@@ -646,12 +721,16 @@ async fn local_changes(
                     if matches!(request.scope, ScanScope::Dirs(_)) {
                         node.stats.watch_scans.fetch_add(1, Ordering::Relaxed);
                     }
+                    let now = std::time::Instant::now();
+                    deferring = deferral.defer(true, !request.hold.is_empty(), now);
+                    let defer = deferring;
                     let options = ScanOptions {
                         scope: request.scope,
                         hold: request.hold,
                         busy: request.busy,
                         renamed: request.renamed,
                         watched_root,
+                        guard: crate::guard::ScanGuard { defer, ..Default::default() },
                         ..ScanOptions::default()
                     };
                     scan = Some(spawn_rescan(&node, index, options));
@@ -659,10 +738,22 @@ async fn local_changes(
             }
             _ = tokio::time::sleep_until(next_full), if scan.is_none() => {
                 next_full = Instant::now() + heartbeat;
-                let hold = debouncer.held(std::time::Instant::now());
-                scan = Some(spawn_rescan(&node, index, ScanOptions { hold, watched_root, ..ScanOptions::default() }));
+                let now = std::time::Instant::now();
+                let hold = debouncer.held(now);
+                deferring = deferral.defer(false, !hold.is_empty(), now);
+                let guard = crate::guard::ScanGuard { defer: deferring, ..Default::default() };
+                scan = Some(spawn_rescan(&node, index, ScanOptions { hold, watched_root, guard, ..ScanOptions::default() }));
             }
-            _ = async { scan.as_mut().expect("guarded").await }, if scan.is_some() => scan = None,
+            deferred = async { scan.as_mut().expect("guarded").await }, if scan.is_some() => {
+                scan = None;
+                let deferred = deferred.unwrap_or_default();
+                let now = std::time::Instant::now();
+                deferral.ended(deferring, !deferred.is_empty(), now);
+                for path in deferred {
+                    // Scanned again once the burst settles.
+                    debouncer.record(path, crate::watcher::Change::Other, now);
+                }
+            }
             _ = stop.wait_for(|s| *s) => break,
         }
     }
@@ -671,19 +762,26 @@ async fn local_changes(
     }
 }
 
+/// Runs [`rescan`] in a task of its own; the task's result is the deletes left for the
+/// next scan (none if the scan failed).
 fn spawn_rescan(
     node: &Arc<Node>,
     index: usize,
     options: ScanOptions,
-) -> tokio::task::JoinHandle<()> {
+) -> tokio::task::JoinHandle<Vec<crate::pathname::VolPath>> {
     let node = node.clone();
     tokio::spawn(async move {
-        let result = rescan(&node, index, options).await;
-        let error = result.as_ref().err().map(|e| e.as_ref());
-        if !node.note_state_room(error)
-            && let Err(e) = result
-        {
-            tracing::error!("rescan of {} failed: {e:#}", node.volumes[index].name);
+        match rescan(&node, index, options).await {
+            Ok(deferred) => {
+                node.note_state_room(None);
+                deferred
+            }
+            Err(e) => {
+                if !node.note_state_room(Some(e.as_ref())) {
+                    tracing::error!("rescan of {} failed: {e:#}", node.volumes[index].name);
+                }
+                Vec::new()
+            }
         }
     })
 }

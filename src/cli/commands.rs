@@ -56,6 +56,10 @@ pub fn scan(settings: &Settings, threads: usize, json: bool) -> anyhow::Result<O
         let options = ScanOptions {
             threads,
             progress: progress.clone(),
+            guard: crate::guard::ScanGuard {
+                policy: settings.delete_guard.for_volume(name),
+                ..Default::default()
+            },
             ..ScanOptions::default()
         };
         let report = scan_volume(&store, name, &settings.volume_dir(name), &options)?;
@@ -123,6 +127,15 @@ fn human_scan(r: &ScanReport) -> String {
     );
     if r.skipped_special > 0 {
         let _ = writeln!(out, "  skipped  {} devices", r.skipped_special);
+    }
+    if r.deletes_held > 0 {
+        let _ = writeln!(
+            out,
+            "  held     {} deletes held back from peers by the delete guard ({}); `shoal release {}` lets them go",
+            r.deletes_held,
+            r.deletes_held_sample.join(", "),
+            r.volume
+        );
     }
     let _ = writeln!(out, "  root     {}", r.root);
     out

@@ -89,6 +89,9 @@ enum Command {
     /// Resume what `shoal pause` paused: the volume (or, without one, the node-wide
     /// pause) syncs again, starting with what changed meanwhile.
     Resume(ControlArgs),
+    /// Let the deletes the delete guard holds back in a volume go to peers (check the
+    /// volume first: on every node, the names are then deleted).
+    Release(ReleaseArgs),
     /// Change a setting of the running daemon, through its control socket.
     #[command(subcommand)]
     Set(SetCommand),
@@ -469,6 +472,19 @@ struct Locations {
         value_delimiter = ' '
     )]
     keep_setid: Vec<String>,
+
+    /// The delete guard: a scan that would delete more than a share of a volume at once
+    /// holds those deletes back from peers until `shoal release VOLUME`. THRESHOLD is
+    /// `PERCENT%/MIN` (held when more than PERCENT% of the volume's names and at least
+    /// MIN names) or `off`; `VOLUME=THRESHOLD` sets one volume's (repeatable;
+    /// SHOAL_DELETE_GUARD takes a space-separated list) [default: 50%/10].
+    #[arg(
+        long = "delete-guard",
+        value_name = "[VOLUME=]THRESHOLD",
+        env = "SHOAL_DELETE_GUARD",
+        value_delimiter = ' '
+    )]
+    delete_guard: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -625,6 +641,17 @@ enum ConflictsCommand {
 struct ControlArgs {
     /// The volume [default: the whole node].
     volume: Option<String>,
+
+    /// The daemon's state directory, where its control socket is [default:
+    /// /var/lib/shoal].
+    #[arg(long, env = "SHOAL_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct ReleaseArgs {
+    /// The volume whose held deletes go.
+    volume: String,
 
     /// The daemon's state directory, where its control socket is [default:
     /// /var/lib/shoal].
@@ -793,6 +820,15 @@ fn settings(
         }
         settings.keep_setid = keep_setid;
     }
+    let delete_guard: Vec<String> = locations
+        .delete_guard
+        .into_iter()
+        .filter(|v| !v.trim().is_empty())
+        .collect();
+    if !delete_guard.is_empty() {
+        settings.delete_guard = crate::guard::Rules::parse(&delete_guard)
+            .map_err(crate::config::ConfigError::DeleteGuard)?;
+    }
     Ok(settings)
 }
 
@@ -867,6 +903,11 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Health(args) => commands::health(&args.http, args.ready),
         Command::Pause(args) => control_pause(cli.config, args, true),
         Command::Resume(args) => control_pause(cli.config, args, false),
+        Command::Release(args) => {
+            crate::config::validate_volume_name(&args.volume)?;
+            let command = crate::control::Command::Release(args.volume);
+            control_send(cli.config, args.state_dir, &command)
+        }
         Command::Set(SetCommand::MaxRate {
             rate,
             per_peer,

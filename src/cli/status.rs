@@ -128,6 +128,15 @@ pub fn render(status: &NodeStatus, bars: bool) -> String {
         if v.paused {
             out.push_str("  PAUSED (shoal resume): not syncing; local changes are indexed\n");
         }
+        if let Some(held) = &v.deletes_held {
+            let _ = writeln!(
+                out,
+                "  {} (since {}): {}",
+                held.message,
+                held.since,
+                held.sample.join(", ")
+            );
+        }
         if let Some(scan) = &v.scan {
             let _ = writeln!(
                 out,

@@ -186,7 +186,8 @@ pub fn repair(settings: &Settings, options: &RepairOptions) -> Result<RepairRepo
         .iter()
         .map(|(name, dir)| {
             let keep = settings.keep_setid.iter().any(|k| k == name);
-            Volume::open(&store, name, dir).map(|v| v.keeping_setid(keep))
+            let guard = settings.delete_guard.for_volume(name);
+            Volume::open(&store, name, dir).map(|v| v.keeping_setid(keep).guarded_by(guard))
         })
         .collect::<Result<_, _>>()?;
     let node = Arc::new(Node::new(

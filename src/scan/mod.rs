@@ -107,6 +107,9 @@ pub struct ScanOptions {
     /// hard-linked file and linking its other names, so the groups on disk are not yet
     /// what the index (the peer's) says they will be.
     pub keep_link_groups: bool,
+    /// The delete guard's threshold, and whether the operator released its holds
+    /// ([`crate::guard`]).
+    pub guard: crate::guard::ScanGuard,
 }
 
 /// Which directories a scan lists.
@@ -160,6 +163,16 @@ pub struct ScanReport {
     /// The first [`CONFLICT_PATHS_KEPT`] of them, in walk order (`/status` describes them).
     #[serde(skip)]
     pub conflict_paths: Vec<VolPath>,
+    /// Names whose delete the guard held back from peers in this scan (a held directory
+    /// counts with the names below it), and the first [`NAMES_IN_REPORT`] of them.
+    pub deletes_held: u64,
+    pub deletes_held_sample: Vec<String>,
+    /// Held names this scan found on disk again (restored): their holds are gone.
+    pub deletes_restored: u64,
+    /// Deletes left for the next scan ([`crate::guard::ScanGuard::defer`]): one deleted
+    /// name per directory that had some, for the watcher to scan again.
+    #[serde(skip)]
+    pub deletes_deferred: Vec<VolPath>,
     /// Names that could not be read; their previous index entries were kept.
     pub problems: Vec<String>,
     /// Names that cannot be synced at all (a path longer than Linux allows): not
@@ -229,6 +242,11 @@ pub fn scan_volume(
     let full = matches!(options.scope, ScanScope::Everything);
     let find_groups = full && !options.keep_link_groups;
     let budget = hash::SnapshotBudget::new();
+    let guard_held = store
+        .held(vol)
+        .map(|item| item.map(|(path, _)| path))
+        .collect::<Result<_, _>>()
+        .map_err(store_err)?;
     let (mut report, links_changed) = std::thread::scope(|scope| -> Result<_, StoreError> {
         let mut walker = Walker {
             store,
@@ -237,6 +255,8 @@ pub fn scan_volume(
             root: root.to_path_buf(),
             root_fd,
             emptied_while_watched,
+            guard: options.guard,
+            guard_held,
             batch: store.batch(),
             hashers: Pool::start(scope, threads, QUEUE_DEPTH, || {
                 hasher(params, namespaces, budget.clone())
@@ -282,6 +302,12 @@ pub fn scan_volume(
         let room = NAMES_IN_REPORT.saturating_sub(report.changed_names.len());
         rest.changed_names.truncate(room);
         rest.changed_names.splice(0..0, report.changed_names);
+        rest.deletes_held += report.deletes_held;
+        rest.deletes_held_sample
+            .splice(0..0, report.deletes_held_sample);
+        rest.deletes_held_sample.truncate(NAMES_IN_REPORT);
+        rest.deletes_restored += report.deletes_restored;
+        rest.deletes_deferred.splice(0..0, report.deletes_deferred);
         rest.files_read += report.files_read;
         rest.bytes_read += report.bytes_read;
         rest.problems.splice(0..0, report.problems);

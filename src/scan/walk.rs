@@ -58,6 +58,10 @@ pub(super) struct Walker<'s> {
     /// The root is the directory `serve` has watched since its start: finding it empty
     /// is a deletion of its names, not a fresh volume.
     pub(super) emptied_while_watched: bool,
+    /// The delete guard's threshold for this scan ([`crate::guard`]).
+    pub(super) guard: crate::guard::ScanGuard,
+    /// The names whose deletes the guard holds: left live in the index while gone.
+    pub(super) guard_held: HashSet<VolPath>,
     pub(super) batch: Batch<'s>,
     /// Taken (closing the queue) once the walk is done.
     /// The hashing threads.
@@ -102,6 +106,14 @@ struct BusyRead {
     may_snapshot: bool,
 }
 
+/// The names a tree node's totals count below it (files, directories, symlinks).
+fn names_in(totals: &crate::tree::SubtreeTotals) -> u64 {
+    totals
+        .files
+        .saturating_add(totals.dirs)
+        .saturating_add(totals.symlinks)
+}
+
 /// A name the index holds as existing in a directory, with its scan stamp if it has one.
 type IndexedName = (Vec<u8>, Option<ScanStamp>);
 
@@ -135,7 +147,8 @@ impl<'s> Walker<'s> {
         // Deletes are written last: a peer pulling while this scan runs sees a renamed
         // file's new name before its old one goes, and so still holds the content
         // locally (its chunks are not fetched again).
-        for (dir, name) in std::mem::take(&mut self.gone) {
+        let gone = std::mem::take(&mut self.gone);
+        for (dir, name) in self.guard_deletes(gone)? {
             if let Some(old) = self
                 .store
                 .entry(self.vol, &dir, &name)?
@@ -369,12 +382,18 @@ impl<'s> Walker<'s> {
             return Ok(());
         };
         let indexed = self.indexed_names(dir)?;
-        if dir.is_root() && listed.is_empty() && !indexed.is_empty() && !self.emptied_while_watched
+        if dir.is_root()
+            && listed.is_empty()
+            && !indexed.is_empty()
+            && !self.emptied_while_watched
+            && self.guard_held.is_empty()
         {
             // An empty volume where the index knows files is a new or unmounted disk,
             // not a request to delete everything on every node (the lsyncd failure):
             // forget the index, and let peers fill the volume again. (A volume emptied
-            // under a running node's eyes is a deletion, made below like any other.)
+            // under a running node's eyes is a deletion, made below like any other, and
+            // so is one whose deletes the guard already holds: a restart in between
+            // keeps them held, not undone.)
             tracing::warn!(
                 "volume {} is empty but its index holds {} names: treating it as a fresh volume that pulls from peers, not as a deletion",
                 self.report.volume,
@@ -394,6 +413,7 @@ impl<'s> Walker<'s> {
             match order {
                 std::cmp::Ordering::Less => {
                     let item = listed.next().expect("peeked");
+                    self.found_again(dir, &item.name);
                     match self.is_held(dir, &item.name) {
                         false => self.on_listed(dir, item, None, &opened, depth)?,
                         true => self.note_held(dir, &item),
@@ -402,6 +422,7 @@ impl<'s> Walker<'s> {
                 std::cmp::Ordering::Equal => {
                     let item = listed.next().expect("peeked");
                     let (_, stamp) = indexed.next().expect("peeked");
+                    self.found_again(dir, &item.name);
                     match self.is_held(dir, &item.name) {
                         false => self.on_listed(dir, item, stamp, &opened, depth)?,
                         true => self.note_held(dir, &item),
@@ -449,6 +470,106 @@ impl<'s> Walker<'s> {
         }
         out.extend(stamps.map(|(name, stamp)| (name, Some(stamp))));
         Ok(out)
+    }
+
+    /// A name listed on disk whose delete the guard holds was restored: its hold goes,
+    /// and it is scanned like any name.
+    fn found_again(&mut self, dir: &VolPath, name: &[u8]) {
+        if self.guard_held.is_empty() {
+            return;
+        }
+        if let Ok(path) = dir.join(name)
+            && self.guard_held.remove(&path)
+        {
+            self.batch.delete_held(self.vol, &path);
+            self.report.deletes_restored += 1;
+        }
+    }
+
+    /// Which of the names found gone are deleted now. The delete guard holds them all
+    /// back from peers (a `held/` record each, no tombstone) when they, with the deletes
+    /// let go within its window, are more than its share of the volume, or when it
+    /// already holds others (a mass delete still under way joins its hold). Names it
+    /// already holds stay held; a release lets every hold go. A watcher's scan leaves
+    /// deletes it would let go to the next scan (`ScanGuard::defer`).
+    fn guard_deletes(
+        &mut self,
+        gone: Vec<(VolPath, Vec<u8>)>,
+    ) -> Result<Vec<(VolPath, Vec<u8>)>, StoreError> {
+        if self.guard.release {
+            for path in std::mem::take(&mut self.guard_held) {
+                self.batch.delete_held(self.vol, &path);
+            }
+            return Ok(gone);
+        }
+        let mut fresh = Vec::with_capacity(gone.len());
+        let mut deleting: u64 = 0;
+        for (dir, name) in gone {
+            let Ok(path) = dir.join(&name) else {
+                continue;
+            };
+            if self.guard_held.contains(&path) {
+                continue;
+            }
+            let Some(old) = self
+                .store
+                .entry(self.vol, &dir, &name)?
+                .filter(|e| !e.is_tombstone())
+            else {
+                continue;
+            };
+            let below = match old.is_dir() {
+                true => self
+                    .store
+                    .tree_node(self.vol, &path)?
+                    .map_or(0, |n| names_in(&n.totals)),
+                false => 0,
+            };
+            deleting = deleting.saturating_add(1 + below);
+            fresh.push((dir, name, path, 1 + below));
+        }
+        let policy = self.guard.policy;
+        let total = self
+            .store
+            .tree_node(self.vol, &VolPath::root())?
+            .map_or(0, |n| names_in(&n.totals));
+        let recent = self.guard.recent;
+        let hold = policy != crate::guard::Policy::Off
+            && !fresh.is_empty()
+            && (!self.guard_held.is_empty()
+                || policy.holds(
+                    deleting.saturating_add(recent),
+                    total.saturating_add(recent),
+                ));
+        if !hold && self.guard.defer && policy != crate::guard::Policy::Off {
+            let mut dirs = HashSet::new();
+            for (dir, _, path, _) in fresh {
+                if dirs.insert(dir) {
+                    self.report.deletes_deferred.push(path);
+                }
+            }
+            return Ok(Vec::new());
+        }
+        if !hold {
+            return Ok(fresh
+                .into_iter()
+                .map(|(dir, name, _, _)| (dir, name))
+                .collect());
+        }
+        let held_at_ns = now_ns();
+        for (_, _, path, names) in fresh {
+            let record = crate::store::codec::Held { held_at_ns, names };
+            self.batch.put_held(self.vol, &path, &record);
+            self.report.deletes_held += names;
+            if self.report.deletes_held_sample.len() < super::NAMES_IN_REPORT {
+                self.report
+                    .deletes_held_sample
+                    .push(path.display().to_string());
+            }
+            self.guard_held.insert(path);
+            self.flush(false)?;
+        }
+        Ok(Vec::new())
     }
 
     fn is_held(&self, dir: &VolPath, name: &[u8]) -> bool {

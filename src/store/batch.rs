@@ -118,6 +118,16 @@ impl Batch<'_> {
         self.delete(CF_META, &publishing_key(vol, dir, name));
     }
 
+    /// Holds the delete of `path` back from peers (`crate::guard`).
+    pub fn put_held(&mut self, vol: VolumeId, path: &VolPath, held: &codec::Held) {
+        self.put(CF_META, &held_key(vol, path), &codec::encode_held(held));
+    }
+
+    /// Lets the held delete of `path` go (released, restored, or written as tombstones).
+    pub fn delete_held(&mut self, vol: VolumeId, path: &VolPath) {
+        self.delete(CF_META, &held_key(vol, path));
+    }
+
     /// Forgets a name entirely, without a tombstone (for names that never synced, and
     /// tombstones past their retention): not a change the feed numbers, since no peer
     /// is to act on it.

@@ -258,6 +258,32 @@ pub fn decode_stamp(bytes: &[u8]) -> Result<ScanStamp, DecodeError> {
     Ok(stamp)
 }
 
+/// A delete the guard holds back from peers (`crate::guard`): when it was first held,
+/// and how many names it covers (the name itself and, for a directory, every name the
+/// index held below it then).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Held {
+    pub held_at_ns: i64,
+    pub names: u64,
+}
+
+pub fn encode_held(held: &Held) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[0..8].copy_from_slice(&held.held_at_ns.to_le_bytes());
+    out[8..16].copy_from_slice(&held.names.to_le_bytes());
+    out
+}
+
+pub fn decode_held(bytes: &[u8]) -> Result<Held, DecodeError> {
+    let mut r = Reader::new(bytes);
+    let held = Held {
+        held_at_ns: r.i64("held at")?,
+        names: r.u64("names")?,
+    };
+    r.finish("held delete")?;
+    Ok(held)
+}
+
 /// Where one copy of a chunk's bytes can be read.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct Extent {

@@ -48,6 +48,9 @@ const META_CHANGE_PREFIX: &[u8] = b"change/";
 /// `feed-mark/` ++ u32 BE volume ++ u64 BE peer node id: how far this node applied the
 /// peer's feed of the volume.
 const META_FEED_MARK_PREFIX: &[u8] = b"feed-mark/";
+/// `held/` ++ volume id ++ path: a delete the guard holds back from peers (see
+/// [`held_key`]).
+const META_HELD_PREFIX: &[u8] = b"held/";
 
 /// Location kinds in `chunks` keys.
 const LOCATION_LIVE: u8 = 0;
@@ -94,6 +97,20 @@ pub fn changes_range(vol: VolumeId) -> (Vec<u8>, Vec<u8>) {
     (start, end)
 }
 
+/// The key of a name whose delete the guard holds (`crate::guard`): the volume id
+/// (big-endian) and the name's whole path, so a volume's held names are one range in
+/// path order.
+pub fn held_key(vol: VolumeId, path: &VolPath) -> Vec<u8> {
+    [META_HELD_PREFIX, &vol.0.to_be_bytes()[..], path.as_bytes()].concat()
+}
+
+/// The keys of every held delete of volume `vol`.
+pub fn held_range(vol: VolumeId) -> (Vec<u8>, Vec<u8>) {
+    let start = [META_HELD_PREFIX, &vol.0.to_be_bytes()[..]].concat();
+    let end = successor(&start);
+    (start, end)
+}
+
 /// The directory and name of a change record's value (an entry key without its
 /// volume), validated.
 pub fn parse_change_entry(value: &[u8]) -> Result<(VolPath, Vec<u8>), String> {
@@ -109,6 +126,15 @@ pub fn feed_mark_key(vol: VolumeId, peer: crate::ids::NodeId) -> Vec<u8> {
         &peer.0.to_be_bytes()[..],
     ]
     .concat()
+}
+
+/// The path of a held-delete key of volume `vol`.
+pub fn held_path_of(vol: VolumeId, key: &[u8]) -> Result<VolPath, String> {
+    let (start, _) = held_range(vol);
+    let path = key
+        .strip_prefix(&start[..])
+        .ok_or_else(|| format!("bad held key {}", crate::ids::to_hex(key)))?;
+    VolPath::parse(path).map_err(|e| e.to_string())
 }
 
 pub fn volume_meta_range() -> (Vec<u8>, Vec<u8>) {

@@ -15,8 +15,8 @@ mod batch;
 mod busy;
 mod chunks;
 pub mod codec;
-mod feed;
 mod collect;
+mod feed;
 pub mod keys;
 pub mod pack;
 pub mod versions;
@@ -24,8 +24,8 @@ pub mod versions;
 pub use batch::{Batch, Durability};
 pub use busy::{BUSY_PACK_AGE, BUSY_PACK_BYTES};
 pub use chunks::ChunkLocation;
-pub use feed::{Changes, DEFAULT_RETENTION as DEFAULT_FEED_RETENTION, FeedId, FeedMark};
 pub use collect::{CrashPoint, PackVerdict, Rewrite};
+pub use feed::{Changes, DEFAULT_RETENTION as DEFAULT_FEED_RETENTION, FeedId, FeedMark};
 
 use std::fs::{self, File};
 use std::io;
@@ -645,6 +645,22 @@ impl Store {
             batch.delete(CF_META, &key);
         }
         self.write(batch, Durability::Durable)
+    }
+
+    /// The deletes the guard holds in volume `vol`, in path order.
+    pub fn held(
+        &self,
+        vol: VolumeId,
+    ) -> impl Iterator<Item = Result<(VolPath, codec::Held), StoreError>> + '_ {
+        let (start, end) = held_range(vol);
+        self.range(CF_META, start, end).map(move |item| {
+            let (key, value) = item?;
+            let path =
+                held_path_of(vol, &key).map_err(|e| StoreError::corrupt(CF_META, &key, e))?;
+            let held =
+                codec::decode_held(&value).map_err(|e| StoreError::corrupt(CF_META, &key, e))?;
+            Ok((path, held))
+        })
     }
 
     pub fn chunk_list(

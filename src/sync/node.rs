@@ -42,6 +42,8 @@ pub struct Volume {
     /// A pull took a hard-linked file and has not linked all its other names yet: scans
     /// leave the index's link groups alone meanwhile (see `ScanOptions::keep_link_groups`).
     pub links_pending: AtomicBool,
+    /// The delete guard: its threshold and the deletes it holds back from peers.
+    pub guard: crate::guard::Guard,
 }
 
 impl Volume {
@@ -51,6 +53,8 @@ impl Volume {
     pub fn open(store: &Store, name: &str, dir: &Path) -> Result<Volume, SyncError> {
         let fs = VolumeFs::open(dir)?;
         let record = store.ensure_volume(name)?;
+        let guard = crate::guard::Guard::default();
+        guard.load(store, record.id)?;
         Ok(Volume {
             name: name.to_string(),
             id: record.id,
@@ -64,7 +68,14 @@ impl Volume {
             xattrs_not_applied: Default::default(),
             unsyncable: Default::default(),
             links_pending: AtomicBool::new(false),
+            guard,
         })
+    }
+
+    /// The volume with the delete guard's threshold `policy`.
+    pub fn guarded_by(mut self, policy: crate::guard::Policy) -> Volume {
+        self.guard.policy = policy;
+        self
     }
 
     /// Whether files received from peers keep their setuid/setgid bits here.

@@ -11,6 +11,7 @@ mod docker;
 mod faults;
 mod feed;
 mod fuzz;
+mod guard;
 mod hostile;
 mod identity;
 mod index;

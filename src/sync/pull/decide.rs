@@ -48,6 +48,12 @@ impl Pull {
             tracing::warn!(peer = %self.peer.addr, "ignoring an entry for Shoal's own directory: {}", path.display());
             return Ok(());
         }
+        if self.volume().guard.covers(&path) {
+            // The delete guard holds this name's delete (or an ancestor's): what the
+            // peer has of it must not bring it back before the operator releases it.
+            self.report.held += 1;
+            return Ok(());
+        }
         let local = self.node.store.entry(vol, dir, &name)?;
         // A history too long to merge with ours (and still take one more bump) is
         // refused whole: stored, it could no longer be encoded (invariant 9).

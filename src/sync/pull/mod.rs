@@ -85,6 +85,9 @@ pub struct PullReport {
     pub deleted: u64,
     pub conflicts: u64,
     pub skipped: u64,
+    /// The peer's entries left alone because the delete guard holds their names'
+    /// deletes here (`crate::guard`).
+    pub held: u64,
     /// Files left unfinished because some chunk could not be fetched: worth another
     /// round soon, not a heartbeat away.
     pub incomplete: u64,
