@@ -92,6 +92,27 @@ impl Pull {
             return Ok(());
         };
         match remote.version.compare(&local.version) {
+            Causality::Equal if !remote.same_state(&local) => {
+                // One history with two states: a conflict's loser moved aside on one
+                // node (a tombstone with the loser's history) while another still holds
+                // it, until the winner, which succeeds both, arrives. Said, so that a
+                // pair that never settles shows in the log.
+                let state = |e: &Entry| {
+                    if e.is_tombstone() {
+                        "deleted"
+                    } else {
+                        "present"
+                    }
+                };
+                tracing::info!(
+                    peer = %self.peer.addr,
+                    "{}: the peer's version has the same history as ours but differs ({} here, {} there); left for a later version to settle",
+                    path.display(),
+                    state(&local),
+                    state(&remote)
+                );
+                Ok(())
+            }
             Causality::Equal | Causality::DominatedBy => Ok(()),
             Causality::Dominates if remote.same_state(&local) => {
                 self.record_version(dir, &name, remote)
