@@ -59,6 +59,16 @@ fn offline<T>(
         true => store.volumes()?.into_iter().map(|(name, _)| name).collect(),
         false => settings.volumes.clone(),
     };
+    for name in &names {
+        let dir = settings.volume_dir(name);
+        if !dir.is_dir() {
+            anyhow::bail!(
+                "no daemon runs with --state-dir {}, and volume {name}'s directory {} is not there: give the --data-root (and --volume) it syncs",
+                settings.state_dir.display(),
+                dir.display()
+            );
+        }
+    }
     let volumes = names
         .iter()
         .map(|name| {

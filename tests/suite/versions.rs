@@ -120,6 +120,30 @@ fn a_file_overwritten_five_times_has_five_versions_on_each_receiver_each_restora
     }
     // The writer kept nothing: it made the changes itself.
     assert!(versions(&c, 0, "vol/f.bin").is_empty());
+    // With its daemon stopped, a node lists from its store directly.
+    c.stop(1);
+    let data_root = c.dir.path().join("node1/data");
+    let offline = on_node(
+        &c,
+        1,
+        &[
+            "versions",
+            "vol/f.bin",
+            "--json",
+            "--data-root",
+            data_root.to_str().unwrap(),
+        ],
+    );
+    assert!(offline.status.success(), "{}", stderr(&offline));
+    let listing: Value = serde_json::from_slice(&offline.stdout).unwrap();
+    assert_eq!(listing["versions"].as_array().map(Vec::len), Some(5));
+    let without_data_root = on_node(&c, 1, &["versions", "vol/f.bin"]);
+    assert!(
+        !without_data_root.status.success() && stderr(&without_data_root).contains("--data-root"),
+        "{}",
+        stderr(&without_data_root)
+    );
+    c.start(1);
     // A restore elsewhere synced nothing.
     c.wait_converged(&[0, 1, 2], Duration::from_secs(30));
     assert_eq!(fs::read(c.vol(2).join("f.bin")).unwrap(), made[5].0);
