@@ -25,6 +25,7 @@
 mod files;
 mod locations;
 mod packs;
+mod versions;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -113,6 +114,9 @@ problems! {
     PackLocationBroken = "pack-location-broken",
     /// An intact pack record no index record points at (a warning).
     OrphanPackRecord = "orphan-pack-record",
+    /// A kept version references chunks held nowhere on this node (a warning: its
+    /// peers hold them).
+    VersionChunkNotHeld = "version-chunk-not-held",
 }
 
 impl Problem {
@@ -281,6 +285,7 @@ pub fn verify(
                 }
             }
             check_locations(store, target.vol, name, &mut sampler, &mut report)?;
+            versions::check_versions(store, target.vol, name, &mut report)?;
         }
         checkers.close();
         while let Some(done) = checkers.next_result() {
@@ -330,6 +335,6 @@ mod tests {
                 problem.name().starts_with("index-")
             );
         }
-        assert_eq!(Problem::ALL.len(), 19);
+        assert_eq!(Problem::ALL.len(), 20);
     }
 }

@@ -90,6 +90,8 @@ impl Store {
         let text = stdout(&out);
         assert!(out.status.success(), "verify: {text}{}", stderr(&out));
         assert!(!text.contains("orphan-pack-record"), "{text}");
+        // Every chunk of every kept version is held here.
+        assert!(!text.contains("version-chunk-not-held"), "{text}");
     }
 
     fn pack_bytes(&self) -> u64 {
