@@ -171,6 +171,29 @@ pub struct ScanGuard {
     pub defer: bool,
 }
 
+/// Whether `path` is one of the `held` names or below one.
+pub fn covered(held: &BTreeSet<VolPath>, path: &VolPath) -> bool {
+    if held.is_empty() {
+        return false;
+    }
+    let mut at = Some(path.clone());
+    while let Some(p) = at {
+        if held.contains(&p) {
+            return true;
+        }
+        at = p.split_last().map(|(parent, _)| parent);
+    }
+    false
+}
+
+/// The names whose deletes the guard holds in volume `vol`, as the store has them.
+pub fn held_paths(store: &Store, vol: VolumeId) -> Result<BTreeSet<VolPath>, StoreError> {
+    store
+        .held(vol)
+        .map(|item| item.map(|(path, _)| path))
+        .collect()
+}
+
 /// When a running node's scans of one volume leave deletes to later scans.
 #[derive(Debug, Default)]
 pub struct Deferral {
@@ -258,18 +281,7 @@ impl Guard {
 
     /// Whether `path` is a held name or below one: pulls leave it alone.
     pub fn covers(&self, path: &VolPath) -> bool {
-        let held = self.held.read().expect("guard lock");
-        if held.paths.is_empty() {
-            return false;
-        }
-        let mut at = Some(path.clone());
-        while let Some(p) = at {
-            if held.paths.contains(&p) {
-                return true;
-            }
-            at = p.split_last().map(|(parent, _)| parent);
-        }
-        false
+        covered(&self.held.read().expect("guard lock").paths, path)
     }
 
     /// Whether anything is held.

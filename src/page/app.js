@@ -82,6 +82,7 @@ function peerVolumeState(v) {
 
 function ownVolumeState(v) {
   if (v.paused) return ["amber", "paused", "paused"];
+  if (v.deletes_held) return ["amber", "delete held", "delete_held"];
   if (v.disk_full) return ["red", "disk full", "disk_full"];
   if (v.scan) return ["blue", "scanning", "scanning"];
   return ["green", "syncing", "syncing"];

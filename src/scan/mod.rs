@@ -242,11 +242,10 @@ pub fn scan_volume(
     let full = matches!(options.scope, ScanScope::Everything);
     let find_groups = full && !options.keep_link_groups;
     let budget = hash::SnapshotBudget::new();
-    let guard_held = store
-        .held(vol)
-        .map(|item| item.map(|(path, _)| path))
-        .collect::<Result<_, _>>()
-        .map_err(store_err)?;
+    let guard_held = crate::guard::held_paths(store, vol)
+        .map_err(store_err)?
+        .into_iter()
+        .collect();
     let (mut report, links_changed) = std::thread::scope(|scope| -> Result<_, StoreError> {
         let mut walker = Walker {
             store,

@@ -29,6 +29,9 @@ pub(super) struct Target<'a> {
     pub(super) vol: VolumeId,
     pub(super) name: &'a str,
     pub(super) root: &'a Path,
+    /// Names whose deletes the delete guard holds: gone from disk on purpose while
+    /// their entries stay (`crate::guard`), not damage.
+    pub(super) held: std::collections::BTreeSet<VolPath>,
 }
 
 /// One indexed name being checked.
@@ -95,6 +98,12 @@ pub(super) fn check_entry(
     let meta = match fs::symlink_metadata(&fs_path) {
         _ if entry.is_tombstone() => return Ok(None),
         Ok(meta) => meta,
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound
+                && crate::guard::covered(&target.held, &subject.path) =>
+        {
+            return Ok(None);
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let detail = "in the index but not on disk".into();
             report

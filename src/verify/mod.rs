@@ -273,6 +273,7 @@ pub fn verify(
                 vol: record.id,
                 name,
                 root,
+                held: crate::guard::held_paths(store, record.id)?,
             };
             for item in store.descendants(target.vol, &VolPath::root()) {
                 let (dir, entry_name, entry) = item?;

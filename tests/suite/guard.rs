@@ -194,6 +194,9 @@ fn a_volume_emptied_while_watched_is_held_across_a_restart_until_released() {
         "{}",
         c.log(0)
     );
+    // Names gone on purpose are not damage to verify (nor for repair to bring back).
+    let verified = c.verify_all(&[0]);
+    assert!(verified.contains("(exit Some(0))"), "{verified}");
 
     release(&c, 0);
     wait_for(CONVERGE, "the released deletes on node 1", || {
