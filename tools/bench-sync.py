@@ -15,6 +15,8 @@ Scenarios (each measured for every selected tool):
   append         append 1 MiB to a media file
   rename         rename the directory holding the whole media set (~1 GiB)
   delete         delete 1,000 files of the small set (at most half of it at small scales)
+  initial-wide   initial sync of the `wide` set (100,000 files of 10-200 bytes in one directory)
+  one-in-wide    one file of the `wide` set rewritten (a directory of 100,000 names)
 The change scenarios run on a tree that is already in sync (the initial sync of their
 data set is done first, and only reported if it was asked for).
 
@@ -32,9 +34,10 @@ For each tool and scenario:
              daemon incl. its forks, Unison client). A = side of 127.0.0.1, B = 127.0.0.2.
 
 How each tool is driven:
-  shoal        two `shoal serve` nodes (--heartbeat 1), converged when both /status roots
-               are equal (and A's root moved past the pre-change one); a change is picked
-               up by A's heartbeat rescan (so up to 1 s of latency is part of the time).
+  shoal        two `shoal serve` nodes (--heartbeat from --shoal-heartbeat, default 25 s as
+               a deployment has it), converged when both /status roots are equal (and A's
+               root moved past the pre-change one); a change is picked up by A's file
+               watcher (debounced 200 ms) and announced, and B follows A's change feed.
   rsync        `rsync -a --delete SRC/ rsync://127.0.0.2:PORT/bench/` to an rsync daemon;
   rsync-fsync  the same with --fsync (every written file is fsynced).
   unison       `unison -socket PORT` server on 127.0.0.2, client `unison A socket://...`
@@ -88,9 +91,12 @@ SCENARIOS = {  # in the order of the report
     "append": "append 1 MiB to a media file",
     "rename": "rename the directory holding the media set",
     "delete": "delete 1,000 files of the small set",
+    "initial-wide": "initial sync of `wide` (100,000 files in one directory), A full, B empty",
+    "one-in-wide": "one changed file in a directory of 100,000",
 }
 # Scenarios sharing one data set run in this order on one pair of trees per tool.
-GROUPS = {"media": ["initial-media", "insert", "append", "rename"], "small": ["initial-small", "delete"]}
+GROUPS = {"media": ["initial-media", "insert", "append", "rename"], "small": ["initial-small", "delete"],
+          "wide": ["initial-wide", "one-in-wide"]}
 TOOLS = ["shoal", "rsync", "rsync-fsync", "unison", "syncthing"]
 
 
@@ -355,7 +361,17 @@ def change_delete(a):
     return f"{count} of {len(files)} small files deleted (spread over all directories)"
 
 
-CHANGES = {"insert": change_insert, "append": change_append, "rename": change_rename, "delete": change_delete}
+def change_one_in_wide(a):
+    root = os.path.join(a, "wide")
+    names = sorted(os.listdir(root))
+    path = os.path.join(root, names[len(names) // 2])
+    with open(path, "wb") as f:
+        f.write(hashlib.shake_256(b"bench-sync one in wide").digest(150))
+    return f"{os.path.relpath(path, a)} rewritten (150 bytes) among {len(names):,} names of one directory"
+
+
+CHANGES = {"insert": change_insert, "append": change_append, "rename": change_rename, "delete": change_delete,
+           "one-in-wide": change_one_in_wide}
 
 
 def disk_rate(directory, size):
@@ -514,7 +530,8 @@ class ShoalTool(Tool):
         cmd = [self.binary, "serve", "--data-root", os.path.dirname(self.a if side == "A" else self.b),
                "--state-dir", os.path.join(self.dir, f"state-{side}"), "--volume", "bench",
                "--listen", f"{ip}:{self.quic[side]}", "--peer", f"{other_ip}:{self.quic[other]}",
-               "--credentials", self.creds, "--http", f"127.0.0.1:{self.http[side]}", "--heartbeat", "1"]
+               "--credentials", self.creds, "--http", f"127.0.0.1:{self.http[side]}",
+               "--heartbeat", str(self.args.shoal_heartbeat)]
         self.procs[side] = (spawn(cmd, log, env=dict(os.environ, SHOAL_LOG=os.environ.get("SHOAL_LOG", "info"))), log)
 
     def status(self, side):
@@ -888,6 +905,8 @@ def main():
     parser.add_argument("--timeout", type=float, help="seconds per tool and scenario (default 120 + 1800 x scale)")
     parser.add_argument("--shoal", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", "/var/cache/shoal/target"),
                                                         "release", "shoal"))
+    parser.add_argument("--shoal-heartbeat", type=int, default=25,
+                        help="shoal serve --heartbeat (default 25, shoal's own; earlier runs used 1)")
     parser.add_argument("--keep-work", action="store_true", help="keep the run directory (debugging)")
     parser.add_argument("--no-setup", action="store_true", help="do not run tools/setup.sh")
     args = parser.parse_args()
@@ -947,8 +966,9 @@ def main():
         wire_note,
         "wall s: until the tool reported done and B was byte-identical to A (SHA-256 of every file); "
         "Shoal and rsync -a keep mtimes, Unison by default does not (not compared)",
-        "shoal: timed from launching both nodes (initial) or from the change; a change waits for the 1 s "
-        "heartbeat rescan; own count = chunk payload received (no QUIC/protocol overhead)",
+        f"shoal: --heartbeat {args.shoal_heartbeat}; timed from launching both nodes (initial) or from the "
+        "change (picked up by the file watcher, announced, and pulled through the change feed); own count = "
+        "chunk payload received (no QUIC/protocol overhead)",
         "rsync: push to an rsync daemon, delta transfer; started fresh for each sync (its RSS covers daemon "
         "and forks); no rename detection",
         "unison: socket mode, one full run per sync (update detection of both replicas); no own byte count",

@@ -7,6 +7,7 @@ Profiles (the same seed always gives the same bytes and names):
   media    ~1 GiB of incompressible files of 16-100 MiB
   small    50,000 files of 1-16 KiB in nested directories (50 x 20 dirs)
   million  1,000,000 tiny files (10-200 bytes) in 1,000 directories
+  wide     100,000 tiny files (10-200 bytes) in one directory
 
 --scale multiplies the amount of data (e.g. 0.1 for a quick run). DIR must not exist
 or be empty; it is filled and a manifest line is printed: files, bytes.
@@ -65,7 +66,18 @@ def million(root, rng, scale):
     return count, total
 
 
-PROFILES = {"media": media, "small": small, "million": million}
+def wide(root, rng, scale):
+    count = int(100_000 * scale)
+    total = 0
+    for i in range(count):
+        size = rng.randint(10, 200)
+        with open(os.path.join(root, f"f{i:06d}"), "wb") as f:
+            f.write(rng.randbytes(size))
+        total += size
+    return count, total
+
+
+PROFILES = {"media": media, "small": small, "million": million, "wide": wide}
 
 
 def main():
