@@ -2,7 +2,7 @@
 """Sync benchmarks: Shoal next to rsync, Unison and Syncthing, in the same run.
 
     tools/bench-sync.py [--dir /var/tmp/shoal-bench/sync] [--only SCENARIO[,...]]
-                        [--tools shoal,rsync,rsync-fsync,unison,syncthing]
+                        [--tools shoal,rsync,rsync-fsync,rsync-ssh,unison,syncthing]
                         [--scale F] [--out FILE] [--timeout S] [--keep-work] [--no-setup]
 
 Two "nodes" on one machine, over loopback: node A on 127.0.0.1 holds the source tree,
@@ -40,6 +40,10 @@ How each tool is driven:
                watcher (debounced 200 ms) and announced, and B follows A's change feed.
   rsync        `rsync -a --delete SRC/ rsync://127.0.0.2:PORT/bench/` to an rsync daemon;
   rsync-fsync  the same with --fsync (every written file is fsynced).
+  rsync-ssh    `rsync -a --delete SRC/ root@127.0.0.2:DST/` over ssh, what lsyncd_swarm runs:
+               an sshd of the tool's own on 127.0.0.2 (a free port; host key and user key
+               generated into its work directory, started at setup, stopped at teardown);
+               ssh's default cipher, no compression.
   unison       `unison -socket PORT` server on 127.0.0.2, client `unison A socket://...`
                with -batch -auto (a full update detection of both replicas per run).
   syncthing    two instances, discovery/relays/NAT/STUN/watcher off, connected before
@@ -57,7 +61,8 @@ Data comes from tools/gen-data.py: full-scale sets are taken from (or generated 
 /var/tmp/shoal-bench/data (--data); with --scale F they are generated into
 DIR/data-scale-F and kept for the next run. The run's own directories (DIR/run-*) and
 processes are removed at the end. Needs root (nftables, rsync daemon as root) and the
-packages rsync unison syncthing nftables time (installed through tools/setup.sh).
+packages rsync unison syncthing nftables time openssh-server (installed through
+tools/setup.sh).
 
 Quick check:  tools/bench-sync.py --scale 0.02 --only initial-small,rename,delete
 """
@@ -97,7 +102,8 @@ SCENARIOS = {  # in the order of the report
 # Scenarios sharing one data set run in this order on one pair of trees per tool.
 GROUPS = {"media": ["initial-media", "insert", "append", "rename"], "small": ["initial-small", "delete"],
           "wide": ["initial-wide", "one-in-wide"]}
-TOOLS = ["shoal", "rsync", "rsync-fsync", "unison", "syncthing"]
+TOOLS = ["shoal", "rsync", "rsync-fsync", "rsync-ssh", "unison", "syncthing"]
+SSHD = "/usr/sbin/sshd"
 
 
 # --------------------------------------------------------------------------- memory
@@ -395,23 +401,34 @@ def disk_rate(directory, size):
 # --------------------------------------------------------------------------- measuring
 
 
+# TcpExt counters of segments the kernel dropped on receipt: socket backlog full, receive
+# queue full (no memory), out-of-order queue full, zero window, and accept queue full.
+TCP_DROPS = ("TCPBacklogDrop", "TCPRcvQDrop", "TCPOFODrop", "TCPZeroWindowDrop", "ListenDrops")
+
+
 def net_counters():
-    """The kernel's loss counters (whole machine) from /proc/net/snmp: UDP datagrams dropped
-    for want of a receive or send buffer, and TCP segments retransmitted."""
+    """The kernel's loss counters (whole machine): UDP datagrams dropped for want of a
+    receive or send buffer (/proc/net/snmp), TCP segments retransmitted (/proc/net/snmp)
+    and TCP segments dropped on receipt (errors in /proc/net/snmp, TCP_DROPS in
+    /proc/net/netstat)."""
     tables = {}
-    try:
-        with open("/proc/net/snmp") as f:
-            lines = f.read().splitlines()
-    except OSError:
+    for path in ("/proc/net/snmp", "/proc/net/netstat"):
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()
+        except OSError:
+            continue
+        for names, values in zip(lines[::2], lines[1::2]):
+            proto, names = names.split(":", 1)
+            tables[proto] = dict(zip(names.split(), (int(v) for v in values.split(":", 1)[1].split())))
+    if not tables:
         return {}
-    for names, values in zip(lines[::2], lines[1::2]):
-        proto, names = names.split(":", 1)
-        tables[proto] = dict(zip(names.split(), (int(v) for v in values.split(":", 1)[1].split())))
-    udp, tcp = tables.get("Udp", {}), tables.get("Tcp", {})
+    udp, tcp, ext = tables.get("Udp", {}), tables.get("Tcp", {}), tables.get("TcpExt", {})
     return {
         "udp_rcvbuf": udp.get("RcvbufErrors", 0),
         "udp_sndbuf": udp.get("SndbufErrors", 0),
         "tcp_retrans": tcp.get("RetransSegs", 0),
+        "tcp_drops": tcp.get("InErrs", 0) + sum(ext.get(name, 0) for name in TCP_DROPS),
     }
 
 
@@ -437,7 +454,8 @@ class Meter:
         self.o1 = self.own_bytes()
 
     def losses(self):
-        """UDP buffer drops (receive/send) and TCP retransmissions during the measurement."""
+        """UDP buffer drops (receive/send), TCP retransmissions and TCP drops during the
+        measurement."""
         return {k: self.n1.get(k, 0) - self.n0.get(k, 0) for k in self.n0}
 
     def wall(self):
@@ -659,6 +677,60 @@ class RsyncTool(Tool):
         return self.total_own
 
 
+class RsyncSshTool(RsyncTool):
+    """`rsync -a` over ssh to an sshd of its own, as lsyncd_swarm syncs."""
+
+    def __init__(self, name, work, args):
+        super().__init__(name, work, args, fsync=False)
+        self.sshd = None
+
+    def setup(self):
+        if not os.access(SSHD, os.X_OK):
+            raise Failure(f"no {SSHD} (install openssh-server)")
+        self.a, self.b = os.path.join(self.dir, "a"), os.path.join(self.dir, "b")
+        os.makedirs(self.a)
+        os.makedirs(self.b)
+        self.port = free_port("127.0.0.2", "tcp")
+        host_key, user_key = os.path.join(self.dir, "host_key"), os.path.join(self.dir, "user_key")
+        for key in (host_key, user_key):
+            run_checked(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "shoal-bench", "-f", key], 30)
+        authorized, known = os.path.join(self.dir, "authorized_keys"), os.path.join(self.dir, "known_hosts")
+        shutil.copyfile(f"{user_key}.pub", authorized)
+        with open(f"{host_key}.pub") as f, open(known, "w") as out:
+            out.write(f"[127.0.0.2]:{self.port} {f.read()}")
+        conf = os.path.join(self.dir, "sshd_config")
+        with open(conf, "w") as f:
+            f.write(f"Port {self.port}\nListenAddress 127.0.0.2\nHostKey {host_key}\n"
+                    f"PidFile {self.dir}/sshd.pid\nAuthorizedKeysFile {authorized}\n"
+                    "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+                    "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n")
+        os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation directory
+        log = os.path.join(self.dir, "sshd.log")
+        self.sshd = spawn([SSHD, "-D", "-e", "-f", conf], log)
+        wait_for(lambda: listening("127.0.0.2", self.port, "tcp"), 15, "sshd", [(self.sshd, log)])
+        self.ssh = (f"ssh -p {self.port} -i {user_key} -o IdentitiesOnly=yes -o BatchMode=yes "
+                    f"-o UserKnownHostsFile={known} -o StrictHostKeyChecking=yes")
+        return "tcp", [self.port]
+
+    def _sync(self, meter, verify):
+        client_time, server_time = os.path.join(self.dir, "client.time"), os.path.join(self.dir, "server.time")
+        # The receiving rsync, started by sshd, under /usr/bin/time too: B's peak RSS.
+        cmd = ["/usr/bin/time", "-v", "-o", client_time, "rsync", "-a", "--delete", "--stats", "-e", self.ssh,
+               f"--rsync-path=/usr/bin/time -v -o {server_time} rsync", f"{self.a}/", f"root@127.0.0.2:{self.b}/"]
+        meter.start()
+        out = run_checked(cmd, self.args.timeout, os.path.join(self.dir, "client.out"))
+        self.total_own += sum(int(m.replace(",", "")) for m in
+                              re.findall(r"Total bytes (?:sent|received): ([\d,]+)", out))
+        meter.stop()
+        self.last_peaks = {"A": time_v_maxrss(client_time), "B": time_v_maxrss(server_time)}
+        reason = verify()
+        if reason:
+            raise Failure(f"rsync over ssh finished but {reason}")
+
+    def teardown(self):
+        stop(self.sshd)
+
+
 class UnisonTool(Tool):
     def setup(self):
         self.a, self.b = os.path.join(self.dir, "a"), os.path.join(self.dir, "b")
@@ -771,6 +843,8 @@ class SyncthingTool(SyncthingInstances, Tool):
 def make_tool(name, work, args):
     if name == "shoal":
         return ShoalTool(name, work, args)
+    if name == "rsync-ssh":
+        return RsyncSshTool(name, work, args)
     if name in ("rsync", "rsync-fsync"):
         return RsyncTool(name, work, args, fsync=name == "rsync-fsync")
     if name == "unison":
@@ -851,7 +925,8 @@ def render(results, descriptions, tools, scenarios, header, notes, wire_method):
     for scenario in scenarios:
         detail = descriptions.get(scenario, "")
         lines += [f"### {scenario}: {SCENARIOS[scenario]}", ""] + ([f"_{detail}_", ""] if detail else [])
-        lines += ["| tool | wall s | wire bytes | peak RSS | tool's own byte count | UDP buffer drops rcv/snd, TCP retrans |",
+        lines += ["| tool | wall s | wire bytes | peak RSS | tool's own byte count "
+                  "| UDP buffer drops rcv/snd, TCP retrans, TCP drops |",
                   "|---|---:|---:|---|---:|---|"]
         for name in tools:
             row = results[scenario].get(name)
@@ -868,7 +943,7 @@ def render(results, descriptions, tools, scenarios, header, notes, wire_method):
                 own = human(row["own"]) if row["own"] is not None else "n/a"
                 loss = row.get("losses") or {}
                 loss_text = (f"{loss.get('udp_rcvbuf', 0):,} / {loss.get('udp_sndbuf', 0):,}, "
-                             f"{loss.get('tcp_retrans', 0):,}") if loss else "n/a"
+                             f"{loss.get('tcp_retrans', 0):,}, {loss.get('tcp_drops', 0):,}") if loss else "n/a"
                 lines.append(f"| {name} | {row['wall']:.2f} | {wire_text} | {row['rss']} | {own} | {loss_text} |")
         lines.append("")
     lines += ["Notes:"] + [f"- {n}" for n in notes]
@@ -917,7 +992,8 @@ def main():
     if os.geteuid() != 0:
         sys.exit("bench-sync: run as root (firewall counters, rsync daemon as root)")
     if not args.no_setup:
-        subprocess.run([os.path.join(REPO, "tools", "setup.sh"), "rsync", "unison", "syncthing", "nftables", "time"],
+        subprocess.run([os.path.join(REPO, "tools", "setup.sh"), "rsync", "unison", "syncthing", "nftables", "time",
+                        "openssh-server", "openssh-client"],
                        check=True, stdout=sys.stderr)
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -938,7 +1014,8 @@ def main():
         f"Machine: {os.cpu_count()} cores, {os.uname().release}; data scale {args.scale:g}; loopback, "
         "node A 127.0.0.1 -> node B 127.0.0.2.",
         f"Versions: shoal `{tool_version([args.shoal, '--version'])}`, `{tool_version(['rsync', '--version'])}`, "
-        f"`{tool_version(['unison', '-version'])}`, `{tool_version(['syncthing', '--version'])}`.",
+        f"`{tool_version(['ssh', '-V'])}`, `{tool_version(['unison', '-version'])}`, "
+        f"`{tool_version(['syncthing', '--version'])}`.",
         f"Physical limit: the disk writes+fsyncs {rate:,.0f} MiB/s ({human(rate_size)} written, then fsync).",
     ]
     results = {s: {} for s in scenarios}
@@ -971,13 +1048,16 @@ def main():
         "chunk payload received (no QUIC/protocol overhead)",
         "rsync: push to an rsync daemon, delta transfer; started fresh for each sync (its RSS covers daemon "
         "and forks); no rename detection",
+        "rsync-ssh: push over ssh to an sshd started for the run (B's RSS: the receiving rsync, not sshd); "
+        "own count = rsync's bytes sent + received (payload inside ssh)",
         "unison: socket mode, one full run per sync (update detection of both replicas); no own byte count",
         "syncthing: both instances running and connected before timing; initial timed from adding the folder "
         "on A, changes from POST /rest/db/scan on A (fs watcher off); own count = TLS payload bytes of A",
         "peak RSS: A = 127.0.0.1 side (source), B = 127.0.0.2 side (receiver)",
         "disk floor: size of the data set divided by the disk's write+fsync rate",
-        "drops: the kernel's counters for the whole machine (/proc/net/snmp Udp RcvbufErrors/SndbufErrors, "
-        "Tcp RetransSegs) during the tool's measurement",
+        "drops: the kernel's counters for the whole machine during the tool's measurement (other "
+        "processes on the machine count too): /proc/net/snmp Udp RcvbufErrors/SndbufErrors, Tcp "
+        "RetransSegs, and TCP drops = Tcp InErrs + TcpExt " + " + ".join(TCP_DROPS),
     ]
     report = render(results, descriptions, tools, scenarios, header, notes, wire.method)
     print(report)
