@@ -8,8 +8,10 @@
 //!   backoff), hello, then pull every shared volume on connect, on the peer's `Notify`,
 //!   and every heartbeat;
 //! - one task per volume for local changes: narrow scans of what the file watcher saw
-//!   change ([`crate::watcher`]), a full rescan every heartbeat as the backstop (cheap:
-//!   unchanged files are not read), and a `Notify` to peers when anything changed;
+//!   change ([`crate::watcher`]), a rescan every heartbeat as the backstop (of a slice of
+//!   the volume while the watcher is healthy, [`crate::scan::slices`]; of all of it at
+//!   start, after lost events and without a watcher), and a `Notify` to peers when
+//!   anything changed;
 //! - the hourly sweep of expired tombstones;
 //! - for a node enrolled with a signer, its certificate's renewal
 //!   ([`crate::enroll::client::keep_renewed`]);
@@ -31,7 +33,8 @@ use crate::config::Settings;
 use crate::credentials::Credentials;
 use crate::discovery::{Discovery, Mode, StaticPeers};
 use crate::revocation::{HELD_FILE, REVOCATIONS_FILE, Revocations, Trust};
-use crate::scan::{ScanOptions, ScanScope, scan_volume};
+use crate::scan::slices::{MIN_SLICE_NAMES, Slicer};
+use crate::scan::{ScanOptions, ScanReport, ScanScope, scan_volume};
 use crate::space::Size;
 use crate::store::{OpenOptions, Store};
 use crate::sync::{Faults, Node, Peer, SyncError, Volume, pull};
@@ -525,13 +528,13 @@ async fn expire_tombstones(node: &Arc<Node>, retention: Duration) -> anyhow::Res
 }
 
 /// Rescans one volume (or the part `options` names) under its lock; announces local
-/// changes to peers. Returns the deletes the scan left for the next one
+/// changes to peers. Its report says which deletes the scan left for the next one
 /// ([`crate::guard::ScanGuard::defer`]).
 async fn rescan(
     node: &Arc<Node>,
     index: usize,
     options: ScanOptions,
-) -> anyhow::Result<Vec<crate::pathname::VolPath>> {
+) -> anyhow::Result<ScanReport> {
     let volume = &node.volumes[index];
     let report = {
         let _guard = volume.lock.lock().await;
@@ -599,12 +602,12 @@ async fn rescan(
         tracing::info!(volume = %volume.name, added = report.added, modified = report.modified, deleted = report.deleted, "local changes: {names}{more}");
         node.notify_peers(&volume.name);
     }
-    Ok(report.deletes_deferred)
+    Ok(report)
 }
 
 /// Logs what the delete guard did in a scan: a hold that begins (once, with the count
 /// and the first names), names that joined it or were restored.
-fn say_held(volume: &Volume, report: &crate::scan::ScanReport, was_holding: bool) {
+fn say_held(volume: &Volume, report: &ScanReport, was_holding: bool) {
     let name = &volume.name;
     if report.deletes_held > 0 && !was_holding {
         tracing::warn!(
@@ -667,7 +670,8 @@ fn start_watcher(node: &Node, volume: &Volume, heartbeat: Duration) -> WatchedVo
 }
 
 /// Keeps one volume's index up to date: narrow scans of what the watcher saw change, and
-/// a full rescan every heartbeat that catches anything it missed.
+/// a rescan every heartbeat that catches anything it missed: of the volume's next slice
+/// while the watcher is healthy, of all of it once the watcher has stopped.
 async fn local_changes(
     node: Arc<Node>,
     index: usize,
@@ -678,6 +682,8 @@ async fn local_changes(
     let name = node.volumes[index].name.clone();
     let mut debouncer = Debouncer::new(debounce);
     let mut next_full = Instant::now() + heartbeat;
+    let floor = node.faults.slice_names.unwrap_or(MIN_SLICE_NAMES);
+    let slicer = Arc::new(std::sync::Mutex::new(Slicer::new(floor)));
     let mut scan: Option<tokio::task::JoinHandle<Vec<crate::pathname::VolPath>>> = None;
     let overflow = watched.as_ref().map(|(watcher, _)| watcher.overflow());
     // The directory opened at start: emptied from now on, it is a deletion, not a new disk.
@@ -718,8 +724,12 @@ async fn local_changes(
             },
             _ = tokio::time::sleep_until(due.unwrap_or(next_full)), if due.is_some() && scan.is_none() => {
                 if let Some(request) = debouncer.take_ready(std::time::Instant::now()) {
-                    if matches!(request.scope, ScanScope::Dirs(_)) {
-                        node.stats.watch_scans.fetch_add(1, Ordering::Relaxed);
+                    // A whole rescan (events were lost) covers every slice.
+                    match &request.scope {
+                        ScanScope::Dirs(_) => {
+                            node.stats.watch_scans.fetch_add(1, Ordering::Relaxed);
+                        }
+                        ScanScope::Everything => slicer.lock().expect("slicer lock").restart(),
                     }
                     let now = std::time::Instant::now();
                     deferring = deferral.defer(true, !request.hold.is_empty(), now);
@@ -742,7 +752,11 @@ async fn local_changes(
                 let hold = debouncer.held(now);
                 deferring = deferral.defer(false, !hold.is_empty(), now);
                 let guard = crate::guard::ScanGuard { defer: deferring, ..Default::default() };
-                scan = Some(spawn_rescan(&node, index, ScanOptions { hold, watched_root, guard, ..ScanOptions::default() }));
+                let options = ScanOptions { hold, watched_root, guard, ..ScanOptions::default() };
+                scan = Some(match watched {
+                    Some(_) => spawn_slice(&node, index, slicer.clone(), options),
+                    None => spawn_rescan(&node, index, options),
+                });
             }
             deferred = async { scan.as_mut().expect("guarded").await }, if scan.is_some() => {
                 scan = None;
@@ -769,9 +783,51 @@ fn spawn_rescan(
     index: usize,
     options: ScanOptions,
 ) -> tokio::task::JoinHandle<Vec<crate::pathname::VolPath>> {
+    let n = node.clone();
+    spawn_scan(node, index, async move {
+        Ok(rescan(&n, index, options).await?.deletes_deferred)
+    })
+}
+
+/// A heartbeat's rescan while the watcher is healthy: the volume's next slice. A slice
+/// whose scan fails is planned again at the next heartbeat.
+fn spawn_slice(
+    node: &Arc<Node>,
+    index: usize,
+    slicer: Arc<std::sync::Mutex<Slicer>>,
+    options: ScanOptions,
+) -> tokio::task::JoinHandle<Vec<crate::pathname::VolPath>> {
+    let n = node.clone();
+    spawn_scan(node, index, async move {
+        let (planner, plan) = (n.clone(), slicer.clone());
+        let scope = tokio::task::spawn_blocking(move || -> anyhow::Result<ScanScope> {
+            let store = &planner.store;
+            let Some(record) = store.volume(&planner.volumes[index].name)? else {
+                return Ok(ScanScope::Everything);
+            };
+            Ok(plan.lock().expect("slicer lock").plan(store, record.id)?)
+        })
+        .await??;
+        let report = rescan(&n, index, ScanOptions { scope, ..options }).await?;
+        if let Some(pass) = slicer.lock().expect("slicer lock").scanned(&report) {
+            let volume = &n.volumes[index];
+            volume.conflict_copies.store(pass.copies, Ordering::Relaxed);
+            *volume.conflict_paths.lock().expect("conflict paths lock") = pass.paths;
+        }
+        Ok(report.deletes_deferred)
+    })
+}
+
+/// Runs a scan of volume `index` as a task of its own, logging its failure; the task's
+/// result is the deletes the scan left for the next one (none if it failed).
+fn spawn_scan(
+    node: &Arc<Node>,
+    index: usize,
+    scan: impl Future<Output = anyhow::Result<Vec<crate::pathname::VolPath>>> + Send + 'static,
+) -> tokio::task::JoinHandle<Vec<crate::pathname::VolPath>> {
     let node = node.clone();
     tokio::spawn(async move {
-        match rescan(&node, index, options).await {
+        match scan.await {
             Ok(deferred) => {
                 node.note_state_room(None);
                 deferred

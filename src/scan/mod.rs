@@ -15,10 +15,13 @@
 //!
 //! A scan can be narrowed ([`ScanScope::Dirs`]) to the directories the file watcher saw
 //! change, and told to leave alone names still being written ([`ScanOptions::hold`]).
+//! While the watcher is healthy, the daemon's heartbeat rescans a volume a slice of
+//! directories at a time ([`slices`]).
 
 mod hash;
 mod links;
 mod rules;
+pub mod slices;
 mod walk;
 
 use std::collections::{BTreeMap, HashSet};

@@ -781,6 +781,24 @@ impl Store {
         self.get_decoded(CF_TREE, &dir_key(vol, dir), codec::decode_tree_node)
     }
 
+    /// The tree nodes of `vol`'s directories from `from` on (itself included, if it is
+    /// one), in key order: the order in which heartbeat slices visit a volume.
+    pub fn tree_nodes_from(
+        &self,
+        vol: VolumeId,
+        from: &VolPath,
+    ) -> impl Iterator<Item = Result<(VolPath, TreeNode), StoreError>> + '_ {
+        let (_, end) = volume_range(vol);
+        self.range(CF_TREE, dir_key(vol, from), end).map(|item| {
+            let (key, value) = item?;
+            let (_, dir) =
+                parse_dir_key(&key).map_err(|e| StoreError::corrupt(CF_TREE, &key, e))?;
+            let node = codec::decode_tree_node(&value)
+                .map_err(|e| StoreError::corrupt(CF_TREE, &key, e))?;
+            Ok((dir, node))
+        })
+    }
+
     /// Directories whose tree node is out of date.
     pub fn dirty_dirs(&self, vol: VolumeId) -> Result<Vec<VolPath>, StoreError> {
         let (start, end) = volume_range(vol);

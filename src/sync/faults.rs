@@ -10,7 +10,8 @@ use crate::protocol::Response;
 /// (`SHOAL_FAULT_CORRUPT_CHUNKS=1`, `SHOAL_FAULT_HOSTILE_NAMES=1`,
 /// `SHOAL_FAULT_WATCH_QUEUE=N`, `SHOAL_FAULT_CLAIM_NODE_ID=HEX`,
 /// `SHOAL_FAULT_CRASH_BEFORE_INDEXING=1`, `SHOAL_FAULT_CRASH_AFTER_MOVE_ASIDE=1`,
-/// `SHOAL_FAULT_PAUSE_BEFORE_DELETES_MS=N`, `SHOAL_FAULT_HOLD_CONNECTIONS_MS=N`); never
+/// `SHOAL_FAULT_PAUSE_BEFORE_DELETES_MS=N`, `SHOAL_FAULT_HOLD_CONNECTIONS_MS=N`,
+/// `SHOAL_FAULT_SLICE_NAMES=N`); never
 /// set in production.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Faults {
@@ -40,6 +41,10 @@ pub struct Faults {
     /// being opened while the peer's own connection to it is up, which a reconnect hits
     /// only by chance.
     pub hold_connections: Option<Duration>,
+    /// Heartbeat slices of at least this many names instead of
+    /// [`crate::scan::slices::MIN_SLICE_NAMES`]: a small volume rescanned a slice at a
+    /// time, as only a large one is otherwise.
+    pub slice_names: Option<u64>,
 }
 
 impl Faults {
@@ -65,6 +70,9 @@ impl Faults {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .map(Duration::from_millis),
+            slice_names: std::env::var("SHOAL_FAULT_SLICE_NAMES")
+                .ok()
+                .and_then(|v| v.parse().ok()),
         };
         if faults.corrupt_chunks
             || faults.hostile_names
@@ -74,6 +82,7 @@ impl Faults {
             || faults.crash_after_move_aside
             || faults.pause_before_deletes.is_some()
             || faults.hold_connections.is_some()
+            || faults.slice_names.is_some()
         {
             tracing::warn!(
                 ?faults,

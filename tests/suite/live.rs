@@ -1,5 +1,6 @@
 //! Issue acceptance for live mode: three real `shoal serve` processes whose heartbeat is
-//! an hour, so only the file watcher can explain a change arriving.
+//! an hour, so only the file watcher can explain a change arriving; and the heartbeat's
+//! rescan slices, which find what the watcher cannot see.
 
 use std::fs;
 use std::io::Write;
@@ -300,4 +301,90 @@ fn the_inotify_watch_limit_gives_a_clear_warning_and_heartbeat_rescans() {
     );
     c.wait_converged(&[0, 1], CONVERGE);
     assert!(c.vol(1).join("after.txt").exists());
+}
+
+/// A file mapped shared and writable. Writes through it raise no inotify event (the
+/// kernel only moves the file's mtime); the mapping holds the file open, so neither does
+/// a `close` until it is dropped.
+struct Mapped {
+    map: *mut libc::c_void,
+    len: usize,
+}
+
+impl Mapped {
+    fn new(path: &std::path::Path) -> Mapped {
+        use std::os::fd::AsRawFd;
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let len = file.metadata().unwrap().len() as usize;
+        // SAFETY: a fresh shared mapping of the whole file, which nothing truncates
+        // while it is mapped.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(map, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+        Mapped { map, len }
+    }
+
+    fn write(&self, offset: usize, bytes: &[u8]) {
+        assert!(offset + bytes.len() <= self.len);
+        // SAFETY: within the mapping, which lives as long as `self`.
+        unsafe {
+            let at = self.map.cast::<u8>().add(offset);
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), at, bytes.len());
+            assert_eq!(libc::msync(self.map, self.len, libc::MS_SYNC), 0);
+        }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.map, self.len) };
+    }
+}
+
+#[test]
+fn a_change_the_watcher_cannot_see_is_found_by_the_heartbeat_slices_within_a_pass() {
+    // 40 directories of 5 files and slices of at least 10 names: a pass of about 20
+    // heartbeats (1 s), each rescanning two directories, with the watcher healthy.
+    let mut c = Cluster::new(2);
+    for d in 0..40 {
+        for f in 0..5 {
+            let content = format!("directory {d:02}, file {f}: original");
+            write_file(&c.vol(0).join(format!("d{d:02}/f{f}")), content.as_bytes());
+        }
+    }
+    for i in 0..2 {
+        c.extra_env[i].push(("SHOAL_FAULT_SLICE_NAMES".into(), "10".into()));
+    }
+    c.start_all();
+    c.wait_connected(CONVERGE);
+    c.wait_converged(&[0, 1], CONVERGE);
+
+    let scans = c.total(0, "watch_scans");
+    let mapped = Mapped::new(&c.vol(0).join("d33/f2"));
+    mapped.write("directory 33, file 2: ".len(), b"MAPPED!!");
+    // A pass is 24 heartbeats at most; the deadline only bounds a failing run.
+    c.wait_converged(&[0, 1], CONVERGE * 2);
+    assert_eq!(
+        fs::read(c.vol(1).join("d33/f2")).unwrap(),
+        b"directory 33, file 2: MAPPED!!",
+    );
+    // Neither the watcher nor a whole rescan after lost events found it: a slice did.
+    let log = c.log(0);
+    assert_eq!(c.total(0, "watch_scans"), scans, "{log}");
+    assert_eq!(c.total(0, "watch_rescans"), 0, "{log}");
+    assert!(log.contains("local changes: d33/f2"), "{log}");
+    drop(mapped);
 }
