@@ -160,6 +160,11 @@ pub struct ScanGuard {
     pub policy: Policy,
     /// Names deleted (and let go) within the last [`WINDOW`].
     pub recent: u64,
+    /// Names narrow (watcher) scans added within the last [`WINDOW`]: a rename or move
+    /// adds as many names as it deletes, and may reach the scans in pieces (its new
+    /// names in one, its deletes left to the next), so the guard weighs the names the
+    /// volume loses, not those it deletes.
+    pub recent_added: u64,
     /// The operator released the volume's held deletes: this scan writes them (and any
     /// other delete it finds) as tombstones, whatever their share.
     pub release: bool,
@@ -245,7 +250,8 @@ pub struct HeldDeletes {
 pub struct Guard {
     pub policy: Policy,
     held: RwLock<Held>,
-    recent: Mutex<VecDeque<(Instant, u64)>>,
+    /// Per scan that let deletes go or added names: when, names deleted, names added.
+    recent: Mutex<VecDeque<(Instant, u64, u64)>>,
 }
 
 #[derive(Debug, Default)]
@@ -310,24 +316,26 @@ impl Guard {
         })
     }
 
-    /// Names deleted and let go within the last [`WINDOW`].
-    pub fn recent_deletes(&self) -> u64 {
+    /// Names deleted and let go, and names added, within the last [`WINDOW`].
+    pub fn recent_changes(&self) -> (u64, u64) {
         let mut recent = self.recent.lock().expect("guard lock");
         let now = Instant::now();
         while recent
             .front()
-            .is_some_and(|(at, _)| now.duration_since(*at) > WINDOW)
+            .is_some_and(|(at, _, _)| now.duration_since(*at) > WINDOW)
         {
             recent.pop_front();
         }
-        recent.iter().map(|(_, n)| n).sum()
+        recent.iter().fold((0, 0), |(deleted, added), (_, d, a)| {
+            (deleted.saturating_add(*d), added.saturating_add(*a))
+        })
     }
 
-    /// Counts `names` deletes a scan let go now.
-    pub fn note_deletes(&self, names: u64) {
-        if names > 0 {
+    /// Counts the `deleted` names a scan let go and the `added` names it found, now.
+    pub fn note_changes(&self, deleted: u64, added: u64) {
+        if deleted > 0 || added > 0 {
             let mut recent = self.recent.lock().expect("guard lock");
-            recent.push_back((Instant::now(), names));
+            recent.push_back((Instant::now(), deleted, added));
         }
     }
 }

@@ -538,11 +538,13 @@ async fn rescan(
     let volume = &node.volumes[index];
     let report = {
         let _guard = volume.lock.lock().await;
+        let (recent, recent_added) = volume.guard.recent_changes();
         let options = ScanOptions {
             keep_link_groups: volume.links_pending.load(Ordering::Relaxed),
             guard: crate::guard::ScanGuard {
                 policy: volume.guard.policy,
-                recent: volume.guard.recent_deletes(),
+                recent,
+                recent_added,
                 release: options.guard.release,
                 defer: options.guard.defer,
             },
@@ -567,7 +569,12 @@ async fn rescan(
         volume.scanning.end();
         let mut report = scanned??;
         let was_holding = volume.guard.holding();
-        volume.guard.note_deletes(report.deleted);
+        // A whole scan's new names (the start's first indexing, a heartbeat's) are no
+        // rename's other half: only a narrow scan's adds, which may precede the deletes
+        // it left to the next scan, offset deletes.
+        volume
+            .guard
+            .note_changes(report.deleted, if whole { 0 } else { report.added });
         volume.guard.load(&node.store, volume.id)?;
         say_held(volume, &report, was_holding);
         let unsyncable = std::mem::take(&mut report.unsyncable);

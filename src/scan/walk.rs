@@ -534,14 +534,15 @@ impl<'s> Walker<'s> {
             .tree_node(self.vol, &VolPath::root())?
             .map_or(0, |n| names_in(&n.totals));
         let recent = self.guard.recent;
+        // What the volume loses: a rename or move deletes as many names as it adds.
+        let added = self.report.added.saturating_add(self.guard.recent_added);
+        let losing = deleting.saturating_add(recent).saturating_sub(added);
         let hold = policy != crate::guard::Policy::Off
             && !fresh.is_empty()
-            && (!self.guard_held.is_empty()
-                || policy.holds(
-                    deleting.saturating_add(recent),
-                    total.saturating_add(recent),
-                ));
-        if !hold && self.guard.defer && policy != crate::guard::Policy::Off {
+            && (!self.guard_held.is_empty() || policy.holds(losing, total.saturating_add(recent)));
+        // Names as many as it deletes added: a rename or move, whose two halves go
+        // together (a peer then moves its own files instead of copying them).
+        if !hold && self.guard.defer && policy != crate::guard::Policy::Off && losing > 0 {
             let mut dirs = HashSet::new();
             for (dir, _, path, _) in fresh {
                 if dirs.insert(dir) {
