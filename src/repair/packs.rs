@@ -77,7 +77,7 @@ impl Repair<'_> {
         let pack_files = std::fs::read_dir(&packs_dir)
             .map_err(|e| RepairError::Io(packs_dir.display().to_string(), e))?
             .flatten()
-            .filter_map(|e| crate::verify::pack_number(&e.path()));
+            .filter_map(|e| crate::store::pack::pack_number(&e.path()));
         for number in pack_files {
             wanted_in.entry(number).or_default();
         }

@@ -77,19 +77,9 @@ impl Store {
     /// The packs a collector may rewrite now, in number order: every pack file but the
     /// busy packs and the current version pack.
     pub fn collectable_packs(&self) -> Result<Vec<u64>, StoreError> {
-        let packs = self.packs_dir();
         let current = self.current_version_pack();
-        let mut numbers: Vec<u64> = std::fs::read_dir(&packs)
-            .map_err(|source| StoreError::Io {
-                path: packs.clone(),
-                source,
-            })?
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().into_string().ok()?;
-                let hex = name.strip_suffix(".pack")?;
-                (hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok())?
-            })
+        let mut numbers: Vec<u64> = self
+            .pack_numbers()?
             .filter(|&n| Some(n) != current && !self.is_busy_pack(n))
             .collect();
         numbers.sort_unstable();

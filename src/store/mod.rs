@@ -421,22 +421,22 @@ impl Store {
     /// highest in the packs directory and the last one handed out (busy packs and
     /// version packs are numbered alike, so they never meet).
     pub fn new_pack_number(&self) -> Result<u64, StoreError> {
-        let packs = self.packs_dir();
         let mut last = self.last_pack.lock().expect("pack number lock");
-        let highest = fs::read_dir(&packs)
-            .map_err(|source| StoreError::Io {
-                path: packs.clone(),
-                source,
-            })?
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().into_string().ok()?;
-                u64::from_str_radix(name.strip_suffix(".pack")?, 16).ok()
-            })
-            .max()
-            .unwrap_or(0);
+        let highest = self.pack_numbers()?.max().unwrap_or(0);
         *last = highest.max(*last) + 1;
         Ok(*last)
+    }
+
+    /// The numbers of the pack files in the packs directory.
+    fn pack_numbers(&self) -> Result<impl Iterator<Item = u64>, StoreError> {
+        let packs = self.packs_dir();
+        let entries = fs::read_dir(&packs).map_err(|source| StoreError::Io {
+            path: packs.clone(),
+            source,
+        })?;
+        Ok(entries
+            .flatten()
+            .filter_map(|e| pack::pack_number(&e.path())))
     }
 
     /// Whether a writer (`shoal serve`, `scan`, `repair`) holds the store's lock now.

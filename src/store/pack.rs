@@ -43,6 +43,15 @@ pub fn pack_file_name(id: u64) -> String {
     format!("{id:016x}.pack")
 }
 
+/// The pack number a pack file's name gives (`NNNNNNNNNNNNNNNN.pack`, see
+/// [`pack_file_name`]).
+pub fn pack_number(path: &Path) -> Option<u64> {
+    let stem = path.file_stem()?.to_str()?;
+    (stem.len() == 16 && path.extension()? == "pack")
+        .then(|| u64::from_str_radix(stem, 16).ok())
+        .flatten()
+}
+
 /// One record found by [`PackScanner`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PackRecord {

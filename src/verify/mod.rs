@@ -40,7 +40,6 @@ use files::{FileCheck, Target, check_entry, check_file};
 pub(crate) use locations::ChunkListCache;
 use locations::check_locations;
 use packs::check_packs;
-pub use packs::pack_number;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, PartialOrd, Ord)]
 #[serde(rename_all = "lowercase")]

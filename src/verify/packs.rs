@@ -8,16 +8,8 @@ use std::path::Path;
 use indicatif::ProgressBar;
 
 use super::{Finding, Problem, Severity, VerifyReport, finding};
-use crate::store::pack::{self, PackEnd, PackScanner};
+use crate::store::pack::{self, PackEnd, PackScanner, pack_number};
 use crate::store::{ChunkLocation, Store, StoreError};
-
-/// The pack number a pack file's name gives (`NNNNNNNNNNNNNNNN.pack`).
-pub fn pack_number(path: &Path) -> Option<u64> {
-    let stem = path.file_stem()?.to_str()?;
-    (stem.len() == 16 && path.extension()? == "pack")
-        .then(|| u64::from_str_radix(stem, 16).ok())
-        .flatten()
-}
 
 /// Reads every pack record and every pack location the index holds.
 pub(super) fn check_packs(
