@@ -6,8 +6,9 @@
 //! [`Store::rewrite_pack`]), pausing between packs, so `shoal serve` runs it beside sync
 //! on a timer without holding anything sync waits for; `shoal gc` runs one with the
 //! daemon stopped. What is referenced is read once per collection, after the packs it
-//! looks at are marked ([`Store::set_collecting`]): a version recorded meanwhile puts its
-//! own copy of a chunk in the current version pack rather than rely on a marked pack.
+//! looks at are marked ([`Store::mark_collectable_packs`]): a version recorded meanwhile
+//! puts its own copy of a chunk in the current version pack rather than rely on a marked
+//! pack, and a pack a version being recorded relied on before is not marked.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -199,10 +200,9 @@ pub fn collect(
         collection.versions_dropped += dropped;
         held(&volume.name, now_held);
     }
-    let packs = store.collectable_packs()?;
-    store.set_collecting(&packs);
+    let packs = store.mark_collectable_packs()?;
     let result = collect_packs(store, &packs, &mut collection, pause, crash_at);
-    store.set_collecting(&[]);
+    store.unmark_packs();
     result?;
     collection.finished_unix = crate::scan::now_ns() / 1_000_000_000;
     store.record_collection(&serde_json::to_vec(&collection).expect("serializes"))?;
@@ -281,6 +281,31 @@ mod tests {
 
     /// Keeps a version of `path` replaced `ago` ns before NOW, holding `chunks` (bytes).
     fn keep(store: &Store, path: &str, ago: i64, seq: u32, chunks: &[Vec<u8>]) {
+        let mut kept = start_keeping(store, chunks);
+        finish_keeping(store, &mut kept, path, ago, seq, chunks);
+    }
+
+    /// What a pull does first: appends (or finds in a version pack) `chunks`.
+    fn start_keeping(store: &Store, chunks: &[Vec<u8>]) -> KeptChunks {
+        let mut kept = store.kept_chunks();
+        for data in chunks {
+            store
+                .keep_version_chunk(&mut kept, &ChunkId::of(data), data)
+                .unwrap();
+        }
+        kept
+    }
+
+    /// What a pull does last: writes the record of a version of `path` replaced `ago`
+    /// ns before NOW, holding `chunks`, with the pack locations of what it appended.
+    fn finish_keeping(
+        store: &Store,
+        kept: &mut KeptChunks,
+        path: &str,
+        ago: i64,
+        seq: u32,
+        chunks: &[Vec<u8>],
+    ) {
         let refs: Vec<ChunkRef> = chunks
             .iter()
             .map(|c| ChunkRef {
@@ -288,10 +313,6 @@ mod tests {
                 len: c.len() as u32,
             })
             .collect();
-        let mut kept = KeptChunks::default();
-        for (r, data) in refs.iter().zip(chunks) {
-            store.keep_version_chunk(&mut kept, &r.id, data).unwrap();
-        }
         let mut batch = store.batch();
         kept.finish(store, &mut batch).unwrap();
         batch.put_version(&VersionRecord {
@@ -320,6 +341,120 @@ mod tests {
             chunks: refs,
         });
         store.write(batch, Durability::Durable).unwrap();
+    }
+
+    fn open(dir: &std::path::Path) -> Store {
+        let options = OpenOptions {
+            create: true,
+            read_only: false,
+            chunk_params: None,
+        };
+        Store::open(dir, options).unwrap()
+    }
+
+    /// A volume whose versions expire after a minute.
+    fn expiring() -> VolumeToCollect {
+        VolumeToCollect {
+            name: "v".into(),
+            id: VolumeId(1),
+            policy: Policy {
+                keep_for: Duration::from_secs(60),
+                thin: false,
+                budget: retention::Budget::Unlimited,
+            },
+            fs_bytes: 0,
+        }
+    }
+
+    fn collect_now(store: &Store, pause: &mut dyn FnMut()) -> Collection {
+        let volume = expiring();
+        collect(
+            store,
+            std::slice::from_ref(&volume),
+            NOW,
+            &mut |_, _| {},
+            pause,
+            &mut |_| {},
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_version_that_found_its_chunk_in_a_pack_before_a_collection_keeps_it_through_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunk = "needed by the new version".repeat(40).into_bytes();
+        // An expired version holds the chunk in a pack that no longer takes chunks.
+        keep(
+            &open(dir.path()),
+            "old",
+            120 * SEC,
+            0,
+            std::slice::from_ref(&chunk),
+        );
+        let store = open(dir.path());
+        // A pull replacing another file with that chunk finds the pack's copy and
+        // relies on it, appending nothing ...
+        let mut kept = start_keeping(&store, std::slice::from_ref(&chunk));
+        assert_eq!(kept.bytes(), 0);
+        // ... a whole collection runs before the pull writes its record: the expired
+        // version goes, and nothing else references the chunk yet ...
+        let collection = collect_now(&store, &mut || {});
+        assert_eq!(collection.versions_dropped, 1);
+        // ... and the record, written after, still finds its chunk.
+        finish_keeping(&store, &mut kept, "new", 0, 0, std::slice::from_ref(&chunk));
+        drop(kept);
+        assert!(readable(&store, &chunk));
+        // Once the record is written, the next collection sees it referenced.
+        collect_now(&store, &mut || {});
+        assert!(readable(&store, &chunk));
+    }
+
+    #[test]
+    fn a_version_that_looks_for_its_chunk_while_a_collection_runs_keeps_its_own_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, second) = (
+            "in the first pack".repeat(40).into_bytes(),
+            "in the second pack".repeat(40).into_bytes(),
+        );
+        // Two expired versions, each in its own pack.
+        keep(
+            &open(dir.path()),
+            "a",
+            120 * SEC,
+            0,
+            std::slice::from_ref(&first),
+        );
+        keep(
+            &open(dir.path()),
+            "b",
+            120 * SEC,
+            0,
+            std::slice::from_ref(&second),
+        );
+        let store = open(dir.path());
+        // Between the two packs of the collection (both marked), a pull keeps a version
+        // holding the second pack's chunk: it appends its own copy.
+        let mut kept = None;
+        let collection = collect_now(&store, &mut || {
+            if kept.is_none() {
+                let started = start_keeping(&store, std::slice::from_ref(&second));
+                assert_eq!(started.bytes(), second.len() as u64);
+                kept = Some(started);
+            }
+        });
+        assert_eq!(collection.packs_removed, 2);
+        let mut kept = kept.unwrap();
+        finish_keeping(
+            &store,
+            &mut kept,
+            "new",
+            0,
+            0,
+            std::slice::from_ref(&second),
+        );
+        drop(kept);
+        assert!(readable(&store, &second));
+        assert!(!readable(&store, &first));
     }
 
     fn readable(store: &Store, data: &[u8]) -> bool {

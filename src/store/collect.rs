@@ -7,13 +7,17 @@
 //! written, with its state; opening the store for writing finishes or undoes a rewrite a
 //! crash interrupted, so at every point the old pack is valid and indexed, or the new
 //! one is. What is kept is the caller's decision ([`Store::rewrite_pack`]'s `keep`);
-//! which packs may be rewritten at all is the store's ([`Store::collectable_packs`]:
-//! neither a busy pack nor the version pack that takes chunks now).
+//! which packs may be rewritten at all is the store's ([`Store::mark_collectable_packs`]:
+//! neither a busy pack, nor the version pack that takes chunks now, nor a pack a version
+//! being recorded relies on: [`PackClaims`]).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use super::codec::{self, Extent};
-use super::keys::{CF_CHUNKS, CF_META, pack_location_key, successor};
+use super::keys::{
+    CF_CHUNKS, CF_META, LocationKey, pack_location_key, parse_location_key, successor,
+};
 use super::pack::{
     PackEnd, PackScanner, PackWriter, RECORD_HEADER_LEN, pack_file_name, read_chunk,
 };
@@ -73,33 +77,124 @@ pub enum PackVerdict {
     Damaged,
 }
 
+/// Which packs a collection round has marked and which packs versions being recorded
+/// rely on, decided under one lock so that the two never meet: a collection does not
+/// mark a pinned pack, and a version does not count on a marked pack's copy of a chunk
+/// (it appends its own). A pull pins every pack it relies on from its first look for a
+/// pack copy until the batch holding its version records is written ([`Pins`], dropped
+/// after that write), so a record written after a collection read what is referenced
+/// never relies on a pack that collection rewrites.
+#[derive(Default)]
+struct PackClaims {
+    collecting: HashSet<u64>,
+    /// Pack number -> how many pins it has.
+    pinned: HashMap<u64, u32>,
+}
+
+/// The store's [`PackClaims`], shared with the [`Pins`] that outlive a borrow of it.
+#[derive(Clone, Default)]
+pub(super) struct Claims(Arc<Mutex<PackClaims>>);
+
+impl Claims {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PackClaims> {
+        self.0.lock().expect("pack claims lock")
+    }
+}
+
+/// Packs one batch of kept versions relies on; unpinned when dropped.
+pub struct Pins {
+    claims: Claims,
+    packs: Vec<u64>,
+}
+
+impl Pins {
+    /// Pins `pack` (again: pins count) unless this batch pinned it already.
+    fn pin(&mut self, claims: &mut PackClaims, pack: u64) {
+        if !self.packs.contains(&pack) {
+            self.packs.push(pack);
+            *claims.pinned.entry(pack).or_default() += 1;
+        }
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let mut claims = self.claims.lock();
+        for pack in &self.packs {
+            if let Some(count) = claims.pinned.get_mut(pack) {
+                *count -= 1;
+                if *count == 0 {
+                    claims.pinned.remove(pack);
+                }
+            }
+        }
+    }
+}
+
 impl Store {
-    /// The packs a collector may rewrite now, in number order: every pack file but the
-    /// busy packs and the current version pack.
-    pub fn collectable_packs(&self) -> Result<Vec<u64>, StoreError> {
-        let current = self.current_version_pack();
+    /// Marks the packs a collection round will rewrite and returns them in number order:
+    /// every pack file but the busy packs, the version pack that takes chunks now and the
+    /// packs a version being recorded relies on ([`PackClaims`]). Until
+    /// [`Store::unmark_packs`], a new version appends its own copy of a chunk they hold
+    /// rather than rely on theirs, so a chunk the round finds unreferenced stays so.
+    pub fn mark_collectable_packs(&self) -> Result<Vec<u64>, StoreError> {
+        // The current version pack cannot change (nor a new one appear) meanwhile.
+        let current = self.versions.lock();
+        let current = current.as_ref().map(|(number, _)| *number);
+        let mut claims = self.claims.lock();
         let mut numbers: Vec<u64> = self
             .pack_numbers()?
-            .filter(|&n| Some(n) != current && !self.is_busy_pack(n))
+            .filter(|&n| {
+                Some(n) != current && !self.is_busy_pack(n) && !claims.pinned.contains_key(&n)
+            })
             .collect();
         numbers.sort_unstable();
+        claims.collecting = numbers.iter().copied().collect();
         Ok(numbers)
     }
 
-    /// Marks the packs a collection round will look at (replacing the previous marks):
-    /// until unmarked, a new version appends its own copy of a chunk they hold rather
-    /// than rely on theirs, so a chunk the round finds unreferenced stays so.
-    pub fn set_collecting(&self, packs: &[u64]) {
-        let mut collecting = self.collecting.lock().expect("collecting lock");
-        collecting.clear();
-        collecting.extend(packs);
+    /// Ends a collection round's marks.
+    pub fn unmark_packs(&self) {
+        self.claims.lock().collecting.clear();
     }
 
-    pub(super) fn is_collecting(&self, pack: u64) -> bool {
-        self.collecting
-            .lock()
-            .expect("collecting lock")
-            .contains(&pack)
+    /// No pins yet: what a batch of kept versions starts with.
+    pub(super) fn no_pins(&self) -> Pins {
+        Pins {
+            claims: self.claims.clone(),
+            packs: Vec::new(),
+        }
+    }
+
+    /// Whether a version pack (any pack that is neither a busy pack nor marked by a
+    /// collection) holds `id`; the first such pack is pinned in `pins`.
+    pub(super) fn rely_on_version_pack(
+        &self,
+        id: &ChunkId,
+        pins: &mut Pins,
+    ) -> Result<bool, StoreError> {
+        // The index is read under the lock: a collection cannot mark (and then rewrite)
+        // the pack between the read and the pin.
+        let mut claims = self.claims.lock();
+        let start = id.as_bytes().to_vec();
+        let end = successor(&start);
+        for item in self.range(CF_CHUNKS, start, end) {
+            let (key, _) = item?;
+            if let Ok((_, LocationKey::Pack { pack })) = parse_location_key(&key)
+                && !self.is_busy_pack(pack)
+                && !claims.collecting.contains(&pack)
+            {
+                pins.pin(&mut claims, pack);
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Pins `pack` in `pins`: a version pack this batch appended chunks to, which no
+    /// index record points into yet.
+    pub(super) fn pin_pack(&self, pins: &mut Pins, pack: u64) {
+        pins.pin(&mut self.claims.lock(), pack);
     }
 
     /// Rewrites pack `old` without the records that are not worth keeping: a record is
@@ -386,7 +481,7 @@ mod tests {
             verdict,
             PackVerdict::Rewritten(Rewrite { new_pack: None, .. })
         ));
-        assert_eq!(store.collectable_packs().unwrap(), Vec::<u64>::new());
+        assert_eq!(store.mark_collectable_packs().unwrap(), Vec::<u64>::new());
         // Too little garbage: left alone.
         let (full, _) = pack_of(&store, 4);
         let verdict = store
@@ -420,7 +515,7 @@ mod tests {
                 (old, chunks)
             };
             let store = open(dir.path());
-            let packs = store.collectable_packs().unwrap();
+            let packs = store.mark_collectable_packs().unwrap();
             assert_eq!(packs.len(), 1, "{stop:?}: one pack left, {packs:?}");
             let switched = matches!(stop, CrashPoint::Switched | CrashPoint::OldRemoved);
             assert_eq!(packs[0] == old, !switched, "{stop:?}");

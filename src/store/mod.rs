@@ -163,9 +163,9 @@ pub struct Store {
     last_pack: std::sync::Mutex<u64>,
     /// The numbering of each volume's changes ([`feed`]).
     feeds: feed::Feeds,
-    /// Packs a collection round is rewriting: a new version does not rely on their
-    /// copies ([`collect`]).
-    collecting: std::sync::Mutex<std::collections::HashSet<u64>>,
+    /// Packs a collection round is rewriting, and packs a version being recorded relies
+    /// on, under one lock ([`collect::PackClaims`]).
+    claims: collect::Claims,
 }
 
 type RawItem = Result<(Box<[u8]>, Box<[u8]>), StoreError>;
@@ -249,7 +249,7 @@ impl Store {
                 versions: Default::default(),
                 last_pack: Default::default(),
                 feeds: Default::default(),
-                collecting: Default::default(),
+                claims: Default::default(),
             });
         }
         if existing.is_none() && !options.create {
@@ -278,7 +278,7 @@ impl Store {
             versions: Default::default(),
             last_pack: Default::default(),
             feeds: Default::default(),
-            collecting: Default::default(),
+            claims: Default::default(),
         };
         store.retire_leftover_busy_packs()?;
         store.finish_interrupted_rewrites()?;

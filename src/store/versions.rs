@@ -22,7 +22,8 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 
 use super::codec::{self, Extent};
-use super::keys::{CF_CHUNKS, CF_VERSIONS, LocationKey, parse_location_key, successor};
+use super::collect::Pins;
+use super::keys::{CF_VERSIONS, successor};
 use super::pack::{PackWriter, pack_file_name};
 use super::{Batch, Store, StoreError};
 use crate::chunking::ChunkRef;
@@ -235,18 +236,28 @@ impl Batch<'_> {
 #[derive(Default)]
 pub(super) struct VersionPacks(Mutex<Option<(u64, PackWriter)>>);
 
-/// Chunks appended to a version pack for one batch of changes, not yet durable.
-#[derive(Default)]
+impl VersionPacks {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, Option<(u64, PackWriter)>> {
+        self.0.lock().expect("version pack lock")
+    }
+}
+
+/// Chunks appended to a version pack for one batch of changes, not yet durable, and the
+/// packs the batch relies on: pinned against a collection until this is dropped, which
+/// the caller does after writing the batch that holds the version records
+/// (`schema/store.md`, "Collecting packs").
 pub struct KeptChunks {
     located: Vec<(ChunkId, u64, Extent)>,
     seen: HashSet<ChunkId>,
     bytes: u64,
+    pins: Pins,
 }
 
 impl KeptChunks {
-    /// Whether `id` is in a version pack already, or was appended for this batch.
-    pub fn holds(&self, store: &Store, id: &ChunkId) -> Result<bool, StoreError> {
-        Ok(self.seen.contains(id) || store.in_version_pack(id)?)
+    /// Whether `id` is in a version pack already (which stays pinned), or was appended
+    /// for this batch.
+    pub fn holds(&mut self, store: &Store, id: &ChunkId) -> Result<bool, StoreError> {
+        Ok(self.seen.contains(id) || store.rely_on_version_pack(id, &mut self.pins)?)
     }
 
     /// Bytes appended so far.
@@ -256,15 +267,15 @@ impl KeptChunks {
 
     /// Makes the appended chunks durable (one fsync of the pack) and adds their pack
     /// locations to `batch`, which the caller writes before, or with, the version
-    /// records that need them.
-    pub fn finish(self, store: &Store, batch: &mut Batch<'_>) -> Result<(), StoreError> {
+    /// records that need them. The pins stay until `self` is dropped.
+    pub fn finish(&mut self, store: &Store, batch: &mut Batch<'_>) -> Result<(), StoreError> {
         if self.located.is_empty() {
             return Ok(());
         }
-        if let Some((_, writer)) = store.versions.0.lock().expect("version pack lock").as_ref() {
+        if let Some((_, writer)) = store.versions.lock().as_ref() {
             writer.sync()?;
         }
-        for (id, pack, extent) in self.located {
+        for (id, pack, extent) in self.located.drain(..) {
             batch.put_pack_location(&id, pack, extent);
         }
         Ok(())
@@ -272,26 +283,14 @@ impl KeptChunks {
 }
 
 impl Store {
-    /// Whether a version pack (any pack that is not a busy pack) holds `id`.
-    pub fn in_version_pack(&self, id: &ChunkId) -> Result<bool, StoreError> {
-        let start = id.as_bytes().to_vec();
-        let end = successor(&start);
-        for item in self.range(CF_CHUNKS, start, end) {
-            let (key, _) = item?;
-            if let Ok((_, LocationKey::Pack { pack })) = parse_location_key(&key)
-                && !self.is_busy_pack(pack)
-                && !self.is_collecting(pack)
-            {
-                return Ok(true);
-            }
+    /// A batch of kept versions to come: nothing appended, nothing pinned.
+    pub fn kept_chunks(&self) -> KeptChunks {
+        KeptChunks {
+            located: Vec::new(),
+            seen: HashSet::new(),
+            bytes: 0,
+            pins: self.no_pins(),
         }
-        Ok(false)
-    }
-
-    /// The version pack that takes chunks now, if one is open.
-    pub(super) fn current_version_pack(&self) -> Option<u64> {
-        let current = self.versions.0.lock().expect("version pack lock");
-        current.as_ref().map(|(number, _)| *number)
     }
 
     /// Appends one chunk of a version to keep (its bytes already checked against `id`)
@@ -305,7 +304,7 @@ impl Store {
         if kept.holds(self, id)? {
             return Ok(());
         }
-        let mut current = self.versions.0.lock().expect("version pack lock");
+        let mut current = self.versions.lock();
         if current
             .as_ref()
             .is_some_and(|(_, w)| w.len() + data.len() as u64 > VERSION_PACK_BYTES)
@@ -323,6 +322,8 @@ impl Store {
             *current = Some((number, writer));
         }
         let (number, writer) = current.as_mut().expect("just opened");
+        // Pinned while the pack is still current, so no collection can have marked it.
+        self.pin_pack(&mut kept.pins, *number);
         let extent = writer.append(id, data)?;
         kept.located.push((*id, *number, extent));
         kept.seen.insert(*id);
@@ -494,15 +495,16 @@ mod tests {
         let store = Store::open(dir.path(), options).unwrap();
         let data = b"a chunk of an old version";
         let id = ChunkId::of(data);
-        let mut kept = KeptChunks::default();
+        let mut kept = store.kept_chunks();
         store.keep_version_chunk(&mut kept, &id, data).unwrap();
         store.keep_version_chunk(&mut kept, &id, data).unwrap();
         assert_eq!(kept.bytes(), data.len() as u64);
         let mut batch = store.batch();
         kept.finish(&store, &mut batch).unwrap();
         store.write(batch, Durability::Durable).unwrap();
-        assert!(store.in_version_pack(&id).unwrap());
-        let mut again = KeptChunks::default();
+        drop(kept);
+        assert!(store.kept_chunks().holds(&store, &id).unwrap());
+        let mut again = store.kept_chunks();
         store.keep_version_chunk(&mut again, &id, data).unwrap();
         assert_eq!(again.bytes(), 0);
     }

@@ -280,3 +280,100 @@ fn a_restore_fetches_the_chunks_its_node_no_longer_holds_from_a_peer() {
         tail(&c.log(1), 30)
     );
 }
+
+#[test]
+fn a_file_replaced_by_a_directory_symlink_or_fifo_and_a_renamed_tree_keep_their_versions() {
+    let mut c = Cluster::new(2);
+    let made: Vec<(&str, Vec<u8>)> = ["f.bin", "l.bin", "p.bin", "d/x.bin", "d/y.bin"]
+        .iter()
+        .enumerate()
+        .map(|(k, name)| (*name, random_bytes(20_000 + k * 1000, 40 + k as u64)))
+        .collect();
+    for (name, content) in &made {
+        put(&c, 0, name, content, 0o644, 1_700_000_000);
+    }
+    c.start_all();
+    c.wait_connected(Duration::from_secs(30));
+    c.wait_converged(&[0, 1], Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(1100));
+    let at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    std::thread::sleep(Duration::from_millis(1100));
+
+    let vol = c.vol(0);
+    fs::remove_file(vol.join("f.bin")).unwrap();
+    fs::create_dir(vol.join("f.bin")).unwrap();
+    fs::remove_file(vol.join("l.bin")).unwrap();
+    std::os::unix::fs::symlink("f.bin", vol.join("l.bin")).unwrap();
+    fs::remove_file(vol.join("p.bin")).unwrap();
+    let fifo = std::process::Command::new("mkfifo")
+        .arg(vol.join("p.bin"))
+        .status()
+        .unwrap();
+    assert!(fifo.success());
+    fs::rename(vol.join("d"), vol.join("e")).unwrap();
+    c.wait_converged(&[0, 1], Duration::from_secs(60));
+    assert!(c.vol(1).join("f.bin").is_dir());
+    assert!(c.vol(1).join("e/x.bin").is_file() && !c.vol(1).join("d").exists());
+
+    // Each replaced file is a version on the receiver, restorable byte for byte.
+    let out = c.dir.path().join("restored");
+    for (name, content) in &made[..3] {
+        let listed = versions(&c, 1, &format!("vol/{name}"));
+        assert_eq!(listed.len(), 1, "{name}: {listed:#?}");
+        assert_eq!(listed[0]["why"], "replaced", "{name}: {:#}", listed[0]);
+        assert_eq!(listed[0]["kind"], "file", "{name}: {:#}", listed[0]);
+        assert_eq!(listed[0]["held"], "here", "{name}: {:#}", listed[0]);
+        let id = listed[0]["id"].as_str().unwrap();
+        let to = out.join(name);
+        let restored = on_node(
+            &c,
+            1,
+            &[
+                "restore",
+                &format!("vol/{name}"),
+                "--version",
+                id,
+                "--to",
+                to.to_str().unwrap(),
+            ],
+        );
+        assert!(restored.status.success(), "{name}: {}", stderr(&restored));
+        assert_eq!(&fs::read(to.join(name)).unwrap(), content, "{name}");
+    }
+
+    // The renamed tree's old names are versions too, holding no pack bytes (their
+    // content is live under the new names), and `--at` puts the tree back as it was.
+    let listed = versions(&c, 1, "vol/d");
+    let paths: Vec<&str> = listed.iter().map(|v| v["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, ["d", "d/x.bin", "d/y.bin"], "{listed:#?}");
+    for v in &listed[1..] {
+        assert_eq!(
+            (&v["why"], &v["held"]),
+            (&"deleted".into(), &"here".into()),
+            "{v:#}"
+        );
+    }
+    let to = out.join("tree");
+    let restored = on_node(
+        &c,
+        1,
+        &[
+            "restore",
+            "vol/d",
+            "--at",
+            &format!("@{at}"),
+            "--to",
+            to.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    assert!(restored.status.success(), "{}", stderr(&restored));
+    let report: Value = serde_json::from_slice(&restored.stdout).unwrap();
+    assert_eq!(report["fetched_chunks"].as_u64(), Some(0), "{report:#}");
+    for (name, content) in &made[3..] {
+        assert_eq!(&fs::read(to.join(name)).unwrap(), content, "{name}");
+    }
+}

@@ -17,6 +17,10 @@ use crate::store::versions::{KeptChunks, VersionRecord, Why};
 use crate::sync::SyncError;
 use crate::volume_fs::stamp_of_stat;
 
+/// The version records of a round's deletes, by name, until each is written with its
+/// tombstone.
+type KeptVersions = HashMap<(VolPath, Vec<u8>), VersionRecord>;
+
 /// Directory stamps written at once by [`Pull::restore_dir_mtimes`].
 const RESTORE_BATCH: usize = 1024;
 
@@ -113,8 +117,24 @@ impl Pull {
                         self.report.skipped += 1;
                         return Ok(());
                     }
+                    // What the directory replaces is kept: its chunks durable in a version
+                    // pack before it goes, its record written with the removal.
+                    let mut kept = self.node.store.kept_chunks();
+                    let version = self.keep_version(
+                        &mut kept,
+                        (dir, name),
+                        old,
+                        (&remote.version, &[]),
+                        Why::Replaced,
+                    )?;
+                    let mut batch = self.node.store.batch();
+                    kept.finish(&self.node.store, &mut batch)?;
                     self.volume().fs.remove_file(&dir_fd, name)?;
-                    self.forget_chunks(dir, name, old)?;
+                    if let Some(version) = &version {
+                        batch.put_version(version);
+                    }
+                    self.forget_chunks_in(&mut batch, dir, name, old)?;
+                    self.node.store.write(batch, Durability::Buffered)?;
                 }
                 self.volume().fs.mkdir(&dir_fd, name, remote.mode)?;
                 // Owner first: the mode may hold setgid, which a later chown could clear.
@@ -171,6 +191,21 @@ impl Pull {
             self.report.skipped += 1;
             return Ok(());
         }
+        // What it replaces is kept: chunks durable in a version pack before the name is
+        // taken, the record written with the index change.
+        let mut kept = self.node.store.kept_chunks();
+        let version = match replaces {
+            Some(old) => self.keep_version(
+                &mut kept,
+                (dir, name),
+                old,
+                (&remote.version, &[]),
+                Why::Replaced,
+            )?,
+            None => None,
+        };
+        let mut batch = self.node.store.batch();
+        kept.finish(&self.node.store, &mut batch)?;
         let owner = self.node.sync_ownership.then_some((remote.uid, remote.gid));
         let stat = match &remote.kind {
             EntryKind::Symlink { target } => {
@@ -178,14 +213,18 @@ impl Pull {
             }
             _ => fs.place_fifo(&dir_fd, name, remote.mode, remote.mtime_ns, owner)?,
         };
-        let mut batch = self.node.store.batch();
         if let Some(old) = replaces {
             self.forget_chunks_in(&mut batch, dir, name, old)?;
+        }
+        if let Some(version) = &version {
+            batch.put_version(version);
         }
         batch.put_entry(vol, dir, name, &remote);
         batch.put_stamp(vol, dir, name, &stamp_of_stat(&stat));
         batch.mark_dirty(vol, dir);
         self.node.store.write(batch, Durability::Durable)?;
+        // The record is written: the packs it relies on may be collected again.
+        drop(kept);
         self.report.applied += 1;
         self.node
             .stats
@@ -197,18 +236,6 @@ impl Pull {
         };
         let path = dir.join(name).map(|p| escape(p.as_bytes()));
         self.note_applied(what, path.unwrap_or_else(|_| escape(name)), 0);
-        Ok(())
-    }
-
-    pub(super) fn forget_chunks(
-        &self,
-        dir: &VolPath,
-        name: &[u8],
-        old: &Entry,
-    ) -> Result<(), SyncError> {
-        let mut batch = self.node.store.batch();
-        self.forget_chunks_in(&mut batch, dir, name, old)?;
-        self.node.store.write(batch, Durability::Buffered)?;
         Ok(())
     }
 
@@ -291,13 +318,14 @@ impl Pull {
     /// Keeps the versions `deletes` are about to remove (those a delete would apply to
     /// now): their chunks appended to a version pack, made durable in one fsync, and
     /// their pack records written, before any file goes. Each record is written with
-    /// its name's tombstone.
+    /// its name's tombstone; the packs they rely on stay pinned until the returned
+    /// [`KeptChunks`] is dropped.
     fn keep_deleted(
         &self,
         deletes: &[(VolPath, Vec<u8>, Entry)],
-    ) -> Result<HashMap<(VolPath, Vec<u8>), VersionRecord>, SyncError> {
+    ) -> Result<(KeptVersions, KeptChunks), SyncError> {
         let vol = self.volume().id;
-        let mut kept = KeptChunks::default();
+        let mut kept = self.node.store.kept_chunks();
         let mut versions = HashMap::new();
         for (dir, name, tombstone) in deletes {
             let Some(local) = self.node.store.entry(vol, dir, name)? else {
@@ -320,7 +348,7 @@ impl Pull {
         let mut batch = self.node.store.batch();
         kept.finish(&self.node.store, &mut batch)?;
         self.node.store.write(batch, Durability::Buffered)?;
-        Ok(versions)
+        Ok((versions, kept))
     }
 
     /// Applies the deferred deletes, deepest first.
@@ -330,7 +358,8 @@ impl Pull {
         self.renames_seen = 0;
         deletes.sort_by_key(|(dir, _, _)| std::cmp::Reverse(dir.depth()));
         let vol = self.volume().id;
-        let mut versions = self.keep_deleted(&deletes)?;
+        // `kept` pins the packs the records rely on until the last of them is written.
+        let (mut versions, kept) = self.keep_deleted(&deletes)?;
         for (dir, name, tombstone) in deletes {
             let Ok(dir_fd) = self.volume().fs.open_dir(&dir, false) else {
                 continue;
@@ -383,6 +412,7 @@ impl Pull {
                 self.note_applied("delete of", path.unwrap_or_else(|_| escape(&name)), 0);
             }
         }
+        drop(kept);
         Ok(())
     }
 }

@@ -327,7 +327,7 @@ impl Pull {
             return Ok(false);
         }
         // The loser is a version of the name too: kept whatever becomes of its copy.
-        let mut kept = crate::store::versions::KeptChunks::default();
+        let mut kept = self.node.store.kept_chunks();
         let version = self.keep_version(
             &mut kept,
             (dir, name),
@@ -370,6 +370,8 @@ impl Pull {
         batch.delete_stamp(vol, dir, name);
         batch.mark_dirty(vol, dir);
         self.node.store.write(batch, Durability::Durable)?;
+        // The record is written: the packs it relies on may be collected again.
+        drop(kept);
         if self.node.faults.crash_after_move_aside {
             tracing::warn!("FAULT INJECTION: dying after moving a conflict's loser aside");
             std::process::exit(99);

@@ -15,6 +15,7 @@ use crate::entry::{Causality, Entry, EntryKind};
 use crate::pathname::{VolPath, escape};
 use crate::protocol::{ListPart, MAX_LIST_CHUNKS, ProtocolError, Request, Response};
 use crate::store::Durability;
+use crate::store::versions::Why;
 use crate::sync::room::{Refused, Reservation};
 use crate::sync::transfer::{ChunkTargets, Missing, fetch_chunks, fill_from_local};
 use crate::sync::{Node, Peer, SyncError, request};
@@ -261,6 +262,20 @@ impl Pull {
     ) -> Result<(), SyncError> {
         let vol = self.volume().id;
         if let Some(local) = self.node.store.entry(vol, &source.dir, &source.name)? {
+            // The old name is a version too (`restore DIR --at` puts a renamed tree back
+            // where it was): its content lives on under the new name, so the record
+            // costs no pack bytes; a later change of the new name keeps the chunks.
+            let chunks = self.indexed_chunks(&source.dir, &source.name, Some(&local))?;
+            if !local.is_tombstone() {
+                let version = self.version_record(
+                    (&source.dir, &source.name),
+                    &local,
+                    &source.tombstone.version,
+                    Why::Deleted,
+                    chunks,
+                )?;
+                batch.put_version(&version);
+            }
             self.forget_chunks_in(batch, &source.dir, &source.name, &local)?;
         }
         batch.put_entry(vol, &source.dir, &source.name, &source.tombstone);
@@ -376,16 +391,16 @@ impl Pull {
         // The versions the batch replaces are kept before the renames take them: their
         // chunks durable in a version pack (one fsync for the batch), their records
         // written with the index write below.
-        let mut kept = crate::store::versions::KeptChunks::default();
+        let mut kept = node.store.kept_chunks();
         let mut versions = Vec::with_capacity(ready.len());
         for file in &ready {
             let record = match &file.job.replaces {
-                Some(old) if !old.is_dir() => self.keep_version(
+                Some(old) => self.keep_version(
                     &mut kept,
                     (&file.job.dir, &file.job.name),
                     old,
                     (&file.job.entry.version, &file.chunks),
-                    crate::store::versions::Why::Replaced,
+                    Why::Replaced,
                 )?,
                 _ => None,
             };
@@ -427,6 +442,8 @@ impl Pull {
             std::process::exit(99);
         }
         node.store.write(batch, Durability::Durable)?;
+        // The records are written: the packs they rely on may be collected again.
+        drop(kept);
         tracing::debug!(
             files = ready_count,
             journal_ms = journaled.as_millis() as u64,

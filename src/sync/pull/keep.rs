@@ -37,10 +37,25 @@ impl Pull {
             let shared: HashSet<ChunkId> = new_chunks.iter().map(|c| c.id).collect();
             self.pack_chunks(kept, dir, name, &chunks, &shared)?;
         }
+        self.version_record((dir, name), old, new_version, why, chunks)
+            .map(Some)
+    }
+
+    /// The record of `old`, the local version of `dir/name` holding `chunks`, which a
+    /// change of history `new_version` replaces; nothing is packed (its chunks are held
+    /// elsewhere, or `keep_version` packs them).
+    pub(super) fn version_record(
+        &self,
+        (dir, name): (&VolPath, &[u8]),
+        old: &Entry,
+        new_version: &VersionVector,
+        why: Why,
+        chunks: Vec<ChunkRef>,
+    ) -> Result<VersionRecord, SyncError> {
         let replaced_by = replacing_node(new_version, &old.version)
             .or_else(|| self.peer.node_id())
             .unwrap_or(self.node.meta.node_id);
-        Ok(Some(VersionRecord {
+        Ok(VersionRecord {
             vol: self.volume().id,
             path: dir.join(name)?,
             id: VersionId::now(),
@@ -48,7 +63,7 @@ impl Pull {
             replaced_by,
             entry: old.clone(),
             chunks,
-        }))
+        })
     }
 
     /// Appends the chunks of the live file `dir/name` that are neither `shared` nor in

@@ -15,6 +15,7 @@ use super::Pull;
 use crate::entry::Entry;
 use crate::pathname::{VolPath, escape};
 use crate::store::Durability;
+use crate::store::versions::Why;
 use crate::sync::SyncError;
 use crate::volume_fs::stamp_of_stat;
 
@@ -147,6 +148,12 @@ impl Pull {
         let same_inode = here
             .as_ref()
             .is_some_and(|s| (s.st_ino, s.st_dev) == (leader_stat.st_ino, leader_stat.st_dev));
+        let chunks = store
+            .chunk_list(vol, &leader_dir, leader_name)?
+            .unwrap_or_default();
+        let mut kept = store.kept_chunks();
+        let mut version = None;
+        let mut batch = store.batch();
         if !same_inode {
             if replaces.is_some_and(Entry::is_dir) {
                 // A directory goes only once it is empty (its children are synced first).
@@ -160,16 +167,21 @@ impl Pull {
                 );
                 return Ok(false);
             }
+            // What the link replaces is kept, as a received file's old version is.
+            if let Some(old) = replaces {
+                let new = (&entry.version, &chunks[..]);
+                version = self.keep_version(&mut kept, (dir, name), old, new, Why::Replaced)?;
+                kept.finish(store, &mut batch)?;
+            }
             fs.link_into(&leader_fd, leader_name, &leader_stat, &dir_fd, name)?;
         }
         let stat = fs.stat(&dir_fd, name)?;
         // The leader's link count moved with this name: the next name checks it again.
         let leader_now = fs.stat(&leader_fd, leader_name)?;
-        let chunks = store
-            .chunk_list(vol, &leader_dir, leader_name)?
-            .unwrap_or_default();
         let old_chunks = self.indexed_chunks(dir, name, replaces)?;
-        let mut batch = store.batch();
+        if let Some(version) = &version {
+            batch.put_version(version);
+        }
         if replaces.is_some_and(Entry::is_dir)
             && let Ok(path) = dir.join(name)
         {
@@ -182,6 +194,8 @@ impl Pull {
         batch.put_stamp(vol, &leader_dir, leader_name, &stamp_of_stat(&leader_now));
         batch.mark_dirty(vol, dir);
         store.write(batch, Durability::Durable)?;
+        // The record is written: the packs it relies on may be collected again.
+        drop(kept);
         Ok(true)
     }
 }
