@@ -546,7 +546,12 @@ pub fn repair(settings: &Settings, flags: RepairFlags) -> anyhow::Result<Outcome
         if report.index_rebuilt {
             out.push_str("index rebuilt from the packs and live files\n");
         }
-        for a in report.actions.iter().chain(&report.unrepaired) {
+        for a in report
+            .actions
+            .iter()
+            .chain(&report.unrepaired)
+            .chain(&report.incomplete_versions)
+        {
             let place = match (&a.volume, &a.path) {
                 (Some(v), Some(p)) => format!("{v}:{p}"),
                 (None, Some(p)) => p.clone(),
@@ -555,13 +560,18 @@ pub fn repair(settings: &Settings, flags: RepairFlags) -> anyhow::Result<Outcome
             };
             let label = match a.action {
                 "unrepaired" => "UNREPAIRED",
+                "version-incomplete" => "INCOMPLETE",
                 action => action,
             };
             let _ = writeln!(out, "{label} {place}: {}", a.detail);
         }
+        let incomplete = match report.incomplete_versions.len() {
+            0 => String::new(),
+            n => format!(", {n} kept versions lack chunks"),
+        };
         let _ = writeln!(
             out,
-            "{} actions{}, {} problems left{}",
+            "{} actions{}, {} problems left{incomplete}{}",
             report.actions.len(),
             if report.dry_run { " planned" } else { "" },
             report.unrepaired.len(),

@@ -14,6 +14,9 @@
 //!   cut off and the records the index still wants are appended again; an index record
 //!   whose chunk cannot be found anywhere is removed (and reported); an intact record no
 //!   index record points at (an orphan, e.g. after an index rebuild) is indexed again.
+//! - **Kept versions**: chunks a version references that this node holds nowhere are
+//!   fetched from the peers into a version pack; versions still lacking some are
+//!   reported.
 //! - **The index**: location records that point nowhere are removed, missing ones added
 //!   from the file's chunk list; a file whose chunk list is missing or inconsistent loses
 //!   its scan stamp so the rescan reads it again. `--rebuild-index` sets a lost or
@@ -28,6 +31,7 @@
 mod files;
 mod index;
 mod packs;
+mod versions;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -107,6 +111,9 @@ pub struct RepairReport {
     pub actions: Vec<Action>,
     /// Damage left as it was, with why.
     pub unrepaired: Vec<Action>,
+    /// Kept versions that still reference chunks held nowhere here (no peer sent them):
+    /// not damage, as `verify` counts it; a peer that holds them serves a restore.
+    pub incomplete_versions: Vec<Action>,
     /// Whether the volumes were rescanned at the end (edits made while stopped become
     /// the newest versions).
     pub rescanned: bool,
@@ -218,6 +225,7 @@ pub fn repair(settings: &Settings, options: &RepairOptions) -> Result<RepairRepo
         repair.fix_index(&found)?;
         repair.restore_files(&found).await?;
         repair.fix_packs().await?;
+        repair.fetch_version_chunks().await?;
         Ok::<(), RepairError>(())
     })?;
     report.found = found.findings;
@@ -298,6 +306,10 @@ fn plan(found: &VerifyReport, report: &mut RepairReport) {
             Problem::TypeChanged => (
                 "kept",
                 "replaced by another kind of entry: would be kept as a local change".to_string(),
+            ),
+            Problem::VersionChunkNotHeld => (
+                "version-chunks-fetched",
+                "would fetch the version's chunks from the peers into a version pack".to_string(),
             ),
             _ if f.severity == Severity::Warning => continue,
             other => (

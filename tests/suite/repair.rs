@@ -281,8 +281,13 @@ fn a_missing_index_is_named_and_rebuilt_from_packs_and_live_files() {
 
 /// Node 1 of a two-node cluster, stopped, with the arguments repair needs to reach node 0.
 fn repair_node1(c: &Cluster, extra: &[&str]) -> Output {
+    repair_node1_via(c, 0, extra)
+}
+
+/// Node 1, stopped, repaired with node `peer` as its one peer.
+fn repair_node1_via(c: &Cluster, peer: usize, extra: &[&str]) -> Output {
     let node = c.dir.path().join("node1");
-    let peer = format!("{}:7029", c.ip(0));
+    let peer = format!("{}:7029", c.ip(peer));
     let mut args = vec![
         "--peer",
         peer.as_str(),
@@ -637,4 +642,90 @@ fn repair_of_one_volume_finds_copies_behind_a_location_in_a_volume_not_open() {
     assert_eq!(fs::read(fx.path("packed.bin")).unwrap(), packed);
     assert_eq!(fs::read(fx.path("twice.bin")).unwrap(), twice);
     assert_clean(&data, &fx.state());
+}
+
+/// Issue 14: a kept version whose chunks this node lost (its version packs gone, and a
+/// repair without peers removed the records that pointed into them) gets them back from
+/// a peer that keeps the same version; a peer that lacks them leaves it reported.
+#[test]
+fn repair_fetches_a_kept_versions_lost_chunks_from_a_peer_that_keeps_the_version() {
+    let mut c = Cluster::new(3);
+    let old = random_bytes(600_000, 61);
+    write_file(&c.vol(0).join("f.bin"), &old);
+    c.start_all();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    write_file(&c.vol(0).join("f.bin"), &random_bytes(600_000, 62));
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    c.stop(1);
+    let node1 = c.dir.path().join("node1");
+    let (data, state) = (node1.join("data"), node1.join("state"));
+    let mut removed = 0;
+    for pack in fs::read_dir(state.join("packs")).unwrap().flatten() {
+        fs::remove_file(pack.path()).unwrap();
+        removed += 1;
+    }
+    assert!(removed > 0, "node 1 kept no version pack");
+
+    // Without peers the lost records can only go; the version is reported incomplete.
+    let alone = run(&data, &state, "repair", &["--json"]);
+    assert_eq!(alone.status.code(), Some(1), "{}", stderr(&alone));
+    let report = json(&alone);
+    assert_eq!(
+        report["incomplete_versions"][0]["path"], "f.bin",
+        "{report:#}"
+    );
+    let found = run(&data, &state, "verify", &["--json"]);
+    assert_eq!(found.status.code(), Some(0), "{}", stdout(&found));
+    assert_found(&json(&found), "version-chunk-not-held", "f.bin");
+
+    // The writer keeps no version of its own edit: it cannot send them.
+    let writer = repair_node1_via(&c, 0, &["--json"]);
+    assert_eq!(writer.status.code(), Some(0), "{}", stderr(&writer));
+    let report = json(&writer);
+    let incomplete = &report["incomplete_versions"][0];
+    assert_eq!(incomplete["path"], "f.bin", "{report:#}");
+    assert!(
+        incomplete["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no peer sent them"),
+        "{incomplete:#}"
+    );
+
+    // Node 2 kept the same version: repair fetches every lost chunk from it.
+    let fetched = repair_node1_via(&c, 2, &[]);
+    assert_eq!(fetched.status.code(), Some(0), "{}", stderr(&fetched));
+    assert!(
+        stdout(&fetched).contains("version-chunks-fetched"),
+        "{}",
+        stdout(&fetched)
+    );
+    assert!(
+        !stdout(&fetched).contains("INCOMPLETE"),
+        "{}",
+        stdout(&fetched)
+    );
+    assert_clean(&data, &state);
+    assert!(!state.join("packs/versions.repair.tmp").exists());
+
+    // The version is whole here again: restored with no daemon and no peer.
+    let listed = run(&data, &state, "versions", &["vol/f.bin", "--json"]);
+    let listed = json(&listed);
+    let version = &listed["versions"][0];
+    assert_eq!(version["held"], "here", "{listed:#}");
+    let to = c.dir.path().join("restored");
+    let restored = run(
+        &data,
+        &state,
+        "restore",
+        &[
+            "vol/f.bin",
+            "--version",
+            version["id"].as_str().unwrap(),
+            "--to",
+            to.to_str().unwrap(),
+        ],
+    );
+    assert!(restored.status.success(), "{}", stderr(&restored));
+    assert_eq!(fs::read(to.join("f.bin")).unwrap(), old);
 }
