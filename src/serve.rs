@@ -772,7 +772,7 @@ async fn local_changes(
                 deferral.ended(deferring, !deferred.is_empty(), now);
                 for path in deferred {
                     // Scanned again once the burst settles.
-                    debouncer.record(path, crate::watcher::Change::Other, now);
+                    debouncer.again(path, now);
                 }
             }
             _ = stop.wait_for(|s| *s) => break,

@@ -269,6 +269,9 @@ struct NameState {
     first: Instant,
     last: Instant,
     writing: bool,
+    /// Scanned again for the scans' own sake ([`Debouncer::again`]), with no event
+    /// since: ready at once, never held.
+    settled: bool,
     /// When it was last scanned while busy (still changing).
     scanned_busy: Option<Instant>,
 }
@@ -329,13 +332,39 @@ impl Debouncer {
             first: now,
             last: now,
             writing: false,
+            settled: false,
             scanned_busy: None,
         });
         state.last = now;
+        state.settled = false;
         match change {
             Change::Written => state.writing = true,
             Change::Closed => state.writing = false,
             Change::Other => {}
+        }
+        self.due.get_or_insert(now + self.window);
+    }
+
+    /// Asks for `path` to be scanned again, for no event of its own: a delete a scan left
+    /// to the next one (`crate::guard::ScanGuard::defer`). A deleted name does not
+    /// change, so it is ready at once and never held: held, it would look like a burst
+    /// still going on and make the next scan leave it again, and the next, for as long
+    /// as the guard lets deletes wait (`crate::guard::MAX_DEFER`, 10 s). It is scanned
+    /// with what comes next, or one window from now if nothing is waiting (what the
+    /// deferral is for: a burst seen in pieces is judged whole).
+    pub fn again(&mut self, path: VolPath, now: Instant) {
+        if self.names.len() >= MAX_PENDING_NAMES && !self.names.contains_key(&path) {
+            self.names.clear();
+            self.lost(now);
+        }
+        if !self.everything {
+            self.names.entry(path).or_insert(NameState {
+                first: now,
+                last: now,
+                writing: false,
+                settled: true,
+                scanned_busy: None,
+            });
         }
         self.due.get_or_insert(now + self.window);
     }
@@ -362,7 +391,7 @@ impl Debouncer {
     fn is_ready(&self, state: &NameState, now: Instant) -> bool {
         let quiet = now.saturating_duration_since(state.last);
         let settled = quiet >= self.window && (!state.writing || quiet >= WRITER_PATIENCE);
-        settled || now.saturating_duration_since(state.first) >= MAX_HOLD
+        state.settled || settled || now.saturating_duration_since(state.first) >= MAX_HOLD
     }
 
     /// The scan to run now, if anything is ready; forgets the names it covers, except
@@ -450,6 +479,36 @@ mod tests {
     }
 
     const WINDOW: Duration = Duration::from_millis(200);
+
+    #[test]
+    fn a_name_scanned_again_is_ready_at_once_and_holds_no_scan_back() {
+        let t0 = Instant::now();
+        let mut d = Debouncer::new(WINDOW);
+        // Deletes left by the last scan, while another name is still being written.
+        d.record(path("b/busy"), Change::Written, t0);
+        d.again(path("a/gone1"), t0 + Duration::from_millis(50));
+        d.again(path("a/gone2"), t0 + Duration::from_millis(90));
+        // Scanned with what comes next; only the name still settling is held.
+        assert_eq!(d.due(), Some(t0 + WINDOW));
+        let first = d.take_ready(t0 + WINDOW).unwrap();
+        assert_eq!(dirs(&first), [("a".into(), Depth::Names)]);
+        assert_eq!(first.hold, HashSet::from([path("b/busy")]));
+        // Alone, they wait one window, and are then neither held nor left behind.
+        d.record(path("b/busy"), Change::Closed, t0 + WINDOW);
+        let _ = d.take_ready(t0 + WINDOW * 2).unwrap();
+        let t1 = t0 + WINDOW * 3;
+        d.again(path("a/gone3"), t1);
+        assert_eq!(d.due(), Some(t1 + WINDOW));
+        let alone = d.take_ready(t1 + WINDOW).unwrap();
+        assert_eq!(dirs(&alone), [("a".into(), Depth::Names)]);
+        assert!(alone.hold.is_empty());
+        assert_eq!(d.due(), None);
+        // An event of its own after that makes it an ordinary name again: held until quiet.
+        d.again(path("a/back"), t1);
+        d.record(path("a/back"), Change::Other, t1 + WINDOW);
+        let held = d.take_ready(t1 + WINDOW + Duration::from_millis(10));
+        assert!(held.is_none_or(|r| r.hold.contains(&path("a/back"))));
+    }
 
     #[test]
     fn coalesces_a_burst_into_one_scan_of_its_directories() {

@@ -26,7 +26,7 @@ For each tool and scenario:
              every file; .shoal/, .stfolder and the tools' temporary files are ignored).
              The time of the content comparison itself is not counted.
   wire       bytes of IP packets on `lo` to or from the tool's ports (nftables counters in
-             a table `inet shoalbench` created for the run and deleted at the end; iptables
+             a table `inet shoalbenchPID` created for the run and deleted at the end; iptables
              if nft is missing; otherwise the tools' own counters, flagged with *).
   peak RSS   VmHWM of the long-running processes (Shoal and Syncthing nodes, the Unison
              server; reset through /proc/PID/clear_refs before each scenario) and the
@@ -138,7 +138,9 @@ class WireCounter:
     """Counts bytes of IP packets on lo whose source or destination port is one of a
     tool's ports. Each packet entering through lo is counted once (input hook)."""
 
-    TABLE = "shoalbench"
+    # One table per run: runs side by side (other sessions' benchmarks) would otherwise
+    # delete each other's counters.
+    TABLE = f"shoalbench{os.getpid()}"
 
     def __init__(self):
         self.method = None

@@ -565,10 +565,18 @@ impl Response {
                 put_mark(&mut out, *high);
                 out.push(u8::from(*more));
                 out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+                let mut names = Vec::new();
                 for (dir, e) in entries {
-                    put_short_bytes(&mut out, dir.as_bytes());
-                    e.encode_into(&mut out);
+                    put_short_bytes(&mut names, dir.as_bytes());
+                    e.encode_into(&mut names);
                 }
+                // The responder bounds an answer's entries to `MAX_ENTRIES_BYTES` and a
+                // few more: far below `MAX_CHANGES_NAMES_BYTES`.
+                out.extend_from_slice(&(names.len() as u32).to_le_bytes());
+                out.extend_from_slice(&miniz_oxide::deflate::compress_to_vec(
+                    &names,
+                    CHANGES_DEFLATE_LEVEL,
+                ));
                 kind::CHANGES
             }
             Response::ChangesGone { current } => {
@@ -646,11 +654,14 @@ impl Response {
                         "{count} changes in one response"
                     )));
                 }
+                let names = inflate_names(&mut r)?;
+                let mut names = Reader::new(&names);
                 let mut entries = Vec::with_capacity(count);
                 for _ in 0..count {
-                    let dir = read_path(&mut r, "change directory")?;
-                    entries.push((dir, WireEntry::decode_from(&mut r)?));
+                    let dir = read_path(&mut names, "change directory")?;
+                    entries.push((dir, WireEntry::decode_from(&mut names)?));
                 }
+                names.finish("changed names")?;
                 Response::Changes {
                     high,
                     more,
@@ -706,6 +717,48 @@ impl Response {
         r.finish("response")?;
         Ok(response)
     }
+}
+
+/// How hard a `Changes` answer's names are compressed (deflate, 0-10): 6 is zlib's
+/// default, most of the gain at a fraction of the time of 9.
+const CHANGES_DEFLATE_LEVEL: u8 = 6;
+
+/// The largest the names of one `Changes` answer may be once inflated: a control
+/// frame's size, which no honest answer comes near (the responder stops at
+/// `MAX_ENTRIES_BYTES`).
+pub const MAX_CHANGES_NAMES_BYTES: usize = super::MAX_CONTROL_FRAME;
+
+/// The names of a `Changes` answer: `u32 LE length` (at most
+/// [`MAX_CHANGES_NAMES_BYTES`]), then one raw deflate stream (RFC 1951) that inflates to
+/// exactly that many bytes and ends with the frame. The length is checked before
+/// anything is allocated and inflating never writes past it: a hostile peer's stream
+/// costs at most that much memory.
+fn inflate_names(r: &mut Reader<'_>) -> Result<Vec<u8>, ProtocolError> {
+    use miniz_oxide::inflate::TINFLStatus;
+    use miniz_oxide::inflate::core::{DecompressorOxide, decompress, inflate_flags};
+    let len = r.u32("changed names length")? as usize;
+    if len > MAX_CHANGES_NAMES_BYTES {
+        return Err(ProtocolError::Malformed(format!(
+            "changed names of {len} bytes, more than {MAX_CHANGES_NAMES_BYTES}"
+        )));
+    }
+    let stream = r.take(r.remaining(), "changed names")?;
+    let mut names = vec![0; len];
+    let (status, read, written) = decompress(
+        &mut Box::<DecompressorOxide>::default(),
+        stream,
+        &mut names,
+        0,
+        inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF,
+    );
+    if status != TINFLStatus::Done || read != stream.len() || written != len {
+        return Err(ProtocolError::Malformed(format!(
+            "changed names: a deflate stream of {} bytes ({status:?} after {read}) \
+             inflating to {written} bytes, not {len}",
+            stream.len()
+        )));
+    }
+    Ok(names)
 }
 
 #[cfg(test)]
@@ -895,5 +948,91 @@ mod tests {
             let (kind, body) = response.encode();
             assert_eq!(Response::decode(kind, &body).unwrap(), response);
         }
+    }
+
+    /// A `Changes` body with `count` names whose deflated part is `names_len ||
+    /// stream`, as a hostile peer may send it.
+    fn changes_body(count: u32, names_len: u32, stream: &[u8]) -> Vec<u8> {
+        let mut body = Vec::new();
+        put_mark(
+            &mut body,
+            FeedMark {
+                feed: FeedId(1),
+                seq: 2,
+            },
+        );
+        body.push(0);
+        body.extend_from_slice(&count.to_le_bytes());
+        body.extend_from_slice(&names_len.to_le_bytes());
+        body.extend_from_slice(stream);
+        body
+    }
+
+    #[test]
+    fn a_changes_answer_is_compressed_and_a_hostile_one_is_refused_before_it_costs_memory() {
+        let entry = |n: u8| {
+            (
+                VolPath::parse(b"photos/2024").unwrap(),
+                WireEntry {
+                    name: vec![b'a' + n],
+                    entry: Entry::deleted(VersionVector::from_pairs([(NodeId(9), 3)]), 0),
+                    subtree: None,
+                    chunks: None,
+                },
+            )
+        };
+        let answer = Response::Changes {
+            high: FeedMark {
+                feed: FeedId(1),
+                seq: 2,
+            },
+            more: false,
+            entries: (0..20).map(entry).collect(),
+        };
+        let (kind, body) = answer.encode();
+        assert_eq!(Response::decode(kind, &body).unwrap(), answer);
+        let names: usize = (0..20u8)
+            .map(|n| {
+                let (dir, wire) = entry(n);
+                let mut raw = Vec::new();
+                put_short_bytes(&mut raw, dir.as_bytes());
+                wire.encode_into(&mut raw);
+                raw.len()
+            })
+            .sum();
+        assert!(body.len() < names / 3, "{} bytes for {names}", body.len());
+        let empty = Response::Changes {
+            high: FeedMark {
+                feed: FeedId(1),
+                seq: 2,
+            },
+            more: false,
+            entries: vec![],
+        };
+        let (kind, body) = empty.encode();
+        assert_eq!(Response::decode(kind, &body).unwrap(), empty);
+
+        let refused = |body: Vec<u8>| {
+            let e = Response::decode(kind::CHANGES, &body).unwrap_err();
+            assert!(matches!(e, ProtocolError::Malformed(_)), "{e}");
+            e.to_string()
+        };
+        // Announced larger than any answer may be: refused before anything is allocated.
+        let huge = refused(changes_body(1, u32::MAX, &[0x03, 0x00]));
+        assert!(huge.contains("more than"), "{huge}");
+        // A bomb: 4 MiB of zeros deflate to a few KiB, announced as 100 bytes.
+        let bomb = miniz_oxide::deflate::compress_to_vec(&vec![0; 4 << 20], 6);
+        refused(changes_body(1, 100, &bomb));
+        // Announced longer than the stream inflates to, garbage, and bytes after it.
+        let (_, good) = answer.encode();
+        let names_at = 16 + 1 + 4;
+        let announced = u32::from_le_bytes(good[names_at..names_at + 4].try_into().unwrap());
+        let stream = &good[names_at + 4..];
+        refused(changes_body(20, announced + 1, stream));
+        refused(changes_body(20, announced, &[0xff; 64]));
+        refused(changes_body(20, announced, &[stream, &[0][..]].concat()));
+        // More names counted than the stream holds, or fewer.
+        refused(changes_body(21, announced, stream));
+        refused(changes_body(19, announced, stream));
     }
 }

@@ -7,7 +7,7 @@ use super::keys::*;
 use super::{ChunkLocation, Store, StoreError, VolumeRecord};
 use crate::chunking::ChunkRef;
 use crate::entry::Entry;
-use crate::ids::{ChunkId, VolumeId};
+use crate::ids::{ChunkId, NodeId, VolumeId};
 use crate::pathname::VolPath;
 use crate::tree::TreeNode;
 
@@ -67,9 +67,18 @@ pub struct Batch<'s> {
     pub(super) store: &'s Store,
     pub(super) wb: WriteBatch,
     pub(super) ops: usize,
-    /// The entries this batch writes, as (volume, entry key without the volume): each
-    /// gets the next number of its volume's change feed when the batch is written.
-    pub(super) changed: Vec<(VolumeId, Vec<u8>)>,
+    /// The entries this batch writes: each gets the next number of its volume's change
+    /// feed when the batch is written.
+    pub(super) changed: Vec<Changed>,
+}
+
+/// One entry write of a batch, to number in its volume's change feed.
+pub(super) struct Changed {
+    pub(super) vol: VolumeId,
+    /// The entry key without the volume.
+    pub(super) key: Vec<u8>,
+    /// The peer whose entry this is, exactly as it sent it.
+    pub(super) sent_by: Option<NodeId>,
 }
 
 impl Batch<'_> {
@@ -97,11 +106,30 @@ impl Batch<'_> {
         self.put(CF_META, &volume_meta_key(name), &value);
     }
 
-    /// Writes an entry, and numbers the change in the volume's feed.
+    /// Writes an entry made on this node, and numbers the change in the volume's feed.
     pub fn put_entry(&mut self, vol: VolumeId, dir: &VolPath, name: &[u8], entry: &Entry) {
+        self.put_entry_sent_by(vol, dir, name, entry, None);
+    }
+
+    /// Writes an entry, and numbers the change in the volume's feed; `sent_by` names the
+    /// peer whose entry it is, exactly as that peer sent it (a pull that took it whole),
+    /// and is recorded with the number: the feed leaves the name out of its answers to
+    /// that peer while this is its last change ([`Store::changes_since`]).
+    pub fn put_entry_sent_by(
+        &mut self,
+        vol: VolumeId,
+        dir: &VolPath,
+        name: &[u8],
+        entry: &Entry,
+        sent_by: Option<NodeId>,
+    ) {
         let key = entry_key(vol, dir, name);
         self.put(CF_ENTRIES, &key, &codec::encode_entry(entry));
-        self.changed.push((vol, key[4..].to_vec()));
+        self.changed.push(Changed {
+            vol,
+            key: key[4..].to_vec(),
+            sent_by,
+        });
     }
 
     /// Records that sync is about to rename a received file with `entry` into place at

@@ -24,8 +24,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rocksdb::WriteBatch;
 
+use super::batch::Changed;
 use super::keys::{
-    CF_META, change_key, changes_range, feed_key, feed_mark_key, parse_change_entry,
+    CF_META, change_key, change_origin_key, changes_range, feed_key, feed_mark_key,
+    parse_change_entry,
 };
 use super::{Store, StoreError};
 use crate::ids::{NodeId, VolumeId};
@@ -150,19 +152,18 @@ impl Store {
             .store(changes.max(1), Ordering::Relaxed);
     }
 
-    /// Numbers the changed entries of `wb` (`changed`: volume and entry key without the
-    /// volume) and writes it with `options`, all under the feed lock so that numbers
-    /// are committed in order.
+    /// Numbers the changed entries of `wb` and writes it with `options`, all under the
+    /// feed lock so that numbers are committed in order.
     pub(super) fn write_numbered(
         &self,
         mut wb: WriteBatch,
-        changed: &[(VolumeId, Vec<u8>)],
+        changed: &[Changed],
         options: &rocksdb::WriteOptions,
     ) -> Result<(), StoreError> {
         let mut volumes = self.feeds.volumes.lock().expect("feed lock");
         let retention = self.feeds.retention.load(Ordering::Relaxed);
         let mut touched: HashSet<VolumeId> = HashSet::new();
-        for (vol, key) in changed {
+        for Changed { vol, key, sent_by } in changed {
             let feed = self.volume_feed(&mut volumes, *vol)?;
             if feed.next >= feed.reserved {
                 feed.reserved = feed.next + RESERVE_BLOCK;
@@ -170,6 +171,13 @@ impl Store {
                 self.put_durably(&feed_key(*vol), &state)?;
             }
             wb.put_cf(self.cf(CF_META), change_key(*vol, feed.next), key);
+            if let Some(peer) = sent_by {
+                wb.put_cf(
+                    self.cf(CF_META),
+                    change_origin_key(*vol, feed.next),
+                    peer.0.to_be_bytes(),
+                );
+            }
             feed.next += 1;
             touched.insert(*vol);
         }
@@ -181,6 +189,11 @@ impl Store {
                     self.cf(CF_META),
                     change_key(vol, feed.first),
                     change_key(vol, first),
+                );
+                wb.delete_range_cf(
+                    self.cf(CF_META),
+                    change_origin_key(vol, feed.first),
+                    change_origin_key(vol, first),
                 );
                 feed.first = first;
                 wb.put_cf(self.cf(CF_META), feed_key(vol), feed.encode());
@@ -195,12 +208,17 @@ impl Store {
         Ok(self.volume_feed(&mut volumes, vol)?.high())
     }
 
-    /// The names of `vol` changed after `since`, at most `max` of them (see [`Changes`]).
+    /// The names of `vol` changed after `since`, at most `max` of them (see [`Changes`]),
+    /// for the peer `reader`: a name whose last change up to the answer's mark wrote
+    /// `reader`'s own entry, exactly as `reader` sent it, is left out (it holds that
+    /// entry, or a newer one; a later change of the name has a later number and is
+    /// answered then). Left out, it still counts against `max`.
     pub fn changes_since(
         &self,
         vol: VolumeId,
         since: FeedMark,
         max: usize,
+        reader: Option<NodeId>,
     ) -> Result<Changes, StoreError> {
         // Every number below `next` is committed (or failed) once the lock is free.
         let feed = {
@@ -216,7 +234,8 @@ impl Store {
         }
         let (_, end) = changes_range(vol);
         let mut names = Vec::new();
-        let mut seen = HashSet::new();
+        // Per name (its entry key) seen: its place in `names` and its last number.
+        let mut seen: HashMap<Vec<u8>, (usize, u64)> = HashMap::new();
         let mut high = current;
         let mut more = false;
         for item in self.range(CF_META, change_key(vol, since.seq + 1), end) {
@@ -229,19 +248,45 @@ impl Store {
             if seq >= feed.next {
                 break;
             }
-            if !seen.contains(&value[..]) {
-                if names.len() >= max {
-                    high.seq = seq - 1;
-                    more = true;
-                    break;
-                }
-                let (dir, name) = parse_change_entry(&value)
-                    .map_err(|e| StoreError::corrupt(CF_META, &key, e))?;
-                names.push((seq, dir, name));
-                seen.insert(value);
+            if let Some((_, last)) = seen.get_mut(&value[..]) {
+                *last = seq;
+                continue;
             }
+            if names.len() >= max {
+                high.seq = seq - 1;
+                more = true;
+                break;
+            }
+            let (dir, name) =
+                parse_change_entry(&value).map_err(|e| StoreError::corrupt(CF_META, &key, e))?;
+            seen.insert(value.to_vec(), (names.len(), seq));
+            names.push((seq, dir, name));
+        }
+        if let Some(reader) = reader {
+            let mut sent_by_reader = vec![false; names.len()];
+            for (index, last) in seen.into_values() {
+                sent_by_reader[index] = self.change_origin(vol, last)? == Some(reader);
+            }
+            let mut index = 0;
+            names.retain(|_| {
+                index += 1;
+                !sent_by_reader[index - 1]
+            });
         }
         Ok(Changes::Since { names, high, more })
+    }
+
+    /// The peer whose entry change `seq` of `vol` wrote as sent, if it was one.
+    fn change_origin(&self, vol: VolumeId, seq: u64) -> Result<Option<NodeId>, StoreError> {
+        let key = change_origin_key(vol, seq);
+        self.get(CF_META, &key)?
+            .map(|bytes| {
+                let bytes: [u8; 8] = bytes[..]
+                    .try_into()
+                    .map_err(|_| StoreError::corrupt(CF_META, &key, "not 8 bytes"))?;
+                Ok(NodeId(u64::from_be_bytes(bytes)))
+            })
+            .transpose()
     }
 
     /// The mark of `peer`'s feed of volume `vol` that this node has applied, if any.
@@ -353,12 +398,24 @@ mod tests {
     }
 
     fn put(store: &Store, vol: VolumeId, dir: &str, name: &str, n: u64) {
+        put_sent_by(store, vol, dir, name, n, None);
+    }
+
+    fn put_sent_by(
+        store: &Store,
+        vol: VolumeId,
+        dir: &str,
+        name: &str,
+        n: u64,
+        sent_by: Option<NodeId>,
+    ) {
         let mut batch = store.batch();
-        batch.put_entry(
+        batch.put_entry_sent_by(
             vol,
             &VolPath::parse(dir.as_bytes()).unwrap(),
             name.as_bytes(),
             &file(n),
+            sent_by,
         );
         store.write(batch, Durability::Buffered).unwrap();
     }
@@ -384,11 +441,11 @@ mod tests {
         put(&store, vol, "", "a", 3);
         let after_three = store.feed_mark(vol).unwrap();
         assert_eq!(after_three.seq, start.seq + 3);
-        let all = store.changes_since(vol, start, 10).unwrap();
+        let all = store.changes_since(vol, start, 10, None).unwrap();
         assert_eq!(names(&all), ["/|a", "d|b"]);
         assert!(matches!(all, Changes::Since { high, more: false, .. } if high == after_three));
         // At most `max` names: the mark stops before the first name left out.
-        let one = store.changes_since(vol, start, 1).unwrap();
+        let one = store.changes_since(vol, start, 1, None).unwrap();
         assert_eq!(names(&one), ["/|a"]);
         let Changes::Since {
             high, more: true, ..
@@ -398,15 +455,59 @@ mod tests {
         };
         assert_eq!(high.seq, start.seq + 1);
         assert_eq!(
-            names(&store.changes_since(vol, high, 10).unwrap()),
+            names(&store.changes_since(vol, high, 10, None).unwrap()),
             ["d|b", "/|a"]
         );
         // Another volume has its own numbers.
         let other = store.feed_mark(VolumeId(2)).unwrap();
         assert_ne!(other.feed, start.feed);
         assert_eq!(
-            names(&store.changes_since(VolumeId(2), other, 10).unwrap()),
+            names(&store.changes_since(VolumeId(2), other, 10, None).unwrap()),
             Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn a_name_last_written_as_a_peer_sent_it_is_left_out_of_that_peers_answers_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open(tmp.path());
+        let vol = VolumeId(1);
+        let (peer, other) = (NodeId(7), NodeId(8));
+        let start = store.feed_mark(vol).unwrap();
+        put_sent_by(&store, vol, "", "a", 1, Some(peer));
+        put(&store, vol, "d", "b", 2);
+        let to = |reader| store.changes_since(vol, start, 10, reader).unwrap();
+        assert_eq!(names(&to(Some(peer))), ["d|b"]);
+        assert_eq!(names(&to(Some(other))), ["/|a", "d|b"]);
+        assert_eq!(names(&to(None)), ["/|a", "d|b"]);
+        // Left out, the name is still covered: the mark is the feed's newest.
+        assert!(
+            matches!(to(Some(peer)), Changes::Since { high, more: false, .. } if high == store.feed_mark(vol).unwrap())
+        );
+        // Changed here since: the peer gets it again, at its first number in the window.
+        put(&store, vol, "", "a", 3);
+        assert_eq!(names(&to(Some(peer))), ["/|a", "d|b"]);
+        // Taken from the peer again: left out again.
+        put_sent_by(&store, vol, "", "a", 4, Some(peer));
+        assert_eq!(names(&to(Some(peer))), ["d|b"]);
+        // Only the last change up to the answer's mark counts: changed here (5), then
+        // `c` (6), then taken from the peer (7); an answer of two names stops before
+        // `c`, where our change of `a` is the last, and sends it.
+        put(&store, vol, "", "a", 5);
+        put(&store, vol, "", "c", 6);
+        put_sent_by(&store, vol, "", "a", 7, Some(peer));
+        let cut = store.changes_since(vol, start, 2, Some(peer)).unwrap();
+        assert_eq!(names(&cut), ["/|a", "d|b"]);
+        let Changes::Since {
+            high, more: true, ..
+        } = cut
+        else {
+            panic!("{cut:?}")
+        };
+        assert_eq!(high.seq, start.seq + 5);
+        assert_eq!(
+            names(&store.changes_since(vol, high, 10, Some(peer)).unwrap()),
+            ["/|c"]
         );
     }
 
@@ -429,7 +530,7 @@ mod tests {
         // a reader at the old mark gets it.
         assert!(store.feed_mark(vol).unwrap().seq > before.seq);
         assert_eq!(
-            names(&store.changes_since(vol, before, 10).unwrap()),
+            names(&store.changes_since(vol, before, 10, None).unwrap()),
             ["/|b"]
         );
     }
@@ -446,7 +547,7 @@ mod tests {
         }
         let now = store.feed_mark(vol).unwrap();
         assert_eq!(
-            store.changes_since(vol, start, 10).unwrap(),
+            store.changes_since(vol, start, 10, None).unwrap(),
             Changes::Gone { current: now }
         );
         let recent = FeedMark {
@@ -454,7 +555,7 @@ mod tests {
             seq: now.seq - 5,
         };
         assert_eq!(
-            names(&store.changes_since(vol, recent, 100).unwrap()).len(),
+            names(&store.changes_since(vol, recent, 100, None).unwrap()).len(),
             5
         );
         for stranger in [
@@ -468,7 +569,7 @@ mod tests {
             },
         ] {
             assert_eq!(
-                store.changes_since(vol, stranger, 10).unwrap(),
+                store.changes_since(vol, stranger, 10, None).unwrap(),
                 Changes::Gone { current: now }
             );
         }

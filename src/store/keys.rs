@@ -45,6 +45,9 @@ const META_PUBLISHING_PREFIX: &[u8] = b"publishing/";
 const META_FEED_PREFIX: &[u8] = b"feed/";
 /// `change/` ++ u32 BE volume ++ u64 BE number: the entry one change of the feed wrote.
 const META_CHANGE_PREFIX: &[u8] = b"change/";
+/// `change-origin/` u32 BE volume u64 BE number -> u64 BE node id: the peer whose entry
+/// that change wrote exactly as it was sent (absent: a change made here).
+const META_CHANGE_ORIGIN_PREFIX: &[u8] = b"change-origin/";
 /// `feed-mark/` ++ u32 BE volume ++ u64 BE peer node id: how far this node applied the
 /// peer's feed of the volume.
 const META_FEED_MARK_PREFIX: &[u8] = b"feed-mark/";
@@ -84,6 +87,16 @@ pub fn feed_key(vol: VolumeId) -> Vec<u8> {
 pub fn change_key(vol: VolumeId, seq: u64) -> Vec<u8> {
     [
         META_CHANGE_PREFIX,
+        &vol.0.to_be_bytes()[..],
+        &seq.to_be_bytes()[..],
+    ]
+    .concat()
+}
+
+/// The key of the peer a change of volume `vol`'s feed was taken from whole, if it was.
+pub fn change_origin_key(vol: VolumeId, seq: u64) -> Vec<u8> {
+    [
+        META_CHANGE_ORIGIN_PREFIX,
         &vol.0.to_be_bytes()[..],
         &seq.to_be_bytes()[..],
     ]

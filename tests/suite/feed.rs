@@ -1,6 +1,7 @@
 //! The change feed (issue 13) between real processes: a change announced by a peer
-//! arrives through its feed, a peer whose mark the feed no longer reaches walks the tree
-//! and converges, and a hostile peer's answers to `GetChanges` are refused whole.
+//! arrives through its feed, a peer is not sent back the changes it sent, a peer whose
+//! mark the feed no longer reaches walks the tree and converges, and a hostile peer's
+//! answers to `GetChanges` are refused whole.
 
 use std::fs;
 use std::time::Duration;
@@ -100,6 +101,76 @@ fn a_peer_whose_mark_the_feed_no_longer_reaches_walks_the_tree_and_converges() {
     assert!(c.total(1, "feed_changes") > before);
 }
 
+#[test]
+fn a_peer_following_the_feed_gets_none_of_its_own_changes_back_and_every_change_made_there() {
+    let mut c = Cluster::new(2);
+    c.heartbeat = NO_HEARTBEAT;
+    for d in 0..20 {
+        let dir = c.vol(0).join(format!("d{d:02}"));
+        fs::create_dir_all(&dir).unwrap();
+        for f in 0..3 {
+            fs::write(dir.join(format!("f{f}.txt")), format!("{d} {f}")).unwrap();
+        }
+    }
+    c.start_all();
+    c.wait_connected(Duration::from_secs(30));
+    c.wait_converged(&[0, 1], Duration::from_secs(30));
+    let (rounds, taken) = (c.total(0, "feed_rounds"), c.total(0, "feed_changes"));
+
+    // Node 0 deletes a file in each directory (each directory's mtime changes with it),
+    // rewrites one and adds one: node 1 takes each of them whole, announces, and node 0
+    // follows node 1's feed back, which sends it none of them.
+    for d in 0..20 {
+        fs::remove_file(c.vol(0).join(format!("d{d:02}/f0.txt"))).unwrap();
+    }
+    fs::write(c.vol(0).join("d03/f1.txt"), random_bytes(300_000, 5)).unwrap();
+    fs::write(c.vol(0).join("d04/new.txt"), b"new on node 0").unwrap();
+    c.wait_converged(&[0, 1], Duration::from_secs(30));
+    wait_for(
+        Duration::from_secs(30),
+        "node 0 follows node 1's feed after its announcement",
+        || c.total(0, "feed_rounds") > rounds,
+    );
+    assert_eq!(
+        c.total(0, "feed_changes"),
+        taken,
+        "node 1's feed sent node 0's own changes back\n{}",
+        c.log(0)
+    );
+
+    // A name node 1 took from node 0 and then changed itself goes back to node 0.
+    fs::write(c.vol(1).join("d03/f1.txt"), b"changed on node 1").unwrap();
+    fs::remove_file(c.vol(1).join("d04/new.txt")).unwrap();
+    c.wait_converged(&[0, 1], Duration::from_secs(30));
+    assert_eq!(
+        fs::read(c.vol(0).join("d03/f1.txt")).unwrap(),
+        b"changed on node 1"
+    );
+    assert!(!c.vol(0).join("d04/new.txt").exists());
+    assert!(c.total(0, "feed_changes") >= taken + 2);
+
+    // Concurrent writes of one name: each node merges both histories into what it
+    // writes (nothing there is the other's as sent), and both end with the same winner
+    // and conflict copy through the feeds alone.
+    let taken = c.total(0, "feed_changes");
+    fs::write(c.vol(0).join("d05/f2.txt"), b"node 0's version").unwrap();
+    fs::write(c.vol(1).join("d05/f2.txt"), b"node 1's version").unwrap();
+    c.wait_converged(&[0, 1], Duration::from_secs(30));
+    let copies = |i: usize| {
+        fs::read_dir(c.vol(i).join("d05"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().contains("sync-conflict"))
+            .count()
+    };
+    assert_eq!((copies(0), copies(1)), (1, 1));
+    assert!(c.total(0, "feed_changes") > taken);
+    assert_eq!(
+        c.total(0, "feed_fallbacks") + c.total(1, "feed_fallbacks"),
+        0
+    );
+}
+
 /// A change entry with a valid name.
 fn change(dir: &str, name: &str) -> (shoal::pathname::VolPath, WireEntry) {
     let entry = shoal::entry::Entry {
@@ -141,7 +212,8 @@ fn hostile_changes(since: FeedMark) -> Vec<(Response, &'static str)> {
             },
             "changes in one response",
         ),
-        // A frame over the limit (4,096 names under a directory of 1,104 bytes).
+        // Names that inflate past a control frame (4,096 names under a directory of
+        // 1,104 bytes: 4.7 MiB, in a frame of a few KiB): refused before inflating.
         (
             Response::Changes {
                 high: ahead,
@@ -150,7 +222,7 @@ fn hostile_changes(since: FeedMark) -> Vec<(Response, &'static str)> {
                     .map(|n| change(&long_dir, &format!("n{n:05}")))
                     .collect(),
             },
-            "exceeds the limit",
+            "changed names of",
         ),
         // "More" without progress: the victim would ask the same question forever.
         (

@@ -7,9 +7,10 @@ use std::sync::atomic::Ordering;
 
 use super::decide::Hints;
 use super::files::FileJob;
-use super::{Pull, RemoteDir};
+use super::{Deferred, Pull, RemoteDir};
 use crate::chunking::ChunkRef;
 use crate::entry::{Causality, Entry, EntryKind, MODE_MASK};
+use crate::ids::NodeId;
 use crate::pathname::{VolPath, escape};
 use crate::store::Durability;
 use crate::store::codec::ScanStamp;
@@ -62,6 +63,7 @@ impl Pull {
     /// Takes the peer's `remote` entry for `dir/name`: a file is queued for fetching, a
     /// directory, symlink or FIFO is placed now, a delete waits for the end of the round.
     /// A name this node's file system refuses is noted and skipped ([`Pull::placed`]).
+    /// `sent_by`: the peer, when `remote` is its entry exactly as sent ([`Pull::sent_by`]).
     pub(super) fn take(
         &mut self,
         dir: &VolPath,
@@ -69,8 +71,9 @@ impl Pull {
         remote: Entry,
         replaces: Option<Entry>,
         hints: &Hints,
+        sent_by: Option<NodeId>,
     ) -> Result<(), SyncError> {
-        let result = self.take_entry(dir, name, remote, replaces, hints);
+        let result = self.take_entry(dir, name, remote, replaces, hints, sent_by);
         self.placed(dir, name, result)
     }
 
@@ -81,6 +84,7 @@ impl Pull {
         remote: Entry,
         replaces: Option<Entry>,
         hints: &Hints,
+        sent_by: Option<NodeId>,
     ) -> Result<(), SyncError> {
         let vol = self.volume().id;
         let path = dir.join(name)?;
@@ -100,6 +104,7 @@ impl Pull {
                     replaces,
                     decided_against,
                     chunks: hints.chunks.clone(),
+                    sent_by,
                 };
                 match job.entry.link_leader(&job.source_path) {
                     Some(_) => self.links.push(job),
@@ -150,7 +155,7 @@ impl Pull {
                 (self.volume().xattrs_not_applied).note(&self.volume().name, &path, &not_set);
                 let stat = self.volume().fs.stat(&dir_fd, name)?;
                 let mut batch = self.node.store.batch();
-                batch.put_entry(vol, dir, name, &remote);
+                batch.put_entry_sent_by(vol, dir, name, &remote, sent_by);
                 batch.put_stamp(vol, dir, name, &stamp_of_stat(&stat));
                 batch.mark_dirty(vol, dir);
                 batch.mark_dirty(vol, &path);
@@ -163,10 +168,10 @@ impl Pull {
                 Ok(())
             }
             EntryKind::Symlink { .. } | EntryKind::Fifo => {
-                self.place_special(dir, name, remote, replaces.as_ref())
+                self.place_special(dir, name, remote, replaces.as_ref(), sent_by)
             }
             // A delete that won a conflict: applied at the end like any other.
-            EntryKind::Tombstone { .. } => self.defer_delete(dir, name.to_vec(), remote),
+            EntryKind::Tombstone { .. } => self.defer_delete(dir, name.to_vec(), remote, sent_by),
         }
     }
 
@@ -178,6 +183,7 @@ impl Pull {
         name: &[u8],
         remote: Entry,
         replaces: Option<&Entry>,
+        sent_by: Option<NodeId>,
     ) -> Result<(), SyncError> {
         let vol = self.volume().id;
         let fs = &self.node.volumes[self.volume_index].fs;
@@ -219,7 +225,7 @@ impl Pull {
         if let Some(version) = &version {
             batch.put_version(version);
         }
-        batch.put_entry(vol, dir, name, &remote);
+        batch.put_entry_sent_by(vol, dir, name, &remote, sent_by);
         batch.put_stamp(vol, dir, name, &stamp_of_stat(&stat));
         batch.mark_dirty(vol, dir);
         self.node.store.write(batch, Durability::Durable)?;
@@ -320,14 +326,17 @@ impl Pull {
     /// their pack records written, before any file goes. Each record is written with
     /// its name's tombstone; the packs they rely on stay pinned until the returned
     /// [`KeptChunks`] is dropped.
-    fn keep_deleted(
-        &self,
-        deletes: &[(VolPath, Vec<u8>, Entry)],
-    ) -> Result<(KeptVersions, KeptChunks), SyncError> {
+    fn keep_deleted(&self, deletes: &[Deferred]) -> Result<(KeptVersions, KeptChunks), SyncError> {
         let vol = self.volume().id;
         let mut kept = self.node.store.kept_chunks();
         let mut versions = HashMap::new();
-        for (dir, name, tombstone) in deletes {
+        for Deferred {
+            dir,
+            name,
+            tombstone,
+            ..
+        } in deletes
+        {
             let Some(local) = self.node.store.entry(vol, dir, name)? else {
                 continue;
             };
@@ -351,42 +360,116 @@ impl Pull {
         Ok((versions, kept))
     }
 
-    /// Applies the deferred deletes, deepest first.
+    /// Applies the deferred deletes, deepest first (a directory after the names in it),
+    /// a chunk of [`DELETE_CHUNK`] at a time ([`Pull::delete_chunk`]). Every delete is
+    /// durable when this returns (its directory fsynced), before the round's index
+    /// writes are made durable and its feed mark moves.
     pub(super) fn apply_deletes(&mut self) -> Result<(), SyncError> {
         let mut deletes = std::mem::take(&mut self.deferred);
         self.rename_sources.clear();
         self.renames_seen = 0;
-        deletes.sort_by_key(|(dir, _, _)| std::cmp::Reverse(dir.depth()));
-        let vol = self.volume().id;
+        deletes.sort_by(|a, b| {
+            let order =
+                |d: &Deferred| (std::cmp::Reverse(d.dir.depth()), d.dir.as_bytes().to_vec());
+            order(a).cmp(&order(b))
+        });
         // `kept` pins the packs the records rely on until the last of them is written.
         let (mut versions, kept) = self.keep_deleted(&deletes)?;
-        for (dir, name, tombstone) in deletes {
-            let Ok(dir_fd) = self.volume().fs.open_dir(&dir, false) else {
+        let mut deletes = deletes.into_iter().peekable();
+        while let Some(first) = deletes.next() {
+            let depth = first.dir.depth();
+            let mut chunk = vec![first];
+            while chunk.len() < DELETE_CHUNK
+                && let Some(next) = deletes.next_if(|d| d.dir.depth() == depth)
+            {
+                chunk.push(next);
+            }
+            self.delete_chunk(chunk, &mut versions)?;
+        }
+        drop(kept);
+        Ok(())
+    }
+
+    /// Removes one chunk of deletes, all at one depth (none inside another), from disk
+    /// and records them: each decided against the index and the disk first, then removed
+    /// from [`DELETE_THREADS`] threads at once, recorded, and each directory that lost a
+    /// name fsynced (from as many threads). An unlink, and a directory fsync's cache
+    /// flush, each wait on the device (about 3 ms each on this machine's ext4 mounted
+    /// with `discard`): one at a time, 1,000 deletes in 1,000 directories took 6 s;
+    /// overlapped, they take a fraction of it. Removals that succeed are recorded even
+    /// when another fails (the first error is returned after).
+    fn delete_chunk(
+        &mut self,
+        chunk: Vec<Deferred>,
+        versions: &mut KeptVersions,
+    ) -> Result<(), SyncError> {
+        let vol = self.volume().id;
+        let node = self.node.clone();
+        let volume = &node.volumes[self.volume_index];
+        // The chunk's directories, each opened once (the deletes come sorted by them).
+        let mut dirs: Vec<(VolPath, Option<OwnedFd>)> = Vec::new();
+        let mut decided = Vec::with_capacity(chunk.len());
+        for delete in chunk {
+            if dirs.last().is_none_or(|(dir, _)| *dir != delete.dir) {
+                let fd = volume.fs.open_dir(&delete.dir, false).ok();
+                dirs.push((delete.dir.clone(), fd));
+            }
+            let dir_index = dirs.len() - 1;
+            // A directory that cannot be opened is gone: nothing in it to delete.
+            let Some(dir_fd) = &dirs[dir_index].1 else {
                 continue;
             };
-            let Some(local) = self.node.store.entry(vol, &dir, &name)? else {
+            let Some(local) = self.node.store.entry(vol, &delete.dir, &delete.name)? else {
                 continue;
             };
             if local.is_tombstone()
-                || tombstone.version.compare(&local.version) != Causality::Dominates
+                || delete.tombstone.version.compare(&local.version) != Causality::Dominates
             {
                 continue;
             }
-            let removed = if local.is_dir() {
-                self.volume().fs.remove_dir(&dir_fd, &name)?
-            } else if self.unchanged_on_disk(&dir_fd, &dir, &name)? {
-                self.volume().fs.remove_file(&dir_fd, &name)?;
-                true
+            let removal = if local.is_dir() {
+                Removal::Dir
+            } else if self.unchanged_on_disk(dir_fd, &delete.dir, &delete.name)? {
+                Removal::File
             } else {
-                false
+                Removal::InTheWay
             };
+            decided.push((delete, local, dir_index, removal));
+        }
+        let removed = overlapped(&decided, |(delete, _, dir_index, removal)| {
+            let dir_fd = dirs[*dir_index]
+                .1
+                .as_ref()
+                .expect("decided in an open directory");
+            match removal {
+                Removal::Dir => volume.fs.remove_dir(dir_fd, &delete.name),
+                Removal::File => volume.fs.remove_file(dir_fd, &delete.name).map(|()| true),
+                Removal::InTheWay => Ok(false),
+            }
+        });
+        let mut first_error = None;
+        let mut changed_dirs = vec![false; dirs.len()];
+        for ((delete, local, dir_index, _), removed) in decided.into_iter().zip(removed) {
+            let removed = match removed {
+                Ok(removed) => removed,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                    continue;
+                }
+            };
+            let Deferred {
+                dir,
+                name,
+                tombstone,
+                sent_by,
+            } = delete;
             let mut batch = self.node.store.batch();
             if removed {
                 if let Some(version) = versions.remove(&(dir.clone(), name.clone())) {
                     batch.put_version(&version);
                 }
                 self.forget_chunks_in(&mut batch, &dir, &name, &local)?;
-                batch.put_entry(vol, &dir, &name, &tombstone);
+                batch.put_entry_sent_by(vol, &dir, &name, &tombstone, sent_by);
                 batch.delete_stamp(vol, &dir, &name);
                 if let Ok(path) = dir.join(&name) {
                     batch.delete_tree_node(vol, &path);
@@ -406,13 +489,74 @@ impl Pull {
                 self.report.skipped += 1;
             }
             self.node.store.write(batch, Durability::Buffered)?;
-            crate::volume_fs::VolumeFs::fsync_dir(&dir_fd)?;
             if removed {
+                changed_dirs[dir_index] = true;
                 let path = dir.join(&name).map(|p| escape(p.as_bytes()));
                 self.note_applied("delete of", path.unwrap_or_else(|_| escape(&name)), 0);
             }
         }
-        drop(kept);
-        Ok(())
+        let to_sync: Vec<&OwnedFd> = dirs
+            .iter()
+            .zip(changed_dirs)
+            .filter_map(|((_, fd), changed)| fd.as_ref().filter(|_| changed))
+            .collect();
+        for synced in overlapped(&to_sync, |fd| crate::volume_fs::VolumeFs::fsync_dir(fd)) {
+            synced?;
+        }
+        match first_error {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
     }
+}
+
+/// Deletes removed (and their directories held open) at once, at most.
+const DELETE_CHUNK: usize = 256;
+
+/// Threads that remove names, or fsync directories, at once.
+const DELETE_THREADS: usize = 16;
+
+/// What a delete does on disk, decided before any of its chunk is removed.
+enum Removal {
+    /// An empty directory goes (one that is not empty stays: something new is in it).
+    Dir,
+    File,
+    /// The file changed here since the last scan: it stays, and our version wins.
+    InTheWay,
+}
+
+/// `work` applied to every item, from up to [`DELETE_THREADS`] threads at once, the
+/// results in the items' order: for calls that wait on the device, not the CPU.
+fn overlapped<T: Sync, R: Send>(
+    items: &[T],
+    work: impl Fn(&T) -> Result<R, crate::volume_fs::FsError> + Sync,
+) -> Vec<Result<R, crate::volume_fs::FsError>> {
+    if items.len() <= 1 {
+        return items.iter().map(&work).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let threads = DELETE_THREADS.min(items.len());
+    let mut results: Vec<(usize, Result<R, crate::volume_fs::FsError>)> =
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut done = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(item) = items.get(i) else {
+                                return done;
+                            };
+                            done.push((i, work(item)));
+                        }
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|worker| worker.join().expect("a delete worker does not panic"))
+                .collect()
+        });
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, result)| result).collect()
 }

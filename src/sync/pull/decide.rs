@@ -5,7 +5,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::Ordering;
 
 use super::files::FileJob;
-use super::{MAX_DEFERRED_DELETES, Pull, RemoteDir};
+use super::{Deferred, MAX_DEFERRED_DELETES, Pull, RemoteDir};
 use crate::chunking::ChunkRef;
 use crate::entry::{Causality, Entry, EntryKind};
 use crate::pathname::{VolPath, escape};
@@ -83,11 +83,11 @@ impl Pull {
             if remote.is_tombstone() {
                 // Remember the delete so it reaches nodes that still have the name.
                 let mut batch = self.node.store.batch();
-                batch.put_entry(vol, dir, &name, &remote);
+                batch.put_entry_sent_by(vol, dir, &name, &remote, self.sent_by());
                 batch.mark_dirty(vol, dir);
                 self.node.store.write(batch, Durability::Buffered)?;
             } else {
-                self.take(dir, &name, remote, None, &hints)?;
+                self.take(dir, &name, remote, None, &hints, self.sent_by())?;
             }
             return Ok(());
         };
@@ -115,28 +115,28 @@ impl Pull {
             }
             Causality::Equal | Causality::DominatedBy => Ok(()),
             Causality::Dominates if remote.same_state(&local) => {
-                self.record_version(dir, &name, remote)
+                self.record_version(dir, &name, remote, self.sent_by())
             }
             Causality::Dominates if remote.is_tombstone() => {
                 if local.is_dir() {
                     // The peer deleted the directory: compare all of its children first.
                     self.queue_dir(path, RemoteDir::Deleted)?;
                 }
-                self.defer_delete(dir, name, remote)
+                self.defer_delete(dir, name, remote, self.sent_by())
             }
             Causality::Dominates => {
                 if local.is_dir() && !remote.is_dir() {
                     // The directory must empty before the file can take its place.
                     self.queue_dir(path, RemoteDir::Deleted)?;
                 }
-                self.take(dir, &name, remote, Some(local), &hints)
+                self.take(dir, &name, remote, Some(local), &hints, self.sent_by())
             }
             Causality::Concurrent if remote.same_state(&local) => {
                 let merged = Entry {
                     version: remote.version.merged(&local.version)?,
                     ..local
                 };
-                self.record_version(dir, &name, merged)
+                self.record_version(dir, &name, merged, None)
             }
             // A directory changed on both sides (each added a name, say) is no conflict:
             // the contents merge name by name, and of its own metadata the rule that
@@ -145,13 +145,20 @@ impl Pull {
                 let version = remote.version.merged(&local.version)?;
                 if conflict::wins(&remote, &local) {
                     let winner = Entry { version, ..remote };
-                    self.take(dir, &name, winner, Some(local), &hints)
+                    self.take(dir, &name, winner, Some(local), &hints, None)
                 } else {
-                    self.record_version(dir, &name, Entry { version, ..local })
+                    self.record_version(dir, &name, Entry { version, ..local }, None)
                 }
             }
             Causality::Concurrent => self.conflict(dir, &name, remote, local, &hints),
         }
+    }
+
+    /// The peer's node id, for an entry this round writes exactly as the peer sent it
+    /// (`sent_by`): the change feed then leaves the name out of its answers to that
+    /// peer, which holds it already (store.md "Change feed", origins).
+    pub(super) fn sent_by(&self) -> Option<crate::ids::NodeId> {
+        self.peer.node_id()
     }
 
     fn record_version(
@@ -159,9 +166,10 @@ impl Pull {
         dir: &VolPath,
         name: &[u8],
         entry: Entry,
+        sent_by: Option<crate::ids::NodeId>,
     ) -> Result<(), SyncError> {
         let mut batch = self.node.store.batch();
-        batch.put_entry(self.volume().id, dir, name, &entry);
+        batch.put_entry_sent_by(self.volume().id, dir, name, &entry, sent_by);
         // Histories are part of the tree's `versions` hash.
         batch.mark_dirty(self.volume().id, dir);
         self.node.store.write(batch, Durability::Buffered)?;
@@ -173,8 +181,14 @@ impl Pull {
         dir: &VolPath,
         name: Vec<u8>,
         tombstone: Entry,
+        sent_by: Option<crate::ids::NodeId>,
     ) -> Result<(), SyncError> {
-        self.deferred.push((dir.clone(), name, tombstone));
+        self.deferred.push(Deferred {
+            dir: dir.clone(),
+            name,
+            tombstone,
+            sent_by,
+        });
         if self.deferred.len() >= MAX_DEFERRED_DELETES {
             self.apply_deletes()?;
         }
@@ -214,7 +228,7 @@ impl Pull {
             tracing::info!(peer = %self.peer.addr, "concurrent changes to {}: the peer's version wins over our delete", escape(name));
             self.report.conflicts += 1;
             self.node.stats.conflicts.fetch_add(1, Ordering::Relaxed);
-            return self.take(dir, name, remote, None, hints);
+            return self.take(dir, name, remote, None, hints, self.sent_by());
         }
         let (winner, loser) = if remote_wins {
             (&remote, &local)
@@ -247,7 +261,7 @@ impl Pull {
                 version: merged_version,
                 ..remote
             };
-            self.take(dir, name, winner, None, hints)
+            self.take(dir, name, winner, None, hints, None)
         } else {
             if !remote.is_tombstone() {
                 self.take_as_copy(dir, name, remote, copy_name, hints)?;
@@ -259,6 +273,7 @@ impl Pull {
                     version: merged_version,
                     ..local
                 },
+                None,
             )
         }
     }
@@ -406,12 +421,13 @@ impl Pull {
                     replaces: None,
                     decided_against,
                     chunks: hints.chunks.clone(),
+                    sent_by: None,
                 });
                 Ok(())
             }
             _ => {
                 let (copy_dir, copy) = copy_path.split_last().expect("a joined path has a name");
-                self.take(&copy_dir, copy, remote, None, &Hints::default())
+                self.take(&copy_dir, copy, remote, None, &Hints::default(), None)
             }
         }
     }

@@ -9,9 +9,10 @@ use std::sync::atomic::Ordering;
 use s2n_quic::connection::Handle;
 use tokio::task::JoinSet;
 
-use super::{PUBLISH_BATCH, Pull};
+use super::{Deferred, PUBLISH_BATCH, Pull};
 use crate::chunking::{CHUNK_PAGE_MAX, CHUNK_PAGE_TARGET, ChunkRef, chunk_list_pages, content_id};
 use crate::entry::{Causality, Entry, EntryKind};
+use crate::ids::NodeId;
 use crate::pathname::{VolPath, escape};
 use crate::protocol::{ListPart, MAX_LIST_CHUNKS, ProtocolError, Request, Response};
 use crate::store::Durability;
@@ -45,6 +46,8 @@ pub(super) struct FileJob {
     pub(super) decided_against: Option<Entry>,
     /// The chunk list, when the peer sent it inline.
     pub(super) chunks: Option<Vec<ChunkRef>>,
+    /// The peer, when `entry` is its entry exactly as sent ([`Pull::sent_by`]).
+    pub(super) sent_by: Option<NodeId>,
 }
 
 struct ReadyFile {
@@ -64,6 +67,8 @@ pub(super) struct RenameSource {
     pub(super) stamp: crate::store::codec::ScanStamp,
     /// The peer's delete of it, recorded as soon as the file has moved.
     pub(super) tombstone: Entry,
+    /// The peer, when `tombstone` is its entry exactly as sent.
+    pub(super) sent_by: Option<NodeId>,
 }
 
 /// A file whose staging file exists and holds every chunk we had locally.
@@ -99,7 +104,13 @@ impl Pull {
         let vol = self.volume().id;
         let new = &self.deferred[self.renames_seen..];
         self.renames_seen = self.deferred.len();
-        for (dir, name, tombstone) in new {
+        for Deferred {
+            dir,
+            name,
+            tombstone,
+            sent_by,
+        } in new
+        {
             let Some(local) = self.node.store.entry(vol, dir, name)? else {
                 continue;
             };
@@ -120,6 +131,7 @@ impl Pull {
                         name: name.clone(),
                         stamp,
                         tombstone: tombstone.clone(),
+                        sent_by: *sent_by,
                     },
                 );
             }
@@ -278,7 +290,13 @@ impl Pull {
             }
             self.forget_chunks_in(batch, &source.dir, &source.name, &local)?;
         }
-        batch.put_entry(vol, &source.dir, &source.name, &source.tombstone);
+        batch.put_entry_sent_by(
+            vol,
+            &source.dir,
+            &source.name,
+            &source.tombstone,
+            source.sent_by,
+        );
         batch.delete_stamp(vol, &source.dir, &source.name);
         self.report.deleted += 1;
         Ok(())
@@ -512,7 +530,7 @@ impl Pull {
         let stat = rustix::fs::fstat(&staged.file)
             .map_err(|e| SyncError::local(format!("staging {}", escape(&job.name)))(e.into()))?;
         let old_chunks = self.indexed_chunks(&job.dir, &job.name, job.replaces.as_ref())?;
-        batch.put_entry(vol, &job.dir, &job.name, &job.entry);
+        batch.put_entry_sent_by(vol, &job.dir, &job.name, &job.entry, job.sent_by);
         batch.set_chunks(vol, &job.dir, &job.name, &chunks, &old_chunks);
         batch.put_stamp(vol, &job.dir, &job.name, &stamp_of_stat(&stat));
         batch.mark_dirty(vol, &job.dir);

@@ -225,13 +225,22 @@ impl Waiting {
     }
 }
 
+/// A peer's delete this round applies at its end.
+struct Deferred {
+    dir: VolPath,
+    name: Vec<u8>,
+    tombstone: Entry,
+    /// The peer, when `tombstone` is its entry exactly as sent ([`Pull::sent_by`]).
+    sent_by: Option<crate::ids::NodeId>,
+}
+
 struct Pull {
     node: Arc<Node>,
     peer: Arc<Peer>,
     handle: Handle,
     volume_index: usize,
-    /// (parent, name, remote tombstone) to apply at the end of the round.
-    deferred: Vec<(VolPath, Vec<u8>, Entry)>,
+    /// Deletes to apply at the end of the round.
+    deferred: Vec<Deferred>,
     /// Files among `deferred` that a new file of the same content can take over, by
     /// content id (see [`Pull::find_rename_sources`]).
     rename_sources: HashMap<ContentId, RenameSource>,

@@ -3,7 +3,8 @@
 //! chunk lists of small files), but no directory's sync hash: the requester applies
 //! what changed and descends nowhere. Bounded like `Entries`: at most the count asked
 //! for (itself at most [`MAX_ENTRIES_PER_RESPONSE`]) and about [`MAX_ENTRIES_BYTES`];
-//! the mark answered stops before the first name left out.
+//! the mark answered stops before the first name left out. Names whose last change
+//! took the requester's own entry as it sent it are not sent back to it.
 
 use std::cmp::Ordering;
 
@@ -31,7 +32,7 @@ pub(super) fn answer(
     let vol = volume_id(node, volume)?;
     let (names, mut high, mut more) = match node
         .store
-        .changes_since(vol, since, max as usize)
+        .changes_since(vol, since, max as usize, session.peer_id())
         .map_err(internal)?
     {
         Changes::Gone { current } => return Ok(Response::ChangesGone { current }),
@@ -47,9 +48,14 @@ pub(super) fn answer(
             break;
         }
         // A name forgotten since (an expired tombstone) is nothing to send.
-        let Some(entry) = node.store.entry(vol, &dir, &name).map_err(internal)? else {
+        let Some(mut entry) = node.store.entry(vol, &dir, &name).map_err(internal)? else {
             continue;
         };
+        // The requester stores its own time of arrival as a delete's time (expiry is
+        // local); sent as 0, the answer's deletes compress to almost nothing.
+        if let EntryKind::Tombstone { deleted_at_ns } = &mut entry.kind {
+            *deleted_at_ns = 0;
+        }
         let chunks = match entry.kind {
             EntryKind::File { chunks, .. } if chunks as usize <= MAX_INLINE_CHUNKS => {
                 node.store.chunk_list(vol, &dir, &name).map_err(internal)?
