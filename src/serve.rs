@@ -86,6 +86,10 @@ pub struct ServeOptions {
 const TOMBSTONE_SWEEP: Duration = Duration::from_secs(3600);
 
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// A connection attempt pending this long when some peer greets this node is made
+/// again (a handshake that answers takes milliseconds; one whose first packets were
+/// lost waits a second or more for QUIC to send them again).
+const STALE_ATTEMPT: Duration = Duration::from_millis(250);
 
 pub async fn run(
     options: ServeOptions,
@@ -943,9 +947,23 @@ async fn peer_loop(
             return;
         }
         // A peer that left (or shutdown) must not wait out a handshake timeout.
-        let attempt = tokio::select! {
-            attempt = crate::sync::client::connect(&node, &peer, &client) => attempt,
-            _ = stop.wait_for(|s| *s) => return,
+        let started = tokio::time::Instant::now();
+        let connecting = crate::sync::client::connect(&node, &peer, &client);
+        tokio::pin!(connecting);
+        let attempt = loop {
+            tokio::select! {
+                attempt = &mut connecting => break Some(attempt),
+                // A peer greeted this node: perhaps this one, up since an attempt that
+                // is still waiting out QUIC's retransmission timer (a peer not listening
+                // yet drops the first packets): that one starts afresh.
+                _ = node.greeted.notified() => if started.elapsed() >= STALE_ATTEMPT {
+                    break None;
+                },
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        };
+        let Some(attempt) = attempt else {
+            continue;
         };
         match attempt {
             Ok(mut connection) => {
@@ -983,6 +1001,8 @@ async fn peer_loop(
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
+            // A peer just greeted this node: perhaps this one, up at last.
+            _ = node.greeted.notified() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);

@@ -15,7 +15,11 @@
 //! own file system, made durable, and renamed over its name: a reader sees the old
 //! version or the new one, never a mix (invariant 1). Staging files are named after the
 //! content they will hold, so an interrupted transfer finds what it already wrote.
+//! Small files, not worth resuming, are staged with no name at all where the file
+//! system allows it (`O_TMPFILE` in the staging directory, see [`VolumeFs::stage_unnamed`]),
+//! made durable the same way, and linked in under their name once complete.
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -73,6 +77,20 @@ pub struct VolumeFs {
     root_path: PathBuf,
     root: OwnedFd,
     staging: OwnedFd,
+    /// How an unnamed staging file gets its name here, found out at the first one
+    /// (`None`: this file system or process cannot, and files are staged by name).
+    link_unnamed: std::sync::OnceLock<Option<LinkUnnamed>>,
+}
+
+/// How a file opened with `O_TMPFILE` is given a name.
+#[derive(Clone, Copy, Debug)]
+enum LinkUnnamed {
+    /// `linkat(fd, "", dir, name, AT_EMPTY_PATH)`: needs `CAP_DAC_READ_SEARCH`.
+    EmptyPath,
+    /// `linkat(AT_FDCWD, "/proc/self/fd/N", dir, name, AT_SYMLINK_FOLLOW)`: needs
+    /// `/proc`. The magic link names this process's own descriptor: nothing else can
+    /// stand behind it.
+    ProcFd,
 }
 
 /// A directory's identity on this machine: device and inode.
@@ -128,6 +146,7 @@ impl VolumeFs {
             root_path: root_path.to_path_buf(),
             root,
             staging,
+            link_unnamed: std::sync::OnceLock::new(),
         };
         fs.clean_staging();
         Ok(fs)
@@ -267,6 +286,90 @@ impl VolumeFs {
             file,
             temp_name,
             resumed,
+        })
+    }
+
+    /// Opens an unnamed staging file of `size` bytes on the volume's file system
+    /// (`O_TMPFILE` in the staging directory), for content not worth resuming: it makes
+    /// no entry in the staging directory (whose lock every named staging file takes
+    /// twice, at its creation and at its rename), and a crash leaves nothing behind (the
+    /// file system frees an unlinked inode). `None` where the file system cannot make
+    /// one, or this process cannot give it a name ([`VolumeFs::publish_unnamed`]):
+    /// then the caller stages by name.
+    pub fn stage_unnamed(&self, size: u64) -> Result<Option<File>, FsError> {
+        if self.unnamed_linking().is_none() {
+            return Ok(None);
+        }
+        let file = match rustix::fs::openat(
+            &self.staging,
+            ".",
+            OFlags::RDWR | OFlags::TMPFILE | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        ) {
+            Ok(fd) => File::from(fd),
+            Err(e) => return Err(io_err("an unnamed staging file")(e)),
+        };
+        file.set_len(size).map_err(|source| FsError::Io {
+            path: "an unnamed staging file".into(),
+            source,
+        })?;
+        Ok(Some(file))
+    }
+
+    /// How unnamed staging files get a name on this file system, tried once: an
+    /// `O_TMPFILE` linked into staging (by `AT_EMPTY_PATH`, else through `/proc`) and
+    /// removed again.
+    fn unnamed_linking(&self) -> Option<LinkUnnamed> {
+        *self.link_unnamed.get_or_init(|| {
+            let fd = rustix::fs::openat(
+                &self.staging,
+                ".",
+                OFlags::RDWR | OFlags::TMPFILE | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )
+            .ok()?;
+            let file = File::from(fd);
+            [LinkUnnamed::EmptyPath, LinkUnnamed::ProcFd]
+                .into_iter()
+                .find(|how| {
+                    let probe = staged_special_name("probe");
+                    let linked =
+                        link_unnamed(*how, &file, &self.staging, OsStr::new(&probe)).is_ok();
+                    if linked {
+                        let _ =
+                            rustix::fs::unlinkat(&self.staging, probe.as_str(), AtFlags::empty());
+                    }
+                    linked
+                })
+        })
+    }
+
+    /// Gives the complete, durable unnamed staging `file` the name `name` in `dir_fd`:
+    /// linked there directly when the name is free (the name appears with the whole
+    /// file, as a rename would make it), or, when something holds the name, linked
+    /// into staging under a temporary name and renamed over it (atomically, as
+    /// [`VolumeFs::publish`] does).
+    pub fn publish_unnamed(
+        &self,
+        file: &File,
+        dir_fd: &OwnedFd,
+        name: &[u8],
+    ) -> Result<(), FsError> {
+        let how = self.unnamed_linking().ok_or_else(|| FsError::Io {
+            path: crate::pathname::escape(name),
+            source: io::Error::other("unnamed staging files cannot be linked here"),
+        })?;
+        let shown = || crate::pathname::escape(name);
+        match link_unnamed(how, file, dir_fd, OsStr::from_bytes(name)) {
+            Ok(()) => return Ok(()),
+            Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(io_err(shown())(e)),
+        }
+        // `*.tmp`: removed at the next start if a crash comes before the rename.
+        let temp_name = staged_special_name("file");
+        link_unnamed(how, file, &self.staging, OsStr::new(&temp_name)).map_err(io_err(shown()))?;
+        self.publish(&temp_name, dir_fd, name).inspect_err(|_| {
+            let _ = rustix::fs::unlinkat(&self.staging, temp_name.as_str(), AtFlags::empty());
         })
     }
 
@@ -713,6 +816,29 @@ fn timestamps(mtime_ns: i64) -> Timestamps {
     }
 }
 
+/// Links the unnamed (`O_TMPFILE`) `file` as `name` in `dir`, `how` this process can.
+fn link_unnamed(
+    how: LinkUnnamed,
+    file: &File,
+    dir: &impl AsFd,
+    name: &OsStr,
+) -> rustix::io::Result<()> {
+    match how {
+        LinkUnnamed::EmptyPath => rustix::fs::linkat(file, "", dir, name, AtFlags::EMPTY_PATH),
+        LinkUnnamed::ProcFd => {
+            use std::os::fd::AsRawFd;
+            let magic = format!("/proc/self/fd/{}", file.as_raw_fd());
+            rustix::fs::linkat(
+                rustix::fs::CWD,
+                magic.as_str(),
+                dir,
+                name,
+                AtFlags::SYMLINK_FOLLOW,
+            )
+        }
+    }
+}
+
 /// A new random name in staging for a symlink or FIFO about to be renamed into place
 /// (`*.tmp`: removed at the next start if a crash leaves it).
 fn staged_special_name(kind: &str) -> String {
@@ -861,6 +987,45 @@ mod tests {
         assert_eq!(link.raw_os_error(), Some(libc::ELOOP));
         assert!(lstat_at(&fd, b"link").unwrap().file_type().is_symlink());
         assert!(lstat_at(&fd, b"fifo").unwrap().file_type().is_fifo());
+    }
+
+    /// An unnamed staging file shows nowhere until it is published: then under its name
+    /// with all of its content, as a new name or over an existing one, and nothing is
+    /// left in staging either way. (Where the file system cannot make one, the caller
+    /// stages by name: nothing to check here then.)
+    #[test]
+    fn an_unnamed_staging_file_appears_whole_under_its_name_and_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = VolumeFs::open(dir.path()).unwrap();
+        let root_fd = fs.open_dir(&VolPath::root(), false).unwrap();
+        let staging = dir.path().join(".shoal/staging");
+        let listing = |path: &Path| -> Vec<String> {
+            let mut names: Vec<String> = std::fs::read_dir(path)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        std::fs::write(dir.path().join("old"), b"the version it replaces").unwrap();
+        for (name, content) in [("new", &b"a new file"[..]), ("old", b"the new version")] {
+            let Some(file) = fs.stage_unnamed(content.len() as u64).unwrap() else {
+                return;
+            };
+            file.write_all_at(content, 0).unwrap();
+            file.sync_all().unwrap();
+            assert_eq!(listing(&staging), Vec::<String>::new());
+            let visible = listing(dir.path());
+            assert!(
+                name == "old" || !visible.contains(&name.to_string()),
+                "{visible:?}"
+            );
+            fs.publish_unnamed(&file, &root_fd, name.as_bytes())
+                .unwrap();
+            assert_eq!(std::fs::read(dir.path().join(name)).unwrap(), content);
+            assert_eq!(listing(&staging), Vec::<String>::new());
+        }
+        assert_eq!(listing(dir.path()), vec![".shoal", "new", "old"]);
     }
 
     /// Issue 11, item 10: the file checked by `stage_by_move` is swapped for another

@@ -17,6 +17,8 @@ Scenarios (each measured for every selected tool):
   delete         delete 1,000 files of the small set (at most half of it at small scales)
   initial-wide   initial sync of the `wide` set (100,000 files of 10-200 bytes in one directory)
   one-in-wide    one file of the `wide` set rewritten (a directory of 100,000 names)
+  initial-million initial sync of the `million` set (1,000,000 files of 10-200 bytes in 1,000
+                 directories), A full, B empty: per-file costs, not bytes (try --scale 0.1 first)
 The change scenarios run on a tree that is already in sync (the initial sync of their
 data set is done first, and only reported if it was asked for).
 
@@ -98,10 +100,11 @@ SCENARIOS = {  # in the order of the report
     "delete": "delete 1,000 files of the small set",
     "initial-wide": "initial sync of `wide` (100,000 files in one directory), A full, B empty",
     "one-in-wide": "one changed file in a directory of 100,000",
+    "initial-million": "initial sync of `million` (1,000,000 files of 10-200 bytes, 1,000 dirs), A full, B empty",
 }
 # Scenarios sharing one data set run in this order on one pair of trees per tool.
 GROUPS = {"media": ["initial-media", "insert", "append", "rename"], "small": ["initial-small", "delete"],
-          "wide": ["initial-wide", "one-in-wide"]}
+          "wide": ["initial-wide", "one-in-wide"], "million": ["initial-million"]}
 TOOLS = ["shoal", "rsync", "rsync-fsync", "rsync-ssh", "unison", "syncthing"]
 SSHD = "/usr/sbin/sshd"
 

@@ -203,6 +203,10 @@ pub struct Node {
     pub collections: crate::gc::Figures,
     /// The memory that peers' requests and their answers may hold, node-wide.
     pub serving: crate::sync::server::Budget,
+    /// Woken when a peer's `Hello` is accepted: that peer is up, and a connection of
+    /// ours to it waiting out a retry pause tries again at once (two nodes started
+    /// together find each other as soon as the later one listens, not a backoff later).
+    pub greeted: tokio::sync::Notify,
 }
 
 impl Node {
@@ -237,6 +241,7 @@ impl Node {
             rate: crate::rate::RateLimit::default(),
             recent_changes: Default::default(),
             collections: Default::default(),
+            greeted: tokio::sync::Notify::new(),
         }
     }
 

@@ -153,6 +153,8 @@ impl Pull {
                         .fs
                         .set_dir_xattrs(&dir_fd, name, remote.mode, &remote.xattrs)?;
                 (self.volume().xattrs_not_applied).note(&self.volume().name, &path, &not_set);
+                self.moved(dir);
+                self.moved(&path);
                 let stat = self.volume().fs.stat(&dir_fd, name)?;
                 let mut batch = self.node.store.batch();
                 batch.put_entry_sent_by(vol, dir, name, &remote, sent_by);
@@ -219,6 +221,8 @@ impl Pull {
             }
             _ => fs.place_fifo(&dir_fd, name, remote.mode, remote.mtime_ns, owner)?,
         };
+        // Not `self.moved`: the batch above holds the node.
+        self.moved_dirs.insert(dir.clone());
         if let Some(old) = replaces {
             self.forget_chunks_in(&mut batch, dir, name, old)?;
         }
@@ -280,15 +284,38 @@ impl Pull {
     /// Gives every directory whose index entries this round changed (its `dirty` mark)
     /// the mtime its entry records: applying its children moved it to the time of the
     /// sync, and the peer's time (or our last scan's) must stick, or the next scan would
-    /// take the sync's own writes for a local change. Runs before every release of the
-    /// volume lock (a scan may come next) and after everything else of the round, so
-    /// nothing moves the mtime again. A directory whose permissions or owner
-    /// differ from its entry was changed locally: it is left for the next scan.
-    pub(super) fn restore_dir_mtimes(&self) -> Result<(), SyncError> {
+    /// take the sync's own writes for a local change. Runs after everything else of the
+    /// round, so nothing moves the mtime again; while the round goes on, each release
+    /// of the volume lock (a scan may come next) puts back those it moved since the
+    /// last one ([`Pull::restore_moved_dir_mtimes`]).
+    pub(super) fn restore_dir_mtimes(&mut self) -> Result<(), SyncError> {
+        self.moved_dirs.clear();
+        let dirty = self.node.store.dirty_dirs(self.volume().id)?;
+        self.restore_mtimes(dirty)
+    }
+
+    /// [`Pull::restore_dir_mtimes`] for the directories applying moved since the last
+    /// release of the volume lock ([`Pull::moved_dirs`]).
+    pub(super) fn restore_moved_dir_mtimes(&mut self) -> Result<(), SyncError> {
+        let moved = std::mem::take(&mut self.moved_dirs);
+        self.restore_mtimes(moved)
+    }
+
+    /// Notes that applying made, replaced or removed a name in `dir` (or made `dir`):
+    /// its mtime moved, and is put back before the volume lock goes.
+    pub(super) fn moved(&mut self, dir: &VolPath) {
+        if !self.moved_dirs.contains(dir) {
+            self.moved_dirs.insert(dir.clone());
+        }
+    }
+
+    /// Gives each of `dirs` the mtime its entry records. A directory whose permissions
+    /// or owner differ from its entry was changed locally: it is left for the next scan.
+    fn restore_mtimes(&self, dirs: impl IntoIterator<Item = VolPath>) -> Result<(), SyncError> {
         let vol = self.volume().id;
         let store = &self.node.store;
         let mut batch = store.batch();
-        for path in store.dirty_dirs(vol)? {
+        for path in dirs {
             let Some((parent, name)) = path.split_last() else {
                 continue; // The volume root: its mtime is the mount point's own.
             };
@@ -463,6 +490,9 @@ impl Pull {
                 tombstone,
                 sent_by,
             } = delete;
+            if removed {
+                self.moved(&dir);
+            }
             let mut batch = self.node.store.batch();
             if removed {
                 if let Some(version) = versions.remove(&(dir.clone(), name.clone())) {

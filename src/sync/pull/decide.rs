@@ -364,6 +364,7 @@ impl Pull {
             );
             return Ok(false);
         }
+        self.moved(dir);
         crate::volume_fs::VolumeFs::fsync_dir(&dir_fd)?;
         let mut batch = self.node.store.batch();
         kept.finish(&self.node.store, &mut batch)?;

@@ -79,7 +79,7 @@ impl Pull {
                 wire.subtree = None;
                 self.reconcile(&dir, wire)
             });
-            self.restore_dir_mtimes()?;
+            self.restore_moved_dir_mtimes()?;
             decided?;
             drop(guard);
             if self.files.len() >= PUBLISH_BATCH {

@@ -25,6 +25,34 @@ use crate::volume_fs::{Staged, finish_staged, staging_name, stamp_of_stat};
 /// Files prepared at once (each may ask for its chunk list).
 const FILE_CONCURRENCY: usize = 32;
 
+/// Files up to this size are staged unnamed where the file system allows it
+/// ([`VolumeFs::stage_unnamed`](crate::volume_fs::VolumeFs::stage_unnamed)): fetched
+/// again whole if a transfer is cut short, which costs less than a named staging file
+/// for each (two entries made and removed in the staging directory, under its lock).
+const UNNAMED_UP_TO: u64 = 1 << 20;
+
+/// Where a file being taken is staged.
+enum Staging {
+    /// A named staging file: resumable, or a local file moved there (a rename).
+    Named(Staged),
+    /// An unnamed one, linked in under its name when published.
+    Unnamed(File),
+}
+
+impl Staging {
+    fn file(&self) -> &File {
+        match self {
+            Staging::Named(staged) => &staged.file,
+            Staging::Unnamed(file) => file,
+        }
+    }
+
+    /// Whether the staging file held content already (to check, not to trust).
+    fn resumed(&self) -> bool {
+        matches!(self, Staging::Named(staged) if staged.resumed)
+    }
+}
+
 /// A publish batch of at most this many files flushes each one (`fsync`); a larger one
 /// flushes the whole file system at once (`syncfs`, one call instead of hundreds). A
 /// `syncfs` also waits for every other writer's dirty data on that file system: on a
@@ -52,7 +80,7 @@ pub(super) struct FileJob {
 
 struct ReadyFile {
     job: FileJob,
-    staged: Staged,
+    staged: Staging,
     chunks: Vec<ChunkRef>,
     /// Room held for the staging file until it is published.
     _room: Reservation,
@@ -74,7 +102,7 @@ pub(super) struct RenameSource {
 /// A file whose staging file exists and holds every chunk we had locally.
 struct Prepared {
     job: FileJob,
-    staged: Staged,
+    staged: Staging,
     file: Arc<File>,
     chunks: Vec<ChunkRef>,
     /// Chunks still to fetch.
@@ -226,6 +254,7 @@ impl Pull {
             let mut left = node.store.batch();
             for (job, source) in jobs.by_ref().take(PUBLISH_BATCH) {
                 left.mark_dirty(node.volumes[self.volume_index].id, &source.dir);
+                self.moved(&source.dir);
                 let Some(room) = self.reserve_room(&job, true) else {
                     continue;
                 };
@@ -257,7 +286,7 @@ impl Pull {
             node.store.write(left, Durability::Buffered)?;
             self.publish(ready)?;
             // Also when nothing was ready: a file may have left its directory.
-            self.restore_dir_mtimes()?;
+            self.restore_moved_dir_mtimes()?;
         }
         Ok(())
     }
@@ -390,7 +419,7 @@ impl Pull {
         if ready.len() <= FSYNC_EACH_UP_TO {
             for file in &ready {
                 file.staged
-                    .file
+                    .file()
                     .sync_all()
                     .map_err(SyncError::local(format!(
                         "flushing staged {}",
@@ -470,7 +499,7 @@ impl Pull {
             "batch published"
         );
         // Before the lock goes: a scan must not take the renames for local changes.
-        self.restore_dir_mtimes()?;
+        self.restore_moved_dir_mtimes()?;
         let count = published.len() as u64;
         self.report.applied += count;
         node.stats.files_applied.fetch_add(count, Ordering::Relaxed);
@@ -484,7 +513,7 @@ impl Pull {
     /// Renames one assembled file into place and records it in `batch`; `false` if it
     /// had to be left alone (something local is in the way).
     fn publish_one(
-        &self,
+        &mut self,
         fs: &crate::volume_fs::VolumeFs,
         dirs: &mut HashMap<VolPath, OwnedFd>,
         batch: &mut crate::store::Batch<'_>,
@@ -525,9 +554,13 @@ impl Pull {
             );
             return Ok(false);
         }
-        fs.publish(&staged.temp_name, dir_fd, &job.name)?;
+        match &staged {
+            Staging::Named(named) => fs.publish(&named.temp_name, dir_fd, &job.name)?,
+            Staging::Unnamed(file) => fs.publish_unnamed(file, dir_fd, &job.name)?,
+        }
+        self.moved(&job.dir);
         // fstat through the still-open descriptor: the stamp of exactly what we wrote.
-        let stat = rustix::fs::fstat(&staged.file)
+        let stat = rustix::fs::fstat(staged.file())
             .map_err(|e| SyncError::local(format!("staging {}", escape(&job.name)))(e.into()))?;
         let old_chunks = self.indexed_chunks(&job.dir, &job.name, job.replaces.as_ref())?;
         batch.put_entry_sent_by(vol, &job.dir, &job.name, &job.entry, job.sent_by);
@@ -769,23 +802,32 @@ fn stage_job(
         )?,
         None => None,
     };
-    let (staged, taken_from) = match moved {
-        Some(staged) => (staged, source),
-        None => (volume.fs.stage(&expected, &job.dir, &job.name, size)?, None),
+    let unnamed = match (&moved, size <= UNNAMED_UP_TO) {
+        (None, true) => volume.fs.stage_unnamed(size)?,
+        _ => None,
     };
-    // An older version of this file, left half-fetched, will not be wanted again: the
-    // staging area keeps no abandoned version of a name (a file rewritten all the time
-    // would otherwise leave one per version).
-    if !staged.resumed {
-        for old in volume.fs.superseded_by(&staged.temp_name) {
-            if !volume.room.in_use(&old) {
-                let _ = volume.fs.remove_staged(&old);
+    let (staged, taken_from) = match (moved, unnamed) {
+        (Some(staged), _) => (Staging::Named(staged), source),
+        (None, Some(file)) => (Staging::Unnamed(file), None),
+        (None, None) => {
+            let staged = volume.fs.stage(&expected, &job.dir, &job.name, size)?;
+            // An older version of this file, left half-fetched, will not be wanted
+            // again: the staging area keeps no abandoned version of a name (a file
+            // rewritten all the time would otherwise leave one per version). Unnamed
+            // staging files leave nothing behind to begin with.
+            if !staged.resumed {
+                for old in volume.fs.superseded_by(&staged.temp_name) {
+                    if !volume.room.in_use(&old) {
+                        let _ = volume.fs.remove_staged(&old);
+                    }
+                }
             }
+            (Staging::Named(staged), None)
         }
-    }
+    };
     let io = |e: std::io::Error| SyncError::local(format!("staging {}", escape(&job.name)))(e);
-    let file = Arc::new(staged.file.try_clone().map_err(io)?);
-    let missing = fill_from_local(node, &file, &chunks, staged.resumed, None).map_err(io)?;
+    let file = Arc::new(staged.file().try_clone().map_err(io)?);
+    let missing = fill_from_local(node, &file, &chunks, staged.resumed(), None).map_err(io)?;
     Ok(Prepared {
         job,
         staged,

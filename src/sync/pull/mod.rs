@@ -148,6 +148,7 @@ pub async fn pull_volume(
         wanted_staging: Some(HashSet::new()),
         applied: Applied::default(),
         unsyncable: Noted::default(),
+        moved_dirs: HashSet::new(),
     };
     let origin = Origin::Peer(peer.addr);
     let root_dir = volume.fs.root_path();
@@ -266,6 +267,12 @@ struct Pull {
     applied: Applied,
     /// Names of the peer's this node's file system refused (see [`crate::unsyncable`]).
     unsyncable: Noted,
+    /// Directories whose mtime applying moved since the last release of the volume
+    /// lock (an entry made, replaced or removed in them): each release puts back only
+    /// theirs ([`Pull::restore_moved_dir_mtimes`]), not every directory the round
+    /// marked dirty so far, which made a round quadratic in its directories. Emptied at
+    /// every release, so it holds at most one answer's or one batch's directories.
+    moved_dirs: HashSet<VolPath>,
 }
 
 /// What the peer has at a directory still to compare.
@@ -445,7 +452,8 @@ impl Pull {
     /// Walks what differs and takes the files decided on (the deletes wait for the end
     /// of the round, under the volume lock).
     async fn walk_and_take(&mut self, remote_root: TreeNode) -> Result<(), SyncError> {
-        self.sync_dir(&VolPath::root(), Some(remote_root)).await?;
+        self.sync_dir(&VolPath::root(), Some(remote_root), None)
+            .await?;
         self.drain_pending().await?;
         self.take_files().await?;
         self.link_names().await
@@ -453,15 +461,59 @@ impl Pull {
 
     /// Compares every directory queued with the peer's (and those they queue).
     async fn drain_pending(&mut self) -> Result<(), SyncError> {
-        while let Some((dir, remote)) = self.pending.pop() {
-            self.pending_bytes -= pending_cost(&dir);
-            // The peer's tree node is asked for only now: the directories waiting hold
-            // a path each, not a tree node of up to a frame's size.
-            let remote = match remote {
-                RemoteDir::Present => self.get_dir(&dir).await?,
-                RemoteDir::Deleted => None,
+        let mut ahead = walk::Lookahead::default();
+        loop {
+            self.ask_ahead(&mut ahead)?;
+            let Some((dir, remote)) = self.pending.pop() else {
+                break;
             };
-            self.sync_dir(&dir, remote).await?;
+            self.pending_bytes -= pending_cost(&dir);
+            let asked = ahead.take(&dir);
+            let remote = match asked {
+                // Asked ahead for all of its entries: nothing to compare pages with.
+                Some(_) => None,
+                None => match remote {
+                    RemoteDir::Present if !self.has_tree_node(&dir)? => None,
+                    // The peer's tree node is asked for only now: the directories
+                    // waiting hold a path each, not a tree node of up to a frame's size.
+                    RemoteDir::Present => self.get_dir(&dir).await?,
+                    RemoteDir::Deleted => None,
+                },
+            };
+            self.sync_dir(&dir, remote, asked).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether this node has a tree node for `dir`. One it has none of (new here) has
+    /// no pages to compare: all of its entries are listed, and the peer's tree node
+    /// would cost a round trip for nothing.
+    fn has_tree_node(&self, dir: &VolPath) -> Result<bool, SyncError> {
+        Ok(self.node.store.tree_node(self.volume().id, dir)?.is_some())
+    }
+
+    /// Asks the peer now for the first entries of the next directories to compare whose
+    /// entries are all listed (new here, or deleted there), up to
+    /// [`walk::LOOKAHEAD`] at a time: their answers travel while this node decides and
+    /// applies the one before, instead of a round trip each after it.
+    fn ask_ahead(&mut self, ahead: &mut walk::Lookahead) -> Result<(), SyncError> {
+        for (dir, remote) in self.pending.iter().rev() {
+            if ahead.is_full() {
+                break;
+            }
+            if ahead.has(dir) {
+                continue;
+            }
+            let whole = match remote {
+                RemoteDir::Deleted => true,
+                RemoteDir::Present => !self.has_tree_node(dir)?,
+            };
+            if !whole {
+                // Its tree node comes first: nothing to ask ahead for; the rest wait.
+                break;
+            }
+            let request = walk::whole_listing(&self.volume().name, dir);
+            ahead.ask(dir.clone(), self.handle.clone(), request);
         }
         Ok(())
     }

@@ -1,6 +1,8 @@
 //! Walking the peer's tree: only the directories and pages that differ from ours.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+
+use s2n_quic::connection::Handle;
 
 use super::{PUBLISH_BATCH, Pull};
 use crate::pathname::VolPath;
@@ -33,6 +35,7 @@ impl Pull {
         &mut self,
         dir: &VolPath,
         cursor: &mut EntriesCursor,
+        asked: Option<Asked>,
     ) -> Result<Option<Vec<WireEntry>>, SyncError> {
         if cursor.done {
             return Ok(None);
@@ -44,7 +47,11 @@ impl Pull {
             after: cursor.after,
             end: cursor.end.clone(),
         };
-        let (entries, more) = match request(&mut self.handle, &req).await? {
+        let answer = match asked {
+            Some(asked) => asked.answer().await?,
+            None => request(&mut self.handle, &req).await?,
+        };
+        let (entries, more) = match answer {
             Response::Entries { entries, more } => (entries, more),
             other => return Err(SyncError::unexpected("GetEntries", &other)),
         };
@@ -60,11 +67,14 @@ impl Pull {
     }
 
     /// Reconciles one directory with the peer's. `remote` is the peer's tree node for
-    /// it, or `None` when the peer deleted it (then all its entries are compared).
+    /// it, or `None` when the peer deleted it or this node has no tree node of it yet
+    /// (then all its entries are compared).
+    /// `asked`: the answer to [`whole_listing`] of `dir`, asked for ahead.
     pub(super) async fn sync_dir(
         &mut self,
         dir: &VolPath,
         remote: Option<TreeNode>,
+        mut asked: Option<Asked>,
     ) -> Result<(), SyncError> {
         let vol = self.volume().id;
         let local = self.node.store.tree_node(vol, dir)?;
@@ -88,6 +98,10 @@ impl Pull {
             }
             None => ranges.push((Vec::new(), None)),
         }
+        if ranges != [(Vec::new(), None)] {
+            // Asked ahead for the whole listing, which is not what is compared now.
+            asked = None;
+        }
         // One answer at a time, each decided before the next is asked for: memory holds
         // one answer and one publish batch, however large the directory.
         for (start, end) in ranges {
@@ -97,7 +111,7 @@ impl Pull {
                 end,
                 done: false,
             };
-            while let Some(entries) = self.next_entries(dir, &mut cursor).await? {
+            while let Some(entries) = self.next_entries(dir, &mut cursor, asked.take()).await? {
                 // Decided under the volume lock, taken only now that the answer is here.
                 let node = self.node.clone();
                 let guard = node.volumes[self.volume_index].lock.lock().await;
@@ -106,7 +120,7 @@ impl Pull {
                     .try_for_each(|remote_entry| self.reconcile(dir, remote_entry));
                 // Before the lock goes: a scan must not take the moves of applying for
                 // local changes.
-                self.restore_dir_mtimes()?;
+                self.restore_moved_dir_mtimes()?;
                 decided?;
                 drop(guard);
                 // Files of many small directories travel together: one batch for all.
@@ -116,6 +130,63 @@ impl Pull {
             }
         }
         Ok(())
+    }
+}
+
+/// Directories whose first entries were asked for ahead, at most this many at a time
+/// (each answer holds up to [`crate::protocol::MAX_ENTRIES_BYTES`] until its turn).
+pub(super) const LOOKAHEAD: usize = 4;
+
+/// The request for the first entries of all of `dir`'s names.
+pub(super) fn whole_listing(volume: &str, dir: &VolPath) -> Request {
+    Request::GetEntries {
+        volume: volume.to_string(),
+        dir: dir.clone(),
+        start: Vec::new(),
+        after: false,
+        end: None,
+    }
+}
+
+/// A [`whole_listing`] asked for ahead of its directory's turn, in a task of its own
+/// (aborted if the round ends before its turn comes).
+pub(super) struct Asked(tokio::task::JoinHandle<Result<Response, SyncError>>);
+
+impl Asked {
+    async fn answer(mut self) -> Result<Response, SyncError> {
+        (&mut self.0).await.map_err(|e| SyncError::Task {
+            what: "listing",
+            source: e,
+        })?
+    }
+}
+
+impl Drop for Asked {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The directories asked for ahead ([`Pull::ask_ahead`]), by path.
+#[derive(Default)]
+pub(super) struct Lookahead(HashMap<VolPath, Asked>);
+
+impl Lookahead {
+    pub(super) fn is_full(&self) -> bool {
+        self.0.len() >= LOOKAHEAD
+    }
+
+    pub(super) fn has(&self, dir: &VolPath) -> bool {
+        self.0.contains_key(dir)
+    }
+
+    pub(super) fn ask(&mut self, dir: VolPath, mut handle: Handle, listing: Request) {
+        let task = tokio::spawn(async move { request(&mut handle, &listing).await });
+        self.0.insert(dir, Asked(task));
+    }
+
+    pub(super) fn take(&mut self, dir: &VolPath) -> Option<Asked> {
+        self.0.remove(dir)
     }
 }
 

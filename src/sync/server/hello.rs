@@ -42,5 +42,6 @@ pub(super) fn answer(
         });
     }
     session.greeted.store(true, Ordering::Release);
+    node.greeted.notify_waiters();
     Ok(Response::Hello(node.hello(session.version)))
 }
