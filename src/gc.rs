@@ -5,12 +5,14 @@
 //! A collection works one pack at a time (the store's crash-safe
 //! [`Store::rewrite_pack`]), pausing between packs, so `shoal serve` runs it beside sync
 //! on a timer without holding anything sync waits for; `shoal gc` runs one with the
-//! daemon stopped. What is referenced is read once per collection, after the packs it
-//! looks at are marked ([`Store::mark_collectable_packs`]): a version recorded meanwhile
-//! puts its own copy of a chunk in the current version pack rather than rely on a marked
-//! pack, and a pack a version being recorded relied on before is not marked.
+//! daemon stopped. What is referenced is read after the packs it looks at are marked
+//! ([`Store::mark_collectable_packs`]): a version recorded meanwhile puts its own copy
+//! of a chunk in the current version pack rather than rely on a marked pack, and a pack
+//! a version being recorded relied on before is not marked. It is read once per group
+//! of packs, for that group's chunks alone ([`GROUP_CHUNKS`]), so a collection's memory
+//! does not grow with what the versions hold.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -26,6 +28,12 @@ pub const MIN_GARBAGE_SHARE: f64 = 0.25;
 /// How long a collection rests between two packs, so that sync's own reads and writes
 /// are not queued behind a run of pack copies.
 pub const PAUSE_BETWEEN_PACKS: Duration = Duration::from_millis(50);
+/// Chunk ids a collection holds at once (about 16 MiB): packs are collected in groups
+/// whose records name at most this many chunks (or one pack, which its size bounds),
+/// and the version records are read once per group, noting only that group's chunks.
+/// Memory stays the same whatever the kept versions hold; a store with more pack
+/// records than this reads its version records once more per group.
+pub const GROUP_CHUNKS: usize = 1 << 18;
 /// Version records deleted per write batch.
 const DROP_BATCH: usize = 4096;
 
@@ -201,7 +209,14 @@ pub fn collect(
         held(&volume.name, now_held);
     }
     let packs = store.mark_collectable_packs()?;
-    let result = collect_packs(store, &packs, &mut collection, pause, crash_at);
+    let result = collect_packs(
+        store,
+        &packs,
+        GROUP_CHUNKS,
+        &mut collection,
+        pause,
+        crash_at,
+    );
     store.unmark_packs();
     result?;
     collection.finished_unix = crate::scan::now_ns() / 1_000_000_000;
@@ -209,55 +224,87 @@ pub fn collect(
     Ok(collection)
 }
 
+/// Collects `packs` in groups whose records name at most `group_chunks` chunks.
 fn collect_packs(
     store: &Store,
     packs: &[u64],
+    group_chunks: usize,
     collection: &mut Collection,
     pause: &mut dyn FnMut(),
     crash_at: &mut dyn FnMut(CrashPoint),
 ) -> Result<(), StoreError> {
-    let referenced = referenced_chunks(store)?;
-    for &pack in packs {
-        let mut keep = |id: &ChunkId| -> Result<bool, StoreError> {
-            Ok(referenced.contains(id) || store.live_copy_exists(id)?)
-        };
-        match store.rewrite_pack(pack, &mut keep, MIN_GARBAGE_SHARE, crash_at)? {
-            PackVerdict::Rewritten(rewrite) => {
-                tracing::info!(
-                    pack,
-                    new_pack = rewrite.new_pack,
-                    dropped_chunks = rewrite.dropped_chunks,
-                    reclaimed_bytes = rewrite.reclaimed_bytes,
-                    "collected a pack"
-                );
-                match rewrite.new_pack {
-                    Some(_) => collection.packs_rewritten += 1,
-                    None => collection.packs_removed += 1,
-                }
-                collection.chunks_reclaimed += rewrite.dropped_chunks;
-                collection.bytes_reclaimed += rewrite.reclaimed_bytes;
+    let mut rest = packs;
+    while !rest.is_empty() {
+        // A group of packs whose records name at most `group_chunks` chunks (or one
+        // pack), and which of those chunks a kept version references.
+        let mut referenced: HashMap<ChunkId, bool> = HashMap::new();
+        let mut taken = 0;
+        while taken < rest.len() && (taken == 0 || referenced.len() < group_chunks) {
+            for id in store.pack_chunk_ids(rest[taken])? {
+                referenced.insert(id, false);
             }
-            PackVerdict::NotWorthIt { .. } => {}
-            PackVerdict::Damaged => {
-                tracing::warn!(
-                    pack,
-                    "pack not collected: a chunk to keep is damaged (run `shoal repair`)"
-                );
-                collection.packs_damaged += 1;
-            }
+            taken += 1;
         }
-        pause();
+        let (group, later) = rest.split_at(taken);
+        mark_referenced(store, &mut referenced)?;
+        for &pack in group {
+            let mut keep = |id: &ChunkId| -> Result<bool, StoreError> {
+                Ok(referenced.get(id) == Some(&true) || store.live_copy_exists(id)?)
+            };
+            collect_pack(store, pack, &mut keep, collection, crash_at)?;
+            pause();
+        }
+        rest = later;
     }
     Ok(())
 }
 
-/// Every chunk a kept version references.
-pub fn referenced_chunks(store: &Store) -> Result<HashSet<ChunkId>, StoreError> {
-    let mut referenced = HashSet::new();
-    for record in store.all_versions() {
-        referenced.extend(record?.chunks.iter().map(|c| c.id));
+fn collect_pack(
+    store: &Store,
+    pack: u64,
+    keep: &mut dyn FnMut(&ChunkId) -> Result<bool, StoreError>,
+    collection: &mut Collection,
+    crash_at: &mut dyn FnMut(CrashPoint),
+) -> Result<(), StoreError> {
+    match store.rewrite_pack(pack, keep, MIN_GARBAGE_SHARE, crash_at)? {
+        PackVerdict::Rewritten(rewrite) => {
+            tracing::info!(
+                pack,
+                new_pack = rewrite.new_pack,
+                dropped_chunks = rewrite.dropped_chunks,
+                reclaimed_bytes = rewrite.reclaimed_bytes,
+                "collected a pack"
+            );
+            match rewrite.new_pack {
+                Some(_) => collection.packs_rewritten += 1,
+                None => collection.packs_removed += 1,
+            }
+            collection.chunks_reclaimed += rewrite.dropped_chunks;
+            collection.bytes_reclaimed += rewrite.reclaimed_bytes;
+        }
+        PackVerdict::NotWorthIt { .. } => {}
+        PackVerdict::Damaged => {
+            tracing::warn!(
+                pack,
+                "pack not collected: a chunk to keep is damaged (run `shoal repair`)"
+            );
+            collection.packs_damaged += 1;
+        }
     }
-    Ok(referenced)
+    Ok(())
+}
+
+/// Sets to `true` every chunk of `chunks` that a kept version references (one read of
+/// every version record; the other chunks they reference are not held).
+fn mark_referenced(store: &Store, chunks: &mut HashMap<ChunkId, bool>) -> Result<(), StoreError> {
+    for record in store.all_versions() {
+        for chunk in &record?.chunks {
+            if let Some(referenced) = chunks.get_mut(&chunk.id) {
+                *referenced = true;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The last collection the store recorded.
@@ -549,5 +596,39 @@ mod tests {
                 .count(),
             1
         );
+    }
+
+    #[test]
+    fn packs_collected_one_group_at_a_time_keep_exactly_what_the_versions_reference() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunk = |name: String| name.repeat(60).into_bytes();
+        let mut garbage = Vec::new();
+        let mut kept = Vec::new();
+        // Three packs, each with an expired version's chunks and a kept version's.
+        for pack in 0..3u32 {
+            let store = open(dir.path());
+            let old = [
+                chunk(format!("old {pack} a")),
+                chunk(format!("old {pack} b")),
+            ];
+            let new = [chunk(format!("new {pack}"))];
+            keep(&store, &format!("old{pack}"), 120 * SEC, pack, &old);
+            keep(&store, &format!("new{pack}"), 0, pack, &new);
+            garbage.extend(old);
+            kept.extend(new);
+        }
+        let store = open(dir.path());
+        let (dropped, _) = apply_retention(&store, &expiring(), NOW).unwrap();
+        assert_eq!(dropped, 3);
+        let packs = store.mark_collectable_packs().unwrap();
+        assert_eq!(packs.len(), 3);
+        let mut collection = Collection::default();
+        // Groups of one pack: the version records are read once per pack.
+        collect_packs(&store, &packs, 1, &mut collection, &mut || {}, &mut |_| {}).unwrap();
+        store.unmark_packs();
+        assert_eq!(collection.packs_rewritten, 3);
+        assert_eq!(collection.chunks_reclaimed, 6);
+        assert!(kept.iter().all(|c| readable(&store, c)));
+        assert!(garbage.iter().all(|c| !readable(&store, c)));
     }
 }

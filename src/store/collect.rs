@@ -153,6 +153,13 @@ impl Store {
         Ok(numbers)
     }
 
+    /// The chunk ids pack `number` holds records of (read from their headers).
+    pub fn pack_chunk_ids(&self, number: u64) -> Result<Vec<ChunkId>, StoreError> {
+        Ok(super::pack::record_ids(
+            &self.packs_dir().join(pack_file_name(number)),
+        )?)
+    }
+
     /// Ends a collection round's marks.
     pub fn unmark_packs(&self) {
         self.claims.lock().collecting.clear();

@@ -129,14 +129,9 @@ impl PackScanner {
                 path: self.path.clone(),
                 source,
             })?;
-        let len = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
-        if &header[..4] != RECORD_MAGIC
-            || len > MAXIMUM_MAX
-            || u64::from(len) > remaining - RECORD_HEADER_LEN
-        {
+        let Some((id, len)) = parse_record_header(&header, remaining) else {
             return torn(self);
-        }
-        let id = ChunkId(header[8..].try_into().expect("32 bytes"));
+        };
         self.data.resize(len as usize, 0);
         self.reader
             .read_exact(&mut self.data)
@@ -159,6 +154,49 @@ impl PackScanner {
     pub fn end(&self) -> Option<&PackEnd> {
         self.end.as_ref()
     }
+}
+
+/// A record header's chunk id and length, if it is one whose record fits in the
+/// `remaining` bytes of the file (from the header on); `None` ends a pack's valid part.
+fn parse_record_header(
+    header: &[u8; RECORD_HEADER_LEN as usize],
+    remaining: u64,
+) -> Option<(ChunkId, u32)> {
+    let len = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
+    if &header[..4] != RECORD_MAGIC
+        || len > MAXIMUM_MAX
+        || u64::from(len) > remaining - RECORD_HEADER_LEN
+    {
+        return None;
+    }
+    Some((ChunkId(header[8..].try_into().expect("32 bytes")), len))
+}
+
+/// The chunk ids of a pack's records, in order, from their headers alone (the chunks'
+/// bytes are skipped, not read or hashed): up to where [`PackScanner`] would find the
+/// valid part's end.
+pub fn record_ids(path: &Path) -> Result<Vec<ChunkId>, PackError> {
+    let io_err = |source| PackError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(io_err)?;
+    let file_len = file.metadata().map_err(io_err)?.len();
+    let mut reader = BufReader::with_capacity(64 << 10, file);
+    check_header(&mut reader, path)?;
+    let mut offset = HEADER_LEN;
+    let mut ids = Vec::new();
+    let mut header = [0u8; RECORD_HEADER_LEN as usize];
+    while file_len - offset >= RECORD_HEADER_LEN {
+        reader.read_exact(&mut header).map_err(io_err)?;
+        let Some((id, len)) = parse_record_header(&header, file_len - offset) else {
+            break;
+        };
+        reader.seek_relative(i64::from(len)).map_err(io_err)?;
+        ids.push(id);
+        offset += RECORD_HEADER_LEN + u64::from(len);
+    }
+    Ok(ids)
 }
 
 fn check_header(reader: &mut impl Read, path: &Path) -> Result<(), PackError> {
@@ -345,6 +383,10 @@ mod tests {
             ]
         );
         assert_eq!(end, PackEnd::Clean { len: writer.len() });
+        assert_eq!(
+            record_ids(&path).unwrap(),
+            [ChunkId::of(b"alpha"), ChunkId::of(b"beta!")]
+        );
     }
 
     #[test]
@@ -362,6 +404,7 @@ mod tests {
         file.set_len(good_len + 10).unwrap();
         let (found, end) = records(&path);
         assert_eq!(found.len(), 1);
+        assert_eq!(record_ids(&path).unwrap(), [ChunkId::of(b"kept")]);
         assert_eq!(
             end,
             PackEnd::Torn {

@@ -708,6 +708,12 @@ fn repair_fetches_a_kept_versions_lost_chunks_from_a_peer_that_keeps_the_version
     assert_clean(&data, &state);
     assert!(!state.join("packs/versions.repair.tmp").exists());
 
+    // `shoal status` (no daemon) shows the version held and the last collection (the
+    // daemon ran one at start).
+    let status = stdout(&run(&data, &state, "status", &[]));
+    assert!(status.contains("versions 1 kept"), "{status}");
+    assert!(status.contains("last collection: 20"), "{status}");
+
     // The version is whole here again: restored with no daemon and no peer.
     let listed = run(&data, &state, "versions", &["vol/f.bin", "--json"]);
     let listed = json(&listed);
