@@ -9,7 +9,8 @@ few hundred MiB hold millions of chunks). Node A writes MIB of random files unde
 both nodes agree; A renames `d` to `e` and rewrites one file, both agree again. Node B
 then keeps a version of every old name (issue 14: a received rename keeps the old
 names), whose chunks (about 4,000 a MiB) are live under the new names, and the rewritten
-file's old chunks in a version pack. B is stopped, and each build runs `shoal gc`
+file's old chunks in a version pack (the rename and the rewrite are synced one after
+the other). B is stopped, and each build runs `shoal gc`
 (default retention: every version kept) on its own copy of B's state directory under
 `/usr/bin/time -v`: the peak RSS and the time of each. A build that holds every chunk
 id the versions reference grows with MIB; one that holds only the ids of the packs it
@@ -38,9 +39,19 @@ FILE_MIB = 8
 
 def write_file(path, rng):
     temp = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(path))), "next")
+    data = rng.randbytes(FILE_MIB << 20)
     with open(temp, "wb") as f:
-        f.write(rng.randbytes(FILE_MIB << 20))
+        f.write(data)
     os.rename(temp, path)
+    return data
+
+
+def holds(path, data):
+    try:
+        with open(path, "rb") as f:
+            return f.read() == data
+    except OSError:
+        return False
 
 
 def main():
@@ -78,16 +89,26 @@ def main():
         began = time.monotonic()
         wait_for(agree, 3600, "the initial sync", watched, interval=1)
         print(f"initial sync of {args.mib} MiB: {time.monotonic() - began:.0f} s", flush=True)
-        os.rename(os.path.join(vols["A"], "d"), os.path.join(vols["A"], "e"))
-        write_file(os.path.join(vols["A"], "e", "f000.bin"), rng)
-        time.sleep(3)
         began = time.monotonic()
-        wait_for(agree, 3600, "the rewrite", watched, interval=1)
-        print(f"rename and rewrite synced: {time.monotonic() - began:.0f} s", flush=True)
+        os.rename(os.path.join(vols["A"], "d"), os.path.join(vols["A"], "e"))
+        time.sleep(3)
+        moved = lambda: (os.path.isdir(os.path.join(vols["B"], "e"))
+                         and not os.path.exists(os.path.join(vols["B"], "d")) and agree())
+        wait_for(moved, 3600, "the rename", watched, interval=1)
+        print(f"rename synced: {time.monotonic() - began:.0f} s", flush=True)
+        began = time.monotonic()
+        data = write_file(os.path.join(vols["A"], "e", "f000.bin"), rng)
+        rewritten = lambda: holds(os.path.join(vols["B"], "e", "f000.bin"), data) and agree()
+        wait_for(rewritten, 3600, "the rewrite", watched, interval=1)
+        print(f"rewrite synced: {time.monotonic() - began:.0f} s", flush=True)
         for s in SIDES:
             stop(procs.pop(s))
-        listed = subprocess.run([args.after, "versions", "vol/d", "--json", "--state-dir",
-                                 states["B"]], capture_output=True, text=True, check=True)
+        listed = subprocess.run([args.after, "versions", "vol/d", "--json", "--data-root",
+                                 os.path.dirname(vols["B"]), "--state-dir", states["B"],
+                                 "--volume", "vol"], capture_output=True, text=True, env=env)
+        if listed.returncode != 0:
+            print(listed.stderr)
+            return 1
         listing = json.loads(listed.stdout)
         chunks = sum(v["chunks"] for v in listing["versions"])
         packs = os.path.join(states["B"], "packs")
@@ -96,7 +117,7 @@ def main():
               f"its version packs: {pack_bytes / (1 << 20):.1f} MiB")
         for label, binary in (("before", args.before), ("after", args.after)):
             copy = os.path.join(work, f"state-{label}")
-            shutil.copytree(states["B"], copy)
+            shutil.copytree(states["B"], copy, ignore=shutil.ignore_patterns("control"))
             began = time.monotonic()
             out = subprocess.run(["/usr/bin/time", "-v", binary, "gc", "--data-root",
                                   os.path.dirname(vols["B"]), "--state-dir", copy, "--volume", "vol"],
