@@ -261,6 +261,52 @@ fn a_node_killed_mid_transfer_resumes_and_no_partial_file_is_ever_visible() {
     );
 }
 
+/// Small files are staged unnamed (`O_TMPFILE`, schema/store.md "Unnamed staging
+/// files"): a node killed while it takes thousands of them converges after a restart,
+/// verifies clean, and leaves nothing in its staging directory.
+#[test]
+fn a_node_killed_while_taking_many_small_files_converges_and_leaves_no_staging_files() {
+    let mut c = Cluster::new(2);
+    for i in 0..3000u64 {
+        let content = random_bytes(1024 + (i as usize * 37) % 8192, 500 + i);
+        write_file(
+            &c.vol(0).join(format!("d{:02}/f{i:04}.dat", i % 30)),
+            &content,
+        );
+    }
+    c.start(0);
+    c.start(1);
+    let deadline = Instant::now() + CONVERGE;
+    while c.total(1, "chunk_bytes_received") < 2 << 20 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    c.kill(1);
+    let at_kill: usize = (0..30)
+        .map(|d| fs::read_dir(c.vol(1).join(format!("d{d:02}"))).map_or(0, |e| e.count()))
+        .sum();
+    assert!(at_kill < 3000, "the transfer was over before the kill");
+    c.start(1);
+    c.wait_converged(&[0, 1], CONVERGE);
+    let verify = crate::util::shoal(&[
+        "verify",
+        "--data-root",
+        c.vol(1).parent().unwrap().to_str().unwrap(),
+        "--state-dir",
+        c.dir.path().join("node1/state").to_str().unwrap(),
+    ]);
+    assert_eq!(
+        verify.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    let left: Vec<_> = fs::read_dir(c.vol(1).join(".shoal/staging"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left in staging: {left:?}");
+}
+
 #[test]
 fn a_peer_from_another_cluster_is_refused() {
     let mut c = Cluster::new(2);
