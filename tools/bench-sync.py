@@ -34,6 +34,10 @@ For each tool and scenario:
              server; reset through /proc/PID/clear_refs before each scenario) and the
              maximum RSS from /usr/bin/time -v for one-shot processes (rsync client and
              daemon incl. its forks, Unison client). A = side of 127.0.0.1, B = 127.0.0.2.
+  CPU s      user + system CPU time of both sides during the measurement: /proc/PID/stat of
+             the long-running processes (Shoal and Syncthing nodes, the Unison server) at
+             start and end, /usr/bin/time -v of the one-shot ones (rsync client and daemon
+             incl. its forks; over ssh the two rsyncs and the ssh client, not sshd).
 
 How each tool is driven:
   shoal        two `shoal serve` nodes (--heartbeat from --shoal-heartbeat, default 25 s as
@@ -85,7 +89,7 @@ import urllib.request
 
 from benchlib import (
     REPO, Failure, SyncthingInstances, ensure_data, free_port, http_json, last_line, listening, log_tail,
-    maxrss_kib, peak_kib, reset_peak, run_checked, spawn, stop, stop_all, wait_for,
+    cpu_seconds, maxrss_kib, peak_kib, reset_peak, run_checked, spawn, stop, stop_all, time_v_cpu, wait_for,
 )
 
 MIB = 1 << 20
@@ -119,6 +123,19 @@ def time_v_maxrss(path):
             return maxrss_kib(f.read())
     except OSError:
         return None
+
+
+def time_v_cpu_file(path):
+    """User + system CPU seconds from a /usr/bin/time -v output file."""
+    try:
+        with open(path) as f:
+            return time_v_cpu(f.read())
+    except OSError:
+        return None
+
+
+def sum_or_none(*values):
+    return None if None in values else sum(values)
 
 
 def fmt_rss(peaks):
@@ -438,25 +455,30 @@ def net_counters():
 
 
 class Meter:
-    """Wall clock, wire bytes and the kernel's loss counters between start() and the last
-    stop()."""
+    """Wall clock, wire bytes, the kernel's loss counters and the CPU time of the tool's
+    long-running processes between start() and the last stop()."""
 
-    def __init__(self, wire, label, own_bytes):
-        self.wire, self.label, self.own_bytes = wire, label, own_bytes
-        self.t0 = self.t1 = self.w0 = self.w1 = self.o0 = self.o1 = None
+    def __init__(self, wire, label, own_bytes, cpu_now):
+        self.wire, self.label, self.own_bytes, self.cpu_now = wire, label, own_bytes, cpu_now
+        self.t0 = self.t1 = self.w0 = self.w1 = self.o0 = self.o1 = self.c0 = self.c1 = None
         self.n0 = self.n1 = {}
 
     def start(self):
         self.o0 = self.own_bytes()
+        self.c0 = self.cpu_now()
         self.w0 = self.wire.read(self.label)
         self.n0 = net_counters()
         self.t0 = time.perf_counter()
 
     def stop(self):
         self.t1 = time.perf_counter()
+        self.c1 = self.cpu_now()
         self.n1 = net_counters()
         self.w1 = self.wire.read(self.label)
         self.o1 = self.own_bytes()
+
+    def cpu(self):
+        return None if self.c0 is None or self.c1 is None else self.c1 - self.c0
 
     def losses(self):
         """UDP buffer drops (receive/send), TCP retransmissions and TCP drops during the
@@ -503,7 +525,8 @@ def wait_converged(meter, verify, done, timeout, procs=()):
 # sync_change(meter, verify) call meter.start() when timing begins and return once B is
 # identical to A; prepare_change() runs before the change is made; reset_peaks() /
 # peaks() for memory; own_bytes() is the tool's own traffic counter (cumulative) or
-# None; teardown() stops everything it started.
+# None; cpu_now() the CPU seconds its long-running processes used so far (or None) and
+# cpu_used(meter) those of the last measurement; teardown() stops everything it started.
 
 
 class Tool:
@@ -524,6 +547,12 @@ class Tool:
 
     def own_bytes(self):
         return None
+
+    def cpu_now(self):
+        return None
+
+    def cpu_used(self, meter):
+        return meter.cpu()
 
     def teardown(self):
         pass
@@ -604,6 +633,10 @@ class ShoalTool(Tool):
     def peaks(self):
         return {side: peak_kib(proc.pid) for side, (proc, _) in sorted(self.procs.items())}
 
+    def cpu_now(self):
+        # Before the initial sync no node runs yet: nothing used.
+        return sum_or_none(*(cpu_seconds(proc.pid) for proc, _ in getattr(self, "procs", {}).values()))
+
     def own_bytes(self):
         if "B" not in self.procs:
             return 0
@@ -623,6 +656,7 @@ class RsyncTool(Tool):
         self.fsync = fsync
         self.total_own = 0
         self.last_peaks = {}
+        self.last_cpu = None
 
     def setup(self):
         if self.fsync and "--fsync" not in subprocess.run(["rsync", "--help"], capture_output=True, text=True).stdout:
@@ -665,6 +699,7 @@ class RsyncTool(Tool):
                 pass
             stop(daemon)
         self.last_peaks = {"A": time_v_maxrss(client_time), "B": time_v_maxrss(daemon_time)}
+        self.last_cpu = sum_or_none(time_v_cpu_file(client_time), time_v_cpu_file(daemon_time))
         reason = verify()
         if reason:
             raise Failure(f"rsync finished but {reason}")
@@ -677,6 +712,9 @@ class RsyncTool(Tool):
 
     def peaks(self):
         return self.last_peaks
+
+    def cpu_used(self, meter):
+        return self.last_cpu
 
     def own_bytes(self):
         return self.total_own
@@ -728,6 +766,7 @@ class RsyncSshTool(RsyncTool):
                               re.findall(r"Total bytes (?:sent|received): ([\d,]+)", out))
         meter.stop()
         self.last_peaks = {"A": time_v_maxrss(client_time), "B": time_v_maxrss(server_time)}
+        self.last_cpu = sum_or_none(time_v_cpu_file(client_time), time_v_cpu_file(server_time))
         reason = verify()
         if reason:
             raise Failure(f"rsync over ssh finished but {reason}")
@@ -759,6 +798,7 @@ class UnisonTool(Tool):
         run_checked(cmd, self.args.timeout, os.path.join(self.dir, "client.log"), env=env)
         meter.stop()
         self.last_client = time_v_maxrss(client_time)
+        self.last_client_cpu = time_v_cpu_file(client_time)
         if self.server.poll() is not None:
             raise Failure(f"unison server exited: {log_tail(self.server_log)}")
         reason = verify()
@@ -776,6 +816,12 @@ class UnisonTool(Tool):
 
     def peaks(self):
         return {"A": self.last_client, "B": peak_kib(self.server.pid)}
+
+    def cpu_now(self):
+        return cpu_seconds(self.server.pid)
+
+    def cpu_used(self, meter):
+        return sum_or_none(meter.cpu(), self.last_client_cpu)
 
     def teardown(self):
         stop(getattr(self, "server", None))
@@ -837,6 +883,9 @@ class SyncthingTool(SyncthingInstances, Tool):
     def peaks(self):
         return {side: peak_kib(s["proc"].pid) for side, s in self.side.items()}
 
+    def cpu_now(self):
+        return sum_or_none(*(cpu_seconds(s["proc"].pid) for s in self.side.values()))
+
     def own_bytes(self):
         try:
             total = self.api("A", "GET", "/rest/system/connections")["total"]
@@ -886,7 +935,7 @@ def run_group(group, scenarios, tools, args, run_dir, wire, results, description
                 if scenario not in scenarios and not scenario.startswith("initial-"):
                     continue
                 step = scenario
-                meter = Meter(wire, f"{name}-{group}", tool.own_bytes)
+                meter = Meter(wire, f"{name}-{group}", tool.own_bytes, tool.cpu_now)
                 if scenario.startswith("initial-"):
                     tool.reset_peaks()
                     tool.initial_sync(meter, verify, files)
@@ -898,7 +947,8 @@ def run_group(group, scenarios, tools, args, run_dir, wire, results, description
                     tool.sync_change(meter, verify)
                 if scenario in scenarios:
                     results[scenario][name] = {"wall": meter.wall(), "wire": meter.wire_bytes(), "own": meter.own(),
-                                               "rss": fmt_rss(tool.peaks()), "losses": meter.losses()}
+                                               "rss": fmt_rss(tool.peaks()), "cpu": tool.cpu_used(meter),
+                                               "losses": meter.losses()}
                     pending.remove(scenario)
                     print(f"  {scenario}: {meter.wall():.2f} s", file=sys.stderr, flush=True)
         except (Failure, OSError, ValueError, KeyError, subprocess.SubprocessError) as e:
@@ -930,15 +980,15 @@ def render(results, descriptions, tools, scenarios, header, notes, wire_method):
     for scenario in scenarios:
         detail = descriptions.get(scenario, "")
         lines += [f"### {scenario}: {SCENARIOS[scenario]}", ""] + ([f"_{detail}_", ""] if detail else [])
-        lines += ["| tool | wall s | wire bytes | peak RSS | tool's own byte count "
+        lines += ["| tool | wall s | wire bytes | peak RSS | CPU s, A + B | tool's own byte count "
                   "| UDP buffer drops rcv/snd, TCP retrans, TCP drops |",
-                  "|---|---:|---:|---|---:|---|"]
+                  "|---|---:|---:|---|---:|---:|---|"]
         for name in tools:
             row = results[scenario].get(name)
             if row is None:
-                lines.append(f"| {name} | not run | | | | |")
+                lines.append(f"| {name} | not run | | | | | |")
             elif "failed" in row:
-                lines.append(f"| {name} | failed: {row['failed'].replace('|', '/')} | | | | |")
+                lines.append(f"| {name} | failed: {row['failed'].replace('|', '/')} | | | | | |")
             else:
                 wire = row["wire"]
                 if wire is None and row["own"] is not None:
@@ -949,7 +999,9 @@ def render(results, descriptions, tools, scenarios, header, notes, wire_method):
                 loss = row.get("losses") or {}
                 loss_text = (f"{loss.get('udp_rcvbuf', 0):,} / {loss.get('udp_sndbuf', 0):,}, "
                              f"{loss.get('tcp_retrans', 0):,}, {loss.get('tcp_drops', 0):,}") if loss else "n/a"
-                lines.append(f"| {name} | {row['wall']:.2f} | {wire_text} | {row['rss']} | {own} | {loss_text} |")
+                cpu = f"{row['cpu']:.2f}" if row.get("cpu") is not None else "n/a"
+                lines.append(f"| {name} | {row['wall']:.2f} | {wire_text} | {row['rss']} | {cpu} | {own} "
+                             f"| {loss_text} |")
         lines.append("")
     lines += ["Notes:"] + [f"- {n}" for n in notes]
     if wire_method is None:
@@ -1059,6 +1111,9 @@ def main():
         "syncthing: both instances running and connected before timing; initial timed from adding the folder "
         "on A, changes from POST /rest/db/scan on A (fs watcher off); own count = TLS payload bytes of A",
         "peak RSS: A = 127.0.0.1 side (source), B = 127.0.0.2 side (receiver)",
+        "CPU s: user + system of both sides (Shoal: both nodes, A's first scan included in an initial "
+        "sync; rsync: client and daemon with its forks; rsync-ssh: both rsyncs and the ssh client, "
+        "not sshd; unison: server and client; syncthing: both instances)",
         "disk floor: size of the data set divided by the disk's write+fsync rate",
         "drops: the kernel's counters for the whole machine during the tool's measurement (other "
         "processes on the machine count too): /proc/net/snmp Udp RcvbufErrors/SndbufErrors, Tcp "

@@ -210,6 +210,26 @@ def peak_kib(pid):
     return None
 
 
+def cpu_seconds(pid):
+    """User + system CPU seconds a running process (all its threads) has used so far, or
+    None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # Fields after the command name (which may hold spaces), from field 3 on.
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def time_v_cpu(time_v_output):
+    """User + system CPU seconds in the output of /usr/bin/time -v (the process and the
+    children it waited for), or None."""
+    user = re.search(r"User time \(seconds\): ([\d.]+)", time_v_output)
+    system = re.search(r"System time \(seconds\): ([\d.]+)", time_v_output)
+    return float(user.group(1)) + float(system.group(1)) if user and system else None
+
+
 def maxrss_kib(time_v_output):
     """Maximum RSS (KiB) in the output of /usr/bin/time -v, or None."""
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", time_v_output)
