@@ -239,20 +239,40 @@ impl VolumeFs {
         open_dir_at(&self.root, dir, create)
     }
 
-    /// Reads `extent` of the regular file at `path` and returns it if it hashes to `id`.
+    /// Reads `extent` of the regular file at `path` and returns it if it is chunk `id`.
     /// Anything else found under that name (a FIFO, a device, a symlink: planted by a
     /// local user since the scan) is not read, and neither is an extent longer than any
     /// chunk. Blocking: call it off the async worker threads.
-    pub fn read_chunk(&self, path: &VolPath, extent: Extent, id: &ChunkId) -> Option<Vec<u8>> {
+    ///
+    /// `indexed` is the stamp the file had when its chunks were hashed (by a scan, or
+    /// when a pull wrote it): if the file still has it, before and after the read,
+    /// nothing wrote to it since (a write moves the ctime, to a finer timestamp once the
+    /// old one was looked at) and the bytes are the chunk without hashing them again;
+    /// otherwise they are hashed and checked against `id`. (The receiver checks every
+    /// chunk against its id in any case.)
+    pub fn read_chunk(
+        &self,
+        path: &VolPath,
+        extent: Extent,
+        id: &ChunkId,
+        indexed: Option<&ScanStamp>,
+    ) -> Option<Vec<u8>> {
         if extent.len > fastcdc::v2020::MAXIMUM_MAX {
             return None;
         }
         let (parent, name) = path.split_last()?;
         let dir = self.open_dir(&parent, false).ok()?;
         let file = open_regular(&dir, name).ok()?;
+        let is_indexed = || {
+            indexed.is_some_and(|indexed| {
+                rustix::fs::fstat(&file).is_ok_and(|stat| stamp_of_stat(&stat) == *indexed)
+            })
+        };
+        let before = is_indexed();
         let mut data = vec![0u8; extent.len as usize];
         file.read_exact_at(&mut data, extent.offset).ok()?;
-        (ChunkId::of(&data) == *id).then_some(data)
+        let unchanged = before && is_indexed();
+        (unchanged || ChunkId::of(&data) == *id).then_some(data)
     }
 
     /// Opens (or resumes) the staging file for `content` on its way to `dir/name`,
@@ -959,6 +979,36 @@ mod tests {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
     use super::*;
+
+    #[test]
+    fn a_chunk_of_a_file_unchanged_since_indexing_is_read_on_its_stamp_and_hashed_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = VolumeFs::open(dir.path()).unwrap();
+        let path = VolPath::parse(b"file").unwrap();
+        std::fs::write(dir.path().join("file"), b"old content").unwrap();
+        let indexed = stamp_of_stat(&rustix::fs::stat(dir.path().join("file")).unwrap());
+        let extent = Extent { offset: 0, len: 3 };
+        let right = ChunkId::of(b"old");
+        // An id the bytes do not hash to: only a read that trusts the stamp returns them.
+        let other = ChunkId::of(b"something else");
+        assert_eq!(fs.read_chunk(&path, extent, &right, None).unwrap(), b"old");
+        assert_eq!(fs.read_chunk(&path, extent, &other, None), None);
+        assert_eq!(
+            fs.read_chunk(&path, extent, &other, Some(&indexed))
+                .unwrap(),
+            b"old"
+        );
+        // Written since: its stamp moved (its size too, so that no clock's granularity
+        // can hide the write), so its bytes are hashed again, and refused.
+        std::fs::write(dir.path().join("file"), b"new, longer content").unwrap();
+        assert_eq!(fs.read_chunk(&path, extent, &right, Some(&indexed)), None);
+        assert_eq!(fs.read_chunk(&path, extent, &other, Some(&indexed)), None);
+        assert_eq!(
+            fs.read_chunk(&path, extent, &ChunkId::of(b"new"), Some(&indexed))
+                .unwrap(),
+            b"new"
+        );
+    }
 
     #[test]
     fn open_regular_refuses_fifos_and_symlinks_without_blocking() {

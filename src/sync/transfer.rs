@@ -3,13 +3,20 @@
 //! it still lacks is fetched from the peers ([`fetch_chunks`]) straight into the
 //! staging files that wait for it ([`ChunkTargets`]). Every chunk is checked against
 //! its BLAKE3 id before it is written.
+//!
+//! Chunks are asked for in the order their files need them (file by file, front to
+//! back), and the kernel is told to write each staging file back to disk every
+//! [`WRITEBACK_STEP`] bytes as they arrive: the disk works while the transfer goes on,
+//! so flushing a batch before it is published finds little left to write (with the
+//! kernel's own thresholds, a tenth of memory, it would all wait for that flush).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io;
+use std::num::NonZeroU64;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 use tokio::task::JoinSet;
 
@@ -32,23 +39,43 @@ const SILENCE_CHECK: std::time::Duration = std::time::Duration::from_millis(20);
 /// asked nothing more for it (a peer that keeps freezing and thawing).
 const MAX_SILENCES: u32 = 3;
 
+/// Bytes written to one staging file between two requests to the kernel to start
+/// writing it back ([`ChunkTargets::write`]).
+const WRITEBACK_STEP: u64 = 8 << 20;
+
+/// Who a chunk read from this node's copies is for, which decides how it is checked.
+#[derive(Clone, Copy)]
+pub enum ReadFor<'a> {
+    /// This node itself (a copy into another file, repair): hashed against its id.
+    Us,
+    /// A peer, which checks every chunk it receives against its id: a live file still
+    /// exactly as it was when its chunks were hashed (its stamp) is not hashed again
+    /// ([`crate::volume_fs::VolumeFs::read_chunk`]); anything else is. With `holds`
+    /// (the volumes the peer may hold, when it may not hold them all), only from live
+    /// files of those volumes: a pack's copy belongs to no volume the peer can be shown
+    /// to hold.
+    Peer { holds: Option<&'a [VolumeId]> },
+}
+
 impl Node {
     /// Reads a chunk from wherever this node holds it (a live file or a pack), checked
     /// against its id; `None` if no copy is intact. Every location is tried: one in a
     /// volume not open here, or a copy that changed, does not hide a good one. Blocking
     /// (file reads): call it off the async worker threads.
     pub fn read_local_chunk(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, StoreError> {
-        self.read_chunk_for(id, None)
+        self.read_chunk_for(id, ReadFor::Us)
     }
 
-    /// [`Node::read_local_chunk`] for a peer: with `holds` (the volumes the peer may
-    /// hold, when it may not hold them all), only from live files of those volumes; a
-    /// pack's copy belongs to no volume the peer can be shown to hold.
+    /// [`Node::read_local_chunk`], for this node or a peer ([`ReadFor`]).
     pub fn read_chunk_for(
         &self,
         id: &ChunkId,
-        holds: Option<&[VolumeId]>,
+        reader: ReadFor<'_>,
     ) -> Result<Option<Vec<u8>>, StoreError> {
+        let holds = match reader {
+            ReadFor::Us => None,
+            ReadFor::Peer { holds } => holds,
+        };
         for location in self.store.chunk_locations(id)? {
             let allowed = match (&location, holds) {
                 (_, None) => true,
@@ -67,9 +94,15 @@ impl Node {
                 } => {
                     let volume = self.volumes.iter().find(|v| v.id == vol);
                     let path = dir.join(&name).ok();
-                    volume
-                        .zip(path)
-                        .and_then(|(volume, path)| volume.fs.read_chunk(&path, extent, id))
+                    // What the file was when its chunks were hashed: unchanged since, it
+                    // is not hashed again for a peer.
+                    let indexed = match reader {
+                        ReadFor::Us => None,
+                        ReadFor::Peer { .. } => self.store.stamp(vol, &dir, &name)?,
+                    };
+                    volume.zip(path).and_then(|(volume, path)| {
+                        volume.fs.read_chunk(&path, extent, id, indexed.as_ref())
+                    })
                 }
                 ChunkLocation::Pack { pack, extent } => {
                     let path = self.store.packs_dir().join(pack::pack_file_name(pack));
@@ -159,14 +192,81 @@ pub fn fill_from_local(
 /// current batch goes.
 #[derive(Default)]
 pub struct ChunkTargets {
-    places: HashMap<ChunkId, Vec<(Arc<File>, u64, u32)>>,
+    /// The chunks in the order they were first asked for: the order they are fetched in.
+    order: Vec<ChunkId>,
+    /// Where each goes: an index into `files`, the offset, the length it must have.
+    places: HashMap<ChunkId, Vec<(usize, u64, u32)>>,
+    files: Vec<Filling>,
+}
+
+/// A file being filled, and what was written to it since the kernel was last asked to
+/// write it back.
+struct Filling {
+    file: Arc<File>,
+    unflushed: Mutex<Unflushed>,
+}
+
+/// Bytes written to a file and the range they span, since its last writeback request.
+#[derive(Default)]
+struct Unflushed {
+    bytes: u64,
+    start: u64,
+    end: u64,
+}
+
+impl Filling {
+    /// Notes `len` bytes written at `offset`; past [`WRITEBACK_STEP`] of them, asks the
+    /// kernel to write back the range they span. `POSIX_FADV_DONTNEED` starts that
+    /// writeback without waiting for it (and drops the pages already written from the
+    /// cache: a large transfer does not push everything else out of it). Advice only: a
+    /// file system that ignores it is flushed in full when the batch is published.
+    fn wrote(&self, offset: u64, len: u64) {
+        let range = {
+            let mut unflushed = self.unflushed.lock().expect("writeback lock");
+            if unflushed.bytes == 0 {
+                (unflushed.start, unflushed.end) = (offset, offset + len);
+            }
+            unflushed.bytes += len;
+            unflushed.start = unflushed.start.min(offset);
+            unflushed.end = unflushed.end.max(offset + len);
+            if unflushed.bytes < WRITEBACK_STEP {
+                return;
+            }
+            let range = (unflushed.start, unflushed.end);
+            *unflushed = Unflushed::default();
+            range
+        };
+        let _ = rustix::fs::fadvise(
+            &*self.file,
+            range.0,
+            NonZeroU64::new(range.1 - range.0),
+            rustix::fs::Advice::DontNeed,
+        );
+    }
 }
 
 impl ChunkTargets {
     /// Asks for `id`, `len` bytes long, to be written at `offset` of `file` when it
     /// arrives.
     pub fn add(&mut self, id: ChunkId, len: u32, file: Arc<File>, offset: u64) {
-        self.places.entry(id).or_default().push((file, offset, len));
+        let file = match self.files.last() {
+            Some(last) if Arc::ptr_eq(&last.file, &file) => self.files.len() - 1,
+            _ => match self.files.iter().position(|f| Arc::ptr_eq(&f.file, &file)) {
+                Some(index) => index,
+                None => {
+                    self.files.push(Filling {
+                        file,
+                        unflushed: Mutex::default(),
+                    });
+                    self.files.len() - 1
+                }
+            },
+        };
+        let places = self.places.entry(id).or_default();
+        if places.is_empty() {
+            self.order.push(id);
+        }
+        places.push((file, offset, len));
     }
 
     /// Asks for what `file` still lacks.
@@ -182,18 +282,20 @@ impl ChunkTargets {
         self.places.is_empty()
     }
 
-    /// The chunks asked for.
+    /// The chunks asked for, in the order they were.
     fn ids(&self) -> Vec<ChunkId> {
-        self.places.keys().copied().collect()
+        self.order.clone()
     }
 
     /// Writes `data` wherever chunk `id` of its length goes; `false` if no place
     /// wanted that length (a chunk list that lied about it: nothing is written).
     fn write(&self, id: &ChunkId, data: &[u8]) -> std::io::Result<bool> {
         let mut written = false;
-        for (file, offset, len) in self.places.get(id).into_iter().flatten() {
-            if *len as usize == data.len() {
-                write_sparse(file, data, *offset)?;
+        for &(file, offset, len) in self.places.get(id).into_iter().flatten() {
+            if len as usize == data.len() {
+                let filling = &self.files[file];
+                write_sparse(&filling.file, data, offset)?;
+                filling.wrote(offset, u64::from(len));
                 written = true;
             }
         }
@@ -515,6 +617,44 @@ mod tests {
             .collect();
         asked.sort();
         asked
+    }
+
+    #[test]
+    fn chunks_are_fetched_file_by_file_in_file_order_and_written_to_every_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |name: &str| {
+            let file = File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(dir.path().join(name))
+                .unwrap();
+            file.set_len(8).unwrap();
+            Arc::new(file)
+        };
+        let (first, second) = (open("first"), open("second"));
+        let id = |bytes: &[u8]| ChunkId::of(bytes);
+        let mut targets = ChunkTargets::default();
+        targets.add(id(b"zzzz"), 4, first.clone(), 0);
+        targets.add(id(b"aaaa"), 4, first.clone(), 4);
+        // In both files: asked for once, at its first place in the order.
+        targets.add(id(b"zzzz"), 4, second.clone(), 4);
+        targets.add(id(b"mmmm"), 4, second.clone(), 0);
+        assert_eq!(targets.ids(), vec![id(b"zzzz"), id(b"aaaa"), id(b"mmmm")]);
+        assert!(targets.write(&id(b"zzzz"), b"zzzz").unwrap());
+        assert!(targets.write(&id(b"aaaa"), b"aaaa").unwrap());
+        assert!(targets.write(&id(b"mmmm"), b"mmmm").unwrap());
+        // A chunk of another length than asked is written nowhere.
+        assert!(!targets.write(&id(b"aaaa"), b"aaaaa").unwrap());
+        assert_eq!(
+            std::fs::read(dir.path().join("first")).unwrap(),
+            b"zzzzaaaa"
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("second")).unwrap(),
+            b"mmmmzzzz"
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! `GetChunks`: one frame per id asked, the chunk's bytes (read from a live file or a
-//! pack and checked against the id) or `ChunkMissing`. The reads run on tokio's
+//! pack and checked: [`ReadFor::Peer`]) or `ChunkMissing`. The reads run on tokio's
 //! blocking pool, one at a time per request: a slow disk (or a file a local user
 //! swapped for something else) never holds an async worker thread.
 //!
@@ -20,6 +20,7 @@ use crate::ids::{ChunkId, VolumeId};
 use crate::protocol::{ErrorCode, ProtocolError, Response};
 use crate::rate::Direction;
 use crate::sync::Node;
+use crate::sync::transfer::ReadFor;
 
 pub(super) async fn send(
     node: &Arc<Node>,
@@ -49,14 +50,16 @@ pub(super) async fn send(
         }
         let mut cost = reserve(node, session, 3 * frame_bound).await?;
         let (reader, holds) = (node.clone(), holds.clone());
-        let read =
-            tokio::task::spawn_blocking(move || reader.read_chunk_for(&id, holds.as_deref()))
-                .await
-                .map_err(|e| ProtocolError::Refused {
-                    code: ErrorCode::Internal,
-                    message: format!("reading chunk {id}: {e}"),
-                })?
-                .map_err(internal)?;
+        let read = tokio::task::spawn_blocking(move || {
+            let holds = holds.as_deref();
+            reader.read_chunk_for(&id, ReadFor::Peer { holds })
+        })
+        .await
+        .map_err(|e| ProtocolError::Refused {
+            code: ErrorCode::Internal,
+            message: format!("reading chunk {id}: {e}"),
+        })?
+        .map_err(internal)?;
         let response = match read {
             Some(data) => {
                 node.rate
