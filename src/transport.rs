@@ -77,6 +77,16 @@ pub const ACK_GRACE: Duration = Duration::from_millis(250);
 /// to [`ACK_GRACE`] (a live idle peer is heard every [`KEEP_ALIVE`]).
 const HEARD_WITHIN: Duration = Duration::from_secs(2);
 
+/// The round trip assumed before one is measured (RFC 9002's default is 333 ms). It
+/// times the retransmission of a handshake's first packet: a node that starts while its
+/// peer is not listening yet (both started together, the peer still scanning) has its
+/// first packets dropped, and tried again after about three times this, doubling, so
+/// the default cost a second before the peer was reached (unless the peer greets this
+/// node first, which restarts the attempt: `serve::peer_loop`). Cluster peers are mostly in
+/// one data center, well under it; on a slower path the cost is a first packet sent
+/// twice, and the measured round trip takes over at once.
+const INITIAL_RTT: Duration = Duration::from_millis(50);
+
 /// Largest IP packet s2n-quic may probe for. Paths that carry jumbo frames (loopback,
 /// some data-center networks) then move several times fewer packets per byte; smaller
 /// paths simply fail the probes and stay at what works.
@@ -90,11 +100,20 @@ const MAX_MTU: u16 = 9000;
 /// (`SO_RCVBUFFORCE`); otherwise the kernel caps the request at those.
 const SOCKET_BUFFER: usize = 16 << 20;
 
+/// s2n-quic's own ring of received datagrams, between the socket and the endpoint (8 MiB
+/// by default, each endpoint: two per node, most of it resident once a bulk transfer
+/// went through). The kernel's socket buffer ([`SOCKET_BUFFER`]) is what absorbs a
+/// burst while the endpoint is busy; this ring only hands batches over (32 slots of up
+/// to 64 KiB with GRO), so a quarter of the default costs no throughput and keeps 12 MiB
+/// off each node's resident memory.
+const RECEIVE_RING: usize = 2 << 20;
+
 /// `gso`: segmentation offload, which some container networks break (s2n-quic issue
 /// 2485); off, every packet is one send.
 fn io(addr: SocketAddr, gso: bool) -> std::io::Result<s2n_quic::provider::io::Default> {
     s2n_quic::provider::io::Default::builder()
         .with_rx_socket(udp_socket(addr)?)?
+        .with_internal_recv_buffer_size(RECEIVE_RING)?
         .with_max_mtu(MAX_MTU)?
         .with_gso(gso)?
         .build()
@@ -149,6 +168,7 @@ fn limits() -> Result<Limits, String> {
         .and_then(|l| l.with_max_open_remote_bidirectional_streams(MAX_STREAMS))
         .and_then(|l| l.with_max_idle_timeout(IDLE_TIMEOUT))
         .and_then(|l| l.with_max_keep_alive_period(KEEP_ALIVE))
+        .and_then(|l| l.with_initial_round_trip_time(INITIAL_RTT))
         .map_err(|e| e.to_string())
 }
 
