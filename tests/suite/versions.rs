@@ -302,17 +302,32 @@ fn a_file_replaced_by_a_directory_symlink_or_fifo_and_a_renamed_tree_keep_their_
         .as_secs_f64();
     std::thread::sleep(Duration::from_millis(1100));
 
+    // Each replacement is one atomic step, made beside the volume and renamed in (a
+    // directory swapped in with RENAME_EXCHANGE): as `rm` then `mkdir`, a stall of the
+    // test between the two under load let the watcher see a delete first.
     let vol = c.vol(0);
-    fs::remove_file(vol.join("f.bin")).unwrap();
-    fs::create_dir(vol.join("f.bin")).unwrap();
-    fs::remove_file(vol.join("l.bin")).unwrap();
-    std::os::unix::fs::symlink("f.bin", vol.join("l.bin")).unwrap();
-    fs::remove_file(vol.join("p.bin")).unwrap();
-    let fifo = std::process::Command::new("mkfifo")
-        .arg(vol.join("p.bin"))
-        .status()
-        .unwrap();
-    assert!(fifo.success());
+    let beside = c.dir.path().join("beside");
+    fs::create_dir(&beside).unwrap();
+    fs::create_dir(beside.join("f.bin")).unwrap();
+    rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        beside.join("f.bin"),
+        rustix::fs::CWD,
+        vol.join("f.bin"),
+        rustix::fs::RenameFlags::EXCHANGE,
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("f.bin", beside.join("l.bin")).unwrap();
+    fs::rename(beside.join("l.bin"), vol.join("l.bin")).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        beside.join("p.bin"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    fs::rename(beside.join("p.bin"), vol.join("p.bin")).unwrap();
     fs::rename(vol.join("d"), vol.join("e")).unwrap();
     c.wait_converged(&[0, 1], Duration::from_secs(60));
     assert!(c.vol(1).join("f.bin").is_dir());
