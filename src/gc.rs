@@ -390,15 +390,6 @@ mod tests {
         store.write(batch, Durability::Durable).unwrap();
     }
 
-    fn open(dir: &std::path::Path) -> Store {
-        let options = OpenOptions {
-            create: true,
-            read_only: false,
-            chunk_params: None,
-        };
-        Store::open(dir, options).unwrap()
-    }
-
     /// A volume whose versions expire after a minute.
     fn expiring() -> VolumeToCollect {
         VolumeToCollect {
@@ -432,13 +423,13 @@ mod tests {
         let chunk = "needed by the new version".repeat(40).into_bytes();
         // An expired version holds the chunk in a pack that no longer takes chunks.
         keep(
-            &open(dir.path()),
+            &Store::open_for_test(dir.path()),
             "old",
             120 * SEC,
             0,
             std::slice::from_ref(&chunk),
         );
-        let store = open(dir.path());
+        let store = Store::open_for_test(dir.path());
         // A pull replacing another file with that chunk finds the pack's copy and
         // relies on it, appending nothing ...
         let mut kept = start_keeping(&store, std::slice::from_ref(&chunk));
@@ -465,20 +456,20 @@ mod tests {
         );
         // Two expired versions, each in its own pack.
         keep(
-            &open(dir.path()),
+            &Store::open_for_test(dir.path()),
             "a",
             120 * SEC,
             0,
             std::slice::from_ref(&first),
         );
         keep(
-            &open(dir.path()),
+            &Store::open_for_test(dir.path()),
             "b",
             120 * SEC,
             0,
             std::slice::from_ref(&second),
         );
-        let store = open(dir.path());
+        let store = Store::open_for_test(dir.path());
         // Between the two packs of the collection (both marked), a pull keeps a version
         // holding the second pack's chunk: it appends its own copy.
         let mut kept = None;
@@ -606,7 +597,7 @@ mod tests {
         let mut kept = Vec::new();
         // Three packs, each with an expired version's chunks and a kept version's.
         for pack in 0..3u32 {
-            let store = open(dir.path());
+            let store = Store::open_for_test(dir.path());
             let old = [
                 chunk(format!("old {pack} a")),
                 chunk(format!("old {pack} b")),
@@ -617,7 +608,7 @@ mod tests {
             garbage.extend(old);
             kept.extend(new);
         }
-        let store = open(dir.path());
+        let store = Store::open_for_test(dir.path());
         let (dropped, _) = apply_retention(&store, &expiring(), NOW).unwrap();
         assert_eq!(dropped, 3);
         let packs = store.mark_collectable_packs().unwrap();

@@ -34,8 +34,10 @@ mod packs;
 mod versions;
 
 use std::collections::HashSet;
+use std::fs::OpenOptions as FsOpenOptions;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -364,6 +366,50 @@ impl Repair<'_> {
             path,
             detail,
         });
+    }
+
+    /// Fetches the `wanted` chunks (id, length) from the peers of volume `volume_index`
+    /// into a scratch file at `scratch_path`, hands each one that arrived and matches its
+    /// id to `arrived`, one at a time (a round's chunks are never all in memory), and
+    /// removes the scratch file.
+    async fn fetch_through_scratch(
+        &mut self,
+        volume_index: usize,
+        scratch_path: &Path,
+        wanted: impl IntoIterator<Item = (ChunkId, u32)>,
+        mut arrived: impl FnMut(ChunkId, &[u8]) -> Result<(), RepairError>,
+    ) -> Result<(), RepairError> {
+        let io = |e| RepairError::Io(scratch_path.display().to_string(), e);
+        let scratch = Arc::new(
+            FsOpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(scratch_path)
+                .map_err(io)?,
+        );
+        let mut targets = ChunkTargets::default();
+        let mut places = Vec::new();
+        let mut at = 0u64;
+        for (id, len) in wanted {
+            targets.add(id, len, scratch.clone(), at);
+            places.push((id, at, len));
+            at += u64::from(len);
+        }
+        let received = self.fetch(volume_index, targets).await?;
+        let mut data = Vec::new();
+        for (id, at, len) in places {
+            if !received.contains(&id) {
+                continue;
+            }
+            data.resize(len as usize, 0);
+            if scratch.read_exact_at(&mut data, at).is_ok() && ChunkId::of(&data) == id {
+                arrived(id, &data)?;
+            }
+        }
+        drop(scratch);
+        std::fs::remove_file(scratch_path).map_err(io)
     }
 
     /// Fetches chunks from the peers that share volume `volume_index` (connecting to

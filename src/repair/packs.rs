@@ -220,37 +220,23 @@ impl Repair<'_> {
         }
         if !from_peers.is_empty() && !node.peers().is_empty() {
             // Received chunks land in a scratch file beside the packs, then are appended.
-            let scratch_path = path.with_extension("repair.tmp");
-            let scratch = Arc::new(
-                FsOpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(&scratch_path)
-                    .map_err(|e| RepairError::Io(scratch_path.display().to_string(), e))?,
-            );
-            let mut targets = ChunkTargets::default();
-            let mut at = 0u64;
-            let mut places = Vec::new();
-            for (id, extent) in &from_peers {
-                targets.add(*id, extent.len, scratch.clone(), at);
-                places.push((*id, at, extent.len));
-                at += u64::from(extent.len);
-            }
-            let received = self.fetch(0, targets).await?;
-            for (id, at, len) in places {
-                let mut data = vec![0u8; len as usize];
-                if received.contains(&id)
-                    && scratch.read_exact_at(&mut data, at).is_ok()
-                    && ChunkId::of(&data) == id
-                {
-                    again.push((id, data));
-                    from_peers.retain(|(i, _)| *i != id);
-                }
-            }
-            drop(scratch);
-            let _ = std::fs::remove_file(&scratch_path);
+            let wanted: Vec<_> = from_peers
+                .iter()
+                .map(|(id, extent)| (*id, extent.len))
+                .collect();
+            let mut arrived = HashSet::new();
+            self.fetch_through_scratch(
+                0,
+                &path.with_extension("repair.tmp"),
+                wanted,
+                |id, data| {
+                    again.push((id, data.to_vec()));
+                    arrived.insert(id);
+                    Ok(())
+                },
+            )
+            .await?;
+            from_peers.retain(|(id, _)| !arrived.contains(id));
         }
         if !again.is_empty() {
             let mut writer = PackWriter::open(path)?;

@@ -6,15 +6,11 @@
 //! final rescan.
 
 use std::collections::BTreeMap;
-use std::fs::OpenOptions as FsOpenOptions;
-use std::os::unix::fs::FileExt;
-use std::sync::Arc;
 
 use super::{Repair, RepairError};
 use crate::ids::ChunkId;
 use crate::pathname::VolPath;
 use crate::store::Durability;
-use crate::sync::transfer::ChunkTargets;
 
 /// Chunks asked of the peers in one round, and the bytes they may take on disk: the
 /// scratch file and the memory of the walk stay bounded whatever the versions hold.
@@ -77,43 +73,17 @@ impl Repair<'_> {
         }
         let node = self.node.clone();
         let scratch_path = node.store.packs_dir().join("versions.repair.tmp");
-        let io = |e| RepairError::Io(scratch_path.display().to_string(), e);
-        let scratch = Arc::new(
-            FsOpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&scratch_path)
-                .map_err(io)?,
-        );
-        let mut targets = ChunkTargets::default();
-        let mut places = Vec::with_capacity(wanted.len());
-        let mut at = 0u64;
-        for (id, len) in &wanted {
-            targets.add(*id, *len, scratch.clone(), at);
-            places.push((*id, at, *len));
-            at += u64::from(*len);
-        }
-        let received = self.fetch(volume_index, targets).await?;
         let mut kept = node.store.kept_chunks();
-        let mut data = Vec::new();
         let mut fetched = 0u64;
-        for (id, at, len) in places {
-            if !received.contains(&id) {
-                continue;
-            }
-            data.resize(len as usize, 0);
-            if scratch.read_exact_at(&mut data, at).is_ok() && ChunkId::of(&data) == id {
-                node.store.keep_version_chunk(&mut kept, &id, &data)?;
-                fetched += 1;
-            }
-        }
+        self.fetch_through_scratch(volume_index, &scratch_path, wanted, |id, data| {
+            node.store.keep_version_chunk(&mut kept, &id, data)?;
+            fetched += 1;
+            Ok(())
+        })
+        .await?;
         let mut batch = node.store.batch();
         kept.finish(&node.store, &mut batch)?;
         node.store.write(batch, Durability::Durable)?;
-        drop(scratch);
-        std::fs::remove_file(&scratch_path).map_err(io)?;
         if fetched > 0 {
             let volume = node.volumes[volume_index].name.clone();
             self.done(

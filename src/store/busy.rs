@@ -197,21 +197,11 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::OpenOptions;
-
-    fn open(dir: &std::path::Path) -> Store {
-        let options = OpenOptions {
-            create: true,
-            read_only: false,
-            chunk_params: None,
-        };
-        Store::open(dir, options).unwrap()
-    }
 
     #[test]
     fn a_kept_version_is_readable_from_its_pack_until_a_restart_retires_it() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path());
+        let store = Store::open_for_test(dir.path());
         let data = b"one version of a busy file".to_vec();
         let chunks = [ChunkRef {
             id: ChunkId::of(&data),
@@ -230,7 +220,7 @@ mod tests {
             data
         );
         drop(store);
-        let store = open(dir.path());
+        let store = Store::open_for_test(dir.path());
         assert!(store.chunk_locations(&chunks[0].id).unwrap().is_empty());
         assert!(!path.exists());
     }

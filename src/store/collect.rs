@@ -415,16 +415,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{ChunkLocation, OpenOptions};
-
-    fn open(dir: &std::path::Path) -> Store {
-        let options = OpenOptions {
-            create: true,
-            read_only: false,
-            chunk_params: None,
-        };
-        Store::open(dir, options).unwrap()
-    }
+    use crate::store::ChunkLocation;
 
     /// A pack of `n` chunks, indexed, and the chunks' bytes.
     fn pack_of(store: &Store, n: usize) -> (u64, Vec<(ChunkId, Vec<u8>)>) {
@@ -462,7 +453,7 @@ mod tests {
     #[test]
     fn a_rewrite_keeps_exactly_the_kept_chunks_and_removes_the_old_pack() {
         let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path());
+        let store = Store::open_for_test(dir.path());
         let (old, chunks) = pack_of(&store, 6);
         let keep: HashSet<ChunkId> = chunks.iter().step_by(2).map(|(id, _)| *id).collect();
         let verdict = store
@@ -507,7 +498,7 @@ mod tests {
         ] {
             let dir = tempfile::tempdir().unwrap();
             let (old, chunks) = {
-                let store = open(dir.path());
+                let store = Store::open_for_test(dir.path());
                 let (old, chunks) = pack_of(&store, 4);
                 let keep = chunks[0].0;
                 // A panic stands for the crash: nothing after the point runs.
@@ -521,7 +512,7 @@ mod tests {
                 assert!(result.is_err(), "{stop:?}");
                 (old, chunks)
             };
-            let store = open(dir.path());
+            let store = Store::open_for_test(dir.path());
             let packs = store.mark_collectable_packs().unwrap();
             assert_eq!(packs.len(), 1, "{stop:?}: one pack left, {packs:?}");
             let switched = matches!(stop, CrashPoint::Switched | CrashPoint::OldRemoved);

@@ -371,18 +371,7 @@ impl Store {
 mod tests {
     use super::*;
     use crate::entry::{Entry, EntryKind, VersionVector};
-    use crate::store::{Durability, OpenOptions};
-
-    fn open(dir: &std::path::Path) -> Store {
-        Store::open(
-            dir,
-            OpenOptions {
-                create: true,
-                ..OpenOptions::default()
-            },
-        )
-        .unwrap()
-    }
+    use crate::store::Durability;
 
     fn file(n: u64) -> Entry {
         Entry {
@@ -433,7 +422,7 @@ mod tests {
     #[test]
     fn changes_are_numbered_in_order_and_read_back_since_a_mark() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = open(tmp.path());
+        let store = Store::open_for_test(tmp.path());
         let vol = VolumeId(1);
         let start = store.feed_mark(vol).unwrap();
         put(&store, vol, "", "a", 1);
@@ -470,7 +459,7 @@ mod tests {
     #[test]
     fn a_name_last_written_as_a_peer_sent_it_is_left_out_of_that_peers_answers_only() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = open(tmp.path());
+        let store = Store::open_for_test(tmp.path());
         let vol = VolumeId(1);
         let (peer, other) = (NodeId(7), NodeId(8));
         let start = store.feed_mark(vol).unwrap();
@@ -516,12 +505,12 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let vol = VolumeId(1);
         let (id, before) = {
-            let store = open(tmp.path());
+            let store = Store::open_for_test(tmp.path());
             put(&store, vol, "", "a", 1);
             let mark = store.feed_mark(vol).unwrap();
             (mark.feed, mark)
         };
-        let store = open(tmp.path());
+        let store = Store::open_for_test(tmp.path());
         let reopened = store.feed_mark(vol).unwrap();
         assert_eq!(reopened.feed, id);
         assert!(reopened.seq >= before.seq);
@@ -538,7 +527,7 @@ mod tests {
     #[test]
     fn a_mark_below_the_retention_or_of_another_feed_is_gone() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = open(tmp.path());
+        let store = Store::open_for_test(tmp.path());
         store.set_feed_retention(10);
         let vol = VolumeId(1);
         let start = store.feed_mark(vol).unwrap();
@@ -576,7 +565,13 @@ mod tests {
         // A new index (a rebuilt store) starts a feed of another id.
         drop(store);
         let other = tempfile::tempdir().unwrap();
-        assert_ne!(open(other.path()).feed_mark(vol).unwrap().feed, now.feed);
+        assert_ne!(
+            Store::open_for_test(other.path())
+                .feed_mark(vol)
+                .unwrap()
+                .feed,
+            now.feed
+        );
     }
 
     #[test]
@@ -587,13 +582,13 @@ mod tests {
             seq: 42,
         };
         {
-            let store = open(tmp.path());
+            let store = Store::open_for_test(tmp.path());
             assert_eq!(store.applied_mark(VolumeId(1), NodeId(5)).unwrap(), None);
             store
                 .set_applied_mark(VolumeId(1), NodeId(5), mark)
                 .unwrap();
         }
-        let store = open(tmp.path());
+        let store = Store::open_for_test(tmp.path());
         assert_eq!(
             store.applied_mark(VolumeId(1), NodeId(5)).unwrap(),
             Some(mark)

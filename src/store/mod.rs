@@ -174,6 +174,17 @@ type RawItem = Result<(Box<[u8]>, Box<[u8]>), StoreError>;
 const LOCK_ATTEMPTS: u32 = 10;
 
 impl Store {
+    /// Opens the store in `dir`, creating it with the default chunk sizes if there is
+    /// none: the unit tests' store.
+    #[cfg(test)]
+    pub(crate) fn open_for_test(dir: &Path) -> Store {
+        let options = OpenOptions {
+            create: true,
+            ..OpenOptions::default()
+        };
+        Store::open(dir, options).unwrap()
+    }
+
     pub fn open(state_dir: &Path, options: OpenOptions) -> Result<Store, StoreError> {
         let io_err = |path: &Path| {
             let path = path.to_path_buf();

@@ -397,6 +397,18 @@ impl Cluster {
             .join("\n")
     }
 
+    /// `shoal verify` on node `i` exits 0 (nothing found); its report if not.
+    pub fn assert_verifies_clean(&self, i: usize) {
+        let node = self.dir.path().join(format!("node{i}"));
+        let out = crate::util::shoal_at(&node.join("data"), &node.join("state"), "verify", &[]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
     /// What `shoal verify` finds on each node (read-only beside a running node): an index
     /// that says one thing and a disk that holds another.
     pub fn verify_all(&self, nodes: &[usize]) -> String {

@@ -246,19 +246,7 @@ fn a_node_killed_mid_transfer_resumes_and_no_partial_file_is_ever_visible() {
     stop.store(true, Ordering::Relaxed);
     reader.join().expect("the reader saw a partial file");
     assert!(checked.load(Ordering::Relaxed) > 0);
-    let verify = crate::util::shoal(&[
-        "verify",
-        "--data-root",
-        c.vol(1).parent().unwrap().to_str().unwrap(),
-        "--state-dir",
-        c.dir.path().join("node1/state").to_str().unwrap(),
-    ]);
-    assert_eq!(
-        verify.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&verify.stdout)
-    );
+    c.assert_verifies_clean(1);
 }
 
 /// Small files are staged unnamed (`O_TMPFILE`, schema/store.md "Unnamed staging
@@ -287,19 +275,7 @@ fn a_node_killed_while_taking_many_small_files_converges_and_leaves_no_staging_f
     assert!(at_kill < 3000, "the transfer was over before the kill");
     c.start(1);
     c.wait_converged(&[0, 1], CONVERGE);
-    let verify = crate::util::shoal(&[
-        "verify",
-        "--data-root",
-        c.vol(1).parent().unwrap().to_str().unwrap(),
-        "--state-dir",
-        c.dir.path().join("node1/state").to_str().unwrap(),
-    ]);
-    assert_eq!(
-        verify.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&verify.stdout)
-    );
+    c.assert_verifies_clean(1);
     let left: Vec<_> = fs::read_dir(c.vol(1).join(".shoal/staging"))
         .unwrap()
         .map(|e| e.unwrap().file_name())
