@@ -21,7 +21,8 @@
 //! - [`workers`]: a bounded pool of worker threads (the scanner's and verify's hashing).
 //! - [`scan`]: walks a volume (or the directories that changed) and brings its index up
 //!   to date: `walk.rs` merges listings with the index, `hash.rs` reads and chunks
-//!   files, `rules.rs` holds the `.shoalignore` rules.
+//!   files, `rules.rs` holds the `.shoalignore` rules, `writer.rs` writes a full walk's
+//!   batches on a thread of their own.
 //! - [`watcher`]: file system events, debounced into narrow scans.
 //! - [`guard`]: the delete guard: a scan's mass delete held back from peers until
 //!   released, its threshold per volume, and what each volume holds.

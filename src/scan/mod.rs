@@ -10,7 +10,8 @@
 //! scan if it keeps changing. Names gone from the directory become tombstones.
 //!
 //! Every change is written as a [`Batch`](crate::store::Batch) that keeps the index consistent on its own, so
-//! a scan killed at any point leaves a store that the next scan completes. The Merkle
+//! a scan killed at any point leaves a store that the next scan completes. A full walk
+//! hands its batches to a writer thread ([`writer`]), in order, and goes on walking. The Merkle
 //! tree is updated at the end from the dirty marks the batches left ([`crate::tree`]).
 //!
 //! A scan can be narrowed ([`ScanScope::Dirs`]) to the directories the file watcher saw
@@ -23,6 +24,7 @@ mod links;
 mod rules;
 pub mod slices;
 mod walk;
+mod writer;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, Metadata};
@@ -260,6 +262,8 @@ pub fn scan_volume(
             guard: options.guard,
             guard_held,
             batch: store.batch(),
+            writer: (full && options.renamed.is_empty())
+                .then(|| writer::Writer::start(scope, store)),
             hashers: Pool::start(scope, threads, QUEUE_DEPTH, || {
                 hasher(params, namespaces, budget.clone())
             }),

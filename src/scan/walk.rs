@@ -63,6 +63,9 @@ pub(super) struct Walker<'s> {
     /// The names whose deletes the guard holds: left live in the index while gone.
     pub(super) guard_held: HashSet<VolPath>,
     pub(super) batch: Batch<'s>,
+    /// Writes the batches of a full walk while it goes on; `None` in a narrow scan, and
+    /// once the walk is done (what follows reads what it wrote).
+    pub(super) writer: Option<super::writer::Writer<'s>>,
     /// Taken (closing the queue) once the walk is done.
     /// The hashing threads.
     pub(super) hashers: Pool<HashJob, HashResult>,
@@ -143,6 +146,7 @@ impl<'s> Walker<'s> {
         while let Some(result) = self.hashers.next_result() {
             self.on_hashed(result)?;
         }
+        self.settle()?;
         self.record_link_groups()?;
         // Deletes are written last: a peer pulling while this scan runs sees a renamed
         // file's new name before its old one goes, and so still holds the content
@@ -258,9 +262,22 @@ impl<'s> Walker<'s> {
     pub(super) fn flush(&mut self, force: bool) -> Result<(), StoreError> {
         if self.batch.len() >= BATCH_OPS || (force && !self.batch.is_empty()) {
             let full = std::mem::replace(&mut self.batch, self.store.batch());
-            self.store.write(full, Durability::Buffered)?;
+            match &mut self.writer {
+                Some(writer) => writer.write(full)?,
+                None => self.store.write(full, Durability::Buffered)?,
+            }
         }
         Ok(())
+    }
+
+    /// Hands what the walk batched to the writer and waits until all of it is written:
+    /// from here on every write is made in line, and every read sees them all.
+    fn settle(&mut self) -> Result<(), StoreError> {
+        self.flush(true)?;
+        match self.writer.take() {
+            Some(mut writer) => writer.settle(),
+            None => Ok(()),
+        }
     }
 
     pub(super) fn problem(&mut self, message: String) {
@@ -1011,10 +1028,8 @@ impl<'s> Walker<'s> {
         xattrs: Xattrs,
     ) -> Result<(), StoreError> {
         let linked_now = meta.nlink() > 1;
-        let was_linked = self
-            .store
-            .entry(self.vol, dir, name)?
-            .is_some_and(|o| o.link.is_some());
+        let old = self.store.entry(self.vol, dir, name)?;
+        let was_linked = old.as_ref().is_some_and(|o| o.link.is_some());
         if linked_now || was_linked {
             let changed = super::links::Changed {
                 content,
@@ -1023,7 +1038,7 @@ impl<'s> Walker<'s> {
             };
             return self.defer_linked(dir, name, changed, linked_now);
         }
-        self.record_file_as(dir, name, content, meta, xattrs, None)
+        self.record_file_with(dir, name, old, content, meta, (xattrs, None))
     }
 
     /// Writes a file's entry (with `link`, its hard-link group) and chunk list if its
@@ -1038,6 +1053,19 @@ impl<'s> Walker<'s> {
         link: Option<VolPath>,
     ) -> Result<(), StoreError> {
         let old = self.store.entry(self.vol, dir, name)?;
+        self.record_file_with(dir, name, old, content, meta, (xattrs, link))
+    }
+
+    /// [`Walker::record_file_as`], with `old`, what the index holds under the name.
+    fn record_file_with(
+        &mut self,
+        dir: &VolPath,
+        name: &[u8],
+        old: Option<Entry>,
+        content: ChunkedContent,
+        meta: &Metadata,
+        (xattrs, link): (Xattrs, Option<VolPath>),
+    ) -> Result<(), StoreError> {
         let kind = EntryKind::File {
             size: content.size,
             content_id: content.content_id,

@@ -29,6 +29,7 @@ impl Store {
             wb: WriteBatch::default(),
             ops: 0,
             changed: Vec::new(),
+            last_dirty: None,
         }
     }
 
@@ -70,6 +71,9 @@ pub struct Batch<'s> {
     /// The entries this batch writes: each gets the next number of its volume's change
     /// feed when the batch is written.
     pub(super) changed: Vec<Changed>,
+    /// The dirty mark this batch wrote last: marking it again (each file of a directory
+    /// marks it) writes nothing more.
+    last_dirty: Option<Vec<u8>>,
 }
 
 /// One entry write of a batch, to number in its volume's change feed.
@@ -244,10 +248,15 @@ impl Batch<'_> {
     }
 
     pub fn mark_dirty(&mut self, vol: VolumeId, dir: &VolPath) {
-        self.put(CF_DIRTY, &dir_key(vol, dir), b"");
+        let key = dir_key(vol, dir);
+        if self.last_dirty.as_ref() != Some(&key) {
+            self.put(CF_DIRTY, &key, b"");
+            self.last_dirty = Some(key);
+        }
     }
 
     pub fn clear_dirty(&mut self, vol: VolumeId, dir: &VolPath) {
+        self.last_dirty = None;
         self.delete(CF_DIRTY, &dir_key(vol, dir));
     }
 
