@@ -7,7 +7,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{PUBLISH_BATCH, Pull};
+use super::{PUBLISH_BATCH, Pull, Until};
 use crate::ids::NodeId;
 use crate::pathname::VolPath;
 use crate::protocol::{
@@ -83,7 +83,7 @@ impl Pull {
             decided?;
             drop(guard);
             if self.files.len() >= PUBLISH_BATCH {
-                self.take_files().await?;
+                self.take_files(Until::Batches).await?;
             }
             mark = high;
             if !more {
@@ -92,7 +92,7 @@ impl Pull {
         }
         // Directories the peer deleted (or replaced by a file): their children too.
         self.drain_pending().await?;
-        self.take_files().await?;
+        self.take_files(Until::All).await?;
         self.link_names().await?;
         Ok(FeedOutcome::Followed(mark))
     }

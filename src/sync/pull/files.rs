@@ -59,6 +59,62 @@ impl Staging {
 /// disk shared with a busy build it held a one-file change for over a second.
 const FSYNC_EACH_UP_TO: usize = 16;
 
+/// Flushes the content of a batch's staged files to disk (an `fsync` each for a few, one
+/// `syncfs` for many): what a publish renames into place must be durable first.
+fn flush_staged(fs: &crate::volume_fs::VolumeFs, ready: &[ReadyFile]) -> Result<(), SyncError> {
+    let started = std::time::Instant::now();
+    if ready.len() <= FSYNC_EACH_UP_TO {
+        for file in ready {
+            file.staged
+                .file()
+                .sync_all()
+                .map_err(SyncError::local(format!(
+                    "flushing staged {}",
+                    escape(&file.job.name)
+                )))?;
+        }
+    } else if !ready.is_empty() {
+        fs.sync_all()?;
+    }
+    tracing::debug!(
+        files = ready.len(),
+        flush_ms = started.elapsed().as_millis() as u64,
+        "batch flushed"
+    );
+    Ok(())
+}
+
+/// A batch being flushed on the blocking pool ([`flush_staged`]), to publish once done.
+pub(super) struct Flushing(tokio::task::JoinHandle<Result<Vec<ReadyFile>, SyncError>>);
+
+impl Flushing {
+    fn start(node: &Arc<Node>, volume_index: usize, ready: Vec<ReadyFile>) -> Self {
+        let node = node.clone();
+        Flushing(tokio::task::spawn_blocking(move || {
+            flush_staged(&node.volumes[volume_index].fs, &ready)?;
+            Ok(ready)
+        }))
+    }
+
+    /// The batch, flushed.
+    async fn done(self) -> Result<Vec<ReadyFile>, SyncError> {
+        self.0.await.map_err(|e| SyncError::Task {
+            what: "flushing",
+            source: e,
+        })?
+    }
+}
+
+/// How much of the files decided on [`Pull::take_files`] takes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Until {
+    /// Whole batches of [`PUBLISH_BATCH`]; the rest waits for more files, and the last
+    /// batch is left flushing, published by the next call.
+    Batches,
+    /// Every file, every batch published.
+    All,
+}
+
 /// A file to fetch and publish under `dir/name`.
 pub(super) struct FileJob {
     pub(super) dir: VolPath,
@@ -169,8 +225,11 @@ impl Pull {
 
     /// Takes the files decided on so far in batches of up to `PUBLISH_BATCH`: prepares them (`FILE_CONCURRENCY`
     /// at a time), fetches the chunks the whole batch still lacks in shared requests,
-    /// then publishes the batch (files flushed, one durable index write).
-    pub(super) async fn take_files(&mut self) -> Result<(), SyncError> {
+    /// then publishes the batch (files flushed, one durable index write). A batch is
+    /// flushed on the blocking pool while the next one is prepared and fetched, and
+    /// published (under the volume lock) once that one is in: the disk writes one batch
+    /// while the network brings the next.
+    pub(super) async fn take_files(&mut self, until: Until) -> Result<(), SyncError> {
         self.find_rename_sources()?;
         let mut fetched = Vec::new();
         let mut moved = Vec::new();
@@ -185,6 +244,30 @@ impl Pull {
             }
         }
         self.take_renamed(moved).await?;
+        if until == Until::Batches {
+            // A batch short of full waits for the files of the next directories.
+            let whole = fetched.len() - fetched.len() % PUBLISH_BATCH;
+            self.files = fetched.split_off(whole);
+        }
+        let taken = self.take_batches(fetched).await;
+        match until {
+            Until::All => taken.and(self.publish_flushing().await),
+            Until::Batches => taken,
+        }
+    }
+
+    /// Publishes the batch left flushing, if there is one (also after a failure: what
+    /// was fetched is kept).
+    pub(super) async fn publish_flushing(&mut self) -> Result<(), SyncError> {
+        match self.flushing.take() {
+            Some(flushing) => self.publish_flushed(flushing).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Takes `fetched` batch by batch; each batch, once fetched, is left flushing in
+    /// `self.flushing` and published after the next one is fetched.
+    async fn take_batches(&mut self, fetched: Vec<FileJob>) -> Result<(), SyncError> {
         let mut jobs = fetched.into_iter().peekable();
         while jobs.peek().is_some() {
             let mut set = JoinSet::new();
@@ -232,11 +315,18 @@ impl Pull {
                 }
                 other => other?,
             };
-            let node = self.node.clone();
-            let _guard = node.volumes[self.volume_index].lock.lock().await;
-            self.publish(ready)?;
+            self.publish_flushing().await?;
+            self.flushing = Some(Flushing::start(&self.node, self.volume_index, ready));
         }
         Ok(())
+    }
+
+    /// Publishes a batch once its flush is done, under the volume lock.
+    async fn publish_flushed(&mut self, flushing: Flushing) -> Result<(), SyncError> {
+        let ready = flushing.done().await?;
+        let node = self.node.clone();
+        let _guard = node.volumes[self.volume_index].lock.lock().await;
+        self.publish_durable(ready)
     }
 
     /// Takes the files whose content a local file about to be deleted holds (the other
@@ -398,6 +488,13 @@ impl Pull {
     /// Makes a batch of assembled files durable and visible, then indexes them. Runs
     /// under the volume lock.
     fn publish(&mut self, ready: Vec<ReadyFile>) -> Result<(), SyncError> {
+        flush_staged(&self.node.volumes[self.volume_index].fs, &ready)?;
+        self.publish_durable(ready)
+    }
+
+    /// Makes a batch of assembled files, their content flushed already, visible, then
+    /// indexes them. Runs under the volume lock.
+    fn publish_durable(&mut self, ready: Vec<ReadyFile>) -> Result<(), SyncError> {
         if ready.is_empty() {
             return Ok(());
         }
@@ -416,20 +513,6 @@ impl Pull {
         let started = std::time::Instant::now();
         node.store.write(journal, Durability::Durable)?;
         let journaled = started.elapsed();
-        if ready.len() <= FSYNC_EACH_UP_TO {
-            for file in &ready {
-                file.staged
-                    .file()
-                    .sync_all()
-                    .map_err(SyncError::local(format!(
-                        "flushing staged {}",
-                        escape(&file.job.name)
-                    )))?;
-            }
-        } else {
-            fs.sync_all()?;
-        }
-        let synced = started.elapsed();
         let mut dirs: HashMap<VolPath, OwnedFd> = HashMap::new();
         let mut batch = node.store.batch();
         for file in &ready {
@@ -494,7 +577,6 @@ impl Pull {
         tracing::debug!(
             files = ready_count,
             journal_ms = journaled.as_millis() as u64,
-            flush_ms = (synced - journaled).as_millis() as u64,
             total_ms = started.elapsed().as_millis() as u64,
             "batch published"
         );

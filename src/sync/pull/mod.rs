@@ -56,7 +56,7 @@ use crate::pathname::{VolPath, escape};
 use crate::store::FeedMark;
 use crate::tree::TreeNode;
 use crate::unsyncable::{Cause, Noted, Origin};
-use files::{FileJob, RenameSource};
+use files::{FileJob, RenameSource, Until};
 
 /// Files made durable and visible together.
 const PUBLISH_BATCH: usize = 256;
@@ -141,6 +141,7 @@ pub async fn pull_volume(
         pending: Vec::new(),
         pending_bytes: 0,
         files: Vec::new(),
+        flushing: None,
         links: Vec::new(),
         links_waiting: 0,
         report: PullReport::default(),
@@ -253,6 +254,9 @@ struct Pull {
     pending_bytes: usize,
     /// Files decided on but not yet fetched (taken in batches across directories).
     files: Vec<FileJob>,
+    /// The last batch fetched, being flushed while the next is fetched
+    /// ([`Pull::take_files`]); published before the round's deletes at the latest.
+    flushing: Option<files::Flushing>,
     /// Other names of hard-linked files, linked to their leaders at the end of the round.
     links: Vec<FileJob>,
     /// Of those, how many could not be linked this round.
@@ -297,6 +301,11 @@ impl Pull {
         scope: Scope,
         reached: Option<FeedMark>,
     ) -> Result<PullReport, SyncError> {
+        // The batch still flushing goes in first, whatever became of the round.
+        let round = match self.publish_flushing().await {
+            Ok(()) => round,
+            Err(e) => round.and(Err(e)),
+        };
         if let Some(pause) = self.node.faults.pause_before_deletes {
             tokio::time::sleep(pause).await;
         }
@@ -455,7 +464,7 @@ impl Pull {
         self.sync_dir(&VolPath::root(), Some(remote_root), None)
             .await?;
         self.drain_pending().await?;
-        self.take_files().await?;
+        self.take_files(Until::All).await?;
         self.link_names().await
     }
 

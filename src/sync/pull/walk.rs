@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 
 use s2n_quic::connection::Handle;
 
-use super::{PUBLISH_BATCH, Pull};
+use super::{PUBLISH_BATCH, Pull, Until};
 use crate::pathname::VolPath;
 use crate::protocol::{ProtocolError, Request, Response, WireEntry};
 use crate::sync::{SyncError, request};
@@ -125,7 +125,7 @@ impl Pull {
                 drop(guard);
                 // Files of many small directories travel together: one batch for all.
                 if self.files.len() >= PUBLISH_BATCH {
-                    self.take_files().await?;
+                    self.take_files(Until::Batches).await?;
                 }
             }
         }
