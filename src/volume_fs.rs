@@ -257,22 +257,44 @@ impl VolumeFs {
         id: &ChunkId,
         indexed: Option<&ScanStamp>,
     ) -> Option<Vec<u8>> {
+        let mut data = Vec::new();
+        self.read_chunk_into(path, extent, id, indexed, &mut data)
+            .then_some(data)
+    }
+
+    /// [`VolumeFs::read_chunk`], appending the chunk to `out` (several chunks read into
+    /// one buffer); `false`, and `out` as it was, if it is not there intact.
+    pub fn read_chunk_into(
+        &self,
+        path: &VolPath,
+        extent: Extent,
+        id: &ChunkId,
+        indexed: Option<&ScanStamp>,
+        out: &mut Vec<u8>,
+    ) -> bool {
         if extent.len > fastcdc::v2020::MAXIMUM_MAX {
-            return None;
+            return false;
         }
-        let (parent, name) = path.split_last()?;
-        let dir = self.open_dir(&parent, false).ok()?;
-        let file = open_regular(&dir, name).ok()?;
+        let Some((parent, name)) = path.split_last() else {
+            return false;
+        };
+        let opened = self.open_dir(&parent, false).ok();
+        let Some(file) = opened.and_then(|dir| open_regular(&dir, name).ok()) else {
+            return false;
+        };
         let is_indexed = || {
             indexed.is_some_and(|indexed| {
                 rustix::fs::fstat(&file).is_ok_and(|stat| stamp_of_stat(&stat) == *indexed)
             })
         };
+        let start = out.len();
         let before = is_indexed();
-        let mut data = vec![0u8; extent.len as usize];
-        file.read_exact_at(&mut data, extent.offset).ok()?;
-        let unchanged = before && is_indexed();
-        (unchanged || ChunkId::of(&data) == *id).then_some(data)
+        let read = read_append(&file, extent.len as usize, extent.offset, out).is_ok();
+        let intact = read && ((before && is_indexed()) || ChunkId::of(&out[start..]) == *id);
+        if !intact {
+            out.truncate(start);
+        }
+        intact
     }
 
     /// Opens (or resumes) the staging file for `content` on its way to `dir/name`,
@@ -728,6 +750,20 @@ impl VolumeFs {
     pub fn fsync_dir(dir_fd: &OwnedFd) -> Result<(), FsError> {
         rustix::fs::fsync(dir_fd).map_err(io_err("directory"))
     }
+}
+
+/// Appends the `len` bytes at `offset` of `file` (opened for this read alone: it is
+/// moved to `offset`) to `out`, whose spare room the read fills without it being zeroed
+/// first.
+fn read_append(file: &File, len: usize, offset: u64, out: &mut Vec<u8>) -> io::Result<()> {
+    use std::io::{Read, Seek};
+    let mut file = file;
+    file.seek(io::SeekFrom::Start(offset))?;
+    out.reserve(len);
+    if file.take(len as u64).read_to_end(out)? < len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
 }
 
 /// The block size holes are made of (the usual file system block).

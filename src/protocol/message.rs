@@ -1,8 +1,10 @@
 //! The messages: every request and response, encoded and decoded with bounds checks.
 
+use bytes::Bytes;
+
 use super::{
-    MAX_CHUNKS_PER_REQUEST, MAX_ENTRIES_PER_RESPONSE, MAX_INLINE_CHUNKS, MAX_LIST_PAGES,
-    MAX_VOLUMES, ProtocolError,
+    FrameReader, MAX_CHUNKS_PER_REQUEST, MAX_ENTRIES_PER_RESPONSE, MAX_INLINE_CHUNKS,
+    MAX_LIST_PAGES, MAX_VOLUMES, ProtocolError,
 };
 use crate::chunking::{ChunkParams, ChunkRef};
 use crate::encoding::{DecodeError, Reader, put_short_bytes};
@@ -206,9 +208,11 @@ pub enum Response {
     },
     ChunkList(Option<Vec<ChunkRef>>),
     ChunkPages(Option<Vec<(u32, [u8; 32])>>),
+    /// Chunk bytes, by id: the buffer they were read into (sent as it is:
+    /// [`Response::into_frame`]) or received in ([`Response::read`]).
     Chunk {
         id: ChunkId,
-        data: Vec<u8>,
+        data: Bytes,
     },
     ChunkMissing {
         id: ChunkId,
@@ -622,6 +626,45 @@ impl Response {
         (kind, out)
     }
 
+    /// The frame of this response: its kind, the start of its body, and the bytes that
+    /// follow them in the buffers they are in (a chunk's, sent without a copy:
+    /// [`super::send_frame`]).
+    pub fn into_frame(self) -> (u8, Vec<u8>, Vec<Bytes>) {
+        match self {
+            Response::Chunk { id, data } => (kind::CHUNK, id.as_bytes().to_vec(), vec![data]),
+            other => {
+                let (kind, body) = other.encode();
+                (kind, body, Vec::new())
+            }
+        }
+    }
+
+    /// Reads the next response of a stream (`None` at its end), refusing a frame over
+    /// `limit` bytes before its body is read. A chunk's bytes are taken as received
+    /// ([`FrameReader::take`]); every other body is read whole and decoded.
+    pub async fn read(
+        reader: &mut FrameReader,
+        limit: usize,
+    ) -> Result<Option<Response>, ProtocolError> {
+        let Some(header) = reader.header(limit).await? else {
+            return Ok(None);
+        };
+        // A chunk frame too short for its id is decoded, and refused, as any body.
+        if header.kind != kind::CHUNK || header.body_len < HASH_LEN {
+            let body = reader.body(header.body_len).await?;
+            return Response::decode(header.kind, &body).map(Some);
+        }
+        let mut id = [0u8; HASH_LEN];
+        if !reader.read_exact(&mut id).await? {
+            return Err(ProtocolError::Truncated);
+        }
+        let data = reader.take(header.body_len - HASH_LEN).await?;
+        Ok(Some(Response::Chunk {
+            id: ChunkId(id),
+            data,
+        }))
+    }
+
     pub fn decode(kind: u8, body: &[u8]) -> Result<Response, ProtocolError> {
         let mut r = Reader::new(body);
         let response = match kind {
@@ -700,7 +743,7 @@ impl Response {
                 let id = ChunkId(r.hash("chunk id")?);
                 return Ok(Response::Chunk {
                     id,
-                    data: body[HASH_LEN..].to_vec(),
+                    data: Bytes::copy_from_slice(&body[HASH_LEN..]),
                 });
             }
             kind::CHUNK_MISSING => Response::ChunkMissing {
@@ -933,7 +976,7 @@ mod tests {
             Response::ChunkPages(None),
             Response::Chunk {
                 id: ChunkId([5; 32]),
-                data: b"bytes".to_vec(),
+                data: Bytes::from_static(b"bytes"),
             },
             Response::ChunkMissing {
                 id: ChunkId([6; 32]),

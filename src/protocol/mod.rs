@@ -17,7 +17,10 @@ pub mod message;
 
 use crate::encoding::DecodeError;
 
-pub use frame::{FrameHeader, read_body, read_frame, read_header, response_limit, write_frame};
+pub use frame::{
+    FrameHeader, FrameReader, read_body, read_frame, read_header, response_limit, send_frame,
+    write_frame,
+};
 pub use message::{Hello, ListPart, Request, Response, WireEntry};
 
 /// The newest protocol version this build speaks. Version 2 (see

@@ -104,6 +104,15 @@ pub enum ChunkLocation {
     Pack { pack: u64, extent: Extent },
 }
 
+impl ChunkLocation {
+    /// Where in its file the copy is.
+    pub fn extent(&self) -> Extent {
+        match self {
+            ChunkLocation::Live { extent, .. } | ChunkLocation::Pack { extent, .. } => *extent,
+        }
+    }
+}
+
 fn decode_location((key, value): &(Box<[u8]>, Box<[u8]>)) -> Result<ChunkLocation, StoreError> {
     let corrupt = |e: String| StoreError::corrupt(CF_CHUNKS, key, e);
     let extent = codec::decode_extent(value).map_err(|e: DecodeError| corrupt(e.0))?;

@@ -18,9 +18,10 @@ pub async fn request(handle: &mut Handle, request: &Request) -> Result<Response,
     }
 }
 
-/// The response frames of one request, read as they arrive.
+/// The response frames of one request, read as they arrive (chunk bytes left in the
+/// buffers they arrived in: [`Response::read`]).
 pub struct Responses {
-    recv: s2n_quic::stream::ReceiveStream,
+    frames: protocol::FrameReader,
     limit: usize,
 }
 
@@ -38,21 +39,16 @@ impl Responses {
     }
 
     pub async fn next(&mut self) -> Result<Option<Response>, SyncError> {
-        let frame = tokio::time::timeout(
-            ANSWER_TIMEOUT,
-            protocol::read_frame(&mut self.recv, self.limit),
-        )
-        .await
-        .map_err(|_| {
-            SyncError::Connection(format!(
-                "the peer sent nothing for {} s",
-                ANSWER_TIMEOUT.as_secs()
-            ))
-        })??;
-        match frame {
-            Some((kind, body)) => Ok(Some(Response::decode(kind, &body)?)),
-            None => Ok(None),
-        }
+        let response =
+            tokio::time::timeout(ANSWER_TIMEOUT, Response::read(&mut self.frames, self.limit))
+                .await
+                .map_err(|_| {
+                    SyncError::Connection(format!(
+                        "the peer sent nothing for {} s",
+                        ANSWER_TIMEOUT.as_secs()
+                    ))
+                })??;
+        Ok(response)
     }
 }
 
@@ -69,7 +65,7 @@ pub async fn open_request(handle: &mut Handle, request: &Request) -> Result<Resp
     send.finish()
         .map_err(|e| SyncError::Connection(e.to_string()))?;
     Ok(Responses {
-        recv,
+        frames: protocol::FrameReader::new(recv),
         limit: protocol::response_limit(request),
     })
 }

@@ -106,7 +106,9 @@ impl Faults {
                 }
             }
             Response::Chunk { data, .. } if self.corrupt_chunks && !data.is_empty() => {
-                data[0] ^= 0xff;
+                let mut wrong = data.to_vec();
+                wrong[0] ^= 0xff;
+                *data = wrong.into();
             }
             _ => {}
         }

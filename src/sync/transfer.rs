@@ -14,6 +14,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io;
 use std::num::NonZeroU64;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -23,7 +24,9 @@ use tokio::task::JoinSet;
 use super::{Node, Peer, SyncError};
 use crate::chunking::{ChunkRef, zero_chunk};
 use crate::ids::{ChunkId, VolumeId};
-use crate::protocol::{MAX_CHUNKS_PER_REQUEST, ProtocolError, Request, Response};
+use crate::protocol::{
+    CHUNK_FRAME_OVERHEAD, MAX_CHUNKS_PER_REQUEST, ProtocolError, Request, Response,
+};
 use crate::store::{ChunkLocation, StoreError, pack};
 use crate::volume_fs::{punch_hole, write_sparse};
 
@@ -57,6 +60,10 @@ pub enum ReadFor<'a> {
     Peer { holds: Option<&'a [VolumeId]> },
 }
 
+/// A chunk of a run [`Node::read_run_for`] read: its id, and where its bytes are in the
+/// run's buffer (`None`: no intact copy here).
+pub type RunChunk = (ChunkId, Option<Range<usize>>);
+
 impl Node {
     /// Reads a chunk from wherever this node holds it (a live file or a pack), checked
     /// against its id; `None` if no copy is intact. Every location is tried: one in a
@@ -72,11 +79,60 @@ impl Node {
         id: &ChunkId,
         reader: ReadFor<'_>,
     ) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut data = Vec::new();
+        let found = self.read_chunk_into(id, self.store.chunk_locations(id)?, reader, &mut data)?;
+        Ok(found.then_some(data))
+    }
+
+    /// Reads for a peer the chunks at the front of `ids`, in order, while their frames
+    /// fit in `room` bytes (each chunk's length and [`CHUNK_FRAME_OVERHEAD`]; the first
+    /// chunk whatever its length), each as [`Node::read_chunk_for`] would, one after the
+    /// other into `buffer`: one call off the async worker threads reads a run of them
+    /// (one thread hand-off per run, not per chunk), into one buffer. The ids read leave
+    /// `ids`, each returned with where its bytes are in `buffer` (`None`: no intact copy
+    /// here).
+    pub fn read_run_for(
+        &self,
+        ids: &mut VecDeque<ChunkId>,
+        room: usize,
+        reader: ReadFor<'_>,
+        buffer: &mut Vec<u8>,
+    ) -> Result<Vec<RunChunk>, StoreError> {
+        let mut run = Vec::new();
+        let mut used = 0;
+        while let Some(&id) = ids.front() {
+            let locations = self.store.chunk_locations(&id)?;
+            let longest = locations
+                .iter()
+                .map(|l| l.extent().len as usize)
+                .max()
+                .unwrap_or(0);
+            if !run.is_empty() && used + longest + CHUNK_FRAME_OVERHEAD > room {
+                break;
+            }
+            ids.pop_front();
+            let start = buffer.len();
+            let found = self.read_chunk_into(&id, locations, reader, buffer)?;
+            used += buffer.len() - start + CHUNK_FRAME_OVERHEAD;
+            run.push((id, found.then_some(start..buffer.len())));
+        }
+        Ok(run)
+    }
+
+    /// Appends chunk `id` to `out` from the first intact copy at `locations` (`false`,
+    /// and `out` as it was, if none is): [`Node::read_chunk_for`].
+    fn read_chunk_into(
+        &self,
+        id: &ChunkId,
+        locations: Vec<ChunkLocation>,
+        reader: ReadFor<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<bool, StoreError> {
         let holds = match reader {
             ReadFor::Us => None,
             ReadFor::Peer { holds } => holds,
         };
-        for location in self.store.chunk_locations(id)? {
+        for location in locations {
             let allowed = match (&location, holds) {
                 (_, None) => true,
                 (ChunkLocation::Live { vol, .. }, Some(holds)) => holds.contains(vol),
@@ -85,7 +141,7 @@ impl Node {
             if !allowed {
                 continue;
             }
-            let data = match location {
+            let found = match location {
                 ChunkLocation::Live {
                     vol,
                     dir,
@@ -100,20 +156,24 @@ impl Node {
                         ReadFor::Us => None,
                         ReadFor::Peer { .. } => self.store.stamp(vol, &dir, &name)?,
                     };
-                    volume.zip(path).and_then(|(volume, path)| {
-                        volume.fs.read_chunk(&path, extent, id, indexed.as_ref())
+                    volume.zip(path).is_some_and(|(volume, path)| {
+                        volume
+                            .fs
+                            .read_chunk_into(&path, extent, id, indexed.as_ref(), out)
                     })
                 }
                 ChunkLocation::Pack { pack, extent } => {
                     let path = self.store.packs_dir().join(pack::pack_file_name(pack));
-                    pack::read_chunk(&path, extent, id).ok()
+                    pack::read_chunk(&path, extent, id)
+                        .map(|data| out.extend_from_slice(&data))
+                        .is_ok()
                 }
             };
-            if data.is_some() {
-                return Ok(data);
+            if found {
+                return Ok(true);
             }
         }
-        Ok(None)
+        Ok(false)
     }
 }
 

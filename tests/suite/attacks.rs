@@ -498,7 +498,7 @@ fn one_chunk_file_served_as(
             .iter()
             .map(|id| Response::Chunk {
                 id: *id,
-                data: served.clone(),
+                data: served.clone().into(),
             })
             .collect(),
         _ => vec![Response::Error {

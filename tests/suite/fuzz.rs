@@ -239,7 +239,7 @@ fn response_seeds() -> Vec<Vec<u8>> {
         Response::ChunkPages(Some(vec![(64, [9; 32]), (3, [10; 32])])),
         Response::Chunk {
             id: ChunkId([11; 32]),
-            data: b"chunk bytes".to_vec(),
+            data: b"chunk bytes".to_vec().into(),
         },
         Response::ChunkMissing {
             id: ChunkId([12; 32]),

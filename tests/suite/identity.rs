@@ -193,7 +193,7 @@ fn a_volume_limited_to_two_nodes_never_reaches_the_third_nor_comes_from_it() {
             [
                 shoal::protocol::Response::ChunkMissing { id },
                 shoal::protocol::Response::Chunk { data, .. },
-            ] if *id == private_chunk && data == b"for everyone"
+            ] if *id == private_chunk && data.to_vec() == b"for everyone"
         ),
         "{answers:?}"
     );

@@ -27,7 +27,7 @@ use crate::protocol::CHUNK_FRAME_OVERHEAD;
 
 /// A member's share of the budget with the default chunk sizes: room for an honest
 /// pull from this node (16 `GetChunks` answers in flight, each with
-/// [`UNACKED_PER_STREAM`] written and a chunk being read, 20 MiB; a directory's
+/// [`UNACKED_PER_STREAM`] written and a [`READ_RUN`] being read, 12 MiB; a directory's
 /// entries, 12 MiB; chunk lists).
 pub const MEMBER_SHARE: usize = 32 << 20;
 
@@ -37,6 +37,10 @@ pub const SHARES: usize = 4;
 /// Chunk bytes one `GetChunks` answer may have written and not yet seen acknowledged
 /// before it waits for the acknowledgements.
 pub const UNACKED_PER_STREAM: usize = 512 << 10;
+
+/// Bytes of chunk frames one `GetChunks` answer reads in one go (at least one frame of
+/// the largest chunk): a few chunks per hand-off to the blocking pool.
+pub const READ_RUN: usize = 256 << 10;
 
 /// Bytes of one chunk reference in a chunk list, in memory and encoded (a 32-byte id
 /// and a 4-byte length).

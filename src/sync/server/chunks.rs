@@ -1,20 +1,26 @@
 //! `GetChunks`: one frame per id asked, the chunk's bytes (read from a live file or a
 //! pack and checked: [`ReadFor::Peer`]) or `ChunkMissing`. The reads run on tokio's
-//! blocking pool, one at a time per request: a slow disk (or a file a local user
-//! swapped for something else) never holds an async worker thread.
+//! blocking pool, a run of chunks at a time per request ([`READ_RUN`] bytes of frames,
+//! [`Node::read_run_for`]): a slow disk (or a file a local user swapped for something
+//! else) never holds an async worker thread, and a 64 KiB chunk does not cost two
+//! thread hand-offs of its own. A run is read into one buffer, and its chunks go to the
+//! stream as slices of it ([`crate::protocol::send_frame`]): s2n-quic sends them from
+//! there, nothing copies them.
 //!
-//! Each chunk's cost (its bytes, the encoded frame and the send buffer's copy while it
-//! is written) is reserved from the node's budget before it is read; the frames
-//! written stay reserved until the requester acknowledges them, which the answer waits
-//! for whenever [`UNACKED_PER_STREAM`] bytes are outstanding: a requester that stops
-//! reading holds at most that much of one stream's answer.
+//! Each run's cost (its frames, which s2n-quic holds until they are acknowledged) is
+//! reserved from the node's budget before it is read; the frames written stay reserved
+//! until the requester acknowledges them, which the answer waits for whenever
+//! [`UNACKED_PER_STREAM`] bytes are outstanding: a requester that stops reading holds at
+//! most that much of one stream's answer and a run.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use bytes::Bytes;
 use s2n_quic::stream::SendStream;
 
-use super::budget::UNACKED_PER_STREAM;
+use super::budget::{READ_RUN, UNACKED_PER_STREAM};
 use super::{REPLY_TIMEOUT, Reserved, Session, internal, reply, reserve};
 use crate::ids::{ChunkId, VolumeId};
 use crate::protocol::{ErrorCode, ProtocolError, Response};
@@ -29,7 +35,7 @@ pub(super) async fn send(
     send: &mut SendStream,
     held: &mut Reserved,
 ) -> Result<(), ProtocolError> {
-    // The largest frame a chunk of this node's can take.
+    // The largest frame a chunk of this node's can take: a run has room for one at least.
     let frame_bound = crate::protocol::chunk_frame_limit(node.meta.chunk_params.max);
     // A peer that may not hold every volume is served only what the volumes it may hold
     // contain.
@@ -43,41 +49,55 @@ pub(super) async fn send(
     // `held` keeps the request (the ids) until the answer ends; the loop holds the
     // frames written and not yet acknowledged.
     let request = std::mem::take(held);
-    for id in ids {
+    let mut ids = VecDeque::from(ids);
+    while !ids.is_empty() {
         if held.bytes() >= UNACKED_PER_STREAM {
             wait_for_acknowledgement(send).await?;
             *held = Reserved::default();
         }
-        let mut cost = reserve(node, session, 3 * frame_bound).await?;
+        let mut cost = reserve(node, session, READ_RUN.max(frame_bound)).await?;
+        let room = cost.bytes();
+        // Allocated here, not on the blocking thread: freed here too once the requester
+        // acknowledged the run, it does not pile up in the blocking threads' own malloc
+        // arenas (glibc gives each thread one).
+        let buffer = Vec::with_capacity(room);
         let (reader, holds) = (node.clone(), holds.clone());
-        let read = tokio::task::spawn_blocking(move || {
-            let holds = holds.as_deref();
-            reader.read_chunk_for(&id, ReadFor::Peer { holds })
+        let (run, buffer, rest) = tokio::task::spawn_blocking(move || {
+            let (holds, mut buffer) = (holds.as_deref(), buffer);
+            let run = reader.read_run_for(&mut ids, room, ReadFor::Peer { holds }, &mut buffer);
+            (run, buffer, ids)
         })
         .await
         .map_err(|e| ProtocolError::Refused {
             code: ErrorCode::Internal,
-            message: format!("reading chunk {id}: {e}"),
-        })?
-        .map_err(internal)?;
-        let response = match read {
-            Some(data) => {
-                node.rate
-                    .pass(Some(&session.peer), Direction::Sent, data.len())
-                    .await;
-                let len = data.len() as u64;
-                node.stats
-                    .chunk_bytes_sent
-                    .fetch_add(len, Ordering::Relaxed);
-                if let Some(peer) = session.peer_id().and_then(|id| node.peer_by_id(id)) {
-                    peer.chunk_bytes_sent.fetch_add(len, Ordering::Relaxed);
+            message: format!("reading chunks: {e}"),
+        })?;
+        ids = rest;
+        // The run's chunks are slices of this one buffer, sent without a copy; it is
+        // held, and stays reserved, until the requester has acknowledged all of them.
+        let allocated = buffer.capacity();
+        let buffer = Bytes::from(buffer);
+        let mut written = 0;
+        for (id, read) in run.map_err(internal)? {
+            let response = match read.map(|range| buffer.slice(range)) {
+                Some(data) => {
+                    node.rate
+                        .pass(Some(&session.peer), Direction::Sent, data.len())
+                        .await;
+                    let len = data.len() as u64;
+                    node.stats
+                        .chunk_bytes_sent
+                        .fetch_add(len, Ordering::Relaxed);
+                    if let Some(peer) = session.peer_id().and_then(|id| node.peer_by_id(id)) {
+                        peer.chunk_bytes_sent.fetch_add(len, Ordering::Relaxed);
+                    }
+                    Response::Chunk { id, data }
                 }
-                Response::Chunk { id, data }
-            }
-            None => Response::ChunkMissing { id },
-        };
-        let written = reply(node, send, response).await?;
-        cost.shrink_to(written);
+                None => Response::ChunkMissing { id },
+            };
+            written += reply(node, send, response).await?;
+        }
+        cost.shrink_to(written.max(allocated));
         held.absorb(cost);
     }
     held.absorb(request);

@@ -337,20 +337,17 @@ async fn reply(
     mut response: Response,
 ) -> Result<usize, ProtocolError> {
     node.faults.tamper(&mut response);
-    let frame = response.encode();
-    drop(response);
-    let len = frame.1.len() + 5;
+    let (kind, body, tail) = response.into_frame();
     // A requester that stops reading (QUIC flow control then stops this write) must not
     // hold the handler forever.
-    tokio::time::timeout(REPLY_TIMEOUT, protocol::write_frame(send, frame))
+    tokio::time::timeout(REPLY_TIMEOUT, protocol::send_frame(send, kind, body, tail))
         .await
         .map_err(|_| {
             ProtocolError::Malformed(format!(
                 "the requester took no answer for {} s",
                 REPLY_TIMEOUT.as_secs()
             ))
-        })??;
-    Ok(len)
+        })?
 }
 
 /// The local id of the volume a request names.
