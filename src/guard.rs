@@ -172,7 +172,8 @@ pub struct ScanGuard {
     /// but left for the next scan ([`crate::scan::ScanReport::deletes_deferred`]), which
     /// judges them with whatever else the burst deleted meanwhile. The watcher settles
     /// each name on its own, so an `rm -rf` reaches the scans in pieces, each under the
-    /// threshold; waiting one debounce window more lets the whole of it be held.
+    /// threshold; waiting until the volume has been quiet for one debounce window
+    /// lets the whole of it be held.
     pub defer: bool,
 }
 

@@ -711,28 +711,9 @@ async fn local_changes(
                 node.stats.watch_rescans.fetch_add(1, Ordering::Relaxed);
                 debouncer.lost(std::time::Instant::now());
             }
-            signal = next_signal(&mut watched) => match signal {
-                Some(Signal::Changed { path, change }) => {
-                    debouncer.record(path, change, std::time::Instant::now());
-                }
-                Some(Signal::Renamed { from, to }) => debouncer.renamed(from, to),
-                Some(Signal::Lost(reason)) => {
-                    tracing::warn!(volume = %name, "{reason}; rescanning the volume");
-                    node.stats.watch_rescans.fetch_add(1, Ordering::Relaxed);
-                    debouncer.lost(std::time::Instant::now());
-                }
-                Some(Signal::WatchLimit) => {
-                    let root = node.volumes[index].fs.root_path();
-                    tracing::warn!(volume = %name, "{}; falling back to a full rescan every {}", WatchError::limit(root), humantime::format_duration(heartbeat));
-                    watched = None;
-                    debouncer.lost(std::time::Instant::now());
-                }
-                None => {
-                    tracing::warn!(volume = %name, "the file watcher stopped; falling back to a full rescan every {}", humantime::format_duration(heartbeat));
-                    watched = None;
-                    debouncer.lost(std::time::Instant::now());
-                }
-            },
+            signal = next_signal(&mut watched) => {
+                on_signal(&node, index, heartbeat, signal, &mut debouncer, &mut watched);
+            }
             _ = tokio::time::sleep_until(due.unwrap_or(next_full)), if due.is_some() && scan.is_none() => {
                 if let Some(request) = debouncer.take_ready(std::time::Instant::now()) {
                     // A whole rescan (events were lost) covers every slice.
@@ -772,6 +753,11 @@ async fn local_changes(
             deferred = async { scan.as_mut().expect("guarded").await }, if scan.is_some() => {
                 scan = None;
                 let deferred = deferred.unwrap_or_default();
+                // Events already queued belong to the burst: recorded first, so that
+                // the deletes left to the next scan wait for a quiet window after them.
+                while let Some(signal) = watched.as_mut().and_then(|(_, signals)| signals.try_recv().ok()) {
+                    on_signal(&node, index, heartbeat, Some(signal), &mut debouncer, &mut watched);
+                }
                 let now = std::time::Instant::now();
                 deferral.ended(deferring, !deferred.is_empty(), now);
                 for path in deferred {
@@ -784,6 +770,39 @@ async fn local_changes(
     }
     if let Some(scan) = scan {
         let _ = scan.await;
+    }
+}
+
+/// Takes one signal of volume `index`'s watcher (`None`: the watcher stopped).
+fn on_signal(
+    node: &Node,
+    index: usize,
+    heartbeat: Duration,
+    signal: Option<Signal>,
+    debouncer: &mut Debouncer,
+    watched: &mut WatchedVolume,
+) {
+    let name = &node.volumes[index].name;
+    let now = std::time::Instant::now();
+    match signal {
+        Some(Signal::Changed { path, change }) => debouncer.record(path, change, now),
+        Some(Signal::Renamed { from, to }) => debouncer.renamed(from, to),
+        Some(Signal::Lost(reason)) => {
+            tracing::warn!(volume = %name, "{reason}; rescanning the volume");
+            node.stats.watch_rescans.fetch_add(1, Ordering::Relaxed);
+            debouncer.lost(now);
+        }
+        Some(Signal::WatchLimit) => {
+            let root = node.volumes[index].fs.root_path();
+            tracing::warn!(volume = %name, "{}; falling back to a full rescan every {}", WatchError::limit(root), humantime::format_duration(heartbeat));
+            *watched = None;
+            debouncer.lost(now);
+        }
+        None => {
+            tracing::warn!(volume = %name, "the file watcher stopped; falling back to a full rescan every {}", humantime::format_duration(heartbeat));
+            *watched = None;
+            debouncer.lost(now);
+        }
     }
 }
 

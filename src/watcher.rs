@@ -257,6 +257,8 @@ pub struct Debouncer {
     due: Option<Instant>,
     /// Renames seen since the last scan, `(from, to)`.
     renamed: Vec<(VolPath, VolPath)>,
+    /// When the last event came (of any name): the volume has been quiet since.
+    last_event: Option<Instant>,
 }
 
 /// Renames remembered between two scans; more are dropped (they only save re-reading).
@@ -308,6 +310,7 @@ impl Debouncer {
             everything: false,
             due: None,
             renamed: Vec::new(),
+            last_event: None,
         }
     }
 
@@ -318,6 +321,7 @@ impl Debouncer {
     }
 
     pub fn record(&mut self, path: VolPath, change: Change, now: Instant) {
+        self.last_event = Some(now);
         if self.names.len() >= MAX_PENDING_NAMES && !self.names.contains_key(&path) {
             // A burst this large (a restore, a million-file copy) is cheaper to rescan
             // whole than to track name by name.
@@ -350,8 +354,11 @@ impl Debouncer {
     /// change, so it is ready at once and never held: held, it would look like a burst
     /// still going on and make the next scan leave it again, and the next, for as long
     /// as the guard lets deletes wait (`crate::guard::MAX_DEFER`, 10 s). It is scanned
-    /// with what comes next, or one window from now if nothing is waiting (what the
-    /// deferral is for: a burst seen in pieces is judged whole).
+    /// with what comes next, and at the latest once the volume has been quiet for one
+    /// window since its last event (what the deferral is for: a burst seen in pieces is
+    /// judged whole, once it has paused as long as a name takes to settle). A scan
+    /// that took longer than that with no event meanwhile has already waited it out:
+    /// the names are due at once.
     pub fn again(&mut self, path: VolPath, now: Instant) {
         if self.names.len() >= MAX_PENDING_NAMES && !self.names.contains_key(&path) {
             self.names.clear();
@@ -366,11 +373,15 @@ impl Debouncer {
                 scanned_busy: None,
             });
         }
-        self.due.get_or_insert(now + self.window);
+        let quiet = self
+            .last_event
+            .map_or(now, |last| (last + self.window).max(now));
+        self.due = Some(self.due.map_or(quiet, |due| due.min(quiet)));
     }
 
     /// Events were lost: rescan everything once the current burst is quiet.
     pub fn lost(&mut self, now: Instant) {
+        self.last_event = Some(now);
         self.everything = true;
         self.due.get_or_insert(now + self.window);
     }
@@ -493,20 +504,46 @@ mod tests {
         let first = d.take_ready(t0 + WINDOW).unwrap();
         assert_eq!(dirs(&first), [("a".into(), Depth::Names)]);
         assert_eq!(first.hold, HashSet::from([path("b/busy")]));
-        // Alone, they wait one window, and are then neither held nor left behind.
+        // Alone, they wait until the volume has been quiet for a window since its last
+        // event (here a close that came while the scan ran), and are then neither
+        // held nor left behind.
         d.record(path("b/busy"), Change::Closed, t0 + WINDOW);
-        let _ = d.take_ready(t0 + WINDOW * 2).unwrap();
-        let t1 = t0 + WINDOW * 3;
-        d.again(path("a/gone3"), t1);
-        assert_eq!(d.due(), Some(t1 + WINDOW));
-        let alone = d.take_ready(t1 + WINDOW).unwrap();
-        assert_eq!(dirs(&alone), [("a".into(), Depth::Names)]);
-        assert!(alone.hold.is_empty());
+        d.again(path("a/gone3"), t0 + WINDOW + WINDOW / 4);
+        assert_eq!(
+            d.due(),
+            Some(t0 + WINDOW * 2),
+            "a window after the last event"
+        );
+        let quiet = d.take_ready(t0 + WINDOW * 2).unwrap();
+        assert_eq!(
+            dirs(&quiet),
+            [("a".into(), Depth::Names), ("b".into(), Depth::Names)]
+        );
+        assert!(quiet.hold.is_empty());
+        assert_eq!(d.due(), None);
+        // Left by a scan that ran longer than a window with no event meanwhile: the
+        // burst has paused that long already, so they are due at once.
+        let t1 = t0 + WINDOW * 4;
+        d.again(path("a/gone4"), t1);
+        assert_eq!(d.due(), Some(t1));
+        let at_once = d.take_ready(t1).unwrap();
+        assert_eq!(dirs(&at_once), [("a".into(), Depth::Names)]);
+        assert!(at_once.hold.is_empty());
+        // An event while it ran: a window after that event.
+        d.record(path("c/new"), Change::Other, t1 + WINDOW);
+        d.again(path("a/gone5"), t1 + WINDOW + WINDOW / 2);
+        assert_eq!(d.due(), Some(t1 + WINDOW * 2));
+        let with_it = d.take_ready(t1 + WINDOW * 2).unwrap();
+        assert_eq!(
+            dirs(&with_it),
+            [("a".into(), Depth::Names), ("c".into(), Depth::Names)]
+        );
         assert_eq!(d.due(), None);
         // An event of its own after that makes it an ordinary name again: held until quiet.
-        d.again(path("a/back"), t1);
-        d.record(path("a/back"), Change::Other, t1 + WINDOW);
-        let held = d.take_ready(t1 + WINDOW + Duration::from_millis(10));
+        let t2 = t1 + WINDOW * 4;
+        d.again(path("a/back"), t2);
+        d.record(path("a/back"), Change::Other, t2 + WINDOW);
+        let held = d.take_ready(t2 + WINDOW + Duration::from_millis(10));
         assert!(held.is_none_or(|r| r.hold.contains(&path("a/back"))));
     }
 
