@@ -1,5 +1,32 @@
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 fn main() -> std::process::ExitCode {
+    limit_malloc_arenas();
     shoal::cli::main()
 }
+
+/// glibc's malloc gives a thread that finds the arenas in use one of its own, up to 8
+/// per core, and memory freed in one arena is neither used by the others nor, mostly,
+/// returned: a node's blocking-pool threads each kept the high-water mark of whatever
+/// ran on them (a receiver of a 100,000-name directory held 851 MiB in 15 arenas with
+/// about 55 MiB live; docs/BENCHMARKS.md, "Memory per node"). Two arenas keep its two
+/// busy threads from contending. Set here rather than in the image's environment so
+/// that every way of running `shoal` gets it; an operator's own `MALLOC_ARENA_MAX` or
+/// `GLIBC_TUNABLES` wins.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn limit_malloc_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some()
+        || std::env::var_os("GLIBC_TUNABLES").is_some()
+    {
+        return;
+    }
+    // SAFETY: `mallopt` only sets a parameter of the allocator (thread-safe in glibc),
+    // and nothing has been allocated by another thread yet: none exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn limit_malloc_arenas() {}

@@ -85,6 +85,12 @@ pub struct ServeOptions {
 /// How often expired tombstones are looked for.
 const TOMBSTONE_SWEEP: Duration = Duration::from_secs(3600);
 
+/// Threads of the async runtime's blocking pool (tokio's default is 512): scans, the
+/// collector, file staging and chunk reads. None of them waits for another, so a cap
+/// only queues work; each thread that ran is memory kept (its stack, and what the
+/// allocator holds for it), and more threads than this do not make two cores faster.
+pub const BLOCKING_THREADS: usize = 16;
+
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// A connection attempt pending this long when some peer greets this node is made
 /// again (a handshake that answers takes milliseconds; one whose first packets were

@@ -706,7 +706,11 @@ pub fn serve(
         retention,
         gc_interval: Duration::from_secs(gc_interval.max(1)),
     };
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(crate::serve::BLOCKING_THREADS)
+        .build()
+        .context("cannot start the async runtime")?;
     runtime.block_on(crate::serve::run(options, shutdown_signal()))?;
     Ok(Outcome::Success)
 }

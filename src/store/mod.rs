@@ -58,8 +58,13 @@ const INDEX_DAMAGED_DIR: &str = "index.damaged";
 const LOCK_FILE: &str = "lock";
 
 /// RocksDB's memtables, shared by all column families: bounds the index's share of a
-/// node's memory whatever the number of files.
-const WRITE_BUFFER_BUDGET: usize = 32 << 20;
+/// node's memory whatever the number of files (schema/store.md, "Memory").
+const WRITE_BUFFER_BUDGET: usize = 16 << 20;
+
+/// RocksDB's block cache, one for every column family, index and filter blocks
+/// included: without it each family makes its own 8 MiB cache, and the index blocks of
+/// every open table stay in memory beside it, growing with the index.
+const BLOCK_CACHE_BYTES: usize = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -241,7 +246,8 @@ impl Store {
                 requested,
             });
         }
-        let db_options = Self::db_options();
+        let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES).map_err(rocks_err)?;
+        let db_options = Self::db_options(&cache);
         if options.read_only {
             let meta = existing.ok_or_else(|| StoreError::Missing(state_dir.to_path_buf()))?;
             // Only the families the store has: one written before a later family existed
@@ -277,7 +283,7 @@ impl Store {
         };
         let descriptors = ALL_CFS
             .iter()
-            .map(|name| ColumnFamilyDescriptor::new(*name, Self::cf_options()));
+            .map(|name| ColumnFamilyDescriptor::new(*name, Self::cf_options(&cache)));
         let db = DB::open_cf_descriptors(&db_options, &index, descriptors).map_err(rocks_err)?;
         let store = Store {
             db,
@@ -315,10 +321,11 @@ impl Store {
                 dir: staging.clone(),
                 source,
             };
+            let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES).map_err(rocks_err)?;
             let descriptors = ALL_CFS
                 .iter()
-                .map(|name| ColumnFamilyDescriptor::new(*name, Self::cf_options()));
-            let db = DB::open_cf_descriptors(&Self::db_options(), &staging, descriptors)
+                .map(|name| ColumnFamilyDescriptor::new(*name, Self::cf_options(&cache)));
+            let db = DB::open_cf_descriptors(&Self::db_options(&cache), &staging, descriptors)
                 .map_err(rocks_err)?;
             let cf = db
                 .cf_handle(CF_META)
@@ -347,14 +354,26 @@ impl Store {
         Ok(meta)
     }
 
-    fn cf_options() -> Options {
+    fn cf_options(cache: &rocksdb::Cache) -> Options {
         let mut options = Options::default();
         options.set_write_buffer_size(WRITE_BUFFER_BUDGET / 4);
+        options.set_block_based_table_factory(&Self::table_options(cache));
         options
     }
 
-    fn db_options() -> Options {
+    /// Tables read through the store's one block cache, their index and filter blocks
+    /// counted in it (those of level-0 tables pinned there, as they are read most).
+    fn table_options(cache: &rocksdb::Cache) -> rocksdb::BlockBasedOptions {
+        let mut table = rocksdb::BlockBasedOptions::default();
+        table.set_block_cache(cache);
+        table.set_cache_index_and_filter_blocks(true);
+        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        table
+    }
+
+    fn db_options(cache: &rocksdb::Cache) -> Options {
         let mut options = Options::default();
+        options.set_block_based_table_factory(&Self::table_options(cache));
         options.create_if_missing(true);
         options.create_missing_column_families(true);
         options.set_db_write_buffer_size(WRITE_BUFFER_BUDGET);
