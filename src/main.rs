@@ -2,6 +2,7 @@
 
 fn main() -> std::process::ExitCode {
     limit_malloc_arenas();
+    raise_open_file_limit();
     shoal::cli::main()
 }
 
@@ -30,3 +31,24 @@ fn limit_malloc_arenas() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn limit_malloc_arenas() {}
+
+/// A pull keeps up to two batches of staging files open (about 770 descriptors with
+/// the files being prepared), beside RocksDB's tables, packs and sockets: more than the
+/// soft limit of 1,024 many shells and service managers still start a process with,
+/// while the hard limit they allow is far higher. The soft limit is raised to the hard
+/// one, as a server that needs descriptors does; a failure leaves the limit as it was
+/// (running out later is reported as the error of whatever ran out).
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // The soft limit is never above the hard one (`None` is unlimited).
+    if limit.current != limit.maximum {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            },
+        );
+    }
+}

@@ -1,6 +1,6 @@
 //! What a node says and does at start when its surroundings are not yet right (issue 16's
 //! small items): a peer name that does not resolve yet, a private key others may read, a
-//! volume directory it may not write. Real `shoal serve` processes; the log and the exit
+//! volume directory it may not write, a low soft limit of open files. Real `shoal serve` processes; the log and the exit
 //! status are what is checked.
 
 use std::fs;
@@ -230,4 +230,61 @@ fn a_volume_directory_the_node_may_not_write_is_named_once_with_what_to_fix() {
             && line.contains("uid 65534"),
         "the error says which directory to fix, for whom:\n{err}"
     );
+}
+
+/// A node started with the soft open-file limit many service managers still give (here
+/// 64) raises it to the hard limit: a pull holds hundreds of staging files open.
+#[test]
+fn a_node_started_with_a_low_soft_open_file_limit_raises_it_to_the_hard_one() {
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .maximum
+        .unwrap_or(1 << 20);
+    if hard <= 64 {
+        eprintln!("skipped: the hard open-file limit here is {hard}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("creds");
+    let init = shoal(&["cluster", "init", "--out", creds.to_str().unwrap()]);
+    assert!(init.status.success(), "{}", stderr(&init));
+    fs::create_dir_all(dir.path().join("data/vol")).unwrap();
+    let mut child = Command::new("prlimit")
+        .arg(format!("--nofile=64:{hard}"))
+        .arg(env!("CARGO_BIN_EXE_shoal"))
+        .arg("serve")
+        .args(["--data-root", dir.path().join("data").to_str().unwrap()])
+        .args(["--state-dir", dir.path().join("state").to_str().unwrap()])
+        .args(["--volume", "vol"])
+        .args(["--listen", "127.0.0.1:0"])
+        .args(["--credentials", creds.to_str().unwrap()])
+        .env("SHOAL_NODE_NAME", "limits")
+        .env_remove("SYNC_VOLUMES")
+        .env_remove("SHOAL_PEERS")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prlimit (util-linux) runs");
+    // prlimit execs shoal in its own process: the child's pid is the node's.
+    let limits = format!("/proc/{}/limits", child.id());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let soft = loop {
+        let text = fs::read_to_string(&limits).unwrap_or_default();
+        let soft = text
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .and_then(|l| l.split_whitespace().nth(3).map(str::to_owned));
+        let is_shoal = fs::read_link(format!("/proc/{}/exe", child.id()))
+            .map(|exe| exe.ends_with("shoal"))
+            .unwrap_or(false);
+        if is_shoal && soft.as_deref() == Some(hard.to_string().as_str()) {
+            break soft;
+        }
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            break soft;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(soft, Some(hard.to_string()), "{limits} of the running node");
 }
