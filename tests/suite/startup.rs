@@ -143,11 +143,13 @@ fn a_private_key_others_may_read_is_used_with_a_warning() {
     assert!(log.contains("make it 0600"), "{log}");
 }
 
-/// Runs `shoal serve` on `data_root`'s volume `vol` as uid/gid 65534 until it exits (at
-/// most 60 s); its exit code and stderr.
-fn serve_as_nobody(dir: &Path, creds: &Path) -> (Option<i32>, String) {
-    let mut child = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+/// `WRAPPER ARGS.. shoal serve` of `dir`'s volume `data/vol` (state in `dir/state`), alone:
+/// no peers, any port, stdout dropped. The wrapper (util-linux) execs the node, so the
+/// child's pid is the node's.
+fn serve_through(wrapper: &str, args: &[&str], dir: &Path, creds: &Path) -> Command {
+    let mut command = Command::new(wrapper);
+    command
+        .args(args)
         .arg(env!("CARGO_BIN_EXE_shoal"))
         .arg("serve")
         .args(["--data-root", dir.join("data").to_str().unwrap()])
@@ -155,13 +157,25 @@ fn serve_as_nobody(dir: &Path, creds: &Path) -> (Option<i32>, String) {
         .args(["--volume", "vol"])
         .args(["--listen", "127.0.0.1:0"])
         .args(["--credentials", creds.to_str().unwrap()])
-        .env("SHOAL_NODE_NAME", "nobody")
+        .env("SHOAL_NODE_NAME", "startup")
         .env_remove("SYNC_VOLUMES")
         .env_remove("SHOAL_PEERS")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("setpriv (util-linux) runs");
+        .stdout(Stdio::null());
+    command
+}
+
+/// Runs `shoal serve` on `data_root`'s volume `vol` as uid/gid 65534 until it exits (at
+/// most 60 s); its exit code and stderr.
+fn serve_as_nobody(dir: &Path, creds: &Path) -> (Option<i32>, String) {
+    let mut child = serve_through(
+        "setpriv",
+        &["--reuid=65534", "--regid=65534", "--clear-groups"],
+        dir,
+        creds,
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("setpriv (util-linux) runs");
     let deadline = Instant::now() + Duration::from_secs(60);
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
@@ -248,23 +262,15 @@ fn a_node_started_with_a_low_soft_open_file_limit_raises_it_to_the_hard_one() {
     let init = shoal(&["cluster", "init", "--out", creds.to_str().unwrap()]);
     assert!(init.status.success(), "{}", stderr(&init));
     fs::create_dir_all(dir.path().join("data/vol")).unwrap();
-    let mut child = Command::new("prlimit")
-        .arg(format!("--nofile=64:{hard}"))
-        .arg(env!("CARGO_BIN_EXE_shoal"))
-        .arg("serve")
-        .args(["--data-root", dir.path().join("data").to_str().unwrap()])
-        .args(["--state-dir", dir.path().join("state").to_str().unwrap()])
-        .args(["--volume", "vol"])
-        .args(["--listen", "127.0.0.1:0"])
-        .args(["--credentials", creds.to_str().unwrap()])
-        .env("SHOAL_NODE_NAME", "limits")
-        .env_remove("SYNC_VOLUMES")
-        .env_remove("SHOAL_PEERS")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("prlimit (util-linux) runs");
-    // prlimit execs shoal in its own process: the child's pid is the node's.
+    let mut child = serve_through(
+        "prlimit",
+        &[&format!("--nofile=64:{hard}")],
+        dir.path(),
+        &creds,
+    )
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("prlimit (util-linux) runs");
     let limits = format!("/proc/{}/limits", child.id());
     let deadline = Instant::now() + Duration::from_secs(30);
     let soft = loop {
