@@ -721,7 +721,12 @@ async fn local_changes(
                 on_signal(&node, index, heartbeat, signal, &mut debouncer, &mut watched);
             }
             _ = tokio::time::sleep_until(due.unwrap_or(next_full)), if due.is_some() && scan.is_none() => {
-                if let Some(request) = debouncer.take_ready(std::time::Instant::now()) {
+                let now = std::time::Instant::now();
+                let volume = &node.volumes[index];
+                let mut echoes = volume.echoes.checker(&volume.fs);
+                let forgotten = debouncer.forget_echoes(now, |path| echoes.is_echo(path));
+                node.stats.watch_echoes.fetch_add(forgotten, Ordering::Relaxed);
+                if let Some(request) = debouncer.take_ready(now) {
                     // A whole rescan (events were lost) covers every slice.
                     match &request.scope {
                         ScanScope::Dirs(_) => {
@@ -729,7 +734,6 @@ async fn local_changes(
                         }
                         ScanScope::Everything => slicer.lock().expect("slicer lock").restart(),
                     }
-                    let now = std::time::Instant::now();
                     deferring = deferral.defer(true, !request.hold.is_empty(), now);
                     let defer = deferring;
                     let options = ScanOptions {

@@ -22,8 +22,13 @@
 //!   with a warning; the heartbeat rescans then carry the volume alone.
 //!
 //! Shoal's own writes do not echo: its staging files live in `.shoal/`, which is ignored
-//! here, and sync records the stamp of each file it publishes in the same index batch,
-//! under the volume lock, so the scan that the rename triggers finds nothing changed.
+//! here, and sync records the stamp of each name it publishes, creates or removes in
+//! the same index batch, under the volume lock. It also tells the volume's [`Echoes`]:
+//! a name whose event is ready and that is still exactly what sync wrote (its `lstat`
+//! stamp, which any later write moves, through the ctime) is forgotten instead of
+//! scanned. Without that, every directory a pull writes into is listed again after each
+//! batch it publishes there: quadratic in a directory of 100,000 files received in
+//! batches of 256.
 //!
 //! `notify` 8.2 rather than 9: 8.x is the stable line. What 9 adds (reporting
 //! subdirectories created before their watch existed; never leaving a recursive watch
@@ -42,6 +47,8 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::pathname::VolPath;
 use crate::scan::{Depth, IGNORE_FILE, ScanScope};
+use crate::store::codec::ScanStamp;
+use crate::volume_fs::{VolumeFs, stamp_of_stat};
 
 /// Default quiet time before a changed name is scanned.
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(200);
@@ -247,6 +254,101 @@ impl EventHandler {
     }
 }
 
+/// What sync wrote lately in one volume, to tell its echoes from local changes: each
+/// name with the stamp sync indexed it with (`None`: sync removed it). Bounded: a name
+/// that finds no room, or whose entry expired before its event was ready, is scanned
+/// as any other.
+#[derive(Default)]
+pub struct Echoes {
+    expected: std::sync::Mutex<HashMap<VolPath, Expected>>,
+}
+
+struct Expected {
+    stamp: Option<ScanStamp>,
+    since: Instant,
+}
+
+/// Names remembered at once: about 150 bytes each. A pull publishes a few thousand per
+/// debounce window at most; the watcher takes them every window.
+const MAX_ECHOES: usize = 16_384;
+
+/// An entry whose event never came (lost, or merged into a rescan) is dropped after this.
+const ECHO_LIFETIME: Duration = Duration::from_secs(30);
+
+impl Echoes {
+    /// Sync wrote these names, now indexed with these stamps (`None`: removed).
+    pub fn expect(&self, written: impl IntoIterator<Item = (VolPath, Option<ScanStamp>)>) {
+        let now = Instant::now();
+        let mut expected = self.expected.lock().expect("echoes lock");
+        for (path, stamp) in written {
+            if expected.len() >= MAX_ECHOES {
+                expected.retain(|_, e| now.duration_since(e.since) < ECHO_LIFETIME);
+                if expected.len() >= MAX_ECHOES {
+                    return;
+                }
+            }
+            expected.insert(path, Expected { stamp, since: now });
+        }
+    }
+
+    /// A checker of events against what sync wrote, opening each directory once.
+    pub fn checker<'a>(&'a self, fs: &'a VolumeFs) -> EchoChecker<'a> {
+        EchoChecker {
+            echoes: self,
+            fs,
+            dirs: HashMap::new(),
+        }
+    }
+}
+
+/// Checks ready names against [`Echoes`] ([`Debouncer::forget_echoes`]).
+pub struct EchoChecker<'a> {
+    echoes: &'a Echoes,
+    fs: &'a VolumeFs,
+    dirs: HashMap<VolPath, Option<std::os::fd::OwnedFd>>,
+}
+
+impl EchoChecker<'_> {
+    /// Whether `path` is still exactly what sync last wrote there: same stamp, or still
+    /// absent if sync removed it. Each name is checked once (its entry goes).
+    pub fn is_echo(&mut self, path: &VolPath) -> bool {
+        let Some(expected) = self
+            .echoes
+            .expected
+            .lock()
+            .expect("echoes lock")
+            .remove(path)
+        else {
+            return false;
+        };
+        let Some((dir, name)) = path.split_last() else {
+            return false;
+        };
+        // New ignore rules change what is synced below their directory: always scanned.
+        if name == IGNORE_FILE.as_bytes() {
+            return false;
+        }
+        let fs = self.fs;
+        let dir_fd = self
+            .dirs
+            .entry(dir.clone())
+            .or_insert_with(|| fs.open_dir(&dir, false).ok());
+        let Some(dir_fd) = dir_fd else {
+            return false;
+        };
+        let found = rustix::fs::statat(
+            &*dir_fd,
+            std::ffi::OsStr::from_bytes(name),
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        );
+        match (found, expected.stamp) {
+            (Ok(stat), Some(stamp)) => stamp_of_stat(&stat) == stamp,
+            (Err(rustix::io::Errno::NOENT), None) => true,
+            _ => false,
+        }
+    }
+}
+
 /// Coalesces changes per name and says when, and what, to scan.
 pub struct Debouncer {
     window: Duration,
@@ -403,6 +505,39 @@ impl Debouncer {
         let quiet = now.saturating_duration_since(state.last);
         let settled = quiet >= self.window && (!state.writing || quiet >= WRITER_PATIENCE);
         state.settled || settled || now.saturating_duration_since(state.first) >= MAX_HOLD
+    }
+
+    /// Forgets the names ready now that `is_echo` says are sync's own writes, still as
+    /// it left them: nothing to scan. Names written to (not closed), busy, or asked for
+    /// again by a scan are kept, as is everything once events were lost.
+    /// Returns how many it forgot.
+    pub fn forget_echoes(
+        &mut self,
+        now: Instant,
+        mut is_echo: impl FnMut(&VolPath) -> bool,
+    ) -> u64 {
+        if self.everything {
+            return 0;
+        }
+        let candidates: Vec<VolPath> = self
+            .names
+            .iter()
+            .filter(|(_, state)| {
+                !state.writing
+                    && !state.settled
+                    && state.scanned_busy.is_none()
+                    && self.is_ready(state, now)
+            })
+            .map(|(path, _)| path.clone())
+            .collect();
+        let mut forgotten = 0;
+        for path in candidates {
+            if is_echo(&path) {
+                self.names.remove(&path);
+                forgotten += 1;
+            }
+        }
+        forgotten
     }
 
     /// The scan to run now, if anything is ready; forgets the names it covers, except
@@ -654,5 +789,87 @@ mod tests {
         assert!(d.names.len() < 10);
         let request = d.take_ready(t0 + WINDOW).unwrap();
         assert!(matches!(request.scope, ScanScope::Everything));
+    }
+
+    #[test]
+    fn ready_names_that_are_echoes_are_forgotten_and_the_rest_scanned() {
+        let t0 = Instant::now();
+        let mut d = Debouncer::new(WINDOW);
+        d.record(path("in/a"), Change::Other, t0);
+        d.record(path("in/b"), Change::Other, t0);
+        d.record(path("out/c"), Change::Other, t0);
+        d.record(path("in/open"), Change::Written, t0);
+        d.again(path("gone/d"), t0);
+        d.record(path("late/e"), Change::Other, t0 + WINDOW / 2);
+        let mut asked = Vec::new();
+        // Everything that is asked is said to be an echo: only ready names settled by
+        // events are asked (not the one still open for writing, not one a scan asked
+        // for again, not one that is not quiet yet).
+        let forgotten = d.forget_echoes(t0 + WINDOW, |p| {
+            asked.push(p.display().to_string());
+            p.as_bytes() != b"out/c"
+        });
+        asked.sort();
+        assert_eq!(asked, ["in/a", "in/b", "out/c"]);
+        assert_eq!(forgotten, 2);
+        let request = d.take_ready(t0 + WINDOW).unwrap();
+        assert_eq!(
+            dirs(&request),
+            [("gone".into(), Depth::Names), ("out".into(), Depth::Names)]
+        );
+        assert_eq!(
+            request.hold,
+            HashSet::from([path("in/open"), path("late/e")])
+        );
+        // Once events were lost, nothing is forgotten: the rescan covers it all.
+        d.lost(t0 + WINDOW);
+        assert_eq!(d.forget_echoes(t0 + WINDOW * 3, |_| true), 0);
+    }
+
+    #[test]
+    fn an_echo_is_a_name_still_exactly_as_sync_left_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        let fs = VolumeFs::open(dir.path()).unwrap();
+        let stamp_of = |name: &str| {
+            let meta = std::fs::symlink_metadata(dir.path().join(name)).unwrap();
+            crate::scan::stamp_of(&meta)
+        };
+        for name in ["d/written", "d/rewritten", "d/replaced", IGNORE_FILE] {
+            std::fs::write(dir.path().join(name), b"from a peer").unwrap();
+        }
+        let echoes = Echoes::default();
+        echoes.expect(
+            [
+                "d/written",
+                "d/rewritten",
+                "d/replaced",
+                IGNORE_FILE,
+                "d/removed",
+            ]
+            .map(|name| (path(name), (name != "d/removed").then(|| stamp_of(name)))),
+        );
+        // Written again after sync indexed it: the ctime moved even if nothing else did.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(dir.path().join("d/rewritten"), b"from a peer").unwrap();
+        // Something else put under the name.
+        std::fs::remove_file(dir.path().join("d/replaced")).unwrap();
+        std::fs::write(dir.path().join("d/replaced"), b"from a peer").unwrap();
+        let mut checker = echoes.checker(&fs);
+        assert!(checker.is_echo(&path("d/written")));
+        assert!(!checker.is_echo(&path("d/rewritten")));
+        assert!(!checker.is_echo(&path("d/replaced")));
+        assert!(checker.is_echo(&path("d/removed")));
+        assert!(
+            !checker.is_echo(&path(IGNORE_FILE)),
+            "new rules are always scanned"
+        );
+        assert!(!checker.is_echo(&path("d/never-written")));
+        // Each is checked once: a second event on the same name is scanned.
+        assert!(!checker.is_echo(&path("d/written")));
+        // Created again after sync removed it: not an echo.
+        echoes.expect([(path("d/removed"), None)]);
+        std::fs::write(dir.path().join("d/removed"), b"local").unwrap();
+        assert!(!echoes.checker(&fs).is_echo(&path("d/removed")));
     }
 }

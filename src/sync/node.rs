@@ -44,6 +44,8 @@ pub struct Volume {
     pub links_pending: AtomicBool,
     /// The delete guard: its threshold and the deletes it holds back from peers.
     pub guard: crate::guard::Guard,
+    /// What pulls wrote lately, so that the watcher does not scan it again.
+    pub echoes: crate::watcher::Echoes,
 }
 
 impl Volume {
@@ -69,6 +71,7 @@ impl Volume {
             unsyncable: Default::default(),
             links_pending: AtomicBool::new(false),
             guard,
+            echoes: Default::default(),
         })
     }
 

@@ -47,6 +47,7 @@ counters! {
     local_changes_published: "Local changes announced to peers",
     local_changes: "Names added, changed or deleted by local scans",
     watch_scans: "Narrow scans started by the file watcher",
+    watch_echoes: "Names the file watcher saw change that were still as a pull had just written them (not scanned)",
     watch_rescans: "Whole-volume rescans because file watcher events were lost",
     feed_changes: "Entries received through peers' change feeds",
     feed_rounds: "Pull rounds that followed a peer's change feed instead of walking the tree",
@@ -65,7 +66,7 @@ mod tests {
         let totals = stats.totals();
         assert_eq!((totals.files_applied, totals.watch_rescans), (3, 1));
         let metrics = totals.metrics();
-        assert_eq!(metrics.len(), 12);
+        assert_eq!(metrics.len(), 13);
         assert!(metrics.contains(&(
             "files_applied",
             "Files, directories and symlinks applied from peers",

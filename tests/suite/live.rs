@@ -186,6 +186,41 @@ fn a_scan_while_a_rename_is_half_applied_sends_nothing_back() {
     assert_no_echo(&c);
 }
 
+/// What a pull writes is not scanned again by the receiver's watcher (in a directory
+/// of 100,000 names, each batch published would list it all again): the events are
+/// checked against what the pull indexed and forgotten.
+#[test]
+fn the_receivers_watchers_do_not_rescan_what_their_pulls_wrote() {
+    let c = live_cluster(|_| {});
+    let a = c.vol(0);
+    for i in 0..600u32 {
+        write_file(
+            &a.join(format!("one-dir/f{i}")),
+            format!("file {i}").as_bytes(),
+        );
+    }
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    fs::remove_file(a.join("one-dir/f7")).unwrap();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    assert_eq!(snapshot(&c.vol(1)), snapshot(&a));
+    for i in [1, 2] {
+        let echoes = c.total(i, "watch_echoes");
+        assert!(
+            echoes > 0,
+            "node {i} scanned all it received:\n{}",
+            c.log(i)
+        );
+    }
+    assert_no_echo(&c);
+    // A local change right after is still seen.
+    write_file(&c.vol(1).join("one-dir/f8"), b"changed on node 1");
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    assert_eq!(
+        fs::read(a.join("one-dir/f8")).unwrap(),
+        b"changed on node 1"
+    );
+}
+
 #[test]
 fn a_burst_of_ten_thousand_files_converges() {
     let c = live_cluster(|_| {});

@@ -155,13 +155,14 @@ impl Pull {
                 (self.volume().xattrs_not_applied).note(&self.volume().name, &path, &not_set);
                 self.moved(dir);
                 self.moved(&path);
-                let stat = self.volume().fs.stat(&dir_fd, name)?;
+                let stamp = stamp_of_stat(&self.volume().fs.stat(&dir_fd, name)?);
                 let mut batch = self.node.store.batch();
                 batch.put_entry_sent_by(vol, dir, name, &remote, sent_by);
-                batch.put_stamp(vol, dir, name, &stamp_of_stat(&stat));
+                batch.put_stamp(vol, dir, name, &stamp);
                 batch.mark_dirty(vol, dir);
                 batch.mark_dirty(vol, &path);
                 self.node.store.write(batch, Durability::Buffered)?;
+                self.volume().echoes.expect([(path.clone(), Some(stamp))]);
                 self.report.applied += 1;
                 self.note_applied("dir", escape(path.as_bytes()), 0);
                 if hints.subtree.is_some() && replaces.as_ref().is_none_or(|o| !o.is_dir()) {
@@ -229,10 +230,14 @@ impl Pull {
         if let Some(version) = &version {
             batch.put_version(version);
         }
+        let stamp = stamp_of_stat(&stat);
         batch.put_entry_sent_by(vol, dir, name, &remote, sent_by);
-        batch.put_stamp(vol, dir, name, &stamp_of_stat(&stat));
+        batch.put_stamp(vol, dir, name, &stamp);
         batch.mark_dirty(vol, dir);
         self.node.store.write(batch, Durability::Durable)?;
+        if let Ok(path) = dir.join(name) {
+            self.volume().echoes.expect([(path, Some(stamp))]);
+        }
         // The record is written: the packs it relies on may be collected again.
         drop(kept);
         self.report.applied += 1;
@@ -315,6 +320,7 @@ impl Pull {
         let vol = self.volume().id;
         let store = &self.node.store;
         let mut batch = store.batch();
+        let mut echoes = Vec::new();
         for path in dirs {
             let Some((parent, name)) = path.split_last() else {
                 continue; // The volume root: its mtime is the mount point's own.
@@ -336,7 +342,9 @@ impl Pull {
                 .map_err(SyncError::local(path.display().to_string()))?;
             let stat = rustix::fs::fstat(&fd)
                 .map_err(|e| SyncError::local(path.display().to_string())(e.into()))?;
-            batch.put_stamp(vol, &parent, name, &stamp_of_stat(&stat));
+            let stamp = stamp_of_stat(&stat);
+            batch.put_stamp(vol, &parent, name, &stamp);
+            echoes.push((path, Some(stamp)));
             if batch.len() >= RESTORE_BATCH {
                 store.write(
                     std::mem::replace(&mut batch, store.batch()),
@@ -345,6 +353,7 @@ impl Pull {
             }
         }
         store.write(batch, Durability::Buffered)?;
+        self.volume().echoes.expect(echoes);
         Ok(())
     }
 
@@ -476,6 +485,7 @@ impl Pull {
         });
         let mut first_error = None;
         let mut changed_dirs = vec![false; dirs.len()];
+        let mut echoes = Vec::new();
         for ((delete, local, dir_index, _), removed) in decided.into_iter().zip(removed) {
             let removed = match removed {
                 Ok(removed) => removed,
@@ -521,10 +531,15 @@ impl Pull {
             self.node.store.write(batch, Durability::Buffered)?;
             if removed {
                 changed_dirs[dir_index] = true;
-                let path = dir.join(&name).map(|p| escape(p.as_bytes()));
+                let path = dir.join(&name);
+                if let Ok(path) = &path {
+                    echoes.push((path.clone(), None));
+                }
+                let path = path.map(|p| escape(p.as_bytes()));
                 self.note_applied("delete of", path.unwrap_or_else(|_| escape(&name)), 0);
             }
         }
+        volume.echoes.expect(echoes);
         let to_sync: Vec<&OwnedFd> = dirs
             .iter()
             .zip(changed_dirs)

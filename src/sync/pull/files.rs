@@ -538,6 +538,7 @@ impl Pull {
         }
         kept.finish(&node.store, &mut batch)?;
         let mut published = Vec::new();
+        let mut echoes = Vec::with_capacity(ready.len());
         for (file, version) in ready.into_iter().zip(versions) {
             let name = escape(&file.job.name);
             let path = file
@@ -548,13 +549,16 @@ impl Pull {
             let size = file.job.size();
             let (dir, file_name) = (file.job.dir.clone(), file.job.name.clone());
             match self.publish_one(fs, &mut dirs, &mut batch, file) {
-                Ok(true) => {
+                Ok(Some(stamp)) => {
                     if let Some(version) = &version {
                         batch.put_version(version);
                     }
+                    if let Ok(path) = dir.join(&file_name) {
+                        echoes.push((path, Some(stamp)));
+                    }
                     published.push((path.unwrap_or(name), size))
                 }
-                Ok(false) => self.report.skipped += 1,
+                Ok(None) => self.report.skipped += 1,
                 // A name this file system refuses is listed (and said once).
                 Err(e) if e.refusal().is_some() => self.placed(&dir, &file_name, Err(e))?,
                 // One file that cannot be placed does not hold back the others.
@@ -572,6 +576,7 @@ impl Pull {
             std::process::exit(99);
         }
         node.store.write(batch, Durability::Durable)?;
+        node.volumes[self.volume_index].echoes.expect(echoes);
         // The records are written: the packs they rely on may be collected again.
         drop(kept);
         tracing::debug!(
@@ -592,15 +597,16 @@ impl Pull {
         Ok(())
     }
 
-    /// Renames one assembled file into place and records it in `batch`; `false` if it
-    /// had to be left alone (something local is in the way).
+    /// Renames one assembled file into place and records it in `batch`: the stamp it
+    /// is recorded with, or `None` if it had to be left alone (something local is in
+    /// the way).
     fn publish_one(
         &mut self,
         fs: &crate::volume_fs::VolumeFs,
         dirs: &mut HashMap<VolPath, OwnedFd>,
         batch: &mut crate::store::Batch<'_>,
         file: ReadyFile,
-    ) -> Result<bool, SyncError> {
+    ) -> Result<Option<crate::store::codec::ScanStamp>, SyncError> {
         let ReadyFile {
             job,
             staged,
@@ -617,13 +623,13 @@ impl Pull {
                 "{} changed here while it was being fetched; the next round decides again",
                 escape(&job.name)
             );
-            return Ok(false);
+            return Ok(None);
         }
         let replaces_dir = job.replaces.as_ref().is_some_and(Entry::is_dir);
         if replaces_dir {
             // A directory goes only once it is empty (its children are synced first).
             if !fs.remove_dir(dir_fd, &job.name)? {
-                return Ok(false);
+                return Ok(None);
             }
             if let Ok(path) = job.dir.join(&job.name) {
                 batch.delete_tree_node(vol, &path);
@@ -634,7 +640,7 @@ impl Pull {
                 "{} changed locally since the last scan; not replacing it",
                 escape(&job.name)
             );
-            return Ok(false);
+            return Ok(None);
         }
         match &staged {
             Staging::Named(named) => fs.publish(&named.temp_name, dir_fd, &job.name)?,
@@ -647,9 +653,10 @@ impl Pull {
         let old_chunks = self.indexed_chunks(&job.dir, &job.name, job.replaces.as_ref())?;
         batch.put_entry_sent_by(vol, &job.dir, &job.name, &job.entry, job.sent_by);
         batch.set_chunks(vol, &job.dir, &job.name, &chunks, &old_chunks);
-        batch.put_stamp(vol, &job.dir, &job.name, &stamp_of_stat(&stat));
+        let stamp = stamp_of_stat(&stat);
+        batch.put_stamp(vol, &job.dir, &job.name, &stamp);
         batch.mark_dirty(vol, &job.dir);
-        Ok(true)
+        Ok(Some(stamp))
     }
 }
 
