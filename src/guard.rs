@@ -271,16 +271,26 @@ impl Guard {
     }
 
     /// Reads what the store holds for volume `vol` (after each scan, and at start).
+    /// A name held below another held name (an `rm -rf` whose pieces were held by
+    /// several scans: a file, then its directory) is counted once, in its ancestor's
+    /// record, which counts every name below it.
     pub fn load(&self, store: &Store, vol: VolumeId) -> Result<(), StoreError> {
-        let mut held = Held::default();
-        for item in store.held(vol) {
-            let (path, record) = item?;
-            held.names = held.names.saturating_add(record.names);
+        let records = store.held(vol).collect::<Result<Vec<_>, _>>()?;
+        let mut held = Held {
+            paths: records.iter().map(|(path, _)| path.clone()).collect(),
+            ..Held::default()
+        };
+        for (path, record) in &records {
             held.since_ns = Some(
                 held.since_ns
                     .map_or(record.held_at_ns, |s| s.min(record.held_at_ns)),
             );
-            held.paths.insert(path);
+            let nested = path
+                .split_last()
+                .is_some_and(|(parent, _)| covered(&held.paths, &parent));
+            if !nested {
+                held.names = held.names.saturating_add(record.names);
+            }
         }
         *self.held.write().expect("guard lock") = held;
         Ok(())
@@ -401,6 +411,42 @@ mod tests {
         assert!(!d.defer(true, true, t0 + MAX_DEFER), "waited long enough");
         d.ended(false, false, t0);
         assert!(d.defer(true, false, t0), "a new burst waits again");
+    }
+
+    #[test]
+    fn names_held_below_a_held_directory_are_counted_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open_for_test(tmp.path());
+        let vol = VolumeId(1);
+        let path = |p: &str| VolPath::parse(p.as_bytes()).unwrap();
+        // An `rm -rf tree` held in three pieces: two files first, then the directory
+        // (itself, the two files and two more), and a name elsewhere.
+        let mut batch = store.batch();
+        for (p, names, at) in [
+            ("tree/a/f1", 1, 30),
+            ("tree/b", 1, 20),
+            ("tree", 5, 40),
+            ("tree-other", 1, 50),
+        ] {
+            let record = crate::store::codec::Held {
+                held_at_ns: at,
+                names,
+            };
+            batch.put_held(vol, &path(p), &record);
+        }
+        store
+            .write(batch, crate::store::Durability::Buffered)
+            .unwrap();
+        let guard = Guard::default();
+        guard.load(&store, vol).unwrap();
+        let status = guard.status("v").unwrap();
+        assert_eq!(status.names, 6);
+        assert!(guard.covers(&path("tree/a/f1")) && guard.covers(&path("tree/c")));
+        assert!(!guard.covers(&path("tree2")));
+        assert_eq!(
+            status.since,
+            crate::sync::state::rfc3339(std::time::UNIX_EPOCH + Duration::from_nanos(20))
+        );
     }
 
     #[test]
