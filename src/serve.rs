@@ -741,6 +741,7 @@ async fn local_changes(
                         hold: request.hold,
                         busy: request.busy,
                         renamed: request.renamed,
+                        left: request.left,
                         watched_root,
                         guard: crate::guard::ScanGuard { defer, ..Default::default() },
                         ..ScanOptions::default()

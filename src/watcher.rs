@@ -402,6 +402,9 @@ pub struct ScanRequest {
     pub busy: HashSet<VolPath>,
     /// Renames seen since the last scan, `(from, to)`.
     pub renamed: Vec<(VolPath, VolPath)>,
+    /// Names asked for again by the last scan with no event since (the deletes it left):
+    /// their directories are scanned at [`Depth::Left`] unless other names there changed.
+    pub left: HashSet<VolPath>,
 }
 
 impl Debouncer {
@@ -548,10 +551,10 @@ impl Debouncer {
         let mut hold = HashSet::new();
         let mut busy = HashSet::new();
         let window = self.window;
-        let mut ready: Vec<VolPath> = Vec::new();
+        let mut ready: Vec<(VolPath, bool)> = Vec::new();
         for (path, state) in &self.names {
             if self.is_ready(state, now) {
-                ready.push(path.clone());
+                ready.push((path.clone(), state.settled));
                 continue;
             }
             let busy_due = state.busy_due();
@@ -576,18 +579,24 @@ impl Debouncer {
                 state.scanned_busy = Some(now);
             }
         }
-        for path in &ready {
+        for (path, _) in &ready {
             self.names.remove(path);
         }
-        for path in ready.into_iter().chain(busy.iter().cloned()) {
+        let mut left = HashSet::new();
+        let busy_names = busy.iter().map(|path| (path.clone(), false));
+        for (path, settled) in ready.into_iter().chain(busy_names) {
             let (dir, depth) = match path.split_last() {
                 // New ignore rules change what is synced below their directory.
                 Some((dir, name)) if name == IGNORE_FILE.as_bytes() => (dir, Depth::Subtree),
+                Some((dir, _)) if settled => (dir, Depth::Left),
                 Some((dir, _)) => (dir, Depth::Names),
                 None => (VolPath::root(), Depth::Names),
             };
             let merged = dirs.get(&dir).map_or(depth, |d| (*d).max(depth));
             dirs.insert(dir, merged);
+            if settled {
+                left.insert(path);
+            }
         }
         self.due = next;
         let scope = if std::mem::take(&mut self.everything) {
@@ -602,6 +611,7 @@ impl Debouncer {
             hold,
             busy,
             renamed: std::mem::take(&mut self.renamed),
+            left,
         })
     }
 }
@@ -637,7 +647,12 @@ mod tests {
         // Scanned with what comes next; only the name still settling is held.
         assert_eq!(d.due(), Some(t0 + WINDOW));
         let first = d.take_ready(t0 + WINDOW).unwrap();
-        assert_eq!(dirs(&first), [("a".into(), Depth::Names)]);
+        // Their directory was listed by the scan that left them: only they are looked up.
+        assert_eq!(dirs(&first), [("a".into(), Depth::Left)]);
+        assert_eq!(
+            first.left,
+            HashSet::from([path("a/gone1"), path("a/gone2")])
+        );
         assert_eq!(first.hold, HashSet::from([path("b/busy")]));
         // Alone, they wait until the volume has been quiet for a window since its last
         // event (here a close that came while the scan ran), and are then neither
@@ -652,7 +667,7 @@ mod tests {
         let quiet = d.take_ready(t0 + WINDOW * 2).unwrap();
         assert_eq!(
             dirs(&quiet),
-            [("a".into(), Depth::Names), ("b".into(), Depth::Names)]
+            [("a".into(), Depth::Left), ("b".into(), Depth::Names)]
         );
         assert!(quiet.hold.is_empty());
         assert_eq!(d.due(), None);
@@ -662,13 +677,15 @@ mod tests {
         d.again(path("a/gone4"), t1);
         assert_eq!(d.due(), Some(t1));
         let at_once = d.take_ready(t1).unwrap();
-        assert_eq!(dirs(&at_once), [("a".into(), Depth::Names)]);
+        assert_eq!(dirs(&at_once), [("a".into(), Depth::Left)]);
         assert!(at_once.hold.is_empty());
         // An event while it ran: a window after that event.
         d.record(path("c/new"), Change::Other, t1 + WINDOW);
+        d.record(path("a/new"), Change::Other, t1 + WINDOW);
         d.again(path("a/gone5"), t1 + WINDOW + WINDOW / 2);
         assert_eq!(d.due(), Some(t1 + WINDOW * 2));
         let with_it = d.take_ready(t1 + WINDOW * 2).unwrap();
+        // A directory with other news is listed.
         assert_eq!(
             dirs(&with_it),
             [("a".into(), Depth::Names), ("c".into(), Depth::Names)]
@@ -815,7 +832,7 @@ mod tests {
         let request = d.take_ready(t0 + WINDOW).unwrap();
         assert_eq!(
             dirs(&request),
-            [("gone".into(), Depth::Names), ("out".into(), Depth::Names)]
+            [("gone".into(), Depth::Left), ("out".into(), Depth::Names)]
         );
         assert_eq!(
             request.hold,

@@ -26,7 +26,7 @@ pub mod slices;
 mod walk;
 mod writer;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, Metadata};
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -101,6 +101,9 @@ pub struct ScanOptions {
     /// path's chunk list instead of being read again (a moved directory of media is
     /// not re-hashed). The old path must still be indexed: the scan covers both.
     pub renamed: Vec<(VolPath, VolPath)>,
+    /// Names the last scan found gone and left to this one, looked up one by one in
+    /// the directories scanned at [`Depth::Left`].
+    pub left: HashSet<VolPath>,
     /// The volume directory that `serve` has watched since it started, for the scans it
     /// makes while running: finding that very directory (same device and inode) empty
     /// means its names were deleted while the node watched, and they become tombstones
@@ -131,6 +134,10 @@ pub enum ScanScope {
 /// How much of a directory in [`ScanScope::Dirs`] to scan.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Depth {
+    /// Only its names in [`ScanOptions::left`], each looked up by `lstat`: the deletes
+    /// the last scan left to this one (`crate::guard::ScanGuard::defer`), which listed
+    /// the directory already. If one of them is there again, the directory is listed.
+    Left,
     /// Its own names.
     Names,
     /// Everything below it (its ignore rules changed, say).
@@ -272,6 +279,7 @@ pub fn scan_volume(
             progress: options.progress.clone(),
             hold: &options.hold,
             busy: &options.busy,
+            left: left_by_dir(&options.left),
             renamed: options
                 .renamed
                 .iter()
@@ -388,6 +396,17 @@ pub fn volume_root(store: &Store, vol: VolumeId) -> Result<Option<TreeHash>, Sto
     Ok(store
         .tree_node(vol, &VolPath::root())?
         .map(|node| node.hash))
+}
+
+/// The names of [`ScanOptions::left`] by directory.
+fn left_by_dir(left: &HashSet<VolPath>) -> HashMap<VolPath, Vec<Vec<u8>>> {
+    let mut by_dir: HashMap<VolPath, Vec<Vec<u8>>> = HashMap::new();
+    for path in left {
+        if let Some((dir, name)) = path.split_last() {
+            by_dir.entry(dir).or_default().push(name.to_vec());
+        }
+    }
+    by_dir
 }
 
 pub fn stamp_of(meta: &Metadata) -> ScanStamp {

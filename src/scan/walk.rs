@@ -77,6 +77,8 @@ pub(super) struct Walker<'s> {
     pub(super) hold: &'s HashSet<VolPath>,
     /// Names the watcher saw still changing: read as busy files ([`Walker::busy_read`]).
     pub(super) busy: &'s HashSet<VolPath>,
+    /// Names the last scan left to this one, by directory ([`Depth::Left`]).
+    pub(super) left: HashMap<VolPath, Vec<Vec<u8>>>,
     /// The watcher's renames, new path -> old path.
     pub(super) renamed: HashMap<VolPath, VolPath>,
     /// Indexed names found gone from disk, deleted once everything else is written.
@@ -395,6 +397,9 @@ impl<'s> Walker<'s> {
         rules: &Arc<IgnoreRules>,
         depth: Depth,
     ) -> Result<(), StoreError> {
+        if depth == Depth::Left && self.still_gone(dir) {
+            return Ok(());
+        }
         let Some((listed, opened)) = self.list(dir, rules) else {
             return Ok(());
         };
@@ -462,6 +467,31 @@ impl<'s> Walker<'s> {
             self.submit(job)?;
         }
         Ok(())
+    }
+
+    /// Looks up the names of `dir` the last scan left ([`Depth::Left`]) without listing
+    /// it again (in a delete of one file in each of 1,000 directories, the second
+    /// listing was most of the scan that let the deletes go): `true` if every one of
+    /// them is still gone (they are deletes again), `false` if one is there again or
+    /// cannot be looked up (the directory is then listed).
+    fn still_gone(&mut self, dir: &VolPath) -> bool {
+        let Some(names) = self.left.remove(dir) else {
+            return false;
+        };
+        let Ok(dir_fd) = open_dir_at(&self.root_fd, dir, false) else {
+            return false;
+        };
+        let gone = names.iter().all(
+            |name| matches!(lstat_at(&dir_fd, name), Err(e) if e.kind() == io::ErrorKind::NotFound),
+        );
+        if gone {
+            for name in names {
+                if !self.is_held(dir, &name) {
+                    self.gone.push((dir.clone(), name));
+                }
+            }
+        }
+        gone
     }
 
     /// The names the index holds as existing in `dir`, in name order, each with its scan

@@ -292,6 +292,53 @@ fn narrow_scan(fx: &Fixture, dirs: &[&str], renamed: &[(&str, &str)]) -> ScanRep
     scan_volume(&fx.open(), "vol", &fx.volume(), &options).unwrap()
 }
 
+/// The scan that lets go the deletes a watcher's scan left to it looks them up by name
+/// instead of listing their directories again; a name that is back means a listing.
+#[test]
+fn deletes_left_by_a_scan_are_looked_up_not_listed_again() {
+    let fx = Fixture::new();
+    for name in ["a", "b", "c", "d"] {
+        fx.write(&format!("dir/{name}"), name.as_bytes());
+    }
+    fx.scan();
+    let path = |p: &str| VolPath::parse(p.as_bytes()).unwrap();
+    let left_scan = |left: &[&str]| {
+        let options = ScanOptions {
+            scope: ScanScope::Dirs([(path("dir"), Depth::Left)].into()),
+            left: left.iter().map(|p| path(p)).collect(),
+            ..ScanOptions::default()
+        };
+        scan_volume(&fx.open(), "vol", &fx.volume(), &options).unwrap()
+    };
+    let is_gone = |name: &str| {
+        let store = fx.open();
+        let vol = store.volume("vol").unwrap().unwrap().id;
+        let entry = store.entry(vol, &path("dir"), name.as_bytes()).unwrap();
+        entry.unwrap().is_tombstone()
+    };
+    fs::remove_file(fx.path("dir/a")).unwrap();
+    // Deleted after the scan that left `a`: its own event lists the directory (this
+    // scan was not told of it, so it does not see it).
+    fs::remove_file(fx.path("dir/b")).unwrap();
+    let looked_up = left_scan(&["dir/a"]);
+    assert_eq!(looked_up.deleted, 1, "{looked_up:?}");
+    assert!(is_gone("a") && !is_gone("b"));
+
+    // `c` left as gone, but back by the time its delete is judged: the directory is
+    // listed, and everything in it is brought up to date.
+    fx.write("dir/c", b"c, written again");
+    let listed = left_scan(&["dir/c"]);
+    assert_eq!((listed.deleted, listed.files_read), (1, 1), "{listed:?}");
+    assert!(is_gone("b") && !is_gone("c"));
+    // Whatever the narrow scans did, a full one finds nothing left to do.
+    let full = fx.scan();
+    assert_eq!(
+        (full.added, full.deleted, full.files_read),
+        (0, 0, 0),
+        "{full:?}"
+    );
+}
+
 #[test]
 fn a_narrow_scan_matches_a_full_one_and_reads_only_what_it_must() {
     let fx = Fixture::new();
