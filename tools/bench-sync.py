@@ -3,7 +3,7 @@
 
     tools/bench-sync.py [--dir /var/tmp/shoal-bench/sync] [--only SCENARIO[,...]]
                         [--tools shoal,rsync,rsync-fsync,rsync-ssh,unison,syncthing]
-                        [--scale F] [--out FILE] [--timeout S] [--keep-work] [--no-setup]
+                        [--scale F] [--rounds N] [--out FILE] [--timeout S] [--keep-work] [--no-setup]
 
 Two "nodes" on one machine, over loopback: node A on 127.0.0.1 holds the source tree,
 node B on 127.0.0.2 the replica. Every tool gets its own fresh pair of directories.
@@ -918,7 +918,12 @@ def run_group(group, scenarios, tools, args, run_dir, wire, results, description
     descriptions[f"bytes-{group}"] = size
     for name in tools:
         print(f"[{group}] {name} ...", file=sys.stderr, flush=True)
-        tool = make_tool(name, os.path.join(run_dir, f"{name}-{group}"), args)
+        work = os.path.join(run_dir, f"{name}-{group}")
+        round_ = 1
+        while os.path.exists(work):  # a later round, with --keep-work
+            round_ += 1
+            work = os.path.join(run_dir, f"{name}-{group}-{round_}")
+        tool = make_tool(name, work, args)
         pending = [s for s in GROUPS[group] if s in scenarios]
         step = "setup"
         try:
@@ -946,9 +951,9 @@ def run_group(group, scenarios, tools, args, run_dir, wire, results, description
                     tool.reset_peaks()
                     tool.sync_change(meter, verify)
                 if scenario in scenarios:
-                    results[scenario][name] = {"wall": meter.wall(), "wire": meter.wire_bytes(), "own": meter.own(),
-                                               "rss": fmt_rss(tool.peaks()), "cpu": tool.cpu_used(meter),
-                                               "losses": meter.losses()}
+                    results[scenario].setdefault(name, []).append(
+                        {"wall": meter.wall(), "wire": meter.wire_bytes(), "own": meter.own(),
+                         "rss": fmt_rss(tool.peaks()), "cpu": tool.cpu_used(meter), "losses": meter.losses()})
                     pending.remove(scenario)
                     print(f"  {scenario}: {meter.wall():.2f} s", file=sys.stderr, flush=True)
         except (Failure, OSError, ValueError, KeyError, subprocess.SubprocessError) as e:
@@ -957,7 +962,8 @@ def run_group(group, scenarios, tools, args, run_dir, wire, results, description
                 reason = f"{step}: {reason}"
             print(f"  failed: {reason}", file=sys.stderr, flush=True)
             for i, scenario in enumerate(pending):
-                results[scenario][name] = {"failed": reason if i == 0 else f"not run ({pending[0]} failed)"}
+                failed = reason if i == 0 else f"not run ({pending[0]} failed)"
+                results[scenario].setdefault(name, []).append({"failed": failed})
         finally:
             try:
                 tool.teardown()
@@ -975,6 +981,22 @@ def human(n):
     return f"{n} B"
 
 
+def summary(rows):
+    """One tool's runs of one scenario as one row: the run of median wall time (its wire
+    bytes, RSS and CPU), with the range of the wall times and the drops of all runs
+    added up; a failure only if every run failed."""
+    if not rows:
+        return None
+    ok = sorted((r for r in rows if "failed" not in r), key=lambda r: r["wall"])
+    if not ok:
+        return rows[0]
+    row = dict(ok[(len(ok) - 1) // 2])
+    losses = [r.get("losses") or {} for r in ok]
+    row["losses"] = {k: sum(loss.get(k, 0) for loss in losses) for k in set().union(*losses)} or None
+    row.update(runs=len(ok), wall_min=ok[0]["wall"], wall_max=ok[-1]["wall"])
+    return row
+
+
 def render(results, descriptions, tools, scenarios, header, notes, wire_method):
     lines = header + [""]
     for scenario in scenarios:
@@ -984,7 +1006,7 @@ def render(results, descriptions, tools, scenarios, header, notes, wire_method):
                   "| UDP buffer drops rcv/snd, TCP retrans, TCP drops |",
                   "|---|---:|---:|---|---:|---:|---|"]
         for name in tools:
-            row = results[scenario].get(name)
+            row = summary(results[scenario].get(name))
             if row is None:
                 lines.append(f"| {name} | not run | | | | | |")
             elif "failed" in row:
@@ -1000,8 +1022,10 @@ def render(results, descriptions, tools, scenarios, header, notes, wire_method):
                 loss_text = (f"{loss.get('udp_rcvbuf', 0):,} / {loss.get('udp_sndbuf', 0):,}, "
                              f"{loss.get('tcp_retrans', 0):,}, {loss.get('tcp_drops', 0):,}") if loss else "n/a"
                 cpu = f"{row['cpu']:.2f}" if row.get("cpu") is not None else "n/a"
-                lines.append(f"| {name} | {row['wall']:.2f} | {wire_text} | {row['rss']} | {cpu} | {own} "
-                             f"| {loss_text} |")
+                wall = f"{row['wall']:.2f}"
+                if row["runs"] > 1:
+                    wall += f" ({row['wall_min']:.2f}-{row['wall_max']:.2f}, {row['runs']} runs)"
+                lines.append(f"| {name} | {wall} | {wire_text} | {row['rss']} | {cpu} | {own} | {loss_text} |")
         lines.append("")
     lines += ["Notes:"] + [f"- {n}" for n in notes]
     if wire_method is None:
@@ -1039,11 +1063,17 @@ def main():
                                                         "release", "shoal"))
     parser.add_argument("--shoal-heartbeat", type=int, default=25,
                         help="shoal serve --heartbeat (default 25, shoal's own; earlier runs used 1)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every tool this many times, in a rotated order each round, and report "
+                             "the median run with the range (default 1; the reference tools move by 2x "
+                             "between runs on a shared machine)")
     parser.add_argument("--keep-work", action="store_true", help="keep the run directory (debugging)")
     parser.add_argument("--no-setup", action="store_true", help="do not run tools/setup.sh")
     args = parser.parse_args()
     scenarios = parse_list(args.only, list(SCENARIOS), "scenario") if args.only else list(SCENARIOS)
     tools = parse_list([args.tools], TOOLS, "tool")
+    if args.rounds < 1:
+        sys.exit("bench-sync: --rounds must be at least 1")
     if args.timeout is None:
         args.timeout = 120 + 1800 * args.scale
     if os.geteuid() != 0:
@@ -1075,13 +1105,19 @@ def main():
         f"`{tool_version(['syncthing', '--version'])}`.",
         f"Physical limit: the disk writes+fsyncs {rate:,.0f} MiB/s ({human(rate_size)} written, then fsync).",
     ]
+    if args.rounds > 1:
+        header.append(f"Rounds: {args.rounds}, the tools in a rotated order each round; each row is the run "
+                      "of median wall time (its wire bytes, RSS and CPU), with the range of the wall times; "
+                      "drops are those of all runs added up.")
     results = {s: {} for s in scenarios}
     descriptions = {}
     interrupted = None
     try:
-        for group, members in GROUPS.items():
-            if any(s in scenarios for s in members):
-                run_group(group, scenarios, tools, args, run_dir, wire, results, descriptions)
+        for round_ in range(args.rounds):
+            order = tools[round_ % len(tools):] + tools[:round_ % len(tools)]
+            for group, members in GROUPS.items():
+                if any(s in scenarios for s in members):
+                    run_group(group, scenarios, order, args, run_dir, wire, results, descriptions)
     except (KeyboardInterrupt, SystemExit) as e:  # still report what was measured
         interrupted = e
         header.append("**Interrupted: the tables are incomplete.**")
