@@ -1,7 +1,7 @@
 //! What a node says and does at start when its surroundings are not yet right (issue 16's
 //! small items): a peer name that does not resolve yet, a private key others may read, a
-//! volume directory it may not write, a low soft limit of open files. Real `shoal serve` processes; the log and the exit
-//! status are what is checked.
+//! volume directory it may not write, a low soft limit of open files. Real `shoal serve`
+//! processes; the log, the exit status and `/proc` are what is checked.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -143,6 +143,16 @@ fn a_private_key_others_may_read_is_used_with_a_warning() {
     assert!(log.contains("make it 0600"), "{log}");
 }
 
+/// A new cluster's credentials in `dir/creds` and an empty volume `dir/data/vol`, for
+/// [`serve_through`]; the credentials' path.
+fn lone_node_dir(dir: &Path) -> std::path::PathBuf {
+    let creds = dir.join("creds");
+    let init = shoal(&["cluster", "init", "--out", creds.to_str().unwrap()]);
+    assert!(init.status.success(), "{}", stderr(&init));
+    fs::create_dir_all(dir.join("data/vol")).unwrap();
+    creds
+}
+
 /// `WRAPPER ARGS.. shoal serve` of `dir`'s volume `data/vol` (state in `dir/state`), alone:
 /// no peers, any port, stdout dropped. The wrapper (util-linux) execs the node, so the
 /// child's pid is the node's.
@@ -198,11 +208,8 @@ fn a_volume_directory_the_node_may_not_write_is_named_once_with_what_to_fix() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let creds = dir.path().join("creds");
-    let init = shoal(&["cluster", "init", "--out", creds.to_str().unwrap()]);
-    assert!(init.status.success(), "{}", stderr(&init));
+    let creds = lone_node_dir(dir.path());
     let volume = dir.path().join("data/vol");
-    fs::create_dir_all(&volume).unwrap();
     fs::create_dir_all(dir.path().join("state")).unwrap();
     // Everything but the volume itself is the daemon's: root keeps the volume 0755.
     for path in [
@@ -258,10 +265,7 @@ fn a_node_started_with_a_low_soft_open_file_limit_raises_it_to_the_hard_one() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let creds = dir.path().join("creds");
-    let init = shoal(&["cluster", "init", "--out", creds.to_str().unwrap()]);
-    assert!(init.status.success(), "{}", stderr(&init));
-    fs::create_dir_all(dir.path().join("data/vol")).unwrap();
+    let creds = lone_node_dir(dir.path());
     let mut child = serve_through(
         "prlimit",
         &[&format!("--nofile=64:{hard}")],
