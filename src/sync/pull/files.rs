@@ -541,11 +541,8 @@ impl Pull {
         let mut echoes = Vec::with_capacity(ready.len());
         for (file, version) in ready.into_iter().zip(versions) {
             let name = escape(&file.job.name);
-            let path = file
-                .job
-                .dir
-                .join(&file.job.name)
-                .map(|p| escape(p.as_bytes()));
+            let path = file.job.dir.join(&file.job.name);
+            let shown = path.as_ref().ok().map(|p| escape(p.as_bytes()));
             let size = file.job.size();
             let (dir, file_name) = (file.job.dir.clone(), file.job.name.clone());
             match self.publish_one(fs, &mut dirs, &mut batch, file) {
@@ -553,10 +550,10 @@ impl Pull {
                     if let Some(version) = &version {
                         batch.put_version(version);
                     }
-                    if let Ok(path) = dir.join(&file_name) {
+                    if let Ok(path) = path {
                         echoes.push((path, Some(stamp)));
                     }
-                    published.push((path.unwrap_or(name), size))
+                    published.push((shown.unwrap_or(name), size))
                 }
                 Ok(None) => self.report.skipped += 1,
                 // A name this file system refuses is listed (and said once).
