@@ -724,7 +724,7 @@ async fn local_changes(
                 let now = std::time::Instant::now();
                 let volume = &node.volumes[index];
                 let mut echoes = volume.echoes.checker(&volume.fs);
-                let forgotten = debouncer.forget_echoes(now, |path| echoes.is_echo(path));
+                let forgotten = debouncer.forget_echoes(now, &mut echoes);
                 node.stats.watch_echoes.fetch_add(forgotten, Ordering::Relaxed);
                 if let Some(request) = debouncer.take_ready(now) {
                     // A whole rescan (events were lost) covers every slice.

@@ -309,6 +309,22 @@ pub struct EchoChecker<'a> {
 }
 
 impl EchoChecker<'_> {
+    /// Drops what sync wrote at `path` unchecked: its event is scanned anyway. An entry
+    /// must not outlive the event it was for: left behind, a removal sync made would
+    /// pass a later local delete of a file created since off as its echo.
+    fn scanned(&self, path: &VolPath) {
+        self.echoes
+            .expected
+            .lock()
+            .expect("echoes lock")
+            .remove(path);
+    }
+
+    /// Drops everything: the whole volume is rescanned.
+    fn rescanned(&self) {
+        self.echoes.expected.lock().expect("echoes lock").clear();
+    }
+
     /// Whether `path` is still exactly what sync last wrote there: same stamp, or still
     /// absent if sync removed it. Each name is checked once (its entry goes).
     pub fn is_echo(&mut self, path: &VolPath) -> bool {
@@ -510,32 +526,35 @@ impl Debouncer {
         state.settled || settled || now.saturating_duration_since(state.first) >= MAX_HOLD
     }
 
-    /// Forgets the names ready now that `is_echo` says are sync's own writes, still as
+    /// Forgets the names ready now that `echoes` says are sync's own writes, still as
     /// it left them: nothing to scan. Names written to (not closed), busy, or asked for
-    /// again by a scan are kept, as is everything once events were lost.
-    /// Returns how many it forgot.
-    pub fn forget_echoes(
-        &mut self,
-        now: Instant,
-        mut is_echo: impl FnMut(&VolPath) -> bool,
-    ) -> u64 {
+    /// again by a scan are scanned whatever sync wrote, as is everything once events
+    /// were lost: their entries in `echoes` are dropped unchecked, used up with the
+    /// event they were for. Returns how many names it forgot.
+    pub fn forget_echoes(&mut self, now: Instant, echoes: &mut EchoChecker) -> u64 {
         if self.everything {
+            echoes.rescanned();
             return 0;
         }
-        let candidates: Vec<VolPath> = self
+        let due: Vec<(VolPath, bool)> = self
             .names
             .iter()
             .filter(|(_, state)| {
-                !state.writing
+                self.is_ready(state, now) || state.busy_due().is_some_and(|due| due <= now)
+            })
+            .map(|(path, state)| {
+                let may_echo = !state.writing
                     && !state.settled
                     && state.scanned_busy.is_none()
-                    && self.is_ready(state, now)
+                    && self.is_ready(state, now);
+                (path.clone(), may_echo)
             })
-            .map(|(path, _)| path.clone())
             .collect();
         let mut forgotten = 0;
-        for path in candidates {
-            if is_echo(&path) {
+        for (path, may_echo) in due {
+            if !may_echo {
+                echoes.scanned(&path);
+            } else if echoes.is_echo(&path) {
                 self.names.remove(&path);
                 forgotten += 1;
             }
@@ -808,8 +827,37 @@ mod tests {
         assert!(matches!(request.scope, ScanScope::Everything));
     }
 
+    /// A volume holding `files`, and the stamp of each.
+    fn volume_with(files: &[&str]) -> (tempfile::TempDir, VolumeFs) {
+        let dir = tempfile::tempdir().unwrap();
+        for name in files {
+            let file = dir.path().join(name);
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(file, b"from a peer").unwrap();
+        }
+        let fs = VolumeFs::open(dir.path()).unwrap();
+        (dir, fs)
+    }
+
+    fn stamp_in(dir: &Path, name: &str) -> ScanStamp {
+        crate::scan::stamp_of(&std::fs::symlink_metadata(dir.join(name)).unwrap())
+    }
+
     #[test]
     fn ready_names_that_are_echoes_are_forgotten_and_the_rest_scanned() {
+        let (dir, fs) = volume_with(&["in/a", "in/b", "out/c", "late/e"]);
+        std::fs::create_dir_all(dir.path().join("gone")).unwrap();
+        let echoes = Echoes::default();
+        echoes.expect(
+            ["in/a", "in/b", "out/c", "late/e"]
+                .map(|name| (path(name), Some(stamp_in(dir.path(), name)))),
+        );
+        // Sync removed these two; one is created again (still open for writing).
+        echoes.expect([(path("in/open"), None), (path("gone/d"), None)]);
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(dir.path().join("out/c"), b"local").unwrap();
+        std::fs::write(dir.path().join("in/open"), b"local").unwrap();
+
         let t0 = Instant::now();
         let mut d = Debouncer::new(WINDOW);
         d.record(path("in/a"), Change::Other, t0);
@@ -818,16 +866,9 @@ mod tests {
         d.record(path("in/open"), Change::Written, t0);
         d.again(path("gone/d"), t0);
         d.record(path("late/e"), Change::Other, t0 + WINDOW / 2);
-        let mut asked = Vec::new();
-        // Everything that is asked is said to be an echo: only ready names settled by
-        // events are asked (not the one still open for writing, not one a scan asked
-        // for again, not one that is not quiet yet).
-        let forgotten = d.forget_echoes(t0 + WINDOW, |p| {
-            asked.push(p.display().to_string());
-            p.as_bytes() != b"out/c"
-        });
-        asked.sort();
-        assert_eq!(asked, ["in/a", "in/b", "out/c"]);
+        // Only ready names settled by events are checked: not the one still open for
+        // writing, not one a scan asked for again, not one that is not quiet yet.
+        let forgotten = d.forget_echoes(t0 + WINDOW, &mut echoes.checker(&fs));
         assert_eq!(forgotten, 2);
         let request = d.take_ready(t0 + WINDOW).unwrap();
         assert_eq!(
@@ -838,23 +879,50 @@ mod tests {
             request.hold,
             HashSet::from([path("in/open"), path("late/e")])
         );
-        // Once events were lost, nothing is forgotten: the rescan covers it all.
-        d.lost(t0 + WINDOW);
-        assert_eq!(d.forget_echoes(t0 + WINDOW * 3, |_| true), 0);
+        // Scanned without being checked, the name asked for again used up its entry.
+        let left: Vec<_> = echoes
+            .expected
+            .lock()
+            .unwrap()
+            .keys()
+            .map(|p| p.display().to_string())
+            .collect();
+        assert!(!left.contains(&"gone/d".to_string()), "{left:?}");
+        let late = t0 + WINDOW * 2;
+        assert_eq!(d.forget_echoes(late, &mut echoes.checker(&fs)), 1, "late/e");
+
+        // The name created again is scanned once its writer has been quiet long enough,
+        // unchecked: what sync removed there is no echo of anything any more. Deleted
+        // later, it is a local delete like any other, not sync's removal again.
+        let patient = late + WRITER_PATIENCE;
+        assert_eq!(d.forget_echoes(patient, &mut echoes.checker(&fs)), 0);
+        assert_eq!(
+            dirs(&d.take_ready(patient).unwrap()),
+            [("in".into(), Depth::Names)]
+        );
+        std::fs::remove_file(dir.path().join("in/open")).unwrap();
+        d.record(path("in/open"), Change::Other, patient);
+        let deleted = patient + WINDOW;
+        assert_eq!(d.forget_echoes(deleted, &mut echoes.checker(&fs)), 0);
+        assert_eq!(
+            dirs(&d.take_ready(deleted).unwrap()),
+            [("in".into(), Depth::Names)]
+        );
+
+        // Once events were lost, nothing is forgotten and nothing kept: the rescan covers it all.
+        echoes.expect([(path("in/a"), Some(stamp_in(dir.path(), "in/a")))]);
+        d.record(path("in/a"), Change::Other, deleted);
+        d.lost(deleted);
+        assert_eq!(
+            d.forget_echoes(deleted + WINDOW * 2, &mut echoes.checker(&fs)),
+            0
+        );
+        assert!(echoes.expected.lock().unwrap().is_empty());
     }
 
     #[test]
     fn an_echo_is_a_name_still_exactly_as_sync_left_it() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("d")).unwrap();
-        let fs = VolumeFs::open(dir.path()).unwrap();
-        let stamp_of = |name: &str| {
-            let meta = std::fs::symlink_metadata(dir.path().join(name)).unwrap();
-            crate::scan::stamp_of(&meta)
-        };
-        for name in ["d/written", "d/rewritten", "d/replaced", IGNORE_FILE] {
-            std::fs::write(dir.path().join(name), b"from a peer").unwrap();
-        }
+        let (dir, fs) = volume_with(&["d/written", "d/rewritten", "d/replaced", IGNORE_FILE]);
         let echoes = Echoes::default();
         echoes.expect(
             [
@@ -864,7 +932,12 @@ mod tests {
                 IGNORE_FILE,
                 "d/removed",
             ]
-            .map(|name| (path(name), (name != "d/removed").then(|| stamp_of(name)))),
+            .map(|name| {
+                (
+                    path(name),
+                    (name != "d/removed").then(|| stamp_in(dir.path(), name)),
+                )
+            }),
         );
         // Written again after sync indexed it: the ctime moved even if nothing else did.
         std::thread::sleep(Duration::from_millis(20));
