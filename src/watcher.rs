@@ -28,7 +28,9 @@
 //! stamp, which any later write moves, through the ctime) is forgotten instead of
 //! scanned. Without that, every directory a pull writes into is listed again after each
 //! batch it publishes there: quadratic in a directory of 100,000 files received in
-//! batches of 256.
+//! batches of 256. What sync wrote is good for the one event it causes: a name scanned
+//! for any other reason drops it, or a removal by sync would later pass a local delete
+//! of the name, created again meanwhile, off as its echo.
 //!
 //! `notify` 8.2 rather than 9: 8.x is the stable line. What 9 adds (reporting
 //! subdirectories created before their watch existed; never leaving a recursive watch
@@ -827,7 +829,7 @@ mod tests {
         assert!(matches!(request.scope, ScanScope::Everything));
     }
 
-    /// A volume holding `files`, and the stamp of each.
+    /// A volume holding `files` (their parent directories made).
     fn volume_with(files: &[&str]) -> (tempfile::TempDir, VolumeFs) {
         let dir = tempfile::tempdir().unwrap();
         for name in files {
@@ -909,7 +911,8 @@ mod tests {
             [("in".into(), Depth::Names)]
         );
 
-        // Once events were lost, nothing is forgotten and nothing kept: the rescan covers it all.
+        // Once events were lost, nothing is forgotten and nothing kept: the rescan
+        // covers it all.
         echoes.expect([(path("in/a"), Some(stamp_in(dir.path(), "in/a")))]);
         d.record(path("in/a"), Change::Other, deleted);
         d.lost(deleted);
