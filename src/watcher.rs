@@ -541,15 +541,12 @@ impl Debouncer {
         let due: Vec<(VolPath, bool)> = self
             .names
             .iter()
-            .filter(|(_, state)| {
-                self.is_ready(state, now) || state.busy_due().is_some_and(|due| due <= now)
-            })
-            .map(|(path, state)| {
-                let may_echo = !state.writing
-                    && !state.settled
-                    && state.scanned_busy.is_none()
-                    && self.is_ready(state, now);
-                (path.clone(), may_echo)
+            .filter_map(|(path, state)| {
+                let ready = self.is_ready(state, now);
+                let busy = state.busy_due().is_some_and(|due| due <= now);
+                let may_echo =
+                    ready && !state.writing && !state.settled && state.scanned_busy.is_none();
+                (ready || busy).then(|| (path.clone(), may_echo))
             })
             .collect();
         let mut forgotten = 0;
