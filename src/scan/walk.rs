@@ -1,6 +1,6 @@
 //! The walk: each directory's listing merged with the index's children of it.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::Metadata;
 use std::io::{self, Read};
@@ -36,6 +36,32 @@ const MAX_IGNORE_FILE: u64 = 1 << 20;
 pub(super) struct Listed {
     pub(super) name: Vec<u8>,
     pub(super) meta: Metadata,
+}
+
+/// Names of a directory listed at once: a scan holds one window of a directory's
+/// listing, with each name's `lstat`, and the index's names beside it, however large the
+/// directory (invariant 6: 100,000 names in one directory held some 50 MiB at once); a
+/// directory of more names is read once per window.
+const LIST_WINDOW: usize = 8192;
+
+/// A directory being listed window by window ([`Walker::next_window`]).
+struct Listing {
+    reader: rustix::fs::Dir,
+    /// The last name of the window before; the next window's names come after it.
+    after: Option<Vec<u8>>,
+    /// The last window has been read.
+    done: bool,
+}
+
+/// One window of a directory's listing.
+struct Window {
+    /// Its names on disk, in name order.
+    listed: Vec<Listed>,
+    /// Its names come after this one (`None`: from the first name on).
+    after: Option<Vec<u8>>,
+    /// Its last name, when more names follow in the next window (`None`: it is the last
+    /// window, and goes to the end of the directory).
+    upto: Option<Vec<u8>>,
 }
 
 /// A directory being walked: its descriptor (every name in it is reached through it)
@@ -121,6 +147,60 @@ fn names_in(totals: &crate::tree::SubtreeTotals) -> u64 {
 
 /// A name the index holds as existing in a directory, with its scan stamp if it has one.
 type IndexedName = (Vec<u8>, Option<ScanStamp>);
+
+/// The names `store` holds as existing in `dir` from `start` on (all of them for
+/// `None`), in name order, each with its scan stamp if it has one; read as the walk goes,
+/// not gathered. A live entry without a stamp is one the index took without this
+/// node's scan seeing it on disk (a conflict copy a pull moved aside, say): listed, it
+/// is read like a new name; gone from disk, it is a delete like any other. Without this
+/// a name gone from disk before a scan stamped it would stay live in the index for good,
+/// unchecked, while the disk lacks it.
+fn indexed_names<'s>(
+    store: &'s Store,
+    vol: VolumeId,
+    dir: &VolPath,
+    start: Option<&[u8]>,
+) -> impl Iterator<Item = Result<IndexedName, StoreError>> + 's {
+    let start = start.unwrap_or_default();
+    let mut stamps = store.stamps(vol, dir, start).peekable();
+    let mut live = store.live_names(vol, dir, start).peekable();
+    std::iter::from_fn(move || {
+        if let Some(Err(e)) = stamps.next_if(Result::is_err) {
+            return Some(Err(e));
+        }
+        if let Some(Err(e)) = live.next_if(Result::is_err) {
+            return Some(Err(e));
+        }
+        let stamped = stamps.peek().and_then(|r| r.as_ref().ok()).map(|(n, _)| n);
+        let live_name = live.peek().and_then(|r| r.as_ref().ok());
+        let order = match (stamped, live_name) {
+            (None, None) => return None,
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some(stamped), Some(live_name)) => stamped.cmp(live_name),
+        };
+        if order == std::cmp::Ordering::Greater {
+            return live.next().map(|r| r.map(|name| (name, None)));
+        }
+        if order == std::cmp::Ordering::Equal {
+            live.next();
+        }
+        stamps
+            .next()
+            .map(|r| r.map(|(name, stamp)| (name, Some(stamp))))
+    })
+}
+
+/// The next of `indexed`, without taking it; an error is taken, and returned.
+fn peek_indexed<I>(indexed: &mut std::iter::Peekable<I>) -> Result<Option<&IndexedName>, StoreError>
+where
+    I: Iterator<Item = Result<IndexedName, StoreError>>,
+{
+    if let Some(Err(e)) = indexed.next_if(Result::is_err) {
+        return Err(e);
+    }
+    Ok(indexed.peek().and_then(|r| r.as_ref().ok()))
+}
 
 /// A directory waiting to be walked, with the ignore rules of its ancestors.
 pub(super) type PendingDir = (VolPath, Arc<IgnoreRules>, Depth);
@@ -287,78 +367,137 @@ impl<'s> Walker<'s> {
         self.report.problems.push(message);
     }
 
-    /// Lists a directory: every child's name and `lstat`, sorted by name, without
-    /// Shoal's own directory and ignored names. The directory is opened from the volume
-    /// root without following symlinks, and each child is stated through it. `None` if
-    /// the directory cannot be read (or is no longer a directory).
-    fn list(
+    /// Opens a directory to list window by window ([`Walker::next_window`]), with the
+    /// ignore rules for its names. The directory is opened from the volume root without
+    /// following symlinks. `None` if it cannot be read (or is no longer a directory).
+    fn open_listing(
         &mut self,
         dir: &VolPath,
         parent_rules: &Arc<IgnoreRules>,
-    ) -> Option<(Vec<Listed>, OpenDir)> {
+    ) -> Option<(Listing, OpenDir)> {
         let fs_dir = dir.under(&self.root);
-        let cannot_list = |e: &dyn std::fmt::Display| {
-            format!(
-                "cannot list {}: {e}; its index entries are kept",
-                fs_dir.display()
-            )
-        };
         let listing = open_dir_at(&self.root_fd, dir, false)
-            .map_err(|e| cannot_list(&e))
+            .map_err(|e| e.to_string())
             .and_then(|fd| {
-                let reader = rustix::fs::Dir::read_from(&fd).map_err(|e| cannot_list(&e))?;
+                let reader = rustix::fs::Dir::read_from(&fd).map_err(|e| e.to_string())?;
                 Ok((fd, reader))
             });
-        let (dir_fd, mut reader) = match listing {
+        let (dir_fd, reader) = match listing {
             Ok(listing) => listing,
-            Err(message) => {
-                self.problem(message);
-                self.dirs_unseen = true;
+            Err(e) => {
+                self.cannot_list(&fs_dir, &e);
                 return None;
             }
         };
-        let mut listed = Vec::new();
-        while let Some(item) = reader.read() {
-            let item = match item {
-                Ok(item) => item,
-                Err(e) => {
-                    self.problem(cannot_list(&e));
-                    return None;
-                }
-            };
-            let name = item.file_name().to_bytes().to_vec();
-            if name == b"." || name == b".." || (dir.is_root() && name == SHOAL_DIR) {
-                continue;
-            }
-            match lstat_at(&dir_fd, &name) {
-                Ok(meta) => listed.push(Listed { name, meta }),
-                // Deleted between readdir and lstat: it is simply not there.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    self.problem(format!(
-                        "cannot stat {}: {e}; its index entries are kept",
-                        fs_dir.display()
-                    ));
-                    return None;
-                }
-            }
-        }
-        listed.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-        let rules = match listed
-            .iter()
-            .any(|l| l.name == IGNORE_FILE.as_bytes() && l.meta.is_file())
-        {
+        let rules = match lstat_at(&dir_fd, IGNORE_FILE.as_bytes()).is_ok_and(|m| m.is_file()) {
             true => Arc::new(IgnoreRules {
                 own: Some(self.load_ignore_file(&dir_fd, &fs_dir)),
                 parent: Some(parent_rules.clone()),
             }),
             false => parent_rules.clone(),
         };
-        listed.retain(|l| {
-            !rules.is_ignored(&fs_dir.join(OsStr::from_bytes(&l.name)), l.meta.is_dir())
-        });
+        let listing = Listing {
+            reader,
+            after: None,
+            done: false,
+        };
         let fd = Arc::new(dir_fd);
-        Some((listed, OpenDir { fd, rules }))
+        Some((listing, OpenDir { fd, rules }))
+    }
+
+    /// The next window of a directory's listing: its [`LIST_WINDOW`] smallest names
+    /// after the last window's, each with its `lstat` (through the directory's
+    /// descriptor), sorted by name, without Shoal's own directory and ignored names.
+    /// Each window reads the whole directory again and keeps only its names, so that a
+    /// directory of any size costs one window's memory (invariant 6); a directory of up
+    /// to a window's names is read once, as before windows. `None` when the listing is
+    /// done, or the directory can no longer be read (reported; the index entries of the
+    /// names not listed yet are kept).
+    fn next_window(
+        &mut self,
+        dir: &VolPath,
+        listing: &mut Listing,
+        opened: &OpenDir,
+    ) -> Option<Window> {
+        if listing.done {
+            return None;
+        }
+        let fs_dir = dir.under(&self.root);
+        listing.reader.rewind();
+        // The window's names, largest on top: a smaller name found later replaces it.
+        let mut names: BinaryHeap<Vec<u8>> = BinaryHeap::new();
+        let mut more = false;
+        while let Some(item) = listing.reader.read() {
+            let item = match item {
+                Ok(item) => item,
+                Err(e) => {
+                    self.cannot_list(&fs_dir, &e);
+                    return None;
+                }
+            };
+            let name = item.file_name().to_bytes();
+            if name == b"." || name == b".." || (dir.is_root() && name == SHOAL_DIR) {
+                continue;
+            }
+            if listing.after.as_deref().is_some_and(|after| name <= after) {
+                continue;
+            }
+            if names.len() < LIST_WINDOW {
+                names.push(name.to_vec());
+                continue;
+            }
+            more = true;
+            if names
+                .peek()
+                .is_some_and(|largest| name < largest.as_slice())
+            {
+                names.pop();
+                names.push(name.to_vec());
+            }
+        }
+        let names = names.into_sorted_vec();
+        let upto = match more {
+            true => names.last().cloned(),
+            false => None,
+        };
+        let after = std::mem::replace(&mut listing.after, upto.clone());
+        listing.done = upto.is_none();
+        let mut listed = Vec::with_capacity(names.len());
+        for name in names {
+            match lstat_at(&*opened.fd, &name) {
+                Ok(meta) => listed.push(Listed { name, meta }),
+                // Deleted between readdir and lstat: it is simply not there.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    self.problem(format!(
+                        "cannot stat {}: {e}; its index entries are kept",
+                        fs_dir.join(OsStr::from_bytes(&name)).display()
+                    ));
+                    self.dirs_unseen = true;
+                    return None;
+                }
+            }
+        }
+        listed.retain(|l| {
+            !opened
+                .rules
+                .is_ignored(&fs_dir.join(OsStr::from_bytes(&l.name)), l.meta.is_dir())
+        });
+        Some(Window {
+            listed,
+            after,
+            upto,
+        })
+    }
+
+    /// Reports a directory (or the rest of it) that cannot be listed: its index entries
+    /// are kept, and hard-link groups may have names in it unseen.
+    fn cannot_list(&mut self, fs_dir: &Path, e: &dyn std::fmt::Display) {
+        self.problem(format!(
+            "cannot list {}: {e}; its index entries are kept",
+            fs_dir.display()
+        ));
+        self.dirs_unseen = true;
     }
 
     /// The rules of the `.shoalignore` in `dir_fd` (the directory `fs_dir`), read
@@ -400,33 +539,66 @@ impl<'s> Walker<'s> {
         if depth == Depth::Left && self.still_gone(dir) {
             return Ok(());
         }
-        let Some((listed, opened)) = self.list(dir, rules) else {
+        let Some((mut listing, opened)) = self.open_listing(dir, rules) else {
             return Ok(());
         };
-        let indexed = self.indexed_names(dir)?;
-        if dir.is_root()
-            && listed.is_empty()
-            && !indexed.is_empty()
-            && !self.emptied_while_watched
-            && self.guard_held.is_empty()
-        {
-            // An empty volume where the index knows files is a new or unmounted disk,
-            // not a request to delete everything on every node (the lsyncd failure):
-            // forget the index, and let peers fill the volume again. (A volume emptied
-            // under a running node's eyes is a deletion, made below like any other, and
-            // so is one whose deletes the guard already holds: a restart in between
-            // keeps them held, not undone.)
-            tracing::warn!(
-                "volume {} is empty but its index holds {} names: treating it as a fresh volume that pulls from peers, not as a deletion",
-                self.report.volume,
-                indexed.len()
-            );
-            return self.forget_everything();
+        let mut first = true;
+        while let Some(window) = self.next_window(dir, &mut listing, &opened) {
+            let start = window.after.map(|mut after| {
+                // The smallest name after it (names hold no NUL byte).
+                after.push(0);
+                after
+            });
+            let mut indexed = indexed_names(self.store, self.vol, dir, start.as_deref()).peekable();
+            if first
+                && dir.is_root()
+                && window.listed.is_empty()
+                && window.upto.is_none()
+                && !self.emptied_while_watched
+                && self.guard_held.is_empty()
+                && peek_indexed(&mut indexed)?.is_some()
+            {
+                // An empty volume where the index knows files is a new or unmounted disk,
+                // not a request to delete everything on every node (the lsyncd failure):
+                // forget the index, and let peers fill the volume again. (A volume emptied
+                // under a running node's eyes is a deletion, made below like any other, and
+                // so is one whose deletes the guard already holds: a restart in between
+                // keeps them held, not undone.)
+                tracing::warn!(
+                    "volume {} is empty but its index holds {} names: treating it as a fresh volume that pulls from peers, not as a deletion",
+                    self.report.volume,
+                    indexed.count()
+                );
+                return self.forget_everything();
+            }
+            first = false;
+            self.merge_window(dir, window.listed, indexed, window.upto, &opened, depth)?;
         }
+        Ok(())
+    }
+
+    /// Merges one window of a directory's listing with the index's names in the same
+    /// range (up to `upto`, its last name, or to the end for the last window): a name on
+    /// disk is scanned, one only in the index is gone. Then hands the window's files to
+    /// the hashing threads, largest first, so they finish together instead of one of
+    /// them hashing the biggest file alone at the end.
+    fn merge_window<I>(
+        &mut self,
+        dir: &VolPath,
+        listed: Vec<Listed>,
+        mut indexed: std::iter::Peekable<I>,
+        upto: Option<Vec<u8>>,
+        opened: &OpenDir,
+        depth: Depth,
+    ) -> Result<(), StoreError>
+    where
+        I: Iterator<Item = Result<IndexedName, StoreError>>,
+    {
         let mut listed = listed.into_iter().peekable();
-        let mut indexed = indexed.into_iter().peekable();
         loop {
-            let order = match (listed.peek(), indexed.peek()) {
+            let next_indexed = peek_indexed(&mut indexed)?
+                .filter(|(name, _)| upto.as_ref().is_none_or(|upto| name <= upto));
+            let order = match (listed.peek(), next_indexed) {
                 (None, None) => break,
                 (Some(_), None) => std::cmp::Ordering::Less,
                 (None, Some(_)) => std::cmp::Ordering::Greater,
@@ -437,21 +609,21 @@ impl<'s> Walker<'s> {
                     let item = listed.next().expect("peeked");
                     self.found_again(dir, &item.name);
                     match self.is_held(dir, &item.name) {
-                        false => self.on_listed(dir, item, None, &opened, depth)?,
+                        false => self.on_listed(dir, item, None, opened, depth)?,
                         true => self.note_held(dir, &item),
                     }
                 }
                 std::cmp::Ordering::Equal => {
                     let item = listed.next().expect("peeked");
-                    let (_, stamp) = indexed.next().expect("peeked");
+                    let (_, stamp) = indexed.next().expect("peeked")?;
                     self.found_again(dir, &item.name);
                     match self.is_held(dir, &item.name) {
-                        false => self.on_listed(dir, item, stamp, &opened, depth)?,
+                        false => self.on_listed(dir, item, stamp, opened, depth)?,
                         true => self.note_held(dir, &item),
                     }
                 }
                 std::cmp::Ordering::Greater => {
-                    let (name, _) = indexed.next().expect("peeked");
+                    let (name, _) = indexed.next().expect("peeked")?;
                     if !self.is_held(dir, &name) {
                         self.gone.push((dir.clone(), name));
                     }
@@ -459,8 +631,6 @@ impl<'s> Walker<'s> {
             }
             self.flush(false)?;
         }
-        // Largest first, so the hashing threads finish together instead of one of them
-        // hashing the biggest file alone at the end.
         let mut to_hash = std::mem::take(&mut self.to_hash);
         to_hash.sort_by_key(|(size, _)| std::cmp::Reverse(*size));
         for (_, job) in to_hash {
@@ -492,31 +662,6 @@ impl<'s> Walker<'s> {
             }
         }
         gone
-    }
-
-    /// The names the index holds as existing in `dir`, in name order, each with its scan
-    /// stamp if it has one. A live entry without a stamp is one the index took without
-    /// this node's scan seeing it on disk (a conflict copy a pull moved aside, say):
-    /// listed, it is read like a new name; gone from disk, it is a delete like any other.
-    /// Without this a name gone from disk before a scan stamped it would stay live in the
-    /// index for good, unchecked, while the disk lacks it.
-    fn indexed_names(&self, dir: &VolPath) -> Result<Vec<IndexedName>, StoreError> {
-        let stamps: Vec<(Vec<u8>, ScanStamp)> =
-            self.store.stamps(self.vol, dir).collect::<Result<_, _>>()?;
-        let mut out = Vec::with_capacity(stamps.len());
-        let mut stamps = stamps.into_iter().peekable();
-        for live in self.store.live_names(self.vol, dir) {
-            let live = live?;
-            while let Some((name, stamp)) = stamps.next_if(|(n, _)| *n < live) {
-                out.push((name, Some(stamp)));
-            }
-            match stamps.next_if(|(n, _)| *n == live) {
-                Some((name, stamp)) => out.push((name, Some(stamp))),
-                None => out.push((live, None)),
-            }
-        }
-        out.extend(stamps.map(|(name, stamp)| (name, Some(stamp))));
-        Ok(out)
     }
 
     /// A name listed on disk whose delete the guard holds was restored: its hold goes,

@@ -753,14 +753,15 @@ impl Store {
         self.children_in(CF_ENTRIES, vol, dir, start, codec::decode_entry)
     }
 
-    /// The names of `dir`'s children that the index holds as existing (not tombstones),
-    /// in name order.
+    /// The names `>= start` of `dir`'s children that the index holds as existing (not
+    /// tombstones), in name order.
     pub fn live_names(
         &self,
         vol: VolumeId,
         dir: &VolPath,
+        start: &[u8],
     ) -> impl Iterator<Item = Result<Vec<u8>, StoreError>> + '_ {
-        self.children_in(CF_ENTRIES, vol, dir, &[], codec::decode_is_live)
+        self.children_in(CF_ENTRIES, vol, dir, start, codec::decode_is_live)
             .filter_map(|item| match item {
                 Ok((name, true)) => Some(Ok(name)),
                 Ok((_, false)) => None,
@@ -768,14 +769,16 @@ impl Store {
             })
     }
 
-    /// The scan stamps of `dir`'s children in name order: the names that exist (are not
-    /// tombstones) in the index and that a scan or sync saw on disk.
+    /// The scan stamps of `dir`'s children whose names are `>= start`, in name order:
+    /// the names that exist (are not tombstones) in the index and that a scan or sync
+    /// saw on disk.
     pub fn stamps(
         &self,
         vol: VolumeId,
         dir: &VolPath,
+        start: &[u8],
     ) -> impl Iterator<Item = Result<(Vec<u8>, ScanStamp), StoreError>> + '_ {
-        self.children_in(CF_SCAN_CACHE, vol, dir, &[], codec::decode_stamp)
+        self.children_in(CF_SCAN_CACHE, vol, dir, start, codec::decode_stamp)
     }
 
     /// The records of `cf` (keyed by entry key) for the children of `dir` whose names are

@@ -395,3 +395,102 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
         .unwrap();
     assert!(status.success());
 }
+
+/// The live names the index holds under `dir`, in name order.
+fn live_names_in(fx: &Fixture, dir: &str) -> Vec<Vec<u8>> {
+    let prefix = match dir {
+        "" => Vec::new(),
+        dir => format!("{dir}/").into_bytes(),
+    };
+    index_listing(&fx.open(), "vol")
+        .into_iter()
+        .filter(|(path, entry)| {
+            !entry.is_tombstone()
+                && path.starts_with(&prefix)
+                && !path[prefix.len()..].contains(&b'/')
+        })
+        .map(|(path, _)| path[prefix.len()..].to_vec())
+        .collect()
+}
+
+/// The names on disk in `dir`, in name order.
+fn names_on_disk(fx: &Fixture, dir: &str) -> Vec<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut names: Vec<Vec<u8>> = fs::read_dir(fx.path(dir))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().as_bytes().to_vec())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A directory of more names than the scan lists at once (8,192) is listed window by
+/// window, each merged with the index's names of the same range: names added, deleted,
+/// changed and ignored on both sides of every window's edge come out exactly as on
+/// disk, and a rescan of the unchanged directory, full or narrow, changes nothing.
+#[test]
+fn a_directory_of_several_listing_windows_is_scanned_exactly() {
+    let fx = Fixture::new();
+    let names = 20_000;
+    fx.write("big/.shoalignore", b"*.tmp\n");
+    for i in 0..names {
+        fx.write(&format!("big/f{i:05}"), format!("{i}").as_bytes());
+    }
+    for i in (0..names).step_by(997) {
+        fx.write(&format!("big/f{i:05}.tmp"), b"ignored");
+    }
+    let first = fx.scan();
+    assert_eq!(first.files_read, names as u64 + 1, "{first:?}");
+    let expected = |fx: &Fixture| -> Vec<Vec<u8>> {
+        names_on_disk(fx, "big")
+            .into_iter()
+            .filter(|n| !n.ends_with(b".tmp"))
+            .collect()
+    };
+    assert_eq!(live_names_in(&fx, "big"), expected(&fx));
+
+    // Deletes, additions and edits spread over the whole name range, so over the edges
+    // of every window on both scans.
+    let (mut deleted, mut added, mut edited) = (0, 0, 0);
+    for i in 0..names {
+        if i % 7 == 0 {
+            fs::remove_file(fx.path(&format!("big/f{i:05}"))).unwrap();
+            deleted += 1;
+        } else if i % 11 == 0 {
+            fx.write(&format!("big/f{i:05}"), b"edited, and longer than before");
+            edited += 1;
+        }
+        if i % 13 == 0 {
+            fx.write(&format!("big/f{i:05}a"), b"new");
+            added += 1;
+        }
+    }
+    let rescan = fx.scan();
+    assert_eq!(
+        (rescan.deleted, rescan.added, rescan.files_read),
+        (deleted, added, added + edited),
+        "{rescan:?}"
+    );
+    assert_eq!(live_names_in(&fx, "big"), expected(&fx));
+
+    // Nothing changed since: neither a full scan nor the watcher's narrow one of the
+    // directory changes or reads anything.
+    let idle = fx.scan();
+    assert_eq!(
+        (idle.added, idle.modified, idle.deleted, idle.files_read),
+        (0, 0, 0, 0),
+        "{idle:?}"
+    );
+    let narrow = narrow_scan(&fx, &["big"], &[]);
+    assert_eq!(
+        (
+            narrow.added,
+            narrow.modified,
+            narrow.deleted,
+            narrow.files_read
+        ),
+        (0, 0, 0, 0),
+        "{narrow:?}"
+    );
+    assert_eq!(live_names_in(&fx, "big"), expected(&fx));
+}
