@@ -118,6 +118,9 @@ pub struct ScanOptions {
     /// The delete guard's threshold, and whether the operator released its holds
     /// ([`crate::guard`]).
     pub guard: crate::guard::ScanGuard,
+    /// Names of one directory listed at once; 0 means the default, 32,768 (tests make
+    /// it small, to cross the windows of a directory that a scan lists in parts).
+    pub list_window: usize,
 }
 
 /// Which directories a scan lists.
@@ -275,6 +278,10 @@ pub fn scan_volume(
                 hasher(params, namespaces, budget.clone())
             }),
             pending: Vec::new(),
+            list_window: match options.list_window {
+                0 => walk::LIST_WINDOW,
+                names => names,
+            },
             to_hash: Vec::new(),
             progress: options.progress.clone(),
             hold: &options.hold,

@@ -38,11 +38,15 @@ pub(super) struct Listed {
     pub(super) meta: Metadata,
 }
 
-/// Names of a directory listed at once: a scan holds one window of a directory's
-/// listing, with each name's `lstat`, and the index's names beside it, however large the
-/// directory (invariant 6: 100,000 names in one directory held some 50 MiB at once); a
-/// directory of more names is read once per window.
-const LIST_WINDOW: usize = 8192;
+/// Names of a directory listed at once: a scan holds one window of a directory's names
+/// (about 70 bytes each; each name is stated only when the merge comes to it), however
+/// large the directory (invariant 6: 100,000 names in one directory, each held with its
+/// `lstat` and the index's names beside them, took some 50 MiB); a directory of more
+/// names is read once per window.
+pub(super) const LIST_WINDOW: usize = 32_768;
+
+/// Files a walk gathers before handing them to the hashing threads, largest first.
+const HASH_GATHER: usize = 1024;
 
 /// A directory being listed window by window ([`Walker::next_window`]).
 struct Listing {
@@ -55,8 +59,8 @@ struct Listing {
 
 /// One window of a directory's listing.
 struct Window {
-    /// Its names on disk, in name order.
-    listed: Vec<Listed>,
+    /// Its names on disk, in name order, not stated yet.
+    names: Vec<Vec<u8>>,
     /// Its names come after this one (`None`: from the first name on).
     after: Option<Vec<u8>>,
     /// Its last name, when more names follow in the next window (`None`: it is the last
@@ -97,6 +101,8 @@ pub(super) struct Walker<'s> {
     pub(super) hashers: Pool<HashJob, HashResult>,
     /// Directories still to walk.
     pub(super) pending: Vec<PendingDir>,
+    /// Names of a directory listed at once ([`LIST_WINDOW`] unless a test says).
+    pub(super) list_window: usize,
     /// Files of the directory being walked that need reading, with their sizes.
     pub(super) to_hash: Vec<(u64, HashJob)>,
     pub(super) progress: Option<ProgressBar>,
@@ -405,24 +411,17 @@ impl<'s> Walker<'s> {
         Some((listing, OpenDir { fd, rules }))
     }
 
-    /// The next window of a directory's listing: its [`LIST_WINDOW`] smallest names
-    /// after the last window's, each with its `lstat` (through the directory's
-    /// descriptor), sorted by name, without Shoal's own directory and ignored names.
+    /// The next window of a directory's listing: its `list_window` smallest names
+    /// after the last window's, sorted, without `.`, `..` and Shoal's own directory.
     /// Each window reads the whole directory again and keeps only its names, so that a
     /// directory of any size costs one window's memory (invariant 6); a directory of up
     /// to a window's names is read once, as before windows. `None` when the listing is
     /// done, or the directory can no longer be read (reported; the index entries of the
     /// names not listed yet are kept).
-    fn next_window(
-        &mut self,
-        dir: &VolPath,
-        listing: &mut Listing,
-        opened: &OpenDir,
-    ) -> Option<Window> {
+    fn next_window(&mut self, dir: &VolPath, listing: &mut Listing) -> Option<Window> {
         if listing.done {
             return None;
         }
-        let fs_dir = dir.under(&self.root);
         listing.reader.rewind();
         // The window's names, largest on top: a smaller name found later replaces it.
         let mut names: BinaryHeap<Vec<u8>> = BinaryHeap::new();
@@ -431,7 +430,7 @@ impl<'s> Walker<'s> {
             let item = match item {
                 Ok(item) => item,
                 Err(e) => {
-                    self.cannot_list(&fs_dir, &e);
+                    self.cannot_list(&dir.under(&self.root), &e);
                     return None;
                 }
             };
@@ -442,7 +441,7 @@ impl<'s> Walker<'s> {
             if listing.after.as_deref().is_some_and(|after| name <= after) {
                 continue;
             }
-            if names.len() < LIST_WINDOW {
+            if names.len() < self.list_window {
                 names.push(name.to_vec());
                 continue;
             }
@@ -462,32 +461,7 @@ impl<'s> Walker<'s> {
         };
         let after = std::mem::replace(&mut listing.after, upto.clone());
         listing.done = upto.is_none();
-        let mut listed = Vec::with_capacity(names.len());
-        for name in names {
-            match lstat_at(&*opened.fd, &name) {
-                Ok(meta) => listed.push(Listed { name, meta }),
-                // Deleted between readdir and lstat: it is simply not there.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    self.problem(format!(
-                        "cannot stat {}: {e}; its index entries are kept",
-                        fs_dir.join(OsStr::from_bytes(&name)).display()
-                    ));
-                    self.dirs_unseen = true;
-                    return None;
-                }
-            }
-        }
-        listed.retain(|l| {
-            !opened
-                .rules
-                .is_ignored(&fs_dir.join(OsStr::from_bytes(&l.name)), l.meta.is_dir())
-        });
-        Some(Window {
-            listed,
-            after,
-            upto,
-        })
+        Some(Window { names, after, upto })
     }
 
     /// Reports a directory (or the rest of it) that cannot be listed: its index entries
@@ -543,7 +517,7 @@ impl<'s> Walker<'s> {
             return Ok(());
         };
         let mut first = true;
-        while let Some(window) = self.next_window(dir, &mut listing, &opened) {
+        while let Some(window) = self.next_window(dir, &mut listing) {
             let start = window.after.map(|mut after| {
                 // The smallest name after it (names hold no NUL byte).
                 after.push(0);
@@ -552,11 +526,14 @@ impl<'s> Walker<'s> {
             let mut indexed = indexed_names(self.store, self.vol, dir, start.as_deref()).peekable();
             if first
                 && dir.is_root()
-                && window.listed.is_empty()
                 && window.upto.is_none()
                 && !self.emptied_while_watched
                 && self.guard_held.is_empty()
                 && peek_indexed(&mut indexed)?.is_some()
+                && window
+                    .names
+                    .iter()
+                    .all(|name| !self.listable(&opened, dir, name))
             {
                 // An empty volume where the index knows files is a new or unmounted disk,
                 // not a request to delete everything on every node (the lsyncd failure):
@@ -572,71 +549,109 @@ impl<'s> Walker<'s> {
                 return self.forget_everything();
             }
             first = false;
-            self.merge_window(dir, window.listed, indexed, window.upto, &opened, depth)?;
+            if !self.merge_window(dir, window.names, indexed, window.upto, &opened, depth)? {
+                break;
+            }
         }
-        Ok(())
+        self.hash_gathered()
     }
 
-    /// Merges one window of a directory's listing with the index's names in the same
-    /// range (up to `upto`, its last name, or to the end for the last window): a name on
-    /// disk is scanned, one only in the index is gone. Then hands the window's files to
-    /// the hashing threads, largest first, so they finish together instead of one of
-    /// them hashing the biggest file alone at the end.
-    fn merge_window<I>(
-        &mut self,
-        dir: &VolPath,
-        listed: Vec<Listed>,
-        mut indexed: std::iter::Peekable<I>,
-        upto: Option<Vec<u8>>,
-        opened: &OpenDir,
-        depth: Depth,
-    ) -> Result<(), StoreError>
-    where
-        I: Iterator<Item = Result<IndexedName, StoreError>>,
-    {
-        let mut listed = listed.into_iter().peekable();
-        loop {
-            let next_indexed = peek_indexed(&mut indexed)?
-                .filter(|(name, _)| upto.as_ref().is_none_or(|upto| name <= upto));
-            let order = match (listed.peek(), next_indexed) {
-                (None, None) => break,
-                (Some(_), None) => std::cmp::Ordering::Less,
-                (None, Some(_)) => std::cmp::Ordering::Greater,
-                (Some(l), Some(i)) => l.name.cmp(&i.0),
-            };
-            match order {
-                std::cmp::Ordering::Less => {
-                    let item = listed.next().expect("peeked");
-                    self.found_again(dir, &item.name);
-                    match self.is_held(dir, &item.name) {
-                        false => self.on_listed(dir, item, None, opened, depth)?,
-                        true => self.note_held(dir, &item),
-                    }
-                }
-                std::cmp::Ordering::Equal => {
-                    let item = listed.next().expect("peeked");
-                    let (_, stamp) = indexed.next().expect("peeked")?;
-                    self.found_again(dir, &item.name);
-                    match self.is_held(dir, &item.name) {
-                        false => self.on_listed(dir, item, stamp, opened, depth)?,
-                        true => self.note_held(dir, &item),
-                    }
-                }
-                std::cmp::Ordering::Greater => {
-                    let (name, _) = indexed.next().expect("peeked")?;
-                    if !self.is_held(dir, &name) {
-                        self.gone.push((dir.clone(), name));
-                    }
-                }
-            }
-            self.flush(false)?;
-        }
+    /// Whether `name` in `dir` would be scanned: it is there, and not ignored.
+    fn listable(&self, opened: &OpenDir, dir: &VolPath, name: &[u8]) -> bool {
+        lstat_at(&*opened.fd, name).is_ok_and(|meta| {
+            !opened.rules.is_ignored(
+                &dir.under(&self.root).join(OsStr::from_bytes(name)),
+                meta.is_dir(),
+            )
+        })
+    }
+
+    /// Hands the files gathered so far to the hashing threads, largest first, so they
+    /// finish together instead of one of them hashing the biggest file alone at the end.
+    fn hash_gathered(&mut self) -> Result<(), StoreError> {
         let mut to_hash = std::mem::take(&mut self.to_hash);
         to_hash.sort_by_key(|(size, _)| std::cmp::Reverse(*size));
         for (_, job) in to_hash {
             self.submit(job)?;
         }
         Ok(())
+    }
+
+    /// Merges one window of a directory's listing with the index's names in the same
+    /// range (up to `upto`, its last name, or to the end for the last window): a name on
+    /// disk is stated when its turn comes (through the directory's descriptor) and
+    /// scanned, unless ignored; one only in the index is gone. `false` if a name could
+    /// not be stated: the rest of the directory is left as indexed (reported).
+    fn merge_window<I>(
+        &mut self,
+        dir: &VolPath,
+        names: Vec<Vec<u8>>,
+        mut indexed: std::iter::Peekable<I>,
+        upto: Option<Vec<u8>>,
+        opened: &OpenDir,
+        depth: Depth,
+    ) -> Result<bool, StoreError>
+    where
+        I: Iterator<Item = Result<IndexedName, StoreError>>,
+    {
+        let fs_dir = dir.under(&self.root);
+        let mut listed = names
+            .into_iter()
+            .filter_map(|name| match lstat_at(&*opened.fd, &name) {
+                Ok(meta) => {
+                    let path = fs_dir.join(OsStr::from_bytes(&name));
+                    (!opened.rules.is_ignored(&path, meta.is_dir()))
+                        .then_some(Ok(Listed { name, meta }))
+                }
+                // Deleted between readdir and lstat: it is simply not there.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => Some(Err((name, e))),
+            })
+            .peekable();
+        loop {
+            if let Some(Err((name, e))) = listed.next_if(Result::is_err) {
+                self.problem(format!(
+                    "cannot stat {}: {e}; the index entries of the names from it on are kept",
+                    fs_dir.join(OsStr::from_bytes(&name)).display()
+                ));
+                self.dirs_unseen = true;
+                return Ok(false);
+            }
+            let next_listed = listed.peek().and_then(|l| l.as_ref().ok());
+            let next_indexed = peek_indexed(&mut indexed)?
+                .filter(|(name, _)| upto.as_ref().is_none_or(|upto| name <= upto));
+            let order = match (next_listed, next_indexed) {
+                (None, None) => break,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some(l), Some(i)) => l.name.cmp(&i.0),
+            };
+            let stamp = match order {
+                std::cmp::Ordering::Less => None,
+                std::cmp::Ordering::Equal => indexed.next().expect("peeked")?.1,
+                std::cmp::Ordering::Greater => {
+                    let (name, _) = indexed.next().expect("peeked")?;
+                    if !self.is_held(dir, &name) {
+                        self.gone.push((dir.clone(), name));
+                    }
+                    self.flush(false)?;
+                    continue;
+                }
+            };
+            let Some(Ok(item)) = listed.next() else {
+                unreachable!("peeked a listed name");
+            };
+            self.found_again(dir, &item.name);
+            match self.is_held(dir, &item.name) {
+                false => self.on_listed(dir, item, stamp, opened, depth)?,
+                true => self.note_held(dir, &item),
+            }
+            if self.to_hash.len() >= HASH_GATHER {
+                self.hash_gathered()?;
+            }
+            self.flush(false)?;
+        }
+        Ok(true)
     }
 
     /// Looks up the names of `dir` the last scan left ([`Depth::Left`]) without listing

@@ -424,13 +424,21 @@ fn names_on_disk(fx: &Fixture, dir: &str) -> Vec<Vec<u8>> {
     names
 }
 
-/// A directory of more names than the scan lists at once (8,192) is listed window by
-/// window, each merged with the index's names of the same range: names added, deleted,
-/// changed and ignored on both sides of every window's edge come out exactly as on
-/// disk, and a rescan of the unchanged directory, full or narrow, changes nothing.
+/// A directory of more names than a scan lists at once (made 4,096 here) is listed window
+/// by window, each merged with the index's names of the same range: names added,
+/// deleted, changed and ignored on both sides of every window's edge come out exactly as
+/// on disk, and a rescan of the unchanged directory, full or narrow, changes nothing.
 #[test]
 fn a_directory_of_several_listing_windows_is_scanned_exactly() {
     let fx = Fixture::new();
+    let in_windows = |scope: ScanScope| {
+        let options = ScanOptions {
+            scope,
+            list_window: 4096,
+            ..ScanOptions::default()
+        };
+        scan_volume(&fx.open(), "vol", &fx.volume(), &options).unwrap()
+    };
     let names = 20_000;
     fx.write("big/.shoalignore", b"*.tmp\n");
     for i in 0..names {
@@ -439,7 +447,7 @@ fn a_directory_of_several_listing_windows_is_scanned_exactly() {
     for i in (0..names).step_by(997) {
         fx.write(&format!("big/f{i:05}.tmp"), b"ignored");
     }
-    let first = fx.scan();
+    let first = in_windows(ScanScope::Everything);
     assert_eq!(first.files_read, names as u64 + 1, "{first:?}");
     let expected = |fx: &Fixture| -> Vec<Vec<u8>> {
         names_on_disk(fx, "big")
@@ -465,7 +473,7 @@ fn a_directory_of_several_listing_windows_is_scanned_exactly() {
             added += 1;
         }
     }
-    let rescan = fx.scan();
+    let rescan = in_windows(ScanScope::Everything);
     assert_eq!(
         (rescan.deleted, rescan.added, rescan.files_read),
         (deleted, added, added + edited),
@@ -475,13 +483,14 @@ fn a_directory_of_several_listing_windows_is_scanned_exactly() {
 
     // Nothing changed since: neither a full scan nor the watcher's narrow one of the
     // directory changes or reads anything.
-    let idle = fx.scan();
+    let idle = in_windows(ScanScope::Everything);
     assert_eq!(
         (idle.added, idle.modified, idle.deleted, idle.files_read),
         (0, 0, 0, 0),
         "{idle:?}"
     );
-    let narrow = narrow_scan(&fx, &["big"], &[]);
+    let big = VolPath::parse(b"big").unwrap();
+    let narrow = in_windows(ScanScope::Dirs([(big, Depth::Names)].into()));
     assert_eq!(
         (
             narrow.added,
