@@ -432,11 +432,12 @@ impl Pull {
         };
         let size = job.size();
         let staging = staging_name(content_id, &job.dir, &job.name);
-        match &mut self.wanted_staging {
-            Some(wanted) if wanted.len() < super::MAX_WANTED_STAGING => {
-                wanted.insert(staging.clone());
-            }
-            _ => self.wanted_staging = None,
+        if self
+            .wanted_staging
+            .as_mut()
+            .is_some_and(|wanted| !wanted.insert(&staging))
+        {
+            self.wanted_staging = None;
         }
         let needed = match renaming {
             true => 0,
