@@ -1075,12 +1075,13 @@ impl<'s> Walker<'s> {
         })?;
         if old.is_dir() {
             // Descendants first, the directory's own entry last: a crash half-way
-            // leaves the directory indexed, so the next scan deletes the rest.
-            let descendants: Vec<_> = self
-                .store
-                .descendants(self.vol, &path)
-                .collect::<Result<_, _>>()?;
-            for (parent, child, entry) in descendants {
+            // leaves the directory indexed, so the next scan deletes the rest. Read as
+            // they are deleted, not gathered first (a tree of a million files would hold
+            // all their entries at once; invariant 6): the read does not see the
+            // tombstones written behind it.
+            let store = self.store;
+            for item in store.descendants(self.vol, &path) {
+                let (parent, child, entry) = item?;
                 if !entry.is_tombstone() {
                     self.tombstone(&parent, &child, entry)?;
                     self.flush(false)?;
@@ -1093,11 +1094,10 @@ impl<'s> Walker<'s> {
     /// Drops every entry of the volume without tombstones (see the empty-volume guard).
     fn forget_everything(&mut self) -> Result<(), StoreError> {
         let root = VolPath::root();
-        let all: Vec<_> = self
-            .store
-            .descendants(self.vol, &root)
-            .collect::<Result<_, _>>()?;
-        for (dir, name, entry) in all {
+        // Read as they are dropped, not gathered first: the whole volume's entries.
+        let store = self.store;
+        for item in store.descendants(self.vol, &root) {
+            let (dir, name, entry) = item?;
             if let EntryKind::File { .. } = entry.kind {
                 let chunks = self
                     .store
