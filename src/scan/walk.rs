@@ -1,4 +1,5 @@
-//! The walk: each directory's listing merged with the index's children of it.
+//! The walk: each directory's listing merged with the index's children of it, one window
+//! of names at a time, so that a directory of any size costs the same memory.
 
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::ffi::OsStr;
