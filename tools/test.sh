@@ -9,10 +9,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # promtool (Debian's prometheus package) checks a live node's /metrics; rsync: the
 # metadata tests compare Shoal's copy of a tree with `rsync -aHAXS`'s; busybox-static: the
-# stand-in lsyncd image the migration test deploys and replaces. Debian's chromium is
+# stand-in lsyncd image the migration test deploys and replaces; time: the peak memory of
+# a scan (tests/suite/index.rs). Debian's chromium is
 # installed by the status page's test itself (tests/suite/page.rs, about 20 s) when
 # missing.
-source tools/setup.sh prometheus rsync busybox-static
+source tools/setup.sh prometheus rsync busybox-static time
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
   rustup component add rustfmt clippy
 fi
