@@ -198,6 +198,24 @@ fn indexed_names<'s>(
     })
 }
 
+/// `name` in the directory `opened` (`fs_dir` on disk) as the walk scans it, stated
+/// through the directory's descriptor: `None` if it is not there (deleted between
+/// readdir and lstat) or ignored; the name with the error if it cannot be stated.
+fn stat_listed(
+    opened: &OpenDir,
+    fs_dir: &Path,
+    name: Vec<u8>,
+) -> Option<Result<Listed, (Vec<u8>, io::Error)>> {
+    match lstat_at(&*opened.fd, &name) {
+        Ok(meta) => {
+            let path = fs_dir.join(OsStr::from_bytes(&name));
+            (!opened.rules.is_ignored(&path, meta.is_dir())).then_some(Ok(Listed { name, meta }))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => Some(Err((name, e))),
+    }
+}
+
 /// The next of `indexed`, without taking it; an error is taken, and returned.
 fn peek_indexed<I>(indexed: &mut std::iter::Peekable<I>) -> Result<Option<&IndexedName>, StoreError>
 where
@@ -559,12 +577,8 @@ impl<'s> Walker<'s> {
 
     /// Whether `name` in `dir` would be scanned: it is there, and not ignored.
     fn listable(&self, opened: &OpenDir, dir: &VolPath, name: &[u8]) -> bool {
-        lstat_at(&*opened.fd, name).is_ok_and(|meta| {
-            !opened.rules.is_ignored(
-                &dir.under(&self.root).join(OsStr::from_bytes(name)),
-                meta.is_dir(),
-            )
-        })
+        let fs_dir = dir.under(&self.root);
+        matches!(stat_listed(opened, &fs_dir, name.to_vec()), Some(Ok(_)))
     }
 
     /// Hands the files gathered so far to the hashing threads, largest first, so they
@@ -598,16 +612,7 @@ impl<'s> Walker<'s> {
         let fs_dir = dir.under(&self.root);
         let mut listed = names
             .into_iter()
-            .filter_map(|name| match lstat_at(&*opened.fd, &name) {
-                Ok(meta) => {
-                    let path = fs_dir.join(OsStr::from_bytes(&name));
-                    (!opened.rules.is_ignored(&path, meta.is_dir()))
-                        .then_some(Ok(Listed { name, meta }))
-                }
-                // Deleted between readdir and lstat: it is simply not there.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-                Err(e) => Some(Err((name, e))),
-            })
+            .filter_map(|name| stat_listed(opened, &fs_dir, name))
             .peekable();
         loop {
             if let Some(Err((name, e))) = listed.next_if(Result::is_err) {
