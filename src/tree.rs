@@ -257,8 +257,13 @@ pub fn build_node(
 }
 
 /// Recomputes the node of every dirty directory of `vol` and of their ancestors, and
-/// returns the volume's root node.
+/// returns the volume's root node. Every change the volume's feed numbered before the
+/// update began is then in the tree (noted for `GetChanges`: the position a peer's walk
+/// reaches).
 pub fn update(store: &Store, vol: VolumeId) -> Result<TreeNode, StoreError> {
+    // Read first: every entry numbered up to it is committed, its directory marked dirty
+    // in the same write, so the update below takes it in.
+    let covers = store.feed_mark(vol)?;
     let mut pending: BTreeSet<(Reverse<usize>, VolPath)> = store
         .dirty_dirs(vol)?
         .into_iter()
@@ -300,6 +305,7 @@ pub fn update(store: &Store, vol: VolumeId) -> Result<TreeNode, StoreError> {
         }
         store.write(batch, Durability::Buffered)?;
     }
+    store.note_tree_covers(vol, covers)?;
     Ok(store
         .tree_node(vol, &VolPath::root())?
         .expect("the root node was written above or before"))

@@ -89,7 +89,8 @@ pub enum Changes {
     },
     /// The feed does not reach back to the mark (another feed id, a number below the
     /// lower bound, or past the newest): the reader walks the tree; `current` is where
-    /// the feed is now.
+    /// that walk gets it to, the newest number the volume's Merkle tree takes in
+    /// ([`Store::note_tree_covers`]).
     Gone { current: FeedMark },
 }
 
@@ -103,6 +104,10 @@ struct VolumeFeed {
     next: u64,
     /// Numbers below this are reserved durably.
     reserved: u64,
+    /// Every change numbered up to this is in the volume's Merkle tree (its last
+    /// update started after they were written): the position a walk of the tree
+    /// reaches. 0 until the tree is first updated by this process.
+    in_tree: u64,
 }
 
 impl VolumeFeed {
@@ -202,10 +207,22 @@ impl Store {
         self.db.write_opt(wb, options).map_err(|e| self.rocks(e))
     }
 
-    /// Where volume `vol`'s feed is now (its id and newest number).
+    /// Where volume `vol`'s feed is now (its id and newest number). Every change up to
+    /// it is committed.
     pub fn feed_mark(&self, vol: VolumeId) -> Result<FeedMark, StoreError> {
         let mut volumes = self.feeds.volumes.lock().expect("feed lock");
         Ok(self.volume_feed(&mut volumes, vol)?.high())
+    }
+
+    /// Records that the Merkle tree of `vol` now takes in every change up to `mark` (a
+    /// [`Store::feed_mark`] read before the tree's update began).
+    pub fn note_tree_covers(&self, vol: VolumeId, mark: FeedMark) -> Result<(), StoreError> {
+        let mut volumes = self.feeds.volumes.lock().expect("feed lock");
+        let feed = self.volume_feed(&mut volumes, vol)?;
+        if feed.id == mark.feed {
+            feed.in_tree = feed.in_tree.max(mark.seq);
+        }
+        Ok(())
     }
 
     /// The names of `vol` changed after `since`, at most `max` of them (see [`Changes`]),
@@ -230,7 +247,14 @@ impl Store {
             || since.seq.saturating_add(1) < feed.first
             || since.seq > current.seq
         {
-            return Ok(Changes::Gone { current });
+            // What the reader's walk will see: entries written since the tree's last
+            // update are in the feed but not yet in the tree, and a walk that recorded
+            // the feed's newest number would skip them until some later walk.
+            let in_tree = FeedMark {
+                feed: feed.id,
+                seq: feed.in_tree,
+            };
+            return Ok(Changes::Gone { current: in_tree });
         }
         let (_, end) = changes_range(vol);
         let mut names = Vec::new();
@@ -338,6 +362,7 @@ impl Store {
                     first,
                     next: reserved,
                     reserved: reserved + RESERVE_BLOCK,
+                    in_tree: 0,
                 }
             }
             None => {
@@ -351,6 +376,7 @@ impl Store {
                     first: 1,
                     next: 1,
                     reserved: 1 + RESERVE_BLOCK,
+                    in_tree: 0,
                 }
             }
         };
@@ -525,6 +551,47 @@ mod tests {
     }
 
     #[test]
+    fn the_position_a_walk_reaches_is_what_the_tree_takes_in_not_the_newest_number() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open_for_test(tmp.path());
+        let vol = VolumeId(1);
+        let ask = FeedMark {
+            feed: FeedId(0),
+            seq: 0,
+        };
+        let position = |store: &Store| match store.changes_since(vol, ask, 0, None).unwrap() {
+            Changes::Gone { current } => current,
+            other => panic!("not gone: {other:?}"),
+        };
+        put(&store, vol, "", "a", 1);
+        // No tree update yet in this process: a walk reaches no number.
+        assert_eq!(position(&store).seq, 0);
+        let covered = store.feed_mark(vol).unwrap();
+        store.note_tree_covers(vol, covered).unwrap();
+        // Written after the tree's update began: in the feed, not yet in the tree.
+        put(&store, vol, "", "b", 2);
+        assert_eq!(position(&store), covered);
+        assert!(store.feed_mark(vol).unwrap().seq > covered.seq);
+        // A mark of another feed, or older than one already noted, moves nothing.
+        let stale = FeedMark {
+            feed: covered.feed,
+            seq: covered.seq - 1,
+        };
+        store.note_tree_covers(vol, stale).unwrap();
+        let stranger = FeedMark {
+            feed: FeedId(covered.feed.0 ^ 1),
+            seq: covered.seq + 5,
+        };
+        store.note_tree_covers(vol, stranger).unwrap();
+        assert_eq!(position(&store), covered);
+        // A reader at the tree's position is sent what came after it.
+        assert_eq!(
+            names(&store.changes_since(vol, covered, 10, None).unwrap()),
+            ["/|b"]
+        );
+    }
+
+    #[test]
     fn a_mark_below_the_retention_or_of_another_feed_is_gone() {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::open_for_test(tmp.path());
@@ -535,6 +602,7 @@ mod tests {
             put(&store, vol, "", &format!("f{n}"), n + 1);
         }
         let now = store.feed_mark(vol).unwrap();
+        store.note_tree_covers(vol, now).unwrap();
         assert_eq!(
             store.changes_since(vol, start, 10, None).unwrap(),
             Changes::Gone { current: now }

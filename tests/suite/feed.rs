@@ -1,7 +1,8 @@
 //! The change feed (issue 13) between real processes: a change announced by a peer
 //! arrives through its feed, a peer is not sent back the changes it sent, a peer whose
-//! mark the feed no longer reaches walks the tree and converges, and a hostile peer's
-//! answers to `GetChanges` are refused whole.
+//! mark the feed no longer reaches walks the tree and converges, a walk never records a
+//! mark past what the peer's tree showed it, and a hostile peer's answers to
+//! `GetChanges` are refused whole.
 
 use std::fs;
 use std::time::Duration;
@@ -99,6 +100,51 @@ fn a_peer_whose_mark_the_feed_no_longer_reaches_walks_the_tree_and_converges() {
     fs::write(c.vol(0).join("base.txt"), b"changed after the walk").unwrap();
     c.wait_converged(&[0, 1], Duration::from_secs(30));
     assert!(c.total(1, "feed_changes") > before);
+}
+
+/// How long node 1 of the chain below waits in a round between taking its files and
+/// ending the round (its tree updated): node 2 starts and walks it meanwhile.
+const HALF_APPLIED: Duration = Duration::from_secs(8);
+
+#[test]
+fn a_walk_while_the_peer_has_taken_files_not_yet_in_its_tree_still_gets_them_through_the_feed() {
+    // A chain: node 0 - node 1 - node 2 (nodes 0 and 2 do not know each other).
+    let mut c = Cluster::new(3);
+    c.heartbeat = NO_HEARTBEAT;
+    c.peers[0] = Some(vec![format!("{}:7029", c.ip(1))]);
+    c.peers[2] = Some(vec![format!("{}:7029", c.ip(1))]);
+    let pause = HALF_APPLIED.as_millis().to_string();
+    c.extra_env[1].push(("SHOAL_FAULT_PAUSE_BEFORE_DELETES_MS".into(), pause));
+    // Nor does node 1's watcher rescan what its round wrote (which would put it in the
+    // tree) while the test looks.
+    c.extra_env[1].push(("SHOAL_DEBOUNCE_MS".into(), "120000".into()));
+    let content = random_bytes(100_000, 11);
+    fs::write(c.vol(0).join("x.bin"), &content).unwrap();
+    c.start(0);
+    c.start(1);
+    // Node 1 has published the file (indexed it, numbered it in its feed) and waits
+    // before its tree takes it in.
+    let published = wait_until(Duration::from_secs(30), || {
+        fs::read(c.vol(1).join("x.bin")).is_ok_and(|b| b == content)
+    });
+    assert!(published, "node 1 did not take x.bin:\n{}", c.log(1));
+    let taken = std::time::Instant::now();
+    c.start(2);
+    // Node 2's first round with node 1 is a walk: it asks where node 1's feed is, then
+    // finds node 1's root (still without x.bin) equal to its own.
+    let walked = wait_until(HALF_APPLIED, || {
+        c.status(2)
+            .is_some_and(|s| s["peers"][0]["volumes"][0]["last_round"].is_string())
+    });
+    assert!(walked, "node 2 did no round with node 1:\n{}", c.log(2));
+    assert!(
+        taken.elapsed() < HALF_APPLIED,
+        "node 2's walk came after node 1's round ended: the race is not shown"
+    );
+    // Node 1's round ends and announces; node 2 follows node 1's feed from the mark
+    // its walk recorded, which must not be past x.bin (no heartbeat walk comes).
+    c.wait_converged(&[0, 1, 2], HALF_APPLIED + Duration::from_secs(30));
+    assert_eq!(fs::read(c.vol(2).join("x.bin")).unwrap(), content);
 }
 
 #[test]
