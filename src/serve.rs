@@ -157,12 +157,10 @@ pub async fn run(
         .iter()
         .map(|volume| start_watcher(&node, volume, options.heartbeat))
         .collect();
-    for index in 0..node.volumes.len() {
-        rescan(&node, index, ScanOptions::default()).await?;
-        // The scan has taken what a crash left mid-publish for what it was.
-        node.store.clear_publishing(node.volumes[index].id)?;
-    }
-
+    // Peers are served, and followed, while the first scan runs: a node reading a
+    // large volume for the first time serves what it has read so far (the scan's
+    // checkpoints announce it) instead of nothing for minutes. Pulls from peers wait
+    // for the scan (both hold the volume lock).
     let tls = crate::transport::NodeTls::new(&credentials)?;
     let server = crate::transport::listen_with(options.listen, &tls, options.gso)?;
     let bind = SocketAddr::new(options.listen.ip(), 0);
@@ -178,6 +176,10 @@ pub async fn run(
         peers_rx,
         stop_rx.clone(),
     ));
+    tracing::info!(listen = %options.listen, "accepting peers; scanning the volumes");
+    for index in 0..node.volumes.len() {
+        first_scan(&node, index).await?;
+    }
     for (index, watcher) in watchers.into_iter().enumerate() {
         let (node, stop) = (node.clone(), stop_rx.clone());
         let timing = (options.debounce, options.heartbeat);
@@ -545,65 +547,114 @@ async fn rescan(
     index: usize,
     options: ScanOptions,
 ) -> anyhow::Result<ScanReport> {
+    let report = {
+        let _guard = node.volumes[index].lock.lock().await;
+        scan_locked(node, index, options).await?
+    };
+    say_local_changes(node, index, &report);
+    Ok(report)
+}
+
+/// How often the scan at start publishes what it has read so far.
+const FIRST_SCAN_CHECKPOINTS: Duration = Duration::from_secs(1);
+
+/// The scan at start: a whole scan that publishes what it has read every
+/// [`FIRST_SCAN_CHECKPOINTS`], then, under the same hold of the volume lock (a pull may
+/// be waiting for it), forgets the publishing records a crash left, which the scan
+/// has taken for what they were.
+async fn first_scan(node: &Arc<Node>, index: usize) -> anyhow::Result<()> {
     let volume = &node.volumes[index];
+    let announcer = node.clone();
+    let slowed = node.faults.slow_first_scan;
+    let checkpoints = crate::scan::Checkpoints {
+        every: slowed.map_or(FIRST_SCAN_CHECKPOINTS, |_| Duration::ZERO),
+        published: Arc::new(move || {
+            announcer.notify_peers(&announcer.volumes[index].name);
+            if let Some(pause) = slowed {
+                std::thread::sleep(pause);
+            }
+        }),
+    };
+    let options = ScanOptions {
+        checkpoints: Some(checkpoints),
+        ..ScanOptions::default()
+    };
     let report = {
         let _guard = volume.lock.lock().await;
-        let (recent, recent_added) = volume.guard.recent_changes();
-        let options = ScanOptions {
-            keep_link_groups: volume.links_pending.load(Ordering::Relaxed),
-            guard: crate::guard::ScanGuard {
-                policy: volume.guard.policy,
-                recent,
-                recent_added,
-                release: options.guard.release,
-                defer: options.guard.defer,
-            },
-            ..options
-        };
-        let scanner = node.clone();
-        let whole = matches!(options.scope, ScanScope::Everything);
-        let options = ScanOptions {
-            progress: Some(volume.scanning.start()),
-            ..options
-        };
-        let scanned = tokio::task::spawn_blocking(move || {
-            let volume = &scanner.volumes[index];
-            scan_volume(
-                &scanner.store,
-                &volume.name,
-                volume.fs.root_path(),
-                &options,
-            )
-        })
-        .await;
-        volume.scanning.end();
-        let mut report = scanned??;
-        let was_holding = volume.guard.holding();
-        // A whole scan's new names (the start's first indexing, a heartbeat's) are no
-        // rename's other half: only a narrow scan's adds, which may precede the deletes
-        // it left to the next scan, offset deletes.
-        volume
-            .guard
-            .note_changes(report.deleted, if whole { 0 } else { report.added });
-        volume.guard.load(&node.store, volume.id)?;
-        say_held(volume, &report, was_holding);
-        let unsyncable = std::mem::take(&mut report.unsyncable);
-        let (root, origin) = (volume.fs.root_path(), crate::unsyncable::Origin::Scan);
-        if whole {
-            let copies = report.conflict_copies;
-            volume.conflict_copies.store(copies, Ordering::Relaxed);
-            *volume.conflict_paths.lock().expect("conflict paths lock") =
-                report.conflict_paths.clone();
-            volume
-                .unsyncable
-                .replace(&volume.name, root, origin, unsyncable);
-        } else {
-            volume
-                .unsyncable
-                .add(&volume.name, root, origin, unsyncable);
-        }
+        let report = scan_locked(node, index, options).await?;
+        node.store.clear_publishing(volume.id)?;
         report
     };
+    say_local_changes(node, index, &report);
+    Ok(())
+}
+
+/// Scans one volume (or the part `options` names); the caller holds its lock.
+async fn scan_locked(
+    node: &Arc<Node>,
+    index: usize,
+    options: ScanOptions,
+) -> anyhow::Result<ScanReport> {
+    let volume = &node.volumes[index];
+    let (recent, recent_added) = volume.guard.recent_changes();
+    let options = ScanOptions {
+        keep_link_groups: volume.links_pending.load(Ordering::Relaxed),
+        guard: crate::guard::ScanGuard {
+            policy: volume.guard.policy,
+            recent,
+            recent_added,
+            release: options.guard.release,
+            defer: options.guard.defer,
+        },
+        ..options
+    };
+    let scanner = node.clone();
+    let whole = matches!(options.scope, ScanScope::Everything);
+    let options = ScanOptions {
+        progress: Some(volume.scanning.start()),
+        ..options
+    };
+    let scanned = tokio::task::spawn_blocking(move || {
+        let volume = &scanner.volumes[index];
+        scan_volume(
+            &scanner.store,
+            &volume.name,
+            volume.fs.root_path(),
+            &options,
+        )
+    })
+    .await;
+    volume.scanning.end();
+    let mut report = scanned??;
+    let was_holding = volume.guard.holding();
+    // A whole scan's new names (the start's first indexing, a heartbeat's) are no
+    // rename's other half: only a narrow scan's adds, which may precede the deletes
+    // it left to the next scan, offset deletes.
+    volume
+        .guard
+        .note_changes(report.deleted, if whole { 0 } else { report.added });
+    volume.guard.load(&node.store, volume.id)?;
+    say_held(volume, &report, was_holding);
+    let unsyncable = std::mem::take(&mut report.unsyncable);
+    let (root, origin) = (volume.fs.root_path(), crate::unsyncable::Origin::Scan);
+    if whole {
+        let copies = report.conflict_copies;
+        volume.conflict_copies.store(copies, Ordering::Relaxed);
+        *volume.conflict_paths.lock().expect("conflict paths lock") = report.conflict_paths.clone();
+        volume
+            .unsyncable
+            .replace(&volume.name, root, origin, unsyncable);
+    } else {
+        volume
+            .unsyncable
+            .add(&volume.name, root, origin, unsyncable);
+    }
+    Ok(report)
+}
+
+/// Counts and logs the local changes a scan found, and announces them to peers.
+fn say_local_changes(node: &Node, index: usize, report: &ScanReport) {
+    let volume = &node.volumes[index];
     let changes = report.added + report.modified + report.deleted;
     if changes > 0 {
         node.stats
@@ -619,7 +670,6 @@ async fn rescan(
         tracing::info!(volume = %volume.name, added = report.added, modified = report.modified, deleted = report.deleted, "local changes: {names}{more}");
         node.notify_peers(&volume.name);
     }
-    Ok(report)
 }
 
 /// Logs what the delete guard did in a scan: a hold that begins (once, with the count

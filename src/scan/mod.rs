@@ -121,6 +121,23 @@ pub struct ScanOptions {
     /// Names of one directory listed at once; 0 means the default, 32,768 (tests make
     /// it small, to cross the windows of a directory that a scan lists in parts).
     pub list_window: usize,
+    /// Publish what a full walk has indexed so far while it goes on ([`Checkpoints`]).
+    pub checkpoints: Option<Checkpoints>,
+}
+
+/// How often a full walk brings the Merkle tree up to date with what it has indexed
+/// so far, and what it calls then: a node in its first scan of a large volume serves
+/// its peers the part already read instead of nothing until the end (peers take a
+/// smaller tree for a node that has fewer names, never for deletes). A checkpoint costs
+/// a tree update of the directories written since the last one; it is made at most
+/// every `every`, and no more often than ten times its own cost. A walk that met
+/// hard-linked files makes none (their groups are recorded whole at its end).
+#[derive(Clone)]
+pub struct Checkpoints {
+    pub every: Duration,
+    /// Called on the walking thread after each checkpoint that changed the tree (to
+    /// announce it to peers).
+    pub published: std::sync::Arc<dyn Fn() + Send + Sync>,
 }
 
 /// Which directories a scan lists.
@@ -282,6 +299,12 @@ pub fn scan_volume(
                 0 => walk::LIST_WINDOW,
                 names => names,
             },
+            checkpoints: options
+                .checkpoints
+                .as_ref()
+                .filter(|_| full)
+                .map(walk::Due::new),
+            wrote_since_checkpoint: false,
             to_hash: Vec::new(),
             progress: options.progress.clone(),
             hold: &options.hold,

@@ -10,6 +10,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use indicatif::ProgressBar;
@@ -104,6 +105,10 @@ pub(super) struct Walker<'s> {
     pub(super) pending: Vec<PendingDir>,
     /// Names of a directory listed at once ([`LIST_WINDOW`] unless a test says).
     pub(super) list_window: usize,
+    /// When to publish what the walk has indexed so far (a full walk that was asked to).
+    pub(super) checkpoints: Option<Due<'s>>,
+    /// A batch was written since the last checkpoint.
+    pub(super) wrote_since_checkpoint: bool,
     /// Files of the directory being walked that need reading, with their sizes.
     pub(super) to_hash: Vec<(u64, HashJob)>,
     pub(super) progress: Option<ProgressBar>,
@@ -227,6 +232,35 @@ where
     Ok(indexed.peek().and_then(|r| r.as_ref().ok()))
 }
 
+/// When a walk's next checkpoint is due ([`super::Checkpoints`]).
+pub(super) struct Due<'s> {
+    checkpoints: &'s super::Checkpoints,
+    next: Instant,
+}
+
+impl<'s> Due<'s> {
+    pub(super) fn new(checkpoints: &'s super::Checkpoints) -> Self {
+        Due {
+            checkpoints,
+            next: Instant::now() + checkpoints.every,
+        }
+    }
+
+    fn is_due(&self) -> bool {
+        Instant::now() >= self.next
+    }
+
+    /// A checkpoint begun at `started` is made: announced if it `changed` the tree, and
+    /// the next one set.
+    fn made(&mut self, started: Instant, changed: bool) {
+        let cost = started.elapsed();
+        self.next = started + self.checkpoints.every.max(cost * 10);
+        if changed {
+            (self.checkpoints.published)();
+        }
+    }
+}
+
 /// A directory waiting to be walked, with the ignore rules of its ancestors.
 pub(super) type PendingDir = (VolPath, Arc<IgnoreRules>, Depth);
 
@@ -248,11 +282,14 @@ impl<'s> Walker<'s> {
         }
         while let Some((dir, rules, depth)) = self.pending.pop() {
             self.walk_dir(&dir, &rules, depth)?;
+            self.checkpoint_if_due()?;
         }
         self.hashers.close();
         while let Some(result) = self.hashers.next_result() {
             self.on_hashed(result)?;
+            self.checkpoint_if_due()?;
         }
+        self.checkpoints = None;
         self.settle()?;
         self.record_link_groups()?;
         // Deletes are written last: a peer pulling while this scan runs sees a renamed
@@ -368,6 +405,7 @@ impl<'s> Walker<'s> {
 
     pub(super) fn flush(&mut self, force: bool) -> Result<(), StoreError> {
         if self.batch.len() >= BATCH_OPS || (force && !self.batch.is_empty()) {
+            self.wrote_since_checkpoint = true;
             let full = std::mem::replace(&mut self.batch, self.store.batch());
             match &mut self.writer {
                 Some(writer) => writer.write(full)?,
@@ -1150,9 +1188,39 @@ impl<'s> Walker<'s> {
 
     fn submit(&mut self, job: HashJob) -> Result<(), StoreError> {
         match self.hashers.submit(job) {
-            Some(result) => self.on_hashed(result),
+            Some(result) => {
+                self.on_hashed(result)?;
+                self.checkpoint_if_due()
+            }
             None => Ok(()),
         }
+    }
+
+    /// Brings the tree up to date with what the walk has written so far, and says so,
+    /// when a checkpoint is due ([`super::Checkpoints`]).
+    fn checkpoint_if_due(&mut self) -> Result<(), StoreError> {
+        if self.linked_names > 0 {
+            self.checkpoints = None;
+        }
+        if !self.checkpoints.as_ref().is_some_and(Due::is_due) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        self.flush(true)?;
+        if !std::mem::take(&mut self.wrote_since_checkpoint) {
+            // Nothing new for the tree: the next write is checkpointed if still due.
+            return Ok(());
+        }
+        if let Some(writer) = &mut self.writer {
+            writer.drain()?;
+        }
+        let before = self.store.tree_node(self.vol, &VolPath::root())?;
+        let after = crate::tree::update(self.store, self.vol)?;
+        let changed = before.is_none_or(|node| node.hash != after.hash);
+        if let Some(due) = &mut self.checkpoints {
+            due.made(started, changed);
+        }
+        Ok(())
     }
 
     /// The content indexed for `path`'s old name, if the watcher saw it renamed and it is

@@ -6,7 +6,8 @@
 //! walk only reads keys of the directory it lists and of the names in it, which no
 //! batch of the same walk has written before (every directory is listed once), so it
 //! need not wait for its earlier batches to land. What reads more (hard-link groups,
-//! deletes, the tree) runs after [`Writer::settle`]. Narrow scans (the watcher's:
+//! deletes, the tree) runs after [`Writer::settle`]; a checkpoint's tree update after
+//! [`Writer::drain`]. Narrow scans (the watcher's:
 //! renames read the index entries of other directories, and a start directory's
 //! entry is written before its parent is listed) write in line, as before.
 
@@ -64,6 +65,21 @@ impl<'s> Writer<'s> {
             return self.settle();
         }
         self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Waits until every batch handed over is written; the writer goes on.
+    pub(super) fn drain(&mut self) -> Result<(), StoreError> {
+        while self.in_flight > 0 {
+            match self.written.recv() {
+                Ok(result) => {
+                    self.in_flight -= 1;
+                    result?;
+                }
+                // The writer is gone: its last answer was an error, taken above.
+                Err(_) => break,
+            }
+        }
         Ok(())
     }
 

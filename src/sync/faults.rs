@@ -11,7 +11,7 @@ use crate::protocol::Response;
 /// `SHOAL_FAULT_WATCH_QUEUE=N`, `SHOAL_FAULT_CLAIM_NODE_ID=HEX`,
 /// `SHOAL_FAULT_CRASH_BEFORE_INDEXING=1`, `SHOAL_FAULT_CRASH_AFTER_MOVE_ASIDE=1`,
 /// `SHOAL_FAULT_PAUSE_BEFORE_DELETES_MS=N`, `SHOAL_FAULT_HOLD_CONNECTIONS_MS=N`,
-/// `SHOAL_FAULT_SLICE_NAMES=N`); never
+/// `SHOAL_FAULT_SLICE_NAMES=N`, `SHOAL_FAULT_SLOW_FIRST_SCAN_MS=N`); never
 /// set in production.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Faults {
@@ -45,6 +45,10 @@ pub struct Faults {
     /// [`crate::scan::slices::MIN_SLICE_NAMES`]: a small volume rescanned a slice at a
     /// time, as only a large one is otherwise.
     pub slice_names: Option<u64>,
+    /// Make the scan at start publish what it has read at every chance (each directory,
+    /// each file hashed) and wait this long after each: a first scan that lasts, as
+    /// one of a large volume does, with peers pulling from it meanwhile.
+    pub slow_first_scan: Option<Duration>,
 }
 
 impl Faults {
@@ -73,6 +77,10 @@ impl Faults {
             slice_names: std::env::var("SHOAL_FAULT_SLICE_NAMES")
                 .ok()
                 .and_then(|v| v.parse().ok()),
+            slow_first_scan: std::env::var("SHOAL_FAULT_SLOW_FIRST_SCAN_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_millis),
         };
         if faults.corrupt_chunks
             || faults.hostile_names
@@ -83,6 +91,7 @@ impl Faults {
             || faults.pause_before_deletes.is_some()
             || faults.hold_connections.is_some()
             || faults.slice_names.is_some()
+            || faults.slow_first_scan.is_some()
         {
             tracing::warn!(
                 ?faults,

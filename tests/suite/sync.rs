@@ -472,3 +472,51 @@ fn a_one_byte_insert_in_a_large_file_moves_a_few_chunks_and_a_few_list_pages() {
         "{moved} chunk bytes for a 1-byte insert"
     );
 }
+
+#[test]
+fn a_node_in_its_first_scan_serves_what_it_has_read_before_the_scan_ends() {
+    let mut c = Cluster::new(2);
+    // No heartbeat round: what arrives came through the first scan's announcements.
+    c.heartbeat = 3600;
+    // Node 0's first scan takes long (0.3 s after each file it reads), as one of a
+    // large volume does.
+    c.extra_env[0].push(("SHOAL_FAULT_SLOW_FIRST_SCAN_MS".into(), "300".into()));
+    let mut files = Vec::new();
+    for d in 0..6 {
+        for f in 0..5 {
+            let path = format!("d{d}/f{f}.bin");
+            let content = random_bytes(10_000 + d * 100 + f, (d * 5 + f) as u64);
+            write_file(&c.vol(0).join(&path), &content);
+            files.push((path, content));
+        }
+    }
+    c.start_all();
+    let deadline = Instant::now() + CONVERGE;
+    let taken = |c: &Cluster| {
+        files
+            .iter()
+            .filter(|(path, content)| fs::read(c.vol(1).join(path)).is_ok_and(|b| b == *content))
+            .count()
+    };
+    while taken(&c) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "node 1 took nothing:\n{}\n{}",
+            tail(&c.log(0), 20),
+            tail(&c.log(1), 20)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let scanning = c
+        .status(0)
+        .is_some_and(|s| !s["volumes"][0]["scan"].is_null());
+    assert!(
+        scanning && taken(&c) < files.len(),
+        "node 0's first scan was over before node 1 took a file (scanning {scanning}, {} taken):\n{}",
+        taken(&c),
+        tail(&c.log(0), 20)
+    );
+    c.wait_converged(&[0, 1], CONVERGE);
+    assert_eq!(taken(&c), files.len());
+    c.assert_verifies_clean(1);
+}
