@@ -38,6 +38,7 @@
 //! the watch-limit error as fatal to the watcher.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -148,6 +149,14 @@ impl VolumeWatcher {
         watcher
             .watch(root, RecursiveMode::Recursive)
             .map_err(|source| watch_error(root, source))?;
+        // Shoal's own directory is not the volume's content (its events are dropped
+        // below), and each file a pull takes is written there first: watched, it woke
+        // the watcher four times a file. One made later (it was deleted) is watched
+        // again, which costs only those events.
+        let internal = root.join(OsStr::from_bytes(crate::pathname::SHOAL_DIR));
+        if let Err(e) = watcher.unwatch(&internal) {
+            tracing::debug!("{} stays watched: {e}", internal.display());
+        }
         Ok((
             VolumeWatcher {
                 _watcher: watcher,
@@ -978,5 +987,40 @@ mod tests {
         echoes.expect([(path("d/removed"), None)]);
         std::fs::write(dir.path().join("d/removed"), b"local").unwrap();
         assert!(!echoes.checker(&fs).is_echo(&path("d/removed")));
+    }
+
+    /// The inodes this process's inotify descriptors watch (from `/proc/self/fdinfo`).
+    fn watched_inodes() -> HashSet<u64> {
+        let mut inodes = HashSet::new();
+        for fd in std::fs::read_dir("/proc/self/fdinfo").unwrap().flatten() {
+            let Ok(info) = std::fs::read_to_string(fd.path()) else {
+                continue;
+            };
+            for line in info.lines().filter(|l| l.starts_with("inotify wd:")) {
+                let ino = line.split_whitespace().find_map(|f| f.strip_prefix("ino:"));
+                inodes.extend(ino.and_then(|hex| u64::from_str_radix(hex, 16).ok()));
+            }
+        }
+        inodes
+    }
+
+    #[test]
+    fn shoals_own_directory_is_not_watched_and_the_volume_is() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join(".shoal/staging")).unwrap();
+        std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
+        let ino = |p: &str| std::fs::metadata(dir.path().join(p)).unwrap().ino();
+        let (_watcher, _signals) = VolumeWatcher::start(dir.path(), 16).unwrap();
+        let watched = watched_inodes();
+        for volume_dir in [".", "a", "a/b"] {
+            assert!(
+                watched.contains(&ino(volume_dir)),
+                "{volume_dir} is not watched"
+            );
+        }
+        for internal in [".shoal", ".shoal/staging"] {
+            assert!(!watched.contains(&ino(internal)), "{internal} is watched");
+        }
     }
 }
