@@ -150,9 +150,9 @@ impl VolumeWatcher {
             .watch(root, RecursiveMode::Recursive)
             .map_err(|source| watch_error(root, source))?;
         // Shoal's own directory is not the volume's content (its events are dropped
-        // below), and each file a pull takes is written there first: watched, it woke
-        // the watcher four times a file. One made later (it was deleted) is watched
-        // again, which costs only those events.
+        // below), and each file a pull takes is written there first (sized, written,
+        // given its attributes, closed: an event each). A `.shoal` made later (after a
+        // delete) is watched again, which costs only those events.
         let internal = root.join(OsStr::from_bytes(crate::pathname::SHOAL_DIR));
         if let Err(e) = watcher.unwatch(&internal) {
             tracing::debug!("{} stays watched: {e}", internal.display());
