@@ -21,8 +21,8 @@
 //!   rescan of the whole volume. Hitting the inotify watch limit turns the watcher off
 //!   with a warning; the heartbeat rescans then carry the volume alone.
 //!
-//! Shoal's own writes do not echo: its staging files live in `.shoal/`, which is ignored
-//! here, and sync records the stamp of each name it publishes, creates or removes in
+//! Shoal's own writes do not echo: its staging files live in `.shoal/`, which is not
+//! watched (and its events dropped if it is), and sync records the stamp of each name it publishes, creates or removes in
 //! the same index batch, under the volume lock. It also tells the volume's [`Echoes`]:
 //! a name whose event is ready and that is still exactly what sync wrote (its `lstat`
 //! stamp, which any later write moves, through the ctime) is forgotten instead of
@@ -32,10 +32,11 @@
 //! for any other reason drops it, or a removal by sync would later pass a local delete
 //! of the name, created again meanwhile, off as its echo.
 //!
-//! `notify` 8.2 rather than 9: 8.x is the stable line. What 9 adds (reporting
-//! subdirectories created before their watch existed; never leaving a recursive watch
-//! silently partial) is covered here by scanning new directories whole and by treating
-//! the watch-limit error as fatal to the watcher.
+//! `notify` 9 (a release candidate, pinned exactly): 8.x, the stable line, watched
+//! `IN_OPEN` with no way to leave it out, so every file a scan read or a peer fetched
+//! woke the watcher. 9 also reports the directories a recursive watch could not cover:
+//! one whose path is too long for the kernel is left alone (nothing under it can sync),
+//! any other is taken for lost events.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
@@ -254,8 +255,8 @@ impl EventHandler {
             return;
         }
         let change = match event.kind {
-            // Opening or reading changes nothing (and our own scans and peers' reads
-            // would otherwise wake us).
+            // Opening or reading changes nothing: the watch leaves those out, and any
+            // other access kind is dropped here.
             EventKind::Access(AccessKind::Close(AccessMode::Write)) => Change::Closed,
             EventKind::Access(_) => return,
             EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => Change::Written,
