@@ -59,7 +59,7 @@ const LOCK_FILE: &str = "lock";
 
 /// RocksDB's memtables, shared by all column families: bounds the index's share of a
 /// node's memory whatever the number of files (schema/store.md, "Memory").
-const WRITE_BUFFER_BUDGET: usize = 16 << 20;
+const WRITE_BUFFER_BUDGET: usize = 8 << 20;
 
 /// RocksDB's block cache, one for every column family, index and filter blocks
 /// included: without it each family makes its own 8 MiB cache, and the index blocks of
