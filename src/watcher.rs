@@ -22,15 +22,15 @@
 //!   with a warning; the heartbeat rescans then carry the volume alone.
 //!
 //! Shoal's own writes do not echo: its staging files live in `.shoal/`, which is not
-//! watched (and its events dropped if it is), and sync records the stamp of each name it publishes, creates or removes in
-//! the same index batch, under the volume lock. It also tells the volume's [`Echoes`]:
-//! a name whose event is ready and that is still exactly what sync wrote (its `lstat`
-//! stamp, which any later write moves, through the ctime) is forgotten instead of
-//! scanned. Without that, every directory a pull writes into is listed again after each
-//! batch it publishes there: quadratic in a directory of 100,000 files received in
-//! batches of 256. What sync wrote is good for the one event it causes: a name scanned
-//! for any other reason drops it, or a removal by sync would later pass a local delete
-//! of the name, created again meanwhile, off as its echo.
+//! watched (and its events dropped if it is), and sync records the stamp of each name it
+//! publishes, creates or removes in the same index batch, under the volume lock. It also
+//! tells the volume's [`Echoes`]: a name whose event is ready and that is still exactly
+//! what sync wrote (its `lstat` stamp, which any later write moves, through the ctime)
+//! is forgotten instead of scanned. Without that, every directory a pull writes into is
+//! listed again after each batch it publishes there: quadratic in a directory of
+//! 100,000 files received in batches of 256. What sync wrote is good for the one event
+//! it causes: a name scanned for any other reason drops it, or a removal by sync would
+//! later pass a local delete of the name, created again meanwhile, off as its echo.
 //!
 //! `notify` 9 (a release candidate, pinned exactly): 8.x, the stable line, watched
 //! `IN_OPEN` with no way to leave it out, so every file a scan read or a peer fetched
