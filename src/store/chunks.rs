@@ -12,9 +12,7 @@ use crate::pathname::VolPath;
 impl Store {
     /// Every place the index says `chunk` can be read from.
     pub fn chunk_locations(&self, chunk: &ChunkId) -> Result<Vec<ChunkLocation>, StoreError> {
-        let start = chunk.as_bytes().to_vec();
-        let end = successor(&start);
-        self.range(CF_CHUNKS, start, end)
+        self.hash_range(CF_CHUNKS, chunk.as_bytes())
             .map(|item| decode_location(&item?))
             .collect()
     }
@@ -37,9 +35,7 @@ impl Store {
         &self,
         content: &ContentId,
     ) -> Result<Option<Vec<ChunkRef>>, StoreError> {
-        let start = content.as_bytes().to_vec();
-        let end = successor(&start);
-        for item in self.range(CF_CONTENTS, start, end) {
+        for item in self.hash_range(CF_CONTENTS, content.as_bytes()) {
             let (key, _) = item?;
             let entry = &key[crate::ids::HASH_LEN..];
             if let Some(bytes) = self.get(CF_CHUNK_LISTS, entry)? {
@@ -129,4 +125,70 @@ fn decode_location((key, value): &(Box<[u8]>, Box<[u8]>)) -> Result<ChunkLocatio
         }
         LocationKey::Pack { pack } => ChunkLocation::Pack { pack, extent },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Durability;
+    use crate::store::keys::HASH_KEYED_CFS;
+
+    fn chunk(file: u32, n: u32) -> ChunkRef {
+        ChunkRef {
+            id: ChunkId(*blake3::hash(&[file.to_le_bytes(), n.to_le_bytes()].concat()).as_bytes()),
+            len: 100 + n,
+        }
+    }
+
+    /// The families looked up by hash filter their tables by it: a lookup must still find
+    /// every key under its hash, in the memtable and in every table, and a walk of a
+    /// whole family must still see every hash.
+    #[test]
+    fn lookups_by_hash_and_whole_walks_find_everything_across_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_for_test(dir.path());
+        let vol = VolumeId(1);
+        let folder = VolPath::parse(b"d").unwrap();
+        let files: Vec<(Vec<u8>, Vec<ChunkRef>)> = (0..300)
+            .map(|f| {
+                (
+                    format!("f{f}").into_bytes(),
+                    (0..3).map(|n| chunk(f, n)).collect(),
+                )
+            })
+            .collect();
+        // Three tables per family, and the last part left in the memtable.
+        for (part, files) in files.chunks(75).enumerate() {
+            let mut batch = store.batch();
+            for (name, chunks) in files {
+                batch.set_chunks(vol, &folder, name, chunks, &[]);
+            }
+            store.write(batch, Durability::Buffered).unwrap();
+            if part < 3 {
+                for cf in HASH_KEYED_CFS {
+                    store.db.flush_cf(store.cf(cf)).unwrap();
+                }
+            }
+        }
+        for (name, chunks) in &files {
+            for c in chunks {
+                let found = store.chunk_locations(&c.id).unwrap();
+                assert!(
+                    matches!(&found[..], [ChunkLocation::Live { name: n, .. }] if n == name),
+                    "{found:?}"
+                );
+            }
+            let content = crate::chunking::content_id(chunks);
+            assert_eq!(
+                store.chunk_list_by_content(&content).unwrap().as_ref(),
+                Some(chunks)
+            );
+        }
+        assert!(store.chunk_locations(&chunk(999, 0).id).unwrap().is_empty());
+        let all = store
+            .all_chunk_locations()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        assert_eq!(all.len(), 900);
+    }
 }

@@ -183,9 +183,7 @@ impl Store {
         // The index is read under the lock: a collection cannot mark (and then rewrite)
         // the pack between the read and the pin.
         let mut claims = self.claims.lock();
-        let start = id.as_bytes().to_vec();
-        let end = successor(&start);
-        for item in self.range(CF_CHUNKS, start, end) {
+        for item in self.hash_range(CF_CHUNKS, id.as_bytes()) {
             let (key, _) = item?;
             if let Ok((_, LocationKey::Pack { pack })) = parse_location_key(&key)
                 && !self.is_busy_pack(pack)

@@ -21,6 +21,9 @@ pub const CF_VERSIONS: &str = "versions-v1";
 /// them absent, and reads nothing from them).
 pub const LATER_CFS: [&str; 1] = [CF_VERSIONS];
 
+/// Families whose keys start with a chunk or content id (32 bytes), looked up by it.
+pub const HASH_KEYED_CFS: [&str; 2] = [CF_CHUNKS, CF_CONTENTS];
+
 pub const ALL_CFS: [&str; 9] = [
     CF_META,
     CF_ENTRIES,

@@ -33,14 +33,14 @@ use std::path::{Path, PathBuf};
 
 use rocksdb::{
     ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, ReadOptions,
-    WriteBatch,
+    SliceTransform, WriteBatch,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::chunking::{ChunkParams, ChunkRef};
 use crate::encoding::DecodeError;
 use crate::entry::Entry;
-use crate::ids::{NodeId, VolumeId};
+use crate::ids::{HASH_LEN, NodeId, VolumeId};
 use crate::pathname::VolPath;
 use crate::tree::TreeNode;
 use codec::ScanStamp;
@@ -283,7 +283,7 @@ impl Store {
         };
         let descriptors = ALL_CFS
             .iter()
-            .map(|name| ColumnFamilyDescriptor::new(*name, Self::cf_options(&cache)));
+            .map(|name| ColumnFamilyDescriptor::new(*name, Self::cf_options(name, &cache)));
         let db = DB::open_cf_descriptors(&db_options, &index, descriptors).map_err(rocks_err)?;
         let store = Store {
             db,
@@ -324,7 +324,7 @@ impl Store {
             let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES).map_err(rocks_err)?;
             let descriptors = ALL_CFS
                 .iter()
-                .map(|name| ColumnFamilyDescriptor::new(*name, Self::cf_options(&cache)));
+                .map(|name| ColumnFamilyDescriptor::new(*name, Self::cf_options(name, &cache)));
             let db = DB::open_cf_descriptors(&Self::db_options(&cache), &staging, descriptors)
                 .map_err(rocks_err)?;
             let cf = db
@@ -354,10 +354,21 @@ impl Store {
         Ok(meta)
     }
 
-    fn cf_options(cache: &rocksdb::Cache) -> Options {
+    /// The families keyed by a hash first ([`HASH_KEYED_CFS`]) filter their tables by
+    /// that hash as well as by whole key: most of their lookups ask for the keys under one
+    /// hash ([`Store::hash_range`]), and most of those find none (a first pull looks
+    /// for each chunk it receives among the chunks held here: none, on an empty node). A
+    /// range seek without such a filter searched the index of every table of the family
+    /// for each one: a tenth of a receiving node's time on a volume of tiny files.
+    fn cf_options(name: &str, cache: &rocksdb::Cache) -> Options {
         let mut options = Options::default();
         options.set_write_buffer_size(WRITE_BUFFER_BUDGET / 4);
         options.set_block_based_table_factory(&Self::table_options(cache));
+        if HASH_KEYED_CFS.contains(&name) {
+            options.set_prefix_extractor(SliceTransform::create_fixed_prefix(HASH_LEN));
+            // The memtables too (a twentieth of their size, 100 KiB each).
+            options.set_memtable_prefix_bloom_ratio(0.05);
+        }
         options
     }
 
@@ -566,11 +577,37 @@ impl Store {
     ) -> impl Iterator<Item = RawItem> + '_ {
         let mut read = ReadOptions::default();
         read.set_iterate_upper_bound(end);
+        // A range may cross hashes in the families filtered by them: all of it is read.
+        read.set_total_order_seek(true);
+        self.iterate(cf, &start, read)
+    }
+
+    /// Every key-value pair of `cf`, one of [`HASH_KEYED_CFS`], whose key starts with
+    /// `hash`, in key order; the tables with no key under it are passed over by their
+    /// filters.
+    fn hash_range(
+        &self,
+        cf: &'static str,
+        hash: &[u8; HASH_LEN],
+    ) -> impl Iterator<Item = RawItem> + '_ {
+        debug_assert!(HASH_KEYED_CFS.contains(&cf));
+        let mut read = ReadOptions::default();
+        read.set_iterate_upper_bound(successor(hash));
+        read.set_prefix_same_as_start(true);
+        self.iterate(cf, hash, read)
+    }
+
+    fn iterate<'s>(
+        &'s self,
+        cf: &'static str,
+        start: &[u8],
+        read: ReadOptions,
+    ) -> impl Iterator<Item = RawItem> + use<'s> {
         self.db
             .iterator_cf_opt(
                 self.cf(cf),
                 read,
-                IteratorMode::From(&start, Direction::Forward),
+                IteratorMode::From(start, Direction::Forward),
             )
             .map(move |item| item.map_err(|e| self.rocks(e)))
     }
