@@ -486,6 +486,10 @@ impl Pull {
         let mut first_error = None;
         let mut changed_dirs = vec![false; dirs.len()];
         let mut echoes = Vec::new();
+        // The chunk's records go in one write (each reads only keys of its own name),
+        // also those recorded before an index read failed.
+        let mut batch = node.store.batch();
+        let mut index_error = None;
         for ((delete, local, dir_index, _), removed) in decided.into_iter().zip(removed) {
             let removed = match removed {
                 Ok(removed) => removed,
@@ -502,13 +506,13 @@ impl Pull {
             } = delete;
             if removed {
                 self.moved(&dir);
-            }
-            let mut batch = self.node.store.batch();
-            if removed {
+                if let Err(e) = self.forget_chunks_in(&mut batch, &dir, &name, &local) {
+                    index_error = Some(e);
+                    break;
+                }
                 if let Some(version) = versions.remove(&(dir.clone(), name.clone())) {
                     batch.put_version(&version);
                 }
-                self.forget_chunks_in(&mut batch, &dir, &name, &local)?;
                 batch.put_entry_sent_by(vol, &dir, &name, &tombstone, sent_by);
                 batch.delete_stamp(vol, &dir, &name);
                 if let Ok(path) = dir.join(&name) {
@@ -528,7 +532,6 @@ impl Pull {
                 batch.put_entry(vol, &dir, &name, &Entry { version, ..local });
                 self.report.skipped += 1;
             }
-            self.node.store.write(batch, Durability::Buffered)?;
             if removed {
                 changed_dirs[dir_index] = true;
                 let path = dir.join(&name);
@@ -539,7 +542,11 @@ impl Pull {
                 self.note_applied("delete of", path.unwrap_or_else(|_| escape(&name)), 0);
             }
         }
+        node.store.write(batch, Durability::Buffered)?;
         volume.echoes.expect(echoes);
+        if let Some(e) = index_error {
+            return Err(e);
+        }
         let to_sync: Vec<&OwnedFd> = dirs
             .iter()
             .zip(changed_dirs)
