@@ -260,6 +260,11 @@ impl KeptChunks {
         Ok(self.seen.contains(id) || store.rely_on_version_pack(id, &mut self.pins)?)
     }
 
+    /// Whether `id` was appended for this batch.
+    pub fn appended(&self, id: &ChunkId) -> bool {
+        self.seen.contains(id)
+    }
+
     /// Bytes appended so far.
     pub fn bytes(&self) -> u64 {
         self.bytes
