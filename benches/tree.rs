@@ -3,8 +3,8 @@
 //!
 //!     cargo bench --bench tree
 //!
-//! The index holds the layout of the `small` set (50 directories of 21 subdirectories,
-//! 1,000 of them with 50 files each) in a RocksDB store on disk. Each iteration replaces
+//! The index holds the layout of the `small` set (50 directories of 20 subdirectories,
+//! each of the 1,000 with 50 files) in a RocksDB store on disk. Each iteration replaces
 //! one file of each of the 1,000 leaf directories by a tombstone, as the delete of
 //! 1,000 files spread over the set does (`tools/bench-sync.py --only delete`), and times
 //! `tree::update` alone: 1,000 dirty leaves, their 50 parents and the root.
