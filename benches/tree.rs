@@ -56,10 +56,8 @@ fn version(counter: u64) -> VersionVector {
     version
 }
 
-fn path(parts: &[&str]) -> VolPath {
-    parts.iter().fold(VolPath::root(), |dir, part| {
-        dir.join(part.as_bytes()).expect("a valid name")
-    })
+fn path(path: &str) -> VolPath {
+    VolPath::parse(path.as_bytes()).expect("a valid path")
 }
 
 /// The `small` layout: `dirNN` holding `subNN` directories, each leaf 50 files.
@@ -69,12 +67,12 @@ fn populate(store: &Store, vol: VolumeId) {
         let mut batch = store.batch();
         batch.put_entry(vol, &VolPath::root(), top_name.as_bytes(), &dir_entry());
         batch.mark_dirty(vol, &VolPath::root());
+        let top_path = path(&top_name);
         for sub in 0..SUBDIRS {
             let sub_name = format!("sub{sub:02}");
-            let top_path = path(&[&top_name]);
             batch.put_entry(vol, &top_path, sub_name.as_bytes(), &dir_entry());
             batch.mark_dirty(vol, &top_path);
-            let leaf = path(&[&top_name, &sub_name]);
+            let leaf = path(&format!("{top_name}/{sub_name}"));
             for file in 0..FILES {
                 let name = format!("f{file:04}.dat");
                 batch.put_entry(vol, &leaf, name.as_bytes(), &file_entry(file));
@@ -92,7 +90,7 @@ fn delete_one_per_leaf(store: &Store, vol: VolumeId, round: usize) {
     let mut batch = store.batch();
     for top in 0..TOP_DIRS {
         for sub in 0..SUBDIRS {
-            let leaf = path(&[&format!("dir{top:02}"), &format!("sub{sub:02}")]);
+            let leaf = path(&format!("dir{top:02}/sub{sub:02}"));
             let tombstone = Entry {
                 kind: EntryKind::Tombstone {
                     deleted_at_ns: 1_764_000_000_000_000_000,

@@ -515,12 +515,17 @@ impl Pull {
                 }
                 batch.put_entry_sent_by(vol, &dir, &name, &tombstone, sent_by);
                 batch.delete_stamp(vol, &dir, &name);
-                if let Ok(path) = dir.join(&name) {
-                    batch.delete_tree_node(vol, &path);
-                    batch.clear_dirty(vol, &path);
+                let path = dir.join(&name);
+                if let Ok(path) = &path {
+                    batch.delete_tree_node(vol, path);
+                    batch.clear_dirty(vol, path);
+                    echoes.push((path.clone(), None));
                 }
                 batch.mark_dirty(vol, &dir);
                 self.report.deleted += 1;
+                changed_dirs[dir_index] = true;
+                let path = path.map(|p| escape(p.as_bytes()));
+                self.note_applied("delete of", path.unwrap_or_else(|_| escape(&name)), 0);
             } else {
                 // Something new is in the way: keep it, and make our version win.
                 // The tombstone dominates ours: merged, it is the tombstone's own.
@@ -531,15 +536,6 @@ impl Pull {
                 version.bump(self.node.meta.node_id);
                 batch.put_entry(vol, &dir, &name, &Entry { version, ..local });
                 self.report.skipped += 1;
-            }
-            if removed {
-                changed_dirs[dir_index] = true;
-                let path = dir.join(&name);
-                if let Ok(path) = &path {
-                    echoes.push((path.clone(), None));
-                }
-                let path = path.map(|p| escape(p.as_bytes()));
-                self.note_applied("delete of", path.unwrap_or_else(|_| escape(&name)), 0);
             }
         }
         node.store.write(batch, Durability::Buffered)?;
