@@ -947,17 +947,74 @@ pub fn open_dir_at(root: &impl AsFd, dir: &VolPath, create: bool) -> Result<Owne
     Ok(fd)
 }
 
-/// The `lstat` of `name` in `dir`, as `std` metadata: the name is opened with
-/// `O_PATH|O_NOFOLLOW` (which reads nothing and never blocks) and the descriptor stated,
-/// so the answer is about that name in that directory and nothing a path resolves to.
-pub fn lstat_at(dir: &impl AsFd, name: &[u8]) -> io::Result<std::fs::Metadata> {
-    let fd = rustix::fs::openat(
-        dir,
-        std::ffi::OsStr::from_bytes(name),
-        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    File::from(fd).metadata()
+/// The `lstat` of `name`, one name (no `/`) in `dir`: `fstatat(AT_SYMLINK_NOFOLLOW)`
+/// through the directory's descriptor, so the answer is about that name in that
+/// directory and nothing a path resolves to. One system call: the scan asks it of every
+/// name it lists.
+pub fn lstat_at(dir: &impl AsFd, name: &[u8]) -> io::Result<FileStat> {
+    let stat = rustix::fs::statat(dir, OsStr::from_bytes(name), AtFlags::SYMLINK_NOFOLLOW)?;
+    Ok(FileStat(stat))
+}
+
+/// What `lstat` or `fstat` said of one file, asked the questions the scan asks.
+#[derive(Clone, Copy, Debug)]
+pub struct FileStat(rustix::fs::Stat);
+
+impl FileStat {
+    /// The `fstat` of an open file.
+    pub fn of(file: &impl AsFd) -> io::Result<FileStat> {
+        Ok(FileStat(rustix::fs::fstat(file)?))
+    }
+
+    pub fn file_type(&self) -> rustix::fs::FileType {
+        rustix::fs::FileType::from_raw_mode(self.0.st_mode)
+    }
+
+    pub fn is_dir(&self) -> bool {
+        self.file_type() == rustix::fs::FileType::Directory
+    }
+
+    pub fn is_file(&self) -> bool {
+        self.file_type() == rustix::fs::FileType::RegularFile
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.0.st_size as u64
+    }
+
+    /// The permission bits, with set-id and sticky ([`crate::entry::MODE_MASK`]).
+    pub fn permissions(&self) -> u32 {
+        self.0.st_mode & crate::entry::MODE_MASK
+    }
+
+    // `st_nlink` is a `u32` on aarch64.
+    #[allow(clippy::unnecessary_cast)]
+    pub fn nlink(&self) -> u64 {
+        self.0.st_nlink as u64
+    }
+
+    /// The file's identity: device and inode.
+    pub fn dev_ino(&self) -> (u64, u64) {
+        (self.0.st_dev, self.0.st_ino)
+    }
+
+    pub fn uid(&self) -> u32 {
+        self.0.st_uid
+    }
+
+    pub fn gid(&self) -> u32 {
+        self.0.st_gid
+    }
+
+    pub fn mtime_ns(&self) -> i64 {
+        timestamp_ns(self.0.st_mtime, self.0.st_mtime_nsec as i64)
+    }
+
+    /// The scan stamp of this state of the file.
+    pub fn stamp(&self) -> ScanStamp {
+        stamp_of_stat(&self.0)
+    }
 }
 
 /// Opens `name` in `dir` for reading if, and only if, it is a regular file: never
@@ -1012,7 +1069,7 @@ fn own_dir(parent: &OwnedFd, name: &str, shown_parent: &str) -> Result<OwnedFd, 
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    use std::os::unix::fs::MetadataExt;
 
     use super::*;
 
@@ -1071,8 +1128,9 @@ mod tests {
         assert_eq!(fifo.kind(), io::ErrorKind::InvalidInput);
         let link = open_regular(&fd, b"link").unwrap_err();
         assert_eq!(link.raw_os_error(), Some(libc::ELOOP));
-        assert!(lstat_at(&fd, b"link").unwrap().file_type().is_symlink());
-        assert!(lstat_at(&fd, b"fifo").unwrap().file_type().is_fifo());
+        let kind = |name: &[u8]| lstat_at(&fd, name).unwrap().file_type();
+        assert_eq!(kind(b"link"), rustix::fs::FileType::Symlink);
+        assert_eq!(kind(b"fifo"), rustix::fs::FileType::Fifo);
     }
 
     /// An unnamed staging file shows nowhere until it is published: then under its name

@@ -866,7 +866,7 @@ mod tests {
     }
 
     fn stamp_in(dir: &Path, name: &str) -> ScanStamp {
-        crate::scan::stamp_of(&std::fs::symlink_metadata(dir.join(name)).unwrap())
+        stamp_of_stat(&rustix::fs::lstat(dir.join(name)).unwrap())
     }
 
     #[test]

@@ -8,17 +8,16 @@
 //! agree, so what is indexed is content the file held at one instant; the walker keeps
 //! that copy's chunks in a busy pack ([`crate::store::Store::keep_busy_version`]).
 
-use std::fs::{File, Metadata};
+use std::fs::File;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
-use super::stamp_of;
 use crate::chunking::{ChunkParams, ChunkRef, ChunkedContent, Chunker, content_id};
 use crate::ids::ChunkId;
 use crate::pathname::VolPath;
-use crate::volume_fs::open_regular;
+use crate::volume_fs::{FileStat, open_regular};
 use crate::xattrs::{Namespaces, XattrError, Xattrs};
 
 /// Reads of a file that keeps changing before the scan leaves it for the next one.
@@ -53,7 +52,7 @@ pub(super) struct HashResult {
 pub(super) enum HashOutcome {
     Hashed {
         content: ChunkedContent,
-        meta: Box<Metadata>,
+        meta: Box<FileStat>,
         /// Read through the same descriptor, after the content.
         xattrs: Result<Xattrs, XattrError>,
         read: Reading,
@@ -152,8 +151,8 @@ pub(super) fn hash_file(
             }
             Err(e) => return HashOutcome::Failed(e),
         };
-        let before = match file.metadata() {
-            Ok(meta) if meta.is_file() => meta,
+        let before = match FileStat::of(&file) {
+            Ok(stat) if stat.is_file() => stat,
             Ok(_) => return HashOutcome::Vanished,
             Err(e) => return HashOutcome::Failed(e),
         };
@@ -162,10 +161,12 @@ pub(super) fn hash_file(
             return snapshot(chunker, &file, namespaces, budget).unwrap_or(HashOutcome::Unstable);
         }
         // Asked as the file is read: a change stops the read at once.
-        let stamp = stamp_of(&before);
-        let mut unchanged = || file.metadata().is_ok_and(|m| stamp_of(&m) == stamp);
+        let stamp = before.stamp();
+        let mut unchanged = || FileStat::of(&file).is_ok_and(|now| now.stamp() == stamp);
         let appended = match &job.appended_to {
-            Some(previous) => read_appended(chunker, &file, before.len(), previous, &mut unchanged),
+            Some(previous) => {
+                read_appended(chunker, &file, before.size(), previous, &mut unchanged)
+            }
             None => Ok(None),
         };
         let read = match appended {
@@ -184,13 +185,13 @@ pub(super) fn hash_file(
             Ok(None) => continue,
             Err(e) => return HashOutcome::Failed(e),
         };
-        match file.metadata() {
-            Ok(after) if stamp_of(&after) == stamp_of(&before) && content.size == before.len() => {
+        match FileStat::of(&file) {
+            Ok(after) if after.stamp() == stamp && content.size == before.size() => {
                 // A change of attributes moves the ctime: read before the check below,
                 // they belong to the version just hashed.
                 let xattrs = crate::xattrs::read(&file, namespaces);
-                match file.metadata() {
-                    Ok(last) if stamp_of(&last) == stamp_of(&before) => {}
+                match FileStat::of(&file) {
+                    Ok(last) if last.stamp() == stamp => {}
                     _ => continue,
                 }
                 return HashOutcome::Hashed {
@@ -268,26 +269,26 @@ fn snapshot(
             // Out of step with a writer that rewrites on a fixed period.
             std::thread::sleep(std::time::Duration::from_millis(2 + (attempt * 7919) % 23));
         }
-        let before = file.metadata().ok()?;
-        if before.len() > SNAPSHOT_MAX_BYTES {
+        let before = FileStat::of(file).ok()?;
+        if before.size() > SNAPSHOT_MAX_BYTES {
             return None;
         }
-        if permit.as_ref().is_none_or(|p| p.bytes != before.len()) {
+        if permit.as_ref().is_none_or(|p| p.bytes != before.size()) {
             // The old share goes back before a new one is asked for.
             drop(permit.take());
-            permit = Some(budget.take(before.len())?);
+            permit = Some(budget.take(before.size())?);
         }
-        data.resize(before.len() as usize, 0);
+        data.resize(before.size() as usize, 0);
         if file.read_exact_at(&mut data, 0).is_err() {
             continue;
         }
-        let between = file.metadata().ok()?;
-        if stamp_of(&between) != stamp_of(&before) || !still_holds(file, &data) {
+        let between = FileStat::of(file).ok()?;
+        if between.stamp() != before.stamp() || !still_holds(file, &data) {
             continue;
         }
         let xattrs = crate::xattrs::read(file, namespaces);
-        let after = file.metadata().ok()?;
-        if stamp_of(&after) != stamp_of(&before) {
+        let after = FileStat::of(file).ok()?;
+        if after.stamp() != before.stamp() {
             continue;
         }
         let content = chunker.chunk_reader(&data[..]).ok()?;
@@ -325,13 +326,12 @@ const DIRECT_ALIGN: usize = 4096;
 fn direct_read_matches(file: &File, data: &[u8]) -> Option<bool> {
     use rustix::fs::{Mode, OFlags};
     use std::os::fd::AsRawFd;
-    use std::os::unix::fs::MetadataExt;
     // The same open file, not a path: `/proc/self/fd/N` reopens the inode `file` holds.
     let own = format!("/proc/self/fd/{}", file.as_raw_fd());
     let flags = OFlags::RDONLY | OFlags::DIRECT | OFlags::NONBLOCK | OFlags::CLOEXEC;
     let direct = File::from(rustix::fs::open(own.as_str(), flags, Mode::empty()).ok()?);
-    let (ours, theirs) = (direct.metadata().ok()?, file.metadata().ok()?);
-    if (ours.dev(), ours.ino()) != (theirs.dev(), theirs.ino()) {
+    let (ours, theirs) = (FileStat::of(&direct).ok()?, FileStat::of(file).ok()?);
+    if ours.dev_ino() != theirs.dev_ino() {
         return None;
     }
     // One byte past `data` (rounded to the alignment) shows whether the file grew.

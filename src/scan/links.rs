@@ -10,14 +10,12 @@
 //! narrow one, or one while a pull links names) leaves the file as indexed; a narrow
 //! one says so ([`Walker::links_changed`]) and the scan goes on as a full one.
 
-use std::fs::Metadata;
-use std::os::unix::fs::MetadataExt;
-
 use super::walk::{Listed, Walker};
 use crate::chunking::ChunkedContent;
 use crate::entry::EntryKind;
 use crate::pathname::VolPath;
 use crate::store::StoreError;
+use crate::volume_fs::FileStat;
 use crate::xattrs::Xattrs;
 
 /// The names of one inode seen by a full walk, with its link count.
@@ -26,7 +24,7 @@ pub(super) type Group = (u64, Vec<VolPath>);
 /// A hard-linked file read by a full walk, recorded once its group is known.
 pub(super) struct Changed {
     pub(super) content: ChunkedContent,
-    pub(super) meta: Metadata,
+    pub(super) meta: FileStat,
     pub(super) xattrs: Xattrs,
 }
 
@@ -91,14 +89,14 @@ impl Walker<'_> {
 
     /// Takes note of a listed file with several names: kept for the group's leader in a
     /// full scan; in a narrow one a change to it asks for a full scan.
-    pub(super) fn note_linked(&mut self, path: &VolPath, meta: &Metadata, unchanged: bool) {
+    pub(super) fn note_linked(&mut self, path: &VolPath, meta: &FileStat, unchanged: bool) {
         let Some(linked) = &mut self.linked else {
             self.links_changed |= !unchanged;
             return;
         };
         if self.linked_names < MAX_LINKED_NAMES {
             self.linked_names += 1;
-            let (nlink, names) = linked.entry((meta.dev(), meta.ino())).or_default();
+            let (nlink, names) = linked.entry(meta.dev_ino()).or_default();
             *nlink = meta.nlink();
             names.push(path.clone());
         } else if self.linked_names == MAX_LINKED_NAMES {

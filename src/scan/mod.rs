@@ -27,9 +27,8 @@ mod walk;
 mod writer;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::{self, Metadata};
+use std::fs;
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -38,7 +37,6 @@ use indicatif::ProgressBar;
 use crate::entry::EntryKind;
 use crate::ids::{TreeHash, VolumeId};
 use crate::pathname::VolPath;
-use crate::store::codec::ScanStamp;
 use crate::store::{Durability, Store, StoreError};
 use crate::tree::SubtreeTotals;
 use crate::workers::Pool;
@@ -437,16 +435,6 @@ fn left_by_dir(left: &HashSet<VolPath>) -> HashMap<VolPath, Vec<Vec<u8>>> {
         }
     }
     by_dir
-}
-
-pub fn stamp_of(meta: &Metadata) -> ScanStamp {
-    ScanStamp {
-        size: meta.len(),
-        mtime_ns: crate::entry::timestamp_ns(meta.mtime(), meta.mtime_nsec()),
-        ctime_ns: crate::entry::timestamp_ns(meta.ctime(), meta.ctime_nsec()),
-        ino: meta.ino(),
-        dev: meta.dev(),
-    }
 }
 
 /// Nanoseconds since the epoch, now, by this node's clock.

@@ -3,31 +3,30 @@
 
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::ffi::OsStr;
-use std::fs::Metadata;
 use std::io::{self, Read};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use indicatif::ProgressBar;
+use rustix::fs::FileType;
 
 use super::hash::{HashJob, HashOutcome, HashResult, Reading, SNAPSHOT_MAX_BYTES};
 use super::rules::IgnoreRules;
 use super::{
     BATCH_OPS, Depth, IGNORE_FILE, SNAPSHOT_INTERVAL, ScanReport, ScanScope, UNVERIFIED_CTIME,
-    now_ns, stamp_of,
+    now_ns,
 };
 use crate::chunking::{ChunkRef, ChunkedContent};
-use crate::entry::{Entry, EntryKind, MODE_MASK};
+use crate::entry::{Entry, EntryKind};
 use crate::ids::{NodeId, VolumeId};
 use crate::pathname::{MAX_PATH_LEN, SHOAL_DIR, VolPath, escape};
 use crate::store::codec::ScanStamp;
 use crate::store::{Batch, Durability, Store, StoreError};
-use crate::volume_fs::{lstat_at, open_dir_at, open_regular};
+use crate::volume_fs::{FileStat, lstat_at, open_dir_at, open_regular};
 use crate::workers::Pool;
 use crate::xattrs::{Namespaces, XattrError, Xattrs};
 
@@ -37,7 +36,7 @@ const MAX_IGNORE_FILE: u64 = 1 << 20;
 /// One child of a directory as listed on disk.
 pub(super) struct Listed {
     pub(super) name: Vec<u8>,
-    pub(super) meta: Metadata,
+    pub(super) meta: FileStat,
 }
 
 /// Names of a directory listed at once: a scan holds one window of a directory's names
@@ -859,7 +858,7 @@ impl<'s> Walker<'s> {
                 self.report.conflict_paths.push(path.clone());
             }
         }
-        let unchanged = stamp == Some(stamp_of(&item.meta));
+        let unchanged = stamp == Some(item.meta.stamp());
         if item.meta.is_file() && item.meta.nlink() > 1 {
             self.note_linked(&path, &item.meta, unchanged);
         }
@@ -868,7 +867,7 @@ impl<'s> Walker<'s> {
         if !unchanged {
             let old = self.store.entry(self.vol, dir, &item.name)?;
             let file_type = item.meta.file_type();
-            if file_type.is_file() {
+            if file_type == FileType::RegularFile {
                 // A name that was hard-linked and no longer is: its group changed.
                 self.links_changed |= old.as_ref().is_some_and(|o| o.link.is_some());
                 self.drop_if_kind_changed(dir, &item.name, old, |k| {
@@ -905,7 +904,7 @@ impl<'s> Walker<'s> {
                     appended_to,
                     may_snapshot,
                 };
-                self.to_hash.push((item.meta.len(), job));
+                self.to_hash.push((item.meta.size(), job));
                 return Ok(());
             } else if is_dir {
                 new_dir = !old.as_ref().is_some_and(Entry::is_dir);
@@ -917,7 +916,7 @@ impl<'s> Walker<'s> {
                 }
                 let xattrs = self.dir_xattrs(&opened.fd, &path);
                 self.record(dir, &item.name, old, EntryKind::Dir, &item.meta, xattrs);
-            } else if file_type.is_symlink() {
+            } else if file_type == FileType::Symlink {
                 let old = self.drop_if_kind_changed(dir, &item.name, old, |k| {
                     matches!(k, EntryKind::Symlink { .. })
                 })?;
@@ -932,7 +931,7 @@ impl<'s> Walker<'s> {
                     Err(rustix::io::Errno::NOENT) => {}
                     Err(e) => self.problem(format!("cannot read symlink {}: {e}", path.display())),
                 }
-            } else if file_type.is_fifo() {
+            } else if file_type == FileType::Fifo {
                 let old =
                     self.drop_if_kind_changed(dir, &item.name, old, |k| *k == EntryKind::Fifo)?;
                 let kind = EntryKind::Fifo;
@@ -940,7 +939,7 @@ impl<'s> Walker<'s> {
             } else {
                 // A socket belongs to the program listening on it, not to the data: it is
                 // skipped without a word. A device node is worth a warning.
-                if !file_type.is_socket() {
+                if file_type != FileType::Socket {
                     self.report.skipped_special += 1;
                     tracing::warn!("skipping {}: devices are not synced", path.display());
                 }
@@ -971,22 +970,22 @@ impl<'s> Walker<'s> {
         if meta.nlink() > 1 {
             return Ok(Some(BusyRead::default()));
         }
-        let same_file = stamp.filter(|s| (s.ino, s.dev) == (meta.ino(), meta.dev()));
-        if same_file.is_some_and(|s| meta.len() > s.size)
+        let same_file = stamp.filter(|s| (s.dev, s.ino) == meta.dev_ino());
+        if same_file.is_some_and(|s| meta.size() > s.size)
             && let Some(chunks) = self.store.chunk_list(self.vol, dir, &item.name)?
             && !chunks.is_empty()
         {
             // If it was rewritten rather than appended to, a copy still does.
             return Ok(Some(BusyRead {
                 appended_to: Some(chunks),
-                may_snapshot: meta.len() <= SNAPSHOT_MAX_BYTES,
+                may_snapshot: meta.size() <= SNAPSHOT_MAX_BYTES,
             }));
         }
         let copied_lately = same_file.is_some_and(|s| {
             let age_ns = now_ns().saturating_sub(s.mtime_ns);
             (0..SNAPSHOT_INTERVAL.as_nanos() as i64).contains(&age_ns)
         });
-        if meta.len() > SNAPSHOT_MAX_BYTES || copied_lately {
+        if meta.size() > SNAPSHOT_MAX_BYTES || copied_lately {
             return Ok(None);
         }
         Ok(Some(BusyRead {
@@ -1048,7 +1047,7 @@ impl<'s> Walker<'s> {
         name: &[u8],
         old: Option<Entry>,
         kind: EntryKind,
-        meta: &Metadata,
+        meta: &FileStat,
         xattrs: Xattrs,
     ) {
         let entry = self.entry_from(kind, meta, (xattrs, None), old.as_ref());
@@ -1057,7 +1056,7 @@ impl<'s> Walker<'s> {
             self.batch.put_entry(self.vol, dir, name, &entry);
             self.batch.mark_dirty(self.vol, dir);
         }
-        self.batch.put_stamp(self.vol, dir, name, &stamp_of(meta));
+        self.batch.put_stamp(self.vol, dir, name, &meta.stamp());
     }
 
     /// The entry for what is on disk, succeeding `old`; `None` if `old` already says it.
@@ -1065,19 +1064,19 @@ impl<'s> Walker<'s> {
     fn entry_from(
         &self,
         kind: EntryKind,
-        meta: &Metadata,
+        meta: &FileStat,
         (xattrs, link): (Xattrs, Option<VolPath>),
         old: Option<&Entry>,
     ) -> Option<Entry> {
         let mode = if matches!(kind, EntryKind::Symlink { .. }) {
             0
         } else {
-            meta.permissions().mode() & MODE_MASK
+            meta.permissions()
         };
         let mut entry = Entry {
             kind,
             mode,
-            mtime_ns: crate::entry::timestamp_ns(meta.mtime(), meta.mtime_nsec()),
+            mtime_ns: meta.mtime_ns(),
             uid: meta.uid(),
             gid: meta.gid(),
             xattrs,
@@ -1228,7 +1227,7 @@ impl<'s> Walker<'s> {
     fn content_before_rename(
         &self,
         path: &VolPath,
-        meta: &Metadata,
+        meta: &FileStat,
     ) -> Result<Option<ChunkedContent>, StoreError> {
         if self.renamed.is_empty() {
             return Ok(None);
@@ -1251,7 +1250,7 @@ impl<'s> Walker<'s> {
         let Some((old_dir, old_name)) = old_path.split_last() else {
             return Ok(None);
         };
-        let now = stamp_of(meta);
+        let now = meta.stamp();
         let same_file = self
             .store
             .stamp(self.vol, &old_dir, old_name)?
@@ -1288,7 +1287,7 @@ impl<'s> Walker<'s> {
         dir: &VolPath,
         name: &[u8],
         content: ChunkedContent,
-        meta: &Metadata,
+        meta: &FileStat,
         xattrs: Xattrs,
     ) -> Result<(), StoreError> {
         let linked_now = meta.nlink() > 1;
@@ -1297,7 +1296,7 @@ impl<'s> Walker<'s> {
         if linked_now || was_linked {
             let changed = super::links::Changed {
                 content,
-                meta: meta.clone(),
+                meta: *meta,
                 xattrs,
             };
             return self.defer_linked(dir, name, changed, linked_now);
@@ -1312,7 +1311,7 @@ impl<'s> Walker<'s> {
         dir: &VolPath,
         name: &[u8],
         content: ChunkedContent,
-        meta: &Metadata,
+        meta: &FileStat,
         xattrs: Xattrs,
         link: Option<VolPath>,
     ) -> Result<(), StoreError> {
@@ -1327,7 +1326,7 @@ impl<'s> Walker<'s> {
         name: &[u8],
         old: Option<Entry>,
         content: ChunkedContent,
-        meta: &Metadata,
+        meta: &FileStat,
         (xattrs, link): (Xattrs, Option<VolPath>),
     ) -> Result<(), StoreError> {
         let kind = EntryKind::File {
@@ -1357,7 +1356,7 @@ impl<'s> Walker<'s> {
                 .set_chunks(self.vol, dir, name, &content.chunks, &old_chunks);
             self.batch.mark_dirty(self.vol, dir);
         }
-        self.batch.put_stamp(self.vol, dir, name, &stamp_of(meta));
+        self.batch.put_stamp(self.vol, dir, name, &meta.stamp());
         Ok(())
     }
 
@@ -1409,7 +1408,7 @@ impl<'s> Walker<'s> {
                     Reading::Appended => {
                         let unverified = ScanStamp {
                             ctime_ns: UNVERIFIED_CTIME,
-                            ..stamp_of(&meta)
+                            ..meta.stamp()
                         };
                         self.batch.put_stamp(self.vol, &dir, &name, &unverified);
                     }
