@@ -271,8 +271,9 @@ impl<'s> Walker<'s> {
                     .push((VolPath::root(), IgnoreRules::none(), Depth::Subtree));
             }
             ScanScope::Dirs(dirs) => {
+                let mut known_rules = HashMap::new();
                 for (dir, depth) in self.start_dirs(dirs)? {
-                    if let Some(rules) = self.rules_above(&dir) {
+                    if let Some(rules) = self.rules_above(&dir, &mut known_rules) {
                         self.restat_start_dir(&dir, &rules)?;
                         self.pending.push((dir, rules, depth));
                     }
@@ -381,25 +382,44 @@ impl<'s> Walker<'s> {
     }
 
     /// The ignore rules that apply to `dir`'s names from its ancestors' `.shoalignore`
-    /// files; `None` if `dir` itself is ignored.
-    fn rules_above(&mut self, dir: &VolPath) -> Option<Arc<IgnoreRules>> {
+    /// files; `None` if `dir` itself is ignored. `known` keeps the rules within each
+    /// ancestor read so far in this scan: a narrow scan's start directories share
+    /// ancestors, whose files are then read once, not once for each start.
+    fn rules_above(
+        &mut self,
+        dir: &VolPath,
+        known: &mut HashMap<VolPath, Option<Arc<IgnoreRules>>>,
+    ) -> Option<Arc<IgnoreRules>> {
         let mut rules = IgnoreRules::none();
         let mut at = VolPath::root();
         for name in dir.components() {
-            let fs_dir = at.under(&self.root);
-            let dir_fd = open_dir_at(&self.root_fd, &at, false).ok()?;
-            if lstat_at(&dir_fd, IGNORE_FILE.as_bytes()).is_ok_and(|m| m.is_file()) {
-                rules = Arc::new(IgnoreRules {
-                    own: Some(self.load_ignore_file(&dir_fd, &fs_dir)),
-                    parent: Some(rules),
-                });
-            }
+            rules = match known.get(&at) {
+                Some(within) => within.clone()?,
+                None => {
+                    let within = self.rules_within(&at, rules);
+                    known.insert(at.clone(), within.clone());
+                    within?
+                }
+            };
             at = at.join(name).ok()?;
             if rules.is_ignored(&at.under(&self.root), true) {
                 return None;
             }
         }
         Some(rules)
+    }
+
+    /// The rules for the names in `dir`: `above` (its ancestors'), and its own
+    /// `.shoalignore` if it has one; `None` if `dir` cannot be opened.
+    fn rules_within(&mut self, dir: &VolPath, above: Arc<IgnoreRules>) -> Option<Arc<IgnoreRules>> {
+        let dir_fd = open_dir_at(&self.root_fd, dir, false).ok()?;
+        if !lstat_at(&dir_fd, IGNORE_FILE.as_bytes()).is_ok_and(|m| m.is_file()) {
+            return Some(above);
+        }
+        Some(Arc::new(IgnoreRules {
+            own: Some(self.load_ignore_file(&dir_fd, &dir.under(&self.root))),
+            parent: Some(above),
+        }))
     }
 
     pub(super) fn flush(&mut self, force: bool) -> Result<(), StoreError> {

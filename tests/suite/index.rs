@@ -207,6 +207,45 @@ fn shoalignore_excludes_paths_with_gitignore_rules() {
     );
 }
 
+/// A narrow scan (the watcher's) of directories below `.shoalignore` files keeps to
+/// their ancestors' rules, for start directories that share ancestors and for one
+/// below an ignored directory, and indexes what a full scan would.
+#[test]
+fn narrow_scans_keep_to_the_ignore_files_above_them() {
+    let fx = Fixture::new();
+    fx.write(".shoalignore", b"*.tmp\ncache/\n");
+    fx.write("top/.shoalignore", b"local-only\n");
+    for dir in ["top/a", "top/b", "cache/c"] {
+        fx.write(&format!("{dir}/kept"), b"1");
+    }
+    fx.scan();
+    for dir in ["top/a", "top/b", "cache/c"] {
+        fx.write(&format!("{dir}/x.tmp"), b"2");
+        fx.write(&format!("{dir}/local-only"), b"3");
+        fx.write(&format!("{dir}/new"), b"4");
+    }
+    let report = narrow_scan(&fx, &["top/a", "top/b", "cache/c"], &[]);
+    assert_eq!(report.added, 2, "{report:?}");
+    let names: Vec<String> = index_listing(&fx.open(), "vol")
+        .keys()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ".shoalignore",
+            "top",
+            "top/.shoalignore",
+            "top/a",
+            "top/a/kept",
+            "top/a/new",
+            "top/b",
+            "top/b/kept",
+            "top/b/new",
+        ]
+    );
+}
+
 #[test]
 fn mode_changes_are_changes_and_ownership_is_recorded() {
     let fx = Fixture::new();
