@@ -105,6 +105,133 @@ impl Flushing {
     }
 }
 
+/// A batch being staged on a task of its own ([`stage_batch`]); dropped unfinished, the
+/// task is aborted (what it wrote stays in staging, to be resumed).
+struct StagingBatch(tokio::task::JoinHandle<Result<StagedBatch, SyncError>>);
+
+impl StagingBatch {
+    fn start(pull: &Pull, jobs: Vec<(FileJob, Reservation)>) -> Self {
+        let (node, peer, handle) = (pull.node.clone(), pull.peer.clone(), pull.handle.clone());
+        let volume_index = pull.volume_index;
+        StagingBatch(tokio::spawn(stage_batch(
+            node,
+            peer,
+            handle,
+            volume_index,
+            jobs,
+        )))
+    }
+
+    async fn done(mut self) -> Result<StagedBatch, SyncError> {
+        (&mut self.0).await.map_err(|e| SyncError::Task {
+            what: "staging",
+            source: e,
+        })?
+    }
+}
+
+impl Drop for StagingBatch {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What staging a batch came to.
+struct StagedBatch {
+    /// Complete, flushed not yet.
+    ready: Vec<ReadyFile>,
+    /// Files left for the next round: their transfer failed, or they changed on the peer.
+    skipped: u64,
+    /// Files some chunk of which no reachable peer holds intact, left in staging.
+    incomplete: u64,
+    /// Files and bytes of a batch the file system had no room for after all, left in
+    /// staging.
+    no_room: Option<(u64, u64)>,
+}
+
+/// Prepares a batch's files (`FILE_CONCURRENCY` at a time), fetches the chunks the
+/// whole batch still lacks in shared requests, and finishes the files whose chunks all
+/// came. It holds nothing of the pull, so the batch before it is published meanwhile.
+async fn stage_batch(
+    node: Arc<Node>,
+    peer: Arc<Peer>,
+    handle: Handle,
+    volume_index: usize,
+    jobs: Vec<(FileJob, Reservation)>,
+) -> Result<StagedBatch, SyncError> {
+    let mut staged = StagedBatch {
+        ready: Vec::new(),
+        skipped: 0,
+        incomplete: 0,
+        no_room: None,
+    };
+    let mut jobs = jobs.into_iter();
+    let mut set = JoinSet::new();
+    let mut prepared = Vec::new();
+    loop {
+        while set.len() < FILE_CONCURRENCY {
+            let Some((job, room)) = jobs.next() else {
+                break;
+            };
+            let (node, peer, handle) = (node.clone(), peer.clone(), handle.clone());
+            set.spawn(async move { prepare(node, peer, handle, volume_index, job, room).await });
+        }
+        match set.join_next().await {
+            Some(Ok(Ok(Some(file)))) => prepared.push(file),
+            Some(Ok(Ok(None))) => staged.skipped += 1,
+            Some(Ok(Err(e))) => {
+                tracing::warn!(peer = %peer.addr, "transfer failed, will retry next round: {e}");
+                staged.skipped += 1;
+            }
+            Some(Err(e)) => {
+                return Err(SyncError::Task {
+                    what: "transfer",
+                    source: e,
+                });
+            }
+            None => break,
+        }
+    }
+    let files = prepared.len() as u64;
+    let bytes = prepared.iter().map(|p| p.job.size()).sum();
+    match fill(&node, &peer, volume_index, prepared, &mut staged.incomplete).await {
+        Ok(ready) => staged.ready = ready,
+        Err(e) if e.is_no_space() => staged.no_room = Some((files, bytes)),
+        Err(e) => return Err(e),
+    }
+    Ok(staged)
+}
+
+/// Fetches what the prepared files still lack and finishes them; files left
+/// incomplete are counted in `incomplete` (and resumed from staging next round).
+async fn fill(
+    node: &Arc<Node>,
+    peer: &Arc<Peer>,
+    volume_index: usize,
+    prepared: Vec<Prepared>,
+    incomplete: &mut u64,
+) -> Result<Vec<ReadyFile>, SyncError> {
+    let mut targets = ChunkTargets::default();
+    for file in &prepared {
+        targets.add_missing(&file.missing, &file.file);
+    }
+    let received = fetch_chunks(node, Some(peer), volume_index, targets).await?;
+    let mut ready = Vec::new();
+    for file in prepared {
+        if let Some((id, _, _)) = file
+            .missing
+            .iter()
+            .find(|(id, _, _)| !received.contains(id))
+        {
+            tracing::warn!(peer = %peer.addr, "{}: chunk {id} is held intact by no reachable peer; will retry", escape(&file.job.name));
+            *incomplete += 1;
+            continue;
+        }
+        ready.push(file.finish(node, volume_index)?);
+    }
+    Ok(ready)
+}
+
 /// How much of the files decided on [`Pull::take_files`] takes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum Until {
@@ -265,58 +392,31 @@ impl Pull {
         }
     }
 
-    /// Takes `fetched` batch by batch; each batch, once fetched, is left flushing in
-    /// `self.flushing` and published after the next one is fetched.
+    /// Takes `fetched` batch by batch. Each batch is staged on a task of its own
+    /// ([`stage_batch`]) while the one before it finishes flushing and is published,
+    /// then left flushing in `self.flushing`: the next call, or the round's end,
+    /// publishes the last one.
     async fn take_batches(&mut self, fetched: Vec<FileJob>) -> Result<(), SyncError> {
         let mut jobs = fetched.into_iter().peekable();
         while jobs.peek().is_some() {
-            let mut set = JoinSet::new();
-            let mut prepared = Vec::new();
-            let mut started = 0;
-            loop {
-                while set.len() < FILE_CONCURRENCY && started < PUBLISH_BATCH {
-                    let Some(job) = jobs.next() else { break };
-                    started += 1;
-                    let Some(room) = self.reserve_room(&job, false) else {
-                        continue;
-                    };
-                    let (node, peer, handle, index) = (
-                        self.node.clone(),
-                        self.peer.clone(),
-                        self.handle.clone(),
-                        self.volume_index,
-                    );
-                    set.spawn(async move { prepare(node, peer, handle, index, job, room).await });
-                }
-                match set.join_next().await {
-                    Some(Ok(Ok(Some(file)))) => prepared.push(file),
-                    Some(Ok(Ok(None))) => self.report.skipped += 1,
-                    Some(Ok(Err(e))) => {
-                        tracing::warn!(peer = %self.peer.addr, "transfer failed, will retry next round: {e}");
-                        self.report.skipped += 1;
-                    }
-                    Some(Err(e)) => {
-                        return Err(SyncError::Task {
-                            what: "transfer",
-                            source: e,
-                        });
-                    }
-                    None => break,
+            let mut batch = Vec::new();
+            for job in jobs.by_ref().take(PUBLISH_BATCH) {
+                if let Some(room) = self.reserve_room(&job, false) {
+                    batch.push((job, room));
                 }
             }
-            let batch_bytes = prepared.iter().map(|p| p.job.size()).sum();
-            let batch_files = prepared.len() as u64;
-            let ready = match self.fill(prepared).await {
-                Err(e) if e.is_no_space() => {
-                    // Something else took the room meanwhile: what was written stays in
-                    // staging, to be resumed once there is room.
-                    self.waiting.add(batch_files, batch_bytes);
-                    continue;
-                }
-                other => other?,
-            };
+            let staging = StagingBatch::start(self, batch);
             self.publish_flushing().await?;
-            self.flushing = Some(Flushing::start(&self.node, self.volume_index, ready));
+            let staged = staging.done().await?;
+            self.report.skipped += staged.skipped;
+            self.report.incomplete += staged.incomplete;
+            if let Some((files, bytes)) = staged.no_room {
+                // Something else took the room meanwhile: what was written stays in
+                // staging, to be resumed once there is room.
+                self.waiting.add(files, bytes);
+                continue;
+            }
+            self.flushing = Some(Flushing::start(&self.node, self.volume_index, staged.ready));
         }
         Ok(())
     }
@@ -459,31 +559,6 @@ impl Pull {
                 None
             }
         }
-    }
-
-    /// Fetches what the prepared files still lack and finishes them; files left
-    /// incomplete are skipped (and resumed from staging next round).
-    async fn fill(&mut self, prepared: Vec<Prepared>) -> Result<Vec<ReadyFile>, SyncError> {
-        let mut targets = ChunkTargets::default();
-        for file in &prepared {
-            targets.add_missing(&file.missing, &file.file);
-        }
-        let received =
-            fetch_chunks(&self.node, Some(&self.peer), self.volume_index, targets).await?;
-        let mut ready = Vec::new();
-        for file in prepared {
-            if let Some((id, _, _)) = file
-                .missing
-                .iter()
-                .find(|(id, _, _)| !received.contains(id))
-            {
-                tracing::warn!(peer = %self.peer.addr, "{}: chunk {id} is held intact by no reachable peer; will retry", escape(&file.job.name));
-                self.report.incomplete += 1;
-                continue;
-            }
-            ready.push(file.finish(&self.node, self.volume_index)?);
-        }
-        Ok(ready)
     }
 
     /// Makes a batch of assembled files durable and visible, then indexes them. Runs
