@@ -178,6 +178,14 @@ fn symlinks_are_recorded_not_followed_fifos_indexed_and_sockets_skipped() {
     );
 }
 
+/// The paths the index of the fixture's volume holds, in order.
+fn indexed_names(fx: &Fixture) -> Vec<String> {
+    index_listing(&fx.open(), "vol")
+        .keys()
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect()
+}
+
 #[test]
 fn shoalignore_excludes_paths_with_gitignore_rules() {
     let fx = Fixture::new();
@@ -191,10 +199,7 @@ fn shoalignore_excludes_paths_with_gitignore_rules() {
     fx.write("sub/kept", b"6");
     fx.write(".shoal/staging/x", b"our own");
     fx.scan();
-    let names: Vec<String> = index_listing(&fx.open(), "vol")
-        .keys()
-        .map(|k| String::from_utf8_lossy(k).into_owned())
-        .collect();
+    let names = indexed_names(&fx);
     assert_eq!(
         names,
         [
@@ -226,10 +231,7 @@ fn narrow_scans_keep_to_the_ignore_files_above_them() {
     }
     let report = narrow_scan(&fx, &["top/a", "top/b", "cache/c"], &[]);
     assert_eq!(report.added, 2, "{report:?}");
-    let names: Vec<String> = index_listing(&fx.open(), "vol")
-        .keys()
-        .map(|k| String::from_utf8_lossy(k).into_owned())
-        .collect();
+    let names = indexed_names(&fx);
     assert_eq!(
         names,
         [

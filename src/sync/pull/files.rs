@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use s2n_quic::connection::Handle;
 use tokio::task::JoinSet;
 
-use super::{Deferred, PUBLISH_BATCH, Pull};
+use super::{Deferred, PUBLISH_BATCH, Pull, Spawned};
 use crate::chunking::{CHUNK_PAGE_MAX, CHUNK_PAGE_TARGET, ChunkRef, chunk_list_pages, content_id};
 use crate::entry::{Causality, Entry, EntryKind};
 use crate::ids::NodeId;
@@ -102,37 +102,6 @@ impl Flushing {
             what: "flushing",
             source: e,
         })?
-    }
-}
-
-/// A batch being staged on a task of its own ([`stage_batch`]); dropped unfinished, the
-/// task is aborted (what it wrote stays in staging, to be resumed).
-struct StagingBatch(tokio::task::JoinHandle<Result<StagedBatch, SyncError>>);
-
-impl StagingBatch {
-    fn start(pull: &Pull, jobs: Vec<(FileJob, Reservation)>) -> Self {
-        let (node, peer, handle) = (pull.node.clone(), pull.peer.clone(), pull.handle.clone());
-        let volume_index = pull.volume_index;
-        StagingBatch(tokio::spawn(stage_batch(
-            node,
-            peer,
-            handle,
-            volume_index,
-            jobs,
-        )))
-    }
-
-    async fn done(mut self) -> Result<StagedBatch, SyncError> {
-        (&mut self.0).await.map_err(|e| SyncError::Task {
-            what: "staging",
-            source: e,
-        })?
-    }
-}
-
-impl Drop for StagingBatch {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -405,9 +374,14 @@ impl Pull {
                     batch.push((job, room));
                 }
             }
-            let staging = StagingBatch::start(self, batch);
+            // Aborted if the publish fails: what it wrote stays in staging, to be resumed.
+            let (node, peer, handle) = (self.node.clone(), self.peer.clone(), self.handle.clone());
+            let staging = Spawned::spawn(
+                "staging",
+                stage_batch(node, peer, handle, self.volume_index, batch),
+            );
             self.publish_flushing().await?;
-            let staged = staging.done().await?;
+            let staged = staging.result().await?;
             self.report.skipped += staged.skipped;
             self.report.incomplete += staged.incomplete;
             if let Some((files, bytes)) = staged.no_room {

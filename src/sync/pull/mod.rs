@@ -14,7 +14,8 @@
 //!    chunk bytes), fetch the rest from the peers that share the volume (spread over
 //!    them, each chunk checked against its BLAKE3 id), assemble in staging, then publish
 //!    a batch: the files flushed (an `fsync` each for a few, one `syncfs` for many),
-//!    atomic renames, directory fsyncs, one durable index write.
+//!    atomic renames, directory fsyncs, one durable index write. The next batch is
+//!    staged on a task of its own meanwhile.
 //!    Other names of a hard-linked file are linked to their group's leader once the
 //!    round's files are in: transferred once, one inode as on the peer.
 //! 5. Before a file is replaced or deleted, the version there is kept ([`keep`]): its
@@ -597,5 +598,38 @@ impl Pull {
         volume
             .room
             .note_round(&volume.name, self.peer.addr, Some(shortage));
+    }
+}
+
+/// A task a pull starts now and waits for later (a listing asked ahead, a batch being
+/// staged): aborted if dropped before its result is taken, so that nothing of a round
+/// that ended goes on.
+pub(super) struct Spawned<T> {
+    task: tokio::task::JoinHandle<Result<T, SyncError>>,
+    what: &'static str,
+}
+
+impl<T: Send + 'static> Spawned<T> {
+    fn spawn(
+        what: &'static str,
+        future: impl Future<Output = Result<T, SyncError>> + Send + 'static,
+    ) -> Self {
+        Spawned {
+            task: tokio::spawn(future),
+            what,
+        }
+    }
+
+    async fn result(mut self) -> Result<T, SyncError> {
+        let what = self.what;
+        (&mut self.task)
+            .await
+            .map_err(|source| SyncError::Task { what, source })?
+    }
+}
+
+impl<T> Drop for Spawned<T> {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

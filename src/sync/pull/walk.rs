@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 
 use s2n_quic::connection::Handle;
 
-use super::{PUBLISH_BATCH, Pull, Until};
+use super::{PUBLISH_BATCH, Pull, Spawned, Until};
 use crate::pathname::VolPath;
 use crate::protocol::{ProtocolError, Request, Response, WireEntry};
 use crate::sync::{SyncError, request};
@@ -48,7 +48,7 @@ impl Pull {
             end: cursor.end.clone(),
         };
         let answer = match asked {
-            Some(asked) => asked.answer().await?,
+            Some(asked) => asked.result().await?,
             None => request(&mut self.handle, &req).await?,
         };
         let (entries, more) = match answer {
@@ -150,22 +150,7 @@ pub(super) fn whole_listing(volume: &str, dir: &VolPath) -> Request {
 
 /// A [`whole_listing`] asked for ahead of its directory's turn, in a task of its own
 /// (aborted if the round ends before its turn comes).
-pub(super) struct Asked(tokio::task::JoinHandle<Result<Response, SyncError>>);
-
-impl Asked {
-    async fn answer(mut self) -> Result<Response, SyncError> {
-        (&mut self.0).await.map_err(|e| SyncError::Task {
-            what: "listing",
-            source: e,
-        })?
-    }
-}
-
-impl Drop for Asked {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+pub(super) type Asked = Spawned<Response>;
 
 /// The directories asked for ahead ([`Pull::ask_ahead`]), by path.
 #[derive(Default)]
@@ -181,8 +166,11 @@ impl Lookahead {
     }
 
     pub(super) fn ask(&mut self, dir: VolPath, mut handle: Handle, listing: Request) {
-        let task = tokio::spawn(async move { request(&mut handle, &listing).await });
-        self.0.insert(dir, Asked(task));
+        let task = Spawned::spawn(
+            "listing",
+            async move { request(&mut handle, &listing).await },
+        );
+        self.0.insert(dir, task);
     }
 
     pub(super) fn take(&mut self, dir: &VolPath) -> Option<Asked> {
