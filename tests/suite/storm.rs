@@ -648,9 +648,18 @@ fn a_kill_storm_tears_no_file_loses_no_last_write_and_brings_back_no_delete_unex
         )
         .chain(damaged.iter().map(|d| format!("verify: {d}")))
         .collect();
+    // The whole logs outlive the cluster's directory: the tails rarely reach back to
+    // the operations a failure names.
+    let kept = std::env::temp_dir().join(format!("shoal-storm-{seed}"));
+    if !problems.is_empty() && fs::create_dir_all(&kept).is_ok() {
+        for i in 0..NODES {
+            let _ = fs::write(kept.join(format!("node{i}.log")), cluster.log(i));
+        }
+    }
     assert!(
         problems.is_empty(),
-        "seed {seed}:\n{}\n--- node logs (tails):\n{}",
+        "seed {seed} (whole node logs in {}):\n{}\n--- node logs (tails):\n{}",
+        kept.display(),
         problems.join("\n"),
         (0..NODES)
             .map(|i| format!("node {i}:\n{}", tail_of(&cluster.log(i), 40)))
