@@ -106,6 +106,7 @@ impl Flushing {
 }
 
 /// What staging a batch came to.
+#[derive(Default)]
 struct StagedBatch {
     /// Complete, flushed not yet.
     ready: Vec<ReadyFile>,
@@ -128,12 +129,7 @@ async fn stage_batch(
     volume_index: usize,
     jobs: Vec<(FileJob, Reservation)>,
 ) -> Result<StagedBatch, SyncError> {
-    let mut staged = StagedBatch {
-        ready: Vec::new(),
-        skipped: 0,
-        incomplete: 0,
-        no_room: None,
-    };
+    let mut staged = StagedBatch::default();
     let mut jobs = jobs.into_iter();
     let mut set = JoinSet::new();
     let mut prepared = Vec::new();
