@@ -292,9 +292,10 @@ impl<'s> Walker<'s> {
         self.checkpoints = None;
         self.settle()?;
         self.record_link_groups()?;
-        // Deletes are written last: a peer pulling while this scan runs sees a renamed
-        // file's new name before its old one goes, and so still holds the content
-        // locally (its chunks are not fetched again).
+        // Deletes are written last, in the walk's last write (see `settle`): a peer
+        // pulling between two writes of a long scan sees a moved file's new name
+        // before its old one goes, and so still holds the content locally (its chunks
+        // are not fetched again).
         let gone = std::mem::take(&mut self.gone);
         for (dir, name) in self.guard_deletes(gone)? {
             if let Some(old) = self
@@ -434,10 +435,14 @@ impl<'s> Walker<'s> {
         Ok(())
     }
 
-    /// Hands what the walk batched to the writer and waits until all of it is written:
-    /// from here on every write is made in line, and every read sees them all.
+    /// Waits until the writer has written every batch handed to it, and stops it: from
+    /// here on every write is made in line. The batch being filled stays open, and the
+    /// deletes join it: the reads they make (the gone names, which no write of this
+    /// walk touched) need none of it, and a peer pulling meanwhile sees a move's new
+    /// names and its deletes in one write (it moves its own files, instead of copying
+    /// them to the new names and deleting the old a round later), unless the move
+    /// outgrew a batch.
     fn settle(&mut self) -> Result<(), StoreError> {
-        self.flush(true)?;
         match self.writer.take() {
             Some(mut writer) => writer.settle(),
             None => Ok(()),

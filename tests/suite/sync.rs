@@ -129,7 +129,13 @@ fn renaming_a_directory_of_100_mib_moves_no_chunk_bytes() {
         "the rename moved chunk bytes"
     );
     // The receiver moved its own files to the new names: nothing was copied.
-    assert_eq!(inodes("renamed-album"), files_before);
+    assert_eq!(
+        inodes("renamed-album"),
+        files_before,
+        "the receiver copied the renamed files\n--- node 0 log:\n{}\n--- node 1 log:\n{}",
+        tail(&c.log(0), 40),
+        tail(&c.log(1), 40)
+    );
 }
 
 #[test]
