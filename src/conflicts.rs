@@ -287,7 +287,7 @@ pub async fn resolve(node: &Node, path: &[u8], keep: Keep) -> Result<String, Str
         .fs
         .stat(&dir_fd, name)
         .map_err(|_| format!("no conflict copy {}", shown(name)))?;
-    if rustix::fs::FileType::from_raw_mode(copy.st_mode) == rustix::fs::FileType::Directory {
+    if copy.is_dir() {
         return Err(format!(
             "{} is a directory, not a conflict copy",
             shown(name)
@@ -313,8 +313,7 @@ pub async fn resolve(node: &Node, path: &[u8], keep: Keep) -> Result<String, Str
         }
         Keep::Theirs => {
             if let Ok(current) = volume.fs.stat(&dir_fd, &parsed.original)
-                && rustix::fs::FileType::from_raw_mode(current.st_mode)
-                    == rustix::fs::FileType::Directory
+                && current.is_dir()
             {
                 return Err(format!(
                     "{} is a directory now: move it away first, or keep both",

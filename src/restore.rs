@@ -589,8 +589,7 @@ impl Restorer {
             && current.mode == item.entry.mode
             && current.mtime_ns == item.entry.mtime_ns;
         let on_disk = volume.fs.open_dir(&parent, false).ok().and_then(|fd| {
-            let stat = volume.fs.stat(&fd, name).ok()?;
-            let stamp = crate::volume_fs::stamp_of_stat(&stat);
+            let stamp = volume.fs.stat(&fd, name).ok()?.stamp();
             Some(self.node.store.stamp(volume.id, &parent, name).ok()?? == stamp)
         });
         same && on_disk == Some(true)
@@ -729,9 +728,7 @@ impl Restorer {
 }
 
 fn is_dir_at(volume: &Volume, dir_fd: &std::os::fd::OwnedFd, name: &[u8]) -> bool {
-    volume.fs.stat(dir_fd, name).is_ok_and(|s| {
-        rustix::fs::FileType::from_raw_mode(s.st_mode) == rustix::fs::FileType::Directory
-    })
+    volume.fs.stat(dir_fd, name).is_ok_and(|s| s.is_dir())
 }
 
 /// Parses `--at`: RFC 3339 (`2026-11-30T19:00:00Z`, or with a space, UTC), or seconds

@@ -284,7 +284,7 @@ impl VolumeFs {
         };
         let is_indexed = || {
             indexed.is_some_and(|indexed| {
-                rustix::fs::fstat(&file).is_ok_and(|stat| stamp_of_stat(&stat) == *indexed)
+                FileStat::of(&file).is_ok_and(|stat| stat.stamp() == *indexed)
             })
         };
         let start = out.len();
@@ -434,12 +434,8 @@ impl VolumeFs {
             return Ok(None);
         };
         let source_name = std::ffi::OsStr::from_bytes(source.1);
-        let unchanged = rustix::fs::statat(&source_dir, source_name, AtFlags::SYMLINK_NOFOLLOW)
-            .is_ok_and(|stat| {
-                rustix::fs::FileType::from_raw_mode(stat.st_mode)
-                    == rustix::fs::FileType::RegularFile
-                    && stamp_of_stat(&stat) == *expected
-            });
+        let unchanged = lstat_at(&source_dir, source.1)
+            .is_ok_and(|stat| stat.is_file() && stat.stamp() == *expected);
         if !unchanged {
             return Ok(None);
         }
@@ -485,11 +481,8 @@ impl VolumeFs {
         );
         let file = fd.map(File::from);
         let same = file.as_ref().is_ok_and(|file| {
-            rustix::fs::fstat(file).is_ok_and(|stat| {
-                (stat.st_ino, stat.st_dev) == (expected.ino, expected.dev)
-                    && rustix::fs::FileType::from_raw_mode(stat.st_mode)
-                        == rustix::fs::FileType::RegularFile
-            })
+            FileStat::of(file)
+                .is_ok_and(|stat| stat.is_file() && stat.dev_ino() == (expected.dev, expected.ino))
         });
         if !same {
             drop(file);
@@ -516,7 +509,7 @@ impl VolumeFs {
         target: &[u8],
         mtime_ns: i64,
         owner: Option<(u32, u32)>,
-    ) -> Result<rustix::fs::Stat, FsError> {
+    ) -> Result<FileStat, FsError> {
         let temp_name = staged_special_name("symlink");
         rustix::fs::symlinkat(
             std::ffi::OsStr::from_bytes(target),
@@ -538,7 +531,7 @@ impl VolumeFs {
         &self,
         source_dir: &OwnedFd,
         source: &[u8],
-        expected: &rustix::fs::Stat,
+        expected: &FileStat,
         dir_fd: &OwnedFd,
         name: &[u8],
     ) -> Result<(), FsError> {
@@ -559,10 +552,9 @@ impl VolumeFs {
             _ => io_err(crate::pathname::escape(source))(e),
         })?;
         let linked = self.stat(&self.staging, temp_name.as_bytes());
-        let same = linked.as_ref().is_ok_and(|s| {
-            rustix::fs::FileType::from_raw_mode(s.st_mode) == rustix::fs::FileType::RegularFile
-                && (s.st_ino, s.st_dev) == (expected.st_ino, expected.st_dev)
-        });
+        let same = linked
+            .as_ref()
+            .is_ok_and(|s| s.is_file() && s.dev_ino() == expected.dev_ino());
         if !same {
             let _ = rustix::fs::unlinkat(&self.staging, temp_name.as_str(), AtFlags::empty());
             return Err(FsError::Io {
@@ -583,7 +575,7 @@ impl VolumeFs {
         mode: u32,
         mtime_ns: i64,
         owner: Option<(u32, u32)>,
-    ) -> Result<rustix::fs::Stat, FsError> {
+    ) -> Result<FileStat, FsError> {
         let temp_name = staged_special_name("fifo");
         rustix::fs::mknodat(
             &self.staging,
@@ -662,13 +654,11 @@ impl VolumeFs {
     }
 
     /// Stat of `name` in `dir_fd` without following it.
-    pub fn stat(&self, dir_fd: &OwnedFd, name: &[u8]) -> Result<rustix::fs::Stat, FsError> {
-        rustix::fs::statat(
-            dir_fd,
-            std::ffi::OsStr::from_bytes(name),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .map_err(io_err(crate::pathname::escape(name)))
+    pub fn stat(&self, dir_fd: &OwnedFd, name: &[u8]) -> Result<FileStat, FsError> {
+        lstat_at(dir_fd, name).map_err(|e| FsError::Io {
+            path: crate::pathname::escape(name),
+            source: e,
+        })
     }
 
     pub fn mkdir(&self, dir_fd: &OwnedFd, name: &[u8], mode: u32) -> Result<(), FsError> {
@@ -902,17 +892,6 @@ fn staged_special_name(kind: &str) -> String {
     format!("{unique:016x}.{kind}.tmp")
 }
 
-/// The scan stamp of an open file, as the scanner would record it.
-pub fn stamp_of_stat(stat: &rustix::fs::Stat) -> ScanStamp {
-    ScanStamp {
-        size: stat.st_size as u64,
-        mtime_ns: timestamp_ns(stat.st_mtime, stat.st_mtime_nsec as i64),
-        ctime_ns: timestamp_ns(stat.st_ctime, stat.st_ctime_nsec as i64),
-        ino: stat.st_ino,
-        dev: stat.st_dev,
-    }
-}
-
 /// Opens the directory `dir` below the volume root `root` one component at a time,
 /// never following a symlink (one met on the way is [`FsError::NotADirectory`]). With
 /// `create`, missing directories are created (mode 0755).
@@ -1011,9 +990,16 @@ impl FileStat {
         timestamp_ns(self.0.st_mtime, self.0.st_mtime_nsec as i64)
     }
 
-    /// The scan stamp of this state of the file.
+    /// The scan stamp of this state of the file, as the scanner records it.
     pub fn stamp(&self) -> ScanStamp {
-        stamp_of_stat(&self.0)
+        let stat = &self.0;
+        ScanStamp {
+            size: stat.st_size as u64,
+            mtime_ns: self.mtime_ns(),
+            ctime_ns: timestamp_ns(stat.st_ctime, stat.st_ctime_nsec as i64),
+            ino: stat.st_ino,
+            dev: stat.st_dev,
+        }
     }
 }
 
@@ -1028,8 +1014,7 @@ pub fn open_regular(dir: &impl AsFd, name: &[u8]) -> io::Result<File> {
         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
-    let stat = rustix::fs::fstat(&fd)?;
-    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
+    if !FileStat::of(&fd)?.is_file() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(
@@ -1079,7 +1064,8 @@ mod tests {
         let fs = VolumeFs::open(dir.path()).unwrap();
         let path = VolPath::parse(b"file").unwrap();
         std::fs::write(dir.path().join("file"), b"old content").unwrap();
-        let indexed = stamp_of_stat(&rustix::fs::stat(dir.path().join("file")).unwrap());
+        let root_fd = fs.open_dir(&VolPath::root(), false).unwrap();
+        let indexed = fs.stat(&root_fd, b"file").unwrap().stamp();
         let extent = Extent { offset: 0, len: 3 };
         let right = ChunkId::of(b"old");
         // An id the bytes do not hash to: only a read that trusts the stamp returns them.
@@ -1182,7 +1168,7 @@ mod tests {
         let root = VolPath::root();
         let root_fd = fs.open_dir(&root, false).unwrap();
         std::fs::write(dir.path().join("checked"), b"the file the index knows").unwrap();
-        let checked = stamp_of_stat(&fs.stat(&root_fd, b"checked").unwrap());
+        let checked = fs.stat(&root_fd, b"checked").unwrap().stamp();
         let name = std::ffi::OsStr::new("moved");
         for what in ["another file", "a symlink", "a FIFO"] {
             // What the race leaves under the name once the check has passed.

@@ -52,7 +52,7 @@ use tokio::sync::{Notify, mpsc};
 use crate::pathname::VolPath;
 use crate::scan::{Depth, IGNORE_FILE, ScanScope};
 use crate::store::codec::ScanStamp;
-use crate::volume_fs::{VolumeFs, stamp_of_stat};
+use crate::volume_fs::{VolumeFs, lstat_at};
 
 /// Default quiet time before a changed name is scanned.
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(200);
@@ -381,14 +381,9 @@ impl EchoChecker<'_> {
         let Some(dir_fd) = dir_fd else {
             return false;
         };
-        let found = rustix::fs::statat(
-            &*dir_fd,
-            std::ffi::OsStr::from_bytes(name),
-            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
-        );
-        match (found, expected.stamp) {
-            (Ok(stat), Some(stamp)) => stamp_of_stat(&stat) == stamp,
-            (Err(rustix::io::Errno::NOENT), None) => true,
+        match (lstat_at(&*dir_fd, name), expected.stamp) {
+            (Ok(stat), Some(stamp)) => stat.stamp() == stamp,
+            (Err(e), None) => e.kind() == std::io::ErrorKind::NotFound,
             _ => false,
         }
     }
@@ -866,7 +861,8 @@ mod tests {
     }
 
     fn stamp_in(dir: &Path, name: &str) -> ScanStamp {
-        stamp_of_stat(&rustix::fs::lstat(dir.join(name)).unwrap())
+        let dir = std::fs::File::open(dir).unwrap();
+        lstat_at(&dir, name.as_bytes()).unwrap().stamp()
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::pathname::VolPath;
 use crate::store::Durability;
 use crate::sync::transfer::{ChunkTargets, Missing, fill_from_local};
 use crate::verify::{Problem, Severity, VerifyReport};
-use crate::volume_fs::{VolumeFs, finish_staged, stamp_of_stat};
+use crate::volume_fs::{VolumeFs, finish_staged};
 
 /// A damaged file being rebuilt in staging.
 struct Rebuild {
@@ -174,7 +174,7 @@ impl Repair<'_> {
                     ),
                 };
                 let mut batch = node.store.batch();
-                batch.put_stamp(vol.id, &dir, name, &stamp_of_stat(&stat));
+                batch.put_stamp(vol.id, &dir, name, &stat.stamp());
                 node.store.write(batch, Durability::Durable)?;
                 self.done("restored", Some(volume), Some(display), what.into());
                 return Ok(None);
@@ -224,17 +224,16 @@ impl Repair<'_> {
         let vol = &node.volumes[rebuild.volume_index];
         let io = |e| RepairError::Io(format!("staging for {}", rebuild.display), e);
         let dir_fd = vol.fs.open_dir(&rebuild.dir, true)?;
-        if let Ok(stat) = vol.fs.stat(&dir_fd, &rebuild.name) {
-            let mtime_ns = crate::entry::timestamp_ns(stat.st_mtime, stat.st_mtime_nsec as i64);
-            if mtime_ns != rebuild.mtime_ns {
-                self.done(
-                    "kept",
-                    Some(&vol.name),
-                    Some(rebuild.display),
-                    "edited while repair ran: kept as a local change".into(),
-                );
-                return Ok(());
-            }
+        if let Ok(stat) = vol.fs.stat(&dir_fd, &rebuild.name)
+            && stat.mtime_ns() != rebuild.mtime_ns
+        {
+            self.done(
+                "kept",
+                Some(&vol.name),
+                Some(rebuild.display),
+                "edited while repair ran: kept as a local change".into(),
+            );
+            return Ok(());
         }
         let owner = node.sync_ownership.then_some(rebuild.owner);
         let mode = vol.received_file_mode(rebuild.mode);
@@ -255,13 +254,13 @@ impl Repair<'_> {
         VolumeFs::fsync_dir(&dir_fd)?;
         let stat = vol.fs.stat(&dir_fd, &rebuild.name)?;
         let mut batch = node.store.batch();
-        batch.put_stamp(vol.id, &rebuild.dir, &rebuild.name, &stamp_of_stat(&stat));
+        batch.put_stamp(vol.id, &rebuild.dir, &rebuild.name, &stat.stamp());
         node.store.write(batch, Durability::Durable)?;
         self.done(
             "restored",
             Some(&vol.name),
             Some(rebuild.display),
-            format!("{} chunks, {} bytes", rebuild.chunks.len(), stat.st_size),
+            format!("{} chunks, {} bytes", rebuild.chunks.len(), stat.size()),
         );
         Ok(())
     }

@@ -9,14 +9,14 @@ use super::decide::Hints;
 use super::files::FileJob;
 use super::{Deferred, Pull, RemoteDir};
 use crate::chunking::ChunkRef;
-use crate::entry::{Causality, Entry, EntryKind, MODE_MASK};
+use crate::entry::{Causality, Entry, EntryKind};
 use crate::ids::NodeId;
 use crate::pathname::{VolPath, escape};
 use crate::store::Durability;
 use crate::store::codec::ScanStamp;
 use crate::store::versions::{KeptChunks, VersionRecord, Why};
 use crate::sync::SyncError;
-use crate::volume_fs::stamp_of_stat;
+use crate::volume_fs::FileStat;
 
 /// The version records of a round's deletes, by name, until each is written with its
 /// tombstone.
@@ -47,12 +47,7 @@ impl Pull {
         same: impl Fn(&ScanStamp, &ScanStamp) -> bool,
     ) -> Result<bool, SyncError> {
         let recorded = self.node.store.stamp(self.volume().id, dir, name)?;
-        let current = self
-            .volume()
-            .fs
-            .stat(dir_fd, name)
-            .ok()
-            .map(|s| stamp_of_stat(&s));
+        let current = self.volume().fs.stat(dir_fd, name).ok().map(|s| s.stamp());
         Ok(match (recorded, current) {
             (_, None) => true,
             (Some(recorded), Some(current)) => same(&recorded, &current),
@@ -155,7 +150,7 @@ impl Pull {
                 (self.volume().xattrs_not_applied).note(&self.volume().name, &path, &not_set);
                 self.moved(dir);
                 self.moved(&path);
-                let stamp = stamp_of_stat(&self.volume().fs.stat(&dir_fd, name)?);
+                let stamp = self.volume().fs.stat(&dir_fd, name)?.stamp();
                 let mut batch = self.node.store.batch();
                 batch.put_entry_sent_by(vol, dir, name, &remote, sent_by);
                 batch.put_stamp(vol, dir, name, &stamp);
@@ -230,7 +225,7 @@ impl Pull {
         if let Some(version) = &version {
             batch.put_version(version);
         }
-        let stamp = stamp_of_stat(&stat);
+        let stamp = stat.stamp();
         batch.put_entry_sent_by(vol, dir, name, &remote, sent_by);
         batch.put_stamp(vol, dir, name, &stamp);
         batch.mark_dirty(vol, dir);
@@ -331,18 +326,17 @@ impl Pull {
             let Ok(fd) = self.volume().fs.open_dir(&path, false) else {
                 continue;
             };
-            let stat = rustix::fs::fstat(&fd)
-                .map_err(|e| SyncError::local(path.display().to_string())(e.into()))?;
+            let stat = FileStat::of(&fd).map_err(SyncError::local(path.display().to_string()))?;
             let owner_kept =
-                !self.node.sync_ownership || (stat.st_uid, stat.st_gid) == (entry.uid, entry.gid);
-            if stat.st_mode & MODE_MASK != entry.mode || !owner_kept {
+                !self.node.sync_ownership || (stat.uid(), stat.gid()) == (entry.uid, entry.gid);
+            if stat.permissions() != entry.mode || !owner_kept {
                 continue;
             }
             crate::volume_fs::set_mtime(&fd, entry.mtime_ns)
                 .map_err(SyncError::local(path.display().to_string()))?;
-            let stat = rustix::fs::fstat(&fd)
-                .map_err(|e| SyncError::local(path.display().to_string())(e.into()))?;
-            let stamp = stamp_of_stat(&stat);
+            let stamp = FileStat::of(&fd)
+                .map_err(SyncError::local(path.display().to_string()))?
+                .stamp();
             batch.put_stamp(vol, &parent, name, &stamp);
             echoes.push((path, Some(stamp)));
             if batch.len() >= RESTORE_BATCH {

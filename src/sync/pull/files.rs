@@ -20,7 +20,7 @@ use crate::store::versions::Why;
 use crate::sync::room::{Refused, Reservation};
 use crate::sync::transfer::{ChunkTargets, Missing, fetch_chunks, fill_from_local};
 use crate::sync::{Node, Peer, SyncError, request};
-use crate::volume_fs::{Staged, finish_staged, staging_name, stamp_of_stat};
+use crate::volume_fs::{FileStat, Staged, finish_staged, staging_name};
 
 /// Files prepared at once (each may ask for its chunk list).
 const FILE_CONCURRENCY: usize = 32;
@@ -691,12 +691,12 @@ impl Pull {
         }
         self.moved(&job.dir);
         // fstat through the still-open descriptor: the stamp of exactly what we wrote.
-        let stat = rustix::fs::fstat(staged.file())
-            .map_err(|e| SyncError::local(format!("staging {}", escape(&job.name)))(e.into()))?;
+        let stat = FileStat::of(staged.file())
+            .map_err(SyncError::local(format!("staging {}", escape(&job.name))))?;
         let old_chunks = self.indexed_chunks(&job.dir, &job.name, job.replaces.as_ref())?;
         batch.put_entry_sent_by(vol, &job.dir, &job.name, &job.entry, job.sent_by);
         batch.set_chunks(vol, &job.dir, &job.name, &chunks, &old_chunks);
-        let stamp = stamp_of_stat(&stat);
+        let stamp = stat.stamp();
         batch.put_stamp(vol, &job.dir, &job.name, &stamp);
         batch.mark_dirty(vol, &job.dir);
         Ok(Some(stamp))

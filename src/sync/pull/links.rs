@@ -17,7 +17,6 @@ use crate::pathname::{VolPath, escape};
 use crate::store::Durability;
 use crate::store::versions::Why;
 use crate::sync::SyncError;
-use crate::volume_fs::stamp_of_stat;
 
 impl Pull {
     /// Links the round's other names of hard-linked files to their leaders, under the
@@ -85,7 +84,7 @@ impl Pull {
             };
             // Only the link count (so the ctime) may have moved: anything else is a local
             // change, left for the next scan to see.
-            let now = stamp_of_stat(&stat);
+            let now = stat.stamp();
             let recorded = node.store.stamp(volume.id, &dir, name)?;
             if recorded.is_some_and(|r| {
                 (r.size, r.mtime_ns, r.ino, r.dev) == (now.size, now.mtime_ns, now.ino, now.dev)
@@ -139,7 +138,7 @@ impl Pull {
         };
         let recorded = store.stamp(vol, &leader_dir, leader_name)?;
         let on_disk = fs.stat(&leader_fd, leader_name).ok();
-        let Some(leader_stat) = on_disk.filter(|s| Some(stamp_of_stat(s)) == recorded) else {
+        let Some(leader_stat) = on_disk.filter(|s| Some(s.stamp()) == recorded) else {
             return Ok(false);
         };
         let dir_fd = fs.open_dir(dir, true)?;
@@ -147,7 +146,7 @@ impl Pull {
         let here = fs.stat(&dir_fd, name).ok();
         let same_inode = here
             .as_ref()
-            .is_some_and(|s| (s.st_ino, s.st_dev) == (leader_stat.st_ino, leader_stat.st_dev));
+            .is_some_and(|s| s.dev_ino() == leader_stat.dev_ino());
         let chunks = store
             .chunk_list(vol, &leader_dir, leader_name)?
             .unwrap_or_default();
@@ -190,8 +189,8 @@ impl Pull {
         }
         batch.put_entry(vol, dir, name, entry);
         batch.set_chunks(vol, dir, name, &chunks, &old_chunks);
-        batch.put_stamp(vol, dir, name, &stamp_of_stat(&stat));
-        batch.put_stamp(vol, &leader_dir, leader_name, &stamp_of_stat(&leader_now));
+        batch.put_stamp(vol, dir, name, &stat.stamp());
+        batch.put_stamp(vol, &leader_dir, leader_name, &leader_now.stamp());
         batch.mark_dirty(vol, dir);
         store.write(batch, Durability::Durable)?;
         // The record is written: the packs it relies on may be collected again.
