@@ -526,3 +526,64 @@ fn a_node_in_its_first_scan_serves_what_it_has_read_before_the_scan_ends() {
     assert_eq!(taken(&c), files.len());
     c.assert_verifies_clean(1);
 }
+
+/// A directory renamed away and back, each rename seen by a scan of its own, makes its
+/// files new versions (the names were deleted, then made again). A delete of one of
+/// them made meanwhile on another node, which saw only the old version (and edited it
+/// before deleting it), is concurrent with the new one: the new one wins and its
+/// content stays on both nodes. (The kill storm's pattern of 2026-12-02, in order.)
+#[test]
+fn a_directory_renamed_away_and_back_keeps_its_file_against_a_delete_made_meanwhile() {
+    let mut c = Cluster::new(2);
+    for i in 0..2 {
+        // Every delete goes at once, as in the kill storm.
+        c.extra_env[i].push(("SHOAL_DELETE_GUARD".into(), "off".into()));
+    }
+    write_file(&c.vol(0).join("c/f.bin"), b"H, the content node 1 deletes");
+    write_file(&c.vol(0).join("c/other.bin"), b"keeps the directory busy");
+    c.start_all();
+    c.wait_converged(&[0, 1], CONVERGE);
+    c.stop(1);
+    // Each change waits for a scan of its own on the node that makes it.
+    let changed = |c: &Cluster, i: usize, change: &dyn Fn()| {
+        let scans = || c.log(i).matches("local changes").count();
+        let before = scans();
+        change();
+        let deadline = Instant::now() + CONVERGE;
+        while scans() == before {
+            assert!(
+                Instant::now() < deadline,
+                "node {i} never scanned:\n{}",
+                tail(&c.log(i), 30)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let (v0, v1) = (c.vol(0), c.vol(1));
+    changed(&c, 0, &|| fs::rename(v0.join("c"), v0.join("b")).unwrap());
+    changed(&c, 0, &|| fs::rename(v0.join("b"), v0.join("c")).unwrap());
+    c.stop(0);
+    c.start(1);
+    changed(&c, 1, &|| {
+        fs::write(v1.join("c/f.bin"), b"edited on node 1").unwrap()
+    });
+    changed(&c, 1, &|| {
+        fs::rename(v1.join("c/f.bin"), v1.join("c/g.bin")).unwrap()
+    });
+    c.start(0);
+    c.wait_converged(&[0, 1], CONVERGE);
+    for i in 0..2 {
+        assert_eq!(
+            fs::read(c.vol(i).join("c/f.bin")).ok().as_deref(),
+            Some(&b"H, the content node 1 deletes"[..]),
+            "node {i}: {:?}\n--- node 0 log:\n{}\n--- node 1 log:\n{}",
+            names(&c.vol(i)),
+            tail(&c.log(0), 30),
+            tail(&c.log(1), 30)
+        );
+        assert_eq!(
+            fs::read(c.vol(i).join("c/g.bin")).unwrap(),
+            b"edited on node 1"
+        );
+    }
+}
