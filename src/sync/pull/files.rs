@@ -53,11 +53,12 @@ impl Staging {
     }
 }
 
-/// A publish batch of at most this many files flushes each one (`fsync`); a larger one
-/// flushes the whole file system at once (`syncfs`, one call instead of hundreds). A
-/// `syncfs` also waits for every other writer's dirty data on that file system: on a
-/// disk shared with a busy build it held a one-file change for over a second.
-const FSYNC_EACH_UP_TO: usize = 16;
+/// A publish batch of at most this many files, or a chunk of deletes in at most this
+/// many directories, flushes each one (`fsync`); a larger one flushes the whole file
+/// system at once (`syncfs`, one call instead of hundreds). A `syncfs` also waits for
+/// every other writer's dirty data on that file system: on a disk shared with a busy
+/// build it held a one-file change for over a second.
+pub(super) const FSYNC_EACH_UP_TO: usize = 16;
 
 /// Flushes the content of a batch's staged files to disk (an `fsync` each for a few, one
 /// `syncfs` for many): what a publish renames into place must be durable first.
