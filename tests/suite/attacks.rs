@@ -131,18 +131,15 @@ fn a_fifo_planted_in_place_of_an_indexed_file_does_not_hang_the_node() {
     assert_eq!(missing, ids);
     // Its next scan (here the one at a restart) takes the FIFO for what it is now, a
     // local edit; the index and the volume then agree again.
-    let changes_before = cluster.log(0).matches("local changes").count();
+    let changes_before = cluster.scans_with_changes(0);
     cluster.stop(0);
     cluster.start(0);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while cluster.log(0).matches("local changes").count() == changes_before {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the FIFO was not indexed at restart:\n{}",
-            cluster.log(0)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    cluster.wait_scan_with_changes(
+        0,
+        changes_before,
+        Duration::from_secs(30),
+        "the FIFO was not indexed at restart",
+    );
     victim_is_healthy_and_verifies(&mut cluster);
 }
 

@@ -315,6 +315,25 @@ impl Cluster {
     }
 
     /// Waits until the nodes' roots are equal and their trees on disk too.
+    /// How many scans of node `i` found local changes (its "local changes" lines).
+    pub fn scans_with_changes(&self, i: usize) -> usize {
+        self.log(i).matches("local changes").count()
+    }
+
+    /// Waits until node `i` has logged more than `before` scans with local changes;
+    /// panics with `what` and its log after `timeout`.
+    pub fn wait_scan_with_changes(&self, i: usize, before: usize, timeout: Duration, what: &str) {
+        let deadline = Instant::now() + timeout;
+        while self.scans_with_changes(i) == before {
+            assert!(
+                Instant::now() < deadline,
+                "{what}:\n{}",
+                tail(&self.log(i), 30)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn wait_converged(&self, nodes: &[usize], timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {

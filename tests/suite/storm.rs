@@ -662,13 +662,8 @@ fn a_kill_storm_tears_no_file_loses_no_last_write_and_brings_back_no_delete_unex
         kept.display(),
         problems.join("\n"),
         (0..NODES)
-            .map(|i| format!("node {i}:\n{}", tail_of(&cluster.log(i), 40)))
+            .map(|i| format!("node {i}:\n{}", tail(&cluster.log(i), 40)))
             .collect::<Vec<_>>()
             .join("\n")
     );
-}
-
-fn tail_of(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }

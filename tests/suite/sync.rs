@@ -546,18 +546,9 @@ fn a_directory_renamed_away_and_back_keeps_its_file_against_a_delete_made_meanwh
     c.stop(1);
     // Each change waits for a scan of its own on the node that makes it.
     let changed = |c: &Cluster, i: usize, change: &dyn Fn()| {
-        let scans = || c.log(i).matches("local changes").count();
-        let before = scans();
+        let before = c.scans_with_changes(i);
         change();
-        let deadline = Instant::now() + CONVERGE;
-        while scans() == before {
-            assert!(
-                Instant::now() < deadline,
-                "node {i} never scanned:\n{}",
-                tail(&c.log(i), 30)
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        c.wait_scan_with_changes(i, before, CONVERGE, &format!("node {i} never scanned"));
     };
     let (v0, v1) = (c.vol(0), c.vol(1));
     changed(&c, 0, &|| fs::rename(v0.join("c"), v0.join("b")).unwrap());
