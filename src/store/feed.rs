@@ -16,6 +16,10 @@
 //! an age: `shoal serve --feed-retention`); older records are cut in the batch that goes
 //! past the bound, and the feed's lower bound moves with them. A peer whose number is
 //! below it walks the tree instead.
+//!
+//! A reader is answered only the changes the volume's Merkle tree takes in: a scan or a
+//! pull round writes in batches and updates the tree at its end, so its changes are
+//! read whole (a large rename's new names and its deletes together, or neither).
 
 use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{HashMap, HashSet};
@@ -229,7 +233,9 @@ impl Store {
     /// for the peer `reader`: a name whose last change up to the answer's mark wrote
     /// `reader`'s own entry, exactly as `reader` sent it, is left out (it holds that
     /// entry, or a newer one; a later change of the name has a later number and is
-    /// answered then). Left out, it still counts against `max`.
+    /// answered then). Left out, it still counts against `max`. Only changes the
+    /// volume's tree takes in ([`Store::note_tree_covers`]) are answered: a writer's
+    /// changes are read whole, once it has brought the tree up to date.
     pub fn changes_since(
         &self,
         vol: VolumeId,
@@ -256,11 +262,17 @@ impl Store {
             };
             return Ok(Changes::Gone { current: in_tree });
         }
+        // Answered only up to what the tree takes in: the changes of a scan or a pull
+        // round still going on wait for its end, so that a reader never takes half of
+        // one (the new names of a large rename without the deletes of the old ones).
+        let mut high = FeedMark {
+            feed: feed.id,
+            seq: feed.in_tree.max(since.seq),
+        };
         let (_, end) = changes_range(vol);
         let mut names = Vec::new();
         // Per name (its entry key) seen: its place in `names` and its last number.
         let mut seen: HashMap<Vec<u8>, (usize, u64)> = HashMap::new();
-        let mut high = current;
         let mut more = false;
         for item in self.range(CF_META, change_key(vol, since.seq + 1), end) {
             let (key, value) = item?;
@@ -269,7 +281,7 @@ impl Store {
                     .try_into()
                     .map_err(|_| StoreError::corrupt(CF_META, &key, "short change key"))?,
             );
-            if seq >= feed.next {
+            if seq > high.seq {
                 break;
             }
             if let Some((_, last)) = seen.get_mut(&value[..]) {
@@ -412,11 +424,8 @@ mod tests {
         }
     }
 
-    fn put(store: &Store, vol: VolumeId, dir: &str, name: &str, n: u64) {
-        put_sent_by(store, vol, dir, name, n, None);
-    }
-
-    fn put_sent_by(
+    /// Writes an entry, as a scan or a pull does, without the tree update that ends one.
+    fn write_entry(
         store: &Store,
         vol: VolumeId,
         dir: &str,
@@ -433,6 +442,24 @@ mod tests {
             sent_by,
         );
         store.write(batch, Durability::Buffered).unwrap();
+    }
+
+    /// Writes an entry and notes the tree's update after it: the change is answered.
+    fn put(store: &Store, vol: VolumeId, dir: &str, name: &str, n: u64) {
+        put_sent_by(store, vol, dir, name, n, None);
+    }
+
+    fn put_sent_by(
+        store: &Store,
+        vol: VolumeId,
+        dir: &str,
+        name: &str,
+        n: u64,
+        sent_by: Option<NodeId>,
+    ) {
+        write_entry(store, vol, dir, name, n, sent_by);
+        let mark = store.feed_mark(vol).unwrap();
+        store.note_tree_covers(vol, mark).unwrap();
     }
 
     fn names(changes: &Changes) -> Vec<String> {
@@ -563,13 +590,13 @@ mod tests {
             Changes::Gone { current } => current,
             other => panic!("not gone: {other:?}"),
         };
-        put(&store, vol, "", "a", 1);
+        write_entry(&store, vol, "", "a", 1, None);
         // No tree update yet in this process: a walk reaches no number.
         assert_eq!(position(&store).seq, 0);
         let covered = store.feed_mark(vol).unwrap();
         store.note_tree_covers(vol, covered).unwrap();
         // Written after the tree's update began: in the feed, not yet in the tree.
-        put(&store, vol, "", "b", 2);
+        write_entry(&store, vol, "", "b", 2, None);
         assert_eq!(position(&store), covered);
         assert!(store.feed_mark(vol).unwrap().seq > covered.seq);
         // A mark of another feed, or older than one already noted, moves nothing.
@@ -584,10 +611,62 @@ mod tests {
         };
         store.note_tree_covers(vol, stranger).unwrap();
         assert_eq!(position(&store), covered);
-        // A reader at the tree's position is sent what came after it.
+        // A reader at the tree's position is sent what came after it once the tree
+        // takes it in.
+        assert_eq!(
+            names(&store.changes_since(vol, covered, 10, None).unwrap()),
+            Vec::<String>::new()
+        );
+        store
+            .note_tree_covers(vol, store.feed_mark(vol).unwrap())
+            .unwrap();
         assert_eq!(
             names(&store.changes_since(vol, covered, 10, None).unwrap()),
             ["/|b"]
+        );
+    }
+
+    /// A scan or a pull round writes its changes in several batches (a large rename:
+    /// the new names, then the deletes of the old ones) and updates the tree at its
+    /// end: a reader is answered none of them before that, and all of them after.
+    #[test]
+    fn changes_are_answered_once_the_tree_takes_them_in() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open_for_test(tmp.path());
+        let vol = VolumeId(1);
+        put(&store, vol, "", "before", 1);
+        let start = store.feed_mark(vol).unwrap();
+        write_entry(&store, vol, "new", "a", 2, None);
+        write_entry(&store, vol, "old", "a", 3, None);
+        let answer = store.changes_since(vol, start, 10, None).unwrap();
+        assert_eq!(
+            answer,
+            Changes::Since {
+                names: Vec::new(),
+                high: start,
+                more: false
+            }
+        );
+        store
+            .note_tree_covers(vol, store.feed_mark(vol).unwrap())
+            .unwrap();
+        assert_eq!(
+            names(&store.changes_since(vol, start, 10, None).unwrap()),
+            ["new|a", "old|a"]
+        );
+        // Opened again, before its first tree update, a store answers a reader at a
+        // mark it gave out with nothing, never with a mark below the one asked.
+        drop(store);
+        let store = Store::open_for_test(tmp.path());
+        write_entry(&store, vol, "", "after", 4, None);
+        let answer = store.changes_since(vol, start, 10, None).unwrap();
+        assert_eq!(
+            answer,
+            Changes::Since {
+                names: Vec::new(),
+                high: start,
+                more: false
+            }
         );
     }
 
