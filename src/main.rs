@@ -32,7 +32,7 @@ fn limit_malloc_arenas() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn limit_malloc_arenas() {}
 
-/// A pull keeps up to two batches of staging files open (about 770 descriptors with
+/// A pull keeps up to three batches of staging files open (about 1,050 descriptors with
 /// the files being prepared), beside RocksDB's tables, packs and sockets: more than the
 /// soft limit of 1,024 many shells and service managers still start a process with,
 /// while the hard limit they allow is far higher. The soft limit is raised to the hard

@@ -289,6 +289,35 @@ fn a_node_killed_while_taking_many_small_files_converges_and_leaves_no_staging_f
     assert!(left.is_empty(), "left in staging: {left:?}");
 }
 
+/// A node whose open-file limit is the 1,024 many service managers set, hard and soft,
+/// stages one batch of files at a time (the walk goes on beside a staging batch only
+/// where a third batch's descriptors fit): it takes 2,000 small files without running
+/// out of descriptors.
+#[test]
+fn a_node_limited_to_1024_open_files_takes_thousands_of_small_files() {
+    let mut c = Cluster::new(2);
+    for i in 0..2000u64 {
+        let content = random_bytes(512 + (i as usize * 53) % 4096, 900 + i);
+        write_file(
+            &c.vol(0).join(format!("d{:02}/f{i:04}.dat", i % 20)),
+            &content,
+        );
+    }
+    c.wrapper[1] = ["prlimit", "--nofile=1024:1024", "--"]
+        .map(String::from)
+        .to_vec();
+    c.start(0);
+    c.start(1);
+    c.wait_converged(&[0, 1], CONVERGE);
+    c.assert_verifies_clean(1);
+    let log = c.log(1);
+    assert!(
+        !log.contains("Too many open files"),
+        "node 1 ran out of descriptors:\n{}",
+        tail(&log, 40)
+    );
+}
+
 #[test]
 fn a_peer_from_another_cluster_is_refused() {
     let mut c = Cluster::new(2);

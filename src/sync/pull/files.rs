@@ -106,9 +106,23 @@ impl Flushing {
     }
 }
 
+/// The open-file limit under which the walk waits for each batch to be staged: a batch
+/// staging while the one before it waits to flush and the one before that flushes holds
+/// about 1,050 descriptors with RocksDB's, past the 1,024 many service managers set.
+const STAGE_AHEAD_MIN_OPEN_FILES: u64 = 4096;
+
+/// Whether this process may keep a third batch of staging files open, so that the walk
+/// goes on while a batch stages (see [`Pull::take_batches`]).
+pub(super) fn stage_ahead() -> bool {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    limit
+        .current
+        .is_none_or(|open| open >= STAGE_AHEAD_MIN_OPEN_FILES)
+}
+
 /// What staging a batch came to.
 #[derive(Default)]
-struct StagedBatch {
+pub(super) struct StagedBatch {
     /// Complete, flushed not yet.
     ready: Vec<ReadyFile>,
     /// Files left for the next round: their transfer failed, or they changed on the peer.
@@ -202,7 +216,7 @@ async fn fill(
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum Until {
     /// Whole batches of [`PUBLISH_BATCH`]; the rest waits for more files, and the last
-    /// batch is left flushing, published by the next call.
+    /// batch is left staging or flushing, taken on by the next call.
     Batches,
     /// Every file, every batch published.
     All,
@@ -344,14 +358,13 @@ impl Pull {
         }
         let taken = self.take_batches(fetched).await;
         match until {
-            Until::All => taken.and(self.publish_flushing().await),
+            Until::All => taken.and(self.settle_batches().await),
             Until::Batches => taken,
         }
     }
 
-    /// Publishes the batch left flushing, if there is one (also after a failure: what
-    /// was fetched is kept).
-    pub(super) async fn publish_flushing(&mut self) -> Result<(), SyncError> {
+    /// Publishes the batch left flushing, if there is one.
+    async fn publish_flushing(&mut self) -> Result<(), SyncError> {
         match self.flushing.take() {
             Some(flushing) => self.publish_flushed(flushing).await,
             None => Ok(()),
@@ -359,9 +372,11 @@ impl Pull {
     }
 
     /// Takes `fetched` batch by batch. Each batch is staged on a task of its own
-    /// ([`stage_batch`]) while the one before it finishes flushing and is published,
-    /// then left flushing in `self.flushing`: the next call, or the round's end,
-    /// publishes the last one.
+    /// ([`stage_batch`]) while the one before it finishes flushing and is published.
+    /// Where [`stage_ahead`] allows, the last batch is left staging in `self.staging`
+    /// and the walk goes on to fill the next one meanwhile (it waited for every batch's
+    /// network and disk before); otherwise it is waited for and left flushing in
+    /// `self.flushing`. The next call, or [`Pull::settle_batches`], takes it from there.
     async fn take_batches(&mut self, fetched: Vec<FileJob>) -> Result<(), SyncError> {
         let mut jobs = fetched.into_iter().peekable();
         while jobs.peek().is_some() {
@@ -377,19 +392,42 @@ impl Pull {
                 "staging",
                 stage_batch(node, peer, handle, self.volume_index, batch),
             );
-            self.publish_flushing().await?;
-            let staged = staging.result().await?;
-            self.report.skipped += staged.skipped;
-            self.report.incomplete += staged.incomplete;
-            if let Some((files, bytes)) = staged.no_room {
-                // Something else took the room meanwhile: what was written stays in
-                // staging, to be resumed once there is room.
-                self.waiting.add(files, bytes);
-                continue;
+            let before = match self.stage_ahead {
+                true => self.staging.replace(staging),
+                false => Some(staging),
+            };
+            if let Some(before) = before {
+                self.flush_staged_batch(before).await?;
             }
-            self.flushing = Some(Flushing::start(&self.node, self.volume_index, staged.ready));
         }
         Ok(())
+    }
+
+    /// Publishes the batch left flushing, then waits for `staging` and leaves it
+    /// flushing in its place.
+    async fn flush_staged_batch(&mut self, staging: Spawned<StagedBatch>) -> Result<(), SyncError> {
+        self.publish_flushing().await?;
+        let staged = staging.result().await?;
+        self.report.skipped += staged.skipped;
+        self.report.incomplete += staged.incomplete;
+        match staged.no_room {
+            // Something else took the room meanwhile: what was written stays in
+            // staging, to be resumed once there is room.
+            Some((files, bytes)) => self.waiting.add(files, bytes),
+            None => {
+                self.flushing = Some(Flushing::start(&self.node, self.volume_index, staged.ready))
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes every batch still staging or flushing (also after a failed round:
+    /// what was fetched is kept).
+    pub(super) async fn settle_batches(&mut self) -> Result<(), SyncError> {
+        if let Some(staging) = self.staging.take() {
+            self.flush_staged_batch(staging).await?;
+        }
+        self.publish_flushing().await
     }
 
     /// Publishes a batch once its flush is done, under the volume lock.

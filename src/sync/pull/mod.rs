@@ -15,7 +15,7 @@
 //!    them, each chunk checked against its BLAKE3 id), assemble in staging, then publish
 //!    a batch: the files flushed (an `fsync` each for a few, one `syncfs` for many),
 //!    atomic renames, directory fsyncs, one durable index write. The next batch is
-//!    staged on a task of its own meanwhile.
+//!    staged on a task of its own meanwhile, and the walk goes on to fill the one after.
 //!    Other names of a hard-linked file are linked to their group's leader once the
 //!    round's files are in: transferred once, one inode as on the peer.
 //! 5. Before a file is replaced or deleted, the version there is kept ([`keep`]): its
@@ -168,6 +168,8 @@ pub async fn pull_volume(
         pending_bytes: 0,
         files: Vec::new(),
         flushing: None,
+        staging: None,
+        stage_ahead: files::stage_ahead(),
         links: Vec::new(),
         links_waiting: 0,
         report: PullReport::default(),
@@ -283,6 +285,12 @@ struct Pull {
     /// The last batch fetched, being flushed while the next is fetched
     /// ([`Pull::take_files`]); published before the round's deletes at the latest.
     flushing: Option<files::Flushing>,
+    /// The batch being staged while the walk goes on to fill the next one (only where
+    /// the open-file limit allows a third batch of staging files: [`files::stage_ahead`]);
+    /// a round that fails drops it, and what it wrote stays in staging, to be resumed.
+    staging: Option<Spawned<files::StagedBatch>>,
+    /// Whether the walk goes on while a batch stages (decided once per round).
+    stage_ahead: bool,
     /// Other names of hard-linked files, linked to their leaders at the end of the round.
     links: Vec<FileJob>,
     /// Of those, how many could not be linked this round.
@@ -327,8 +335,8 @@ impl Pull {
         scope: Scope,
         reached: Option<FeedMark>,
     ) -> Result<PullReport, SyncError> {
-        // The batch still flushing goes in first, whatever became of the round.
-        let round = match self.publish_flushing().await {
+        // The batches still staging or flushing go in first, whatever became of the round.
+        let round = match self.settle_batches().await {
             Ok(()) => round,
             Err(e) => round.and(Err(e)),
         };
