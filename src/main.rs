@@ -32,8 +32,8 @@ fn limit_malloc_arenas() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn limit_malloc_arenas() {}
 
-/// A pull keeps up to three batches of staging files open (about 1,050 descriptors with
-/// the files being prepared), beside RocksDB's tables, packs and sockets: more than the
+/// A pull keeps up to three batches of staging files open: with RocksDB's tables, packs
+/// and sockets, up to 1,315 descriptors in all on 50,000 small files, more than the
 /// soft limit of 1,024 many shells and service managers still start a process with,
 /// while the hard limit they allow is far higher. The soft limit is raised to the hard
 /// one, as a server that needs descriptors does; a failure leaves the limit as it was
