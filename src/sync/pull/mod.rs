@@ -287,7 +287,8 @@ struct Pull {
     flushing: Option<files::Flushing>,
     /// The batch being staged while the walk goes on to fill the next one (only where
     /// the open-file limit allows a third batch of staging files: [`files::stage_ahead`]);
-    /// a round that fails drops it, and what it wrote stays in staging, to be resumed.
+    /// published at the round's end at the latest, also after a failure. A round
+    /// abandoned drops it: aborted, what it wrote stays in staging, to be resumed.
     staging: Option<Spawned<files::StagedBatch>>,
     /// Whether the walk goes on while a batch stages (decided once per round).
     stage_ahead: bool,
