@@ -458,6 +458,12 @@ mod tests {
         sent_by: Option<NodeId>,
     ) {
         write_entry(store, vol, dir, name, n, sent_by);
+        tree_updated(store, vol);
+    }
+
+    /// Notes a tree update that takes in every change written so far, as a writer's
+    /// `tree::update` at its end does.
+    fn tree_updated(store: &Store, vol: VolumeId) {
         let mark = store.feed_mark(vol).unwrap();
         store.note_tree_covers(vol, mark).unwrap();
     }
@@ -617,9 +623,7 @@ mod tests {
             names(&store.changes_since(vol, covered, 10, None).unwrap()),
             Vec::<String>::new()
         );
-        store
-            .note_tree_covers(vol, store.feed_mark(vol).unwrap())
-            .unwrap();
+        tree_updated(&store, vol);
         assert_eq!(
             names(&store.changes_since(vol, covered, 10, None).unwrap()),
             ["/|b"]
@@ -646,9 +650,7 @@ mod tests {
         write_entry(&store, vol, "old", "a", 3, None);
         let answer = store.changes_since(vol, start, 10, None).unwrap();
         assert_eq!(answer, nothing_past_start());
-        store
-            .note_tree_covers(vol, store.feed_mark(vol).unwrap())
-            .unwrap();
+        tree_updated(&store, vol);
         assert_eq!(
             names(&store.changes_since(vol, start, 10, None).unwrap()),
             ["new|a", "old|a"]
