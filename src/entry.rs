@@ -209,9 +209,17 @@ impl VersionVector {
 
     /// Records one more change made by `node`.
     pub fn bump(&mut self, node: NodeId) {
+        self.bump_past(node, 0);
+    }
+
+    /// Records one more change made by `node`, counted past `issued`: the highest count
+    /// `node` already gave this name, which the vector may lack (see
+    /// `Store::issued`). A count is never given to two changes: a node holding one of
+    /// them would take the other for a change it has seen.
+    pub fn bump_past(&mut self, node: NodeId, issued: u64) {
         match self.0.binary_search_by_key(&node, |&(n, _)| n) {
-            Ok(i) => self.0[i].1 = self.0[i].1.saturating_add(1),
-            Err(i) => self.0.insert(i, (node, 1)),
+            Ok(i) => self.0[i].1 = self.0[i].1.max(issued).saturating_add(1),
+            Err(i) => self.0.insert(i, (node, issued.saturating_add(1))),
         }
     }
 
@@ -250,6 +258,17 @@ mod tests {
 
     const A: NodeId = NodeId(1);
     const B: NodeId = NodeId(2);
+
+    #[test]
+    fn a_change_is_counted_past_a_count_already_issued() {
+        let mut v = VersionVector::from_pairs([(A, 1), (B, 1)]);
+        v.bump_past(A, 2);
+        assert_eq!(v.get(A), 3);
+        v.bump_past(A, 1);
+        assert_eq!(v.get(A), 4, "a lower issued count changes nothing");
+        v.bump_past(NodeId(3), 5);
+        assert_eq!(v.get(NodeId(3)), 6);
+    }
 
     #[test]
     fn version_vectors_order_changes() {

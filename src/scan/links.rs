@@ -149,7 +149,7 @@ impl Walker<'_> {
                     continue;
                 }
                 entry.link = leader.clone();
-                entry.version.bump(self.node);
+                self.count_ours(&dir, name, &mut entry.version)?;
                 self.report.modified += 1;
                 self.name_change(&dir, name);
                 self.batch.put_entry(self.vol, &dir, name, &entry);

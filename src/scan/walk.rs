@@ -21,7 +21,7 @@ use super::{
     now_ns,
 };
 use crate::chunking::{ChunkRef, ChunkedContent};
-use crate::entry::{Entry, EntryKind};
+use crate::entry::{Entry, EntryKind, VersionVector};
 use crate::ids::{NodeId, VolumeId};
 use crate::pathname::{MAX_PATH_LEN, SHOAL_DIR, VolPath, escape};
 use crate::store::codec::ScanStamp;
@@ -940,7 +940,7 @@ impl<'s> Walker<'s> {
                     self.batch.mark_dirty(self.vol, &path);
                 }
                 let xattrs = self.dir_xattrs(&opened.fd, &path);
-                self.record(dir, &item.name, old, EntryKind::Dir, &item.meta, xattrs);
+                self.record(dir, &item.name, old, EntryKind::Dir, &item.meta, xattrs)?;
             } else if file_type == FileType::Symlink {
                 let old = self.drop_if_kind_changed(dir, &item.name, old, |k| {
                     matches!(k, EntryKind::Symlink { .. })
@@ -951,7 +951,7 @@ impl<'s> Walker<'s> {
                         let kind = EntryKind::Symlink {
                             target: target.into_bytes(),
                         };
-                        self.record(dir, &item.name, old, kind, &item.meta, Xattrs::default());
+                        self.record(dir, &item.name, old, kind, &item.meta, Xattrs::default())?;
                     }
                     Err(rustix::io::Errno::NOENT) => {}
                     Err(e) => self.problem(format!("cannot read symlink {}: {e}", path.display())),
@@ -960,7 +960,7 @@ impl<'s> Walker<'s> {
                 let old =
                     self.drop_if_kind_changed(dir, &item.name, old, |k| *k == EntryKind::Fifo)?;
                 let kind = EntryKind::Fifo;
-                self.record(dir, &item.name, old, kind, &item.meta, Xattrs::default());
+                self.record(dir, &item.name, old, kind, &item.meta, Xattrs::default())?;
             } else {
                 // A socket belongs to the program listening on it, not to the data: it is
                 // skipped without a word. A device node is worth a warning.
@@ -1074,25 +1074,28 @@ impl<'s> Walker<'s> {
         kind: EntryKind,
         meta: &FileStat,
         xattrs: Xattrs,
-    ) {
-        let entry = self.entry_from(kind, meta, (xattrs, None), old.as_ref());
+    ) -> Result<(), StoreError> {
+        let entry = self.entry_from((dir, name), kind, meta, (xattrs, None), old.as_ref())?;
         if let Some(entry) = entry {
             self.count_change(dir, name, old.as_ref());
             self.batch.put_entry(self.vol, dir, name, &entry);
             self.batch.mark_dirty(self.vol, dir);
         }
         self.batch.put_stamp(self.vol, dir, name, &meta.stamp());
+        Ok(())
     }
 
-    /// The entry for what is on disk, succeeding `old`; `None` if `old` already says it.
-    /// `extra` is the entry's extended attributes and hard-link group leader.
+    /// The entry for what is on disk at `dir/name`, succeeding `old`; `None` if `old`
+    /// already says it. `extra` is the entry's extended attributes and hard-link group
+    /// leader.
     fn entry_from(
-        &self,
+        &mut self,
+        (dir, name): (&VolPath, &[u8]),
         kind: EntryKind,
         meta: &FileStat,
         (xattrs, link): (Xattrs, Option<VolPath>),
         old: Option<&Entry>,
-    ) -> Option<Entry> {
+    ) -> Result<Option<Entry>, StoreError> {
         let mode = if matches!(kind, EntryKind::Symlink { .. }) {
             0
         } else {
@@ -1109,10 +1112,30 @@ impl<'s> Walker<'s> {
             version: old.map(|o| o.version.clone()).unwrap_or_default(),
         };
         if old.is_some_and(|o| o.same_state(&entry)) {
-            return None;
+            return Ok(None);
         }
-        entry.version.bump(self.node);
-        Some(entry)
+        if old.is_some() {
+            self.count_ours(dir, name, &mut entry.version)?;
+        } else {
+            entry.version.bump(self.node);
+        }
+        Ok(Some(entry))
+    }
+
+    /// Counts one more change of ours in `version`, past any count of ours the name was
+    /// given that `version` lacks ([`Store::issued`]); that record is then spent.
+    pub(super) fn count_ours(
+        &mut self,
+        dir: &VolPath,
+        name: &[u8],
+        version: &mut VersionVector,
+    ) -> Result<(), StoreError> {
+        let issued = self.store.issued(self.vol, dir, name)?;
+        version.bump_past(self.node, issued.unwrap_or(0));
+        if issued.is_some() {
+            self.batch.delete_issued(self.vol, dir, name);
+        }
+        Ok(())
     }
 
     fn count_change(&mut self, dir: &VolPath, name: &[u8], old: Option<&Entry>) {
@@ -1179,6 +1202,7 @@ impl<'s> Walker<'s> {
             }
             self.batch.delete_entry(self.vol, &dir, &name);
             self.batch.delete_stamp(self.vol, &dir, &name);
+            self.batch.delete_issued(self.vol, &dir, &name);
             self.flush(false)?;
         }
         self.batch.mark_dirty(self.vol, &root);
@@ -1200,7 +1224,7 @@ impl<'s> Walker<'s> {
             self.batch.clear_dirty(self.vol, &path);
         }
         let mut version = old.version;
-        version.bump(self.node);
+        self.count_ours(dir, name, &mut version)?;
         let tombstone = Entry::deleted(version, now_ns());
         self.batch.put_entry(self.vol, dir, name, &tombstone);
         self.batch.delete_stamp(self.vol, dir, name);
@@ -1363,7 +1387,7 @@ impl<'s> Walker<'s> {
         let from_peer = received.is_some();
         let changed = match received {
             Some(entry) => Some(entry),
-            None => self.entry_from(kind, meta, (xattrs, link), old.as_ref()),
+            None => self.entry_from((dir, name), kind, meta, (xattrs, link), old.as_ref())?,
         };
         if let Some(entry) = changed {
             let old_chunks: Vec<ChunkRef> = match old.as_ref().map(|o| &o.kind) {

@@ -150,6 +150,16 @@ impl Batch<'_> {
         self.delete(CF_META, &publishing_key(vol, dir, name));
     }
 
+    /// Records `count` as the highest count of ours the name was given (see
+    /// [`issued_key`]).
+    pub fn put_issued(&mut self, vol: VolumeId, dir: &VolPath, name: &[u8], count: u64) {
+        self.put(CF_META, &issued_key(vol, dir, name), &count.to_le_bytes());
+    }
+
+    pub fn delete_issued(&mut self, vol: VolumeId, dir: &VolPath, name: &[u8]) {
+        self.delete(CF_META, &issued_key(vol, dir, name));
+    }
+
     /// Holds the delete of `path` back from peers (`crate::guard`).
     pub fn put_held(&mut self, vol: VolumeId, path: &VolPath, held: &codec::Held) {
         self.put(CF_META, &held_key(vol, path), &codec::encode_held(held));

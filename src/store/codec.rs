@@ -258,6 +258,14 @@ pub fn decode_stamp(bytes: &[u8]) -> Result<ScanStamp, DecodeError> {
     Ok(stamp)
 }
 
+/// The highest count of ours a name was given (`keys::issued_key`): u64 LE.
+pub fn decode_issued(bytes: &[u8]) -> Result<u64, DecodeError> {
+    let mut r = Reader::new(bytes);
+    let count = r.u64("issued count")?;
+    r.finish("issued count")?;
+    Ok(count)
+}
+
 /// A delete the guard holds back from peers (`crate::guard`): when it was first held,
 /// and how many names it covers (the name itself and, for a directory, every name the
 /// index held below it then).

@@ -54,6 +54,9 @@ const META_CHANGE_ORIGIN_PREFIX: &[u8] = b"change-origin/";
 /// `feed-mark/` ++ u32 BE volume ++ u64 BE peer node id: how far this node applied the
 /// peer's feed of the volume.
 const META_FEED_MARK_PREFIX: &[u8] = b"feed-mark/";
+/// `issued/` ++ entry key: the highest count this node gave the name, kept while the
+/// name's entry holds a lower one (see [`issued_key`]).
+const META_ISSUED_PREFIX: &[u8] = b"issued/";
 /// `held/` ++ volume id ++ path: a delete the guard holds back from peers (see
 /// [`held_key`]).
 const META_HELD_PREFIX: &[u8] = b"held/";
@@ -71,6 +74,14 @@ pub fn volume_meta_key(name: &str) -> Vec<u8> {
 /// recognises the received file for what it is (not a local change).
 pub fn publishing_key(vol: VolumeId, dir: &VolPath, name: &[u8]) -> Vec<u8> {
     [META_PUBLISHING_PREFIX, &entry_key(vol, dir, name)].concat()
+}
+
+/// The key of the highest count this node gave `vol`/`dir`/`name` while the name's entry
+/// holds a lower one: written when a peer's version that lacks our delete of the name
+/// takes its place (it keeps its own history, see `sync::conflict::only_news_is_the_delete`),
+/// removed once a change of ours is counted past it.
+pub fn issued_key(vol: VolumeId, dir: &VolPath, name: &[u8]) -> Vec<u8> {
+    [META_ISSUED_PREFIX, &entry_key(vol, dir, name)].concat()
 }
 
 /// The keys of every publishing record of volume `vol`.

@@ -758,6 +758,17 @@ impl Store {
     }
 
     /// The scan stamp of one name, if it is indexed as existing.
+    /// The highest count of ours `dir/name` was given, when its entry holds a lower one
+    /// (see [`keys::issued_key`]); a change of ours is counted past it.
+    pub fn issued(
+        &self,
+        vol: VolumeId,
+        dir: &VolPath,
+        name: &[u8],
+    ) -> Result<Option<u64>, StoreError> {
+        self.get_decoded(CF_META, &issued_key(vol, dir, name), codec::decode_issued)
+    }
+
     pub fn stamp(
         &self,
         vol: VolumeId,

@@ -532,3 +532,65 @@ fn a_delete_made_after_seeing_an_edit_stays_deleted_though_the_edit_beat_an_earl
         assert_eq!(names(&c.vol(i)), ["anchor.txt"], "node {i}:\n{}", c.log(i));
     }
 }
+
+/// The kill storm's lost write of 2026-12-02 (seed 1796237000166234453), step by step.
+/// Node 0 deletes a file (its delete counts 2 for node 0); node 1, which never saw that,
+/// edits it, and node 0 takes the edit over its delete with the edit's own history (1
+/// for node 0). Node 1 then deletes the edit, and node 2 merges both deletes (2 for node
+/// 0, 2 for node 1). Node 0, which saw neither that delete nor the merge, edits the file
+/// again: counted 2 for node 0 once more, the merged delete took it for a change it had
+/// seen and deleted it everywhere. Counted past node 0's own delete, 3, it is a change
+/// no delete has seen, and it stays.
+#[test]
+fn an_edit_after_our_delete_lost_to_a_peer_is_counted_past_that_delete() {
+    let mut c = Cluster::new(3);
+    for env in &mut c.extra_env {
+        env.push(("SHOAL_DELETE_GUARD".into(), "off".into()));
+    }
+    write_file(&c.vol(0).join("anchor.txt"), b"stays");
+    write_file(&c.vol(0).join("f.txt"), b"L, written on node 0");
+    c.start_all();
+    c.wait_connected(CONVERGE);
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    for i in 0..3 {
+        c.stop(i);
+    }
+    // Node 0 deletes the file; node 2 takes the delete.
+    fs::remove_file(c.vol(0).join("f.txt")).unwrap();
+    c.start(0);
+    c.start(2);
+    c.wait_converged(&[0, 2], CONVERGE);
+    c.stop(0);
+    c.stop(2);
+    // Node 1 edits the file it still has; node 0 takes the edit over its delete.
+    write_file(&c.vol(1).join("f.txt"), b"R, edited on node 1");
+    c.start(0);
+    c.start(1);
+    c.wait_converged(&[0, 1], CONVERGE);
+    assert_eq!(
+        fs::read(c.vol(0).join("f.txt")).unwrap(),
+        b"R, edited on node 1"
+    );
+    c.stop(0);
+    c.stop(1);
+    // Node 1 deletes the edit; node 0, unaware, edits the file again.
+    fs::remove_file(c.vol(1).join("f.txt")).unwrap();
+    write_file(&c.vol(0).join("f.txt"), b"E, edited on node 0 last");
+    // Node 2 merges the two deletes; then node 0's edit meets the merge.
+    c.start(1);
+    c.start(2);
+    c.wait_converged(&[1, 2], CONVERGE);
+    assert!(!c.vol(2).join("f.txt").exists());
+    c.start(0);
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    for i in 0..3 {
+        assert_eq!(
+            fs::read(c.vol(i).join("f.txt")).ok().as_deref(),
+            Some(&b"E, edited on node 0 last"[..]),
+            "node {i}: {:?}\n--- node 0 log:\n{}\n--- node 2 log:\n{}",
+            names(&c.vol(i)),
+            tail(&c.log(0), 30),
+            tail(&c.log(2), 30)
+        );
+    }
+}

@@ -535,7 +535,17 @@ impl Pull {
                     .version
                     .merged(&local.version)
                     .unwrap_or_else(|_| tombstone.version.clone());
-                version.bump(self.node.meta.node_id);
+                let issued = match node.store.issued(vol, &dir, &name) {
+                    Ok(issued) => issued,
+                    Err(e) => {
+                        index_error = Some(e.into());
+                        break;
+                    }
+                };
+                version.bump_past(node.meta.node_id, issued.unwrap_or(0));
+                if issued.is_some() {
+                    batch.delete_issued(vol, &dir, &name);
+                }
                 batch.put_entry(vol, &dir, &name, &Entry { version, ..local });
                 self.report.skipped += 1;
             }

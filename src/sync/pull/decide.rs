@@ -226,6 +226,7 @@ impl Pull {
                 return Ok(());
             }
             tracing::info!(peer = %self.peer.addr, "concurrent changes to {}: the peer's version wins over our delete", escape(name));
+            self.keep_count_of_our_delete(dir, name, deleted, live)?;
             self.report.conflicts += 1;
             self.node.stats.conflicts.fetch_add(1, Ordering::Relaxed);
             return self.take(dir, name, remote, None, hints, self.sent_by());
@@ -323,6 +324,30 @@ impl Pull {
     /// `false` if the name is not as the last scan saw it (changed, or gone: a local
     /// delete not scanned yet) or cannot be moved: it stays, and the next round decides
     /// again; one name that cannot be kept aside does not end the round.
+    /// Before `live` takes the name from our `deleted` without our delete's count
+    /// ([`conflict::only_news_is_the_delete`]): keeps that count as issued for the name
+    /// ([`crate::store::Store::issued`]), so that our next change of it is counted past
+    /// it. Counted again, that change would look, to a node that merged our delete with
+    /// another's, like one it has seen, and be deleted there.
+    fn keep_count_of_our_delete(
+        &self,
+        dir: &VolPath,
+        name: &[u8],
+        deleted: &Entry,
+        live: &Entry,
+    ) -> Result<(), SyncError> {
+        let (vol, us) = (self.volume().id, self.node.meta.node_id);
+        let ours = deleted.version.get(us);
+        if ours <= live.version.get(us) {
+            return Ok(());
+        }
+        let issued = self.node.store.issued(vol, dir, name)?.unwrap_or(0);
+        let mut batch = self.node.store.batch();
+        batch.put_issued(vol, dir, name, ours.max(issued));
+        self.node.store.write(batch, Durability::Buffered)?;
+        Ok(())
+    }
+
     fn move_aside(
         &mut self,
         dir: &VolPath,
