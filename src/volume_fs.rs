@@ -111,6 +111,21 @@ impl DirId {
     }
 }
 
+/// What [`VolumeFs::remove_file_as_checked`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Removal {
+    /// The name is gone (or was already).
+    Removed,
+    /// It changed after the caller's check: it is back under its name, untouched.
+    PutBack,
+    /// It changed, and something new took its name meanwhile: it is beside it, under
+    /// this name.
+    KeptAs(Vec<u8>),
+}
+
+/// Names tried for a file that changed while being deleted, when its own is taken.
+const MAX_SPARE_NAMES: u32 = 8;
+
 /// A file written to staging, not yet visible under its name.
 pub struct Staged {
     pub file: File,
@@ -722,6 +737,75 @@ impl VolumeFs {
             Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
             Err(e) => Err(io_err(crate::pathname::escape(name))(e)),
         }
+    }
+
+    /// Removes the file, symlink or FIFO `name` if it is still what `expected` (its stamp
+    /// in the index; `None`: none) describes, for a peer's delete or replacement. A write can land between the
+    /// caller's check and an `unlink`, and would go with it: the name is moved into
+    /// staging first (`RENAME_NOREPLACE`), checked there (same inode, size and mtime: the
+    /// move itself changes the ctime), and only then unlinked. What changed meanwhile
+    /// is put back under its name, or, if something new took the name in between,
+    /// beside it under the first free name of `spare_names`; it is the caller's to
+    /// index as a local change. A name already gone is [`Removal::Removed`].
+    pub fn remove_file_as_checked(
+        &self,
+        dir_fd: &OwnedFd,
+        name: &[u8],
+        expected: Option<&ScanStamp>,
+        spare_names: impl Fn(u32) -> Vec<u8>,
+    ) -> Result<Removal, FsError> {
+        let shown = || crate::pathname::escape(name);
+        let aside = staged_special_name("deleted");
+        match rustix::fs::renameat_with(
+            dir_fd,
+            OsStr::from_bytes(name),
+            &self.staging,
+            aside.as_str(),
+            rustix::fs::RenameFlags::NOREPLACE,
+        ) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::NOENT) => return Ok(Removal::Removed),
+            Err(e) => return Err(io_err(shown())(e)),
+        }
+        let moved = lstat_at(&self.staging, aside.as_bytes()).map_err(|e| FsError::Io {
+            path: shown(),
+            source: e,
+        })?;
+        let file = |s: &ScanStamp| (s.dev, s.ino, s.size, s.mtime_ns);
+        let unchanged = expected.is_some_and(|expected| file(&moved.stamp()) == file(expected));
+        if unchanged {
+            rustix::fs::unlinkat(&self.staging, aside.as_str(), AtFlags::empty())
+                .map_err(io_err(shown()))?;
+            return Ok(Removal::Removed);
+        }
+        let put_back = |to: &[u8]| {
+            rustix::fs::renameat_with(
+                &self.staging,
+                aside.as_str(),
+                dir_fd,
+                OsStr::from_bytes(to),
+                rustix::fs::RenameFlags::NOREPLACE,
+            )
+        };
+        match put_back(name) {
+            Ok(()) => return Ok(Removal::PutBack),
+            Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(io_err(shown())(e)),
+        }
+        for attempt in 0..MAX_SPARE_NAMES {
+            let spare = spare_names(attempt);
+            match put_back(&spare) {
+                Ok(()) => return Ok(Removal::KeptAs(spare)),
+                Err(rustix::io::Errno::EXIST) => continue,
+                Err(e) => return Err(io_err(shown())(e)),
+            }
+        }
+        Err(FsError::Io {
+            path: shown(),
+            source: io::Error::other(format!(
+                "changed while being deleted, and its {MAX_SPARE_NAMES} spare names are taken: kept in staging as {aside}"
+            )),
+        })
     }
 
     /// Removes an empty directory; returns false if it is not empty.

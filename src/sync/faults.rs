@@ -10,7 +10,8 @@ use crate::protocol::Response;
 /// (`SHOAL_FAULT_CORRUPT_CHUNKS=1`, `SHOAL_FAULT_HOSTILE_NAMES=1`,
 /// `SHOAL_FAULT_WATCH_QUEUE=N`, `SHOAL_FAULT_CLAIM_NODE_ID=HEX`,
 /// `SHOAL_FAULT_CRASH_BEFORE_INDEXING=1`, `SHOAL_FAULT_CRASH_AFTER_MOVE_ASIDE=1`,
-/// `SHOAL_FAULT_PAUSE_BEFORE_DELETES_MS=N`, `SHOAL_FAULT_HOLD_CONNECTIONS_MS=N`,
+/// `SHOAL_FAULT_PAUSE_BEFORE_DELETES_MS=N`, `SHOAL_FAULT_PAUSE_BEFORE_REMOVING_MS=N`,
+/// `SHOAL_FAULT_HOLD_CONNECTIONS_MS=N`,
 /// `SHOAL_FAULT_SLICE_NAMES=N`, `SHOAL_FAULT_SLOW_FIRST_SCAN_MS=N`); never
 /// set in production.
 #[derive(Clone, Copy, Debug, Default)]
@@ -36,6 +37,10 @@ pub struct Faults {
     /// deletes (the volume lock not held): widens the window in which a scan runs while
     /// a round is half applied, which a busy node hits only by chance.
     pub pause_before_deletes: Option<Duration>,
+    /// Wait this long in a round's deletes between deciding that files are unchanged
+    /// and removing them: widens the window in which a local write lands on a file a
+    /// peer's delete is about to remove.
+    pub pause_before_removing: Option<Duration>,
     /// Wait this long after each connection to a peer is made (its `Hello` answered)
     /// before using it: widens the window in which this node's connection to a peer is
     /// being opened while the peer's own connection to it is up, which a reconnect hits
@@ -70,6 +75,10 @@ impl Faults {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .map(Duration::from_millis),
+            pause_before_removing: std::env::var("SHOAL_FAULT_PAUSE_BEFORE_REMOVING_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_millis),
             hold_connections: std::env::var("SHOAL_FAULT_HOLD_CONNECTIONS_MS")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -89,6 +98,7 @@ impl Faults {
             || faults.crash_before_indexing
             || faults.crash_after_move_aside
             || faults.pause_before_deletes.is_some()
+            || faults.pause_before_removing.is_some()
             || faults.hold_connections.is_some()
             || faults.slice_names.is_some()
             || faults.slow_first_scan.is_some()

@@ -594,3 +594,53 @@ fn an_edit_after_our_delete_lost_to_a_peer_is_counted_past_that_delete() {
         );
     }
 }
+
+/// A write that lands on a file between the moment a peer's delete is checked against
+/// the disk and the moment it is removed is kept: the file is moved aside, checked
+/// again and put back (`SHOAL_FAULT_PAUSE_BEFORE_REMOVING_MS` holds node 1 in that
+/// window). Before, the `unlink` took the write with it, on every node.
+#[test]
+fn a_write_landing_while_a_peers_delete_is_applied_is_kept() {
+    let mut c = Cluster::new(2);
+    for env in &mut c.extra_env {
+        env.push(("SHOAL_DELETE_GUARD".into(), "off".into()));
+    }
+    c.extra_env[1].push(("SHOAL_FAULT_PAUSE_BEFORE_REMOVING_MS".into(), "3000".into()));
+    write_file(&c.vol(0).join("anchor.txt"), b"stays");
+    write_file(&c.vol(0).join("f.txt"), b"the version node 0 deletes");
+    c.start_all();
+    c.wait_connected(CONVERGE);
+    c.wait_converged(&[0, 1], CONVERGE);
+    let pausing = "FAULT INJECTION: pausing";
+    let before = c.log(1).matches(pausing).count();
+    fs::remove_file(c.vol(0).join("f.txt")).unwrap();
+    let deadline = Instant::now() + CONVERGE;
+    while c.log(1).matches(pausing).count() == before {
+        assert!(
+            Instant::now() < deadline,
+            "node 1 never applied the delete:\n{}",
+            tail(&c.log(1), 30)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // In place, as an editor saving over the file or `>` does: the same inode.
+    fs::write(
+        c.vol(1).join("f.txt"),
+        b"written on node 1 as the delete came",
+    )
+    .unwrap();
+    c.wait_converged(&[0, 1], CONVERGE);
+    for i in 0..2 {
+        assert_eq!(
+            fs::read(c.vol(i).join("f.txt")).ok().as_deref(),
+            Some(&b"written on node 1 as the delete came"[..]),
+            "node {i}: {:?}\n--- node 1 log:\n{}",
+            names(&c.vol(i)),
+            tail(&c.log(1), 30)
+        );
+    }
+    assert!(
+        c.log(1)
+            .contains("changed here while sync removed it; kept")
+    );
+}

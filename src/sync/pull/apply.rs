@@ -16,7 +16,8 @@ use crate::store::Durability;
 use crate::store::codec::ScanStamp;
 use crate::store::versions::{KeptChunks, VersionRecord, Why};
 use crate::sync::SyncError;
-use crate::volume_fs::FileStat;
+use crate::sync::conflict::conflict_name;
+use crate::volume_fs::{FileStat, Removal as OnDisk};
 
 /// The version records of a round's deletes, by name, until each is written with its
 /// tombstone.
@@ -129,7 +130,20 @@ impl Pull {
                     )?;
                     let mut batch = self.node.store.batch();
                     kept.finish(&self.node.store, &mut batch)?;
-                    self.volume().fs.remove_file(&dir_fd, name)?;
+                    let recorded = self.node.store.stamp(self.volume().id, dir, name)?;
+                    let changed = changed_here(old, self.node.meta.node_id);
+                    let spare_names = |attempt| conflict_name(name, &changed, &remote, attempt);
+                    let removal = self.volume().fs.remove_file_as_checked(
+                        &dir_fd,
+                        name,
+                        recorded.as_ref(),
+                        spare_names,
+                    )?;
+                    if removal != OnDisk::Removed {
+                        changed_while_removed(name, &removal);
+                        self.report.skipped += 1;
+                        return Ok(());
+                    }
                     if let Some(version) = &version {
                         batch.put_version(version);
                     }
@@ -468,20 +482,44 @@ impl Pull {
             let removal = if local.is_dir() {
                 Removal::Dir
             } else if self.unchanged_on_disk(dir_fd, &delete.dir, &delete.name)? {
-                Removal::File
+                Removal::File(self.node.store.stamp(vol, &delete.dir, &delete.name)?)
             } else {
                 Removal::InTheWay
             };
             decided.push((delete, local, dir_index, removal));
         }
-        let removed = overlapped(&decided, |(delete, _, dir_index, removal)| {
+        if let Some(pause) = self.node.faults.pause_before_removing
+            && decided.iter().any(|(.., r)| matches!(r, Removal::File(_)))
+        {
+            tracing::warn!(
+                "FAULT INJECTION: pausing {} ms between deciding deletes and removing them",
+                pause.as_millis()
+            );
+            std::thread::sleep(pause);
+        }
+        let us = node.meta.node_id;
+        let removed = overlapped(&decided, |(delete, local, dir_index, removal)| {
             let dir_fd = dirs[*dir_index]
                 .1
                 .as_ref()
                 .expect("decided in an open directory");
             match removal {
                 Removal::Dir => volume.fs.remove_dir(dir_fd, &delete.name),
-                Removal::File => volume.fs.remove_file(dir_fd, &delete.name).map(|()| true),
+                Removal::File(expected) => {
+                    let changed = changed_here(local, us);
+                    let spare_names =
+                        |attempt| conflict_name(&delete.name, &changed, &delete.tombstone, attempt);
+                    let removal = volume.fs.remove_file_as_checked(
+                        dir_fd,
+                        &delete.name,
+                        expected.as_ref(),
+                        spare_names,
+                    )?;
+                    if removal != OnDisk::Removed {
+                        changed_while_removed(&delete.name, &removal);
+                    }
+                    Ok(removal == OnDisk::Removed)
+                }
                 Removal::InTheWay => Ok(false),
             }
         });
@@ -580,11 +618,35 @@ const DELETE_CHUNK: usize = 256;
 /// Threads that remove names, or fsync directories, at once.
 const DELETE_THREADS: usize = 16;
 
+/// What a file written here after its check (`old` as indexed before) is as the loser
+/// of its name, for a conflict-copy name ([`conflict_name`]): a change of ours (`us`),
+/// made now.
+fn changed_here(old: &Entry, us: NodeId) -> Entry {
+    let mut changed = old.clone();
+    changed.version.bump(us);
+    changed.mtime_ns = crate::scan::now_ns();
+    changed
+}
+
+/// Says that `name` was written here while sync removed it, and is kept.
+fn changed_while_removed(name: &[u8], removal: &OnDisk) {
+    let beside = match removal {
+        OnDisk::KeptAs(spare) => format!(" as {}", escape(spare)),
+        _ => String::new(),
+    };
+    tracing::info!(
+        "{} changed here while sync removed it; kept{beside}",
+        escape(name)
+    );
+}
+
 /// What a delete does on disk, decided before any of its chunk is removed.
 enum Removal {
     /// An empty directory goes (one that is not empty stays: something new is in it).
     Dir,
-    File,
+    /// The file goes if it is still what its stamp in the index says (`None`: none,
+    /// and nothing was there).
+    File(Option<ScanStamp>),
     /// The file changed here since the last scan: it stays, and our version wins.
     InTheWay,
 }
