@@ -411,23 +411,101 @@ impl VolumeFs {
         file: &File,
         dir_fd: &OwnedFd,
         name: &[u8],
-    ) -> Result<(), FsError> {
+        expected: Option<&ScanStamp>,
+    ) -> Result<bool, FsError> {
         let how = self.unnamed_linking().ok_or_else(|| FsError::Io {
             path: crate::pathname::escape(name),
             source: io::Error::other("unnamed staging files cannot be linked here"),
         })?;
         let shown = || crate::pathname::escape(name);
         match link_unnamed(how, file, dir_fd, OsStr::from_bytes(name)) {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(true),
             Err(rustix::io::Errno::EXIST) => {}
             Err(e) => return Err(io_err(shown())(e)),
         }
         // `*.tmp`: removed at the next start if a crash comes before the rename.
         let temp_name = staged_special_name("file");
         link_unnamed(how, file, &self.staging, OsStr::new(&temp_name)).map_err(io_err(shown()))?;
-        self.publish(&temp_name, dir_fd, name).inspect_err(|_| {
+        let placed = self.replace_as_checked(&temp_name, dir_fd, name, expected);
+        if !placed.as_ref().is_ok_and(|placed| *placed) {
             let _ = rustix::fs::unlinkat(&self.staging, temp_name.as_str(), AtFlags::empty());
-        })
+        }
+        placed
+    }
+
+    /// Renames the staged `temp_name` over `name` in `dir_fd` if the name still holds
+    /// what `expected` (its stamp in the index; `None`: none) describes, for a received
+    /// file; `false` if it changed here after the caller's check, left as it is (the
+    /// staged file stays in staging). A write can land between that check and a plain
+    /// rename over the name, and would go with the old file: the two are swapped
+    /// instead (`RENAME_EXCHANGE`), the old one checked in staging (same inode, size and
+    /// mtime) and only then unlinked; one that changed is swapped back. A file system
+    /// without `RENAME_EXCHANGE` gets the plain rename.
+    pub fn replace_as_checked(
+        &self,
+        temp_name: &str,
+        dir_fd: &OwnedFd,
+        name: &[u8],
+        expected: Option<&ScanStamp>,
+    ) -> Result<bool, FsError> {
+        use rustix::fs::RenameFlags;
+        use rustix::io::Errno;
+        let shown = || crate::pathname::escape(name);
+        let to = OsStr::from_bytes(name);
+        let swap = || {
+            rustix::fs::renameat_with(&self.staging, temp_name, dir_fd, to, RenameFlags::EXCHANGE)
+        };
+        match swap() {
+            Ok(()) => {}
+            // Nothing at the name: it appears whole, unless something took it meanwhile.
+            Err(Errno::NOENT) => {
+                return match rustix::fs::renameat_with(
+                    &self.staging,
+                    temp_name,
+                    dir_fd,
+                    to,
+                    RenameFlags::NOREPLACE,
+                ) {
+                    Ok(()) => Ok(true),
+                    Err(Errno::EXIST) => Ok(false),
+                    Err(e) => Err(io_err(shown())(e)),
+                };
+            }
+            Err(Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => {
+                self.publish(temp_name, dir_fd, name)?;
+                return Ok(true);
+            }
+            Err(e) => return Err(io_err(shown())(e)),
+        }
+        let file = |s: &ScanStamp| (s.dev, s.ino, s.size, s.mtime_ns);
+        let old = lstat_at(&self.staging, temp_name.as_bytes()).ok();
+        let unchanged = old
+            .zip(expected)
+            .is_some_and(|(old, expected)| !old.is_dir() && file(&old.stamp()) == file(expected));
+        if unchanged {
+            rustix::fs::unlinkat(&self.staging, temp_name, AtFlags::empty())
+                .map_err(io_err(shown()))?;
+            return Ok(true);
+        }
+        match swap() {
+            Ok(()) => Ok(false),
+            // Our file was moved away from the name meanwhile: theirs goes back alone.
+            Err(Errno::NOENT) => rustix::fs::renameat_with(
+                &self.staging,
+                temp_name,
+                dir_fd,
+                to,
+                RenameFlags::NOREPLACE,
+            )
+            .map(|()| false)
+            .map_err(io_err(shown())),
+            Err(e) => Err(FsError::Io {
+                path: shown(),
+                source: io::Error::other(format!(
+                    "changed here while being replaced, and cannot be put back ({e}): kept in staging as {temp_name}"
+                )),
+            }),
+        }
     }
 
     /// Stages the file at `source` by moving it into staging, so that its content is not
@@ -1234,12 +1312,75 @@ mod tests {
                 name == "old" || !visible.contains(&name.to_string()),
                 "{visible:?}"
             );
-            fs.publish_unnamed(&file, &root_fd, name.as_bytes())
-                .unwrap();
+            let expected = lstat_at(&root_fd, name.as_bytes()).ok().map(|s| s.stamp());
+            let placed = fs.publish_unnamed(&file, &root_fd, name.as_bytes(), expected.as_ref());
+            assert!(placed.unwrap());
             assert_eq!(std::fs::read(dir.path().join(name)).unwrap(), content);
             assert_eq!(listing(&staging), Vec::<String>::new());
         }
         assert_eq!(listing(dir.path()), vec![".shoal", "new", "old"]);
+    }
+
+    /// A file written after sync checked it is neither removed nor replaced: a delete
+    /// puts it back (or beside, if a new file took its name), a replacement swaps it
+    /// back; one as checked goes, and nothing is left in staging.
+    #[test]
+    fn a_file_written_after_its_check_is_neither_removed_nor_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = VolumeFs::open(dir.path()).unwrap();
+        let root_fd = fs.open_dir(&VolPath::root(), false).unwrap();
+        let staging = dir.path().join(".shoal/staging");
+        let at = |name: &str| dir.path().join(name);
+        let stamp = |name: &str| lstat_at(&root_fd, name.as_bytes()).unwrap().stamp();
+        let spare = |attempt: u32| format!("f.spare-{attempt}").into_bytes();
+        let staging_is_empty = || std::fs::read_dir(&staging).unwrap().next().is_none();
+
+        std::fs::write(at("f"), b"as checked").unwrap();
+        let checked = stamp("f");
+        let removal = fs.remove_file_as_checked(&root_fd, b"f", Some(&checked), spare);
+        assert_eq!(removal.unwrap(), Removal::Removed);
+        assert!(!at("f").exists() && staging_is_empty());
+        let removal = fs.remove_file_as_checked(&root_fd, b"f", Some(&checked), spare);
+        assert_eq!(removal.unwrap(), Removal::Removed, "a name already gone");
+
+        std::fs::write(at("f"), b"as checked").unwrap();
+        let checked = stamp("f");
+        std::fs::write(at("f"), b"written after the check").unwrap();
+        let removal = fs.remove_file_as_checked(&root_fd, b"f", Some(&checked), spare);
+        assert_eq!(removal.unwrap(), Removal::PutBack);
+        assert_eq!(std::fs::read(at("f")).unwrap(), b"written after the check");
+        let removal = fs.remove_file_as_checked(&root_fd, b"f", None, spare);
+        assert_eq!(
+            removal.unwrap(),
+            Removal::PutBack,
+            "nothing was expected there"
+        );
+        assert!(staging_is_empty());
+
+        let replaced_by = |content: &[u8], expected: Option<&ScanStamp>| {
+            let id = ContentId(*blake3::hash(content).as_bytes());
+            let staged = fs
+                .stage(&id, &VolPath::root(), b"f", content.len() as u64)
+                .unwrap();
+            staged.file.write_all_at(content, 0).unwrap();
+            let placed = fs.replace_as_checked(&staged.temp_name, &root_fd, b"f", expected);
+            let _ = rustix::fs::unlinkat(&fs.staging, staged.temp_name.as_str(), AtFlags::empty());
+            placed.unwrap()
+        };
+        let checked = stamp("f");
+        std::fs::write(at("f"), b"written again after the check").unwrap();
+        assert!(!replaced_by(b"the peer's version", Some(&checked)));
+        assert_eq!(
+            std::fs::read(at("f")).unwrap(),
+            b"written again after the check"
+        );
+        let checked = stamp("f");
+        assert!(replaced_by(b"the peer's version", Some(&checked)));
+        assert_eq!(std::fs::read(at("f")).unwrap(), b"the peer's version");
+        assert!(staging_is_empty());
+        std::fs::remove_file(at("f")).unwrap();
+        assert!(replaced_by(b"a new name", None));
+        assert_eq!(std::fs::read(at("f")).unwrap(), b"a new name");
     }
 
     /// Issue 11, item 10: the file checked by `stage_by_move` is swapped for another

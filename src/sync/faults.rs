@@ -37,9 +37,9 @@ pub struct Faults {
     /// deletes (the volume lock not held): widens the window in which a scan runs while
     /// a round is half applied, which a busy node hits only by chance.
     pub pause_before_deletes: Option<Duration>,
-    /// Wait this long in a round's deletes between deciding that files are unchanged
-    /// and removing them: widens the window in which a local write lands on a file a
-    /// peer's delete is about to remove.
+    /// Wait this long between checking that files are unchanged here and removing them
+    /// (a round's deletes) or replacing them (each received file): widens the window in
+    /// which a local write lands on a file sync is about to remove or replace.
     pub pause_before_removing: Option<Duration>,
     /// Wait this long after each connection to a peer is made (its `Hello` answered)
     /// before using it: widens the window in which this node's connection to a peer is

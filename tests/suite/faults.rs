@@ -644,3 +644,49 @@ fn a_write_landing_while_a_peers_delete_is_applied_is_kept() {
             .contains("changed here while sync removed it; kept")
     );
 }
+
+/// The same for a peer's version replacing the file: it is swapped in
+/// (`RENAME_EXCHANGE`), the local file checked again and, changed, swapped back; the
+/// next round decides the conflict (the later write keeps the name, the peer's version
+/// goes into a conflict copy). Before, the rename over the name took the write with it.
+#[test]
+fn a_write_landing_while_a_peers_version_replaces_the_file_is_kept() {
+    let mut c = Cluster::new(2);
+    c.extra_env[1].push(("SHOAL_FAULT_PAUSE_BEFORE_REMOVING_MS".into(), "3000".into()));
+    write_file(&c.vol(0).join("anchor.txt"), b"stays");
+    write_file(&c.vol(0).join("f.txt"), b"the version both start with");
+    c.start_all();
+    c.wait_connected(CONVERGE);
+    c.wait_converged(&[0, 1], CONVERGE);
+    let pausing = "between checking a file and replacing it";
+    let before = c.log(1).matches(pausing).count();
+    write_file(&c.vol(0).join("f.txt"), b"the peer's version");
+    let deadline = Instant::now() + CONVERGE;
+    while c.log(1).matches(pausing).count() == before {
+        assert!(
+            Instant::now() < deadline,
+            "node 1 never took the peer's version:\n{}",
+            tail(&c.log(1), 30)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let local = b"written on node 1 as the peer's version came";
+    fs::write(c.vol(1).join("f.txt"), local).unwrap();
+    c.wait_converged(&[0, 1], CONVERGE);
+    for i in 0..2 {
+        let names = names(&c.vol(i));
+        let copy = names.iter().find(|n| n.starts_with("f.sync-conflict-"));
+        assert_eq!(
+            fs::read(c.vol(i).join("f.txt")).unwrap(),
+            local,
+            "node {i}: {names:?}\n--- node 1 log:\n{}",
+            tail(&c.log(1), 30)
+        );
+        let copy = copy.unwrap_or_else(|| panic!("node {i}: no conflict copy in {names:?}"));
+        assert_eq!(
+            fs::read(c.vol(i).join(copy)).unwrap(),
+            b"the peer's version"
+        );
+    }
+    assert!(c.log(1).contains("changed here while sync replaced it"));
+}

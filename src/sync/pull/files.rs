@@ -725,9 +725,29 @@ impl Pull {
             );
             return Ok(None);
         }
-        match &staged {
-            Staging::Named(named) => fs.publish(&named.temp_name, dir_fd, &job.name)?,
-            Staging::Unnamed(file) => fs.publish_unnamed(file, dir_fd, &job.name)?,
+        // Checked again as it is replaced: a write landing now must not go with it.
+        let recorded = self.node.store.stamp(vol, &job.dir, &job.name)?;
+        if let Some(pause) = self.node.faults.pause_before_removing {
+            tracing::warn!(
+                "FAULT INJECTION: pausing {} ms between checking a file and replacing it",
+                pause.as_millis()
+            );
+            std::thread::sleep(pause);
+        }
+        let placed = match &staged {
+            Staging::Named(named) => {
+                fs.replace_as_checked(&named.temp_name, dir_fd, &job.name, recorded.as_ref())?
+            }
+            Staging::Unnamed(file) => {
+                fs.publish_unnamed(file, dir_fd, &job.name, recorded.as_ref())?
+            }
+        };
+        if !placed {
+            tracing::info!(
+                "{} changed here while sync replaced it; kept, the next round decides again",
+                escape(&job.name)
+            );
+            return Ok(None);
         }
         self.moved(&job.dir);
         // fstat through the still-open descriptor: the stamp of exactly what we wrote.
