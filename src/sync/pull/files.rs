@@ -725,8 +725,12 @@ impl Pull {
             );
             return Ok(None);
         }
-        // Checked again as it is replaced: a write landing now must not go with it.
-        let recorded = self.node.store.stamp(vol, &job.dir, &job.name)?;
+        // Checked again as it is replaced: a write landing now must not go with it. (A
+        // name with no entry has no stamp: nothing to read for a new file.)
+        let recorded = match job.decided_against {
+            Some(_) => self.node.store.stamp(vol, &job.dir, &job.name)?,
+            None => None,
+        };
         if let Some(pause) = self.node.faults.pause_before_removing {
             tracing::warn!(
                 "FAULT INJECTION: pausing {} ms between checking a file and replacing it",
