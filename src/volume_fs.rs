@@ -123,6 +123,14 @@ pub enum Removal {
     KeptAs(Vec<u8>),
 }
 
+/// Whether `stat`, of a file sync moved, is the one `expected` recorded, unchanged:
+/// same inode, size and mtime (the move itself changes the ctime).
+fn unchanged_since(stat: &FileStat, expected: &ScanStamp) -> bool {
+    let stamp = stat.stamp();
+    (stamp.dev, stamp.ino, stamp.size, stamp.mtime_ns)
+        == (expected.dev, expected.ino, expected.size, expected.mtime_ns)
+}
+
 /// Names tried for a file that changed while being deleted, when its own is taken.
 const MAX_SPARE_NAMES: u32 = 8;
 
@@ -438,8 +446,8 @@ impl VolumeFs {
     /// file; `false` if it changed here after the caller's check, left as it is (the
     /// staged file stays in staging). A write can land between that check and a plain
     /// rename over the name, and would go with the old file: the two are swapped
-    /// instead (`RENAME_EXCHANGE`), the old one checked in staging (same inode, size and
-    /// mtime) and only then unlinked; one that changed is swapped back. A file system
+    /// instead (`RENAME_EXCHANGE`), the old one checked in staging ([`unchanged_since`])
+    /// and only then unlinked; one that changed is swapped back. A file system
     /// without `RENAME_EXCHANGE` gets the plain rename.
     pub fn replace_as_checked(
         &self,
@@ -477,11 +485,10 @@ impl VolumeFs {
             }
             Err(e) => return Err(io_err(shown())(e)),
         }
-        let file = |s: &ScanStamp| (s.dev, s.ino, s.size, s.mtime_ns);
         let old = lstat_at(&self.staging, temp_name.as_bytes()).ok();
         let unchanged = old
             .zip(expected)
-            .is_some_and(|(old, expected)| !old.is_dir() && file(&old.stamp()) == file(expected));
+            .is_some_and(|(old, expected)| !old.is_dir() && unchanged_since(&old, expected));
         if unchanged {
             rustix::fs::unlinkat(&self.staging, temp_name, AtFlags::empty())
                 .map_err(io_err(shown()))?;
@@ -818,13 +825,13 @@ impl VolumeFs {
     }
 
     /// Removes the file, symlink or FIFO `name` if it is still what `expected` (its stamp
-    /// in the index; `None`: none) describes, for a peer's delete or replacement. A write can land between the
-    /// caller's check and an `unlink`, and would go with it: the name is moved into
-    /// staging first (`RENAME_NOREPLACE`), checked there (same inode, size and mtime: the
-    /// move itself changes the ctime), and only then unlinked. What changed meanwhile
-    /// is put back under its name, or, if something new took the name in between,
-    /// beside it under the first free name of `spare_names`; it is the caller's to
-    /// index as a local change. A name already gone is [`Removal::Removed`].
+    /// in the index; `None`: none) describes, for a peer's delete (or a directory taking
+    /// the name). A write can land between the caller's check and an `unlink`, and would
+    /// go with it: the name is moved into staging first (`RENAME_NOREPLACE`), checked
+    /// there ([`unchanged_since`]), and only then unlinked. What changed meanwhile is
+    /// put back under its name, or, if something new took the name in between, beside
+    /// it under the first free name of `spare_names`; it is the caller's to index as a
+    /// local change. A name already gone is [`Removal::Removed`].
     pub fn remove_file_as_checked(
         &self,
         dir_fd: &OwnedFd,
@@ -849,8 +856,7 @@ impl VolumeFs {
             path: shown(),
             source: e,
         })?;
-        let file = |s: &ScanStamp| (s.dev, s.ino, s.size, s.mtime_ns);
-        let unchanged = expected.is_some_and(|expected| file(&moved.stamp()) == file(expected));
+        let unchanged = expected.is_some_and(|expected| unchanged_since(&moved, expected));
         if unchanged {
             rustix::fs::unlinkat(&self.staging, aside.as_str(), AtFlags::empty())
                 .map_err(io_err(shown()))?;

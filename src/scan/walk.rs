@@ -1122,20 +1122,16 @@ impl<'s> Walker<'s> {
         Ok(Some(entry))
     }
 
-    /// Counts one more change of ours in `version`, past any count of ours the name was
-    /// given that `version` lacks ([`Store::issued`]); that record is then spent.
+    /// Counts one more change of ours in `version` ([`Store::count_ours`]).
     pub(super) fn count_ours(
         &mut self,
         dir: &VolPath,
         name: &[u8],
         version: &mut VersionVector,
     ) -> Result<(), StoreError> {
-        let issued = self.store.issued(self.vol, dir, name)?;
-        version.bump_past(self.node, issued.unwrap_or(0));
-        if issued.is_some() {
-            self.batch.delete_issued(self.vol, dir, name);
-        }
-        Ok(())
+        let name = (self.vol, dir, name);
+        self.store
+            .count_ours(&mut self.batch, name, self.node, version)
     }
 
     fn count_change(&mut self, dir: &VolPath, name: &[u8], old: Option<&Entry>) {

@@ -757,9 +757,26 @@ impl Store {
         )
     }
 
-    /// The scan stamp of one name, if it is indexed as existing.
+    /// Counts one more change by `node` (this node) of `dir/name` in `version`, past
+    /// the highest count of ours the name was given when its entry holds a lower one
+    /// (see [`keys::issued_key`]); that record is then spent, in `batch`.
+    pub fn count_ours(
+        &self,
+        batch: &mut Batch<'_>,
+        (vol, dir, name): (VolumeId, &VolPath, &[u8]),
+        node: NodeId,
+        version: &mut crate::entry::VersionVector,
+    ) -> Result<(), StoreError> {
+        let issued = self.issued(vol, dir, name)?;
+        version.bump_past(node, issued.unwrap_or(0));
+        if issued.is_some() {
+            batch.delete_issued(vol, dir, name);
+        }
+        Ok(())
+    }
+
     /// The highest count of ours `dir/name` was given, when its entry holds a lower one
-    /// (see [`keys::issued_key`]); a change of ours is counted past it.
+    /// (see [`keys::issued_key`]).
     pub fn issued(
         &self,
         vol: VolumeId,
@@ -769,6 +786,7 @@ impl Store {
         self.get_decoded(CF_META, &issued_key(vol, dir, name), codec::decode_issued)
     }
 
+    /// The scan stamp of one name, if it is indexed as existing.
     pub fn stamp(
         &self,
         vol: VolumeId,

@@ -573,16 +573,10 @@ impl Pull {
                     .version
                     .merged(&local.version)
                     .unwrap_or_else(|_| tombstone.version.clone());
-                let issued = match node.store.issued(vol, &dir, &name) {
-                    Ok(issued) => issued,
-                    Err(e) => {
-                        index_error = Some(e.into());
-                        break;
-                    }
-                };
-                version.bump_past(node.meta.node_id, issued.unwrap_or(0));
-                if issued.is_some() {
-                    batch.delete_issued(vol, &dir, &name);
+                let ours = (vol, &dir, &name[..]);
+                if let Err(e) = node.store.count_ours(&mut batch, ours, us, &mut version) {
+                    index_error = Some(e.into());
+                    break;
                 }
                 batch.put_entry(vol, &dir, &name, &Entry { version, ..local });
                 self.report.skipped += 1;

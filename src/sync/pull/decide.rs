@@ -313,17 +313,6 @@ impl Pull {
         Ok(None)
     }
 
-    /// Renames our version of `dir/name` to `copy_name`, its index records with it, and
-    /// records the name as deleted here: it is empty on disk until the winner is
-    /// published, and may stay so (the winner's transfer fails, the node is killed). The
-    /// index must say what the disk holds: a live entry left under the name would be one
-    /// that no scan checks (it has no stamp), kept by this node and sent to its peers.
-    /// The copy gets no stamp: the next scan reads it (what the rename moved is what was
-    /// there, and only a read says so for certain).
-    ///
-    /// `false` if the name is not as the last scan saw it (changed, or gone: a local
-    /// delete not scanned yet) or cannot be moved: it stays, and the next round decides
-    /// again; one name that cannot be kept aside does not end the round.
     /// Before `live` takes the name from our `deleted` without our delete's count
     /// ([`conflict::only_news_is_the_delete`]): keeps that count as issued for the name
     /// ([`crate::store::Store::issued`]), so that our next change of it is counted past
@@ -348,6 +337,17 @@ impl Pull {
         Ok(())
     }
 
+    /// Renames our version of `dir/name` to `copy_name`, its index records with it, and
+    /// records the name as deleted here: it is empty on disk until the winner is
+    /// published, and may stay so (the winner's transfer fails, the node is killed). The
+    /// index must say what the disk holds: a live entry left under the name would be one
+    /// that no scan checks (it has no stamp), kept by this node and sent to its peers.
+    /// The copy gets no stamp: the next scan reads it (what the rename moved is what was
+    /// there, and only a read says so for certain).
+    ///
+    /// `false` if the name is not as the last scan saw it (changed, or gone: a local
+    /// delete not scanned yet) or cannot be moved: it stays, and the next round decides
+    /// again; one name that cannot be kept aside does not end the round.
     fn move_aside(
         &mut self,
         dir: &VolPath,
