@@ -595,45 +595,58 @@ fn an_edit_after_our_delete_lost_to_a_peer_is_counted_past_that_delete() {
     }
 }
 
-/// A write that lands on a file between the moment a peer's delete is checked against
-/// the disk and the moment it is removed is kept: the file is moved aside, checked
-/// again and put back (`SHOAL_FAULT_PAUSE_BEFORE_REMOVING_MS` holds node 1 in that
-/// window). Before, the `unlink` took the write with it, on every node.
-#[test]
-fn a_write_landing_while_a_peers_delete_is_applied_is_kept() {
+/// Two nodes started with `f.txt` holding `content` and converged; node 1 is held for 3 s
+/// each time it is about to remove or replace a file once it checked it
+/// (`SHOAL_FAULT_PAUSE_BEFORE_REMOVING_MS`).
+fn cluster_held_before_removing(content: &[u8]) -> Cluster {
     let mut c = Cluster::new(2);
     for env in &mut c.extra_env {
         env.push(("SHOAL_DELETE_GUARD".into(), "off".into()));
     }
     c.extra_env[1].push(("SHOAL_FAULT_PAUSE_BEFORE_REMOVING_MS".into(), "3000".into()));
     write_file(&c.vol(0).join("anchor.txt"), b"stays");
-    write_file(&c.vol(0).join("f.txt"), b"the version node 0 deletes");
+    write_file(&c.vol(0).join("f.txt"), content);
     c.start_all();
     c.wait_connected(CONVERGE);
     c.wait_converged(&[0, 1], CONVERGE);
-    let pausing = "FAULT INJECTION: pausing";
-    let before = c.log(1).matches(pausing).count();
-    fs::remove_file(c.vol(0).join("f.txt")).unwrap();
+    c
+}
+
+/// Makes `change` on node 0, then waits until node 1 is held with `f.txt` checked
+/// (its log says `held` once more).
+fn change_and_wait_until_held(c: &Cluster, change: impl FnOnce(), held: &str) {
+    let before = c.log(1).matches(held).count();
+    change();
     let deadline = Instant::now() + CONVERGE;
-    while c.log(1).matches(pausing).count() == before {
+    while c.log(1).matches(held).count() == before {
         assert!(
             Instant::now() < deadline,
-            "node 1 never applied the delete:\n{}",
+            "node 1 never got to '{held}':\n{}",
             tail(&c.log(1), 30)
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A write that lands on a file between the moment a peer's delete is checked against
+/// the disk and the moment it is removed is kept: the file is moved aside, checked
+/// again and put back. Before, the `unlink` took the write with it, on every node.
+#[test]
+fn a_write_landing_while_a_peers_delete_is_applied_is_kept() {
+    let c = cluster_held_before_removing(b"the version node 0 deletes");
+    change_and_wait_until_held(
+        &c,
+        || fs::remove_file(c.vol(0).join("f.txt")).unwrap(),
+        "between deciding deletes and removing them",
+    );
     // In place, as an editor saving over the file or `>` does: the same inode.
-    fs::write(
-        c.vol(1).join("f.txt"),
-        b"written on node 1 as the delete came",
-    )
-    .unwrap();
+    let local = b"written on node 1 as the delete came";
+    fs::write(c.vol(1).join("f.txt"), local).unwrap();
     c.wait_converged(&[0, 1], CONVERGE);
     for i in 0..2 {
         assert_eq!(
             fs::read(c.vol(i).join("f.txt")).ok().as_deref(),
-            Some(&b"written on node 1 as the delete came"[..]),
+            Some(&local[..]),
             "node {i}: {:?}\n--- node 1 log:\n{}",
             names(&c.vol(i)),
             tail(&c.log(1), 30)
@@ -651,25 +664,12 @@ fn a_write_landing_while_a_peers_delete_is_applied_is_kept() {
 /// goes into a conflict copy). Before, the rename over the name took the write with it.
 #[test]
 fn a_write_landing_while_a_peers_version_replaces_the_file_is_kept() {
-    let mut c = Cluster::new(2);
-    c.extra_env[1].push(("SHOAL_FAULT_PAUSE_BEFORE_REMOVING_MS".into(), "3000".into()));
-    write_file(&c.vol(0).join("anchor.txt"), b"stays");
-    write_file(&c.vol(0).join("f.txt"), b"the version both start with");
-    c.start_all();
-    c.wait_connected(CONVERGE);
-    c.wait_converged(&[0, 1], CONVERGE);
-    let pausing = "between checking a file and replacing it";
-    let before = c.log(1).matches(pausing).count();
-    write_file(&c.vol(0).join("f.txt"), b"the peer's version");
-    let deadline = Instant::now() + CONVERGE;
-    while c.log(1).matches(pausing).count() == before {
-        assert!(
-            Instant::now() < deadline,
-            "node 1 never took the peer's version:\n{}",
-            tail(&c.log(1), 30)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let c = cluster_held_before_removing(b"the version both start with");
+    change_and_wait_until_held(
+        &c,
+        || write_file(&c.vol(0).join("f.txt"), b"the peer's version"),
+        "between checking a file and replacing it",
+    );
     let local = b"written on node 1 as the peer's version came";
     fs::write(c.vol(1).join("f.txt"), local).unwrap();
     c.wait_converged(&[0, 1], CONVERGE);
