@@ -402,6 +402,7 @@ pub fn expire_tombstones(store: &Store, vol: VolumeId, cutoff_ns: i64) -> Result
         if matches!(entry.kind, EntryKind::Tombstone { deleted_at_ns } if deleted_at_ns < cutoff_ns)
         {
             batch.delete_entry(vol, &dir, &name);
+            batch.delete_issued(vol, &dir, &name);
             batch.mark_dirty(vol, &dir);
             expired += 1;
             if batch.len() >= BATCH_OPS {
