@@ -1060,14 +1060,49 @@ fn staged_special_name(kind: &str) -> String {
     format!("{unique:016x}.{kind}.tmp")
 }
 
-/// Opens the directory `dir` below the volume root `root` one component at a time,
-/// never following a symlink (one met on the way is [`FsError::NotADirectory`]). With
-/// `create`, missing directories are created (mode 0755).
+/// Opens the directory `dir` below the volume root `root`, never following a symlink
+/// (one met on the way is [`FsError::NotADirectory`]). With `create`, missing
+/// directories are created (mode 0755).
+///
+/// One `openat2` resolves the whole path where the kernel has it (Linux 5.6), with the
+/// same rules as the walk one component at a time that it stands in for (no symlink
+/// anywhere, nothing above `root`): a pull or a chunk read opens a directory per file,
+/// and the walk costs two system calls per component and a `dup`. Anything else it
+/// reports (a kernel or seccomp filter without it, a missing directory to create) goes
+/// to the walk, which decides.
 pub fn open_dir_at(root: &impl AsFd, dir: &VolPath, create: bool) -> Result<OwnedFd, FsError> {
-    let mut fd = rustix::io::dup(root).map_err(io_err(dir.display()))?;
     if dir.is_root() {
-        return Ok(fd);
+        return rustix::io::dup(root).map_err(io_err(dir.display()));
     }
+    if OPENAT2_WORKS.load(std::sync::atomic::Ordering::Relaxed) {
+        use rustix::fs::ResolveFlags;
+        let resolve =
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+        let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let path = std::ffi::OsStr::from_bytes(dir.as_bytes());
+        match rustix::fs::openat2(root, path, flags, Mode::empty(), resolve) {
+            Ok(fd) => return Ok(fd),
+            Err(rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP) => {
+                return Err(FsError::NotADirectory {
+                    path: dir.display().to_string(),
+                });
+            }
+            Err(e @ rustix::io::Errno::NOENT) if !create => return Err(io_err(dir.display())(e)),
+            Err(rustix::io::Errno::NOSYS | rustix::io::Errno::PERM) => {
+                OPENAT2_WORKS.store(false, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(_) => {}
+        }
+    }
+    open_dir_walking(root, dir, create)
+}
+
+/// Whether `openat2` is worth trying ([`open_dir_at`]): until it is found missing.
+static OPENAT2_WORKS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// [`open_dir_at`] one component at a time.
+fn open_dir_walking(root: &impl AsFd, dir: &VolPath, create: bool) -> Result<OwnedFd, FsError> {
+    let mut fd = rustix::io::dup(root).map_err(io_err(dir.display()))?;
     for name in dir.as_bytes().split(|&b| b == b'/') {
         let name = std::ffi::OsStr::from_bytes(name);
         let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
@@ -1225,6 +1260,73 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     use super::*;
+
+    /// `openat2` and the walk it stands in for agree on every path a local user can
+    /// plant: a symlink anywhere on the way (into the volume, out of it, as the last
+    /// component), a file where a directory should be, a directory missing.
+    #[test]
+    fn opening_a_directory_in_one_call_follows_the_rules_of_the_walk() {
+        let outside = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("a/b/c")).unwrap();
+        std::fs::write(root.join("a/file"), b"x").unwrap();
+        std::os::unix::fs::symlink(root.join("a/b"), root.join("a/inside")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join("a/outside")).unwrap();
+        std::os::unix::fs::symlink("b", root.join("a/relative")).unwrap();
+        let root_fd =
+            rustix::fs::open(root, OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty()).unwrap();
+        let inode = |fd: &OwnedFd| FileStat::of(fd).unwrap().dev_ino().1;
+        let outcome = |result: Result<OwnedFd, FsError>| match result {
+            Ok(fd) => Ok(inode(&fd)),
+            Err(FsError::NotADirectory { .. }) => Err("not a directory".to_string()),
+            Err(FsError::Io { source, .. }) => Err(format!("{:?}", source.kind())),
+            Err(e) => Err(e.to_string()),
+        };
+        let expected_c = std::fs::metadata(root.join("a/b/c")).unwrap().ino();
+        for path in [
+            "a/b/c",
+            "a",
+            "a/inside",
+            "a/inside/c",
+            "a/outside",
+            "a/relative/c",
+            "a/file",
+            "a/file/c",
+            "a/missing",
+            "a/missing/deeper",
+        ] {
+            let path = VolPath::parse(path.as_bytes()).unwrap();
+            let one_call = outcome(open_dir_at(&root_fd, &path, false));
+            let walked = outcome(open_dir_walking(&root_fd, &path, false));
+            assert_eq!(one_call, walked, "{}", path.display());
+        }
+        assert_eq!(
+            outcome(open_dir_at(
+                &root_fd,
+                &VolPath::parse(b"a/b/c").unwrap(),
+                false
+            )),
+            Ok(expected_c)
+        );
+        for refused in ["a/inside", "a/outside/x", "a/file"] {
+            let path = VolPath::parse(refused.as_bytes()).unwrap();
+            assert!(
+                matches!(
+                    open_dir_at(&root_fd, &path, true),
+                    Err(FsError::NotADirectory { .. })
+                ),
+                "{refused}"
+            );
+        }
+        assert!(!outside.path().join("x").exists());
+        // Missing directories are made by the walk, from the first one missing.
+        let made = open_dir_at(&root_fd, &VolPath::parse(b"a/new/deeper").unwrap(), true).unwrap();
+        assert_eq!(
+            inode(&made),
+            std::fs::metadata(root.join("a/new/deeper")).unwrap().ino()
+        );
+    }
 
     #[test]
     fn a_chunk_of_a_file_unchanged_since_indexing_is_read_on_its_stamp_and_hashed_otherwise() {
