@@ -371,7 +371,13 @@ impl Chunker {
             let mut skipped = false;
             while start < filled && (eof || filled - start >= max) {
                 let at = base + start as u64;
-                let zeros = holes.zeros_from(at);
+                // Fewer than `max` bytes left cannot be a run of zero chunks: the file
+                // system is not asked (two calls saved on every small file).
+                let zeros = if size.saturating_sub(at) >= max as u64 {
+                    holes.zeros_from(at)
+                } else {
+                    0
+                };
                 if zeros >= max as u64 {
                     // Chunks of zeros while at least `max` of them follow each start.
                     let count = (zeros - max as u64) / u64::from(zero.len) + 1;

@@ -302,18 +302,15 @@ impl VolumeFs {
             return false;
         };
         let opened = self.open_dir(&parent, false).ok();
-        let Some(file) = opened.and_then(|dir| open_regular(&dir, name).ok()) else {
+        let Some((file, opened_as)) = opened.and_then(|dir| open_regular(&dir, name).ok()) else {
             return false;
         };
-        let is_indexed = || {
-            indexed.is_some_and(|indexed| {
-                FileStat::of(&file).is_ok_and(|stat| stat.stamp() == *indexed)
-            })
-        };
+        let is_indexed = |stat: &FileStat| indexed.is_some_and(|indexed| stat.stamp() == *indexed);
         let start = out.len();
-        let before = is_indexed();
+        let before = is_indexed(&opened_as);
         let read = read_append(&file, extent.len as usize, extent.offset, out).is_ok();
-        let intact = read && ((before && is_indexed()) || ChunkId::of(&out[start..]) == *id);
+        let after = || FileStat::of(&file).is_ok_and(|stat| is_indexed(&stat));
+        let intact = read && ((before && after()) || ChunkId::of(&out[start..]) == *id);
         if !intact {
             out.truncate(start);
         }
@@ -1209,15 +1206,17 @@ impl FileStat {
 /// Opens `name` in `dir` for reading if, and only if, it is a regular file: never
 /// following a symlink (`O_NOFOLLOW`), never waiting for a FIFO's writer or a device
 /// (`O_NONBLOCK`, which regular files ignore), and checking what was opened. Anything
-/// else is an error of kind [`io::ErrorKind::InvalidInput`].
-pub fn open_regular(dir: &impl AsFd, name: &[u8]) -> io::Result<File> {
+/// else is an error of kind [`io::ErrorKind::InvalidInput`]. Returns the file with
+/// what that check found (the state a read that follows starts from).
+pub fn open_regular(dir: &impl AsFd, name: &[u8]) -> io::Result<(File, FileStat)> {
     let fd = rustix::fs::openat(
         dir,
         std::ffi::OsStr::from_bytes(name),
         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
-    if !FileStat::of(&fd)?.is_file() {
+    let stat = FileStat::of(&fd)?;
+    if !stat.is_file() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(
@@ -1226,7 +1225,7 @@ pub fn open_regular(dir: &impl AsFd, name: &[u8]) -> io::Result<File> {
             ),
         ));
     }
-    Ok(File::from(fd))
+    Ok((File::from(fd), stat))
 }
 
 /// Creates (if needed) and opens Shoal's own directory `name` in `parent`, never through

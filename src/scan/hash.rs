@@ -139,8 +139,8 @@ pub(super) fn hash_file(
         // Through the directory's descriptor, O_NOFOLLOW|O_NONBLOCK, a regular file or
         // nothing: a name swapped for a symlink, FIFO or device since the listing is not
         // followed, waited on or read.
-        let file = match open_regular(&*job.dir_fd, &job.name) {
-            Ok(file) => file,
+        let (file, before) = match open_regular(&*job.dir_fd, &job.name) {
+            Ok(opened) => opened,
             Err(e)
                 if matches!(
                     e.kind(),
@@ -149,11 +149,6 @@ pub(super) fn hash_file(
             {
                 return HashOutcome::Vanished;
             }
-            Err(e) => return HashOutcome::Failed(e),
-        };
-        let before = match FileStat::of(&file) {
-            Ok(stat) if stat.is_file() => stat,
-            Ok(_) => return HashOutcome::Vanished,
             Err(e) => return HashOutcome::Failed(e),
         };
         if job.may_snapshot && job.appended_to.is_none() {

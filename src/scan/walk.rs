@@ -561,7 +561,7 @@ impl<'s> Walker<'s> {
         let shown = fs_dir.join(IGNORE_FILE);
         let mut text = Vec::new();
         let read = open_regular(dir_fd, IGNORE_FILE.as_bytes())
-            .and_then(|file| file.take(MAX_IGNORE_FILE).read_to_end(&mut text));
+            .and_then(|(file, _)| file.take(MAX_IGNORE_FILE).read_to_end(&mut text));
         match read {
             Ok(n) if n as u64 >= MAX_IGNORE_FILE => self.problem(format!(
                 "{}: longer than {MAX_IGNORE_FILE} bytes; the rest is ignored",
@@ -903,7 +903,7 @@ impl<'s> Walker<'s> {
                 {
                     let read = open_regular(&*opened.fd, &item.name)
                         .map_err(|e| XattrError::Io(e.to_string()))
-                        .and_then(|file| crate::xattrs::read(&file, self.namespaces));
+                        .and_then(|(file, _)| crate::xattrs::read(&file, self.namespaces));
                     let xattrs = self.xattrs_or_problem(read, &path);
                     return self.record_file(dir, &item.name, content, &item.meta, xattrs);
                 }

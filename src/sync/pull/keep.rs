@@ -89,7 +89,9 @@ impl Pull {
             return Ok(());
         }
         let opened = match self.volume().fs.open_dir(dir, false) {
-            Ok(dir_fd) => crate::volume_fs::open_regular(&dir_fd, name).map_err(|e| e.to_string()),
+            Ok(dir_fd) => crate::volume_fs::open_regular(&dir_fd, name)
+                .map(|(file, _)| file)
+                .map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
         let file = match opened {
