@@ -4,6 +4,7 @@
     tools/bench-sync.py [--dir /var/tmp/shoal-bench/sync] [--only SCENARIO[,...]]
                         [--tools shoal,rsync,rsync-fsync,rsync-ssh,unison,syncthing]
                         [--scale F] [--rounds N] [--out FILE] [--timeout S] [--keep-work] [--no-setup]
+                        [--scratch-fs GIB]
 
 Two "nodes" on one machine, over loopback: node A on 127.0.0.1 holds the source tree,
 node B on 127.0.0.2 the replica. Every tool gets its own fresh pair of directories.
@@ -72,6 +73,15 @@ inodes do not slow the next tool on a file system without a journal; see
 discard_work). Needs root (nftables, rsync daemon as root) and the
 packages rsync unison syncthing nftables time openssh-server (installed through
 tools/setup.sh).
+
+File system: the run's trees go where DIR is, unless --scratch-fs GIB puts them on a new
+ext4 with a journal (a sparse image in DIR, loop-mounted; made and removed by the run).
+On a file system without a journal (this project's test machine's ext4 has none) the
+kernel will not reuse an inode freed in the last 60-360 s, and checks every such free
+inode of a block group on each new one: a small-file row run minutes after another
+tool's trees (or another run's) were removed can take several times longer, whichever
+tool it is (docs/BENCHMARKS.md, "this machine's inode allocator"). The scratch file
+system starts empty every run.
 
 Quick check:  tools/bench-sync.py --scale 0.02 --only initial-small,rename,delete
 """
@@ -1000,6 +1010,40 @@ def discard_work(work, files, run_dir):
         shutil.rmtree(work, ignore_errors=True)
 
 
+def mount_scratch_fs(mountpoint, gib):
+    """Makes a new ext4 file system with a journal in a sparse image beside `mountpoint`
+    (`gib` GiB, an inode per 4 KiB so that `million` fits twice, inode tables and
+    journal written now rather than by the kernel's lazy init during the run) and
+    mounts it there. Returns the image's path."""
+    image = mountpoint + ".ext4"
+    with open(image, "wb") as f:
+        f.truncate(int(gib * GIB))
+    try:
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-i", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                        image], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["mount", "-o", "loop", image, mountpoint], check=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        os.unlink(image)
+        sys.exit(f"bench-sync: cannot make the scratch file system ({e}); run without --scratch-fs")
+    return image
+
+
+def unmount_scratch_fs(mountpoint, image, keep):
+    """Unmounts the scratch file system (a few tries: the tools' last processes may
+    still be closing files) and removes its image, unless it is to be kept."""
+    for _ in range(20):
+        if subprocess.run(["umount", mountpoint], stderr=subprocess.DEVNULL).returncode == 0:
+            break
+        time.sleep(0.5)
+    else:
+        print(f"bench-sync: {mountpoint} is still mounted (image {image})", file=sys.stderr)
+        return
+    if keep:
+        print(f"bench-sync: the run's trees are in {image} (mount -o loop {image} DIR)", file=sys.stderr)
+    else:
+        os.unlink(image)
+
+
 def human(n):
     if n is None:
         return "n/a"
@@ -1096,6 +1140,9 @@ def main():
                              "the median run with the range (default 1; the reference tools move by 2x "
                              "between runs on a shared machine)")
     parser.add_argument("--keep-work", action="store_true", help="keep the run directory (debugging)")
+    parser.add_argument("--scratch-fs", type=float, metavar="GIB",
+                        help="put the run's trees on a new ext4 file system with a journal, GIB large (a sparse "
+                             "image in DIR, loop-mounted for the run): see 'File system' above")
     parser.add_argument("--no-setup", action="store_true", help="do not run tools/setup.sh")
     args = parser.parse_args()
     scenarios = parse_list(args.only, list(SCENARIOS), "scenario") if args.only else list(SCENARIOS)
@@ -1118,6 +1165,9 @@ def main():
     os.makedirs(run_dir)
     wire = WireCounter()
     atexit.register(lambda: (None if args.keep_work else shutil.rmtree(run_dir, ignore_errors=True)))
+    if args.scratch_fs:
+        image = mount_scratch_fs(run_dir, args.scratch_fs)
+        atexit.register(unmount_scratch_fs, run_dir, image, args.keep_work)
     atexit.register(wire.close)
     atexit.register(stop_all)  # atexit runs in reverse: processes first, then table, then dirs
 
@@ -1133,6 +1183,9 @@ def main():
         f"`{tool_version(['syncthing', '--version'])}`.",
         f"Physical limit: the disk writes+fsyncs {rate:,.0f} MiB/s ({human(rate_size)} written, then fsync).",
     ]
+    if args.scratch_fs:
+        header.append(f"File system: the run's trees on a new ext4 with a journal ({args.scratch_fs:g} GiB image, "
+                      "loop-mounted); the disk rate above is measured there too.")
     if args.rounds > 1:
         header.append(f"Rounds: {args.rounds}, the tools in a rotated order each round; each row is the run "
                       "of median wall time (its wire bytes, RSS and CPU), with the range of the wall times; "
