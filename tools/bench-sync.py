@@ -67,10 +67,7 @@ data size / that rate as the "disk floor". --timeout bounds every wait (default
 Data comes from tools/gen-data.py: full-scale sets are taken from (or generated into)
 /var/tmp/shoal-bench/data (--data); with --scale F they are generated into
 DIR/data-scale-F and kept for the next run. The run's own directories (DIR/run-*) and
-processes are removed at the end (a tool's work directory right after it ran, unless
-its data set has more than 1,000 files: then at the end, so that one tool's removed
-inodes do not slow the next tool on a file system without a journal; see
-discard_work). Needs root (nftables, rsync daemon as root) and the
+processes are removed at the end. Needs root (nftables, rsync daemon as root) and the
 packages rsync unison syncthing nftables time openssh-server (installed through
 tools/setup.sh).
 
@@ -982,39 +979,15 @@ def run_group(group, scenarios, tools, args, run_dir, wire, results, description
                 tool.teardown()
             finally:
                 if not args.keep_work:
-                    discard_work(tool.dir, files, run_dir)
-
-
-# A tree of more files than this is not removed until the run ends (see discard_work).
-DEFERRED_REMOVAL_FROM = 1000
-
-
-def discard_work(work, files, run_dir):
-    """Removes one tool's work directory, or, when its data set has many files, moves it
-    aside until the end of the run. On a file system without a journal (ext4 without
-    one, as on the machine these numbers were first taken on) the kernel will not reuse
-    an inode freed in the last 60 s (360 s while its inode table block is unwritten): it
-    checks every such free inode of a block group on each allocation, so creating tens
-    of thousands of files right after removing as many cost the next tool up to 5x
-    (perf: `recently_deleted` under `__ext4_new_inode`). Removed at once, one tool's
-    files would slow the next tool's copy and sync; kept until the end, every tool
-    starts on the same file system."""
-    if files <= DEFERRED_REMOVAL_FROM:
-        shutil.rmtree(work, ignore_errors=True)
-        return
-    trash = os.path.join(run_dir, "removed-at-end")
-    os.makedirs(trash, exist_ok=True)
-    try:
-        os.rename(work, os.path.join(trash, os.path.basename(work)))
-    except OSError:
-        shutil.rmtree(work, ignore_errors=True)
+                    shutil.rmtree(tool.dir, ignore_errors=True)
 
 
 def mount_scratch_fs(mountpoint, gib):
     """Makes a new ext4 file system with a journal in a sparse image beside `mountpoint`
-    (`gib` GiB, an inode per 4 KiB so that `million` fits twice, inode tables and
-    journal written now rather than by the kernel's lazy init during the run) and
-    mounts it there. Returns the image's path."""
+    (`gib` GiB; an inode per 4 KiB block, so that a tree of tiny files runs out of
+    neither first: two copies of `million` need about 10 GiB; inode tables and journal
+    written now rather than by the kernel's lazy init during the run) and mounts it
+    there. Returns the image's path."""
     image = mountpoint + ".ext4"
     with open(image, "wb") as f:
         f.truncate(int(gib * GIB))
