@@ -775,7 +775,7 @@ impl VolumeFs {
         rustix::fs::openat(
             dir_fd,
             std::ffi::OsStr::from_bytes(name),
-            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            OPEN_DIR,
             Mode::empty(),
         )
         .map_err(io_err(crate::pathname::escape(name)))
@@ -1075,9 +1075,8 @@ pub fn open_dir_at(root: &impl AsFd, dir: &VolPath, create: bool) -> Result<Owne
         use rustix::fs::ResolveFlags;
         let resolve =
             ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
-        let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let path = std::ffi::OsStr::from_bytes(dir.as_bytes());
-        match rustix::fs::openat2(root, path, flags, Mode::empty(), resolve) {
+        match rustix::fs::openat2(root, path, OPEN_DIR, Mode::empty(), resolve) {
             Ok(fd) => return Ok(fd),
             Err(rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP) => {
                 return Err(FsError::NotADirectory {
@@ -1094,6 +1093,12 @@ pub fn open_dir_at(root: &impl AsFd, dir: &VolPath, create: bool) -> Result<Owne
     open_dir_walking(root, dir, create)
 }
 
+/// How a directory of a volume is opened: never through a symlink.
+const OPEN_DIR: OFlags = OFlags::DIRECTORY
+    .union(OFlags::RDONLY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
+
 /// Whether `openat2` is worth trying ([`open_dir_at`]): until it is found missing.
 static OPENAT2_WORKS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
@@ -1102,14 +1107,13 @@ fn open_dir_walking(root: &impl AsFd, dir: &VolPath, create: bool) -> Result<Own
     let mut fd = rustix::io::dup(root).map_err(io_err(dir.display()))?;
     for name in dir.as_bytes().split(|&b| b == b'/') {
         let name = std::ffi::OsStr::from_bytes(name);
-        let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let next = match rustix::fs::openat(&fd, name, flags, Mode::empty()) {
+        let next = match rustix::fs::openat(&fd, name, OPEN_DIR, Mode::empty()) {
             Err(rustix::io::Errno::NOENT) if create => {
                 match rustix::fs::mkdirat(&fd, name, Mode::from_raw_mode(0o755)) {
                     Ok(()) | Err(rustix::io::Errno::EXIST) => {}
                     Err(e) => return Err(io_err(dir.display())(e)),
                 }
-                rustix::fs::openat(&fd, name, flags, Mode::empty())
+                rustix::fs::openat(&fd, name, OPEN_DIR, Mode::empty())
             }
             other => other,
         };
@@ -1233,14 +1237,13 @@ pub fn open_regular(dir: &impl AsFd, name: &[u8]) -> io::Result<(File, FileStat)
 /// another volume, a file) is removed and the directory made anew.
 fn own_dir(parent: &OwnedFd, name: &str, shown_parent: &str) -> Result<OwnedFd, FsError> {
     let shown = format!("{shown_parent}/{name}");
-    let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     // Twice at most: once as found, once after removing what was planted there.
     for _ in 0..2 {
         match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700)) {
             Ok(()) | Err(rustix::io::Errno::EXIST) => {}
             Err(e) => return Err(io_err(&shown)(e)),
         }
-        match rustix::fs::openat(parent, name, flags, Mode::empty()) {
+        match rustix::fs::openat(parent, name, OPEN_DIR, Mode::empty()) {
             Ok(fd) => return Ok(fd),
             Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => {
                 tracing::warn!(

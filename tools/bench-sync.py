@@ -1122,6 +1122,8 @@ def main():
     tools = parse_list([args.tools], TOOLS, "tool")
     if args.rounds < 1:
         sys.exit("bench-sync: --rounds must be at least 1")
+    if args.scratch_fs is not None and args.scratch_fs < 1:
+        sys.exit("bench-sync: --scratch-fs must be at least 1 (GiB)")
     if args.timeout is None:
         args.timeout = 120 + 1800 * args.scale
     if os.geteuid() != 0:
