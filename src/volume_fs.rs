@@ -359,7 +359,7 @@ impl VolumeFs {
     /// one, or this process cannot give it a name ([`VolumeFs::publish_unnamed`]):
     /// then the caller stages by name.
     pub fn stage_unnamed(&self, size: u64) -> Result<Option<File>, FsError> {
-        if self.unnamed_linking().is_none() {
+        if !self.can_stage_unnamed() {
             return Ok(None);
         }
         let file = match rustix::fs::openat(
@@ -376,6 +376,11 @@ impl VolumeFs {
             source,
         })?;
         Ok(Some(file))
+    }
+
+    /// Whether [`VolumeFs::stage_unnamed`] can make unnamed staging files here.
+    pub fn can_stage_unnamed(&self) -> bool {
+        self.unnamed_linking().is_some()
     }
 
     /// How unnamed staging files get a name on this file system, tried once: an
@@ -409,8 +414,10 @@ impl VolumeFs {
     /// Gives the complete, durable unnamed staging `file` the name `name` in `dir_fd`:
     /// linked there directly when the name is free (the name appears with the whole
     /// file, as a rename would make it), or, when something holds the name, linked
-    /// into staging under a temporary name and renamed over it (atomically, as
-    /// [`VolumeFs::publish`] does).
+    /// into staging under a temporary name and put over it as
+    /// [`VolumeFs::replace_as_checked`] does, if it is what `expected` says. `false`
+    /// when the name changed here: something holds it where `expected` says nothing
+    /// should, or it is not what `expected` says.
     pub fn publish_unnamed(
         &self,
         file: &File,
@@ -425,6 +432,9 @@ impl VolumeFs {
         let shown = || crate::pathname::escape(name);
         match link_unnamed(how, file, dir_fd, OsStr::from_bytes(name)) {
             Ok(()) => return Ok(true),
+            // Nothing was expected at the name, yet something is there: it changed here
+            // (what the checked replace would find after swapping it out and back).
+            Err(rustix::io::Errno::EXIST) if expected.is_none() => return Ok(false),
             Err(rustix::io::Errno::EXIST) => {}
             Err(e) => return Err(io_err(shown())(e)),
         }
@@ -1392,8 +1402,8 @@ mod tests {
     }
 
     /// An unnamed staging file shows nowhere until it is published: then under its name
-    /// with all of its content, as a new name or over an existing one, and nothing is
-    /// left in staging either way. (Where the file system cannot make one, the caller
+    /// with all of its content, as a new name or over an existing one (not over a name
+    /// taken where nothing was expected), and nothing is left in staging either way. (Where the file system cannot make one, the caller
     /// stages by name: nothing to check here then.)
     #[test]
     fn an_unnamed_staging_file_appears_whole_under_its_name_and_leaves_nothing_behind() {
@@ -1429,6 +1439,18 @@ mod tests {
             assert_eq!(listing(&staging), Vec::<String>::new());
         }
         assert_eq!(listing(dir.path()), vec![".shoal", "new", "old"]);
+
+        // A name taken here where nothing was expected is left as it is.
+        std::fs::write(dir.path().join("taken"), b"made here meanwhile").unwrap();
+        let Some(file) = fs.stage_unnamed(4).unwrap() else {
+            return;
+        };
+        file.write_all_at(b"sync", 0).unwrap();
+        let placed = fs.publish_unnamed(&file, &root_fd, b"taken", None);
+        assert!(!placed.unwrap());
+        let kept = std::fs::read(dir.path().join("taken")).unwrap();
+        assert_eq!(kept, b"made here meanwhile");
+        assert_eq!(listing(&staging), Vec::<String>::new());
     }
 
     /// A file written after sync checked it is neither removed nor replaced: a delete

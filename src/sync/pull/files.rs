@@ -31,6 +31,21 @@ const FILE_CONCURRENCY: usize = 32;
 /// for each (two entries made and removed in the staging directory, under its lock).
 const UNNAMED_UP_TO: u64 = 1 << 20;
 
+/// Whether a file of `size` bytes is staged unnamed on `fs` ([`UNNAMED_UP_TO`]).
+fn stages_unnamed(fs: &crate::volume_fs::VolumeFs, size: u64) -> bool {
+    size <= UNNAMED_UP_TO && fs.can_stage_unnamed()
+}
+
+/// What a file about to be staged needs of the volume's file system.
+#[derive(Clone, Copy)]
+enum Needs {
+    /// Nothing: a local file moved into staging (the other half of a rename).
+    Nothing,
+    /// Its size, less what a named staging file to resume holds already, out of
+    /// `available` bytes free (read once for a whole batch).
+    Room { available: u64 },
+}
+
 /// Where a file being taken is staged.
 enum Staging {
     /// A named staging file: resumable, or a local file moved there (a rename).
@@ -382,8 +397,11 @@ impl Pull {
         let mut jobs = fetched.into_iter().peekable();
         while jobs.peek().is_some() {
             let mut batch = Vec::new();
+            // Read once a batch: nothing is staged until the whole batch holds its room.
+            // A file system that cannot say how full it is is taken to have room.
+            let available = self.volume().fs.available().unwrap_or(u64::MAX);
             for job in jobs.by_ref().take(PUBLISH_BATCH) {
-                if let Some(room) = self.reserve_room(&job, false) {
+                if let Some(room) = self.reserve_room(&job, Needs::Room { available }) {
                     batch.push((job, room));
                 }
             }
@@ -455,7 +473,7 @@ impl Pull {
             for (job, source) in jobs.by_ref().take(PUBLISH_BATCH) {
                 left.mark_dirty(node.volumes[self.volume_index].id, &source.dir);
                 self.moved(&source.dir);
-                let Some(room) = self.reserve_room(&job, true) else {
+                let Some(room) = self.reserve_room(&job, Needs::Nothing) else {
                     continue;
                 };
                 let Some(chunks) = local_chunk_list(&node, &job)? else {
@@ -533,9 +551,8 @@ impl Pull {
 
     /// Holds room on the volume's file system for `job`'s staging file, or counts the
     /// job as waiting for room, or for another pull that is taking the same file
-    /// (`None`). A file taken over from a local rename needs no room; a staging file to
-    /// resume needs only what it does not hold yet.
-    fn reserve_room(&mut self, job: &FileJob, renaming: bool) -> Option<Reservation> {
+    /// (`None`). A staging file to resume needs only what it does not hold yet.
+    fn reserve_room(&mut self, job: &FileJob, needs: Needs) -> Option<Reservation> {
         let volume = &self.node.volumes[self.volume_index];
         let EntryKind::File { content_id, .. } = &job.entry.kind else {
             return None;
@@ -549,12 +566,15 @@ impl Pull {
         {
             self.wanted_staging = None;
         }
-        let needed = match renaming {
-            true => 0,
-            false => size.saturating_sub(volume.fs.staged_bytes(&staging)),
+        let (available, needed) = match needs {
+            Needs::Nothing => (u64::MAX, 0),
+            // An unnamed staging file starts empty whatever staging holds by this name.
+            Needs::Room { available } if stages_unnamed(&volume.fs, size) => (available, size),
+            Needs::Room { available } => (
+                available,
+                size.saturating_sub(volume.fs.staged_bytes(&staging)),
+            ),
         };
-        // A file system that cannot say how full it is is taken to have room.
-        let available = volume.fs.available().unwrap_or(u64::MAX);
         match volume.room.reserve(available, needed, &staging) {
             Ok(reservation) => Some(reservation),
             Err(Refused::NoRoom) => {
@@ -725,6 +745,10 @@ impl Pull {
             );
             return Ok(None);
         }
+        // A name the index holds nothing for has no stamp either: it must be free on
+        // disk, which linking an unnamed staging file checks by itself (it never takes
+        // a name something holds, `VolumeFs::publish_unnamed`).
+        let link_checks = job.decided_against.is_none() && matches!(staged, Staging::Unnamed(_));
         let replaces_dir = job.replaces.as_ref().is_some_and(Entry::is_dir);
         if replaces_dir {
             // A directory goes only once it is empty (its children are synced first).
@@ -735,7 +759,7 @@ impl Pull {
                 batch.delete_tree_node(vol, &path);
                 batch.clear_dirty(vol, &path);
             }
-        } else if !self.unchanged_on_disk(dir_fd, &job.dir, &job.name)? {
+        } else if !link_checks && !self.unchanged_on_disk(dir_fd, &job.dir, &job.name)? {
             tracing::info!(
                 "{} changed locally since the last scan; not replacing it",
                 escape(&job.name)
@@ -1015,7 +1039,7 @@ fn stage_job(
         )?,
         None => None,
     };
-    let unnamed = match (&moved, size <= UNNAMED_UP_TO) {
+    let unnamed = match (&moved, stages_unnamed(&volume.fs, size)) {
         (None, true) => volume.fs.stage_unnamed(size)?,
         _ => None,
     };
