@@ -191,4 +191,32 @@ mod tests {
             .unwrap();
         assert_eq!(all.len(), 900);
     }
+
+    /// A directory's chunk lists read in one pass come in name order, from the name
+    /// asked for, only that directory's, each as written; longer ones are passed over.
+    #[test]
+    fn a_directorys_chunk_lists_come_in_name_order_and_long_ones_are_passed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_for_test(dir.path());
+        let vol = VolumeId(1);
+        let folder = VolPath::parse(b"d").unwrap();
+        let below = VolPath::parse(b"d/e").unwrap();
+        let mut batch = store.batch();
+        for (f, name) in [b"a", b"b", b"c", b"e"].into_iter().enumerate() {
+            let chunks: Vec<ChunkRef> = (0..=f as u32).map(|n| chunk(f as u32, n)).collect();
+            batch.set_chunks(vol, &folder, name, &chunks, &[]);
+        }
+        batch.set_chunks(vol, &below, b"a", &[chunk(9, 0)], &[]);
+        store.write(batch, Durability::Buffered).unwrap();
+        let lists: Vec<(Vec<u8>, Option<Vec<ChunkRef>>)> = store
+            .chunk_lists_from(vol, &folder, b"b", 2)
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let expected = vec![
+            (b"b".to_vec(), Some(vec![chunk(1, 0), chunk(1, 1)])),
+            (b"c".to_vec(), None),
+            (b"e".to_vec(), None),
+        ];
+        assert_eq!(lists, expected);
+    }
 }

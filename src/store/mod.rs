@@ -819,6 +819,28 @@ impl Store {
         self.children_in(CF_ENTRIES, vol, dir, start, codec::decode_entry)
     }
 
+    /// The chunk lists of `dir`'s child files whose names are `>= start`, in name order;
+    /// a list of more than `max_chunks` chunks is passed over undecoded (`None`). Read
+    /// alongside [`Store::children_from`]: one seek for a directory instead of a lookup
+    /// for each file.
+    pub fn chunk_lists_from(
+        &self,
+        vol: VolumeId,
+        dir: &VolPath,
+        start: &[u8],
+        max_chunks: usize,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Option<Vec<ChunkRef>>), StoreError>> + '_ {
+        let longest = max_chunks
+            .saturating_mul(codec::CHUNK_REF_LEN)
+            .saturating_add(4);
+        self.children_in(CF_CHUNK_LISTS, vol, dir, start, move |value| {
+            match value.len() <= longest {
+                true => codec::decode_chunk_list(value).map(Some),
+                false => Ok(None),
+            }
+        })
+    }
+
     /// The names `>= start` of `dir`'s children that the index holds as existing (not
     /// tombstones), in name order.
     pub fn live_names(
@@ -855,7 +877,7 @@ impl Store {
         vol: VolumeId,
         dir: &VolPath,
         start: &[u8],
-        decode: fn(&[u8]) -> Result<T, DecodeError>,
+        decode: impl Fn(&[u8]) -> Result<T, DecodeError> + 'static,
     ) -> impl Iterator<Item = Result<(Vec<u8>, T), StoreError>> + '_ {
         let (prefix, end) = children_range(vol, dir);
         let name_at = prefix.len();

@@ -3,12 +3,14 @@
 //! response's worth, `more` set when names in the range remain.
 
 use super::{internal, volume_id};
+use crate::chunking::ChunkRef;
 use crate::entry::EntryKind;
 use crate::pathname::VolPath;
 use crate::protocol::{
     MAX_ENTRIES_BYTES, MAX_ENTRIES_PER_RESPONSE, MAX_INLINE_CHUNKS, ProtocolError, Response,
     WireEntry,
 };
+use crate::store::StoreError;
 use crate::sync::Node;
 
 pub(super) fn answer(
@@ -23,6 +25,10 @@ pub(super) fn answer(
     let mut entries = Vec::new();
     let mut bytes = 0;
     let mut more = false;
+    let mut lists = node
+        .store
+        .chunk_lists_from(vol, dir, start, MAX_INLINE_CHUNKS)
+        .peekable();
     for item in node.store.children_from(vol, dir, start) {
         let (name, entry) = item.map_err(internal)?;
         if after && name == start {
@@ -49,7 +55,7 @@ pub(super) fn answer(
         };
         let chunks = match entry.kind {
             EntryKind::File { chunks, .. } if chunks as usize <= MAX_INLINE_CHUNKS => {
-                node.store.chunk_list(vol, dir, &name).map_err(internal)?
+                list_of(&mut lists, &name)?
             }
             _ => None,
         };
@@ -63,4 +69,25 @@ pub(super) fn answer(
         entries.push(wire);
     }
     Ok(Response::Entries { entries, more })
+}
+
+/// The chunk list of `name` from `lists` (in name order, like the entries), passing over
+/// those of the names before it.
+fn list_of(
+    lists: &mut std::iter::Peekable<
+        impl Iterator<Item = Result<(Vec<u8>, Option<Vec<ChunkRef>>), StoreError>>,
+    >,
+    name: &[u8],
+) -> Result<Option<Vec<ChunkRef>>, ProtocolError> {
+    let not_past = |item: &Result<(Vec<u8>, _), _>| {
+        item.as_ref()
+            .map_or(true, |(listed, _)| listed.as_slice() <= name)
+    };
+    while let Some(item) = lists.next_if(not_past) {
+        let (listed, list) = item.map_err(internal)?;
+        if listed == name {
+            return Ok(list);
+        }
+    }
+    Ok(None)
 }
