@@ -748,7 +748,9 @@ impl Pull {
         // A name the index holds nothing for has no stamp either: it must be free on
         // disk, which linking an unnamed staging file checks by itself (it never takes
         // a name something holds, `VolumeFs::publish_unnamed`).
-        let link_checks = job.decided_against.is_none() && matches!(staged, Staging::Unnamed(_));
+        let link_checks = job.decided_against.is_none()
+            && job.replaces.is_none()
+            && matches!(staged, Staging::Unnamed(_));
         let replaces_dir = job.replaces.as_ref().is_some_and(Entry::is_dir);
         if replaces_dir {
             // A directory goes only once it is empty (its children are synced first).
