@@ -1403,8 +1403,9 @@ mod tests {
 
     /// An unnamed staging file shows nowhere until it is published: then under its name
     /// with all of its content, as a new name or over an existing one (not over a name
-    /// taken where nothing was expected), and nothing is left in staging either way. (Where the file system cannot make one, the caller
-    /// stages by name: nothing to check here then.)
+    /// taken where nothing was expected), and nothing is left in staging either way.
+    /// (Where the file system cannot make one, the caller stages by name: nothing to
+    /// check here then.)
     #[test]
     fn an_unnamed_staging_file_appears_whole_under_its_name_and_leaves_nothing_behind() {
         let dir = tempfile::tempdir().unwrap();
