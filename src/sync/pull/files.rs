@@ -568,12 +568,14 @@ impl Pull {
         }
         let (available, needed) = match needs {
             Needs::Nothing => (u64::MAX, 0),
-            // An unnamed staging file starts empty whatever staging holds by this name.
-            Needs::Room { available } if stages_unnamed(&volume.fs, size) => (available, size),
-            Needs::Room { available } => (
-                available,
-                size.saturating_sub(volume.fs.staged_bytes(&staging)),
-            ),
+            Needs::Room { available } => {
+                // An unnamed staging file starts empty whatever staging holds by this name.
+                let resumed = match stages_unnamed(&volume.fs, size) {
+                    true => 0,
+                    false => volume.fs.staged_bytes(&staging),
+                };
+                (available, size.saturating_sub(resumed))
+            }
         };
         match volume.room.reserve(available, needed, &staging) {
             Ok(reservation) => Some(reservation),
