@@ -1,7 +1,9 @@
 //! Where chunks can be read from: the index's chunk locations (a live file's extent or a
 //! pack record) and the lookups the sync engine, verify and repair make on them.
 
-use super::codec::{self, Extent};
+use rocksdb::ReadOptions;
+
+use super::codec::{self, Extent, ScanStamp};
 use super::keys::*;
 use super::{Store, StoreError};
 use crate::chunking::ChunkRef;
@@ -13,8 +15,28 @@ impl Store {
     /// Every place the index says `chunk` can be read from.
     pub fn chunk_locations(&self, chunk: &ChunkId) -> Result<Vec<ChunkLocation>, StoreError> {
         self.hash_range(CF_CHUNKS, chunk.as_bytes())
-            .map(|item| decode_location(&item?))
+            .map(|item| item.and_then(|(key, value)| decode_location(&key, &value)))
             .collect()
+    }
+
+    /// One view of the index, as it is now, for reading a run of chunks: their locations
+    /// through one iterator (one iterator's creation for the run, not one per chunk),
+    /// and the scan stamps of the files that hold them, from the same moment.
+    pub fn chunk_reads(&self) -> ChunkReads<'_> {
+        let snapshot = self.db.snapshot();
+        let mut locations = ReadOptions::default();
+        locations.set_snapshot(&snapshot);
+        // Each seek takes its chunk id as the prefix: the tables' prefix filters answer
+        // it, and the iterator ends at the id's last key.
+        locations.set_prefix_same_as_start(true);
+        let mut points = ReadOptions::default();
+        points.set_snapshot(&snapshot);
+        ChunkReads {
+            store: self,
+            locations: self.db.raw_iterator_cf_opt(self.cf(CF_CHUNKS), locations),
+            points,
+            _snapshot: snapshot,
+        }
     }
 
     /// Whether the index records `chunk` as held by the live file `dir/name`.
@@ -56,7 +78,7 @@ impl Store {
         self.range(CF_CHUNKS, Vec::new(), vec![0xff; 33])
             .map(|item| {
                 let item = item?;
-                let location = decode_location(&item)?;
+                let location = decode_location(&item.0, &item.1)?;
                 Ok((
                     ChunkId(
                         item.0[..32]
@@ -109,7 +131,58 @@ impl ChunkLocation {
     }
 }
 
-fn decode_location((key, value): &(Box<[u8]>, Box<[u8]>)) -> Result<ChunkLocation, StoreError> {
+/// [`Store::chunk_reads`]. A location and the stamp of its file read through one view
+/// agree: the stamp is the one of the scan that found the chunk there, so a file that
+/// still has that stamp still holds the chunk there.
+pub struct ChunkReads<'s> {
+    store: &'s Store,
+    // The iterator and the options read through the snapshot: declared before it, so
+    // they are dropped before it is released.
+    locations: rocksdb::DBRawIterator<'s>,
+    points: ReadOptions,
+    _snapshot: rocksdb::Snapshot<'s>,
+}
+
+impl ChunkReads<'_> {
+    /// Every place the index said `chunk` can be read from, as [`Store::chunk_locations`].
+    pub fn locations(&mut self, chunk: &ChunkId) -> Result<Vec<ChunkLocation>, StoreError> {
+        let id = chunk.as_bytes();
+        let mut found = Vec::new();
+        self.locations.seek(id);
+        while let (Some(key), Some(value)) = (self.locations.key(), self.locations.value()) {
+            if !key.starts_with(id) {
+                break;
+            }
+            found.push(decode_location(key, value)?);
+            self.locations.next();
+        }
+        self.locations.status().map_err(|e| self.store.rocks(e))?;
+        Ok(found)
+    }
+
+    /// The scan stamp of `dir/name`, as [`Store::stamp`].
+    pub fn stamp(
+        &self,
+        vol: VolumeId,
+        dir: &VolPath,
+        name: &[u8],
+    ) -> Result<Option<ScanStamp>, StoreError> {
+        let key = entry_key(vol, dir, name);
+        let cf = self.store.cf(CF_SCAN_CACHE);
+        let bytes = self
+            .store
+            .db
+            .get_cf_opt(cf, &key, &self.points)
+            .map_err(|e| self.store.rocks(e))?;
+        bytes
+            .map(|bytes| {
+                codec::decode_stamp(&bytes).map_err(|e| StoreError::corrupt(CF_SCAN_CACHE, &key, e))
+            })
+            .transpose()
+    }
+}
+
+fn decode_location(key: &[u8], value: &[u8]) -> Result<ChunkLocation, StoreError> {
     let corrupt = |e: String| StoreError::corrupt(CF_CHUNKS, key, e);
     let extent = codec::decode_extent(value).map_err(|e: DecodeError| corrupt(e.0))?;
     let (_, location) = parse_location_key(key).map_err(corrupt)?;
@@ -185,11 +258,69 @@ mod tests {
             );
         }
         assert!(store.chunk_locations(&chunk(999, 0).id).unwrap().is_empty());
+        // One view for many lookups, in any order, a missing id among them, finds what a
+        // lookup of its own finds.
+        let mut reads = store.chunk_reads();
+        let mut ids: Vec<ChunkId> = files
+            .iter()
+            .flat_map(|(_, chunks)| chunks.iter().map(|c| c.id))
+            .collect();
+        ids.reverse();
+        ids.insert(100, chunk(999, 0).id);
+        for id in &ids {
+            assert_eq!(
+                reads.locations(id).unwrap(),
+                store.chunk_locations(id).unwrap()
+            );
+        }
         let all = store
             .all_chunk_locations()
             .collect::<Result<Vec<_>, _>>()
             .unwrap();
         assert_eq!(all.len(), 900);
+    }
+
+    /// A run's view keeps a chunk's location and its file's stamp from one moment: a
+    /// rescan written after the view was made (new content, new stamp) is seen by
+    /// neither, so the old extent is never trusted under the new stamp.
+    #[test]
+    fn a_runs_view_keeps_locations_and_stamps_of_one_moment() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_for_test(dir.path());
+        let vol = VolumeId(1);
+        let folder = VolPath::parse(b"d").unwrap();
+        let (old, new) = ([chunk(1, 0), chunk(1, 1)], [chunk(2, 0)]);
+        let (old_stamp, new_stamp) = (
+            ScanStamp {
+                size: 201,
+                mtime_ns: 1,
+                ..ScanStamp::default()
+            },
+            ScanStamp {
+                size: 100,
+                mtime_ns: 2,
+                ..ScanStamp::default()
+            },
+        );
+        let mut batch = store.batch();
+        batch.set_chunks(vol, &folder, b"f", &old, &[]);
+        batch.put_stamp(vol, &folder, b"f", &old_stamp);
+        store.write(batch, Durability::Buffered).unwrap();
+
+        let mut reads = store.chunk_reads();
+        let mut rescan = store.batch();
+        rescan.set_chunks(vol, &folder, b"f", &new, &old);
+        rescan.put_stamp(vol, &folder, b"f", &new_stamp);
+        store.write(rescan, Durability::Buffered).unwrap();
+
+        assert_eq!(reads.locations(&old[1].id).unwrap().len(), 1);
+        assert!(reads.locations(&new[0].id).unwrap().is_empty());
+        assert_eq!(reads.stamp(vol, &folder, b"f").unwrap(), Some(old_stamp));
+        // A view made now sees the rescan.
+        let mut now = store.chunk_reads();
+        assert!(now.locations(&old[1].id).unwrap().is_empty());
+        assert_eq!(now.locations(&new[0].id).unwrap().len(), 1);
+        assert_eq!(now.stamp(vol, &folder, b"f").unwrap(), Some(new_stamp));
     }
 
     /// A directory's chunk lists read in one pass come in name order, from the name

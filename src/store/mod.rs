@@ -23,7 +23,7 @@ pub mod versions;
 
 pub use batch::{Batch, Durability};
 pub use busy::{BUSY_PACK_AGE, BUSY_PACK_BYTES};
-pub use chunks::ChunkLocation;
+pub use chunks::{ChunkLocation, ChunkReads};
 pub use collect::{CrashPoint, PackVerdict, Rewrite};
 pub use feed::{Changes, DEFAULT_RETENTION as DEFAULT_FEED_RETENTION, FeedId, FeedMark};
 

@@ -24,9 +24,11 @@ use tokio::task::JoinSet;
 use super::{Node, Peer, SyncError};
 use crate::chunking::{ChunkRef, zero_chunk};
 use crate::ids::{ChunkId, VolumeId};
+use crate::pathname::VolPath;
 use crate::protocol::{
     CHUNK_FRAME_OVERHEAD, MAX_CHUNKS_PER_REQUEST, ProtocolError, Request, Response,
 };
+use crate::store::codec::ScanStamp;
 use crate::store::{ChunkLocation, StoreError, pack};
 use crate::volume_fs::{punch_hole, write_sparse};
 
@@ -80,7 +82,9 @@ impl Node {
         reader: ReadFor<'_>,
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let mut data = Vec::new();
-        let found = self.read_chunk_into(id, self.store.chunk_locations(id)?, reader, &mut data)?;
+        let stamp = |vol, dir: &VolPath, name: &[u8]| self.store.stamp(vol, dir, name);
+        let locations = self.store.chunk_locations(id)?;
+        let found = self.read_chunk_into(id, locations, stamp, reader, &mut data)?;
         Ok(found.then_some(data))
     }
 
@@ -100,8 +104,9 @@ impl Node {
     ) -> Result<Vec<RunChunk>, StoreError> {
         let mut run = Vec::new();
         let mut used = 0;
+        let mut reads = self.store.chunk_reads();
         while let Some(&id) = ids.front() {
-            let locations = self.store.chunk_locations(&id)?;
+            let locations = reads.locations(&id)?;
             let longest = locations
                 .iter()
                 .map(|l| l.extent().len as usize)
@@ -112,7 +117,8 @@ impl Node {
             }
             ids.pop_front();
             let start = buffer.len();
-            let found = self.read_chunk_into(&id, locations, reader, buffer)?;
+            let stamp = |vol, dir: &VolPath, name: &[u8]| reads.stamp(vol, dir, name);
+            let found = self.read_chunk_into(&id, locations, stamp, reader, buffer)?;
             used += buffer.len() - start + CHUNK_FRAME_OVERHEAD;
             run.push((id, found.then_some(start..buffer.len())));
         }
@@ -120,11 +126,14 @@ impl Node {
     }
 
     /// Appends chunk `id` to `out` from the first intact copy at `locations` (`false`,
-    /// and `out` as it was, if none is): [`Node::read_chunk_for`].
+    /// and `out` as it was, if none is): [`Node::read_chunk_for`]. `stamp` gives the
+    /// scan stamp of a live location's file, read from the same view of the index as
+    /// `locations` (a file that still has it holds the chunk there unchanged).
     fn read_chunk_into(
         &self,
         id: &ChunkId,
         locations: Vec<ChunkLocation>,
+        stamp: impl Fn(VolumeId, &VolPath, &[u8]) -> Result<Option<ScanStamp>, StoreError>,
         reader: ReadFor<'_>,
         out: &mut Vec<u8>,
     ) -> Result<bool, StoreError> {
@@ -154,7 +163,7 @@ impl Node {
                     // is not hashed again for a peer.
                     let indexed = match reader {
                         ReadFor::Us => None,
-                        ReadFor::Peer { .. } => self.store.stamp(vol, &dir, &name)?,
+                        ReadFor::Peer { .. } => stamp(vol, &dir, &name)?,
                     };
                     volume.zip(path).is_some_and(|(volume, path)| {
                         volume
