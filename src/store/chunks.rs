@@ -168,17 +168,10 @@ impl ChunkReads<'_> {
         name: &[u8],
     ) -> Result<Option<ScanStamp>, StoreError> {
         let key = entry_key(vol, dir, name);
-        let cf = self.store.cf(CF_SCAN_CACHE);
-        let bytes = self
-            .store
-            .db
-            .get_cf_opt(cf, &key, &self.points)
+        let bytes = (self.store.db)
+            .get_cf_opt(self.store.cf(CF_SCAN_CACHE), &key, &self.points)
             .map_err(|e| self.store.rocks(e))?;
-        bytes
-            .map(|bytes| {
-                codec::decode_stamp(&bytes).map_err(|e| StoreError::corrupt(CF_SCAN_CACHE, &key, e))
-            })
-            .transpose()
+        Store::decoded(CF_SCAN_CACHE, &key, bytes, codec::decode_stamp)
     }
 }
 

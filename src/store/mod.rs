@@ -563,7 +563,18 @@ impl Store {
         key: &[u8],
         decode: fn(&[u8]) -> Result<T, DecodeError>,
     ) -> Result<Option<T>, StoreError> {
-        self.get(cf, key)?
+        Self::decoded(cf, key, self.get(cf, key)?, decode)
+    }
+
+    /// `bytes`, the value of `key` in `cf` if there is one, decoded; a value that does
+    /// not decode is a corrupt record.
+    fn decoded<T>(
+        cf: &'static str,
+        key: &[u8],
+        bytes: Option<Vec<u8>>,
+        decode: fn(&[u8]) -> Result<T, DecodeError>,
+    ) -> Result<Option<T>, StoreError> {
+        bytes
             .map(|bytes| decode(&bytes).map_err(|e| StoreError::corrupt(cf, key, e)))
             .transpose()
     }
