@@ -72,25 +72,17 @@ impl Node {
     /// volume not open here, or a copy that changed, does not hide a good one. Blocking
     /// (file reads): call it off the async worker threads.
     pub fn read_local_chunk(&self, id: &ChunkId) -> Result<Option<Vec<u8>>, StoreError> {
-        self.read_chunk_for(id, ReadFor::Us)
-    }
-
-    /// [`Node::read_local_chunk`], for this node or a peer ([`ReadFor`]).
-    pub fn read_chunk_for(
-        &self,
-        id: &ChunkId,
-        reader: ReadFor<'_>,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
         let mut data = Vec::new();
-        let stamp = |vol, dir: &VolPath, name: &[u8]| self.store.stamp(vol, dir, name);
+        // Read for this node, every copy is hashed: no file's stamp is asked for.
+        let no_stamp = |_, _: &VolPath, _: &[u8]| Ok(None);
         let locations = self.store.chunk_locations(id)?;
-        let found = self.read_chunk_into(id, locations, stamp, reader, &mut data)?;
+        let found = self.read_chunk_into(id, locations, no_stamp, ReadFor::Us, &mut data)?;
         Ok(found.then_some(data))
     }
 
     /// Reads for a peer the chunks at the front of `ids`, in order, while their frames
     /// fit in `room` bytes (each chunk's length and [`CHUNK_FRAME_OVERHEAD`]; the first
-    /// chunk whatever its length), each as [`Node::read_chunk_for`] would, one after the
+    /// chunk whatever its length), each from its first intact copy, one after the
     /// other into `buffer`: one call off the async worker threads reads a run of them
     /// (one thread hand-off per run, not per chunk), into one buffer. The ids read leave
     /// `ids`, each returned with where its bytes are in `buffer` (`None`: no intact copy
@@ -126,7 +118,7 @@ impl Node {
     }
 
     /// Appends chunk `id` to `out` from the first intact copy at `locations` (`false`,
-    /// and `out` as it was, if none is): [`Node::read_chunk_for`]. `stamp` gives the
+    /// and `out` as it was, if none is), as [`Node::read_local_chunk`] says. `stamp` gives the
     /// scan stamp of a live location's file, read from the same view of the index as
     /// `locations` (a file that still has it holds the chunk there unchanged).
     fn read_chunk_into(
