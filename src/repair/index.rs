@@ -41,7 +41,7 @@ impl Repair<'_> {
             match f.problem {
                 Problem::IndexMissingLocation => {
                     if let Some(chunks) = store.chunk_list(vol, &dir, name)? {
-                        batch.set_chunks(vol, &dir, name, &chunks, &chunks);
+                        batch.set_chunks(vol, &dir, name, &chunks, Some(&chunks));
                         fixed.push((
                             "location-added",
                             volume.clone(),

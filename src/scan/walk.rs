@@ -1386,19 +1386,16 @@ impl<'s> Walker<'s> {
             None => self.entry_from((dir, name), kind, meta, (xattrs, link), old.as_ref())?,
         };
         if let Some(entry) = changed {
-            let old_chunks: Vec<ChunkRef> = match old.as_ref().map(|o| &o.kind) {
-                Some(EntryKind::File { .. }) => self
-                    .store
-                    .chunk_list(self.vol, dir, name)?
-                    .unwrap_or_default(),
-                _ => Vec::new(),
+            let old_chunks = match old.as_ref().map(|o| &o.kind) {
+                Some(EntryKind::File { .. }) => self.store.chunk_list(self.vol, dir, name)?,
+                _ => None,
             };
             if !from_peer {
                 self.count_change(dir, name, old.as_ref());
             }
             self.batch.put_entry(self.vol, dir, name, &entry);
             self.batch
-                .set_chunks(self.vol, dir, name, &content.chunks, &old_chunks);
+                .set_chunks(self.vol, dir, name, &content.chunks, old_chunks.as_deref());
             self.batch.mark_dirty(self.vol, dir);
         }
         self.batch.put_stamp(self.vol, dir, name, &meta.stamp());

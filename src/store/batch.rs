@@ -190,23 +190,26 @@ impl Batch<'_> {
     }
 
     /// Records a live file's chunk list and where each chunk sits in it, replacing the
-    /// locations of its previous chunk list `old`.
+    /// locations of its previous chunk list `old` (`None`: the index holds none for the
+    /// name, and nothing is there to delete: a new file writes no tombstones).
     pub fn set_chunks(
         &mut self,
         vol: VolumeId,
         dir: &VolPath,
         name: &[u8],
         chunks: &[ChunkRef],
-        old: &[ChunkRef],
+        old: Option<&[ChunkRef]>,
     ) {
         let key = entry_key(vol, dir, name);
-        for chunk in old {
-            self.delete(CF_CHUNKS, &live_location_key(&chunk.id, &key));
+        if let Some(old) = old {
+            for chunk in old {
+                self.delete(CF_CHUNKS, &live_location_key(&chunk.id, &key));
+            }
+            self.delete(
+                CF_CONTENTS,
+                &content_key(&crate::chunking::content_id(old), &key),
+            );
         }
-        self.delete(
-            CF_CONTENTS,
-            &content_key(&crate::chunking::content_id(old), &key),
-        );
         self.put(
             CF_CONTENTS,
             &content_key(&crate::chunking::content_id(chunks), &key),

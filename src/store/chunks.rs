@@ -227,7 +227,7 @@ mod tests {
         for (part, files) in files.chunks(75).enumerate() {
             let mut batch = store.batch();
             for (name, chunks) in files {
-                batch.set_chunks(vol, &folder, name, chunks, &[]);
+                batch.set_chunks(vol, &folder, name, chunks, None);
             }
             store.write(batch, Durability::Buffered).unwrap();
             if part < 3 {
@@ -296,13 +296,13 @@ mod tests {
             },
         );
         let mut batch = store.batch();
-        batch.set_chunks(vol, &folder, b"f", &old, &[]);
+        batch.set_chunks(vol, &folder, b"f", &old, None);
         batch.put_stamp(vol, &folder, b"f", &old_stamp);
         store.write(batch, Durability::Buffered).unwrap();
 
         let mut reads = store.chunk_reads();
         let mut rescan = store.batch();
-        rescan.set_chunks(vol, &folder, b"f", &new, &old);
+        rescan.set_chunks(vol, &folder, b"f", &new, Some(&old));
         rescan.put_stamp(vol, &folder, b"f", &new_stamp);
         store.write(rescan, Durability::Buffered).unwrap();
 
@@ -314,6 +314,45 @@ mod tests {
         assert!(now.locations(&old[1].id).unwrap().is_empty());
         assert_eq!(now.locations(&new[0].id).unwrap().len(), 1);
         assert_eq!(now.stamp(vol, &folder, b"f").unwrap(), Some(new_stamp));
+    }
+
+    /// A new file's chunk list is written with puts alone (no tombstones of a previous
+    /// list that was never there); replacing a list, even an empty file's, takes the old
+    /// content's key and locations with it.
+    #[test]
+    fn a_new_list_writes_only_puts_and_a_replaced_one_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_for_test(dir.path());
+        let vol = VolumeId(1);
+        let folder = VolPath::parse(b"d").unwrap();
+        let (empty, full) = (Vec::<ChunkRef>::new(), vec![chunk(3, 0), chunk(3, 1)]);
+        let content = crate::chunking::content_id;
+
+        let mut batch = store.batch();
+        batch.set_chunks(vol, &folder, b"f", &empty, None);
+        // The content key and the list itself.
+        assert_eq!(batch.len(), 2);
+        store.write(batch, Durability::Buffered).unwrap();
+        assert_eq!(
+            store.chunk_list_by_content(&content(&empty)).unwrap(),
+            Some(empty.clone())
+        );
+
+        let mut batch = store.batch();
+        batch.set_chunks(vol, &folder, b"f", &full, Some(&empty));
+        store.write(batch, Durability::Buffered).unwrap();
+        assert_eq!(store.chunk_list_by_content(&content(&empty)).unwrap(), None);
+        assert_eq!(
+            store.chunk_list_by_content(&content(&full)).unwrap(),
+            Some(full.clone())
+        );
+
+        let mut batch = store.batch();
+        batch.set_chunks(vol, &folder, b"f", &[chunk(4, 0)], Some(&full));
+        store.write(batch, Durability::Buffered).unwrap();
+        assert_eq!(store.chunk_list_by_content(&content(&full)).unwrap(), None);
+        assert!(store.chunk_locations(&full[1].id).unwrap().is_empty());
+        assert_eq!(store.chunk_locations(&chunk(4, 0).id).unwrap().len(), 1);
     }
 
     /// A directory's chunk lists read in one pass come in name order, from the name
@@ -328,9 +367,9 @@ mod tests {
         let mut batch = store.batch();
         for (f, name) in [b"a", b"b", b"c", b"e"].into_iter().enumerate() {
             let chunks: Vec<ChunkRef> = (0..=f as u32).map(|n| chunk(f as u32, n)).collect();
-            batch.set_chunks(vol, &folder, name, &chunks, &[]);
+            batch.set_chunks(vol, &folder, name, &chunks, None);
         }
-        batch.set_chunks(vol, &below, b"a", &[chunk(9, 0)], &[]);
+        batch.set_chunks(vol, &below, b"a", &[chunk(9, 0)], None);
         store.write(batch, Durability::Buffered).unwrap();
         let lists: Vec<(Vec<u8>, Option<Vec<ChunkRef>>)> = store
             .chunk_lists_from(vol, &folder, b"b", 2)

@@ -271,27 +271,27 @@ impl Pull {
         old: &Entry,
     ) -> Result<(), SyncError> {
         if let EntryKind::File { .. } = old.kind {
-            let chunks = self.indexed_chunks(dir, name, Some(old))?;
+            let chunks = self
+                .indexed_chunks(dir, name, Some(old))?
+                .unwrap_or_default();
             batch.delete_chunks(self.volume().id, dir, name, &chunks);
         }
         Ok(())
     }
 
     /// The chunk list the index holds for `dir/name` when `entry` (the local entry there)
-    /// is a file; empty otherwise.
+    /// is a file; `None` otherwise.
     pub(super) fn indexed_chunks(
         &self,
         dir: &VolPath,
         name: &[u8],
         entry: Option<&Entry>,
-    ) -> Result<Vec<ChunkRef>, SyncError> {
+    ) -> Result<Option<Vec<ChunkRef>>, SyncError> {
         match entry.map(|e| &e.kind) {
-            Some(EntryKind::File { .. }) => Ok(self
-                .node
-                .store
-                .chunk_list(self.volume().id, dir, name)?
-                .unwrap_or_default()),
-            _ => Ok(Vec::new()),
+            Some(EntryKind::File { .. }) => {
+                Ok(self.node.store.chunk_list(self.volume().id, dir, name)?)
+            }
+            _ => Ok(None),
         }
     }
 

@@ -398,9 +398,11 @@ impl Pull {
         }
         batch.put_entry(vol, dir, copy_name, local);
         if let EntryKind::File { .. } = local.kind {
-            let chunks = self.indexed_chunks(dir, name, Some(local))?;
+            let chunks = self
+                .indexed_chunks(dir, name, Some(local))?
+                .unwrap_or_default();
             batch.delete_chunks(vol, dir, name, &chunks);
-            batch.set_chunks(vol, dir, copy_name, &chunks, &[]);
+            batch.set_chunks(vol, dir, copy_name, &chunks, Some(&[]));
         }
         // Our version left the name. The tombstone keeps our version's history as it
         // is, with no count of ours added: the winner, which is merged from both, then

@@ -524,7 +524,9 @@ impl Pull {
             // The old name is a version too (`restore DIR --at` puts a renamed tree back
             // where it was): its content lives on under the new name, so the record
             // costs no pack bytes; a later change of the new name keeps the chunks.
-            let chunks = self.indexed_chunks(&source.dir, &source.name, Some(&local))?;
+            let chunks = self
+                .indexed_chunks(&source.dir, &source.name, Some(&local))?
+                .unwrap_or_default();
             if !local.is_tombstone() {
                 let version = self.version_record(
                     (&source.dir, &source.name),
@@ -804,7 +806,7 @@ impl Pull {
             .map_err(SyncError::local(format!("staging {}", escape(&job.name))))?;
         let old_chunks = self.indexed_chunks(&job.dir, &job.name, job.replaces.as_ref())?;
         batch.put_entry_sent_by(vol, &job.dir, &job.name, &job.entry, job.sent_by);
-        batch.set_chunks(vol, &job.dir, &job.name, &chunks, &old_chunks);
+        batch.set_chunks(vol, &job.dir, &job.name, &chunks, old_chunks.as_deref());
         let stamp = stat.stamp();
         batch.put_stamp(vol, &job.dir, &job.name, &stamp);
         batch.mark_dirty(vol, &job.dir);

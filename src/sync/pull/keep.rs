@@ -32,7 +32,9 @@ impl Pull {
         if old.is_tombstone() {
             return Ok(None);
         }
-        let chunks = self.indexed_chunks(dir, name, Some(old))?;
+        let chunks = self
+            .indexed_chunks(dir, name, Some(old))?
+            .unwrap_or_default();
         if let EntryKind::File { .. } = old.kind {
             let shared: HashSet<ChunkId> = new_chunks.iter().map(|c| c.id).collect();
             self.pack_chunks(kept, dir, name, &chunks, &shared)?;

@@ -188,7 +188,7 @@ impl Pull {
             batch.clear_dirty(vol, &path);
         }
         batch.put_entry(vol, dir, name, entry);
-        batch.set_chunks(vol, dir, name, &chunks, &old_chunks);
+        batch.set_chunks(vol, dir, name, &chunks, old_chunks.as_deref());
         batch.put_stamp(vol, dir, name, &stat.stamp());
         batch.put_stamp(vol, &leader_dir, leader_name, &leader_now.stamp());
         batch.mark_dirty(vol, dir);
