@@ -561,7 +561,8 @@ const FIRST_SCAN_CHECKPOINTS: Duration = Duration::from_secs(1);
 /// The scan at start: a whole scan that publishes what it has read every
 /// [`FIRST_SCAN_CHECKPOINTS`], then, under the same hold of the volume lock (a pull may
 /// be waiting for it), forgets the publishing records a crash left, which the scan
-/// has taken for what they were.
+/// has taken for what they were. Only those found before the scan: a pull stages and
+/// flushes meanwhile, and the records of a batch it is about to publish must stay.
 async fn first_scan(node: &Arc<Node>, index: usize) -> anyhow::Result<()> {
     let volume = &node.volumes[index];
     let announcer = node.clone();
@@ -581,8 +582,9 @@ async fn first_scan(node: &Arc<Node>, index: usize) -> anyhow::Result<()> {
     };
     let report = {
         let _guard = volume.lock.lock().await;
+        let left_by_a_crash = node.store.publishing_records(volume.id)?;
         let report = scan_locked(node, index, options).await?;
-        node.store.clear_publishing(volume.id)?;
+        node.store.forget_publishing(left_by_a_crash)?;
         report
     };
     say_local_changes(node, index, &report);

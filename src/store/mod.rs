@@ -721,14 +721,19 @@ impl Store {
         )
     }
 
-    /// Forgets every publishing record of volume `vol` (after the scan at start has
-    /// consumed those a crash left).
-    pub fn clear_publishing(&self, vol: VolumeId) -> Result<(), StoreError> {
+    /// The keys of volume `vol`'s publishing records now: read before the scan at
+    /// start, the records a crash left (see [`Store::forget_publishing`]).
+    pub fn publishing_records(&self, vol: VolumeId) -> Result<Vec<Box<[u8]>>, StoreError> {
         let (start, end) = publishing_range(vol);
-        let keys: Vec<Box<[u8]>> = self
-            .range(CF_META, start, end)
+        self.range(CF_META, start, end)
             .map(|item| item.map(|(key, _)| key))
-            .collect::<Result<_, _>>()?;
+            .collect()
+    }
+
+    /// Forgets the publishing records `keys`, those [`Store::publishing_records`] found
+    /// before the scan at start (which has consumed those of files it found renamed).
+    /// Records written since are a pull's, publishing while the scan ran: they stay.
+    pub fn forget_publishing(&self, keys: Vec<Box<[u8]>>) -> Result<(), StoreError> {
         if keys.is_empty() {
             return Ok(());
         }
@@ -973,5 +978,47 @@ mod tests {
         let json = serde_json::to_string(&record).unwrap();
         assert_eq!(json, r#"{"id":3,"last_scan_unix":5,"unique_chunks":null}"#);
         assert_eq!(serde_json::from_str::<VolumeRecord>(&json).unwrap(), record);
+    }
+
+    /// The records found before the scan at start are forgotten after it; a record a
+    /// pull wrote meanwhile (a batch about to be renamed into place) stays.
+    #[test]
+    fn only_the_publishing_records_found_before_the_first_scan_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_for_test(dir.path());
+        let (vol, folder) = (VolumeId(1), VolPath::parse(b"d").unwrap());
+        let entry = Entry {
+            kind: crate::entry::EntryKind::Dir,
+            mode: 0o755,
+            mtime_ns: 1,
+            uid: 0,
+            gid: 0,
+            xattrs: Default::default(),
+            link: None,
+            version: crate::entry::VersionVector::from_pairs([(NodeId(1), 1)]),
+        };
+        let mut batch = store.batch();
+        batch.put_publishing(vol, &folder, b"crashed", &entry);
+        batch.put_publishing(VolumeId(2), &folder, b"other volume", &entry);
+        store.write(batch, Durability::Durable).unwrap();
+
+        let left = store.publishing_records(vol).unwrap();
+        assert_eq!(left.len(), 1);
+        let mut batch = store.batch();
+        batch.put_publishing(vol, &folder, b"being published", &entry);
+        store.write(batch, Durability::Durable).unwrap();
+        store.forget_publishing(left).unwrap();
+
+        assert_eq!(store.publishing(vol, &folder, b"crashed").unwrap(), None);
+        assert_eq!(
+            store.publishing(vol, &folder, b"being published").unwrap(),
+            Some(entry.clone())
+        );
+        assert_eq!(
+            store
+                .publishing(VolumeId(2), &folder, b"other volume")
+                .unwrap(),
+            Some(entry)
+        );
     }
 }

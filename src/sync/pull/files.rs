@@ -75,10 +75,28 @@ impl Staging {
 /// build it held a one-file change for over a second.
 pub(super) const FSYNC_EACH_UP_TO: usize = 16;
 
-/// Flushes the content of a batch's staged files to disk (an `fsync` each for a few, one
-/// `syncfs` for many): what a publish renames into place must be durable first.
-fn flush_staged(fs: &crate::volume_fs::VolumeFs, ready: &[ReadyFile]) -> Result<(), SyncError> {
+/// Makes what a publish relies on durable: the batch's `publishing/` records, then the
+/// content of its staged files (an `fsync` each for a few, one `syncfs` for many).
+///
+/// The records say what is about to be renamed into place: a crash before the index
+/// write then leaves files the next scan knows it received (their peer's versions), not
+/// local changes that would bump our own counter and could outlive a delete made
+/// meanwhile elsewhere. They are written here, off the pull's serial publish step and
+/// without a log `fsync` of their own: the flush takes the log to disk with the files
+/// where the index shares their file system (the log's own `fsync` after it then finds
+/// nothing to write), instead of a second commit of that file system's journal queued
+/// behind the flush.
+fn flush_staged(node: &Node, volume_index: usize, ready: &[ReadyFile]) -> Result<(), SyncError> {
+    if ready.is_empty() {
+        return Ok(());
+    }
     let started = std::time::Instant::now();
+    let volume = &node.volumes[volume_index];
+    let mut journal = node.store.batch();
+    for file in ready {
+        journal.put_publishing(volume.id, &file.job.dir, &file.job.name, &file.job.entry);
+    }
+    node.store.write(journal, Durability::Buffered)?;
     if ready.len() <= FSYNC_EACH_UP_TO {
         for file in ready {
             file.staged
@@ -89,9 +107,10 @@ fn flush_staged(fs: &crate::volume_fs::VolumeFs, ready: &[ReadyFile]) -> Result<
                     escape(&file.job.name)
                 )))?;
         }
-    } else if !ready.is_empty() {
-        fs.sync_all()?;
+    } else {
+        volume.fs.sync_all()?;
     }
+    node.store.sync()?;
     tracing::debug!(
         files = ready.len(),
         flush_ms = started.elapsed().as_millis() as u64,
@@ -107,7 +126,7 @@ impl Flushing {
     fn start(node: &Arc<Node>, volume_index: usize, ready: Vec<ReadyFile>) -> Self {
         let node = node.clone();
         Flushing(tokio::task::spawn_blocking(move || {
-            flush_staged(&node.volumes[volume_index].fs, &ready)?;
+            flush_staged(&node, volume_index, &ready)?;
             Ok(ready)
         }))
     }
@@ -160,6 +179,7 @@ async fn stage_batch(
     volume_index: usize,
     jobs: Vec<(FileJob, Reservation)>,
 ) -> Result<StagedBatch, SyncError> {
+    let started = std::time::Instant::now();
     let mut staged = StagedBatch::default();
     let mut jobs = jobs.into_iter();
     let mut set = JoinSet::new();
@@ -190,11 +210,18 @@ async fn stage_batch(
     }
     let files = prepared.len() as u64;
     let bytes = prepared.iter().map(|p| p.job.size()).sum();
+    let prepared_in = started.elapsed();
     match fill(&node, &peer, volume_index, prepared, &mut staged.incomplete).await {
         Ok(ready) => staged.ready = ready,
         Err(e) if e.is_no_space() => staged.no_room = Some((files, bytes)),
         Err(e) => return Err(e),
     }
+    tracing::debug!(
+        files,
+        prepare_ms = prepared_in.as_millis() as u64,
+        total_ms = started.elapsed().as_millis() as u64,
+        "batch staged"
+    );
     Ok(staged)
 }
 
@@ -422,22 +449,41 @@ impl Pull {
         Ok(())
     }
 
-    /// Publishes the batch left flushing, then waits for `staging` and leaves it
-    /// flushing in its place.
+    /// Waits for `staging` and leaves it flushing in place of the batch flushed before
+    /// it, then publishes that one: a batch flushes while the one before it is
+    /// published, instead of the pull waiting for each flush in turn.
     async fn flush_staged_batch(&mut self, staging: Spawned<StagedBatch>) -> Result<(), SyncError> {
-        self.publish_flushing().await?;
-        let staged = staging.result().await?;
+        let waited = std::time::Instant::now();
+        let staged = match staging.result().await {
+            Ok(staged) => staged,
+            Err(e) => {
+                // What is already flushing goes in all the same.
+                self.publish_flushing().await?;
+                return Err(e);
+            }
+        };
+        tracing::debug!(
+            waited_ms = waited.elapsed().as_millis() as u64,
+            "waited for a batch to stage"
+        );
         self.report.skipped += staged.skipped;
         self.report.incomplete += staged.incomplete;
-        match staged.no_room {
+        let before = match staged.no_room {
             // Something else took the room meanwhile: what was written stays in
             // staging, to be resumed once there is room.
-            Some((files, bytes)) => self.waiting.add(files, bytes),
-            None => {
-                self.flushing = Some(Flushing::start(&self.node, self.volume_index, staged.ready))
+            Some((files, bytes)) => {
+                self.waiting.add(files, bytes);
+                self.flushing.take()
             }
+            None => {
+                self.flushing
+                    .replace(Flushing::start(&self.node, self.volume_index, staged.ready))
+            }
+        };
+        match before {
+            Some(flushing) => self.publish_flushed(flushing).await,
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Publishes every batch still staging or flushing (also after a failed round:
@@ -451,7 +497,12 @@ impl Pull {
 
     /// Publishes a batch once its flush is done, under the volume lock.
     async fn publish_flushed(&mut self, flushing: Flushing) -> Result<(), SyncError> {
+        let waited = std::time::Instant::now();
         let ready = flushing.done().await?;
+        tracing::debug!(
+            waited_ms = waited.elapsed().as_millis() as u64,
+            "waited for a batch to flush"
+        );
         let node = self.node.clone();
         let _guard = node.volumes[self.volume_index].lock.lock().await;
         self.publish_durable(ready, Durability::Buffered)
@@ -599,7 +650,7 @@ impl Pull {
     /// (with the peer's deletes of the names they were moved from). Runs under the
     /// volume lock.
     fn publish(&mut self, ready: Vec<ReadyFile>) -> Result<(), SyncError> {
-        flush_staged(&self.node.volumes[self.volume_index].fs, &ready)?;
+        flush_staged(&self.node, self.volume_index, &ready)?;
         self.publish_durable(ready, Durability::Durable)
     }
 
@@ -624,17 +675,7 @@ impl Pull {
         let vol = self.volume().id;
         let fs = &node.volumes[self.volume_index].fs;
         let ready_count = ready.len();
-        // What is about to be renamed into place is recorded first: a crash before the
-        // index write below then leaves files the next scan knows it received (their
-        // peer's versions), not local changes that would bump our own counter and could
-        // outlive a delete made meanwhile elsewhere.
-        let mut journal = node.store.batch();
-        for file in &ready {
-            journal.put_publishing(vol, &file.job.dir, &file.job.name, &file.job.entry);
-        }
         let started = std::time::Instant::now();
-        node.store.write(journal, Durability::Durable)?;
-        let journaled = started.elapsed();
         let mut dirs: HashMap<VolPath, OwnedFd> = HashMap::new();
         let mut batch = node.store.batch();
         for file in &ready {
@@ -688,9 +729,11 @@ impl Pull {
                 }
             }
         }
+        let placed = started.elapsed();
         for dir_fd in dirs.values() {
             crate::volume_fs::VolumeFs::fsync_dir(dir_fd)?;
         }
+        let dirs_synced = started.elapsed() - placed;
         if node.faults.crash_before_indexing && !published.is_empty() {
             tracing::warn!("FAULT INJECTION: dying after publishing, before indexing");
             std::process::exit(99);
@@ -705,7 +748,9 @@ impl Pull {
         drop(kept);
         tracing::debug!(
             files = ready_count,
-            journal_ms = journaled.as_millis() as u64,
+            dirs = dirs.len(),
+            placed_ms = placed.as_millis() as u64,
+            dir_fsyncs_ms = dirs_synced.as_millis() as u64,
             total_ms = started.elapsed().as_millis() as u64,
             "batch published"
         );
