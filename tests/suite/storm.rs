@@ -20,7 +20,7 @@
 //!   that exists at the end. Allowed only when a write on another node that the deleting
 //!   node could not have seen yet (the two were not both running for [`SEEN_AFTER`]
 //!   between the write and the delete) explains it: its content is what the name holds,
-//!   or it lost the name in a conflict to the content the name holds and is kept in a
+//!   or it lost the name in a conflict to the content the name holds and went into a
 //!   conflict copy (the winner's history holds that write, the delete's does not: a
 //!   version vector cannot tell that the delete saw the winner). The checker says which;
 //! - and `shoal verify` must find every node's store and volume consistent.
@@ -485,7 +485,8 @@ fn superseded_in_copy(record: &Record, write: &Op, path: &str, hash: &str) -> Op
 /// that the deleting node had not seen, and either
 /// - that write's content is what the name holds, or
 /// - that write met the content the name holds in a conflict before the delete arrived,
-///   lost the name to it and is kept in a conflict copy of `path`: the winner took the
+///   lost the name to it and is kept in a conflict copy of `path` (or was, until a later
+///   operation on the copy replaced it there): the winner took the
 ///   name with a history that holds the unseen write, which the delete's lacks, so the
 ///   two are concurrent and the live one wins. A version vector cannot tell that the
 ///   delete saw the winner's content (`docs/RELIABILITY.md`, "What the storm allows").
@@ -532,11 +533,16 @@ fn explain(
         let Effect::Wrote(lost) = &w.effect else {
             return None;
         };
-        let (copy, _) = end
+        let kept = match end
             .iter()
-            .find(|(p, h)| *h == lost && is_conflict_copy_of(p, path))?;
+            .find(|(p, h)| *h == lost && is_conflict_copy_of(p, path))
+        {
+            Some((copy, _)) => format!("kept as {copy}"),
+            // The copy was changed since, as any file may be: it still shows the conflict.
+            None => superseded_in_copy(record, w, path, lost)?,
+        };
         Some(format!(
-            "{deleted}, kept because {} lost the name to this content in a conflict (kept as {copy}) and the winner's history holds it",
+            "{deleted}, kept because {} lost the name to this content in a conflict ({kept}) and the winner's history holds it",
             not_seen(w)
         ))
     })
