@@ -161,6 +161,13 @@ pub async fn run(
     // large volume for the first time serves what it has read so far (the scan's
     // checkpoints announce it) instead of nothing for minutes. Pulls from peers wait
     // for the scan (both hold the volume lock).
+    // The publishing records a crash left, read before any pull of this run can write
+    // its own: each volume's first scan takes them for what they were, then forgets them.
+    let left_by_a_crash = node
+        .volumes
+        .iter()
+        .map(|volume| node.store.publishing_records(volume.id))
+        .collect::<Result<Vec<_>, _>>()?;
     let tls = crate::transport::NodeTls::new(&credentials)?;
     let server = crate::transport::listen_with(options.listen, &tls, options.gso)?;
     let bind = SocketAddr::new(options.listen.ip(), 0);
@@ -177,8 +184,8 @@ pub async fn run(
         stop_rx.clone(),
     ));
     tracing::info!(listen = %options.listen, "accepting peers; scanning the volumes");
-    for index in 0..node.volumes.len() {
-        first_scan(&node, index).await?;
+    for (index, left_by_a_crash) in left_by_a_crash.into_iter().enumerate() {
+        first_scan(&node, index, left_by_a_crash).await?;
     }
     for (index, watcher) in watchers.into_iter().enumerate() {
         let (node, stop) = (node.clone(), stop_rx.clone());
@@ -561,9 +568,14 @@ const FIRST_SCAN_CHECKPOINTS: Duration = Duration::from_secs(1);
 /// The scan at start: a whole scan that publishes what it has read every
 /// [`FIRST_SCAN_CHECKPOINTS`], then, under the same hold of the volume lock (a pull may
 /// be waiting for it), forgets the publishing records a crash left, which the scan
-/// has taken for what they were. Only those found before the scan: a pull stages and
-/// flushes meanwhile, and the records of a batch it is about to publish must stay.
-async fn first_scan(node: &Arc<Node>, index: usize) -> anyhow::Result<()> {
+/// has taken for what they were: `left_by_a_crash`, read before any pull of this run
+/// began. A pull stages and flushes meanwhile, and the records of a batch it is about to
+/// publish must stay.
+async fn first_scan(
+    node: &Arc<Node>,
+    index: usize,
+    left_by_a_crash: Vec<Box<[u8]>>,
+) -> anyhow::Result<()> {
     let volume = &node.volumes[index];
     let announcer = node.clone();
     let slowed = node.faults.slow_first_scan;
@@ -582,7 +594,6 @@ async fn first_scan(node: &Arc<Node>, index: usize) -> anyhow::Result<()> {
     };
     let report = {
         let _guard = volume.lock.lock().await;
-        let left_by_a_crash = node.store.publishing_records(volume.id)?;
         let report = scan_locked(node, index, options).await?;
         node.store.forget_publishing(left_by_a_crash)?;
         report

@@ -721,8 +721,8 @@ impl Store {
         )
     }
 
-    /// The keys of volume `vol`'s publishing records now: read before the scan at
-    /// start, the records a crash left (see [`Store::forget_publishing`]).
+    /// The keys of volume `vol`'s publishing records now: read as the daemon starts,
+    /// before any pull, the records a crash left (see [`Store::forget_publishing`]).
     pub fn publishing_records(&self, vol: VolumeId) -> Result<Vec<Box<[u8]>>, StoreError> {
         let (start, end) = publishing_range(vol);
         self.range(CF_META, start, end)
@@ -731,8 +731,8 @@ impl Store {
     }
 
     /// Forgets the publishing records `keys`, those [`Store::publishing_records`] found
-    /// before the scan at start (which has consumed those of files it found renamed).
-    /// Records written since are a pull's, publishing while the scan ran: they stay.
+    /// as the daemon started, once the scan at start has consumed those of files it
+    /// found renamed. Records written since are a pull's, about to publish: they stay.
     pub fn forget_publishing(&self, keys: Vec<Box<[u8]>>) -> Result<(), StoreError> {
         if keys.is_empty() {
             return Ok(());
@@ -980,10 +980,10 @@ mod tests {
         assert_eq!(serde_json::from_str::<VolumeRecord>(&json).unwrap(), record);
     }
 
-    /// The records found before the scan at start are forgotten after it; a record a
-    /// pull wrote meanwhile (a batch about to be renamed into place) stays.
+    /// The records found as the daemon started are forgotten after the scan at start; a
+    /// record a pull wrote meanwhile (a batch about to be renamed into place) stays.
     #[test]
-    fn only_the_publishing_records_found_before_the_first_scan_are_forgotten() {
+    fn only_the_publishing_records_found_at_start_are_forgotten() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_for_test(dir.path());
         let (vol, folder) = (VolumeId(1), VolPath::parse(b"d").unwrap());
