@@ -157,10 +157,6 @@ pub async fn run(
         .iter()
         .map(|volume| start_watcher(&node, volume, options.heartbeat))
         .collect();
-    // Peers are served, and followed, while the first scan runs: a node reading a
-    // large volume for the first time serves what it has read so far (the scan's
-    // checkpoints announce it) instead of nothing for minutes. Pulls from peers wait
-    // for the scan (both hold the volume lock).
     // The publishing records a crash left, read before any pull of this run can write
     // its own: each volume's first scan takes them for what they were, then forgets them.
     let left_by_a_crash = node
@@ -168,6 +164,10 @@ pub async fn run(
         .iter()
         .map(|volume| node.store.publishing_records(volume.id))
         .collect::<Result<Vec<_>, _>>()?;
+    // Peers are served, and followed, while the first scan runs: a node reading a
+    // large volume for the first time serves what it has read so far (the scan's
+    // checkpoints announce it) instead of nothing for minutes. Pulls from peers wait
+    // for the scan (both hold the volume lock).
     let tls = crate::transport::NodeTls::new(&credentials)?;
     let server = crate::transport::listen_with(options.listen, &tls, options.gso)?;
     let bind = SocketAddr::new(options.listen.ip(), 0);
