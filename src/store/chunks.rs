@@ -167,11 +167,7 @@ impl ChunkReads<'_> {
         dir: &VolPath,
         name: &[u8],
     ) -> Result<Option<ScanStamp>, StoreError> {
-        let key = entry_key(vol, dir, name);
-        let bytes = (self.store.db)
-            .get_cf_opt(self.store.cf(CF_SCAN_CACHE), &key, &self.points)
-            .map_err(|e| self.store.rocks(e))?;
-        Store::decoded(CF_SCAN_CACHE, &key, bytes, codec::decode_stamp)
+        self.store.stamp_through(vol, dir, name, &self.points)
     }
 }
 

@@ -563,17 +563,20 @@ impl Store {
         key: &[u8],
         decode: fn(&[u8]) -> Result<T, DecodeError>,
     ) -> Result<Option<T>, StoreError> {
-        Self::decoded(cf, key, self.get(cf, key)?, decode)
+        self.get_decoded_through(cf, key, &ReadOptions::default(), decode)
     }
 
-    /// `bytes`, the value of `key` in `cf` if there is one, decoded; a value that does
-    /// not decode is a corrupt record.
-    fn decoded<T>(
+    /// [`Store::get_decoded`], read through `options` (a snapshot's, say).
+    fn get_decoded_through<T>(
+        &self,
         cf: &'static str,
         key: &[u8],
-        bytes: Option<Vec<u8>>,
+        options: &ReadOptions,
         decode: fn(&[u8]) -> Result<T, DecodeError>,
     ) -> Result<Option<T>, StoreError> {
+        let bytes = (self.db)
+            .get_cf_opt(self.cf(cf), key, options)
+            .map_err(|e| self.rocks(e))?;
         bytes
             .map(|bytes| decode(&bytes).map_err(|e| StoreError::corrupt(cf, key, e)))
             .transpose()
@@ -809,11 +812,19 @@ impl Store {
         dir: &VolPath,
         name: &[u8],
     ) -> Result<Option<ScanStamp>, StoreError> {
-        self.get_decoded(
-            CF_SCAN_CACHE,
-            &entry_key(vol, dir, name),
-            codec::decode_stamp,
-        )
+        self.stamp_through(vol, dir, name, &ReadOptions::default())
+    }
+
+    /// [`Store::stamp`], read through `options` (a run's view: [`ChunkReads::stamp`]).
+    fn stamp_through(
+        &self,
+        vol: VolumeId,
+        dir: &VolPath,
+        name: &[u8],
+        options: &ReadOptions,
+    ) -> Result<Option<ScanStamp>, StoreError> {
+        let key = entry_key(vol, dir, name);
+        self.get_decoded_through(CF_SCAN_CACHE, &key, options, codec::decode_stamp)
     }
 
     /// The children of `dir` in name order, tombstones included.
