@@ -588,7 +588,6 @@ impl Debouncer {
     pub fn take_ready(&mut self, now: Instant) -> Option<ScanRequest> {
         let mut dirs: BTreeMap<VolPath, Depth> = BTreeMap::new();
         let mut next: Option<Instant> = None;
-        let mut hold = HashSet::new();
         let mut busy = HashSet::new();
         let window = self.window;
         let mut ready: Vec<(VolPath, bool)> = Vec::new();
@@ -612,7 +611,6 @@ impl Debouncer {
             let when = settles.min(state.first + MAX_HOLD);
             let when = busy_due.map_or(when, |due| when.min(due));
             next = Some(next.map_or(when, |n| n.min(when)));
-            hold.insert(path.clone());
         }
         for path in &busy {
             if let Some(state) = self.names.get_mut(path) {
@@ -646,6 +644,14 @@ impl Debouncer {
         } else {
             ScanScope::Dirs(dirs)
         };
+        // Only once a scan is certain: while a pull writes, most calls find nothing but
+        // its own writes, already forgotten as echoes, and every other name held.
+        let hold = self
+            .names
+            .keys()
+            .filter(|path| !busy.contains(*path))
+            .cloned()
+            .collect();
         Some(ScanRequest {
             scope,
             hold,
