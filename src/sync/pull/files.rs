@@ -22,8 +22,13 @@ use crate::sync::transfer::{ChunkTargets, Missing, fetch_chunks, fill_from_local
 use crate::sync::{Node, Peer, SyncError, request};
 use crate::volume_fs::{FileStat, Staged, finish_staged, staging_name};
 
-/// Files prepared at once (each may ask for its chunk list).
+/// Chunk lists asked of the peer at once.
 const FILE_CONCURRENCY: usize = 32;
+
+/// Files staged per trip to the blocking pool: a trip per file cost the receiving node
+/// an eighth of its CPU on many small files, in threads woken and put back to sleep. A
+/// group stages while the one before it fetches the chunks it lacks.
+const STAGE_GROUP: usize = 32;
 
 /// Files up to this size are staged unnamed where the file system allows it
 /// ([`VolumeFs::stage_unnamed`](crate::volume_fs::VolumeFs::stage_unnamed)): fetched
@@ -164,14 +169,17 @@ pub(super) struct StagedBatch {
     skipped: u64,
     /// Files some chunk of which no reachable peer holds intact, left in staging.
     incomplete: u64,
-    /// Files and bytes of a batch the file system had no room for after all, left in
+    /// Files and bytes the file system had no room for after all (those of a group
+    /// whose fetch ran out of it, and of the groups not staged after it), left in
     /// staging.
     no_room: Option<(u64, u64)>,
 }
 
-/// Prepares a batch's files (`FILE_CONCURRENCY` at a time), fetches the chunks the
-/// whole batch still lacks in shared requests, and finishes the files whose chunks all
-/// came. It holds nothing of the pull, so the batch before it is published meanwhile.
+/// Stages a batch: gets its files' chunk lists (`FILE_CONCURRENCY` of them asked of the
+/// peer at once), then stages them in groups of [`STAGE_GROUP`] on the blocking pool,
+/// each group fetching the chunks it still lacks while the next one stages, and
+/// finishes the files whose chunks all came. It holds nothing of the pull, so the
+/// batch before it is published meanwhile.
 async fn stage_batch(
     node: Arc<Node>,
     peer: Arc<Peer>,
@@ -181,48 +189,133 @@ async fn stage_batch(
 ) -> Result<StagedBatch, SyncError> {
     let started = std::time::Instant::now();
     let mut staged = StagedBatch::default();
-    let mut jobs = jobs.into_iter();
-    let mut set = JoinSet::new();
-    let mut prepared = Vec::new();
-    loop {
-        while set.len() < FILE_CONCURRENCY {
-            let Some((job, room)) = jobs.next() else {
-                break;
-            };
-            let (node, peer, handle) = (node.clone(), peer.clone(), handle.clone());
-            set.spawn(async move { prepare(node, peer, handle, volume_index, job, room).await });
+    let listed = list_batch(
+        &node,
+        &peer,
+        &handle,
+        volume_index,
+        jobs,
+        &mut staged.skipped,
+    )
+    .await?;
+    let listed_in = started.elapsed();
+    let mut groups = listed.into_iter().peekable();
+    let mut prepared: Vec<Prepared> = Vec::new();
+    while staged.no_room.is_none() && (groups.peek().is_some() || !prepared.is_empty()) {
+        let group: Vec<Listed> = groups.by_ref().take(STAGE_GROUP).collect();
+        let to_fill = std::mem::take(&mut prepared);
+        let waiting = (
+            to_fill.len() as u64,
+            to_fill.iter().map(|p| p.job.size()).sum(),
+        );
+        let (staged_group, filled) = tokio::join!(
+            stage_group(&node, volume_index, group),
+            fill(&node, &peer, volume_index, to_fill, &mut staged.incomplete),
+        );
+        match filled {
+            Ok(ready) => staged.ready.extend(ready),
+            // Left in staging, to be resumed once there is room; so is the rest.
+            Err(e) if e.is_no_space() => staged.no_room = Some(waiting),
+            Err(e) => return Err(e),
         }
-        match set.join_next().await {
-            Some(Ok(Ok(Some(file)))) => prepared.push(file),
-            Some(Ok(Ok(None))) => staged.skipped += 1,
-            Some(Ok(Err(e))) => {
-                tracing::warn!(peer = %peer.addr, "transfer failed, will retry next round: {e}");
-                staged.skipped += 1;
+        for file in staged_group? {
+            match file {
+                Ok(file) => prepared.push(file),
+                Err((name, e)) => {
+                    tracing::warn!(peer = %peer.addr, "{}: transfer failed, will retry next round: {e}", escape(&name));
+                    staged.skipped += 1;
+                }
             }
-            Some(Err(e)) => {
-                return Err(SyncError::Task {
-                    what: "transfer",
-                    source: e,
-                });
-            }
-            None => break,
         }
     }
-    let files = prepared.len() as u64;
-    let bytes = prepared.iter().map(|p| p.job.size()).sum();
-    let prepared_in = started.elapsed();
-    match fill(&node, &peer, volume_index, prepared, &mut staged.incomplete).await {
-        Ok(ready) => staged.ready = ready,
-        Err(e) if e.is_no_space() => staged.no_room = Some((files, bytes)),
-        Err(e) => return Err(e),
+    if let Some((files, bytes)) = &mut staged.no_room {
+        let rest = prepared.iter().map(|p| p.job.size());
+        let rest = rest.chain(groups.map(|listed| listed.job.size()));
+        for size in rest {
+            *files += 1;
+            *bytes += size;
+        }
     }
     tracing::debug!(
-        files,
-        prepare_ms = prepared_in.as_millis() as u64,
+        files = staged.ready.len(),
+        list_ms = listed_in.as_millis() as u64,
         total_ms = started.elapsed().as_millis() as u64,
         "batch staged"
     );
     Ok(staged)
+}
+
+/// Gets the chunk list of each of `jobs`: those at hand at once, the others asked of the
+/// peer `FILE_CONCURRENCY` at a time. A file whose list cannot be had is counted in
+/// `skipped`, for a later round.
+async fn list_batch(
+    node: &Arc<Node>,
+    peer: &Arc<Peer>,
+    handle: &Handle,
+    volume_index: usize,
+    jobs: Vec<(FileJob, Reservation)>,
+    skipped: &mut u64,
+) -> Result<Vec<Listed>, SyncError> {
+    let mut listed = Vec::with_capacity(jobs.len());
+    let mut asking = JoinSet::new();
+    let mut take = |outcome: Result<Option<Listed>, SyncError>| match outcome {
+        Ok(Some(file)) => listed.push(file),
+        Ok(None) => *skipped += 1,
+        Err(e) => {
+            tracing::warn!(peer = %peer.addr, "transfer failed, will retry next round: {e}");
+            *skipped += 1;
+        }
+    };
+    for (job, room) in jobs {
+        let (node, peer, handle) = (node.clone(), peer.clone(), handle.clone());
+        if list_at_hand(&job) {
+            take(list(node, peer, handle, volume_index, job, room).await);
+            continue;
+        }
+        if asking.len() >= FILE_CONCURRENCY
+            && let Some(done) = asking.join_next().await
+        {
+            take(done.map_err(|e| SyncError::Task {
+                what: "chunk list",
+                source: e,
+            })?);
+        }
+        asking.spawn(list(node, peer, handle, volume_index, job, room));
+    }
+    while let Some(done) = asking.join_next().await {
+        take(done.map_err(|e| SyncError::Task {
+            what: "chunk list",
+            source: e,
+        })?);
+    }
+    Ok(listed)
+}
+
+/// Stages `group` on the blocking pool, one trip for the whole group ([`stage_job`]
+/// for each file); a file that cannot be staged comes back with its name and why.
+async fn stage_group(
+    node: &Arc<Node>,
+    volume_index: usize,
+    group: Vec<Listed>,
+) -> Result<Vec<Result<Prepared, (Vec<u8>, SyncError)>>, SyncError> {
+    if group.is_empty() {
+        return Ok(Vec::new());
+    }
+    let node = node.clone();
+    tokio::task::spawn_blocking(move || {
+        group
+            .into_iter()
+            .map(|Listed { job, chunks, room }| {
+                let name = job.name.clone();
+                stage_job(&node, volume_index, job, chunks, None, room).map_err(|e| (name, e))
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| SyncError::Task {
+        what: "staging",
+        source: e,
+    })
 }
 
 /// Fetches what the prepared files still lack and finishes them; files left
@@ -238,7 +331,10 @@ async fn fill(
     for file in &prepared {
         targets.add_missing(&file.missing, &file.file);
     }
-    let received = fetch_chunks(node, Some(peer), volume_index, targets).await?;
+    let received = match targets.is_empty() {
+        true => Default::default(),
+        false => fetch_chunks(node, Some(peer), volume_index, targets).await?,
+    };
     let mut ready = Vec::new();
     for file in prepared {
         if let Some((id, _, _)) = file
@@ -303,6 +399,13 @@ pub(super) struct RenameSource {
     pub(super) tombstone: Entry,
     /// The peer, when `tombstone` is its entry exactly as sent.
     pub(super) sent_by: Option<NodeId>,
+}
+
+/// A file whose chunk list is checked, to be staged.
+struct Listed {
+    job: FileJob,
+    chunks: Vec<ChunkRef>,
+    room: Reservation,
 }
 
 /// A file whose staging file exists and holds every chunk we had locally.
@@ -373,12 +476,11 @@ impl Pull {
         Ok(())
     }
 
-    /// Takes the files decided on so far in batches of up to `PUBLISH_BATCH`: prepares them (`FILE_CONCURRENCY`
-    /// at a time), fetches the chunks the whole batch still lacks in shared requests,
-    /// then publishes the batch (files flushed, one durable index write). A batch is
-    /// flushed on the blocking pool while the next one is prepared and fetched, and
-    /// published (under the volume lock) once that one is in: the disk writes one batch
-    /// while the network brings the next.
+    /// Takes the files decided on so far in batches of up to `PUBLISH_BATCH`: stages
+    /// each batch ([`stage_batch`]: chunk lists, local chunks, fetches), then publishes
+    /// it (files flushed, one durable index write). A batch stages while the one before
+    /// it flushes on the blocking pool and the one before that is published (under the
+    /// volume lock): the disk writes one batch while the network brings the next.
     pub(super) async fn take_files(&mut self, until: Until) -> Result<(), SyncError> {
         self.find_rename_sources()?;
         let mut fetched = Vec::new();
@@ -468,14 +570,14 @@ impl Pull {
         );
         self.report.skipped += staged.skipped;
         self.report.incomplete += staged.incomplete;
-        let before = match staged.no_room {
-            // Something else took the room meanwhile: what was written stays in
-            // staging, to be resumed once there is room.
-            Some((files, bytes)) => {
-                self.waiting.add(files, bytes);
-                self.flushing.take()
-            }
-            None => {
+        // Something else took the room meanwhile: what was written of the files left
+        // over stays in staging, to be resumed once there is room.
+        if let Some((files, bytes)) = staged.no_room {
+            self.waiting.add(files, bytes);
+        }
+        let before = match staged.ready.is_empty() {
+            true => self.flushing.take(),
+            false => {
                 self.flushing
                     .replace(Flushing::start(&self.node, self.volume_index, staged.ready))
             }
@@ -969,17 +1071,16 @@ fn plausible_chunk_count(size: u64, count: usize, params: crate::chunking::Chunk
     (size == 0 && count == 0) || (size > 0 && (fewest..=most).contains(&count))
 }
 
-/// Gets a file's chunk list (inline or from the peer), checks it, and writes into its
-/// staging file every chunk found there already (an interrupted transfer) or held
-/// locally (a copy, an edit of a few chunks).
-async fn prepare(
+/// Gets a file's chunk list (inline, held here, or from the peer) and checks it against
+/// the file's entry before anything is staged for it.
+async fn list(
     node: Arc<Node>,
     peer: Arc<Peer>,
     mut handle: Handle,
     volume_index: usize,
     job: FileJob,
     room: Reservation,
-) -> Result<Option<Prepared>, SyncError> {
+) -> Result<Option<Listed>, SyncError> {
     let volume = &node.volumes[volume_index];
     let EntryKind::File {
         size,
@@ -1032,16 +1133,13 @@ async fn prepare(
         peer.rejected_chunks.fetch_add(1, Ordering::Relaxed);
         return Err(SyncError::BadChunkList(peer.addr));
     }
-    // File I/O only: on the blocking pool, not on an async worker thread.
-    let file = tokio::task::spawn_blocking(move || {
-        stage_job(&node, volume_index, job, chunks, None, room)
-    })
-    .await
-    .map_err(|e| SyncError::Task {
-        what: "staging",
-        source: e,
-    })??;
-    Ok(Some(file))
+    Ok(Some(Listed { job, chunks, room }))
+}
+
+/// Whether `job`'s chunk list needs no lookup and no question to the peer: an empty
+/// file, or a list sent inline (every small file's).
+fn list_at_hand(job: &FileJob) -> bool {
+    job.chunks.is_some() || job.size() == 0
 }
 
 /// A file's chunk list without asking the peer: empty for an empty file, sent inline,
