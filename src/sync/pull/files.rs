@@ -25,11 +25,6 @@ use crate::volume_fs::{FileStat, Staged, finish_staged, staging_name};
 /// Chunk lists asked of the peer at once.
 const FILE_CONCURRENCY: usize = 32;
 
-/// Files staged per trip to the blocking pool: a trip per file cost the receiving node
-/// an eighth of its CPU on many small files, in threads woken and put back to sleep. A
-/// group stages while the one before it fetches the chunks it lacks.
-const STAGE_GROUP: usize = 32;
-
 /// Files up to this size are staged unnamed where the file system allows it
 /// ([`VolumeFs::stage_unnamed`](crate::volume_fs::VolumeFs::stage_unnamed)): fetched
 /// again whole if a transfer is cut short, which costs less than a named staging file
@@ -169,17 +164,16 @@ pub(super) struct StagedBatch {
     skipped: u64,
     /// Files some chunk of which no reachable peer holds intact, left in staging.
     incomplete: u64,
-    /// Files and bytes the file system had no room for after all (those of a group
-    /// whose fetch ran out of it, and of the groups not staged after it), left in
+    /// Files and bytes of a batch the file system had no room for after all, left in
     /// staging.
     no_room: Option<(u64, u64)>,
 }
 
 /// Stages a batch: gets its files' chunk lists (`FILE_CONCURRENCY` of them asked of the
-/// peer at once), then stages them in groups of [`STAGE_GROUP`] on the blocking pool,
-/// each group fetching the chunks it still lacks while the next one stages, and
-/// finishes the files whose chunks all came. It holds nothing of the pull, so the
-/// batch before it is published meanwhile.
+/// peer at once), stages every file on the blocking pool in one trip ([`stage_files`]),
+/// fetches the chunks the whole batch still lacks in shared requests, and finishes the
+/// files whose chunks all came. It holds nothing of the pull, so the batch before it is
+/// published meanwhile.
 async fn stage_batch(
     node: Arc<Node>,
     peer: Arc<Peer>,
@@ -198,47 +192,27 @@ async fn stage_batch(
         &mut staged.skipped,
     )
     .await?;
-    let listed_in = started.elapsed();
-    let mut groups = listed.into_iter().peekable();
-    let mut prepared: Vec<Prepared> = Vec::new();
-    while staged.no_room.is_none() && (groups.peek().is_some() || !prepared.is_empty()) {
-        let group: Vec<Listed> = groups.by_ref().take(STAGE_GROUP).collect();
-        let to_fill = std::mem::take(&mut prepared);
-        let waiting = (
-            to_fill.len() as u64,
-            to_fill.iter().map(|p| p.job.size()).sum(),
-        );
-        let (staged_group, filled) = tokio::join!(
-            stage_group(&node, volume_index, group),
-            fill(&node, &peer, volume_index, to_fill, &mut staged.incomplete),
-        );
-        match filled {
-            Ok(ready) => staged.ready.extend(ready),
-            // Left in staging, to be resumed once there is room; so is the rest.
-            Err(e) if e.is_no_space() => staged.no_room = Some(waiting),
-            Err(e) => return Err(e),
-        }
-        for file in staged_group? {
-            match file {
-                Ok(file) => prepared.push(file),
-                Err((name, e)) => {
-                    tracing::warn!(peer = %peer.addr, "{}: transfer failed, will retry next round: {e}", escape(&name));
-                    staged.skipped += 1;
-                }
+    let mut prepared = Vec::with_capacity(listed.len());
+    for file in stage_files(&node, volume_index, listed).await? {
+        match file {
+            Ok(file) => prepared.push(file),
+            Err((name, e)) => {
+                tracing::warn!(peer = %peer.addr, "{}: transfer failed, will retry next round: {e}", escape(&name));
+                staged.skipped += 1;
             }
         }
     }
-    if let Some((files, bytes)) = &mut staged.no_room {
-        let rest = prepared.iter().map(|p| p.job.size());
-        let rest = rest.chain(groups.map(|listed| listed.job.size()));
-        for size in rest {
-            *files += 1;
-            *bytes += size;
-        }
+    let files = prepared.len() as u64;
+    let bytes = prepared.iter().map(|p| p.job.size()).sum();
+    let prepared_in = started.elapsed();
+    match fill(&node, &peer, volume_index, prepared, &mut staged.incomplete).await {
+        Ok(ready) => staged.ready = ready,
+        Err(e) if e.is_no_space() => staged.no_room = Some((files, bytes)),
+        Err(e) => return Err(e),
     }
     tracing::debug!(
-        files = staged.ready.len(),
-        list_ms = listed_in.as_millis() as u64,
+        files,
+        prepare_ms = prepared_in.as_millis() as u64,
         total_ms = started.elapsed().as_millis() as u64,
         "batch staged"
     );
@@ -291,19 +265,21 @@ async fn list_batch(
     Ok(listed)
 }
 
-/// Stages `group` on the blocking pool, one trip for the whole group ([`stage_job`]
-/// for each file); a file that cannot be staged comes back with its name and why.
-async fn stage_group(
+/// Stages `files` on the blocking pool in one trip ([`stage_job`] for each): a trip
+/// per file cost the receiving node an eighth of its CPU on many small files, in
+/// threads woken and put back to sleep. A file that cannot be staged comes back with
+/// its name and why.
+async fn stage_files(
     node: &Arc<Node>,
     volume_index: usize,
-    group: Vec<Listed>,
+    files: Vec<Listed>,
 ) -> Result<Vec<Result<Prepared, (Vec<u8>, SyncError)>>, SyncError> {
-    if group.is_empty() {
+    if files.is_empty() {
         return Ok(Vec::new());
     }
     let node = node.clone();
     tokio::task::spawn_blocking(move || {
-        group
+        files
             .into_iter()
             .map(|Listed { job, chunks, room }| {
                 let name = job.name.clone();
@@ -570,14 +546,14 @@ impl Pull {
         );
         self.report.skipped += staged.skipped;
         self.report.incomplete += staged.incomplete;
-        // Something else took the room meanwhile: what was written of the files left
-        // over stays in staging, to be resumed once there is room.
-        if let Some((files, bytes)) = staged.no_room {
-            self.waiting.add(files, bytes);
-        }
-        let before = match staged.ready.is_empty() {
-            true => self.flushing.take(),
-            false => {
+        let before = match staged.no_room {
+            // Something else took the room meanwhile: what was written stays in
+            // staging, to be resumed once there is room.
+            Some((files, bytes)) => {
+                self.waiting.add(files, bytes);
+                self.flushing.take()
+            }
+            None => {
                 self.flushing
                     .replace(Flushing::start(&self.node, self.volume_index, staged.ready))
             }
