@@ -327,6 +327,19 @@ async fn fill(
     Ok(ready)
 }
 
+/// Runs `work`, synchronous file system and index writes (a batch's publish: tens of
+/// milliseconds), without holding up the tasks queued on this async worker thread: the
+/// transport's event loop and the fetches of the batch staging meanwhile waited for it
+/// (on many small files, a fetch's first chunk came milliseconds after the peer had
+/// read it). Where the runtime has a single thread, there is no other thread to hand
+/// them to.
+fn off_async_worker<R>(work: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|runtime| runtime.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
+    }
+}
+
 /// How much of the files decided on [`Pull::take_files`] takes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum Until {
@@ -583,7 +596,7 @@ impl Pull {
         );
         let node = self.node.clone();
         let _guard = node.volumes[self.volume_index].lock.lock().await;
-        self.publish_durable(ready, Durability::Buffered)
+        off_async_worker(|| self.publish_durable(ready, Durability::Buffered))
     }
 
     /// Takes the files whose content a local file about to be deleted holds (the other
