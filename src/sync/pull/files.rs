@@ -1239,3 +1239,23 @@ impl Prepared {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::off_async_worker;
+
+    #[test]
+    fn a_publish_runs_on_any_runtime_and_outside_one() {
+        let single = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert_eq!(single.block_on(async { off_async_worker(|| 7) }), 7);
+        let multi = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        let on_a_worker = multi.block_on(multi.spawn(async { off_async_worker(|| 7) }));
+        assert_eq!(on_a_worker.unwrap(), 7);
+        assert_eq!(off_async_worker(|| 7), 7);
+    }
+}
