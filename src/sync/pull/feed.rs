@@ -7,7 +7,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{PUBLISH_BATCH, Pull, Until};
+use super::{Pull, Until};
 use crate::ids::NodeId;
 use crate::pathname::VolPath;
 use crate::protocol::{
@@ -82,7 +82,7 @@ impl Pull {
             self.restore_moved_dir_mtimes()?;
             decided?;
             drop(guard);
-            if self.files.len() >= PUBLISH_BATCH {
+            if self.files.len() >= self.batching.files {
                 self.take_files(Until::Batches).await?;
             }
             mark = high;

@@ -146,13 +146,48 @@ impl Flushing {
 /// the 1,024 many service managers set.
 const STAGE_AHEAD_MIN_OPEN_FILES: u64 = 4096;
 
-/// Whether this process may keep a third batch of staging files open, so that the walk
-/// goes on while a batch stages (see [`Pull::take_batches`]).
-pub(super) fn stage_ahead() -> bool {
-    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
-    limit
-        .current
-        .is_none_or(|open| open >= STAGE_AHEAD_MIN_OPEN_FILES)
+/// Files published together where the open-file limit leaves room for three batches
+/// of them ([`LARGE_BATCH_MIN_OPEN_FILES`]). Each batch pays a fixed cost whatever it
+/// holds: a round trip for its chunks, and three journal commits (its flush, the index
+/// log's, its directories' fsyncs). Twice [`PUBLISH_BATCH`] took an initial `small`
+/// 10-20% faster and a tenth of `million` 10-30% (docs/BENCHMARKS.md, "Batches of 512
+/// files"); 1,024 was faster still on `million`, but took a receiver of tiny files
+/// past 64 MiB.
+const LARGE_PUBLISH_BATCH: usize = 512;
+
+/// The open-file limit from which a pull takes [`LARGE_PUBLISH_BATCH`] files at once:
+/// three such batches in flight took up to 1,813 descriptors on `small`.
+const LARGE_BATCH_MIN_OPEN_FILES: u64 = 8192;
+
+/// How a pull takes the files it decided on, by what this process's open-file limit
+/// allows (decided once per round).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Batching {
+    /// Files made durable and visible together.
+    pub(super) files: usize,
+    /// Whether a third batch of staging files may be open, so that the walk goes on
+    /// while a batch stages (see [`Pull::take_batches`]).
+    pub(super) stage_ahead: bool,
+}
+
+impl Batching {
+    /// For this process's soft open-file limit.
+    pub(super) fn for_this_process() -> Batching {
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+        Batching::for_open_files(limit.current)
+    }
+
+    /// For a soft open-file limit of `limit` (`None`: unlimited).
+    fn for_open_files(limit: Option<u64>) -> Batching {
+        let at_least = |open| limit.is_none_or(|limit| limit >= open);
+        Batching {
+            files: match at_least(LARGE_BATCH_MIN_OPEN_FILES) {
+                true => LARGE_PUBLISH_BATCH,
+                false => PUBLISH_BATCH,
+            },
+            stage_ahead: at_least(STAGE_AHEAD_MIN_OPEN_FILES),
+        }
+    }
 }
 
 /// What staging a batch came to.
@@ -343,7 +378,7 @@ fn off_async_worker<R>(work: impl FnOnce() -> R) -> R {
 /// How much of the files decided on [`Pull::take_files`] takes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum Until {
-    /// Whole batches of [`PUBLISH_BATCH`]; the rest waits for more files, and the last
+    /// Whole batches ([`Batching::files`]); the rest waits for more files, and the last
     /// batch is left staging or flushing, taken on by the next call.
     Batches,
     /// Every file, every batch published.
@@ -465,7 +500,7 @@ impl Pull {
         Ok(())
     }
 
-    /// Takes the files decided on so far in batches of up to `PUBLISH_BATCH`: stages
+    /// Takes the files decided on so far in batches of up to [`Batching::files`]: stages
     /// each batch ([`stage_batch`]: chunk lists, local chunks, fetches), then publishes
     /// it (files flushed, one durable index write). A batch stages while the one before
     /// it flushes on the blocking pool and the one before that is published (under the
@@ -487,7 +522,7 @@ impl Pull {
         self.take_renamed(moved).await?;
         if until == Until::Batches {
             // A batch short of full waits for the files of the next directories.
-            let whole = fetched.len() - fetched.len() % PUBLISH_BATCH;
+            let whole = fetched.len() - fetched.len() % self.batching.files;
             self.files = fetched.split_off(whole);
         }
         let taken = self.take_batches(fetched).await;
@@ -507,10 +542,10 @@ impl Pull {
 
     /// Takes `fetched` batch by batch. Each batch is staged on a task of its own
     /// ([`stage_batch`]) while the one before it finishes flushing and is published.
-    /// Where [`stage_ahead`] allows, the last batch is left staging in `self.staging`
-    /// and the walk goes on to fill the next one meanwhile (it waited for every batch's
-    /// network and disk before); otherwise it is waited for and left flushing in
-    /// `self.flushing`. The next call, or [`Pull::settle_batches`], takes it from there.
+    /// Where [`Batching::stage_ahead`] allows, the last batch is left staging in
+    /// `self.staging` and the walk goes on to fill the next one meanwhile (it waited for
+    /// every batch's network and disk before); otherwise it is waited for and left
+    /// flushing in `self.flushing`. The next call, or [`Pull::settle_batches`], takes it from there.
     async fn take_batches(&mut self, fetched: Vec<FileJob>) -> Result<(), SyncError> {
         let mut jobs = fetched.into_iter().peekable();
         while jobs.peek().is_some() {
@@ -518,7 +553,7 @@ impl Pull {
             // Read once a batch: nothing is staged until the whole batch holds its room.
             // A file system that cannot say how full it is is taken to have room.
             let available = self.volume().fs.available().unwrap_or(u64::MAX);
-            for job in jobs.by_ref().take(PUBLISH_BATCH) {
+            for job in jobs.by_ref().take(self.batching.files) {
                 if let Some(room) = self.reserve_room(&job, Needs::Room { available }) {
                     batch.push((job, room));
                 }
@@ -529,7 +564,7 @@ impl Pull {
                 "staging",
                 stage_batch(node, peer, handle, self.volume_index, batch),
             );
-            let before = match self.stage_ahead {
+            let before = match self.batching.stage_ahead {
                 true => self.staging.replace(staging),
                 false => Some(staging),
             };
@@ -612,7 +647,7 @@ impl Pull {
             let mut ready = Vec::new();
             // The directories files leave: their mtimes are put back too (dirty marks).
             let mut left = node.store.batch();
-            for (job, source) in jobs.by_ref().take(PUBLISH_BATCH) {
+            for (job, source) in jobs.by_ref().take(self.batching.files) {
                 left.mark_dirty(node.volumes[self.volume_index].id, &source.dir);
                 self.moved(&source.dir);
                 let Some(room) = self.reserve_room(&job, Needs::Nothing) else {
@@ -1242,7 +1277,28 @@ impl Prepared {
 
 #[cfg(test)]
 mod tests {
-    use super::off_async_worker;
+    use super::{Batching, PUBLISH_BATCH, off_async_worker};
+
+    #[test]
+    fn batches_grow_and_stage_ahead_only_where_descriptors_allow() {
+        let batching = |files, stage_ahead| Batching { files, stage_ahead };
+        // The soft limit many service managers set: two batches of 256 in flight.
+        let low = Batching::for_open_files(Some(1024));
+        assert_eq!(low, batching(PUBLISH_BATCH, false));
+        assert_eq!(Batching::for_open_files(Some(4095)), low);
+        assert_eq!(
+            Batching::for_open_files(Some(4096)),
+            batching(PUBLISH_BATCH, true)
+        );
+        assert_eq!(
+            Batching::for_open_files(Some(8191)),
+            batching(PUBLISH_BATCH, true)
+        );
+        let large = batching(2 * PUBLISH_BATCH, true);
+        assert_eq!(Batching::for_open_files(Some(8192)), large);
+        assert_eq!(Batching::for_open_files(Some(1 << 20)), large);
+        assert_eq!(Batching::for_open_files(None), large);
+    }
 
     #[test]
     fn a_publish_runs_on_any_runtime_and_outside_one() {

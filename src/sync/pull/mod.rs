@@ -60,7 +60,8 @@ use crate::tree::TreeNode;
 use crate::unsyncable::{Cause, Noted, Origin};
 use files::{FileJob, RenameSource, Until};
 
-/// Files made durable and visible together.
+/// Files made durable and visible together where the open-file limit is low
+/// ([`files::Batching`]).
 const PUBLISH_BATCH: usize = 256;
 /// Memory a round may hold for directories still to compare (their paths): a peer
 /// offering directories without end, or a directory of more than about 250,000
@@ -169,7 +170,7 @@ pub async fn pull_volume(
         files: Vec::new(),
         flushing: None,
         staging: None,
-        stage_ahead: files::stage_ahead(),
+        batching: files::Batching::for_this_process(),
         links: Vec::new(),
         links_waiting: 0,
         report: PullReport::default(),
@@ -286,12 +287,13 @@ struct Pull {
     /// ([`Pull::take_files`]); published before the round's deletes at the latest.
     flushing: Option<files::Flushing>,
     /// The batch being staged while the walk goes on to fill the next one (only where
-    /// the open-file limit allows a third batch of staging files: [`files::stage_ahead`]);
+    /// the open-file limit allows a third batch of staging files: [`files::Batching`]);
     /// published at the round's end at the latest, also after a failure. A round
     /// abandoned drops it: aborted, what it wrote stays in staging, to be resumed.
     staging: Option<Spawned<files::StagedBatch>>,
-    /// Whether the walk goes on while a batch stages (decided once per round).
-    stage_ahead: bool,
+    /// How many files a batch takes, and whether the walk goes on while one stages
+    /// (decided once per round).
+    batching: files::Batching,
     /// Other names of hard-linked files, linked to their leaders at the end of the round.
     links: Vec<FileJob>,
     /// Of those, how many could not be linked this round.

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 
 use s2n_quic::connection::Handle;
 
-use super::{PUBLISH_BATCH, Pull, Spawned, Until};
+use super::{Pull, Spawned, Until};
 use crate::pathname::VolPath;
 use crate::protocol::{ProtocolError, Request, Response, WireEntry};
 use crate::sync::{SyncError, request};
@@ -124,7 +124,7 @@ impl Pull {
                 decided?;
                 drop(guard);
                 // Files of many small directories travel together: one batch for all.
-                if self.files.len() >= PUBLISH_BATCH {
+                if self.files.len() >= self.batching.files {
                     self.take_files(Until::Batches).await?;
                 }
             }
