@@ -149,10 +149,10 @@ const STAGE_AHEAD_MIN_OPEN_FILES: u64 = 4096;
 /// Files published together where the open-file limit leaves room for three batches
 /// of them ([`LARGE_BATCH_MIN_OPEN_FILES`]). Each batch pays a fixed cost whatever it
 /// holds: a round trip for its chunks, and three journal commits (its flush, the index
-/// log's, its directories' fsyncs). Twice [`PUBLISH_BATCH`] took an initial `small`
-/// 10-20% faster and a tenth of `million` 10-30% (docs/BENCHMARKS.md, "Batches of 512
-/// files"); 1,024 was faster still on `million`, but took a receiver of tiny files
-/// past 64 MiB.
+/// log's, its directories' fsyncs). Twice [`PUBLISH_BATCH`] took a tenth of `million`
+/// about 13% faster in each of three alternating pairs, and an initial `small` about
+/// 10% in two of three (docs/BENCHMARKS.md, "Batches of 512 files"); 1,024 was faster
+/// still on `million`, but took a receiver of tiny files past 64 MiB.
 const LARGE_PUBLISH_BATCH: usize = 512;
 
 /// The open-file limit from which a pull takes [`LARGE_PUBLISH_BATCH`] files at once:
@@ -545,7 +545,8 @@ impl Pull {
     /// Where [`Batching::stage_ahead`] allows, the last batch is left staging in
     /// `self.staging` and the walk goes on to fill the next one meanwhile (it waited for
     /// every batch's network and disk before); otherwise it is waited for and left
-    /// flushing in `self.flushing`. The next call, or [`Pull::settle_batches`], takes it from there.
+    /// flushing in `self.flushing`. The next call, or [`Pull::settle_batches`], takes it
+    /// from there.
     async fn take_batches(&mut self, fetched: Vec<FileJob>) -> Result<(), SyncError> {
         let mut jobs = fetched.into_iter().peekable();
         while jobs.peek().is_some() {
