@@ -275,6 +275,12 @@ async fn list_batch(
             *skipped += 1;
         }
     };
+    let joined = |done: Result<_, tokio::task::JoinError>| {
+        done.map_err(|source| SyncError::Task {
+            what: "chunk list",
+            source,
+        })
+    };
     for (job, room) in jobs {
         let (node, peer, handle) = (node.clone(), peer.clone(), handle.clone());
         if list_at_hand(&job) {
@@ -284,18 +290,12 @@ async fn list_batch(
         if asking.len() >= FILE_CONCURRENCY
             && let Some(done) = asking.join_next().await
         {
-            take(done.map_err(|e| SyncError::Task {
-                what: "chunk list",
-                source: e,
-            })?);
+            take(joined(done)?);
         }
         asking.spawn(list(node, peer, handle, volume_index, job, room));
     }
     while let Some(done) = asking.join_next().await {
-        take(done.map_err(|e| SyncError::Task {
-            what: "chunk list",
-            source: e,
-        })?);
+        take(joined(done)?);
     }
     Ok(listed)
 }
