@@ -12,11 +12,11 @@ use crate::chunking::ChunkRef;
 use crate::entry::{Causality, Entry, EntryKind};
 use crate::ids::NodeId;
 use crate::pathname::{VolPath, escape};
-use crate::store::Durability;
 use crate::store::codec::ScanStamp;
 use crate::store::versions::{KeptChunks, VersionRecord, Why};
-use crate::sync::SyncError;
+use crate::store::{Durability, Store};
 use crate::sync::conflict::conflict_name;
+use crate::sync::{SyncError, Volume};
 use crate::volume_fs::{FileStat, Removal as OnDisk};
 
 /// The version records of a round's deletes, by name, until each is written with its
@@ -25,6 +25,37 @@ type KeptVersions = HashMap<(VolPath, Vec<u8>), VersionRecord>;
 
 /// Directory stamps written at once by [`Pull::restore_dir_mtimes`].
 const RESTORE_BATCH: usize = 1024;
+
+/// Whether the name `dir/name` on disk (through `dir_fd`) agrees with its recorded
+/// stamp by `same` (a name gone from disk agrees; one on disk with no stamp does not).
+pub(super) fn on_disk_as_indexed(
+    store: &Store,
+    volume: &Volume,
+    (dir_fd, dir, name): (&OwnedFd, &VolPath, &[u8]),
+    same: impl Fn(&ScanStamp, &ScanStamp) -> bool,
+) -> Result<bool, SyncError> {
+    let recorded = store.stamp(volume.id, dir, name)?;
+    let current = volume.fs.stat(dir_fd, name).ok().map(|s| s.stamp());
+    Ok(match (recorded, current) {
+        (_, None) => true,
+        (Some(recorded), Some(current)) => same(&recorded, &current),
+        (None, Some(_)) => false,
+    })
+}
+
+/// The chunk list the index holds for `dir/name` when `entry` (the local entry there)
+/// is a file; `None` otherwise.
+pub(super) fn indexed_chunks(
+    store: &Store,
+    volume: &Volume,
+    (dir, name): (&VolPath, &[u8]),
+    entry: Option<&Entry>,
+) -> Result<Option<Vec<ChunkRef>>, SyncError> {
+    match entry.map(|e| &e.kind) {
+        Some(EntryKind::File { .. }) => Ok(store.chunk_list(volume.id, dir, name)?),
+        _ => Ok(None),
+    }
+}
 
 impl Pull {
     /// Whether the name on disk is still what the index says (nobody changed it since
@@ -47,13 +78,7 @@ impl Pull {
         name: &[u8],
         same: impl Fn(&ScanStamp, &ScanStamp) -> bool,
     ) -> Result<bool, SyncError> {
-        let recorded = self.node.store.stamp(self.volume().id, dir, name)?;
-        let current = self.volume().fs.stat(dir_fd, name).ok().map(|s| s.stamp());
-        Ok(match (recorded, current) {
-            (_, None) => true,
-            (Some(recorded), Some(current)) => same(&recorded, &current),
-            (None, Some(_)) => false,
-        })
+        on_disk_as_indexed(&self.node.store, self.volume(), (dir_fd, dir, name), same)
     }
 
     /// Takes the peer's `remote` entry for `dir/name`: a file is queued for fetching, a
@@ -287,12 +312,7 @@ impl Pull {
         name: &[u8],
         entry: Option<&Entry>,
     ) -> Result<Option<Vec<ChunkRef>>, SyncError> {
-        match entry.map(|e| &e.kind) {
-            Some(EntryKind::File { .. }) => {
-                Ok(self.node.store.chunk_list(self.volume().id, dir, name)?)
-            }
-            _ => Ok(None),
-        }
+        indexed_chunks(&self.node.store, self.volume(), (dir, name), entry)
     }
 
     /// Gives every directory whose index entries this round changed (its `dirty` mark)

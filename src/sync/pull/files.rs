@@ -800,10 +800,8 @@ impl Pull {
         }
         let node = self.node.clone();
         let vol = self.volume().id;
-        let fs = &node.volumes[self.volume_index].fs;
         let ready_count = ready.len();
         let started = std::time::Instant::now();
-        let mut dirs: HashMap<VolPath, OwnedFd> = HashMap::new();
         let mut batch = node.store.batch();
         for file in &ready {
             batch.delete_publishing(vol, &file.job.dir, &file.job.name);
@@ -828,27 +826,41 @@ impl Pull {
         }
         kept.finish(&node.store, &mut batch)?;
         let versions_kept = versions.iter().any(Option::is_some);
+        let (placings, dirs) = place_all(&node, self.volume_index, ready);
         let mut published = Vec::new();
-        let mut echoes = Vec::with_capacity(ready.len());
-        for (file, version) in ready.into_iter().zip(versions) {
-            let name = escape(&file.job.name);
-            let path = file.job.dir.join(&file.job.name);
-            let shown = path.as_ref().ok().map(|p| escape(p.as_bytes()));
-            let size = file.job.size();
-            let (dir, file_name) = (file.job.dir.clone(), file.job.name.clone());
-            match self.publish_one(fs, &mut dirs, &mut batch, file) {
-                Ok(Some(stamp)) => {
+        let mut echoes = Vec::with_capacity(ready_count);
+        for (placing, version) in placings.into_iter().zip(versions) {
+            let Placing {
+                job,
+                chunks,
+                removed_dir,
+                outcome,
+            } = placing;
+            if let Some(path) = &removed_dir {
+                batch.delete_tree_node(vol, path);
+                batch.clear_dirty(vol, path);
+            }
+            let name = escape(&job.name);
+            match outcome {
+                Ok(Some(Placed { stamp, old_chunks })) => {
+                    self.moved(&job.dir);
+                    batch.put_entry_sent_by(vol, &job.dir, &job.name, &job.entry, job.sent_by);
+                    batch.set_chunks(vol, &job.dir, &job.name, &chunks, old_chunks.as_deref());
+                    batch.put_stamp(vol, &job.dir, &job.name, &stamp);
+                    batch.mark_dirty(vol, &job.dir);
                     if let Some(version) = &version {
                         batch.put_version(version);
                     }
+                    let path = job.dir.join(&job.name);
+                    let shown = path.as_ref().ok().map(|p| escape(p.as_bytes()));
                     if let Ok(path) = path {
                         echoes.push((path, Some(stamp)));
                     }
-                    published.push((shown.unwrap_or(name), size))
+                    published.push((shown.unwrap_or(name), job.size()))
                 }
                 Ok(None) => self.report.skipped += 1,
                 // A name this file system refuses is listed (and said once).
-                Err(e) if e.refusal().is_some() => self.placed(&dir, &file_name, Err(e))?,
+                Err(e) if e.refusal().is_some() => self.placed(&job.dir, &job.name, Err(e))?,
                 // One file that cannot be placed does not hold back the others.
                 Err(e) => {
                     tracing::warn!("cannot publish {name}: {e}; will retry next round");
@@ -892,98 +904,209 @@ impl Pull {
         self.log_applied();
         Ok(())
     }
+}
 
-    /// Renames one assembled file into place and records it in `batch`: the stamp it
-    /// is recorded with, or `None` if it had to be left alone (something local is in
+/// A batch of at least this many files is placed by two threads, each taking half of
+/// it: placing is mostly system calls (`linkat`, a `stat`, the index lookups that check
+/// each name is still as decided), a batch's publish is the step of a pull that waits
+/// for nothing else, and each half's renames land in different directories, or queue on
+/// one directory's lock only for the kernel's part.
+const PLACE_IN_TWO_FROM: usize = 64;
+
+/// One file of a batch after its placing, for the batch's index write.
+struct Placing {
+    job: FileJob,
+    chunks: Vec<ChunkRef>,
+    /// The directory the file replaced, removed from disk (also when the file itself
+    /// could not be placed after all): its tree node and dirty mark go.
+    removed_dir: Option<VolPath>,
+    /// The file placed, or `None` where it had to be left alone (something local is in
     /// the way).
-    fn publish_one(
-        &mut self,
-        fs: &crate::volume_fs::VolumeFs,
-        dirs: &mut HashMap<VolPath, OwnedFd>,
-        batch: &mut crate::store::Batch<'_>,
-        file: ReadyFile,
-    ) -> Result<Option<crate::store::codec::ScanStamp>, SyncError> {
-        let ReadyFile {
-            job,
-            staged,
-            chunks,
-            ..
-        } = file;
-        let vol = self.volume().id;
-        if !dirs.contains_key(&job.dir) {
-            dirs.insert(job.dir.clone(), fs.open_dir(&job.dir, true)?);
-        }
-        let dir_fd = &dirs[&job.dir];
-        if self.node.store.entry(vol, &job.dir, &job.name)? != job.decided_against {
-            tracing::info!(
-                "{} changed here while it was being fetched; the next round decides again",
-                escape(&job.name)
-            );
-            return Ok(None);
-        }
-        // A name the index holds nothing for has no stamp either: it must be free on
-        // disk, which linking an unnamed staging file checks by itself (it never takes
-        // a name something holds, `VolumeFs::publish_unnamed`).
-        let link_checks = job.decided_against.is_none()
-            && job.replaces.is_none()
-            && matches!(staged, Staging::Unnamed(_));
-        let replaces_dir = job.replaces.as_ref().is_some_and(Entry::is_dir);
-        if replaces_dir {
-            // A directory goes only once it is empty (its children are synced first).
-            if !fs.remove_dir(dir_fd, &job.name)? {
-                return Ok(None);
-            }
-            if let Ok(path) = job.dir.join(&job.name) {
-                batch.delete_tree_node(vol, &path);
-                batch.clear_dirty(vol, &path);
-            }
-        } else if !link_checks && !self.unchanged_on_disk(dir_fd, &job.dir, &job.name)? {
-            tracing::info!(
-                "{} changed locally since the last scan; not replacing it",
-                escape(&job.name)
-            );
-            return Ok(None);
-        }
-        // Checked again as it is replaced: a write landing now must not go with it. (A
-        // name with no entry has no stamp: nothing to read for a new file.)
-        let recorded = match job.decided_against {
-            Some(_) => self.node.store.stamp(vol, &job.dir, &job.name)?,
-            None => None,
-        };
-        if let Some(pause) = self.node.faults.pause_before_removing {
-            tracing::warn!(
-                "FAULT INJECTION: pausing {} ms between checking a file and replacing it",
-                pause.as_millis()
-            );
-            std::thread::sleep(pause);
-        }
-        let placed = match &staged {
-            Staging::Named(named) => {
-                fs.replace_as_checked(&named.temp_name, dir_fd, &job.name, recorded.as_ref())?
-            }
-            Staging::Unnamed(file) => {
-                fs.publish_unnamed(file, dir_fd, &job.name, recorded.as_ref())?
-            }
-        };
-        if !placed {
-            tracing::info!(
-                "{} changed here while sync replaced it; kept, the next round decides again",
-                escape(&job.name)
-            );
-            return Ok(None);
-        }
-        self.moved(&job.dir);
-        // fstat through the still-open descriptor: the stamp of exactly what we wrote.
-        let stat = FileStat::of(staged.file())
-            .map_err(SyncError::local(format!("staging {}", escape(&job.name))))?;
-        let old_chunks = self.indexed_chunks(&job.dir, &job.name, job.replaces.as_ref())?;
-        batch.put_entry_sent_by(vol, &job.dir, &job.name, &job.entry, job.sent_by);
-        batch.set_chunks(vol, &job.dir, &job.name, &chunks, old_chunks.as_deref());
-        let stamp = stat.stamp();
-        batch.put_stamp(vol, &job.dir, &job.name, &stamp);
-        batch.mark_dirty(vol, &job.dir);
-        Ok(Some(stamp))
+    outcome: Result<Option<Placed>, SyncError>,
+}
+
+/// A file renamed or linked into place, not indexed yet.
+struct Placed {
+    /// The stamp of exactly what was written, to index it with.
+    stamp: crate::store::codec::ScanStamp,
+    /// The chunk list the index held for the name before: its locations go.
+    old_chunks: Option<Vec<ChunkRef>>,
+}
+
+/// Places a batch of assembled files, their content flushed already, in the order
+/// given: a large batch in two halves at once ([`PLACE_IN_TWO_FROM`]). Returns each
+/// file's [`Placing`], and the directories placed into, open, to fsync before the index
+/// write.
+fn place_all(
+    node: &Node,
+    volume_index: usize,
+    ready: Vec<ReadyFile>,
+) -> (Vec<Placing>, HashMap<VolPath, OwnedFd>) {
+    if ready.len() < PLACE_IN_TWO_FROM {
+        return place_run(node, volume_index, ready);
     }
+    let span = tracing::Span::current();
+    let [(mut placings, mut dirs), (more, more_dirs)] = on_two_threads(ready, |files| {
+        span.in_scope(|| place_run(node, volume_index, files))
+    });
+    placings.extend(more);
+    for (dir, fd) in more_dirs {
+        dirs.entry(dir).or_insert(fd);
+    }
+    (placings, dirs)
+}
+
+/// Runs `work` on the two halves of `items` at once, on this thread and a scoped one,
+/// and returns what it gave for each, the first half's first. If no thread can be
+/// started, both halves run here, one after the other.
+fn on_two_threads<T: Send, R: Send>(
+    mut items: Vec<T>,
+    work: impl Fn(Vec<T>) -> R + Sync,
+) -> [R; 2] {
+    let mut second = Some(items.split_off(items.len() / 2));
+    let (first, from_second) = std::thread::scope(|scope| {
+        let other = std::thread::Builder::new()
+            .name("shoal-place".into())
+            .spawn_scoped(scope, || work(second.take().unwrap_or_default()));
+        let first = work(items);
+        let from_second = other.ok().map(|other| {
+            other
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        });
+        (first, from_second)
+    });
+    let second = from_second.unwrap_or_else(|| work(second.unwrap_or_default()));
+    [first, second]
+}
+
+/// Places `files` one after the other ([`place_one`]).
+fn place_run(
+    node: &Node,
+    volume_index: usize,
+    files: Vec<ReadyFile>,
+) -> (Vec<Placing>, HashMap<VolPath, OwnedFd>) {
+    let mut dirs = HashMap::new();
+    let placings = files
+        .into_iter()
+        .map(|file| place_one(node, volume_index, &mut dirs, file))
+        .collect();
+    (placings, dirs)
+}
+
+/// Renames or links one assembled file into place, unless the name changed here since
+/// the decision or since the last scan. Runs under the volume lock.
+fn place_one(
+    node: &Node,
+    volume_index: usize,
+    dirs: &mut HashMap<VolPath, OwnedFd>,
+    file: ReadyFile,
+) -> Placing {
+    let ReadyFile {
+        job,
+        staged,
+        chunks,
+        ..
+    } = file;
+    let mut removed_dir = None;
+    let outcome = place_staged(node, volume_index, dirs, &job, &staged, &mut removed_dir);
+    Placing {
+        job,
+        chunks,
+        removed_dir,
+        outcome,
+    }
+}
+
+/// [`place_one`]'s checks and rename; a directory the file replaces is removed first,
+/// and said in `removed_dir`.
+fn place_staged(
+    node: &Node,
+    volume_index: usize,
+    dirs: &mut HashMap<VolPath, OwnedFd>,
+    job: &FileJob,
+    staged: &Staging,
+    removed_dir: &mut Option<VolPath>,
+) -> Result<Option<Placed>, SyncError> {
+    let volume = &node.volumes[volume_index];
+    let (vol, fs) = (volume.id, &volume.fs);
+    if !dirs.contains_key(&job.dir) {
+        dirs.insert(job.dir.clone(), fs.open_dir(&job.dir, true)?);
+    }
+    let dir_fd = &dirs[&job.dir];
+    if node.store.entry(vol, &job.dir, &job.name)? != job.decided_against {
+        tracing::info!(
+            "{} changed here while it was being fetched; the next round decides again",
+            escape(&job.name)
+        );
+        return Ok(None);
+    }
+    // A name the index holds nothing for has no stamp either: it must be free on
+    // disk, which linking an unnamed staging file checks by itself (it never takes
+    // a name something holds, `VolumeFs::publish_unnamed`).
+    let link_checks = job.decided_against.is_none()
+        && job.replaces.is_none()
+        && matches!(staged, Staging::Unnamed(_));
+    let replaces_dir = job.replaces.as_ref().is_some_and(Entry::is_dir);
+    if replaces_dir {
+        // A directory goes only once it is empty (its children are synced first).
+        if !fs.remove_dir(dir_fd, &job.name)? {
+            return Ok(None);
+        }
+        *removed_dir = job.dir.join(&job.name).ok();
+    } else if !link_checks
+        && !super::apply::on_disk_as_indexed(
+            &node.store,
+            volume,
+            (dir_fd, &job.dir, &job.name),
+            |recorded, current| recorded == current,
+        )?
+    {
+        tracing::info!(
+            "{} changed locally since the last scan; not replacing it",
+            escape(&job.name)
+        );
+        return Ok(None);
+    }
+    // Checked again as it is replaced: a write landing now must not go with it. (A
+    // name with no entry has no stamp: nothing to read for a new file.)
+    let recorded = match job.decided_against {
+        Some(_) => node.store.stamp(vol, &job.dir, &job.name)?,
+        None => None,
+    };
+    if let Some(pause) = node.faults.pause_before_removing {
+        tracing::warn!(
+            "FAULT INJECTION: pausing {} ms between checking a file and replacing it",
+            pause.as_millis()
+        );
+        std::thread::sleep(pause);
+    }
+    let placed = match staged {
+        Staging::Named(named) => {
+            fs.replace_as_checked(&named.temp_name, dir_fd, &job.name, recorded.as_ref())?
+        }
+        Staging::Unnamed(file) => fs.publish_unnamed(file, dir_fd, &job.name, recorded.as_ref())?,
+    };
+    if !placed {
+        tracing::info!(
+            "{} changed here while sync replaced it; kept, the next round decides again",
+            escape(&job.name)
+        );
+        return Ok(None);
+    }
+    // fstat through the still-open descriptor: the stamp of exactly what we wrote.
+    let stat = FileStat::of(staged.file())
+        .map_err(SyncError::local(format!("staging {}", escape(&job.name))))?;
+    let old_chunks = super::apply::indexed_chunks(
+        &node.store,
+        volume,
+        (&job.dir, &job.name),
+        job.replaces.as_ref(),
+    )?;
+    Ok(Some(Placed {
+        stamp: stat.stamp(),
+        old_chunks,
+    }))
 }
 
 /// Gets a file's chunk list of `count` chunks from the peer. A list that fits one
@@ -1278,7 +1401,7 @@ impl Prepared {
 
 #[cfg(test)]
 mod tests {
-    use super::{Batching, PUBLISH_BATCH, off_async_worker};
+    use super::{Batching, PUBLISH_BATCH, off_async_worker, on_two_threads};
 
     #[test]
     fn batches_grow_and_stage_ahead_only_where_descriptors_allow() {
@@ -1314,5 +1437,17 @@ mod tests {
         let on_a_worker = multi.block_on(multi.spawn(async { off_async_worker(|| 7) }));
         assert_eq!(on_a_worker.unwrap(), 7);
         assert_eq!(off_async_worker(|| 7), 7);
+    }
+
+    #[test]
+    fn two_threads_give_each_half_its_result_in_order() {
+        let items: Vec<u32> = (0..101).collect();
+        let [first, second] = on_two_threads(items, |half| half);
+        assert_eq!(first, (0..50).collect::<Vec<_>>());
+        assert_eq!(second, (50..101).collect::<Vec<_>>());
+        let threads = on_two_threads(vec![(); 2], |_| std::thread::current().id());
+        assert_ne!(threads[0], threads[1], "the halves ran on one thread");
+        let [empty, one] = on_two_threads(vec!["only"], |half| half);
+        assert_eq!((empty, one), (vec![], vec!["only"]));
     }
 }
