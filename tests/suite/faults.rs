@@ -533,6 +533,77 @@ fn a_delete_made_after_seeing_an_edit_stays_deleted_though_the_edit_beat_an_earl
     }
 }
 
+/// The kill storm's resurrection of 2026-12-04 (CI at 1e5ffb2, seed
+/// 1796351744678876283), step by step, and the limit of version vectors it shows. Node 0
+/// edits a file and then deletes it, each change scanned on its own; node 1, which saw
+/// neither, writes the file. Node 0 takes the write over its delete (live beats
+/// deleted) with both histories merged, as it must: its delete had seen an edit the
+/// write lacks. Node 1 then deletes its write before the merge reaches it; its delete
+/// lacks node 0's counts, is concurrent with the merged version and loses to it. The
+/// write comes back on both nodes although node 1 deleted it after writing it: a
+/// version vector says which changes a version has seen, not which content a delete
+/// removed, and the safe reading keeps the content (`docs/RELIABILITY.md`, "What the
+/// storm allows"). What must hold: nothing is lost, no copy appears, both agree.
+#[test]
+fn a_delete_that_missed_a_delete_merged_into_the_version_it_deleted_keeps_that_version() {
+    let mut c = Cluster::new(2);
+    for env in &mut c.extra_env {
+        env.push(("SHOAL_DELETE_GUARD".into(), "off".into()));
+    }
+    write_file(&c.vol(0).join("anchor.txt"), b"stays");
+    write_file(&c.vol(0).join("f.txt"), b"first");
+    c.start_all();
+    c.wait_connected(CONVERGE);
+    c.wait_converged(&[0, 1], CONVERGE);
+    c.stop(1);
+    // Node 0, alone, edits the file and deletes it: two scans, two counts of its own.
+    let before = c.scans_with_changes(0);
+    write_file(&c.vol(0).join("f.txt"), b"node 0's edit");
+    c.wait_scan_with_changes(0, before, CONVERGE, "node 0 never scanned its edit");
+    let before = c.scans_with_changes(0);
+    fs::remove_file(c.vol(0).join("f.txt")).unwrap();
+    c.wait_scan_with_changes(0, before, CONVERGE, "node 0 never scanned its delete");
+    c.stop(0);
+    // Node 1 writes the file; node 0 takes it, merged with its delete. Node 1 pulls
+    // from nobody meanwhile, so the merge does not reach it.
+    let written = b"node 1's write";
+    write_file(&c.vol(1).join("f.txt"), written);
+    c.peers[1] = Some(Vec::new());
+    c.start(1);
+    c.start(0);
+    let deadline = Instant::now() + CONVERGE;
+    while fs::read(c.vol(0).join("f.txt")).ok().as_deref() != Some(&written[..]) {
+        assert!(
+            Instant::now() < deadline,
+            "node 0 never took node 1's write:\n{}",
+            tail(&c.log(0), 30)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Node 1 deletes its write, then meets the merge.
+    let before = c.scans_with_changes(1);
+    fs::remove_file(c.vol(1).join("f.txt")).unwrap();
+    c.wait_scan_with_changes(1, before, CONVERGE, "node 1 never scanned its delete");
+    c.stop(1);
+    c.peers[1] = None;
+    c.start(1);
+    c.wait_converged(&[0, 1], CONVERGE);
+    for i in 0..2 {
+        assert_eq!(names(&c.vol(i)), ["anchor.txt", "f.txt"], "node {i}");
+        assert_eq!(
+            fs::read(c.vol(i).join("f.txt")).unwrap(),
+            written,
+            "node {i}"
+        );
+    }
+    assert!(
+        c.log(1)
+            .contains("concurrent changes to f.txt: the peer's version wins over our delete"),
+        "{}",
+        tail(&c.log(1), 30)
+    );
+}
+
 /// The kill storm's lost write of 2026-12-02 (seed 1796237000166234453), step by step.
 /// Node 0 deletes a file (its delete counts 2 for node 0); node 1, which never saw that,
 /// edits it, and node 0 takes the edit over its delete with the edit's own history (1

@@ -10,7 +10,8 @@
 //!
 //! Once the storm ends, every node is started, the three must converge, and the checker
 //! reads the final tree:
-//! - **torn**: a file whose content is not one the test wrote (every content is unique);
+//! - **torn**: a file whose content is not one the test wrote (every content is unique;
+//!   an empty file is one a write truncated, caught before the write);
 //! - **lost**: a name whose last operation wrote content that is nowhere at the end,
 //!   neither under the name nor in one of its conflict copies. Allowed only when that
 //!   content went on into a conflict copy of the name and a later operation on that copy
@@ -22,7 +23,9 @@
 //!   between the write and the delete) explains it: its content is what the name holds,
 //!   or it lost the name in a conflict to the content the name holds and went into a
 //!   conflict copy (the winner's history holds that write, the delete's does not: a
-//!   version vector cannot tell that the delete saw the winner). The checker says which;
+//!   version vector cannot tell that the delete saw the winner); or a delete on another
+//!   node that the deleting node had not seen, concurrent with the write of the content
+//!   the name holds, was merged into that content's version. The checker says which;
 //! - and `shoal verify` must find every node's store and volume consistent.
 //!
 //! `SHOAL_STORM_SECS` sets the storm's length (default 40 s here; `tools/soak.sh` runs
@@ -92,6 +95,13 @@ impl Record {
         let hash = blake3::hash(content).to_hex().to_string();
         self.contents.insert(hash.clone());
         self.push(node, path, Effect::Wrote(hash), what, before);
+    }
+
+    /// `fs::write` truncates the file before it writes: a scan in between reads it
+    /// empty, a state the disk held (kept, e.g., in a conflict copy when a peer's
+    /// concurrent change met it), not a torn file.
+    fn truncated(&mut self) {
+        self.contents.insert(blake3::hash(b"").to_hex().to_string());
     }
 
     fn deleted(&mut self, node: usize, path: &str, what: &'static str, before: Option<String>) {
@@ -208,6 +218,7 @@ impl Storm {
                 let path = self.random_path();
                 let content = self.content(node);
                 let before = hash_of(&vol.join(&path));
+                self.record.truncated();
                 write_file(&vol.join(&path), &content);
                 self.record.wrote(node, &path, &content, "write", before);
             }
@@ -219,6 +230,7 @@ impl Storm {
                 let extra = format!("appended {}\n", self.next_content + 1);
                 self.next_content += 1;
                 content.extend_from_slice(extra.as_bytes());
+                self.record.truncated();
                 if fs::write(vol.join(&path), &content).is_ok() {
                     self.record.wrote(node, &path, &content, "append", before);
                 }
@@ -489,7 +501,10 @@ fn superseded_in_copy(record: &Record, write: &Op, path: &str, hash: &str) -> Op
 ///   operation on the copy replaced it there): the winner took the
 ///   name with a history that holds the unseen write, which the delete's lacks, so the
 ///   two are concurrent and the live one wins. A version vector cannot tell that the
-///   delete saw the winner's content (`docs/RELIABILITY.md`, "What the storm allows").
+///   delete saw the winner's content (`docs/RELIABILITY.md`, "What the storm allows");
+///
+/// or a delete on another node that the deleting node had not seen was merged into the
+/// content's version ([`merged_delete`]).
 fn explain(
     record: &Record,
     delete: &Op,
@@ -529,7 +544,7 @@ fn explain(
     if !held_before {
         return None;
     }
-    unseen().find_map(|w| {
+    let in_copy = unseen().find_map(|w| {
         let Effect::Wrote(lost) = &w.effect else {
             return None;
         };
@@ -545,7 +560,53 @@ fn explain(
             "{deleted}, kept because {} lost the name to this content in a conflict ({kept}) and the winner's history holds it",
             not_seen(w)
         ))
+    });
+    in_copy.or_else(|| {
+        merged_delete(record, delete, path, hash).map(|why| format!("{deleted}, {why}"))
     })
+}
+
+/// The third explanation of [`explain`]: a delete `x` on another node that the deleting
+/// node had not seen, concurrent with a write `w` of the content the name holds, and
+/// which had itself seen an edit that `w` lacks (the content it removed). A node that
+/// met both took `w` (live beats deleted) with `x`'s history merged in, as it must so
+/// that the edit stays replaced; the delete at the end saw `w` but not `x`, so it is
+/// concurrent with the merged version and loses to it (`faults::a_delete_that_missed_a_
+/// delete_merged_into_the_version_it_deleted_keeps_that_version` plays it step by step).
+fn merged_delete(record: &Record, delete: &Op, path: &str, hash: &str) -> Option<String> {
+    let unseen_by = |op: &Op, node: usize, at: f64| {
+        op.node != node && record.both_running(op.node, node, op.at, at) < SEEN_AFTER
+    };
+    let on_path = || record.ops.iter().filter(|o| o.path == path);
+    let writes = |h: &str| {
+        on_path()
+            .filter(move |o| matches!(&o.effect, Effect::Wrote(x) if x == h))
+            .collect::<Vec<_>>()
+    };
+    let merged = on_path()
+        .filter(|x| x.at <= delete.at && matches!(x.effect, Effect::Deleted))
+        .filter(|x| unseen_by(x, delete.node, delete.at))
+        .find_map(|x| {
+            let removed = x.before.as_deref()?;
+            writes(hash).into_iter().find_map(|w| {
+                let concurrent = w.at <= delete.at
+                    && w.node != x.node
+                    && if x.at <= w.at {
+                        unseen_by(x, w.node, w.at)
+                    } else {
+                        unseen_by(w, x.node, x.at)
+                    };
+                let edit_w_lacks = writes(removed)
+                    .into_iter()
+                    .find(|e| e.at <= x.at && (e.at > w.at || unseen_by(e, w.node, w.at)));
+                concurrent.then_some((x, w, edit_w_lacks?))
+            })
+        });
+    let (x, w, edit) = merged?;
+    Some(format!(
+        "kept because node {}'s {} at {:.1} s, which node {} had not seen, removed node {}'s {} at {:.1} s that node {}'s {} at {:.1} s of this content lacked: the merge of the two holds a history the delete lacks",
+        x.node, x.what, x.at, delete.node, edit.node, edit.what, edit.at, w.node, w.what, w.at
+    ))
 }
 
 fn storm_seconds() -> u64 {
@@ -672,4 +733,46 @@ fn a_kill_storm_tears_no_file_loses_no_last_write_and_brings_back_no_delete_unex
             .collect::<Vec<_>>()
             .join("\n")
     );
+}
+
+/// The checker on the history of CI's failure at 1e5ffb2 (seed 1796351744678876283):
+/// explained while node 1's delete had not seen node 2's, unexplained once it had.
+#[test]
+fn the_checker_explains_a_delete_that_missed_a_delete_merged_into_the_content() {
+    let path = "a/deep/f1.bin";
+    let record = |delete_at: f64| {
+        let op = |at, node, effect, what, before: Option<&str>| Op {
+            at,
+            node,
+            path: path.to_string(),
+            effect,
+            what,
+            before: before.map(str::to_string),
+        };
+        let wrote = |h: &str| Effect::Wrote(h.to_string());
+        Record {
+            start: Instant::now(),
+            ops: vec![
+                op(30.1, 2, wrote("append"), "append", Some("older")),
+                op(31.4, 2, Effect::Deleted, "rename away", Some("append")),
+                op(32.3, 1, wrote("C"), "rename to", None),
+                op(delete_at, 1, Effect::Deleted, "rm -rf", Some("C")),
+            ],
+            running: vec![vec![(0.0, Some(60.0))]; NODES],
+            kills: 0,
+            contents: ["older", "append", "C"].map(String::from).into(),
+        }
+    };
+    let end: BTreeMap<String, String> = [(path.to_string(), "C".to_string())].into();
+    let found = check(&record(34.2), &end);
+    assert_eq!(found.resurrected_unexplained, Vec::<String>::new());
+    assert_eq!(found.resurrected_explained.len(), 1);
+    assert!(
+        found.resurrected_explained[0].contains("node 2's rename away at 31.4 s"),
+        "{}",
+        found.resurrected_explained[0]
+    );
+    // A delete made long after, with every node running: it had seen node 2's delete.
+    let found = check(&record(45.0), &end);
+    assert_eq!(found.resurrected_unexplained.len(), 1);
 }
