@@ -533,6 +533,22 @@ fn a_delete_made_after_seeing_an_edit_stays_deleted_though_the_edit_beat_an_earl
     }
 }
 
+/// `size` nodes with the delete guard off (their deletes are histories of their own,
+/// as in the storm), started, connected and converged on `anchor.txt` and `f.txt`
+/// holding `content`.
+fn converged_without_delete_guard(size: usize, content: &[u8]) -> Cluster {
+    let mut c = Cluster::new(size);
+    for env in &mut c.extra_env {
+        env.push(("SHOAL_DELETE_GUARD".into(), "off".into()));
+    }
+    write_file(&c.vol(0).join("anchor.txt"), b"stays");
+    write_file(&c.vol(0).join("f.txt"), content);
+    c.start_all();
+    c.wait_connected(CONVERGE);
+    c.wait_converged(&(0..size).collect::<Vec<_>>(), CONVERGE);
+    c
+}
+
 /// The kill storm's resurrection of 2026-12-04 (CI at 1e5ffb2, seed
 /// 1796351744678876283), step by step, and the limit of version vectors it shows. Node 0
 /// edits a file and then deletes it, each change scanned on its own; node 1, which saw
@@ -546,15 +562,7 @@ fn a_delete_made_after_seeing_an_edit_stays_deleted_though_the_edit_beat_an_earl
 /// storm allows"). What must hold: nothing is lost, no copy appears, both agree.
 #[test]
 fn a_delete_that_missed_a_delete_merged_into_the_version_it_deleted_keeps_that_version() {
-    let mut c = Cluster::new(2);
-    for env in &mut c.extra_env {
-        env.push(("SHOAL_DELETE_GUARD".into(), "off".into()));
-    }
-    write_file(&c.vol(0).join("anchor.txt"), b"stays");
-    write_file(&c.vol(0).join("f.txt"), b"first");
-    c.start_all();
-    c.wait_connected(CONVERGE);
-    c.wait_converged(&[0, 1], CONVERGE);
+    let mut c = converged_without_delete_guard(2, b"first");
     c.stop(1);
     // Node 0, alone, edits the file and deletes it: two scans, two counts of its own.
     let before = c.scans_with_changes(0);
@@ -614,15 +622,7 @@ fn a_delete_that_missed_a_delete_merged_into_the_version_it_deleted_keeps_that_v
 /// no delete has seen, and it stays.
 #[test]
 fn an_edit_after_our_delete_lost_to_a_peer_is_counted_past_that_delete() {
-    let mut c = Cluster::new(3);
-    for env in &mut c.extra_env {
-        env.push(("SHOAL_DELETE_GUARD".into(), "off".into()));
-    }
-    write_file(&c.vol(0).join("anchor.txt"), b"stays");
-    write_file(&c.vol(0).join("f.txt"), b"L, written on node 0");
-    c.start_all();
-    c.wait_connected(CONVERGE);
-    c.wait_converged(&[0, 1, 2], CONVERGE);
+    let mut c = converged_without_delete_guard(3, b"L, written on node 0");
     for i in 0..3 {
         c.stop(i);
     }
