@@ -18,8 +18,9 @@ fn main() -> std::process::ExitCode {
 ///   size of each such block freed: RocksDB's memtable blocks (256 KiB) and a pull's
 ///   chunk buffers then come from the arenas, where the holes they leave between live
 ///   blocks stay resident, so a node's peak grew with the number of memtables it had
-///   filled (a receiver of `million` at 0.3: 66-67 MiB, against 58 MiB with the threshold
-///   fixed; docs/BENCHMARKS.md, "glibc's mmap threshold fixed"). Setting it fixes it.
+///   filled (a receiver of the full `million`: 76 MiB, against 62 MiB with the threshold
+///   fixed; docs/BENCHMARKS.md, "glibc's mmap threshold fixed"). A threshold set
+///   explicitly stays where it is set.
 ///
 /// Set here rather than in the image's environment so that every way of running `shoal`
 /// gets it; an operator's own `MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_` or
