@@ -5,7 +5,8 @@
 //! else) never holds an async worker thread, and a 64 KiB chunk does not cost two
 //! thread hand-offs of its own. A run is read into one buffer, and its chunks go to the
 //! stream as slices of it ([`crate::protocol::send_frame`]): s2n-quic sends them from
-//! there, nothing copies them.
+//! there, nothing copies them. Once they are all acknowledged the buffer is kept for a
+//! later run ([`SPARE_RUNS`]).
 //!
 //! Each run's cost (its frames, which s2n-quic holds until they are acknowledged) is
 //! reserved from the node's budget before it is read; the frames written stay reserved
@@ -14,8 +15,8 @@
 //! most that much of one stream's answer and a run.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use s2n_quic::stream::SendStream;
@@ -57,10 +58,7 @@ pub(super) async fn send(
         }
         let mut cost = reserve(node, session, READ_RUN.max(frame_bound)).await?;
         let room = cost.bytes();
-        // Allocated here, not on the blocking thread: freed here too once the requester
-        // acknowledged the run, it does not pile up in the blocking threads' own malloc
-        // arenas (glibc gives each thread one).
-        let buffer = Vec::with_capacity(room);
+        let buffer = SPARE_RUNS.buffer(room);
         let (reader, holds) = (node.clone(), holds.clone());
         let (run, buffer, rest) = tokio::task::spawn_blocking(move || {
             let (holds, mut buffer) = (holds.as_deref(), buffer);
@@ -76,7 +74,7 @@ pub(super) async fn send(
         // The run's chunks are slices of this one buffer, sent without a copy; it is
         // held, and stays reserved, until the requester has acknowledged all of them.
         let allocated = buffer.capacity();
-        let buffer = Bytes::from(buffer);
+        let buffer = SPARE_RUNS.lend(buffer);
         let mut written = 0;
         for (id, read) in run.map_err(internal)? {
             let response = match read.map(|range| buffer.slice(range)) {
@@ -104,6 +102,71 @@ pub(super) async fn send(
     Ok(())
 }
 
+/// Run buffers whose frames were all acknowledged, kept for the next runs. A run
+/// buffer is larger than the allocator's fixed `mmap` threshold (`main.rs`): allocated
+/// afresh, each run was an `mmap`, a page fault per 4 KiB of it and a `munmap`, a sixth
+/// more CPU on a bulk transfer (docs/BENCHMARKS.md). Sixteen at most are kept (4 MiB of
+/// [`READ_RUN`]s: the runs in flight on one peer's pull of large files), however many
+/// streams were served at once.
+static SPARE_RUNS: SpareRuns = SpareRuns::new(16);
+
+struct SpareRuns {
+    kept: Mutex<Vec<Vec<u8>>>,
+    most: usize,
+}
+
+impl SpareRuns {
+    const fn new(most: usize) -> Self {
+        SpareRuns {
+            kept: Mutex::new(Vec::new()),
+            most,
+        }
+    }
+
+    /// An empty buffer with room for `room` bytes, a spare one if there is.
+    fn buffer(&self, room: usize) -> Vec<u8> {
+        let spare = self.kept.lock().ok().and_then(|mut kept| kept.pop());
+        let mut buffer = spare.unwrap_or_default();
+        buffer.reserve(room);
+        buffer
+    }
+
+    /// `buffer` as bytes to slice each chunk's frame from, given back here when the
+    /// last slice is dropped (acknowledged, or its stream gone).
+    fn lend(&'static self, buffer: Vec<u8>) -> Bytes {
+        Bytes::from_owner(RunBuffer {
+            buffer,
+            spares: self,
+        })
+    }
+
+    fn give_back(&self, mut buffer: Vec<u8>) {
+        buffer.clear();
+        if let Ok(mut kept) = self.kept.lock()
+            && kept.len() < self.most
+        {
+            kept.push(buffer);
+        }
+    }
+}
+
+struct RunBuffer {
+    buffer: Vec<u8>,
+    spares: &'static SpareRuns,
+}
+
+impl AsRef<[u8]> for RunBuffer {
+    fn as_ref(&self) -> &[u8] {
+        &self.buffer
+    }
+}
+
+impl Drop for RunBuffer {
+    fn drop(&mut self) {
+        self.spares.give_back(std::mem::take(&mut self.buffer));
+    }
+}
+
 /// Waits until the requester has acknowledged everything written on the stream.
 async fn wait_for_acknowledgement(send: &mut SendStream) -> Result<(), ProtocolError> {
     tokio::time::timeout(REPLY_TIMEOUT, send.flush())
@@ -115,4 +178,35 @@ async fn wait_for_acknowledgement(send: &mut SendStream) -> Result<(), ProtocolE
             ))
         })?
         .map_err(|e| ProtocolError::Io(e.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kept(spares: &SpareRuns) -> usize {
+        spares.kept.lock().unwrap().len()
+    }
+
+    #[test]
+    fn a_run_buffer_comes_back_when_its_last_frame_is_dropped_and_only_so_many_are_kept() {
+        let spares: &'static SpareRuns = Box::leak(Box::new(SpareRuns::new(1)));
+        let mut first = spares.buffer(1000);
+        first.extend_from_slice(b"two chunks");
+        let address = first.as_ptr();
+        let run = spares.lend(first);
+        let frame = run.slice(4..);
+        drop(run);
+        assert_eq!(kept(spares), 0, "a frame still being sent holds its run");
+        assert_eq!(&frame[..], b"chunks");
+        drop(frame);
+        assert_eq!(kept(spares), 1);
+
+        let again = spares.buffer(1000);
+        assert_eq!(again.as_ptr(), address, "the spare is reused");
+        assert!(again.is_empty() && again.capacity() >= 1000);
+        let (one, other) = (spares.lend(again), spares.lend(spares.buffer(10)));
+        drop((one, other));
+        assert_eq!(kept(spares), 1, "no more than the most kept");
+    }
 }
