@@ -1,36 +1,52 @@
 #![deny(unsafe_code)]
 
 fn main() -> std::process::ExitCode {
-    limit_malloc_arenas();
+    tune_malloc();
     raise_open_file_limit();
     shoal::cli::main()
 }
 
-/// glibc's malloc gives a thread that finds the arenas in use one of its own, up to 8
-/// per core, and memory freed in one arena is neither used by the others nor, mostly,
-/// returned: a node's blocking-pool threads each kept the high-water mark of whatever
-/// ran on them (a receiver of a 100,000-name directory held 851 MiB in 15 arenas with
-/// about 55 MiB live; docs/BENCHMARKS.md, "Memory per node"). Two arenas keep its two
-/// busy threads from contending. Set here rather than in the image's environment so
-/// that every way of running `shoal` gets it; an operator's own `MALLOC_ARENA_MAX` or
+/// glibc's malloc, tuned for a long-running node:
+///
+/// - It gives a thread that finds the arenas in use one of its own, up to 8 per core,
+///   and memory freed in one arena is neither used by the others nor, mostly, returned:
+///   a node's blocking-pool threads each kept the high-water mark of whatever ran on them
+///   (a receiver of a 100,000-name directory held 851 MiB in 15 arenas with about 55 MiB
+///   live; docs/BENCHMARKS.md, "Memory per node"). Two arenas keep its two busy threads
+///   from contending.
+/// - It serves a block of 128 KiB or more by `mmap`, but raises that threshold to the
+///   size of each such block freed: RocksDB's memtable blocks (256 KiB: an eighth of a
+///   memtable, `store`) then came from the arenas, where the holes they leave between
+///   live blocks stay resident, so a node's peak grew with the number of memtables it had
+///   filled (a receiver of `million` at 0.3: 65-67 MiB, against 58-61 MiB with the
+///   threshold fixed; docs/BENCHMARKS.md, "glibc's mmap threshold fixed at 256 KiB").
+///   Fixed at 256 KiB, it maps those blocks and leaves a received chunk (256 KiB at
+///   most) to the arenas; the run buffers a node sends chunks from, larger, are kept
+///   and reused (`sync::server::chunks`).
+///
+/// Set here rather than in the image's environment so that every way of running `shoal`
+/// gets it; an operator's own `MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_` or
 /// `GLIBC_TUNABLES` wins.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
-fn limit_malloc_arenas() {
-    if std::env::var_os("MALLOC_ARENA_MAX").is_some()
-        || std::env::var_os("GLIBC_TUNABLES").is_some()
-    {
+fn tune_malloc() {
+    if std::env::var_os("GLIBC_TUNABLES").is_some() {
         return;
     }
     // SAFETY: `mallopt` only sets a parameter of the allocator (thread-safe in glibc),
     // and nothing has been allocated by another thread yet: none exists.
     unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
+        if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+        if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+        }
     }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn limit_malloc_arenas() {}
+fn tune_malloc() {}
 
 /// A pull keeps up to three batches of staging files open: with RocksDB's tables, packs
 /// and sockets, up to 1,315 descriptors in all on 50,000 small files, more than the
