@@ -18,7 +18,7 @@ fn main() -> std::process::ExitCode {
 ///   size of each such block freed: RocksDB's memtable blocks (256 KiB: an eighth of a
 ///   memtable, `store`) then came from the arenas, where the holes they leave between
 ///   live blocks stay resident, so a node's peak grew with the number of memtables it had
-///   filled (a receiver of `million` at 0.3: 65-67 MiB, against 58-61 MiB with the
+///   filled (a receiver of `million` at 0.3: 65-70 MiB, against 57-62 MiB with the
 ///   threshold fixed; docs/BENCHMARKS.md, "glibc's mmap threshold fixed at 256 KiB").
 ///   Fixed at 256 KiB, it maps those blocks and leaves a received chunk (256 KiB at
 ///   most) to the arenas; the run buffers a node sends chunks from, larger, are kept
