@@ -15,14 +15,14 @@ fn main() -> std::process::ExitCode {
 ///   live; docs/BENCHMARKS.md, "Memory per node"). Two arenas keep its two busy threads
 ///   from contending.
 /// - It serves a block of 128 KiB or more by `mmap`, but raises that threshold to the
-///   size of each such block freed: RocksDB's memtable blocks (256 KiB: an eighth of a
-///   memtable, `store`) then came from the arenas, where the holes they leave between
-///   live blocks stay resident, so a node's peak grew with the number of memtables it had
-///   filled (a receiver of `million` at 0.3: 65-70 MiB, against 57-62 MiB with the
-///   threshold fixed; docs/BENCHMARKS.md, "glibc's mmap threshold fixed at 256 KiB").
-///   Fixed at 256 KiB, it maps those blocks and leaves a received chunk (256 KiB at
-///   most) to the arenas; the run buffers a node sends chunks from, larger, are kept
-///   and reused (`sync::server::chunks`).
+///   size of each such block freed: RocksDB's memtable blocks (256 KiB,
+///   `store::MEMTABLE_BLOCK_BYTES`) then came from the arenas, where the holes they
+///   leave between live blocks stay resident, so a node's peak grew with the number of
+///   memtables it had filled (a receiver of `million` at 0.3: 65-70 MiB, against 57-62
+///   MiB with the threshold fixed; docs/BENCHMARKS.md, "glibc's mmap threshold fixed at
+///   256 KiB"). Fixed at their size, it maps those blocks and leaves received chunks
+///   (smaller, but for the largest) to the arenas; the run buffers a node sends chunks
+///   from, just larger, are kept and reused (`sync::server::chunks`).
 ///
 /// Set here rather than in the image's environment so that every way of running `shoal`
 /// gets it; an operator's own `MALLOC_ARENA_MAX`, `MALLOC_MMAP_THRESHOLD_` or
@@ -40,7 +40,8 @@ fn tune_malloc() {
             libc::mallopt(libc::M_ARENA_MAX, 2);
         }
         if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+            let threshold = i32::try_from(shoal::store::MEMTABLE_BLOCK_BYTES).unwrap_or(i32::MAX);
+            libc::mallopt(libc::M_MMAP_THRESHOLD, threshold);
         }
     }
 }

@@ -61,6 +61,12 @@ const LOCK_FILE: &str = "lock";
 /// node's memory whatever the number of files (schema/store.md, "Memory").
 const WRITE_BUFFER_BUDGET: usize = 8 << 20;
 
+/// The blocks a memtable is allocated in (RocksDB's default for a family's 2 MiB
+/// memtable, set so that it does not move with it): the node has glibc serve blocks of
+/// this size by `mmap` (`main.rs`), so that a flushed memtable's blocks go back to the
+/// system instead of staying resident as holes in the allocator's arenas.
+pub const MEMTABLE_BLOCK_BYTES: usize = 256 << 10;
+
 /// RocksDB's block cache, one for every column family, index and filter blocks
 /// included: without it each family makes its own 8 MiB cache, and the index blocks of
 /// every open table stay in memory beside it, growing with the index.
@@ -363,6 +369,7 @@ impl Store {
     fn cf_options(name: &str, cache: &rocksdb::Cache) -> Options {
         let mut options = Options::default();
         options.set_write_buffer_size(WRITE_BUFFER_BUDGET / 4);
+        options.set_arena_block_size(MEMTABLE_BLOCK_BYTES);
         options.set_block_based_table_factory(&Self::table_options(cache));
         if HASH_KEYED_CFS.contains(&name) {
             options.set_prefix_extractor(SliceTransform::create_fixed_prefix(HASH_LEN));
