@@ -761,3 +761,107 @@ fn a_write_landing_while_a_peers_version_replaces_the_file_is_kept() {
     }
     assert!(c.log(1).contains("changed here while sync replaced it"));
 }
+
+/// Two nodes with the delete guard off, converged on `anchor.txt` and `c/f.txt`.
+fn converged_with_a_file_in_c() -> Cluster {
+    let mut c = Cluster::new(2);
+    for env in &mut c.extra_env {
+        env.push(("SHOAL_DELETE_GUARD".into(), "off".into()));
+    }
+    write_file(&c.vol(0).join("anchor.txt"), b"stays");
+    write_file(&c.vol(0).join("c/f.txt"), b"written on node 0");
+    c.start_all();
+    c.wait_connected(CONVERGE);
+    c.wait_converged(&[0, 1], CONVERGE);
+    c
+}
+
+/// Makes `change` on node `i`, then waits until its scans have logged a local change of
+/// each of `names` (one "local changes" line naming it more than before).
+fn change_and_wait_scanned(c: &Cluster, i: usize, names: &[&str], change: impl FnOnce()) {
+    let counts = || -> Vec<usize> {
+        let log = c.log(i);
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("local changes"))
+            .collect();
+        names
+            .iter()
+            .map(|name| lines.iter().filter(|l| l.contains(name)).count())
+            .collect()
+    };
+    let before = counts();
+    change();
+    let deadline = Instant::now() + CONVERGE;
+    while counts().iter().zip(&before).any(|(now, was)| now == was) {
+        assert!(
+            Instant::now() < deadline,
+            "node {i} never scanned changes of {names:?}:\n{}",
+            tail(&c.log(i), 30)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The kill storm's lost write of 2026-12-04 (CI at 47bb066, seed 1796397717385798107),
+/// step by step: node 1 deletes directory `c` after it took `c/f.txt`; node 0, down,
+/// renames `c` away and back. Its scan at restart finds `c/f.txt` exactly as it indexed
+/// it (a directory's rename changes none of its files' stamps): a round trip that no
+/// scan saw is no change at all, and the delete, which had seen that version, removes it
+/// on both nodes. Shoal mirrors states, not the operations between them.
+#[test]
+fn a_directory_renamed_away_and_back_unseen_is_no_change_and_a_delete_that_saw_it_applies() {
+    let mut c = converged_with_a_file_in_c();
+    c.stop(0);
+    let before = c.scans_with_changes(1);
+    fs::remove_dir_all(c.vol(1).join("c")).unwrap();
+    c.wait_scan_with_changes(1, before, CONVERGE, "node 1 never scanned its delete");
+    fs::rename(c.vol(0).join("c"), c.vol(0).join("b")).unwrap();
+    fs::rename(c.vol(0).join("b"), c.vol(0).join("c")).unwrap();
+    c.start(0);
+    c.wait_converged(&[0, 1], CONVERGE);
+    for i in 0..2 {
+        assert!(
+            !c.vol(i).join("c/f.txt").exists(),
+            "node {i}: {:?}\n--- node 0 log:\n{}",
+            names(&c.vol(i)),
+            tail(&c.log(0), 30)
+        );
+        assert!(!c.vol(i).join("b").exists(), "node {i}");
+    }
+}
+
+/// The same round trip made while node 0 runs and scans each step is two changes of its
+/// own: `c/f.txt` deleted, then created again. The new version is concurrent with node
+/// 1's delete, which never saw it, and live beats deleted: the file stays on both nodes.
+/// (`sync::a_directory_renamed_away_and_back_keeps_its_file_against_a_delete_made_
+/// meanwhile` plays it against a delete of the file; this one against `rm -rf` of the
+/// directory, the storm's shape.)
+#[test]
+fn a_directory_renamed_away_and_back_under_a_running_node_is_kept_over_a_concurrent_delete() {
+    let mut c = converged_with_a_file_in_c();
+    // Node 1's delete is made while it is down, so that it misses node 0's round trip
+    // and node 0 misses the delete until both run again.
+    c.stop(1);
+    fs::remove_dir_all(c.vol(1).join("c")).unwrap();
+    let (vol, moved) = (c.vol(0), ["b/f.txt", "c/f.txt"]);
+    change_and_wait_scanned(&c, 0, &moved, || {
+        fs::rename(vol.join("c"), vol.join("b")).unwrap()
+    });
+    change_and_wait_scanned(&c, 0, &moved, || {
+        fs::rename(vol.join("b"), vol.join("c")).unwrap()
+    });
+    c.start(1);
+    c.wait_converged(&[0, 1], CONVERGE);
+    for i in 0..2 {
+        assert_eq!(
+            fs::read(c.vol(i).join("c/f.txt")).ok().as_deref(),
+            Some(&b"written on node 0"[..]),
+            "node {i}: {:?}\n--- node 0 log:\n{}\n--- node 1 log:\n{}",
+            names(&c.vol(i)),
+            tail(&c.log(0), 30),
+            tail(&c.log(1), 30)
+        );
+        assert!(!c.vol(i).join("b").exists(), "node {i}");
+    }
+}
