@@ -15,8 +15,10 @@
 //! - **lost**: a name whose last operation wrote content that is nowhere at the end,
 //!   neither under the name nor in one of its conflict copies. Allowed only when that
 //!   content went on into a conflict copy of the name and a later operation on that copy
-//!   replaced or removed it there (the storm acts on copies like on any file): the
-//!   checker says which;
+//!   replaced or removed it there (the storm acts on copies like on any file), or when
+//!   the write was a rename back undoing its node's rename away of the same content
+//!   while that node was down, and another node's delete had removed that content (the
+//!   restart's scan sees no change, so the delete applies): the checker says which;
 //! - **resurrected**: a name whose last operation deleted it (or renamed it away) but
 //!   that exists at the end. Allowed only when a write on another node that the deleting
 //!   node could not have seen yet (the two were not both running for [`SEEN_AFTER`]
