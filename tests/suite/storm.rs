@@ -70,12 +70,16 @@ struct Op {
     before: Option<String>,
 }
 
+/// The intervals (start, end) one node ran, in seconds since the storm began; an open
+/// one ends at the storm's end.
+type Runs = Vec<(f64, Option<f64>)>;
+
 /// The storm's record: operations, and when each node ran.
 struct Record {
     start: Instant,
     ops: Vec<Op>,
-    /// Per node, the intervals (start, end) it ran; an open one ends at the storm's end.
-    running: Vec<Vec<(f64, Option<f64>)>>,
+    /// Per node, the intervals it ran.
+    running: Vec<Runs>,
     kills: usize,
     /// Every content ever written, by hash.
     contents: BTreeSet<String>,
@@ -796,33 +800,56 @@ fn a_kill_storm_tears_no_file_loses_no_last_write_and_brings_back_no_delete_unex
     );
 }
 
+/// One operation of a hand-written history: `(at, node, the content written or None for
+/// a delete, what, before)`.
+type HandOp<'a> = (f64, usize, Option<&'a str>, &'static str, Option<&'a str>);
+
+/// A hand-written history of one name for the checker's own tests, each node running as
+/// `running` says (for 60 s by default); every content it names counts as written.
+fn history_of_one_name(path: &str, ops: &[HandOp], running: Option<Vec<Runs>>) -> Record {
+    let ops: Vec<Op> = ops
+        .iter()
+        .map(|&(at, node, wrote, what, before)| Op {
+            at,
+            node,
+            path: path.to_string(),
+            effect: wrote.map_or(Effect::Deleted, |h| Effect::Wrote(h.to_string())),
+            what,
+            before: before.map(str::to_string),
+        })
+        .collect();
+    let contents = ops
+        .iter()
+        .flat_map(|o| {
+            let wrote = match &o.effect {
+                Effect::Wrote(h) => Some(h.clone()),
+                Effect::Deleted => None,
+            };
+            wrote.into_iter().chain(o.before.clone())
+        })
+        .collect();
+    Record {
+        start: Instant::now(),
+        ops,
+        running: running.unwrap_or_else(|| vec![vec![(0.0, Some(60.0))]; NODES]),
+        kills: 0,
+        contents,
+    }
+}
+
 /// The checker on the history of CI's failure at 1e5ffb2 (seed 1796351744678876283):
 /// explained while node 1's delete had not seen node 2's, unexplained once it had.
 #[test]
 fn the_checker_explains_a_delete_that_missed_a_delete_merged_into_the_content() {
     let path = "a/deep/f1.bin";
     let record = |delete_at: f64| {
-        let op = |at, node, effect, what, before: Option<&str>| Op {
-            at,
-            node,
-            path: path.to_string(),
-            effect,
-            what,
-            before: before.map(str::to_string),
-        };
-        let wrote = |h: &str| Effect::Wrote(h.to_string());
-        Record {
-            start: Instant::now(),
-            ops: vec![
-                op(30.1, 2, wrote("append"), "append", Some("older")),
-                op(31.4, 2, Effect::Deleted, "rename away", Some("append")),
-                op(32.3, 1, wrote("C"), "rename to", None),
-                op(delete_at, 1, Effect::Deleted, "rm -rf", Some("C")),
-            ],
-            running: vec![vec![(0.0, Some(60.0))]; NODES],
-            kills: 0,
-            contents: ["older", "append", "C"].map(String::from).into(),
-        }
+        let ops = [
+            (30.1, 2, Some("append"), "append", Some("older")),
+            (31.4, 2, None, "rename away", Some("append")),
+            (32.3, 1, Some("C"), "rename to", None),
+            (delete_at, 1, None, "rm -rf", Some("C")),
+        ];
+        history_of_one_name(path, &ops, None)
     };
     let end: BTreeMap<String, String> = [(path.to_string(), "C".to_string())].into();
     let found = check(&record(34.2), &end);
@@ -845,36 +872,16 @@ fn the_checker_explains_a_delete_that_missed_a_delete_merged_into_the_content() 
 #[test]
 fn the_checker_explains_a_delete_applied_over_a_rename_round_trip_made_while_down() {
     let path = "c/f4.bin";
-    let record = |node_0_ran: Vec<(f64, Option<f64>)>| {
-        let op = |at, node, effect, what, before: Option<&str>| Op {
-            at,
-            node,
-            path: path.to_string(),
-            effect,
-            what,
-            before: before.map(str::to_string),
-        };
-        let wrote = |h: &str| Effect::Wrote(h.to_string());
+    let record = |node_0_ran: Runs| {
+        let ops = [
+            (23.2, 0, Some("W"), "write", None),
+            (24.3, 2, None, "rm -rf", Some("W")),
+            (24.9, 0, None, "directory renamed away", Some("W")),
+            (25.5, 0, Some("W"), "directory renamed to", None),
+        ];
         let mut running = vec![vec![(0.0, Some(60.0))]; NODES];
         running[0] = node_0_ran;
-        Record {
-            start: Instant::now(),
-            ops: vec![
-                op(23.2, 0, wrote("W"), "write", None),
-                op(24.3, 2, Effect::Deleted, "rm -rf", Some("W")),
-                op(
-                    24.9,
-                    0,
-                    Effect::Deleted,
-                    "directory renamed away",
-                    Some("W"),
-                ),
-                op(25.5, 0, wrote("W"), "directory renamed to", None),
-            ],
-            running,
-            kills: 1,
-            contents: ["W"].map(String::from).into(),
-        }
+        history_of_one_name(path, &ops, Some(running))
     };
     let end = BTreeMap::new();
     let found = check(&record(vec![(0.0, Some(24.0)), (26.4, Some(60.0))]), &end);
