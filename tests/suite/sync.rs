@@ -176,6 +176,54 @@ fn concurrent_edits_on_partitioned_nodes_keep_both_versions() {
     assert!(c.total(0, "conflicts") + c.total(1, "conflicts") >= 1);
 }
 
+/// A conflict decided elsewhere whose copy reached a node before the winner did, that
+/// node still holding the loser (Docker's disconnected-container test once ended so,
+/// with `shared.sync-conflict-...-1.txt` beside the copy, both holding the loser). That
+/// node, deciding the conflict itself, finds its loser kept already under the name every
+/// node picks: it replaces its file with the winner and makes no second copy; the
+/// winner's node, taking the copy in the same round as the loser, does not copy the
+/// loser again either. Played with the copy put on node 1 by hand, under the name node
+/// 0 would have given it: the race that brings it first is a matter of timing.
+#[test]
+fn a_conflict_copy_that_arrived_first_is_not_made_twice() {
+    let mut c = Cluster::new(3);
+    write_file(&c.vol(0).join("shared.txt"), b"original");
+    c.start_all();
+    c.wait_converged(&[0, 1, 2], CONVERGE);
+    let author = c.node_id(0).expect("node 0's id");
+    // Node 0's edit reaches node 1; node 2, down, makes a later one of its own.
+    c.stop(2);
+    let loser = b"the loser, node 0's edit";
+    write_file(&c.vol(0).join("shared.txt"), loser);
+    set_mtime(&c.vol(0).join("shared.txt"), 1_700_000_000);
+    c.wait_converged(&[0, 1], CONVERGE);
+    c.stop(0);
+    c.stop(1);
+    write_file(&c.vol(2).join("shared.txt"), b"the winner, on node 2");
+    set_mtime(&c.vol(2).join("shared.txt"), 1_800_000_000);
+    let copy = format!("shared.sync-conflict-20231114-221320-{}.txt", &author[..7]);
+    write_file(&c.vol(1).join(&copy), loser);
+    set_mtime(&c.vol(1).join(&copy), 1_700_000_000);
+    c.start(1);
+    c.start(2);
+    c.wait_converged(&[1, 2], CONVERGE);
+    for i in [1, 2] {
+        let files = names(&c.vol(i));
+        assert_eq!(
+            files,
+            [copy.as_str(), "shared.txt"],
+            "node {i}\n--- node 1 log:\n{}\n--- node 2 log:\n{}",
+            tail(&c.log(1), 20),
+            tail(&c.log(2), 20)
+        );
+        assert_eq!(fs::read(c.vol(i).join(&copy)).unwrap(), loser);
+        assert_eq!(
+            fs::read(c.vol(i).join("shared.txt")).unwrap(),
+            b"the winner, on node 2"
+        );
+    }
+}
+
 #[test]
 fn an_empty_node_pulls_and_deletes_nothing() {
     let mut c = Cluster::new(3);

@@ -236,6 +236,25 @@ impl Pull {
         } else {
             (&local, &remote)
         };
+        if let Some(copy_name) = self.kept_already(dir, name, loser, winner)? {
+            tracing::info!(
+                peer = %self.peer.addr,
+                "concurrent changes to {}: {} version wins, the other is kept already as {}",
+                dir.join(name).map(|p| p.display().to_string()).unwrap_or_default(),
+                if remote_wins { "the peer's" } else { "our" },
+                escape(&copy_name)
+            );
+            self.report.conflicts += 1;
+            self.node.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+            let version = merged_version;
+            return if remote_wins {
+                // Replaced only if unchanged since it was indexed, as any file is.
+                let winner = Entry { version, ..remote };
+                self.take(dir, name, winner, Some(local), hints, None)
+            } else {
+                self.record_version(dir, name, Entry { version, ..local }, None)
+            };
+        }
         let Some(copy_name) = self.free_conflict_name(dir, name, loser, winner)? else {
             tracing::warn!(peer = %self.peer.addr, "concurrent changes to {}: every conflict-copy name is taken; trying again next round", escape(name));
             self.report.skipped += 1;
@@ -277,6 +296,33 @@ impl Pull {
                 None,
             )
         }
+    }
+
+    /// The name of the conflict copy that keeps `loser`'s content already, if one does:
+    /// the name every node picks alike, live in the index or queued to be taken this
+    /// round with that very content. Another node decided the same conflict first and
+    /// its copy reached us before its winner did; a second copy would only hold the same
+    /// bytes under a numbered name.
+    fn kept_already(
+        &self,
+        dir: &VolPath,
+        name: &[u8],
+        loser: &Entry,
+        winner: &Entry,
+    ) -> Result<Option<Vec<u8>>, SyncError> {
+        if !matches!(loser.kind, EntryKind::File { .. }) {
+            return Ok(None);
+        }
+        let copy_name = conflict::conflict_name(name, loser, winner, 0);
+        let queued = self
+            .files
+            .iter()
+            .any(|job| job.dir == *dir && job.name == copy_name && job.entry.kind == loser.kind);
+        let indexed = || -> Result<bool, SyncError> {
+            let copy = self.node.store.entry(self.volume().id, dir, &copy_name)?;
+            Ok(copy.is_some_and(|copy| copy.kind == loser.kind))
+        };
+        Ok((queued || indexed()?).then_some(copy_name))
     }
 
     /// The conflict-copy name for `loser`: the one every node picks alike, or, if that
