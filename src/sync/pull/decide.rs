@@ -315,14 +315,24 @@ impl Pull {
         }
         let copy_name = conflict::conflict_name(name, loser, winner, 0);
         let queued = self
-            .files
-            .iter()
-            .any(|job| job.dir == *dir && job.name == copy_name && job.entry.kind == loser.kind);
+            .queued_at(dir, &copy_name)
+            .any(|job| job.entry.kind == loser.kind);
         let indexed = || -> Result<bool, SyncError> {
             let copy = self.node.store.entry(self.volume().id, dir, &copy_name)?;
             Ok(copy.is_some_and(|copy| copy.kind == loser.kind))
         };
         Ok((queued || indexed()?).then_some(copy_name))
+    }
+
+    /// The files this round is about to take at `dir/name`.
+    fn queued_at<'a>(
+        &'a self,
+        dir: &'a VolPath,
+        name: &'a [u8],
+    ) -> impl Iterator<Item = &'a FileJob> + 'a {
+        self.files
+            .iter()
+            .filter(move |job| job.dir == *dir && job.name == name)
     }
 
     /// The conflict-copy name for `loser`: the one every node picks alike, or, if that
@@ -348,10 +358,7 @@ impl Pull {
                 .store
                 .entry(vol, dir, &candidate)?
                 .is_some_and(|e| !e.is_tombstone());
-            let queued = self
-                .files
-                .iter()
-                .any(|job| job.dir == *dir && job.name == candidate);
+            let queued = self.queued_at(dir, &candidate).next().is_some();
             if !on_disk && !indexed && !queued {
                 return Ok(Some(candidate));
             }
