@@ -55,6 +55,19 @@ pub enum FsError {
     },
 }
 
+impl FsError {
+    /// Whether the failure says the path is not there: missing, or one of its
+    /// directories is not a directory (a file or a symlink, which is never followed).
+    /// Nothing the volume holds under that path is on disk.
+    pub fn is_gone(&self) -> bool {
+        match self {
+            FsError::NotADirectory { .. } => true,
+            FsError::Io { source, .. } => source.kind() == io::ErrorKind::NotFound,
+            FsError::CannotMake { .. } => false,
+        }
+    }
+}
+
 /// A failure to make a `kind` of item in staging, where nothing but the file system's
 /// abilities can stand in the way.
 fn cannot_make(kind: &'static str) -> impl FnOnce(rustix::io::Errno) -> FsError {

@@ -831,6 +831,89 @@ fn a_directory_renamed_away_and_back_unseen_is_no_change_and_a_delete_that_saw_i
     }
 }
 
+/// The kill storm's damaged index of 2026-12-04 (CI at 03f8793, seed
+/// 1796406690212788949): node 1's `rm -rf c` and node 0's delete of the same directory
+/// crossed. Node 1's round found `c` gone before any scan of its own had seen it go: it
+/// recorded the delete of `c` but skipped `c/f.txt`, whose directory it could not open,
+/// and `c/f.txt` stayed live in its index under a deleted directory, on no disk
+/// (`verify`: missing). A name whose directory is gone is gone: the peer's delete is
+/// recorded for it as well.
+#[test]
+fn a_peers_delete_of_a_directory_removed_here_unscanned_leaves_nothing_indexed_under_it() {
+    let mut c = converged_with_a_file_in_c();
+    // Node 1 runs on, but neither its watcher nor a heartbeat scans while the test looks.
+    c.stop(1);
+    c.heartbeat = 3600;
+    c.extra_env[1].push(("SHOAL_DEBOUNCE_MS".into(), "120000".into()));
+    c.start(1);
+    c.wait_connected(CONVERGE);
+    fs::remove_dir_all(c.vol(1).join("c")).unwrap();
+    fs::remove_dir_all(c.vol(0).join("c")).unwrap();
+    let deadline = Instant::now() + CONVERGE;
+    while !c.log(1).contains("applied delete of c ") {
+        assert!(
+            Instant::now() < deadline,
+            "node 1 never applied node 0's delete of c:\n{}",
+            tail(&c.log(1), 30)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.stop(1);
+    let node = c.dir.path().join("node1");
+    let scanned = shoal(&scan_args(&node.join("data"), &node.join("state")));
+    eprintln!("SCAN {}", stdout(&scanned));
+    let verify = shoal_at(&node.join("data"), &node.join("state"), "verify", &[]);
+    assert!(
+        verify.status.success(),
+        "{}\n--- node 1 log:\n{}",
+        stdout(&verify),
+        tail(&c.log(1), 30)
+    );
+}
+
+/// The same crossing with a name the peer's delete does not dominate: node 1 changed
+/// `c/f.txt` while node 0, down, deleted `c`; then node 1 removed `c` itself, unscanned,
+/// and node 0's delete of `c` arrived. The delete skips `c/f.txt` (its change is
+/// concurrent) and records `c`, gone from disk: `c/f.txt` must not stay live in node
+/// 1's index, which would offer node 0 a file no disk holds, for good. Node 1 records it
+/// as deleted here, as a scan would, and both nodes end without `c`.
+#[test]
+fn a_concurrent_change_under_a_directory_removed_here_unscanned_is_deleted_not_offered() {
+    let mut c = converged_with_a_file_in_c();
+    c.stop(0);
+    let vol = c.vol(1);
+    change_and_wait_scanned(&c, 1, &["c/f.txt"], || {
+        fs::write(vol.join("c/f.txt"), b"changed on node 1").unwrap()
+    });
+    c.stop(1);
+    fs::remove_dir_all(c.vol(0).join("c")).unwrap();
+    c.heartbeat = 3600;
+    c.extra_env[1].push(("SHOAL_DEBOUNCE_MS".into(), "120000".into()));
+    let served = c.log(1).matches("serving").count();
+    c.start(1);
+    let deadline = Instant::now() + CONVERGE;
+    while c.log(1).matches("serving").count() == served {
+        assert!(Instant::now() < deadline, "node 1 never served:\n{}", tail(&c.log(1), 30));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Its first scan is over: from here on nothing scans node 1 while the test looks.
+    fs::remove_dir_all(c.vol(1).join("c")).unwrap();
+    c.start(0);
+    c.wait_converged(&[0, 1], CONVERGE);
+    assert!(
+        c.log(1).contains("applied delete of c "),
+        "node 1 did not apply node 0's delete of c:\n{}",
+        tail(&c.log(1), 30)
+    );
+    for i in 0..2 {
+        assert!(!c.vol(i).join("c").exists(), "node {i}: {:?}", names(&c.vol(i)));
+        c.stop(i);
+        let node = c.dir.path().join(format!("node{i}"));
+        let verify = shoal_at(&node.join("data"), &node.join("state"), "verify", &[]);
+        assert!(verify.status.success(), "node {i}: {}", stdout(&verify));
+    }
+}
+
 /// The same round trip made while node 0 runs and scans each step is two changes of its
 /// own: `c/f.txt` deleted, then created again. The new version is concurrent with node
 /// 1's delete, which never saw it, and live beats deleted: the file stays on both nodes.

@@ -133,6 +133,26 @@ impl Record {
         });
     }
 
+    /// Every operation, one a line, for the kept logs of a failed run: the checker names
+    /// the operations it blames, not those around them.
+    fn listing(&self) -> String {
+        let short = |hash: &str| hash[..hash.len().min(8)].to_string();
+        self.ops
+            .iter()
+            .map(|op| {
+                let effect = match &op.effect {
+                    Effect::Wrote(hash) => format!("-> {}", short(hash)),
+                    Effect::Deleted => "-> gone".to_string(),
+                };
+                let before = op.before.as_deref().map_or("none".to_string(), short);
+                format!(
+                    "{:7.3} s  node {}  {:<22} {}  (held {before}) {effect}\n",
+                    op.at, op.node, op.what, op.path
+                )
+            })
+            .collect()
+    }
+
     /// When each node ran, for the storm's report: a loss often turns on whether a node
     /// was down.
     fn runs(&self) -> String {
@@ -787,6 +807,7 @@ fn a_kill_storm_tears_no_file_loses_no_last_write_and_brings_back_no_delete_unex
         for i in 0..NODES {
             let _ = fs::write(kept.join(format!("node{i}.log")), cluster.log(i));
         }
+        let _ = fs::write(kept.join("operations.txt"), storm.record.listing());
     }
     assert!(
         problems.is_empty(),

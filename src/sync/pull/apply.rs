@@ -433,10 +433,15 @@ impl Pull {
         self.rename_sources.clear();
         self.renames_seen = 0;
         deletes.sort_by(|a, b| {
-            let order =
-                |d: &Deferred| (std::cmp::Reverse(d.dir.depth()), d.dir.as_bytes().to_vec());
-            order(a).cmp(&order(b))
+            (std::cmp::Reverse(a.dir.depth()), a.dir.as_bytes(), &a.name).cmp(&(
+                std::cmp::Reverse(b.dir.depth()),
+                b.dir.as_bytes(),
+                &b.name,
+            ))
         });
+        // A name can be queued twice in a round: a change the feed brought, and again
+        // as a child of a directory the peer deleted (compared whole). The first stays.
+        deletes.dedup_by(|later, first| later.dir == first.dir && later.name == first.name);
         let started = std::time::Instant::now();
         let count = deletes.len();
         // `kept` pins the packs the records rely on until the last of them is written.
@@ -479,18 +484,17 @@ impl Pull {
         let node = self.node.clone();
         let volume = &node.volumes[self.volume_index];
         // The chunk's directories, each opened once (the deletes come sorted by them).
-        let mut dirs: Vec<(VolPath, Option<OwnedFd>)> = Vec::new();
+        let mut dirs: Vec<(VolPath, DirOnDisk)> = Vec::new();
         let mut decided = Vec::with_capacity(chunk.len());
         for delete in chunk {
             if dirs.last().is_none_or(|(dir, _)| *dir != delete.dir) {
-                let fd = volume.fs.open_dir(&delete.dir, false).ok();
-                dirs.push((delete.dir.clone(), fd));
+                let opened = DirOnDisk::open(&volume.fs, &delete.dir);
+                dirs.push((delete.dir.clone(), opened));
             }
             let dir_index = dirs.len() - 1;
-            // A directory that cannot be opened is gone: nothing in it to delete.
-            let Some(dir_fd) = &dirs[dir_index].1 else {
+            if let DirOnDisk::Unopenable = dirs[dir_index].1 {
                 continue;
-            };
+            }
             let Some(local) = self.node.store.entry(vol, &delete.dir, &delete.name)? else {
                 continue;
             };
@@ -499,12 +503,18 @@ impl Pull {
             {
                 continue;
             }
-            let removal = if local.is_dir() {
-                Removal::Dir
-            } else if self.unchanged_on_disk(dir_fd, &delete.dir, &delete.name)? {
-                Removal::File(self.node.store.stamp(vol, &delete.dir, &delete.name)?)
-            } else {
-                Removal::InTheWay
+            let removal = match &dirs[dir_index].1 {
+                // Removed here since the last scan, with everything in it: the name is
+                // gone as the delete has it (its tombstone is recorded, or it would stay
+                // live in the index under a deleted directory, on no disk).
+                DirOnDisk::Gone => Removal::Gone,
+                _ if local.is_dir() => Removal::Dir,
+                DirOnDisk::Open(dir_fd)
+                    if self.unchanged_on_disk(dir_fd, &delete.dir, &delete.name)? =>
+                {
+                    Removal::File(self.node.store.stamp(vol, &delete.dir, &delete.name)?)
+                }
+                _ => Removal::InTheWay,
             };
             decided.push((delete, local, dir_index, removal));
         }
@@ -519,11 +529,11 @@ impl Pull {
         }
         let us = node.meta.node_id;
         let removed = overlapped(&decided, |(delete, local, dir_index, removal)| {
-            let dir_fd = dirs[*dir_index]
-                .1
-                .as_ref()
-                .expect("decided in an open directory");
+            let DirOnDisk::Open(dir_fd) = &dirs[*dir_index].1 else {
+                return Ok(matches!(removal, Removal::Gone));
+            };
             match removal {
+                Removal::Gone => Ok(true),
                 Removal::Dir => volume.fs.remove_dir(dir_fd, &delete.name),
                 Removal::File(expected) => {
                     let changed = changed_here(local, us);
@@ -550,6 +560,7 @@ impl Pull {
         // also those recorded before an index read failed.
         let mut batch = node.store.batch();
         let mut index_error = None;
+        let mut removed_dirs = Vec::new();
         for ((delete, local, dir_index, _), removed) in decided.into_iter().zip(removed) {
             let removed = match removed {
                 Ok(removed) => removed,
@@ -580,6 +591,9 @@ impl Pull {
                     batch.delete_tree_node(vol, path);
                     batch.clear_dirty(vol, path);
                     echoes.push((path.clone(), None));
+                    if local.is_dir() {
+                        removed_dirs.push(path.clone());
+                    }
                 }
                 batch.mark_dirty(vol, &dir);
                 self.report.deleted += 1;
@@ -607,10 +621,14 @@ impl Pull {
         if let Some(e) = index_error {
             return Err(e);
         }
+        self.delete_left_under(&removed_dirs)?;
         let to_sync: Vec<&OwnedFd> = dirs
             .iter()
             .zip(changed_dirs)
-            .filter_map(|((_, fd), changed)| fd.as_ref().filter(|_| changed))
+            .filter_map(|((_, opened), changed)| match opened {
+                DirOnDisk::Open(fd) if changed => Some(fd),
+                _ => None,
+            })
             .collect();
         if to_sync.len() > FSYNC_EACH_UP_TO {
             volume.fs.sync_all()?;
@@ -625,6 +643,60 @@ impl Pull {
         }
     }
 }
+
+impl Pull {
+    /// Records as deleted here every name the index still holds as live under
+    /// `removed`, directories whose deletes this round has just recorded: each is off the
+    /// disk (removed empty, or found gone), so nothing under it is on disk either. Such a
+    /// name was not among the peer's deletes (written or changed here concurrently with
+    /// them, so the delete did not dominate it), and the local removal of its directory
+    /// took it before any scan saw that. It is recorded as a scan records a name found
+    /// gone: a delete of ours. Left live it would stay in the index on no disk, offered
+    /// to peers that can never fetch it, for good: a scan lists only live directories.
+    fn delete_left_under(&mut self, removed: &[VolPath]) -> Result<(), SyncError> {
+        let vol = self.volume().id;
+        let node = self.node.clone();
+        let us = node.meta.node_id;
+        let mut batch = node.store.batch();
+        for dir in removed {
+            for item in node.store.descendants(vol, dir) {
+                let (parent, name, local) = item?;
+                if local.is_tombstone() {
+                    continue;
+                }
+                self.forget_chunks_in(&mut batch, &parent, &name, &local)?;
+                if let (true, Ok(path)) = (local.is_dir(), parent.join(&name)) {
+                    batch.delete_tree_node(vol, &path);
+                    batch.clear_dirty(vol, &path);
+                }
+                let mut version = local.version;
+                node.store
+                    .count_ours(&mut batch, (vol, &parent, &name), us, &mut version)?;
+                let tombstone = Entry::deleted(version, crate::scan::now_ns());
+                batch.put_entry(vol, &parent, &name, &tombstone);
+                batch.delete_stamp(vol, &parent, &name);
+                batch.mark_dirty(vol, &parent);
+                self.report.deleted += 1;
+                let path = parent.join(&name).map(|p| escape(p.as_bytes()));
+                tracing::info!(
+                    volume = %self.volume().name,
+                    "{}: gone from disk with its directory before a scan saw it; deleted",
+                    path.unwrap_or_else(|_| escape(&name))
+                );
+                if batch.len() >= LEFT_UNDER_PER_WRITE {
+                    let full = std::mem::replace(&mut batch, node.store.batch());
+                    node.store.write(full, Durability::Buffered)?;
+                }
+            }
+        }
+        node.store.write(batch, Durability::Buffered)?;
+        Ok(())
+    }
+}
+
+/// Names [`Pull::delete_left_under`] records in one index write, at most (its batch is
+/// bounded whatever the number of names left under a removed directory).
+const LEFT_UNDER_PER_WRITE: usize = 4096;
 
 /// Deletes removed (and their directories held open) at once, at most.
 const DELETE_CHUNK: usize = 256;
@@ -656,6 +728,8 @@ fn changed_while_removed(name: &[u8], removal: &OnDisk) {
 
 /// What a delete does on disk, decided before any of its chunk is removed.
 enum Removal {
+    /// The name's directory is gone from disk: so is the name, nothing to remove.
+    Gone,
     /// An empty directory goes (one that is not empty stays: something new is in it).
     Dir,
     /// The file goes if it is still what its stamp in the index says (`None`: none,
@@ -663,6 +737,28 @@ enum Removal {
     File(Option<ScanStamp>),
     /// The file changed here since the last scan: it stays, and our version wins.
     InTheWay,
+}
+
+/// The directory a chunk of deletes is in, as opening it found it.
+enum DirOnDisk {
+    Open(OwnedFd),
+    /// Not there (nor anything in it): removed, or replaced by a file or symlink.
+    Gone,
+    /// There, but it would not open (permissions, I/O): its names are left as they are.
+    Unopenable,
+}
+
+impl DirOnDisk {
+    fn open(fs: &crate::volume_fs::VolumeFs, dir: &VolPath) -> Self {
+        match fs.open_dir(dir, false) {
+            Ok(fd) => DirOnDisk::Open(fd),
+            Err(e) if e.is_gone() => DirOnDisk::Gone,
+            Err(e) => {
+                tracing::warn!("cannot apply deletes in {}: {e}", dir.display());
+                DirOnDisk::Unopenable
+            }
+        }
+    }
 }
 
 /// `work` applied to every item, from up to [`DELETE_THREADS`] threads at once, the
