@@ -19,7 +19,8 @@
 //!   reported.
 //! - **The index**: location records that point nowhere are removed, missing ones added
 //!   from the file's chunk list; a file whose chunk list is missing or inconsistent loses
-//!   its scan stamp so the rescan reads it again. `--rebuild-index` sets a lost or
+//!   its scan stamp so the rescan reads it again; a name live under a deleted directory,
+//!   on no disk, is recorded as deleted (no scan looks there). `--rebuild-index` sets a lost or
 //!   damaged RocksDB directory aside and builds a new one from the live files (a scan)
 //!   and the packs (their records describe themselves).
 //!
@@ -299,6 +300,10 @@ fn plan(found: &VerifyReport, report: &mut RepairReport) {
             Problem::IndexMissingChunkList | Problem::IndexInconsistent => (
                 "rescan",
                 "would have the file read again by the rescan".to_string(),
+            ),
+            Problem::IndexLiveUnderDeleted => (
+                "deleted",
+                "would record it as deleted here, as a scan records a name found gone".to_string(),
             ),
             Problem::Modified => (
                 "kept",

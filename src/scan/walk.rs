@@ -1206,25 +1206,10 @@ impl<'s> Walker<'s> {
     }
 
     fn tombstone(&mut self, dir: &VolPath, name: &[u8], old: Entry) -> Result<Entry, StoreError> {
-        if let EntryKind::File { .. } = old.kind {
-            let chunks = self
-                .store
-                .chunk_list(self.vol, dir, name)?
-                .unwrap_or_default();
-            self.batch.delete_chunks(self.vol, dir, name, &chunks);
-        }
-        if old.is_dir()
-            && let Ok(path) = dir.join(name)
-        {
-            self.batch.delete_tree_node(self.vol, &path);
-            self.batch.clear_dirty(self.vol, &path);
-        }
-        let mut version = old.version;
-        self.count_ours(dir, name, &mut version)?;
-        let tombstone = Entry::deleted(version, now_ns());
-        self.batch.put_entry(self.vol, dir, name, &tombstone);
-        self.batch.delete_stamp(self.vol, dir, name);
-        self.batch.mark_dirty(self.vol, dir);
+        let name_at = (self.vol, dir, name);
+        let tombstone =
+            self.store
+                .put_delete_of_ours(&mut self.batch, name_at, &old, self.node, now_ns())?;
         self.report.deleted += 1;
         self.name_change(dir, name);
         Ok(tombstone)

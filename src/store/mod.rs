@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chunking::{ChunkParams, ChunkRef};
 use crate::encoding::DecodeError;
-use crate::entry::Entry;
+use crate::entry::{Entry, EntryKind};
 use crate::ids::{HASH_LEN, NodeId, VolumeId};
 use crate::pathname::VolPath;
 use crate::tree::TreeNode;
@@ -799,6 +799,38 @@ impl Store {
             batch.delete_issued(vol, dir, name);
         }
         Ok(())
+    }
+
+    /// Records `dir/name`, indexed live as `old`, as deleted by this node (`us`) at
+    /// `deleted_at_ns`, in `batch`, as a scan records a name it finds gone from disk: a
+    /// tombstone whose vector counts one more change of ours; the name's stamp, chunk
+    /// records and (a directory's) tree node and dirty mark dropped; its parent marked
+    /// dirty. Returns the tombstone.
+    pub fn put_delete_of_ours(
+        &self,
+        batch: &mut Batch<'_>,
+        (vol, dir, name): (VolumeId, &VolPath, &[u8]),
+        old: &Entry,
+        us: NodeId,
+        deleted_at_ns: i64,
+    ) -> Result<Entry, StoreError> {
+        if let EntryKind::File { .. } = old.kind {
+            let chunks = self.chunk_list(vol, dir, name)?.unwrap_or_default();
+            batch.delete_chunks(vol, dir, name, &chunks);
+        }
+        if old.is_dir()
+            && let Ok(path) = dir.join(name)
+        {
+            batch.delete_tree_node(vol, &path);
+            batch.clear_dirty(vol, &path);
+        }
+        let mut version = old.version.clone();
+        self.count_ours(batch, (vol, dir, name), us, &mut version)?;
+        let tombstone = Entry::deleted(version, deleted_at_ns);
+        batch.put_entry(vol, dir, name, &tombstone);
+        batch.delete_stamp(vol, dir, name);
+        batch.mark_dirty(vol, dir);
+        Ok(tombstone)
     }
 
     /// The highest count of ours `dir/name` was given, when its entry holds a lower one

@@ -1,5 +1,6 @@
 //! Live files: each indexed name checked on disk, each file re-hashed chunk by chunk.
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
@@ -60,6 +61,90 @@ impl Subject<'_> {
         let (volume, path) = (Some(self.target.name), Some(self.display.clone()));
         finding(severity, problem, volume, path, detail)
     }
+}
+
+/// The directories the index holds as deleted, as the walk over a volume's entries meets
+/// them (in key order a directory's own entry comes before what it holds): which live
+/// entries lie under one.
+#[derive(Default)]
+pub(super) struct DeletedDirs {
+    /// The directory last looked up, and whether it is deleted or under a deleted one.
+    last: Option<(VolPath, bool)>,
+    /// Directories live in the index under a deleted one: deleted for what they hold.
+    live_under_deleted: HashSet<VolPath>,
+}
+
+impl DeletedDirs {
+    /// Whether the live entry `dir/name` lies under a directory the index holds as
+    /// deleted (a tombstone, or no directory entry at all).
+    pub(super) fn holds(
+        &mut self,
+        store: &Store,
+        vol: VolumeId,
+        dir: &VolPath,
+        name: &[u8],
+        entry: &Entry,
+    ) -> Result<bool, StoreError> {
+        let deleted = match &self.last {
+            Some((last, deleted)) if last == dir => *deleted,
+            _ => {
+                let deleted = match dir.split_last() {
+                    None => false,
+                    Some((parent, dir_name)) => {
+                        self.live_under_deleted.contains(dir)
+                            || !store
+                                .entry(vol, &parent, dir_name)?
+                                .is_some_and(|e| e.is_dir())
+                    }
+                };
+                self.last = Some((dir.clone(), deleted));
+                deleted
+            }
+        };
+        if deleted
+            && entry.is_dir()
+            && let Ok(path) = dir.join(name)
+        {
+            self.live_under_deleted.insert(path);
+        }
+        Ok(deleted)
+    }
+}
+
+/// Reports the live entry `dir/name`, which lies under a deleted directory, if it is on
+/// no disk: `true` if it did. On disk it is checked like any entry (the next scan finds
+/// its directory there again and takes it up).
+pub(super) fn gone_under_deleted(
+    target: &Target<'_>,
+    dir: &VolPath,
+    name: &[u8],
+    report: &mut VerifyReport,
+) -> bool {
+    let Ok(path) = dir.join(name) else {
+        return false;
+    };
+    let gone = match fs::symlink_metadata(path.under(target.root)) {
+        Err(e) => matches!(
+            e.kind(),
+            io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+        ),
+        Ok(_) => false,
+    };
+    if !gone || crate::guard::covered(&target.held, &path) {
+        return false;
+    }
+    let subject = Subject {
+        target,
+        dir,
+        name,
+        display: path.display().to_string(),
+        path,
+    };
+    let detail = "live in the index under a directory it holds as deleted, on no disk".into();
+    report
+        .findings
+        .push(subject.damage(Problem::IndexLiveUnderDeleted, detail));
+    true
 }
 
 /// Checks what can be checked of `dir/name` without reading file content; returns the

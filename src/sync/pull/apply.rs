@@ -664,18 +664,10 @@ impl Pull {
                 if local.is_tombstone() {
                     continue;
                 }
-                self.forget_chunks_in(&mut batch, &parent, &name, &local)?;
-                if let (true, Ok(path)) = (local.is_dir(), parent.join(&name)) {
-                    batch.delete_tree_node(vol, &path);
-                    batch.clear_dirty(vol, &path);
-                }
-                let mut version = local.version;
+                let at = (vol, &parent, &name[..]);
+                let now = crate::scan::now_ns();
                 node.store
-                    .count_ours(&mut batch, (vol, &parent, &name), us, &mut version)?;
-                let tombstone = Entry::deleted(version, crate::scan::now_ns());
-                batch.put_entry(vol, &parent, &name, &tombstone);
-                batch.delete_stamp(vol, &parent, &name);
-                batch.mark_dirty(vol, &parent);
+                    .put_delete_of_ours(&mut batch, at, &local, us, now)?;
                 self.report.deleted += 1;
                 let path = parent.join(&name).map(|p| escape(p.as_bytes()));
                 tracing::info!(
