@@ -64,7 +64,8 @@ impl Repair<'_> {
                 // would have recorded it, had it looked (a delete of ours, which syncs).
                 Problem::IndexLiveUnderDeleted => {
                     let name_at = (vol, &dir, name);
-                    if let Some(live) = store.entry(vol, &dir, name)?.filter(|e| !e.is_tombstone()) {
+                    if let Some(live) = store.entry(vol, &dir, name)?.filter(|e| !e.is_tombstone())
+                    {
                         let now = crate::scan::now_ns();
                         store.put_delete_of_ours(&mut batch, name_at, &live, us, now)?;
                         fixed.push((
@@ -148,7 +149,11 @@ mod tests {
         let under_deleted = |path: &str| (Problem::IndexLiveUnderDeleted, path.to_string());
         assert_eq!(
             damage(&store, &volume),
-            [under_deleted("c/d"), under_deleted("c/d/g.txt"), under_deleted("c/f.txt")]
+            [
+                under_deleted("c/d"),
+                under_deleted("c/d/g.txt"),
+                under_deleted("c/f.txt")
+            ]
         );
         drop(store);
 
@@ -184,6 +189,12 @@ mod tests {
             let entry = store.entry(vol, &dir, name.as_bytes()).unwrap().unwrap();
             assert!(entry.is_tombstone(), "{dir:?}/{name}: {entry:?}");
         }
-        assert!(!store.entry(vol, &root, b"kept.txt").unwrap().unwrap().is_tombstone());
+        assert!(
+            !store
+                .entry(vol, &root, b"kept.txt")
+                .unwrap()
+                .unwrap()
+                .is_tombstone()
+        );
     }
 }

@@ -893,7 +893,11 @@ fn a_concurrent_change_under_a_directory_removed_here_unscanned_is_deleted_not_o
     c.start(1);
     let deadline = Instant::now() + CONVERGE;
     while c.log(1).matches("serving").count() == served {
-        assert!(Instant::now() < deadline, "node 1 never served:\n{}", tail(&c.log(1), 30));
+        assert!(
+            Instant::now() < deadline,
+            "node 1 never served:\n{}",
+            tail(&c.log(1), 30)
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // Its first scan is over: from here on nothing scans node 1 while the test looks.
@@ -906,7 +910,11 @@ fn a_concurrent_change_under_a_directory_removed_here_unscanned_is_deleted_not_o
         tail(&c.log(1), 30)
     );
     for i in 0..2 {
-        assert!(!c.vol(i).join("c").exists(), "node {i}: {:?}", names(&c.vol(i)));
+        assert!(
+            !c.vol(i).join("c").exists(),
+            "node {i}: {:?}",
+            names(&c.vol(i))
+        );
         c.stop(i);
         let node = c.dir.path().join(format!("node{i}"));
         let verify = shoal_at(&node.join("data"), &node.join("state"), "verify", &[]);

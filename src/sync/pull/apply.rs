@@ -642,17 +642,15 @@ impl Pull {
             None => Ok(()),
         }
     }
-}
 
-impl Pull {
     /// Records as deleted here every name the index still holds as live under
     /// `removed`, directories whose deletes this round has just recorded: each is off the
     /// disk (removed empty, or found gone), so nothing under it is on disk either. Such a
     /// name was not among the peer's deletes (written or changed here concurrently with
     /// them, so the delete did not dominate it), and the local removal of its directory
     /// took it before any scan saw that. It is recorded as a scan records a name found
-    /// gone: a delete of ours. Left live it would stay in the index on no disk, offered
-    /// to peers that can never fetch it, for good: a scan lists only live directories.
+    /// gone: a delete of ours. Left live it would stay in the index on no disk for good:
+    /// a scan lists only live directories.
     fn delete_left_under(&mut self, removed: &[VolPath]) -> Result<(), SyncError> {
         let vol = self.volume().id;
         let node = self.node.clone();
