@@ -44,7 +44,17 @@ struct Subject<'a> {
     display: String,
 }
 
-impl Subject<'_> {
+impl<'a> Subject<'a> {
+    fn new(target: &'a Target<'a>, dir: &'a VolPath, name: &'a [u8], path: VolPath) -> Self {
+        Subject {
+            target,
+            dir,
+            name,
+            display: path.display().to_string(),
+            path,
+        }
+    }
+
     /// Damage to this name (repair acts on it: it carries the volume path).
     fn damage(&self, problem: Problem, detail: String) -> Finding {
         Finding {
@@ -133,13 +143,7 @@ pub(super) fn gone_under_deleted(
     if !gone || crate::guard::covered(&target.held, &path) {
         return false;
     }
-    let subject = Subject {
-        target,
-        dir,
-        name,
-        display: path.display().to_string(),
-        path,
-    };
+    let subject = Subject::new(target, dir, name, path);
     let detail = "live in the index under a directory it holds as deleted, on no disk".into();
     report
         .findings
@@ -172,13 +176,7 @@ pub(super) fn check_entry(
             return Ok(None);
         }
     };
-    let subject = Subject {
-        target,
-        dir,
-        name,
-        display: path.display().to_string(),
-        path,
-    };
+    let subject = Subject::new(target, dir, name, path);
     let fs_path = subject.path.under(target.root);
     let meta = match fs::symlink_metadata(&fs_path) {
         _ if entry.is_tombstone() => return Ok(None),

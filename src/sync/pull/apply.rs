@@ -659,7 +659,9 @@ impl Pull {
         for dir in removed {
             for item in node.store.descendants(vol, dir) {
                 let (parent, name, local) = item?;
-                if local.is_tombstone() {
+                let path = parent.join(&name)?;
+                // A name whose delete the guard holds stays live while gone, by design.
+                if local.is_tombstone() || self.volume().guard.covers(&path) {
                     continue;
                 }
                 let at = (vol, &parent, &name[..]);
@@ -667,11 +669,10 @@ impl Pull {
                 node.store
                     .put_delete_of_ours(&mut batch, at, &local, us, now)?;
                 self.report.deleted += 1;
-                let path = parent.join(&name).map(|p| escape(p.as_bytes()));
                 tracing::info!(
                     volume = %self.volume().name,
                     "{}: gone from disk with its directory before a scan saw it; deleted",
-                    path.unwrap_or_else(|_| escape(&name))
+                    escape(path.as_bytes())
                 );
                 if batch.len() >= LEFT_UNDER_PER_WRITE {
                     let full = std::mem::replace(&mut batch, node.store.batch());
