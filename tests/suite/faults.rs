@@ -869,19 +869,23 @@ fn a_peers_delete_of_a_directory_removed_here_unscanned_leaves_nothing_indexed_u
     );
 }
 
-/// The same crossing with a name the peer's delete does not dominate: node 1 changed
-/// `c/f.txt` while node 0, down, deleted `c`; then node 1 removed `c` itself, unscanned,
-/// and node 0's delete of `c` arrived. The delete skips `c/f.txt` (its change is
-/// concurrent) and records `c`, gone from disk: `c/f.txt` must not stay live in node
-/// 1's index on no disk, where no scan would ever look. Node 1 records it as deleted
-/// here, as a scan would, and both nodes end without `c`.
+/// The same crossing with names the peer's delete does not dominate: node 1 changed
+/// `c/f.txt` and wrote `c/sub/g.txt` (in a directory both had) while node 0, down,
+/// deleted `c`; then node 1 removed `c` itself, unscanned, and node 0's delete of `c`
+/// arrived. The delete skips them (a concurrent change each: the new file moved
+/// `c/sub`'s mtime) and records `c`, gone from disk: they must not stay live in node 1's
+/// index on no disk, where no scan would ever look. Node 1 records them as deleted here,
+/// as a scan would (`c/sub` and what it holds too), and both nodes end without `c`.
 #[test]
 fn a_concurrent_change_under_a_directory_removed_here_unscanned_is_recorded_deleted() {
     let mut c = converged_with_a_file_in_c();
+    fs::create_dir(c.vol(0).join("c/sub")).unwrap();
+    c.wait_converged(&[0, 1], CONVERGE);
     c.stop(0);
     let vol = c.vol(1);
-    change_and_wait_scanned(&c, 1, &["c/f.txt"], || {
-        fs::write(vol.join("c/f.txt"), b"changed on node 1").unwrap()
+    change_and_wait_scanned(&c, 1, &["c/f.txt", "c/sub/g.txt"], || {
+        fs::write(vol.join("c/f.txt"), b"changed on node 1").unwrap();
+        write_file(&vol.join("c/sub/g.txt"), b"new on node 1");
     });
     c.stop(1);
     fs::remove_dir_all(c.vol(0).join("c")).unwrap();

@@ -651,14 +651,19 @@ impl Pull {
     /// took it before any scan saw that. It is recorded as a scan records a name found
     /// gone: a delete of ours. Left live it would stay in the index on no disk for good:
     /// a scan lists only live directories.
+    ///
+    /// Only children are read, and the children of a live directory found there: a
+    /// removed subdirectory had its own sweep (deletes run deepest first), so an `rm -rf`
+    /// of a deep tree reads each name once, not once for each directory above it.
     fn delete_left_under(&mut self, removed: &[VolPath]) -> Result<(), SyncError> {
         let vol = self.volume().id;
         let node = self.node.clone();
         let us = node.meta.node_id;
         let mut batch = node.store.batch();
-        for dir in removed {
-            for item in node.store.descendants(vol, dir) {
-                let (parent, name, local) = item?;
+        let mut pending = removed.to_vec();
+        while let Some(parent) = pending.pop() {
+            for item in node.store.children(vol, &parent) {
+                let (name, local) = item?;
                 let path = parent.join(&name)?;
                 // A name whose delete the guard holds stays live while gone, by design.
                 if local.is_tombstone() || self.volume().guard.covers(&path) {
@@ -668,6 +673,10 @@ impl Pull {
                 let now = crate::scan::now_ns();
                 node.store
                     .put_delete_of_ours(&mut batch, at, &local, us, now)?;
+                if local.is_dir() {
+                    // Left live under a removed directory: what it holds is too.
+                    pending.push(path.clone());
+                }
                 self.report.deleted += 1;
                 tracing::info!(
                     volume = %self.volume().name,
