@@ -530,7 +530,8 @@ impl Pull {
         let us = node.meta.node_id;
         let removed = overlapped(&decided, |(delete, local, dir_index, removal)| {
             let DirOnDisk::Open(dir_fd) = &dirs[*dir_index].1 else {
-                return Ok(matches!(removal, Removal::Gone));
+                // Only a delete in a directory found gone is decided without it open.
+                return Ok(true);
             };
             match removal {
                 Removal::Gone => Ok(true),
