@@ -183,6 +183,13 @@ pub fn escape(bytes: &[u8]) -> String {
     Escaped(bytes).to_string()
 }
 
+/// The escaped form of `dir/name`, for messages; the name alone if the two do not make
+/// a valid path (a message still says which name it is about).
+pub fn escape_in(dir: &VolPath, name: &[u8]) -> String {
+    dir.join(name)
+        .map_or_else(|_| escape(name), |path| path.display().to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

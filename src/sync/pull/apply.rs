@@ -11,7 +11,7 @@ use super::{Deferred, Pull, RemoteDir};
 use crate::chunking::ChunkRef;
 use crate::entry::{Causality, Entry, EntryKind};
 use crate::ids::NodeId;
-use crate::pathname::{VolPath, escape};
+use crate::pathname::{VolPath, escape, escape_in};
 use crate::store::codec::ScanStamp;
 use crate::store::versions::{KeptChunks, VersionRecord, Why};
 use crate::store::{Durability, Store};
@@ -283,8 +283,7 @@ impl Pull {
             EntryKind::Symlink { .. } => "symlink",
             _ => "fifo",
         };
-        let path = dir.join(name).map(|p| escape(p.as_bytes()));
-        self.note_applied(what, path.unwrap_or_else(|_| escape(name)), 0);
+        self.note_applied(what, escape_in(dir, name), 0);
         Ok(())
     }
 

@@ -8,7 +8,7 @@ use super::files::FileJob;
 use super::{Deferred, MAX_DEFERRED_DELETES, Pull, RemoteDir};
 use crate::chunking::ChunkRef;
 use crate::entry::{Causality, Entry, EntryKind};
-use crate::pathname::{VolPath, escape};
+use crate::pathname::{VolPath, escape, escape_in};
 use crate::protocol::WireEntry;
 use crate::store::Durability;
 use crate::sync::{SyncError, conflict};
@@ -225,7 +225,7 @@ impl Pull {
             if remote.is_tombstone() {
                 return Ok(());
             }
-            tracing::info!(peer = %self.peer.addr, "concurrent changes to {}: the peer's version wins over our delete", escape(name));
+            tracing::info!(peer = %self.peer.addr, "concurrent changes to {}: the peer's version wins over our delete", escape_in(dir, name));
             self.keep_count_of_our_delete(dir, name, deleted, live)?;
             self.report.conflicts += 1;
             self.node.stats.conflicts.fetch_add(1, Ordering::Relaxed);
@@ -240,7 +240,7 @@ impl Pull {
             tracing::info!(
                 peer = %self.peer.addr,
                 "concurrent changes to {}: {} version wins, the other is kept already as {}",
-                dir.join(name).map(|p| p.display().to_string()).unwrap_or_default(),
+                escape_in(dir, name),
                 if remote_wins { "the peer's" } else { "our" },
                 escape(&copy_name)
             );
@@ -256,14 +256,14 @@ impl Pull {
             };
         }
         let Some(copy_name) = self.free_conflict_name(dir, name, loser, winner)? else {
-            tracing::warn!(peer = %self.peer.addr, "concurrent changes to {}: every conflict-copy name is taken; trying again next round", escape(name));
+            tracing::warn!(peer = %self.peer.addr, "concurrent changes to {}: every conflict-copy name is taken; trying again next round", escape_in(dir, name));
             self.report.skipped += 1;
             return Ok(());
         };
         tracing::info!(
             peer = %self.peer.addr,
             "concurrent changes to {}: {} version wins{}",
-            dir.join(name).map(|p| p.display().to_string()).unwrap_or_default(),
+            escape_in(dir, name),
             if remote_wins { "the peer's" } else { "our" },
             if loser.is_tombstone() { String::new() } else { format!(", the other is kept as {}", escape(&copy_name)) }
         );
@@ -415,7 +415,7 @@ impl Pull {
         if !on_disk || !self.unchanged_on_disk(&dir_fd, dir, name)? {
             tracing::info!(
                 "{} changed here since the last scan; the conflict is decided again next round",
-                escape(name)
+                escape_in(dir, name)
             );
             return Ok(false);
         }
@@ -437,7 +437,7 @@ impl Pull {
         ) {
             tracing::warn!(
                 "cannot keep {} aside as the conflict copy {}: {e}; the conflict is decided again next round",
-                escape(name),
+                escape_in(dir, name),
                 escape(copy_name)
             );
             return Ok(false);

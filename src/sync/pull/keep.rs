@@ -11,7 +11,7 @@ use super::Pull;
 use crate::chunking::ChunkRef;
 use crate::entry::{Entry, EntryKind, VersionVector};
 use crate::ids::{ChunkId, NodeId};
-use crate::pathname::{VolPath, escape};
+use crate::pathname::{VolPath, escape_in};
 use crate::store::versions::{KeptChunks, VersionId, VersionRecord, Why};
 use crate::sync::SyncError;
 
@@ -99,7 +99,7 @@ impl Pull {
         let file = match opened {
             Ok(file) => file,
             Err(e) => {
-                tracing::warn!(volume = %self.volume().name, "cannot keep the replaced version of {}: {e}", escape(name));
+                tracing::warn!(volume = %self.volume().name, "cannot keep the replaced version of {}: {e}", escape_in(dir, name));
                 return Ok(());
             }
         };
@@ -110,7 +110,7 @@ impl Pull {
             }
             data.resize(chunk.len as usize, 0);
             if file.read_exact_at(&mut data, offset).is_err() || ChunkId::of(&data) != chunk.id {
-                tracing::warn!(volume = %self.volume().name, "{}: a chunk of the replaced version changed on disk; only peers hold it", escape(name));
+                tracing::warn!(volume = %self.volume().name, "{}: a chunk of the replaced version changed on disk; only peers hold it", escape_in(dir, name));
                 continue;
             }
             store.keep_version_chunk(kept, &chunk.id, &data)?;
