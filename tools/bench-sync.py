@@ -149,7 +149,7 @@ def sum_or_none(*values):
 
 
 def fmt_rss(peaks):
-    parts = [f"{side} {kib / 1024:.0f} MiB" for side, kib in peaks.items() if kib is not None]
+    parts = [f"{side} {kib / 1024:.1f} MiB" for side, kib in peaks.items() if kib is not None]
     return " · ".join(parts) if parts else "n/a"
 
 
