@@ -195,6 +195,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_name_in_a_directory_is_shown_with_its_whole_path_escaped() {
+        let dir = VolPath::parse(b"a/b").unwrap();
+        assert_eq!(escape_in(&dir, b"c\n.txt"), "a/b/c\\n.txt");
+        assert_eq!(escape_in(&VolPath::root(), b"f.txt"), "f.txt");
+        // A name that would not make a path is still shown, alone.
+        assert_eq!(escape_in(&dir, b".."), "..");
+    }
+
+    #[test]
     fn parses_and_splits() {
         let path = VolPath::parse(b"a/b/c.txt").unwrap();
         let (parent, name) = path.split_last().unwrap();
