@@ -72,6 +72,26 @@ pub const MEMTABLE_BLOCK_BYTES: usize = 256 << 10;
 /// every open table stay in memory beside it, growing with the index.
 const BLOCK_CACHE_BYTES: usize = 8 << 20;
 
+/// Level-0 tables a column family gathers before RocksDB merges them into level 1 (its
+/// default is 4). Each of those compactions rewrites the part of level 1 that the new
+/// tables overlap, which for keys that arrive in no order (a chunk or content id
+/// first) is all of it: with level 1 growing to tens of MiB on a first sync of
+/// 1,000,000 files, every node rewrote its index about eight times over (1.7-1.9 GB
+/// written for 235 MB), a fifth of both nodes' CPU. Merging four times fewer batches
+/// cuts that by three quarters. Reads pay little for the longer level 0: its tables'
+/// filters and indexes stay pinned in the block cache, and a point lookup asks each
+/// filter first (docs/BENCHMARKS.md, "Compactions of a first sync").
+const LEVEL0_TABLES_TO_COMPACT: i32 = 16;
+
+/// How each level's tables are compressed: level 0 not at all (its tables are read
+/// back by the compaction that follows soon, so compressing them was work thrown
+/// away), the levels below with LZ4, which costs less CPU than Snappy (RocksDB's
+/// default) for about the same size. The last entry stands for every deeper level.
+const COMPRESSION_PER_LEVEL: [rocksdb::DBCompressionType; 2] = [
+    rocksdb::DBCompressionType::None,
+    rocksdb::DBCompressionType::Lz4,
+];
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("no Shoal store in {0} (run `shoal scan` to create one)")]
@@ -371,6 +391,12 @@ impl Store {
         options.set_write_buffer_size(WRITE_BUFFER_BUDGET / 4);
         options.set_arena_block_size(MEMTABLE_BLOCK_BYTES);
         options.set_block_based_table_factory(&Self::table_options(cache));
+        options.set_level_zero_file_num_compaction_trigger(LEVEL0_TABLES_TO_COMPACT);
+        // RocksDB slows writes down, then stops them, when compaction falls this far
+        // behind (its defaults, 20 and 36, assume a trigger of 4).
+        options.set_level_zero_slowdown_writes_trigger(LEVEL0_TABLES_TO_COMPACT + 12);
+        options.set_level_zero_stop_writes_trigger(LEVEL0_TABLES_TO_COMPACT + 24);
+        options.set_compression_per_level(&COMPRESSION_PER_LEVEL);
         if HASH_KEYED_CFS.contains(&name) {
             options.set_prefix_extractor(SliceTransform::create_fixed_prefix(HASH_LEN));
             // The memtables too (a twentieth of their size, 100 KiB each).
