@@ -206,6 +206,8 @@ pub struct Node {
     pub collections: crate::gc::Figures,
     /// The memory that peers' requests and their answers may hold, node-wide.
     pub serving: crate::sync::server::Budget,
+    /// Where the small chunks of the files listed to peers are, for their chunk requests.
+    pub listed: crate::sync::server::ListedChunks,
     /// Woken when a peer's `Hello` is accepted: that peer is up, and a connection of
     /// ours to it waiting out a retry pause tries again at once (two nodes started
     /// together find each other as soon as the later one listens, not a backoff later).
@@ -225,6 +227,7 @@ impl Node {
         let meta = store.meta();
         Node {
             serving: crate::sync::server::Budget::for_chunks(meta.chunk_params.max as usize),
+            listed: Default::default(),
             meta,
             store,
             volumes,

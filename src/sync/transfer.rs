@@ -86,21 +86,30 @@ impl Node {
     /// other into `buffer`: one call off the async worker threads reads a run of them
     /// (one thread hand-off per run, not per chunk), into one buffer. The ids read leave
     /// `ids`, each returned with where its bytes are in `buffer` (`None`: no intact copy
-    /// here).
+    /// here). A chunk `listed` says where to find (a listing just read its file's chunk
+    /// list) is read there first and hashed: the index is looked up only if it is not
+    /// there intact.
     pub fn read_run_for(
         &self,
         ids: &mut VecDeque<ChunkId>,
         room: usize,
         reader: ReadFor<'_>,
+        listed: &HashMap<ChunkId, ChunkLocation>,
         buffer: &mut Vec<u8>,
     ) -> Result<Vec<RunChunk>, StoreError> {
         let mut run = Vec::new();
         let mut used = 0;
         let mut reads = self.store.chunk_reads();
         while let Some(&id) = ids.front() {
-            let locations = reads.locations(&id)?;
-            let longest = locations
-                .iter()
+            let hint = listed.get(&id);
+            let locations = match hint {
+                Some(_) => Vec::new(),
+                None => reads.locations(&id)?,
+            };
+            // Every copy of a chunk has its length.
+            let longest = hint
+                .into_iter()
+                .chain(&locations)
                 .map(|l| l.extent().len as usize)
                 .max()
                 .unwrap_or(0);
@@ -109,8 +118,22 @@ impl Node {
             }
             ids.pop_front();
             let start = buffer.len();
-            let stamp = |vol, dir: &VolPath, name: &[u8]| reads.stamp(vol, dir, name);
-            let found = self.read_chunk_into(&id, locations, stamp, reader, buffer)?;
+            // A listed location may be stale: hashed, never taken on a stamp.
+            let hashed = |_, _: &VolPath, _: &[u8]| Ok(None);
+            let mut found = match hint {
+                Some(hint) => {
+                    self.read_chunk_into(&id, vec![hint.clone()], hashed, reader, buffer)?
+                }
+                None => false,
+            };
+            if !found {
+                let locations = match hint {
+                    Some(_) => reads.locations(&id)?,
+                    None => locations,
+                };
+                let stamp = |vol, dir: &VolPath, name: &[u8]| reads.stamp(vol, dir, name);
+                found = self.read_chunk_into(&id, locations, stamp, reader, buffer)?;
+            }
             used += buffer.len() - start + CHUNK_FRAME_OVERHEAD;
             run.push((id, found.then_some(start..buffer.len())));
         }

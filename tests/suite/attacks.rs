@@ -143,6 +143,93 @@ fn a_fifo_planted_in_place_of_an_indexed_file_does_not_hang_the_node() {
     victim_is_healthy_and_verifies(&mut cluster);
 }
 
+/// A connection's listing notes where each small chunk is, and its chunk requests read
+/// there first. What a local user puts in the listed place before the request (a FIFO,
+/// other bytes, even ones the node has scanned since) is never served for the chunk:
+/// it comes from another copy the index knows, or is missing.
+#[test]
+fn a_listed_file_swapped_before_its_chunks_are_asked_for_is_not_served() {
+    let mut cluster = Cluster::new(1);
+    cluster.heartbeat = 3600;
+    let content = random_bytes(3000, 13);
+    let other = random_bytes(3000, 14);
+    for name in ["a.bin", "d.bin"] {
+        fs::write(cluster.vol(0).join(name), &content).unwrap();
+    }
+    fs::write(cluster.vol(0).join("b.bin"), &other).unwrap();
+    cluster.start(0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while cluster.root(0).is_none() {
+        assert!(std::time::Instant::now() < deadline, "node 0 never scanned");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let peer = HostileClient::connect(
+        &cluster.credentials[0],
+        &cluster.ip(1),
+        &format!("{}:7029", cluster.ip(0)),
+        "vol",
+    );
+    let listing = peer.request(&Request::GetEntries {
+        volume: "vol".into(),
+        dir: shoal::pathname::VolPath::root(),
+        start: Vec::new(),
+        after: false,
+        end: None,
+    });
+    let [
+        Response::Entries {
+            entries,
+            more: false,
+        },
+    ] = &listing[..]
+    else {
+        panic!("not one whole listing: {listing:?}");
+    };
+    let listed_chunk = |name: &[u8]| {
+        let entry = entries.iter().find(|e| e.name == name).expect("listed");
+        let chunks = entry
+            .chunks
+            .as_ref()
+            .expect("a small file's list is inline");
+        assert_eq!(chunks.len(), 1);
+        chunks[0].id
+    };
+    let (id, other_id) = (listed_chunk(b"d.bin"), listed_chunk(b"b.bin"));
+    assert_eq!(id, listed_chunk(b"a.bin"));
+    let chunk = |id| match &peer.request(&Request::GetChunks { ids: vec![id] })[..] {
+        [Response::Chunk { id: got, data }] if *got == id => Some(data.to_vec()),
+        [Response::ChunkMissing { id: got }] if *got == id => None,
+        other => panic!("not one answer for the chunk asked: {other:?}"),
+    };
+
+    // The place the listing noted last for `id` (d.bin) is now a FIFO: served from a.bin.
+    let d = cluster.vol(0).join("d.bin");
+    fs::remove_file(&d).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &d,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    assert_eq!(chunk(id), Some(content.clone()));
+
+    // b.bin rewritten with other bytes of its length and scanned: its stamp in the
+    // index is the file's again, but the listed extent is of its old content.
+    let scans = cluster.scans_with_changes(0);
+    let mut swapped = other.clone();
+    swapped[1500] ^= 0xff;
+    fs::write(cluster.vol(0).join("b.bin"), &swapped).unwrap();
+    cluster.wait_scan_with_changes(0, scans, Duration::from_secs(30), "b.bin was not rescanned");
+    assert_eq!(chunk(other_id), None, "the rewritten file was served");
+    assert_eq!(chunk(id), Some(content));
+    assert!(
+        healthy_within_a_second(&format!("{}:7030", cluster.ip(0))),
+        "/healthz did not answer within 1 s"
+    );
+}
+
 #[test]
 fn a_file_dated_after_2262_is_scanned_without_overflow() {
     let fixture = crate::util::Fixture::new();

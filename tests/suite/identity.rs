@@ -175,7 +175,9 @@ fn a_volume_limited_to_two_nodes_never_reaches_the_third_nor_comes_from_it() {
     assert!(log.contains("may not hold volume private"), "{log}");
 
     // Chunks too: a member that may not hold `private` asks node0 for the chunk of its
-    // file (a small file is one chunk, named by its BLAKE3) and for one of `vol`.
+    // file (a small file is one chunk, named by its BLAKE3) and for one of `vol`. Node0
+    // noted where that chunk is when it listed `private` to node1: the note is read
+    // under the same check as the index.
     let member = crate::hostile::HostileClient::connect(
         &c.credentials[0],
         &c.ip(5),

@@ -4,7 +4,9 @@
 //! what changed and descends nowhere. Bounded like `Entries`: at most the count asked
 //! for (itself at most [`MAX_ENTRIES_PER_RESPONSE`]) and about [`MAX_ENTRIES_BYTES`];
 //! the mark answered stops before the first name left out. Names whose last change
-//! took the requester's own entry as it sent it are not sent back to it.
+//! took the requester's own entry as it sent it are not sent back to it. Where the
+//! chunks of the inline lists are is noted for the requests that follow
+//! ([`super::listed`]).
 
 use std::cmp::Ordering;
 
@@ -62,6 +64,9 @@ pub(super) fn answer(
             }
             _ => None,
         };
+        if let Some(chunks) = &chunks {
+            node.listed.note(vol, &dir, &name, chunks);
+        }
         let wire = WireEntry {
             name,
             entry,

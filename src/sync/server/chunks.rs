@@ -1,5 +1,6 @@
 //! `GetChunks`: one frame per id asked, the chunk's bytes (read from a live file or a
-//! pack and checked: [`ReadFor::Peer`]) or `ChunkMissing`. The reads run on tokio's
+//! pack and checked: [`ReadFor::Peer`]; first where a listing found it,
+//! [`super::listed`]) or `ChunkMissing`. The reads run on tokio's
 //! blocking pool, a run of chunks at a time per request ([`READ_RUN`] bytes of frames,
 //! [`Node::read_run_for`]): a slow disk (or a file a local user swapped for something
 //! else) never holds an async worker thread, and a 64 KiB chunk does not cost two
@@ -47,6 +48,8 @@ pub(super) async fn send(
             .map(|v| v.id)
             .collect()
     });
+    // Where listings found the chunks, read there first.
+    let mut listed = node.listed.locations_of(&ids);
     // `held` keeps the request (the ids) until the answer ends; the loop holds the
     // frames written and not yet acknowledged.
     let request = std::mem::take(held);
@@ -60,17 +63,18 @@ pub(super) async fn send(
         let room = cost.bytes();
         let buffer = SPARE_RUNS.buffer(room);
         let (reader, holds) = (node.clone(), holds.clone());
-        let (run, buffer, rest) = tokio::task::spawn_blocking(move || {
+        let (run, buffer, rest, noted) = tokio::task::spawn_blocking(move || {
             let (holds, mut buffer) = (holds.as_deref(), buffer);
-            let run = reader.read_run_for(&mut ids, room, ReadFor::Peer { holds }, &mut buffer);
-            (run, buffer, ids)
+            let peer = ReadFor::Peer { holds };
+            let run = reader.read_run_for(&mut ids, room, peer, &listed, &mut buffer);
+            (run, buffer, ids, listed)
         })
         .await
         .map_err(|e| ProtocolError::Refused {
             code: ErrorCode::Internal,
             message: format!("reading chunks: {e}"),
         })?;
-        ids = rest;
+        (ids, listed) = (rest, noted);
         // The run's chunks are slices of this one buffer, sent without a copy; it is
         // held, and stays reserved, until the requester has acknowledged all of them.
         let allocated = buffer.capacity();

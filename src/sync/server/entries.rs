@@ -1,6 +1,7 @@
 //! `GetEntries`: the children of a directory in a name range, tombstones included, with
 //! each child directory's sync hash and each small file's chunk list; at most one
-//! response's worth, `more` set when names in the range remain.
+//! response's worth, `more` set when names in the range remain. Where the chunks
+//! of the listed lists are is noted for the requests that follow ([`super::listed`]).
 
 use super::{internal, volume_id};
 use crate::chunking::ChunkRef;
@@ -59,6 +60,9 @@ pub(super) fn answer(
             }
             _ => None,
         };
+        if let Some(chunks) = &chunks {
+            node.listed.note(vol, dir, &name, chunks);
+        }
         let wire = WireEntry {
             name,
             entry,

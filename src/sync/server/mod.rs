@@ -10,7 +10,8 @@
 //! `serve_stream` reads the one request of a stream and checks that the connection
 //! began with `Hello`; each request then has its own handler, in the manner of
 //! mini-redis's `cmd/`: `hello.rs`, `notify.rs`, `dir.rs`, `entries.rs`,
-//! `changes.rs`, `chunk_list.rs`, `chunks.rs`.
+//! `changes.rs`, `chunk_list.rs`, `chunks.rs` (with `listed.rs`, what the listings
+//! tell the chunk requests that follow them).
 
 pub mod budget;
 mod changes;
@@ -19,6 +20,7 @@ mod chunks;
 mod dir;
 mod entries;
 mod hello;
+mod listed;
 mod notify;
 mod revocations;
 
@@ -29,6 +31,7 @@ use s2n_quic::Connection;
 use s2n_quic::stream::{ReceiveStream, SendStream};
 
 pub use budget::{Budget, Reserved};
+pub use listed::ListedChunks;
 
 use super::Node;
 use crate::identity::Proven;
