@@ -65,7 +65,8 @@ pub(super) fn answer(
             _ => None,
         };
         if let Some(chunks) = &chunks {
-            node.listed.note(vol, &dir, &name, chunks);
+            let noted_dir = std::sync::Arc::new(dir.clone());
+            node.listed.note(vol, &noted_dir, &name, chunks);
         }
         let wire = WireEntry {
             name,

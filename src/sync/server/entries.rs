@@ -26,6 +26,8 @@ pub(super) fn answer(
     let mut entries = Vec::new();
     let mut bytes = 0;
     let mut more = false;
+    // The directory of every note this answer makes, shared by them.
+    let noted_dir = std::sync::Arc::new(dir.clone());
     let mut lists = node
         .store
         .chunk_lists_from(vol, dir, start, MAX_INLINE_CHUNKS)
@@ -61,7 +63,7 @@ pub(super) fn answer(
             _ => None,
         };
         if let Some(chunks) = &chunks {
-            node.listed.note(vol, dir, &name, chunks);
+            node.listed.note(vol, &noted_dir, &name, chunks);
         }
         let wire = WireEntry {
             name,

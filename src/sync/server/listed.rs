@@ -16,12 +16,12 @@
 //! note only what it may hold ([`crate::sync::transfer::ReadFor::Peer`]), so the notes
 //! are kept once for the node, whoever was listed what: their memory is a constant of
 //! the node (at most [`MAX_NOTED`] notes and [`MAX_NOTED_PATH_BYTES`] of their paths,
-//! about 3 MiB), not of its connections. Only chunks of at most [`NOTED_CHUNK_MAX`]
+//! about half a MiB), not of its connections. Only chunks of at most [`NOTED_CHUNK_MAX`]
 //! bytes are noted: hashing one costs less than the lookups it saves. The oldest notes
 //! go first.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::chunking::ChunkRef;
 use crate::ids::{ChunkId, VolumeId};
@@ -33,15 +33,15 @@ use crate::store::codec::Extent;
 /// index lookups it replaces take.
 pub(super) const NOTED_CHUNK_MAX: u32 = 16 << 10;
 
-/// Chunks noted at most: two full `Entries` answers of single-chunk files, so the
-/// chunks of one answer are still here while the requester lists the next. About 290
-/// bytes each at most: a slot of the map (id and location, 104 bytes, the map at
-/// least a little over half full), one of the queue (32, its capacity at most twice
-/// its length) and the path's two allocations (32 each, at their shortest).
-const MAX_NOTED: usize = 8192;
+/// Chunks noted at most: a full `Entries` answer of single-chunk files. About 130
+/// bytes each: a slot of the map (key and note, 56 bytes, the map at least a little
+/// over half full), one of the queue (8, its capacity at most twice its length) and
+/// the name's allocation (32 at its shortest); the directory is shared by the notes of
+/// one listing.
+const MAX_NOTED: usize = 4096;
 
 /// Path bytes (directory and name) noted at most, whatever the paths' lengths.
-const MAX_NOTED_PATH_BYTES: usize = 512 << 10;
+const MAX_NOTED_PATH_BYTES: usize = 256 << 10;
 
 /// The chunk locations listings noted.
 #[derive(Default)]
@@ -49,19 +49,41 @@ pub struct ListedChunks {
     noted: Mutex<Noted>,
 }
 
+/// Notes by the first 8 bytes of their chunk's id: two ids that share them (which
+/// only someone who made them so would find) share a note, and the chunk whose note
+/// it is not fails its hash check there and is looked up in the index.
 #[derive(Default)]
 struct Noted {
-    by_id: HashMap<ChunkId, ChunkLocation>,
-    /// Ids in the order they were noted, the oldest first (an id noted again keeps its
+    by_key: HashMap<u64, Note>,
+    /// Keys in the order they were noted, the oldest first (a key noted again keeps its
     /// first place).
-    order: VecDeque<ChunkId>,
+    order: VecDeque<u64>,
     path_bytes: usize,
+}
+
+struct Note {
+    vol: VolumeId,
+    dir: Arc<VolPath>,
+    name: Box<[u8]>,
+    extent: Extent,
+}
+
+impl Note {
+    fn path_bytes(&self) -> usize {
+        self.dir.as_bytes().len() + self.name.len()
+    }
+}
+
+fn key(id: &ChunkId) -> u64 {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&id.as_bytes()[..8]);
+    u64::from_le_bytes(first)
 }
 
 impl ListedChunks {
     /// Notes where the chunks of the file `dir/name` of volume `vol` are, by its chunk
     /// list (read with its entry for a listing).
-    pub(super) fn note(&self, vol: VolumeId, dir: &VolPath, name: &[u8], chunks: &[ChunkRef]) {
+    pub(super) fn note(&self, vol: VolumeId, dir: &Arc<VolPath>, name: &[u8], chunks: &[ChunkRef]) {
         let Ok(mut noted) = self.noted.lock() else {
             return;
         };
@@ -75,50 +97,52 @@ impl ListedChunks {
             if chunk.len > NOTED_CHUNK_MAX {
                 continue;
             }
-            let location = ChunkLocation::Live {
+            let note = Note {
                 vol,
                 dir: dir.clone(),
-                name: name.to_vec(),
+                name: name.into(),
                 extent,
             };
-            noted.insert(chunk.id, location);
+            noted.insert(key(&chunk.id), note);
         }
     }
 
-    /// The noted locations of those of `ids` that were noted.
+    /// Where those of `ids` that were noted may be.
     pub(super) fn locations_of(&self, ids: &[ChunkId]) -> HashMap<ChunkId, ChunkLocation> {
         let Ok(noted) = self.noted.lock() else {
             return HashMap::new();
         };
         ids.iter()
-            .filter_map(|id| Some((*id, noted.by_id.get(id)?.clone())))
+            .filter_map(|id| {
+                let note = noted.by_key.get(&key(id))?;
+                let location = ChunkLocation::Live {
+                    vol: note.vol,
+                    dir: VolPath::clone(&note.dir),
+                    name: note.name.to_vec(),
+                    extent: note.extent,
+                };
+                Some((*id, location))
+            })
             .collect()
     }
 }
 
 impl Noted {
-    fn insert(&mut self, id: ChunkId, location: ChunkLocation) {
-        let bytes = path_bytes(&location);
-        match self.by_id.insert(id, location) {
-            Some(old) => self.path_bytes -= path_bytes(&old),
-            None => self.order.push_back(id),
+    fn insert(&mut self, key: u64, note: Note) {
+        let bytes = note.path_bytes();
+        match self.by_key.insert(key, note) {
+            Some(old) => self.path_bytes -= old.path_bytes(),
+            None => self.order.push_back(key),
         }
         self.path_bytes += bytes;
         while self.order.len() > MAX_NOTED || self.path_bytes > MAX_NOTED_PATH_BYTES {
             let Some(oldest) = self.order.pop_front() else {
                 break;
             };
-            if let Some(old) = self.by_id.remove(&oldest) {
-                self.path_bytes -= path_bytes(&old);
+            if let Some(old) = self.by_key.remove(&oldest) {
+                self.path_bytes -= old.path_bytes();
             }
         }
-    }
-}
-
-fn path_bytes(location: &ChunkLocation) -> usize {
-    match location {
-        ChunkLocation::Live { dir, name, .. } => dir.as_bytes().len() + name.len(),
-        ChunkLocation::Pack { .. } => 0,
     }
 }
 
@@ -143,7 +167,7 @@ mod tests {
     #[test]
     fn a_file_s_small_chunks_are_noted_at_their_offsets_and_large_ones_are_not() {
         let listed = ListedChunks::default();
-        let dir = VolPath::parse(b"photos").unwrap();
+        let dir = Arc::new(VolPath::parse(b"photos").unwrap());
         let chunks = [chunk(1, 100), chunk(2, NOTED_CHUNK_MAX + 1), chunk(3, 50)];
         listed.note(VolumeId(1), &dir, b"a.jpg", &chunks);
         let at = |offset, len| Some((b"a.jpg".to_vec(), Extent { offset, len }));
@@ -158,13 +182,13 @@ mod tests {
 
     #[test]
     fn a_note_takes_the_bytes_the_bound_counts() {
-        assert!(std::mem::size_of::<(ChunkId, ChunkLocation)>() <= 104);
+        assert!(std::mem::size_of::<(u64, Note)>() <= 56);
     }
 
     #[test]
     fn the_oldest_notes_go_first_by_count_and_by_path_bytes() {
         let listed = ListedChunks::default();
-        let dir = VolPath::root();
+        let dir = Arc::new(VolPath::root());
         let ids: Vec<ChunkId> = (0..MAX_NOTED + 10)
             .map(|n| ChunkId::of(&n.to_le_bytes()))
             .collect();
@@ -178,14 +202,14 @@ mod tests {
 
         let long = vec![b'n'; 255];
         let component = vec![b'd'; 250];
-        let dir = VolPath::parse(&[&component[..]; 12].join(&b'/')).unwrap();
+        let dir = Arc::new(VolPath::parse(&[&component[..]; 12].join(&b'/')).unwrap());
         for id in &ids[..1000] {
             listed.note(VolumeId(1), &dir, &long, &[ChunkRef { id: *id, len: 10 }]);
         }
         let noted = listed.noted.lock().unwrap();
         assert!(noted.path_bytes <= MAX_NOTED_PATH_BYTES);
-        let counted: usize = noted.by_id.values().map(path_bytes).sum();
+        let counted: usize = noted.by_key.values().map(Note::path_bytes).sum();
         assert_eq!(noted.path_bytes, counted);
-        assert!(noted.by_id.len() < 1000 && noted.by_id.len() == noted.order.len());
+        assert!(noted.by_key.len() < 1000 && noted.by_key.len() == noted.order.len());
     }
 }
