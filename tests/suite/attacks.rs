@@ -75,6 +75,35 @@ fn a_shoal_symlink_at_the_volume_root_never_sends_staging_outside_the_volume() {
     victim_is_healthy_and_verifies(&mut cluster);
 }
 
+/// Starts node 0 and waits for its first scan; then a member connects to it.
+fn scanned_with_a_member(cluster: &mut Cluster) -> HostileClient {
+    cluster.start(0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while cluster.root(0).is_none() {
+        assert!(std::time::Instant::now() < deadline, "node 0 never scanned");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    HostileClient::connect(
+        &cluster.credentials[0],
+        &cluster.ip(1),
+        &format!("{}:7029", cluster.ip(0)),
+        "vol",
+    )
+}
+
+/// What a local user does to an indexed file: puts a FIFO in its place.
+fn plant_fifo(path: &std::path::Path) {
+    fs::remove_file(path).unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+}
+
 #[test]
 fn a_fifo_planted_in_place_of_an_indexed_file_does_not_hang_the_node() {
     let mut cluster = Cluster::new(1);
@@ -88,29 +117,9 @@ fn a_fifo_planted_in_place_of_an_indexed_file_does_not_hang_the_node() {
         .chunk_reader(&content[..])
         .unwrap()
         .chunks;
-    cluster.start(0);
+    let peer = scanned_with_a_member(&mut cluster);
     let http = format!("{}:7030", cluster.ip(0));
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while cluster.root(0).is_none() {
-        assert!(std::time::Instant::now() < deadline, "node 0 never scanned");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-
-    fs::remove_file(&file).unwrap();
-    rustix::fs::mknodat(
-        rustix::fs::CWD,
-        &file,
-        rustix::fs::FileType::Fifo,
-        rustix::fs::Mode::from_raw_mode(0o644),
-        0,
-    )
-    .unwrap();
-    let peer = HostileClient::connect(
-        &cluster.credentials[0],
-        &cluster.ip(1),
-        &format!("{}:7029", cluster.ip(0)),
-        "vol",
-    );
+    plant_fifo(&file);
     let ids: Vec<_> = chunks.iter().map(|c| c.id).collect();
     // More requests than the node has worker threads: each would block one in `open`.
     peer.fire(vec![Request::GetChunks { ids: ids.clone() }; 64]);
@@ -157,18 +166,7 @@ fn a_listed_file_swapped_before_its_chunks_are_asked_for_is_not_served() {
         fs::write(cluster.vol(0).join(name), &content).unwrap();
     }
     fs::write(cluster.vol(0).join("b.bin"), &other).unwrap();
-    cluster.start(0);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while cluster.root(0).is_none() {
-        assert!(std::time::Instant::now() < deadline, "node 0 never scanned");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let peer = HostileClient::connect(
-        &cluster.credentials[0],
-        &cluster.ip(1),
-        &format!("{}:7029", cluster.ip(0)),
-        "vol",
-    );
+    let peer = scanned_with_a_member(&mut cluster);
     let listing = peer.request(&Request::GetEntries {
         volume: "vol".into(),
         dir: shoal::pathname::VolPath::root(),
@@ -203,16 +201,7 @@ fn a_listed_file_swapped_before_its_chunks_are_asked_for_is_not_served() {
     };
 
     // The place the listing noted last for `id` (d.bin) is now a FIFO: served from a.bin.
-    let d = cluster.vol(0).join("d.bin");
-    fs::remove_file(&d).unwrap();
-    rustix::fs::mknodat(
-        rustix::fs::CWD,
-        &d,
-        rustix::fs::FileType::Fifo,
-        rustix::fs::Mode::from_raw_mode(0o644),
-        0,
-    )
-    .unwrap();
+    plant_fifo(&cluster.vol(0).join("d.bin"));
     assert_eq!(chunk(id), Some(content.clone()));
 
     // b.bin rewritten with other bytes of its length and scanned: its stamp in the
@@ -643,18 +632,7 @@ fn chunk_list_pages_asked_for_are_increasing_and_bounded() {
         .unwrap();
     let pages = shoal::chunking::chunk_list_pages(&chunked.chunks).len() as u32;
     assert!(pages >= 2, "{pages} pages");
-    cluster.start(0);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while cluster.root(0).is_none() {
-        assert!(std::time::Instant::now() < deadline, "node 0 never scanned");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let peer = HostileClient::connect(
-        &cluster.credentials[0],
-        &cluster.ip(1),
-        &format!("{}:7029", cluster.ip(0)),
-        "vol",
-    );
+    let peer = scanned_with_a_member(&mut cluster);
     let ask = |pages: Vec<u32>| Request::GetChunkList {
         volume: "vol".into(),
         path: shoal::pathname::VolPath::parse(b"big.bin").unwrap(),
