@@ -101,39 +101,28 @@ impl Node {
         let mut used = 0;
         let mut reads = self.store.chunk_reads();
         while let Some(&id) = ids.front() {
-            let hint = listed.get(&id);
-            let locations = match hint {
-                Some(_) => Vec::new(),
-                None => reads.locations(&id)?,
-            };
-            // Every copy of a chunk has its length.
-            let longest = hint
-                .into_iter()
-                .chain(&locations)
-                .map(|l| l.extent().len as usize)
-                .max()
-                .unwrap_or(0);
-            if !run.is_empty() && used + longest + CHUNK_FRAME_OVERHEAD > room {
-                break;
-            }
-            ids.pop_front();
+            let fits =
+                |len: u32| run.is_empty() || used + len as usize + CHUNK_FRAME_OVERHEAD <= room;
             let start = buffer.len();
-            // A listed location may be stale: hashed, never taken on a stamp.
-            let hashed = |_, _: &VolPath, _: &[u8]| Ok(None);
-            let mut found = match hint {
-                Some(hint) => {
-                    self.read_chunk_into(&id, vec![hint.clone()], hashed, reader, buffer)?
+            let mut found = false;
+            if let Some(noted) = listed.get(&id) {
+                if !fits(noted.extent().len) {
+                    break;
                 }
-                None => false,
-            };
+                // A noted location may be stale: hashed, never taken on a stamp.
+                let hashed = |_, _: &VolPath, _: &[u8]| Ok(None);
+                found = self.read_chunk_into(&id, vec![noted.clone()], hashed, reader, buffer)?;
+            }
             if !found {
-                let locations = match hint {
-                    Some(_) => reads.locations(&id)?,
-                    None => locations,
-                };
+                let locations = reads.locations(&id)?;
+                let longest = locations.iter().map(|l| l.extent().len).max();
+                if !fits(longest.unwrap_or(0)) {
+                    break;
+                }
                 let stamp = |vol, dir: &VolPath, name: &[u8]| reads.stamp(vol, dir, name);
                 found = self.read_chunk_into(&id, locations, stamp, reader, buffer)?;
             }
+            ids.pop_front();
             used += buffer.len() - start + CHUNK_FRAME_OVERHEAD;
             run.push((id, found.then_some(start..buffer.len())));
         }
