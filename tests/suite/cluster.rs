@@ -161,6 +161,23 @@ impl Cluster {
         self.children[i] = Some(command.spawn().unwrap());
     }
 
+    /// Starts node `i` and waits until it logs "serving": its first scan is over, so a
+    /// change made from here on is not seen by that scan (being connected is not enough:
+    /// a node connects while it scans).
+    pub fn start_and_wait_serving(&mut self, i: usize, timeout: Duration) {
+        let served = self.log(i).matches("serving").count();
+        self.start(i);
+        let deadline = Instant::now() + timeout;
+        while self.log(i).matches("serving").count() == served {
+            assert!(
+                Instant::now() < deadline,
+                "node {i} never served:\n{}",
+                tail(&self.log(i), 30)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn start_all(&mut self) {
         for i in 0..self.size {
             self.start(i);
@@ -314,7 +331,6 @@ impl Cluster {
         }
     }
 
-    /// Waits until the nodes' roots are equal and their trees on disk too.
     /// How many scans of node `i` found local changes (its "local changes" lines).
     pub fn scans_with_changes(&self, i: usize) -> usize {
         self.log(i).matches("local changes").count()
@@ -334,6 +350,7 @@ impl Cluster {
         }
     }
 
+    /// Waits until the nodes' roots are equal and their trees on disk too.
     pub fn wait_converged(&self, nodes: &[usize], timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
