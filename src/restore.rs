@@ -626,7 +626,8 @@ impl Restorer {
                 (staged.file, Temp::Staged(staged.temp_name), staged.resumed)
             }
         };
-        let missing = fill_from_local(&self.node, &file, &item.chunks, resumed, None)
+        let mut reads = self.node.store.chunk_reads();
+        let missing = fill_from_local(&self.node, &mut reads, &file, &item.chunks, resumed, None)
             .map_err(|e| e.to_string())?;
         Ok(Assembling {
             item,

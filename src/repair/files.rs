@@ -196,8 +196,16 @@ impl Repair<'_> {
         let file = Arc::new(staged.file.try_clone().map_err(io)?);
         // The damaged file's own chunks are the nearest copies of most of its content.
         let damaged = File::open(path.under(vol.fs.root_path())).ok();
-        let missing =
-            fill_from_local(&node, &file, &chunks, staged.resumed, damaged.as_ref()).map_err(io)?;
+        let mut reads = node.store.chunk_reads();
+        let missing = fill_from_local(
+            &node,
+            &mut reads,
+            &file,
+            &chunks,
+            staged.resumed,
+            damaged.as_ref(),
+        )
+        .map_err(io)?;
         targets.add_missing(&missing, &file);
         let shown = display.as_str();
         tracing::info!(volume, path = shown, problem = problem.name(), "restoring");

@@ -15,8 +15,8 @@ use crate::entry::{Causality, Entry, EntryKind};
 use crate::ids::NodeId;
 use crate::pathname::{VolPath, escape};
 use crate::protocol::{ListPart, MAX_LIST_CHUNKS, ProtocolError, Request, Response};
-use crate::store::Durability;
 use crate::store::versions::Why;
+use crate::store::{ChunkReads, Durability};
 use crate::sync::room::{Refused, Reservation};
 use crate::sync::transfer::{ChunkTargets, Missing, fetch_chunks, fill_from_local};
 use crate::sync::{Node, Peer, SyncError, request};
@@ -314,11 +314,14 @@ async fn stage_files(
     }
     let node = node.clone();
     tokio::task::spawn_blocking(move || {
+        // One view of the chunk index for the batch's local copies.
+        let mut reads = node.store.chunk_reads();
         files
             .into_iter()
             .map(|Listed { job, chunks, room }| {
                 let name = job.name.clone();
-                stage_job(&node, volume_index, job, chunks, None, room).map_err(|e| (name, e))
+                stage_job(&node, &mut reads, volume_index, job, chunks, None, room)
+                    .map_err(|e| (name, e))
             })
             .collect()
     })
@@ -648,6 +651,7 @@ impl Pull {
             let mut ready = Vec::new();
             // The directories files leave: their mtimes are put back too (dirty marks).
             let mut left = node.store.batch();
+            let mut reads = node.store.chunk_reads();
             for (job, source) in jobs.by_ref().take(self.batching.files) {
                 left.mark_dirty(node.volumes[self.volume_index].id, &source.dir);
                 self.moved(&source.dir);
@@ -659,7 +663,15 @@ impl Pull {
                     continue;
                 };
                 let name = escape(&job.name);
-                let staged = stage_job(&node, self.volume_index, job, chunks, Some(source), room);
+                let staged = stage_job(
+                    &node,
+                    &mut reads,
+                    self.volume_index,
+                    job,
+                    chunks,
+                    Some(source),
+                    room,
+                );
                 if let Ok(Prepared {
                     taken_from: Some(source),
                     ..
@@ -1311,6 +1323,7 @@ fn local_chunk_list(node: &Node, job: &FileJob) -> Result<Option<Vec<ChunkRef>>,
 /// is left for [`fetch_chunks`].
 fn stage_job(
     node: &Node,
+    reads: &mut ChunkReads<'_>,
     volume_index: usize,
     job: FileJob,
     chunks: Vec<ChunkRef>,
@@ -1361,7 +1374,8 @@ fn stage_job(
     };
     let io = |e: std::io::Error| SyncError::local(format!("staging {}", escape(&job.name)))(e);
     let file = Arc::new(staged.file().try_clone().map_err(io)?);
-    let missing = fill_from_local(node, &file, &chunks, staged.resumed(), None).map_err(io)?;
+    let missing =
+        fill_from_local(node, reads, &file, &chunks, staged.resumed(), None).map_err(io)?;
     Ok(Prepared {
         job,
         staged,
