@@ -275,61 +275,6 @@ impl VolumeFs {
         open_dir_at(&self.root, dir, create)
     }
 
-    /// Reads `extent` of the regular file at `path` and returns it if it is chunk `id`.
-    /// Anything else found under that name (a FIFO, a device, a symlink: planted by a
-    /// local user since the scan) is not read, and neither is an extent longer than any
-    /// chunk. Blocking: call it off the async worker threads.
-    ///
-    /// `indexed` is the stamp the file had when its chunks were hashed (by a scan, or
-    /// when a pull wrote it): if the file still has it, before and after the read,
-    /// nothing wrote to it since (a write moves the ctime, to a finer timestamp once the
-    /// old one was looked at) and the bytes are the chunk without hashing them again;
-    /// otherwise they are hashed and checked against `id`. (The receiver checks every
-    /// chunk against its id in any case.)
-    pub fn read_chunk(
-        &self,
-        path: &VolPath,
-        extent: Extent,
-        id: &ChunkId,
-        indexed: Option<&ScanStamp>,
-    ) -> Option<Vec<u8>> {
-        let mut data = Vec::new();
-        self.read_chunk_into(path, extent, id, indexed, &mut data)
-            .then_some(data)
-    }
-
-    /// [`VolumeFs::read_chunk`], appending the chunk to `out` (several chunks read into
-    /// one buffer); `false`, and `out` as it was, if it is not there intact.
-    pub fn read_chunk_into(
-        &self,
-        path: &VolPath,
-        extent: Extent,
-        id: &ChunkId,
-        indexed: Option<&ScanStamp>,
-        out: &mut Vec<u8>,
-    ) -> bool {
-        if extent.len > fastcdc::v2020::MAXIMUM_MAX {
-            return false;
-        }
-        let Some((parent, name)) = path.split_last() else {
-            return false;
-        };
-        let opened = self.open_dir(&parent, false).ok();
-        let Some((file, opened_as)) = opened.and_then(|dir| open_regular(&dir, name).ok()) else {
-            return false;
-        };
-        let is_indexed = |stat: &FileStat| indexed.is_some_and(|indexed| stat.stamp() == *indexed);
-        let start = out.len();
-        let before = is_indexed(&opened_as);
-        let read = read_append(&file, extent.len as usize, extent.offset, out).is_ok();
-        let after = || FileStat::of(&file).is_ok_and(|stat| is_indexed(&stat));
-        let intact = read && ((before && after()) || ChunkId::of(&out[start..]) == *id);
-        if !intact {
-            out.truncate(start);
-        }
-        intact
-    }
-
     /// Opens (or resumes) the staging file for `content` on its way to `dir/name`,
     /// `size` bytes long. The name depends on both, so two files with the same content
     /// never share a staging file, and a retried transfer finds its own.
@@ -930,6 +875,45 @@ impl VolumeFs {
     }
 }
 
+/// Appends `extent` of the regular file `name` in the open volume directory `dir` to
+/// `out` if it is chunk `id`; `false`, and `out` as it was, if it is not there intact.
+/// Anything else found under that name (a FIFO, a device, a symlink: planted by a
+/// local user since the scan) is not read, and neither is an extent longer than any
+/// chunk, nor a `name` that is not a single name. Blocking: call it off the async
+/// worker threads.
+///
+/// `indexed` is the stamp the file had when its chunks were hashed (by a scan, or when
+/// a pull wrote it): if the file still has it, before and after the read, nothing wrote
+/// to it since (a write moves the ctime, to a finer timestamp once the old one was
+/// looked at) and the bytes are the chunk without hashing them again; otherwise they
+/// are hashed and checked against `id`. (The receiver checks every chunk against its id
+/// in any case.)
+pub fn read_chunk_in(
+    dir: &impl AsFd,
+    name: &[u8],
+    extent: Extent,
+    id: &ChunkId,
+    indexed: Option<&ScanStamp>,
+    out: &mut Vec<u8>,
+) -> bool {
+    if extent.len > fastcdc::v2020::MAXIMUM_MAX || crate::pathname::validate_name(name).is_err() {
+        return false;
+    }
+    let Ok((file, opened_as)) = open_regular(dir, name) else {
+        return false;
+    };
+    let is_indexed = |stat: &FileStat| indexed.is_some_and(|indexed| stat.stamp() == *indexed);
+    let start = out.len();
+    let before = is_indexed(&opened_as);
+    let read = read_append(&file, extent.len as usize, extent.offset, out).is_ok();
+    let after = || FileStat::of(&file).is_ok_and(|stat| is_indexed(&stat));
+    let intact = read && ((before && after()) || ChunkId::of(&out[start..]) == *id);
+    if !intact {
+        out.truncate(start);
+    }
+    intact
+}
+
 /// Appends the `len` bytes at `offset` of `file` (opened for this read alone: it is
 /// moved to `offset`) to `out`, whose spare room the read fills without it being zeroed
 /// first.
@@ -1357,31 +1341,50 @@ mod tests {
     fn a_chunk_of_a_file_unchanged_since_indexing_is_read_on_its_stamp_and_hashed_otherwise() {
         let dir = tempfile::tempdir().unwrap();
         let fs = VolumeFs::open(dir.path()).unwrap();
-        let path = VolPath::parse(b"file").unwrap();
         std::fs::write(dir.path().join("file"), b"old content").unwrap();
         let root_fd = fs.open_dir(&VolPath::root(), false).unwrap();
         let indexed = fs.stat(&root_fd, b"file").unwrap().stamp();
         let extent = Extent { offset: 0, len: 3 };
+        let read = |id: &ChunkId, indexed: Option<&ScanStamp>| {
+            let mut out = b"before".to_vec();
+            let intact = read_chunk_in(&root_fd, b"file", extent, id, indexed, &mut out);
+            // Appended after what the buffer held, or nothing appended.
+            let read = out.split_off(6);
+            assert_eq!(out, b"before");
+            intact.then_some(read)
+        };
         let right = ChunkId::of(b"old");
         // An id the bytes do not hash to: only a read that trusts the stamp returns them.
         let other = ChunkId::of(b"something else");
-        assert_eq!(fs.read_chunk(&path, extent, &right, None).unwrap(), b"old");
-        assert_eq!(fs.read_chunk(&path, extent, &other, None), None);
-        assert_eq!(
-            fs.read_chunk(&path, extent, &other, Some(&indexed))
-                .unwrap(),
-            b"old"
-        );
+        assert_eq!(read(&right, None).unwrap(), b"old");
+        assert_eq!(read(&other, None), None);
+        // Not a single name (the same bytes one directory down), or longer than any
+        // chunk: not read at all.
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(dir.path().join("sub/file"), b"old content").unwrap();
+        let mut out = Vec::new();
+        assert!(!read_chunk_in(
+            &root_fd,
+            b"sub/file",
+            extent,
+            &right,
+            None,
+            &mut out
+        ));
+        let too_long = Extent {
+            offset: 0,
+            len: fastcdc::v2020::MAXIMUM_MAX + 1,
+        };
+        assert!(!read_chunk_in(
+            &root_fd, b"file", too_long, &right, None, &mut out
+        ));
+        assert_eq!(read(&other, Some(&indexed)).unwrap(), b"old");
         // Written since: its stamp moved (its size too, so that no clock's granularity
         // can hide the write), so its bytes are hashed again, and refused.
         std::fs::write(dir.path().join("file"), b"new, longer content").unwrap();
-        assert_eq!(fs.read_chunk(&path, extent, &right, Some(&indexed)), None);
-        assert_eq!(fs.read_chunk(&path, extent, &other, Some(&indexed)), None);
-        assert_eq!(
-            fs.read_chunk(&path, extent, &ChunkId::of(b"new"), Some(&indexed))
-                .unwrap(),
-            b"new"
-        );
+        assert_eq!(read(&right, Some(&indexed)), None);
+        assert_eq!(read(&other, Some(&indexed)), None);
+        assert_eq!(read(&ChunkId::of(b"new"), Some(&indexed)).unwrap(), b"new");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::fs::File;
 use std::io;
 use std::num::NonZeroU64;
 use std::ops::Range;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -30,7 +31,7 @@ use crate::protocol::{
 };
 use crate::store::codec::ScanStamp;
 use crate::store::{ChunkLocation, ChunkReads, StoreError, pack};
-use crate::volume_fs::{punch_hole, write_sparse};
+use crate::volume_fs::{VolumeFs, punch_hole, read_chunk_in, write_sparse};
 
 /// Chunk requests in flight (together with the files a pull prepares at once, well
 /// under the transport's stream limit).
@@ -55,7 +56,7 @@ pub enum ReadFor<'a> {
     Us,
     /// A peer, which checks every chunk it receives against its id: a live file still
     /// exactly as it was when its chunks were hashed (its stamp) is not hashed again
-    /// ([`crate::volume_fs::VolumeFs::read_chunk`]); anything else is. With `holds`
+    /// ([`crate::volume_fs::read_chunk_in`]); anything else is. With `holds`
     /// (the volumes the peer may hold, when it may not hold them all), only from live
     /// files of those volumes: a pack's copy belongs to no volume the peer can be shown
     /// to hold.
@@ -99,7 +100,8 @@ impl Node {
     ) -> Result<Option<Vec<u8>>, StoreError> {
         let mut data = Vec::new();
         let no_stamp = |_, _: &VolPath, _: &[u8]| Ok(None);
-        let found = self.read_chunk_into(id, locations, no_stamp, ReadFor::Us, &mut data)?;
+        let reader = (ReadFor::Us, &mut LastDir::default());
+        let found = self.read_chunk_into(id, locations, no_stamp, reader, &mut data)?;
         Ok(found.then_some(data))
     }
 
@@ -123,6 +125,7 @@ impl Node {
         let mut run = Vec::new();
         let mut used = 0;
         let mut reads = self.store.chunk_reads();
+        let mut last_dir = LastDir::default();
         while let Some(&id) = ids.front() {
             let fits =
                 |len: u32| run.is_empty() || used + len as usize + CHUNK_FRAME_OVERHEAD <= room;
@@ -134,7 +137,9 @@ impl Node {
                 }
                 // A noted location may be stale: hashed, never taken on a stamp.
                 let hashed = |_, _: &VolPath, _: &[u8]| Ok(None);
-                found = self.read_chunk_into(&id, vec![noted.clone()], hashed, reader, buffer)?;
+                let noted = vec![noted.clone()];
+                let reader = (reader, &mut last_dir);
+                found = self.read_chunk_into(&id, noted, hashed, reader, buffer)?;
             }
             if !found {
                 let locations = reads.locations(&id)?;
@@ -143,6 +148,7 @@ impl Node {
                     break;
                 }
                 let stamp = |vol, dir: &VolPath, name: &[u8]| reads.stamp(vol, dir, name);
+                let reader = (reader, &mut last_dir);
                 found = self.read_chunk_into(&id, locations, stamp, reader, buffer)?;
             }
             ids.pop_front();
@@ -161,7 +167,7 @@ impl Node {
         id: &ChunkId,
         locations: Vec<ChunkLocation>,
         stamp: impl Fn(VolumeId, &VolPath, &[u8]) -> Result<Option<ScanStamp>, StoreError>,
-        reader: ReadFor<'_>,
+        (reader, last_dir): (ReadFor<'_>, &mut LastDir),
         out: &mut Vec<u8>,
     ) -> Result<bool, StoreError> {
         let holds = match reader {
@@ -185,17 +191,16 @@ impl Node {
                     extent,
                 } => {
                     let volume = self.volumes.iter().find(|v| v.id == vol);
-                    let path = dir.join(&name).ok();
                     // What the file was when its chunks were hashed: unchanged since, it
                     // is not hashed again for a peer.
                     let indexed = match reader {
                         ReadFor::Us => None,
                         ReadFor::Peer { .. } => stamp(vol, &dir, &name)?,
                     };
-                    volume.zip(path).is_some_and(|(volume, path)| {
-                        volume
-                            .fs
-                            .read_chunk_into(&path, extent, id, indexed.as_ref(), out)
+                    volume.is_some_and(|volume| {
+                        last_dir.open(&volume.fs, vol, dir).is_some_and(|dir_fd| {
+                            read_chunk_in(dir_fd, &name, extent, id, indexed.as_ref(), out)
+                        })
                     })
                 }
                 ChunkLocation::Pack { pack, extent } => {
@@ -210,6 +215,28 @@ impl Node {
             }
         }
         Ok(false)
+    }
+}
+
+/// The directory the last chunk read from a live file was in, kept open for the next
+/// read: a run of chunks served is mostly of files in one directory (those a listing
+/// just named), and opening the directory beneath the volume (`openat2`) and closing it
+/// again for each was about a third of reading a small file's chunk. Kept for one run
+/// (one call off the async workers): a directory renamed meanwhile is still read
+/// through, and what is read there is checked as anywhere else (the file's stamp, or
+/// its hash), under the same volume-access rule.
+#[derive(Default)]
+struct LastDir(Option<(VolumeId, VolPath, OwnedFd)>);
+
+impl LastDir {
+    /// The directory `dir` of volume `vol` on `fs`, opened unless it was the last one.
+    fn open(&mut self, fs: &VolumeFs, vol: VolumeId, dir: VolPath) -> Option<&OwnedFd> {
+        if !matches!(&self.0, Some((v, d, _)) if *v == vol && *d == dir) {
+            self.0 = None;
+            let opened = fs.open_dir(&dir, false).ok()?;
+            self.0 = Some((vol, dir, opened));
+        }
+        self.0.as_ref().map(|(_, _, opened)| opened)
     }
 }
 
@@ -717,6 +744,31 @@ mod tests {
             .collect();
         asked.sort();
         asked
+    }
+
+    /// A run's reads in one directory open it once; another directory, or the same
+    /// path in another volume, is opened anew, and a directory that cannot be opened
+    /// leaves nothing cached.
+    #[test]
+    fn a_run_opens_each_directory_it_reads_in_once_in_a_row() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("d")).unwrap();
+        std::fs::create_dir_all(root.path().join("e")).unwrap();
+        let fs = VolumeFs::open(root.path()).unwrap();
+        let (vol, other_vol) = (VolumeId(1), VolumeId(2));
+        let d = VolPath::parse(b"d").unwrap();
+        let inode = |fd: &OwnedFd| rustix::fs::fstat(fd).unwrap().st_ino;
+        let mut last = LastDir::default();
+        let first = inode(last.open(&fs, vol, d.clone()).unwrap());
+        // Renamed away: the run still reads through the directory it opened.
+        std::fs::rename(root.path().join("d"), root.path().join("moved")).unwrap();
+        assert_eq!(inode(last.open(&fs, vol, d.clone()).unwrap()), first);
+        // The same path in another volume is another directory: opened anew (and gone).
+        assert!(last.open(&fs, other_vol, d.clone()).is_none());
+        assert!(last.0.is_none());
+        assert!(last.open(&fs, vol, d).is_none());
+        let e = VolPath::parse(b"e").unwrap();
+        assert_ne!(inode(last.open(&fs, vol, e).unwrap()), first);
     }
 
     #[test]
