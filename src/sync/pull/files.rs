@@ -50,8 +50,10 @@ enum Needs {
 enum Staging {
     /// A named staging file: resumable, or a local file moved there (a rename).
     Named(Staged),
-    /// An unnamed one, linked in under its name when published.
-    Unnamed(File),
+    /// An unnamed one, linked in under its name when published. Shared with the
+    /// fetches that fill it (a named one is duplicated for them instead): two system
+    /// calls fewer for each small file, a `dup` and its `close`.
+    Unnamed(Arc<File>),
 }
 
 impl Staging {
@@ -1355,7 +1357,7 @@ fn stage_job(
     };
     let (staged, taken_from) = match (moved, unnamed) {
         (Some(staged), _) => (Staging::Named(staged), source),
-        (None, Some(file)) => (Staging::Unnamed(file), None),
+        (None, Some(file)) => (Staging::Unnamed(Arc::new(file)), None),
         (None, None) => {
             let staged = volume.fs.stage(&expected, &job.dir, &job.name, size)?;
             // An older version of this file, left half-fetched, will not be wanted
@@ -1373,7 +1375,10 @@ fn stage_job(
         }
     };
     let io = |e: std::io::Error| SyncError::local(format!("staging {}", escape(&job.name)))(e);
-    let file = Arc::new(staged.file().try_clone().map_err(io)?);
+    let file = match &staged {
+        Staging::Unnamed(file) => file.clone(),
+        Staging::Named(named) => Arc::new(named.file.try_clone().map_err(io)?),
+    };
     let missing =
         fill_from_local(node, reads, &file, &chunks, staged.resumed(), None).map_err(io)?;
     Ok(Prepared {
