@@ -101,7 +101,7 @@ impl Node {
         let mut data = Vec::new();
         let no_stamp = |_, _: &VolPath, _: &[u8]| Ok(None);
         let reader = (ReadFor::Us, &mut LastDir::default());
-        let found = self.read_chunk_into(id, locations, no_stamp, reader, &mut data)?;
+        let found = self.read_chunk_into(id, &locations, no_stamp, reader, &mut data)?;
         Ok(found.then_some(data))
     }
 
@@ -137,7 +137,7 @@ impl Node {
                 }
                 // A noted location may be stale: hashed, never taken on a stamp.
                 let hashed = |_, _: &VolPath, _: &[u8]| Ok(None);
-                let noted = vec![noted.clone()];
+                let noted = std::slice::from_ref(noted);
                 let reader = (reader, &mut last_dir);
                 found = self.read_chunk_into(&id, noted, hashed, reader, buffer)?;
             }
@@ -149,7 +149,7 @@ impl Node {
                 }
                 let stamp = |vol, dir: &VolPath, name: &[u8]| reads.stamp(vol, dir, name);
                 let reader = (reader, &mut last_dir);
-                found = self.read_chunk_into(&id, locations, stamp, reader, buffer)?;
+                found = self.read_chunk_into(&id, &locations, stamp, reader, buffer)?;
             }
             ids.pop_front();
             used += buffer.len() - start + CHUNK_FRAME_OVERHEAD;
@@ -165,7 +165,7 @@ impl Node {
     fn read_chunk_into(
         &self,
         id: &ChunkId,
-        locations: Vec<ChunkLocation>,
+        locations: &[ChunkLocation],
         stamp: impl Fn(VolumeId, &VolPath, &[u8]) -> Result<Option<ScanStamp>, StoreError>,
         (reader, last_dir): (ReadFor<'_>, &mut LastDir),
         out: &mut Vec<u8>,
@@ -175,7 +175,7 @@ impl Node {
             ReadFor::Peer { holds } => holds,
         };
         for location in locations {
-            let allowed = match (&location, holds) {
+            let allowed = match (location, holds) {
                 (_, None) => true,
                 (ChunkLocation::Live { vol, .. }, Some(holds)) => holds.contains(vol),
                 (ChunkLocation::Pack { .. }, Some(_)) => false,
@@ -190,22 +190,22 @@ impl Node {
                     name,
                     extent,
                 } => {
-                    let volume = self.volumes.iter().find(|v| v.id == vol);
+                    let volume = self.volumes.iter().find(|v| v.id == *vol);
                     // What the file was when its chunks were hashed: unchanged since, it
                     // is not hashed again for a peer.
                     let indexed = match reader {
                         ReadFor::Us => None,
-                        ReadFor::Peer { .. } => stamp(vol, &dir, &name)?,
+                        ReadFor::Peer { .. } => stamp(*vol, dir, name)?,
                     };
                     volume.is_some_and(|volume| {
-                        last_dir.open(&volume.fs, vol, dir).is_some_and(|dir_fd| {
-                            read_chunk_in(dir_fd, &name, extent, id, indexed.as_ref(), out)
+                        last_dir.open(&volume.fs, *vol, dir).is_some_and(|dir_fd| {
+                            read_chunk_in(dir_fd, name, *extent, id, indexed.as_ref(), out)
                         })
                     })
                 }
                 ChunkLocation::Pack { pack, extent } => {
-                    let path = self.store.packs_dir().join(pack::pack_file_name(pack));
-                    pack::read_chunk(&path, extent, id)
+                    let path = self.store.packs_dir().join(pack::pack_file_name(*pack));
+                    pack::read_chunk(&path, *extent, id)
                         .map(|data| out.extend_from_slice(&data))
                         .is_ok()
                 }
@@ -230,11 +230,11 @@ struct LastDir(Option<(VolumeId, VolPath, OwnedFd)>);
 
 impl LastDir {
     /// The directory `dir` of volume `vol` on `fs`, opened unless it was the last one.
-    fn open(&mut self, fs: &VolumeFs, vol: VolumeId, dir: VolPath) -> Option<&OwnedFd> {
-        if !matches!(&self.0, Some((v, d, _)) if *v == vol && *d == dir) {
+    fn open(&mut self, fs: &VolumeFs, vol: VolumeId, dir: &VolPath) -> Option<&OwnedFd> {
+        if !matches!(&self.0, Some((v, d, _)) if *v == vol && d == dir) {
             self.0 = None;
-            let opened = fs.open_dir(&dir, false).ok()?;
-            self.0 = Some((vol, dir, opened));
+            let opened = fs.open_dir(dir, false).ok()?;
+            self.0 = Some((vol, dir.clone(), opened));
         }
         self.0.as_ref().map(|(_, _, opened)| opened)
     }
@@ -759,16 +759,16 @@ mod tests {
         let d = VolPath::parse(b"d").unwrap();
         let inode = |fd: &OwnedFd| rustix::fs::fstat(fd).unwrap().st_ino;
         let mut last = LastDir::default();
-        let first = inode(last.open(&fs, vol, d.clone()).unwrap());
+        let first = inode(last.open(&fs, vol, &d).unwrap());
         // Renamed away: the run still reads through the directory it opened.
         std::fs::rename(root.path().join("d"), root.path().join("moved")).unwrap();
-        assert_eq!(inode(last.open(&fs, vol, d.clone()).unwrap()), first);
+        assert_eq!(inode(last.open(&fs, vol, &d).unwrap()), first);
         // The same path in another volume is another directory: opened anew (and gone).
-        assert!(last.open(&fs, other_vol, d.clone()).is_none());
+        assert!(last.open(&fs, other_vol, &d).is_none());
         assert!(last.0.is_none());
-        assert!(last.open(&fs, vol, d).is_none());
+        assert!(last.open(&fs, vol, &d).is_none());
         let e = VolPath::parse(b"e").unwrap();
-        assert_ne!(inode(last.open(&fs, vol, e).unwrap()), first);
+        assert_ne!(inode(last.open(&fs, vol, &e).unwrap()), first);
     }
 
     #[test]

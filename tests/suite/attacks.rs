@@ -77,12 +77,7 @@ fn a_shoal_symlink_at_the_volume_root_never_sends_staging_outside_the_volume() {
 
 /// Starts node 0 and waits for its first scan; then a member connects to it.
 fn scanned_with_a_member(cluster: &mut Cluster) -> HostileClient {
-    cluster.start(0);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while cluster.root(0).is_none() {
-        assert!(std::time::Instant::now() < deadline, "node 0 never scanned");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    cluster.start_and_wait_serving(0, Duration::from_secs(30));
     HostileClient::connect(
         &cluster.credentials[0],
         &cluster.ip(1),
