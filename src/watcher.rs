@@ -38,6 +38,7 @@
 //! one whose path is too long for the kernel is left alone (nothing under it can sync),
 //! any other is taken for lost events.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -136,6 +137,7 @@ impl VolumeWatcher {
             root: root.to_path_buf(),
             tx,
             overflow: overflow.clone(),
+            gathered: Cell::new(None),
         };
         // Never through a symlink: one pointing at `/` would watch the whole machine, and
         // what happens there is not the volume's. Opening and reading change nothing:
@@ -220,15 +222,27 @@ fn path_too_long(error: &notify::Error) -> bool {
     matches!(&error.kind, notify::ErrorKind::Io(e) if e.kind() == std::io::ErrorKind::InvalidFilename)
 }
 
-/// Runs on notify's thread: filters and translates events, never blocks.
+/// How long the watcher's thread waits at the first event after a quiet spell before
+/// it reads on, so that the rest of a burst is read together instead of waking the
+/// thread (and the volume's task it sends to) a few events at a time. A pull places
+/// hundreds of files a batch, an event each: those wake-ups preempted its placing
+/// threads at about one `linkat` in 25 on an initial `small` (docs/BENCHMARKS.md). The
+/// debounce window is 40 times as long; the kernel queues 16,384 events by default.
+const GATHER: Duration = Duration::from_millis(5);
+
+/// Runs on notify's thread: filters and translates events; blocks only to gather a
+/// burst ([`GATHER`]).
 struct EventHandler {
     root: PathBuf,
     tx: mpsc::Sender<Signal>,
     overflow: Arc<Notify>,
+    /// When the last wait to gather a burst ended.
+    gathered: Cell<Option<Instant>>,
 }
 
 impl EventHandler {
     fn handle(&self, event: notify::Result<notify::Event>) {
+        self.gather();
         let event = match event {
             Ok(event) => event,
             Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
@@ -266,6 +280,17 @@ impl EventHandler {
             if let Some(path) = self.volume_path(path) {
                 self.send(Signal::Changed { path, change });
             }
+        }
+    }
+
+    /// Waits [`GATHER`] at an event that comes that long or more after the last wait
+    /// ended: the events of a burst queue up in the kernel meanwhile, and notify's
+    /// thread then reads them in a few reads, not one wake-up each.
+    fn gather(&self) {
+        let quiet = |since: Instant| since.elapsed() >= GATHER;
+        if self.gathered.get().is_none_or(quiet) {
+            std::thread::sleep(GATHER);
+            self.gathered.set(Some(Instant::now()));
         }
     }
 
