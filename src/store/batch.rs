@@ -37,6 +37,11 @@ impl Store {
     /// [`StoreError::LowSpace`] (nothing written) while the state directory has less than
     /// [`crate::space::STATE_WRITE_RESERVE`] free.
     pub fn write(&self, batch: Batch<'_>, durability: Durability) -> Result<(), StoreError> {
+        self.write_sealed(batch.seal(), durability)
+    }
+
+    /// [`Store::write`] for a batch sealed earlier ([`Batch::seal`]).
+    pub fn write_sealed(&self, batch: Sealed, durability: Durability) -> Result<(), StoreError> {
         Self::ensure_room(&self.state_dir, crate::space::STATE_WRITE_RESERVE)?;
         let options = match durability {
             Durability::Durable => durable(),
@@ -76,6 +81,13 @@ pub struct Batch<'s> {
     last_dirty: Option<Vec<u8>>,
 }
 
+/// A batch with every change gathered, borrowing nothing: written later, perhaps by
+/// another thread, with [`Store::write_sealed`].
+pub struct Sealed {
+    wb: WriteBatch,
+    changed: Vec<Changed>,
+}
+
 /// One entry write of a batch, to number in its volume's change feed.
 pub(super) struct Changed {
     pub(super) vol: VolumeId,
@@ -86,6 +98,14 @@ pub(super) struct Changed {
 }
 
 impl Batch<'_> {
+    /// The changes gathered so far, to write later ([`Store::write_sealed`]).
+    pub fn seal(self) -> Sealed {
+        Sealed {
+            wb: self.wb,
+            changed: self.changed,
+        }
+    }
+
     /// Number of operations queued (to bound batch size).
     pub fn len(&self) -> usize {
         self.ops

@@ -21,7 +21,7 @@ pub mod keys;
 pub mod pack;
 pub mod versions;
 
-pub use batch::{Batch, Durability};
+pub use batch::{Batch, Durability, Sealed};
 pub use busy::{BUSY_PACK_AGE, BUSY_PACK_BYTES};
 pub use chunks::{ChunkLocation, ChunkReads};
 pub use collect::{CrashPoint, PackVerdict, Rewrite};

@@ -23,8 +23,9 @@ pub struct Volume {
     pub id: VolumeId,
     pub fs: VolumeFs,
     /// Held by whoever changes the volume's index (a scan, or applying a pull), so the
-    /// two never interleave.
-    pub lock: tokio::sync::Mutex<()>,
+    /// two never interleave. Shared: a pull's batch holds it on another thread while
+    /// its directories are synced and its index write made.
+    pub lock: Arc<tokio::sync::Mutex<()>>,
     /// Files received from peers keep their setuid/setgid bits (the volume opted in).
     pub keep_setid: bool,
     /// Room on the volume's file system for what pulls stage.
@@ -61,7 +62,7 @@ impl Volume {
             name: name.to_string(),
             id: record.id,
             fs,
-            lock: tokio::sync::Mutex::new(()),
+            lock: Arc::new(tokio::sync::Mutex::new(())),
             keep_setid: false,
             room: super::room::Room::default(),
             scanning: super::state::ScanActivity::default(),

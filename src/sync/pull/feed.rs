@@ -72,8 +72,7 @@ impl Pull {
             if !entries.is_empty() {
                 tracing::debug!(peer = %self.peer.addr, volume = %self.volume().name, "{} changes from feed", entries.len());
             }
-            let node = self.node.clone();
-            let guard = node.volumes[self.volume_index].lock.lock().await;
+            let guard = self.lock_volume().await;
             let decided = entries.into_iter().try_for_each(|(dir, mut wire)| {
                 // Nothing to descend into: the change itself is what this round takes.
                 wire.subtree = None;

@@ -3,10 +3,11 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 
 use s2n_quic::connection::Handle;
+use tokio::sync::OwnedMutexGuard;
 use tokio::task::JoinSet;
 
 use super::{Deferred, PUBLISH_BATCH, Pull, Spawned};
@@ -618,16 +619,30 @@ impl Pull {
         }
     }
 
-    /// Publishes every batch still staging or flushing (also after a failed round:
-    /// what was fetched is kept).
+    /// Publishes every batch still staging or flushing, and waits for the last one's
+    /// index write (also after a failed round: what was fetched is kept).
     pub(super) async fn settle_batches(&mut self) -> Result<(), SyncError> {
-        if let Some(staging) = self.staging.take() {
-            self.flush_staged_batch(staging).await?;
-        }
-        self.publish_flushing().await
+        let staged = match self.staging.take() {
+            // On failure, what was flushing is published all the same.
+            Some(staging) => self.flush_staged_batch(staging).await,
+            None => Ok(()),
+        };
+        let published = self.publish_flushing().await;
+        let indexed = self.indexed().await;
+        staged.and(published).and(indexed)
     }
 
-    /// Publishes a batch once its flush is done, under the volume lock.
+    /// Waits for the batch being indexed, if there is one.
+    async fn indexed(&mut self) -> Result<(), SyncError> {
+        match self.indexing.take() {
+            Some(indexing) => indexing.done().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Publishes a batch once its flush is done: placed under the volume lock, then
+    /// indexed on the blocking pool ([`Indexing`]), still under it, while the walk goes
+    /// on. The batch before it is indexed first: index writes stay in order.
     async fn publish_flushed(&mut self, flushing: Flushing) -> Result<(), SyncError> {
         let waited = std::time::Instant::now();
         let ready = flushing.done().await?;
@@ -635,9 +650,13 @@ impl Pull {
             waited_ms = waited.elapsed().as_millis() as u64,
             "waited for a batch to flush"
         );
-        let node = self.node.clone();
-        let _guard = node.volumes[self.volume_index].lock.lock().await;
-        off_async_worker(|| self.publish_durable(ready, Durability::Buffered))
+        self.indexed().await?;
+        let lock = self.volume().lock.clone().lock_owned().await;
+        let placed = off_async_worker(|| self.place_batch(ready, Durability::Buffered))?;
+        if let Some(placed) = placed {
+            self.indexing = Some(Indexing::start(&self.node, Arc::new(lock), placed));
+        }
+        Ok(())
     }
 
     /// Takes the files whose content a local file about to be deleted holds (the other
@@ -792,11 +811,16 @@ impl Pull {
     /// volume lock.
     fn publish(&mut self, ready: Vec<ReadyFile>) -> Result<(), SyncError> {
         flush_staged(&self.node, self.volume_index, &ready)?;
-        self.publish_durable(ready, Durability::Durable)
+        match self.place_batch(ready, Durability::Durable)? {
+            Some(placed) => placed.index(&self.node),
+            None => Ok(()),
+        }
     }
 
-    /// Makes a batch of assembled files, their content flushed already, visible, then
-    /// indexes them. Runs under the volume lock.
+    /// Renames a batch of assembled files, their content flushed already, into place
+    /// and gathers their index write, which [`PlacedBatch::index`] makes once their
+    /// directories are synced. Runs under the volume lock, held until that write too.
+    /// `None` for an empty batch.
     ///
     /// The index write waits for the disk only where `index` asks, or where the batch
     /// kept versions of the files it replaced (a record lost would lose the version).
@@ -804,13 +828,13 @@ impl Pull {
     /// power loss leaves on disk (schema/store.md, "Sync"), and the next durable write
     /// (the next batch's records, the round's feed mark) takes the index write to disk
     /// with it: one log `fsync` per batch instead of two.
-    fn publish_durable(
+    fn place_batch(
         &mut self,
         ready: Vec<ReadyFile>,
         index: Durability,
-    ) -> Result<(), SyncError> {
+    ) -> Result<Option<PlacedBatch>, SyncError> {
         if ready.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let node = self.node.clone();
         let vol = self.volume().id;
@@ -822,7 +846,7 @@ impl Pull {
         }
         // The versions the batch replaces are kept before the renames take them: their
         // chunks durable in a version pack (one fsync for the batch), their records
-        // written with the index write below.
+        // written with the index write.
         let mut kept = node.store.kept_chunks();
         let mut versions = Vec::with_capacity(ready.len());
         for file in &ready {
@@ -882,31 +906,6 @@ impl Pull {
                 }
             }
         }
-        let placed = started.elapsed();
-        for dir_fd in dirs.values() {
-            crate::volume_fs::VolumeFs::fsync_dir(dir_fd)?;
-        }
-        let dirs_synced = started.elapsed() - placed;
-        if node.faults.crash_before_indexing && !published.is_empty() {
-            tracing::warn!("FAULT INJECTION: dying after publishing, before indexing");
-            std::process::exit(99);
-        }
-        let index = match versions_kept {
-            true => Durability::Durable,
-            false => index,
-        };
-        node.store.write(batch, index)?;
-        node.volumes[self.volume_index].echoes.expect(echoes);
-        // The records are written: the packs they rely on may be collected again.
-        drop(kept);
-        tracing::debug!(
-            files = ready_count,
-            dirs = dirs.len(),
-            placed_ms = placed.as_millis() as u64,
-            dir_fsyncs_ms = dirs_synced.as_millis() as u64,
-            total_ms = started.elapsed().as_millis() as u64,
-            "batch published"
-        );
         // Before the lock goes: a scan must not take the renames for local changes.
         self.restore_moved_dir_mtimes()?;
         let count = published.len() as u64;
@@ -916,7 +915,102 @@ impl Pull {
             self.note_applied("file", path, size);
         }
         self.log_applied();
+        Ok(Some(PlacedBatch {
+            volume_index: self.volume_index,
+            batch: batch.seal(),
+            durability: match versions_kept {
+                true => Durability::Durable,
+                false => index,
+            },
+            dirs,
+            echoes,
+            kept,
+            any_placed: count > 0,
+            files: ready_count,
+            started,
+            placed: started.elapsed(),
+        }))
+    }
+}
+
+/// A batch renamed into place under the volume lock, its directories not synced and
+/// its index write not made yet ([`PlacedBatch::index`]).
+pub(super) struct PlacedBatch {
+    volume_index: usize,
+    batch: crate::store::Sealed,
+    durability: Durability,
+    /// The directories placed into, open.
+    dirs: HashMap<VolPath, OwnedFd>,
+    echoes: Vec<(VolPath, Option<crate::store::codec::ScanStamp>)>,
+    /// The version packs the batch's records rely on, pinned until they are written.
+    kept: crate::store::versions::KeptChunks,
+    any_placed: bool,
+    files: usize,
+    started: std::time::Instant,
+    placed: std::time::Duration,
+}
+
+impl PlacedBatch {
+    /// Syncs the batch's directories, then writes its index: in that order, so that an
+    /// index write a power loss keeps never names a file whose rename it lost. Runs
+    /// under the volume lock (a scan must not find the files placed but not indexed).
+    fn index(self, node: &Node) -> Result<(), SyncError> {
+        let synced = std::time::Instant::now();
+        for dir_fd in self.dirs.values() {
+            crate::volume_fs::VolumeFs::fsync_dir(dir_fd)?;
+        }
+        let dirs_synced = synced.elapsed();
+        if node.faults.crash_before_indexing && self.any_placed {
+            tracing::warn!("FAULT INJECTION: dying after publishing, before indexing");
+            std::process::exit(99);
+        }
+        node.store.write_sealed(self.batch, self.durability)?;
+        node.volumes[self.volume_index].echoes.expect(self.echoes);
+        // The records are written: the packs they rely on may be collected again.
+        drop(self.kept);
+        tracing::debug!(
+            files = self.files,
+            dirs = self.dirs.len(),
+            placed_ms = self.placed.as_millis() as u64,
+            dir_fsyncs_ms = dirs_synced.as_millis() as u64,
+            total_ms = self.started.elapsed().as_millis() as u64,
+            "batch published"
+        );
         Ok(())
+    }
+}
+
+/// A batch placed ([`PlacedBatch`]) whose directories are synced and index written on
+/// the blocking pool, under the volume lock, while the pull decides what comes next:
+/// it shares the lock meanwhile ([`Indexing::shared_lock`]), and no scan or other pull
+/// of the volume comes in between. A round abandoned lets it finish.
+pub(super) struct Indexing {
+    lock: Weak<OwnedMutexGuard<()>>,
+    task: tokio::task::JoinHandle<Result<(), SyncError>>,
+}
+
+impl Indexing {
+    fn start(node: &Arc<Node>, lock: Arc<OwnedMutexGuard<()>>, placed: PlacedBatch) -> Self {
+        let shared = Arc::downgrade(&lock);
+        let node = node.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let indexed = placed.index(&node);
+            drop(lock);
+            indexed
+        });
+        Indexing { lock: shared, task }
+    }
+
+    /// The volume lock this batch holds, while it still does.
+    pub(super) fn shared_lock(&self) -> Option<Arc<OwnedMutexGuard<()>>> {
+        self.lock.upgrade()
+    }
+
+    async fn done(self) -> Result<(), SyncError> {
+        self.task.await.map_err(|source| SyncError::Task {
+            what: "indexing",
+            source,
+        })?
     }
 }
 

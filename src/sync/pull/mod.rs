@@ -15,7 +15,9 @@
 //!    them, each chunk checked against its BLAKE3 id), assemble in staging, then publish
 //!    a batch: the files flushed (an `fsync` each for a few, one `syncfs` for many),
 //!    atomic renames, directory fsyncs, one durable index write. The next batch is
-//!    staged on a task of its own meanwhile, and the walk goes on to fill the one after.
+//!    staged on a task of its own meanwhile, and the walk goes on to fill the one after,
+//!    also while the batch's directories are synced and its index written (it shares
+//!    the volume lock the batch holds until then).
 //!    Other names of a hard-linked file are linked to their group's leader once the
 //!    round's files are in: transferred once, one inode as on the peer.
 //! 5. Before a file is replaced or deleted, the version there is kept ([`keep`]): its
@@ -170,6 +172,7 @@ pub async fn pull_volume(
         files: Vec::new(),
         flushing: None,
         staging: None,
+        indexing: None,
         batching: files::Batching::for_this_process(),
         links: Vec::new(),
         links_waiting: 0,
@@ -291,6 +294,9 @@ struct Pull {
     /// published at the round's end at the latest, also after a failure. A round
     /// abandoned drops it: aborted, what it wrote stays in staging, to be resumed.
     staging: Option<Spawned<files::StagedBatch>>,
+    /// The last batch published, its directories being synced and its index written
+    /// under the volume lock, which the walk shares meanwhile ([`Pull::lock_volume`]).
+    indexing: Option<files::Indexing>,
     /// How many files a batch takes, and whether the walk goes on while one stages
     /// (decided once per round).
     batching: files::Batching,
@@ -327,6 +333,21 @@ enum RemoteDir {
 impl Pull {
     fn volume(&self) -> &super::Volume {
         &self.node.volumes[self.volume_index]
+    }
+
+    /// The volume lock, to decide and apply a peer's answer under: shared with this
+    /// round's batch being indexed while it holds the lock (its names are not the
+    /// answer's, and scans and other pulls stay out all the same), taken otherwise.
+    /// Held until every holder drops it.
+    async fn lock_volume(&self) -> Arc<tokio::sync::OwnedMutexGuard<()>> {
+        if let Some(shared) = self
+            .indexing
+            .as_ref()
+            .and_then(files::Indexing::shared_lock)
+        {
+            return shared;
+        }
+        Arc::new(self.volume().lock.clone().lock_owned().await)
     }
 
     /// Ends a round that `round` says how it went: the deletes (deepest first), the

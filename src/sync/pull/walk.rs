@@ -113,8 +113,7 @@ impl Pull {
             };
             while let Some(entries) = self.next_entries(dir, &mut cursor, asked.take()).await? {
                 // Decided under the volume lock, taken only now that the answer is here.
-                let node = self.node.clone();
-                let guard = node.volumes[self.volume_index].lock.lock().await;
+                let guard = self.lock_volume().await;
                 let decided = entries
                     .into_iter()
                     .try_for_each(|remote_entry| self.reconcile(dir, remote_entry));
