@@ -336,9 +336,10 @@ impl Pull {
     }
 
     /// The volume lock, to decide and apply a peer's answer under: shared with this
-    /// round's batch being indexed while it holds the lock (its names are not the
-    /// answer's, and scans and other pulls stay out all the same), taken otherwise.
-    /// Held until every holder drops it.
+    /// round's batch being indexed while it holds the lock (scans and other pulls stay
+    /// out all the same), taken otherwise. Held until every holder drops it. The batch's
+    /// names are decided already; one decided again (a feed round that brings a name
+    /// twice) is checked at its own publish, which refuses it as changed here.
     async fn lock_volume(&self) -> Arc<tokio::sync::OwnedMutexGuard<()>> {
         if let Some(shared) = self
             .indexing
