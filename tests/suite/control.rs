@@ -385,11 +385,27 @@ fn conflicts_made_on_purpose_are_listed_on_every_node_and_settled_as_changes_tha
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a conflict copy"));
 
     // Each is an ordinary change: it reaches every node, and one version is left.
-    wait_for(
-        Duration::from_secs(60),
-        "no conflict copy listed anywhere",
-        || (0..3).all(|i| conflicts(&c, i).is_ok_and(|l| l.is_empty())),
-    );
+    // (Waited for here rather than with `wait_for`, so that a timeout shows what each
+    // node still lists and what it logged.)
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let listed: Vec<_> = (0..3).map(|i| conflicts(&c, i)).collect();
+        if listed
+            .iter()
+            .all(|l| l.as_ref().is_ok_and(|l| l.is_empty()))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "conflict copies still listed after 60 s: {listed:#?}\n{}",
+            (0..3)
+                .map(|i| format!("--- node {i} log:\n{}", crate::cluster::tail(&c.log(i), 40)))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     c.wait_converged(&[0, 1, 2], Duration::from_secs(60));
     for i in 0..3 {
         let names = crate::cluster::names(&c.vol(i));
