@@ -9,10 +9,20 @@ use std::time::{Duration, Instant};
 
 use crate::cluster::Cluster;
 
-pub fn wait_for(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) {
+pub fn wait_for(timeout: Duration, what: &str, check: impl FnMut() -> bool) {
+    wait_explained(timeout, check, || format!("{what} within {timeout:?}"));
+}
+
+/// [`wait_for`], with what the panic says made by `explain` when the time is up (the
+/// state that kept `check` false, say).
+pub fn wait_explained(
+    timeout: Duration,
+    mut check: impl FnMut() -> bool,
+    explain: impl Fn() -> String,
+) {
     let deadline = Instant::now() + timeout;
     while !check() {
-        assert!(Instant::now() < deadline, "{what} within {timeout:?}");
+        assert!(Instant::now() < deadline, "{}", explain());
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -385,27 +395,25 @@ fn conflicts_made_on_purpose_are_listed_on_every_node_and_settled_as_changes_tha
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a conflict copy"));
 
     // Each is an ordinary change: it reaches every node, and one version is left.
-    // (Waited for here rather than with `wait_for`, so that a timeout shows what each
-    // node still lists and what it logged.)
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let listed: Vec<_> = (0..3).map(|i| conflicts(&c, i)).collect();
-        if listed
-            .iter()
-            .all(|l| l.as_ref().is_ok_and(|l| l.is_empty()))
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "conflict copies still listed after 60 s: {listed:#?}\n{}",
-            (0..3)
+    let listed = || (0..3).map(|i| conflicts(&c, i)).collect::<Vec<_>>();
+    wait_explained(
+        Duration::from_secs(60),
+        || {
+            listed()
+                .iter()
+                .all(|l| l.as_ref().is_ok_and(|l| l.is_empty()))
+        },
+        || {
+            let logs = (0..3)
                 .map(|i| format!("--- node {i} log:\n{}", crate::cluster::tail(&c.log(i), 40)))
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+                .collect::<Vec<_>>();
+            format!(
+                "conflict copies still listed after 60 s: {:#?}\n{}",
+                listed(),
+                logs.join("\n")
+            )
+        },
+    );
     c.wait_converged(&[0, 1, 2], Duration::from_secs(60));
     for i in 0..3 {
         let names = crate::cluster::names(&c.vol(i));
