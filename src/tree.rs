@@ -180,6 +180,15 @@ pub fn empty_dir_hash() -> TreeHash {
     dir_hash(&[])
 }
 
+/// The versions hash of a directory with no children (no tombstones either).
+fn empty_dir_versions() -> TreeHash {
+    TreeHash(
+        *blake3::Hasher::new_derive_key(VERSIONS_CONTEXT)
+            .finalize()
+            .as_bytes(),
+    )
+}
+
 /// Builds a directory's node from its children in name order. `subtree` gives a child
 /// directory's node (its hash and totals).
 pub fn build_node(
@@ -219,11 +228,17 @@ pub fn build_node(
             EntryKind::Fifo => {}
             EntryKind::Dir => {
                 totals.dirs += 1;
-                if let Some(node) = subtree(&name)? {
+                let node = subtree(&name)?;
+                if let Some(node) = &node {
                     totals.add(&node.totals);
                     child_hash = Some(node.hash);
-                    versions.update(node.versions.as_bytes());
                 }
+                // A directory no update has built a node for (an empty one a scan
+                // found; one taken from a peer has a node) counts as an empty one, as
+                // in the content hash: whether it has a node depends on how it came,
+                // and two nodes holding the same would never agree.
+                let child_versions = node.map_or_else(empty_dir_versions, |n| n.versions);
+                versions.update(child_versions.as_bytes());
             }
         }
         encode_record(&mut records, &name, &entry, child_hash);
@@ -414,5 +429,29 @@ mod tests {
         chmod[0].1.mode = 0o600;
         assert_ne!(node_of(&plain).hash, node_of(&chmod).hash);
         assert_eq!(node_of(&[]).hash, empty_dir_hash());
+    }
+
+    #[test]
+    fn an_empty_subdirectory_hashes_the_same_with_or_without_a_node() {
+        let dir = Entry {
+            kind: EntryKind::Dir,
+            ..file(1)
+        };
+        let children = [(b"empty".to_vec(), dir)];
+        let without = node_of(&children);
+        let with =
+            build_node(children.iter().cloned().map(Ok), |_| Ok(Some(node_of(&[])))).unwrap();
+        assert_eq!(without.sync_hash(), with.sync_hash());
+        // A subdirectory holding only a tombstone is not empty to the histories.
+        let tombstone = Entry {
+            kind: EntryKind::Tombstone { deleted_at_ns: 3 },
+            ..file(1)
+        };
+        let holding_a_delete = build_node(children.iter().cloned().map(Ok), |_| {
+            Ok(Some(node_of(&[(b"gone".to_vec(), tombstone.clone())])))
+        })
+        .unwrap();
+        assert_eq!(without.hash, holding_a_delete.hash);
+        assert_ne!(without.versions, holding_a_delete.versions);
     }
 }

@@ -40,6 +40,8 @@ pub const META_FORMAT: &[u8] = b"format";
 pub const META_NODE_ID: &[u8] = b"node-id";
 pub const META_CHUNK_PARAMS: &[u8] = b"chunk-params";
 pub const META_NEXT_VOLUME: &[u8] = b"next-volume-id";
+/// The rules the stored tree nodes were computed by ([`super::TREE_RULES`]).
+pub const META_TREE_RULES: &[u8] = b"tree-rules";
 const META_VOLUME_PREFIX: &[u8] = b"volume/";
 /// `publishing/` ++ entry key: a file sync is about to rename into place (see
 /// [`publishing_key`]).

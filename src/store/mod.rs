@@ -49,6 +49,13 @@ use keys::*;
 /// The layout version of the index and packs; a store of another version is refused.
 pub const STORE_FORMAT: u32 = 1;
 
+/// The rules the tree's nodes are computed by (`crate::tree`): 2 since a directory
+/// without a node counts as an empty one in its parent's versions hash. A store of
+/// earlier rules has its tree recomputed once ([`Store::mark_tree_of_older_rules`]).
+pub const TREE_RULES: u32 = 2;
+/// Dirty marks written in one batch when a whole tree is marked.
+const TREE_MARKS_PER_WRITE: usize = 10_000;
+
 const INDEX_DIR: &str = "index";
 /// Where a new index is built before it is renamed to `INDEX_DIR`.
 const INDEX_STAGING_DIR: &str = "index.creating";
@@ -341,6 +348,7 @@ impl Store {
         };
         store.retire_leftover_busy_packs()?;
         store.finish_interrupted_rewrites()?;
+        store.mark_tree_of_older_rules()?;
         Ok(store)
     }
 
@@ -1045,6 +1053,39 @@ impl Store {
     }
 
     /// Directories whose tree node is out of date.
+    /// Marks every directory with a tree node dirty, once, in a store whose nodes were
+    /// computed by rules before [`TREE_RULES`]: the next tree update recomputes them
+    /// all. Otherwise a node kept a hash that the current rules no longer give (a
+    /// parent of an empty directory without a node), which a peer computing afresh
+    /// would differ from on every round, with nothing to take.
+    fn mark_tree_of_older_rules(&self) -> Result<(), StoreError> {
+        let rules = match self.get(CF_META, META_TREE_RULES)? {
+            Some(bytes) => u32::from_le_bytes(
+                bytes
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| StoreError::corrupt(CF_META, META_TREE_RULES, "not 4 bytes"))?,
+            ),
+            None => 1,
+        };
+        if rules >= TREE_RULES {
+            return Ok(());
+        }
+        let mut batch = self.batch();
+        for item in self.iterate(CF_TREE, &[], ReadOptions::default()) {
+            let (key, _) = item?;
+            batch.put(CF_DIRTY, &key, b"");
+            if batch.len() >= TREE_MARKS_PER_WRITE {
+                self.write(
+                    std::mem::replace(&mut batch, self.batch()),
+                    Durability::Buffered,
+                )?;
+            }
+        }
+        batch.put(CF_META, META_TREE_RULES, &TREE_RULES.to_le_bytes());
+        self.write(batch, Durability::Durable)
+    }
+
     pub fn dirty_dirs(&self, vol: VolumeId) -> Result<Vec<VolPath>, StoreError> {
         let (start, end) = volume_range(vol);
         self.range(CF_DIRTY, start, end)
@@ -1114,5 +1155,31 @@ mod tests {
                 .unwrap(),
             Some(entry)
         );
+    }
+
+    #[test]
+    fn a_tree_computed_by_older_rules_is_marked_for_recomputing_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let vol = VolumeId(1);
+        let folders = [VolPath::root(), VolPath::parse(b"d").unwrap()];
+        {
+            let store = Store::open_for_test(dir.path());
+            assert!(store.dirty_dirs(vol).unwrap().is_empty());
+            let node = crate::tree::build_node(std::iter::empty(), |_| Ok(None)).unwrap();
+            let mut batch = store.batch();
+            for folder in &folders {
+                batch.put_tree_node(vol, folder, &node);
+            }
+            // As a store of the first rules has it: no record of them.
+            batch.delete(CF_META, META_TREE_RULES);
+            store.write(batch, Durability::Durable).unwrap();
+        }
+        let store = Store::open_for_test(dir.path());
+        assert_eq!(store.dirty_dirs(vol).unwrap(), folders);
+        crate::tree::update(&store, vol).unwrap();
+        assert!(store.dirty_dirs(vol).unwrap().is_empty());
+        drop(store);
+        let store = Store::open_for_test(dir.path());
+        assert!(store.dirty_dirs(vol).unwrap().is_empty());
     }
 }
