@@ -353,6 +353,7 @@ pub fn node_status(node: &Node) -> NodeStatus {
                 name: v.name.clone(),
                 disk_full: v.room.shortage.get(),
                 root: node.as_ref().map(|n| n.hash.to_hex()),
+                histories_root: node.as_ref().map(|n| n.sync_hash().to_hex()),
                 files: node.as_ref().map_or(0, |n| n.totals.files),
                 bytes: node.as_ref().map_or(0, |n| n.totals.bytes),
                 scan: v.scanning.status(),
@@ -455,6 +456,11 @@ pub struct VolumeStatus {
     /// The volume's tree as of its last completed scan or pull round (a round under way
     /// shows in each peer's `volumes`).
     pub root: Option<String>,
+    /// The hash of content and histories together ([`crate::tree::TreeNode::sync_hash`]),
+    /// as of the same moment: two nodes with the same `root` hold the same files, and
+    /// only with the same `histories_root` too does neither have a version the other
+    /// lacks (a conflict settled on one of them then settles it everywhere).
+    pub histories_root: Option<String>,
     pub files: u64,
     pub bytes: u64,
     /// The scan under way, if any.

@@ -350,13 +350,27 @@ impl Cluster {
         }
     }
 
-    /// Waits until the nodes' roots are equal and their trees on disk too.
+    /// Node `i`'s first volume's `histories_root`: content and histories together.
+    pub fn histories_root(&self, i: usize) -> Option<String> {
+        self.status(i)?["volumes"][0]["histories_root"]
+            .as_str()
+            .map(str::to_string)
+    }
+
+    /// Waits until the nodes hold the same files with the same histories (equal
+    /// `histories_root`s; equal `root`s alone leave a node that took a file's content
+    /// under an older history, which a settle made there would conflict with) and
+    /// their trees on disk are equal too.
     pub fn wait_converged(&self, nodes: &[usize], timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
             let roots: Vec<Option<String>> = nodes.iter().map(|&i| self.root(i)).collect();
             let same_root = roots[0].is_some() && roots.iter().all(|r| *r == roots[0]);
-            if same_root {
+            let histories: Vec<Option<String>> =
+                nodes.iter().map(|&i| self.histories_root(i)).collect();
+            let same_histories =
+                histories[0].is_some() && histories.iter().all(|h| *h == histories[0]);
+            if same_root && same_histories {
                 let first = snapshot(&self.vol(nodes[0]));
                 if nodes.iter().all(|&i| snapshot(&self.vol(i)) == first) {
                     return;
@@ -384,7 +398,8 @@ impl Cluster {
                     )
                 };
                 panic!(
-                    "nodes {nodes:?} did not converge in {timeout:?}: roots {roots:?}\n{disks}{}",
+                    "nodes {nodes:?} did not converge in {timeout:?}: roots {roots:?}, \
+                     histories roots {histories:?}\n{disks}{}",
                     logs.join("\n")
                 );
             }
