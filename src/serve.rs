@@ -1161,9 +1161,7 @@ async fn sync_with(
                 continue;
             }
             let pulled = pull_logging_progress(node, peer, index, via).await;
-            incomplete |= pulled
-                .as_ref()
-                .is_ok_and(|r| r.incomplete + r.waiting_for_room > 0);
+            incomplete |= pulled.as_ref().is_ok_and(|r| r.left_for_soon() > 0);
             let error = pulled
                 .as_ref()
                 .err()

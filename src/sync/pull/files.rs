@@ -880,7 +880,7 @@ impl Pull {
             }
             let name = escape(&job.name);
             match outcome {
-                Ok(Some(Placed { stamp, old_chunks })) => {
+                Ok(Placement::Placed(Placed { stamp, old_chunks })) => {
                     self.moved(&job.dir);
                     batch.put_entry_sent_by(vol, &job.dir, &job.name, &job.entry, job.sent_by);
                     batch.set_chunks(vol, &job.dir, &job.name, &chunks, old_chunks.as_deref());
@@ -896,7 +896,8 @@ impl Pull {
                     }
                     published.push((shown.unwrap_or(name), job.size()))
                 }
-                Ok(None) => self.report.skipped += 1,
+                Ok(Placement::Outdated) => self.report.outdated += 1,
+                Ok(Placement::LeftAlone) => self.report.skipped += 1,
                 // A name this file system refuses is listed (and said once).
                 Err(e) if e.refusal().is_some() => self.placed(&job.dir, &job.name, Err(e))?,
                 // One file that cannot be placed does not hold back the others.
@@ -1028,9 +1029,19 @@ struct Placing {
     /// The directory the file replaced, removed from disk (also when the file itself
     /// could not be placed after all): its tree node and dirty mark go.
     removed_dir: Option<VolPath>,
-    /// The file placed, or `None` where it had to be left alone (something local is in
-    /// the way).
-    outcome: Result<Option<Placed>, SyncError>,
+    outcome: Result<Placement, SyncError>,
+}
+
+/// What became of a file at placing.
+enum Placement {
+    Placed(Placed),
+    /// The index took another version of the name while the file was fetched (a round
+    /// from another peer, a scan): the decision no longer holds and is made again soon
+    /// ([`super::PullReport::outdated`]).
+    Outdated,
+    /// Something local is in the way (changed since the last scan, a directory not
+    /// empty): it stays, and reaches the peers from here once scanned.
+    LeftAlone,
 }
 
 /// A file renamed or linked into place, not indexed yet.
@@ -1135,7 +1146,7 @@ fn place_staged(
     job: &FileJob,
     staged: &Staging,
     removed_dir: &mut Option<VolPath>,
-) -> Result<Option<Placed>, SyncError> {
+) -> Result<Placement, SyncError> {
     let volume = &node.volumes[volume_index];
     let (vol, fs) = (volume.id, &volume.fs);
     if !dirs.contains_key(&job.dir) {
@@ -1144,10 +1155,10 @@ fn place_staged(
     let dir_fd = &dirs[&job.dir];
     if node.store.entry(vol, &job.dir, &job.name)? != job.decided_against {
         tracing::info!(
-            "{} changed here while it was being fetched; the next round decides again",
+            "{} changed here while it was being fetched; decided again soon",
             escape(&job.name)
         );
-        return Ok(None);
+        return Ok(Placement::Outdated);
     }
     // A name the index holds nothing for has no stamp either: it must be free on
     // disk, which linking an unnamed staging file checks by itself (it never takes
@@ -1159,7 +1170,7 @@ fn place_staged(
     if replaces_dir {
         // A directory goes only once it is empty (its children are synced first).
         if !fs.remove_dir(dir_fd, &job.name)? {
-            return Ok(None);
+            return Ok(Placement::LeftAlone);
         }
         *removed_dir = job.dir.join(&job.name).ok();
     } else if !link_checks
@@ -1174,7 +1185,7 @@ fn place_staged(
             "{} changed locally since the last scan; not replacing it",
             escape(&job.name)
         );
-        return Ok(None);
+        return Ok(Placement::LeftAlone);
     }
     // Checked again as it is replaced: a write landing now must not go with it. (A
     // name with no entry has no stamp: nothing to read for a new file.)
@@ -1200,7 +1211,7 @@ fn place_staged(
             "{} changed here while sync replaced it; kept, the next round decides again",
             escape(&job.name)
         );
-        return Ok(None);
+        return Ok(Placement::LeftAlone);
     }
     // fstat through the still-open descriptor: the stamp of exactly what we wrote.
     let stat = FileStat::of(staged.file())
@@ -1211,7 +1222,7 @@ fn place_staged(
         (&job.dir, &job.name),
         job.replaces.as_ref(),
     )?;
-    Ok(Some(Placed {
+    Ok(Placement::Placed(Placed {
         stamp: stat.stamp(),
         old_chunks,
     }))

@@ -123,11 +123,22 @@ pub struct PullReport {
     /// Files not fetched because the volume's file system has no room for them: also
     /// worth another round soon (room may come back at any time).
     pub waiting_for_room: u64,
+    /// Files fetched but not placed because the index took another version of the name
+    /// meanwhile (a round from another peer, a scan): decided again soon. Without
+    /// that, a round that followed the feed would move the mark past them, and only the
+    /// heartbeat's walk would see that the peer's history is newer.
+    pub outdated: u64,
 }
 
 impl PullReport {
     pub fn changed(&self) -> bool {
         self.applied + self.deleted + self.conflicts > 0
+    }
+
+    /// Files this round left for another round soon, not a heartbeat away (the feed
+    /// mark is not moved past them).
+    pub fn left_for_soon(&self) -> u64 {
+        self.incomplete + self.waiting_for_room + self.outdated
     }
 }
 
@@ -401,7 +412,7 @@ impl Pull {
             volume.links_pending.store(false, Ordering::Relaxed);
         }
         let report = self.report;
-        let left = report.incomplete + report.waiting_for_room;
+        let left = report.left_for_soon();
         self.peer
             .sync
             .round_done(&volume.name, left, self.waiting.bytes);
