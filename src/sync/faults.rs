@@ -1,5 +1,6 @@
 //! Fault injection: a node that misbehaves on purpose, for tests of its peers.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::ids::NodeId;
@@ -11,7 +12,8 @@ use crate::protocol::Response;
 /// `SHOAL_FAULT_WATCH_QUEUE=N`, `SHOAL_FAULT_CLAIM_NODE_ID=HEX`,
 /// `SHOAL_FAULT_CRASH_BEFORE_INDEXING=1`, `SHOAL_FAULT_CRASH_AFTER_MOVE_ASIDE=1`,
 /// `SHOAL_FAULT_PAUSE_BEFORE_DELETES_MS=N`, `SHOAL_FAULT_PAUSE_BEFORE_REMOVING_MS=N`,
-/// `SHOAL_FAULT_HOLD_CONNECTIONS_MS=N`,
+/// `SHOAL_FAULT_HOLD_CONNECTIONS_MS=N`, `SHOAL_FAULT_PAUSE_BEFORE_STAGING_MS=N` (with
+/// `SHOAL_FAULT_PAUSE_STAGING_PEER=ADDR`),
 /// `SHOAL_FAULT_SLICE_NAMES=N`, `SHOAL_FAULT_SLOW_FIRST_SCAN_MS=N`); never
 /// set in production.
 #[derive(Clone, Copy, Debug, Default)]
@@ -46,6 +48,12 @@ pub struct Faults {
     /// being opened while the peer's own connection to it is up, which a reconnect hits
     /// only by chance.
     pub hold_connections: Option<Duration>,
+    /// Wait this long before staging each batch of files a pull round decided on (the
+    /// volume lock not held), in rounds with `pause_staging_peer` only, if set: widens
+    /// the window in which another peer's round places the same name first, which
+    /// only a round that waits for a full batch hits by chance.
+    pub pause_before_staging: Option<Duration>,
+    pub pause_staging_peer: Option<SocketAddr>,
     /// Heartbeat slices of at least this many names instead of
     /// [`crate::scan::slices::MIN_SLICE_NAMES`]: a small volume rescanned a slice at a
     /// time, as only a large one is otherwise.
@@ -83,6 +91,13 @@ impl Faults {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .map(Duration::from_millis),
+            pause_before_staging: std::env::var("SHOAL_FAULT_PAUSE_BEFORE_STAGING_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_millis),
+            pause_staging_peer: std::env::var("SHOAL_FAULT_PAUSE_STAGING_PEER")
+                .ok()
+                .and_then(|v| v.parse().ok()),
             slice_names: std::env::var("SHOAL_FAULT_SLICE_NAMES")
                 .ok()
                 .and_then(|v| v.parse().ok()),
@@ -100,6 +115,7 @@ impl Faults {
             || faults.pause_before_deletes.is_some()
             || faults.pause_before_removing.is_some()
             || faults.hold_connections.is_some()
+            || faults.pause_before_staging.is_some()
             || faults.slice_names.is_some()
             || faults.slow_first_scan.is_some()
         {
@@ -109,6 +125,13 @@ impl Faults {
             );
         }
         faults
+    }
+
+    /// How long a round with `peer` waits before staging a batch
+    /// ([`Faults::pause_before_staging`]).
+    pub fn staging_pause(&self, peer: SocketAddr) -> Option<Duration> {
+        self.pause_before_staging
+            .filter(|_| self.pause_staging_peer.is_none_or(|p| p == peer))
     }
 
     /// Makes an answer wrong in the ways this node is told to misbehave: entry names

@@ -1,8 +1,9 @@
 //! The change feed (issue 13) between real processes: a change announced by a peer
 //! arrives through its feed, a peer is not sent back the changes it sent, a peer whose
 //! mark the feed no longer reaches walks the tree and converges, a walk never records a
-//! mark past what the peer's tree showed it, and a hostile peer's answers to
-//! `GetChanges` are refused whole.
+//! mark past what the peer's tree showed it, a file that another peer's round placed
+//! first is decided again soon, and a hostile peer's answers to `GetChanges` are
+//! refused whole.
 
 use std::fs;
 use std::time::Duration;
@@ -214,6 +215,72 @@ fn a_peer_following_the_feed_gets_none_of_its_own_changes_back_and_every_change_
     assert_eq!(
         c.total(0, "feed_fallbacks") + c.total(1, "feed_fallbacks"),
         0
+    );
+}
+
+#[test]
+fn a_file_that_another_peers_round_placed_first_is_decided_again_soon_not_a_heartbeat_later() {
+    let mut c = Cluster::new(3);
+    c.heartbeat = NO_HEARTBEAT;
+    let files: Vec<_> = (0..3).map(|i| c.vol(i).join("f.txt")).collect();
+    fs::write(&files[0], b"first").unwrap();
+    c.start_all();
+    c.wait_connected(Duration::from_secs(30));
+    c.wait_converged(&[0, 1, 2], Duration::from_secs(30));
+
+    // Node 1 takes node 0's second version; node 2, paused, does not.
+    let answer = control(&c, 2, &["pause", "vol"]);
+    assert!(answer.status.success(), "{answer:?}");
+    fs::write(&files[0], b"second, which node 1 holds").unwrap();
+    c.wait_converged(&[0, 1], Duration::from_secs(30));
+    // Node 0 makes a third, which node 1 does not take: from here on nodes 0 and 1
+    // know only node 2.
+    for i in 0..3 {
+        c.stop(i);
+    }
+    fs::write(&files[0], b"third, the newest").unwrap();
+    let node2 = format!("{}:7029", c.ip(2));
+    c.peers[0] = Some(vec![node2.clone()]);
+    c.peers[1] = Some(vec![node2]);
+    // Node 2 holds each batch from node 0 for 8 s after deciding on it.
+    let node0 = format!("{}:7029", c.ip(0));
+    c.extra_env[2].push(("SHOAL_FAULT_PAUSE_BEFORE_STAGING_MS".into(), "8000".into()));
+    c.extra_env[2].push(("SHOAL_FAULT_PAUSE_STAGING_PEER".into(), node0));
+    c.start_and_wait_serving(0, Duration::from_secs(30));
+    c.start_and_wait_serving(1, Duration::from_secs(30));
+    c.start(2);
+    wait_for(Duration::from_secs(30), "node 2 connects to both", || {
+        c.status(2).is_some_and(|s| {
+            s["peers"]
+                .as_array()
+                .is_some_and(|p| p.len() == 2 && p.iter().all(|p| p["connected"] == true))
+        })
+    });
+
+    // Resumed, node 2 decides on node 0's third version and holds it; node 1, frozen
+    // until then, answers after that decision, and its round places the second
+    // version first.
+    c.freeze(1);
+    let resumed = control(&c, 2, &["resume", "vol"]);
+    let held = wait_until(Duration::from_secs(10), || {
+        c.log(2).contains("FAULT INJECTION: pausing")
+    });
+    c.thaw(1);
+    assert!(resumed.status.success(), "{resumed:?}");
+    assert!(held, "node 2 decided nothing from node 0:\n{}", c.log(2));
+    let raced = wait_until(Duration::from_secs(7), || {
+        fs::read(&files[2]).is_ok_and(|b| b == b"second, which node 1 holds")
+    });
+    assert!(raced, "node 1's round did not come first:\n{}", c.log(2));
+
+    // Node 0's file finds the name changed and is decided again in a round soon: no
+    // heartbeat walk comes in this test (node 0's rounds wait 8 s a batch).
+    c.wait_converged(&[0, 1, 2], Duration::from_secs(60));
+    assert_eq!(fs::read(&files[2]).unwrap(), b"third, the newest");
+    assert!(
+        c.log(2).contains("changed here while it was being fetched"),
+        "{}",
+        c.log(2)
     );
 }
 

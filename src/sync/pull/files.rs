@@ -556,6 +556,14 @@ impl Pull {
     async fn take_batches(&mut self, fetched: Vec<FileJob>) -> Result<(), SyncError> {
         let mut jobs = fetched.into_iter().peekable();
         while jobs.peek().is_some() {
+            if let Some(pause) = self.node.faults.staging_pause(self.peer.addr) {
+                tracing::warn!(
+                    "FAULT INJECTION: pausing {} ms before staging a batch from {}",
+                    pause.as_millis(),
+                    self.peer.addr
+                );
+                tokio::time::sleep(pause).await;
+            }
             let mut batch = Vec::new();
             // Read once a batch: nothing is staged until the whole batch holds its room.
             // A file system that cannot say how full it is is taken to have room.
