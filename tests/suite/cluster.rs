@@ -368,8 +368,9 @@ impl Cluster {
             let same_root = roots[0].is_some() && roots.iter().all(|r| *r == roots[0]);
             let histories: Vec<Option<String>> =
                 nodes.iter().map(|&i| self.histories_root(i)).collect();
+            // A node of an earlier release shows no histories root: roots alone then.
             let same_histories =
-                histories[0].is_some() && histories.iter().all(|h| *h == histories[0]);
+                histories.contains(&None) || histories.iter().all(|h| *h == histories[0]);
             if same_root && same_histories {
                 let first = snapshot(&self.vol(nodes[0]));
                 if nodes.iter().all(|&i| snapshot(&self.vol(i)) == first) {
