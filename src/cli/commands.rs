@@ -156,6 +156,8 @@ fn write_totals(out: &mut String, t: &SubtreeTotals) {
 struct VolumeStatus {
     name: String,
     root: Option<String>,
+    /// Content and histories together, as `/status` shows it.
+    histories_root: Option<String>,
     #[serde(flatten)]
     totals: SubtreeTotals,
     unique_chunks: Option<u64>,
@@ -184,6 +186,7 @@ pub fn status(settings: &Settings, json: bool) -> anyhow::Result<Outcome> {
         volumes.push(VolumeStatus {
             name,
             root: root.as_ref().map(|n| n.hash.to_hex()),
+            histories_root: root.as_ref().map(|n| n.sync_hash().to_hex()),
             totals: root.map(|n| n.totals).unwrap_or_default(),
             unique_chunks: record.unique_chunks,
             last_scan_unix: record.last_scan_unix,
@@ -224,6 +227,9 @@ pub fn status(settings: &Settings, json: bool) -> anyhow::Result<Outcome> {
             "  root     {}",
             v.root.as_deref().unwrap_or("(never scanned)")
         );
+        if let Some(histories) = &v.histories_root {
+            let _ = writeln!(out, "  histories {histories}");
+        }
         write_totals(&mut out, &v.totals);
         let last = v.last_scan_unix.map_or("never".to_string(), |secs| {
             humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64))

@@ -115,6 +115,10 @@ pub fn render(status: &NodeStatus, bars: bool) -> String {
             HumanBytes(v.bytes),
             v.root.as_deref().unwrap_or("(none)")
         );
+        if let Some(histories) = &v.histories_root {
+            // Equal on nodes that hold the same files with the same histories.
+            let _ = writeln!(out, "  histories root {histories}");
+        }
         if let Some(held) = &v.versions_held {
             let _ = writeln!(out, "  versions {}", super::commands::held_line(held));
         }

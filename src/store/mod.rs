@@ -1052,7 +1052,6 @@ impl Store {
         })
     }
 
-    /// Directories whose tree node is out of date.
     /// Marks every directory with a tree node dirty, once, in a store whose nodes were
     /// computed by rules before [`TREE_RULES`]: the next tree update recomputes them
     /// all. Otherwise a node kept a hash that the current rules no longer give (a
@@ -1086,6 +1085,7 @@ impl Store {
         self.write(batch, Durability::Durable)
     }
 
+    /// Directories whose tree node is out of date.
     pub fn dirty_dirs(&self, vol: VolumeId) -> Result<Vec<VolPath>, StoreError> {
         let (start, end) = volume_range(vol);
         self.range(CF_DIRTY, start, end)
