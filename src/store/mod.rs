@@ -614,6 +614,16 @@ impl Store {
         self.db.get_cf(self.cf(cf), key).map_err(|e| self.rocks(e))
     }
 
+    /// A `u32 LE` record of `meta-v1`; one of another length is corrupt.
+    fn meta_u32(&self, key: &[u8]) -> Result<Option<u32>, StoreError> {
+        self.get(CF_META, key)?
+            .map(|bytes| match bytes.as_slice().try_into() {
+                Ok(four) => Ok(u32::from_le_bytes(four)),
+                Err(_) => Err(StoreError::corrupt(CF_META, key, "not 4 bytes")),
+            })
+            .transpose()
+    }
+
     /// The value of `key` in `cf`, decoded; a value that does not decode is a corrupt
     /// record.
     fn get_decoded<T>(
@@ -702,15 +712,7 @@ impl Store {
         if let Some(record) = self.volume(name)? {
             return Ok(record);
         }
-        let next = match self.get(CF_META, META_NEXT_VOLUME)? {
-            Some(bytes) => u32::from_le_bytes(
-                bytes
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| StoreError::corrupt(CF_META, META_NEXT_VOLUME, "not 4 bytes"))?,
-            ),
-            None => 1,
-        };
+        let next = self.meta_u32(META_NEXT_VOLUME)?.unwrap_or(1);
         let record = VolumeRecord {
             id: VolumeId(next),
             last_scan_unix: None,
@@ -1058,15 +1060,7 @@ impl Store {
     /// parent of an empty directory without a node), which a peer computing afresh
     /// would differ from on every round, with nothing to take.
     fn mark_tree_of_older_rules(&self) -> Result<(), StoreError> {
-        let rules = match self.get(CF_META, META_TREE_RULES)? {
-            Some(bytes) => u32::from_le_bytes(
-                bytes
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| StoreError::corrupt(CF_META, META_TREE_RULES, "not 4 bytes"))?,
-            ),
-            None => 1,
-        };
+        let rules = self.meta_u32(META_TREE_RULES)?.unwrap_or(1);
         if rules >= TREE_RULES {
             return Ok(());
         }
