@@ -67,44 +67,27 @@ pub struct Faults {
 impl Faults {
     pub fn from_env() -> Self {
         let set = |name: &str| std::env::var_os(name).is_some_and(|v| v == "1");
+        fn parsed<T: std::str::FromStr>(name: &str) -> Option<T> {
+            std::env::var(name).ok().and_then(|v| v.parse().ok())
+        }
+        let millis = |name: &str| parsed(name).map(Duration::from_millis);
         let faults = Faults {
             corrupt_chunks: set("SHOAL_FAULT_CORRUPT_CHUNKS"),
             hostile_names: set("SHOAL_FAULT_HOSTILE_NAMES"),
-            watch_queue: std::env::var("SHOAL_FAULT_WATCH_QUEUE")
-                .ok()
-                .and_then(|v| v.parse().ok()),
+            watch_queue: parsed("SHOAL_FAULT_WATCH_QUEUE"),
             claim_node_id: std::env::var("SHOAL_FAULT_CLAIM_NODE_ID")
                 .ok()
                 .and_then(|v| u64::from_str_radix(&v, 16).ok())
                 .map(NodeId),
             crash_before_indexing: set("SHOAL_FAULT_CRASH_BEFORE_INDEXING"),
             crash_after_move_aside: set("SHOAL_FAULT_CRASH_AFTER_MOVE_ASIDE"),
-            pause_before_deletes: std::env::var("SHOAL_FAULT_PAUSE_BEFORE_DELETES_MS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .map(Duration::from_millis),
-            pause_before_removing: std::env::var("SHOAL_FAULT_PAUSE_BEFORE_REMOVING_MS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .map(Duration::from_millis),
-            hold_connections: std::env::var("SHOAL_FAULT_HOLD_CONNECTIONS_MS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .map(Duration::from_millis),
-            pause_before_staging: std::env::var("SHOAL_FAULT_PAUSE_BEFORE_STAGING_MS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .map(Duration::from_millis),
-            pause_staging_peer: std::env::var("SHOAL_FAULT_PAUSE_STAGING_PEER")
-                .ok()
-                .and_then(|v| v.parse().ok()),
-            slice_names: std::env::var("SHOAL_FAULT_SLICE_NAMES")
-                .ok()
-                .and_then(|v| v.parse().ok()),
-            slow_first_scan: std::env::var("SHOAL_FAULT_SLOW_FIRST_SCAN_MS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .map(Duration::from_millis),
+            pause_before_deletes: millis("SHOAL_FAULT_PAUSE_BEFORE_DELETES_MS"),
+            pause_before_removing: millis("SHOAL_FAULT_PAUSE_BEFORE_REMOVING_MS"),
+            hold_connections: millis("SHOAL_FAULT_HOLD_CONNECTIONS_MS"),
+            pause_before_staging: millis("SHOAL_FAULT_PAUSE_BEFORE_STAGING_MS"),
+            pause_staging_peer: parsed("SHOAL_FAULT_PAUSE_STAGING_PEER"),
+            slice_names: parsed("SHOAL_FAULT_SLICE_NAMES"),
+            slow_first_scan: millis("SHOAL_FAULT_SLOW_FIRST_SCAN_MS"),
         };
         if faults.corrupt_chunks
             || faults.hostile_names
