@@ -562,11 +562,14 @@ async fn rescan(
     Ok(report)
 }
 
-/// How often the scan at start publishes what it has read so far.
+/// How soon the scan at start first publishes what it has read so far: a peer of a
+/// node whose volume takes a second or two to read starts pulling a quarter second in.
+const FIRST_SCAN_FIRST_CHECKPOINT: Duration = Duration::from_millis(250);
+/// How often, at most, the scan at start publishes once it has gone on for a while.
 const FIRST_SCAN_CHECKPOINTS: Duration = Duration::from_secs(1);
 
-/// The scan at start: a whole scan that publishes what it has read every
-/// [`FIRST_SCAN_CHECKPOINTS`], then, under the same hold of the volume lock (a pull may
+/// The scan at start: a whole scan that publishes what it has read as it goes
+/// ([`FIRST_SCAN_CHECKPOINTS`]), then, under the same hold of the volume lock (a pull may
 /// be waiting for it), forgets the publishing records a crash left, which the scan
 /// has taken for what they were: `left_by_a_crash`, read before any pull of this run
 /// began. A pull stages and flushes meanwhile, and the records of a batch it is about to
@@ -580,6 +583,7 @@ async fn first_scan(
     let announcer = node.clone();
     let slowed = node.faults.slow_first_scan;
     let checkpoints = crate::scan::Checkpoints {
+        first: slowed.map_or(FIRST_SCAN_FIRST_CHECKPOINT, |_| Duration::ZERO),
         every: slowed.map_or(FIRST_SCAN_CHECKPOINTS, |_| Duration::ZERO),
         published: Arc::new(move || {
             announcer.notify_peers(&announcer.volumes[index].name);

@@ -127,11 +127,14 @@ pub struct ScanOptions {
 /// so far, and what it calls then: a node in its first scan of a large volume serves
 /// its peers the part already read instead of nothing until the end (peers take a
 /// smaller tree for a node that has fewer names, never for deletes). A checkpoint costs
-/// a tree update of the directories written since the last one; one follows the last
-/// after `every`, or after ten times the last one's cost if that is longer. A walk
-/// that met hard-linked files makes none (their groups are recorded whole at its end).
+/// a tree update of the directories written since the last one. The first comes
+/// `first` after the walk starts, so that a peer waits little for a volume that takes
+/// a second or two to read; each next one twice as long after the last, up to `every`,
+/// or ten times the last one's cost if that is longer. A walk that met hard-linked
+/// files makes none (their groups are recorded whole at its end).
 #[derive(Clone)]
 pub struct Checkpoints {
+    pub first: Duration,
     pub every: Duration,
     /// Called on the walking thread after each checkpoint that changed the tree (to
     /// announce it to peers).

@@ -8,7 +8,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use indicatif::ProgressBar;
@@ -234,14 +234,18 @@ where
 /// When a walk's next checkpoint is due ([`super::Checkpoints`]).
 pub(super) struct Due<'s> {
     checkpoints: &'s super::Checkpoints,
+    /// From the last checkpoint to the next: `first`, doubled after each up to `every`.
+    interval: Duration,
     next: Instant,
 }
 
 impl<'s> Due<'s> {
     pub(super) fn new(checkpoints: &'s super::Checkpoints) -> Self {
+        let interval = checkpoints.first.min(checkpoints.every);
         Due {
             checkpoints,
-            next: Instant::now() + checkpoints.every,
+            interval,
+            next: Instant::now() + interval,
         }
     }
 
@@ -253,7 +257,8 @@ impl<'s> Due<'s> {
     /// the next one set.
     fn made(&mut self, started: Instant, changed: bool) {
         let cost = started.elapsed();
-        self.next = started + self.checkpoints.every.max(cost * 10);
+        self.interval = (self.interval * 2).min(self.checkpoints.every);
+        self.next = started + self.interval.max(cost * 10);
         if changed {
             (self.checkpoints.published)();
         }
@@ -1466,5 +1471,31 @@ impl<'s> Walker<'s> {
             }
         }
         self.flush(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoints_come_soon_then_less_often_up_to_every() {
+        let checkpoints = crate::scan::Checkpoints {
+            first: Duration::from_millis(250),
+            every: Duration::from_secs(1),
+            published: Arc::new(|| {}),
+        };
+        let mut due = Due::new(&checkpoints);
+        let mut intervals = vec![due.interval];
+        for _ in 0..3 {
+            due.made(Instant::now(), false);
+            intervals.push(due.interval);
+        }
+        let ms = |ms| Duration::from_millis(ms);
+        assert_eq!(intervals, [ms(250), ms(500), ms(1000), ms(1000)]);
+        // A checkpoint that took long puts the next one ten times its cost away.
+        let started = Instant::now() - ms(300);
+        due.made(started, false);
+        assert!(due.next >= started + ms(3000));
     }
 }
