@@ -565,7 +565,8 @@ async fn rescan(
 /// How soon the scan at start first publishes what it has read so far: a peer of a
 /// node whose volume takes a second or two to read starts pulling a quarter second in.
 const FIRST_SCAN_FIRST_CHECKPOINT: Duration = Duration::from_millis(250);
-/// How often, at most, the scan at start publishes once it has gone on for a while.
+/// How often the scan at start publishes once it has gone on for a while (less often
+/// where a checkpoint costs more than a tenth of that: [`crate::scan::Checkpoints`]).
 const FIRST_SCAN_CHECKPOINTS: Duration = Duration::from_secs(1);
 
 /// The scan at start: a whole scan that publishes what it has read as it goes
