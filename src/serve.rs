@@ -583,9 +583,13 @@ async fn first_scan(
     let volume = &node.volumes[index];
     let announcer = node.clone();
     let slowed = node.faults.slow_first_scan;
+    let (first, every) = match slowed {
+        Some(_) => (Duration::ZERO, Duration::ZERO),
+        None => (FIRST_SCAN_FIRST_CHECKPOINT, FIRST_SCAN_CHECKPOINTS),
+    };
     let checkpoints = crate::scan::Checkpoints {
-        first: slowed.map_or(FIRST_SCAN_FIRST_CHECKPOINT, |_| Duration::ZERO),
-        every: slowed.map_or(FIRST_SCAN_CHECKPOINTS, |_| Duration::ZERO),
+        first,
+        every,
         published: Arc::new(move || {
             announcer.notify_peers(&announcer.volumes[index].name);
             if let Some(pause) = slowed {
